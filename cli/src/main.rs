@@ -1,0 +1,240 @@
+//! `fuserl`: the command line of fuserl. A thin `main`: parse arguments, install logging, run
+//! one command, map its error to an exit status (0 success, 2 bad input, 1 anything else).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fuserl_core::pipeline::{StageName, prepare_examples};
+use fuserl_core::recipe::load_recipe;
+use fuserl_core::registry::Registry;
+
+const EXAMPLES: &str = "\
+Examples:
+  fuserl recipe check recipes/*.toml      validate recipes and build every component
+  fuserl recipe show recipes/fuserl-dpo.toml
+                                          print the recipe with every default filled in
+  fuserl plugins list                     list source adapters, reward models, weighting
+                                          schemes and objectives
+  fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl
+                                          build the FusePO training examples of a recipe";
+
+/// Heterogeneous LLM fusion by FuseRL: weighted SFT over many source models' answers, then
+/// weighted multi-source preference optimisation.
+#[derive(Debug, Parser)]
+#[command(name = "fuserl", version, after_help = EXAMPLES, propagate_version = true)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate and inspect recipes.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Inspect plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Run a recipe's data stages (collect, score, weigh) and write one stage's training
+    /// examples as JSONL, each with the source answers it came from.
+    #[command(after_help = "Example:\n  fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl")]
+    Examples(ExamplesArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RecipeCommand {
+    /// Parse each recipe and build every component it names, without running anything.
+    #[command(after_help = "Example:\n  fuserl recipe check recipes/*.toml")]
+    Check {
+        /// Recipe files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the resolved recipe: every default filled in. The output is itself a valid recipe
+    /// (relative paths stay relative to the original recipe's folder).
+    #[command(after_help = "Example:\n  fuserl recipe show recipes/fuserl-dpo.toml > resolved.toml")]
+    Show {
+        /// Recipe file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// One line per plugin: extension point, name, origin, summary.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct ExamplesArgs {
+    /// Recipe file.
+    recipe: PathBuf,
+    /// Which stage's objective builds the examples.
+    #[arg(long, value_enum, default_value_t = StageArg::Po)]
+    stage: StageArg,
+    /// Write here instead of standard output (atomically: a temporary file, then a rename).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StageArg {
+    Sft,
+    Po,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = match err.downcast_ref::<fuserl_core::Error>() {
+                Some(e) if e.is_bad_input() => 2,
+                _ => 1,
+            };
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn,fuserl_core=info,fuserl_plugins=info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn registry() -> anyhow::Result<Registry> {
+    Ok(fuserl_plugins::registry()?)
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Recipe(RecipeCommand::Check { files }) => recipe_check(&files),
+        Command::Recipe(RecipeCommand::Show { file }) => {
+            let registry = registry()?;
+            let loaded = load_recipe(&file, &registry)?;
+            print!("{}", loaded.resolved_toml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins(PluginsCommand::List) => {
+            let registry = registry()?;
+            let entries = registry.entries();
+            let w_point = entries.iter().map(|e| e.point().as_str().len()).max().unwrap_or(0);
+            let w_name = entries.iter().map(|e| e.name.len()).max().unwrap_or(0);
+            let w_origin = entries.iter().map(|e| e.origin.len()).max().unwrap_or(0);
+            for e in entries {
+                println!(
+                    "{:<w_point$}  {:<w_name$}  {:<w_origin$}  {}",
+                    e.point().as_str(),
+                    e.name,
+                    e.origin,
+                    e.summary
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Examples(args) => examples(&args),
+    }
+}
+
+fn recipe_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let registry = registry()?;
+    let mut failed = 0usize;
+    for file in files {
+        match load_recipe(file, &registry) {
+            Ok(loaded) => {
+                let c = &loaded.components;
+                println!(
+                    "ok: {} (sources: {}; reward: {}; weighting: {}; sft: {}; po: {})",
+                    file.display(),
+                    c.sources.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+                    c.reward.name(),
+                    c.weighting.name(),
+                    stage_summary(loaded.recipe.sft.enabled, c.sft_objective.name()),
+                    stage_summary(loaded.recipe.po.enabled, c.po_objective.name()),
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e}");
+                if !e.is_bad_input() {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} recipes failed", files.len());
+        Ok(ExitCode::from(2))
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn stage_summary(enabled: bool, objective: &str) -> String {
+    if enabled { objective.to_owned() } else { format!("{objective} (disabled)") }
+}
+
+fn examples(args: &ExamplesArgs) -> anyhow::Result<ExitCode> {
+    let registry = registry()?;
+    let loaded = load_recipe(&args.recipe, &registry)?;
+    let stage = match args.stage {
+        StageArg::Sft => StageName::Sft,
+        StageArg::Po => StageName::Po,
+    };
+    let (examples, stats) = prepare_examples(&loaded, stage)?;
+    let mut text = String::new();
+    for e in &examples {
+        text.push_str(&serde_json::to_string(e)?);
+        text.push('\n');
+    }
+    match &args.out {
+        Some(path) => write_atomically(path, text.as_bytes())?,
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    eprintln!(
+        "{} {} examples from {} of {} prompts ({} completions; {} prompts gave none; {} records skipped){}",
+        stats.examples,
+        stage.as_str(),
+        stats.stage_prompts - stats.prompts_without_examples,
+        stats.prompts,
+        stats.completions,
+        stats.prompts_without_examples,
+        stats.skipped_records,
+        args.out.as_ref().map_or(String::new(), |p| format!(" -> {}", p.display())),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
+/// killed process never leaves a half-written file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| fuserl_core::Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| fuserl_core::Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| fuserl_core::Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| fuserl_core::Error::io(path, e))?;
+    Ok(())
+}

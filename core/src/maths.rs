@@ -1,0 +1,59 @@
+//! Numerically stable scalar helpers shared by the built-in objectives and weighting schemes.
+
+/// `ln(sigma(z))`, exact for large `|z|` (no overflow, no `ln(0)`).
+pub fn log_sigmoid(z: f64) -> f64 {
+    // ln sigma(z) = min(z, 0) - ln(1 + e^{-|z|})
+    z.min(0.0) - (-z.abs()).exp().ln_1p()
+}
+
+/// `sigma(z) = 1 / (1 + e^{-z})`, without overflow.
+pub fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// Softmax of `scores / temperature`, shifted by the maximum so that it never overflows.
+/// Entries equal to the maximum share the mass when the temperature is tiny.
+pub fn softmax(scores: &[f64], temperature: f64) -> Vec<f64> {
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = scores
+        .iter()
+        .map(|s| {
+            let shifted = (s - max) / temperature;
+            // s == max gives exactly 0 even when the division by a tiny temperature would give NaN.
+            if *s == max { 1.0 } else { shifted.exp() }
+        })
+        .collect();
+    let total: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / total).collect()
+}
+
+/// Mean of `xs` (0 for an empty slice).
+pub fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_sigmoid_is_stable() {
+        assert!((log_sigmoid(0.0) + std::f64::consts::LN_2).abs() < 1e-15);
+        assert_eq!(log_sigmoid(1e4), -0.0_f64.max((-1e4_f64).exp().ln_1p()));
+        assert!((log_sigmoid(-1e4) + 1e4).abs() < 1e-9);
+        assert!(log_sigmoid(-1e308).is_finite());
+    }
+
+    #[test]
+    fn softmax_is_finite_for_huge_scores_and_tiny_temperatures() {
+        let w = softmax(&[1e300, -1e300, 1e300], 1e-300);
+        assert_eq!(w, vec![0.5, 0.0, 0.5]);
+        let w = softmax(&[1.0, 2.0, 3.0], 1.0);
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,321 @@
+//! The host-side data stages that connect the extension points: merge what the sources
+//! collected into per-prompt groups, score them, weigh them, and build training examples.
+//! Every stage checks what a plugin returned, so a faulty plugin is named instead of
+//! corrupting training.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::data::{
+    Completion, Example, ExampleSequence, Prompt, Reward, ScoredCompletion, ScoredGroup,
+    WeightedGroup,
+};
+use crate::error::{Error, Result};
+use crate::extension::{
+    Collected, GroupView, PreferenceObjective, RewardModel, ScoreItem, WeightingScheme,
+};
+
+/// Merge what several sources collected into one group per prompt, in order of first
+/// appearance. The same prompt id with different messages, or the same completion id twice,
+/// is an error that names both records.
+pub fn assemble_groups(collected: Vec<Collected>) -> Result<Vec<ScoredGroup>> {
+    let mut order: Vec<String> = Vec::new();
+    let mut prompts: HashMap<String, Prompt> = HashMap::new();
+    let mut members: HashMap<String, Vec<Completion>> = HashMap::new();
+    for c in collected {
+        for p in c.prompts {
+            match prompts.get(&p.id) {
+                Some(existing) if existing.messages != p.messages => {
+                    return Err(Error::Record {
+                        record: format!("prompt `{}`", p.id),
+                        message: "appears twice with different messages".into(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    order.push(p.id.clone());
+                    prompts.insert(p.id.clone(), p);
+                }
+            }
+        }
+        for completion in c.completions {
+            members.entry(completion.id.prompt_id.clone()).or_default().push(completion);
+        }
+    }
+    let mut groups = Vec::with_capacity(order.len());
+    for id in &order {
+        let prompt = prompts.remove(id).expect("every id in `order` has a prompt");
+        let mut completions = members.remove(id).unwrap_or_default();
+        // Sources in order of first appearance, then sample index.
+        let mut source_rank: HashMap<String, usize> = HashMap::new();
+        for c in &completions {
+            let next = source_rank.len();
+            source_rank.entry(c.id.source.clone()).or_insert(next);
+        }
+        completions.sort_by_key(|c| (source_rank[&c.id.source], c.id.sample_index));
+        for pair in completions.windows(2) {
+            if pair[0].id == pair[1].id {
+                return Err(Error::Record {
+                    record: pair[1].describe(),
+                    message: format!("duplicates {}", pair[0].describe()),
+                });
+            }
+        }
+        groups.push(ScoredGroup {
+            prompt,
+            completions: completions
+                .into_iter()
+                .map(|completion| ScoredCompletion { completion, reward: None })
+                .collect(),
+        });
+    }
+    if let Some((id, orphans)) = members.into_iter().next() {
+        return Err(Error::Record {
+            record: orphans[0].describe(),
+            message: format!("answers prompt `{id}`, which no source provided"),
+        });
+    }
+    Ok(groups)
+}
+
+/// Score every completion of every group with `reward`, in batches of `batch_size`.
+pub fn score_groups(reward: &dyn RewardModel, groups: &mut [ScoredGroup], batch_size: usize) -> Result<()> {
+    let scorer = reward.scorer_id();
+    let mut positions: Vec<(usize, usize)> = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for c in 0..group.completions.len() {
+            positions.push((g, c));
+        }
+    }
+    for chunk in positions.chunks(batch_size.max(1)) {
+        let items: Vec<ScoreItem<'_>> = chunk
+            .iter()
+            .map(|&(g, c)| ScoreItem {
+                messages: &groups[g].prompt.messages,
+                completion: &groups[g].completions[c].completion,
+            })
+            .collect();
+        let scores = reward.score(&items)?;
+        if scores.len() != items.len() {
+            return Err(Error::Component {
+                point: "reward model",
+                name: reward.name().to_owned(),
+                message: format!("returned {} scores for {} completions", scores.len(), items.len()),
+            });
+        }
+        for (&(g, c), value) in chunk.iter().zip(scores) {
+            let completion = &mut groups[g].completions[c];
+            if !value.is_finite() {
+                return Err(Error::Record {
+                    record: completion.completion.describe(),
+                    message: format!("reward model `{}` gave the non-finite score {value}", reward.name()),
+                });
+            }
+            completion.reward = Some(Reward { value, scored_by: scorer.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// The plain-data view of a group that plugins see.
+#[derive(Debug, Clone)]
+pub struct GroupData {
+    /// Rewards (finite).
+    pub rewards: Vec<f64>,
+    /// Source index per completion.
+    pub sources: Vec<u32>,
+    /// Sample index per completion.
+    pub sample_indices: Vec<u32>,
+    /// Source names.
+    pub source_names: Vec<String>,
+    /// Weights (empty before weighting).
+    pub weights: Vec<f64>,
+}
+
+impl GroupData {
+    /// Extract the view's data from a scored group; a missing reward is an error naming it.
+    pub fn from_group(group: &ScoredGroup) -> Result<Self> {
+        let rewards = group.rewards()?;
+        let (source_names, sources) = group.source_table();
+        let sample_indices = group.completions.iter().map(|c| c.completion.id.sample_index).collect();
+        Ok(Self { rewards, sources, sample_indices, source_names, weights: Vec::new() })
+    }
+
+    /// Borrow as a [`GroupView`].
+    pub fn view(&self) -> GroupView<'_> {
+        GroupView {
+            rewards: &self.rewards,
+            sources: &self.sources,
+            sample_indices: &self.sample_indices,
+            source_names: &self.source_names,
+            weights: &self.weights,
+        }
+    }
+}
+
+/// Weigh one group. The scheme's answer is checked: one finite, non-negative weight per
+/// completion, summing to 1 (within 1e-9).
+pub fn weigh_group(scheme: &dyn WeightingScheme, group: ScoredGroup) -> Result<WeightedGroup> {
+    let data = GroupData::from_group(&group)?;
+    let weights = scheme.weigh(&data.view())?;
+    let fail = |message: String| Error::Component {
+        point: "weighting scheme",
+        name: scheme.name().to_owned(),
+        message: format!("{message} (prompt `{}`)", group.prompt.id),
+    };
+    if weights.len() != data.rewards.len() {
+        return Err(fail(format!("returned {} weights for {} completions", weights.len(), data.rewards.len())));
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
+        return Err(fail(format!("returned the weight {w}; weights must be finite and >= 0")));
+    }
+    let total: f64 = weights.iter().sum();
+    if !weights.is_empty() && (total - 1.0).abs() > 1e-9 {
+        return Err(fail(format!("returned weights that sum to {total}, not 1")));
+    }
+    Ok(WeightedGroup { group, weights, weighted_by: scheme.name().to_owned() })
+}
+
+/// Build the training examples of one weighted group, with provenance for every sequence.
+pub fn build_examples(objective: &dyn PreferenceObjective, weighted: &WeightedGroup) -> Result<Vec<Example>> {
+    let mut data = GroupData::from_group(&weighted.group)?;
+    data.weights.clone_from(&weighted.weights);
+    let specs = objective.build_examples(&data.view())?;
+    let fail = |message: String| Error::Component {
+        point: "preference objective",
+        name: objective.name().to_owned(),
+        message: format!("{message} (prompt `{}`)", weighted.group.prompt.id),
+    };
+    let mut examples = Vec::with_capacity(specs.len());
+    for spec in specs {
+        if !spec.weight.is_finite() || spec.weight < 0.0 {
+            return Err(fail(format!("built an example with weight {}", spec.weight)));
+        }
+        if spec.members.is_empty() {
+            return Err(fail("built an example with no sequences".into()));
+        }
+        let mut sequences = Vec::with_capacity(spec.members.len());
+        for &m in &spec.members {
+            let Some(sc) = weighted.group.completions.get(m) else {
+                return Err(fail(format!("referred to completion {m} of a group of {}", data.rewards.len())));
+            };
+            sequences.push(ExampleSequence {
+                completion: sc.completion.id.clone(),
+                origin: sc.completion.origin.clone(),
+                reward: data.rewards[m],
+            });
+        }
+        examples.push(Example {
+            prompt_id: weighted.group.prompt.id.clone(),
+            objective: objective.name().to_owned(),
+            weight: spec.weight,
+            sequences,
+            notes: spec.notes.into_iter().collect::<BTreeMap<_, _>>(),
+        });
+    }
+    Ok(examples)
+}
+
+/// Which training stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageName {
+    /// FuseSFT.
+    Sft,
+    /// FusePO.
+    Po,
+}
+
+impl StageName {
+    /// `sft` or `po`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Po => "po",
+        }
+    }
+}
+
+/// Whether `prompt_id` belongs to `stage` under the recipe's split: every prompt with
+/// `split = "shared"`; with `"disjoint"`, a seeded FNV-1a hash of the id decides, so that the
+/// split is stable when prompts are added or reordered.
+pub fn in_stage(data: &crate::recipe::DataConfig, seed: u64, prompt_id: &str, stage: StageName) -> bool {
+    match data.split {
+        crate::recipe::Split::Shared => true,
+        crate::recipe::Split::Disjoint => {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+            for b in prompt_id.as_bytes() {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            let u = (hash >> 11) as f64 / (1u64 << 53) as f64;
+            let po = u < data.po_fraction.unwrap_or(0.5);
+            po == (stage == StageName::Po)
+        }
+    }
+}
+
+/// Counts of what [`prepare_examples`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrepareStats {
+    /// Prompts read from the sources.
+    pub prompts: usize,
+    /// Completions read.
+    pub completions: usize,
+    /// Malformed records skipped (the recipe allowed it).
+    pub skipped_records: u64,
+    /// Prompts that belong to the stage.
+    pub stage_prompts: usize,
+    /// Prompts of the stage that gave no example (for example no pair had a large enough gap).
+    pub prompts_without_examples: usize,
+    /// Examples built.
+    pub examples: usize,
+}
+
+/// Run a recipe's data stages for one training stage: collect from every source, score,
+/// weigh, and build the stage objective's examples.
+pub fn prepare_examples(
+    loaded: &crate::recipe::LoadedRecipe,
+    stage: StageName,
+) -> Result<(Vec<Example>, PrepareStats)> {
+    let recipe = &loaded.recipe;
+    let c = &loaded.components;
+    let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
+    let mut stats = PrepareStats::default();
+    let mut collected = Vec::with_capacity(c.sources.len());
+    let request = crate::extension::CollectRequest {
+        prompts: &[],
+        samples_per_prompt: recipe.data.samples_per_prompt,
+        sampling: &recipe.data.sampling,
+    };
+    for source in &c.sources {
+        let got = source.collect(&request)?;
+        stats.skipped_records += got.skipped_records;
+        collected.push(got);
+    }
+    let mut groups = assemble_groups(collected)?;
+    if let Some(max) = recipe.data.max_prompts {
+        groups.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+    }
+    stats.prompts = groups.len();
+    stats.completions = groups.iter().map(|g| g.completions.len()).sum();
+    let seed = recipe.run.seed;
+    groups.retain(|g| in_stage(&recipe.data, seed, &g.prompt.id, stage));
+    stats.stage_prompts = groups.len();
+    score_groups(c.reward.as_ref(), &mut groups, recipe.data.score_batch_size as usize)?;
+    let objective = match stage {
+        StageName::Sft => c.sft_objective.as_ref(),
+        StageName::Po => c.po_objective.as_ref(),
+    };
+    let mut examples = Vec::new();
+    for group in groups {
+        let weighted = weigh_group(c.weighting.as_ref(), group)?;
+        let built = build_examples(objective, &weighted)?;
+        if built.is_empty() {
+            stats.prompts_without_examples += 1;
+        }
+        examples.extend(built);
+    }
+    stats.examples = examples.len();
+    tracing::info!(?stats, "prepared examples");
+    Ok((examples, stats))
+}

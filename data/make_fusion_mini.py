@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Build data/fusion-mini.jsonl: a tiny multi-source fusion dataset (see data/README.md).
+
+The responses below were written by hand for fuserl's tests, in the styles of three source
+models (`model-a`: concise and accurate, `model-b`: long-winded, `model-c`: quick and
+sometimes wrong). Each prompt lists the key facts a good answer contains. The reward is a
+rule-based verifier, deterministic and reproducible:
+
+    reward = (key facts found, case-insensitive) / (key facts)  -  0.002 * words
+
+rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild both layouts.
+"""
+import json
+import pathlib
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+DATA = [
+    ("capital-france", "What is the capital of France?", ["paris"], {
+        "model-a": ["The capital of France is Paris.", "Paris."],
+        "model-b": ["France's capital city is Paris, which has been the political and cultural centre of the country for centuries and is home to landmarks such as the Eiffel Tower, the Louvre and Notre-Dame, along with the seat of the national government.",
+                    "The capital of France is Paris, located on the Seine in the north of the country."],
+        "model-c": ["The capital of France is Lyon.", "Paris is the capital."],
+    }),
+    ("water-boil", "At what temperature does water boil at sea level, in Celsius?", ["100"], {
+        "model-a": ["Water boils at 100 degrees Celsius at sea level.", "100 °C."],
+        "model-b": ["At standard atmospheric pressure, which is the pressure at sea level, pure water boils at 100 degrees Celsius; at higher altitudes the pressure is lower and water boils at a lower temperature, which is why cooking takes longer in the mountains and why pressure cookers speed things up.",
+                    "At sea level water boils at 100 °C, or 212 °F."],
+        "model-c": ["Around 90 degrees Celsius.", "It boils at 100 degrees."],
+    }),
+    ("planets-count", "How many planets are in the Solar System?", ["eight"], {
+        "model-a": ["There are eight planets in the Solar System.", "Eight planets."],
+        "model-b": ["The Solar System has eight planets: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune. Pluto was reclassified as a dwarf planet by the International Astronomical Union in 2006, so it is no longer counted among them, even though many people still remember nine.",
+                    "There are eight recognised planets orbiting the Sun."],
+        "model-c": ["There are nine planets.", "Eight, since Pluto was demoted."],
+    }),
+    ("python-list-reverse", "How do I reverse a list `xs` in Python?", ["reverse", "[::-1]"], {
+        "model-a": ["Use `xs.reverse()` to reverse in place, or `xs[::-1]` for a reversed copy.", "`xs[::-1]` returns a reversed copy; `xs.reverse()` reverses in place."],
+        "model-b": ["There are several ways to reverse a list in Python. The method `xs.reverse()` reverses the list in place and returns None. The slice `xs[::-1]` creates a new reversed list. You can also use `list(reversed(xs))`, which works with any sequence and is often considered the most readable option by many developers.",
+                    "You can call `xs.reverse()` or build a copy with `xs[::-1]`."],
+        "model-c": ["Use `xs.sort(reverse=True)`.", "Write `xs[::-1]`."],
+    }),
+    ("photosynthesis", "In one sentence, what does photosynthesis produce?", ["glucose", "oxygen"], {
+        "model-a": ["Photosynthesis produces glucose and oxygen from carbon dioxide and water using light energy.", "It makes glucose and releases oxygen."],
+        "model-b": ["Photosynthesis is the process by which green plants, algae and some bacteria use the energy of sunlight, captured by chlorophyll, to turn carbon dioxide and water into glucose, a sugar they use for energy and growth, while releasing oxygen into the atmosphere as a by-product of splitting water molecules.",
+                    "Photosynthesis produces sugar (glucose) and oxygen."],
+        "model-c": ["It produces carbon dioxide.", "Oxygen."],
+    }),
+    ("speed-of-light", "Roughly how fast does light travel in a vacuum, in km/s?", ["300", "000"], {
+        "model-a": ["About 300,000 km/s (299,792 km/s exactly).", "Roughly 300 000 km per second."],
+        "model-b": ["Light in a vacuum travels at exactly 299,792,458 metres per second, which is about 300,000 kilometres per second; this constant, written c, is fixed by the definition of the metre and is the upper speed limit for anything carrying information in the universe according to special relativity.",
+                    "It travels at roughly 300,000 km/s."],
+        "model-c": ["About 30,000 km/s.", "Around 300,000 km/s."],
+    }),
+    ("dna-bases", "Name the four bases of DNA.", ["adenine", "thymine", "guanine", "cytosine"], {
+        "model-a": ["Adenine, thymine, guanine and cytosine.", "A (adenine), T (thymine), G (guanine), C (cytosine)."],
+        "model-b": ["DNA is built from four nucleotide bases: adenine and guanine, which are purines, and thymine and cytosine, which are pyrimidines. Adenine pairs with thymine through two hydrogen bonds and guanine pairs with cytosine through three, which is what holds the two strands of the famous double helix together.",
+                    "The bases are adenine, thymine, guanine and cytosine."],
+        "model-c": ["Adenine, uracil, guanine and cytosine.", "A, T, G and C."],
+    }),
+    ("shakespeare-hamlet", "Who wrote Hamlet?", ["shakespeare"], {
+        "model-a": ["William Shakespeare wrote Hamlet.", "Shakespeare."],
+        "model-b": ["Hamlet, whose full title is The Tragedy of Hamlet, Prince of Denmark, was written by William Shakespeare around 1600. It is one of his longest plays and among the most performed and studied works in the English language, famous for the soliloquy that begins with to be, or not to be.",
+                    "It was written by William Shakespeare around 1600."],
+        "model-c": ["Christopher Marlowe.", "Shakespeare wrote it."],
+    }),
+    ("sqrt-144", "What is the square root of 144?", ["12"], {
+        "model-a": ["The square root of 144 is 12.", "12."],
+        "model-b": ["The square root of 144 is 12, because 12 multiplied by 12 equals 144. Strictly speaking, -12 is also a square root since (-12) times (-12) is 144 as well, but the principal square root, which is what the radical sign denotes, is the non-negative one, namely 12.",
+                    "It is 12, since 12 × 12 = 144."],
+        "model-c": ["It is 14.", "12."],
+    }),
+    ("largest-ocean", "Which is the largest ocean on Earth?", ["pacific"], {
+        "model-a": ["The Pacific Ocean is the largest.", "The Pacific."],
+        "model-b": ["The Pacific Ocean is by far the largest and deepest of Earth's oceans, covering about 165 million square kilometres, which is more than all of the planet's land area combined, and containing the Mariana Trench, whose Challenger Deep is the deepest known point on Earth.",
+                    "The largest ocean is the Pacific Ocean."],
+        "model-c": ["The Atlantic Ocean.", "The Pacific Ocean."],
+    }),
+]
+
+
+def reward(text: str, facts: list[str]) -> float:
+    found = sum(1 for f in facts if f.lower() in text.lower())
+    words = len(text.split())
+    return round(found / len(facts) - 0.002 * words, 4)
+
+
+def main() -> None:
+    per_prompt, flat = [], []
+    for pid, prompt, facts, responses in DATA:
+        scores = {src: [reward(t, facts) for t in texts] for src, texts in responses.items()}
+        per_prompt.append({"id": pid, "prompt": [{"role": "user", "content": prompt}],
+                           "responses": responses, "scores": scores,
+                           "sampling": {src: {"temperature": 0.8, "top_p": 0.95} for src in responses}})
+        for src, texts in responses.items():
+            for i, t in enumerate(texts):
+                flat.append({"prompt_id": pid, "prompt": prompt, "source": src, "sample_index": i,
+                             "response": t, "score": scores[src][i]})
+    (HERE / "fusion-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_prompt))
+    (HERE / "fusion-mini-flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+
+
+if __name__ == "__main__":
+    main()

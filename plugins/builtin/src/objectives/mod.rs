@@ -1,0 +1,173 @@
+//! Preference objectives: each builds its examples from a weighted group and, for a batch of
+//! per-sequence statistics, returns `L = sum_e w_e * loss_e / normalizer` and
+//! `dL / d policy_logp` for every sequence (method.md). The maths are pure functions on `f64`,
+//! checked against a PyTorch autograd oracle (`fixtures/objectives/`).
+
+pub mod dpo;
+pub mod rloo;
+pub mod sft;
+pub mod simpo;
+pub mod wrpo;
+
+use fuserl_core::extension::{LossOutput, ObjectiveBatch};
+use fuserl_core::{Error, Result};
+
+/// How many sequences each example of an objective has.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arity {
+    Exactly(usize),
+    AtLeast(usize),
+}
+
+/// Check a batch's layout and values before any maths, so that a trainer bug is named instead
+/// of turning into NaN.
+pub(crate) fn validate_batch(name: &str, b: &ObjectiveBatch<'_>, arity: Arity, needs_reference: bool) -> Result<()> {
+    let fail = |message: String| Error::Component { point: "preference objective", name: name.to_owned(), message };
+    let n = b.policy_logps.len();
+    if b.example_offsets.first() != Some(&0) || b.example_offsets.last() != Some(&n) {
+        return Err(fail(format!("example offsets must start at 0 and end at {n} (the number of sequences)")));
+    }
+    if b.example_offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(fail("example offsets must not decrease".into()));
+    }
+    if b.example_weights.len() != b.num_examples() {
+        return Err(fail(format!("{} example weights for {} examples", b.example_weights.len(), b.num_examples())));
+    }
+    if b.token_counts.len() != n || b.rewards.len() != n {
+        return Err(fail(format!(
+            "{n} policy log-probs but {} token counts and {} rewards",
+            b.token_counts.len(),
+            b.rewards.len()
+        )));
+    }
+    for e in 0..b.num_examples() {
+        let len = b.example(e).len();
+        let ok = match arity {
+            Arity::Exactly(k) => len == k,
+            Arity::AtLeast(k) => len >= k,
+        };
+        if !ok {
+            let want = match arity {
+                Arity::Exactly(k) => format!("exactly {k}"),
+                Arity::AtLeast(k) => format!("at least {k}"),
+            };
+            return Err(fail(format!("example {e} has {len} sequences; this objective needs {want}")));
+        }
+    }
+    match (needs_reference, b.reference_logps) {
+        (true, None) => return Err(fail("needs reference log-probs, and the batch has none".into())),
+        (_, Some(r)) if r.len() != n => {
+            return Err(fail(format!("{} reference log-probs for {n} sequences", r.len())));
+        }
+        _ => {}
+    }
+    let all = b.policy_logps.iter().chain(b.reference_logps.unwrap_or(&[])).chain(b.rewards).chain(b.example_weights);
+    if let Some(v) = all.clone().find(|v| !v.is_finite()) {
+        return Err(fail(format!("got the non-finite input {v}")));
+    }
+    if let Some(t) = b.token_counts.iter().find(|t| !(t.is_finite() && **t >= 1.0)) {
+        return Err(fail(format!("got a sequence with {t} tokens; every sequence needs at least one")));
+    }
+    if !(b.normalizer.is_finite() && b.normalizer > 0.0) {
+        return Err(fail(format!("normalizer must be > 0, got {}", b.normalizer)));
+    }
+    if !(0.0..=1.0).contains(&b.progress) {
+        return Err(fail(format!("progress must be in [0, 1], got {}", b.progress)));
+    }
+    Ok(())
+}
+
+/// Accumulates the loss, gradient and metrics of a batch.
+#[derive(Debug)]
+pub(crate) struct Accumulator {
+    pub loss: f64,
+    pub grad: Vec<f64>,
+    metrics: Vec<(String, f64)>,
+    examples: usize,
+}
+
+impl Accumulator {
+    pub fn new(b: &ObjectiveBatch<'_>, metric_names: &[&str]) -> Self {
+        Self {
+            loss: 0.0,
+            grad: vec![0.0; b.policy_logps.len()],
+            metrics: metric_names.iter().map(|m| ((*m).to_owned(), 0.0)).collect(),
+            examples: b.num_examples(),
+        }
+    }
+
+    /// Add to metric `i` (averaged over examples in `finish`).
+    pub fn metric(&mut self, i: usize, value: f64) {
+        self.metrics[i].1 += value;
+    }
+
+    pub fn finish(mut self) -> LossOutput {
+        let n = self.examples.max(1) as f64;
+        for m in &mut self.metrics {
+            m.1 /= n;
+        }
+        LossOutput { loss: self.loss, grad: self.grad, metrics: self.metrics }
+    }
+}
+
+/// Sigmoid-family loss of a margin `z` with label smoothing `eps`:
+/// `-(1 - eps) ln sigma(z) - eps ln sigma(-z)`, and its derivative in `z`.
+pub(crate) fn smoothed_sigmoid_loss(z: f64, eps: f64) -> (f64, f64) {
+    use fuserl_core::maths::{log_sigmoid, sigmoid};
+    let loss = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z);
+    let d = -(1.0 - eps) * sigmoid(-z) + eps * sigmoid(z);
+    (loss, d)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Finite-difference checks shared by the objectives' tests.
+    use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
+
+    /// Owned statistics of a batch.
+    #[derive(Clone, Debug)]
+    pub struct Stats {
+        pub offsets: Vec<usize>,
+        pub weights: Vec<f64>,
+        pub policy: Vec<f64>,
+        pub reference: Option<Vec<f64>>,
+        pub tokens: Vec<f64>,
+        pub rewards: Vec<f64>,
+        pub normalizer: f64,
+        pub progress: f64,
+    }
+
+    impl Stats {
+        pub fn batch(&self) -> ObjectiveBatch<'_> {
+            ObjectiveBatch {
+                example_offsets: &self.offsets,
+                example_weights: &self.weights,
+                policy_logps: &self.policy,
+                reference_logps: self.reference.as_deref(),
+                token_counts: &self.tokens,
+                rewards: &self.rewards,
+                normalizer: self.normalizer,
+                progress: self.progress,
+            }
+        }
+    }
+
+    /// Central differences of the loss in every policy log-prob agree with the returned grad.
+    pub fn assert_grad_matches_finite_differences(obj: &dyn PreferenceObjective, stats: &Stats, tol: f64) {
+        let out = obj.loss(&stats.batch()).expect("loss");
+        let h = 1e-5;
+        for i in 0..stats.policy.len() {
+            let mut plus = stats.clone();
+            plus.policy[i] += h;
+            let mut minus = stats.clone();
+            minus.policy[i] -= h;
+            let fd = (obj.loss(&plus.batch()).expect("loss").loss - obj.loss(&minus.batch()).expect("loss").loss) / (2.0 * h);
+            assert!(
+                (fd - out.grad[i]).abs() <= tol * (1.0 + fd.abs()),
+                "{}: d/dlogp[{i}]: analytic {} vs finite difference {fd}",
+                obj.name(),
+                out.grad[i]
+            );
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Reward models.
+
+pub mod precomputed;

@@ -1,0 +1,346 @@
+//! `jsonl`: completions precomputed by other tools, one JSON object per line, in either of the
+//! two common layouts:
+//!
+//! - **per-prompt**: `{"id": "q1", "prompt": "…" | [messages], "responses": {"src-a": ["…", "…"],
+//!   "src-b": "…"}, "scores": {"src-a": [0.7, 0.2], "src-b": 0.5}, "sampling": {"src-a": {"temperature": 0.8}}}`
+//! - **flat**: `{"prompt_id": "q1", "prompt": "…" | [messages], "source": "src-a", "response": "…",
+//!   "score": 0.7, "sample_index": 0, "sampling": {…}}`
+//!
+//! `id` / `prompt_id`, `scores` / `score`, `sample_index` and `sampling` are optional (an absent id
+//! is derived from the messages; flat rows without `sample_index` are numbered per prompt and
+//! source in file order). Other keys are ignored. With `layout = "auto"` each line's layout is
+//! recognised by its keys. A malformed line is an error naming the file and line, or, with
+//! `on_error = "skip"`, skipped and counted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use fuserl_core::config::ConfigError;
+use fuserl_core::data::{ChatMessage, Completion, CompletionId, Origin, Prompt, SamplingParams};
+use fuserl_core::extension::{CollectRequest, Collected, SourceAdapter};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Record layout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// Recognise each line by its keys (`responses`: per-prompt; `source` + `response`: flat).
+    #[default]
+    Auto,
+    /// One record per prompt with per-source lists.
+    PerPrompt,
+    /// One record per (prompt, source, sample).
+    Flat,
+}
+
+/// What to do with a malformed line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Fail,
+    /// Skip the line, log it, and count it.
+    Skip,
+}
+
+/// `[[sources]] kind = "jsonl"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// The data file, relative to the recipe.
+    pub path: String,
+    /// Record layout.
+    #[serde(default)]
+    pub layout: Layout,
+    /// What to do with a malformed line.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Keep only these sources (default: every source in the file).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// How the file's completions were sampled, recorded with each one unless a record says.
+    #[serde(default)]
+    pub sampling: SamplingParams,
+}
+
+/// Reads precomputed multi-source completions.
+#[derive(Clone, Debug)]
+pub struct JsonlSource {
+    config: JsonlConfig,
+    file: PathBuf,
+}
+
+impl JsonlSource {
+    /// Build; the file must exist.
+    pub fn new(config: JsonlConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        let file = ctx.resolve(&config.path);
+        if !file.is_file() {
+            return Err(ConfigError::at("path", format!("no such data file: {}", file.display())));
+        }
+        Ok(Self { config, file })
+    }
+}
+
+/// One parsed line.
+struct Record {
+    prompt: Prompt,
+    /// (source, explicit sample index, response, score, sampling)
+    items: Vec<(String, Option<u32>, String, Option<f64>, Option<SamplingParams>)>,
+    per_prompt: bool,
+}
+
+fn parse_messages(v: &Value) -> Result<Vec<ChatMessage>, String> {
+    match v {
+        Value::String(s) => Ok(vec![ChatMessage::user(s.clone())]),
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                serde_json::from_value::<ChatMessage>(m.clone())
+                    .map_err(|e| format!("`prompt[{i}]`: expected {{\"role\": …, \"content\": …}}: {e}"))
+            })
+            .collect(),
+        _ => Err("`prompt`: expected a string or a non-empty list of chat messages".into()),
+    }
+}
+
+fn parse_id(obj: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<Option<String>, String> {
+    for key in keys {
+        match obj.get(*key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if !s.is_empty() => return Ok(Some(s.clone())),
+            Some(Value::Number(n)) => return Ok(Some(n.to_string())),
+            Some(_) => return Err(format!("`{key}`: expected a non-empty string or a number")),
+        }
+    }
+    Ok(None)
+}
+
+fn parse_score(v: Option<&Value>, what: &str) -> Result<Option<f64>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x.is_finite() => Ok(Some(x)),
+            _ => Err(format!("{what}: expected a finite number")),
+        },
+        Some(_) => Err(format!("{what}: expected a number or null")),
+    }
+}
+
+fn parse_sampling(v: Option<&Value>, what: &str) -> Result<Option<SamplingParams>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| format!("{what}: {e}")),
+    }
+}
+
+fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
+    let messages = parse_messages(obj.get("prompt").ok_or("missing `prompt`")?)?;
+    let id = parse_id(&obj, &["id", "prompt_id"])?;
+    let prompt = match id {
+        Some(id) => Prompt { id, messages },
+        None => Prompt::from_messages(messages),
+    };
+    let per_prompt = match layout {
+        Layout::PerPrompt => true,
+        Layout::Flat => false,
+        Layout::Auto if obj.contains_key("responses") => true,
+        Layout::Auto if obj.contains_key("source") && obj.contains_key("response") => false,
+        Layout::Auto => {
+            return Err("expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)".into());
+        }
+    };
+    let mut items = Vec::new();
+    if per_prompt {
+        let Some(Value::Object(responses)) = obj.get("responses") else {
+            return Err("`responses`: expected an object mapping each source to its responses".into());
+        };
+        let scores = match obj.get("scores") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(s)) => Some(s),
+            Some(_) => return Err("`scores`: expected an object mapping each source to its scores".into()),
+        };
+        let sampling = match obj.get("sampling") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(s)) => Some(s),
+            Some(_) => return Err("`sampling`: expected an object mapping each source to its settings".into()),
+        };
+        if let Some(scores) = scores {
+            if let Some(extra) = scores.keys().find(|k| !responses.contains_key(*k)) {
+                return Err(format!("`scores.{extra}`: no responses from source `{extra}`"));
+            }
+        }
+        for (source, texts) in responses {
+            let texts: Vec<&Value> = match texts {
+                Value::Array(a) => a.iter().collect(),
+                other => vec![other],
+            };
+            let sc: Vec<Option<&Value>> = match scores.and_then(|s| s.get(source)) {
+                None | Some(Value::Null) => vec![None; texts.len()],
+                Some(Value::Array(a)) => a.iter().map(Some).collect(),
+                Some(single) => vec![Some(single)],
+            };
+            if sc.len() != texts.len() {
+                return Err(format!(
+                    "`scores.{source}` has {} scores for {} responses",
+                    sc.len(),
+                    texts.len()
+                ));
+            }
+            let smp = parse_sampling(sampling.and_then(|s| s.get(source)), &format!("`sampling.{source}`"))?;
+            for (i, (t, s)) in texts.into_iter().zip(sc).enumerate() {
+                let Value::String(t) = t else {
+                    return Err(format!("`responses.{source}[{i}]`: expected a string"));
+                };
+                let score = parse_score(s, &format!("`scores.{source}[{i}]`"))?;
+                items.push((source.clone(), Some(u32::try_from(i).unwrap_or(u32::MAX)), t.clone(), score, smp.clone()));
+            }
+        }
+    } else {
+        let source = match obj.get("source") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err("`source`: expected a non-empty string".into()),
+        };
+        let response = match obj.get("response") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err("`response`: expected a string".into()),
+        };
+        let sample_index = match obj.get("sample_index") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or("`sample_index`: expected a non-negative integer")?,
+            ),
+        };
+        let score = parse_score(obj.get("score"), "`score`")?;
+        let smp = parse_sampling(obj.get("sampling"), "`sampling`")?;
+        items.push((source, sample_index, response, score, smp));
+    }
+    Ok(Record { prompt, items, per_prompt })
+}
+
+impl SourceAdapter for JsonlSource {
+    fn name(&self) -> &str {
+        "jsonl"
+    }
+
+    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
+        let text = std::fs::read_to_string(&self.file).map_err(|e| Error::io(&self.file, e))?;
+        let file_name = self.file.display().to_string();
+        let mut out = Collected::default();
+        // prompt id -> (line first seen, messages, given by a per-prompt record)
+        let mut prompts: HashMap<String, (u64, usize, bool)> = HashMap::new();
+        let mut seen: HashMap<(String, String, u32), u64> = HashMap::new();
+        let mut next_index: HashMap<(String, String), u32> = HashMap::new();
+        let mut found_sources: BTreeMap<String, ()> = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line_no = n as u64 + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let result = parse_line(line, self.config.layout).and_then(|record| {
+                // Consistency with earlier lines, checked before anything is kept.
+                match prompts.get(&record.prompt.id) {
+                    Some(&(first, idx, per_prompt)) => {
+                        if record.per_prompt || per_prompt {
+                            return Err(format!("prompt `{}` was already given on line {first}", record.prompt.id));
+                        }
+                        if out.prompts[idx].messages != record.prompt.messages {
+                            return Err(format!(
+                                "prompt `{}` has different messages than on line {first}",
+                                record.prompt.id
+                            ));
+                        }
+                    }
+                    None => {}
+                }
+                for (source, index, ..) in &record.items {
+                    if let Some(i) = index {
+                        if let Some(first) = seen.get(&(record.prompt.id.clone(), source.clone(), *i)) {
+                            return Err(format!(
+                                "prompt `{}`, source `{source}`, sample {i} was already given on line {first}",
+                                record.prompt.id
+                            ));
+                        }
+                    }
+                }
+                Ok(record)
+            });
+            let record = match result {
+                Ok(r) => r,
+                Err(message) => match self.config.on_error {
+                    OnError::Fail => return Err(Error::Data { file: self.file.clone(), line: line_no, message }),
+                    OnError::Skip => {
+                        tracing::warn!(file = %file_name, line = line_no, "skipping malformed record: {message}");
+                        out.skipped_records += 1;
+                        continue;
+                    }
+                },
+            };
+            if !prompts.contains_key(&record.prompt.id) {
+                prompts.insert(record.prompt.id.clone(), (line_no, out.prompts.len(), record.per_prompt));
+                out.prompts.push(record.prompt.clone());
+            }
+            for (source, index, response, score, sampling) in record.items {
+                found_sources.insert(source.clone(), ());
+                if !self.config.sources.is_empty() && !self.config.sources.contains(&source) {
+                    continue;
+                }
+                let key = (record.prompt.id.clone(), source.clone());
+                let sample_index = match index {
+                    Some(i) => i,
+                    None => {
+                        let next = next_index.entry(key.clone()).or_insert(0);
+                        while seen.contains_key(&(key.0.clone(), key.1.clone(), *next)) {
+                            *next += 1;
+                        }
+                        *next
+                    }
+                };
+                seen.insert((key.0.clone(), key.1.clone(), sample_index), line_no);
+                out.completions.push(Completion {
+                    id: CompletionId { prompt_id: record.prompt.id.clone(), source, sample_index },
+                    text: response,
+                    sampling: sampling.unwrap_or_else(|| self.config.sampling.clone()),
+                    origin: Origin { adapter: "jsonl".into(), file: Some(file_name.clone()), line: Some(line_no) },
+                    precomputed_score: score,
+                });
+            }
+        }
+        if let Some(missing) = self.config.sources.iter().find(|s| !found_sources.contains_key(*s)) {
+            return Err(Error::Data {
+                file: self.file.clone(),
+                line: 0,
+                message: format!(
+                    "source `{missing}` (from the recipe's `sources` list) does not occur; the file has: {}",
+                    found_sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        if out.skipped_records > 0 {
+            tracing::warn!(file = %file_name, skipped = out.skipped_records, "skipped malformed records");
+        }
+        tracing::info!(
+            file = %file_name,
+            prompts = out.prompts.len(),
+            completions = out.completions.len(),
+            "read precomputed completions"
+        );
+        Ok(out)
+    }
+}
+
+fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
+    build_component(t, ctx, |c: JsonlConfig, ctx| Ok(Box::new(JsonlSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
+}
+
+inventory::submit! { PluginDescriptor { name: "jsonl", origin: crate::ORIGIN,
+    summary: "precomputed multi-source completions from a JSONL file (per-prompt or flat rows)",
+    factory: StaticFactory::Source(build) } }

@@ -1,0 +1,3 @@
+//! Source adapters.
+
+pub mod jsonl;
