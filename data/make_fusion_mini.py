@@ -8,7 +8,7 @@ rule-based verifier, deterministic and reproducible:
 
     reward = (key facts found, case-insensitive) / (key facts)  -  0.002 * words
 
-rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild both layouts.
+rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the three files.
 """
 import json
 import pathlib
@@ -79,6 +79,22 @@ DATA = [
 ]
 
 
+# Stand-ins for the target's own samples (WRPO needs two per prompt). In a real run they come
+# from the target model's generation; here they are hand-written like the sources' answers.
+TARGET = {
+    "capital-france": ["Paris is the capital of France.", "I think it is Marseille."],
+    "water-boil": ["Water boils at 100 degrees Celsius.", "Water boils at 50 degrees."],
+    "planets-count": ["There are eight planets.", "There are ten planets."],
+    "python-list-reverse": ["Call `xs.reverse()`.", "Use `sorted(xs)`."],
+    "photosynthesis": ["Glucose and oxygen.", "It produces nitrogen."],
+    "speed-of-light": ["About 300,000 km/s.", "About 3,000 km/s."],
+    "dna-bases": ["Adenine, thymine, guanine, cytosine.", "Alanine and glycine."],
+    "shakespeare-hamlet": ["Shakespeare.", "Charles Dickens."],
+    "sqrt-144": ["12.", "72."],
+    "largest-ocean": ["The Pacific.", "The Indian Ocean."],
+}
+
+
 def reward(text: str, facts: list[str]) -> float:
     found = sum(1 for f in facts if f.lower() in text.lower())
     words = len(text.split())
@@ -96,6 +112,12 @@ def main() -> None:
             for i, t in enumerate(texts):
                 flat.append({"prompt_id": pid, "prompt": prompt, "source": src, "sample_index": i,
                              "response": t, "score": scores[src][i]})
+    target = []
+    for pid, prompt, facts, _ in DATA:
+        for i, t in enumerate(TARGET[pid]):
+            target.append({"prompt_id": pid, "prompt": prompt, "source": "target", "sample_index": i,
+                           "response": t, "score": reward(t, facts)})
+    (HERE / "fusion-mini-target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target))
     (HERE / "fusion-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_prompt))
     (HERE / "fusion-mini-flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
 

@@ -1,1 +1,241 @@
-// placeholder
+//! End-to-end tests: the real `fuserl` binary on the committed recipes and on broken copies
+//! of them, in temporary folders.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn fuserl(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fuserl")).args(args).current_dir(dir).output().expect("run fuserl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn recipes() -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(repo().join("recipes"))
+        .expect("recipes/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    all.sort();
+    all
+}
+
+/// A temporary copy of the layout recipes expect: `recipes/` beside `data/`.
+fn sandbox() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
+    std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
+    dir
+}
+
+#[test]
+fn recipe_check_passes_on_every_committed_recipe() {
+    let files = recipes();
+    for name in ["fuserl-dpo.toml", "fuserl-simpo.toml", "fuserl-rloo.toml", "fusechat3.toml", "wrpo.toml"] {
+        assert!(files.iter().any(|f| f.ends_with(name)), "recipes/{name} is missing");
+    }
+    let mut args = vec!["recipe", "check"];
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    args.extend(names.iter().map(String::as_str));
+    let out = fuserl(&args, &repo());
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().filter(|l| l.starts_with("ok: ")).count(), files.len());
+}
+
+#[test]
+fn resolved_recipes_are_valid_recipes_and_a_fixed_point() {
+    let sandbox = sandbox();
+    for file in recipes() {
+        let first = fuserl(&["recipe", "show", &file.display().to_string()], &repo());
+        assert!(first.status.success(), "{}: {}", file.display(), text(&first.stderr));
+        let copy = sandbox.path().join("recipes").join(file.file_name().expect("name"));
+        std::fs::write(&copy, &first.stdout).expect("write");
+        let check = fuserl(&["recipe", "check", &copy.display().to_string()], sandbox.path());
+        assert!(check.status.success(), "{}: {}", file.display(), text(&check.stderr));
+        let second = fuserl(&["recipe", "show", &copy.display().to_string()], sandbox.path());
+        assert_eq!(text(&first.stdout), text(&second.stdout), "{} is not a fixed point", file.display());
+        // Every default is written out.
+        let shown = text(&first.stdout);
+        for key in ["output_dir", "device", "warmup_ratio", "adam_eps", "reference", "[export]", "[eval]"] {
+            assert!(shown.contains(key), "{}: `{key}` missing from the resolved recipe", file.display());
+        }
+    }
+}
+
+/// Write a broken copy of fuserl-dpo.toml, check it, and return (exit code, stderr).
+fn check_broken(edit: impl Fn(&str) -> String) -> (i32, String, String) {
+    let sandbox = sandbox();
+    let original = std::fs::read_to_string(repo().join("recipes/fuserl-dpo.toml")).expect("recipe");
+    let broken = edit(&original);
+    assert_ne!(broken, original, "the edit changed nothing");
+    let path = sandbox.path().join("recipes/broken.toml");
+    std::fs::write(&path, &broken).expect("write");
+    let out = fuserl(&["recipe", "check", "recipes/broken.toml"], sandbox.path());
+    (out.status.code().expect("exit code"), text(&out.stderr), broken)
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).expect("needle") + 1
+}
+
+#[test]
+fn misspelled_key_is_reported_with_place_path_and_choices() {
+    let (code, err, recipe) = check_broken(|r| r.replace("beta = 0.1", "betta = 0.1"));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "betta");
+    assert!(
+        err.contains(&format!("recipes/broken.toml:{line}:1: po.objective.betta: unknown key `betta`; expected one of: beta, loss, label_smoothing, length_normalize, pairs")),
+        "{err}"
+    );
+    // Also in the core's own sections.
+    let (code, err, recipe) = check_broken(|r| r.replace("max_length = 512", "max_lenght = 512"));
+    assert_eq!(code, 2);
+    let line = line_of(&recipe, "max_lenght");
+    assert!(err.contains(&format!("broken.toml:{line}:1: target.max_lenght: unknown key `max_lenght`; expected one of: checkpoint, chat_template, max_length, max_prompt_length")), "{err}");
+}
+
+#[test]
+fn wrong_type_is_reported_with_what_was_expected() {
+    let (code, err, recipe) = check_broken(|r| r.replace("temperature = 0.5", "temperature = \"hot\""));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "\"hot\"");
+    assert!(err.contains(&format!("broken.toml:{line}:1: weighting.temperature: expected a number, found string \"hot\"")), "{err}");
+    let (code, err, _) = check_broken(|r| r.replace("device = \"cpu\"", "device = \"tpu\""));
+    assert_eq!(code, 2);
+    assert!(err.contains("backend.device: unknown value `tpu`; expected one of: cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"), "{err}");
+    let (code, err, _) = check_broken(|r| r.replace("batch_size = 4\n\n[po.objective]", "batch_size = -4\n\n[po.objective]"));
+    assert_eq!(code, 2);
+    assert!(err.contains("po.batch_size: expected a non-negative integer"), "{err}");
+}
+
+#[test]
+fn unknown_plugin_lists_the_registered_ones() {
+    let (code, err, recipe) = check_broken(|r| r.replace("kind = \"dpo\"", "kind = \"dpp\""));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "\"dpp\"");
+    assert!(
+        err.contains(&format!("broken.toml:{line}:1: po.objective.kind: unknown preference objective `dpp`; expected one of: dpo, rloo, sft, simpo, wrpo")),
+        "{err}"
+    );
+    let (code, err, _) = check_broken(|r| r.replace("kind = \"softmax\"", "kind = \"softmin\""));
+    assert_eq!(code, 2);
+    assert!(err.contains("weighting.kind: unknown weighting scheme `softmin`; expected one of: best-only, rank, softmax, uniform"), "{err}");
+}
+
+#[test]
+fn missing_required_field_is_reported_at_its_table() {
+    let (code, err, recipe) = check_broken(|r| r.replace("checkpoint = \"../models/SmolLM2-135M-Instruct\"\n", ""));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "[target]");
+    assert!(err.contains(&format!("broken.toml:{line}:2: target.checkpoint: missing required key `checkpoint`")), "{err}");
+    let (code, err, recipe) = check_broken(|r| r.replace("path = \"../data/fusion-mini.jsonl\"\n", ""));
+    assert_eq!(code, 2);
+    let line = line_of(&recipe, "kind = \"jsonl\"");
+    assert!(err.contains(&format!("broken.toml:{line}:1: sources[0].path: missing required key `path`")), "{err}");
+}
+
+#[test]
+fn component_validation_and_syntax_errors_point_at_the_place() {
+    let (code, err, recipe) = check_broken(|r| r.replace("min_gap = 0.005", "min_gap = -1.0"));
+    assert_eq!(code, 2);
+    let line = line_of(&recipe, "min_gap");
+    assert!(err.contains(&format!("broken.toml:{line}:1: po.objective.pairs.min_gap: expected a finite number >= 0, found -1")), "{err}");
+    let (code, err, _) = check_broken(|r| r.replace("path = \"../data/fusion-mini.jsonl\"", "path = \"../data/none.jsonl\""));
+    assert_eq!(code, 2);
+    assert!(err.contains("sources[0].path: no such data file"), "{err}");
+    let (code, err, recipe) = check_broken(|r| r.replace("seed = 42", "seed = = 42"));
+    assert_eq!(code, 2);
+    let line = line_of(&recipe, "seed = =");
+    assert!(err.contains(&format!("broken.toml:{line}:")) && err.contains("invalid TOML"), "{err}");
+    let (code, err, _) = check_broken(|r| r.replace("schema_version = 1", "schema_version = 2"));
+    assert_eq!(code, 2);
+    assert!(err.contains("broken.toml:4:1: schema_version: unsupported schema version 2; this fuserl reads version 1"), "{err}");
+}
+
+#[test]
+fn check_reports_every_bad_file_and_a_missing_file_is_bad_input() {
+    let out = fuserl(&["recipe", "check", "recipes/fuserl-dpo.toml", "recipes/does-not-exist.toml"], &repo());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stdout).contains("ok: recipes/fuserl-dpo.toml"));
+    assert!(text(&out.stderr).contains("recipes/does-not-exist.toml"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("1 of 2 recipes failed"));
+}
+
+#[test]
+fn plugins_list_shows_every_builtin() {
+    let out = fuserl(&["plugins", "list"], &repo());
+    assert!(out.status.success());
+    let listing = text(&out.stdout);
+    for (point, name) in [
+        ("source", "jsonl"),
+        ("reward", "precomputed"),
+        ("weighting", "softmax"),
+        ("weighting", "best-only"),
+        ("weighting", "uniform"),
+        ("weighting", "rank"),
+        ("objective", "sft"),
+        ("objective", "dpo"),
+        ("objective", "simpo"),
+        ("objective", "rloo"),
+        ("objective", "wrpo"),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
+            .unwrap_or_else(|| panic!("no line for {point} {name} in\n{listing}"));
+        assert!(line.contains("built-in (fuserl-plugins)"), "{line}");
+        assert!(line.split("built-in (fuserl-plugins)").nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
+    }
+}
+
+#[test]
+fn help_has_examples_and_usage_errors_exit_2() {
+    let out = fuserl(&["--help"], &repo());
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("fuserl recipe check recipes/*.toml"));
+    let out = fuserl(&["recipe", "frobnicate"], &repo());
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn examples_trace_back_to_the_source_answers() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out_file = dir.path().join("po.jsonl");
+    let out = fuserl(
+        &["examples", "recipes/fuserl-dpo.toml", "--stage", "po", "--out", &out_file.display().to_string()],
+        &repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let data = std::fs::read_to_string(repo().join("data/fusion-mini.jsonl")).expect("data");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out_file).expect("out").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    // 10 prompts; every source has a pair except those whose two samples tie or are within
+    // min_gap 0.005 (model-a on 4 prompts, model-c on one).
+    assert!(lines.len() >= 15 && lines.len() <= 30, "{} examples", lines.len());
+    let mut total_by_prompt = std::collections::BTreeMap::<String, f64>::new();
+    for e in &lines {
+        assert_eq!(e["objective"], "dpo");
+        let seqs = e["sequences"].as_array().expect("sequences");
+        assert_eq!(seqs.len(), 2);
+        assert!(seqs[0]["reward"].as_f64() > seqs[1]["reward"].as_f64());
+        assert_eq!(seqs[0]["completion"]["source"], seqs[1]["completion"]["source"]);
+        // Provenance: the line named holds the prompt the example is about.
+        let line = seqs[0]["origin"]["line"].as_u64().expect("line") as usize;
+        let record: serde_json::Value = serde_json::from_str(data.lines().nth(line - 1).expect("line")).expect("json");
+        assert_eq!(record["id"], e["prompt_id"]);
+        let source = seqs[0]["completion"]["source"].as_str().expect("source");
+        let sample = seqs[0]["completion"]["sample_index"].as_u64().expect("sample") as usize;
+        assert_eq!(record["scores"][source][sample].as_f64(), seqs[0]["reward"].as_f64());
+        *total_by_prompt.entry(e["prompt_id"].as_str().expect("id").to_owned()).or_default() += e["weight"].as_f64().expect("w");
+    }
+    for (prompt, total) in total_by_prompt {
+        assert!((total - 1.0).abs() < 1e-9, "weights of {prompt} sum to {total}");
+    }
+    assert!(text(&out.stderr).contains("po examples from 10 of 10 prompts"), "{}", text(&out.stderr));
+}

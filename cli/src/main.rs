@@ -231,6 +231,7 @@ fn examples(args: &ExamplesArgs) -> anyhow::Result<ExitCode> {
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| fuserl_core::Error::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| fuserl_core::Error::io(&tmp, e))?;

@@ -122,28 +122,33 @@ pub fn parse_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, Config
 fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
     if let Some(rest) = raw.strip_prefix("unknown field `") {
         if let Some((name, tail)) = rest.split_once('`') {
-            path.0.push(PathSegment::Key(name.to_owned()));
+            push_key(path, name);
             let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
             let choices = choices.replace("expected ", "");
             let message = if choices.trim().is_empty() || choices.contains("there are no fields") {
                 format!("unknown key `{name}`: this table takes no keys")
             } else {
-                format!("unknown key `{name}`; expected one of: {}", choices.replace('`', ""))
+                format!("unknown key `{name}`; expected one of: {}", choice_list(&choices))
             };
             return (message, false);
         }
     }
     if let Some(rest) = raw.strip_prefix("missing field `") {
         if let Some((name, _)) = rest.split_once('`') {
-            path.0.push(PathSegment::Key(name.to_owned()));
+            push_key(path, name);
             return (format!("missing required key `{name}`"), true);
         }
     }
     if let Some(rest) = raw.strip_prefix("unknown variant `") {
         if let Some((name, tail)) = rest.split_once('`') {
             let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
-            let choices = choices.replace("expected ", "").replace('`', "");
-            return (format!("unknown value `{name}`; expected one of: {choices}"), false);
+            let choices = choices.replace("expected ", "");
+            return (format!("unknown value `{name}`; expected one of: {}", choice_list(&choices)), false);
+        }
+    }
+    if let Some(rest) = raw.strip_prefix("invalid value: ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            return (format!("expected {}, found {}", friendly_type(expected), found.replace('`', "")), false);
         }
     }
     if let Some(rest) = raw.strip_prefix("invalid type: ") {
@@ -152,6 +157,19 @@ fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
         }
     }
     (raw.to_owned(), false)
+}
+
+/// serde lists choices as "`a`, `b`, `c`" or "`a` or `b`": make it "a, b, c".
+fn choice_list(raw: &str) -> String {
+    raw.replace("` or `", "`, `").replace('`', "").trim().to_owned()
+}
+
+/// Add `name` to the path unless serde_path_to_error already put it there (it does for some
+/// keys and not others, depending on where the error is raised).
+fn push_key(path: &mut KeyPath, name: &str) {
+    if path.0.last() != Some(&PathSegment::Key(name.to_owned())) {
+        path.0.push(PathSegment::Key(name.to_owned()));
+    }
 }
 
 fn friendly_type(expected: &str) -> String {

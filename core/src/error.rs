@@ -89,7 +89,8 @@ impl Error {
     }
 
     /// Whether this error is the user's input (recipe, data, configuration) rather than a
-    /// failure of the machine or of a component at run time. The binary maps it to exit code 2.
+    /// failure of the machine or of a component at run time (a file that does not exist counts as
+    /// input). The binary maps it to exit code 2.
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
@@ -98,6 +99,6 @@ impl Error {
                 | Self::Record { .. }
                 | Self::Config(_)
                 | Self::DuplicatePlugin { .. }
-        )
+        ) || matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 }

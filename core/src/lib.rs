@@ -11,11 +11,12 @@
 //! - [`recipe`]: TOML recipes, strictly parsed, with file:line:column errors;
 //! - [`pipeline`]: the host-side stages that connect the extension points.
 //!
+//! Errors in recipes point at a key path, which the recipe layer turns into file:line:column:
+//!
 //! ```
-//! use fuserl_core::registry::Registry;
-//! // Built-in plugins register themselves once their crate is linked.
-//! let registry = Registry::with_builtins().unwrap();
-//! assert!(registry.entries().iter().all(|e| !e.name.is_empty()));
+//! use fuserl_core::config::KeyPath;
+//! let path = KeyPath::keys(&["sources"]).index(1).key("path");
+//! assert_eq!(path.to_string(), "sources[1].path");
 //! ```
 
 pub mod config;

@@ -236,7 +236,7 @@ impl StageName {
 }
 
 /// Whether `prompt_id` belongs to `stage` under the recipe's split: every prompt with
-/// `split = "shared"`; with `"disjoint"`, a seeded FNV-1a hash of the id decides, so that the
+/// `split = "shared"`; with `"disjoint"`, a seeded hash of the id decides, so that the
 /// split is stable when prompts are added or reordered.
 pub fn in_stage(data: &crate::recipe::DataConfig, seed: u64, prompt_id: &str, stage: StageName) -> bool {
     match data.split {
@@ -247,6 +247,10 @@ pub fn in_stage(data: &crate::recipe::DataConfig, seed: u64, prompt_id: &str, st
                 hash ^= u64::from(*b);
                 hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
             }
+            // FNV's high bits barely depend on the last bytes: finish with splitmix64's mixer.
+            hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            hash ^= hash >> 31;
             let u = (hash >> 11) as f64 / (1u64 << 53) as f64;
             let po = u < data.po_fraction.unwrap_or(0.5);
             po == (stage == StageName::Po)

@@ -149,7 +149,7 @@ impl PairConfig {
             PairWeights::Uniform => vec![1.0; kept.len()],
         };
         let total: f64 = raw.iter().sum();
-        if !(total > 0.0) {
+        if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             // No kept pair has weight (for example best-only weighting whose best source had
             // no valid pair): the prompt contributes nothing.
             return Ok(Vec::new());

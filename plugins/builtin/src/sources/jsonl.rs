@@ -63,8 +63,12 @@ pub struct JsonlConfig {
     #[serde(default)]
     pub sources: Vec<String>,
     /// How the file's completions were sampled, recorded with each one unless a record says.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_unset")]
     pub sampling: SamplingParams,
+}
+
+fn is_unset(s: &SamplingParams) -> bool {
+    *s == SamplingParams::default()
 }
 
 /// Reads precomputed multi-source completions.
@@ -85,11 +89,13 @@ impl JsonlSource {
     }
 }
 
+/// One completion of a parsed line: (source, explicit sample index, response, score, sampling).
+type Item = (String, Option<u32>, String, Option<f64>, Option<SamplingParams>);
+
 /// One parsed line.
 struct Record {
     prompt: Prompt,
-    /// (source, explicit sample index, response, score, sampling)
-    items: Vec<(String, Option<u32>, String, Option<f64>, Option<SamplingParams>)>,
+    items: Vec<Item>,
     per_prompt: bool,
 }
 
@@ -247,19 +253,16 @@ impl SourceAdapter for JsonlSource {
             }
             let result = parse_line(line, self.config.layout).and_then(|record| {
                 // Consistency with earlier lines, checked before anything is kept.
-                match prompts.get(&record.prompt.id) {
-                    Some(&(first, idx, per_prompt)) => {
-                        if record.per_prompt || per_prompt {
-                            return Err(format!("prompt `{}` was already given on line {first}", record.prompt.id));
-                        }
-                        if out.prompts[idx].messages != record.prompt.messages {
-                            return Err(format!(
-                                "prompt `{}` has different messages than on line {first}",
-                                record.prompt.id
-                            ));
-                        }
+                if let Some(&(first, idx, per_prompt)) = prompts.get(&record.prompt.id) {
+                    if record.per_prompt || per_prompt {
+                        return Err(format!("prompt `{}` was already given on line {first}", record.prompt.id));
                     }
-                    None => {}
+                    if out.prompts[idx].messages != record.prompt.messages {
+                        return Err(format!(
+                            "prompt `{}` has different messages than on line {first}",
+                            record.prompt.id
+                        ));
+                    }
                 }
                 for (source, index, ..) in &record.items {
                     if let Some(i) = index {

@@ -1,0 +1,191 @@
+//! The `jsonl` source adapter and the `precomputed` reward on both layouts, malformed lines
+//! and duplicates.
+
+use std::path::Path;
+
+use fuserl_core::data::SamplingParams;
+use fuserl_core::extension::{CollectRequest, Collected, SourceAdapter};
+use fuserl_core::pipeline::{assemble_groups, score_groups};
+use fuserl_core::registry::BuildContext;
+
+fn source(dir: &Path, keys: &[(&str, toml::Value)]) -> Result<Box<dyn SourceAdapter>, String> {
+    let mut t = toml::Table::new();
+    for (k, v) in keys {
+        t.insert((*k).into(), v.clone());
+    }
+    let registry = fuserl_plugins::registry().expect("registry");
+    registry
+        .build_source("jsonl", &t, &BuildContext { base_dir: dir.to_path_buf(), seed: 0 })
+        .map(|b| b.component)
+        .map_err(|e| e.to_string())
+}
+
+fn collect(s: &dyn SourceAdapter) -> fuserl_core::Result<Collected> {
+    let sampling = SamplingParams::default();
+    s.collect(&CollectRequest { prompts: &[], samples_per_prompt: 1, sampling: &sampling })
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+fn data_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+}
+
+#[test]
+fn both_layouts_of_the_committed_dataset_agree() {
+    let dir = data_dir();
+    let per_prompt = collect(source(&dir, &[("path", "fusion-mini.jsonl".into())]).expect("source").as_ref()).expect("collect");
+    let flat = collect(source(&dir, &[("path", "fusion-mini-flat.jsonl".into()), ("layout", "flat".into())]).expect("source").as_ref())
+        .expect("collect");
+    assert_eq!(per_prompt.prompts, flat.prompts);
+    assert_eq!(per_prompt.completions.len(), 60);
+    let key = |c: &fuserl_core::data::Completion| (c.id.clone(), c.text.clone(), c.precomputed_score);
+    let mut a: Vec<_> = per_prompt.completions.iter().map(key).collect();
+    let mut b: Vec<_> = flat.completions.iter().map(key).collect();
+    a.sort_by(|x, y| x.0.cmp(&y.0));
+    b.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(a, b);
+    // Provenance: file and line of every completion; sampling settings from the record.
+    let c = &per_prompt.completions[0];
+    assert_eq!(c.origin.line, Some(1));
+    assert!(c.origin.file.as_deref().is_some_and(|f| f.ends_with("fusion-mini.jsonl")));
+    assert_eq!(c.sampling.temperature, Some(0.8));
+    assert_eq!(flat.completions[7].origin.line, Some(8));
+}
+
+#[test]
+fn flat_rows_are_grouped_and_numbered_and_scored() {
+    let dir = tempfile::tempdir().expect("tmp");
+    write(
+        dir.path(),
+        "d.jsonl",
+        concat!(
+            r#"{"prompt": "Hi?", "source": "a", "response": "Hello", "score": 1}"#, "\n",
+            r#"{"prompt": "Hi?", "source": "b", "response": "Hey", "score": 0.5}"#, "\n",
+            "\n",
+            r#"{"prompt": "Hi?", "source": "a", "response": "Yo", "score": -2.5, "extra": "kept out"}"#, "\n",
+            r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "source": "b", "response": "4", "score": 0.9}"#, "\n",
+        ),
+    );
+    let s = source(dir.path(), &[("path", "d.jsonl".into())]).expect("source");
+    let collected = collect(s.as_ref()).expect("collect");
+    assert_eq!(collected.prompts.len(), 2);
+    let mut groups = assemble_groups(vec![collected]).expect("groups");
+    let reward = fuserl_plugins::registry()
+        .expect("registry")
+        .build_reward("precomputed", &toml::Table::new(), &BuildContext { base_dir: ".".into(), seed: 0 })
+        .expect("reward")
+        .component;
+    score_groups(reward.as_ref(), &mut groups, 2).expect("score");
+    let g = &groups[0];
+    let got: Vec<(String, u32, f64, Option<u64>)> = g
+        .completions
+        .iter()
+        .map(|c| (c.completion.id.source.clone(), c.completion.id.sample_index, c.reward.as_ref().expect("reward").value, c.completion.origin.line))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("a".into(), 0, 1.0, Some(1)), ("a".into(), 1, -2.5, Some(4)), ("b".into(), 0, 0.5, Some(2))]
+    );
+    assert_eq!(g.completions[0].reward.as_ref().expect("r").scored_by, "precomputed");
+    assert_eq!(groups[1].prompt.messages.len(), 2);
+}
+
+#[test]
+fn malformed_lines_fail_with_their_line_number_or_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lines = [
+        r#"{"id": "q1", "prompt": "Hi?", "responses": {"a": ["x", "y"]}, "scores": {"a": [1, 2]}}"#,
+        r#"{"id": "q2", "prompt": "Hi?", "responses": {"a": ["x", "y"]}, "scores": {"a": [1]}}"#,
+        r#"not json"#,
+        r#"{"id": "q3", "prompt": 5, "responses": {"a": "x"}}"#,
+        r#"{"id": "q4", "prompt": "Ok", "responses": {"a": "x"}, "scores": {"b": 1}}"#,
+        r#"{"id": "q5", "prompt": "Ok", "text": "neither layout"}"#,
+        r#"{"id": "q1", "prompt": "Hi?", "responses": {"a": ["z"]}}"#,
+        r#"{"id": "q6", "prompt": "Ok", "responses": {"a": ["x"]}, "scores": {"a": ["high"]}}"#,
+        r#"{"id": "q7", "prompt": "Fine", "responses": {"a": ["x", "y"]}, "scores": {"a": [0.1, 0.2]}}"#,
+    ];
+    write(dir.path(), "bad.jsonl", &(lines.join("\n") + "\n"));
+    let fail = source(dir.path(), &[("path", "bad.jsonl".into())]).expect("source");
+    let err = collect(fail.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:2:") && err.contains("`scores.a` has 1 scores for 2 responses"), "{err}");
+
+    let skip = source(dir.path(), &[("path", "bad.jsonl".into()), ("on_error", "skip".into())]).expect("source");
+    let got = collect(skip.as_ref()).expect("collect");
+    assert_eq!(got.skipped_records, 7);
+    assert_eq!(got.prompts.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), vec!["q1", "q7"]);
+    assert_eq!(got.completions.len(), 4);
+
+    // Each kind of problem, alone, is reported with its line and what was expected.
+    for (i, expected) in [
+        (2, "invalid JSON"),
+        (3, "`prompt`: expected a string or a non-empty list of chat messages"),
+        (4, "`scores.b`: no responses from source `b`"),
+        (5, "expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)"),
+        (6, "prompt `q1` was already given on line 1"),
+        (7, "`scores.a[0]`: expected a number or null"),
+    ] {
+        write(dir.path(), "one.jsonl", &format!("{}\n{}\n", lines[0], lines[i]));
+        let s = source(dir.path(), &[("path", "one.jsonl".into())]).expect("source");
+        let err = collect(s.as_ref()).unwrap_err().to_string();
+        assert!(err.contains("one.jsonl:2: ") && err.contains(expected), "line {i}: {err}");
+    }
+}
+
+#[test]
+fn duplicate_samples_name_both_lines() {
+    let dir = tempfile::tempdir().expect("tmp");
+    write(
+        dir.path(),
+        "dup.jsonl",
+        concat!(
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "x"}"#, "\n",
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "y"}"#, "\n",
+        ),
+    );
+    let s = source(dir.path(), &[("path", "dup.jsonl".into())]).expect("source");
+    let err = collect(s.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("dup.jsonl:2:") && err.contains("already given on line 1"), "{err}");
+    write(
+        dir.path(),
+        "clash.jsonl",
+        concat!(
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "response": "x"}"#, "\n",
+            r#"{"prompt_id": "p", "prompt": "Other", "source": "a", "response": "y"}"#, "\n",
+        ),
+    );
+    let s = source(dir.path(), &[("path", "clash.jsonl".into())]).expect("source");
+    let err = collect(s.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("clash.jsonl:2:") && err.contains("different messages than on line 1"), "{err}");
+}
+
+#[test]
+fn missing_file_and_unknown_source_filter_are_reported() {
+    let dir = data_dir();
+    let err = source(&dir, &[("path", "nope.jsonl".into())]).unwrap_err();
+    assert!(err.starts_with("path: no such data file") && err.contains("nope.jsonl"), "{err}");
+    let s = source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-z".into()]))])
+        .expect("source");
+    let err = collect(s.as_ref()).unwrap_err().to_string();
+    assert!(err.contains("source `model-z`") && err.contains("model-a, model-b, model-c"), "{err}");
+    let only = source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-a".into()]))])
+        .expect("source");
+    assert_eq!(collect(only.as_ref()).expect("collect").completions.len(), 20);
+}
+
+#[test]
+fn missing_precomputed_score_names_the_record() {
+    let dir = tempfile::tempdir().expect("tmp");
+    write(dir.path(), "d.jsonl", "{\"id\": \"q\", \"prompt\": \"Hi\", \"responses\": {\"a\": [\"x\", \"y\"]}, \"scores\": {\"a\": [1, null]}}\n");
+    let s = source(dir.path(), &[("path", "d.jsonl".into())]).expect("source");
+    let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
+    let reward = fuserl_plugins::registry()
+        .expect("registry")
+        .build_reward("precomputed", &toml::Table::new(), &BuildContext { base_dir: ".".into(), seed: 0 })
+        .expect("reward")
+        .component;
+    let err = score_groups(reward.as_ref(), &mut groups, 8).unwrap_err().to_string();
+    assert!(err.contains("prompt `q`, source `a`, sample 1") && err.contains("d.jsonl:1") && err.contains("no precomputed score"), "{err}");
+}
