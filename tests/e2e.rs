@@ -239,3 +239,17 @@ fn examples_trace_back_to_the_source_answers() {
     }
     assert!(text(&out.stderr).contains("po examples from 10 of 10 prompts"), "{}", text(&out.stderr));
 }
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn a_backend_that_was_not_compiled_in_names_its_cargo_feature() {
+    let (code, err, recipe) = check_broken(|r| r.replace("device = \"cpu\"", "device = \"cuda\""));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "device = \"cuda\"");
+    assert!(
+        err.contains(&format!(
+            "broken.toml:{line}:1: backend.device: device `cuda` is not compiled into this build of fuserl; rebuild with `cargo build --features cuda`"
+        )),
+        "{err}"
+    );
+}

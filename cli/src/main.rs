@@ -166,7 +166,7 @@ fn recipe_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let registry = registry()?;
     let mut failed = 0usize;
     for file in files {
-        match load_recipe(file, &registry) {
+        match load_recipe(file, &registry).and_then(check_backend) {
             Ok(loaded) => {
                 let c = &loaded.components;
                 println!(
@@ -193,6 +193,20 @@ fn recipe_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::from(2))
     } else {
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The recipe's device must be compiled into this build: an error at the `[backend] device`
+/// key that names the cargo feature.
+fn check_backend(loaded: fuserl_core::recipe::LoadedRecipe) -> fuserl_core::Result<fuserl_core::recipe::LoadedRecipe> {
+    match fuserl_backends::check_device(loaded.recipe.backend.device) {
+        Ok(()) => Ok(loaded),
+        Err(e) => {
+            let text = std::fs::read_to_string(&loaded.file).unwrap_or_default();
+            let path = fuserl_core::config::KeyPath::keys(&["backend", "device"]);
+            let (line, column) = fuserl_core::location::Locator::new(&text).locate(&path);
+            Err(fuserl_core::Error::Recipe { file: loaded.file.clone(), line, column, path: path.to_string(), message: e.to_string() })
+        }
     }
 }
 
