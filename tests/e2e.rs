@@ -1,20 +1,11 @@
 //! End-to-end tests: the real `fuserl` binary on the committed recipes and on broken copies
 //! of them, in temporary folders.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
+use std::path::PathBuf;
 
-fn fuserl(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fuserl")).args(args).current_dir(dir).output().expect("run fuserl")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{fuserl, line_of, repo, sandbox, text};
 
 fn recipes() -> Vec<PathBuf> {
     let mut all: Vec<PathBuf> = std::fs::read_dir(repo().join("recipes"))
@@ -26,18 +17,10 @@ fn recipes() -> Vec<PathBuf> {
     all
 }
 
-/// A temporary copy of the layout recipes expect: `recipes/` beside `data/`.
-fn sandbox() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
-    std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
-    dir
-}
-
 #[test]
 fn recipe_check_passes_on_every_committed_recipe() {
     let files = recipes();
-    for name in ["fuserl-dpo.toml", "fuserl-simpo.toml", "fuserl-rloo.toml", "fusechat3.toml", "wrpo.toml"] {
+    for name in ["fuserl-dpo.toml", "fuserl-simpo.toml", "fuserl-rloo.toml", "fusechat3.toml", "wrpo.toml", "plugin-example.toml"] {
         assert!(files.iter().any(|f| f.ends_with(name)), "recipes/{name} is missing");
     }
     let mut args = vec!["recipe", "check"];
@@ -78,10 +61,6 @@ fn check_broken(edit: impl Fn(&str) -> String) -> (i32, String, String) {
     std::fs::write(&path, &broken).expect("write");
     let out = fuserl(&["recipe", "check", "recipes/broken.toml"], sandbox.path());
     (out.status.code().expect("exit code"), text(&out.stderr), broken)
-}
-
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines().position(|l| l.contains(needle)).expect("needle") + 1
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fuserl_core::pipeline::{StageName, prepare_examples};
-use fuserl_core::recipe::load_recipe;
+use fuserl_core::recipe::load_recipe_with;
 use fuserl_core::registry::Registry;
 
 const EXAMPLES: &str = "\
@@ -18,6 +18,8 @@ Examples:
                                           print the recipe with every default filled in
   fuserl plugins list                     list source adapters, reward models, weighting
                                           schemes and objectives
+  fuserl --plugin ./libmy_plugin.so plugins list
+                                          include a plugin library's components
   fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl
                                           build the FusePO training examples of a recipe";
 
@@ -32,6 +34,10 @@ struct Cli {
     /// Only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Load a plugin library (a path, or a bare name looked up in $FUSERL_PLUGIN_PATH and beside
+    /// this executable); may be repeated. Recipes can also name plugins with `plugins = [...]`.
+    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    plugins: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,7 +101,7 @@ enum StageArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    match run(cli.command) {
+    match run(cli.command, &cli.plugins) {
         Ok(code) => code,
         Err(err) => {
             let code = match err.downcast_ref::<fuserl_core::Error>() {
@@ -128,21 +134,40 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn registry() -> anyhow::Result<Registry> {
-    Ok(fuserl_plugins::registry()?)
+/// The built-ins plus the plugins given with `--plugin` (paths relative to the working folder).
+fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
+    let mut registry = fuserl_plugins::registry()?;
+    let here = Path::new(".");
+    for spec in plugins {
+        let loaded = fuserl_plugin_abi::host::resolve_plugin(spec, here)
+            .and_then(|path| fuserl_plugin_abi::host::load_library(&path, &mut registry));
+        if let Err(message) = loaded {
+            return Err(fuserl_core::Error::Config(fuserl_core::config::ConfigError::new(
+                fuserl_core::config::KeyPath::root(),
+                format!("--plugin {spec}: {message}"),
+            ))
+            .into());
+        }
+    }
+    Ok(registry)
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_core::recipe::LoadedRecipe> {
+    let mut registry = registry.clone();
+    load_recipe_with(file, &mut registry, &fuserl_plugin_abi::host::Loader)
+}
+
+fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Recipe(RecipeCommand::Check { files }) => recipe_check(&files),
+        Command::Recipe(RecipeCommand::Check { files }) => recipe_check(&files, plugins),
         Command::Recipe(RecipeCommand::Show { file }) => {
-            let registry = registry()?;
-            let loaded = load_recipe(&file, &registry)?;
+            let registry = registry(plugins)?;
+            let loaded = load(&file, &registry)?;
             print!("{}", loaded.resolved_toml()?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsCommand::List) => {
-            let registry = registry()?;
+            let registry = registry(plugins)?;
             let entries = registry.entries();
             let w_point = entries.iter().map(|e| e.point().as_str().len()).max().unwrap_or(0);
             let w_name = entries.iter().map(|e| e.name.len()).max().unwrap_or(0);
@@ -158,15 +183,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Examples(args) => examples(&args),
+        Command::Examples(args) => examples(&args, plugins),
     }
 }
 
-fn recipe_check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let registry = registry()?;
+fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
     let mut failed = 0usize;
     for file in files {
-        match load_recipe(file, &registry).and_then(check_backend) {
+        match load(file, &registry).and_then(check_backend) {
             Ok(loaded) => {
                 let c = &loaded.components;
                 println!(
@@ -214,9 +239,9 @@ fn stage_summary(enabled: bool, objective: &str) -> String {
     if enabled { objective.to_owned() } else { format!("{objective} (disabled)") }
 }
 
-fn examples(args: &ExamplesArgs) -> anyhow::Result<ExitCode> {
-    let registry = registry()?;
-    let loaded = load_recipe(&args.recipe, &registry)?;
+fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry)?;
     let stage = match args.stage {
         StageArg::Sft => StageName::Sft,
         StageArg::Po => StageName::Po,

@@ -42,6 +42,24 @@ impl KeyPath {
         self
     }
 
+    /// Parse a dotted path such as `pairs.min_gap` or `sources[1].path` (as [`fmt::Display`]
+    /// writes it). Empty text is the root.
+    pub fn parse(text: &str) -> Self {
+        let mut segments = Vec::new();
+        for part in text.split('.').filter(|p| !p.is_empty()) {
+            let (key, rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+            if !key.is_empty() {
+                segments.push(PathSegment::Key(key.to_owned()));
+            }
+            for index in rest.split('[') {
+                if let Ok(n) = index.trim_end_matches(']').parse() {
+                    segments.push(PathSegment::Index(n));
+                }
+            }
+        }
+        Self(segments)
+    }
+
     /// `prefix` followed by this path.
     pub fn prefixed(&self, prefix: &KeyPath) -> KeyPath {
         let mut segments = prefix.0.clone();
@@ -289,6 +307,13 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.path.to_string(), "list[0].mode");
         assert!(err.message.contains("expected one of: fast, slow"), "{}", err.message);
+    }
+
+    #[test]
+    fn paths_parse_back_from_their_display() {
+        for text in ["", "a", "a.b", "sources[1].path", "x[0][2].y"] {
+            assert_eq!(KeyPath::parse(text).to_string(), text);
+        }
     }
 
     #[test]

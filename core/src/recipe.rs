@@ -389,6 +389,8 @@ impl Default for ExportConfig {
 struct RawRecipe {
     schema_version: u32,
     #[serde(default)]
+    plugins: Vec<String>,
+    #[serde(default)]
     run: RunConfig,
     #[serde(default)]
     backend: BackendConfig,
@@ -414,6 +416,9 @@ struct RawRecipe {
 pub struct Recipe {
     /// Always [`SCHEMA_VERSION`].
     pub schema_version: u32,
+    /// Plugin libraries loaded before the components are built.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<String>,
     /// `[run]`.
     pub run: RunConfig,
     /// `[backend]`.
@@ -484,15 +489,40 @@ impl LoadedRecipe {
     }
 }
 
-/// Read, parse, validate and build the recipe at `path`.
+/// Loads the plugin libraries a recipe names in `plugins = [...]` (implemented by the plugin ABI
+/// crate, which the core cannot depend on).
+pub trait PluginLoader {
+    /// Load the plugin `spec` (a path relative to `base_dir`, or a bare library name) into
+    /// `registry`; a message on failure.
+    fn load(&self, spec: &str, base_dir: &Path, registry: &mut Registry) -> std::result::Result<(), String>;
+}
+
+/// Read, parse, validate and build the recipe at `path`. A recipe that names plugins needs
+/// [`load_recipe_with`].
 pub fn load_recipe(path: &Path, registry: &Registry) -> Result<LoadedRecipe> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_recipe(&text, path, registry)
 }
 
+/// Like [`load_recipe`], loading the recipe's plugins into `registry` with `loader` first.
+pub fn load_recipe_with(path: &Path, registry: &mut Registry, loader: &dyn PluginLoader) -> Result<LoadedRecipe> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_recipe_with(&text, path, registry, Some(loader))
+}
+
 /// Parse, validate and build a recipe from `text`; `file` is used in messages and to resolve
 /// relative paths.
 pub fn parse_recipe(text: &str, file: &Path, registry: &Registry) -> Result<LoadedRecipe> {
+    parse_recipe_with(text, file, &mut registry.clone(), None)
+}
+
+/// Parse, validate and build a recipe, loading the plugins it names with `loader`.
+pub fn parse_recipe_with(
+    text: &str,
+    file: &Path,
+    registry: &mut Registry,
+    loader: Option<&dyn PluginLoader>,
+) -> Result<LoadedRecipe> {
     let locator = Locator::new(text);
     let at = |err: ConfigError| -> Error {
         let (line, column) = locator.locate(&err.path);
@@ -558,6 +588,15 @@ pub fn parse_recipe(text: &str, file: &Path, registry: &Registry) -> Result<Load
     let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
     let ctx = BuildContext { base_dir: base_dir.clone(), seed: run.seed };
 
+    for (i, spec) in raw.plugins.iter().enumerate() {
+        let here = KeyPath::keys(&["plugins"]).index(i);
+        let Some(loader) = loader else {
+            return Err(at(ConfigError::new(here, "this program cannot load plugin libraries")));
+        };
+        loader.load(spec, &base_dir, registry).map_err(|message| at(ConfigError::new(here, message)))?;
+    }
+    let registry: &Registry = registry;
+
     if raw.sources.is_empty() {
         return Err(at(ConfigError::at("sources", "expected at least one [[sources]] table")));
     }
@@ -601,6 +640,7 @@ pub fn parse_recipe(text: &str, file: &Path, registry: &Registry) -> Result<Load
 
     let recipe = Recipe {
         schema_version: SCHEMA_VERSION,
+        plugins: raw.plugins,
         run,
         backend: raw.backend,
         target: raw.target,

@@ -246,6 +246,7 @@ impl fmt::Display for BuildError {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     entries: Vec<Entry>,
+    loaded: Vec<PathBuf>,
 }
 
 impl Registry {
@@ -291,6 +292,15 @@ impl Registry {
         }
         self.entries.push(entry);
         Ok(())
+    }
+
+    /// Remember that the plugin library `file` was loaded; `false` when it already was.
+    pub fn note_loaded(&mut self, file: &std::path::Path) -> bool {
+        if self.loaded.iter().any(|f| f == file) {
+            return false;
+        }
+        self.loaded.push(file.to_path_buf());
+        true
     }
 
     /// Every entry, sorted by extension point then name.

@@ -1,0 +1,171 @@
+//! Helpers for plugin authors: run your components through the C ABI, in-process, the way
+//! fuserl will, and evaluate them on statistics you choose.
+//!
+//! ```text
+//! use fuserl_plugin_abi::testing::{Stats, plugin_registry, objective, weighting};
+//! let registry = plugin_registry(my_plugin::fuserl_plugin_declare).unwrap();
+//! let hinge = objective(&registry, "kind = \"ranking-hinge\"\ngamma = 0.5").unwrap();
+//! let stats = Stats::pairs(&[(-10.0, 5.0, -12.0, 6.0)]);
+//! let out = hinge.loss(&stats.batch()).unwrap();
+//! fuserl_plugin_abi::testing::assert_gradient(hinge.as_ref(), &stats, 1e-6);
+//! ```
+
+use fuserl_core::extension::{GroupView, ObjectiveBatch, PreferenceObjective, WeightingScheme};
+use fuserl_core::registry::{BuildContext, Registry};
+
+use crate::host::{EntryFn, register_declaration};
+use crate::types::HostApi;
+
+/// A registry with only the components of a plugin linked into the test, registered through
+/// the same handshake and proxies as a loaded library.
+pub fn plugin_registry(entry: EntryFn) -> Result<Registry, String> {
+    let mut registry = Registry::empty();
+    let host: *const HostApi = host_api();
+    // SAFETY: the entry gets the host's static callbacks; the pointer it returns is its
+    // declaration.
+    unsafe { register_declaration(entry(host), "(linked into the test)", &mut registry)? };
+    Ok(registry)
+}
+
+fn host_api() -> *const HostApi {
+    // The host's callbacks live in `host`; reach them through a loader-free declaration.
+    crate::host::host_api_ptr()
+}
+
+fn table(toml_text: &str) -> Result<toml::Table, String> {
+    toml::from_str(toml_text).map_err(|e| format!("not TOML: {e}"))
+}
+
+fn ctx() -> BuildContext {
+    BuildContext { base_dir: ".".into(), seed: 0 }
+}
+
+/// Build an objective from a TOML table (with `kind`) through `registry`.
+pub fn objective(registry: &Registry, toml_text: &str) -> Result<Box<dyn PreferenceObjective>, String> {
+    registry.build_objective_from(&table(toml_text)?, &ctx()).map(|b| b.component).map_err(|e| e.to_string())
+}
+
+/// Build a weighting scheme from a TOML table (with `kind`) through `registry`.
+pub fn weighting(registry: &Registry, toml_text: &str) -> Result<Box<dyn WeightingScheme>, String> {
+    registry.build_weighting_from(&table(toml_text)?, &ctx()).map(|b| b.component).map_err(|e| e.to_string())
+}
+
+/// Owned per-sequence statistics of a batch.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Example offsets.
+    pub offsets: Vec<usize>,
+    /// Example weights.
+    pub weights: Vec<f64>,
+    /// Policy log-probs.
+    pub policy: Vec<f64>,
+    /// Reference log-probs.
+    pub reference: Option<Vec<f64>>,
+    /// Token counts.
+    pub tokens: Vec<f64>,
+    /// Rewards.
+    pub rewards: Vec<f64>,
+    /// Loss normaliser.
+    pub normalizer: f64,
+    /// Fraction of training done.
+    pub progress: f64,
+}
+
+impl Stats {
+    /// Pairs `(policy_chosen, tokens_chosen, policy_rejected, tokens_rejected)`, weight 1
+    /// each, normaliser = number of pairs, reference log-probs 0.
+    pub fn pairs(pairs: &[(f64, f64, f64, f64)]) -> Self {
+        let mut s = Self { offsets: vec![0], normalizer: pairs.len() as f64, ..Self::default() };
+        for &(pw, tw, pl, tl) in pairs {
+            s.policy.extend([pw, pl]);
+            s.tokens.extend([tw, tl]);
+            s.rewards.extend([1.0, 0.0]);
+            s.weights.push(1.0);
+            s.offsets.push(s.policy.len());
+        }
+        s.reference = Some(vec![0.0; s.policy.len()]);
+        s
+    }
+
+    /// Borrow as an [`ObjectiveBatch`].
+    pub fn batch(&self) -> ObjectiveBatch<'_> {
+        ObjectiveBatch {
+            example_offsets: &self.offsets,
+            example_weights: &self.weights,
+            policy_logps: &self.policy,
+            reference_logps: self.reference.as_deref(),
+            token_counts: &self.tokens,
+            rewards: &self.rewards,
+            normalizer: self.normalizer,
+            progress: self.progress,
+        }
+    }
+}
+
+/// Panic unless the objective's derivatives agree with central finite differences (step 1e-5)
+/// within `tol` (relative).
+pub fn assert_gradient(objective: &dyn PreferenceObjective, stats: &Stats, tol: f64) {
+    let out = objective.loss(&stats.batch()).unwrap_or_else(|e| panic!("{e}"));
+    let h = 1e-5;
+    for i in 0..stats.policy.len() {
+        let mut plus = stats.clone();
+        plus.policy[i] += h;
+        let mut minus = stats.clone();
+        minus.policy[i] -= h;
+        let value = |s: &Stats| objective.loss(&s.batch()).unwrap_or_else(|e| panic!("{e}")).loss;
+        let fd = (value(&plus) - value(&minus)) / (2.0 * h);
+        assert!(
+            (fd - out.grad[i]).abs() <= tol * (1.0 + fd.abs()),
+            "{}: d loss / d logp[{i}] is {} but finite differences give {fd}",
+            objective.name(),
+            out.grad[i]
+        );
+    }
+}
+
+/// One prompt's group for a weighting scheme or `build_examples`: `(source, reward)` per
+/// completion, sample indices in order.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    /// Rewards.
+    pub rewards: Vec<f64>,
+    /// Source index per completion.
+    pub sources: Vec<u32>,
+    /// Sample index per completion.
+    pub samples: Vec<u32>,
+    /// Source names.
+    pub names: Vec<String>,
+    /// Weights.
+    pub weights: Vec<f64>,
+}
+
+impl Group {
+    /// A group from `(source name, reward)` pairs.
+    pub fn new(items: &[(&str, f64)]) -> Self {
+        let mut g = Self::default();
+        for (source, reward) in items {
+            let s = match g.names.iter().position(|n| n == source) {
+                Some(i) => i,
+                None => {
+                    g.names.push((*source).to_owned());
+                    g.names.len() - 1
+                }
+            };
+            g.samples.push(g.sources.iter().filter(|x| **x as usize == s).count() as u32);
+            g.sources.push(s as u32);
+            g.rewards.push(*reward);
+        }
+        g
+    }
+
+    /// Borrow as a [`GroupView`].
+    pub fn view(&self) -> GroupView<'_> {
+        GroupView {
+            rewards: &self.rewards,
+            sources: &self.sources,
+            sample_indices: &self.samples,
+            source_names: &self.names,
+            weights: &self.weights,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! A deliberately faulty plugin for the host's tests. Its behaviour at load time is chosen by
+//! the environment variable `FUSERL_TEST_PLUGIN_MODE`:
+//!
+//! - unset: weighting `panicky` (panics when it weighs) and objective `failing` (returns an
+//!   error from `loss`, and refuses `fail_create = true` at construction);
+//! - `newer-abi` / `older-abi`: declares ABI version `ABI_VERSION + 1` / `0`;
+//! - `wrong-size`: declares a declaration size that is not this ABI's;
+//! - `duplicate`: also declares a weighting named `softmax`, which collides with the built-in.
+
+use fuserl_core::config::ConfigError;
+use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, WeightingScheme};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
+use fuserl_core::{Error, Result};
+use fuserl_plugin_abi::types::{ABI_VERSION, HostApi, PluginDeclaration};
+
+#[derive(Debug)]
+struct Panicky;
+
+impl WeightingScheme for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+    fn weigh(&self, _group: &GroupView<'_>) -> Result<Vec<f64>> {
+        panic!("panicky weighting was asked to weigh");
+    }
+}
+
+#[derive(Debug)]
+struct Failing;
+
+impl PreferenceObjective for Failing {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn needs_reference(&self) -> bool {
+        false
+    }
+    fn build_examples(&self, _group: &GroupView<'_>) -> Result<Vec<ExampleSpec>> {
+        Ok(Vec::new())
+    }
+    fn loss(&self, _batch: &ObjectiveBatch<'_>) -> Result<LossOutput> {
+        Err(Error::Component { point: "preference objective", name: "failing".into(), message: "this objective always fails".into() })
+    }
+}
+
+fn build_panicky(_t: &toml::Table, _c: &BuildContext) -> Result<Built<dyn WeightingScheme>, ConfigError> {
+    Ok(Built { component: Box::new(Panicky), resolved: toml::Table::new() })
+}
+
+fn build_failing(t: &toml::Table, _c: &BuildContext) -> Result<Built<dyn PreferenceObjective>, ConfigError> {
+    if t.get("fail_create").and_then(toml::Value::as_bool) == Some(true) {
+        return Err(ConfigError::at("fail_create", "refused on purpose"));
+    }
+    Ok(Built { component: Box::new(Failing), resolved: t.clone() })
+}
+
+const PANICKY: PluginDescriptor =
+    PluginDescriptor { name: "panicky", summary: "panics", origin: "testkit", factory: StaticFactory::Weighting(build_panicky) };
+const FAILING: PluginDescriptor =
+    PluginDescriptor { name: "failing", summary: "returns errors", origin: "testkit", factory: StaticFactory::Objective(build_failing) };
+const SOFTMAX: PluginDescriptor =
+    PluginDescriptor { name: "softmax", summary: "collides", origin: "testkit", factory: StaticFactory::Weighting(build_panicky) };
+
+static NORMAL: [PluginDescriptor; 2] = [PANICKY, FAILING];
+static WITH_DUPLICATE: [PluginDescriptor; 3] = [PANICKY, FAILING, SOFTMAX];
+
+/// The entry symbol, written by hand so that it can misreport the declaration.
+///
+/// # Safety
+///
+/// `host` is null or points to a valid `HostApi`.
+#[allow(unsafe_code)] // The entry symbol is inherently unsafe; the export macro does the same.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const PluginDeclaration {
+    let mode = std::env::var("FUSERL_TEST_PLUGIN_MODE").unwrap_or_default();
+    let descriptors: &'static [PluginDescriptor] = if mode == "duplicate" { &WITH_DUPLICATE } else { &NORMAL };
+    // SAFETY: fuserl passes its own static `HostApi`.
+    let Some(real) = (unsafe { fuserl_plugin_abi::plugin::declaration(host, "fuserl-test-plugin", descriptors) }) else {
+        return std::ptr::null();
+    };
+    let (abi_version, struct_size) = match mode.as_str() {
+        "newer-abi" => (ABI_VERSION + 1, real.struct_size),
+        "older-abi" => (0, real.struct_size),
+        "wrong-size" => (real.abi_version, real.struct_size + 8),
+        _ => return real,
+    };
+    Box::leak(Box::new(PluginDeclaration {
+        abi_version,
+        struct_size,
+        component_size: real.component_size,
+        fuserl_version: real.fuserl_version,
+        plugin_name: real.plugin_name,
+        components: real.components,
+    }))
+}

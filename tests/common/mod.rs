@@ -1,0 +1,56 @@
+//! Helpers shared by the end-to-end test binaries.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Where cargo put the plugin libraries the tests depend on (`target/debug/deps`).
+pub fn plugin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_fuserl")).parent().expect("bin dir").join("deps")
+}
+
+/// The path of a plugin library built for the tests.
+pub fn plugin(name: &str) -> PathBuf {
+    let file = format!("{}{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
+    let path = plugin_dir().join(file);
+    assert!(path.is_file(), "{} was not built (it is a dev-dependency of fuserl-cli)", path.display());
+    path
+}
+
+/// Run `fuserl` in `dir`, with the test plugins on `FUSERL_PLUGIN_PATH`.
+pub fn fuserl_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fuserl"));
+    cmd.args(args).current_dir(dir).env("FUSERL_PLUGIN_PATH", plugin_dir()).env_remove("FUSERL_TEST_PLUGIN_MODE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run fuserl")
+}
+
+/// Run `fuserl` in `dir`.
+pub fn fuserl(args: &[&str], dir: &Path) -> Output {
+    fuserl_env(args, dir, &[])
+}
+
+/// Lossy UTF-8.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A temporary copy of the layout recipes expect: `recipes/` beside `data/`.
+pub fn sandbox() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
+    std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
+    dir
+}
+
+/// 1-based line of the first line containing `needle`.
+pub fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).expect("needle") + 1
+}
