@@ -232,3 +232,22 @@ fn a_backend_that_was_not_compiled_in_names_its_cargo_feature() {
         "{err}"
     );
 }
+
+#[test]
+fn out_to_a_pipe_writes_through_it_instead_of_replacing_it() {
+    // Regression: an atomic rename over `--out /dev/null` replaced the device with a regular
+    // file. Checked on a named pipe of our own instead of a system device.
+    let dir = tempfile::tempdir().expect("tmp");
+    let fifo = dir.path().join("pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).expect("read pipe"))
+    };
+    let out = fuserl(&["examples", "recipes/fuserl-dpo.toml", "--out", &fifo.display().to_string()], &repo());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = reader.join().expect("reader");
+    assert_eq!(got.lines().count(), 28);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).expect("pipe").file_type().is_fifo(), "the pipe was replaced");
+}

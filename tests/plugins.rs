@@ -231,3 +231,16 @@ fn a_recipe_plugin_that_cannot_be_loaded_points_at_its_line() {
     let err = text(&out.stderr);
     assert!(err.contains("recipes/p.toml:2:") && err.contains("plugins[0]:") && err.contains("libnothing.so"), "{err}");
 }
+
+#[test]
+fn plugins_log_through_the_host() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("sft.jsonl").display().to_string();
+    let out = fuserl(&["-v", "examples", "recipes/plugin-example.toml", "--stage", "sft", "--out", &file], &repo());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.lines().any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example-plugin")),
+        "{err}"
+    );
+}

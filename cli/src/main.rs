@@ -271,8 +271,13 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
 }
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
-/// killed process never leaves a half-written file.
+/// killed process never leaves a half-written file. A path that exists and is not a regular
+/// file (`/dev/null`, a pipe) is written to directly: renaming over it would replace it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if path.metadata().is_ok_and(|m| !m.is_file()) {
+        std::fs::write(path, bytes).map_err(|e| fuserl_core::Error::io(path, e))?;
+        return Ok(());
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
