@@ -240,14 +240,23 @@ fn out_to_a_pipe_writes_through_it_instead_of_replacing_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let fifo = dir.path().join("pipe");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
-    let reader = {
-        let fifo = fifo.clone();
-        std::thread::spawn(move || std::fs::read_to_string(fifo).expect("read pipe"))
-    };
+    // Held open read-write and non-blocking, so that neither side can hang whatever fuserl does.
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    const O_NONBLOCK: i32 = 0o4000;
+    let mut pipe = std::fs::OpenOptions::new().read(true).write(true).custom_flags(O_NONBLOCK).open(&fifo).expect("open pipe");
     let out = fuserl(&["examples", "recipes/fuserl-dpo.toml", "--out", &fifo.display().to_string()], &repo());
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let got = reader.join().expect("reader");
-    assert_eq!(got.lines().count(), 28);
-    use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata(&fifo).expect("pipe").file_type().is_fifo(), "the pipe was replaced");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got).lines().count(), 28);
 }
