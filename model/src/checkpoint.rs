@@ -1,0 +1,341 @@
+//! Hugging Face checkpoints in and out: `config.json` plus safetensors, single file or sharded
+//! (`model.safetensors.index.json`), in f32, f16 or bf16, loaded into the dtype asked for;
+//! saved back in the same layout so that transformers loads the result.
+//!
+//! Key mapping (checkpoint name -> field; linear weights are transposed to `[in, out]`):
+//!
+//! | checkpoint | model |
+//! |---|---|
+//! | `model.embed_tokens.weight` | `embed_tokens` |
+//! | `model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}` | `layers[N].self_attn.*` |
+//! | `model.layers.N.mlp.{gate,up,down}_proj.weight` | `layers[N].mlp.*` |
+//! | `model.layers.N.{input,post_attention}_layernorm.weight` | `layers[N].*_layernorm` |
+//! | `model.norm.weight` | `norm` |
+//! | `lm_head.weight` (untied only) | `lm_head` |
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
+
+/// Files besides the weights that describe a checkpoint (copied when a model is saved).
+pub const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+];
+
+/// Host copies of a checkpoint's tensors, as f32.
+#[derive(Debug, Default)]
+pub struct TensorStore {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
+}
+
+impl TensorStore {
+    /// Read every safetensors file of a checkpoint folder.
+    pub fn read_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::format(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::format(&index, "missing `weight_map`"))?;
+            let mut files: Vec<PathBuf> =
+                map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut store = Self::default();
+        for file in files {
+            store.read_file(&file)?;
+        }
+        Ok(store)
+    }
+
+    /// Read one safetensors file.
+    pub fn read_file(&mut self, file: &Path) -> Result<()> {
+        let bytes = std::fs::read(file).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ModelError::format(file, "missing: the checkpoint has no such weights file")
+            } else {
+                ModelError::io(file, e)
+            }
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| ModelError::format(file, format!("not a valid safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                other => {
+                    return Err(ModelError::format(file, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16")));
+                }
+            };
+            self.tensors.insert(name.clone(), (view.shape().to_vec(), values, file.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Add a tensor (used by converters).
+    pub fn insert(&mut self, name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>, file: &Path) {
+        self.tensors.insert(name.into(), (shape, values, file.to_path_buf()));
+    }
+
+    /// Names of the tensors.
+    pub fn names(&self) -> Vec<&String> {
+        let mut n: Vec<&String> = self.tensors.keys().collect();
+        n.sort();
+        n
+    }
+
+    /// Remove and return `name`, which must have `shape`.
+    pub fn take(&mut self, name: &str, shape: &[usize], dir: &Path) -> Result<Vec<f32>> {
+        let (got, values, file) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::format(dir, format!("missing tensor `{name}` (shape {shape:?})")))?;
+        if got != shape {
+            return Err(ModelError::format(
+                file,
+                format!("tensor `{name}` has shape {got:?}; the config implies {shape:?}"),
+            ));
+        }
+        Ok(values)
+    }
+
+    /// Remove and return `name` if present.
+    pub fn take_optional(&mut self, name: &str, shape: &[usize], dir: &Path) -> Result<Option<Vec<f32>>> {
+        if self.tensors.contains_key(name) { self.take(name, shape, dir).map(Some) } else { Ok(None) }
+    }
+}
+
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Builder<'a, B: Backend> {
+    store: TensorStore,
+    dir: &'a Path,
+    device: &'a B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (self.device, self.dtype)))
+    }
+
+    fn vector(&mut self, name: &str, n: usize) -> Result<Param<Tensor<B, 1>>> {
+        let v = self.store.take(name, &[n], self.dir)?;
+        Ok(self.tensor(v, [n]))
+    }
+
+    fn linear(&mut self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
+        let w = self.store.take(&format!("{prefix}.weight"), &[out, inp], self.dir)?;
+        let weight = self.tensor(transpose(&w, out, inp), [inp, out]);
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, name: &str, n: usize, eps: f64) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm { weight: self.vector(name, n)?, eps })
+    }
+}
+
+/// Build a model from host tensors named as in a Hugging Face checkpoint.
+pub fn build_model<B: Backend>(
+    config: LlamaConfig,
+    store: TensorStore,
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<LlamaModel<B>> {
+    let c = &config;
+    let mut b = Builder::<B> { store, dir, device, dtype };
+    let (h, q_out, kv_out) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let embed = b.store.take("model.embed_tokens.weight", &[c.vocab_size, h], dir)?;
+    let embed_tokens = b.tensor(embed, [c.vocab_size, h]);
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        layers.push(DecoderLayer {
+            self_attn: Attention {
+                q_proj: b.linear(&format!("{p}.self_attn.q_proj"), h, q_out, c.qkv_bias)?,
+                k_proj: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, c.qkv_bias)?,
+                v_proj: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, c.qkv_bias)?,
+                o_proj: b.linear(&format!("{p}.self_attn.o_proj"), q_out, h, c.o_bias)?,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            },
+            mlp: Mlp {
+                gate_proj: b.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
+                up_proj: b.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
+                down_proj: b.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+            },
+            input_layernorm: b.norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+            post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+        });
+    }
+    let norm = b.norm("model.norm.weight", h, c.rms_norm_eps)?;
+    let lm_head = if c.tie_word_embeddings {
+        // Some tied checkpoints still carry a copy of the head; it must equal the embeddings'
+        // shape, and is not used.
+        b.store.take_optional("lm_head.weight", &[c.vocab_size, h], dir)?;
+        None
+    } else {
+        Some(b.linear("lm_head", h, c.vocab_size, false)?)
+    };
+    let leftover: Vec<String> =
+        b.store.names().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).cloned().collect();
+    if !leftover.is_empty() {
+        tracing::warn!(dir = %dir.display(), unused = ?leftover, "checkpoint tensors the model does not use");
+    }
+    Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
+}
+
+/// Load a Hugging Face checkpoint folder into `dtype` on `device`.
+pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
+    let config_file = dir.join("config.json");
+    if !config_file.is_file() {
+        return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
+    }
+    let config = LlamaConfig::from_file(&config_file)?;
+    let store = TensorStore::read_dir(dir)?;
+    let _span = tracing::info_span!("load", dir = %dir.display()).entered();
+    let model = build_model(config, store, dir, device, dtype)?;
+    tracing::info!(architecture = %model.config.architecture, layers = model.config.num_layers, "loaded checkpoint");
+    Ok(model)
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// The model's tensors under their checkpoint names, as f32 `[out, in]` like the checkpoint.
+pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = BTreeMap::new();
+    let w = &model.weights;
+    let linear = |out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, prefix: String, l: &Linear<B>| {
+        let [inp, o] = l.weight.val().dims();
+        out.insert(format!("{prefix}.weight"), (vec![o, inp], transpose(&host(l.weight.val()), inp, o)));
+        if let Some(b) = &l.bias {
+            out.insert(format!("{prefix}.bias"), (vec![o], host(b.val())));
+        }
+    };
+    out.insert("model.embed_tokens.weight".into(), (w.embed_tokens.val().dims().to_vec(), host(w.embed_tokens.val())));
+    for (l, layer) in w.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        let a = &layer.self_attn;
+        linear(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
+        linear(&mut out, format!("{p}.self_attn.k_proj"), &a.k_proj);
+        linear(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);
+        linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
+        linear(&mut out, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+        linear(&mut out, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+        linear(&mut out, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+        for (name, norm) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
+            out.insert(format!("{p}.{name}.weight"), (norm.weight.val().dims().to_vec(), host(norm.weight.val())));
+        }
+    }
+    out.insert("model.norm.weight".into(), (w.norm.weight.val().dims().to_vec(), host(w.norm.weight.val())));
+    if let Some(head) = &w.lm_head {
+        linear(&mut out, "lm_head".into(), head);
+    }
+    out
+}
+
+/// Write `bytes` to `path` atomically (temporary file, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Save `model` as a Hugging Face checkpoint in `dir`: config.json, f32 safetensors (sharded
+/// above `max_shard_bytes`, with an index), and the side files (tokenizer, template) copied
+/// from `side_files_from` when given.
+pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usize, side_files_from: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let tensors = named_tensors(model);
+    // Shard greedily in name order.
+    let mut shards: Vec<Vec<(&String, &(Vec<usize>, Vec<f32>))>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for entry in &tensors {
+        let bytes = entry.1 .1.len() * 4;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("one shard").push(entry);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = shard
+            .iter()
+            .map(|(name, (shape, values))| {
+                ((*name).clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), shape.clone())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+            .iter()
+            .map(|(name, bytes, shape)| {
+                let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes)
+                    .map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
+                Ok((name.clone(), view))
+            })
+            .collect::<Result<_>>()?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_owned(), "pt".to_owned());
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
+        write_atomic(&dir.join(&file), &bytes)?;
+        for (name, (_, values)) in shard {
+            total += values.len() * 4;
+            weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    if n > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_atomic(&dir.join("model.safetensors.index.json"), index.to_string().as_bytes())?;
+    }
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json()).map_err(|e| ModelError::format(dir, e.to_string()))?;
+    write_atomic(&dir.join("config.json"), config.as_bytes())?;
+    if let Some(src) = side_files_from {
+        for f in SIDE_FILES {
+            let from = src.join(f);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
+                write_atomic(&dir.join(f), &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}

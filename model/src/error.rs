@@ -1,0 +1,51 @@
+//! The model crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading, saving or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint, config or tokenizer file is malformed or does not fit the model.
+    #[error("{}: {message}", file.display())]
+    Format {
+        /// The file.
+        file: PathBuf,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// The checkpoint asks for something this crate does not implement.
+    #[error("{}: unsupported {what}", file.display())]
+    Unsupported {
+        /// The file (usually config.json).
+        file: PathBuf,
+        /// Which architecture or option, and what is supported.
+        what: String,
+    },
+    /// Bad arguments to a model call (for example an empty batch).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl ModelError {
+    /// An I/O error on `file`.
+    pub fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { file: file.into(), source }
+    }
+
+    /// A format error in `file`.
+    pub fn format(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Format { file: file.into(), message: message.into() }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,482 @@
+//! GGUF import (`fuserl convert gguf IN.gguf OUT_DIR`): read a llama.cpp GGUF file, dequantise
+//! its tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1), map llama.cpp names to Hugging Face names, undo
+//! llama.cpp's row permutation of Q and K, and rebuild `config.json`, `tokenizer.json`,
+//! `tokenizer_config.json` and `chat_template.jinja` from the metadata. The result is an ordinary
+//! Hugging Face checkpoint folder.
+//!
+//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md> (version 2 and 3).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::checkpoint::{TensorStore, write_atomic};
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Meta {
+    /// Any integer type.
+    Int(i64),
+    /// Any float type.
+    Float(f64),
+    /// Boolean.
+    Bool(bool),
+    /// UTF-8 string.
+    Str(String),
+    /// Array.
+    Array(Vec<Meta>),
+}
+
+impl Meta {
+    fn as_i64(&self) -> Option<i64> {
+        match self {
+            Self::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Self::Float(f) => Some(*f),
+            Self::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// llama.cpp name.
+    pub name: String,
+    /// Dimensions, fastest first (ggml order).
+    pub dims: Vec<u64>,
+    /// ggml type code.
+    pub ggml_type: u32,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+/// A parsed GGUF file (the whole file in memory).
+#[derive(Debug)]
+pub struct Gguf {
+    /// The file.
+    pub file: PathBuf,
+    /// Metadata.
+    pub meta: BTreeMap<String, Meta>,
+    /// Tensor entries.
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+    data_start: usize,
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+    file: &'a Path,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
+            ModelError::format(self.file, format!("truncated: needs {n} bytes at offset {}, the file has {}", self.pos, self.b.len()))
+        })?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.u64()? as usize;
+        let pos = self.pos;
+        let bytes = self.take(n)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ModelError::format(self.file, format!("string at offset {pos} is not UTF-8")))
+    }
+    fn value(&mut self, ty: u32) -> Result<Meta> {
+        Ok(match ty {
+            0 => Meta::Int(i64::from(self.take(1)?[0])),
+            1 => Meta::Int(i64::from(self.take(1)?[0] as i8)),
+            2 => Meta::Int(i64::from(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))),
+            3 => Meta::Int(i64::from(i16::from_le_bytes(self.take(2)?.try_into().expect("2")))),
+            4 => Meta::Int(i64::from(self.u32()?)),
+            5 => Meta::Int(i64::from(self.u32()? as i32)),
+            6 => Meta::Float(f64::from(f32::from_le_bytes(self.take(4)?.try_into().expect("4")))),
+            7 => Meta::Bool(self.take(1)?[0] != 0),
+            8 => Meta::Str(self.string()?),
+            9 => {
+                let inner = self.u32()?;
+                let n = self.u64()?;
+                let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
+                for _ in 0..n {
+                    items.push(self.value(inner)?);
+                }
+                Meta::Array(items)
+            }
+            10 => Meta::Int(self.u64()? as i64),
+            11 => Meta::Int(self.u64()? as i64),
+            12 => Meta::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
+            other => return Err(ModelError::format(self.file, format!("unknown metadata value type {other} at offset {}", self.pos))),
+        })
+    }
+}
+
+impl Gguf {
+    /// Read and parse `file`.
+    pub fn read(file: &Path) -> Result<Self> {
+        let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
+        let mut c = Cursor { b: &bytes, pos: 0, file };
+        if c.take(4)? != b"GGUF" {
+            return Err(ModelError::format(file, "not a GGUF file (no GGUF magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(ModelError::format(file, format!("GGUF version {version}; supported: 2 and 3")));
+        }
+        let n_tensors = c.u64()?;
+        let n_meta = c.u64()?;
+        let mut meta = BTreeMap::new();
+        for _ in 0..n_meta {
+            let key = c.string()?;
+            let ty = c.u32()?;
+            let v = c.value(ty)?;
+            meta.insert(key, v);
+        }
+        let mut tensors = Vec::new();
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let n_dims = c.u32()?;
+            let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            let ggml_type = c.u32()?;
+            let offset = c.u64()?;
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        }
+        let align = meta.get("general.alignment").and_then(Meta::as_i64).unwrap_or(32).max(1) as usize;
+        let data_start = c.pos.div_ceil(align) * align;
+        Ok(Self { file: file.to_path_buf(), meta, tensors, bytes, data_start })
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        self.meta
+            .get(key)
+            .and_then(Meta::as_i64)
+            .map(|v| v as usize)
+            .ok_or_else(|| ModelError::format(&self.file, format!("missing metadata `{key}`")))
+    }
+
+    /// Dequantise one tensor to f32, in row-major order of its Hugging Face shape (the ggml dims
+    /// reversed).
+    pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
+        let n: usize = t.dims.iter().map(|&d| d as usize).product();
+        let start = self.data_start + t.offset as usize;
+        let (block, block_bytes) = match t.ggml_type {
+            0 => (1, 4),
+            1 | 30 => (1, 2),
+            2 => (32, 18),
+            3 => (32, 20),
+            8 => (32, 34),
+            other => {
+                return Err(ModelError::format(
+                    &self.file,
+                    format!("tensor `{}` has ggml type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1", t.name, other, ggml_type_name(other)),
+                ));
+            }
+        };
+        if n % block != 0 {
+            return Err(ModelError::format(&self.file, format!("tensor `{}`: {n} values is not a whole number of blocks", t.name)));
+        }
+        let len = n / block * block_bytes;
+        let raw = self.bytes.get(start..start + len).ok_or_else(|| {
+            ModelError::format(&self.file, format!("tensor `{}` runs past the end of the file", t.name))
+        })?;
+        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut out = Vec::with_capacity(n);
+        match t.ggml_type {
+            0 => out.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            1 => out.extend(raw.chunks_exact(2).map(f16)),
+            30 => out.extend(raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            2 => {
+                for blk in raw.chunks_exact(18) {
+                    let d = f16(&blk[0..2]);
+                    let qs = &blk[2..18];
+                    out.extend(qs.iter().map(|q| (i32::from(q & 0x0F) - 8) as f32 * d));
+                    out.extend(qs.iter().map(|q| (i32::from(q >> 4) - 8) as f32 * d));
+                }
+            }
+            3 => {
+                for blk in raw.chunks_exact(20) {
+                    let (d, m) = (f16(&blk[0..2]), f16(&blk[2..4]));
+                    let qs = &blk[4..20];
+                    out.extend(qs.iter().map(|q| f32::from(q & 0x0F) * d + m));
+                    out.extend(qs.iter().map(|q| f32::from(q >> 4) * d + m));
+                }
+            }
+            8 => {
+                for blk in raw.chunks_exact(34) {
+                    let d = f16(&blk[0..2]);
+                    out.extend(blk[2..34].iter().map(|q| f32::from(*q as i8) * d));
+                }
+            }
+            _ => unreachable!("checked above"),
+        }
+        Ok(out)
+    }
+}
+
+fn ggml_type_name(t: u32) -> &'static str {
+    match t {
+        6 => "Q5_0",
+        7 => "Q5_1",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        _ => "unknown",
+    }
+}
+
+/// Undo llama.cpp's permutation of Q/K rows: view `[n_head, 2, head_dim/2, cols]` was written as
+/// `[n_head, head_dim/2, 2, cols]`.
+pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                // HF row (h, j, i) <- GGUF row (h, i, j)
+                let src = h * hd + i * 2 + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The Hugging Face name of a llama.cpp tensor.
+pub fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Convert a GGUF file into a Hugging Face checkpoint folder `out` (written atomically file by
+/// file; the folder is created). Returns the resolved config.
+pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
+    let g = Gguf::read(input)?;
+    let arch = g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("");
+    let architecture = match arch {
+        "llama" => "LlamaForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        other => {
+            return Err(ModelError::Unsupported { file: input.to_path_buf(), what: format!("GGUF architecture `{other}`; supported: llama, qwen2") });
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_head = g.meta_usize(&key("attention.head_count"))?;
+    let n_kv = g.meta.get(&key("attention.head_count_kv")).and_then(Meta::as_i64).map_or(n_head, |v| v as usize);
+    let hidden = g.meta_usize(&key("embedding_length"))?;
+    let tokens = match g.meta.get("tokenizer.ggml.tokens") {
+        Some(Meta::Array(t)) => t.iter().map(|x| x.as_str().unwrap_or("").to_owned()).collect::<Vec<_>>(),
+        _ => return Err(ModelError::format(input, "missing metadata `tokenizer.ggml.tokens`")),
+    };
+    let vocab = g.meta.get(&key("vocab_size")).and_then(Meta::as_i64).map_or(tokens.len(), |v| v as usize);
+    let head_dim = g.meta.get(&key("rope.dimension_count")).and_then(Meta::as_i64).map_or(hidden / n_head, |v| v as usize);
+    let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
+    let id = |k: &str| g.meta.get(k).and_then(Meta::as_i64).map(|v| v as u32);
+    let config = LlamaConfig {
+        architecture: architecture.into(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: g.meta_usize(&key("feed_forward_length"))?,
+        num_layers: g.meta_usize(&key("block_count"))?,
+        num_heads: n_head,
+        num_kv_heads: n_kv,
+        head_dim,
+        rms_norm_eps: g.meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-5),
+        rope_theta: g.meta.get(&key("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: tied,
+        qkv_bias: architecture == "Qwen2ForCausalLM",
+        o_bias: false,
+        sliding_window: None,
+        max_position_embeddings: g.meta.get(&key("context_length")).and_then(Meta::as_i64).map_or(2048, |v| v as usize),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+    };
+    if g.meta.contains_key(&key("rope.scaling.type")) {
+        let kind = g.meta.get(&key("rope.scaling.type")).and_then(Meta::as_str).unwrap_or("?");
+        if kind != "none" {
+            return Err(ModelError::Unsupported { file: input.to_path_buf(), what: format!("GGUF RoPE scaling `{kind}`") });
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let mut store = TensorStore::default();
+    for t in &g.tensors {
+        let Some(name) = hf_name(&t.name) else {
+            if t.name == "rope_freqs.weight" {
+                return Err(ModelError::Unsupported { file: input.to_path_buf(), what: "GGUF tensor `rope_freqs.weight` (llama3 RoPE factors)".into() });
+            }
+            tracing::warn!(tensor = %t.name, "skipping a GGUF tensor with no Hugging Face counterpart");
+            continue;
+        };
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let mut values = g.dequantize(t)?;
+        // llama.cpp permutes Q and K rows of Llama models for its RoPE layout (not Qwen2's).
+        if arch == "llama" && shape.len() == 2 {
+            if name.ends_with("self_attn.q_proj.weight") {
+                values = unpermute_rows(&values, n_head, shape[0], shape[1]);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                values = unpermute_rows(&values, n_kv, shape[0], shape[1]);
+            }
+        }
+        store.insert(name, shape, values, input);
+    }
+    // Build the model once on the CPU to check every tensor is there with the right shape, then
+    // save it like any checkpoint.
+    let model = crate::checkpoint::build_model::<crate::Cpu>(config.clone(), store, input, &Default::default(), burn::tensor::DType::F32)?;
+    crate::checkpoint::save(&model, out, 2 << 30, None)?;
+    write_tokenizer(&g, out)?;
+    Ok(config)
+}
+
+/// Rebuild `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` from GGUF metadata
+/// (byte-level BPE, llama.cpp's `gpt2` tokenizer model).
+pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
+    let file = &g.file;
+    let model = g.meta.get("tokenizer.ggml.model").and_then(Meta::as_str).unwrap_or("");
+    if model != "gpt2" {
+        return Err(ModelError::Unsupported { file: file.clone(), what: format!("GGUF tokenizer model `{model}`; supported: gpt2 (byte-level BPE)") });
+    }
+    let strings = |k: &str| -> Result<Vec<String>> {
+        match g.meta.get(k) {
+            Some(Meta::Array(a)) => Ok(a.iter().map(|x| x.as_str().unwrap_or("").to_owned()).collect()),
+            _ => Err(ModelError::format(file, format!("missing metadata `{k}`"))),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type") {
+        Some(Meta::Array(a)) => a.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    // The pre-tokenizer llama.cpp calls `pre`: which regex splits text before BPE.
+    let pre = g.meta.get("tokenizer.ggml.pre").and_then(Meta::as_str).unwrap_or("default");
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "gpt2" | "default" => byte_level,
+        other => {
+            return Err(ModelError::Unsupported { file: file.clone(), what: format!("GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default") });
+        }
+    };
+    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
+    // Control (3) and user-defined (4) tokens are added tokens, matched before BPE.
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
+        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": types[i] == 3}))
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    });
+    write_atomic(&out.join("tokenizer.json"), tokenizer.to_string().as_bytes())?;
+    let token = |k: &str| g.meta.get(k).and_then(Meta::as_i64).and_then(|i| tokens.get(i as usize)).cloned();
+    let mut tc = serde_json::Map::new();
+    tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    tc.insert("clean_up_tokenization_spaces".into(), false.into());
+    tc.insert("model_max_length".into(), Value::from(g.meta.get(&format!("{}.context_length", g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("llama"))).and_then(Meta::as_i64).unwrap_or(2048)));
+    for (k, name) in [("tokenizer.ggml.bos_token_id", "bos_token"), ("tokenizer.ggml.eos_token_id", "eos_token"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token"), ("tokenizer.ggml.padding_token_id", "pad_token")] {
+        if let Some(t) = token(k) {
+            tc.insert(name.into(), t.into());
+        }
+    }
+    tc.insert("add_bos_token".into(), Value::Bool(matches!(g.meta.get("tokenizer.ggml.add_bos_token"), Some(Meta::Bool(true)))));
+    if let Some(template) = g.meta.get("tokenizer.chat_template").and_then(Meta::as_str) {
+        tc.insert("chat_template".into(), template.into());
+        write_atomic(&out.join("chat_template.jinja"), template.as_bytes())?;
+    }
+    write_atomic(&out.join("tokenizer_config.json"), Value::Object(tc).to_string().as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: reshape(n_head, 2, hd/2, cols).swapaxes(1, 2); build that by hand.
+        let (n_head, hd, cols) = (2, 4, 3);
+        let rows = n_head * hd;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0.0; hf.len()];
+        for h in 0..n_head {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    let src = h * hd + j * (hd / 2) + i;
+                    let dst = h * hd + i * 2 + j;
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&permuted, n_head, rows, cols), hf);
+    }
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(hf_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
+        assert_eq!(hf_name("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
+        assert_eq!(hf_name("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("blk.1.unknown.weight"), None);
+    }
+}

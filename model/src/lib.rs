@@ -1,0 +1,21 @@
+//! Llama-family causal language models on Burn, generic over the backend.
+//!
+//! Where it sits: the trainer computes policy and reference log-probs with this crate, the
+//! `fuserl logprobs` / `generate` / `convert` commands call it directly.
+//!
+//! - [`config`]: `config.json` (Llama, Mistral, Qwen2; both RoPE config styles);
+//! - [`llama`]: the model, top to bottom;
+//! - [`checkpoint`]: Hugging Face safetensors in and out;
+//! - [`logprobs`]: per-token log-probs of (prompt, response) pairs.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod logprobs;
+
+pub use error::{ModelError, Result};
+
+/// The CPU backend every build has.
+pub type Cpu = burn::backend::Flex;

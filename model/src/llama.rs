@@ -1,0 +1,369 @@
+//! The Llama family (Llama, Mistral, Qwen2) on Burn, top to bottom: linear layers, RMSNorm,
+//! rotary embeddings, grouped-query attention, SwiGLU MLP, decoder layer, model. Field names
+//! follow the Hugging Face checkpoint names, so loading is a table (see `checkpoint.rs`).
+//! Linear weights are stored `[in, out]` (the transpose of the checkpoint's `[out, in]`).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+
+/// `y = x W + b`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// `x: [batch, seq, in]` -> `[batch, seq, out]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, i] = x.dims();
+        let w = self.weight.val();
+        let out = w.dims()[1];
+        let y = x.reshape([b * t, i]).matmul(w);
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        };
+        y.reshape([b, t, out])
+    }
+}
+
+/// Root-mean-square layer norm.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon added to the mean square.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` -> same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x32 = x.cast(DType::F32);
+        let rms = x32.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
+        let normed = (x32 / rms).cast(dtype);
+        normed * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+/// Rotary tables for one batch: `cos` and `sin` of `position * inv_freq`, duplicated over both
+/// halves of the head (HF's rotate-half layout).
+#[derive(Debug, Clone)]
+pub struct Rope<B: Backend> {
+    /// `[batch, 1, seq, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    /// `[batch, 1, seq, head_dim]`.
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for the given positions (`positions[b][t]`), computed in f64 on the host.
+    pub fn new(config: &LlamaConfig, positions: &[Vec<usize>], device: &B::Device, dtype: DType) -> Self {
+        let inv = config.inv_freq();
+        let d = config.head_dim;
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
+        for row in positions {
+            for &p in row {
+                for _half in 0..2 {
+                    for f in &inv {
+                        // HF computes the angle in f32; doing it in f64 and rounding once is at
+                        // least as accurate.
+                        let angle = (p as f64) * (*f as f32 as f64);
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+            }
+        }
+        let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, t, d]), (device, dtype));
+        Self { cos: make(cos), sin: make(sin) }
+    }
+
+    /// # Shapes
+    /// `x: [batch, heads, seq, head_dim]` -> same
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = self.cos.clone().expand([b, h, t, d]);
+        let sin = self.sin.clone().expand([b, h, t, d]);
+        x * cos + rotated * sin
+    }
+}
+
+/// Keys and values of earlier positions, for generation.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    /// `[batch, kv_heads, past, head_dim]`.
+    pub k: Tensor<B, 4>,
+    /// `[batch, kv_heads, past, head_dim]`.
+    pub v: Tensor<B, 4>,
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head size.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]`, `masked: [batch, 1, seq, past + seq]` (true = may not attend)
+    /// -> `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        masked: &Tensor<B, 4, Bool>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), nh));
+        let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), nkv));
+        let mut v = heads(self.v_proj.forward(x), nkv);
+        if let Some(cache) = cache {
+            if cache.k.dims()[2] > 0 {
+                k = Tensor::cat(vec![cache.k.clone(), k], 2);
+                v = Tensor::cat(vec![cache.v.clone(), v], 2);
+            }
+            cache.k = k.clone();
+            cache.v = v.clone();
+        }
+        let tk = k.dims()[2];
+        let rep = nh / nkv;
+        let repeat = |y: Tensor<B, 4>| {
+            if rep == 1 {
+                y
+            } else {
+                y.unsqueeze_dim::<5>(2).expand([b, nkv, rep, tk, hd]).reshape([b, nh, tk, hd])
+            }
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let dtype = q.dtype();
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Scores and softmax in f32 whatever the model's dtype.
+        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(2, 3)).mul_scalar(scale);
+        let scores = scores.mask_fill(masked.clone().expand([b, nh, t, tk]), f32::MIN);
+        let probs = softmax(scores, 3).cast(dtype);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection.
+    pub gate_proj: Linear<B>,
+    /// Up projection.
+    pub up_proj: Linear<B>,
+    /// Down projection.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` -> same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// MLP.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` -> same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        masked: &Tensor<B, 4, Bool>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, masked, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The model's weights.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// `[hidden, vocab]`, absent when tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// One forward pass's inputs: padded token ids with each token's position and which keys
+/// exist. Build with [`Inputs::right_padded`] (scoring) or [`Inputs::left_padded`] (generation).
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// `ids[b][t]`.
+    pub ids: Vec<Vec<u32>>,
+    /// Position of each token for RoPE.
+    pub positions: Vec<Vec<usize>>,
+    /// Whether each token is real (false for padding).
+    pub valid: Vec<Vec<bool>>,
+}
+
+impl Inputs {
+    /// Sequences padded on the right with `pad` to the longest.
+    pub fn right_padded(seqs: &[Vec<u32>], pad: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids = seqs.iter().map(|s| s.iter().copied().chain(std::iter::repeat(pad)).take(t).collect()).collect();
+        let positions = seqs.iter().map(|_| (0..t).collect()).collect();
+        let valid = seqs.iter().map(|s| (0..t).map(|i| i < s.len()).collect()).collect();
+        Self { ids, positions, valid }
+    }
+
+    /// Sequences padded on the left with `pad` to the longest (so that generation appends to
+    /// every row at the same index).
+    pub fn left_padded(seqs: &[Vec<u32>], pad: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut out = Self { ids: Vec::new(), positions: Vec::new(), valid: Vec::new() };
+        for s in seqs {
+            let p = t - s.len();
+            out.ids.push(std::iter::repeat_n(pad, p).chain(s.iter().copied()).collect());
+            out.positions.push((0..t).map(|i| i.saturating_sub(p)).collect());
+            out.valid.push((0..t).map(|i| i >= p).collect());
+        }
+        out
+    }
+}
+
+/// Per-layer caches.
+pub type KvCache<B> = Vec<LayerCache<B>>;
+
+/// A loaded model: configuration and weights.
+#[derive(Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// The resolved configuration.
+    pub config: LlamaConfig,
+    /// The weights.
+    pub weights: Llama<B>,
+    /// The dtype the weights were loaded into.
+    pub dtype: DType,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.weights.embed_tokens.val().device()
+    }
+
+    /// An empty KV cache for a batch of `batch` rows.
+    pub fn empty_cache(&self, batch: usize) -> KvCache<B> {
+        let device = self.device();
+        let c = &self.config;
+        (0..c.num_layers)
+            .map(|_| LayerCache {
+                k: Tensor::zeros([batch, c.num_kv_heads, 0, c.head_dim], (&device, self.dtype)),
+                v: Tensor::zeros([batch, c.num_kv_heads, 0, c.head_dim], (&device, self.dtype)),
+            })
+            .collect()
+    }
+
+    /// The final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// `inputs: [batch, seq]` -> `[batch, seq, hidden]`; with a cache holding `past` positions,
+    /// the keys are `past + seq` long and `valid` must cover them all.
+    pub fn hidden(&self, inputs: &Inputs, key_valid: &[Vec<bool>], mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let device = self.device();
+        let b = inputs.ids.len();
+        let t = inputs.ids.first().map_or(0, Vec::len);
+        let tk = key_valid.first().map_or(0, Vec::len);
+        let past = tk - t;
+        let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &device);
+        let mut x = self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size]);
+        let rope = Rope::new(&self.config, &inputs.positions, &device, self.dtype);
+        let window = self.config.sliding_window;
+        let mut masked = Vec::with_capacity(b * t * tk);
+        for row in key_valid {
+            for i in 0..t {
+                let q = past + i;
+                for (j, ok) in row.iter().enumerate() {
+                    let allowed = *ok && j <= q && window.is_none_or(|w| q - j < w);
+                    masked.push(!allowed);
+                }
+            }
+        }
+        let masked = Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [b, 1, t, tk]), &device);
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c[l]);
+            x = layer.forward(x, &rope, &masked, layer_cache);
+        }
+        self.weights.norm.forward(x)
+    }
+
+    /// Logits from hidden states.
+    ///
+    /// # Shapes
+    /// `hidden: [batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.weights.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.weights.embed_tokens.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits of a batch.
+    ///
+    /// # Shapes
+    /// `inputs: [batch, seq]` -> `[batch, seq, vocab]`
+    pub fn forward(&self, inputs: &Inputs) -> Tensor<B, 3> {
+        self.logits(self.hidden(inputs, &inputs.valid, None))
+    }
+}

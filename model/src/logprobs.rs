@@ -1,0 +1,64 @@
+//! Per-token log-probabilities of (prompt, response) pairs: `log p(response_t | prompt,
+//! response_<t)` for every response token, from one padded forward pass.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{ModelError, Result};
+use crate::llama::{Inputs, LlamaModel};
+
+/// The log-probs of one response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceLogProbs {
+    /// One per response token.
+    pub token_logps: Vec<f32>,
+    /// Their sum (in f64).
+    pub sum: f64,
+    /// Number of response tokens.
+    pub n_tokens: usize,
+}
+
+/// Log-probs of `ids[t]` given `ids[..t]` for `t >= 1` of each full sequence (what a language
+/// model scores), in one right-padded batch.
+pub fn sequence_token_logprobs<B: Backend>(model: &LlamaModel<B>, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    if seqs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(bad) = seqs.iter().flatten().find(|&&id| id as usize >= model.config.vocab_size) {
+        return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary ({})", model.config.vocab_size)));
+    }
+    if let Some(s) = seqs.iter().find(|s| s.len() < 2) {
+        return Err(ModelError::Input(format!("a sequence of {} tokens has nothing to score", s.len())));
+    }
+    let inputs = Inputs::right_padded(seqs, 0);
+    let b = seqs.len();
+    let t = inputs.ids[0].len();
+    let logits = model.forward(&inputs).narrow(1, 0, t - 1);
+    let logp = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
+    let targets: Vec<i32> = inputs.ids.iter().flat_map(|row| row[1..].iter().map(|&i| i as i32)).collect();
+    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, t - 1, 1]), &model.device());
+    let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
+    Ok(seqs.iter().enumerate().map(|(i, s)| picked[i * (t - 1)..i * (t - 1) + s.len() - 1].to_vec()).collect())
+}
+
+/// Per-token log-probs of each response given its prompt. Prompts must not be empty.
+pub fn response_logprobs<B: Backend>(model: &LlamaModel<B>, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<SequenceLogProbs>> {
+    if let Some((p, r)) = pairs.iter().find(|(p, r)| p.is_empty() || r.is_empty()) {
+        return Err(ModelError::Input(format!(
+            "a pair with {} prompt and {} response tokens; both need at least one",
+            p.len(),
+            r.len()
+        )));
+    }
+    let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| p.iter().chain(r).copied().collect()).collect();
+    let all = sequence_token_logprobs(model, &seqs)?;
+    Ok(pairs
+        .iter()
+        .zip(all)
+        .map(|((p, _), lp)| {
+            let token_logps = lp[p.len() - 1..].to_vec();
+            SequenceLogProbs { sum: token_logps.iter().map(|x| f64::from(*x)).sum(), n_tokens: token_logps.len(), token_logps }
+        })
+        .collect())
+}
