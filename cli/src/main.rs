@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod model_cmds;
 use fuserl_core::pipeline::{StageName, prepare_examples};
 use fuserl_core::recipe::load_recipe_with;
 use fuserl_core::registry::Registry;
@@ -54,6 +56,16 @@ enum Command {
     /// examples as JSONL, each with the source answers it came from.
     #[command(after_help = "Example:\n  fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl")]
     Examples(ExamplesArgs),
+    /// Convert checkpoints into Hugging Face folders.
+    #[command(subcommand)]
+    Convert(model_cmds::ConvertCommand),
+    /// Per-token log-probs of (prompt, response) pairs (also how FusePO's reference log-probs
+    /// are computed).
+    #[command(after_help = "Example:\n  fuserl logprobs --model models/SmolLM2-135M-Instruct --data pairs.jsonl --out scored.jsonl")]
+    Logprobs(model_cmds::LogprobsArgs),
+    /// Reply to one user message (through the chat template) and print the reply.
+    #[command(after_help = "Example:\n  fuserl generate --model models/SmolLM2-135M-Instruct --prompt \"What is the capital of France?\"")]
+    Generate(model_cmds::GenerateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +196,9 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Examples(args) => examples(&args, plugins),
+        Command::Convert(cmd) => model_cmds::convert(&cmd).map(|()| ExitCode::SUCCESS),
+        Command::Logprobs(args) => model_cmds::logprobs(&args).map(|()| ExitCode::SUCCESS),
+        Command::Generate(args) => model_cmds::generate_cmd(&args).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -273,7 +288,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
 /// killed process never leaves a half-written file. A path that exists and is not a regular
 /// file (`/dev/null`, a pipe) is written to directly: renaming over it would replace it.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if path.metadata().is_ok_and(|m| !m.is_file()) {
         std::fs::write(path, bytes).map_err(|e| fuserl_core::Error::io(path, e))?;
         return Ok(());

@@ -8,9 +8,11 @@
 //! - [`checkpoint`]: Hugging Face safetensors in and out;
 //! - [`logprobs`]: per-token log-probs of (prompt, response) pairs.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod logprobs;

@@ -1,0 +1,205 @@
+//! `fuserl convert`, `fuserl logprobs` and `fuserl generate`.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fuserl_core::data::ChatMessage;
+use fuserl_core::recipe::Device;
+use fuserl_model::Cpu;
+use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::checkpoint::load;
+use fuserl_model::generate::{GenerateConfig, generate};
+use fuserl_model::logprobs::response_logprobs;
+
+/// Bad input (exit status 2) with a message.
+pub fn bad_input(message: String) -> anyhow::Error {
+    fuserl_core::Error::Config(fuserl_core::config::ConfigError::new(fuserl_core::config::KeyPath::root(), message)).into()
+}
+
+/// Map model errors: files and formats are the user's input.
+pub fn model_error(e: fuserl_model::ModelError) -> anyhow::Error {
+    match e {
+        fuserl_model::ModelError::Io { .. } => e.into(),
+        other => bad_input(other.to_string()),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConvertCommand {
+    /// Convert a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into a Hugging Face
+    /// checkpoint folder with config.json, safetensors, tokenizer and chat template.
+    #[command(after_help = "Example:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct")]
+    Gguf {
+        /// The GGUF file.
+        input: PathBuf,
+        /// The folder to write.
+        output: PathBuf,
+    },
+}
+
+pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConvertCommand::Gguf { input, output } => {
+            let config = fuserl_model::gguf::convert(input, output).map_err(model_error)?;
+            eprintln!(
+                "converted {} ({}, {} layers, vocab {}) -> {}",
+                input.display(),
+                config.architecture,
+                config.num_layers,
+                config.vocab_size,
+                output.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn cpu_only(device: &str) -> anyhow::Result<()> {
+    let parsed: Device = serde_json::from_value(serde_json::Value::String(device.to_owned()))
+        .map_err(|_| bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm")))?;
+    fuserl_backends::check_device(parsed).map_err(|e| bad_input(e.to_string()))?;
+    if parsed != Device::Cpu {
+        return Err(bad_input(format!(
+            "--device {device}: the model runs on the CPU backend only so far (GPU backends arrive with the kernel work)"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct LogprobsArgs {
+    /// Hugging Face checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt": [chat messages] or "a user message", "response": "..."} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// JSONL output: each input line with `logp_sum`, `n_tokens` and `token_logps` added.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Pairs per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Chat template file (default: the checkpoint's).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+}
+
+fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<Vec<ChatMessage>> {
+    match v {
+        serde_json::Value::String(s) => Ok(vec![ChatMessage::user(s.clone())]),
+        serde_json::Value::Array(_) => serde_json::from_value(v.clone())
+            .map_err(|e| bad_input(format!("{}:{line}: `prompt`: expected chat messages ({e})", file.display()))),
+        _ => Err(bad_input(format!("{}:{line}: `prompt`: expected a string or a list of chat messages", file.display()))),
+    }
+}
+
+pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
+    cpu_only(&args.device)?;
+    if args.batch_size == 0 {
+        return Err(bad_input("--batch-size must be at least 1".into()));
+    }
+    let model = load::<Cpu>(&args.model, &Default::default(), burn::tensor::DType::F32).map_err(model_error)?;
+    let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
+    tok.check_fits(model.config.vocab_size).map_err(model_error)?;
+    let file = std::fs::File::open(&args.data).map_err(|e| fuserl_core::Error::io(&args.data, e))?;
+    let mut records = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", args.data.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| bad_input(format!("{}:{}: invalid JSON: {e}", args.data.display(), i + 1)))?;
+        let msgs = messages(v.get("prompt").unwrap_or(&serde_json::Value::Null), &args.data, i + 1)?;
+        let response = v
+            .get("response")
+            .and_then(|r| r.as_str())
+            .ok_or_else(|| bad_input(format!("{}:{}: `response`: expected a string", args.data.display(), i + 1)))?;
+        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
+        records.push((v, ids));
+    }
+    let mut out = String::new();
+    let total = records.len();
+    for (n, chunk) in records.chunks(args.batch_size).enumerate() {
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
+        let scored = response_logprobs(&model, &pairs).map_err(model_error)?;
+        for ((v, _), s) in chunk.iter().zip(scored) {
+            let mut v = v.clone();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("logp_sum".into(), s.sum.into());
+                obj.insert("n_tokens".into(), s.n_tokens.into());
+                obj.insert("token_logps".into(), s.token_logps.into());
+            }
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        tracing::info!(done = ((n + 1) * args.batch_size).min(total), total, "scored");
+    }
+    crate::write_atomically(&args.out, out.as_bytes())?;
+    eprintln!("{total} pairs scored -> {}", args.out.display());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Hugging Face checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// One user message (put through the chat template).
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop at this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
+    cpu_only(&args.device)?;
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(bad_input(format!("--temperature {}: expected a number >= 0", args.temperature)));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(bad_input(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
+    }
+    let model = load::<Cpu>(&args.model, &Default::default(), burn::tensor::DType::F32).map_err(model_error)?;
+    let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
+    tok.check_fits(model.config.vocab_size).map_err(model_error)?;
+    let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())]).map_err(model_error)?;
+    let cfg = GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: args.stop.clone(),
+    };
+    let reply = generate(&model, &tok, &[prompt], &cfg).map_err(model_error)?.remove(0);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", reply.text)?;
+    tracing::info!(tokens = reply.ids.len(), finish = reply.finish_reason, "generated");
+    Ok(())
+}
