@@ -35,6 +35,9 @@ pub const SIDE_FILES: [&str; 6] = [
     "vocab.json",
 ];
 
+/// A named host tensor: shape and f32 values.
+type HostTensor = (Vec<usize>, Vec<f32>);
+
 /// Host copies of a checkpoint's tensors, as f32.
 #[derive(Debug, Default)]
 pub struct TensorStore {
@@ -237,10 +240,10 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// The model's tensors under their checkpoint names, as f32 `[out, in]` like the checkpoint.
-pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     let w = &model.weights;
-    let linear = |out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, prefix: String, l: &Linear<B>| {
+    let linear = |out: &mut BTreeMap<String, HostTensor>, prefix: String, l: &Linear<B>| {
         let [inp, o] = l.weight.val().dims();
         out.insert(format!("{prefix}.weight"), (vec![o, inp], transpose(&host(l.weight.val()), inp, o)));
         if let Some(b) = &l.bias {
@@ -283,7 +286,7 @@ pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usiz
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors = named_tensors(model);
     // Shard greedily in name order.
-    let mut shards: Vec<Vec<(&String, &(Vec<usize>, Vec<f32>))>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<(&String, &HostTensor)>> = vec![Vec::new()];
     let mut size = 0usize;
     for entry in &tensors {
         let bytes = entry.1 .1.len() * 4;
