@@ -98,3 +98,34 @@ fn generate_answers_paris() {
     assert!(reply.contains("Paris"), "{reply}");
     assert_eq!(reply.trim(), reference()["greedy_reply"].as_str().expect("reply").trim());
 }
+
+#[test]
+fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
+    use burn::tensor::DType;
+    use fuserl_model::generate::{GenerateConfig, generate};
+    use fuserl_model::llama::Inputs;
+    let dir = model_dir();
+    let model = fuserl_model::checkpoint::load::<fuserl_model::Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
+    let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name one primary colour."]
+        .iter()
+        .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)]).expect("ids"))
+        .collect();
+    assert_ne!(prompts[0].len(), prompts[1].len(), "different lengths exercise left padding");
+    let cfg = GenerateConfig { max_new_tokens: 8, ..GenerateConfig::default() };
+    let batched = generate(&model, &tok, &prompts, &cfg).expect("batched");
+    for (p, b) in prompts.iter().zip(&batched) {
+        let alone = generate(&model, &tok, std::slice::from_ref(p), &cfg).expect("alone");
+        assert_eq!(alone[0].ids, b.ids);
+        // Without a cache: greedy by recomputing the whole sequence at every step.
+        let mut seq = p.clone();
+        for &next in &b.ids {
+            let logits = model.forward(&Inputs::right_padded(std::slice::from_ref(&seq), 0));
+            let t = seq.len();
+            let last: Vec<f32> = logits.narrow(1, t - 1, 1).into_data().iter::<f32>().collect();
+            let argmax = last.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+            assert_eq!(argmax, next);
+            seq.push(next);
+        }
+    }
+}

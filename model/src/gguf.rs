@@ -471,6 +471,72 @@ mod tests {
         assert_eq!(unpermute_rows(&permuted, n_head, rows, cols), hf);
     }
 
+    /// A GGUF file with one tensor of `ggml_type` and the given raw block bytes.
+    fn one_tensor_file(ggml_type: u32, n: u64, raw: &[u8]) -> Gguf {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&0u64.to_le_bytes()); // metadata
+        let name = b"t";
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&ggml_type.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        b.extend_from_slice(raw);
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, &b).expect("write");
+        Gguf::read(&path).expect("parse")
+    }
+
+    fn f16(x: f32) -> [u8; 2] {
+        half::f16::from_f32(x).to_le_bytes()
+    }
+
+    #[test]
+    fn q4_0_q4_1_and_q8_0_blocks_dequantise_as_ggml_defines() {
+        // Q4_0: x = (q - 8) * d; low nibbles are elements 0..16, high nibbles 16..32.
+        let qs: Vec<u8> = (0..16u8).map(|i| i | ((15 - i) << 4)).collect();
+        let mut raw = f16(0.5).to_vec();
+        raw.extend(&qs);
+        let g = one_tensor_file(2, 32, &raw);
+        let want: Vec<f32> = (0..16).map(|i| (i as f32 - 8.0) * 0.5).chain((0..16).map(|i| ((15 - i) as f32 - 8.0) * 0.5)).collect();
+        assert_eq!(g.dequantize(&g.tensors[0]).expect("q4_0"), want);
+        // Q4_1: x = q * d + m.
+        let mut raw = f16(0.25).to_vec();
+        raw.extend(f16(-1.0));
+        raw.extend(&qs);
+        let g = one_tensor_file(3, 32, &raw);
+        let want: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).chain((0..16).map(|i| (15 - i) as f32 * 0.25 - 1.0)).collect();
+        assert_eq!(g.dequantize(&g.tensors[0]).expect("q4_1"), want);
+        // Q8_0: x = q * d with signed q.
+        let mut raw = f16(2.0).to_vec();
+        raw.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let g = one_tensor_file(8, 32, &raw);
+        let want: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 2.0).collect();
+        assert_eq!(g.dequantize(&g.tensors[0]).expect("q8_0"), want);
+        // A K-quant is named in the error.
+        let g = one_tensor_file(12, 256, &[0u8; 144]);
+        let err = g.dequantize(&g.tensors[0]).unwrap_err().to_string();
+        assert!(err.contains("ggml type 12 (Q4_K)"), "{err}");
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("x.gguf");
+        std::fs::write(&p, b"PK\x03\x04 not gguf").expect("write");
+        assert!(Gguf::read(&p).unwrap_err().to_string().contains("not a GGUF file"));
+        std::fs::write(&p, b"GGUF\x03\x00\x00\x00\x01").expect("write");
+        assert!(Gguf::read(&p).unwrap_err().to_string().contains("truncated"));
+    }
+
     #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(hf_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
