@@ -56,6 +56,13 @@ enum Command {
     /// examples as JSONL, each with the source answers it came from.
     #[command(after_help = "Example:\n  fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl")]
     Examples(ExamplesArgs),
+    /// Run a recipe: FuseSFT, then FusePO, then export. Running it again resumes.
+    #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
+    Run(TrainArgs),
+    /// Run only the FuseSFT stage of a recipe (resumes).
+    Sft(TrainArgs),
+    /// Run only the FusePO stage of a recipe (after FuseSFT; resumes).
+    Po(TrainArgs),
     /// Convert checkpoints into Hugging Face folders.
     #[command(subcommand)]
     Convert(model_cmds::ConvertCommand),
@@ -102,6 +109,12 @@ struct ExamplesArgs {
     /// Write here instead of standard output (atomically: a temporary file, then a rename).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Recipe file.
+    recipe: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -196,6 +209,9 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Examples(args) => examples(&args, plugins),
+        Command::Run(args) => train(&args, plugins, fuserl_train::run::Which::All),
+        Command::Sft(args) => train(&args, plugins, fuserl_train::run::Which::Sft),
+        Command::Po(args) => train(&args, plugins, fuserl_train::run::Which::Po),
         Command::Convert(cmd) => model_cmds::convert(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Logprobs(args) => model_cmds::logprobs(&args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => model_cmds::generate_cmd(&args).map(|()| ExitCode::SUCCESS),
@@ -234,6 +250,42 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
     } else {
         Ok(ExitCode::SUCCESS)
     }
+}
+
+fn train(args: &TrainArgs, plugins: &[String], which: fuserl_train::run::Which) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut on_step = |p: &fuserl_train::trainer::Progress| {
+        bar.set_prefix(p.stage.as_str());
+        bar.set_length(p.total);
+        bar.set_position(p.step);
+        bar.set_message(format!("{:.4}", p.loss));
+    };
+    let summary = match fuserl_train::run::run(&loaded, which, &mut on_step) {
+        Ok(s) => s,
+        Err(e) => {
+            bar.abandon();
+            let code = if e.is_bad_input() { 2 } else { 1 };
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(code));
+        }
+    };
+    bar.finish_and_clear();
+    for stage in &summary.skipped {
+        println!("{} was already finished in {} (not redone)", stage.as_str(), summary.dir.display());
+    }
+    println!("run directory: {}", summary.dir.display());
+    println!("metrics: {}", summary.metrics.display());
+    if let Some(export) = &summary.export {
+        println!("fused model: {}", export.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The recipe's device must be compiled into this build: an error at the `[backend] device`

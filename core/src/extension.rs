@@ -129,8 +129,9 @@ pub struct ObjectiveBatch<'a> {
     pub token_counts: &'a [f64],
     /// Reward of each sequence.
     pub rewards: &'a [f64],
-    /// The loss is `sum_e weight_e * loss_e / normalizer`; the trainer passes the number of
-    /// prompts in the optimiser step, so that `L = mean_x sum_k w_k loss_k` (method.md).
+    /// The loss is `sum_e weight_e * loss_e / normalizer`; the trainer passes the total example
+    /// weight of the optimiser step, so that `L` is the weighted mean, which equals method.md's
+    /// `mean_x sum_k w_k loss_k` when a step holds all of its prompts' examples.
     pub normalizer: f64,
     /// Fraction of training done, in `[0, 1]` (WRPO's alpha schedule).
     pub progress: f64,

@@ -275,12 +275,32 @@ pub struct PrepareStats {
     pub examples: usize,
 }
 
+/// What [`prepare_examples`] produced: the examples, and the prompts and completion texts they
+/// refer to.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    /// The stage's examples.
+    pub examples: Vec<Example>,
+    /// Messages of every prompt of the stage, by prompt id.
+    pub prompts: HashMap<String, Vec<crate::data::ChatMessage>>,
+    /// Text of every completion of the stage.
+    pub texts: HashMap<crate::data::CompletionId, String>,
+    /// Counts.
+    pub stats: PrepareStats,
+}
+
 /// Run a recipe's data stages for one training stage: collect from every source, score,
 /// weigh, and build the stage objective's examples.
 pub fn prepare_examples(
     loaded: &crate::recipe::LoadedRecipe,
     stage: StageName,
 ) -> Result<(Vec<Example>, PrepareStats)> {
+    let p = prepare(loaded, stage)?;
+    Ok((p.examples, p.stats))
+}
+
+/// Like [`prepare_examples`], keeping the prompts and texts the examples refer to.
+pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
     let recipe = &loaded.recipe;
     let c = &loaded.components;
     let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
@@ -311,7 +331,13 @@ pub fn prepare_examples(
         StageName::Po => c.po_objective.as_ref(),
     };
     let mut examples = Vec::new();
+    let mut prompts = HashMap::new();
+    let mut texts = HashMap::new();
     for group in groups {
+        prompts.insert(group.prompt.id.clone(), group.prompt.messages.clone());
+        for sc in &group.completions {
+            texts.insert(sc.completion.id.clone(), sc.completion.text.clone());
+        }
         let weighted = weigh_group(c.weighting.as_ref(), group)?;
         let built = build_examples(objective, &weighted)?;
         if built.is_empty() {
@@ -321,5 +347,5 @@ pub fn prepare_examples(
     }
     stats.examples = examples.len();
     tracing::info!(?stats, "prepared examples");
-    Ok((examples, stats))
+    Ok(Prepared { examples, prompts, texts, stats })
 }

@@ -41,7 +41,7 @@ pub struct RunConfig {
     /// The run's name (default: the recipe file's stem).
     #[serde(default)]
     pub name: Option<String>,
-    /// The run directory (default: `runs/<name>`, relative to the recipe).
+    /// The run directory (default: `runs/<name>`, relative to the working folder).
     #[serde(default)]
     pub output_dir: Option<String>,
     /// Seed of every random choice.
@@ -481,11 +481,15 @@ impl LoadedRecipe {
         })
     }
 
-    /// The run directory, resolved against the recipe's folder.
+    /// The run directory. Outputs (`[run] output_dir`, `[export] path`) are relative to the
+    /// working folder, like TRL's `output_dir`; inputs (data, checkpoints) to the recipe's folder.
     pub fn output_dir(&self) -> PathBuf {
-        let dir = self.recipe.run.output_dir.as_deref().unwrap_or("runs");
-        let p = Path::new(dir);
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        PathBuf::from(self.recipe.run.output_dir.as_deref().unwrap_or("runs"))
+    }
+
+    /// The export folder (relative to the working folder, like [`LoadedRecipe::output_dir`]).
+    pub fn export_dir(&self) -> PathBuf {
+        self.recipe.export.path.as_deref().map_or_else(|| self.output_dir().join("export"), PathBuf::from)
     }
 }
 

@@ -1,0 +1,84 @@
+//! From a stage's examples to token ids: every sequence of every example becomes
+//! (prompt ids, response ids) by the chat-template convention of `fuserl_model::chat`, truncated
+//! to the recipe's lengths (the prompt keeps its end, the response its beginning, as TRL does).
+
+use std::collections::HashMap;
+
+use fuserl_core::data::{ChatMessage, CompletionId, Example};
+use fuserl_model::chat::ChatTokenizer;
+
+use crate::error::{Result, TrainError};
+
+/// One sequence's tokens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeqTokens {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Response ids (EOS included).
+    pub response: Vec<u32>,
+}
+
+/// A training example with its token ids.
+#[derive(Debug, Clone)]
+pub struct TrainExample {
+    /// The example (weights, provenance).
+    pub example: Example,
+    /// Tokens of each sequence, in the example's order.
+    pub seqs: Vec<SeqTokens>,
+}
+
+impl TrainExample {
+    /// Total tokens of the example (for batching by length).
+    pub fn len(&self) -> usize {
+        self.seqs.iter().map(|s| s.prompt.len() + s.response.len()).max().unwrap_or(0)
+    }
+
+    /// Whether it has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Key of a completion in caches.
+pub fn completion_key(id: &CompletionId) -> String {
+    format!("{}\u{1f}{}\u{1f}{}", id.prompt_id, id.source, id.sample_index)
+}
+
+/// Tokenize examples. `prompts` maps prompt ids to messages, `texts` completions to their text.
+pub fn tokenize(
+    examples: Vec<Example>,
+    prompts: &HashMap<String, Vec<ChatMessage>>,
+    texts: &HashMap<CompletionId, String>,
+    tok: &ChatTokenizer,
+    max_length: usize,
+    max_prompt_length: Option<usize>,
+) -> Result<Vec<TrainExample>> {
+    let mut prompt_cache: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut out = Vec::with_capacity(examples.len());
+    for example in examples {
+        let messages = prompts
+            .get(&example.prompt_id)
+            .ok_or_else(|| TrainError::Data(format!("example for unknown prompt `{}`", example.prompt_id)))?;
+        let prompt = match prompt_cache.get(&example.prompt_id) {
+            Some(p) => p.clone(),
+            None => {
+                let mut p = tok.prompt_ids(messages)?;
+                let cap = max_prompt_length.unwrap_or(max_length.saturating_sub(1)).min(max_length.saturating_sub(1)).max(1);
+                if p.len() > cap {
+                    p.drain(..p.len() - cap);
+                }
+                prompt_cache.insert(example.prompt_id.clone(), p.clone());
+                p
+            }
+        };
+        let mut seqs = Vec::with_capacity(example.sequences.len());
+        for s in &example.sequences {
+            let text = texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
+            let mut response = tok.response_ids(text)?;
+            response.truncate(max_length - prompt.len());
+            seqs.push(SeqTokens { prompt: prompt.clone(), response });
+        }
+        out.push(TrainExample { example, seqs });
+    }
+    Ok(out)
+}

@@ -1,0 +1,234 @@
+//! A run directory for a recipe, and the stages in it:
+//!
+//! ```text
+//! runs/NAME/
+//!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
+//!   metrics.jsonl          one line per logged optimiser step, both stages
+//!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
+//!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
+//!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
+//!   po/checkpoints/, po/final/, po/DONE
+//!   export/                the fused model (or [export] path)
+//! ```
+//!
+//! Running the same command again resumes: a finished stage is not redone, an interrupted one
+//! continues from its last checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use fuserl_core::pipeline::{StageName, prepare};
+use fuserl_core::recipe::{DType as RecipeDType, Device, LoadedRecipe, ReferenceModel};
+use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::checkpoint::{load, save};
+
+use crate::data::tokenize;
+use crate::error::{Result, TrainError};
+use crate::trainer::{Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic};
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// FuseSFT only.
+    Sft,
+    /// FusePO only (FuseSFT must be done when enabled).
+    Po,
+    /// Both stages, then export.
+    All,
+}
+
+/// Where a run put things.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// `metrics.jsonl`.
+    pub metrics: PathBuf,
+    /// The exported model, when exported.
+    pub export: Option<PathBuf>,
+    /// Stages that were already finished and skipped.
+    pub skipped: Vec<StageName>,
+}
+
+fn dtype(d: RecipeDType) -> DType {
+    match d {
+        RecipeDType::F32 => DType::F32,
+        RecipeDType::F16 => DType::F16,
+        RecipeDType::Bf16 => DType::BF16,
+    }
+}
+
+fn fnv(hash: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *hash ^= u64::from(*b);
+        *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+/// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of
+/// every sequence's tokens.
+fn reference_key(checkpoint: &Path, examples: &[crate::data::TrainExample]) -> Result<String> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)
+        .map_err(|e| TrainError::io(checkpoint, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for f in files {
+        fnv(&mut h, &std::fs::read(&f).map_err(|e| TrainError::io(&f, e))?);
+    }
+    let weights = h;
+    let mut d = 0xcbf2_9ce4_8422_2325u64;
+    for e in examples {
+        for s in &e.seqs {
+            for id in s.prompt.iter().chain(&s.response) {
+                fnv(&mut d, &id.to_le_bytes());
+            }
+            fnv(&mut d, &[0xff]);
+        }
+    }
+    Ok(format!("weights:{weights:016x};data:{d:016x}"))
+}
+
+/// Run (or resume) the recipe's stages.
+pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progress)) -> Result<RunSummary> {
+    let recipe = &loaded.recipe;
+    if recipe.backend.device != Device::Cpu {
+        return Err(TrainError::Unsupported(format!(
+            "[backend] device = {:?}: training runs on the CPU backend only so far (GPU backends arrive with the kernel work)",
+            recipe.backend.device
+        )));
+    }
+    let dir = loaded.output_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let resolved = loaded.resolved_toml()?;
+    let recipe_file = dir.join("recipe.toml");
+    match std::fs::read_to_string(&recipe_file) {
+        Ok(previous) if previous != resolved => {
+            return Err(TrainError::Data(format!(
+                "{} was made by a different recipe; choose another [run] output_dir or remove the folder to start over",
+                recipe_file.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(_) => write_atomic(&recipe_file, resolved.as_bytes())?,
+    }
+    let metrics = dir.join("metrics.jsonl");
+    let target = loaded.base_dir.join(&recipe.target.checkpoint);
+    let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
+    let tok = ChatTokenizer::load(&target, template.as_deref())?;
+    let device = Default::default();
+    let dt = dtype(recipe.backend.dtype);
+    let max_len = recipe.target.max_length as usize;
+    let max_prompt = recipe.target.max_prompt_length.map(|p| p as usize);
+    let mut skipped = Vec::new();
+    let sft_final = dir.join("sft/final");
+    let po_final = dir.join("po/final");
+
+    let tokenized = |stage: StageName| -> Result<Vec<crate::data::TrainExample>> {
+        let p = prepare(loaded, stage)?;
+        tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)
+    };
+
+    let do_sft = recipe.sft.enabled && matches!(which, Which::Sft | Which::All);
+    if do_sft {
+        if dir.join("sft/DONE").is_file() {
+            skipped.push(StageName::Sft);
+        } else {
+            let _span = tracing::info_span!("stage", name = "sft").entered();
+            let model = load::<TrainBackend>(&target, &device, dt)?;
+            tok.check_fits(model.config.vocab_size)?;
+            let stage = Stage {
+                name: StageName::Sft,
+                config: &recipe.sft,
+                objective: loaded.components.sft_objective.as_ref(),
+                examples: tokenized(StageName::Sft)?,
+                reference: None,
+                seed: recipe.run.seed,
+                dir: dir.join("sft/checkpoints"),
+                metrics: metrics.clone(),
+            };
+            let model = train_stage(model, stage, progress)?;
+            save(&inference_model(&model), &sft_final, 2 << 30, Some(&target))?;
+            write_atomic(&dir.join("sft/DONE"), b"done\n")?;
+        }
+    }
+
+    let do_po = recipe.po.enabled && matches!(which, Which::Po | Which::All);
+    if do_po {
+        if dir.join("po/DONE").is_file() {
+            skipped.push(StageName::Po);
+        } else {
+            let _span = tracing::info_span!("stage", name = "po").entered();
+            let start = if recipe.sft.enabled {
+                if !dir.join("sft/DONE").is_file() {
+                    return Err(TrainError::Data(format!(
+                        "FusePO starts from the FuseSFT model, and {} has none yet: run `fuserl sft` (or `fuserl run`) first",
+                        dir.display()
+                    )));
+                }
+                sft_final.clone()
+            } else {
+                target.clone()
+            };
+            let reference_from = match recipe.po.reference {
+                Some(ReferenceModel::Target) => target.clone(),
+                _ => start.clone(),
+            };
+            let examples = tokenized(StageName::Po)?;
+            let objective = loaded.components.po_objective.as_ref();
+            let reference = if objective.needs_reference() {
+                let cache = dir.join("po/reference-logps.json");
+                let key = reference_key(&reference_from, &examples)?;
+                let cached: Option<HashMap<String, f64>> = std::fs::read(&cache)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .filter(|v| v["key"].as_str() == Some(key.as_str()))
+                    .and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
+                Some(match cached {
+                    Some(r) => r,
+                    None => {
+                        tracing::info!(reference = %reference_from.display(), "computing reference log-probs");
+                        let reference_model = load::<burn::backend::Flex>(&reference_from, &device, dt)?;
+                        let r = reference_logps(&reference_model, &examples, recipe.po.batch_size as usize * 2);
+                        drop(reference_model);
+                        std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
+                        let doc = serde_json::json!({"key": key, "reference": reference_from.display().to_string(), "logps": r});
+                        write_atomic(&cache, doc.to_string().as_bytes())?;
+                        r
+                    }
+                })
+            } else {
+                None
+            };
+            let model = load::<TrainBackend>(&start, &device, dt)?;
+            let stage = Stage {
+                name: StageName::Po,
+                config: &recipe.po,
+                objective,
+                examples,
+                reference,
+                seed: recipe.run.seed,
+                dir: dir.join("po/checkpoints"),
+                metrics: metrics.clone(),
+            };
+            let model = train_stage(model, stage, progress)?;
+            save(&inference_model(&model), &po_final, 2 << 30, Some(&target))?;
+            write_atomic(&dir.join("po/DONE"), b"done\n")?;
+        }
+    }
+
+    let mut export = None;
+    if which == Which::All && recipe.export.enabled {
+        let from = if recipe.po.enabled { &po_final } else { &sft_final };
+        let to = loaded.export_dir();
+        if from.is_dir() {
+            let model = load::<burn::backend::Flex>(from, &device, dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype)))?;
+            save(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target))?;
+            export = Some(to);
+        }
+    }
+    Ok(RunSummary { dir, metrics, export, skipped })
+}

@@ -1,0 +1,452 @@
+//! One trainer for both stages, driven by the objective plugins: examples are batched by length
+//! and padded to the batch maximum; the model gives each sequence's log-prob (sum over response
+//! tokens); the objective returns the loss and `dL/dlogp` per sequence; the trainer
+//! backpropagates `sum_i dL/dlogp_i * logp_i`. AdamW, warm-up + constant/linear/cosine schedule,
+//! gradient accumulation, clipping by global norm (reported before clipping), checkpoints every
+//! N steps (model, optimiser, step) written atomically, resume from the last one.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
+use fuserl_core::pipeline::StageName;
+use fuserl_core::recipe::StageConfig;
+use fuserl_model::llama::{Inputs, Llama, LlamaModel};
+
+use crate::data::{SeqTokens, TrainExample, completion_key};
+use crate::error::{Result, TrainError};
+use crate::schedule::learning_rate;
+
+/// The CPU training backend.
+pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
+type Inner = burn::backend::Flex;
+
+/// Log-prob of each sequence (sum over response tokens), differentiable, and the token counts.
+///
+/// # Shapes
+/// `seqs: S sequences` -> `[S]`
+pub fn sequence_logps<B: Backend>(model: &LlamaModel<B>, seqs: &[SeqTokens]) -> (Tensor<B, 1>, Vec<f64>) {
+    let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
+    let inputs = Inputs::right_padded(&full, 0);
+    let (s, t) = (full.len(), inputs.ids[0].len());
+    let device = model.device();
+    let hidden = model.hidden(&inputs, &inputs.valid, None);
+    let logits = model.logits(hidden.narrow(1, 0, t - 1)).cast(DType::F32);
+    let logp = log_softmax(logits, 2);
+    let targets: Vec<i32> = inputs.ids.iter().flat_map(|row| row[1..].iter().map(|&i| i as i32)).collect();
+    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [s, t - 1, 1]), &device);
+    let picked = logp.gather(2, targets).reshape([s, t - 1]);
+    // Position j predicts token j + 1; it counts when that token is part of the response.
+    let mut mask = Vec::with_capacity(s * (t - 1));
+    for seq in seqs {
+        let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
+        mask.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { 1.0f32 } else { 0.0 }));
+    }
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [s, t - 1]), (&device, DType::F32));
+    let logps = (picked * mask).sum_dim(1).reshape([s]);
+    (logps, seqs.iter().map(|q| q.response.len() as f64).collect())
+}
+
+/// Reference log-probs of every sequence of `examples` under `model` (no gradient), keyed by
+/// completion, computed in batches.
+pub fn reference_logps(model: &LlamaModel<Inner>, examples: &[TrainExample], batch: usize) -> HashMap<String, f64> {
+    let mut seen: HashMap<String, SeqTokens> = HashMap::new();
+    for e in examples {
+        for (seq, tokens) in e.example.sequences.iter().zip(&e.seqs) {
+            seen.entry(completion_key(&seq.completion)).or_insert_with(|| tokens.clone());
+        }
+    }
+    let mut keys: Vec<String> = seen.keys().cloned().collect();
+    keys.sort();
+    let mut out = HashMap::new();
+    for chunk in keys.chunks(batch.max(1)) {
+        let seqs: Vec<SeqTokens> = chunk.iter().map(|k| seen[k].clone()).collect();
+        let (logps, _) = sequence_logps(model, &seqs);
+        let values: Vec<f32> = logps.into_data().iter::<f32>().collect();
+        for (k, v) in chunk.iter().zip(values) {
+            out.insert(k.clone(), f64::from(v));
+        }
+    }
+    out
+}
+
+/// What the caller sees after each optimiser step.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Stage.
+    pub stage: StageName,
+    /// Steps done.
+    pub step: u64,
+    /// Steps in the stage.
+    pub total: u64,
+    /// Loss of the step.
+    pub loss: f64,
+}
+
+/// Everything one stage needs.
+#[derive(Debug)]
+pub struct Stage<'a> {
+    /// Which stage.
+    pub name: StageName,
+    /// Its settings.
+    pub config: &'a StageConfig,
+    /// Its objective.
+    pub objective: &'a dyn PreferenceObjective,
+    /// Its examples, tokenized.
+    pub examples: Vec<TrainExample>,
+    /// Reference log-probs by completion key, when the objective needs them.
+    pub reference: Option<HashMap<String, f64>>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Folder for the stage's checkpoints.
+    pub dir: PathBuf,
+    /// The run's `metrics.jsonl`.
+    pub metrics: PathBuf,
+}
+
+/// Numbers of optimiser steps: total and warm-up.
+pub fn step_counts(config: &StageConfig, n_examples: usize) -> (u64, u64) {
+    let per_step = (config.batch_size as u64 * config.grad_accum as u64).max(1);
+    let epochs = u64::from(config.epochs.unwrap_or(1));
+    let total = config.max_steps.unwrap_or_else(|| (n_examples as u64 * epochs).div_ceil(per_step)).max(1);
+    let warmup = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
+    (total, warmup)
+}
+
+/// Example indices in the order an epoch visits them (a seeded Fisher-Yates shuffle).
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut state = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Sum of squares of all gradients, and optionally scales them.
+struct GradNorm<'a> {
+    grads: &'a mut GradientsParams,
+    sum_sq: f64,
+    scale: Option<f64>,
+}
+
+impl ModuleVisitor<TrainBackend> for GradNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TrainBackend, D>>) {
+        let id: ParamId = param.id;
+        match self.scale {
+            None => {
+                if let Some(g) = self.grads.get::<Inner, D>(id) {
+                    let sq: f32 = g.cast(DType::F32).powi_scalar(2).sum().into_scalar();
+                    self.sum_sq += f64::from(sq);
+                }
+            }
+            Some(s) => {
+                if let Some(g) = self.grads.remove::<Inner, D>(id) {
+                    self.grads.register(id, g.mul_scalar(s));
+                }
+            }
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckpointState {
+    stage: StageName,
+    step: u64,
+    total: u64,
+}
+
+/// Test hook for kill-and-resume tests: when `FUSERL_DEBUG_PAUSE` equals `label`, log it and
+/// sleep, so that a test can SIGKILL the process at a known point (after a step, or in the
+/// middle of writing a checkpoint).
+fn debug_pause(label: &str) {
+    if std::env::var("FUSERL_DEBUG_PAUSE").is_ok_and(|v| v == label) {
+        tracing::warn!("FUSERL_DEBUG_PAUSE: paused at {label}");
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The latest complete checkpoint of a stage, if any.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
+    let p = dir.join(name.trim());
+    p.join("state.json").is_file().then_some(p)
+}
+
+/// Keep only the metrics lines of other stages, and of this stage up to `step` (lines written
+/// after the checkpoint a run resumes from would otherwise be repeated).
+fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(file) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["stage"].as_str() != Some(stage.as_str()) || v["step"].as_u64().is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(file, kept.as_bytes())
+}
+
+/// The optimiser type.
+pub type Optim = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<TrainBackend>, TrainBackend>;
+
+fn save_checkpoint(dir: &Path, weights: &Llama<TrainBackend>, optim: &Optim, state: &CheckpointState) -> Result<()> {
+    let name = format!("step-{:06}", state.step);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+    recorder().record(weights.clone().into_record(), tmp.join("model")).map_err(|e| fail(tmp.join("model.mpk"), e))?;
+    debug_pause(&format!("{}-checkpoint-{}", state.stage.as_str(), state.step));
+    recorder().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail(tmp.join("optim.mpk"), e))?;
+    let json = serde_json::to_vec(state).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &json)?;
+    let done = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&done);
+    std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
+    let previous = latest_checkpoint(dir);
+    write_atomic(&dir.join("LATEST"), name.as_bytes())?;
+    if let Some(prev) = previous.filter(|p| *p != done) {
+        let _ = std::fs::remove_dir_all(prev);
+    }
+    Ok(())
+}
+
+/// Settings of one optimiser step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings<'a> {
+    /// The objective.
+    pub objective: &'a dyn PreferenceObjective,
+    /// Reference log-probs by completion key.
+    pub reference: Option<&'a HashMap<String, f64>>,
+    /// Stage settings (batch size, clipping).
+    pub config: &'a StageConfig,
+    /// Fraction of training done.
+    pub progress: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Loss (sum over micro-batches, each normalised by the step's total example weight).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+    /// Objective metrics averaged over the step's examples.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// The AdamW optimiser of a model.
+pub fn new_optimizer(c: &StageConfig) -> Optim {
+    AdamWConfig::new()
+        .with_beta_1(c.adam_beta1 as f32)
+        .with_beta_2(c.adam_beta2 as f32)
+        .with_epsilon(c.adam_eps as f32)
+        .with_weight_decay(c.weight_decay as f32)
+        .init()
+}
+
+/// One optimiser step over `picked` (already in micro-batch order): micro-batches of
+/// `batch_size`, gradients accumulated, clipped by global norm, AdamW.
+pub fn optimizer_step(
+    model: &mut LlamaModel<TrainBackend>,
+    optim: &mut Optim,
+    picked: &[&TrainExample],
+    s: StepSettings<'_>,
+) -> Result<StepOutput> {
+    let device = model.device();
+    let c = s.config;
+    // The step's loss is the weighted mean over its examples, sum_e w_e loss_e / sum_e w_e: with
+    // every example of a prompt in the step this is method.md's mean over prompts of
+    // sum_k w_k loss_k (the weights of a prompt sum to 1), and it stays an average when a step
+    // holds only some of a prompt's examples (our choice).
+    let normalizer: f64 = picked.iter().map(|e| e.example.weight).sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut accumulator = GradientsAccumulator::<Llama<TrainBackend>>::new();
+    let mut loss = 0.0;
+    let mut tokens = 0usize;
+    let mut metric_sums: Vec<(String, f64)> = Vec::new();
+    for micro in picked.chunks(c.batch_size as usize) {
+        let mut seqs = Vec::new();
+        let mut offsets = vec![0usize];
+        let mut weights = Vec::with_capacity(micro.len());
+        let mut rewards = Vec::new();
+        let mut refs = Vec::new();
+        for e in micro {
+            for (seq, tokens_of) in e.example.sequences.iter().zip(&e.seqs) {
+                seqs.push(tokens_of.clone());
+                rewards.push(seq.reward);
+                if let Some(r) = s.reference {
+                    let key = completion_key(&seq.completion);
+                    refs.push(*r.get(&key).ok_or_else(|| TrainError::Data(format!("no reference log-prob for {}", seq.completion)))?);
+                }
+            }
+            offsets.push(seqs.len());
+            weights.push(e.example.weight);
+        }
+        tokens += seqs.iter().map(|q| q.prompt.len() + q.response.len()).sum::<usize>();
+        let (logps, counts) = sequence_logps(model, &seqs);
+        let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
+        let out = s.objective.loss(&ObjectiveBatch {
+            example_offsets: &offsets,
+            example_weights: &weights,
+            policy_logps: &host,
+            reference_logps: s.reference.map(|_| refs.as_slice()),
+            token_counts: &counts,
+            rewards: &rewards,
+            normalizer,
+            progress: s.progress,
+        })?;
+        loss += out.loss;
+        for (name, value) in out.metrics {
+            match metric_sums.iter_mut().find(|(n, _)| *n == name) {
+                Some(m) => m.1 += value * micro.len() as f64,
+                None => metric_sums.push((name, value * micro.len() as f64)),
+            }
+        }
+        let coef: Vec<f32> = out.grad.iter().map(|g| *g as f32).collect();
+        let coef = Tensor::<TrainBackend, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
+        let surrogate = (logps * coef).sum();
+        let grads = GradientsParams::from_grads(surrogate.backward(), &model.weights);
+        accumulator.accumulate(&model.weights, grads);
+    }
+    let mut grads = accumulator.grads();
+    let mut norm = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: None };
+    model.weights.visit(&mut norm);
+    let grad_norm = norm.sum_sq.sqrt();
+    if grad_norm > c.max_grad_norm {
+        let mut clip = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: Some(c.max_grad_norm / (grad_norm + 1e-6)) };
+        model.weights.visit(&mut clip);
+    }
+    let current = model.weights.clone();
+    let weights = std::mem::replace(&mut model.weights, current);
+    model.weights = optim.step(s.lr, weights, grads);
+    let n = picked.len().max(1) as f64;
+    Ok(StepOutput { loss, grad_norm, tokens, metrics: metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect() })
+}
+
+/// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
+pub fn train_stage(
+    mut model: LlamaModel<TrainBackend>,
+    stage: Stage<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<LlamaModel<TrainBackend>> {
+    let c = stage.config;
+    let n = stage.examples.len();
+    if n == 0 {
+        return Err(TrainError::Data(format!("the {} stage has no training examples", stage.name.as_str())));
+    }
+    if c.gradient_checkpointing {
+        return Err(TrainError::Unsupported(format!(
+            "[{}] gradient_checkpointing = true is not implemented yet; set it to false",
+            stage.name.as_str()
+        )));
+    }
+    let (total, warmup) = step_counts(c, n);
+    let per_step = c.batch_size as usize * c.grad_accum as usize;
+    let lr_peak = c.learning_rate.unwrap_or(1e-5);
+    let mut optim = new_optimizer(c);
+    std::fs::create_dir_all(&stage.dir).map_err(|e| TrainError::io(&stage.dir, e))?;
+    let mut start = 0;
+    if let Some(ckpt) = latest_checkpoint(&stage.dir) {
+        let state: CheckpointState = serde_json::from_slice(
+            &std::fs::read(ckpt.join("state.json")).map_err(|e| TrainError::io(ckpt.join("state.json"), e))?,
+        )
+        .map_err(|e| TrainError::Checkpoint { file: ckpt.join("state.json"), message: e.to_string() })?;
+        let device = model.device();
+        let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+        let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
+        model.weights = model.weights.load_record(record);
+        let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
+        optim = optim.load_record(orecord);
+        start = state.step;
+        tracing::info!(stage = stage.name.as_str(), step = start, checkpoint = %ckpt.display(), "resuming");
+    }
+    trim_metrics(&stage.metrics, stage.name, start)?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&stage.metrics)
+        .map_err(|e| TrainError::io(&stage.metrics, e))?;
+    let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
+    for step in start..total {
+        let t0 = Instant::now();
+        let mut picked: Vec<&TrainExample> = Vec::with_capacity(per_step);
+        for k in 0..per_step as u64 {
+            let pos = step * per_step as u64 + k;
+            let (epoch, i) = (pos / n as u64, (pos % n as u64) as usize);
+            if c.max_steps.is_none() && epoch >= u64::from(c.epochs.unwrap_or(1)) {
+                break;
+            }
+            let order = orders.entry(epoch).or_insert_with(|| epoch_order(n, stage.seed, epoch));
+            picked.push(&stage.examples[order[i]]);
+        }
+        // Batched by length: sort the step's examples, then cut micro-batches.
+        picked.sort_by_key(|e| e.len());
+        let progress_frac = if total > 1 { step as f64 / (total - 1) as f64 } else { 1.0 };
+        let lr = learning_rate(c.schedule, lr_peak, step, warmup, total);
+        let out = optimizer_step(
+            &mut model,
+            &mut optim,
+            &picked,
+            StepSettings { objective: stage.objective, reference: stage.reference.as_ref(), config: c, progress: progress_frac, lr },
+        )?;
+        let (loss, grad_norm, tokens, metric_sums) = (out.loss, out.grad_norm, out.tokens, out.metrics);
+        let done = step + 1;
+        if done % c.log_every == 0 || done == total {
+            let secs = t0.elapsed().as_secs_f64();
+            let mut line = serde_json::json!({
+                "step": done, "stage": stage.name.as_str(), "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                "tokens_per_s": tokens as f64 / secs.max(1e-9), "examples": picked.len(),
+            });
+            let obj = line.as_object_mut().expect("object");
+            for (name, value) in &metric_sums {
+                obj.insert(name.clone(), (*value).into());
+            }
+            writeln!(metrics_file, "{line}").and_then(|()| metrics_file.flush()).map_err(|e| TrainError::io(&stage.metrics, e))?;
+        }
+        progress(&Progress { stage: stage.name, step: done, total, loss });
+        debug_pause(&format!("{}-step-{done}", stage.name.as_str()));
+        if done % c.checkpoint_every == 0 && done < total {
+            save_checkpoint(&stage.dir, &model.weights, &optim, &CheckpointState { stage: stage.name, step: done, total })?;
+        }
+    }
+    Ok(model)
+}
+
+/// The model without autodiff (same weights), for inference and export.
+pub fn inference_model(model: &LlamaModel<TrainBackend>) -> LlamaModel<Inner> {
+    LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype }
+}
