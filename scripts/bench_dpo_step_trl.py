@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""One DPO optimiser step with TRL's DPOTrainer on SmolLM2-135M-Instruct, CPU: the same work as
+train/benches/dpo_step.rs (2 pairs, every sequence 64 prompt + 192 response tokens from the same
+LCG, f32, AdamW, precomputed reference log-probs). Prints the time of the second step and the
+process's peak resident memory.
+
+    ~/.cache/fuserl-oracle/venv/bin/python scripts/bench_dpo_step_trl.py [CONVERTED_DIR]
+"""
+import os
+import pathlib
+import resource
+import sys
+import time
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+folder = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/fuserl/models/SmolLM2-135M-Instruct"))
+torch.set_num_threads(os.cpu_count())
+state = 2024
+
+
+def ids(n):
+    global state
+    out = []
+    for _ in range(n):
+        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+        out.append((state >> 33) % 49152)
+    return out
+
+
+rows = []
+for _ in range(2):
+    prompt = ids(64)
+    rows.append({"prompt_input_ids": prompt, "chosen_input_ids": ids(192), "rejected_input_ids": ids(192)})
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+class Timer(TrainerCallback):
+    def __init__(self):
+        self.starts, self.times = [], []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.starts.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self.starts[-1])
+
+
+timer = Timer()
+args = DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-6,
+                 beta=0.1, loss_type="sigmoid", precompute_ref_log_probs=True, logging_steps=1, save_strategy="no",
+                 report_to=[], use_cpu=True, max_length=512, dataloader_num_workers=0, seed=0)
+raw = Dataset.from_list([{"prompt": tok.decode(r["prompt_input_ids"]), "chosen": tok.decode(r["chosen_input_ids"]),
+                          "rejected": tok.decode(r["rejected_input_ids"])} for r in rows])
+trainer = DPOTrainer(model=model, args=args, train_dataset=raw, processing_class=tok, callbacks=[timer])
+trainer.train()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"TRL {__import__('trl').__version__} DPOTrainer (torch {torch.__version__}, f32, {torch.get_num_threads()} threads): "
+      f"one DPO step, 2 pairs x ~256 tokens: {timer.times[-1]:.2f} s, peak RSS {peak:.0f} MiB")

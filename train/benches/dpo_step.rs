@@ -1,0 +1,79 @@
+//! One DPO optimiser step on SmolLM2-135M-Instruct, CPU: 2 pairs, every sequence 64 prompt +
+//! 192 response tokens (fixed LCG ids), reference log-probs precomputed (not timed), f32, AdamW.
+//! Same work as scripts/bench_dpo_step_trl.py. Prints the time of the second step (the first
+//! warms up) and the process's peak resident memory.
+//!
+//!     scripts/fetch-smollm2.sh
+//!     cargo bench --profile dev -p fuserl-train --bench dpo_step
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::DType;
+use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
+use fuserl_core::registry::BuildContext;
+use fuserl_model::checkpoint::load;
+use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
+use fuserl_train::trainer::{StepSettings, TrainBackend, new_optimizer, optimizer_step};
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let models = std::env::var_os("FUSERL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
+    let dir = models.join("SmolLM2-135M-Instruct");
+    let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let mut state: u64 = 2024;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) % 49152) as u32
+            })
+            .collect()
+    };
+    let mut reference = HashMap::new();
+    let mut examples = Vec::new();
+    for e in 0..2 {
+        let prompt = ids(64);
+        let mut seqs = Vec::new();
+        let mut sequences = Vec::new();
+        for i in 0..2 {
+            let id = CompletionId { prompt_id: format!("p{e}"), source: "s".into(), sample_index: i };
+            reference.insert(completion_key(&id), -400.0);
+            seqs.push(SeqTokens { prompt: prompt.clone(), response: ids(192) });
+            sequences.push(ExampleSequence { completion: id, origin: Origin { adapter: "bench".into(), file: None, line: None }, reward: 1.0 - f64::from(i) });
+        }
+        let example = Example { prompt_id: format!("p{e}"), objective: "dpo".into(), weight: 1.0, sequences, notes: Default::default() };
+        examples.push(TrainExample { example, seqs });
+    }
+    let registry = fuserl_plugins::registry().expect("registry");
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), "dpo".into());
+    let dpo = registry.build_objective_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 }).expect("dpo").component;
+    let mut config: fuserl_core::recipe::StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+    config.batch_size = 2;
+    let mut optim = new_optimizer(&config);
+    let picked: Vec<&TrainExample> = examples.iter().collect();
+    let settings = StepSettings { objective: dpo.as_ref(), reference: Some(&reference), config: &config, progress: 0.0, lr: 1e-6 };
+    optimizer_step(&mut model, &mut optim, &picked, settings).expect("warm-up step");
+    let start = Instant::now();
+    let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "fuserl (burn flex autodiff, f32): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
+        secs,
+        out.loss,
+        peak_rss_mb()
+    );
+}
