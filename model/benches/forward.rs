@@ -1,3 +1,4 @@
+#![allow(clippy::print_stdout)] // A benchmark binary reports on stdout.
 //! Forward throughput of SmolLM2-135M-Instruct on the CPU backend (logits for every position).
 //!
 //!     scripts/fetch-smollm2.sh

@@ -1,3 +1,4 @@
+#![allow(clippy::print_stdout)] // A benchmark binary reports on stdout.
 //! One DPO optimiser step on SmolLM2-135M-Instruct, CPU: 2 pairs, every sequence 64 prompt +
 //! 192 response tokens (fixed LCG ids), reference log-probs precomputed (not timed), f32, AdamW.
 //! Same work as scripts/bench_dpo_step_trl.py. Prints the time of the second step (the first

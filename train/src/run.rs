@@ -4,6 +4,7 @@
 //! runs/NAME/
 //!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
 //!   metrics.jsonl          one line per logged optimiser step, both stages
+//!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
 //!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
@@ -127,9 +128,22 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
     let sft_final = dir.join("sft/final");
     let po_final = dir.join("po/final");
 
+    // The data stages of a training stage: collect, score, weigh, build examples; the examples
+    // (with their provenance and token counts) are kept in the stage's folder.
     let tokenized = |stage: StageName| -> Result<Vec<crate::data::TrainExample>> {
         let p = prepare(loaded, stage)?;
-        tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)
+        let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
+        let stage_dir = dir.join(stage.as_str());
+        std::fs::create_dir_all(&stage_dir).map_err(|e| TrainError::io(&stage_dir, e))?;
+        let mut text = String::new();
+        for e in &examples {
+            let mut v = serde_json::to_value(&e.example).map_err(|err| TrainError::Data(err.to_string()))?;
+            v["token_counts"] = e.seqs.iter().map(|s| serde_json::json!([s.prompt.len(), s.response.len()])).collect();
+            text.push_str(&v.to_string());
+            text.push('\n');
+        }
+        write_atomic(&stage_dir.join("examples.jsonl"), text.as_bytes())?;
+        Ok(examples)
     };
 
     let do_sft = recipe.sft.enabled && matches!(which, Which::Sft | Which::All);

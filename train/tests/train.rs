@@ -89,6 +89,10 @@ fn dpo_starts_at_ln2_and_falls() {
     }
     assert!(dir.path().join("run/export/model.safetensors").is_file());
     assert!(dir.path().join("run/po/reference-logps.json").is_file());
+    let examples = std::fs::read_to_string(dir.path().join("run/po/examples.jsonl")).expect("examples");
+    let first: serde_json::Value = serde_json::from_str(examples.lines().next().expect("line")).expect("json");
+    assert_eq!(first["sequences"][0]["origin"]["adapter"], "jsonl");
+    assert!(first["token_counts"][0][1].as_u64().expect("count") > 0);
 }
 
 #[test]
