@@ -260,3 +260,22 @@ fn out_to_a_pipe_writes_through_it_instead_of_replacing_it() {
     }
     assert_eq!(String::from_utf8_lossy(&got).lines().count(), 28);
 }
+
+#[test]
+fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let recipe = repo().join("recipes/quickstart.toml").display().to_string();
+    let out = fuserl(&["run", &recipe], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("fused model: runs/quickstart/export") && stdout.contains("metrics: runs/quickstart/metrics.jsonl"), "{stdout}");
+    assert!(dir.path().join("runs/quickstart/export/model.safetensors").is_file());
+    assert!(dir.path().join("runs/quickstart/export/tokenizer.json").is_file());
+    let again = fuserl(&["run", &recipe], dir.path());
+    assert!(again.status.success());
+    assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
+    // The fused model is an ordinary checkpoint: it scores and generates.
+    let model = dir.path().join("runs/quickstart/export").display().to_string();
+    let reply = fuserl(&["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-new-tokens", "8"], dir.path());
+    assert!(reply.status.success(), "{}", text(&reply.stderr));
+}
