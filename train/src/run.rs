@@ -26,7 +26,29 @@ use fuserl_model::checkpoint::{load, save};
 
 use crate::data::tokenize;
 use crate::error::{Result, TrainError};
-use crate::trainer::{Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic};
+use crate::trainer::{CheckpointedBackend, Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic};
+
+/// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
+/// `out`: with activations recomputed in backward when the stage asks for gradient
+/// checkpointing.
+fn train_and_save(
+    start: &Path,
+    stage: Stage<'_>,
+    dt: DType,
+    out: &Path,
+    side_files: &Path,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let device = Default::default();
+    if stage.config.gradient_checkpointing {
+        let model = train_stage(load::<CheckpointedBackend>(start, &device, dt)?, stage, progress)?;
+        save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
+    } else {
+        let model = train_stage(load::<TrainBackend>(start, &device, dt)?, stage, progress)?;
+        save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
+    }
+    Ok(())
+}
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,8 +174,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
             skipped.push(StageName::Sft);
         } else {
             let _span = tracing::info_span!("stage", name = "sft").entered();
-            let model = load::<TrainBackend>(&target, &device, dt)?;
-            tok.check_fits(model.config.vocab_size)?;
+            tok.check_fits(fuserl_model::config::LlamaConfig::from_file(&target.join("config.json"))?.vocab_size)?;
             let stage = Stage {
                 name: StageName::Sft,
                 config: &recipe.sft,
@@ -164,8 +185,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 dir: dir.join("sft/checkpoints"),
                 metrics: metrics.clone(),
             };
-            let model = train_stage(model, stage, progress)?;
-            save(&inference_model(&model), &sft_final, 2 << 30, Some(&target))?;
+            train_and_save(&target, stage, dt, &sft_final, &target, progress)?;
             write_atomic(&dir.join("sft/DONE"), b"done\n")?;
         }
     }
@@ -217,7 +237,6 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
             } else {
                 None
             };
-            let model = load::<TrainBackend>(&start, &device, dt)?;
             let stage = Stage {
                 name: StageName::Po,
                 config: &recipe.po,
@@ -228,8 +247,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 dir: dir.join("po/checkpoints"),
                 metrics: metrics.clone(),
             };
-            let model = train_stage(model, stage, progress)?;
-            save(&inference_model(&model), &po_final, 2 << 30, Some(&target))?;
+            train_and_save(&start, stage, dt, &po_final, &target, progress)?;
             write_atomic(&dir.join("po/DONE"), b"done\n")?;
         }
     }

@@ -14,7 +14,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::pipeline::StageName;
@@ -27,7 +27,9 @@ use crate::schedule::learning_rate;
 
 /// The CPU training backend.
 pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
-type Inner = burn::backend::Flex;
+/// The CPU training backend with gradient checkpointing (activations recomputed in backward).
+pub type CheckpointedBackend =
+    burn::backend::Autodiff<burn::backend::Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
 
 /// Log-prob of each sequence (sum over response tokens), differentiable, and the token counts.
 ///
@@ -57,7 +59,7 @@ pub fn sequence_logps<B: Backend>(model: &LlamaModel<B>, seqs: &[SeqTokens]) -> 
 
 /// Reference log-probs of every sequence of `examples` under `model` (no gradient), keyed by
 /// completion, computed in batches.
-pub fn reference_logps(model: &LlamaModel<Inner>, examples: &[TrainExample], batch: usize) -> HashMap<String, f64> {
+pub fn reference_logps<B: Backend>(model: &LlamaModel<B>, examples: &[TrainExample], batch: usize) -> HashMap<String, f64> {
     let mut seen: HashMap<String, SeqTokens> = HashMap::new();
     for e in examples {
         for (seq, tokens) in e.example.sequences.iter().zip(&e.seqs) {
@@ -146,18 +148,18 @@ struct GradNorm<'a> {
     scale: Option<f64>,
 }
 
-impl ModuleVisitor<TrainBackend> for GradNorm<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TrainBackend, D>>) {
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let id: ParamId = param.id;
         match self.scale {
             None => {
-                if let Some(g) = self.grads.get::<Inner, D>(id) {
-                    let sq: f32 = g.cast(DType::F32).powi_scalar(2).sum().into_scalar();
+                if let Some(g) = self.grads.get::<B::InnerBackend, D>(id) {
+                    let sq: f32 = g.cast(DType::F32).powi_scalar(2).sum().into_data().iter::<f32>().next().unwrap_or(0.0);
                     self.sum_sq += f64::from(sq);
                 }
             }
             Some(s) => {
-                if let Some(g) = self.grads.remove::<Inner, D>(id) {
+                if let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) {
                     self.grads.register(id, g.mul_scalar(s));
                 }
             }
@@ -217,9 +219,9 @@ fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
 }
 
 /// The optimiser type.
-pub type Optim = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<TrainBackend>, TrainBackend>;
+pub type Optim<B = TrainBackend> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<B>, B>;
 
-fn save_checkpoint(dir: &Path, weights: &Llama<TrainBackend>, optim: &Optim, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint<B: AutodiffBackend>(dir: &Path, weights: &Llama<B>, optim: &Optim<B>, state: &CheckpointState) -> Result<()> {
     let name = format!("step-{:06}", state.step);
     let tmp = dir.join(format!("{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -270,7 +272,7 @@ pub struct StepOutput {
 }
 
 /// The AdamW optimiser of a model.
-pub fn new_optimizer(c: &StageConfig) -> Optim {
+pub fn new_optimizer<B: AutodiffBackend>(c: &StageConfig) -> Optim<B> {
     AdamWConfig::new()
         .with_beta_1(c.adam_beta1 as f32)
         .with_beta_2(c.adam_beta2 as f32)
@@ -281,9 +283,9 @@ pub fn new_optimizer(c: &StageConfig) -> Optim {
 
 /// One optimiser step over `picked` (already in micro-batch order): micro-batches of
 /// `batch_size`, gradients accumulated, clipped by global norm, AdamW.
-pub fn optimizer_step(
-    model: &mut LlamaModel<TrainBackend>,
-    optim: &mut Optim,
+pub fn optimizer_step<B: AutodiffBackend>(
+    model: &mut LlamaModel<B>,
+    optim: &mut Optim<B>,
     picked: &[&TrainExample],
     s: StepSettings<'_>,
 ) -> Result<StepOutput> {
@@ -294,7 +296,7 @@ pub fn optimizer_step(
     // sum_k w_k loss_k (the weights of a prompt sum to 1), and it stays an average when a step
     // holds only some of a prompt's examples (our choice).
     let normalizer: f64 = picked.iter().map(|e| e.example.weight).sum::<f64>().max(f64::MIN_POSITIVE);
-    let mut accumulator = GradientsAccumulator::<Llama<TrainBackend>>::new();
+    let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
     let mut loss = 0.0;
     let mut tokens = 0usize;
     let mut metric_sums: Vec<(String, f64)> = Vec::new();
@@ -337,7 +339,7 @@ pub fn optimizer_step(
             }
         }
         let coef: Vec<f32> = out.grad.iter().map(|g| *g as f32).collect();
-        let coef = Tensor::<TrainBackend, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
+        let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
         let surrogate = (logps * coef).sum();
         let grads = GradientsParams::from_grads(surrogate.backward(), &model.weights);
         accumulator.accumulate(&model.weights, grads);
@@ -358,26 +360,20 @@ pub fn optimizer_step(
 }
 
 /// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
-pub fn train_stage(
-    mut model: LlamaModel<TrainBackend>,
+pub fn train_stage<B: AutodiffBackend>(
+    mut model: LlamaModel<B>,
     stage: Stage<'_>,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<LlamaModel<TrainBackend>> {
+) -> Result<LlamaModel<B>> {
     let c = stage.config;
     let n = stage.examples.len();
     if n == 0 {
         return Err(TrainError::Data(format!("the {} stage has no training examples", stage.name.as_str())));
     }
-    if c.gradient_checkpointing {
-        return Err(TrainError::Unsupported(format!(
-            "[{}] gradient_checkpointing = true is not implemented yet; set it to false",
-            stage.name.as_str()
-        )));
-    }
     let (total, warmup) = step_counts(c, n);
     let per_step = c.batch_size as usize * c.grad_accum as usize;
     let lr_peak = c.learning_rate.unwrap_or(1e-5);
-    let mut optim = new_optimizer(c);
+    let mut optim = new_optimizer::<B>(c);
     std::fs::create_dir_all(&stage.dir).map_err(|e| TrainError::io(&stage.dir, e))?;
     let mut start = 0;
     if let Some(ckpt) = latest_checkpoint(&stage.dir) {
@@ -447,6 +443,6 @@ pub fn train_stage(
 }
 
 /// The model without autodiff (same weights), for inference and export.
-pub fn inference_model(model: &LlamaModel<TrainBackend>) -> LlamaModel<Inner> {
+pub fn inference_model<B: AutodiffBackend>(model: &LlamaModel<B>) -> LlamaModel<B::InnerBackend> {
     LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype }
 }

@@ -113,3 +113,27 @@ fn same_recipe_and_seed_give_identical_losses_and_weights() {
     assert_eq!(again.len(), ra.len());
     assert_eq!(std::fs::read(a.path().join("run/export/model.safetensors")).expect("a"), wa);
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_training() {
+    let registry = fuserl_plugins::registry().expect("registry");
+    let run_with = |out: &Path, checkpointing: bool| -> Vec<serde_json::Value> {
+        let mut text = recipe(out, 1, 1);
+        if checkpointing {
+            text = text.replace("[sft]\n", "[sft]\ngradient_checkpointing = true\n").replace("[po]\n", "[po]\ngradient_checkpointing = true\n");
+        }
+        let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
+        run(&loaded, Which::All, &mut |_| {}).expect("run");
+        std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let plain = run_with(&dir.path().join("plain"), false);
+    let ckpt = run_with(&dir.path().join("ckpt"), true);
+    for stage in ["sft", "po"] {
+        let (a, b) = (losses(&plain, stage), losses(&ckpt, stage));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{stage}: {x} vs {y}");
+        }
+    }
+}
