@@ -16,7 +16,7 @@ use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory
 use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Accumulator, Arity, smoothed_sigmoid_loss, validate_batch};
+use super::{Accumulator, Arity, PAIR_METRICS, smoothed_sigmoid_loss, validate_batch};
 use crate::pairs::PairConfig;
 
 /// The DPO-family loss.
@@ -96,8 +96,7 @@ impl PreferenceObjective for DpoObjective {
         validate_batch(self.name(), b, Arity::Exactly(2), true)?;
         let reference = b.reference_logps.unwrap_or_default();
         let beta = self.config.beta;
-        let mut acc =
-            Accumulator::new(b, &["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]);
+        let mut acc = Accumulator::new(b, &PAIR_METRICS);
         for e in 0..b.num_examples() {
             let (w, l) = (b.example_offsets[e], b.example_offsets[e] + 1);
             let scale = b.example_weights[e] / b.normalizer;
@@ -124,10 +123,7 @@ impl PreferenceObjective for DpoObjective {
             acc.grad[w] += scale * d_delta * dw;
             acc.grad[l] -= scale * d_delta * dl;
             let (rc, rr) = (beta * hw, beta * hl);
-            acc.metric(0, rc);
-            acc.metric(1, rr);
-            acc.metric(2, rc - rr);
-            acc.metric(3, if rc > rr { 1.0 } else { 0.0 });
+            acc.pair(0, rc, rr);
         }
         Ok(acc.finish())
     }

@@ -110,6 +110,19 @@ impl Accumulator {
     }
 }
 
+/// The metrics every pairwise objective reports, as TRL names them.
+pub(crate) const PAIR_METRICS: [&str; 4] = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"];
+
+impl Accumulator {
+    /// Record one pair's implicit rewards at `offset` in the metric list ([`PAIR_METRICS`] order).
+    pub fn pair(&mut self, offset: usize, chosen: f64, rejected: f64) {
+        self.metric(offset, chosen);
+        self.metric(offset + 1, rejected);
+        self.metric(offset + 2, chosen - rejected);
+        self.metric(offset + 3, if chosen > rejected { 1.0 } else { 0.0 });
+    }
+}
+
 /// Sigmoid-family loss of a margin `z` with label smoothing `eps`:
 /// `-(1 - eps) ln sigma(z) - eps ln sigma(-z)`, and its derivative in `z`.
 pub(crate) fn smoothed_sigmoid_loss(z: f64, eps: f64) -> (f64, f64) {

@@ -8,7 +8,7 @@ use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory
 use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Accumulator, Arity, smoothed_sigmoid_loss, validate_batch};
+use super::{Accumulator, Arity, PAIR_METRICS, smoothed_sigmoid_loss, validate_batch};
 use crate::pairs::PairConfig;
 
 /// `kind = "simpo"`.
@@ -66,8 +66,7 @@ impl PreferenceObjective for SimpoObjective {
     fn loss(&self, b: &ObjectiveBatch<'_>) -> Result<LossOutput> {
         validate_batch(self.name(), b, Arity::Exactly(2), false)?;
         let beta = self.config.beta;
-        let mut acc =
-            Accumulator::new(b, &["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]);
+        let mut acc = Accumulator::new(b, &PAIR_METRICS);
         for e in 0..b.num_examples() {
             let (w, l) = (b.example_offsets[e], b.example_offsets[e] + 1);
             let scale = b.example_weights[e] / b.normalizer;
@@ -76,10 +75,7 @@ impl PreferenceObjective for SimpoObjective {
             acc.loss += scale * loss;
             acc.grad[w] += scale * dz * beta / b.token_counts[w];
             acc.grad[l] -= scale * dz * beta / b.token_counts[l];
-            acc.metric(0, rc);
-            acc.metric(1, rr);
-            acc.metric(2, rc - rr);
-            acc.metric(3, if rc > rr { 1.0 } else { 0.0 });
+            acc.pair(0, rc, rr);
         }
         Ok(acc.finish())
     }

@@ -15,7 +15,7 @@ use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory
 use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Accumulator, Arity, validate_batch};
+use super::{Accumulator, Arity, PAIR_METRICS, validate_batch};
 use crate::pairs::extremes;
 
 /// `kind = "wrpo"`.
@@ -95,10 +95,8 @@ impl PreferenceObjective for WrpoObjective {
         let reference = b.reference_logps.unwrap_or_default();
         let beta = self.config.beta;
         let alpha = self.config.alpha_end * b.progress;
-        let mut acc = Accumulator::new(
-            b,
-            &["wrpo/alpha", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"],
-        );
+        let names: Vec<&str> = std::iter::once("wrpo/alpha").chain(PAIR_METRICS).collect();
+        let mut acc = Accumulator::new(b, &names);
         for e in 0..b.num_examples() {
             let start = b.example_offsets[e];
             let idx = [start, start + 1, start + 2];
@@ -118,10 +116,7 @@ impl PreferenceObjective for WrpoObjective {
             let chosen = alpha * beta * h[0] + (1.0 - alpha) * beta * h[1];
             let rejected = beta * h[2];
             acc.metric(0, alpha);
-            acc.metric(1, chosen);
-            acc.metric(2, rejected);
-            acc.metric(3, chosen - rejected);
-            acc.metric(4, if chosen > rejected { 1.0 } else { 0.0 });
+            acc.pair(1, chosen, rejected);
         }
         Ok(acc.finish())
     }
