@@ -20,7 +20,14 @@ fn recipes() -> Vec<PathBuf> {
 #[test]
 fn recipe_check_passes_on_every_committed_recipe() {
     let files = recipes();
-    for name in ["fuserl-dpo.toml", "fuserl-simpo.toml", "fuserl-rloo.toml", "fusechat3.toml", "wrpo.toml", "plugin-example.toml"] {
+    for name in [
+        "fuserl-dpo.toml",
+        "fuserl-simpo.toml",
+        "fuserl-rloo.toml",
+        "fusechat3.toml",
+        "wrpo.toml",
+        "plugin-example.toml",
+    ] {
         assert!(files.iter().any(|f| f.ends_with(name)), "recipes/{name} is missing");
     }
     let mut args = vec!["recipe", "check"];
@@ -84,11 +91,20 @@ fn wrong_type_is_reported_with_what_was_expected() {
     let (code, err, recipe) = check_broken(|r| r.replace("temperature = 0.5", "temperature = \"hot\""));
     assert_eq!(code, 2, "{err}");
     let line = line_of(&recipe, "\"hot\"");
-    assert!(err.contains(&format!("broken.toml:{line}:1: weighting.temperature: expected a number, found string \"hot\"")), "{err}");
+    assert!(
+        err.contains(&format!("broken.toml:{line}:1: weighting.temperature: expected a number, found string \"hot\"")),
+        "{err}"
+    );
     let (code, err, _) = check_broken(|r| r.replace("device = \"cpu\"", "device = \"tpu\""));
     assert_eq!(code, 2);
-    assert!(err.contains("backend.device: unknown value `tpu`; expected one of: cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"), "{err}");
-    let (code, err, _) = check_broken(|r| r.replace("batch_size = 4\n\n[po.objective]", "batch_size = -4\n\n[po.objective]"));
+    assert!(
+        err.contains(
+            "backend.device: unknown value `tpu`; expected one of: cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"
+        ),
+        "{err}"
+    );
+    let (code, err, _) =
+        check_broken(|r| r.replace("batch_size = 4\n\n[po.objective]", "batch_size = -4\n\n[po.objective]"));
     assert_eq!(code, 2);
     assert!(err.contains("po.batch_size: expected a non-negative integer"), "{err}");
 }
@@ -104,7 +120,12 @@ fn unknown_plugin_lists_the_registered_ones() {
     );
     let (code, err, _) = check_broken(|r| r.replace("kind = \"softmax\"", "kind = \"softmin\""));
     assert_eq!(code, 2);
-    assert!(err.contains("weighting.kind: unknown weighting scheme `softmin`; expected one of: best-only, rank, softmax, uniform"), "{err}");
+    assert!(
+        err.contains(
+            "weighting.kind: unknown weighting scheme `softmin`; expected one of: best-only, rank, softmax, uniform"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -112,7 +133,10 @@ fn missing_required_field_is_reported_at_its_table() {
     let (code, err, recipe) = check_broken(|r| r.replace("checkpoint = \"../models/SmolLM2-135M-Instruct\"\n", ""));
     assert_eq!(code, 2, "{err}");
     let line = line_of(&recipe, "[target]");
-    assert!(err.contains(&format!("broken.toml:{line}:2: target.checkpoint: missing required key `checkpoint`")), "{err}");
+    assert!(
+        err.contains(&format!("broken.toml:{line}:2: target.checkpoint: missing required key `checkpoint`")),
+        "{err}"
+    );
     let (code, err, recipe) = check_broken(|r| r.replace("path = \"../data/fusion-mini.jsonl\"\n", ""));
     assert_eq!(code, 2);
     let line = line_of(&recipe, "kind = \"jsonl\"");
@@ -124,8 +148,14 @@ fn component_validation_and_syntax_errors_point_at_the_place() {
     let (code, err, recipe) = check_broken(|r| r.replace("min_gap = 0.005", "min_gap = -1.0"));
     assert_eq!(code, 2);
     let line = line_of(&recipe, "min_gap");
-    assert!(err.contains(&format!("broken.toml:{line}:1: po.objective.pairs.min_gap: expected a finite number >= 0, found -1")), "{err}");
-    let (code, err, _) = check_broken(|r| r.replace("path = \"../data/fusion-mini.jsonl\"", "path = \"../data/none.jsonl\""));
+    assert!(
+        err.contains(&format!(
+            "broken.toml:{line}:1: po.objective.pairs.min_gap: expected a finite number >= 0, found -1"
+        )),
+        "{err}"
+    );
+    let (code, err, _) =
+        check_broken(|r| r.replace("path = \"../data/fusion-mini.jsonl\"", "path = \"../data/none.jsonl\""));
     assert_eq!(code, 2);
     assert!(err.contains("sources[0].path: no such data file"), "{err}");
     let (code, err, recipe) = check_broken(|r| r.replace("seed = 42", "seed = = 42"));
@@ -134,7 +164,10 @@ fn component_validation_and_syntax_errors_point_at_the_place() {
     assert!(err.contains(&format!("broken.toml:{line}:")) && err.contains("invalid TOML"), "{err}");
     let (code, err, _) = check_broken(|r| r.replace("schema_version = 1", "schema_version = 2"));
     assert_eq!(code, 2);
-    assert!(err.contains("broken.toml:4:1: schema_version: unsupported schema version 2; this fuserl reads version 1"), "{err}");
+    assert!(
+        err.contains("broken.toml:4:1: schema_version: unsupported schema version 2; this fuserl reads version 1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -169,7 +202,10 @@ fn plugins_list_shows_every_builtin() {
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
             .unwrap_or_else(|| panic!("no line for {point} {name} in\n{listing}"));
         assert!(line.contains("built-in (fuserl-plugins)"), "{line}");
-        assert!(line.split("built-in (fuserl-plugins)").nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
+        assert!(
+            line.split("built-in (fuserl-plugins)").nth(1).is_some_and(|s| s.trim().len() > 10),
+            "no summary: {line}"
+        );
     }
 }
 
@@ -192,8 +228,11 @@ fn examples_trace_back_to_the_source_answers() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let data = std::fs::read_to_string(repo().join("data/fusion-mini.jsonl")).expect("data");
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&out_file).expect("out").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .expect("out")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
     // 10 prompts; every source has a pair except those whose two samples tie or are within
     // min_gap 0.005 (model-a on 4 prompts, model-c on one).
     assert!(lines.len() >= 15 && lines.len() <= 30, "{} examples", lines.len());
@@ -211,7 +250,8 @@ fn examples_trace_back_to_the_source_answers() {
         let source = seqs[0]["completion"]["source"].as_str().expect("source");
         let sample = seqs[0]["completion"]["sample_index"].as_u64().expect("sample") as usize;
         assert_eq!(record["scores"][source][sample].as_f64(), seqs[0]["reward"].as_f64());
-        *total_by_prompt.entry(e["prompt_id"].as_str().expect("id").to_owned()).or_default() += e["weight"].as_f64().expect("w");
+        *total_by_prompt.entry(e["prompt_id"].as_str().expect("id").to_owned()).or_default() +=
+            e["weight"].as_f64().expect("w");
     }
     for (prompt, total) in total_by_prompt {
         assert!((total - 1.0).abs() < 1e-9, "weights of {prompt} sum to {total}");
@@ -244,7 +284,8 @@ fn out_to_a_pipe_writes_through_it_instead_of_replacing_it() {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     const O_NONBLOCK: i32 = 0o4000;
-    let mut pipe = std::fs::OpenOptions::new().read(true).write(true).custom_flags(O_NONBLOCK).open(&fifo).expect("open pipe");
+    let mut pipe =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(O_NONBLOCK).open(&fifo).expect("open pipe");
     let out = fuserl(&["examples", "recipes/fuserl-dpo.toml", "--out", &fifo.display().to_string()], &repo());
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(std::fs::metadata(&fifo).expect("pipe").file_type().is_fifo(), "the pipe was replaced");
@@ -268,7 +309,11 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     let out = fuserl(&["run", &recipe], dir.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("fused model: runs/quickstart/export") && stdout.contains("metrics: runs/quickstart/metrics.jsonl"), "{stdout}");
+    assert!(
+        stdout.contains("fused model: runs/quickstart/export")
+            && stdout.contains("metrics: runs/quickstart/metrics.jsonl"),
+        "{stdout}"
+    );
     assert!(dir.path().join("runs/quickstart/export/model.safetensors").is_file());
     assert!(dir.path().join("runs/quickstart/export/tokenizer.json").is_file());
     let again = fuserl(&["run", &recipe], dir.path());
@@ -276,6 +321,9 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
     // The fused model is an ordinary checkpoint: it scores and generates.
     let model = dir.path().join("runs/quickstart/export").display().to_string();
-    let reply = fuserl(&["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-new-tokens", "8"], dir.path());
+    let reply = fuserl(
+        &["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-new-tokens", "8"],
+        dir.path(),
+    );
     assert!(reply.status.success(), "{}", text(&reply.stderr));
 }

@@ -45,18 +45,29 @@ fn a_recipe_loads_its_plugins_and_runs_their_components() {
     let dir = tempfile::tempdir().expect("tmp");
     for stage in ["sft", "po"] {
         let file = dir.path().join(format!("{stage}.jsonl"));
-        let out = fuserl(&["examples", "recipes/plugin-example.toml", "--stage", stage, "--out", &file.display().to_string()], &repo());
+        let out = fuserl(
+            &["examples", "recipes/plugin-example.toml", "--stage", stage, "--out", &file.display().to_string()],
+            &repo(),
+        );
         assert!(out.status.success(), "{}", text(&out.stderr));
-        let lines: Vec<serde_json::Value> =
-            std::fs::read_to_string(&file).expect("out").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+            .expect("out")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
         assert!(!lines.is_empty());
         if stage == "po" {
-            assert!(lines.iter().all(|e| e["objective"] == "ranking-hinge" && e["sequences"].as_array().map(Vec::len) == Some(2)));
+            assert!(
+                lines
+                    .iter()
+                    .all(|e| e["objective"] == "ranking-hinge" && e["sequences"].as_array().map(Vec::len) == Some(2))
+            );
             assert_eq!(lines.len(), 10, "one best-vs-worst pair per prompt");
         } else {
             // margin 0.05 below the best: capital-france keeps model-a (0.998, 0.988), model-b's
             // 0.968 and model-c's 0.992.
-            let capital: Vec<&serde_json::Value> = lines.iter().filter(|e| e["prompt_id"] == "capital-france").collect();
+            let capital: Vec<&serde_json::Value> =
+                lines.iter().filter(|e| e["prompt_id"] == "capital-france").collect();
             assert_eq!(capital.len(), 4);
         }
     }
@@ -73,7 +84,10 @@ fn plugin_components_evaluate_like_builtins() {
     assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(2));
     // Loading the same file again is a no-op.
     assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(0));
-    let hinge = registry.build_objective_from(&table("kind = \"ranking-hinge\"\ngamma = 0.5"), &ctx()).expect("build").component;
+    let hinge = registry
+        .build_objective_from(&table("kind = \"ranking-hinge\"\ngamma = 0.5"), &ctx())
+        .expect("build")
+        .component;
     let batch = ObjectiveBatch {
         example_offsets: &[0, 2, 4],
         example_weights: &[1.0, 1.0],
@@ -119,7 +133,8 @@ fn a_library_without_the_entry_symbol_is_refused() {
     let out = fuserl(&["--plugin", &lib.display().to_string(), "plugins", "list"], &repo());
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("libplain.so: a library, but not a fuserl plugin: it has no `fuserl_plugin_declare` symbol"),
+        text(&out.stderr)
+            .contains("libplain.so: a library, but not a fuserl plugin: it has no `fuserl_plugin_declare` symbol"),
         "{}",
         text(&out.stderr)
     );
@@ -140,7 +155,10 @@ fn newer_older_and_wrongly_sized_declarations_are_refused() {
     assert!(err.contains("built for plugin ABI version 2, newer than this fuserl's (1); upgrade fuserl"), "{err}");
     let (code, err) = with_testkit("older-abi", &["plugins", "list"], &repo());
     assert_eq!(code, Some(2));
-    assert!(err.contains("built for plugin ABI version 0, older than the oldest this fuserl loads (1); rebuild the plugin"), "{err}");
+    assert!(
+        err.contains("built for plugin ABI version 0, older than the oldest this fuserl loads (1); rebuild the plugin"),
+        "{err}"
+    );
     let (code, err) = with_testkit("wrong-size", &["plugins", "list"], &repo());
     assert_eq!(code, Some(2));
     assert!(err.contains("its declaration is") && err.contains("not a fuserl plugin of this version"), "{err}");
@@ -174,8 +192,9 @@ fn a_panicking_component_is_an_error_naming_plugin_and_component() {
     let (code, err) = with_testkit("", &["examples", "recipes/t.toml", "--stage", "sft"], dir.path());
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("weighting scheme `panicky`: panicked: panicky weighting was asked to weigh [plugin `fuserl-test-plugin`,")
-            && err.contains("libfuserl_test_plugin.so]"),
+        err.contains(
+            "weighting scheme `panicky`: panicked: panicky weighting was asked to weigh [plugin `fuserl-test-plugin`,"
+        ) && err.contains("libfuserl_test_plugin.so]"),
         "{err}"
     );
     // In-process too: the host survives the panic and keeps working.
@@ -212,7 +231,10 @@ fn a_component_that_returns_an_error_is_reported() {
         progress: 0.0,
     };
     let err = failing.loss(&batch).unwrap_err().to_string();
-    assert!(err.starts_with("preference objective `failing`: this objective always fails [plugin `fuserl-test-plugin`,"), "{err}");
+    assert!(
+        err.starts_with("preference objective `failing`: this objective always fails [plugin `fuserl-test-plugin`,"),
+        "{err}"
+    );
     // A constructor's refusal keeps its key path, so the recipe points at the line.
     let (dir, recipe) = testkit_recipe("kind = \"softmax\"", "kind = \"failing\"\nfail_create = true");
     let (code, err) = with_testkit("", &["recipe", "check", "recipes/t.toml"], dir.path());
@@ -240,7 +262,8 @@ fn plugins_log_through_the_host() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
-        err.lines().any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example-plugin")),
+        err.lines()
+            .any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example-plugin")),
         "{err}"
     );
 }

@@ -56,14 +56,26 @@ fn logprobs_command_matches_transformers() {
     let data = dir.path().join("pairs.jsonl");
     let mut lines = String::new();
     for pair in reference["pairs"].as_array().expect("pairs") {
-        lines.push_str(&serde_json::json!({"prompt": pair["messages"], "response": pair["response"], "id": "kept"}).to_string());
+        lines.push_str(
+            &serde_json::json!({"prompt": pair["messages"], "response": pair["response"], "id": "kept"}).to_string(),
+        );
         lines.push('\n');
     }
     std::fs::write(&data, lines).expect("write");
     let out = dir.path().join("scored.jsonl");
     let model = model_dir().display().to_string();
     let run = fuserl(
-        &["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out.display().to_string(), "--batch-size", "3"],
+        &[
+            "logprobs",
+            "--model",
+            &model,
+            "--data",
+            &data.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--batch-size",
+            "3",
+        ],
         &repo(),
     );
     assert!(run.status.success(), "{}", text(&run.stderr));
@@ -92,7 +104,10 @@ fn logprobs_command_matches_transformers() {
 #[test]
 fn generate_answers_paris() {
     let model = model_dir().display().to_string();
-    let run = fuserl(&["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-new-tokens", "24"], &repo());
+    let run = fuserl(
+        &["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-new-tokens", "24"],
+        &repo(),
+    );
     assert!(run.status.success(), "{}", text(&run.stderr));
     let reply = text(&run.stdout);
     assert!(reply.contains("Paris"), "{reply}");
@@ -105,7 +120,8 @@ fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
     use fuserl_model::generate::{GenerateConfig, generate};
     use fuserl_model::llama::Inputs;
     let dir = model_dir();
-    let model = fuserl_model::checkpoint::load::<fuserl_model::Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let model =
+        fuserl_model::checkpoint::load::<fuserl_model::Cpu>(&dir, &Default::default(), DType::F32).expect("load");
     let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name one primary colour."]
         .iter()
@@ -123,7 +139,8 @@ fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
             let logits = model.forward(&Inputs::right_padded(std::slice::from_ref(&seq), 0));
             let t = seq.len();
             let last: Vec<f32> = logits.narrow(1, t - 1, 1).into_data().iter::<f32>().collect();
-            let argmax = last.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
+            let argmax =
+                last.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0 as u32;
             assert_eq!(argmax, next);
             seq.push(next);
         }
@@ -138,17 +155,29 @@ fn smollm2_recipe_trains_both_stages_and_exports_a_model_that_generates() {
     let run = fuserl(&["run", &recipe], dir.path());
     assert!(run.status.success(), "{}", text(&run.stderr));
     assert!(text(&run.stdout).contains("fused model: runs/smollm2-fuserl-dpo/export"), "{}", text(&run.stdout));
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("runs/smollm2-fuserl-dpo/metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let metrics: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("runs/smollm2-fuserl-dpo/metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
     assert_eq!(metrics.iter().filter(|m| m["stage"] == "sft").count(), 2);
     let po: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["stage"] == "po").collect();
     assert_eq!(po.len(), 2);
     assert!((po[0]["loss"].as_f64().expect("loss") - std::f64::consts::LN_2).abs() < 1e-4, "{}", po[0]);
     let export = dir.path().join("runs/smollm2-fuserl-dpo/export");
-    let reply = fuserl(&["generate", "--model", &export.display().to_string(), "--prompt", "What is the capital of France?", "--max-new-tokens", "16"], dir.path());
+    let reply = fuserl(
+        &[
+            "generate",
+            "--model",
+            &export.display().to_string(),
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "16",
+        ],
+        dir.path(),
+    );
     assert!(reply.status.success(), "{}", text(&reply.stderr));
     assert!(text(&reply.stdout).contains("Paris"), "{}", text(&reply.stdout));
 }

@@ -67,7 +67,10 @@ fn sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result() {
         if label == "sft-checkpoint-6" {
             // Killed mid-write: the half-written checkpoint is not the one a rerun trusts.
             assert!(run_dir.join("sft/checkpoints/step-000006.tmp").is_dir());
-            assert_eq!(std::fs::read_to_string(run_dir.join("sft/checkpoints/LATEST")).expect("latest").trim(), "step-000003");
+            assert_eq!(
+                std::fs::read_to_string(run_dir.join("sft/checkpoints/LATEST")).expect("latest").trim(),
+                "step-000003"
+            );
         }
         if label.starts_with("po") {
             assert!(run_dir.join("sft/DONE").is_file(), "SFT should be finished before {label}");
@@ -83,12 +86,19 @@ fn sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result() {
         m.lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).expect("json");
-                (v["stage"].as_str().expect("stage").to_owned(), v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss").to_bits())
+                (
+                    v["stage"].as_str().expect("stage").to_owned(),
+                    v["step"].as_u64().expect("step"),
+                    v["loss"].as_f64().expect("loss").to_bits(),
+                )
             })
             .collect()
     };
     assert_eq!(strip(&got_metrics), strip(&want_metrics));
     // A finished run is not redone.
     let again = fuserl(&["run", &killed.display().to_string()], dir.path());
-    assert!(text(&again.stdout).contains("sft was already finished") && text(&again.stdout).contains("po was already finished"));
+    assert!(
+        text(&again.stdout).contains("sft was already finished")
+            && text(&again.stdout).contains("po was already finished")
+    );
 }

@@ -68,10 +68,14 @@ enum Command {
     Convert(model_cmds::ConvertCommand),
     /// Per-token log-probs of (prompt, response) pairs (also how FusePO's reference log-probs
     /// are computed).
-    #[command(after_help = "Example:\n  fuserl logprobs --model models/SmolLM2-135M-Instruct --data pairs.jsonl --out scored.jsonl")]
+    #[command(
+        after_help = "Example:\n  fuserl logprobs --model models/SmolLM2-135M-Instruct --data pairs.jsonl --out scored.jsonl"
+    )]
     Logprobs(model_cmds::LogprobsArgs),
     /// Reply to one user message (through the chat template) and print the reply.
-    #[command(after_help = "Example:\n  fuserl generate --model models/SmolLM2-135M-Instruct --prompt \"What is the capital of France?\"")]
+    #[command(
+        after_help = "Example:\n  fuserl generate --model models/SmolLM2-135M-Instruct --prompt \"What is the capital of France?\""
+    )]
     Generate(model_cmds::GenerateArgs),
 }
 
@@ -257,9 +261,11 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_train::run::Which) 
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let mut on_step = |p: &fuserl_train::trainer::Progress| {
         bar.set_prefix(p.stage.as_str());
@@ -297,7 +303,13 @@ fn check_backend(loaded: fuserl_core::recipe::LoadedRecipe) -> fuserl_core::Resu
             let text = std::fs::read_to_string(&loaded.file).unwrap_or_default();
             let path = fuserl_core::config::KeyPath::keys(&["backend", "device"]);
             let (line, column) = fuserl_core::location::Locator::new(&text).locate(&path);
-            Err(fuserl_core::Error::Recipe { file: loaded.file.clone(), line, column, path: path.to_string(), message: e.to_string() })
+            Err(fuserl_core::Error::Recipe {
+                file: loaded.file.clone(),
+                line,
+                column,
+                path: path.to_string(),
+                message: e.to_string(),
+            })
         }
     }
 }

@@ -15,7 +15,8 @@ use fuserl_model::logprobs::response_logprobs;
 
 /// Bad input (exit status 2) with a message.
 pub fn bad_input(message: String) -> anyhow::Error {
-    fuserl_core::Error::Config(fuserl_core::config::ConfigError::new(fuserl_core::config::KeyPath::root(), message)).into()
+    fuserl_core::Error::Config(fuserl_core::config::ConfigError::new(fuserl_core::config::KeyPath::root(), message))
+        .into()
 }
 
 /// Map model errors: files and formats are the user's input.
@@ -30,7 +31,9 @@ pub fn model_error(e: fuserl_model::ModelError) -> anyhow::Error {
 pub enum ConvertCommand {
     /// Convert a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into a Hugging Face
     /// checkpoint folder with config.json, safetensors, tokenizer and chat template.
-    #[command(after_help = "Example:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct")]
+    #[command(
+        after_help = "Example:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct"
+    )]
     Gguf {
         /// The GGUF file.
         input: PathBuf,
@@ -57,8 +60,9 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
 }
 
 fn cpu_only(device: &str) -> anyhow::Result<()> {
-    let parsed: Device = serde_json::from_value(serde_json::Value::String(device.to_owned()))
-        .map_err(|_| bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm")))?;
+    let parsed: Device = serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {
+        bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"))
+    })?;
     fuserl_backends::check_device(parsed).map_err(|e| bad_input(e.to_string()))?;
     if parsed != Device::Cpu {
         return Err(bad_input(format!(
@@ -95,7 +99,9 @@ fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<V
         serde_json::Value::String(s) => Ok(vec![ChatMessage::user(s.clone())]),
         serde_json::Value::Array(_) => serde_json::from_value(v.clone())
             .map_err(|e| bad_input(format!("{}:{line}: `prompt`: expected chat messages ({e})", file.display()))),
-        _ => Err(bad_input(format!("{}:{line}: `prompt`: expected a string or a list of chat messages", file.display()))),
+        _ => {
+            Err(bad_input(format!("{}:{line}: `prompt`: expected a string or a list of chat messages", file.display())))
+        }
     }
 }
 

@@ -124,8 +124,7 @@ pub fn parse_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, Config
                 .filter_map(|seg| match seg {
                     serde_path_to_error::Segment::Seq { index } => Some(PathSegment::Index(*index)),
                     serde_path_to_error::Segment::Map { key } => Some(PathSegment::Key(key.clone())),
-                    serde_path_to_error::Segment::Enum { .. }
-                    | serde_path_to_error::Segment::Unknown => None,
+                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => None,
                 })
                 .collect(),
         );
@@ -303,8 +302,7 @@ mod tests {
 
     #[test]
     fn bad_variant_lists_choices_and_arrays_are_indexed() {
-        let err = parse("[inner]\nbeta = 1\nmode = 'fast'\n[[list]]\nbeta = 1\nmode = 'medium'")
-            .unwrap_err();
+        let err = parse("[inner]\nbeta = 1\nmode = 'fast'\n[[list]]\nbeta = 1\nmode = 'medium'").unwrap_err();
         assert_eq!(err.path.to_string(), "list[0].mode");
         assert!(err.message.contains("expected one of: fast, slow"), "{}", err.message);
     }

@@ -36,8 +36,7 @@ impl<'a> Locator<'a> {
         for segment in &path.0 {
             let value: &Spanned<DeValue<'_>> = match (segment, table, array) {
                 (PathSegment::Key(k), Some(t), _) => {
-                    let Some((key, value)) = t.iter().find(|(key, _)| key.get_ref().as_ref() == k.as_str())
-                    else {
+                    let Some((key, value)) = t.iter().find(|(key, _)| key.get_ref().as_ref() == k.as_str()) else {
                         break;
                     };
                     best = key.span();

@@ -5,14 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::data::{
-    Completion, Example, ExampleSequence, Prompt, Reward, ScoredCompletion, ScoredGroup,
-    WeightedGroup,
-};
+use crate::data::{Completion, Example, ExampleSequence, Prompt, Reward, ScoredCompletion, ScoredGroup, WeightedGroup};
 use crate::error::{Error, Result};
-use crate::extension::{
-    Collected, GroupView, PreferenceObjective, RewardModel, ScoreItem, WeightingScheme,
-};
+use crate::extension::{Collected, GroupView, PreferenceObjective, RewardModel, ScoreItem, WeightingScheme};
 
 /// Merge what several sources collected into one group per prompt, in order of first
 /// appearance. The same prompt id with different messages, or the same completion id twice,

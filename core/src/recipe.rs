@@ -175,7 +175,12 @@ fn default_score_batch() -> u32 {
     64
 }
 fn default_sampling() -> SamplingParams {
-    SamplingParams { temperature: Some(0.8), top_p: Some(0.95), max_new_tokens: Some(2048), ..SamplingParams::default() }
+    SamplingParams {
+        temperature: Some(0.8),
+        top_p: Some(0.95),
+        max_new_tokens: Some(2048),
+        ..SamplingParams::default()
+    }
 }
 
 impl Default for DataConfig {
@@ -757,7 +762,10 @@ fn validate_data(mut d: DataConfig) -> Result<DataConfig, ConfigError> {
     }
     if let Some(p) = d.sampling.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ConfigError::new(KeyPath::keys(&["sampling", "top_p"]), format!("expected a number in (0, 1], found {p}")));
+            return Err(ConfigError::new(
+                KeyPath::keys(&["sampling", "top_p"]),
+                format!("expected a number in (0, 1], found {p}"),
+            ));
         }
     }
     Ok(d)
@@ -815,7 +823,11 @@ fn resolve_stage(mut s: StageConfig, stage: Stage) -> Result<StageConfig, Config
 
 fn validate_eval(e: &EvalConfig) -> Result<(), ConfigError> {
     if e.enabled && e.prompts.is_none() {
-        return Err(ConfigError { path: KeyPath::keys(&["prompts"]), message: "missing required key `prompts` (eval is enabled)".into(), missing: true });
+        return Err(ConfigError {
+            path: KeyPath::keys(&["prompts"]),
+            message: "missing required key `prompts` (eval is enabled)".into(),
+            missing: true,
+        });
     }
     check::non_negative("temperature", e.temperature)?;
     if e.max_new_tokens == 0 {

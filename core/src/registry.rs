@@ -106,14 +106,11 @@ pub type SourceFactory = fn(&toml::Table, &BuildContext) -> Result<Built<dyn Sou
 /// Constructor of a reward model from its table.
 pub type RewardFactory = fn(&toml::Table, &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError>;
 /// Constructor of a weighting scheme from its table.
-pub type WeightingFactory =
-    fn(&toml::Table, &BuildContext) -> Result<Built<dyn WeightingScheme>, ConfigError>;
+pub type WeightingFactory = fn(&toml::Table, &BuildContext) -> Result<Built<dyn WeightingScheme>, ConfigError>;
 /// Constructor of a preference objective from its table.
-pub type ObjectiveFactory =
-    fn(&toml::Table, &BuildContext) -> Result<Built<dyn PreferenceObjective>, ConfigError>;
+pub type ObjectiveFactory = fn(&toml::Table, &BuildContext) -> Result<Built<dyn PreferenceObjective>, ConfigError>;
 
-type DynFactory<T> =
-    Arc<dyn Fn(&toml::Table, &BuildContext) -> Result<Built<T>, ConfigError> + Send + Sync>;
+type DynFactory<T> = Arc<dyn Fn(&toml::Table, &BuildContext) -> Result<Built<T>, ConfigError> + Send + Sync>;
 
 /// A constructor, tagged with its extension point.
 #[derive(Clone)]
@@ -231,12 +228,9 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::UnknownKind { point, kind, choices } => write!(
-                f,
-                "unknown {} `{kind}`; expected one of: {}",
-                point.noun(),
-                choices.join(", ")
-            ),
+            Self::UnknownKind { point, kind, choices } => {
+                write!(f, "unknown {} `{kind}`; expected one of: {}", point.noun(), choices.join(", "))
+            }
             Self::Config(e) => write!(f, "{e}"),
         }
     }
@@ -270,9 +264,7 @@ impl Registry {
     /// Add a component. A name already registered for the same extension point is an error
     /// that names both origins; the registry is left unchanged.
     pub fn register(&mut self, entry: Entry) -> Result<()> {
-        if let Some(existing) =
-            self.entries.iter().find(|e| e.point() == entry.point() && e.name == entry.name)
-        {
+        if let Some(existing) = self.entries.iter().find(|e| e.point() == entry.point() && e.name == entry.name) {
             return Err(Error::DuplicatePlugin {
                 point: entry.point().noun(),
                 name: entry.name,

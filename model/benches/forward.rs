@@ -20,7 +20,8 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let model = load::<Cpu>(&dir, &Default::default(), DType::F32).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let model = load::<Cpu>(&dir, &Default::default(), DType::F32)
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
     let (batch, len, runs) = (1usize, 256usize, 5usize);
     let mut state: u64 = 12345;
     let ids: Vec<Vec<u32>> = (0..batch)
@@ -46,5 +47,9 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64() / runs as f64;
     let tokens = (batch * len) as f64;
-    println!("fuserl (burn flex, f32): batch {batch} x {len} tokens: {:.1} ms per forward, {:.0} tokens/s", secs * 1e3, tokens / secs);
+    println!(
+        "fuserl (burn flex, f32): batch {batch} x {len} tokens: {:.1} ms per forward, {:.0} tokens/s",
+        secs * 1e3,
+        tokens / secs
+    );
 }

@@ -44,8 +44,8 @@ impl ChatTokenizer {
         if !tj.is_file() {
             return Err(ModelError::format(dir, "no tokenizer.json"));
         }
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tj).map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
         let tc_file = dir.join("tokenizer_config.json");
         let tc: Value = if tc_file.is_file() {
             let text = std::fs::read_to_string(&tc_file).map_err(|e| ModelError::io(&tc_file, e))?;
@@ -82,10 +82,20 @@ impl ChatTokenizer {
                 .ok_or_else(|| ModelError::format(&tc_file, format!("eos_token `{t}` is not in tokenizer.json")))?,
             None => {
                 let cfg = crate::config::LlamaConfig::from_file(&dir.join("config.json"))?;
-                *cfg.eos_token_ids.first().ok_or_else(|| ModelError::format(dir, "no EOS token in tokenizer_config.json or config.json"))?
+                *cfg.eos_token_ids
+                    .first()
+                    .ok_or_else(|| ModelError::format(dir, "no EOS token in tokenizer_config.json or config.json"))?
             }
         };
-        Ok(Self { tokenizer, template: template_text, template_file, bos_token, eos_token, eos_id, dir: dir.to_path_buf() })
+        Ok(Self {
+            tokenizer,
+            template: template_text,
+            template_file,
+            bos_token,
+            eos_token,
+            eos_id,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The EOS id appended to responses.
@@ -113,7 +123,10 @@ impl ChatTokenizer {
     /// Render `messages` with the chat template.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self.template.as_deref().ok_or_else(|| {
-            ModelError::format(&self.dir, "no chat template (chat_template.jinja, tokenizer_config.json, or [target] chat_template)")
+            ModelError::format(
+                &self.dir,
+                "no chat template (chat_template.jinja, tokenizer_config.json, or [target] chat_template)",
+            )
         })?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);

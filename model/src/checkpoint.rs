@@ -56,8 +56,7 @@ impl TensorStore {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ModelError::format(&index, "missing `weight_map`"))?;
-            let mut files: Vec<PathBuf> =
-                map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
             files.sort();
             files.dedup();
             files
@@ -87,9 +86,14 @@ impl TensorStore {
             let values: Vec<f32> = match view.dtype() {
                 StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
                 StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                StDtype::BF16 => {
+                    data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
                 other => {
-                    return Err(ModelError::format(file, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16")));
+                    return Err(ModelError::format(
+                        file,
+                        format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
+                    ));
                 }
             };
             self.tensors.insert(name.clone(), (view.shape().to_vec(), values, file.to_path_buf()));
@@ -261,7 +265,9 @@ pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, Host
         linear(&mut out, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
         linear(&mut out, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
         linear(&mut out, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
-        for (name, norm) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
+        for (name, norm) in
+            [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)]
+        {
             out.insert(format!("{p}.{name}.weight"), (norm.weight.val().dims().to_vec(), host(norm.weight.val())));
         }
     }
@@ -282,14 +288,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Save `model` as a Hugging Face checkpoint in `dir`: config.json, f32 safetensors (sharded
 /// above `max_shard_bytes`, with an index), and the side files (tokenizer, template) copied
 /// from `side_files_from` when given.
-pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usize, side_files_from: Option<&Path>) -> Result<()> {
+pub fn save<B: Backend>(
+    model: &LlamaModel<B>,
+    dir: &Path,
+    max_shard_bytes: usize,
+    side_files_from: Option<&Path>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors = named_tensors(model);
     // Shard greedily in name order.
     let mut shards: Vec<Vec<(&String, &HostTensor)>> = vec![Vec::new()];
     let mut size = 0usize;
     for entry in &tensors {
-        let bytes = entry.1 .1.len() * 4;
+        let bytes = entry.1.1.len() * 4;
         if size > 0 && size + bytes > max_shard_bytes {
             shards.push(Vec::new());
             size = 0;
@@ -301,7 +312,8 @@ pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usiz
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+        let file =
+            if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
         let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = shard
             .iter()
             .map(|(name, (shape, values))| {
@@ -318,7 +330,8 @@ pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usiz
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
         write_atomic(&dir.join(&file), &bytes)?;
         for (name, (_, values)) in shard {
             total += values.len() * 4;
@@ -329,7 +342,8 @@ pub fn save<B: Backend>(model: &LlamaModel<B>, dir: &Path, max_shard_bytes: usiz
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_atomic(&dir.join("model.safetensors.index.json"), index.to_string().as_bytes())?;
     }
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json()).map_err(|e| ModelError::format(dir, e.to_string()))?;
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).map_err(|e| ModelError::format(dir, e.to_string()))?;
     write_atomic(&dir.join("config.json"), config.as_bytes())?;
     if let Some(src) = side_files_from {
         for f in SIDE_FILES {

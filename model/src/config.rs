@@ -91,7 +91,9 @@ impl LlamaConfig {
                 Some("llama") => "LlamaForCausalLM".into(),
                 Some("mistral") => "MistralForCausalLM".into(),
                 Some("qwen2") => "Qwen2ForCausalLM".into(),
-                Some(other) => return Err(unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2"))),
+                Some(other) => {
+                    return Err(unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2")));
+                }
                 None => return Err(bad("neither `architectures` nor `model_type` says what the model is".into())),
             },
         };
@@ -180,8 +182,7 @@ impl LlamaConfig {
     /// (transformers' `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;
-        let base: Vec<f64> =
-            (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d)).collect();
+        let base: Vec<f64> = (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d)).collect();
         match &self.rope_scaling {
             RopeScaling::Default => base,
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -277,7 +278,9 @@ fn rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {
     let Some(s) = scaling else { return Ok((theta, RopeScaling::Default)) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        s.get(key).and_then(Value::as_f64).ok_or_else(|| ModelError::format(file, format!("rope scaling `llama3` needs `{key}`")))
+        s.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ModelError::format(file, format!("rope scaling `llama3` needs `{key}`")))
     };
     match kind {
         "default" => Ok((theta, RopeScaling::Default)),
@@ -325,7 +328,10 @@ mod tests {
         let mut v = base();
         v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
         let err = LlamaConfig::from_json(&v, Path::new("m/config.json")).unwrap_err().to_string();
-        assert_eq!(err, "m/config.json: unsupported architecture `GPT2LMHeadModel`; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM");
+        assert_eq!(
+            err,
+            "m/config.json: unsupported architecture `GPT2LMHeadModel`; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        );
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let err = LlamaConfig::from_json(&v, Path::new("c.json")).unwrap_err().to_string();

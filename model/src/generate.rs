@@ -59,7 +59,9 @@ impl Rng {
 
 /// Choose the next token from one row of logits.
 fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = || {
+        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+    };
     if cfg.temperature <= 0.0 {
         return argmax();
     }

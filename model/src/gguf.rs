@@ -87,7 +87,10 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            ModelError::format(self.file, format!("truncated: needs {n} bytes at offset {}, the file has {}", self.pos, self.b.len()))
+            ModelError::format(
+                self.file,
+                format!("truncated: needs {n} bytes at offset {}, the file has {}", self.pos, self.b.len()),
+            )
         })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
@@ -103,7 +106,8 @@ impl Cursor<'_> {
         let n = self.u64()? as usize;
         let pos = self.pos;
         let bytes = self.take(n)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| ModelError::format(self.file, format!("string at offset {pos} is not UTF-8")))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| ModelError::format(self.file, format!("string at offset {pos} is not UTF-8")))
     }
     fn value(&mut self, ty: u32) -> Result<Meta> {
         Ok(match ty {
@@ -128,7 +132,12 @@ impl Cursor<'_> {
             10 => Meta::Int(self.u64()? as i64),
             11 => Meta::Int(self.u64()? as i64),
             12 => Meta::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
-            other => return Err(ModelError::format(self.file, format!("unknown metadata value type {other} at offset {}", self.pos))),
+            other => {
+                return Err(ModelError::format(
+                    self.file,
+                    format!("unknown metadata value type {other} at offset {}", self.pos),
+                ));
+            }
         })
     }
 }
@@ -190,12 +199,20 @@ impl Gguf {
             other => {
                 return Err(ModelError::format(
                     &self.file,
-                    format!("tensor `{}` has ggml type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1", t.name, other, ggml_type_name(other)),
+                    format!(
+                        "tensor `{}` has ggml type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                        t.name,
+                        other,
+                        ggml_type_name(other)
+                    ),
                 ));
             }
         };
         if n % block != 0 {
-            return Err(ModelError::format(&self.file, format!("tensor `{}`: {n} values is not a whole number of blocks", t.name)));
+            return Err(ModelError::format(
+                &self.file,
+                format!("tensor `{}`: {n} values is not a whole number of blocks", t.name),
+            ));
         }
         let len = n / block * block_bytes;
         let raw = self.bytes.get(start..start + len).ok_or_else(|| {
@@ -307,7 +324,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         "llama" => "LlamaForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
         other => {
-            return Err(ModelError::Unsupported { file: input.to_path_buf(), what: format!("GGUF architecture `{other}`; supported: llama, qwen2") });
+            return Err(ModelError::Unsupported {
+                file: input.to_path_buf(),
+                what: format!("GGUF architecture `{other}`; supported: llama, qwen2"),
+            });
         }
     };
     let key = |k: &str| format!("{arch}.{k}");
@@ -319,7 +339,8 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         _ => return Err(ModelError::format(input, "missing metadata `tokenizer.ggml.tokens`")),
     };
     let vocab = g.meta.get(&key("vocab_size")).and_then(Meta::as_i64).map_or(tokens.len(), |v| v as usize);
-    let head_dim = g.meta.get(&key("rope.dimension_count")).and_then(Meta::as_i64).map_or(hidden / n_head, |v| v as usize);
+    let head_dim =
+        g.meta.get(&key("rope.dimension_count")).and_then(Meta::as_i64).map_or(hidden / n_head, |v| v as usize);
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
     let id = |k: &str| g.meta.get(k).and_then(Meta::as_i64).map(|v| v as u32);
     let config = LlamaConfig {
@@ -345,7 +366,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     if g.meta.contains_key(&key("rope.scaling.type")) {
         let kind = g.meta.get(&key("rope.scaling.type")).and_then(Meta::as_str).unwrap_or("?");
         if kind != "none" {
-            return Err(ModelError::Unsupported { file: input.to_path_buf(), what: format!("GGUF RoPE scaling `{kind}`") });
+            return Err(ModelError::Unsupported {
+                file: input.to_path_buf(),
+                what: format!("GGUF RoPE scaling `{kind}`"),
+            });
         }
     }
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
@@ -353,7 +377,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
             if t.name == "rope_freqs.weight" {
-                return Err(ModelError::Unsupported { file: input.to_path_buf(), what: "GGUF tensor `rope_freqs.weight` (llama3 RoPE factors)".into() });
+                return Err(ModelError::Unsupported {
+                    file: input.to_path_buf(),
+                    what: "GGUF tensor `rope_freqs.weight` (llama3 RoPE factors)".into(),
+                });
             }
             tracing::warn!(tensor = %t.name, "skipping a GGUF tensor with no Hugging Face counterpart");
             continue;
@@ -372,7 +399,13 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     }
     // Build the model once on the CPU to check every tensor is there with the right shape, then
     // save it like any checkpoint.
-    let model = crate::checkpoint::build_model::<crate::Cpu>(config.clone(), store, input, &Default::default(), burn::tensor::DType::F32)?;
+    let model = crate::checkpoint::build_model::<crate::Cpu>(
+        config.clone(),
+        store,
+        input,
+        &Default::default(),
+        burn::tensor::DType::F32,
+    )?;
     crate::checkpoint::save(&model, out, 2 << 30, None)?;
     write_tokenizer(&g, out)?;
     Ok(config)
@@ -384,7 +417,10 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
     let file = &g.file;
     let model = g.meta.get("tokenizer.ggml.model").and_then(Meta::as_str).unwrap_or("");
     if model != "gpt2" {
-        return Err(ModelError::Unsupported { file: file.clone(), what: format!("GGUF tokenizer model `{model}`; supported: gpt2 (byte-level BPE)") });
+        return Err(ModelError::Unsupported {
+            file: file.clone(),
+            what: format!("GGUF tokenizer model `{model}`; supported: gpt2 (byte-level BPE)"),
+        });
     }
     let strings = |k: &str| -> Result<Vec<String>> {
         match g.meta.get(k) {
@@ -406,17 +442,23 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
             {"type": "Digits", "individual_digits": true}, byte_level]}),
         "gpt2" | "default" => byte_level,
         other => {
-            return Err(ModelError::Unsupported { file: file.clone(), what: format!("GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default") });
+            return Err(ModelError::Unsupported {
+                file: file.clone(),
+                what: format!("GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default"),
+            });
         }
     };
-    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
     // Control (3) and user-defined (4) tokens are added tokens, matched before BPE.
     let added: Vec<Value> = tokens
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
-        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-            "normalized": false, "special": types[i] == 3}))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": types[i] == 3})
+        })
         .collect();
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -432,14 +474,32 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
     let mut tc = serde_json::Map::new();
     tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
     tc.insert("clean_up_tokenization_spaces".into(), false.into());
-    tc.insert("model_max_length".into(), Value::from(g.meta.get(&format!("{}.context_length", g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("llama"))).and_then(Meta::as_i64).unwrap_or(2048)));
-    for (k, name) in [("tokenizer.ggml.bos_token_id", "bos_token"), ("tokenizer.ggml.eos_token_id", "eos_token"),
-        ("tokenizer.ggml.unknown_token_id", "unk_token"), ("tokenizer.ggml.padding_token_id", "pad_token")] {
+    tc.insert(
+        "model_max_length".into(),
+        Value::from(
+            g.meta
+                .get(&format!(
+                    "{}.context_length",
+                    g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("llama")
+                ))
+                .and_then(Meta::as_i64)
+                .unwrap_or(2048),
+        ),
+    );
+    for (k, name) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token"),
+        ("tokenizer.ggml.eos_token_id", "eos_token"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token"),
+        ("tokenizer.ggml.padding_token_id", "pad_token"),
+    ] {
         if let Some(t) = token(k) {
             tc.insert(name.into(), t.into());
         }
     }
-    tc.insert("add_bos_token".into(), Value::Bool(matches!(g.meta.get("tokenizer.ggml.add_bos_token"), Some(Meta::Bool(true)))));
+    tc.insert(
+        "add_bos_token".into(),
+        Value::Bool(matches!(g.meta.get("tokenizer.ggml.add_bos_token"), Some(Meta::Bool(true)))),
+    );
     if let Some(template) = g.meta.get("tokenizer.chat_template").and_then(Meta::as_str) {
         tc.insert("chat_template".into(), template.into());
         write_atomic(&out.join("chat_template.jinja"), template.as_bytes())?;
@@ -506,14 +566,16 @@ mod tests {
         let mut raw = f16(0.5).to_vec();
         raw.extend(&qs);
         let g = one_tensor_file(2, 32, &raw);
-        let want: Vec<f32> = (0..16).map(|i| (i as f32 - 8.0) * 0.5).chain((0..16).map(|i| ((15 - i) as f32 - 8.0) * 0.5)).collect();
+        let want: Vec<f32> =
+            (0..16).map(|i| (i as f32 - 8.0) * 0.5).chain((0..16).map(|i| ((15 - i) as f32 - 8.0) * 0.5)).collect();
         assert_eq!(g.dequantize(&g.tensors[0]).expect("q4_0"), want);
         // Q4_1: x = q * d + m.
         let mut raw = f16(0.25).to_vec();
         raw.extend(f16(-1.0));
         raw.extend(&qs);
         let g = one_tensor_file(3, 32, &raw);
-        let want: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).chain((0..16).map(|i| (15 - i) as f32 * 0.25 - 1.0)).collect();
+        let want: Vec<f32> =
+            (0..16).map(|i| i as f32 * 0.25 - 1.0).chain((0..16).map(|i| (15 - i) as f32 * 0.25 - 1.0)).collect();
         assert_eq!(g.dequantize(&g.tensors[0]).expect("q4_1"), want);
         // Q8_0: x = q * d with signed q.
         let mut raw = f16(2.0).to_vec();

@@ -162,11 +162,7 @@ impl<B: Backend> Attention<B> {
         let tk = k.dims()[2];
         let rep = nh / nkv;
         let repeat = |y: Tensor<B, 4>| {
-            if rep == 1 {
-                y
-            } else {
-                y.unsqueeze_dim::<5>(2).expand([b, nkv, rep, tk, hd]).reshape([b, nh, tk, hd])
-            }
+            if rep == 1 { y } else { y.unsqueeze_dim::<5>(2).expand([b, nkv, rep, tk, hd]).reshape([b, nh, tk, hd]) }
         };
         let (k, v) = (repeat(k), repeat(v));
         let dtype = q.dtype();

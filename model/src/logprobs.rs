@@ -26,7 +26,10 @@ pub fn sequence_token_logprobs<B: Backend>(model: &LlamaModel<B>, seqs: &[Vec<u3
         return Ok(Vec::new());
     }
     if let Some(bad) = seqs.iter().flatten().find(|&&id| id as usize >= model.config.vocab_size) {
-        return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary ({})", model.config.vocab_size)));
+        return Err(ModelError::Input(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            model.config.vocab_size
+        )));
     }
     if let Some(s) = seqs.iter().find(|s| s.len() < 2) {
         return Err(ModelError::Input(format!("a sequence of {} tokens has nothing to score", s.len())));
@@ -43,7 +46,10 @@ pub fn sequence_token_logprobs<B: Backend>(model: &LlamaModel<B>, seqs: &[Vec<u3
 }
 
 /// Per-token log-probs of each response given its prompt. Prompts must not be empty.
-pub fn response_logprobs<B: Backend>(model: &LlamaModel<B>, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<SequenceLogProbs>> {
+pub fn response_logprobs<B: Backend>(
+    model: &LlamaModel<B>,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+) -> Result<Vec<SequenceLogProbs>> {
     if let Some((p, r)) = pairs.iter().find(|(p, r)| p.is_empty() || r.is_empty()) {
         return Err(ModelError::Input(format!(
             "a pair with {} prompt and {} response tokens; both need at least one",
@@ -58,7 +64,11 @@ pub fn response_logprobs<B: Backend>(model: &LlamaModel<B>, pairs: &[(Vec<u32>, 
         .zip(all)
         .map(|((p, _), lp)| {
             let token_logps = lp[p.len() - 1..].to_vec();
-            SequenceLogProbs { sum: token_logps.iter().map(|x| f64::from(*x)).sum(), n_tokens: token_logps.len(), token_logps }
+            SequenceLogProbs {
+                sum: token_logps.iter().map(|x| f64::from(*x)).sum(),
+                n_tokens: token_logps.len(),
+                token_logps,
+            }
         })
         .collect())
 }

@@ -50,7 +50,8 @@ fn missing_and_corrupt_safetensors() {
 fn wrong_shape_names_the_tensor_and_both_shapes() {
     let dir = copy("llama-tied");
     let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("cfg")).expect("json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("cfg")).expect("json");
     cfg["intermediate_size"] = 40.into();
     std::fs::write(&cfg_path, cfg.to_string()).expect("write");
     let err = load_err(dir.path());
@@ -64,11 +65,15 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
 fn unsupported_architecture_is_named() {
     let dir = copy("llama-tied");
     let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("cfg")).expect("json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("cfg")).expect("json");
     cfg["architectures"] = serde_json::json!(["FalconForCausalLM"]);
     std::fs::write(&cfg_path, cfg.to_string()).expect("write");
     let err = load_err(dir.path());
-    assert!(err.contains("config.json: unsupported architecture `FalconForCausalLM`; supported: LlamaForCausalLM"), "{err}");
+    assert!(
+        err.contains("config.json: unsupported architecture `FalconForCausalLM`; supported: LlamaForCausalLM"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -83,7 +88,10 @@ fn a_tokenizer_too_big_for_the_model_is_refused() {
     std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "t2"}"#).expect("write");
     let tok = fuserl_model::chat::ChatTokenizer::load(dir.path(), None).expect("tokenizer");
     let err = tok.check_fits(64).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.json: the tokenizer has token ids up to 99, but the model's vocab_size is 64"), "{err}");
+    assert!(
+        err.contains("tokenizer.json: the tokenizer has token ids up to 99, but the model's vocab_size is 64"),
+        "{err}"
+    );
     assert!(tok.check_fits(100).is_ok());
 }
 
@@ -109,7 +117,8 @@ fn saved_checkpoints_reload_with_the_same_logprobs() {
 fn half_precision_dtypes_load_and_run() {
     let dir = fixture("llama-tied");
     let seqs = vec![vec![1, 5, 9, 33, 2, 7, 11, 40]];
-    let full = sequence_token_logprobs(&load::<Cpu>(&dir, &Default::default(), DType::F32).expect("f32"), &seqs).expect("f32");
+    let full =
+        sequence_token_logprobs(&load::<Cpu>(&dir, &Default::default(), DType::F32).expect("f32"), &seqs).expect("f32");
     for dtype in [DType::F16, DType::BF16] {
         let model = load::<Cpu>(&dir, &Default::default(), dtype).expect("load");
         assert_eq!(model.weights.embed_tokens.val().dtype(), dtype);

@@ -33,7 +33,8 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32)
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
     let mut state: u64 = 2024;
     let mut ids = |n: usize| -> Vec<u32> {
         (0..n)
@@ -53,20 +54,33 @@ fn main() {
             let id = CompletionId { prompt_id: format!("p{e}"), source: "s".into(), sample_index: i };
             reference.insert(completion_key(&id), -400.0);
             seqs.push(SeqTokens { prompt: prompt.clone(), response: ids(192) });
-            sequences.push(ExampleSequence { completion: id, origin: Origin { adapter: "bench".into(), file: None, line: None }, reward: 1.0 - f64::from(i) });
+            sequences.push(ExampleSequence {
+                completion: id,
+                origin: Origin { adapter: "bench".into(), file: None, line: None },
+                reward: 1.0 - f64::from(i),
+            });
         }
-        let example = Example { prompt_id: format!("p{e}"), objective: "dpo".into(), weight: 1.0, sequences, notes: Default::default() };
+        let example = Example {
+            prompt_id: format!("p{e}"),
+            objective: "dpo".into(),
+            weight: 1.0,
+            sequences,
+            notes: Default::default(),
+        };
         examples.push(TrainExample { example, seqs });
     }
     let registry = fuserl_plugins::registry().expect("registry");
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());
-    let dpo = registry.build_objective_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 }).expect("dpo").component;
-    let mut config: fuserl_core::recipe::StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+    let dpo =
+        registry.build_objective_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 }).expect("dpo").component;
+    let mut config: fuserl_core::recipe::StageConfig =
+        fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     config.batch_size = 2;
     let mut optim = new_optimizer(&config);
     let picked: Vec<&TrainExample> = examples.iter().collect();
-    let settings = StepSettings { objective: dpo.as_ref(), reference: Some(&reference), config: &config, progress: 0.0, lr: 1e-6 };
+    let settings =
+        StepSettings { objective: dpo.as_ref(), reference: Some(&reference), config: &config, progress: 0.0, lr: 1e-6 };
     optimizer_step(&mut model, &mut optim, &picked, settings).expect("warm-up step");
     let start = Instant::now();
     let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");

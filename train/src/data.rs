@@ -63,7 +63,8 @@ pub fn tokenize(
             Some(p) => p.clone(),
             None => {
                 let mut p = tok.prompt_ids(messages)?;
-                let cap = max_prompt_length.unwrap_or(max_length.saturating_sub(1)).min(max_length.saturating_sub(1)).max(1);
+                let cap =
+                    max_prompt_length.unwrap_or(max_length.saturating_sub(1)).min(max_length.saturating_sub(1)).max(1);
                 if p.len() > cap {
                     p.drain(..p.len() - cap);
                 }
@@ -73,7 +74,8 @@ pub fn tokenize(
         };
         let mut seqs = Vec::with_capacity(example.sequences.len());
         for s in &example.sequences {
-            let text = texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
+            let text =
+                texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
             let mut response = tok.response_ids(text)?;
             response.truncate(max_length - prompt.len());
             seqs.push(SeqTokens { prompt: prompt.clone(), response });

@@ -26,7 +26,9 @@ use fuserl_model::checkpoint::{load, save};
 
 use crate::data::tokenize;
 use crate::error::{Result, TrainError};
-use crate::trainer::{CheckpointedBackend, Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic};
+use crate::trainer::{
+    CheckpointedBackend, Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic,
+};
 
 /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
 /// `out`: with activations recomputed in backward when the stage asks for gradient
@@ -257,7 +259,8 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
         let from = if recipe.po.enabled { &po_final } else { &sft_final };
         let to = loaded.export_dir();
         if from.is_dir() {
-            let model = load::<burn::backend::Flex>(from, &device, dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype)))?;
+            let model =
+                load::<burn::backend::Flex>(from, &device, dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype)))?;
             save(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target))?;
             export = Some(to);
         }

@@ -59,7 +59,11 @@ pub fn sequence_logps<B: Backend>(model: &LlamaModel<B>, seqs: &[SeqTokens]) -> 
 
 /// Reference log-probs of every sequence of `examples` under `model` (no gradient), keyed by
 /// completion, computed in batches.
-pub fn reference_logps<B: Backend>(model: &LlamaModel<B>, examples: &[TrainExample], batch: usize) -> HashMap<String, f64> {
+pub fn reference_logps<B: Backend>(
+    model: &LlamaModel<B>,
+    examples: &[TrainExample],
+    batch: usize,
+) -> HashMap<String, f64> {
     let mut seen: HashMap<String, SeqTokens> = HashMap::new();
     for e in examples {
         for (seq, tokens) in e.example.sequences.iter().zip(&e.seqs) {
@@ -119,7 +123,8 @@ pub fn step_counts(config: &StageConfig, n_examples: usize) -> (u64, u64) {
     let per_step = (config.batch_size as u64 * config.grad_accum as u64).max(1);
     let epochs = u64::from(config.epochs.unwrap_or(1));
     let total = config.max_steps.unwrap_or_else(|| (n_examples as u64 * epochs).div_ceil(per_step)).max(1);
-    let warmup = config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
+    let warmup =
+        config.warmup_steps.unwrap_or_else(|| (config.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
     (total, warmup)
 }
 
@@ -154,7 +159,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
         match self.scale {
             None => {
                 if let Some(g) = self.grads.get::<B::InnerBackend, D>(id) {
-                    let sq: f32 = g.cast(DType::F32).powi_scalar(2).sum().into_data().iter::<f32>().next().unwrap_or(0.0);
+                    let sq: f32 =
+                        g.cast(DType::F32).powi_scalar(2).sum().into_data().iter::<f32>().next().unwrap_or(0.0);
                     self.sum_sq += f64::from(sq);
                 }
             }
@@ -221,7 +227,12 @@ fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
 /// The optimiser type.
 pub type Optim<B = TrainBackend> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<B>, B>;
 
-fn save_checkpoint<B: AutodiffBackend>(dir: &Path, weights: &Llama<B>, optim: &Optim<B>, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint<B: AutodiffBackend>(
+    dir: &Path,
+    weights: &Llama<B>,
+    optim: &Optim<B>,
+    state: &CheckpointState,
+) -> Result<()> {
     let name = format!("step-{:06}", state.step);
     let tmp = dir.join(format!("{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -312,7 +323,10 @@ pub fn optimizer_step<B: AutodiffBackend>(
                 rewards.push(seq.reward);
                 if let Some(r) = s.reference {
                     let key = completion_key(&seq.completion);
-                    refs.push(*r.get(&key).ok_or_else(|| TrainError::Data(format!("no reference log-prob for {}", seq.completion)))?);
+                    refs.push(
+                        *r.get(&key)
+                            .ok_or_else(|| TrainError::Data(format!("no reference log-prob for {}", seq.completion)))?,
+                    );
                 }
             }
             offsets.push(seqs.len());
@@ -382,7 +396,8 @@ pub fn train_stage<B: AutodiffBackend>(
         )
         .map_err(|e| TrainError::Checkpoint { file: ckpt.join("state.json"), message: e.to_string() })?;
         let device = model.device();
-        let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+        let fail =
+            |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
         let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
         model.weights = model.weights.load_record(record);
         let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
@@ -417,7 +432,13 @@ pub fn train_stage<B: AutodiffBackend>(
             &mut model,
             &mut optim,
             &picked,
-            StepSettings { objective: stage.objective, reference: stage.reference.as_ref(), config: c, progress: progress_frac, lr },
+            StepSettings {
+                objective: stage.objective,
+                reference: stage.reference.as_ref(),
+                config: c,
+                progress: progress_frac,
+                lr,
+            },
         )?;
         let (loss, grad_norm, tokens, metric_sums) = (out.loss, out.grad_norm, out.tokens, out.metrics);
         let done = step + 1;
@@ -431,12 +452,19 @@ pub fn train_stage<B: AutodiffBackend>(
             for (name, value) in &metric_sums {
                 obj.insert(name.clone(), (*value).into());
             }
-            writeln!(metrics_file, "{line}").and_then(|()| metrics_file.flush()).map_err(|e| TrainError::io(&stage.metrics, e))?;
+            writeln!(metrics_file, "{line}")
+                .and_then(|()| metrics_file.flush())
+                .map_err(|e| TrainError::io(&stage.metrics, e))?;
         }
         progress(&Progress { stage: stage.name, step: done, total, loss });
         debug_pause(&format!("{}-step-{done}", stage.name.as_str()));
         if done % c.checkpoint_every == 0 && done < total {
-            save_checkpoint(&stage.dir, &model.weights, &optim, &CheckpointState { stage: stage.name, step: done, total })?;
+            save_checkpoint(
+                &stage.dir,
+                &model.weights,
+                &optim,
+                &CheckpointState { stage: stage.name, step: done, total },
+            )?;
         }
     }
     Ok(model)

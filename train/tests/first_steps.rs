@@ -24,8 +24,10 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 
 #[test]
 fn first_steps_match_pytorch() {
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("fixtures/train/first_steps.json")).expect("fixture")).expect("json");
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("fixtures/train/first_steps.json")).expect("fixture"),
+    )
+    .expect("json");
     let registry = fuserl_plugins::registry().expect("registry");
     let mut config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     config.batch_size = 2;
@@ -41,13 +43,24 @@ fn first_steps_match_pytorch() {
             toml::Value::Table(t) => t,
             _ => unreachable!(),
         };
-        let objective = registry.build_objective_from(&table, &BuildContext { base_dir: ".".into(), seed: 0 }).expect("objective").component;
+        let objective = registry
+            .build_objective_from(&table, &BuildContext { base_dir: ".".into(), seed: 0 })
+            .expect("objective")
+            .component;
         let mut reference = HashMap::new();
         let mut examples = Vec::new();
-        for (e, (ex, refs)) in case["examples"].as_array().expect("examples").iter().zip(case["reference_logps"].as_array().expect("refs")).enumerate() {
+        for (e, (ex, refs)) in case["examples"]
+            .as_array()
+            .expect("examples")
+            .iter()
+            .zip(case["reference_logps"].as_array().expect("refs"))
+            .enumerate()
+        {
             let mut seqs = Vec::new();
             let mut sequences = Vec::new();
-            for (i, (s, r)) in ex["seqs"].as_array().expect("seqs").iter().zip(refs.as_array().expect("ref")).enumerate() {
+            for (i, (s, r)) in
+                ex["seqs"].as_array().expect("seqs").iter().zip(refs.as_array().expect("ref")).enumerate()
+            {
                 let id = CompletionId { prompt_id: format!("p{e}"), source: format!("s{i}"), sample_index: 0 };
                 reference.insert(completion_key(&id), r.as_f64().expect("ref"));
                 seqs.push(SeqTokens {
@@ -69,7 +82,8 @@ fn first_steps_match_pytorch() {
             };
             examples.push(TrainExample { example, seqs });
         }
-        let mut model = load::<TrainBackend>(&repo().join("checkpoints/tiny-chat"), &Default::default(), DType::F32).expect("model");
+        let mut model = load::<TrainBackend>(&repo().join("checkpoints/tiny-chat"), &Default::default(), DType::F32)
+            .expect("model");
         let mut optim = new_optimizer(&config);
         let picked: Vec<&TrainExample> = examples.iter().collect();
         let want_losses: Vec<f64> = serde_json::from_value(case["losses"].clone()).expect("losses");
@@ -85,7 +99,11 @@ fn first_steps_match_pytorch() {
             let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
             if step == 0 {
                 assert!(close(out.loss, *want, 1e-4), "{kind}: step-1 loss {} vs oracle {want}", out.loss);
-                assert!(close(out.grad_norm, want_norm, 1e-4), "{kind}: step-1 grad norm {} vs oracle {want_norm}", out.grad_norm);
+                assert!(
+                    close(out.grad_norm, want_norm, 1e-4),
+                    "{kind}: step-1 grad norm {} vs oracle {want_norm}",
+                    out.grad_norm
+                );
             } else {
                 assert!(close(out.loss, *want, 2e-3), "{kind}: step-{} loss {} vs oracle {want}", step + 1, out.loss);
             }

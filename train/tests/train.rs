@@ -57,9 +57,14 @@ min_gap = 0.005
 
 fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> {
     let registry = fuserl_plugins::registry().expect("registry");
-    let loaded = parse_recipe(&recipe(out, sft_epochs, po_epochs), &out.join("recipe.toml"), &registry).expect("recipe");
+    let loaded =
+        parse_recipe(&recipe(out, sft_epochs, po_epochs), &out.join("recipe.toml"), &registry).expect("recipe");
     run(&loaded, Which::All, &mut |_| {}).expect("run");
-    std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
 }
 
 fn losses(rows: &[serde_json::Value], stage: &str) -> Vec<f64> {
@@ -103,7 +108,10 @@ fn same_recipe_and_seed_give_identical_losses_and_weights() {
     let rb = train(&b.path().join("run"), 2, 1);
     for stage in ["sft", "po"] {
         let (la, lb) = (losses(&ra, stage), losses(&rb, stage));
-        assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lb.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            lb.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
     let wa = std::fs::read(a.path().join("run/export/model.safetensors")).expect("a");
     let wb = std::fs::read(b.path().join("run/export/model.safetensors")).expect("b");
@@ -120,11 +128,17 @@ fn gradient_checkpointing_gives_the_same_training() {
     let run_with = |out: &Path, checkpointing: bool| -> Vec<serde_json::Value> {
         let mut text = recipe(out, 1, 1);
         if checkpointing {
-            text = text.replace("[sft]\n", "[sft]\ngradient_checkpointing = true\n").replace("[po]\n", "[po]\ngradient_checkpointing = true\n");
+            text = text
+                .replace("[sft]\n", "[sft]\ngradient_checkpointing = true\n")
+                .replace("[po]\n", "[po]\ngradient_checkpointing = true\n");
         }
         let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
         run(&loaded, Which::All, &mut |_| {}).expect("run");
-        std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
     };
     let dir = tempfile::tempdir().expect("tmp");
     let plain = run_with(&dir.path().join("plain"), false);

@@ -91,7 +91,12 @@ extern "C" fn host_push_example(
         o.examples.push(ExampleSpec {
             members: members.as_slice().iter().map(|m| usize::try_from(*m).unwrap_or(usize::MAX)).collect(),
             weight,
-            notes: note_names.as_slice().iter().map(|n| lossy(*n)).zip(note_values.as_slice().iter().copied()).collect(),
+            notes: note_names
+                .as_slice()
+                .iter()
+                .map(|n| lossy(*n))
+                .zip(note_values.as_slice().iter().copied())
+                .collect(),
         });
     }
 }
@@ -118,7 +123,8 @@ pub fn resolve_plugin(spec: &str, base_dir: &Path) -> std::result::Result<PathBu
         return Ok(if p.is_absolute() { p } else { base_dir.join(p) });
     }
     let file = library_file_name(spec);
-    let mut dirs: Vec<PathBuf> = std::env::var_os("FUSERL_PLUGIN_PATH").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("FUSERL_PLUGIN_PATH").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         dirs.push(exe_dir);
     }
@@ -146,9 +152,9 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> std::result::Result
         .map_err(|e| format!("{}: not a loadable library: {e}", path.display()))?;
     // SAFETY: the symbol, if present, has the ABI's entry signature; a library that exports the
     // name with another signature breaks the plugin contract.
-    let entry: EntryFn = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()) }
-        .map(|s| *s)
-        .map_err(|_| format!("{}: a library, but not a fuserl plugin: it has no `{ENTRY_SYMBOL}` symbol", path.display()))?;
+    let entry: EntryFn = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()) }.map(|s| *s).map_err(|_| {
+        format!("{}: a library, but not a fuserl plugin: it has no `{ENTRY_SYMBOL}` symbol", path.display())
+    })?;
     // Never unloaded: components and their code may live as long as the process.
     std::mem::forget(library);
     // SAFETY: the plugin's contract: the entry takes the host's callbacks (static) and returns
@@ -210,8 +216,15 @@ pub unsafe fn register_declaration(
     let components = decl.components.as_slice();
     for (index, c) in components.iter().enumerate() {
         let name = c.name.to_str().map_err(|_| format!("{origin}: a component name is not UTF-8"))?.to_owned();
-        let summary = c.summary.to_str().map_err(|_| format!("{origin}: the summary of `{name}` is not UTF-8"))?.to_owned();
-        let meta = Arc::new(Meta { plugin: plugin.clone(), origin: origin.to_owned(), name: name.clone(), index: index as u64, decl: c });
+        let summary =
+            c.summary.to_str().map_err(|_| format!("{origin}: the summary of `{name}` is not UTF-8"))?.to_owned();
+        let meta = Arc::new(Meta {
+            plugin: plugin.clone(),
+            origin: origin.to_owned(),
+            name: name.clone(),
+            index: index as u64,
+            decl: c,
+        });
         let factory = factory(&meta)?;
         trial
             .register(Entry { name, summary, origin: format!("{origin} (plugin `{plugin}`)"), factory })
@@ -243,7 +256,10 @@ impl Meta {
 
     /// The error of a failed call, naming plugin, component and file.
     fn error(&self, status: i32, out: &Output) -> Error {
-        let message = out.error.as_ref().map_or_else(|| format!("failed with status {status} and no message"), |(_, m)| m.clone());
+        let message = out
+            .error
+            .as_ref()
+            .map_or_else(|| format!("failed with status {status} and no message"), |(_, m)| m.clone());
         Error::Component {
             point: self.point(),
             name: self.name.clone(),
@@ -279,7 +295,11 @@ impl Drop for Instance {
     }
 }
 
-fn create(meta: &Arc<Meta>, table: &toml::Table, ctx: &BuildContext) -> std::result::Result<(Instance, toml::Table), ConfigError> {
+fn create(
+    meta: &Arc<Meta>,
+    table: &toml::Table,
+    ctx: &BuildContext,
+) -> std::result::Result<(Instance, toml::Table), ConfigError> {
     let text = toml::to_string(table).map_err(|e| ConfigError::new(KeyPath::root(), e.to_string()))?;
     let base = ctx.base_dir.display().to_string();
     let mut out = Output::default();
@@ -295,14 +315,17 @@ fn create(meta: &Arc<Meta>, table: &toml::Table, ctx: &BuildContext) -> std::res
         return Err(ConfigError::new(KeyPath::parse(&path), message));
     }
     let instance = Instance { meta: meta.clone(), handle };
-    let resolved: toml::Table = toml::from_str(out.text.as_deref().unwrap_or(""))
-        .map_err(|e| ConfigError::new(KeyPath::root(), format!("the plugin returned an unreadable configuration: {e}")))?;
+    let resolved: toml::Table = toml::from_str(out.text.as_deref().unwrap_or("")).map_err(|e| {
+        ConfigError::new(KeyPath::root(), format!("the plugin returned an unreadable configuration: {e}"))
+    })?;
     Ok((instance, resolved))
 }
 
 fn factory(meta: &Arc<Meta>) -> std::result::Result<Factory, String> {
     let m = meta.clone();
-    let need = |f: bool, what: &str| if f { Ok(()) } else { Err(format!("{}: component `{}` has no `{what}` function", meta.origin, meta.name)) };
+    let need = |f: bool, what: &str| {
+        if f { Ok(()) } else { Err(format!("{}: component `{}` has no `{what}` function", meta.origin, meta.name)) }
+    };
     Ok(match meta.decl.point {
         POINT_SOURCE => {
             need(meta.decl.collect.is_some(), "collect")?;
@@ -330,10 +353,18 @@ fn factory(meta: &Arc<Meta>) -> std::result::Result<Factory, String> {
             Factory::Objective(Arc::new(move |t: &toml::Table, ctx: &BuildContext| {
                 let (inner, resolved) = create(&m, t, ctx)?;
                 let needs_reference = m.decl.needs_reference.is_some_and(|f| f(inner.handle) != 0);
-                Ok(Built { component: Box::new(DynObjective { inner, needs_reference }) as Box<dyn PreferenceObjective>, resolved })
+                Ok(Built {
+                    component: Box::new(DynObjective { inner, needs_reference }) as Box<dyn PreferenceObjective>,
+                    resolved,
+                })
             }))
         }
-        other => return Err(format!("{}: component `{}` has the unknown extension point code {other}", meta.origin, meta.name)),
+        other => {
+            return Err(format!(
+                "{}: component `{}` has the unknown extension point code {other}",
+                meta.origin, meta.name
+            ));
+        }
     })
 }
 
@@ -360,11 +391,15 @@ impl SourceAdapter for DynSource {
         })
         .to_string();
         let out = call(&self.inner, |o| f(self.inner.handle, Str::new(&json), o))?;
-        let bad = |e: String| self.inner.meta.error(STATUS_ERROR, &Output { error: Some((String::new(), e)), ..Output::default() });
-        let v: serde_json::Value =
-            serde_json::from_str(out.text.as_deref().unwrap_or("")).map_err(|e| bad(format!("returned unreadable JSON: {e}")))?;
-        let prompts: Vec<Prompt> = serde_json::from_value(v["prompts"].clone()).map_err(|e| bad(format!("returned bad prompts: {e}")))?;
-        let completions = serde_json::from_value(v["completions"].clone()).map_err(|e| bad(format!("returned bad completions: {e}")))?;
+        let bad = |e: String| {
+            self.inner.meta.error(STATUS_ERROR, &Output { error: Some((String::new(), e)), ..Output::default() })
+        };
+        let v: serde_json::Value = serde_json::from_str(out.text.as_deref().unwrap_or(""))
+            .map_err(|e| bad(format!("returned unreadable JSON: {e}")))?;
+        let prompts: Vec<Prompt> =
+            serde_json::from_value(v["prompts"].clone()).map_err(|e| bad(format!("returned bad prompts: {e}")))?;
+        let completions = serde_json::from_value(v["completions"].clone())
+            .map_err(|e| bad(format!("returned bad completions: {e}")))?;
         Ok(Collected { prompts, completions, skipped_records: v["skipped_records"].as_u64().unwrap_or(0) })
     }
 }
@@ -380,16 +415,18 @@ impl RewardModel for DynReward {
     }
     fn scorer_id(&self) -> String {
         match self.inner.meta.decl.scorer_id {
-            Some(f) => call(&self.inner, |o| f(self.inner.handle, o)).ok().and_then(|o| o.text).unwrap_or_else(|| self.name().to_owned()),
+            Some(f) => call(&self.inner, |o| f(self.inner.handle, o))
+                .ok()
+                .and_then(|o| o.text)
+                .unwrap_or_else(|| self.name().to_owned()),
             None => self.name().to_owned(),
         }
     }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         let f = self.inner.meta.decl.score.ok_or_else(|| self.inner.meta.missing("score"))?;
-        let json = serde_json::Value::Array(
-            items.iter().map(|i| serde_json::json!([i.messages, i.completion])).collect(),
-        )
-        .to_string();
+        let json =
+            serde_json::Value::Array(items.iter().map(|i| serde_json::json!([i.messages, i.completion])).collect())
+                .to_string();
         let mut scores = vec![0.0; items.len()];
         call(&self.inner, |o| f(self.inner.handle, Str::new(&json), scores.as_mut_ptr(), scores.len() as u64, o))?;
         Ok(scores)
@@ -421,7 +458,9 @@ impl WeightingScheme for DynWeighting {
     fn weigh(&self, group: &GroupView<'_>) -> Result<Vec<f64>> {
         let f = self.inner.meta.decl.weigh.ok_or_else(|| self.inner.meta.missing("weigh"))?;
         let mut weights = vec![0.0; group.len()];
-        with_group_c(group, |g| call(&self.inner, |o| f(self.inner.handle, g, weights.as_mut_ptr(), weights.len() as u64, o)))?;
+        with_group_c(group, |g| {
+            call(&self.inner, |o| f(self.inner.handle, g, weights.as_mut_ptr(), weights.len() as u64, o))
+        })?;
         Ok(weights)
     }
 }

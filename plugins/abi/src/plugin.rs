@@ -29,7 +29,11 @@ static DECLARATION: OnceLock<&'static PluginDeclaration> = OnceLock::new();
 /// # Safety
 ///
 /// `host` is null or points to a valid [`HostApi`] (the host passes its own, static one).
-pub unsafe fn declare(host: *const HostApi, name: &'static str, descriptors: &'static [PluginDescriptor]) -> *const PluginDeclaration {
+pub unsafe fn declare(
+    host: *const HostApi,
+    name: &'static str,
+    descriptors: &'static [PluginDescriptor],
+) -> *const PluginDeclaration {
     let result = catch_unwind(|| {
         if !host.is_null() {
             // SAFETY: the host passes a pointer to its `HostApi`, which lives as long as the
@@ -64,7 +68,11 @@ pub unsafe fn declare(host: *const HostApi, name: &'static str, descriptors: &'s
 /// # Safety
 ///
 /// As [`declare`].
-pub unsafe fn declaration(host: *const HostApi, name: &'static str, descriptors: &'static [PluginDescriptor]) -> Option<&'static PluginDeclaration> {
+pub unsafe fn declaration(
+    host: *const HostApi,
+    name: &'static str,
+    descriptors: &'static [PluginDescriptor],
+) -> Option<&'static PluginDeclaration> {
     // SAFETY: forwarded from the caller.
     unsafe { declare(host, name, descriptors) };
     DECLARATION.get().copied()
@@ -207,7 +215,14 @@ fn out_slice<'a>(ptr: *mut f64, n: u64) -> &'a mut [f64] {
     }
 }
 
-extern "C" fn create(component: u64, config: Str<'_>, base_dir: Str<'_>, seed: u64, out: *mut Out, handle: *mut Handle) -> i32 {
+extern "C" fn create(
+    component: u64,
+    config: Str<'_>,
+    base_dir: Str<'_>,
+    seed: u64,
+    out: *mut Out,
+    handle: *mut Handle,
+) -> i32 {
     guard(out, || {
         let d = DESCRIPTORS
             .get()
@@ -223,7 +238,8 @@ extern "C" fn create(component: u64, config: Str<'_>, base_dir: Str<'_>, seed: u
             StaticFactory::Objective(f) => f(&table, &ctx).map(|b| (Instance::Objective(b.component), b.resolved)),
         }
         .map_err(CallError::Config)?;
-        let resolved = toml::to_string(&resolved).map_err(|e| format!("cannot write the resolved configuration: {e}"))?;
+        let resolved =
+            toml::to_string(&resolved).map_err(|e| format!("cannot write the resolved configuration: {e}"))?;
         set_text(out, &resolved);
         if handle.is_null() {
             return Err("null handle pointer".to_owned().into());
@@ -256,7 +272,8 @@ extern "C" fn collect(handle: Handle, request: Str<'_>, out: *mut Out) -> i32 {
         let sampling: SamplingParams = serde_json::from_value(v["sampling"].clone()).map_err(|e| e.to_string())?;
         let samples = v["samples_per_prompt"].as_u64().unwrap_or(1) as u32;
         let got = s.collect(&CollectRequest { prompts: &prompts, samples_per_prompt: samples, sampling: &sampling })?;
-        let answer = json!({"prompts": got.prompts, "completions": got.completions, "skipped_records": got.skipped_records});
+        let answer =
+            json!({"prompts": got.prompts, "completions": got.completions, "skipped_records": got.skipped_records});
         set_text(out, &answer.to_string());
         Ok(())
     })
@@ -267,8 +284,7 @@ extern "C" fn score(handle: Handle, items: Str<'_>, scores: *mut f64, n: u64, ou
         let Instance::Reward(r) = instance(handle) else { return Err("not a reward model".to_owned().into()) };
         let parsed: Vec<(Vec<ChatMessage>, Completion)> =
             serde_json::from_str(&text(items, "items")?).map_err(|e| e.to_string())?;
-        let items: Vec<ScoreItem<'_>> =
-            parsed.iter().map(|(m, c)| ScoreItem { messages: m, completion: c }).collect();
+        let items: Vec<ScoreItem<'_>> = parsed.iter().map(|(m, c)| ScoreItem { messages: m, completion: c }).collect();
         let got = r.score(&items)?;
         let dst = out_slice(scores, n);
         if got.len() != dst.len() {
@@ -292,21 +308,18 @@ struct Group {
     names: Vec<String>,
 }
 
-fn with_group<T>(group: *const GroupC<'_>, f: impl FnOnce(&GroupView<'_>) -> Result<T, CallError>) -> Result<T, CallError> {
+fn with_group<T>(
+    group: *const GroupC<'_>,
+    f: impl FnOnce(&GroupView<'_>) -> Result<T, CallError>,
+) -> Result<T, CallError> {
     if group.is_null() {
         return Err("null group".to_owned().into());
     }
     // SAFETY: the host passes a valid group for the duration of the call.
     #[allow(unsafe_code)]
     let g = unsafe { &*group };
-    let names = Group {
-        names: g
-            .source_names
-            .as_slice()
-            .iter()
-            .map(|s| text(*s, "source name"))
-            .collect::<Result<_, _>>()?,
-    };
+    let names =
+        Group { names: g.source_names.as_slice().iter().map(|s| text(*s, "source name")).collect::<Result<_, _>>()? };
     let view = GroupView {
         rewards: g.rewards.as_slice(),
         sources: g.sources.as_slice(),
@@ -353,7 +366,14 @@ extern "C" fn build_examples(handle: Handle, group: *const GroupC<'_>, out: *mut
     })
 }
 
-extern "C" fn loss(handle: Handle, batch: *const BatchC<'_>, loss: *mut f64, grad: *mut f64, n: u64, out: *mut Out) -> i32 {
+extern "C" fn loss(
+    handle: Handle,
+    batch: *const BatchC<'_>,
+    loss: *mut f64,
+    grad: *mut f64,
+    n: u64,
+    out: *mut Out,
+) -> i32 {
     guard(out, || {
         let Instance::Objective(o) = instance(handle) else { return Err("not an objective".to_owned().into()) };
         if batch.is_null() || loss.is_null() {

@@ -210,18 +210,28 @@ pub struct ComponentDecl {
     /// Source adapter: collect. Request and answer are JSON text (answer via `set_text`).
     pub collect: Option<extern "C" fn(handle: Handle, request_json: Str<'_>, out: *mut Out) -> i32>,
     /// Reward model: score `n` items given as a JSON array; scores into `scores[0..n]`.
-    pub score: Option<extern "C" fn(handle: Handle, items_json: Str<'_>, scores: *mut f64, n: u64, out: *mut Out) -> i32>,
+    pub score:
+        Option<extern "C" fn(handle: Handle, items_json: Str<'_>, scores: *mut f64, n: u64, out: *mut Out) -> i32>,
     /// Reward model: who the scores are attributed to (via `set_text`).
     pub scorer_id: Option<extern "C" fn(handle: Handle, out: *mut Out) -> i32>,
     /// Weighting scheme: one weight per completion into `weights[0..n]`.
-    pub weigh: Option<extern "C" fn(handle: Handle, group: *const GroupC<'_>, weights: *mut f64, n: u64, out: *mut Out) -> i32>,
+    pub weigh: Option<
+        extern "C" fn(handle: Handle, group: *const GroupC<'_>, weights: *mut f64, n: u64, out: *mut Out) -> i32,
+    >,
     /// Objective: 1 when it needs reference log-probs.
     pub needs_reference: Option<extern "C" fn(handle: Handle) -> u8>,
     /// Objective: examples of a weighted group (via `push_example`).
     pub build_examples: Option<extern "C" fn(handle: Handle, group: *const GroupC<'_>, out: *mut Out) -> i32>,
     /// Objective: loss into `*loss`, gradient into `grad[0..n]`, metrics via `push_metric`.
     pub loss: Option<
-        extern "C" fn(handle: Handle, batch: *const BatchC<'_>, loss: *mut f64, grad: *mut f64, n: u64, out: *mut Out) -> i32,
+        extern "C" fn(
+            handle: Handle,
+            batch: *const BatchC<'_>,
+            loss: *mut f64,
+            grad: *mut f64,
+            n: u64,
+            out: *mut Out,
+        ) -> i32,
     >,
 }
 

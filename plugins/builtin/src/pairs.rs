@@ -74,7 +74,13 @@ fn default_tau() -> f64 {
 
 impl Default for PairConfig {
     fn default() -> Self {
-        Self { strategy: PairStrategy::PerSource, min_gap: 0.0, max_gap: None, weights: PairWeights::Weighting, tau: 1.0 }
+        Self {
+            strategy: PairStrategy::PerSource,
+            min_gap: 0.0,
+            max_gap: None,
+            weights: PairWeights::Weighting,
+            tau: 1.0,
+        }
     }
 }
 
@@ -89,7 +95,10 @@ impl PairConfig {
         check::non_negative("min_gap", self.min_gap)?;
         if let Some(max) = self.max_gap {
             if !(max.is_finite() && max >= self.min_gap) {
-                return Err(ConfigError::at("max_gap", format!("expected a number >= min_gap ({}), found {max}", self.min_gap)));
+                return Err(ConfigError::at(
+                    "max_gap",
+                    format!("expected a number >= min_gap ({}), found {max}", self.min_gap),
+                ));
             }
         }
         check::positive("tau", self.tau)
@@ -118,7 +127,11 @@ impl PairConfig {
                     return Ok(Vec::new());
                 }
                 let (c, r) = extremes(group, 0..group.len());
-                Ok(if self.gap_ok(group.rewards[c] - group.rewards[r]) { vec![pair(group, c, r, 1.0)] } else { Vec::new() })
+                Ok(if self.gap_ok(group.rewards[c] - group.rewards[r]) {
+                    vec![pair(group, c, r, 1.0)]
+                } else {
+                    Vec::new()
+                })
             }
         }
     }
@@ -154,12 +167,7 @@ impl PairConfig {
             // no valid pair): the prompt contributes nothing.
             return Ok(Vec::new());
         }
-        Ok(kept
-            .iter()
-            .zip(raw)
-            .filter(|(_, w)| *w > 0.0)
-            .map(|(&(c, r), w)| pair(group, c, r, w / total))
-            .collect())
+        Ok(kept.iter().zip(raw).filter(|(_, w)| *w > 0.0).map(|(&(c, r), w)| pair(group, c, r, w / total)).collect())
     }
 }
 

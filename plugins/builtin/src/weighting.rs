@@ -289,14 +289,14 @@ fn build_rank(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn Weighting
 }
 
 inventory::submit! { PluginDescriptor { name: "softmax", origin: crate::ORIGIN,
-    summary: "softmax over rewards at a temperature, optional per-prompt normalisation (FuseSFT default)",
-    factory: StaticFactory::Weighting(build_softmax) } }
+summary: "softmax over rewards at a temperature, optional per-prompt normalisation (FuseSFT default)",
+factory: StaticFactory::Weighting(build_softmax) } }
 inventory::submit! { PluginDescriptor { name: "best-only", origin: crate::ORIGIN,
-    summary: "all weight on the best-rewarded completion (best-of-all SFT)",
-    factory: StaticFactory::Weighting(build_best_only) } }
+summary: "all weight on the best-rewarded completion (best-of-all SFT)",
+factory: StaticFactory::Weighting(build_best_only) } }
 inventory::submit! { PluginDescriptor { name: "uniform", origin: crate::ORIGIN,
-    summary: "equal weight on every candidate",
-    factory: StaticFactory::Weighting(build_uniform) } }
+summary: "equal weight on every candidate",
+factory: StaticFactory::Weighting(build_uniform) } }
 inventory::submit! { PluginDescriptor { name: "rank", origin: crate::ORIGIN,
-    summary: "weights proportional to reward rank (scale-free)",
-    factory: StaticFactory::Weighting(build_rank) } }
+summary: "weights proportional to reward rank (scale-free)",
+factory: StaticFactory::Weighting(build_rank) } }

@@ -36,9 +36,12 @@ fn data_dir() -> std::path::PathBuf {
 #[test]
 fn both_layouts_of_the_committed_dataset_agree() {
     let dir = data_dir();
-    let per_prompt = collect(source(&dir, &[("path", "fusion-mini.jsonl".into())]).expect("source").as_ref()).expect("collect");
-    let flat = collect(source(&dir, &[("path", "fusion-mini-flat.jsonl".into()), ("layout", "flat".into())]).expect("source").as_ref())
-        .expect("collect");
+    let per_prompt =
+        collect(source(&dir, &[("path", "fusion-mini.jsonl".into())]).expect("source").as_ref()).expect("collect");
+    let flat = collect(
+        source(&dir, &[("path", "fusion-mini-flat.jsonl".into()), ("layout", "flat".into())]).expect("source").as_ref(),
+    )
+    .expect("collect");
     assert_eq!(per_prompt.prompts, flat.prompts);
     assert_eq!(per_prompt.completions.len(), 60);
     let key = |c: &fuserl_core::data::Completion| (c.id.clone(), c.text.clone(), c.precomputed_score);
@@ -62,11 +65,15 @@ fn flat_rows_are_grouped_and_numbered_and_scored() {
         dir.path(),
         "d.jsonl",
         concat!(
-            r#"{"prompt": "Hi?", "source": "a", "response": "Hello", "score": 1}"#, "\n",
-            r#"{"prompt": "Hi?", "source": "b", "response": "Hey", "score": 0.5}"#, "\n",
+            r#"{"prompt": "Hi?", "source": "a", "response": "Hello", "score": 1}"#,
             "\n",
-            r#"{"prompt": "Hi?", "source": "a", "response": "Yo", "score": -2.5, "extra": "kept out"}"#, "\n",
-            r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "source": "b", "response": "4", "score": 0.9}"#, "\n",
+            r#"{"prompt": "Hi?", "source": "b", "response": "Hey", "score": 0.5}"#,
+            "\n",
+            "\n",
+            r#"{"prompt": "Hi?", "source": "a", "response": "Yo", "score": -2.5, "extra": "kept out"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "source": "b", "response": "4", "score": 0.9}"#,
+            "\n",
         ),
     );
     let s = source(dir.path(), &[("path", "d.jsonl".into())]).expect("source");
@@ -83,12 +90,16 @@ fn flat_rows_are_grouped_and_numbered_and_scored() {
     let got: Vec<(String, u32, f64, Option<u64>)> = g
         .completions
         .iter()
-        .map(|c| (c.completion.id.source.clone(), c.completion.id.sample_index, c.reward.as_ref().expect("reward").value, c.completion.origin.line))
+        .map(|c| {
+            (
+                c.completion.id.source.clone(),
+                c.completion.id.sample_index,
+                c.reward.as_ref().expect("reward").value,
+                c.completion.origin.line,
+            )
+        })
         .collect();
-    assert_eq!(
-        got,
-        vec![("a".into(), 0, 1.0, Some(1)), ("a".into(), 1, -2.5, Some(4)), ("b".into(), 0, 0.5, Some(2))]
-    );
+    assert_eq!(got, vec![("a".into(), 0, 1.0, Some(1)), ("a".into(), 1, -2.5, Some(4)), ("b".into(), 0, 0.5, Some(2))]);
     assert_eq!(g.completions[0].reward.as_ref().expect("r").scored_by, "precomputed");
     assert_eq!(groups[1].prompt.messages.len(), 2);
 }
@@ -141,8 +152,10 @@ fn duplicate_samples_name_both_lines() {
         dir.path(),
         "dup.jsonl",
         concat!(
-            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "x"}"#, "\n",
-            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "y"}"#, "\n",
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "x"}"#,
+            "\n",
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "sample_index": 0, "response": "y"}"#,
+            "\n",
         ),
     );
     let s = source(dir.path(), &[("path", "dup.jsonl".into())]).expect("source");
@@ -152,8 +165,10 @@ fn duplicate_samples_name_both_lines() {
         dir.path(),
         "clash.jsonl",
         concat!(
-            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "response": "x"}"#, "\n",
-            r#"{"prompt_id": "p", "prompt": "Other", "source": "a", "response": "y"}"#, "\n",
+            r#"{"prompt_id": "p", "prompt": "Q", "source": "a", "response": "x"}"#,
+            "\n",
+            r#"{"prompt_id": "p", "prompt": "Other", "source": "a", "response": "y"}"#,
+            "\n",
         ),
     );
     let s = source(dir.path(), &[("path", "clash.jsonl".into())]).expect("source");
@@ -166,19 +181,25 @@ fn missing_file_and_unknown_source_filter_are_reported() {
     let dir = data_dir();
     let err = source(&dir, &[("path", "nope.jsonl".into())]).unwrap_err();
     assert!(err.starts_with("path: no such data file") && err.contains("nope.jsonl"), "{err}");
-    let s = source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-z".into()]))])
-        .expect("source");
+    let s =
+        source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-z".into()]))])
+            .expect("source");
     let err = collect(s.as_ref()).unwrap_err().to_string();
     assert!(err.contains("source `model-z`") && err.contains("model-a, model-b, model-c"), "{err}");
-    let only = source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-a".into()]))])
-        .expect("source");
+    let only =
+        source(&dir, &[("path", "fusion-mini.jsonl".into()), ("sources", toml::Value::Array(vec!["model-a".into()]))])
+            .expect("source");
     assert_eq!(collect(only.as_ref()).expect("collect").completions.len(), 20);
 }
 
 #[test]
 fn missing_precomputed_score_names_the_record() {
     let dir = tempfile::tempdir().expect("tmp");
-    write(dir.path(), "d.jsonl", "{\"id\": \"q\", \"prompt\": \"Hi\", \"responses\": {\"a\": [\"x\", \"y\"]}, \"scores\": {\"a\": [1, null]}}\n");
+    write(
+        dir.path(),
+        "d.jsonl",
+        "{\"id\": \"q\", \"prompt\": \"Hi\", \"responses\": {\"a\": [\"x\", \"y\"]}, \"scores\": {\"a\": [1, null]}}\n",
+    );
     let s = source(dir.path(), &[("path", "d.jsonl".into())]).expect("source");
     let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
     let reward = fuserl_plugins::registry()
@@ -187,5 +208,10 @@ fn missing_precomputed_score_names_the_record() {
         .expect("reward")
         .component;
     let err = score_groups(reward.as_ref(), &mut groups, 8).unwrap_err().to_string();
-    assert!(err.contains("prompt `q`, source `a`, sample 1") && err.contains("d.jsonl:1") && err.contains("no precomputed score"), "{err}");
+    assert!(
+        err.contains("prompt `q`, source `a`, sample 1")
+            && err.contains("d.jsonl:1")
+            && err.contains("no precomputed score"),
+        "{err}"
+    );
 }

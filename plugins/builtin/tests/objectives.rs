@@ -68,7 +68,12 @@ fn cases() -> Vec<Case> {
                 name: c["name"].as_str().expect("name").to_owned(),
                 objective,
                 kl: c["objective"].get("kl_coef").is_some(),
-                offsets: b["example_offsets"].as_array().expect("offsets").iter().map(|x| x.as_u64().expect("u64") as usize).collect(),
+                offsets: b["example_offsets"]
+                    .as_array()
+                    .expect("offsets")
+                    .iter()
+                    .map(|x| x.as_u64().expect("u64") as usize)
+                    .collect(),
                 weights: floats(&b["example_weights"]),
                 policy: floats(&b["policy_logps"]),
                 reference: (!b["reference_logps"].is_null()).then(|| floats(&b["reference_logps"])),
@@ -117,7 +122,12 @@ fn every_objective_matches_the_oracle() {
                 progress: case.progress,
             };
             let got = case.objective.loss(&one).expect("loss").loss;
-            assert!(close(got, case.per_example[e], ORACLE_TOL), "{} example {e}: {got} vs {}", case.name, case.per_example[e]);
+            assert!(
+                close(got, case.per_example[e], ORACLE_TOL),
+                "{} example {e}: {got} vs {}",
+                case.name,
+                case.per_example[e]
+            );
         }
     }
 }
@@ -164,7 +174,12 @@ fn derivatives_agree_with_finite_differences() {
             b.policy_logps = &shifted;
             let minus = case.objective.loss(&b).expect("loss").loss;
             let fd = (plus - minus) / (2.0 * h);
-            assert!(close(out.grad[i], fd, FD_TOL), "{}: grad[{i}] {} vs finite difference {fd}", case.name, out.grad[i]);
+            assert!(
+                close(out.grad[i], fd, FD_TOL),
+                "{}: grad[{i}] {} vs finite difference {fd}",
+                case.name,
+                out.grad[i]
+            );
         }
     }
 }

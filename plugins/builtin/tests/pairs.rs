@@ -79,14 +79,20 @@ fn fusechat_window_keeps_one_same_source_pair() {
     let wide = PairConfig { max_gap: Some(1.0), ..PairConfig::fusechat3() };
     assert_eq!(wide.build(&g.view()).expect("pairs")[0].members, vec![0, 1]);
     // No source in the window: no example.
-    let none = PairConfig { strategy: PairStrategy::SameSourceWindow, min_gap: 0.8, max_gap: Some(0.9), ..PairConfig::default() };
+    let none = PairConfig {
+        strategy: PairStrategy::SameSourceWindow,
+        min_gap: 0.8,
+        max_gap: Some(0.9),
+        ..PairConfig::default()
+    };
     assert!(none.build(&g.view()).expect("pairs").is_empty());
 }
 
 #[test]
 fn best_of_all_pairs_the_global_extremes() {
     let g = group();
-    let pairs = PairConfig { strategy: PairStrategy::BestOfAll, ..PairConfig::default() }.build(&g.view()).expect("pairs");
+    let pairs =
+        PairConfig { strategy: PairStrategy::BestOfAll, ..PairConfig::default() }.build(&g.view()).expect("pairs");
     assert_eq!(pairs.len(), 1);
     assert_eq!(pairs[0].members, vec![5, 7]);
 }

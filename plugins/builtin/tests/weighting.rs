@@ -61,7 +61,9 @@ const REWARDS: [f64; 6] = [0.10, 0.35, 0.20, 0.05, 0.30, 0.25];
 fn softmax_matches_the_formula() {
     // Per-source bests: a -> 0.35 (index 1), b -> 0.30 (index 4), c -> 0.25 (index 5).
     let g = Group::new(&REWARDS);
-    let w = scheme("softmax", &[("temperature", 0.1.into()), ("normalize", "none".into())]).weigh(&g.view()).expect("weigh");
+    let w = scheme("softmax", &[("temperature", 0.1.into()), ("normalize", "none".into())])
+        .weigh(&g.view())
+        .expect("weigh");
     let e: Vec<f64> = [0.35f64, 0.30, 0.25].iter().map(|r| (r / 0.1).exp()).collect();
     let z: f64 = e.iter().sum();
     let want = [0.0, e[0] / z, 0.0, 0.0, e[1] / z, e[2] / z];
@@ -99,8 +101,9 @@ fn softmax_tends_to_best_only_as_temperature_falls_and_to_uniform_as_it_rises() 
     assert!(max_abs_diff(&hot, &uniform) < 1e-8, "{hot:?}");
     // With every sample a candidate, the limits are best-of-all and uniform over all.
     let all_uniform = scheme("uniform", &[("candidates", "all".into())]).weigh(&g.view()).expect("weigh");
-    let hot_all =
-        scheme("softmax", &[("temperature", 1e9.into()), ("candidates", "all".into())]).weigh(&g.view()).expect("weigh");
+    let hot_all = scheme("softmax", &[("temperature", 1e9.into()), ("candidates", "all".into())])
+        .weigh(&g.view())
+        .expect("weigh");
     assert!(max_abs_diff(&hot_all, &all_uniform) < 1e-8);
 }
 
@@ -116,7 +119,10 @@ fn weights_are_finite_and_sum_to_one_for_equal_huge_and_tiny_rewards() {
     let schemes = [
         scheme("softmax", &[]),
         scheme("softmax", &[("temperature", 1e-300.into()), ("normalize", "none".into())]),
-        scheme("softmax", &[("temperature", 1e300.into()), ("normalize", "minmax".into()), ("candidates", "all".into())]),
+        scheme(
+            "softmax",
+            &[("temperature", 1e300.into()), ("normalize", "minmax".into()), ("candidates", "all".into())],
+        ),
         scheme("best-only", &[]),
         scheme("uniform", &[("candidates", "all".into())]),
         scheme("rank", &[]),
@@ -169,7 +175,10 @@ fn missing_rewards_are_errors_that_name_the_record() {
     let group = ScoredGroup {
         prompt: Prompt::from_messages(vec![fuserl_core::data::ChatMessage::user("hi")]),
         completions: vec![
-            ScoredCompletion { completion: completion("a", 0), reward: Some(fuserl_core::data::Reward { value: 1.0, scored_by: "x".into() }) },
+            ScoredCompletion {
+                completion: completion("a", 0),
+                reward: Some(fuserl_core::data::Reward { value: 1.0, scored_by: "x".into() }),
+            },
             ScoredCompletion { completion: completion("b", 1), reward: None },
         ],
     };

@@ -8,7 +8,9 @@
 //! - `duplicate`: also declares a weighting named `softmax`, which collides with the built-in.
 
 use fuserl_core::config::ConfigError;
-use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, WeightingScheme};
+use fuserl_core::extension::{
+    ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, WeightingScheme,
+};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
 use fuserl_plugin_abi::types::{ABI_VERSION, HostApi, PluginDeclaration};
@@ -39,7 +41,11 @@ impl PreferenceObjective for Failing {
         Ok(Vec::new())
     }
     fn loss(&self, _batch: &ObjectiveBatch<'_>) -> Result<LossOutput> {
-        Err(Error::Component { point: "preference objective", name: "failing".into(), message: "this objective always fails".into() })
+        Err(Error::Component {
+            point: "preference objective",
+            name: "failing".into(),
+            message: "this objective always fails".into(),
+        })
     }
 }
 
@@ -54,12 +60,24 @@ fn build_failing(t: &toml::Table, _c: &BuildContext) -> Result<Built<dyn Prefere
     Ok(Built { component: Box::new(Failing), resolved: t.clone() })
 }
 
-const PANICKY: PluginDescriptor =
-    PluginDescriptor { name: "panicky", summary: "panics", origin: "testkit", factory: StaticFactory::Weighting(build_panicky) };
-const FAILING: PluginDescriptor =
-    PluginDescriptor { name: "failing", summary: "returns errors", origin: "testkit", factory: StaticFactory::Objective(build_failing) };
-const SOFTMAX: PluginDescriptor =
-    PluginDescriptor { name: "softmax", summary: "collides", origin: "testkit", factory: StaticFactory::Weighting(build_panicky) };
+const PANICKY: PluginDescriptor = PluginDescriptor {
+    name: "panicky",
+    summary: "panics",
+    origin: "testkit",
+    factory: StaticFactory::Weighting(build_panicky),
+};
+const FAILING: PluginDescriptor = PluginDescriptor {
+    name: "failing",
+    summary: "returns errors",
+    origin: "testkit",
+    factory: StaticFactory::Objective(build_failing),
+};
+const SOFTMAX: PluginDescriptor = PluginDescriptor {
+    name: "softmax",
+    summary: "collides",
+    origin: "testkit",
+    factory: StaticFactory::Weighting(build_panicky),
+};
 
 static NORMAL: [PluginDescriptor; 2] = [PANICKY, FAILING];
 static WITH_DUPLICATE: [PluginDescriptor; 3] = [PANICKY, FAILING, SOFTMAX];
@@ -75,7 +93,8 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
     let mode = std::env::var("FUSERL_TEST_PLUGIN_MODE").unwrap_or_default();
     let descriptors: &'static [PluginDescriptor] = if mode == "duplicate" { &WITH_DUPLICATE } else { &NORMAL };
     // SAFETY: fuserl passes its own static `HostApi`.
-    let Some(real) = (unsafe { fuserl_plugin_abi::plugin::declaration(host, "fuserl-test-plugin", descriptors) }) else {
+    let Some(real) = (unsafe { fuserl_plugin_abi::plugin::declaration(host, "fuserl-test-plugin", descriptors) })
+    else {
         return std::ptr::null();
     };
     let (abi_version, struct_size) = match mode.as_str() {

@@ -10,10 +10,10 @@
 //! Pairs come from [`crate::pairs`]. With policy equal to reference, `sigmoid` is exactly
 //! `ln 2` per pair.
 
+use fuserl_core::Result;
 use fuserl_core::config::{ConfigError, KeyPath, check};
 use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
-use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Accumulator, Arity, PAIR_METRICS, smoothed_sigmoid_loss, validate_batch};
@@ -59,7 +59,13 @@ fn default_beta() -> f64 {
 
 impl Default for DpoConfig {
     fn default() -> Self {
-        Self { beta: 0.1, loss: DpoLoss::Sigmoid, label_smoothing: 0.0, length_normalize: false, pairs: PairConfig::default() }
+        Self {
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+            length_normalize: false,
+            pairs: PairConfig::default(),
+        }
     }
 }
 
@@ -134,5 +140,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn PreferenceObje
 }
 
 inventory::submit! { PluginDescriptor { name: "dpo", origin: crate::ORIGIN,
-    summary: "FusePO-DPO over per-source pairs: sigmoid (label smoothing), hinge or IPO; optional length normalisation",
-    factory: StaticFactory::Objective(build) } }
+summary: "FusePO-DPO over per-source pairs: sigmoid (label smoothing), hinge or IPO; optional length normalisation",
+factory: StaticFactory::Objective(build) } }

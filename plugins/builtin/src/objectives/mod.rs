@@ -111,7 +111,8 @@ impl Accumulator {
 }
 
 /// The metrics every pairwise objective reports, as TRL names them.
-pub(crate) const PAIR_METRICS: [&str; 4] = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"];
+pub(crate) const PAIR_METRICS: [&str; 4] =
+    ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"];
 
 impl Accumulator {
     /// Record one pair's implicit rewards at `offset` in the metric list ([`PAIR_METRICS`] order).

@@ -10,10 +10,10 @@
 //! Advantages are constants (stop-gradient, as in REINFORCE and TRL's RLOO): the derivative
 //! returned is `-(A_i / |G|) dx_i/dlogp_i`, also when the KL term makes `A` depend on `logp`.
 
+use fuserl_core::Result;
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
-use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Accumulator, Arity, validate_batch};
@@ -125,5 +125,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn PreferenceObje
 }
 
 inventory::submit! { PluginDescriptor { name: "rloo", origin: crate::ORIGIN,
-    summary: "FusePO-RLOO: leave-one-out REINFORCE over the source responses, optional KL and advantage normalisation",
-    factory: StaticFactory::Objective(build) } }
+summary: "FusePO-RLOO: leave-one-out REINFORCE over the source responses, optional KL and advantage normalisation",
+factory: StaticFactory::Objective(build) } }

@@ -83,5 +83,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn PreferenceObje
 }
 
 inventory::submit! { PluginDescriptor { name: "sft", origin: crate::ORIGIN,
-    summary: "weighted SFT over the weighted candidates (FuseSFT)",
-    factory: StaticFactory::Objective(build) } }
+summary: "weighted SFT over the weighted candidates (FuseSFT)",
+factory: StaticFactory::Objective(build) } }

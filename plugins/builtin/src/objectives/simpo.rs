@@ -2,10 +2,10 @@
 //! `-(1 - eps) ln sigma(z) - eps ln sigma(-z)` with
 //! `z = beta/|y_w| logp(y_w) - beta/|y_l| logp(y_l) - gamma`.
 
+use fuserl_core::Result;
 use fuserl_core::config::{ConfigError, KeyPath, check};
 use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
-use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Accumulator, Arity, PAIR_METRICS, smoothed_sigmoid_loss, validate_batch};
@@ -86,5 +86,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn PreferenceObje
 }
 
 inventory::submit! { PluginDescriptor { name: "simpo", origin: crate::ORIGIN,
-    summary: "FusePO-SimPO: reference-free, length-normalised, with a target margin",
-    factory: StaticFactory::Objective(build) } }
+summary: "FusePO-SimPO: reference-free, length-normalised, with a target margin",
+factory: StaticFactory::Objective(build) } }

@@ -8,11 +8,11 @@
 //! alpha = alpha_end * progress       (rises linearly from 0 over all optimiser steps)
 //! ```
 
+use fuserl_core::Result;
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::extension::{ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective};
 use fuserl_core::maths::{log_sigmoid, sigmoid};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
-use fuserl_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Accumulator, Arity, PAIR_METRICS, validate_batch};
@@ -100,10 +100,8 @@ impl PreferenceObjective for WrpoObjective {
         for e in 0..b.num_examples() {
             let start = b.example_offsets[e];
             let idx = [start, start + 1, start + 2];
-            let d: Vec<f64> = idx
-                .iter()
-                .map(|&i| if self.config.length_normalize { 1.0 / b.token_counts[i] } else { 1.0 })
-                .collect();
+            let d: Vec<f64> =
+                idx.iter().map(|&i| if self.config.length_normalize { 1.0 / b.token_counts[i] } else { 1.0 }).collect();
             let h: Vec<f64> = idx.iter().zip(&d).map(|(&i, d)| (b.policy_logps[i] - reference[i]) * d).collect();
             let coef = [alpha * beta, (1.0 - alpha) * beta, -beta];
             let z: f64 = coef.iter().zip(&h).map(|(c, h)| c * h).sum();
@@ -127,5 +125,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn PreferenceObje
 }
 
 inventory::submit! { PluginDescriptor { name: "wrpo", origin: crate::ORIGIN,
-    summary: "WRPO: source best and target best vs target worst, alpha rising linearly over training",
-    factory: StaticFactory::Objective(build) } }
+summary: "WRPO: source best and target best vs target worst, alpha rising linearly over training",
+factory: StaticFactory::Objective(build) } }

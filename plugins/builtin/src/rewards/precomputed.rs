@@ -59,5 +59,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, 
 }
 
 inventory::submit! { PluginDescriptor { name: "precomputed", origin: crate::ORIGIN,
-    summary: "scores that came with the data (the jsonl source's `scores` / `score`)",
-    factory: StaticFactory::Reward(build) } }
+summary: "scores that came with the data (the jsonl source's `scores` / `score`)",
+factory: StaticFactory::Reward(build) } }

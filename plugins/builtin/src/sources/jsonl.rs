@@ -159,7 +159,9 @@ fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
         Layout::Auto if obj.contains_key("responses") => true,
         Layout::Auto if obj.contains_key("source") && obj.contains_key("response") => false,
         Layout::Auto => {
-            return Err("expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)".into());
+            return Err(
+                "expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)".into()
+            );
         }
     };
     let mut items = Vec::new();
@@ -193,11 +195,7 @@ fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
                 Some(single) => vec![Some(single)],
             };
             if sc.len() != texts.len() {
-                return Err(format!(
-                    "`scores.{source}` has {} scores for {} responses",
-                    sc.len(),
-                    texts.len()
-                ));
+                return Err(format!("`scores.{source}` has {} scores for {} responses", sc.len(), texts.len()));
             }
             let smp = parse_sampling(sampling.and_then(|s| s.get(source)), &format!("`sampling.{source}`"))?;
             for (i, (t, s)) in texts.into_iter().zip(sc).enumerate() {
@@ -345,5 +343,5 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>
 }
 
 inventory::submit! { PluginDescriptor { name: "jsonl", origin: crate::ORIGIN,
-    summary: "precomputed multi-source completions from a JSONL file (per-prompt or flat rows)",
-    factory: StaticFactory::Source(build) } }
+summary: "precomputed multi-source completions from a JSONL file (per-prompt or flat rows)",
+factory: StaticFactory::Source(build) } }
