@@ -47,6 +47,18 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64() / runs as f64;
     let tokens = (batch * len) as f64;
+    // Where the time goes: the decoder layers (hidden states) against the LM head.
+    let start = Instant::now();
+    for _ in 0..runs {
+        let h = model.hidden(&inputs, &inputs.valid, None);
+        let _ = h.narrow(2, 0, 1).into_data();
+    }
+    let hidden_secs = start.elapsed().as_secs_f64() / runs as f64;
+    println!(
+        "  of which decoder layers {:.1} ms, LM head and the rest {:.1} ms",
+        hidden_secs * 1e3,
+        (secs - hidden_secs) * 1e3
+    );
     println!(
         "fuserl (burn flex, f32): batch {batch} x {len} tokens: {:.1} ms per forward, {:.0} tokens/s",
         secs * 1e3,
