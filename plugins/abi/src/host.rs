@@ -246,12 +246,7 @@ struct Meta {
 
 impl Meta {
     fn point(&self) -> &'static str {
-        match self.decl.point {
-            POINT_SOURCE => "source adapter",
-            POINT_REWARD => "reward model",
-            POINT_WEIGHTING => "weighting scheme",
-            _ => "preference objective",
-        }
+        point_of(self.decl.point).map_or("component", ExtensionPoint::noun)
     }
 
     /// The error of a failed call, naming plugin, component and file.

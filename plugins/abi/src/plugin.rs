@@ -303,11 +303,6 @@ extern "C" fn scorer_id(handle: Handle, out: *mut Out) -> i32 {
     })
 }
 
-/// Owned copy of a [`GroupC`] that can lend a [`GroupView`].
-struct Group {
-    names: Vec<String>,
-}
-
 fn with_group<T>(
     group: *const GroupC<'_>,
     f: impl FnOnce(&GroupView<'_>) -> Result<T, CallError>,
@@ -318,13 +313,13 @@ fn with_group<T>(
     // SAFETY: the host passes a valid group for the duration of the call.
     #[allow(unsafe_code)]
     let g = unsafe { &*group };
-    let names =
-        Group { names: g.source_names.as_slice().iter().map(|s| text(*s, "source name")).collect::<Result<_, _>>()? };
+    let names: Vec<String> =
+        g.source_names.as_slice().iter().map(|s| text(*s, "source name")).collect::<Result<_, _>>()?;
     let view = GroupView {
         rewards: g.rewards.as_slice(),
         sources: g.sources.as_slice(),
         sample_indices: g.sample_indices.as_slice(),
-        source_names: &names.names,
+        source_names: &names,
         weights: g.weights.as_slice(),
     };
     f(&view)
