@@ -8,7 +8,8 @@ rule-based verifier, deterministic and reproducible:
 
     reward = (key facts found, case-insensitive) / (key facts)  -  0.002 * words
 
-rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the three files.
+rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the four files (the facts also feed the
+`keywords` reward model, which scores new answers the same way).
 """
 import json
 import pathlib
@@ -117,6 +118,8 @@ def main() -> None:
         for i, t in enumerate(TARGET[pid]):
             target.append({"prompt_id": pid, "prompt": prompt, "source": "target", "sample_index": i,
                            "response": t, "score": reward(t, facts)})
+    facts = [{"id": pid, "facts": f} for pid, _, f, _ in DATA]
+    (HERE / "fusion-mini-facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
     (HERE / "fusion-mini-target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target))
     (HERE / "fusion-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_prompt))
     (HERE / "fusion-mini-flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
