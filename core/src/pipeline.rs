@@ -296,6 +296,12 @@ pub fn prepare_examples(
 
 /// Like [`prepare_examples`], keeping the prompts and texts the examples refer to.
 pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
+    prepare_with(loaded, stage, Vec::new())
+}
+
+/// Like [`prepare`], with more completions (for example the target's own samples) added to the
+/// sources' before scoring.
+pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extra: Vec<Collected>) -> Result<Prepared> {
     let recipe = &loaded.recipe;
     let c = &loaded.components;
     let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
@@ -311,6 +317,7 @@ pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result
         stats.skipped_records += got.skipped_records;
         collected.push(got);
     }
+    collected.extend(extra);
     let mut groups = assemble_groups(collected)?;
     if let Some(max) = recipe.data.max_prompts {
         groups.truncate(usize::try_from(max).unwrap_or(usize::MAX));

@@ -275,6 +275,11 @@ pub struct StageConfig {
     /// Log metrics every this many optimiser steps.
     #[serde(default = "one_u64")]
     pub log_every: u64,
+    /// `[po]` only: samples per prompt that the FuseSFT model generates before the stage, with
+    /// `[data.sampling]`, scored by `[reward]` and added to each prompt's group under the source
+    /// name `target` (WRPO's own samples, on-policy RLOO). 0: none.
+    #[serde(default)]
+    pub target_samples: u32,
     /// `[po]` only: the reference model (default: the FuseSFT checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceModel>,
@@ -814,6 +819,9 @@ fn resolve_stage(mut s: StageConfig, stage: Stage) -> Result<StageConfig, Config
     match stage {
         Stage::Sft if s.reference.is_some() => {
             return Err(ConfigError::at("reference", "only [po] has a reference model"));
+        }
+        Stage::Sft if s.target_samples > 0 => {
+            return Err(ConfigError::at("target_samples", "only [po] generates target samples"));
         }
         Stage::Po => s.reference = Some(s.reference.unwrap_or(ReferenceModel::SftCheckpoint)),
         Stage::Sft => {}

@@ -7,6 +7,7 @@
 //!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
 //!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
+//!   po/target-samples.json   the FuseSFT model's own samples ([po] target_samples), with their key
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
 //!   po/checkpoints/, po/final/, po/DONE
 //!   export/                the fused model (or [export] path)
@@ -19,7 +20,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use fuserl_core::pipeline::{StageName, prepare};
+use fuserl_core::data::{Completion, CompletionId, Origin};
+use fuserl_core::extension::Collected;
+use fuserl_core::pipeline::{StageName, prepare, prepare_with};
 use fuserl_core::recipe::{DType as RecipeDType, Device, LoadedRecipe, ReferenceModel};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save};
@@ -117,6 +120,64 @@ fn reference_key(checkpoint: &Path, examples: &[crate::data::TrainExample]) -> R
     Ok(format!("weights:{weights:016x};data:{d:016x}"))
 }
 
+/// The target's own samples for the PO stage's prompts: `n` per prompt from the model at `start`,
+/// with `[data.sampling]`; cached in `cache` (keyed by the weights, the prompts and the settings)
+/// so that a resumed run does not generate again.
+fn target_samples(loaded: &LoadedRecipe, start: &Path, tok: &ChatTokenizer, n: u32, cache: &Path) -> Result<Collected> {
+    let recipe = &loaded.recipe;
+    let sampling = &recipe.data.sampling;
+    let prepared = prepare(loaded, StageName::Po)?;
+    let mut prompt_ids: Vec<&String> = prepared.prompts.keys().collect();
+    prompt_ids.sort();
+    let mut key_hash = 0xcbf2_9ce4_8422_2325u64;
+    fnv(&mut key_hash, format!("{n}|{sampling:?}|{}|{:?}", recipe.run.seed, prompt_ids).as_bytes());
+    let key = format!("{}|settings:{key_hash:016x}", reference_key(start, &[])?);
+    if let Some(completions) = std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v["key"].as_str() == Some(key.as_str()))
+        .and_then(|v| serde_json::from_value::<Vec<Completion>>(v["completions"].clone()).ok())
+    {
+        return Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 });
+    }
+    let model = load::<burn::backend::Flex>(start, &Default::default(), dtype(recipe.backend.dtype))?;
+    let max_len = recipe.target.max_length as usize;
+    let mut completions = Vec::new();
+    for (i, id) in prompt_ids.iter().enumerate() {
+        let mut ids = tok.prompt_ids(&prepared.prompts[*id])?;
+        let cap = recipe.target.max_prompt_length.map_or(max_len - 1, |p| p as usize).min(max_len - 1);
+        if ids.len() > cap {
+            ids.drain(..ids.len() - cap);
+        }
+        let seed = recipe.run.seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let cfg = fuserl_model::generate::GenerateConfig {
+            max_new_tokens: sampling.max_new_tokens.map_or(256, |m| m as usize).min(max_len - ids.len()),
+            temperature: sampling.temperature.unwrap_or(1.0),
+            top_p: sampling.top_p.unwrap_or(1.0),
+            top_k: sampling.top_k.unwrap_or(0) as usize,
+            seed,
+            stop: Vec::new(),
+        };
+        let batch = vec![ids; n as usize];
+        let replies = fuserl_model::generate::generate(&model, tok, &batch, &cfg)?;
+        for (s, reply) in replies.into_iter().enumerate() {
+            let mut params = sampling.clone();
+            params.seed = Some(seed);
+            completions.push(Completion {
+                id: CompletionId { prompt_id: (*id).clone(), source: "target".into(), sample_index: s as u32 },
+                text: reply.text,
+                sampling: params,
+                origin: Origin { adapter: "generate".into(), file: Some(start.display().to_string()), line: None },
+                precomputed_score: None,
+            });
+        }
+        tracing::info!(prompt = %id, done = i + 1, total = prompt_ids.len(), "generated target samples");
+    }
+    let doc = serde_json::json!({"key": key, "completions": completions});
+    write_atomic(cache, doc.to_string().as_bytes())?;
+    Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 })
+}
+
 /// Run (or resume) the recipe's stages.
 pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progress)) -> Result<RunSummary> {
     let recipe = &loaded.recipe;
@@ -154,8 +215,8 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
 
     // The data stages of a training stage: collect, score, weigh, build examples; the examples
     // (with their provenance and token counts) are kept in the stage's folder.
-    let tokenized = |stage: StageName| -> Result<Vec<crate::data::TrainExample>> {
-        let p = prepare(loaded, stage)?;
+    let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<crate::data::TrainExample>> {
+        let p = prepare_with(loaded, stage, extra)?;
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
         let stage_dir = dir.join(stage.as_str());
         std::fs::create_dir_all(&stage_dir).map_err(|e| TrainError::io(&stage_dir, e))?;
@@ -181,7 +242,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 name: StageName::Sft,
                 config: &recipe.sft,
                 objective: loaded.components.sft_objective.as_ref(),
-                examples: tokenized(StageName::Sft)?,
+                examples: tokenized(StageName::Sft, Vec::new())?,
                 reference: None,
                 seed: recipe.run.seed,
                 dir: dir.join("sft/checkpoints"),
@@ -213,7 +274,19 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 Some(ReferenceModel::Target) => target.clone(),
                 _ => start.clone(),
             };
-            let examples = tokenized(StageName::Po)?;
+            let extra = if recipe.po.target_samples > 0 {
+                std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
+                vec![target_samples(
+                    loaded,
+                    &start,
+                    &tok,
+                    recipe.po.target_samples,
+                    &dir.join("po/target-samples.json"),
+                )?]
+            } else {
+                Vec::new()
+            };
+            let examples = tokenized(StageName::Po, extra)?;
             let objective = loaded.components.po_objective.as_ref();
             let reference = if objective.needs_reference() {
                 let cache = dir.join("po/reference-logps.json");

@@ -151,3 +151,82 @@ fn gradient_checkpointing_gives_the_same_training() {
         }
     }
 }
+
+#[test]
+fn wrpo_trains_on_the_targets_own_samples_scored_by_a_verifier() {
+    let r = repo();
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let text = format!(
+        r#"schema_version = 1
+[run]
+output_dir = "{out}"
+seed = 5
+[target]
+checkpoint = "{ckpt}"
+max_length = 128
+[data.sampling]
+temperature = 1.0
+top_p = 0.95
+max_new_tokens = 12
+[[sources]]
+kind = "jsonl"
+path = "{data}"
+[reward]
+kind = "keywords"
+path = "{facts}"
+[weighting]
+kind = "best-only"
+[sft]
+epochs = 1
+learning_rate = 3e-3
+batch_size = 4
+[po]
+epochs = 1
+learning_rate = 1e-4
+batch_size = 4
+target_samples = 3
+[po.objective]
+kind = "wrpo"
+beta = 0.1
+"#,
+        out = out.display(),
+        ckpt = r.join("checkpoints/tiny-chat").display(),
+        data = r.join("data/fusion-mini.jsonl").display(),
+        facts = r.join("data/fusion-mini-facts.jsonl").display(),
+    );
+    let registry = fuserl_plugins::registry().expect("registry");
+    let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
+    run(&loaded, Which::All, &mut |_| {}).expect("run");
+    let samples: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("po/target-samples.json")).expect("samples")).expect("json");
+    assert_eq!(samples["completions"].as_array().expect("completions").len(), 30, "3 samples for each of 10 prompts");
+    let examples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("po/examples.jsonl"))
+        .expect("examples")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(!examples.is_empty(), "no WRPO triplet: the samples all scored the same");
+    for e in &examples {
+        let seqs = e["sequences"].as_array().expect("seqs");
+        assert_eq!(seqs.len(), 3);
+        assert_ne!(seqs[0]["completion"]["source"], "target");
+        for s in &seqs[1..] {
+            assert_eq!(s["completion"]["source"], "target");
+            assert_eq!(s["origin"]["adapter"], "generate");
+        }
+        assert!(seqs[1]["reward"].as_f64() > seqs[2]["reward"].as_f64());
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let po = losses(&rows, "po");
+    assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-6, "{}", po[0]);
+    // A rerun does not generate again: the cached samples are reused as they are.
+    let before = std::fs::read(out.join("po/target-samples.json")).expect("samples");
+    std::fs::remove_file(out.join("po/DONE")).expect("rm");
+    run(&loaded, Which::Po, &mut |_| {}).expect("rerun");
+    assert_eq!(std::fs::read(out.join("po/target-samples.json")).expect("samples"), before);
+}

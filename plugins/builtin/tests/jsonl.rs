@@ -215,3 +215,29 @@ fn missing_precomputed_score_names_the_record() {
         "{err}"
     );
 }
+
+#[test]
+fn keywords_verifier_reproduces_the_dataset_scores() {
+    let dir = data_dir();
+    let s = source(&dir, &[("path", "fusion-mini.jsonl".into())]).expect("source");
+    let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
+    let mut t = toml::Table::new();
+    t.insert("path".into(), "fusion-mini-facts.jsonl".into());
+    let reward = fuserl_plugins::registry()
+        .expect("registry")
+        .build_reward("keywords", &t, &BuildContext { base_dir: dir.clone(), seed: 0 })
+        .expect("reward")
+        .component;
+    score_groups(reward.as_ref(), &mut groups, 16).expect("score");
+    let mut n = 0;
+    for g in &groups {
+        for c in &g.completions {
+            let want = c.completion.precomputed_score.expect("precomputed");
+            let got = c.reward.as_ref().expect("reward").value;
+            // The data file rounds to 4 decimals.
+            assert!((got - want).abs() < 5e-5, "{}: {got} vs {want}", c.completion.describe());
+            n += 1;
+        }
+    }
+    assert_eq!(n, 60);
+}

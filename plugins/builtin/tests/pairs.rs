@@ -139,6 +139,10 @@ fn rloo_groups_all_samples_or_per_source_bests() {
     assert_eq!(all[0].members, (0..9).collect::<Vec<_>>());
     let bests = objective("rloo", &[("group", "per-source-best".into())]).build_examples(&g.view()).expect("examples");
     assert_eq!(bests[0].members, vec![0, 3, 5, 6]);
+    let own = objective("rloo", &[("sources", toml::Value::Array(vec!["target".into()]))])
+        .build_examples(&g.view())
+        .expect("examples");
+    assert_eq!(own[0].members, vec![6, 7, 8]);
 }
 
 #[test]

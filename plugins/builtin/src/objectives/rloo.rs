@@ -26,6 +26,10 @@ pub struct RlooConfig {
     /// The group: every sample (`all`) or each source's best (`per-source-best`).
     #[serde(default = "default_group")]
     pub group: Candidates,
+    /// Only completions from these sources join the group (default: every source). With
+    /// `["target"]` and `[po] target_samples`, this is on-policy RLOO on the target's own samples.
+    #[serde(default)]
+    pub sources: Vec<String>,
     /// Smallest group that makes an example (at least 2: leave-one-out needs another).
     #[serde(default = "default_min_group")]
     pub min_group_size: u32,
@@ -79,7 +83,12 @@ impl PreferenceObjective for RlooObjective {
         self.config.kl_coef > 0.0
     }
     fn build_examples(&self, group: &GroupView<'_>) -> Result<Vec<ExampleSpec>> {
-        let members = candidate_indices(group, self.config.group);
+        let allowed = |i: usize| {
+            self.config.sources.is_empty()
+                || group.source_names.get(group.sources[i] as usize).is_some_and(|s| self.config.sources.contains(s))
+        };
+        let members: Vec<usize> =
+            candidate_indices(group, self.config.group).into_iter().filter(|&i| allowed(i)).collect();
         if members.len() < self.config.min_group_size as usize {
             return Ok(Vec::new());
         }

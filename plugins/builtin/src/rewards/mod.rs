@@ -1,3 +1,4 @@
 //! Reward models.
 
+pub mod keywords;
 pub mod precomputed;

@@ -1,0 +1,98 @@
+//! `keywords`: a rule-based verifier. Each prompt has a list of key facts (a JSONL file of
+//! `{"id": PROMPT_ID, "facts": ["...", ...]}`); an answer's reward is the fraction of the facts
+//! it contains (case-insensitive) minus `length_penalty` per word. It can score any answer,
+//! also ones generated during a run (the target's own samples).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use fuserl_core::config::{ConfigError, check};
+use fuserl_core::extension::{RewardModel, ScoreItem};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// `[reward] kind = "keywords"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeywordsConfig {
+    /// The facts file, relative to the recipe.
+    pub path: String,
+    /// Subtracted per word of the answer.
+    #[serde(default = "default_penalty")]
+    pub length_penalty: f64,
+}
+
+fn default_penalty() -> f64 {
+    0.002
+}
+
+/// Rule-based verifier.
+#[derive(Clone, Debug)]
+pub struct KeywordsReward {
+    facts: HashMap<String, Vec<String>>,
+    file: PathBuf,
+    length_penalty: f64,
+}
+
+impl KeywordsReward {
+    /// Read the facts file; a malformed line is an error naming the file and line.
+    pub fn new(config: KeywordsConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        check::non_negative("length_penalty", config.length_penalty)?;
+        let file = ctx.resolve(&config.path);
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| ConfigError::at("path", format!("cannot read {}: {e}", file.display())))?;
+        let mut facts = HashMap::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            #[derive(Deserialize)]
+            struct Line {
+                id: String,
+                facts: Vec<String>,
+            }
+            let l: Line = serde_json::from_str(line).map_err(|e| {
+                ConfigError::at(
+                    "path",
+                    format!("{}:{}: expected {{\"id\": ..., \"facts\": [...]}}: {e}", file.display(), i + 1),
+                )
+            })?;
+            if l.facts.is_empty() {
+                return Err(ConfigError::at(
+                    "path",
+                    format!("{}:{}: prompt `{}` has no facts", file.display(), i + 1, l.id),
+                ));
+            }
+            facts.insert(l.id, l.facts.into_iter().map(|f| f.to_lowercase()).collect());
+        }
+        Ok(Self { facts, file, length_penalty: config.length_penalty })
+    }
+}
+
+impl RewardModel for KeywordsReward {
+    fn name(&self) -> &str {
+        "keywords"
+    }
+    fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
+        items
+            .iter()
+            .map(|item| {
+                let id = &item.completion.id.prompt_id;
+                let facts = self.facts.get(id).ok_or_else(|| Error::Record {
+                    record: item.completion.describe(),
+                    message: format!("{} lists no facts for prompt `{id}`", self.file.display()),
+                })?;
+                let text = item.completion.text.to_lowercase();
+                let found = facts.iter().filter(|f| text.contains(f.as_str())).count() as f64;
+                let words = item.completion.text.split_whitespace().count() as f64;
+                Ok(found / facts.len() as f64 - self.length_penalty * words)
+            })
+            .collect()
+    }
+}
+
+fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
+    build_component(t, ctx, |c: KeywordsConfig, ctx| Ok(Box::new(KeywordsReward::new(c, ctx)?) as Box<dyn RewardModel>))
+}
+
+inventory::submit! { PluginDescriptor { name: "keywords", origin: crate::ORIGIN,
+summary: "rule-based verifier: fraction of a prompt's key facts in the answer, minus a length penalty",
+factory: StaticFactory::Reward(build) } }
