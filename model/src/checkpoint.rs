@@ -294,6 +294,30 @@ pub fn save<B: Backend>(
     max_shard_bytes: usize,
     side_files_from: Option<&Path>,
 ) -> Result<()> {
+    save_as(model, dir, max_shard_bytes, side_files_from, DType::F32)
+}
+
+/// Like [`save`], with the weights written as `dtype` (F32, F16 or BF16).
+pub fn save_as<B: Backend>(
+    model: &LlamaModel<B>,
+    dir: &Path,
+    max_shard_bytes: usize,
+    side_files_from: Option<&Path>,
+    dtype: DType,
+) -> Result<()> {
+    let (st_dtype, width, torch_name) = match dtype {
+        DType::F32 => (StDtype::F32, 4, "float32"),
+        DType::F16 => (StDtype::F16, 2, "float16"),
+        DType::BF16 => (StDtype::BF16, 2, "bfloat16"),
+        other => return Err(ModelError::Input(format!("cannot save weights as {other:?}; supported: F32, F16, BF16"))),
+    };
+    let encode = |v: &f32| -> Vec<u8> {
+        match st_dtype {
+            StDtype::F16 => half::f16::from_f32(*v).to_le_bytes().to_vec(),
+            StDtype::BF16 => half::bf16::from_f32(*v).to_le_bytes().to_vec(),
+            _ => v.to_le_bytes().to_vec(),
+        }
+    };
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors = named_tensors(model);
     // Shard greedily in name order.
@@ -316,14 +340,12 @@ pub fn save<B: Backend>(
             if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
         let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = shard
             .iter()
-            .map(|(name, (shape, values))| {
-                ((*name).clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), shape.clone())
-            })
+            .map(|(name, (shape, values))| ((*name).clone(), values.iter().flat_map(encode).collect(), shape.clone()))
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
             .iter()
             .map(|(name, bytes, shape)| {
-                let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes)
+                let view = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
                     .map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
                 Ok((name.clone(), view))
             })
@@ -334,7 +356,7 @@ pub fn save<B: Backend>(
             .map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
         write_atomic(&dir.join(&file), &bytes)?;
         for (name, (_, values)) in shard {
-            total += values.len() * 4;
+            total += values.len() * width;
             weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));
         }
     }
@@ -342,8 +364,9 @@ pub fn save<B: Backend>(
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_atomic(&dir.join("model.safetensors.index.json"), index.to_string().as_bytes())?;
     }
-    let config =
-        serde_json::to_string_pretty(&model.config.to_hf_json()).map_err(|e| ModelError::format(dir, e.to_string()))?;
+    let mut hf = model.config.to_hf_json();
+    hf["torch_dtype"] = torch_name.into();
+    let config = serde_json::to_string_pretty(&hf).map_err(|e| ModelError::format(dir, e.to_string()))?;
     write_atomic(&dir.join("config.json"), config.as_bytes())?;
     if let Some(src) = side_files_from {
         for f in SIDE_FILES {

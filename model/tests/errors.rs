@@ -114,6 +114,24 @@ fn saved_checkpoints_reload_with_the_same_logprobs() {
 }
 
 #[test]
+fn saving_in_half_precision_writes_half_precision() {
+    let model = load::<Cpu>(&fixture("llama-tied"), &Default::default(), DType::F32).expect("load");
+    let out = tempfile::tempdir().expect("tmp");
+    fuserl_model::checkpoint::save_as(&model, out.path(), 1 << 30, None, DType::BF16).expect("save");
+    let bytes = std::fs::read(out.path().join("model.safetensors")).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    assert!(st.tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::BF16));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).expect("cfg")).expect("json");
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let again = load::<Cpu>(out.path(), &Default::default(), DType::F32).expect("reload");
+    let seqs = vec![vec![1, 5, 9, 33, 2, 7]];
+    let a = sequence_token_logprobs(&model, &seqs).expect("a");
+    let b = sequence_token_logprobs(&again, &seqs).expect("b");
+    assert!(a[0].iter().zip(&b[0]).all(|(x, y)| (x - y).abs() < 0.3), "{a:?} vs {b:?}");
+}
+
+#[test]
 fn half_precision_dtypes_load_and_run() {
     let dir = fixture("llama-tied");
     let seqs = vec![vec![1, 5, 9, 33, 2, 7, 11, 40]];

@@ -25,7 +25,7 @@ use fuserl_core::extension::Collected;
 use fuserl_core::pipeline::{StageName, prepare, prepare_with};
 use fuserl_core::recipe::{DType as RecipeDType, Device, LoadedRecipe, ReferenceModel};
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, save};
+use fuserl_model::checkpoint::{load, save, save_as};
 
 use crate::data::tokenize;
 use crate::error::{Result, TrainError};
