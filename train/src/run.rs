@@ -332,9 +332,9 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
         let from = if recipe.po.enabled { &po_final } else { &sft_final };
         let to = loaded.export_dir();
         if from.is_dir() {
-            let model =
-                load::<burn::backend::Flex>(from, &device, dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype)))?;
-            save(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target))?;
+            let model = load::<burn::backend::Flex>(from, &device, DType::F32)?;
+            let as_dtype = dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
+            save_as(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target), as_dtype)?;
             export = Some(to);
         }
     }

@@ -230,3 +230,27 @@ beta = 0.1
     run(&loaded, Which::Po, &mut |_| {}).expect("rerun");
     assert_eq!(std::fs::read(out.join("po/target-samples.json")).expect("samples"), before);
 }
+
+#[test]
+fn export_writes_the_requested_dtype() {
+    let registry = fuserl_plugins::registry().expect("registry");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let text = recipe(&out, 1, 1) + "[export]\ndtype = \"bf16\"\n";
+    let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
+    run(&loaded, Which::All, &mut |_| {}).expect("run");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("export/config.json")).expect("cfg")).expect("json");
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let bytes = std::fs::read(out.join("export/model.safetensors")).expect("weights");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    assert!(
+        header
+            .as_object()
+            .expect("obj")
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .all(|(_, v)| v["dtype"] == "BF16")
+    );
+}
