@@ -95,14 +95,12 @@ impl<B: Backend> Rope<B> {
     /// # Shapes
     /// `x: [batch, heads, seq, head_dim]` -> same
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
-        let half = d / 2;
+        let half = x.dims()[3] / 2;
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().expand([b, h, t, d]);
-        let sin = self.sin.clone().expand([b, h, t, d]);
-        x * cos + rotated * sin
+        // `cos` and `sin` are [batch, 1, seq, head_dim]: broadcast over the heads.
+        x * self.cos.clone() + rotated * self.sin.clone()
     }
 }
 
