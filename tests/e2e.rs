@@ -328,3 +328,47 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     );
     assert!(reply.status.success(), "{}", text(&reply.stderr));
 }
+
+#[test]
+fn logprobs_and_generate_report_bad_input_with_its_place() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = repo().join("checkpoints/tiny-chat").display().to_string();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n{not json}\n").expect("write");
+    let out = dir.path().join("out.jsonl").display().to_string();
+    let run =
+        fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("pairs.jsonl:2: invalid JSON"), "{}", text(&run.stderr));
+    std::fs::write(&data, "{\"prompt\": \"Hi\"}\n").expect("write");
+    let run =
+        fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run.stderr).contains("pairs.jsonl:1: `response`: expected a string"), "{}", text(&run.stderr));
+    // A good file: every line gets its log-probs, other keys kept.
+    std::fs::write(&data, "{\"prompt\": \"Hi\", \"response\": \"Hello\", \"id\": 7}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"2+2?\"}], \"response\": \"4\"}\n").expect("write");
+    let run =
+        fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).expect("out").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], 7);
+    assert_eq!(lines[0]["token_logps"].as_array().map(Vec::len), lines[0]["n_tokens"].as_u64().map(|n| n as usize));
+    let sum: f64 = lines[0]["token_logps"].as_array().expect("arr").iter().map(|x| x.as_f64().expect("f")).sum();
+    assert!((sum - lines[0]["logp_sum"].as_f64().expect("sum")).abs() < 1e-4);
+    let on_cuda = fuserl(&["generate", "--model", &model, "--prompt", "Hi", "--device", "cuda"], dir.path());
+    assert_eq!(on_cuda.status.code(), Some(2));
+    assert!(
+        text(&on_cuda.stderr).contains("--features cuda") || text(&on_cuda.stderr).contains("CPU backend only"),
+        "{}",
+        text(&on_cuda.stderr)
+    );
+    let missing = fuserl(&["generate", "--model", "/nonexistent/model", "--prompt", "Hi"], dir.path());
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing.stderr).contains("/nonexistent/model: not a Hugging Face checkpoint folder"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
