@@ -135,6 +135,31 @@ impl GroupData {
         Ok(Self { rewards, sources, sample_indices, source_names, weights: Vec::new() })
     }
 
+    /// A group from `(source name, reward)` per completion, sample indices counted per source
+    /// in order, no weights yet (for tests of weighting schemes and objectives).
+    pub fn new(items: &[(&str, f64)]) -> Self {
+        let mut g = Self {
+            rewards: Vec::new(),
+            sources: Vec::new(),
+            sample_indices: Vec::new(),
+            source_names: Vec::new(),
+            weights: Vec::new(),
+        };
+        for (source, reward) in items {
+            let s = match g.source_names.iter().position(|n| n == source) {
+                Some(i) => i,
+                None => {
+                    g.source_names.push((*source).to_owned());
+                    g.source_names.len() - 1
+                }
+            };
+            g.sample_indices.push(g.sources.iter().filter(|x| **x as usize == s).count() as u32);
+            g.sources.push(s as u32);
+            g.rewards.push(*reward);
+        }
+        g
+    }
+
     /// Borrow as a [`GroupView`].
     pub fn view(&self) -> GroupView<'_> {
         GroupView {

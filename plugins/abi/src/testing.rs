@@ -10,7 +10,7 @@
 //! fuserl_plugin_abi::testing::assert_gradient(hinge.as_ref(), &stats, 1e-6);
 //! ```
 
-use fuserl_core::extension::{GroupView, ObjectiveBatch, PreferenceObjective, WeightingScheme};
+use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective, WeightingScheme};
 use fuserl_core::registry::{BuildContext, Registry};
 
 use crate::host::{EntryFn, register_declaration};
@@ -123,49 +123,5 @@ pub fn assert_gradient(objective: &dyn PreferenceObjective, stats: &Stats, tol: 
     }
 }
 
-/// One prompt's group for a weighting scheme or `build_examples`: `(source, reward)` per
-/// completion, sample indices in order.
-#[derive(Clone, Debug, Default)]
-pub struct Group {
-    /// Rewards.
-    pub rewards: Vec<f64>,
-    /// Source index per completion.
-    pub sources: Vec<u32>,
-    /// Sample index per completion.
-    pub samples: Vec<u32>,
-    /// Source names.
-    pub names: Vec<String>,
-    /// Weights.
-    pub weights: Vec<f64>,
-}
-
-impl Group {
-    /// A group from `(source name, reward)` pairs.
-    pub fn new(items: &[(&str, f64)]) -> Self {
-        let mut g = Self::default();
-        for (source, reward) in items {
-            let s = match g.names.iter().position(|n| n == source) {
-                Some(i) => i,
-                None => {
-                    g.names.push((*source).to_owned());
-                    g.names.len() - 1
-                }
-            };
-            g.samples.push(g.sources.iter().filter(|x| **x as usize == s).count() as u32);
-            g.sources.push(s as u32);
-            g.rewards.push(*reward);
-        }
-        g
-    }
-
-    /// Borrow as a [`GroupView`].
-    pub fn view(&self) -> GroupView<'_> {
-        GroupView {
-            rewards: &self.rewards,
-            sources: &self.sources,
-            sample_indices: &self.samples,
-            source_names: &self.names,
-            weights: &self.weights,
-        }
-    }
-}
+/// One prompt's group for a weighting scheme or `build_examples`: `Group::new(&[("src", reward), ...])`.
+pub use fuserl_core::pipeline::GroupData as Group;

@@ -2,39 +2,24 @@
 //! weights, FuseChat-3.0's same-source pair with a gap window, best-of-all, WRPO triplets and
 //! RLOO groups.
 
-use fuserl_core::extension::{GroupView, PreferenceObjective};
+use fuserl_core::extension::PreferenceObjective;
+use fuserl_core::pipeline::GroupData;
 use fuserl_core::registry::BuildContext;
 use fuserl_plugins::pairs::{PairConfig, PairStrategy, PairWeights};
 
-struct G {
-    rewards: Vec<f64>,
-    sources: Vec<u32>,
-    samples: Vec<u32>,
-    names: Vec<String>,
-    weights: Vec<f64>,
-}
-
-impl G {
-    fn view(&self) -> GroupView<'_> {
-        GroupView {
-            rewards: &self.rewards,
-            sources: &self.sources,
-            sample_indices: &self.samples,
-            source_names: &self.names,
-            weights: &self.weights,
-        }
-    }
-}
-
 /// Sources a (3 samples), b (2), c (1), target (3).
-fn group() -> G {
-    G {
-        rewards: vec![0.9, 0.2, 0.5, 0.7, 0.65, 0.99, 0.4, 0.1, 0.3],
-        sources: vec![0, 0, 0, 1, 1, 2, 3, 3, 3],
-        samples: vec![0, 1, 2, 0, 1, 0, 0, 1, 2],
-        names: vec!["a".into(), "b".into(), "c".into(), "target".into()],
-        weights: vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    }
+fn group() -> GroupData {
+    GroupData::new(&[
+        ("a", 0.9),
+        ("a", 0.2),
+        ("a", 0.5),
+        ("b", 0.7),
+        ("b", 0.65),
+        ("c", 0.99),
+        ("target", 0.4),
+        ("target", 0.1),
+        ("target", 0.3),
+    ])
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Weighting schemes: limits, normalisation and robustness (method.md, issue #2).
 
-use fuserl_core::extension::{GroupView, WeightingScheme};
+use fuserl_core::extension::WeightingScheme;
+use fuserl_core::pipeline::GroupData;
 use fuserl_core::registry::BuildContext;
 
 fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> {
@@ -16,34 +17,12 @@ fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> 
         .component
 }
 
-struct Group {
-    rewards: Vec<f64>,
-    sources: Vec<u32>,
-    samples: Vec<u32>,
-    names: Vec<String>,
-}
-
-impl Group {
-    /// Three sources with two, three and one samples.
-    fn new(rewards: &[f64]) -> Self {
-        let sources = vec![0, 0, 1, 1, 1, 2];
-        assert_eq!(rewards.len(), sources.len());
-        Self {
-            rewards: rewards.to_vec(),
-            samples: vec![0, 1, 0, 1, 2, 0],
-            sources,
-            names: vec!["a".into(), "b".into(), "c".into()],
-        }
-    }
-    fn view(&self) -> GroupView<'_> {
-        GroupView {
-            rewards: &self.rewards,
-            sources: &self.sources,
-            sample_indices: &self.samples,
-            source_names: &self.names,
-            weights: &[],
-        }
-    }
+/// Three sources with two, three and one samples.
+fn group(rewards: &[f64]) -> GroupData {
+    let sources = ["a", "a", "b", "b", "b", "c"];
+    assert_eq!(rewards.len(), sources.len());
+    let items: Vec<(&str, f64)> = sources.iter().copied().zip(rewards.iter().copied()).collect();
+    GroupData::new(&items)
 }
 
 fn assert_distribution(w: &[f64]) {
@@ -60,7 +39,7 @@ const REWARDS: [f64; 6] = [0.10, 0.35, 0.20, 0.05, 0.30, 0.25];
 #[test]
 fn softmax_matches_the_formula() {
     // Per-source bests: a -> 0.35 (index 1), b -> 0.30 (index 4), c -> 0.25 (index 5).
-    let g = Group::new(&REWARDS);
+    let g = group(&REWARDS);
     let w = scheme("softmax", &[("temperature", 0.1.into()), ("normalize", "none".into())])
         .weigh(&g.view())
         .expect("weigh");
@@ -81,7 +60,7 @@ fn softmax_matches_the_formula() {
 
 #[test]
 fn softmax_tends_to_best_only_as_temperature_falls_and_to_uniform_as_it_rises() {
-    let g = Group::new(&REWARDS);
+    let g = group(&REWARDS);
     let best = scheme("best-only", &[]).weigh(&g.view()).expect("weigh");
     let uniform = scheme("uniform", &[]).weigh(&g.view()).expect("weigh");
     let mut last_to_best = f64::INFINITY;
@@ -129,14 +108,14 @@ fn weights_are_finite_and_sum_to_one_for_equal_huge_and_tiny_rewards() {
         scheme("rank", &[("exponent", 3.0.into()), ("candidates", "all".into())]),
     ];
     for rewards in cases {
-        let g = Group::new(&rewards);
+        let g = group(&rewards);
         for s in &schemes {
             let w = s.weigh(&g.view()).unwrap_or_else(|e| panic!("{}: {e}", s.name()));
             assert_distribution(&w);
         }
     }
     // Equal rewards: every scheme is uniform over its candidates.
-    let g = Group::new(&[0.5; 6]);
+    let g = group(&[0.5; 6]);
     for s in &schemes[..3] {
         let w = s.weigh(&g.view()).expect("weigh");
         let nonzero: Vec<f64> = w.iter().copied().filter(|x| *x > 0.0).collect();
@@ -146,7 +125,7 @@ fn weights_are_finite_and_sum_to_one_for_equal_huge_and_tiny_rewards() {
 
 #[test]
 fn ties_share_the_mass() {
-    let g = Group::new(&[1.0, 0.0, 1.0, 0.0, 0.0, 0.5]);
+    let g = group(&[1.0, 0.0, 1.0, 0.0, 0.0, 0.5]);
     let w = scheme("best-only", &[]).weigh(&g.view()).expect("weigh");
     assert_eq!(w, vec![0.5, 0.0, 0.5, 0.0, 0.0, 0.0]);
     let w = scheme("softmax", &[("temperature", 1e-9.into())]).weigh(&g.view()).expect("weigh");
@@ -155,7 +134,7 @@ fn ties_share_the_mass() {
 
 #[test]
 fn rank_weights_follow_average_ranks() {
-    let g = Group::new(&[0.1, 0.4, 0.4, 0.2, 0.3, 0.0]);
+    let g = group(&[0.1, 0.4, 0.4, 0.2, 0.3, 0.0]);
     let w = scheme("rank", &[("candidates", "all".into())]).weigh(&g.view()).expect("weigh");
     // ranks ascending: 0.0->1, 0.1->2, 0.2->3, 0.3->4, 0.4,0.4 -> 5.5 each; total 21
     let want = [2.0, 5.5, 5.5, 3.0, 4.0, 1.0].map(|r| r / 21.0);
