@@ -56,10 +56,18 @@ min_gap = 0.005
 }
 
 fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> {
+    train_text(out, &recipe(out, sft_epochs, po_epochs))
+}
+
+/// Run the recipe `text` (both stages and export) into `out`; its metrics lines.
+fn train_text(out: &Path, text: &str) -> Vec<serde_json::Value> {
     let registry = fuserl_plugins::registry().expect("registry");
-    let loaded =
-        parse_recipe(&recipe(out, sft_epochs, po_epochs), &out.join("recipe.toml"), &registry).expect("recipe");
+    let loaded = parse_recipe(text, &out.join("recipe.toml"), &registry).expect("recipe");
     run(&loaded, Which::All, &mut |_| {}).expect("run");
+    read_metrics(out)
+}
+
+fn read_metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .expect("metrics")
         .lines()
@@ -124,7 +132,6 @@ fn same_recipe_and_seed_give_identical_losses_and_weights() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_training() {
-    let registry = fuserl_plugins::registry().expect("registry");
     let run_with = |out: &Path, checkpointing: bool| -> Vec<serde_json::Value> {
         let mut text = recipe(out, 1, 1);
         if checkpointing {
@@ -132,13 +139,7 @@ fn gradient_checkpointing_gives_the_same_training() {
                 .replace("[sft]\n", "[sft]\ngradient_checkpointing = true\n")
                 .replace("[po]\n", "[po]\ngradient_checkpointing = true\n");
         }
-        let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-        run(&loaded, Which::All, &mut |_| {}).expect("run");
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .expect("metrics")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json"))
-            .collect()
+        train_text(out, &text)
     };
     let dir = tempfile::tempdir().expect("tmp");
     let plain = run_with(&dir.path().join("plain"), false);
@@ -217,12 +218,7 @@ beta = 0.1
         }
         assert!(seqs[1]["reward"].as_f64() > seqs[2]["reward"].as_f64());
     }
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
-    let po = losses(&rows, "po");
+    let po = losses(&read_metrics(&out), "po");
     assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-6, "{}", po[0]);
     // A rerun does not generate again: the cached samples are reused as they are.
     let before = std::fs::read(out.join("po/target-samples.json")).expect("samples");
@@ -233,12 +229,9 @@ beta = 0.1
 
 #[test]
 fn export_writes_the_requested_dtype() {
-    let registry = fuserl_plugins::registry().expect("registry");
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("run");
-    let text = recipe(&out, 1, 1) + "[export]\ndtype = \"bf16\"\n";
-    let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(&loaded, Which::All, &mut |_| {}).expect("run");
+    train_text(&out, &(recipe(&out, 1, 1) + "[export]\ndtype = \"bf16\"\n"));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("export/config.json")).expect("cfg")).expect("json");
     assert_eq!(cfg["torch_dtype"], "bfloat16");
