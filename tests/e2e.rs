@@ -261,14 +261,30 @@ fn examples_trace_back_to_the_source_answers() {
 }
 
 #[test]
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "rocm"))]
 fn a_backend_that_was_not_compiled_in_names_its_cargo_feature() {
-    let (code, err, recipe) = check_broken(|r| r.replace("device = \"cpu\"", "device = \"cuda\""));
+    let (code, err, recipe) = check_broken(|r| r.replace("device = \"cpu\"", "device = \"rocm\""));
     assert_eq!(code, 2, "{err}");
-    let line = line_of(&recipe, "device = \"cuda\"");
+    let line = line_of(&recipe, "device = \"rocm\"");
     assert!(
         err.contains(&format!(
-            "broken.toml:{line}:1: backend.device: device `cuda` is not compiled into this build of fuserl; rebuild with `cargo build --features cuda`"
+            "broken.toml:{line}:1: backend.device: device `rocm` is not compiled into this build of fuserl; rebuild with `cargo build --features rocm`"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+#[cfg(feature = "wgpu")]
+fn a_dtype_the_backend_cannot_do_names_the_ones_it_can() {
+    let (code, err, recipe) = check_broken(|r| {
+        r.replace("device = \"cpu\"", "device = \"wgpu\"").replace("dtype = \"f32\"", "dtype = \"bf16\"")
+    });
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "dtype = \"bf16\"");
+    assert!(
+        err.contains(&format!(
+            "broken.toml:{line}:1: backend.dtype: device `wgpu` cannot run dtype `bf16`; it supports: f32, f16"
         )),
         "{err}"
     );

@@ -1,15 +1,21 @@
-//! Backend selection: maps a recipe's `[backend] device` to what this build was compiled with.
-//! The CPU backend is always available; every GPU backend is a cargo feature of this crate
-//! (forwarded by `fuserl-cli`), so that nobody pays for a CUDA or Vulkan build they do not use.
-//! Asking for a device that was not compiled in is an error that names the feature to enable.
+//! Backend selection: maps a recipe's `[backend] device` and `dtype` to a Burn backend.
+//! The CPU backend (Burn's flex) is always available; every GPU backend is a cargo feature of
+//! this crate (forwarded by `fuserl-cli`, whose defaults are `wgpu` and `cuda`). Asking for a
+//! device that was not compiled in is an error that names the feature to enable; asking for a
+//! dtype the device cannot do names the ones it can.
+//!
+//! Code that runs on "whatever backend the recipe names" implements [`OnBackend`] (generic over
+//! the backend type) and is called through [`on_backend`].
 //!
 //! ```
-//! use fuserl_core::recipe::Device;
+//! use fuserl_core::recipe::{DType, Device};
 //! assert!(fuserl_backends::check_device(Device::Cpu).is_ok());
 //! assert_eq!(fuserl_backends::cargo_feature(Device::Cuda), Some("cuda"));
+//! assert!(fuserl_backends::check(Device::Cpu, DType::Bf16).is_ok());
 //! ```
 
-use fuserl_core::recipe::Device;
+use fuserl_core::recipe::{DType, Device};
+pub use fuserl_kernels::LogProbBackend;
 
 /// Every device kind a recipe can name.
 pub const ALL_DEVICES: [Device; 7] =
@@ -86,6 +92,107 @@ pub fn check_device(device: Device) -> Result<(), NotCompiled> {
     }
 }
 
+/// The dtypes `device` can train in.
+pub fn supported_dtypes(device: Device) -> &'static [DType] {
+    match device {
+        Device::Cpu | Device::Cuda | Device::Rocm => &[DType::F32, DType::F16, DType::Bf16],
+        // WGSL has no bfloat16; f16 needs the adapter's shader-f16 feature.
+        Device::Wgpu | Device::Vulkan | Device::Metal | Device::Webgpu => &[DType::F32, DType::F16],
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::Bf16 => "bf16",
+    }
+}
+
+/// Why a recipe's backend cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The device is not compiled in.
+    #[error(transparent)]
+    NotCompiled(#[from] NotCompiled),
+    /// The device cannot do the dtype.
+    #[error("device `{device}` cannot run dtype `{dtype}`; it supports: {supported}")]
+    Dtype {
+        /// The device asked for.
+        device: &'static str,
+        /// The dtype asked for.
+        dtype: &'static str,
+        /// What it supports.
+        supported: String,
+    },
+}
+
+/// `Ok` when this build can run `dtype` on `device`.
+pub fn check(device: Device, dtype: DType) -> Result<(), BackendError> {
+    check_device(device)?;
+    let supported = supported_dtypes(device);
+    if supported.contains(&dtype) {
+        Ok(())
+    } else {
+        Err(BackendError::Dtype {
+            device: device_name(device),
+            dtype: dtype_name(dtype),
+            supported: supported.iter().map(|d| dtype_name(*d)).collect::<Vec<_>>().join(", "),
+        })
+    }
+}
+
+/// Code generic over the backend, run by [`on_backend`] on the one a recipe names. Training
+/// wraps `B` in `burn::backend::Autodiff`.
+pub trait OnBackend {
+    /// What the code returns.
+    type Output;
+    /// Runs on backend `B`, device `device`.
+    fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Runs `code` on the backend and device (`index`: which one of its kind) that a recipe names,
+/// after checking that this build has it and that it can do `dtype`.
+pub fn on_backend<O: OnBackend>(device: Device, index: u32, dtype: DType, code: O) -> Result<O::Output, BackendError> {
+    check(device, dtype)?;
+    let _ = index;
+    Ok(match device {
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::AutoGraphicsApi>(index)),
+        #[cfg(feature = "vulkan")]
+        Device::Vulkan => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::Vulkan>(index)),
+        #[cfg(feature = "metal")]
+        Device::Metal => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::Metal>(index)),
+        #[cfg(feature = "webgpu")]
+        Device::Webgpu => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::WebGpu>(index)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => code.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(index as usize)),
+        #[cfg(feature = "rocm")]
+        Device::Rocm => code.run::<burn::backend::Rocm>(burn::backend::rocm::RocmDevice::new(index as usize)),
+        // `check` has refused every device this build lacks.
+        _ => code.run::<burn::backend::Flex>(Default::default()),
+    })
+}
+
+/// The wgpu device `index` on graphics API `G`: the default adapter for index 0 with the
+/// automatic API, else the `index`-th discrete GPU, set up on `G` once per process.
+#[cfg(feature = "wgpu")]
+fn wgpu_device<G: burn::backend::wgpu::graphics::GraphicsApi + 'static>(index: u32) -> burn::backend::wgpu::WgpuDevice {
+    use burn::backend::wgpu::WgpuDevice;
+    use std::any::TypeId;
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    let device = if index == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(index as usize) };
+    if TypeId::of::<G>() != TypeId::of::<burn::backend::wgpu::graphics::AutoGraphicsApi>() {
+        static DONE: OnceLock<Mutex<HashSet<(TypeId, u32)>>> = OnceLock::new();
+        let mut done = DONE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if done.insert((TypeId::of::<G>(), index)) {
+            burn::backend::wgpu::init_setup::<G>(&device, Default::default());
+        }
+    }
+    device
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +213,30 @@ mod tests {
         assert!(err.contains("device `cuda` is not compiled into this build"), "{err}");
         assert!(err.contains("--features cuda"), "{err}");
         assert!(err.contains("this build has: cpu"), "{err}");
+    }
+
+    #[test]
+    fn a_dtype_the_device_cannot_do_names_the_supported_ones() {
+        let err = BackendError::Dtype { device: "wgpu", dtype: "bf16", supported: "f32, f16".into() };
+        assert_eq!(supported_dtypes(Device::Wgpu), &[DType::F32, DType::F16]);
+        #[cfg(feature = "wgpu")]
+        assert_eq!(check(Device::Wgpu, DType::Bf16).unwrap_err(), err);
+        assert!(err.to_string().contains("device `wgpu` cannot run dtype `bf16`; it supports: f32, f16"));
+        assert!(check(Device::Cpu, DType::Bf16).is_ok());
+    }
+
+    #[derive(Debug)]
+    struct DeviceName;
+    impl OnBackend for DeviceName {
+        type Output = String;
+        fn run<B: LogProbBackend>(self, device: B::Device) -> String {
+            format!("{}", B::name(&device))
+        }
+    }
+
+    #[test]
+    fn the_cpu_runs_on_flex() {
+        let name = on_backend(Device::Cpu, 0, DType::F32, DeviceName).unwrap();
+        assert!(name.to_lowercase().contains("flex"), "{name}");
     }
 }

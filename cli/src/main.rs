@@ -294,14 +294,17 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_train::run::Which) 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The recipe's device must be compiled into this build: an error at the `[backend] device`
-/// key that names the cargo feature.
+/// The recipe's device must be compiled into this build (an error at `[backend] device` that
+/// names the cargo feature) and able to do its dtype (an error at `[backend] dtype` that names
+/// the ones it can).
 fn check_backend(loaded: fuserl_core::recipe::LoadedRecipe) -> fuserl_core::Result<fuserl_core::recipe::LoadedRecipe> {
-    match fuserl_backends::check_device(loaded.recipe.backend.device) {
+    let backend = &loaded.recipe.backend;
+    match fuserl_backends::check(backend.device, backend.dtype) {
         Ok(()) => Ok(loaded),
         Err(e) => {
             let text = std::fs::read_to_string(&loaded.file).unwrap_or_default();
-            let path = fuserl_core::config::KeyPath::keys(&["backend", "device"]);
+            let key = if matches!(e, fuserl_backends::BackendError::Dtype { .. }) { "dtype" } else { "device" };
+            let path = fuserl_core::config::KeyPath::keys(&["backend", key]);
             let (line, column) = fuserl_core::location::Locator::new(&text).locate(&path);
             Err(fuserl_core::Error::Recipe {
                 file: loaded.file.clone(),

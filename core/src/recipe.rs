@@ -106,6 +106,21 @@ pub struct BackendConfig {
     /// Floating-point type.
     #[serde(default)]
     pub dtype: DType,
+    /// How training computes per-token log-probs.
+    #[serde(default)]
+    pub logprobs: LogProbPath,
+}
+
+/// `[backend] logprobs`: the path from hidden states to per-token log-probs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogProbPath {
+    /// The LM-head projection fused with the log-prob, in vocabulary chunks with an online
+    /// log-sum-exp: never holds the `[tokens, vocab]` logits (cubecl kernels on GPU backends).
+    #[default]
+    Fused,
+    /// Full logits, `log_softmax` and `gather` through Burn's autodiff (for comparison).
+    Naive,
 }
 
 /// `[target]`: the model that is trained.

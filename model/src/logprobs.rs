@@ -2,11 +2,41 @@
 //! response_<t)` for every response token, from one padded forward pass.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use fuserl_core::recipe::LogProbPath;
+use fuserl_kernels::{LogProbBackend, linear_logprobs};
 
 use crate::error::{ModelError, Result};
 use crate::llama::{Inputs, LlamaModel};
+
+/// Log-probs of `targets` from the final hidden states; a negative target marks a position
+/// that is not scored (log-prob 0, no gradient). Differentiable on an autodiff backend.
+///
+/// [`LogProbPath::Fused`] projects and normalises in vocabulary chunks without the
+/// `[batch, seq, vocab]` logits (`fuserl_kernels::linear_logprobs`; a head with a bias takes
+/// the naive path); [`LogProbPath::Naive`] materialises them for `log_softmax` and `gather`.
+///
+/// # Shapes
+/// `hidden: [batch, seq, hidden]`, `targets: [batch, seq]` -> `[batch, seq]` (f32)
+pub fn hidden_logprobs<B: LogProbBackend>(
+    model: &LlamaModel<B>,
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    path: LogProbPath,
+) -> Tensor<B, 2> {
+    let [b, t, h] = hidden.dims();
+    let head = model.weights.lm_head.as_ref();
+    if path == LogProbPath::Fused && head.is_none_or(|l| l.bias.is_none()) {
+        let weight = match head {
+            Some(linear) => linear.weight.val().transpose(),
+            None => model.weights.embed_tokens.val(),
+        };
+        return linear_logprobs(hidden.reshape([b * t, h]), weight, targets.reshape([b * t])).reshape([b, t]);
+    }
+    let logp = log_softmax(model.logits(hidden).cast(DType::F32), 2);
+    let ignored = targets.clone().lower_elem(0);
+    logp.gather(2, targets.clamp_min(0).unsqueeze_dim(2)).squeeze_dim(2).mask_fill(ignored, 0.0)
+}
 
 /// The log-probs of one response.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,7 +51,7 @@ pub struct SequenceLogProbs {
 
 /// Log-probs of `ids[t]` given `ids[..t]` for `t >= 1` of each full sequence (what a language
 /// model scores), in one right-padded batch.
-pub fn sequence_token_logprobs<B: Backend>(model: &LlamaModel<B>, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+pub fn sequence_token_logprobs<B: LogProbBackend>(model: &LlamaModel<B>, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
@@ -37,16 +67,16 @@ pub fn sequence_token_logprobs<B: Backend>(model: &LlamaModel<B>, seqs: &[Vec<u3
     let inputs = Inputs::right_padded(seqs, 0);
     let b = seqs.len();
     let t = inputs.ids[0].len();
-    let logits = model.forward(&inputs).narrow(1, 0, t - 1);
-    let logp = log_softmax(logits.cast(burn::tensor::DType::F32), 2);
+    let hidden = model.hidden(&inputs, &inputs.valid, None).narrow(1, 0, t - 1);
     let targets: Vec<i32> = inputs.ids.iter().flat_map(|row| row[1..].iter().map(|&i| i as i32)).collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, t - 1, 1]), &model.device());
-    let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &model.device());
+    let picked: Vec<f32> =
+        hidden_logprobs(model, hidden, targets, LogProbPath::Fused).into_data().iter::<f32>().collect();
     Ok(seqs.iter().enumerate().map(|(i, s)| picked[i * (t - 1)..i * (t - 1) + s.len() - 1].to_vec()).collect())
 }
 
 /// Per-token log-probs of each response given its prompt. Prompts must not be empty.
-pub fn response_logprobs<B: Backend>(
+pub fn response_logprobs<B: LogProbBackend>(
     model: &LlamaModel<B>,
     pairs: &[(Vec<u32>, Vec<u32>)],
 ) -> Result<Vec<SequenceLogProbs>> {

@@ -5,7 +5,10 @@
 //! warms up) and the process's peak resident memory.
 //!
 //!     scripts/fetch-smollm2.sh
-//!     cargo bench --profile dev -p fuserl-train --bench dpo_step
+//!     cargo bench --profile dev -p fuserl-train --bench dpo_step [-- naive]
+//!
+//! `naive` computes the log-probs through full logits (`[backend] logprobs = "naive"`); the
+//! default is the fused projection + log-prob.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use std::time::Instant;
 
 use burn::tensor::DType;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
+use fuserl_core::recipe::LogProbPath;
 use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
@@ -79,14 +83,23 @@ fn main() {
     config.batch_size = 2;
     let mut optim = new_optimizer(&config);
     let picked: Vec<&TrainExample> = examples.iter().collect();
-    let settings =
-        StepSettings { objective: dpo.as_ref(), reference: Some(&reference), config: &config, progress: 0.0, lr: 1e-6 };
+    let logprobs =
+        if std::env::args().any(|a| a == "naive") { LogProbPath::Naive } else { LogProbPath::Fused };
+    let settings = StepSettings {
+        objective: dpo.as_ref(),
+        reference: Some(&reference),
+        config: &config,
+        progress: 0.0,
+        lr: 1e-6,
+        logprobs,
+    };
     optimizer_step(&mut model, &mut optim, &picked, settings).expect("warm-up step");
     let start = Instant::now();
     let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "fuserl (burn flex autodiff, f32): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
+        "fuserl (burn flex autodiff, f32, {:?} log-probs): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
+        logprobs,
         secs,
         out.loss,
         peak_rss_mb()

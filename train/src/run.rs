@@ -23,33 +23,33 @@ use burn::tensor::DType;
 use fuserl_core::data::{Completion, CompletionId, Origin};
 use fuserl_core::extension::Collected;
 use fuserl_core::pipeline::{StageName, prepare, prepare_with};
-use fuserl_core::recipe::{DType as RecipeDType, Device, LoadedRecipe, ReferenceModel};
+use fuserl_core::recipe::{DType as RecipeDType, LoadedRecipe, ReferenceModel};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save, save_as};
 
 use crate::data::tokenize;
 use crate::error::{Result, TrainError};
-use crate::trainer::{
-    CheckpointedBackend, Progress, Stage, TrainBackend, inference_model, reference_logps, train_stage, write_atomic,
-};
+use crate::trainer::{Progress, Stage, inference_model, reference_logps, train_stage, write_atomic};
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use fuserl_backends::{LogProbBackend, OnBackend};
 
 /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
 /// `out`: with activations recomputed in backward when the stage asks for gradient
 /// checkpointing.
-fn train_and_save(
+fn train_and_save<B: LogProbBackend>(
     start: &Path,
     stage: Stage<'_>,
-    dt: DType,
+    (device, dt): (&B::Device, DType),
     out: &Path,
     side_files: &Path,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<()> {
-    let device = Default::default();
     if stage.config.gradient_checkpointing {
-        let model = train_stage(load::<CheckpointedBackend>(start, &device, dt)?, stage, progress)?;
+        let model = train_stage(load::<Autodiff<B, BalancedCheckpointing>>(start, device, dt)?, stage, progress)?;
         save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
     } else {
-        let model = train_stage(load::<TrainBackend>(start, &device, dt)?, stage, progress)?;
+        let model = train_stage(load::<Autodiff<B>>(start, device, dt)?, stage, progress)?;
         save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
     }
     Ok(())
@@ -123,7 +123,13 @@ fn reference_key(checkpoint: &Path, examples: &[crate::data::TrainExample]) -> R
 /// The target's own samples for the PO stage's prompts: `n` per prompt from the model at `start`,
 /// with `[data.sampling]`; cached in `cache` (keyed by the weights, the prompts and the settings)
 /// so that a resumed run does not generate again.
-fn target_samples(loaded: &LoadedRecipe, start: &Path, tok: &ChatTokenizer, n: u32, cache: &Path) -> Result<Collected> {
+fn target_samples<B: LogProbBackend>(
+    loaded: &LoadedRecipe,
+    (start, device): (&Path, &B::Device),
+    tok: &ChatTokenizer,
+    n: u32,
+    cache: &Path,
+) -> Result<Collected> {
     let recipe = &loaded.recipe;
     let sampling = &recipe.data.sampling;
     let prepared = prepare(loaded, StageName::Po)?;
@@ -140,7 +146,7 @@ fn target_samples(loaded: &LoadedRecipe, start: &Path, tok: &ChatTokenizer, n: u
     {
         return Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 });
     }
-    let model = load::<burn::backend::Flex>(start, &Default::default(), dtype(recipe.backend.dtype))?;
+    let model = load::<B>(start, device, dtype(recipe.backend.dtype))?;
     let max_len = recipe.target.max_length as usize;
     let mut completions = Vec::new();
     for (i, id) in prompt_ids.iter().enumerate() {
@@ -178,15 +184,31 @@ fn target_samples(loaded: &LoadedRecipe, start: &Path, tok: &ChatTokenizer, n: u
     Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 })
 }
 
-/// Run (or resume) the recipe's stages.
+/// Run (or resume) the recipe's stages, on the backend its `[backend]` names.
 pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progress)) -> Result<RunSummary> {
-    let recipe = &loaded.recipe;
-    if recipe.backend.device != Device::Cpu {
-        return Err(TrainError::Unsupported(format!(
-            "[backend] device = {:?}: training runs on the CPU backend only so far (GPU backends arrive with the kernel work)",
-            recipe.backend.device
-        )));
+    struct Job<'a, 'p> {
+        loaded: &'a LoadedRecipe,
+        which: Which,
+        progress: &'p mut dyn FnMut(&Progress),
     }
+    impl OnBackend for Job<'_, '_> {
+        type Output = Result<RunSummary>;
+        fn run<B: LogProbBackend>(self, device: B::Device) -> Result<RunSummary> {
+            run_on::<B>(self.loaded, self.which, self.progress, &device)
+        }
+    }
+    let b = &loaded.recipe.backend;
+    fuserl_backends::on_backend(b.device, b.device_index, b.dtype, Job { loaded, which, progress })
+        .map_err(|e| TrainError::Unsupported(format!("[backend]: {e}")))?
+}
+
+fn run_on<B: LogProbBackend>(
+    loaded: &LoadedRecipe,
+    which: Which,
+    progress: &mut dyn FnMut(&Progress),
+    device: &B::Device,
+) -> Result<RunSummary> {
+    let recipe = &loaded.recipe;
     let dir = loaded.output_dir();
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let resolved = loaded.resolved_toml()?;
@@ -205,8 +227,8 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
     let tok = ChatTokenizer::load(&target, template.as_deref())?;
-    let device = Default::default();
     let dt = dtype(recipe.backend.dtype);
+    let path = recipe.backend.logprobs;
     let max_len = recipe.target.max_length as usize;
     let max_prompt = recipe.target.max_prompt_length.map(|p| p as usize);
     let mut skipped = Vec::new();
@@ -247,8 +269,9 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 seed: recipe.run.seed,
                 dir: dir.join("sft/checkpoints"),
                 metrics: metrics.clone(),
+                logprobs: path,
             };
-            train_and_save(&target, stage, dt, &sft_final, &target, progress)?;
+            train_and_save::<B>(&target, stage, (device, dt), &sft_final, &target, progress)?;
             write_atomic(&dir.join("sft/DONE"), b"done\n")?;
         }
     }
@@ -276,9 +299,9 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
             };
             let extra = if recipe.po.target_samples > 0 {
                 std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
-                vec![target_samples(
+                vec![target_samples::<B>(
                     loaded,
-                    &start,
+                    (&start, device),
                     &tok,
                     recipe.po.target_samples,
                     &dir.join("po/target-samples.json"),
@@ -300,8 +323,9 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                     Some(r) => r,
                     None => {
                         tracing::info!(reference = %reference_from.display(), "computing reference log-probs");
-                        let reference_model = load::<burn::backend::Flex>(&reference_from, &device, dt)?;
-                        let r = reference_logps(&reference_model, &examples, recipe.po.batch_size as usize * 2);
+                        let reference_model = load::<B>(&reference_from, device, dt)?;
+                        let batch = recipe.po.batch_size as usize * 2;
+                        let r = reference_logps(&reference_model, &examples, batch, path);
                         drop(reference_model);
                         std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
                         let doc = serde_json::json!({"key": key, "reference": reference_from.display().to_string(), "logps": r});
@@ -321,8 +345,9 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
                 seed: recipe.run.seed,
                 dir: dir.join("po/checkpoints"),
                 metrics: metrics.clone(),
+                logprobs: path,
             };
-            train_and_save(&start, stage, dt, &po_final, &target, progress)?;
+            train_and_save::<B>(&start, stage, (device, dt), &po_final, &target, progress)?;
             write_atomic(&dir.join("po/DONE"), b"done\n")?;
         }
     }
@@ -332,7 +357,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progre
         let from = if recipe.po.enabled { &po_final } else { &sft_final };
         let to = loaded.export_dir();
         if from.is_dir() {
-            let model = load::<burn::backend::Flex>(from, &device, DType::F32)?;
+            let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
             let as_dtype = dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
             save_as(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target), as_dtype)?;
             export = Some(to);

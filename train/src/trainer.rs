@@ -13,12 +13,13 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::pipeline::StageName;
-use fuserl_core::recipe::StageConfig;
+use fuserl_core::recipe::{LogProbPath, StageConfig};
+use fuserl_kernels::LogProbBackend;
+use fuserl_model::logprobs::hidden_logprobs;
 use fuserl_model::llama::{Inputs, Llama, LlamaModel};
 
 use crate::data::{SeqTokens, TrainExample, completion_key};
@@ -35,34 +36,36 @@ pub type CheckpointedBackend =
 ///
 /// # Shapes
 /// `seqs: S sequences` -> `[S]`
-pub fn sequence_logps<B: Backend>(model: &LlamaModel<B>, seqs: &[SeqTokens]) -> (Tensor<B, 1>, Vec<f64>) {
+pub fn sequence_logps<B: LogProbBackend>(
+    model: &LlamaModel<B>,
+    seqs: &[SeqTokens],
+    path: LogProbPath,
+) -> (Tensor<B, 1>, Vec<f64>) {
     let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
     let inputs = Inputs::right_padded(&full, 0);
     let (s, t) = (full.len(), inputs.ids[0].len());
     let device = model.device();
     let hidden = model.hidden(&inputs, &inputs.valid, None);
-    let logits = model.logits(hidden.narrow(1, 0, t - 1)).cast(DType::F32);
-    let logp = log_softmax(logits, 2);
-    let targets: Vec<i32> = inputs.ids.iter().flat_map(|row| row[1..].iter().map(|&i| i as i32)).collect();
-    let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [s, t - 1, 1]), &device);
-    let picked = logp.gather(2, targets).reshape([s, t - 1]);
-    // Position j predicts token j + 1; it counts when that token is part of the response.
-    let mut mask = Vec::with_capacity(s * (t - 1));
-    for seq in seqs {
+    // Position j predicts token j + 1; it counts when that token is part of the response
+    // (other positions get target -1: not scored).
+    let mut targets = Vec::with_capacity(s * (t - 1));
+    for (seq, ids) in seqs.iter().zip(&inputs.ids) {
         let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
-        mask.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { 1.0f32 } else { 0.0 }));
+        targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
     }
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [s, t - 1]), (&device, DType::F32));
-    let logps = (picked * mask).sum_dim(1).reshape([s]);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [s, t - 1]), &device);
+    let picked = hidden_logprobs(model, hidden.narrow(1, 0, t - 1), targets, path);
+    let logps = picked.sum_dim(1).reshape([s]);
     (logps, seqs.iter().map(|q| q.response.len() as f64).collect())
 }
 
 /// Reference log-probs of every sequence of `examples` under `model` (no gradient), keyed by
 /// completion, computed in batches.
-pub fn reference_logps<B: Backend>(
+pub fn reference_logps<B: LogProbBackend>(
     model: &LlamaModel<B>,
     examples: &[TrainExample],
     batch: usize,
+    path: LogProbPath,
 ) -> HashMap<String, f64> {
     let mut seen: HashMap<String, SeqTokens> = HashMap::new();
     for e in examples {
@@ -75,7 +78,7 @@ pub fn reference_logps<B: Backend>(
     let mut out = HashMap::new();
     for chunk in keys.chunks(batch.max(1)) {
         let seqs: Vec<SeqTokens> = chunk.iter().map(|k| seen[k].clone()).collect();
-        let (logps, _) = sequence_logps(model, &seqs);
+        let (logps, _) = sequence_logps(model, &seqs, path);
         let values: Vec<f32> = logps.into_data().iter::<f32>().collect();
         for (k, v) in chunk.iter().zip(values) {
             out.insert(k.clone(), f64::from(v));
@@ -116,6 +119,8 @@ pub struct Stage<'a> {
     pub dir: PathBuf,
     /// The run's `metrics.jsonl`.
     pub metrics: PathBuf,
+    /// How the policy's log-probs are computed (`[backend] logprobs`).
+    pub logprobs: LogProbPath,
 }
 
 /// Numbers of optimiser steps: total and warm-up.
@@ -267,6 +272,8 @@ pub struct StepSettings<'a> {
     pub progress: f64,
     /// Learning rate of this step.
     pub lr: f64,
+    /// How the policy's log-probs are computed.
+    pub logprobs: LogProbPath,
 }
 
 /// What one optimiser step did.
@@ -294,7 +301,7 @@ pub fn new_optimizer<B: AutodiffBackend>(c: &StageConfig) -> Optim<B> {
 
 /// One optimiser step over `picked` (already in micro-batch order): micro-batches of
 /// `batch_size`, gradients accumulated, clipped by global norm, AdamW.
-pub fn optimizer_step<B: AutodiffBackend>(
+pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
     model: &mut LlamaModel<B>,
     optim: &mut Optim<B>,
     picked: &[&TrainExample],
@@ -333,7 +340,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
             weights.push(e.example.weight);
         }
         tokens += seqs.iter().map(|q| q.prompt.len() + q.response.len()).sum::<usize>();
-        let (logps, counts) = sequence_logps(model, &seqs);
+        let (logps, counts) = sequence_logps(model, &seqs, s.logprobs);
         let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
         let out = s.objective.loss(&ObjectiveBatch {
             example_offsets: &offsets,
@@ -374,7 +381,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
 }
 
 /// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
-pub fn train_stage<B: AutodiffBackend>(
+pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
     mut model: LlamaModel<B>,
     stage: Stage<'_>,
     progress: &mut dyn FnMut(&Progress),
@@ -438,6 +445,7 @@ pub fn train_stage<B: AutodiffBackend>(
                 config: c,
                 progress: progress_frac,
                 lr,
+                logprobs: stage.logprobs,
             },
         )?;
         let (loss, grad_norm, tokens, metric_sums) = (out.loss, out.grad_norm, out.tokens, out.metrics);

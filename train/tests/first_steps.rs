@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
-use fuserl_core::recipe::{Schedule, StageConfig};
+use fuserl_core::recipe::{LogProbPath, Schedule, StageConfig};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
@@ -37,7 +37,8 @@ fn first_steps_match_pytorch() {
     config.weight_decay = 0.0;
     config.schedule = Schedule::Constant;
     let lr = fixture["lr"].as_f64().expect("lr");
-    for case in fixture["cases"].as_array().expect("cases") {
+    let paths = [LogProbPath::Fused, LogProbPath::Naive];
+    for (case, logprobs) in fixture["cases"].as_array().expect("cases").iter().flat_map(|c| paths.map(|p| (c, p))) {
         let kind = case["kind"].as_str().expect("kind");
         let table = match toml::Value::try_from(&case["objective"]).expect("toml") {
             toml::Value::Table(t) => t,
@@ -95,17 +96,18 @@ fn first_steps_match_pytorch() {
                 config: &config,
                 progress: 0.0,
                 lr,
+                logprobs,
             };
             let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
             if step == 0 {
-                assert!(close(out.loss, *want, 1e-4), "{kind}: step-1 loss {} vs oracle {want}", out.loss);
+                assert!(close(out.loss, *want, 1e-4), "{kind} ({logprobs:?}): step-1 loss {} vs oracle {want}", out.loss);
                 assert!(
                     close(out.grad_norm, want_norm, 1e-4),
-                    "{kind}: step-1 grad norm {} vs oracle {want_norm}",
+                    "{kind} ({logprobs:?}): step-1 grad norm {} vs oracle {want_norm}",
                     out.grad_norm
                 );
             } else {
-                assert!(close(out.loss, *want, 2e-3), "{kind}: step-{} loss {} vs oracle {want}", step + 1, out.loss);
+                assert!(close(out.loss, *want, 2e-3), "{kind} ({logprobs:?}): step-{} loss {} vs oracle {want}", step + 1, out.loss);
             }
         }
     }

@@ -1,0 +1,213 @@
+//! Per-token log-probabilities for training, without the `[tokens, vocab]` tensors.
+//!
+//! Two operations, each with a custom backward:
+//!
+//! - [`token_logprobs`]: logits `[N, V]` and target ids `[N]` -> `log softmax(logits)[n, t_n]`.
+//!   The backward is `g_n * (onehot(t_n) - softmax(logits_n))`, recomputed from the saved
+//!   per-row max and log-sum `[2, N]` rather than a stored softmax.
+//! - [`linear_logprobs`]: hidden states `[N, H]`, the LM-head weight `[V, H]` and target ids ->
+//!   the same log-probs, without ever holding the `[N, V]` logits: the vocabulary is walked in
+//!   chunks with an online log-sum-exp, and the backward recomputes each chunk's logits to give
+//!   the gradients of the hidden states and of the weight, chunk by chunk.
+//!
+//! A negative target id marks a padding position: its log-prob is 0 and it gets no gradient.
+//! Log-probs and the log-sum-exp are computed in f32 whatever the inputs' dtype.
+//!
+//! Backends plug in through [`LogProbBackend`]. Its provided methods are the reference
+//! implementation in plain Burn tensor ops (module [`reference`]); Burn's cubecl backends (wgpu,
+//! CUDA, ROCm) override them with cubecl kernels (feature `cubecl`), and `Autodiff<B>` wraps
+//! either with the custom backward. No intermediate buffer exceeds [`LogProbBackend::max_chunk_elems`]
+//! elements, which on cubecl runtimes is bounded by the device's largest storage binding.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::tensor::{Int, Tensor};
+//! let device = Default::default();
+//! let logits = Tensor::<Flex, 2>::from_floats([[0.0, 0.0], [1.0, 1.0]], &device);
+//! let targets = Tensor::<Flex, 1, Int>::from_ints([1, -1], &device);
+//! let logp: Vec<f32> = fuserl_kernels::token_logprobs(logits, targets).into_data().to_vec().unwrap();
+//! assert!((logp[0] - (0.5f32).ln()).abs() < 1e-6);
+//! assert_eq!(logp[1], 0.0); // padding
+//! ```
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+mod autodiff;
+#[cfg(feature = "cubecl")]
+mod cube;
+pub mod reference;
+
+/// How the work is cut: `rows` tokens by `vocab` vocabulary entries at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunks {
+    /// Tokens per chunk.
+    pub rows: usize,
+    /// Vocabulary entries per chunk.
+    pub vocab: usize,
+}
+
+impl Chunks {
+    /// Chunks of at most `max_elems` logits for `n` tokens and a vocabulary of `v`: whole rows
+    /// of the vocabulary when they fit, else vocabulary chunks of 256 to 8192 entries, and
+    /// fewer tokens at a time when even that is too much.
+    pub fn plan(n: usize, v: usize, max_elems: usize) -> Self {
+        let (n, v) = (n.max(1), v.max(1));
+        let max_elems = max_elems.max(256);
+        let vocab = if n * v <= max_elems { v } else { (max_elems / n).clamp(256, 8192).min(v) };
+        let rows = (max_elems / vocab).clamp(1, n);
+        Self { rows, vocab }
+    }
+}
+
+/// The default bound on one chunk: 16 Mi elements (64 MiB of f32).
+pub const DEFAULT_MAX_CHUNK_ELEMS: usize = 1 << 24;
+
+/// A backend that can compute per-token log-probs. Every method but the two entry points has
+/// a provided reference implementation in plain Burn ops; cubecl backends override them with
+/// kernels, and `Autodiff<B>` overrides the entry points to attach the custom backward.
+pub trait LogProbBackend: Backend {
+    /// The largest number of elements one chunk may hold on `device`.
+    fn max_chunk_elems(_device: &Self::Device) -> usize {
+        DEFAULT_MAX_CHUNK_ELEMS
+    }
+
+    /// `logp [N]` of `targets` under `logits [N, V]` (entry point; differentiable on
+    /// `Autodiff`).
+    fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::token_logprobs_fwd(logits, targets).0
+    }
+
+    /// `logp [N]` of `targets` under `hidden [N, H] @ weight [V, H]^T` (entry point;
+    /// differentiable on `Autodiff`).
+    fn linear_logprobs(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> FloatTensor<Self> {
+        Self::linear_logprobs_fwd(hidden, weight, targets, chunks).0
+    }
+
+    /// Forward of [`Self::token_logprobs`]: `(logp [N], stats [2, N])`, both f32; `stats` holds
+    /// each row's max logit and `ln sum exp(x - max)`.
+    fn token_logprobs_fwd(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (logp, stats) = reference::token_fwd::<Self>(&reference::Plain, float(logits), int(targets));
+        (prim(logp), prim(stats))
+    }
+
+    /// Backward of [`Self::token_logprobs`]: the gradient of the logits for the output gradient
+    /// `grad [N]` and the forward's `stats`.
+    fn token_logprobs_bwd(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        prim(reference::token_bwd::<Self>(&reference::Plain, float(logits), int(targets), float(stats), float(grad)))
+    }
+
+    /// Forward of [`Self::linear_logprobs`]: `(logp [N], stats [2, N])` as in
+    /// [`Self::token_logprobs_fwd`].
+    fn linear_logprobs_fwd(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (logp, stats) = reference::linear_fwd::<Self>(&reference::Plain, float(hidden), float(weight), int(targets), chunks);
+        (prim(logp), prim(stats))
+    }
+
+    /// Backward of [`Self::linear_logprobs`]: the gradients of the hidden states and of the
+    /// weight (each only when asked for), in their dtypes.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_logprobs_bwd(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunks: Chunks,
+        want: Want,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let (dh, dw) =
+            reference::linear_bwd::<Self>(&reference::Plain, float(hidden), float(weight), int(targets), float(stats), float(grad), chunks, want);
+        (dh.map(prim), dw.map(prim))
+    }
+}
+
+/// Which gradients a backward pass must produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    /// The hidden states' gradient.
+    pub hidden: bool,
+    /// The weight's gradient.
+    pub weight: bool,
+}
+
+fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn int<B: Backend, const D: usize>(p: IntTensor<B>) -> Tensor<B, D, Int> {
+    Tensor::from_primitive(p)
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+impl LogProbBackend for burn::backend::Flex {}
+
+/// Per-token log-probs of `targets` under `logits` (negative targets: padding, log-prob 0).
+///
+/// # Shapes
+/// `logits: [N, V]`, `targets: [N]` -> `[N]` (f32)
+pub fn token_logprobs<B: LogProbBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    float(B::token_logprobs(prim(logits), targets.into_primitive()))
+}
+
+/// Per-token log-probs of `targets` under the logits `hidden @ weight^T`, never held whole
+/// (negative targets: padding, log-prob 0). Chunked to the backend's bound.
+///
+/// # Shapes
+/// `hidden: [N, H]`, `weight: [V, H]`, `targets: [N]` -> `[N]` (f32)
+pub fn linear_logprobs<B: LogProbBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let chunks = Chunks::plan(hidden.dims()[0], weight.dims()[0], B::max_chunk_elems(&hidden.device()));
+    linear_logprobs_chunked(hidden, weight, targets, chunks)
+}
+
+/// [`linear_logprobs`] with explicit chunk sizes.
+pub fn linear_logprobs_chunked<B: LogProbBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    chunks: Chunks,
+) -> Tensor<B, 1> {
+    assert_eq!(hidden.dims()[1], weight.dims()[1], "hidden size of the hidden states and of the weight");
+    assert_eq!(hidden.dims()[0], targets.dims()[0], "one target per hidden state");
+    assert!(chunks.rows > 0 && chunks.vocab > 0, "empty chunks");
+    float(B::linear_logprobs(prim(hidden), prim(weight), targets.into_primitive(), chunks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_fit_the_bound() {
+        for (n, v, max) in [(7, 100, 1 << 20), (8192, 128_256, 1 << 24), (1 << 20, 49_152, 1 << 22), (3, 5, 1)] {
+            let c = Chunks::plan(n, v, max);
+            assert!(c.rows >= 1 && c.rows <= n && c.vocab >= 1 && c.vocab <= v, "{c:?}");
+            assert!(c.rows * c.vocab <= max.max(256), "{n} {v} {max}: {c:?}");
+        }
+        assert_eq!(Chunks::plan(7, 100, 1 << 20), Chunks { rows: 7, vocab: 100 });
+        assert_eq!(Chunks::plan(8192, 128_256, 1 << 24).vocab, 2048);
+    }
+}

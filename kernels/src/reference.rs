@@ -1,0 +1,209 @@
+//! The reference implementation, in plain Burn tensor ops: what every backend without cubecl
+//! kernels runs, and what the kernels are tested against. It follows the same chunked
+//! algorithm (online log-sum-exp over vocabulary chunks, gradients recomputed per chunk), so it
+//! has the same memory bound.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{BasicOps, DType, Int, Tensor};
+
+use crate::{Chunks, Want};
+
+/// Stands for minus infinity in the running maximum: finite, so that `exp(m - m')` never
+/// computes `inf - inf`.
+pub const NEG_BIG: f32 = -3.0e38;
+
+/// The online log-sum-exp of one block of rows, over the vocabulary chunks seen so far.
+#[derive(Debug, Clone)]
+pub struct LseState<B: Backend> {
+    /// Running maximum `[R]`.
+    pub max: Tensor<B, 1>,
+    /// Running `sum exp(x - max)` `[R]`.
+    pub sum: Tensor<B, 1>,
+    /// The target's logit once its chunk has been seen `[R]`.
+    pub target: Tensor<B, 1>,
+}
+
+impl<B: Backend> LseState<B> {
+    /// Nothing seen yet.
+    pub fn new(rows: usize, device: &B::Device) -> Self {
+        Self {
+            max: Tensor::full([rows], NEG_BIG, (device, DType::F32)),
+            sum: Tensor::zeros([rows], (device, DType::F32)),
+            target: Tensor::zeros([rows], (device, DType::F32)),
+        }
+    }
+
+    /// Takes in the f32 logits `[R, C]` of vocabulary entries `offset..offset + C`.
+    pub fn update(self, logits: Tensor<B, 2>, targets: &Tensor<B, 1, Int>, offset: usize) -> Self {
+        let c = logits.dims()[1];
+        let chunk_max = logits.clone().max_dim(1).squeeze_dim(1);
+        let max = self.max.clone().max_pair(chunk_max);
+        let sum = self.sum * (self.max - max.clone()).exp()
+            + (logits.clone() - max.clone().unsqueeze_dim(1)).exp().sum_dim(1).squeeze_dim(1);
+        let local = targets.clone().sub_scalar(offset as i64);
+        let inside = local.clone().greater_equal_elem(0).bool_and(local.clone().lower_elem(c as i64));
+        let picked = logits.gather(1, local.clamp(0, c as i64 - 1).unsqueeze_dim(1)).squeeze_dim(1);
+        Self { max, sum, target: self.target.mask_where(inside, picked) }
+    }
+
+    /// `(logp [R], stats [2, R])`, where `stats` holds each row's max and `ln sum exp(x - max)`
+    /// (their sum is the log-sum-exp; kept apart, `x - max` stays exact for large logits).
+    /// Padding rows (negative targets) get log-prob 0.
+    pub fn finish(self, targets: &Tensor<B, 1, Int>) -> (Tensor<B, 1>, Tensor<B, 2>) {
+        let log_sum = self.sum.log();
+        let logp = (self.target - self.max.clone() - log_sum.clone()).mask_fill(targets.clone().lower_elem(0), 0.0);
+        (logp, Tensor::stack(vec![self.max, log_sum], 0))
+    }
+}
+
+fn rows_of<B: Backend, const D: usize, K: BasicOps<B>>(t: Tensor<B, D, K>, r0: usize, r1: usize) -> Tensor<B, D, K> {
+    t.narrow(0, r0, r1 - r0)
+}
+
+fn row_ranges(n: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(step.max(1)).map(move |r0| (r0, (r0 + step).min(n)))
+}
+
+/// The output gradient with padding rows zeroed, in f32.
+fn masked_grad<B: Backend>(grad: Tensor<B, 1>, targets: &Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    grad.cast(DType::F32).mask_fill(targets.clone().lower_elem(0), 0.0)
+}
+
+/// The two per-row steps of both operations, on f32 logits `[R, C]` of vocabulary entries
+/// `offset..offset + C`. [`Plain`] does them in Burn tensor ops; cubecl backends with kernels.
+pub trait RowOps<B: Backend> {
+    /// Folds the logits into the running log-sum-exp and picks the targets' logits.
+    fn update(&self, state: LseState<B>, logits: Tensor<B, 2>, targets: &Tensor<B, 1, Int>, offset: usize)
+    -> LseState<B>;
+
+    /// `g * (onehot(t - offset) - exp(logits - max - log_sum))`, in f32 (`g` already zero on
+    /// padding; `stats` as from [`LseState::finish`]).
+    fn grad(
+        &self,
+        logits: Tensor<B, 2>,
+        targets: &Tensor<B, 1, Int>,
+        stats: &Tensor<B, 2>,
+        g: &Tensor<B, 1>,
+        offset: usize,
+    ) -> Tensor<B, 2>;
+}
+
+/// The row steps in plain Burn tensor ops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl<B: Backend> RowOps<B> for Plain {
+    fn update(&self, state: LseState<B>, logits: Tensor<B, 2>, targets: &Tensor<B, 1, Int>, offset: usize) -> LseState<B> {
+        state.update(logits, targets, offset)
+    }
+
+    fn grad(
+        &self,
+        logits: Tensor<B, 2>,
+        targets: &Tensor<B, 1, Int>,
+        stats: &Tensor<B, 2>,
+        g: &Tensor<B, 1>,
+        offset: usize,
+    ) -> Tensor<B, 2> {
+        let c = logits.dims()[1];
+        let device = logits.device();
+        let rows = stats.dims()[1];
+        let col = |i| stats.clone().narrow(0, i, 1).reshape([rows, 1]);
+        let p = (logits - col(0) - col(1)).exp();
+        let cols = Tensor::<B, 1, Int>::arange(offset as i64..(offset + c) as i64, &device).unsqueeze_dim(0);
+        let onehot = cols.equal(targets.clone().unsqueeze_dim(1)).float().cast(DType::F32);
+        (onehot - p) * g.clone().unsqueeze_dim(1)
+    }
+}
+
+/// Forward of the per-token log-probs from whole logits `[N, V]`.
+pub fn token_fwd<B: Backend>(
+    ops: &impl RowOps<B>,
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 2>) {
+    let rows = logits.dims()[0];
+    ops.update(LseState::new(rows, &logits.device()), logits.cast(DType::F32), &targets, 0).finish(&targets)
+}
+
+/// Backward of the per-token log-probs: the logits' gradient, in their dtype.
+pub fn token_bwd<B: Backend>(
+    ops: &impl RowOps<B>,
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    stats: Tensor<B, 2>,
+    grad: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    let dtype = logits.dtype();
+    let g = masked_grad(grad, &targets);
+    ops.grad(logits.cast(DType::F32), &targets, &stats, &g, 0).cast(dtype)
+}
+
+/// The f32 logits of rows `h` against vocabulary entries `c0..c1` of `weight`.
+fn chunk_logits<B: Backend>(h: &Tensor<B, 2>, weight: &Tensor<B, 2>, c0: usize, c1: usize) -> Tensor<B, 2> {
+    h.clone().matmul(weight.clone().narrow(0, c0, c1 - c0).transpose()).cast(DType::F32)
+}
+
+/// Forward of the fused projection + log-prob.
+pub fn linear_fwd<B: Backend>(
+    ops: &impl RowOps<B>,
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    chunks: Chunks,
+) -> (Tensor<B, 1>, Tensor<B, 2>) {
+    let (n, v) = (hidden.dims()[0], weight.dims()[0]);
+    let device = hidden.device();
+    let (mut logps, mut lses) = (Vec::new(), Vec::new());
+    for (r0, r1) in row_ranges(n, chunks.rows) {
+        let h = rows_of(hidden.clone(), r0, r1);
+        let t = rows_of(targets.clone(), r0, r1);
+        let mut state = LseState::new(r1 - r0, &device);
+        for (c0, c1) in row_ranges(v, chunks.vocab) {
+            state = ops.update(state, chunk_logits(&h, &weight, c0, c1), &t, c0);
+        }
+        let (logp, lse) = state.finish(&t);
+        logps.push(logp);
+        lses.push(lse);
+    }
+    (Tensor::cat(logps, 0), Tensor::cat(lses, 1))
+}
+
+/// Backward of the fused projection + log-prob.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd<B: Backend>(
+    ops: &impl RowOps<B>,
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    stats: Tensor<B, 2>,
+    grad: Tensor<B, 1>,
+    chunks: Chunks,
+    want: Want,
+) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
+    let ([n, h_size], v) = (hidden.dims(), weight.dims()[0]);
+    let device = hidden.device();
+    let g = masked_grad(grad, &targets);
+    let mut dw = want.weight.then(|| Tensor::<B, 2>::zeros([v, h_size], (&device, DType::F32)));
+    let mut dh_parts = Vec::new();
+    for (r0, r1) in row_ranges(n, chunks.rows) {
+        let h = rows_of(hidden.clone(), r0, r1);
+        let (t, l, gr) = (rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1));
+        let mut dh = want.hidden.then(|| Tensor::<B, 2>::zeros([r1 - r0, h_size], (&device, DType::F32)));
+        for (c0, c1) in row_ranges(v, chunks.vocab) {
+            let gl = ops.grad(chunk_logits(&h, &weight, c0, c1), &t, &l, &gr, c0).cast(hidden.dtype());
+            if let Some(acc) = dh.take() {
+                let w = weight.clone().narrow(0, c0, c1 - c0);
+                dh = Some(acc + gl.clone().matmul(w).cast(DType::F32));
+            }
+            if let Some(acc) = dw.take() {
+                let part = gl.transpose().matmul(h.clone()).cast(DType::F32);
+                let rows = acc.clone().narrow(0, c0, c1 - c0) + part;
+                dw = Some(acc.slice_assign([c0..c1], rows));
+            }
+        }
+        dh_parts.extend(dh);
+    }
+    let dh = want.hidden.then(|| Tensor::cat(dh_parts, 0).cast(hidden.dtype()));
+    (dh, dw.map(|d| d.cast(weight.dtype())))
+}

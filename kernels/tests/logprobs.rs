@@ -1,0 +1,285 @@
+//! Both operations, values and gradients, against an f64 oracle computed here on the host
+//! (`log_softmax` and its gradient written out in f64), on the CPU (reference path) and, with
+//! the `wgpu` feature, on a real wgpu device (the cubecl kernels, also compared with the
+//! reference path on the same device). CI runs the wgpu half on Mesa's lavapipe.
+//!
+//! Tolerances: values within `2e-5 + 2e-9 V + 1e-6 |x|` (f32 sums of V exponentials: 2.8e-4 at
+//! V = 128256, seen 1.5e-4 with Burn's sequential CPU sum), gradients within `2e-5 + 1e-5 |x|`
+//! of the f64 oracle; the kernels within `1e-5 + 1e-6 |x|` of the reference path on the same
+//! device (values: `2e-9 V` more); central finite differences (step 1e-2 in f32) within 2e-3.
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use fuserl_kernels::reference::{self, Plain};
+use fuserl_kernels::{Chunks, LogProbBackend, Want, linear_logprobs_chunked, token_logprobs};
+
+/// Deterministic values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Targets in `0..v`, with every `pad_every`-th one a padding position (negative).
+fn targets(n: usize, v: usize, pad_every: usize, seed: u64) -> Vec<i64> {
+    values(n, seed, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| if pad_every > 0 && i % pad_every == pad_every - 1 { -100 } else { ((x.abs() * v as f32) as i64).min(v as i64 - 1) })
+        .collect()
+}
+
+/// The oracle: log-probs and the gradient of `sum c_n logp_n` with respect to the logits.
+fn oracle(logits: &[f64], v: usize, t: &[i64], c: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let mut logp = Vec::new();
+    let mut grad = Vec::new();
+    for (n, row) in logits.chunks(v).enumerate() {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let live = t[n] >= 0;
+        logp.push(if live { row[t[n] as usize] - lse } else { 0.0 });
+        for (j, x) in row.iter().enumerate() {
+            let onehot = if live && j as i64 == t[n] { 1.0 } else { 0.0 };
+            grad.push(if live { f64::from(c[n]) * (onehot - (x - lse).exp()) } else { 0.0 });
+        }
+    }
+    (logp, grad)
+}
+
+fn matmul_t(a: &[f32], b: &[f32], n: usize, v: usize, h: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * v];
+    for i in 0..n {
+        for j in 0..v {
+            out[i * v + j] = (0..h).map(|k| f64::from(a[i * h + k]) * f64::from(b[j * h + k])).sum();
+        }
+    }
+    out
+}
+
+#[track_caller]
+fn close(what: &str, got: &[f32], want: &[f64], abs: f64, rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(*g) - w).abs();
+        assert!(err <= abs + rel * w.abs(), "{what}[{i}]: {g} vs {w} (error {err:e})");
+    }
+}
+
+fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn int_tensor<B: Backend>(t: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
+    Tensor::from_data(TensorData::new(t.to_vec(), [t.len()]), device)
+}
+
+fn tensor<B: Backend, const D: usize>(x: &[f32], shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(x.to_vec(), shape), device)
+}
+
+/// `token_logprobs`: values and the logits' gradient.
+fn check_token<B: AutodiffBackend + LogProbBackend>(device: &B::Device, n: usize, v: usize, scale: f32, pad: usize) {
+    let x = values(n * v, 1, scale);
+    let t = targets(n, v, pad, 2);
+    let c = values(n, 3, 1.0);
+    let logits = tensor::<B, 2>(&x, [n, v], device).require_grad();
+    let logp = token_logprobs(logits.clone(), int_tensor::<B>(&t, device));
+    let grads = (logp.clone() * tensor::<B, 1>(&c, [n], device)).sum().backward();
+    let (want_lp, want_grad) = oracle(&x.iter().map(|&a| f64::from(a)).collect::<Vec<_>>(), v, &t, &c);
+    let what = format!("token n={n} v={v} scale={scale}");
+    let got = data(logp);
+    close(&format!("{what} logp"), &got, &want_lp, 2e-5 + 2e-9 * v as f64, 1e-6);
+    close(&format!("{what} grad"), &data(logits.grad(&grads).unwrap()), &want_grad, 2e-5, 1e-5);
+    assert!(t.iter().zip(&got).all(|(t, lp)| *t >= 0 || *lp == 0.0), "{what}: padding must give exactly 0");
+}
+
+/// `linear_logprobs`: values and the gradients of the hidden states and the weight.
+fn check_linear<B: AutodiffBackend + LogProbBackend>(
+    device: &B::Device,
+    (n, v, h): (usize, usize, usize),
+    chunks: Chunks,
+    scale: f32,
+    pad: usize,
+) {
+    let hid = values(n * h, 4, 1.0);
+    let w = values(v * h, 5, scale);
+    let t = targets(n, v, pad, 6);
+    let c = values(n, 7, 1.0);
+    let hidden = tensor::<B, 2>(&hid, [n, h], device).require_grad();
+    let weight = tensor::<B, 2>(&w, [v, h], device).require_grad();
+    let logp = linear_logprobs_chunked(hidden.clone(), weight.clone(), int_tensor::<B>(&t, device), chunks);
+    let grads = (logp.clone() * tensor::<B, 1>(&c, [n], device)).sum().backward();
+    let (want_lp, dlogits) = oracle(&matmul_t(&hid, &w, n, v, h), v, &t, &c);
+    let mut want_dh = vec![0.0; n * h];
+    let mut want_dw = vec![0.0; v * h];
+    for i in 0..n {
+        for j in 0..v {
+            let d = dlogits[i * v + j];
+            if d != 0.0 {
+                for k in 0..h {
+                    want_dh[i * h + k] += d * f64::from(w[j * h + k]);
+                    want_dw[j * h + k] += d * f64::from(hid[i * h + k]);
+                }
+            }
+        }
+    }
+    let what = format!("linear n={n} v={v} h={h} {chunks:?} scale={scale}");
+    close(&format!("{what} logp"), &data(logp), &want_lp, 2e-5 + 2e-9 * v as f64, 1e-6);
+    close(&format!("{what} d hidden"), &data(hidden.grad(&grads).unwrap()), &want_dh, 2e-5, 1e-5);
+    close(&format!("{what} d weight"), &data(weight.grad(&grads).unwrap()), &want_dw, 2e-5, 1e-5);
+}
+
+/// Central finite differences of `sum c_n logp_n` against the analytic gradient.
+fn check_finite_differences<B: AutodiffBackend + LogProbBackend>(device: &B::Device)
+where
+    B::InnerBackend: LogProbBackend,
+{
+    let (n, v, h) = (3, 7, 4);
+    let hid = values(n * h, 8, 1.0);
+    let w = values(v * h, 9, 1.0);
+    let t = vec![2, -1, 6];
+    let c = values(n, 10, 1.0);
+    let chunks = Chunks { rows: 2, vocab: 3 };
+    let f = |hid: &[f32], w: &[f32]| -> f64 {
+        let lp = linear_logprobs_chunked(
+            tensor::<B::InnerBackend, 2>(hid, [n, h], device),
+            tensor::<B::InnerBackend, 2>(w, [v, h], device),
+            int_tensor::<B::InnerBackend>(&t, device),
+            chunks,
+        );
+        data(lp).iter().zip(&c).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum()
+    };
+    let hidden = tensor::<B, 2>(&hid, [n, h], device).require_grad();
+    let weight = tensor::<B, 2>(&w, [v, h], device).require_grad();
+    let logp = linear_logprobs_chunked(hidden.clone(), weight.clone(), int_tensor::<B>(&t, device), chunks);
+    let grads = (logp * tensor::<B, 1>(&c, [n], device)).sum().backward();
+    let (dh, dw) = (data(hidden.grad(&grads).unwrap()), data(weight.grad(&grads).unwrap()));
+    let eps = 1e-2f32;
+    for i in 0..n * h {
+        let (mut up, mut down) = (hid.clone(), hid.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        let fd = (f(&up, &w) - f(&down, &w)) / f64::from(2.0 * eps);
+        assert!((fd - f64::from(dh[i])).abs() < 2e-3, "d hidden[{i}]: finite differences {fd} vs {}", dh[i]);
+    }
+    for i in 0..v * h {
+        let (mut up, mut down) = (w.clone(), w.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        let fd = (f(&hid, &up) - f(&hid, &down)) / f64::from(2.0 * eps);
+        assert!((fd - f64::from(dw[i])).abs() < 2e-3, "d weight[{i}]: finite differences {fd} vs {}", dw[i]);
+    }
+}
+
+/// Every case of the issue on one backend.
+fn suite<B: AutodiffBackend + LogProbBackend>(device: &B::Device)
+where
+    B::InnerBackend: LogProbBackend,
+{
+    // Whole logits: ordinary, extreme (±1e4), N not a multiple of anything, padding.
+    check_token::<B>(device, 5, 37, 3.0, 2);
+    check_token::<B>(device, 9, 300, 1e4, 4);
+    check_token::<B>(device, 3, 128_256, 5.0, 3);
+    // Fused: V not a multiple of the chunk, several row chunks, padding, one chunk for all.
+    check_linear::<B>(device, (13, 1000, 8), Chunks { rows: 5, vocab: 384 }, 1.0, 3);
+    check_linear::<B>(device, (7, 50, 4), Chunks { rows: 7, vocab: 50 }, 2.0, 0);
+    // Extreme logits: hidden in [-1, 1) times weights up to 5e3 over 4 dims.
+    check_linear::<B>(device, (6, 257, 4), Chunks { rows: 4, vocab: 100 }, 5e3, 5);
+    // The Llama-3 vocabulary, in chunks of the default plan.
+    let plan = Chunks::plan(5, 128_256, 1 << 16);
+    assert!(plan.vocab < 128_256 && 128_256 % plan.vocab != 0, "{plan:?}");
+    check_linear::<B>(device, (5, 128_256, 4), plan, 1.0, 4);
+    check_finite_differences::<B>(device);
+}
+
+#[test]
+fn cpu_reference_path_matches_the_oracle() {
+    suite::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+#[test]
+fn gradients_only_for_what_is_asked() {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let (n, v, h) = (4, 9, 3);
+    let hidden = tensor::<B, 2>(&values(n * h, 1, 1.0), [n, h], &device);
+    let weight = tensor::<B, 2>(&values(v * h, 2, 1.0), [v, h], &device);
+    let t = int_tensor::<B>(&[1, 2, -1, 8], &device);
+    let chunks = Chunks { rows: 3, vocab: 4 };
+    let (_, stats) = reference::linear_fwd(&Plain, hidden.clone(), weight.clone(), t.clone(), chunks);
+    let g = Tensor::<B, 1>::ones([n], &device);
+    let only_h = reference::linear_bwd(&Plain, hidden.clone(), weight.clone(), t.clone(), stats.clone(), g.clone(), chunks, Want { hidden: true, weight: false });
+    assert!(only_h.0.is_some() && only_h.1.is_none());
+    let only_w = reference::linear_bwd(&Plain, hidden, weight, t, stats, g, chunks, Want { hidden: false, weight: true });
+    assert!(only_w.0.is_none() && only_w.1.is_some());
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use burn::backend::Wgpu;
+    use burn::backend::wgpu::WgpuDevice;
+
+    /// The wgpu device, or a failure that says how to get one (CI installs lavapipe).
+    fn device() -> WgpuDevice {
+        let device = WgpuDevice::default();
+        let probe = std::panic::catch_unwind(|| Tensor::<Wgpu, 1>::ones([1], &device).into_data());
+        assert!(
+            probe.is_ok(),
+            "no wgpu adapter: install a Vulkan driver (on Debian: apt-get install mesa-vulkan-drivers libvulkan1, \
+             Mesa's software lavapipe) or build without the `wgpu` feature"
+        );
+        device
+    }
+
+    #[test]
+    fn kernels_match_the_oracle_and_the_reference_on_wgpu() {
+        let device = device();
+        suite::<Autodiff<Wgpu>>(&device);
+
+        // The kernels against the reference path, on the same device.
+        let (n, v, h) = (300, 2_000, 16);
+        let chunks = Chunks { rows: 128, vocab: 768 };
+        let hidden = tensor::<Wgpu, 2>(&values(n * h, 11, 1.0), [n, h], &device);
+        let weight = tensor::<Wgpu, 2>(&values(v * h, 12, 3.0), [v, h], &device);
+        let t = int_tensor::<Wgpu>(&targets(n, v, 7, 13), &device);
+        let g = tensor::<Wgpu, 1>(&values(n, 14, 1.0), [n], &device);
+        let (k_lp, k_stats) = {
+            let (lp, st) = <Wgpu as LogProbBackend>::linear_logprobs_fwd(
+                hidden.clone().into_primitive().tensor(),
+                weight.clone().into_primitive().tensor(),
+                t.clone().into_primitive(),
+                chunks,
+            );
+            (Tensor::<Wgpu, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(lp)), Tensor::<Wgpu, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(st)))
+        };
+        let (r_lp, r_stats) = reference::linear_fwd(&Plain, hidden.clone(), weight.clone(), t.clone(), chunks);
+        let r_lp64: Vec<f64> = data(r_lp).iter().map(|&x| f64::from(x)).collect();
+        close("kernel vs reference logp", &data(k_lp), &r_lp64, 1e-5 + 2e-9 * v as f64, 1e-6);
+        let r_st64: Vec<f64> = data(r_stats.clone()).iter().map(|&x| f64::from(x)).collect();
+        close("kernel vs reference stats", &data(k_stats), &r_st64, 1e-5 + 2e-9 * v as f64, 1e-6);
+        let want = Want { hidden: true, weight: true };
+        let (kdh, kdw) = <Wgpu as LogProbBackend>::linear_logprobs_bwd(
+            hidden.clone().into_primitive().tensor(),
+            weight.clone().into_primitive().tensor(),
+            t.clone().into_primitive(),
+            r_stats.clone().into_primitive().tensor(),
+            g.clone().into_primitive().tensor(),
+            chunks,
+            want,
+        );
+        let (rdh, rdw) = reference::linear_bwd(&Plain, hidden, weight, t, r_stats, g, chunks, want);
+        for (what, k, r) in [("d hidden", kdh.unwrap(), rdh.unwrap()), ("d weight", kdw.unwrap(), rdw.unwrap())] {
+            let r64: Vec<f64> = data(r).iter().map(|&x| f64::from(x)).collect();
+            let k = Tensor::<Wgpu, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(k));
+            close(&format!("kernel vs reference {what}"), &data(k), &r64, 1e-5, 1e-6);
+        }
+    }
+}
