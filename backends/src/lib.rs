@@ -115,6 +115,14 @@ pub enum BackendError {
     /// The device is not compiled in.
     #[error(transparent)]
     NotCompiled(#[from] NotCompiled),
+    /// The device is compiled in but could not start (no driver, no such device).
+    #[error("device `{device}` is compiled into this build but could not start: {message}")]
+    Unavailable {
+        /// The device asked for.
+        device: &'static str,
+        /// What went wrong.
+        message: String,
+    },
     /// The device cannot do the dtype.
     #[error("device `{device}` cannot run dtype `{dtype}`; it supports: {supported}")]
     Dtype {
@@ -156,22 +164,65 @@ pub trait OnBackend {
 pub fn on_backend<O: OnBackend>(device: Device, index: u32, dtype: DType, code: O) -> Result<O::Output, BackendError> {
     check(device, dtype)?;
     let _ = index;
-    Ok(match device {
+    match device {
         #[cfg(feature = "wgpu")]
-        Device::Wgpu => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::AutoGraphicsApi>(index)),
+        Device::Wgpu => start::<burn::backend::Wgpu, O>(device, code, || {
+            wgpu_device::<burn::backend::wgpu::graphics::AutoGraphicsApi>(index)
+        }),
         #[cfg(feature = "vulkan")]
-        Device::Vulkan => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::Vulkan>(index)),
+        Device::Vulkan => start::<burn::backend::Wgpu, O>(device, code, || {
+            wgpu_device::<burn::backend::wgpu::graphics::Vulkan>(index)
+        }),
         #[cfg(feature = "metal")]
-        Device::Metal => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::Metal>(index)),
+        Device::Metal => {
+            start::<burn::backend::Wgpu, O>(device, code, || wgpu_device::<burn::backend::wgpu::graphics::Metal>(index))
+        }
         #[cfg(feature = "webgpu")]
-        Device::Webgpu => code.run::<burn::backend::Wgpu>(wgpu_device::<burn::backend::wgpu::graphics::WebGpu>(index)),
+        Device::Webgpu => start::<burn::backend::Wgpu, O>(device, code, || {
+            wgpu_device::<burn::backend::wgpu::graphics::WebGpu>(index)
+        }),
         #[cfg(feature = "cuda")]
-        Device::Cuda => code.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(index as usize)),
+        Device::Cuda => {
+            start::<burn::backend::Cuda, O>(device, code, || burn::backend::cuda::CudaDevice::new(index as usize))
+        }
         #[cfg(feature = "rocm")]
-        Device::Rocm => code.run::<burn::backend::Rocm>(burn::backend::rocm::RocmDevice::new(index as usize)),
+        Device::Rocm => {
+            start::<burn::backend::Rocm, O>(device, code, || burn::backend::rocm::RocmDevice::new(index as usize))
+        }
         // `check` has refused every device this build lacks.
-        _ => code.run::<burn::backend::Flex>(Default::default()),
-    })
+        _ => Ok(code.run::<burn::backend::Flex>(Default::default())),
+    }
+}
+
+/// Makes the device and moves one value to it and back before handing it to `code`: a runtime
+/// that cannot start (no driver, no adapter) panics inside Burn, which becomes
+/// [`BackendError::Unavailable`] here instead of a crash in the middle of a run.
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "rocm"))]
+fn start<B: LogProbBackend, O: OnBackend>(
+    device: Device,
+    code: O,
+    make: impl FnOnce() -> B::Device,
+) -> Result<O::Output, BackendError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = catch_unwind(AssertUnwindSafe(|| {
+        let d = make();
+        burn::tensor::Tensor::<B, 1>::ones([1], &d).into_data();
+        d
+    }));
+    std::panic::set_hook(quiet);
+    match probe {
+        Ok(d) => Ok(code.run::<B>(d)),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "the runtime panicked while starting".into());
+            Err(BackendError::Unavailable { device: device_name(device), message })
+        }
+    }
 }
 
 /// The wgpu device `index` on graphics API `G`: the default adapter for index 0 with the

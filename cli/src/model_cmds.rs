@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::data::ChatMessage;
-use fuserl_core::recipe::Device;
-use fuserl_model::Cpu;
+use fuserl_core::recipe::{DType, Device};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
 use fuserl_model::generate::{GenerateConfig, generate};
@@ -59,17 +59,13 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
     }
 }
 
-fn cpu_only(device: &str) -> anyhow::Result<()> {
+/// Runs `code` on the device `--device` names (f32), or says why it cannot.
+fn on_device<O: OnBackend<Output = anyhow::Result<T>>, T>(device: &str, code: O) -> anyhow::Result<T> {
     let parsed: Device = serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {
         bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"))
     })?;
-    fuserl_backends::check_device(parsed).map_err(|e| bad_input(e.to_string()))?;
-    if parsed != Device::Cpu {
-        return Err(bad_input(format!(
-            "--device {device}: the model runs on the CPU backend only so far (GPU backends arrive with the kernel work)"
-        )));
-    }
-    Ok(())
+    fuserl_backends::on_backend(parsed, 0, DType::F32, code)
+        .map_err(|e| bad_input(format!("--device {device}: {e}")))?
 }
 
 #[derive(Debug, Args)]
@@ -106,13 +102,10 @@ fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<V
 }
 
 pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
-    cpu_only(&args.device)?;
     if args.batch_size == 0 {
         return Err(bad_input("--batch-size must be at least 1".into()));
     }
-    let model = load::<Cpu>(&args.model, &Default::default(), burn::tensor::DType::F32).map_err(model_error)?;
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
-    tok.check_fits(model.config.vocab_size).map_err(model_error)?;
     let file = std::fs::File::open(&args.data).map_err(|e| fuserl_core::Error::io(&args.data, e))?;
     let mut records = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
@@ -130,26 +123,48 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
         records.push((v, ids));
     }
-    let mut out = String::new();
     let total = records.len();
-    for (n, chunk) in records.chunks(args.batch_size).enumerate() {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
-        let scored = response_logprobs(&model, &pairs).map_err(model_error)?;
-        for ((v, _), s) in chunk.iter().zip(scored) {
-            let mut v = v.clone();
-            if let Some(obj) = v.as_object_mut() {
-                obj.insert("logp_sum".into(), s.sum.into());
-                obj.insert("n_tokens".into(), s.n_tokens.into());
-                obj.insert("token_logps".into(), s.token_logps.into());
-            }
-            out.push_str(&v.to_string());
-            out.push('\n');
-        }
-        tracing::info!(done = ((n + 1) * args.batch_size).min(total), total, "scored");
-    }
+    let out = on_device(&args.device, Score { args, tok: &tok, records: &records })?;
     crate::write_atomically(&args.out, out.as_bytes())?;
     eprintln!("{total} pairs scored -> {}", args.out.display());
     Ok(())
+}
+
+/// Pairs of token ids with their input lines.
+type Records = [(serde_json::Value, (Vec<u32>, Vec<u32>))];
+
+struct Score<'a> {
+    args: &'a LogprobsArgs,
+    tok: &'a ChatTokenizer,
+    records: &'a Records,
+}
+
+impl OnBackend for Score<'_> {
+    type Output = anyhow::Result<String>;
+
+    fn run<B: LogProbBackend>(self, device: B::Device) -> anyhow::Result<String> {
+        let args = self.args;
+        let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        self.tok.check_fits(model.config.vocab_size).map_err(model_error)?;
+        let mut out = String::new();
+        let total = self.records.len();
+        for (n, chunk) in self.records.chunks(args.batch_size).enumerate() {
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
+            let scored = response_logprobs(&model, &pairs).map_err(model_error)?;
+            for ((v, _), s) in chunk.iter().zip(scored) {
+                let mut v = v.clone();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("logp_sum".into(), s.sum.into());
+                    obj.insert("n_tokens".into(), s.n_tokens.into());
+                    obj.insert("token_logps".into(), s.token_logps.into());
+                }
+                out.push_str(&v.to_string());
+                out.push('\n');
+            }
+            tracing::info!(done = ((n + 1) * args.batch_size).min(total), total, "scored");
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -184,28 +199,38 @@ pub struct GenerateArgs {
 }
 
 pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
-    cpu_only(&args.device)?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(bad_input(format!("--temperature {}: expected a number >= 0", args.temperature)));
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(bad_input(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
     }
-    let model = load::<Cpu>(&args.model, &Default::default(), burn::tensor::DType::F32).map_err(model_error)?;
-    let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
-    tok.check_fits(model.config.vocab_size).map_err(model_error)?;
-    let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())]).map_err(model_error)?;
-    let cfg = GenerateConfig {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        stop: args.stop.clone(),
-    };
-    let reply = generate(&model, &tok, &[prompt], &cfg).map_err(model_error)?.remove(0);
+    let reply = on_device(&args.device, Generate(args))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", reply.text)?;
     tracing::info!(tokens = reply.ids.len(), finish = reply.finish_reason, "generated");
     Ok(())
+}
+
+struct Generate<'a>(&'a GenerateArgs);
+
+impl OnBackend for Generate<'_> {
+    type Output = anyhow::Result<fuserl_model::generate::Generation>;
+
+    fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
+        let args = self.0;
+        let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
+        let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        tok.check_fits(model.config.vocab_size).map_err(model_error)?;
+        let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())]).map_err(model_error)?;
+        let cfg = GenerateConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            stop: args.stop.clone(),
+        };
+        Ok(generate(&model, &tok, &[prompt], &cfg).map_err(model_error)?.remove(0))
+    }
 }

@@ -92,7 +92,12 @@ fn step<B: AutodiffBackend + LogProbBackend>(
     dh.map_or(0.0, |x| x.elem::<f32>()) + dw.map_or(0.0, |x| x.elem::<f32>())
 }
 
-fn run<B: AutodiffBackend + LogProbBackend>(a: &Args, device: &B::Device, pool: impl Fn() -> Option<u64>, cleanup: impl Fn()) {
+fn run<B: AutodiffBackend + LogProbBackend>(
+    a: &Args,
+    device: &B::Device,
+    pool: impl Fn() -> Option<u64>,
+    cleanup: impl Fn(),
+) {
     let hidden = Tensor::<B::InnerBackend, 2>::random([a.t, a.h], Distribution::Normal(0.0, 1.0), device);
     let weight = Tensor::<B::InnerBackend, 2>::random([a.v, a.h], Distribution::Normal(0.0, 0.05), device);
     let targets = Tensor::<B, 1, Int>::from_data(

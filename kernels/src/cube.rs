@@ -19,8 +19,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeCount, CubeDim};
 
-use crate::reference::{self, LseState, RowOps};
-use crate::{Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, Want, float, int, prim};
+use crate::reference::{LseState, RowOps};
+use crate::{Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, Want, float, prim, with_ops};
 
 /// The kernels, apart from Burn's names (both have a `Tensor`).
 mod gpu {
@@ -134,7 +134,13 @@ mod gpu {
     }
 
     #[cube(launch)]
-    pub fn logit_grad_in_place(x: &mut Tensor<f32>, targets: &Tensor<i32>, stats: &Tensor<f32>, g: &Tensor<f32>, offset: i32) {
+    pub fn logit_grad_in_place(
+        x: &mut Tensor<f32>,
+        targets: &Tensor<i32>,
+        stats: &Tensor<f32>,
+        g: &Tensor<f32>,
+        offset: i32,
+    ) {
         let row = row_index();
         if row >= g.shape(0) {
             terminate!();
@@ -257,9 +263,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         DEFAULT_MAX_CHUNK_ELEMS.min(binding.max(1 << 16))
     }
 
-    fn token_logprobs_fwd(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (logp, stats) = reference::token_fwd::<Self>(&Kernels, float(logits), int(targets));
-        (prim(logp), prim(stats))
+    fn token_logprobs_fwd(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        with_ops::token_fwd::<Self>(&Kernels, logits, targets)
     }
 
     fn token_logprobs_bwd(
@@ -268,7 +276,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        prim(reference::token_bwd::<Self>(&Kernels, float(logits), int(targets), float(stats), float(grad)))
+        with_ops::token_bwd::<Self>(&Kernels, logits, targets, stats, grad)
     }
 
     fn linear_logprobs_fwd(
@@ -277,8 +285,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         targets: IntTensor<Self>,
         chunks: Chunks,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (logp, stats) = reference::linear_fwd::<Self>(&Kernels, float(hidden), float(weight), int(targets), chunks);
-        (prim(logp), prim(stats))
+        with_ops::linear_fwd::<Self>(&Kernels, hidden, weight, targets, chunks)
     }
 
     fn linear_logprobs_bwd(
@@ -290,16 +297,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         chunks: Chunks,
         want: Want,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        let (dh, dw) = reference::linear_bwd::<Self>(
-            &Kernels,
-            float(hidden),
-            float(weight),
-            int(targets),
-            float(stats),
-            float(grad),
-            chunks,
-            want,
-        );
-        (dh.map(prim), dw.map(prim))
+        with_ops::linear_bwd::<Self>(&Kernels, (hidden, weight, targets), stats, grad, chunks, want)
     }
 }

@@ -92,9 +92,11 @@ pub trait LogProbBackend: Backend {
 
     /// Forward of [`Self::token_logprobs`]: `(logp [N], stats [2, N])`, both f32; `stats` holds
     /// each row's max logit and `ln sum exp(x - max)`.
-    fn token_logprobs_fwd(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (logp, stats) = reference::token_fwd::<Self>(&reference::Plain, float(logits), int(targets));
-        (prim(logp), prim(stats))
+    fn token_logprobs_fwd(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        with_ops::token_fwd::<Self>(&reference::Plain, logits, targets)
     }
 
     /// Backward of [`Self::token_logprobs`]: the gradient of the logits for the output gradient
@@ -105,7 +107,7 @@ pub trait LogProbBackend: Backend {
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        prim(reference::token_bwd::<Self>(&reference::Plain, float(logits), int(targets), float(stats), float(grad)))
+        with_ops::token_bwd::<Self>(&reference::Plain, logits, targets, stats, grad)
     }
 
     /// Forward of [`Self::linear_logprobs`]: `(logp [N], stats [2, N])` as in
@@ -116,8 +118,7 @@ pub trait LogProbBackend: Backend {
         targets: IntTensor<Self>,
         chunks: Chunks,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (logp, stats) = reference::linear_fwd::<Self>(&reference::Plain, float(hidden), float(weight), int(targets), chunks);
-        (prim(logp), prim(stats))
+        with_ops::linear_fwd::<Self>(&reference::Plain, hidden, weight, targets, chunks)
     }
 
     /// Backward of [`Self::linear_logprobs`]: the gradients of the hidden states and of the
@@ -132,9 +133,7 @@ pub trait LogProbBackend: Backend {
         chunks: Chunks,
         want: Want,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        let (dh, dw) =
-            reference::linear_bwd::<Self>(&reference::Plain, float(hidden), float(weight), int(targets), float(stats), float(grad), chunks, want);
-        (dh.map(prim), dw.map(prim))
+        with_ops::linear_bwd::<Self>(&reference::Plain, (hidden, weight, targets), stats, grad, chunks, want)
     }
 }
 
@@ -145,6 +144,56 @@ pub struct Want {
     pub hidden: bool,
     /// The weight's gradient.
     pub weight: bool,
+}
+
+/// The four steps on backend primitives, with the per-row work done by `ops`.
+mod with_ops {
+    use super::{Chunks, FloatTensor, IntTensor, Want, float, int, prim};
+    use crate::reference::{self, RowOps};
+    use burn::tensor::backend::Backend;
+
+    pub fn token_fwd<B: Backend>(
+        ops: &impl RowOps<B>,
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (logp, stats) = reference::token_fwd::<B>(ops, float(logits), int(targets));
+        (prim(logp), prim(stats))
+    }
+
+    pub fn token_bwd<B: Backend>(
+        ops: &impl RowOps<B>,
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        stats: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        prim(reference::token_bwd::<B>(ops, float(logits), int(targets), float(stats), float(grad)))
+    }
+
+    pub fn linear_fwd<B: Backend>(
+        ops: &impl RowOps<B>,
+        hidden: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        targets: IntTensor<B>,
+        chunks: Chunks,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (logp, stats) = reference::linear_fwd::<B>(ops, float(hidden), float(weight), int(targets), chunks);
+        (prim(logp), prim(stats))
+    }
+
+    pub fn linear_bwd<B: Backend>(
+        ops: &impl RowOps<B>,
+        (hidden, weight, targets): (FloatTensor<B>, FloatTensor<B>, IntTensor<B>),
+        stats: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        chunks: Chunks,
+        want: Want,
+    ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+        let inputs = (float(hidden), float(weight), int(targets));
+        let (dh, dw) = reference::linear_bwd::<B>(ops, inputs, float(stats), float(grad), chunks, want);
+        (dh.map(prim), dw.map(prim))
+    }
 }
 
 fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {

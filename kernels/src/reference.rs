@@ -73,8 +73,13 @@ fn masked_grad<B: Backend>(grad: Tensor<B, 1>, targets: &Tensor<B, 1, Int>) -> T
 /// `offset..offset + C`. [`Plain`] does them in Burn tensor ops; cubecl backends with kernels.
 pub trait RowOps<B: Backend> {
     /// Folds the logits into the running log-sum-exp and picks the targets' logits.
-    fn update(&self, state: LseState<B>, logits: Tensor<B, 2>, targets: &Tensor<B, 1, Int>, offset: usize)
-    -> LseState<B>;
+    fn update(
+        &self,
+        state: LseState<B>,
+        logits: Tensor<B, 2>,
+        targets: &Tensor<B, 1, Int>,
+        offset: usize,
+    ) -> LseState<B>;
 
     /// `g * (onehot(t - offset) - exp(logits - max - log_sum))`, in f32 (`g` already zero on
     /// padding; `stats` as from [`LseState::finish`]).
@@ -93,7 +98,13 @@ pub trait RowOps<B: Backend> {
 pub struct Plain;
 
 impl<B: Backend> RowOps<B> for Plain {
-    fn update(&self, state: LseState<B>, logits: Tensor<B, 2>, targets: &Tensor<B, 1, Int>, offset: usize) -> LseState<B> {
+    fn update(
+        &self,
+        state: LseState<B>,
+        logits: Tensor<B, 2>,
+        targets: &Tensor<B, 1, Int>,
+        offset: usize,
+    ) -> LseState<B> {
         state.update(logits, targets, offset)
     }
 
@@ -170,12 +181,9 @@ pub fn linear_fwd<B: Backend>(
 }
 
 /// Backward of the fused projection + log-prob.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_bwd<B: Backend>(
     ops: &impl RowOps<B>,
-    hidden: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
+    (hidden, weight, targets): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>),
     stats: Tensor<B, 2>,
     grad: Tensor<B, 1>,
     chunks: Chunks,
@@ -188,7 +196,8 @@ pub fn linear_bwd<B: Backend>(
     let mut dh_parts = Vec::new();
     for (r0, r1) in row_ranges(n, chunks.rows) {
         let h = rows_of(hidden.clone(), r0, r1);
-        let (t, l, gr) = (rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1));
+        let (t, l, gr) =
+            (rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1));
         let mut dh = want.hidden.then(|| Tensor::<B, 2>::zeros([r1 - r0, h_size], (&device, DType::F32)));
         for (c0, c1) in row_ranges(v, chunks.vocab) {
             let gl = ops.grad(chunk_logits(&h, &weight, c0, c1), &t, &l, &gr, c0).cast(hidden.dtype());

@@ -32,7 +32,13 @@ fn targets(n: usize, v: usize, pad_every: usize, seed: u64) -> Vec<i64> {
     values(n, seed, 1.0)
         .into_iter()
         .enumerate()
-        .map(|(i, x)| if pad_every > 0 && i % pad_every == pad_every - 1 { -100 } else { ((x.abs() * v as f32) as i64).min(v as i64 - 1) })
+        .map(|(i, x)| {
+            if pad_every > 0 && i % pad_every == pad_every - 1 {
+                -100
+            } else {
+                ((x.abs() * v as f32) as i64).min(v as i64 - 1)
+            }
+        })
         .collect()
 }
 
@@ -215,9 +221,17 @@ fn gradients_only_for_what_is_asked() {
     let chunks = Chunks { rows: 3, vocab: 4 };
     let (_, stats) = reference::linear_fwd(&Plain, hidden.clone(), weight.clone(), t.clone(), chunks);
     let g = Tensor::<B, 1>::ones([n], &device);
-    let only_h = reference::linear_bwd(&Plain, hidden.clone(), weight.clone(), t.clone(), stats.clone(), g.clone(), chunks, Want { hidden: true, weight: false });
+    let only_h = reference::linear_bwd(
+        &Plain,
+        (hidden.clone(), weight.clone(), t.clone()),
+        stats.clone(),
+        g.clone(),
+        chunks,
+        Want { hidden: true, weight: false },
+    );
     assert!(only_h.0.is_some() && only_h.1.is_none());
-    let only_w = reference::linear_bwd(&Plain, hidden, weight, t, stats, g, chunks, Want { hidden: false, weight: true });
+    let only_w =
+        reference::linear_bwd(&Plain, (hidden, weight, t), stats, g, chunks, Want { hidden: false, weight: true });
     assert!(only_w.0.is_none() && only_w.1.is_some());
 }
 
@@ -258,7 +272,10 @@ mod wgpu {
                 t.clone().into_primitive(),
                 chunks,
             );
-            (Tensor::<Wgpu, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(lp)), Tensor::<Wgpu, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(st)))
+            (
+                Tensor::<Wgpu, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(lp)),
+                Tensor::<Wgpu, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(st)),
+            )
         };
         let (r_lp, r_stats) = reference::linear_fwd(&Plain, hidden.clone(), weight.clone(), t.clone(), chunks);
         let r_lp64: Vec<f64> = data(r_lp).iter().map(|&x| f64::from(x)).collect();
@@ -275,11 +292,21 @@ mod wgpu {
             chunks,
             want,
         );
-        let (rdh, rdw) = reference::linear_bwd(&Plain, hidden, weight, t, r_stats, g, chunks, want);
+        let (rdh, rdw) = reference::linear_bwd(&Plain, (hidden, weight, t), r_stats, g, chunks, want);
         for (what, k, r) in [("d hidden", kdh.unwrap(), rdh.unwrap()), ("d weight", kdw.unwrap(), rdw.unwrap())] {
             let r64: Vec<f64> = data(r).iter().map(|&x| f64::from(x)).collect();
             let k = Tensor::<Wgpu, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(k));
             close(&format!("kernel vs reference {what}"), &data(k), &r64, 1e-5, 1e-6);
         }
     }
+}
+
+/// On a CUDA GPU (kernels compiled at run time by NVRTC). Ignored by default because CI has no
+/// GPU; `scripts/gpu-check.sh` runs it with `--include-ignored`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
+fn kernels_match_the_oracle_on_cuda() {
+    use burn::backend::Cuda;
+    suite::<Autodiff<Cuda>>(&burn::backend::cuda::CudaDevice::new(0));
 }

@@ -83,8 +83,7 @@ fn main() {
     config.batch_size = 2;
     let mut optim = new_optimizer(&config);
     let picked: Vec<&TrainExample> = examples.iter().collect();
-    let logprobs =
-        if std::env::args().any(|a| a == "naive") { LogProbPath::Naive } else { LogProbPath::Fused };
+    let logprobs = if std::env::args().any(|a| a == "naive") { LogProbPath::Naive } else { LogProbPath::Fused };
     let settings = StepSettings {
         objective: dpo.as_ref(),
         reference: Some(&reference),

@@ -19,8 +19,8 @@ use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::pipeline::StageName;
 use fuserl_core::recipe::{LogProbPath, StageConfig};
 use fuserl_kernels::LogProbBackend;
-use fuserl_model::logprobs::hidden_logprobs;
 use fuserl_model::llama::{Inputs, Llama, LlamaModel};
+use fuserl_model::logprobs::hidden_logprobs;
 
 use crate::data::{SeqTokens, TrainExample, completion_key};
 use crate::error::{Result, TrainError};

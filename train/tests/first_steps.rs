@@ -100,14 +100,23 @@ fn first_steps_match_pytorch() {
             };
             let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
             if step == 0 {
-                assert!(close(out.loss, *want, 1e-4), "{kind} ({logprobs:?}): step-1 loss {} vs oracle {want}", out.loss);
+                assert!(
+                    close(out.loss, *want, 1e-4),
+                    "{kind} ({logprobs:?}): step-1 loss {} vs oracle {want}",
+                    out.loss
+                );
                 assert!(
                     close(out.grad_norm, want_norm, 1e-4),
                     "{kind} ({logprobs:?}): step-1 grad norm {} vs oracle {want_norm}",
                     out.grad_norm
                 );
             } else {
-                assert!(close(out.loss, *want, 2e-3), "{kind} ({logprobs:?}): step-{} loss {} vs oracle {want}", step + 1, out.loss);
+                assert!(
+                    close(out.loss, *want, 2e-3),
+                    "{kind} ({logprobs:?}): step-{} loss {} vs oracle {want}",
+                    step + 1,
+                    out.loss
+                );
             }
         }
     }

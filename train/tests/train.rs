@@ -84,7 +84,10 @@ fn dpo_starts_at_ln2_and_falls() {
     let dir = tempfile::tempdir().expect("tmp");
     let rows = train(&dir.path().join("run"), 4, 6);
     let po = losses(&rows, "po");
-    assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-6, "first DPO loss {}", po[0]);
+    // Policy = reference, up to f32 rounding: the sequence log-probs (sums near -100 to -300,
+    // where an f32 step is 1e-5 to 3e-5) come from differently padded batches for the
+    // reference cache and for training, which changes the order of additions.
+    assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-5, "first DPO loss {}", po[0]);
     let tail: f64 = po[po.len() - 4..].iter().sum::<f64>() / 4.0;
     assert!(tail < 0.6 * po[0], "DPO loss did not fall: {po:?}");
     let sft = losses(&rows, "sft");
@@ -246,4 +249,53 @@ fn export_writes_the_requested_dtype() {
             .filter(|(k, _)| *k != "__metadata__")
             .all(|(_, v)| v["dtype"] == "BF16")
     );
+}
+
+/// The quick-start recipe with a `[backend]` table.
+fn recipe_on(out: &Path, backend: &str) -> String {
+    format!("{}[backend]\n{backend}\n", recipe(out, 1, 1))
+}
+
+#[test]
+fn fused_and_naive_log_probs_train_alike() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let fused = train_text(&a.path().join("run"), &recipe_on(&a.path().join("run"), "logprobs = \"fused\""));
+    let naive = train_text(&b.path().join("run"), &recipe_on(&b.path().join("run"), "logprobs = \"naive\""));
+    for stage in ["sft", "po"] {
+        let (f, n) = (losses(&fused, stage), losses(&naive, stage));
+        assert_eq!(f.len(), n.len());
+        for (x, y) in f.iter().zip(&n) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{stage}: fused {f:?} vs naive {n:?}");
+        }
+    }
+}
+
+/// The whole run on wgpu (lavapipe in CI): the fused kernels in training, reference log-probs and
+/// export, with losses close to the CPU's (f32 on both, different summation orders).
+#[test]
+fn a_run_on_wgpu_tracks_the_cpu() {
+    use fuserl_core::recipe::Device;
+    let gpu = tempfile::tempdir().expect("tmp");
+    let out = gpu.path().join("run");
+    let text = recipe_on(&out, "device = \"wgpu\"");
+    if !fuserl_backends::is_compiled(Device::Wgpu) {
+        let registry = fuserl_plugins::registry().expect("registry");
+        let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
+        let err = run(&loaded, Which::All, &mut |_| {}).expect_err("no wgpu in this build").to_string();
+        assert!(err.contains("--features wgpu"), "{err}");
+        return;
+    }
+    let on_gpu = train_text(&out, &text);
+    let cpu = tempfile::tempdir().expect("tmp");
+    let on_cpu = train_text(&cpu.path().join("run"), &recipe_on(&cpu.path().join("run"), "device = \"cpu\""));
+    for stage in ["sft", "po"] {
+        let (g, c) = (losses(&on_gpu, stage), losses(&on_cpu, stage));
+        assert_eq!(g.len(), c.len());
+        for (x, y) in g.iter().zip(&c) {
+            assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{stage}: wgpu {g:?} vs cpu {c:?}");
+        }
+    }
+    assert!((losses(&on_gpu, "po")[0] - std::f64::consts::LN_2).abs() < 1e-5);
+    assert!(out.join("export/model.safetensors").is_file());
 }

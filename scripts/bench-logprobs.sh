@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Per-token log-probs with their backward: fuserl's fused projection + log-prob, the naive Burn
+# path and PyTorch, for T in {2048, 8192} tokens and V in {49152, 128256} (hidden size H = 576,
+# SmolLM2's), each configuration in its own process. Prints one JSON line per measurement and a
+# Markdown table at the end (docs/benchmarks.md).
+#
+#     scripts/bench-logprobs.sh [cpu|wgpu|cuda]     # default cpu
+#
+# Environment: PYTHON (default ~/.cache/fuserl-oracle/venv/bin/python; see docs/oracle.md; the
+# PyTorch column is left out when it is missing), REPS (timed repetitions, median reported;
+# default 1 on the CPU, 5 on GPUs), TS, VS, H (override the grid), FEATURES (cargo features of
+# fuserl-kernels, default wgpu,cuda; vulkan for cubecl's SPIR-V path), FUSERL_BENCH_BIN (a prebuilt
+# benchmark binary, as scripts/gpu-check.sh uses on a machine without cargo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+device="${1:-cpu}"
+python="${PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
+if [ "$device" = cpu ]; then reps="${REPS:-1}"; else reps="${REPS:-5}"; fi
+ts="${TS:-2048 8192}"
+vs="${VS:-49152 128256}"
+h="${H:-576}"
+torch_device="$device"
+[ "$device" = wgpu ] && torch_device=cuda
+
+if [ -n "${FUSERL_BENCH_BIN:-}" ]; then
+    bench=("$FUSERL_BENCH_BIN")
+else
+    # The workspace's default feature set (wgpu, cuda), so that the tests' build is reused.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
+    features="${FEATURES:-wgpu,cuda}"
+    cargo bench -p fuserl-kernels --bench logprobs --no-run --features "$features" >&2
+    bench=(cargo bench -q -p fuserl-kernels --bench logprobs --features "$features" --)
+fi
+
+results=()
+for t in $ts; do
+    for v in $vs; do
+        for method in fused naive; do
+            line=$("${bench[@]}" --method "$method" --device "$device" --t "$t" --v "$v" --h "$h" --reps "$reps" 2>/dev/null | tail -1) \
+                || line="{\"impl\": \"fuserl-$method\", \"t\": $t, \"v\": $v, \"error\": \"failed (out of memory?)\"}"
+            echo "$line"
+            results+=("$line")
+        done
+        if [ -x "$python" ]; then
+            line=$("$python" scripts/bench_logprobs_torch.py --device "$torch_device" --t "$t" --v "$v" --h "$h" --reps "$reps" 2>/dev/null | tail -1) \
+                || line="{\"impl\": \"pytorch\", \"t\": $t, \"v\": $v, \"error\": \"failed (out of memory?)\"}"
+            echo "$line"
+            results+=("$line")
+        fi
+    done
+done
+
+printf '%s\n' "${results[@]}" | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+def mib(r):
+    b = r.get("pool_bytes") if r.get("pool_bytes") is not None else r.get("peak_rss_growth_bytes")
+    return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+print()
+print("| T | V | fused | naive Burn | PyTorch | fused / naive (time, memory) |")
+print("|---|---|---|---|---|---|")
+for t in sorted({r["t"] for r in rows}):
+    for v in sorted({r["v"] for r in rows}):
+        got = {r["impl"]: r for r in rows if r["t"] == t and r["v"] == v}
+        def cell(k):
+            r = got.get(k)
+            if r is None: return "-"
+            if "error" in r: return r["error"]
+            return f"{r[\"seconds\"]:.3f} s, {mib(r)}"
+        f, n = got.get("fuserl-fused"), got.get("fuserl-naive")
+        ratio = "-"
+        if f and n and "error" not in f and "error" not in n:
+            fm = f.get("pool_bytes") or f["peak_rss_growth_bytes"]
+            nm = n.get("pool_bytes") or n["peak_rss_growth_bytes"]
+            ratio = f"{f[\"seconds\"] / n[\"seconds\"]:.2f}x, {fm / max(nm, 1):.3f}x"
+        print(f"| {t} | {v} | {cell(\"fuserl-fused\")} | {cell(\"fuserl-naive\")} | {cell(\"pytorch\")} | {ratio} |")
+'
