@@ -28,8 +28,8 @@ else
     # The workspace's default feature set (wgpu, cuda), so that the tests' build is reused.
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
     features="${FEATURES:-wgpu,cuda}"
-    cargo bench -p fuserl-kernels --bench logprobs --no-run --features "$features" >&2
-    bench=(cargo bench -q -p fuserl-kernels --bench logprobs --features "$features" --)
+    cargo bench --profile dev -p fuserl-kernels --bench logprobs --no-run --features "$features" >&2
+    bench=(cargo bench -q --profile dev -p fuserl-kernels --bench logprobs --features "$features" --)
 fi
 
 results=()

@@ -281,7 +281,7 @@ mod tests {
     impl OnBackend for DeviceName {
         type Output = String;
         fn run<B: LogProbBackend>(self, device: B::Device) -> String {
-            format!("{}", B::name(&device))
+            B::name(&device).to_string()
         }
     }
 

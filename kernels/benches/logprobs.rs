@@ -3,7 +3,7 @@
 //! autodiff). One configuration per process, so that peaks do not mix:
 //!
 //! ```text
-//! cargo bench -p fuserl-kernels --bench logprobs -- --method fused --t 2048 --v 49152 [--h 576] [--device cpu|wgpu|cuda] [--reps 3]
+//! cargo bench --profile dev -p fuserl-kernels --features wgpu,cuda --bench logprobs -- --method fused --t 2048 --v 49152 [--h 576] [--device cpu|wgpu|cuda] [--reps 3]
 //! ```
 //!
 //! prints one JSON line. `scripts/bench-logprobs.sh` runs the grid of docs/benchmarks.md,

@@ -61,8 +61,10 @@ impl Chunks {
     }
 }
 
-/// The default bound on one chunk: 16 Mi elements (64 MiB of f32).
-pub const DEFAULT_MAX_CHUNK_ELEMS: usize = 1 << 24;
+/// The default bound on one chunk: 4 Mi elements (16 MiB of f32), large enough for efficient
+/// matmuls (2048 vocabulary entries for 2048 tokens), small enough that the chunk and its few
+/// temporaries stay far below the logits they replace.
+pub const DEFAULT_MAX_CHUNK_ELEMS: usize = 1 << 22;
 
 /// A backend that can compute per-token log-probs. Every method but the two entry points has
 /// a provided reference implementation in plain Burn ops; cubecl backends override them with
@@ -258,5 +260,6 @@ mod tests {
         }
         assert_eq!(Chunks::plan(7, 100, 1 << 20), Chunks { rows: 7, vocab: 100 });
         assert_eq!(Chunks::plan(8192, 128_256, 1 << 24).vocab, 2048);
+        assert_eq!(Chunks::plan(2048, 49_152, DEFAULT_MAX_CHUNK_ELEMS), Chunks { rows: 2048, vocab: 2048 });
     }
 }

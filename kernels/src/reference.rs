@@ -4,7 +4,7 @@
 //! has the same memory bound.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{BasicOps, DType, Int, Tensor};
+use burn::tensor::{BasicOps, DType, IndexingUpdateOp, Int, Tensor};
 
 use crate::{Chunks, Want};
 
@@ -117,13 +117,15 @@ impl<B: Backend> RowOps<B> for Plain {
         offset: usize,
     ) -> Tensor<B, 2> {
         let c = logits.dims()[1];
-        let device = logits.device();
         let rows = stats.dims()[1];
         let col = |i| stats.clone().narrow(0, i, 1).reshape([rows, 1]);
         let p = (logits - col(0) - col(1)).exp();
-        let cols = Tensor::<B, 1, Int>::arange(offset as i64..(offset + c) as i64, &device).unsqueeze_dim(0);
-        let onehot = cols.equal(targets.clone().unsqueeze_dim(1)).float().cast(DType::F32);
-        (onehot - p) * g.clone().unsqueeze_dim(1)
+        // `-g p` everywhere, plus `g` at the target when it falls in this chunk.
+        let local = targets.clone().sub_scalar(offset as i64);
+        let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(c as i64));
+        let hit = g.clone().mask_fill(outside, 0.0).unsqueeze_dim(1);
+        let index = local.clamp(0, c as i64 - 1).unsqueeze_dim(1);
+        (p * g.clone().neg().unsqueeze_dim(1)).scatter(1, index, hit, IndexingUpdateOp::Add)
     }
 }
 
@@ -208,7 +210,7 @@ pub fn linear_bwd<B: Backend>(
             if let Some(acc) = dw.take() {
                 let part = gl.transpose().matmul(h.clone()).cast(DType::F32);
                 let rows = acc.clone().narrow(0, c0, c1 - c0) + part;
-                dw = Some(acc.slice_assign([c0..c1], rows));
+                dw = Some(acc.slice_assign(c0..c1, rows));
             }
         }
         dh_parts.extend(dh);

@@ -79,7 +79,7 @@ fn close(what: &str, got: &[f32], want: &[f64], abs: f64, rel: f64) {
 }
 
 fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
+    t.into_data().convert::<f32>().to_vec().expect("f32 data")
 }
 
 fn int_tensor<B: Backend>(t: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
@@ -102,7 +102,7 @@ fn check_token<B: AutodiffBackend + LogProbBackend>(device: &B::Device, n: usize
     let what = format!("token n={n} v={v} scale={scale}");
     let got = data(logp);
     close(&format!("{what} logp"), &got, &want_lp, 2e-5 + 2e-9 * v as f64, 1e-6);
-    close(&format!("{what} grad"), &data(logits.grad(&grads).unwrap()), &want_grad, 2e-5, 1e-5);
+    close(&format!("{what} grad"), &data(logits.grad(&grads).expect("gradient")), &want_grad, 2e-5, 1e-5);
     assert!(t.iter().zip(&got).all(|(t, lp)| *t >= 0 || *lp == 0.0), "{what}: padding must give exactly 0");
 }
 
@@ -138,8 +138,8 @@ fn check_linear<B: AutodiffBackend + LogProbBackend>(
     }
     let what = format!("linear n={n} v={v} h={h} {chunks:?} scale={scale}");
     close(&format!("{what} logp"), &data(logp), &want_lp, 2e-5 + 2e-9 * v as f64, 1e-6);
-    close(&format!("{what} d hidden"), &data(hidden.grad(&grads).unwrap()), &want_dh, 2e-5, 1e-5);
-    close(&format!("{what} d weight"), &data(weight.grad(&grads).unwrap()), &want_dw, 2e-5, 1e-5);
+    close(&format!("{what} d hidden"), &data(hidden.grad(&grads).expect("gradient")), &want_dh, 2e-5, 1e-5);
+    close(&format!("{what} d weight"), &data(weight.grad(&grads).expect("gradient")), &want_dw, 2e-5, 1e-5);
 }
 
 /// Central finite differences of `sum c_n logp_n` against the analytic gradient.
@@ -166,7 +166,7 @@ where
     let weight = tensor::<B, 2>(&w, [v, h], device).require_grad();
     let logp = linear_logprobs_chunked(hidden.clone(), weight.clone(), int_tensor::<B>(&t, device), chunks);
     let grads = (logp * tensor::<B, 1>(&c, [n], device)).sum().backward();
-    let (dh, dw) = (data(hidden.grad(&grads).unwrap()), data(weight.grad(&grads).unwrap()));
+    let (dh, dw) = (data(hidden.grad(&grads).expect("gradient")), data(weight.grad(&grads).expect("gradient")));
     let eps = 1e-2f32;
     for i in 0..n * h {
         let (mut up, mut down) = (hid.clone(), hid.clone());
