@@ -50,28 +50,4 @@ for t in $ts; do
     done
 done
 
-printf '%s\n' "${results[@]}" | python3 -c '
-import json, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
-def mib(r):
-    b = r.get("pool_bytes") if r.get("pool_bytes") is not None else r.get("peak_rss_growth_bytes")
-    return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
-print()
-print("| T | V | fused | naive Burn | PyTorch | fused / naive (time, memory) |")
-print("|---|---|---|---|---|---|")
-for t in sorted({r["t"] for r in rows}):
-    for v in sorted({r["v"] for r in rows}):
-        got = {r["impl"]: r for r in rows if r["t"] == t and r["v"] == v}
-        def cell(k):
-            r = got.get(k)
-            if r is None: return "-"
-            if "error" in r: return r["error"]
-            return f"{r[\"seconds\"]:.3f} s, {mib(r)}"
-        f, n = got.get("fuserl-fused"), got.get("fuserl-naive")
-        ratio = "-"
-        if f and n and "error" not in f and "error" not in n:
-            fm = f.get("pool_bytes") or f["peak_rss_growth_bytes"]
-            nm = n.get("pool_bytes") or n["peak_rss_growth_bytes"]
-            ratio = f"{f[\"seconds\"] / n[\"seconds\"]:.2f}x, {fm / max(nm, 1):.3f}x"
-        print(f"| {t} | {v} | {cell(\"fuserl-fused\")} | {cell(\"fuserl-naive\")} | {cell(\"pytorch\")} | {ratio} |")
-'
+printf '%s\n' "${results[@]}" | python3 scripts/bench_table.py

@@ -182,7 +182,10 @@ pub fn linear_fwd<B: Backend>(
     (Tensor::cat(logps, 0), Tensor::cat(lses, 1))
 }
 
-/// Backward of the fused projection + log-prob.
+/// Backward of the fused projection + log-prob. Vocabulary chunks outside, token chunks
+/// inside: each chunk of the weight's gradient is finished before the next begins (and the
+/// chunks are joined once at the end), each token chunk's hidden-state gradient accumulates over
+/// the vocabulary.
 pub fn linear_bwd<B: Backend>(
     ops: &impl RowOps<B>,
     (hidden, weight, targets): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>),
@@ -191,30 +194,38 @@ pub fn linear_bwd<B: Backend>(
     chunks: Chunks,
     want: Want,
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
-    let ([n, h_size], v) = (hidden.dims(), weight.dims()[0]);
-    let device = hidden.device();
+    let (n, v) = (hidden.dims()[0], weight.dims()[0]);
     let g = masked_grad(grad, &targets);
-    let mut dw = want.weight.then(|| Tensor::<B, 2>::zeros([v, h_size], (&device, DType::F32)));
-    let mut dh_parts = Vec::new();
-    for (r0, r1) in row_ranges(n, chunks.rows) {
-        let h = rows_of(hidden.clone(), r0, r1);
-        let (t, l, gr) =
-            (rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1));
-        let mut dh = want.hidden.then(|| Tensor::<B, 2>::zeros([r1 - r0, h_size], (&device, DType::F32)));
-        for (c0, c1) in row_ranges(v, chunks.vocab) {
-            let gl = ops.grad(chunk_logits(&h, &weight, c0, c1), &t, &l, &gr, c0).cast(hidden.dtype());
-            if let Some(acc) = dh.take() {
-                let w = weight.clone().narrow(0, c0, c1 - c0);
-                dh = Some(acc + gl.clone().matmul(w).cast(DType::F32));
+    let rows: Vec<_> = row_ranges(n, chunks.rows)
+        .map(|(r0, r1)| {
+            let h = rows_of(hidden.clone(), r0, r1);
+            (h, rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1))
+        })
+        .collect();
+    let mut dh: Vec<Option<Tensor<B, 2>>> = vec![None; rows.len()];
+    let mut dw = Vec::new();
+    for (c0, c1) in row_ranges(v, chunks.vocab) {
+        let w = weight.clone().narrow(0, c0, c1 - c0);
+        let mut dw_c: Option<Tensor<B, 2>> = None;
+        for ((h, t, st, gr), dh_r) in rows.iter().zip(dh.iter_mut()) {
+            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), t, st, gr, c0).cast(hidden.dtype());
+            if want.hidden {
+                let part = gl.clone().matmul(w.clone()).cast(DType::F32);
+                *dh_r = Some(match dh_r.take() {
+                    Some(acc) => acc + part,
+                    None => part,
+                });
             }
-            if let Some(acc) = dw.take() {
+            if want.weight {
                 let part = gl.transpose().matmul(h.clone()).cast(DType::F32);
-                let rows = acc.clone().narrow(0, c0, c1 - c0) + part;
-                dw = Some(acc.slice_assign(c0..c1, rows));
+                dw_c = Some(match dw_c {
+                    Some(acc) => acc + part,
+                    None => part,
+                });
             }
         }
-        dh_parts.extend(dh);
+        dw.extend(dw_c.map(|d| d.cast(weight.dtype())));
     }
-    let dh = want.hidden.then(|| Tensor::cat(dh_parts, 0).cast(hidden.dtype()));
-    (dh, dw.map(|d| d.cast(weight.dtype())))
+    let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
+    (dh, want.weight.then(|| Tensor::cat(dw, 0)))
 }

@@ -8,7 +8,8 @@
 //!     cargo bench --profile dev -p fuserl-train --bench dpo_step [-- naive]
 //!
 //! `naive` computes the log-probs through full logits (`[backend] logprobs = "naive"`); the
-//! default is the fused projection + log-prob.
+//! default is the fused projection + log-prob. `checkpointing` recomputes activations in backward
+//! (`gradient_checkpointing = true`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,11 +34,19 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "checkpointing") {
+        bench::<fuserl_train::trainer::CheckpointedBackend>("gradient checkpointing");
+    } else {
+        bench::<TrainBackend>("no checkpointing");
+    }
+}
+
+fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(mode: &str) {
     let models = std::env::var_os("FUSERL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32)
+    let mut model = load::<B>(&dir, &Default::default(), DType::F32)
         .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
     let mut state: u64 = 2024;
     let mut ids = |n: usize| -> Vec<u32> {
@@ -97,7 +106,7 @@ fn main() {
     let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "fuserl (burn flex autodiff, f32, {:?} log-probs): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
+        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
         logprobs,
         secs,
         out.loss,
