@@ -105,6 +105,13 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         return Err(bad_input("--batch-size must be at least 1".into()));
     }
+    // The model's configuration first, so that a wrong folder is reported as such.
+    if !args.model.join("config.json").is_file() {
+        return Err(model_error(fuserl_model::ModelError::format(
+            &args.model,
+            "not a Hugging Face checkpoint folder: it has no config.json",
+        )));
+    }
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
     let file = std::fs::File::open(&args.data).map_err(|e| fuserl_core::Error::io(&args.data, e))?;
     let mut records = Vec::new();
@@ -219,8 +226,8 @@ impl OnBackend for Generate<'_> {
 
     fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
         let args = self.0;
-        let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())]).map_err(model_error)?;
         let cfg = GenerateConfig {
