@@ -217,7 +217,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
     fn grad(
         &self,
         logits: Tensor<Cube<R, F, I, BT>, 2>,
-        targets: &Tensor<Cube<R, F, I, BT>, 1, Int>,
+        targets: Option<&Tensor<Cube<R, F, I, BT>, 1, Int>>,
         stats: &Tensor<Cube<R, F, I, BT>, 2>,
         g: &Tensor<Cube<R, F, I, BT>, 1>,
         offset: usize,
@@ -225,7 +225,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
         let rows = logits.dims()[0];
         let x = raw(logits.cast(DType::F32));
         let (count, dim) = launch_shape(&x, rows);
-        let (client, t, l, g) = (x.client.clone(), raw_i32(targets), raw(stats.clone()), raw(g.clone()));
+        // Without targets, the kernel gets target -1 (in no column) on every row: no one-hot term.
+        let (t, offset) = match targets {
+            Some(t) => (raw_i32(t), offset as i32),
+            None => (raw_i32(&Tensor::<Cube<R, F, I, BT>, 1, Int>::full([rows], -1, &x.device)), 0),
+        };
+        let (client, l, g) = (x.client.clone(), raw(stats.clone()), raw(g.clone()));
         if x.can_mut() {
             let out = x.clone();
             logit_grad_in_place::launch::<R>(
@@ -236,7 +241,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
                 t.into_tensor_arg(),
                 l.into_tensor_arg(),
                 g.into_tensor_arg(),
-                offset as i32,
+                offset,
             );
             float(out)
         } else {
@@ -250,7 +255,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
                 l.into_tensor_arg(),
                 g.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
-                offset as i32,
+                offset,
             );
             float(out)
         }

@@ -82,11 +82,12 @@ pub trait RowOps<B: Backend> {
     ) -> LseState<B>;
 
     /// `g * (onehot(t - offset) - exp(logits - max - log_sum))`, in f32 (`g` already zero on
-    /// padding; `stats` as from [`LseState::finish`]).
+    /// padding; `stats` as from [`LseState::finish`]). Without `targets`, only
+    /// `-g * exp(...)`: the caller adds the one-hot term itself.
     fn grad(
         &self,
         logits: Tensor<B, 2>,
-        targets: &Tensor<B, 1, Int>,
+        targets: Option<&Tensor<B, 1, Int>>,
         stats: &Tensor<B, 2>,
         g: &Tensor<B, 1>,
         offset: usize,
@@ -111,7 +112,7 @@ impl<B: Backend> RowOps<B> for Plain {
     fn grad(
         &self,
         logits: Tensor<B, 2>,
-        targets: &Tensor<B, 1, Int>,
+        targets: Option<&Tensor<B, 1, Int>>,
         stats: &Tensor<B, 2>,
         g: &Tensor<B, 1>,
         offset: usize,
@@ -119,13 +120,14 @@ impl<B: Backend> RowOps<B> for Plain {
         let c = logits.dims()[1];
         let rows = stats.dims()[1];
         let col = |i| stats.clone().narrow(0, i, 1).reshape([rows, 1]);
-        let p = (logits - col(0) - col(1)).exp();
-        // `-g p` everywhere, plus `g` at the target when it falls in this chunk.
+        let minus_gp = (logits - col(0) - col(1)).exp() * g.clone().neg().unsqueeze_dim(1);
+        let Some(targets) = targets else { return minus_gp };
+        // Plus `g` at the target when it falls in this chunk.
         let local = targets.clone().sub_scalar(offset as i64);
         let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(c as i64));
         let hit = g.clone().mask_fill(outside, 0.0).unsqueeze_dim(1);
         let index = local.clamp(0, c as i64 - 1).unsqueeze_dim(1);
-        (p * g.clone().neg().unsqueeze_dim(1)).scatter(1, index, hit, IndexingUpdateOp::Add)
+        minus_gp.scatter(1, index, hit, IndexingUpdateOp::Add)
     }
 }
 
@@ -149,7 +151,7 @@ pub fn token_bwd<B: Backend>(
 ) -> Tensor<B, 2> {
     let dtype = logits.dtype();
     let g = masked_grad(grad, &targets);
-    ops.grad(logits.cast(DType::F32), &targets, &stats, &g, 0).cast(dtype)
+    ops.grad(logits.cast(DType::F32), Some(&targets), &stats, &g, 0).cast(dtype)
 }
 
 /// The f32 logits of rows `h` against vocabulary entries `c0..c1` of `weight`.
@@ -185,7 +187,9 @@ pub fn linear_fwd<B: Backend>(
 /// Backward of the fused projection + log-prob. Vocabulary chunks outside, token chunks
 /// inside: each chunk of the weight's gradient is finished before the next begins (and the
 /// chunks are joined once at the end), each token chunk's hidden-state gradient accumulates over
-/// the vocabulary.
+/// the vocabulary. The chunks carry `-g * softmax`; the one-hot term `g` at each target is added
+/// once at the end, as `g_n * weight[t_n]` to the hidden states' gradient and `g_n * hidden_n`
+/// to row `t_n` of the weight's.
 pub fn linear_bwd<B: Backend>(
     ops: &impl RowOps<B>,
     (hidden, weight, targets): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>),
@@ -199,7 +203,7 @@ pub fn linear_bwd<B: Backend>(
     let rows: Vec<_> = row_ranges(n, chunks.rows)
         .map(|(r0, r1)| {
             let h = rows_of(hidden.clone(), r0, r1);
-            (h, rows_of(targets.clone(), r0, r1), stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1))
+            (h, stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1))
         })
         .collect();
     let mut dh: Vec<Option<Tensor<B, 2>>> = vec![None; rows.len()];
@@ -207,8 +211,8 @@ pub fn linear_bwd<B: Backend>(
     for (c0, c1) in row_ranges(v, chunks.vocab) {
         let w = weight.clone().narrow(0, c0, c1 - c0);
         let mut dw_c: Option<Tensor<B, 2>> = None;
-        for ((h, t, st, gr), dh_r) in rows.iter().zip(dh.iter_mut()) {
-            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), t, st, gr, c0).cast(hidden.dtype());
+        for ((h, st, gr), dh_r) in rows.iter().zip(dh.iter_mut()) {
+            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), None, st, gr, c0).cast(hidden.dtype());
             if want.hidden {
                 let part = gl.clone().matmul(w.clone()).cast(DType::F32);
                 *dh_r = Some(match dh_r.take() {
@@ -224,8 +228,18 @@ pub fn linear_bwd<B: Backend>(
                 });
             }
         }
-        dw.extend(dw_c.map(|d| d.cast(weight.dtype())));
+        dw.extend(dw_c);
     }
-    let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
-    (dh, want.weight.then(|| Tensor::cat(dw, 0)))
+    // The one-hot term (`g` is zero on padding, whose index is clamped to 0).
+    let index = targets.clamp_min(0);
+    let g_col = g.unsqueeze_dim(1);
+    let dh = want.hidden.then(|| {
+        let picked = weight.clone().select(0, index.clone()).cast(DType::F32) * g_col.clone();
+        (Tensor::cat(dh.into_iter().flatten().collect(), 0) + picked).cast(hidden.dtype())
+    });
+    let dw = want.weight.then(|| {
+        let rows = hidden.clone().cast(DType::F32) * g_col;
+        Tensor::cat(dw, 0).cast(DType::F32).select_assign(0, index, rows, IndexingUpdateOp::Add).cast(weight.dtype())
+    });
+    (dh, dw)
 }
