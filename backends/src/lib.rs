@@ -163,7 +163,7 @@ pub trait OnBackend {
 /// after checking that this build has it and that it can do `dtype`.
 pub fn on_backend<O: OnBackend>(device: Device, index: u32, dtype: DType, code: O) -> Result<O::Output, BackendError> {
     check(device, dtype)?;
-    let _ = index;
+    let _ = index; // unused in a build with no GPU feature
     match device {
         #[cfg(feature = "wgpu")]
         Device::Wgpu => start::<burn::backend::Wgpu, O>(device, code, || {

@@ -5,7 +5,8 @@
 //! - `lse_update`: folds one chunk of f32 logits `[R, C]` into a running (max, sum of exps) per
 //!   row, with a shared-memory tree reduction, and picks the target's logit when it falls in the
 //!   chunk;
-//! - `logit_grad` (and its in-place twin): `g * (onehot(t) - exp(x - max - log_sum))`.
+//! - `logit_grad` (and its in-place twin): `g * (onehot(t) - exp(x - max - log_sum))`, or only
+//!   `-g * exp(...)` when every target is -1 (the fused backward adds the one-hot term once).
 //!
 //! The projection's matmuls are Burn's (cubecl's tuned matmul); the chunking is the same as the
 //! reference's, so no buffer exceeds `max_chunk_elems`, which is kept under the device's largest
