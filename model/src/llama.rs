@@ -274,6 +274,16 @@ impl Inputs {
 /// Per-layer caches.
 pub type KvCache<B> = Vec<LayerCache<B>>;
 
+/// The rotary tables and attention mask that every layer of one forward pass uses
+/// ([`LlamaModel::layer_context`]).
+#[derive(Debug, Clone)]
+pub struct LayerContext<B: Backend> {
+    /// Rotary tables of the batch's positions.
+    pub rope: Rope<B>,
+    /// `[batch, 1, seq, past + seq]`, true where a query may not attend.
+    pub masked: Tensor<B, 4, Bool>,
+}
+
 /// A loaded model: configuration and weights.
 #[derive(Debug)]
 pub struct LlamaModel<B: Backend> {
@@ -303,20 +313,29 @@ impl<B: Backend> LlamaModel<B> {
             .collect()
     }
 
-    /// The final hidden states (after the last norm).
+    /// The token embeddings of a batch, the decoder's input.
     ///
     /// # Shapes
-    /// `inputs: [batch, seq]` -> `[batch, seq, hidden]`; with a cache holding `past` positions,
-    /// the keys are `past + seq` long and `valid` must cover them all.
-    pub fn hidden(&self, inputs: &Inputs, key_valid: &[Vec<bool>], mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    /// `inputs: [batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, inputs: &Inputs) -> Tensor<B, 3> {
+        let b = inputs.ids.len();
+        let t = inputs.ids.first().map_or(0, Vec::len);
+        let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device());
+        self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size])
+    }
+
+    /// What every decoder layer of one forward pass shares: the rotary tables and the
+    /// attention mask (causal, padding, sliding window).
+    ///
+    /// # Shapes
+    /// `inputs: [batch, seq]`; `key_valid: [batch, past + seq]`
+    pub fn layer_context(&self, inputs: &Inputs, key_valid: &[Vec<bool>]) -> LayerContext<B> {
         let device = self.device();
         let b = inputs.ids.len();
         let t = inputs.ids.first().map_or(0, Vec::len);
         let tk = key_valid.first().map_or(0, Vec::len);
         let past = tk - t;
-        let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &device);
-        let mut x = self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size]);
         let rope = Rope::new(&self.config, &inputs.positions, &device, self.dtype);
         let window = self.config.sliding_window;
         let mut masked = Vec::with_capacity(b * t * tk);
@@ -330,9 +349,20 @@ impl<B: Backend> LlamaModel<B> {
             }
         }
         let masked = Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [b, 1, t, tk]), &device);
+        LayerContext { rope, masked }
+    }
+
+    /// The final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// `inputs: [batch, seq]` -> `[batch, seq, hidden]`; with a cache holding `past` positions,
+    /// the keys are `past + seq` long and `valid` must cover them all.
+    pub fn hidden(&self, inputs: &Inputs, key_valid: &[Vec<bool>], mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let context = self.layer_context(inputs, key_valid);
+        let mut x = self.embed(inputs);
         for (l, layer) in self.weights.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c[l]);
-            x = layer.forward(x, &rope, &masked, layer_cache);
+            x = layer.forward(x, &context.rope, &context.masked, layer_cache);
         }
         self.weights.norm.forward(x)
     }

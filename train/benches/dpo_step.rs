@@ -9,7 +9,7 @@
 //!
 //! `naive` computes the log-probs through full logits (`[backend] logprobs = "naive"`); the
 //! default is the fused projection + log-prob. `checkpointing` recomputes activations in backward
-//! (`gradient_checkpointing = true`).
+//! (`gradient_checkpointing = true`: by decoder layer).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,19 +34,15 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "checkpointing") {
-        bench::<fuserl_train::trainer::CheckpointedBackend>("gradient checkpointing");
-    } else {
-        bench::<TrainBackend>("no checkpointing");
-    }
+    bench::<TrainBackend>();
 }
 
-fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(mode: &str) {
+fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>() {
     let models = std::env::var_os("FUSERL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let mut model = load::<B>(&dir, &Default::default(), DType::F32)
+    let model = load::<B>(&dir, &Default::default(), DType::F32)
         .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
     let mut state: u64 = 2024;
     let mut ids = |n: usize| -> Vec<u32> {
@@ -90,6 +86,8 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
     let mut config: fuserl_core::recipe::StageConfig =
         fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     config.batch_size = 2;
+    config.gradient_checkpointing = std::env::args().any(|a| a == "checkpointing");
+    let mode = if config.gradient_checkpointing { "gradient checkpointing" } else { "no checkpointing" };
     let mut optim = new_optimizer(&config);
     let picked: Vec<&TrainExample> = examples.iter().collect();
     let logprobs = if std::env::args().any(|a| a == "naive") { LogProbPath::Naive } else { LogProbPath::Fused };
@@ -101,9 +99,9 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
         lr: 1e-6,
         logprobs,
     };
-    optimizer_step(&mut model, &mut optim, &picked, settings).expect("warm-up step");
+    let (model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
     let start = Instant::now();
-    let out = optimizer_step(&mut model, &mut optim, &picked, settings).expect("step");
+    let (_model, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
     let secs = start.elapsed().as_secs_f64();
     println!(
         "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",

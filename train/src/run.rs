@@ -31,12 +31,10 @@ use crate::data::tokenize;
 use crate::error::{Result, TrainError};
 use crate::trainer::{Progress, Stage, inference_model, reference_logps, train_stage, write_atomic};
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use fuserl_backends::{LogProbBackend, OnBackend};
 
 /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
-/// `out`: with activations recomputed in backward when the stage asks for gradient
-/// checkpointing.
+/// `out` (gradient checkpointing, when the stage asks for it, is the trainer's: by layer).
 fn train_and_save<B: LogProbBackend>(
     start: &Path,
     stage: Stage<'_>,
@@ -45,13 +43,8 @@ fn train_and_save<B: LogProbBackend>(
     side_files: &Path,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<()> {
-    if stage.config.gradient_checkpointing {
-        let model = train_stage(load::<Autodiff<B, BalancedCheckpointing>>(start, device, dt)?, stage, progress)?;
-        save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
-    } else {
-        let model = train_stage(load::<Autodiff<B>>(start, device, dt)?, stage, progress)?;
-        save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
-    }
+    let model = train_stage(load::<Autodiff<B>>(start, device, dt)?, stage, progress)?;
+    save(&inference_model(&model), out, 2 << 30, Some(side_files))?;
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::pipeline::StageName;
@@ -22,15 +22,33 @@ use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{Inputs, Llama, LlamaModel};
 use fuserl_model::logprobs::hidden_logprobs;
 
+use crate::checkpointing::layerwise_backward;
 use crate::data::{SeqTokens, TrainExample, completion_key};
 use crate::error::{Result, TrainError};
 use crate::schedule::learning_rate;
 
 /// The CPU training backend.
 pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
-/// The CPU training backend with gradient checkpointing (activations recomputed in backward).
-pub type CheckpointedBackend =
-    burn::backend::Autodiff<burn::backend::Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+/// One right-padded batch of whole sequences (prompt then response).
+pub(crate) fn padded_batch(seqs: &[SeqTokens]) -> Inputs {
+    let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
+    Inputs::right_padded(&full, 0)
+}
+
+/// What each position of a padded batch predicts: position `j` predicts token `j + 1`, and
+/// counts when that token is part of the response (other positions get target -1: not scored).
+///
+/// # Shapes
+/// `inputs: [S, T]` -> `[S, T - 1]`
+pub(crate) fn score_targets<B: Backend>(seqs: &[SeqTokens], inputs: &Inputs, device: &B::Device) -> Tensor<B, 2, Int> {
+    let (s, t) = (seqs.len(), inputs.ids[0].len());
+    let mut targets = Vec::with_capacity(s * (t - 1));
+    for (seq, ids) in seqs.iter().zip(&inputs.ids) {
+        let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
+        targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
+    }
+    Tensor::from_data(TensorData::new(targets, [s, t - 1]), device)
+}
 
 /// Log-prob of each sequence (sum over response tokens), differentiable, and the token counts.
 ///
@@ -41,19 +59,10 @@ pub fn sequence_logps<B: LogProbBackend>(
     seqs: &[SeqTokens],
     path: LogProbPath,
 ) -> (Tensor<B, 1>, Vec<f64>) {
-    let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
-    let inputs = Inputs::right_padded(&full, 0);
-    let (s, t) = (full.len(), inputs.ids[0].len());
-    let device = model.device();
+    let inputs = padded_batch(seqs);
+    let (s, t) = (seqs.len(), inputs.ids[0].len());
     let hidden = model.hidden(&inputs, &inputs.valid, None);
-    // Position j predicts token j + 1; it counts when that token is part of the response
-    // (other positions get target -1: not scored).
-    let mut targets = Vec::with_capacity(s * (t - 1));
-    for (seq, ids) in seqs.iter().zip(&inputs.ids) {
-        let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
-        targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
-    }
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [s, t - 1]), &device);
+    let targets = score_targets(seqs, &inputs, &model.device());
     let picked = hidden_logprobs(model, hidden.narrow(1, 0, t - 1), targets, path);
     let logps = picked.sum_dim(1).reshape([s]);
     (logps, seqs.iter().map(|q| q.response.len() as f64).collect())
@@ -300,13 +309,14 @@ pub fn new_optimizer<B: AutodiffBackend>(c: &StageConfig) -> Optim<B> {
 }
 
 /// One optimiser step over `picked` (already in micro-batch order): micro-batches of
-/// `batch_size`, gradients accumulated, clipped by global norm, AdamW.
+/// `batch_size`, gradients accumulated, clipped by global norm, AdamW. Takes the model and gives
+/// back the updated one, so that no second copy of the weights is alive while AdamW writes them.
 pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
-    model: &mut LlamaModel<B>,
+    model: LlamaModel<B>,
     optim: &mut Optim<B>,
     picked: &[&TrainExample],
     s: StepSettings<'_>,
-) -> Result<StepOutput> {
+) -> Result<(LlamaModel<B>, StepOutput)> {
     let device = model.device();
     let c = s.config;
     // The step's loss is the weighted mean over its examples, sum_e w_e loss_e / sum_e w_e: with
@@ -340,30 +350,38 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
             weights.push(e.example.weight);
         }
         tokens += seqs.iter().map(|q| q.prompt.len() + q.response.len()).sum::<usize>();
-        let (logps, counts) = sequence_logps(model, &seqs, s.logprobs);
-        let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
-        let out = s.objective.loss(&ObjectiveBatch {
-            example_offsets: &offsets,
-            example_weights: &weights,
-            policy_logps: &host,
-            reference_logps: s.reference.map(|_| refs.as_slice()),
-            token_counts: &counts,
-            rewards: &rewards,
-            normalizer,
-            progress: s.progress,
-        })?;
-        loss += out.loss;
-        for (name, value) in out.metrics {
-            match metric_sums.iter_mut().find(|(n, _)| *n == name) {
-                Some(m) => m.1 += value * micro.len() as f64,
-                None => metric_sums.push((name, value * micro.len() as f64)),
+        let counts: Vec<f64> = seqs.iter().map(|q| q.response.len() as f64).collect();
+        // The objective's loss and dL/dlogp for the micro-batch's log-probs.
+        let mut coefficients = |host: &[f64]| -> Result<Vec<f32>> {
+            let out = s.objective.loss(&ObjectiveBatch {
+                example_offsets: &offsets,
+                example_weights: &weights,
+                policy_logps: host,
+                reference_logps: s.reference.map(|_| refs.as_slice()),
+                token_counts: &counts,
+                rewards: &rewards,
+                normalizer,
+                progress: s.progress,
+            })?;
+            loss += out.loss;
+            for (name, value) in out.metrics {
+                match metric_sums.iter_mut().find(|(n, _)| *n == name) {
+                    Some(m) => m.1 += value * micro.len() as f64,
+                    None => metric_sums.push((name, value * micro.len() as f64)),
+                }
             }
+            Ok(out.grad.iter().map(|g| *g as f32).collect())
+        };
+        if c.gradient_checkpointing {
+            layerwise_backward(&model, &seqs, s.logprobs, &mut accumulator, coefficients)?;
+        } else {
+            let (logps, _) = sequence_logps(&model, &seqs, s.logprobs);
+            let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
+            let coef = coefficients(&host)?;
+            let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
+            let grads = GradientsParams::from_grads((logps * coef).sum().backward(), &model.weights);
+            accumulator.accumulate(&model.weights, grads);
         }
-        let coef: Vec<f32> = out.grad.iter().map(|g| *g as f32).collect();
-        let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
-        let surrogate = (logps * coef).sum();
-        let grads = GradientsParams::from_grads(surrogate.backward(), &model.weights);
-        accumulator.accumulate(&model.weights, grads);
     }
     let mut grads = accumulator.grads();
     let mut norm = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: None };
@@ -373,11 +391,11 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
         let mut clip = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: Some(c.max_grad_norm / (grad_norm + 1e-6)) };
         model.weights.visit(&mut clip);
     }
-    let current = model.weights.clone();
-    let weights = std::mem::replace(&mut model.weights, current);
-    model.weights = optim.step(s.lr, weights, grads);
+    let LlamaModel { config, weights, dtype } = model;
+    let model = LlamaModel { config, weights: optim.step(s.lr, weights, grads), dtype };
     let n = picked.len().max(1) as f64;
-    Ok(StepOutput { loss, grad_norm, tokens, metrics: metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect() })
+    let metrics = metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect();
+    Ok((model, StepOutput { loss, grad_norm, tokens, metrics }))
 }
 
 /// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
@@ -435,8 +453,9 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         picked.sort_by_key(|e| e.len());
         let progress_frac = if total > 1 { step as f64 / (total - 1) as f64 } else { 1.0 };
         let lr = learning_rate(c.schedule, lr_peak, step, warmup, total);
-        let out = optimizer_step(
-            &mut model,
+        let out;
+        (model, out) = optimizer_step(
+            model,
             &mut optim,
             &picked,
             StepSettings {

@@ -1,0 +1,81 @@
+//! Gradient checkpointing by decoder layer (`gradient_checkpointing = true`), what Hugging Face's
+//! `gradient_checkpointing_enable()` does for a Llama: the forward pass runs without an autodiff
+//! graph and keeps only each decoder layer's input; the backward pass walks the layers from the
+//! last, re-runs one layer at a time under autodiff from its saved input, and back-propagates the
+//! gradient that reached the layer's output. Activation memory is one layer's graph plus the
+//! `layers + 1` hidden states, instead of every layer's graph; the price is a second forward pass
+//! of the decoder.
+//!
+//! The gradients are those of the whole graph: each layer sees the same inputs and the same
+//! incoming gradient (floating-point sums may associate differently, e.g. the two contributions
+//! to tied embeddings).
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor, TensorData};
+use fuserl_core::recipe::LogProbPath;
+use fuserl_kernels::LogProbBackend;
+use fuserl_model::llama::{Inputs, Llama, LlamaModel};
+use fuserl_model::logprobs::hidden_logprobs;
+
+use crate::data::SeqTokens;
+use crate::error::{Result, TrainError};
+use crate::trainer::{padded_batch, score_targets};
+
+/// Back-propagate `sum_i coef_i * logp_i` for one micro-batch, recomputing each decoder layer in
+/// the backward pass, and add the parameters' gradients to `accumulator`. `coefficients` gets the
+/// sequences' log-probs (sum over response tokens) and returns `coef` (`dL/dlogp`).
+pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
+    model: &LlamaModel<B>,
+    seqs: &[SeqTokens],
+    path: LogProbPath,
+    accumulator: &mut GradientsAccumulator<Llama<B>>,
+    coefficients: impl FnOnce(&[f64]) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let inputs: Inputs = padded_batch(seqs);
+    let (s, t) = (seqs.len(), inputs.ids[0].len());
+    let device = model.device();
+
+    // Forward without a graph, keeping each layer's input.
+    let plain = LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype };
+    let context = plain.layer_context(&inputs, &inputs.valid);
+    let mut saved = Vec::with_capacity(plain.weights.layers.len());
+    let mut x = plain.embed(&inputs);
+    for layer in &plain.weights.layers {
+        saved.push(x.clone());
+        x = layer.forward(x, &context.rope, &context.masked, None);
+    }
+    drop(context);
+
+    // The head (final norm, log-probs) under autodiff from the last hidden state.
+    let last = Tensor::<B, 3>::from_inner(x).require_grad();
+    let hidden = model.weights.norm.forward(last.clone());
+    let targets = score_targets(seqs, &inputs, &device);
+    let logps = hidden_logprobs(model, hidden.narrow(1, 0, t - 1), targets, path).sum_dim(1).reshape([s]);
+    let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
+    let coef = coefficients(&host)?;
+    let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [s]), (&device, DType::F32));
+    let mut grads = (logps * coef).sum().backward();
+    let mut upstream = last.grad_remove(&mut grads).ok_or_else(|| missing("the last hidden state"))?;
+    accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
+
+    // The layers, last to first, each re-run from its input.
+    let context = model.layer_context(&inputs, &inputs.valid);
+    for (layer, input) in model.weights.layers.iter().zip(saved.drain(..)).rev() {
+        let x = Tensor::<B, 3>::from_inner(input).require_grad();
+        let y = layer.forward(x.clone(), &context.rope, &context.masked, None);
+        let mut grads = (y * Tensor::from_inner(upstream)).sum().backward();
+        upstream = x.grad_remove(&mut grads).ok_or_else(|| missing("a decoder layer's input"))?;
+        accumulator.accumulate(&model.weights, GradientsParams::from_module(&mut grads, layer));
+    }
+
+    // The embeddings (a second contribution when the head is tied to them).
+    let grads = (model.embed(&inputs) * Tensor::from_inner(upstream)).sum().backward();
+    accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
+    Ok(())
+}
+
+fn missing(what: &str) -> TrainError {
+    TrainError::Data(format!("internal error: no gradient reached {what} in the layer-wise backward pass"))
+}
