@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 
@@ -57,50 +57,67 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 /// Rotary tables for one batch: `cos` and `sin` of `position * inv_freq`, duplicated over both
-/// halves of the head (HF's rotate-half layout).
+/// halves of the head (HF's rotate-half layout), written out for every query head and every key
+/// head, and the rotate-half map as a matrix.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// `[batch, 1, seq, head_dim]`.
-    pub cos: Tensor<B, 4>,
-    /// `[batch, 1, seq, head_dim]`.
-    pub sin: Tensor<B, 4>,
+    /// `cos`, `sin`: `[batch, seq, heads, head_dim]`.
+    pub queries: (Tensor<B, 4>, Tensor<B, 4>),
+    /// `cos`, `sin`: `[batch, seq, kv_heads, head_dim]`.
+    pub keys: (Tensor<B, 4>, Tensor<B, 4>),
+    /// `[head_dim, head_dim]`: `x R = rotate_half(x) = [-x2, x1]`. A signed permutation, so the
+    /// product is exact; the rotation is one contiguous matmul (forward and backward) instead of
+    /// slices and a concatenation of strided views.
+    pub rotate: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rope<B> {
-    /// Tables for the given positions (`positions[b][t]`), computed in f64 on the host.
+    /// Tables for the given positions (`positions[b][t]`), computed in f64 on the host. They are
+    /// full size (not broadcast over the heads) because element-wise products of same-shape
+    /// contiguous tensors are the CPU backend's fast path.
     pub fn new(config: &LlamaConfig, positions: &[Vec<usize>], device: &B::Device, dtype: DType) -> Self {
         let inv = config.inv_freq();
         let d = config.head_dim;
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
-        let mut cos = Vec::with_capacity(b * t * d);
-        let mut sin = Vec::with_capacity(b * t * d);
-        for row in positions {
-            for &p in row {
-                for _half in 0..2 {
-                    for f in &inv {
-                        // HF computes the angle in f32; doing it in f64 and rounding once is at
-                        // least as accurate.
-                        let angle = (p as f64) * (*f as f32 as f64);
-                        cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
+        let table = |heads: usize| {
+            let mut cos = Vec::with_capacity(b * t * heads * d);
+            let mut sin = Vec::with_capacity(b * t * heads * d);
+            for row in positions {
+                for &p in row {
+                    for _head in 0..heads {
+                        for _half in 0..2 {
+                            for f in &inv {
+                                // HF computes the angle in f32; doing it in f64 and rounding once
+                                // is at least as accurate.
+                                let angle = (p as f64) * (*f as f32 as f64);
+                                cos.push(angle.cos() as f32);
+                                sin.push(angle.sin() as f32);
+                            }
+                        }
                     }
                 }
             }
+            let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, heads, d]), (device, dtype));
+            (make(cos), make(sin))
+        };
+        let half = d / 2;
+        let mut rotate = vec![0f32; d * d];
+        for i in 0..half {
+            rotate[(i + half) * d + i] = -1.0; // out[i] = -x[i + half]
+            rotate[i * d + i + half] = 1.0; // out[i + half] = x[i]
         }
-        let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, 1, t, d]), (device, dtype));
-        Self { cos: make(cos), sin: make(sin) }
+        let rotate = Tensor::from_data(TensorData::new(rotate, [d, d]), (device, dtype));
+        Self { queries: table(config.num_heads), keys: table(config.num_kv_heads), rotate }
     }
 
     /// # Shapes
-    /// `x: [batch, heads, seq, head_dim]` -> same
+    /// `x: [batch, seq, heads or kv_heads, head_dim]` -> same
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let half = x.dims()[3] / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        // `cos` and `sin` are [batch, 1, seq, head_dim]: broadcast over the heads.
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [b, t, n, d] = x.dims();
+        let (cos, sin) = if n == self.queries.0.dims()[2] { &self.queries } else { &self.keys };
+        let rotated = x.clone().reshape([b * t * n, d]).matmul(self.rotate.clone()).reshape([b, t, n, d]);
+        x * cos.clone() + rotated * sin.clone()
     }
 }
 
@@ -134,21 +151,21 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// `x: [batch, seq, hidden]`, `masked: [batch, 1, seq, past + seq]` (true = may not attend)
+    /// `x: [batch, seq, hidden]`, `context`: for `[batch, seq]` queries and `past + seq` keys
     /// -> `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        masked: &Tensor<B, 4, Bool>,
+        context: &LayerContext<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), nh));
-        let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), nkv));
-        let mut v = heads(self.v_proj.forward(x), nkv);
+        // RoPE on the projections' own (contiguous) layout, then heads first.
+        let rope = &context.rope;
+        let q = rope.apply(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd])).swap_dims(1, 2);
+        let mut k = rope.apply(self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd])).swap_dims(1, 2);
+        let mut v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         if let Some(cache) = cache {
             if cache.k.dims()[2] > 0 {
                 k = Tensor::cat(vec![cache.k.clone(), k], 2);
@@ -167,7 +184,9 @@ impl<B: Backend> Attention<B> {
         let scale = 1.0 / (hd as f64).sqrt();
         // Scores and softmax in f32 whatever the model's dtype.
         let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(2, 3)).mul_scalar(scale);
-        let scores = scores.mask_fill(masked.clone().expand([b, nh, t, tk]), f32::MIN);
+        // Adding f32::MIN gives exactly f32::MIN (scores are far below its rounding step), so this
+        // is a mask fill that broadcasts over the heads and needs nothing saved for backward.
+        let scores = scores + context.bias.clone();
         let probs = softmax(scores, 3).cast(dtype);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
@@ -212,11 +231,10 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        masked: &Tensor<B, 4, Bool>,
+        context: &LayerContext<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, masked, cache);
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), context, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -280,8 +298,10 @@ pub type KvCache<B> = Vec<LayerCache<B>>;
 pub struct LayerContext<B: Backend> {
     /// Rotary tables of the batch's positions.
     pub rope: Rope<B>,
-    /// `[batch, 1, seq, past + seq]`, true where a query may not attend.
-    pub masked: Tensor<B, 4, Bool>,
+    /// `[batch, heads, seq, past + seq]`, f32: 0 where a query may attend, `f32::MIN` where not
+    /// (causal, padding, sliding window), added to the attention scores. Written out for every
+    /// head, like the rotary tables, for the CPU backend's same-shape fast path.
+    pub bias: Tensor<B, 4>,
 }
 
 /// A loaded model: configuration and weights.
@@ -338,18 +358,23 @@ impl<B: Backend> LlamaModel<B> {
         let past = tk - t;
         let rope = Rope::new(&self.config, &inputs.positions, &device, self.dtype);
         let window = self.config.sliding_window;
-        let mut masked = Vec::with_capacity(b * t * tk);
+        let heads = self.config.num_heads;
+        let mut bias = Vec::with_capacity(b * heads * t * tk);
         for row in key_valid {
+            let start = bias.len();
             for i in 0..t {
                 let q = past + i;
                 for (j, ok) in row.iter().enumerate() {
                     let allowed = *ok && j <= q && window.is_none_or(|w| q - j < w);
-                    masked.push(!allowed);
+                    bias.push(if allowed { 0.0f32 } else { f32::MIN });
                 }
             }
+            for _ in 1..heads {
+                bias.extend_from_within(start..start + t * tk);
+            }
         }
-        let masked = Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [b, 1, t, tk]), &device);
-        LayerContext { rope, masked }
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [b, heads, t, tk]), (&device, DType::F32));
+        LayerContext { rope, bias }
     }
 
     /// The final hidden states (after the last norm).
@@ -362,7 +387,7 @@ impl<B: Backend> LlamaModel<B> {
         let mut x = self.embed(inputs);
         for (l, layer) in self.weights.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c[l]);
-            x = layer.forward(x, &context.rope, &context.masked, layer_cache);
+            x = layer.forward(x, &context, layer_cache);
         }
         self.weights.norm.forward(x)
     }

@@ -44,7 +44,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     let mut x = plain.embed(&inputs);
     for layer in &plain.weights.layers {
         saved.push(x.clone());
-        x = layer.forward(x, &context.rope, &context.masked, None);
+        x = layer.forward(x, &context, None);
     }
     drop(context);
 
@@ -64,7 +64,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     let context = model.layer_context(&inputs, &inputs.valid);
     for (layer, input) in model.weights.layers.iter().zip(saved.drain(..)).rev() {
         let x = Tensor::<B, 3>::from_inner(input).require_grad();
-        let y = layer.forward(x.clone(), &context.rope, &context.masked, None);
+        let y = layer.forward(x.clone(), &context, None);
         let mut grads = (y * Tensor::from_inner(upstream)).sum().backward();
         upstream = x.grad_remove(&mut grads).ok_or_else(|| missing("a decoder layer's input"))?;
         accumulator.accumulate(&model.weights, GradientsParams::from_module(&mut grads, layer));
