@@ -240,16 +240,20 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 /// The model's weights.
+///
+/// The embeddings are the last field on purpose: modules are visited in field order, and the
+/// optimiser frees each gradient as it updates its parameter, so the largest parameter's update
+/// (and its temporaries) comes when every other gradient is already gone.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
-    /// `[vocab, hidden]`.
-    pub embed_tokens: Param<Tensor<B, 2>>,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
     /// `[hidden, vocab]`, absent when tied to the embeddings.
     pub lm_head: Option<Linear<B>>,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
 }
 
 /// One forward pass's inputs: padded token ids with each token's position and which keys

@@ -13,7 +13,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use fuserl_core::recipe::LogProbPath;
 use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{Inputs, Llama, LlamaModel};
@@ -70,9 +70,22 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
         accumulator.accumulate(&model.weights, GradientsParams::from_module(&mut grads, layer));
     }
 
-    // The embeddings (a second contribution when the head is tied to them).
-    let grads = (model.embed(&inputs) * Tensor::from_inner(upstream)).sum().backward();
-    accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
+    // The embeddings: each token's upstream row is added at its id into the embeddings'
+    // gradient (which already holds the head's contribution when the head is tied to them),
+    // without autodiff's `[vocab, hidden]` zeros for the lookup's own gradient.
+    let [b, _, h] = upstream.dims();
+    let rows = upstream.reshape([b * t, h]).cast(DType::F32);
+    let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
+    let ids = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(flat, [b * t]), &rows.device());
+    let id = model.weights.embed_tokens.id;
+    let mut all = accumulator.grads();
+    let embed = all.remove::<B::InnerBackend, 2>(id).map_or_else(
+        || Tensor::zeros(model.weights.embed_tokens.val().dims(), (&rows.device(), DType::F32)),
+        |g| g.cast(DType::F32),
+    );
+    let dtype = model.weights.embed_tokens.val().dtype();
+    all.register(id, embed.select_assign(0, ids, rows, IndexingUpdateOp::Add).cast(dtype));
+    accumulator.accumulate(&model.weights, all);
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! Where it sits: `fuserl sft|po|run` call [`run::run`]; the data stages come from
 //! `fuserl_core::pipeline`, the model from `fuserl_model`.
 
+pub mod adamw;
 mod checkpointing;
 pub mod data;
 pub mod error;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -22,6 +22,7 @@ use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{Inputs, Llama, LlamaModel};
 use fuserl_model::logprobs::hidden_logprobs;
 
+use crate::adamw::AdamW;
 use crate::checkpointing::layerwise_backward;
 use crate::data::{SeqTokens, TrainExample, completion_key};
 use crate::error::{Result, TrainError};
@@ -160,6 +161,9 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// Elements per slice when summing a gradient's squares.
+const NORM_CHUNK: usize = 1 << 20;
+
 /// Sum of squares of all gradients, and optionally scales them.
 struct GradNorm<'a> {
     grads: &'a mut GradientsParams,
@@ -173,9 +177,16 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
         match self.scale {
             None => {
                 if let Some(g) = self.grads.get::<B::InnerBackend, D>(id) {
-                    let sq: f32 =
-                        g.cast(DType::F32).powi_scalar(2).sum().into_data().iter::<f32>().next().unwrap_or(0.0);
-                    self.sum_sq += f64::from(sq);
+                    // In slices of at most NORM_CHUNK elements, so that squaring the largest
+                    // gradient (the embeddings') needs no second tensor of its size while every
+                    // gradient is alive; slice sums are f32, their total f64.
+                    let n = g.shape().num_elements();
+                    let flat = g.reshape([n]);
+                    for start in (0..n).step_by(NORM_CHUNK) {
+                        let slice = flat.clone().narrow(0, start, NORM_CHUNK.min(n - start));
+                        let sq = slice.cast(DType::F32).powi_scalar(2).sum().into_data().iter::<f32>().next();
+                        self.sum_sq += f64::from(sq.unwrap_or(0.0));
+                    }
                 }
             }
             Some(s) => {
@@ -239,7 +250,7 @@ fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
 }
 
 /// The optimiser type.
-pub type Optim<B = TrainBackend> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<B>, B>;
+pub type Optim<B = TrainBackend> = burn::optim::adaptor::OptimizerAdaptor<AdamW, Llama<B>, B>;
 
 fn save_checkpoint<B: AutodiffBackend>(
     dir: &Path,
@@ -300,12 +311,13 @@ pub struct StepOutput {
 
 /// The AdamW optimiser of a model.
 pub fn new_optimizer<B: AutodiffBackend>(c: &StageConfig) -> Optim<B> {
-    AdamWConfig::new()
-        .with_beta_1(c.adam_beta1 as f32)
-        .with_beta_2(c.adam_beta2 as f32)
-        .with_epsilon(c.adam_eps as f32)
-        .with_weight_decay(c.weight_decay as f32)
-        .init()
+    AdamW {
+        beta_1: c.adam_beta1 as f32,
+        beta_2: c.adam_beta2 as f32,
+        eps: c.adam_eps as f32,
+        weight_decay: c.weight_decay as f32,
+    }
+    .init()
 }
 
 /// One optimiser step over `picked` (already in micro-batch order): micro-batches of

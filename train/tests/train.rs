@@ -147,11 +147,17 @@ fn gradient_checkpointing_gives_the_same_training() {
     let dir = tempfile::tempdir().expect("tmp");
     let plain = run_with(&dir.path().join("plain"), false);
     let ckpt = run_with(&dir.path().join("ckpt"), true);
+    // The same gradients up to f32 rounding: the forward pass without a graph runs the CPU
+    // backend's fused kernels (softmax, sigmoid) where the autodiff graph composes them from
+    // primitive ops, and the layer-by-layer backward sums gradients in another order (each
+    // layer's residual branches, the tied embeddings' two contributions).
     for stage in ["sft", "po"] {
         let (a, b) = (losses(&plain, stage), losses(&ckpt, stage));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{stage}: {x} vs {y}");
+            // A sequence's log-prob is an f32 sum of a few hundred terms (a rounding step of
+            // about 3e-5), and preference losses are functions of differences of them.
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{stage}: {x} vs {y}");
         }
     }
 }
