@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """One DPO optimiser step with TRL's DPOTrainer on SmolLM2-135M-Instruct, CPU: the same work as
 train/benches/dpo_step.rs (2 pairs, every sequence 64 prompt + 192 response tokens from the same
-LCG, f32, AdamW, precomputed reference log-probs). Prints the time of the second step and the
-process's peak resident memory.
+LCG, f32 weights, AdamW, precomputed reference log-probs). Prints the time of the second step, the
+process's peak resident memory and the settings that were in effect.
 
-    ~/.cache/fuserl-oracle/venv/bin/python scripts/bench_dpo_step_trl.py [CONVERTED_DIR]
+    ~/.cache/fuserl-oracle/venv/bin/python scripts/bench_dpo_step_trl.py [CONVERTED_DIR] [f32] [checkpointing|no-checkpointing]
+
+Without options this is DPOConfig's defaults, which in TRL 1.16 are bf16 autocast and gradient
+checkpointing by decoder layer. `f32` turns autocast off (bf16=False); `checkpointing` /
+`no-checkpointing` set gradient checkpointing.
 """
 import os
 import pathlib
@@ -17,7 +21,16 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-folder = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/fuserl/models/SmolLM2-135M-Instruct"))
+options = {"f32", "checkpointing", "no-checkpointing"}
+positional = [a for a in sys.argv[1:] if a not in options]
+folder = pathlib.Path(positional[0] if positional else os.path.expanduser("~/.cache/fuserl/models/SmolLM2-135M-Instruct"))
+settings = {}
+if "f32" in sys.argv[1:]:
+    settings["bf16"] = False
+if "checkpointing" in sys.argv[1:]:
+    settings["gradient_checkpointing"] = True
+if "no-checkpointing" in sys.argv[1:]:
+    settings["gradient_checkpointing"] = False
 torch.set_num_threads(os.cpu_count())
 state = 2024
 
@@ -53,11 +66,12 @@ class Timer(TrainerCallback):
 timer = Timer()
 args = DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-6,
                  beta=0.1, loss_type="sigmoid", precompute_ref_log_probs=True, logging_steps=1, save_strategy="no",
-                 report_to=[], use_cpu=True, max_length=512, dataloader_num_workers=0, seed=0)
+                 report_to=[], use_cpu=True, max_length=512, dataloader_num_workers=0, seed=0, **settings)
 raw = Dataset.from_list([{"prompt": tok.decode(r["prompt_input_ids"]), "chosen": tok.decode(r["chosen_input_ids"]),
                           "rejected": tok.decode(r["rejected_input_ids"])} for r in rows])
 trainer = DPOTrainer(model=model, args=args, train_dataset=raw, processing_class=tok, callbacks=[timer])
 trainer.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"TRL {__import__('trl').__version__} DPOTrainer (torch {torch.__version__}, f32, {torch.get_num_threads()} threads): "
+print(f"TRL {__import__('trl').__version__} DPOTrainer (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+      f"f32 weights, bf16 autocast {args.bf16}, gradient checkpointing {args.gradient_checkpointing}): "
       f"one DPO step, 2 pairs x ~256 tokens: {timer.times[-1]:.2f} s, peak RSS {peak:.0f} MiB")

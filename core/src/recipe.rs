@@ -281,8 +281,9 @@ pub struct StageConfig {
     /// AdamW epsilon.
     #[serde(default = "adam_eps")]
     pub adam_eps: f64,
-    /// Recompute activations in the backward pass to save memory.
-    #[serde(default)]
+    /// Keep only each decoder layer's input from the forward pass and re-run one layer at a
+    /// time in the backward pass (on by default, as in TRL's configs).
+    #[serde(default = "default_true")]
     pub gradient_checkpointing: bool,
     /// Write a checkpoint every this many optimiser steps.
     #[serde(default = "default_checkpoint_every")]
@@ -326,6 +327,9 @@ fn adam_eps() -> f64 {
 }
 fn default_batch() -> u32 {
     8
+}
+fn default_true() -> bool {
+    true
 }
 fn default_checkpoint_every() -> u64 {
     100

@@ -136,12 +136,11 @@ fn same_recipe_and_seed_give_identical_losses_and_weights() {
 #[test]
 fn gradient_checkpointing_gives_the_same_training() {
     let run_with = |out: &Path, checkpointing: bool| -> Vec<serde_json::Value> {
-        let mut text = recipe(out, 1, 1);
-        if checkpointing {
-            text = text
-                .replace("[sft]\n", "[sft]\ngradient_checkpointing = true\n")
-                .replace("[po]\n", "[po]\ngradient_checkpointing = true\n");
-        }
+        let setting = format!("gradient_checkpointing = {checkpointing}\n");
+        let text = recipe(out, 1, 1)
+            .replace("[sft]\n", &format!("[sft]\n{setting}"))
+            .replace("[po]\n", &format!("[po]\n{setting}"));
+        assert_eq!(text.matches("gradient_checkpointing").count(), 2, "both stages get the setting");
         train_text(out, &text)
     };
     let dir = tempfile::tempdir().expect("tmp");

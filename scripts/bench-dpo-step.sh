@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One DPO step on SmolLM2-135M-Instruct, CPU: fuserl (with and without gradient checkpointing)
+# next to TRL's DPOTrainer (its defaults, and f32 with and without gradient checkpointing), one
+# process each, same machine, same data. Needs the oracle environment (docs/oracle.md) for TRL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="$(scripts/fetch-smollm2.sh)"
+python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+cargo bench --quiet --profile dev -p fuserl-train --bench dpo_step --no-run
+for mode in "" checkpointing; do
+    cargo bench --quiet --profile dev -p fuserl-train --bench dpo_step -- $mode
+done
+for options in "" "f32 checkpointing" "f32 no-checkpointing"; do
+    # shellcheck disable=SC2086 # the options are separate words
+    "$python" scripts/bench_dpo_step_trl.py "$model" $options 2>/dev/null | tail -n 1
+done
