@@ -58,10 +58,11 @@ impl<B: Backend> RmsNorm<B> {
 
 /// Rotary tables for one batch: `cos` and `sin` of `position * inv_freq`, duplicated over both
 /// halves of the head (HF's rotate-half layout), written out for every query head and every key
-/// head, and the rotate-half map as a matrix.
+/// head, and the rotate-half map as a matrix. The query tables also carry the attention's
+/// `1 / sqrt(head_dim)`, so that scaling costs no pass over the `[seq, seq]` scores.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// `cos`, `sin`: `[batch, seq, heads, head_dim]`.
+    /// `cos / sqrt(head_dim)`, `sin / sqrt(head_dim)`: `[batch, seq, heads, head_dim]`.
     pub queries: (Tensor<B, 4>, Tensor<B, 4>),
     /// `cos`, `sin`: `[batch, seq, kv_heads, head_dim]`.
     pub keys: (Tensor<B, 4>, Tensor<B, 4>),
@@ -80,7 +81,7 @@ impl<B: Backend> Rope<B> {
         let d = config.head_dim;
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
-        let table = |heads: usize| {
+        let table = |heads: usize, scale: f64| {
             let mut cos = Vec::with_capacity(b * t * heads * d);
             let mut sin = Vec::with_capacity(b * t * heads * d);
             for row in positions {
@@ -91,8 +92,8 @@ impl<B: Backend> Rope<B> {
                                 // HF computes the angle in f32; doing it in f64 and rounding once
                                 // is at least as accurate.
                                 let angle = (p as f64) * (*f as f32 as f64);
-                                cos.push(angle.cos() as f32);
-                                sin.push(angle.sin() as f32);
+                                cos.push((angle.cos() * scale) as f32);
+                                sin.push((angle.sin() * scale) as f32);
                             }
                         }
                     }
@@ -108,14 +109,28 @@ impl<B: Backend> Rope<B> {
             rotate[i * d + i + half] = 1.0; // out[i + half] = x[i]
         }
         let rotate = Tensor::from_data(TensorData::new(rotate, [d, d]), (device, dtype));
-        Self { queries: table(config.num_heads), keys: table(config.num_kv_heads), rotate }
+        let scale = 1.0 / (d as f64).sqrt();
+        Self { queries: table(config.num_heads, scale), keys: table(config.num_kv_heads, 1.0), rotate }
     }
 
+    /// Rotated queries, scaled by `1 / sqrt(head_dim)`.
+    ///
     /// # Shapes
-    /// `x: [batch, seq, heads or kv_heads, head_dim]` -> same
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// `x: [batch, seq, heads, head_dim]` -> same
+    pub fn queries(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.rotate_with(x, &self.queries)
+    }
+
+    /// Rotated keys.
+    ///
+    /// # Shapes
+    /// `x: [batch, seq, kv_heads, head_dim]` -> same
+    pub fn keys(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.rotate_with(x, &self.keys)
+    }
+
+    fn rotate_with(&self, x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
         let [b, t, n, d] = x.dims();
-        let (cos, sin) = if n == self.queries.0.dims()[2] { &self.queries } else { &self.keys };
         let rotated = x.clone().reshape([b * t * n, d]).matmul(self.rotate.clone()).reshape([b, t, n, d]);
         x * cos.clone() + rotated * sin.clone()
     }
@@ -163,8 +178,8 @@ impl<B: Backend> Attention<B> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // RoPE on the projections' own (contiguous) layout, then heads first.
         let rope = &context.rope;
-        let q = rope.apply(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd])).swap_dims(1, 2);
-        let mut k = rope.apply(self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd])).swap_dims(1, 2);
+        let q = rope.queries(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd])).swap_dims(1, 2);
+        let mut k = rope.keys(self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd])).swap_dims(1, 2);
         let mut v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         if let Some(cache) = cache {
             if cache.k.dims()[2] > 0 {
@@ -181,11 +196,10 @@ impl<B: Backend> Attention<B> {
         };
         let (k, v) = (repeat(k), repeat(v));
         let dtype = q.dtype();
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Scores and softmax in f32 whatever the model's dtype.
-        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(2, 3)).mul_scalar(scale);
-        // Adding f32::MIN gives exactly f32::MIN (scores are far below its rounding step), so this
-        // is a mask fill that broadcasts over the heads and needs nothing saved for backward.
+        // Scores (q is already scaled by 1 / sqrt(head_dim)) and softmax in f32 whatever the
+        // model's dtype. Adding f32::MIN gives exactly f32::MIN (scores are far below its
+        // rounding step), so the bias is a mask fill that needs nothing saved for backward.
+        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(2, 3));
         let scores = scores + context.bias.clone();
         let probs = softmax(scores, 3).cast(dtype);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
