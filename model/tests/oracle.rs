@@ -32,10 +32,13 @@ fn check(name: &str) {
         }
     }
     assert!(worst < TOL, "{name}: max |fuserl - transformers| = {worst}");
-    // One at a time gives the same numbers.
+    // One at a time gives the same numbers, to f32 rounding: another padded length changes the
+    // matmul shapes and where the SIMD reductions (softmax, log-sum-exp) switch to their scalar
+    // tails, so sums associate differently (a few tens of ulps of values near 5; a padding
+    // leak would be orders of magnitude larger).
     let alone = sequence_token_logprobs(&model, &seqs[1..2]).expect("logprobs");
     for (a, b) in alone[0].iter().zip(&got[1]) {
-        assert!((a - b).abs() < 1e-5, "{name}: batch vs alone {a} vs {b}");
+        assert!((a - b).abs() < 3e-5, "{name}: batch vs alone {a} vs {b}");
     }
     // Split into (prompt, response): the response part of the same numbers.
     let s = &seqs[1];
