@@ -176,9 +176,10 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // RoPE on the projections' own (contiguous) layout, then heads first.
+        // RoPE on the projections' own (contiguous) layout; keys and values then heads first
+        // (the cache's layout).
         let rope = &context.rope;
-        let q = rope.queries(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd])).swap_dims(1, 2);
+        let q = rope.queries(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]));
         let mut k = rope.keys(self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd])).swap_dims(1, 2);
         let mut v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         if let Some(cache) = cache {
@@ -191,18 +192,21 @@ impl<B: Backend> Attention<B> {
         }
         let tk = k.dims()[2];
         let rep = nh / nkv;
-        let repeat = |y: Tensor<B, 4>| {
-            if rep == 1 { y } else { y.unsqueeze_dim::<5>(2).expand([b, nkv, rep, tk, hd]).reshape([b, nh, tk, hd]) }
-        };
-        let (k, v) = (repeat(k), repeat(v));
         let dtype = q.dtype();
+        // Grouped-query attention without repeating keys and values: query head `h` belongs to
+        // key/value head `h / rep` (HF's `repeat_kv`), so the queries are viewed as
+        // `[batch, kv_heads, rep, seq, head_dim]` and the keys and values broadcast over `rep`
+        // in the batched matmuls (no copies; their gradients are summed over `rep`).
+        let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
+        let k = k.unsqueeze_dim::<5>(2);
+        let v = v.unsqueeze_dim::<5>(2);
         // Scores (q is already scaled by 1 / sqrt(head_dim)) and softmax in f32 whatever the
         // model's dtype. Adding f32::MIN gives exactly f32::MIN (scores are far below its
         // rounding step), so the bias is a mask fill that needs nothing saved for backward.
-        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(2, 3));
+        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(3, 4)).reshape([b, nh, t, tk]);
         let scores = scores + context.bias.clone();
-        let probs = softmax(scores, 3).cast(dtype);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        let probs = softmax(scores, 3).cast(dtype).reshape([b, nkv, rep, t, tk]);
+        let out = probs.matmul(v).permute([0, 3, 1, 2, 4]).reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }
 }
