@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """One DPO optimiser step with TRL's DPOTrainer on SmolLM2-135M-Instruct, CPU: the same work as
 train/benches/dpo_step.rs (2 pairs, every sequence 64 prompt + 192 response tokens from the same
-LCG, f32 weights, AdamW, precomputed reference log-probs). Prints the time of the second step, the
-process's peak resident memory and the settings that were in effect.
+LCG, f32 weights, AdamW, precomputed reference log-probs). Prints the median time of the steps
+after the first (FUSERL_BENCH_STEPS of them, default 3), the process's peak resident memory and
+the settings that were in effect.
 
     ~/.cache/fuserl-oracle/venv/bin/python scripts/bench_dpo_step_trl.py [CONVERTED_DIR] [f32] [checkpointing|no-checkpointing]
 
@@ -13,6 +14,7 @@ checkpointing by decoder layer. `f32` turns autocast off (bf16=False); `checkpoi
 import os
 import pathlib
 import resource
+import statistics
 import sys
 import time
 
@@ -64,7 +66,8 @@ class Timer(TrainerCallback):
 
 
 timer = Timer()
-args = DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-6,
+timed = int(os.environ.get("FUSERL_BENCH_STEPS", "3"))
+args = DPOConfig(output_dir="/tmp/trl-dpo-bench", per_device_train_batch_size=2, max_steps=1 + timed, learning_rate=1e-6,
                  beta=0.1, loss_type="sigmoid", precompute_ref_log_probs=True, logging_steps=1, save_strategy="no",
                  report_to=[], use_cpu=True, max_length=512, dataloader_num_workers=0, seed=0, **settings)
 raw = Dataset.from_list([{"prompt": tok.decode(r["prompt_input_ids"]), "chosen": tok.decode(r["chosen_input_ids"]),
@@ -74,4 +77,4 @@ trainer.train()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"TRL {__import__('trl').__version__} DPOTrainer (torch {torch.__version__}, {torch.get_num_threads()} threads, "
       f"f32 weights, bf16 autocast {args.bf16}, gradient checkpointing {args.gradient_checkpointing}): "
-      f"one DPO step, 2 pairs x ~256 tokens: {timer.times[-1]:.2f} s, peak RSS {peak:.0f} MiB")
+      f"one DPO step, 2 pairs x ~256 tokens: {statistics.median(timer.times[1:]):.2f} s (median of {timed}; steps: {', '.join(f'{x:.2f}' for x in timer.times)}), peak RSS {peak:.0f} MiB")

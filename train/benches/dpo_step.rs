@@ -1,8 +1,9 @@
 #![allow(clippy::print_stdout)] // A benchmark binary reports on stdout.
 //! One DPO optimiser step on SmolLM2-135M-Instruct, CPU: 2 pairs, every sequence 64 prompt +
 //! 192 response tokens (fixed LCG ids), reference log-probs precomputed (not timed), f32, AdamW.
-//! Same work as scripts/bench_dpo_step_trl.py. Prints the time of the second step (the first
-//! warms up) and the process's peak resident memory.
+//! Same work as scripts/bench_dpo_step_trl.py. Prints the median time of the steps after the
+//! first (FUSERL_BENCH_STEPS of them, default 3; the first warms up) and the process's peak
+//! resident memory.
 //!
 //!     scripts/fetch-smollm2.sh
 //!     cargo bench --profile dev -p fuserl-train --bench dpo_step [-- naive]
@@ -99,14 +100,26 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
         lr: 1e-6,
         logprobs,
     };
-    let (model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
-    let start = Instant::now();
-    let (_model, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
-    let secs = start.elapsed().as_secs_f64();
+    let (mut model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
+    let steps: usize = std::env::var("FUSERL_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let mut times = Vec::with_capacity(steps);
+    let mut out = None;
+    for _ in 0..steps {
+        let start = Instant::now();
+        let (next, step) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
+        times.push(start.elapsed().as_secs_f64());
+        (model, out) = (next, Some(step));
+    }
+    let each: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    let out = out.expect("at least one step");
     println!(
-        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}): one DPO step, 2 pairs x 256 tokens: {:.2} s, loss {:.4}, peak RSS {:.0} MiB",
+        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB",
         logprobs,
         secs,
+        steps,
+        each.join(", "),
         out.loss,
         peak_rss_mb()
     );
