@@ -88,3 +88,43 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         AdamWState { moment_1: state.moment_1.to_device(device), moment_2: state.moment_2.to_device(device), ..state }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::*;
+
+    /// Two steps with weight decay against torch.optim.AdamW's update written out in f64
+    /// (torch/optim/adamw.py, single-tensor path), to f32 rounding.
+    #[test]
+    fn two_steps_match_torchs_update() {
+        let (lr, b1, b2, eps, wd) = (0.1f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+        let opt = AdamW { beta_1: b1 as f32, beta_2: b2 as f32, eps: eps as f32, weight_decay: wd as f32 };
+        let grads = [[0.5f64, -0.25, 3.0], [0.1, 0.75, -1.5]];
+        let mut want = [1.0f64, -2.0, 0.5];
+        let (mut m, mut v) = ([0.0f64; 3], [0.0f64; 3]);
+        let device = Default::default();
+        let mut param = Tensor::<Flex, 1>::from_data(TensorData::from(want.map(|x| x as f32)), &device);
+        let mut state = None;
+        for (step, g) in grads.iter().enumerate() {
+            let t = step as i32 + 1;
+            for i in 0..3 {
+                want[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let denom = v[i].sqrt() / (1.0 - b2.powi(t)).sqrt() + eps;
+                want[i] -= lr / (1.0 - b1.powi(t)) * m[i] / denom;
+            }
+            let grad = Tensor::<Flex, 1>::from_data(TensorData::from(g.map(|x| x as f32)), &device);
+            let (next, s) = SimpleOptimizer::<Flex>::step(&opt, lr, param, grad, state);
+            (param, state) = (next, s);
+            let got: Vec<f32> = param.clone().into_data().iter::<f32>().collect();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((f64::from(*a) - b).abs() <= 1e-6 * b.abs().max(1.0), "step {t}: {got:?} vs {want:?}");
+            }
+        }
+        assert_eq!(state.map(|s| s.time), Some(2));
+    }
+}
