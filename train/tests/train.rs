@@ -79,6 +79,18 @@ fn losses(rows: &[serde_json::Value], stage: &str) -> Vec<f64> {
     rows.iter().filter(|r| r["stage"] == stage).map(|r| r["loss"].as_f64().expect("loss")).collect()
 }
 
+/// Both stages log as many steps in `other` as in `reference`, each loss within `rel` of the
+/// reference's (relative, or absolute below 1).
+fn assert_losses_close(reference: &[serde_json::Value], other: &[serde_json::Value], rel: f64, what: &str) {
+    for stage in ["sft", "po"] {
+        let (r, o) = (losses(reference, stage), losses(other, stage));
+        assert_eq!(r.len(), o.len(), "{what}, {stage}: step counts");
+        for (x, y) in r.iter().zip(&o) {
+            assert!((x - y).abs() <= rel * x.abs().max(1.0), "{what}, {stage}: {r:?} vs {o:?}");
+        }
+    }
+}
+
 #[test]
 fn dpo_starts_at_ln2_and_falls() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -150,15 +162,9 @@ fn gradient_checkpointing_gives_the_same_training() {
     // backend's fused kernels (softmax, sigmoid) where the autodiff graph composes them from
     // primitive ops, and the layer-by-layer backward sums gradients in another order (each
     // layer's residual branches, the tied embeddings' two contributions).
-    for stage in ["sft", "po"] {
-        let (a, b) = (losses(&plain, stage), losses(&ckpt, stage));
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            // A sequence's log-prob is an f32 sum of a few hundred terms (a rounding step of
-            // about 3e-5), and preference losses are functions of differences of them.
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{stage}: {x} vs {y}");
-        }
-    }
+    // A sequence's log-prob is an f32 sum of a few hundred terms (a rounding step of about
+    // 3e-5), and preference losses are functions of differences of them.
+    assert_losses_close(&plain, &ckpt, 1e-5, "plain vs checkpointing");
 }
 
 #[test]
@@ -267,13 +273,7 @@ fn fused_and_naive_log_probs_train_alike() {
     let b = tempfile::tempdir().expect("tmp");
     let fused = train_text(&a.path().join("run"), &recipe_on(&a.path().join("run"), "logprobs = \"fused\""));
     let naive = train_text(&b.path().join("run"), &recipe_on(&b.path().join("run"), "logprobs = \"naive\""));
-    for stage in ["sft", "po"] {
-        let (f, n) = (losses(&fused, stage), losses(&naive, stage));
-        assert_eq!(f.len(), n.len());
-        for (x, y) in f.iter().zip(&n) {
-            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{stage}: fused {f:?} vs naive {n:?}");
-        }
-    }
+    assert_losses_close(&naive, &fused, 1e-5, "naive vs fused");
 }
 
 /// The whole run on wgpu (lavapipe in CI): the fused kernels in training, reference log-probs and
@@ -294,13 +294,7 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     let on_gpu = train_text(&out, &text);
     let cpu = tempfile::tempdir().expect("tmp");
     let on_cpu = train_text(&cpu.path().join("run"), &recipe_on(&cpu.path().join("run"), "device = \"cpu\""));
-    for stage in ["sft", "po"] {
-        let (g, c) = (losses(&on_gpu, stage), losses(&on_cpu, stage));
-        assert_eq!(g.len(), c.len());
-        for (x, y) in g.iter().zip(&c) {
-            assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{stage}: wgpu {g:?} vs cpu {c:?}");
-        }
-    }
+    assert_losses_close(&on_cpu, &on_gpu, 1e-3, "cpu vs wgpu");
     assert!((losses(&on_gpu, "po")[0] - std::f64::consts::LN_2).abs() < 1e-5);
     assert!(out.join("export/model.safetensors").is_file());
 }
