@@ -81,22 +81,26 @@ impl<B: Backend> Rope<B> {
         let d = config.head_dim;
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
+        // One head's row per position (both halves), then written out for every head.
+        let mut angles = Vec::with_capacity(b * t * d);
+        for row in positions {
+            for &p in row {
+                for _half in 0..2 {
+                    // HF computes the angle in f32; doing it in f64 and rounding once is at
+                    // least as accurate.
+                    angles.extend(inv.iter().map(|f| (p as f64) * (*f as f32 as f64)));
+                }
+            }
+        }
         let table = |heads: usize, scale: f64| {
             let mut cos = Vec::with_capacity(b * t * heads * d);
             let mut sin = Vec::with_capacity(b * t * heads * d);
-            for row in positions {
-                for &p in row {
-                    for _head in 0..heads {
-                        for _half in 0..2 {
-                            for f in &inv {
-                                // HF computes the angle in f32; doing it in f64 and rounding once
-                                // is at least as accurate.
-                                let angle = (p as f64) * (*f as f32 as f64);
-                                cos.push((angle.cos() * scale) as f32);
-                                sin.push((angle.sin() * scale) as f32);
-                            }
-                        }
-                    }
+            for row in angles.chunks(d) {
+                let (c, s): (Vec<f32>, Vec<f32>) =
+                    row.iter().map(|a| ((a.cos() * scale) as f32, (a.sin() * scale) as f32)).unzip();
+                for _head in 0..heads {
+                    cos.extend_from_slice(&c);
+                    sin.extend_from_slice(&s);
                 }
             }
             let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, heads, d]), (device, dtype));

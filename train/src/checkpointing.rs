@@ -16,7 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use fuserl_core::recipe::LogProbPath;
 use fuserl_kernels::LogProbBackend;
-use fuserl_model::llama::{Inputs, Llama, LlamaModel};
+use fuserl_model::llama::{Inputs, LayerContext, Llama, LlamaModel, Rope};
 use fuserl_model::logprobs::hidden_logprobs;
 
 use crate::data::SeqTokens;
@@ -37,16 +37,18 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     let (s, t) = (seqs.len(), inputs.ids[0].len());
     let device = model.device();
 
-    // Forward without a graph, keeping each layer's input.
+    // Forward without a graph, keeping each layer's input. The rotary tables and the mask are
+    // built once and shared by both passes.
+    let context = model.layer_context(&inputs, &inputs.valid);
     let plain = LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype };
-    let context = plain.layer_context(&inputs, &inputs.valid);
+    let plain_context = without_graph(&context);
     let mut saved = Vec::with_capacity(plain.weights.layers.len());
     let mut x = plain.embed(&inputs);
     for layer in &plain.weights.layers {
         saved.push(x.clone());
-        x = layer.forward(x, &context, None);
+        x = layer.forward(x, &plain_context, None);
     }
-    drop(context);
+    drop(plain_context);
 
     // The head (final norm, log-probs) under autodiff from the last hidden state.
     let last = Tensor::<B, 3>::from_inner(x).require_grad();
@@ -61,7 +63,6 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
 
     // The layers, last to first, each re-run from its input.
-    let context = model.layer_context(&inputs, &inputs.valid);
     for (layer, input) in model.weights.layers.iter().zip(saved.drain(..)).rev() {
         let x = Tensor::<B, 3>::from_inner(input).require_grad();
         let y = layer.forward(x.clone(), &context, None);
@@ -87,6 +88,15 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     all.register(id, embed.select_assign(0, ids, rows, IndexingUpdateOp::Add).cast(dtype));
     accumulator.accumulate(&model.weights, all);
     Ok(())
+}
+
+/// The same tables on the inner backend (shared buffers, no copy).
+fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::InnerBackend> {
+    let pair = |(cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)| (cos.clone().inner(), sin.clone().inner());
+    LayerContext {
+        rope: Rope { queries: pair(&c.rope.queries), keys: pair(&c.rope.keys), rotate: c.rope.rotate.clone().inner() },
+        bias: c.bias.clone().inner(),
+    }
 }
 
 fn missing(what: &str) -> TrainError {
