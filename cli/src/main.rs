@@ -128,6 +128,8 @@ enum StageArg {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread starts (see its docs: page faults on every re-allocation).
+    fuserl_backends::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     match run(cli.command, &cli.plugins) {

@@ -57,6 +57,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         B::max_chunk_elems(device)
     }
 
+    fn host_shards(device: &Self::Device) -> usize {
+        B::host_shards(device)
+    }
+
     fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         match TokenLogProbsBackward.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {

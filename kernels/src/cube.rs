@@ -5,8 +5,8 @@
 //! - `lse_update`: folds one chunk of f32 logits `[R, C]` into a running (max, sum of exps) per
 //!   row, with a shared-memory tree reduction, and picks the target's logit when it falls in the
 //!   chunk;
-//! - `logit_grad` (and its in-place twin): `g * (onehot(t) - exp(x - max - log_sum))`, or only
-//!   `-g * exp(...)` when every target is -1 (the fused backward adds the one-hot term once).
+//! - `logit_grad` (and its in-place twin): `g * (onehot(t) - exp(x - max - log_sum))` (no
+//!   one-hot term on a row whose target is outside the chunk, e.g. padding's -1).
 //!
 //! The projection's matmuls are Burn's (cubecl's tuned matmul); the chunking is the same as the
 //! reference's, so no buffer exceeds `max_chunk_elems`, which is kept under the device's largest
@@ -218,7 +218,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
     fn grad(
         &self,
         logits: Tensor<Cube<R, F, I, BT>, 2>,
-        targets: Option<&Tensor<Cube<R, F, I, BT>, 1, Int>>,
+        targets: &Tensor<Cube<R, F, I, BT>, 1, Int>,
         stats: &Tensor<Cube<R, F, I, BT>, 2>,
         g: &Tensor<Cube<R, F, I, BT>, 1>,
         offset: usize,
@@ -226,11 +226,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
         let rows = logits.dims()[0];
         let x = raw(logits.cast(DType::F32));
         let (count, dim) = launch_shape(&x, rows);
-        // Without targets, the kernel gets target -1 (in no column) on every row: no one-hot term.
-        let (t, offset) = match targets {
-            Some(t) => (raw_i32(t), offset as i32),
-            None => (raw_i32(&Tensor::<Cube<R, F, I, BT>, 1, Int>::full([rows], -1, &x.device)), 0),
-        };
+        let (t, offset) = (raw_i32(targets), offset as i32);
         let (client, l, g) = (x.client.clone(), raw(stats.clone()), raw(g.clone()));
         if x.can_mut() {
             let out = x.clone();

@@ -75,6 +75,14 @@ pub trait LogProbBackend: Backend {
         DEFAULT_MAX_CHUNK_ELEMS
     }
 
+    /// How many shards of a micro-batch the trainer's layer-wise backward runs at once, each on
+    /// its own host thread. 1 (the default) for devices, whose kernels already fill the device;
+    /// the CPU backend returns its thread count, because most of its element-wise kernels run
+    /// on the calling thread only.
+    fn host_shards(_device: &Self::Device) -> usize {
+        1
+    }
+
     /// `logp [N]` of `targets` under `logits [N, V]` (entry point; differentiable on
     /// `Autodiff`).
     fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -210,7 +218,11 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-impl LogProbBackend for burn::backend::Flex {}
+impl LogProbBackend for burn::backend::Flex {
+    fn host_shards(_device: &Self::Device) -> usize {
+        rayon::current_num_threads()
+    }
+}
 
 /// Per-token log-probs of `targets` under `logits` (negative targets: padding, log-prob 0).
 ///

@@ -82,12 +82,11 @@ pub trait RowOps<B: Backend> {
     ) -> LseState<B>;
 
     /// `g * (onehot(t - offset) - exp(logits - max - log_sum))`, in f32 (`g` already zero on
-    /// padding; `stats` as from [`LseState::finish`]). Without `targets`, only
-    /// `-g * exp(...)`: the caller adds the one-hot term itself.
+    /// padding; `stats` as from [`LseState::finish`]).
     fn grad(
         &self,
         logits: Tensor<B, 2>,
-        targets: Option<&Tensor<B, 1, Int>>,
+        targets: &Tensor<B, 1, Int>,
         stats: &Tensor<B, 2>,
         g: &Tensor<B, 1>,
         offset: usize,
@@ -112,7 +111,7 @@ impl<B: Backend> RowOps<B> for Plain {
     fn grad(
         &self,
         logits: Tensor<B, 2>,
-        targets: Option<&Tensor<B, 1, Int>>,
+        targets: &Tensor<B, 1, Int>,
         stats: &Tensor<B, 2>,
         g: &Tensor<B, 1>,
         offset: usize,
@@ -121,7 +120,6 @@ impl<B: Backend> RowOps<B> for Plain {
         let rows = stats.dims()[1];
         let col = |i| stats.clone().narrow(0, i, 1).reshape([rows, 1]);
         let minus_gp = (logits - col(0) - col(1)).exp() * g.clone().neg().unsqueeze_dim(1);
-        let Some(targets) = targets else { return minus_gp };
         // Plus `g` at the target when it falls in this chunk.
         let local = targets.clone().sub_scalar(offset as i64);
         let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(c as i64));
@@ -151,7 +149,7 @@ pub fn token_bwd<B: Backend>(
 ) -> Tensor<B, 2> {
     let dtype = logits.dtype();
     let g = masked_grad(grad, &targets);
-    ops.grad(logits.cast(DType::F32), Some(&targets), &stats, &g, 0).cast(dtype)
+    ops.grad(logits.cast(DType::F32), &targets, &stats, &g, 0).cast(dtype)
 }
 
 /// The f32 logits of rows `h` against vocabulary entries `c0..c1` of `weight`.
@@ -185,11 +183,10 @@ pub fn linear_fwd<B: Backend>(
 }
 
 /// Backward of the fused projection + log-prob. Vocabulary chunks outside, token chunks
-/// inside: each chunk of the weight's gradient is finished before the next begins (and the
-/// chunks are joined once at the end), each token chunk's hidden-state gradient accumulates over
-/// the vocabulary. The chunks carry `-g * softmax`; the one-hot term `g` at each target is added
-/// once at the end, as `g_n * weight[t_n]` to the hidden states' gradient and `g_n * hidden_n`
-/// to row `t_n` of the weight's.
+/// inside: each chunk of the weight's gradient is finished before the next begins and written
+/// into its rows of one `[V, H]` buffer, each token chunk's hidden-state gradient accumulates
+/// over the vocabulary. Each chunk's logit gradient carries the one-hot term `g` at the targets
+/// that fall in it, so both gradients get it through the same products.
 pub fn linear_bwd<B: Backend>(
     ops: &impl RowOps<B>,
     (hidden, weight, targets): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>),
@@ -198,21 +195,24 @@ pub fn linear_bwd<B: Backend>(
     chunks: Chunks,
     want: Want,
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
-    let (n, v) = (hidden.dims()[0], weight.dims()[0]);
+    let (n, [v, h_dim]) = (hidden.dims()[0], weight.dims());
     let g = masked_grad(grad, &targets);
     let rows: Vec<_> = row_ranges(n, chunks.rows)
         .map(|(r0, r1)| {
             let h = rows_of(hidden.clone(), r0, r1);
-            (h, stats.clone().narrow(1, r0, r1 - r0), rows_of(g.clone(), r0, r1))
+            let st = stats.clone().narrow(1, r0, r1 - r0);
+            (h, st, rows_of(g.clone(), r0, r1), rows_of(targets.clone(), r0, r1))
         })
         .collect();
     let mut dh: Vec<Option<Tensor<B, 2>>> = vec![None; rows.len()];
-    let mut dw = Vec::new();
+    // Each vocabulary chunk's rows are written into one buffer (no list of chunks to
+    // concatenate, no second copy for the one-hot term, which each chunk's gradient holds).
+    let mut dw = want.weight.then(|| Tensor::<B, 2>::zeros([v, h_dim], (&hidden.device(), DType::F32)));
     for (c0, c1) in row_ranges(v, chunks.vocab) {
         let w = weight.clone().narrow(0, c0, c1 - c0);
         let mut dw_c: Option<Tensor<B, 2>> = None;
-        for ((h, st, gr), dh_r) in rows.iter().zip(dh.iter_mut()) {
-            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), None, st, gr, c0).cast(hidden.dtype());
+        for ((h, st, gr, tg), dh_r) in rows.iter().zip(dh.iter_mut()) {
+            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), tg, st, gr, c0).cast(hidden.dtype());
             if want.hidden {
                 let part = gl.clone().matmul(w.clone()).cast(DType::F32);
                 *dh_r = Some(match dh_r.take() {
@@ -228,18 +228,10 @@ pub fn linear_bwd<B: Backend>(
                 });
             }
         }
-        dw.extend(dw_c);
+        if let (Some(all), Some(part)) = (dw.take(), dw_c) {
+            dw = Some(all.slice_assign([c0..c1, 0..h_dim], part));
+        }
     }
-    // The one-hot term (`g` is zero on padding, whose index is clamped to 0).
-    let index = targets.clamp_min(0);
-    let g_col = g.unsqueeze_dim(1);
-    let dh = want.hidden.then(|| {
-        let picked = weight.clone().select(0, index.clone()).cast(DType::F32) * g_col.clone();
-        (Tensor::cat(dh.into_iter().flatten().collect(), 0) + picked).cast(hidden.dtype())
-    });
-    let dw = want.weight.then(|| {
-        let rows = hidden.clone().cast(DType::F32) * g_col;
-        Tensor::cat(dw, 0).cast(DType::F32).select_assign(0, index, rows, IndexingUpdateOp::Add).cast(weight.dtype())
-    });
-    (dh, dw)
+    let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
+    (dh, dw.map(|dw| dw.cast(weight.dtype())))
 }

@@ -35,10 +35,12 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
-    bench::<TrainBackend>();
+    // As `fuserl` does; a setting of the user's (MALLOC_* variables) turns it off.
+    let kept = fuserl_backends::keep_freed_memory();
+    bench::<TrainBackend>(if kept { "freed memory kept" } else { "default malloc settings" });
 }
 
-fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>() {
+fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(malloc: &str) {
     let models = std::env::var_os("FUSERL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
@@ -115,7 +117,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
     let secs = times[times.len() / 2];
     let out = out.expect("at least one step");
     println!(
-        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB",
+        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB",
         logprobs,
         secs,
         steps,

@@ -6,11 +6,19 @@
 //! `layers + 1` hidden states, instead of every layer's graph; the price is a second forward pass
 //! of the decoder.
 //!
+//! On the CPU a micro-batch is cut into shards (as many as the backend has threads, see
+//! `LogProbBackend::host_shards`), each padded on its own and run on its own thread, one phase
+//! at a time: forward and head, then each layer's backward. Burn's CPU backend runs most
+//! element-wise kernels on the calling thread, so one shard alone keeps one core busy. Each
+//! shard works on a copy of the model whose parameters are fresh autodiff leaves (same ids, same
+//! buffers), so the shards' graphs stay apart; their gradients are added in shard order, so a
+//! run is reproducible on a given machine.
+//!
 //! The gradients are those of the whole graph: each layer sees the same inputs and the same
 //! incoming gradient (floating-point sums may associate differently, e.g. the two contributions
 //! to tied embeddings).
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -23,6 +31,23 @@ use crate::data::SeqTokens;
 use crate::error::{Result, TrainError};
 use crate::trainer::{padded_batch, score_targets};
 
+/// One shard of a micro-batch between the phases of [`layerwise_backward`].
+struct Shard<'a, B: AutodiffBackend> {
+    seqs: &'a [SeqTokens],
+    /// The shard's own copy of the model (fresh leaves); `None`: the model itself (one shard).
+    model: Option<LlamaModel<B>>,
+    inputs: Inputs,
+    context: Option<LayerContext<B>>,
+    /// Each decoder layer's input, from the graph-free forward; popped by the backward.
+    saved: Vec<Tensor<B::InnerBackend, 3>>,
+    /// The last hidden state (a leaf) and the sequences' log-probs, until the head's backward.
+    head: Option<(Tensor<B, 3>, Tensor<B, 1>)>,
+    /// `dL/dlogp` of the shard's sequences.
+    coef: Vec<f32>,
+    /// The gradient that reached the output of the layer to be back-propagated next.
+    upstream: Option<Tensor<B::InnerBackend, 3>>,
+}
+
 /// Back-propagate `sum_i coef_i * logp_i` for one micro-batch, recomputing each decoder layer in
 /// the backward pass, and add the parameters' gradients to `accumulator`. `coefficients` gets the
 /// sequences' log-probs (sum over response tokens) and returns `coef` (`dL/dlogp`).
@@ -33,51 +58,112 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     accumulator: &mut GradientsAccumulator<Llama<B>>,
     coefficients: impl FnOnce(&[f64]) -> Result<Vec<f32>>,
 ) -> Result<()> {
-    let inputs: Inputs = padded_batch(seqs);
-    let (s, t) = (seqs.len(), inputs.ids[0].len());
     let device = model.device();
-
-    // Forward without a graph, keeping each layer's input. The rotary tables and the mask are
-    // built once and shared by both passes.
-    let context = model.layer_context(&inputs, &inputs.valid);
+    let shards = B::host_shards(&device).clamp(1, seqs.len().max(1));
     let plain = LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype };
-    let plain_context = without_graph(&context);
-    let mut saved = Vec::with_capacity(plain.weights.layers.len());
-    let mut x = plain.embed(&inputs);
-    for layer in &plain.weights.layers {
-        saved.push(x.clone());
-        x = layer.forward(x, &plain_context, None);
+    let states = seqs.chunks(seqs.len().div_ceil(shards).max(1)).map(|part| Shard {
+        seqs: part,
+        model: (shards > 1).then(|| LlamaModel {
+            config: model.config.clone(),
+            weights: model.weights.clone().map(&mut FreshLeaves),
+            dtype: model.dtype,
+        }),
+        inputs: padded_batch(part),
+        context: None,
+        saved: Vec::new(),
+        head: None,
+        coef: Vec::new(),
+        upstream: None,
+    });
+
+    // Forward without a graph, keeping each layer's input, then the head (final norm,
+    // log-probs) under autodiff from the last hidden state. The rotary tables and the mask are
+    // built once and shared by both passes.
+    let states = parallel(states.collect(), |mut shard| {
+        let own = shard.model.as_ref().unwrap_or(model);
+        let context = own.layer_context(&shard.inputs, &shard.inputs.valid);
+        let plain_context = without_graph(&context);
+        let mut x = plain.embed(&shard.inputs);
+        for layer in &plain.weights.layers {
+            shard.saved.push(x.clone());
+            x = layer.forward(x, &plain_context, None);
+        }
+        let t = shard.inputs.ids[0].len();
+        let last = Tensor::<B, 3>::from_inner(x).require_grad();
+        let hidden = own.weights.norm.forward(last.clone());
+        let targets = score_targets(shard.seqs, &shard.inputs, &device);
+        let logps = hidden_logprobs(own, hidden.narrow(1, 0, t - 1), targets, path).sum_dim(1);
+        shard.head = Some((last, logps.reshape([shard.seqs.len()])));
+        shard.context = Some(context);
+        shard
+    });
+    let mut host = Vec::with_capacity(seqs.len());
+    for (_, logps) in states.iter().filter_map(|shard| shard.head.as_ref()) {
+        host.extend(logps.clone().into_data().iter::<f32>().map(f64::from));
     }
-    drop(plain_context);
-
-    // The head (final norm, log-probs) under autodiff from the last hidden state.
-    let last = Tensor::<B, 3>::from_inner(x).require_grad();
-    let hidden = model.weights.norm.forward(last.clone());
-    let targets = score_targets(seqs, &inputs, &device);
-    let logps = hidden_logprobs(model, hidden.narrow(1, 0, t - 1), targets, path).sum_dim(1).reshape([s]);
-    let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
     let coef = coefficients(&host)?;
-    let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [s]), (&device, DType::F32));
-    let mut grads = (logps * coef).sum().backward();
-    let mut upstream = last.grad_remove(&mut grads).ok_or_else(|| missing("the last hidden state"))?;
-    accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
+    let mut rest = coef.as_slice();
+    let mut states: Vec<Shard<'_, B>> = states
+        .into_iter()
+        .map(|mut shard| {
+            let (mine, others) = rest.split_at(shard.seqs.len().min(rest.len()));
+            shard.coef = mine.to_vec();
+            rest = others;
+            shard
+        })
+        .collect();
 
-    // The layers, last to first, each re-run from its input.
-    for (layer, input) in model.weights.layers.iter().zip(saved.drain(..)).rev() {
-        let x = Tensor::<B, 3>::from_inner(input).require_grad();
-        let y = layer.forward(x.clone(), &context, None);
-        let mut grads = (y * Tensor::from_inner(upstream)).sum().backward();
-        upstream = x.grad_remove(&mut grads).ok_or_else(|| missing("a decoder layer's input"))?;
-        accumulator.accumulate(&model.weights, GradientsParams::from_module(&mut grads, layer));
+    // The head's backward, then the layers, last to first, each re-run from its input.
+    for _ in 0..=model.weights.layers.len() {
+        let done = parallel(states, |mut shard| -> Result<(Shard<'_, B>, GradientsParams)> {
+            let own = shard.model.as_ref().unwrap_or(model);
+            let (input, mut grads) = match shard.head.take() {
+                Some((last, logps)) => {
+                    let coef = TensorData::new(shard.coef.clone(), [shard.coef.len()]);
+                    let coef = Tensor::<B, 1>::from_data(coef, (&device, DType::F32));
+                    (last, (logps * coef).sum().backward())
+                }
+                None => {
+                    let context = shard.context.as_ref().ok_or_else(|| missing("a shard's layer context"))?;
+                    let input = shard.saved.pop().ok_or_else(|| missing("a decoder layer's saved input"))?;
+                    let upstream =
+                        shard.upstream.take().ok_or_else(|| missing("the gradient at a decoder layer's output"))?;
+                    let x = Tensor::<B, 3>::from_inner(input).require_grad();
+                    let y = own.weights.layers[shard.saved.len()].forward(x.clone(), context, None);
+                    (x, (y * Tensor::from_inner(upstream)).sum().backward())
+                }
+            };
+            shard.upstream =
+                Some(input.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at a layer's input"))?);
+            let params = match shard.saved.len() {
+                // After the head: the whole model's (the embeddings may be tied to the head).
+                n if n == model.weights.layers.len() => GradientsParams::from_grads(grads, &own.weights),
+                n => GradientsParams::from_module(&mut grads, &own.weights.layers[n]),
+            };
+            Ok((shard, params))
+        });
+        states = Vec::with_capacity(done.len());
+        for result in done {
+            let (shard, params) = result?;
+            accumulator.accumulate(&model.weights, params);
+            states.push(shard);
+        }
     }
 
     // The embeddings: each token's upstream row is added at its id into the embeddings'
-    // gradient (which already holds the head's contribution when the head is tied to them),
-    // without autodiff's `[vocab, hidden]` zeros for the lookup's own gradient.
-    let [b, _, h] = upstream.dims();
-    let rows = upstream.reshape([b * t, h]).cast(DType::F32);
-    let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
-    let ids = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(flat, [b * t]), &rows.device());
+    // gradient (which already holds the head's contribution when the head is tied to them), in
+    // one pass for all shards, without autodiff's `[vocab, hidden]` zeros for the lookup's own
+    // gradient.
+    let mut rows = Vec::with_capacity(states.len());
+    let mut flat: Vec<i32> = Vec::new();
+    for shard in states {
+        let upstream = shard.upstream.ok_or_else(|| missing("the gradient at the embeddings' output"))?;
+        let [b, t, h] = upstream.dims();
+        rows.push(upstream.reshape([b * t, h]).cast(DType::F32));
+        flat.extend(shard.inputs.ids.iter().flatten().map(|&i| i as i32));
+    }
+    let rows = Tensor::cat(rows, 0);
+    let ids = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(flat, [rows.dims()[0]]), &rows.device());
     let id = model.weights.embed_tokens.id;
     let mut all = accumulator.grads();
     let embed = all.remove::<B::InnerBackend, 2>(id).map_or_else(
@@ -90,6 +176,36 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     Ok(())
 }
 
+/// Runs `f` on each item, the first on this thread and the others each on its own thread, and
+/// returns the results in the items' order.
+fn parallel<S: Send, T: Send>(items: Vec<S>, f: impl Fn(S) -> T + Sync) -> Vec<T> {
+    if items.len() <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    std::thread::scope(|scope| {
+        let mut items = items.into_iter();
+        let first = items.next();
+        let f = &f;
+        let others: Vec<_> = items.map(|item| scope.spawn(move || f(item))).collect();
+        let mut out: Vec<T> = first.into_iter().map(f).collect();
+        for handle in others {
+            out.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        }
+        out
+    })
+}
+
+/// Gives every trainable parameter a new autodiff leaf over the same buffer, keeping its id.
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tensor = if tensor.is_require_grad() { Tensor::from_inner(tensor.inner()).require_grad() } else { tensor };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
 /// The same tables on the inner backend (shared buffers, no copy).
 fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::InnerBackend> {
     let pair = |(cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)| (cos.clone().inner(), sin.clone().inner());
@@ -100,5 +216,5 @@ fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::Inn
 }
 
 fn missing(what: &str) -> TrainError {
-    TrainError::Data(format!("internal error: no gradient reached {what} in the layer-wise backward pass"))
+    TrainError::Data(format!("internal error: {what} is missing in the layer-wise backward pass"))
 }
