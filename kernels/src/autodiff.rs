@@ -8,6 +8,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use crate::{Chunks, LogProbBackend, Want};
@@ -59,6 +60,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
 
     fn host_shards(device: &Self::Device) -> usize {
         B::host_shards(device)
+    }
+
+    fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::add_rows(Self::inner(tensor), ids, Self::inner(rows)))
     }
 
     fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {

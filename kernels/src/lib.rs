@@ -32,7 +32,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 mod autodiff;
 #[cfg(feature = "cubecl")]
@@ -145,6 +145,17 @@ pub trait LogProbBackend: Backend {
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
         with_ops::linear_bwd::<Self>(&reference::Plain, (hidden, weight, targets), stats, grad, chunks, want)
     }
+
+    /// `tensor[ids[i]] += rows[i]` for `tensor [V, H]`, `ids [N]`, `rows [N, H]`, in the order
+    /// of `ids`: Burn's `select_assign` with `Add`, which writes in place where the backend can.
+    /// Not differentiable (it is for gradient buffers).
+    fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        select_add_rows::<Self>(tensor, ids, rows)
+    }
+}
+
+fn select_add_rows<B: Backend>(tensor: FloatTensor<B>, ids: IntTensor<B>, rows: FloatTensor<B>) -> FloatTensor<B> {
+    prim(float::<B, 2>(tensor).select_assign(0, int::<B, 1>(ids), float(rows), IndexingUpdateOp::Add))
 }
 
 /// Which gradients a backward pass must produce.
@@ -222,6 +233,34 @@ impl LogProbBackend for burn::backend::Flex {
     fn host_shards(_device: &Self::Device) -> usize {
         rayon::current_num_threads()
     }
+
+    /// In place when nothing else holds `tensor` (flex's `select_assign` copies it first: the
+    /// whole embeddings' gradient, for a few hundred rows).
+    fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (dims, h) = (tensor.layout().shape().clone(), rows.layout().shape()[1]);
+        let f32s = tensor.dtype() == DType::F32 && rows.dtype() == DType::F32;
+        if !f32s || dims.num_dims() != 2 || dims[1] != h || !matches!(ids.dtype(), DType::I32 | DType::I64) {
+            return select_add_rows::<Self>(tensor, ids, rows);
+        }
+        let ids: Vec<i64> = match ids.dtype() {
+            DType::I32 => ids.to_contiguous().storage::<i32>().iter().map(|&i| i64::from(i)).collect(),
+            _ => ids.to_contiguous().storage::<i64>().to_vec(),
+        };
+        let rows = rows.to_contiguous();
+        let src = &rows.storage::<f32>()[rows.layout().start_offset()..];
+        let mut out = tensor.to_contiguous();
+        drop(tensor); // `out` is then the only holder of its buffer, unless someone else holds it
+        let start = out.layout().start_offset();
+        let dst = &mut out.storage_mut::<f32>()[start..];
+        for (i, &id) in ids.iter().enumerate() {
+            let row = usize::try_from(id).ok().filter(|&r| r < dims[0]);
+            let row = row.unwrap_or_else(|| panic!("add_rows: row {id} is outside 0..{}", dims[0]));
+            for (d, s) in dst[row * h..(row + 1) * h].iter_mut().zip(&src[i * h..(i + 1) * h]) {
+                *d += *s;
+            }
+        }
+        out
+    }
 }
 
 /// Per-token log-probs of `targets` under `logits` (negative targets: padding, log-prob 0).
@@ -273,5 +312,32 @@ mod tests {
         assert_eq!(Chunks::plan(7, 100, 1 << 20), Chunks { rows: 7, vocab: 100 });
         assert_eq!(Chunks::plan(8192, 128_256, 1 << 24).vocab, 2048);
         assert_eq!(Chunks::plan(2048, 49_152, DEFAULT_MAX_CHUNK_ELEMS), Chunks { rows: 2048, vocab: 2048 });
+    }
+
+    /// Flex's in-place `add_rows` against the sums written out on the host, with repeated rows,
+    /// and with the tensor also held elsewhere (which must not change).
+    #[test]
+    fn flex_add_rows_adds_each_row_in_order() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let (v, h) = (5, 3);
+        let base: Vec<f32> = (0..v * h).map(|i| i as f32 * 0.5).collect();
+        let ids = [4i32, 1, 4, 0];
+        let rows: Vec<f32> = (0..ids.len() * h).map(|i| 1.0 + i as f32 * 0.25).collect();
+        let mut expected = base.clone();
+        for (i, &id) in ids.iter().enumerate() {
+            for j in 0..h {
+                expected[id as usize * h + j] += rows[i * h + j];
+            }
+        }
+        let device = Default::default();
+        let tensor = Tensor::<Flex, 2>::from_data(TensorData::new(base.clone(), [v, h]), &device);
+        let held = tensor.clone();
+        let ids = Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &device);
+        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [4, h]), &device);
+        let out = Flex::add_rows(prim(tensor), ids.into_primitive(), prim(rows));
+        let out: Vec<f32> = float::<Flex, 2>(out).into_data().to_vec().unwrap();
+        assert_eq!(out, expected);
+        assert_eq!(held.into_data().to_vec::<f32>().unwrap(), base);
     }
 }

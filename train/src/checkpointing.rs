@@ -7,12 +7,13 @@
 //! of the decoder.
 //!
 //! On the CPU a micro-batch is cut into shards (as many as the backend has threads, see
-//! `LogProbBackend::host_shards`), each padded on its own and run on its own thread, one phase
-//! at a time: forward and head, then each layer's backward. Burn's CPU backend runs most
-//! element-wise kernels on the calling thread, so one shard alone keeps one core busy. Each
-//! shard works on a copy of the model whose parameters are fresh autodiff leaves (same ids, same
+//! `LogProbBackend::host_shards`), each padded on its own and run on its own thread for the
+//! graph-free forward and for each layer's backward; Burn's CPU backend runs most element-wise
+//! kernels on the calling thread, so one shard alone keeps one core busy. Each shard re-runs
+//! its layers on a copy of the model whose parameters are fresh autodiff leaves (same ids, same
 //! buffers), so the shards' graphs stay apart; their gradients are added in shard order, so a
-//! run is reproducible on a given machine.
+//! run is reproducible on a given machine. The head (final norm and log-probs) runs once over
+//! every shard's tokens, which keeps a single `[vocab, hidden]` gradient for its weight.
 //!
 //! The gradients are those of the whole graph: each layer sees the same inputs and the same
 //! incoming gradient (floating-point sums may associate differently, e.g. the two contributions
@@ -21,7 +22,7 @@
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use fuserl_core::recipe::LogProbPath;
 use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{Inputs, LayerContext, Llama, LlamaModel, Rope};
@@ -40,10 +41,6 @@ struct Shard<'a, B: AutodiffBackend> {
     context: Option<LayerContext<B>>,
     /// Each decoder layer's input, from the graph-free forward; popped by the backward.
     saved: Vec<Tensor<B::InnerBackend, 3>>,
-    /// The last hidden state (a leaf) and the sequences' log-probs, until the head's backward.
-    head: Option<(Tensor<B, 3>, Tensor<B, 1>)>,
-    /// `dL/dlogp` of the shard's sequences.
-    coef: Vec<f32>,
     /// The gradient that reached the output of the layer to be back-propagated next.
     upstream: Option<Tensor<B::InnerBackend, 3>>,
 }
@@ -71,15 +68,12 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
         inputs: padded_batch(part),
         context: None,
         saved: Vec::new(),
-        head: None,
-        coef: Vec::new(),
         upstream: None,
     });
 
-    // Forward without a graph, keeping each layer's input, then the head (final norm,
-    // log-probs) under autodiff from the last hidden state. The rotary tables and the mask are
+    // Forward without a graph, keeping each layer's input. The rotary tables and the mask are
     // built once and shared by both passes.
-    let states = parallel(states.collect(), |mut shard| {
+    let mut states = parallel(states.collect(), |mut shard| {
         let own = shard.model.as_ref().unwrap_or(model);
         let context = own.layer_context(&shard.inputs, &shard.inputs.valid);
         let plain_context = without_graph(&context);
@@ -88,58 +82,60 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
             shard.saved.push(x.clone());
             x = layer.forward(x, &plain_context, None);
         }
-        let t = shard.inputs.ids[0].len();
-        let last = Tensor::<B, 3>::from_inner(x).require_grad();
-        let hidden = own.weights.norm.forward(last.clone());
-        let targets = score_targets(shard.seqs, &shard.inputs, &device);
-        let logps = hidden_logprobs(own, hidden.narrow(1, 0, t - 1), targets, path).sum_dim(1);
-        shard.head = Some((last, logps.reshape([shard.seqs.len()])));
         shard.context = Some(context);
-        shard
+        (shard, x)
     });
-    let mut host = Vec::with_capacity(seqs.len());
-    for (_, logps) in states.iter().filter_map(|shard| shard.head.as_ref()) {
-        host.extend(logps.clone().into_data().iter::<f32>().map(f64::from));
+
+    // The head (final norm, log-probs) under autodiff from the last hidden states, once over
+    // every shard's tokens (one gradient for the head's weight, not one per shard).
+    let mut lasts = Vec::with_capacity(states.len());
+    let mut hidden = Vec::with_capacity(states.len());
+    let mut targets = Vec::with_capacity(states.len());
+    for (shard, x) in &mut states {
+        let last = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+        let [b, t, h] = last.dims();
+        let normed = model.weights.norm.forward(last.clone()).narrow(1, 0, t - 1);
+        hidden.push(normed.reshape([b * (t - 1), h]));
+        targets.push(score_targets(shard.seqs, &shard.inputs, &device).reshape([b * (t - 1)]));
+        lasts.push(last);
     }
+    let hidden = Tensor::cat(hidden, 0).unsqueeze_dim::<3>(0);
+    let token_logps = hidden_logprobs(model, hidden, Tensor::cat(targets, 0).unsqueeze_dim(0), path);
+    let mut sums = Vec::with_capacity(states.len());
+    let mut offset = 0;
+    for (shard, _) in &states {
+        let [b, t] = [shard.seqs.len(), shard.inputs.ids[0].len() - 1];
+        sums.push(token_logps.clone().narrow(1, offset, b * t).reshape([b, t]).sum_dim(1).reshape([b]));
+        offset += b * t;
+    }
+    let logps = Tensor::cat(sums, 0);
+    let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
     let coef = coefficients(&host)?;
-    let mut rest = coef.as_slice();
+    let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
+    let mut grads = (logps * coef).sum().backward();
     let mut states: Vec<Shard<'_, B>> = states
         .into_iter()
-        .map(|mut shard| {
-            let (mine, others) = rest.split_at(shard.seqs.len().min(rest.len()));
-            shard.coef = mine.to_vec();
-            rest = others;
-            shard
+        .zip(lasts)
+        .map(|((mut shard, _), last)| {
+            shard.upstream =
+                Some(last.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at the last hidden state"))?);
+            Ok(shard)
         })
-        .collect();
+        .collect::<Result<_>>()?;
+    accumulator.accumulate(&model.weights, GradientsParams::from_grads(grads, &model.weights));
 
-    // The head's backward, then the layers, last to first, each re-run from its input.
-    for _ in 0..=model.weights.layers.len() {
+    // The layers, last to first, each re-run from its input.
+    for _ in 0..model.weights.layers.len() {
         let done = parallel(states, |mut shard| -> Result<(Shard<'_, B>, GradientsParams)> {
             let own = shard.model.as_ref().unwrap_or(model);
-            let (input, mut grads) = match shard.head.take() {
-                Some((last, logps)) => {
-                    let coef = TensorData::new(shard.coef.clone(), [shard.coef.len()]);
-                    let coef = Tensor::<B, 1>::from_data(coef, (&device, DType::F32));
-                    (last, (logps * coef).sum().backward())
-                }
-                None => {
-                    let context = shard.context.as_ref().ok_or_else(|| missing("a shard's layer context"))?;
-                    let input = shard.saved.pop().ok_or_else(|| missing("a decoder layer's saved input"))?;
-                    let upstream =
-                        shard.upstream.take().ok_or_else(|| missing("the gradient at a decoder layer's output"))?;
-                    let x = Tensor::<B, 3>::from_inner(input).require_grad();
-                    let y = own.weights.layers[shard.saved.len()].forward(x.clone(), context, None);
-                    (x, (y * Tensor::from_inner(upstream)).sum().backward())
-                }
-            };
-            shard.upstream =
-                Some(input.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at a layer's input"))?);
-            let params = match shard.saved.len() {
-                // After the head: the whole model's (the embeddings may be tied to the head).
-                n if n == model.weights.layers.len() => GradientsParams::from_grads(grads, &own.weights),
-                n => GradientsParams::from_module(&mut grads, &own.weights.layers[n]),
-            };
+            let context = shard.context.as_ref().ok_or_else(|| missing("a shard's layer context"))?;
+            let input = shard.saved.pop().ok_or_else(|| missing("a decoder layer's saved input"))?;
+            let upstream = shard.upstream.take().ok_or_else(|| missing("the gradient at a decoder layer's output"))?;
+            let x = Tensor::<B, 3>::from_inner(input).require_grad();
+            let layer = &own.weights.layers[shard.saved.len()];
+            let mut grads = (layer.forward(x.clone(), context, None) * Tensor::from_inner(upstream)).sum().backward();
+            let params = GradientsParams::from_module(&mut grads, layer);
+            shard.upstream = Some(x.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at a layer's input"))?);
             Ok((shard, params))
         });
         states = Vec::with_capacity(done.len());
@@ -152,8 +148,8 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
 
     // The embeddings: each token's upstream row is added at its id into the embeddings'
     // gradient (which already holds the head's contribution when the head is tied to them), in
-    // one pass for all shards, without autodiff's `[vocab, hidden]` zeros for the lookup's own
-    // gradient.
+    // one pass for all shards and in place where the backend can (`LogProbBackend::add_rows`),
+    // without autodiff's `[vocab, hidden]` zeros for the lookup's own gradient.
     let mut rows = Vec::with_capacity(states.len());
     let mut flat: Vec<i32> = Vec::new();
     for shard in states {
@@ -162,16 +158,17 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
         rows.push(upstream.reshape([b * t, h]).cast(DType::F32));
         flat.extend(shard.inputs.ids.iter().flatten().map(|&i| i as i32));
     }
-    let rows = Tensor::cat(rows, 0);
-    let ids = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(flat, [rows.dims()[0]]), &rows.device());
+    let rows = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
+    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows.dims()[0]]), &device);
     let id = model.weights.embed_tokens.id;
     let mut all = accumulator.grads();
     let embed = all.remove::<B::InnerBackend, 2>(id).map_or_else(
-        || Tensor::zeros(model.weights.embed_tokens.val().dims(), (&rows.device(), DType::F32)),
-        |g| g.cast(DType::F32),
+        || Tensor::zeros(model.weights.embed_tokens.val().dims(), (&device, DType::F32)),
+        |g| Tensor::<B, 2>::from_inner(g.cast(DType::F32)),
     );
+    let sum = B::add_rows(embed.into_primitive().tensor(), ids.into_primitive(), rows.into_primitive().tensor());
     let dtype = model.weights.embed_tokens.val().dtype();
-    all.register(id, embed.select_assign(0, ids, rows, IndexingUpdateOp::Add).cast(dtype));
+    all.register(id, Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(sum)).inner().cast(dtype));
     accumulator.accumulate(&model.weights, all);
     Ok(())
 }
