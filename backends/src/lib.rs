@@ -22,7 +22,7 @@ pub use fuserl_kernels::LogProbBackend;
 /// over and over, up to the embeddings' `[vocab, hidden]`; glibc's defaults give every block
 /// over 32 MiB back to the system when it is freed, and keep only a little free memory at the
 /// top of the heap, so each new tensor starts as fresh pages that the kernel must fault in and
-/// zero (1.2 s of a 9.5 s DPO step on SmolLM2-135M, docs/benchmarks.md). This sets: blocks up to
+/// zero (about 10% of a DPO step on SmolLM2-135M, docs/benchmarks.md). This sets: blocks up to
 /// 1 GiB come from the heap, free memory stays there, and one arena for every thread (a second
 /// arena cannot reuse the first one's free memory, and allocations over 64 MiB from a thread's
 /// arena are always fresh pages). Peak memory is what it was; the process keeps it until it
