@@ -41,14 +41,15 @@ pub fn keep_freed_memory() -> bool {
 #[allow(unsafe_code)] // The one call into the C library outside the plugin ABI; see below.
 fn tune_glibc() -> bool {
     let settings = [(libc::M_MMAP_THRESHOLD, 1 << 30), (libc::M_TRIM_THRESHOLD, i32::MAX), (libc::M_ARENA_MAX, 1)];
-    settings.iter().all(|&(param, value)| {
+    // Every setting is tried; true when glibc took them all.
+    settings.iter().fold(true, |all, &(param, value)| {
         // SAFETY: mallopt only sets glibc's malloc parameters (under its own lock); the values
         // are in the ranges glibc documents, and it returns 0 for any it refuses.
         let ok = unsafe { libc::mallopt(param, value) } == 1;
         if !ok {
             tracing::debug!(param, value, "glibc refused a malloc setting");
         }
-        ok
+        all && ok
     })
 }
 

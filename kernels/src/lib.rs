@@ -237,21 +237,26 @@ impl LogProbBackend for burn::backend::Flex {
     /// In place when nothing else holds `tensor` (flex's `select_assign` copies it first: the
     /// whole embeddings' gradient, for a few hundred rows).
     fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (dims, h) = (tensor.layout().shape().clone(), rows.layout().shape()[1]);
+        let (dims, rows_dims) = (tensor.layout().shape().clone(), rows.layout().shape().clone());
         let f32s = tensor.dtype() == DType::F32 && rows.dtype() == DType::F32;
-        if !f32s || dims.num_dims() != 2 || dims[1] != h || !matches!(ids.dtype(), DType::I32 | DType::I64) {
+        let shapes = dims.num_dims() == 2 && rows_dims.num_dims() == 2 && rows_dims[1] == dims[1];
+        let shapes = shapes && ids.layout().shape().num_elements() == rows_dims[0];
+        // Anything else goes to Burn's op, which checks and reports the shapes.
+        if !f32s || !shapes || !matches!(ids.dtype(), DType::I32 | DType::I64) {
             return select_add_rows::<Self>(tensor, ids, rows);
         }
+        let h = dims[1];
+        // `to_contiguous` gives a buffer that is exactly the tensor (a copy for a view).
+        let ids = ids.to_contiguous();
         let ids: Vec<i64> = match ids.dtype() {
-            DType::I32 => ids.to_contiguous().storage::<i32>().iter().map(|&i| i64::from(i)).collect(),
-            _ => ids.to_contiguous().storage::<i64>().to_vec(),
+            DType::I32 => ids.storage::<i32>().iter().map(|&i| i64::from(i)).collect(),
+            _ => ids.storage::<i64>().to_vec(),
         };
         let rows = rows.to_contiguous();
-        let src = &rows.storage::<f32>()[rows.layout().start_offset()..];
+        let src = rows.storage::<f32>();
         let mut out = tensor.to_contiguous();
-        drop(tensor); // `out` is then the only holder of its buffer, unless someone else holds it
-        let start = out.layout().start_offset();
-        let dst = &mut out.storage_mut::<f32>()[start..];
+        drop(tensor); // so that `storage_mut` copies only when the caller still holds the buffer
+        let dst = out.storage_mut::<f32>();
         for (i, &id) in ids.iter().enumerate() {
             let row = usize::try_from(id).ok().filter(|&r| r < dims[0]);
             let row = row.unwrap_or_else(|| panic!("add_rows: row {id} is outside 0..{}", dims[0]));
@@ -315,7 +320,8 @@ mod tests {
     }
 
     /// Flex's in-place `add_rows` against the sums written out on the host, with repeated rows,
-    /// and with the tensor also held elsewhere (which must not change).
+    /// ids and rows that are views into larger buffers, and the tensor also held elsewhere
+    /// (which must not change).
     #[test]
     fn flex_add_rows_adds_each_row_in_order() {
         use burn::backend::Flex;
@@ -323,18 +329,20 @@ mod tests {
         let (v, h) = (5, 3);
         let base: Vec<f32> = (0..v * h).map(|i| i as f32 * 0.5).collect();
         let ids = [4i32, 1, 4, 0];
-        let rows: Vec<f32> = (0..ids.len() * h).map(|i| 1.0 + i as f32 * 0.25).collect();
+        // One row in front of each, cut off by `narrow` below (views that do not start at 0).
+        let rows: Vec<f32> = (0..(ids.len() + 1) * h).map(|i| 1.0 + i as f32 * 0.25).collect();
         let mut expected = base.clone();
         for (i, &id) in ids.iter().enumerate() {
             for j in 0..h {
-                expected[id as usize * h + j] += rows[i * h + j];
+                expected[id as usize * h + j] += rows[(i + 1) * h + j];
             }
         }
         let device = Default::default();
         let tensor = Tensor::<Flex, 2>::from_data(TensorData::new(base.clone(), [v, h]), &device);
         let held = tensor.clone();
-        let ids = Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &device);
-        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [4, h]), &device);
+        let ids: Vec<i32> = [3].iter().chain(&ids).copied().collect();
+        let ids = Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids, [5]), &device).narrow(0, 1, 4);
+        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [5, h]), &device).narrow(0, 1, 4);
         let out = Flex::add_rows(prim(tensor), ids.into_primitive(), prim(rows));
         let out: Vec<f32> = float::<Flex, 2>(out).into_data().to_vec().unwrap();
         assert_eq!(out, expected);

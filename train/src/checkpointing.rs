@@ -10,7 +10,7 @@
 //! `LogProbBackend::host_shards`), each padded on its own and run on its own thread for the
 //! graph-free forward and for each layer's backward; Burn's CPU backend runs most element-wise
 //! kernels on the calling thread, so one shard alone keeps one core busy. Each shard re-runs
-//! its layers on a copy of the model whose parameters are fresh autodiff leaves (same ids, same
+//! its layers on a copy of them whose parameters are fresh autodiff leaves (same ids, same
 //! buffers), so the shards' graphs stay apart; their gradients are added in shard order, so a
 //! run is reproducible on a given machine. The head (final norm and log-probs) runs once over
 //! every shard's tokens, which keeps a single `[vocab, hidden]` gradient for its weight.
@@ -25,7 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use fuserl_core::recipe::LogProbPath;
 use fuserl_kernels::LogProbBackend;
-use fuserl_model::llama::{Inputs, LayerContext, Llama, LlamaModel, Rope};
+use fuserl_model::llama::{DecoderLayer, Inputs, LayerContext, Llama, LlamaModel, Rope};
 use fuserl_model::logprobs::hidden_logprobs;
 
 use crate::data::SeqTokens;
@@ -35,8 +35,9 @@ use crate::trainer::{padded_batch, score_targets};
 /// One shard of a micro-batch between the phases of [`layerwise_backward`].
 struct Shard<'a, B: AutodiffBackend> {
     seqs: &'a [SeqTokens],
-    /// The shard's own copy of the model (fresh leaves); `None`: the model itself (one shard).
-    model: Option<LlamaModel<B>>,
+    /// The shard's own copy of the decoder layers (fresh leaves); `None`: the model's own (one
+    /// shard).
+    layers: Option<Vec<DecoderLayer<B>>>,
     inputs: Inputs,
     context: Option<LayerContext<B>>,
     /// Each decoder layer's input, from the graph-free forward; popped by the backward.
@@ -60,11 +61,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     let plain = LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype };
     let states = seqs.chunks(seqs.len().div_ceil(shards).max(1)).map(|part| Shard {
         seqs: part,
-        model: (shards > 1).then(|| LlamaModel {
-            config: model.config.clone(),
-            weights: model.weights.clone().map(&mut FreshLeaves),
-            dtype: model.dtype,
-        }),
+        layers: (shards > 1).then(|| model.weights.layers.clone().map(&mut FreshLeaves)),
         inputs: padded_batch(part),
         context: None,
         saved: Vec::new(),
@@ -73,9 +70,8 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
 
     // Forward without a graph, keeping each layer's input. The rotary tables and the mask are
     // built once and shared by both passes.
-    let mut states = parallel(states.collect(), |mut shard| {
-        let own = shard.model.as_ref().unwrap_or(model);
-        let context = own.layer_context(&shard.inputs, &shard.inputs.valid);
+    let states = parallel(states.collect(), |mut shard| {
+        let context = model.layer_context(&shard.inputs, &shard.inputs.valid);
         let plain_context = without_graph(&context);
         let mut x = plain.embed(&shard.inputs);
         for layer in &plain.weights.layers {
@@ -91,7 +87,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     let mut lasts = Vec::with_capacity(states.len());
     let mut hidden = Vec::with_capacity(states.len());
     let mut targets = Vec::with_capacity(states.len());
-    for (shard, x) in &mut states {
+    for (shard, x) in &states {
         let last = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
         let [b, t, h] = last.dims();
         let normed = model.weights.norm.forward(last.clone()).narrow(1, 0, t - 1);
@@ -127,12 +123,12 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     // The layers, last to first, each re-run from its input.
     for _ in 0..model.weights.layers.len() {
         let done = parallel(states, |mut shard| -> Result<(Shard<'_, B>, GradientsParams)> {
-            let own = shard.model.as_ref().unwrap_or(model);
+            let layers = shard.layers.as_deref().unwrap_or(&model.weights.layers);
             let context = shard.context.as_ref().ok_or_else(|| missing("a shard's layer context"))?;
             let input = shard.saved.pop().ok_or_else(|| missing("a decoder layer's saved input"))?;
             let upstream = shard.upstream.take().ok_or_else(|| missing("the gradient at a decoder layer's output"))?;
             let x = Tensor::<B, 3>::from_inner(input).require_grad();
-            let layer = &own.weights.layers[shard.saved.len()];
+            let layer = &layers[shard.saved.len()];
             let mut grads = (layer.forward(x.clone(), context, None) * Tensor::from_inner(upstream)).sum().backward();
             let params = GradientsParams::from_module(&mut grads, layer);
             shard.upstream = Some(x.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at a layer's input"))?);
