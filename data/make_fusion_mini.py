@@ -123,6 +123,8 @@ def main() -> None:
     (HERE / "fusion-mini-target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target))
     (HERE / "fusion-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_prompt))
     (HERE / "fusion-mini-flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    prompts = [{"id": pid, "prompt": prompt} for pid, prompt, _, _ in DATA]
+    (HERE / "prompts-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
 
 
 if __name__ == "__main__":

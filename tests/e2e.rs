@@ -197,16 +197,17 @@ fn plugins_list_shows_every_builtin() {
         ("objective", "simpo"),
         ("objective", "rloo"),
         ("objective", "wrpo"),
+        ("source", "openai"),
+        ("source", "local"),
     ] {
         let line = listing
             .lines()
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
             .unwrap_or_else(|| panic!("no line for {point} {name} in\n{listing}"));
-        assert!(line.contains("built-in (fuserl-plugins)"), "{line}");
-        assert!(
-            line.split("built-in (fuserl-plugins)").nth(1).is_some_and(|s| s.trim().len() > 10),
-            "no summary: {line}"
-        );
+        // `local` runs a model, so it lives beside the trainer.
+        let origin = if name == "local" { "built-in (fuserl-train)" } else { "built-in (fuserl-plugins)" };
+        assert!(line.contains(origin), "{line}");
+        assert!(line.split(origin).nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
     }
 }
 
@@ -333,6 +334,29 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     );
     assert!(dir.path().join("runs/quickstart/export/model.safetensors").is_file());
     assert!(dir.path().join("runs/quickstart/export/tokenizer.json").is_file());
+    // Issue 18: what the first run shows.
+    let stderr = text(&out.stderr);
+    // Log fields, not Debug dumps.
+    assert!(stderr.contains("prepared examples") && stderr.contains(" prompts="), "{stderr}");
+    assert!(!stderr.contains("PrepareStats"), "{stderr}");
+    // Paths with `..` resolved: the recipe's `../data/...` lies outside this folder, so it is
+    // shown absolute.
+    let data = repo().join("data/fusion-mini.jsonl");
+    assert!(stderr.contains(&format!("file={}", data.display())), "{stderr}");
+    assert!(!stderr.contains("/../") && !stdout.contains("/../"), "{stderr}{stdout}");
+    // Each stage ends at its true last step (the bars draw nothing off a terminal; one line
+    // per stage stands for them).
+    let metrics = std::fs::read_to_string(dir.path().join("runs/quickstart/metrics.jsonl")).expect("metrics");
+    for stage in ["sft", "po"] {
+        let last = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|v| v["stage"] == stage)
+            .map(|v| v["step"].as_u64().expect("step"))
+            .max()
+            .expect("steps");
+        assert!(stderr.contains(&format!("{stage}: {last}/{last} steps, loss ")), "{stage}: {stderr}");
+    }
     let again = fuserl(&["run", &recipe], dir.path());
     assert!(again.status.success());
     assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
@@ -403,5 +427,63 @@ fn logprobs_and_generate_report_bad_input_with_its_place() {
         text(&missing.stderr).contains("/nonexistent/model: not a Hugging Face checkpoint folder"),
         "{}",
         text(&missing.stderr)
+    );
+}
+
+/// Issue 18: an error whose cause prints the same text is shown once.
+#[test]
+fn an_error_is_printed_once_not_again_as_its_own_cause() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A GGUF (version 3) with no tensors and one metadata entry: an architecture fuserl lacks.
+    let mut gguf = b"GGUF".to_vec();
+    gguf.extend(3u32.to_le_bytes());
+    gguf.extend(0u64.to_le_bytes());
+    gguf.extend(1u64.to_le_bytes());
+    {
+        let s = "general.architecture";
+        gguf.extend((s.len() as u64).to_le_bytes());
+        gguf.extend(s.as_bytes());
+    }
+    gguf.extend(8u32.to_le_bytes());
+    gguf.extend(5u64.to_le_bytes());
+    gguf.extend(b"mamba");
+    std::fs::write(dir.path().join("x.gguf"), &gguf).expect("write");
+    let out = fuserl(&["convert", "gguf", "x.gguf", "out"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.matches("unsupported GGUF architecture `mamba`").count(), 1, "{err}");
+    assert!(err.starts_with("error: x.gguf: unsupported GGUF architecture `mamba`; supported: "), "{err}");
+    assert!(!err.contains("caused by"), "{err}");
+}
+
+/// Issue 18: an objective without a reference model (SimPO) needs no `[po] reference` when
+/// FuseSFT is disabled; DPO's reference defaults to the model FusePO starts from (the target);
+/// naming the FuseSFT checkpoint without FuseSFT is still an error for DPO.
+#[test]
+fn po_without_sft_needs_no_reference_key() {
+    let sandbox = sandbox();
+    let check = |name: &str, recipe: &str| {
+        let path = sandbox.path().join("recipes").join(name);
+        std::fs::write(&path, recipe).expect("write");
+        let shown = fuserl(&["recipe", "show", &format!("recipes/{name}")], sandbox.path());
+        (shown.status.code(), text(&shown.stdout), text(&shown.stderr))
+    };
+    let simpo = std::fs::read_to_string(repo().join("recipes/fuserl-simpo.toml")).expect("recipe");
+    assert!(!simpo.lines().any(|l| l.starts_with("reference")), "the test needs a recipe without the key");
+    let simpo = simpo.replace("[sft]\n", "[sft]\nenabled = false\n");
+    let (code, shown, err) = check("simpo.toml", &simpo);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(shown.contains("reference = \"target\""), "{shown}");
+    let dpo = std::fs::read_to_string(repo().join("recipes/fuserl-dpo.toml")).expect("recipe");
+    let dpo = dpo.replace("[sft]\n", "[sft]\nenabled = false\n");
+    let (code, shown, err) = check("dpo.toml", &dpo);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(shown.contains("reference = \"target\""), "{shown}");
+    let explicit = dpo.replace("[po]\n", "[po]\nreference = \"sft-checkpoint\"\n");
+    let (code, _, err) = check("explicit.toml", &explicit);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("po.reference: objective `dpo` compares against the FuseSFT checkpoint, but [sft] is disabled"),
+        "{err}"
     );
 }

@@ -14,7 +14,7 @@ fn table(text: &str) -> toml::Table {
 }
 
 fn ctx() -> BuildContext {
-    BuildContext { base_dir: ".".into(), seed: 0 }
+    BuildContext::default()
 }
 
 #[test]
@@ -115,6 +115,27 @@ fn a_file_that_is_not_a_library_is_refused() {
     let missing = fuserl(&["--plugin", "no_such_plugin", "plugins", "list"], &repo());
     assert_eq!(missing.status.code(), Some(2));
     assert!(text(&missing.stderr).contains("no plugin library `libno_such_plugin.so`"), "{}", text(&missing.stderr));
+    assert!(text(&missing.stderr).contains("`cargo build -p CRATE`"), "{}", text(&missing.stderr));
+}
+
+/// Issue 18: the README's recipe check on the plugin example, before the plugin was built,
+/// says how to build it.
+#[test]
+fn a_missing_example_plugin_says_how_to_build_it() {
+    // `cargo test --workspace` puts the example beside target/debug/fuserl: run a link of the
+    // binary from a folder of its own, as on a machine where the plugin was never built.
+    let alone = tempfile::tempdir_in(Path::new(env!("CARGO_BIN_EXE_fuserl")).parent().expect("bin dir")).expect("tmp");
+    let exe = alone.path().join("fuserl");
+    std::fs::hard_link(env!("CARGO_BIN_EXE_fuserl"), &exe).expect("link the binary");
+    let out = std::process::Command::new(&exe)
+        .args(["recipe", "check", "recipes/plugin-example.toml"])
+        .current_dir(repo())
+        .env("FUSERL_PLUGIN_PATH", alone.path())
+        .output()
+        .expect("run fuserl");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("it is built by `cargo build -p fuserl-example-plugin`"), "{err}");
 }
 
 #[test]

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod model_cmds;
-use fuserl_core::pipeline::{StageName, prepare_examples};
+use fuserl_core::paths::Shown;
+use fuserl_core::pipeline::{StageName, prepare_with};
 use fuserl_core::recipe::load_recipe_with;
 use fuserl_core::registry::Registry;
 
@@ -56,7 +57,13 @@ enum Command {
     /// examples as JSONL, each with the source answers it came from.
     #[command(after_help = "Example:\n  fuserl examples recipes/fuserl-dpo.toml --stage po --out pairs.jsonl")]
     Examples(ExamplesArgs),
-    /// Run a recipe: FuseSFT, then FusePO, then export. Running it again resumes.
+    /// Run the collect stage alone: every generative source (`openai`, ...) answers the
+    /// recipe's prompts into runs/NAME/collect/. Running it again asks only what is missing.
+    #[command(
+        after_help = "Example:\n  fuserl collect recipes/collect-llamacpp.toml\n  fuserl collect recipes/collect-llamacpp.toml --redo smollm2"
+    )]
+    Collect(CollectArgs),
+    /// Run a recipe: collect, FuseSFT, then FusePO, then export. Running it again resumes.
     #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
     Run(TrainArgs),
     /// Run only the FuseSFT stage of a recipe (resumes).
@@ -121,6 +128,15 @@ struct TrainArgs {
     recipe: PathBuf,
 }
 
+#[derive(Debug, Args)]
+struct CollectArgs {
+    /// Recipe file.
+    recipe: PathBuf,
+    /// Start this source afresh (its old answers are kept beside the new file); repeatable.
+    #[arg(long, value_name = "SOURCE")]
+    redo: Vec<String>,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum StageArg {
     Sft,
@@ -139,13 +155,41 @@ fn main() -> ExitCode {
                 Some(e) if e.is_bad_input() => 2,
                 _ => 1,
             };
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            print_error(err.chain());
             ExitCode::from(code)
         }
     }
+}
+
+/// Each distinct message of an error chain once (issue 18): a cause whose text an earlier
+/// message already contains (a wrapper that prints its source in its own message) is not repeated.
+fn error_lines<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for e in chain {
+        let message = e.to_string();
+        if !lines.iter().any(|seen| seen.contains(&message)) {
+            lines.push(message);
+        }
+    }
+    lines
+}
+
+/// `error: ...` and one `caused by: ...` line per further distinct cause.
+fn print_error<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) {
+    for (i, line) in error_lines(chain).iter().enumerate() {
+        if i == 0 {
+            eprintln!("error: {line}");
+        } else {
+            eprintln!("  caused by: {line}");
+        }
+    }
+}
+
+/// The chain of `e` and its sources.
+fn chain_of<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -215,6 +259,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Examples(args) => examples(&args, plugins),
+        Command::Collect(args) => collect(&args, plugins),
         Command::Run(args) => train(&args, plugins, fuserl_train::run::Which::All),
         Command::Sft(args) => train(&args, plugins, fuserl_train::run::Which::Sft),
         Command::Po(args) => train(&args, plugins, fuserl_train::run::Which::Po),
@@ -233,7 +278,7 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
                 let c = &loaded.components;
                 println!(
                     "ok: {} (sources: {}; reward: {}; weighting: {}; sft: {}; po: {})",
-                    file.display(),
+                    Shown(file),
                     c.sources.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
                     c.reward.name(),
                     c.weighting.name(),
@@ -243,7 +288,7 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("error: {e}");
+                print_error(chain_of(&e));
                 if !e.is_bad_input() {
                     return Err(e.into());
                 }
@@ -261,39 +306,143 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
 fn train(args: &TrainArgs, plugins: &[String], which: fuserl_train::run::Which) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let mut on_step = |p: &fuserl_train::trainer::Progress| {
-        bar.set_prefix(p.stage.as_str());
-        bar.set_length(p.total);
-        bar.set_position(p.step);
-        bar.set_message(format!("{:.4}", p.loss));
-    };
-    let summary = match fuserl_train::run::run(&loaded, which, &mut on_step) {
+    let mut bars = StageBars::default();
+    let collect_bars = CollectBars::default();
+    let report = fuserl_train::run::Reporters { step: &mut |p| bars.step(p), collect: &|p| collect_bars.update(p) };
+    let summary = match fuserl_train::run::run(&loaded, which, report) {
         Ok(s) => s,
         Err(e) => {
-            bar.abandon();
+            bars.abandon();
+            collect_bars.abandon();
             let code = if e.is_bad_input() { 2 } else { 1 };
-            eprintln!("error: {e}");
+            print_error(chain_of(&e));
             return Ok(ExitCode::from(code));
         }
     };
-    bar.finish_and_clear();
+    bars.abandon();
     for stage in &summary.skipped {
-        println!("{} was already finished in {} (not redone)", stage.as_str(), summary.dir.display());
+        println!("{} was already finished in {} (not redone)", stage.as_str(), Shown(&summary.dir));
     }
-    println!("run directory: {}", summary.dir.display());
-    println!("metrics: {}", summary.metrics.display());
+    println!("run directory: {}", Shown(&summary.dir));
+    println!("metrics: {}", Shown(&summary.metrics));
     if let Some(export) = &summary.export {
-        println!("fused model: {}", export.display());
+        println!("fused model: {}", Shown(export));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry)?;
+    let bars = CollectBars::default();
+    match fuserl_train::run::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
+        Ok((dir, collected)) => {
+            if collected.is_empty() {
+                println!("the recipe has no generative source: nothing to collect");
+            }
+            println!("collected answers: {}", Shown(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            bars.abandon();
+            print_error(chain_of(&e));
+            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+        }
+    }
+}
+
+/// One progress bar per generative source (answers done / wanted, answers/s, tokens/s), and a
+/// summary line per source when it is done.
+#[derive(Debug, Default)]
+struct CollectBars {
+    bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+    multi: indicatif::MultiProgress,
+}
+
+impl CollectBars {
+    fn update(&self, p: &fuserl_core::collect::CollectProgress<'_>) {
+        let mut bars = self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
+            let bar = self.multi.add(indicatif::ProgressBar::new(p.total));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {msg} ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("collect {}", p.source));
+            bar.set_position(p.done);
+            bar.reset_elapsed();
+            bar
+        });
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        let secs = bar.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / secs));
+        if let Some(s) = &p.finished {
+            bar.finish();
+            eprintln!(
+                "collect {}: {}/{} answers ({} asked now, {} already collected; {} requests, {} retried; {} cut by max_tokens) in {:.1} s",
+                p.source, p.done, p.total, s.asked, s.reused, s.requests, s.retries, s.truncated, s.seconds
+            );
+        }
+    }
+
+    fn abandon(&self) {
+        for bar in self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
+            if !bar.is_finished() {
+                bar.abandon();
+            }
+        }
+    }
+}
+
+/// One progress bar per training stage, finished at the stage's last step (issue 18: a bar
+/// reused across stages could be left drawn at a step before the last). Where standard error is
+/// not a terminal the bars draw nothing, so each stage's end is printed as one line instead.
+#[derive(Debug, Default)]
+struct StageBars {
+    current: Option<indicatif::ProgressBar>,
+}
+
+impl StageBars {
+    fn step(&mut self, p: &fuserl_train::trainer::Progress) {
+        let bar = self.current.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(p.total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(p.stage.as_str());
+            bar
+        });
+        bar.set_length(p.total);
+        bar.set_position(p.step);
+        bar.set_message(format!("{:.4}", p.loss));
+        if p.step >= p.total {
+            if bar.is_hidden() {
+                eprintln!(
+                    "{}: {}/{} steps, loss {:.4} ({:.1} s)",
+                    p.stage.as_str(),
+                    p.step,
+                    p.total,
+                    p.loss,
+                    bar.elapsed().as_secs_f64()
+                );
+            }
+            bar.finish();
+            self.current = None;
+        }
+    }
+
+    /// Leave an unfinished bar where it stopped (a failed or interrupted stage).
+    fn abandon(&mut self) {
+        if let Some(bar) = self.current.take() {
+            bar.abandon();
+        }
+    }
 }
 
 /// The recipe's device must be compiled into this build (an error at `[backend] device` that
@@ -330,7 +479,11 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
         StageArg::Sft => StageName::Sft,
         StageArg::Po => StageName::Po,
     };
-    let (examples, stats) = prepare_examples(&loaded, stage)?;
+    // Generative sources answer first (into the run directory, resumably).
+    let collect_bars = CollectBars::default();
+    let (_, collected) = fuserl_train::run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
+    let prepared = prepare_with(&loaded, stage, collected)?;
+    let (examples, stats) = (prepared.examples, prepared.stats);
     let mut text = String::new();
     for e in &examples {
         text.push_str(&serde_json::to_string(e)?);
@@ -349,7 +502,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
         stats.completions,
         stats.prompts_without_examples,
         stats.skipped_records,
-        args.out.as_ref().map_or(String::new(), |p| format!(" -> {}", p.display())),
+        args.out.as_ref().map_or(String::new(), |p| format!(" -> {}", Shown(p))),
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -371,4 +524,33 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> 
     f.sync_all().map_err(|e| fuserl_core::Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| fuserl_core::Error::io(path, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Leaf(String);
+
+    /// A wrapper that prints its source in its own message and also returns it as `source()`.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{prefix}: {inner}")]
+    struct Wrapper {
+        prefix: &'static str,
+        #[source]
+        inner: Leaf,
+    }
+
+    #[test]
+    fn each_distinct_message_of_a_chain_is_printed_once() {
+        let same = anyhow::Error::from(Leaf("X.gguf: unsupported GGUF architecture `gemma3`".into()))
+            .context("X.gguf: unsupported GGUF architecture `gemma3`");
+        assert_eq!(error_lines(same.chain()), ["X.gguf: unsupported GGUF architecture `gemma3`"]);
+        let wrapped = Wrapper { prefix: "data/a.jsonl", inner: Leaf("permission denied".into()) };
+        assert_eq!(error_lines(chain_of(&wrapped)), ["data/a.jsonl: permission denied"]);
+        let distinct = anyhow::Error::from(Leaf("disk full".into())).context("writing runs/q/metrics.jsonl");
+        assert_eq!(error_lines(distinct.chain()), ["writing runs/q/metrics.jsonl", "disk full"]);
+    }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::data::ChatMessage;
+use fuserl_core::paths::Shown;
 use fuserl_core::recipe::{DType, Device};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
@@ -48,11 +49,11 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
             let config = fuserl_model::gguf::convert(input, output).map_err(model_error)?;
             eprintln!(
                 "converted {} ({}, {} layers, vocab {}) -> {}",
-                input.display(),
+                Shown(input),
                 config.architecture,
                 config.num_layers,
                 config.vocab_size,
-                output.display()
+                Shown(output)
             );
             Ok(())
         }
@@ -94,10 +95,8 @@ fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<V
     match v {
         serde_json::Value::String(s) => Ok(vec![ChatMessage::user(s.clone())]),
         serde_json::Value::Array(_) => serde_json::from_value(v.clone())
-            .map_err(|e| bad_input(format!("{}:{line}: `prompt`: expected chat messages ({e})", file.display()))),
-        _ => {
-            Err(bad_input(format!("{}:{line}: `prompt`: expected a string or a list of chat messages", file.display())))
-        }
+            .map_err(|e| bad_input(format!("{}:{line}: `prompt`: expected chat messages ({e})", Shown(file)))),
+        _ => Err(bad_input(format!("{}:{line}: `prompt`: expected a string or a list of chat messages", Shown(file)))),
     }
 }
 
@@ -116,24 +115,24 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
     let file = std::fs::File::open(&args.data).map_err(|e| fuserl_core::Error::io(&args.data, e))?;
     let mut records = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", args.data.display()))?;
+        let line = line.with_context(|| format!("reading {}", Shown(&args.data)))?;
         if line.trim().is_empty() {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| bad_input(format!("{}:{}: invalid JSON: {e}", args.data.display(), i + 1)))?;
+            .map_err(|e| bad_input(format!("{}:{}: invalid JSON: {e}", Shown(&args.data), i + 1)))?;
         let msgs = messages(v.get("prompt").unwrap_or(&serde_json::Value::Null), &args.data, i + 1)?;
         let response = v
             .get("response")
             .and_then(|r| r.as_str())
-            .ok_or_else(|| bad_input(format!("{}:{}: `response`: expected a string", args.data.display(), i + 1)))?;
+            .ok_or_else(|| bad_input(format!("{}:{}: `response`: expected a string", Shown(&args.data), i + 1)))?;
         let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
         records.push((v, ids));
     }
     let total = records.len();
     let out = on_device(&args.device, Score { args, tok: &tok, records: &records })?;
     crate::write_atomically(&args.out, out.as_bytes())?;
-    eprintln!("{total} pairs scored -> {}", args.out.display());
+    eprintln!("{total} pairs scored -> {}", Shown(&args.out));
     Ok(())
 }
 

@@ -137,41 +137,41 @@ pub fn parse_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, Config
 
 /// Turn serde's messages into ours, moving the offending key into the path.
 fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
-    if let Some(rest) = raw.strip_prefix("unknown field `") {
-        if let Some((name, tail)) = rest.split_once('`') {
-            push_key(path, name);
-            let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
-            let choices = choices.replace("expected ", "");
-            let message = if choices.trim().is_empty() || choices.contains("there are no fields") {
-                format!("unknown key `{name}`: this table takes no keys")
-            } else {
-                format!("unknown key `{name}`; expected one of: {}", choice_list(&choices))
-            };
-            return (message, false);
-        }
+    if let Some(rest) = raw.strip_prefix("unknown field `")
+        && let Some((name, tail)) = rest.split_once('`')
+    {
+        push_key(path, name);
+        let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
+        let choices = choices.replace("expected ", "");
+        let message = if choices.trim().is_empty() || choices.contains("there are no fields") {
+            format!("unknown key `{name}`: this table takes no keys")
+        } else {
+            format!("unknown key `{name}`; expected one of: {}", choice_list(&choices))
+        };
+        return (message, false);
     }
-    if let Some(rest) = raw.strip_prefix("missing field `") {
-        if let Some((name, _)) = rest.split_once('`') {
-            push_key(path, name);
-            return (format!("missing required key `{name}`"), true);
-        }
+    if let Some(rest) = raw.strip_prefix("missing field `")
+        && let Some((name, _)) = rest.split_once('`')
+    {
+        push_key(path, name);
+        return (format!("missing required key `{name}`"), true);
     }
-    if let Some(rest) = raw.strip_prefix("unknown variant `") {
-        if let Some((name, tail)) = rest.split_once('`') {
-            let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
-            let choices = choices.replace("expected ", "");
-            return (format!("unknown value `{name}`; expected one of: {}", choice_list(&choices)), false);
-        }
+    if let Some(rest) = raw.strip_prefix("unknown variant `")
+        && let Some((name, tail)) = rest.split_once('`')
+    {
+        let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
+        let choices = choices.replace("expected ", "");
+        return (format!("unknown value `{name}`; expected one of: {}", choice_list(&choices)), false);
     }
-    if let Some(rest) = raw.strip_prefix("invalid value: ") {
-        if let Some((found, expected)) = rest.split_once(", expected ") {
-            return (format!("expected {}, found {}", friendly_type(expected), found.replace('`', "")), false);
-        }
+    if let Some(rest) = raw.strip_prefix("invalid value: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        return (format!("expected {}, found {}", friendly_type(expected), found.replace('`', "")), false);
     }
-    if let Some(rest) = raw.strip_prefix("invalid type: ") {
-        if let Some((found, expected)) = rest.split_once(", expected ") {
-            return (format!("expected {}, found {found}", friendly_type(expected)), false);
-        }
+    if let Some(rest) = raw.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        return (format!("expected {}, found {found}", friendly_type(expected)), false);
     }
     (raw.to_owned(), false)
 }

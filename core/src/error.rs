@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
+use crate::paths::shown;
 
 /// Result alias used throughout the core and the plugins.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -11,7 +12,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A recipe (or another TOML file) is malformed: names file, line, column and key path.
-    #[error("{file}:{line}:{column}: {}{message}", path_prefix(path))]
+    #[error("{}:{line}:{column}: {}{message}", shown(file), path_prefix(path))]
     Recipe {
         /// The recipe file.
         file: PathBuf,
@@ -25,7 +26,7 @@ pub enum Error {
         message: String,
     },
     /// A data file has a malformed record.
-    #[error("{file}:{line}: {message}")]
+    #[error("{}:{line}: {message}", shown(file))]
     Data {
         /// The data file.
         file: PathBuf,
@@ -43,7 +44,7 @@ pub enum Error {
         message: String,
     },
     /// A component refused its configuration outside of a recipe (no file to point at).
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
     /// A component failed while running.
     #[error("{point} `{name}`: {message}")]
@@ -68,7 +69,7 @@ pub enum Error {
         second: String,
     },
     /// A file could not be read or written.
-    #[error("{}: {source}", file.display())]
+    #[error("{}: {source}", shown(file))]
     Io {
         /// The file.
         file: PathBuf,

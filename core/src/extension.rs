@@ -38,8 +38,88 @@ pub struct Collected {
 pub trait SourceAdapter: Send + Sync + Debug {
     /// The plugin's registered name.
     fn name(&self) -> &str;
-    /// Produce completions.
+    /// Produce completions: a source that brings its own data (a file) returns it here. A
+    /// source that answers prompts is a [`Generator`] and is asked through the collect stage.
     fn collect(&self, request: &CollectRequest<'_>) -> Result<Collected>;
+    /// The source as a generator of answers to the recipe's prompts, if it is one.
+    fn generator(&self) -> Option<&dyn Generator> {
+        None
+    }
+}
+
+/// One answer to produce: which prompt, which of its samples, and the seed to ask with (the
+/// same on every run, so that a rerun asks the same questions).
+#[derive(Clone, Copy, Debug)]
+pub struct SampleJob<'a> {
+    /// The prompt.
+    pub prompt: &'a Prompt,
+    /// Index of the sample among the source's samples for the prompt (0-based).
+    pub sample_index: u32,
+    /// The seed for this (prompt, sample).
+    pub seed: u64,
+}
+
+/// One answer as a generator hands it over.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Generated {
+    /// The prompt it answers.
+    pub prompt_id: String,
+    /// Its sample index.
+    pub sample_index: u32,
+    /// The seed it was asked with.
+    pub seed: u64,
+    /// The answer.
+    pub text: String,
+    /// Why generation stopped: `stop`, `length` (cut by `max_tokens`), or what the server said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The model id the server reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Prompt tokens, as the server counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, as the server counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    /// Seconds from the request to its answer.
+    #[serde(default)]
+    pub latency_s: f64,
+}
+
+/// What a generator counted while answering.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenerateStats {
+    /// Requests sent again after a retryable failure (429, 5xx, time-out, dropped connection,
+    /// malformed reply).
+    pub retries: u64,
+    /// Requests sent in all.
+    pub requests: u64,
+}
+
+/// Receives each answer as soon as it is done (from any thread); an error stops the generator.
+pub type GeneratedSink<'a> = dyn Fn(Generated) -> Result<()> + Send + Sync + 'a;
+
+/// A source that answers prompts: an OpenAI-compatible server, a local checkpoint.
+pub trait Generator: Send + Sync + Debug {
+    /// The source name its completions carry in the data (a recipe's `name`).
+    fn source_name(&self) -> &str;
+    /// The settings that decide its answers (model, endpoint, sampling) as text: a collection
+    /// made with other settings is not mixed with this one. Never holds a secret.
+    fn fingerprint(&self, sampling: &SamplingParams) -> String;
+    /// Whether answers cut by the token limit (`finish_reason = "length"`) go on to scoring and
+    /// training; they stay in the store, marked, either way.
+    fn keep_truncated(&self) -> bool {
+        true
+    }
+    /// Answer every job, handing each answer to `sink` as soon as it is done, in any order.
+    /// Sampling settings of the recipe's `[data.sampling]`; the source may override them.
+    fn generate(
+        &self,
+        jobs: &[SampleJob<'_>],
+        sampling: &SamplingParams,
+        sink: &GeneratedSink<'_>,
+    ) -> Result<GenerateStats>;
 }
 
 /// One (prompt, completion) pair to score.

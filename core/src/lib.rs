@@ -19,16 +19,28 @@
 //! assert_eq!(path.to_string(), "sources[1].path");
 //! ```
 
+pub mod collect;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod extension;
 pub mod location;
 pub mod maths;
+pub mod paths;
 pub mod pipeline;
+pub mod prompts;
 pub mod recipe;
 pub mod registry;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};
 pub use inventory;
+
+/// Test hook for the kill-and-resume tests: when `FUSERL_DEBUG_PAUSE` equals `label`, log that
+/// and sleep for ten minutes (the test kills the process meanwhile). Costs one variable lookup.
+pub fn debug_pause(label: &str) {
+    if std::env::var("FUSERL_DEBUG_PAUSE").is_ok_and(|v| v == label) {
+        tracing::warn!("FUSERL_DEBUG_PAUSE: paused at {label}");
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+}

@@ -324,8 +324,9 @@ pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result
     prepare_with(loaded, stage, Vec::new())
 }
 
-/// Like [`prepare`], with more completions (for example the target's own samples) added to the
-/// sources' before scoring.
+/// Like [`prepare`], with more completions added to the sources' before scoring: the collect
+/// stage's answers of the generative sources ([`crate::collect::collect`]), the target's own
+/// samples.
 pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extra: Vec<Collected>) -> Result<Prepared> {
     let recipe = &loaded.recipe;
     let c = &loaded.components;
@@ -337,7 +338,8 @@ pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extr
         samples_per_prompt: recipe.data.samples_per_prompt,
         sampling: &recipe.data.sampling,
     };
-    for source in &c.sources {
+    // Generative sources answered in the collect stage: their answers come in `extra`.
+    for source in c.sources.iter().filter(|s| s.generator().is_none()) {
         let got = source.collect(&request)?;
         stats.skipped_records += got.skipped_records;
         collected.push(got);
@@ -373,6 +375,15 @@ pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extr
         examples.extend(built);
     }
     stats.examples = examples.len();
-    tracing::info!(?stats, "prepared examples");
+    tracing::info!(
+        stage = stage.as_str(),
+        prompts = stats.prompts,
+        completions = stats.completions,
+        skipped_records = stats.skipped_records,
+        stage_prompts = stats.stage_prompts,
+        prompts_without_examples = stats.prompts_without_examples,
+        examples = stats.examples,
+        "prepared examples"
+    );
     Ok(Prepared { examples, prompts, texts, stats })
 }

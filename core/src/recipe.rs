@@ -296,7 +296,8 @@ pub struct StageConfig {
     /// name `target` (WRPO's own samples, on-policy RLOO). 0: none.
     #[serde(default)]
     pub target_samples: u32,
-    /// `[po]` only: the reference model (default: the FuseSFT checkpoint).
+    /// `[po]` only: the reference model (default: the model FusePO starts from: the FuseSFT
+    /// checkpoint, or the target when `[sft]` is disabled). Unused by objectives without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceModel>,
     /// The objective, `kind = "..."` plus its own keys.
@@ -604,13 +605,12 @@ pub fn parse_recipe_with(
     validate_target(&raw.target).map_err(|e| at(e.prefixed(&KeyPath::keys(&["target"]))))?;
     let data = validate_data(raw.data).map_err(|e| at(e.prefixed(&KeyPath::keys(&["data"]))))?;
     let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| at(e.prefixed(&KeyPath::keys(&["sft"]))))?;
-    let po = resolve_stage(raw.po, Stage::Po).map_err(|e| at(e.prefixed(&KeyPath::keys(&["po"]))))?;
-    if po.enabled && po.reference == Some(ReferenceModel::SftCheckpoint) && !sft.enabled {
-        return Err(at(ConfigError::new(
-            KeyPath::keys(&["po", "reference"]),
-            "the reference is the FuseSFT checkpoint but [sft] is disabled; set reference = \"target\"",
-        )));
-    }
+    let mut po = resolve_stage(raw.po, Stage::Po).map_err(|e| at(e.prefixed(&KeyPath::keys(&["po"]))))?;
+    // The reference defaults to the model FusePO starts from, as TRL's `ref_model=None` does:
+    // the FuseSFT checkpoint, or the target when FuseSFT is disabled.
+    let explicit_reference = po.reference.is_some();
+    po.reference =
+        Some(po.reference.unwrap_or(if sft.enabled { ReferenceModel::SftCheckpoint } else { ReferenceModel::Target }));
     validate_eval(&raw.eval).map_err(|e| at(e.prefixed(&KeyPath::keys(&["eval"]))))?;
     let mut export = raw.export;
     validate_export(&export).map_err(|e| at(e.prefixed(&KeyPath::keys(&["export"]))))?;
@@ -619,7 +619,7 @@ pub fn parse_recipe_with(
 
     let base_dir = file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
-    let ctx = BuildContext { base_dir: base_dir.clone(), seed: run.seed };
+    let ctx = BuildContext { base_dir: base_dir.clone(), seed: run.seed, backend: raw.backend.clone() };
 
     for (i, spec) in raw.plugins.iter().enumerate() {
         let here = KeyPath::keys(&["plugins"]).index(i);
@@ -649,6 +649,7 @@ pub fn parse_recipe_with(
             .map_err(at)?;
 
     let mut stages = Vec::new();
+    let sft_enabled = sft.enabled;
     for (stage, config) in [(Stage::Sft, sft), (Stage::Po, po)] {
         let mut config = config;
         let table = config.objective.take().unwrap_or_else(|| kind_table(stage.default_objective()));
@@ -661,6 +662,23 @@ pub fn parse_recipe_with(
                 format!(
                     "objective `{}` needs a reference model, which the SFT stage does not have; \
                      use it in [po] (with reference = \"target\" to skip SFT)",
+                    objective.name()
+                ),
+            )));
+        }
+        // Only an objective with a reference needs one that exists (SimPO has none).
+        if stage == Stage::Po
+            && config.enabled
+            && objective.needs_reference()
+            && explicit_reference
+            && config.reference == Some(ReferenceModel::SftCheckpoint)
+            && !sft_enabled
+        {
+            return Err(at(ConfigError::new(
+                KeyPath::keys(&["po", "reference"]),
+                format!(
+                    "objective `{}` compares against the FuseSFT checkpoint, but [sft] is disabled; \
+                     set reference = \"target\" (or leave it out: it defaults to the model FusePO starts from)",
                     objective.name()
                 ),
             )));
@@ -750,13 +768,13 @@ fn validate_target(t: &TargetConfig) -> Result<(), ConfigError> {
     if t.max_length == 0 {
         return Err(ConfigError::at("max_length", "expected a positive number of tokens"));
     }
-    if let Some(p) = t.max_prompt_length {
-        if p == 0 || p >= t.max_length {
-            return Err(ConfigError::at(
-                "max_prompt_length",
-                format!("expected a number of tokens in [1, max_length = {}), found {p}", t.max_length),
-            ));
-        }
+    if let Some(p) = t.max_prompt_length
+        && (p == 0 || p >= t.max_length)
+    {
+        return Err(ConfigError::at(
+            "max_prompt_length",
+            format!("expected a number of tokens in [1, max_length = {}), found {p}", t.max_length),
+        ));
     }
     Ok(())
 }
@@ -784,13 +802,13 @@ fn validate_data(mut d: DataConfig) -> Result<DataConfig, ConfigError> {
     if let Some(t) = d.sampling.temperature {
         check::non_negative("temperature", t).map_err(|e| e.prefixed(&KeyPath::keys(&["sampling"])))?;
     }
-    if let Some(p) = d.sampling.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ConfigError::new(
-                KeyPath::keys(&["sampling", "top_p"]),
-                format!("expected a number in (0, 1], found {p}"),
-            ));
-        }
+    if let Some(p) = d.sampling.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ConfigError::new(
+            KeyPath::keys(&["sampling", "top_p"]),
+            format!("expected a number in (0, 1], found {p}"),
+        ));
     }
     Ok(d)
 }
@@ -842,8 +860,7 @@ fn resolve_stage(mut s: StageConfig, stage: Stage) -> Result<StageConfig, Config
         Stage::Sft if s.target_samples > 0 => {
             return Err(ConfigError::at("target_samples", "only [po] generates target samples"));
         }
-        Stage::Po => s.reference = Some(s.reference.unwrap_or(ReferenceModel::SftCheckpoint)),
-        Stage::Sft => {}
+        Stage::Po | Stage::Sft => {}
     }
     Ok(s)
 }
@@ -867,10 +884,10 @@ fn validate_export(e: &ExportConfig) -> Result<(), ConfigError> {
     if e.max_shard_size_mb == 0 {
         return Err(ConfigError::at("max_shard_size_mb", "expected at least 1"));
     }
-    if let Some(p) = &e.path {
-        if p.trim().is_empty() {
-            return Err(ConfigError::at("path", "expected a folder path"));
-        }
+    if let Some(p) = &e.path
+        && p.trim().is_empty()
+    {
+        return Err(ConfigError::at("path", "expected a folder path"));
     }
     Ok(())
 }

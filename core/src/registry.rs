@@ -66,6 +66,14 @@ pub struct BuildContext {
     pub base_dir: PathBuf,
     /// The run's seed.
     pub seed: u64,
+    /// The recipe's `[backend]` (where a component that runs a model runs it by default).
+    pub backend: crate::recipe::BackendConfig,
+}
+
+impl Default for BuildContext {
+    fn default() -> Self {
+        Self { base_dir: ".".into(), seed: 0, backend: crate::recipe::BackendConfig::default() }
+    }
 }
 
 impl BuildContext {
@@ -470,7 +478,7 @@ mod tests {
     fn unknown_kind_lists_choices() {
         let mut r = Registry::empty();
         r.register(entry("flat", "x")).unwrap();
-        let ctx = BuildContext { base_dir: ".".into(), seed: 0 };
+        let ctx = BuildContext::default();
         let err = r.build_weighting("flta", &toml::Table::new(), &ctx).unwrap_err();
         assert_eq!(err.to_string(), "unknown weighting scheme `flta`; expected one of: flat");
     }

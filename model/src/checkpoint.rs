@@ -24,6 +24,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
+use fuserl_core::paths::Shown;
 
 /// Files besides the weights that describe a checkpoint (copied when a model is saved).
 pub const SIDE_FILES: [&str; 6] = [
@@ -220,7 +221,7 @@ pub fn build_model<B: Backend>(
     let leftover: Vec<String> =
         b.store.names().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).cloned().collect();
     if !leftover.is_empty() {
-        tracing::warn!(dir = %dir.display(), unused = ?leftover, "checkpoint tensors the model does not use");
+        tracing::warn!(dir = %Shown(dir), unused = %leftover.join(", "), "checkpoint tensors the model does not use");
     }
     Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
 }
@@ -233,7 +234,7 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<
     }
     let config = LlamaConfig::from_file(&config_file)?;
     let store = TensorStore::read_dir(dir)?;
-    let _span = tracing::info_span!("load", dir = %dir.display()).entered();
+    let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();
     let model = build_model(config, store, dir, device, dtype)?;
     tracing::info!(architecture = %model.config.architecture, layers = model.config.num_layers, "loaded checkpoint");
     Ok(model)

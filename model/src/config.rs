@@ -128,10 +128,10 @@ impl LlamaConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(format!("head_dim {head_dim} must be even and positive")));
         }
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(unsupported(format!("hidden_act `{act}`; supported: silu")));
-            }
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(unsupported(format!("hidden_act `{act}`; supported: silu")));
         }
         if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
             return Err(unsupported("option mlp_bias = true".into()));

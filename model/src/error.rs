@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{}: {source}", file.display())]
+    #[error("{}: {source}", fuserl_core::paths::shown(file))]
     Io {
         /// The file.
         file: PathBuf,
@@ -15,7 +15,7 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// A checkpoint, config or tokenizer file is malformed or does not fit the model.
-    #[error("{}: {message}", file.display())]
+    #[error("{}: {message}", fuserl_core::paths::shown(file))]
     Format {
         /// The file.
         file: PathBuf,
@@ -23,7 +23,7 @@ pub enum ModelError {
         message: String,
     },
     /// The checkpoint asks for something this crate does not implement.
-    #[error("{}: unsupported {what}", file.display())]
+    #[error("{}: unsupported {what}", fuserl_core::paths::shown(file))]
     Unsupported {
         /// The file (usually config.json).
         file: PathBuf,

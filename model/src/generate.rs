@@ -97,12 +97,38 @@ fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
     order[order.len() - 1] as u32
 }
 
-/// Generate a reply for each prompt (token ids), in one left-padded batch.
+/// Generate a reply for each prompt (token ids), in one left-padded batch; one sampler seeded
+/// with `cfg.seed` draws for every row in turn.
 pub fn generate<B: Backend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
+) -> Result<Vec<Generation>> {
+    generate_with(model, tokenizer, prompts, cfg, None)
+}
+
+/// Like [`generate`], with a sampler of its own per row seeded by `seeds[row]`, so that a
+/// row's draws do not depend on the other rows (`cfg.seed` is unused).
+pub fn generate_seeded<B: Backend>(
+    model: &LlamaModel<B>,
+    tokenizer: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    seeds: &[u64],
+) -> Result<Vec<Generation>> {
+    if seeds.len() != prompts.len() {
+        return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
+    }
+    generate_with(model, tokenizer, prompts, cfg, Some(seeds))
+}
+
+fn generate_with<B: Backend>(
+    model: &LlamaModel<B>,
+    tokenizer: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    seeds: Option<&[u64]>,
 ) -> Result<Vec<Generation>> {
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("cannot generate from an empty prompt".into()));
@@ -110,7 +136,8 @@ pub fn generate<B: Backend>(
     let b = prompts.len();
     let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
     eos.push(tokenizer.eos_id());
-    let mut rng = Rng(cfg.seed);
+    let mut shared = Rng(cfg.seed);
+    let mut per_row: Vec<Rng> = seeds.map(|s| s.iter().map(|&x| Rng(x)).collect()).unwrap_or_default();
     let mut inputs = Inputs::left_padded(prompts, 0);
     let mut key_valid = inputs.valid.clone();
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -125,7 +152,12 @@ pub fn generate<B: Backend>(
         let rows: Vec<f32> = last.into_data().iter::<f32>().collect();
         let mut step_ids = Vec::with_capacity(b);
         for (r, row) in rows.chunks(v).enumerate() {
-            let id = if done[r].is_some() { eos[0] } else { pick(row, cfg, &mut rng) };
+            let id = if done[r].is_some() {
+                eos[0]
+            } else {
+                let rng = if per_row.is_empty() { &mut shared } else { &mut per_row[r] };
+                pick(row, cfg, rng)
+            };
             if done[r].is_none() {
                 if eos.contains(&id) {
                     done[r] = Some("eos");

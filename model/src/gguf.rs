@@ -208,7 +208,7 @@ impl Gguf {
                 ));
             }
         };
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(ModelError::format(
                 &self.file,
                 format!("tensor `{}`: {n} values is not a whole number of blocks", t.name),

@@ -42,11 +42,15 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A temporary copy of the layout recipes expect: `recipes/` beside `data/`.
+/// A temporary copy of the layout recipes expect: `recipes/` (with its `templates/`) beside
+/// `data/` and `checkpoints/`.
 pub fn sandbox() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
     std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
+    std::os::unix::fs::symlink(repo().join("checkpoints"), dir.path().join("checkpoints")).expect("symlink");
+    std::os::unix::fs::symlink(repo().join("recipes/templates"), dir.path().join("recipes/templates"))
+        .expect("symlink");
     dir
 }
 

@@ -84,8 +84,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
     let registry = fuserl_plugins::registry().expect("registry");
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());
-    let dpo =
-        registry.build_objective_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 }).expect("dpo").component;
+    let dpo = registry.build_objective_from(&t, &BuildContext::default()).expect("dpo").component;
     let mut config: fuserl_core::recipe::StageConfig =
         fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     config.batch_size = 2;

@@ -16,7 +16,7 @@ pub enum TrainError {
     #[error("{0}")]
     Unsupported(String),
     /// A run-directory file.
-    #[error("{}: {source}", file.display())]
+    #[error("{}: {source}", fuserl_core::paths::shown(file))]
     Io {
         /// The file.
         file: std::path::PathBuf,
@@ -25,7 +25,7 @@ pub enum TrainError {
         source: std::io::Error,
     },
     /// A training checkpoint could not be written or read.
-    #[error("{}: {message}", file.display())]
+    #[error("{}: {message}", fuserl_core::paths::shown(file))]
     Checkpoint {
         /// The file.
         file: std::path::PathBuf,

@@ -8,6 +8,7 @@ pub mod adamw;
 mod checkpointing;
 pub mod data;
 pub mod error;
+pub mod local;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

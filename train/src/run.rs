@@ -3,11 +3,14 @@
 //! ```text
 //! runs/NAME/
 //!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
+//!   collect/SOURCE.jsonl   each generative source's answers, appended as they arrive
+//!                          (fuserl_core::collect), with SOURCE.settings.json
 //!   metrics.jsonl          one line per logged optimiser step, both stages
 //!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
 //!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
-//!   po/target-samples.json   the FuseSFT model's own samples ([po] target_samples), with their key
+//!   po/collect/target.jsonl  the FuseSFT model's own samples ([po] target_samples), made by the
+//!                          `local` source through the collect stage (resumes; remade when the model changed)
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
 //!   po/checkpoints/, po/final/, po/DONE
 //!   export/                the fused model (or [export] path)
@@ -20,9 +23,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use fuserl_core::data::{Completion, CompletionId, Origin};
+use fuserl_core::collect::{CollectPlan, CollectProgress, collect, collect_with};
+use fuserl_core::data::Prompt;
 use fuserl_core::extension::Collected;
-use fuserl_core::pipeline::{StageName, prepare, prepare_with};
+use fuserl_core::extension::Generator;
+use fuserl_core::registry::BuildContext;
+
+use crate::local::LocalSource;
+use fuserl_core::pipeline::{StageName, prepare_with};
 use fuserl_core::recipe::{DType as RecipeDType, LoadedRecipe, ReferenceModel};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save, save_as};
@@ -32,6 +40,7 @@ use crate::error::{Result, TrainError};
 use crate::trainer::{Progress, Stage, inference_model, reference_logps, train_stage, write_atomic};
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::paths::Shown;
 
 /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
 /// `out` (gradient checkpointing, when the stage asks for it, is the trainer's: by layer).
@@ -113,95 +122,76 @@ fn reference_key(checkpoint: &Path, examples: &[crate::data::TrainExample]) -> R
     Ok(format!("weights:{weights:016x};data:{d:016x}"))
 }
 
-/// The target's own samples for the PO stage's prompts: `n` per prompt from the model at `start`,
-/// with `[data.sampling]`; cached in `cache` (keyed by the weights, the prompts and the settings)
-/// so that a resumed run does not generate again.
-fn target_samples<B: LogProbBackend>(
+/// The target's own samples for the PO stage's prompts: `n` per prompt from the model at
+/// `start` (the FuseSFT model), under the source name `target`, by the `local` source through
+/// the collect stage: stored in `dir` as they are made, resumed after a kill, made afresh when
+/// the model changed.
+fn target_samples(
     loaded: &LoadedRecipe,
-    (start, device): (&Path, &B::Device),
-    tok: &ChatTokenizer,
+    start: &Path,
     n: u32,
-    cache: &Path,
+    dir: &Path,
+    collected: &[Collected],
+    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
 ) -> Result<Collected> {
     let recipe = &loaded.recipe;
-    let sampling = &recipe.data.sampling;
-    let prepared = prepare(loaded, StageName::Po)?;
-    let mut prompt_ids: Vec<&String> = prepared.prompts.keys().collect();
-    prompt_ids.sort();
-    let mut key_hash = 0xcbf2_9ce4_8422_2325u64;
-    fnv(&mut key_hash, format!("{n}|{sampling:?}|{}|{:?}", recipe.run.seed, prompt_ids).as_bytes());
-    let key = format!("{}|settings:{key_hash:016x}", reference_key(start, &[])?);
-    if let Some(completions) = std::fs::read(cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter(|v| v["key"].as_str() == Some(key.as_str()))
-        .and_then(|v| serde_json::from_value::<Vec<Completion>>(v["completions"].clone()).ok())
-    {
-        return Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 });
-    }
-    let model = load::<B>(start, device, dtype(recipe.backend.dtype))?;
-    let max_len = recipe.target.max_length as usize;
-    let mut completions = Vec::new();
-    for (i, id) in prompt_ids.iter().enumerate() {
-        let mut ids = tok.prompt_ids(&prepared.prompts[*id])?;
-        let cap = recipe.target.max_prompt_length.map_or(max_len - 1, |p| p as usize).min(max_len - 1);
-        if ids.len() > cap {
-            ids.drain(..ids.len() - cap);
-        }
-        let seed = recipe.run.seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let cfg = fuserl_model::generate::GenerateConfig {
-            max_new_tokens: sampling.max_new_tokens.map_or(256, |m| m as usize).min(max_len - ids.len()),
-            temperature: sampling.temperature.unwrap_or(1.0),
-            top_p: sampling.top_p.unwrap_or(1.0),
-            top_k: sampling.top_k.unwrap_or(0) as usize,
-            seed,
-            stop: Vec::new(),
-        };
-        let batch = vec![ids; n as usize];
-        let replies = fuserl_model::generate::generate(&model, tok, &batch, &cfg)?;
-        for (s, reply) in replies.into_iter().enumerate() {
-            let mut params = sampling.clone();
-            params.seed = Some(seed);
-            completions.push(Completion {
-                id: CompletionId { prompt_id: (*id).clone(), source: "target".into(), sample_index: s as u32 },
-                text: reply.text,
-                sampling: params,
-                origin: Origin { adapter: "generate".into(), file: Some(start.display().to_string()), line: None },
-                precomputed_score: None,
-            });
-        }
-        tracing::info!(prompt = %id, done = i + 1, total = prompt_ids.len(), "generated target samples");
-    }
-    let doc = serde_json::json!({"key": key, "completions": completions});
-    write_atomic(cache, doc.to_string().as_bytes())?;
-    Ok(Collected { prompts: Vec::new(), completions, skipped_records: 0 })
+    let prepared = prepare_with(loaded, StageName::Po, collected.to_vec())?;
+    let mut prompts: Vec<Prompt> = prepared.prompts.into_iter().map(|(id, messages)| Prompt { id, messages }).collect();
+    prompts.sort_by(|a, b| a.id.cmp(&b.id));
+    let ctx =
+        BuildContext { base_dir: loaded.base_dir.clone(), seed: recipe.run.seed, backend: recipe.backend.clone() };
+    let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
+    let source = LocalSource::for_checkpoint("target", start, max_prompt, &ctx)
+        .map_err(|e| TrainError::Data(format!("[po] target_samples: {e}")))?;
+    let plan = CollectPlan {
+        prompts: &prompts,
+        samples_per_prompt: n,
+        sampling: &recipe.data.sampling,
+        run_seed: recipe.run.seed,
+        restart_changed: true,
+    };
+    let mut got = collect_with(&[&source as &dyn Generator], &plan, dir, &[], progress)?;
+    let mut samples = got.pop().unwrap_or_default();
+    // The prompts are the stage's own already.
+    samples.prompts.clear();
+    Ok(samples)
 }
 
-/// Run (or resume) the recipe's stages, on the backend its `[backend]` names.
-pub fn run(loaded: &LoadedRecipe, which: Which, progress: &mut dyn FnMut(&Progress)) -> Result<RunSummary> {
+/// How a run reports progress: training steps, and answers collected.
+pub struct Reporters<'a> {
+    /// After each optimiser step.
+    pub step: &'a mut dyn FnMut(&Progress),
+    /// After each answer a generative source hands over.
+    pub collect: &'a (dyn Fn(&CollectProgress<'_>) + Sync),
+}
+
+impl std::fmt::Debug for Reporters<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reporters")
+    }
+}
+
+/// Run (or resume) the recipe's stages, on the backend its `[backend]` names: collect (the
+/// generative sources answer the recipe's prompts), FuseSFT, FusePO, export.
+pub fn run(loaded: &LoadedRecipe, which: Which, report: Reporters<'_>) -> Result<RunSummary> {
     struct Job<'a, 'p> {
         loaded: &'a LoadedRecipe,
         which: Which,
-        progress: &'p mut dyn FnMut(&Progress),
+        report: Reporters<'p>,
     }
     impl OnBackend for Job<'_, '_> {
         type Output = Result<RunSummary>;
         fn run<B: LogProbBackend>(self, device: B::Device) -> Result<RunSummary> {
-            run_on::<B>(self.loaded, self.which, self.progress, &device)
+            run_on::<B>(self.loaded, self.which, self.report, &device)
         }
     }
     let b = &loaded.recipe.backend;
-    fuserl_backends::on_backend(b.device, b.device_index, b.dtype, Job { loaded, which, progress })
+    fuserl_backends::on_backend(b.device, b.device_index, b.dtype, Job { loaded, which, report })
         .map_err(|e| TrainError::Unsupported(format!("[backend]: {e}")))?
 }
 
-fn run_on<B: LogProbBackend>(
-    loaded: &LoadedRecipe,
-    which: Which,
-    progress: &mut dyn FnMut(&Progress),
-    device: &B::Device,
-) -> Result<RunSummary> {
-    let recipe = &loaded.recipe;
+/// The run directory of a recipe, created; a folder that another recipe made is refused.
+pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let dir = loaded.output_dir();
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let resolved = loaded.resolved_toml()?;
@@ -210,12 +200,40 @@ fn run_on<B: LogProbBackend>(
         Ok(previous) if previous != resolved => {
             return Err(TrainError::Data(format!(
                 "{} was made by a different recipe; choose another [run] output_dir or remove the folder to start over",
-                recipe_file.display()
+                Shown(&recipe_file)
             )));
         }
         Ok(_) => {}
         Err(_) => write_atomic(&recipe_file, resolved.as_bytes())?,
     }
+    Ok(dir)
+}
+
+/// The collect stage alone (`fuserl collect`): every generative source answers the recipe's
+/// prompts into `runs/NAME/collect/` (resumes; `redo` names sources to start afresh).
+pub fn collect_stage(
+    loaded: &LoadedRecipe,
+    redo: &[String],
+    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+) -> Result<(PathBuf, Vec<Collected>)> {
+    // Each store guards its own settings (a source whose settings changed is refused, or started
+    // afresh with `redo`), so collecting needs no claim on the run directory; the training
+    // stages make that claim.
+    let dir = loaded.output_dir().join("collect");
+    let collected = collect(loaded, &dir, redo, progress)?;
+    Ok((dir, collected))
+}
+
+fn run_on<B: LogProbBackend>(
+    loaded: &LoadedRecipe,
+    which: Which,
+    report: Reporters<'_>,
+    device: &B::Device,
+) -> Result<RunSummary> {
+    let recipe = &loaded.recipe;
+    let dir = claim_run_dir(loaded)?;
+    let (_, collected) = collect_stage(loaded, &[], report.collect)?;
+    let progress = report.step;
     let metrics = dir.join("metrics.jsonl");
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
@@ -231,7 +249,7 @@ fn run_on<B: LogProbBackend>(
     // The data stages of a training stage: collect, score, weigh, build examples; the examples
     // (with their provenance and token counts) are kept in the stage's folder.
     let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<crate::data::TrainExample>> {
-        let p = prepare_with(loaded, stage, extra)?;
+        let p = prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect())?;
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
         let stage_dir = dir.join(stage.as_str());
         std::fs::create_dir_all(&stage_dir).map_err(|e| TrainError::io(&stage_dir, e))?;
@@ -279,7 +297,7 @@ fn run_on<B: LogProbBackend>(
                 if !dir.join("sft/DONE").is_file() {
                     return Err(TrainError::Data(format!(
                         "FusePO starts from the FuseSFT model, and {} has none yet: run `fuserl sft` (or `fuserl run`) first",
-                        dir.display()
+                        Shown(&dir)
                     )));
                 }
                 sft_final.clone()
@@ -291,13 +309,13 @@ fn run_on<B: LogProbBackend>(
                 _ => start.clone(),
             };
             let extra = if recipe.po.target_samples > 0 {
-                std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
-                vec![target_samples::<B>(
+                vec![target_samples(
                     loaded,
-                    (&start, device),
-                    &tok,
+                    &start,
                     recipe.po.target_samples,
-                    &dir.join("po/target-samples.json"),
+                    &dir.join("po/collect"),
+                    &collected,
+                    report.collect,
                 )?]
             } else {
                 Vec::new()
@@ -315,7 +333,7 @@ fn run_on<B: LogProbBackend>(
                 Some(match cached {
                     Some(r) => r,
                     None => {
-                        tracing::info!(reference = %reference_from.display(), "computing reference log-probs");
+                        tracing::info!(reference = %Shown(&reference_from), "computing reference log-probs");
                         let reference_model = load::<B>(&reference_from, device, dt)?;
                         let batch = recipe.po.batch_size as usize * 2;
                         let r = reference_logps(&reference_model, &examples, batch, path);

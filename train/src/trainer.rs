@@ -27,6 +27,7 @@ use crate::checkpointing::layerwise_backward;
 use crate::data::{SeqTokens, TrainExample, completion_key};
 use crate::error::{Result, TrainError};
 use crate::schedule::learning_rate;
+use fuserl_core::paths::Shown;
 
 /// The CPU training backend.
 pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
@@ -209,10 +210,7 @@ struct CheckpointState {
 /// sleep, so that a test can SIGKILL the process at a known point (after a step, or in the
 /// middle of writing a checkpoint).
 fn debug_pause(label: &str) {
-    if std::env::var("FUSERL_DEBUG_PAUSE").is_ok_and(|v| v == label) {
-        tracing::warn!("FUSERL_DEBUG_PAUSE: paused at {label}");
-        std::thread::sleep(std::time::Duration::from_secs(600));
-    }
+    fuserl_core::debug_pause(label);
 }
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
@@ -440,7 +438,7 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
         optim = optim.load_record(orecord);
         start = state.step;
-        tracing::info!(stage = stage.name.as_str(), step = start, checkpoint = %ckpt.display(), "resuming");
+        tracing::info!(stage = stage.name.as_str(), step = start, checkpoint = %Shown(&ckpt), "resuming");
     }
     trim_metrics(&stage.metrics, stage.name, start)?;
     let mut metrics_file = std::fs::OpenOptions::new()

@@ -49,10 +49,7 @@ fn first_steps_match_pytorch() {
             toml::Value::Table(t) => t,
             _ => unreachable!(),
         };
-        let objective = registry
-            .build_objective_from(&table, &BuildContext { base_dir: ".".into(), seed: 0 })
-            .expect("objective")
-            .component;
+        let objective = registry.build_objective_from(&table, &BuildContext::default()).expect("objective").component;
         let mut reference = HashMap::new();
         let mut examples = Vec::new();
         for (e, (ex, refs)) in case["examples"]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fuserl_core::recipe::parse_recipe;
-use fuserl_train::run::{Which, run};
+use fuserl_train::run::{Reporters, Which, run};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()
@@ -63,7 +63,7 @@ fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> 
 fn train_text(out: &Path, text: &str) -> Vec<serde_json::Value> {
     let registry = fuserl_plugins::registry().expect("registry");
     let loaded = parse_recipe(text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(&loaded, Which::All, &mut |_| {}).expect("run");
+    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("run");
     read_metrics(out)
 }
 
@@ -212,10 +212,9 @@ beta = 0.1
     );
     let registry = fuserl_plugins::registry().expect("registry");
     let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(&loaded, Which::All, &mut |_| {}).expect("run");
-    let samples: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("po/target-samples.json")).expect("samples")).expect("json");
-    assert_eq!(samples["completions"].as_array().expect("completions").len(), 30, "3 samples for each of 10 prompts");
+    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("run");
+    let samples = std::fs::read_to_string(out.join("po/collect/target.jsonl")).expect("samples");
+    assert_eq!(samples.lines().count(), 30, "3 samples for each of 10 prompts");
     let examples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("po/examples.jsonl"))
         .expect("examples")
         .lines()
@@ -228,17 +227,17 @@ beta = 0.1
         assert_ne!(seqs[0]["completion"]["source"], "target");
         for s in &seqs[1..] {
             assert_eq!(s["completion"]["source"], "target");
-            assert_eq!(s["origin"]["adapter"], "generate");
+            assert_eq!(s["origin"]["adapter"], "collect");
         }
         assert!(seqs[1]["reward"].as_f64() > seqs[2]["reward"].as_f64());
     }
     let po = losses(&read_metrics(&out), "po");
     assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-6, "{}", po[0]);
     // A rerun does not generate again: the cached samples are reused as they are.
-    let before = std::fs::read(out.join("po/target-samples.json")).expect("samples");
+    let before = std::fs::read(out.join("po/collect/target.jsonl")).expect("samples");
     std::fs::remove_file(out.join("po/DONE")).expect("rm");
-    run(&loaded, Which::Po, &mut |_| {}).expect("rerun");
-    assert_eq!(std::fs::read(out.join("po/target-samples.json")).expect("samples"), before);
+    run(&loaded, Which::Po, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("rerun");
+    assert_eq!(std::fs::read(out.join("po/collect/target.jsonl")).expect("samples"), before);
 }
 
 #[test]
@@ -287,7 +286,9 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     if !fuserl_backends::is_compiled(Device::Wgpu) {
         let registry = fuserl_plugins::registry().expect("registry");
         let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-        let err = run(&loaded, Which::All, &mut |_| {}).expect_err("no wgpu in this build").to_string();
+        let err = run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} })
+            .expect_err("no wgpu in this build")
+            .to_string();
         assert!(err.contains("--features wgpu"), "{err}");
         return;
     }

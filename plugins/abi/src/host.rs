@@ -16,6 +16,7 @@ use fuserl_core::registry::{BuildContext, Built, Entry, ExtensionPoint, Factory,
 use fuserl_core::{Error, Result};
 
 use crate::types::*;
+use fuserl_core::paths::Shown;
 
 /// The callbacks every plugin gets.
 static HOST_API: HostApi = HostApi {
@@ -130,10 +131,23 @@ pub fn resolve_plugin(spec: &str, base_dir: &Path) -> std::result::Result<PathBu
     }
     dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()).ok_or_else(|| {
         format!(
-            "no plugin library `{file}` in $FUSERL_PLUGIN_PATH or beside the fuserl executable (searched: {})",
-            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            "no plugin library `{file}` in $FUSERL_PLUGIN_PATH or beside the fuserl executable (searched: {}); {}",
+            dirs.iter().map(|d| Shown(d).to_string()).collect::<Vec<_>>().join(", "),
+            build_hint(spec),
         )
     })
+}
+
+/// How to get a missing plugin library: cargo builds a workspace's cdylib beside the binary
+/// only when asked for that crate (issue 18: the README's example recipe names one).
+fn build_hint(spec: &str) -> String {
+    let crate_name = spec.replace('_', "-");
+    if crate_name == "fuserl-example-plugin" {
+        "it is built by `cargo build -p fuserl-example-plugin`".to_owned()
+    } else {
+        "a plugin from a Cargo crate is built by `cargo build -p CRATE` (into the folder of target/debug/fuserl)"
+            .to_owned()
+    }
 }
 
 /// The signature of [`ENTRY_SYMBOL`].
@@ -142,18 +156,18 @@ pub type EntryFn = unsafe extern "C" fn(*const HostApi) -> *const PluginDeclarat
 /// Load the library at `path` and register its components. A file already loaded into this
 /// registry is not loaded again. Returns the number of components registered.
 pub fn load_library(path: &Path, registry: &mut Registry) -> std::result::Result<usize, String> {
-    let key = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = path.canonicalize().map_err(|e| format!("{}: {e}", Shown(path)))?;
     if !registry.note_loaded(&key) {
         return Ok(0);
     }
     // SAFETY: loading a library runs its initialisers; that is the contract of a plugin, which
     // the user named explicitly.
     let library = unsafe { libloading::Library::new(&key) }
-        .map_err(|e| format!("{}: not a loadable library: {e}", path.display()))?;
+        .map_err(|e| format!("{}: not a loadable library: {e}", Shown(path)))?;
     // SAFETY: the symbol, if present, has the ABI's entry signature; a library that exports the
     // name with another signature breaks the plugin contract.
     let entry: EntryFn = unsafe { library.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()) }.map(|s| *s).map_err(|_| {
-        format!("{}: a library, but not a fuserl plugin: it has no `{ENTRY_SYMBOL}` symbol", path.display())
+        format!("{}: a library, but not a fuserl plugin: it has no `{ENTRY_SYMBOL}` symbol", Shown(path))
     })?;
     // Never unloaded: components and their code may live as long as the process.
     std::mem::forget(library);

@@ -230,7 +230,8 @@ extern "C" fn create(
             .ok_or_else(|| format!("no component {component}"))?;
         let table: toml::Table =
             toml::from_str(&text(config, "configuration")?).map_err(|e| format!("configuration is not TOML: {e}"))?;
-        let ctx = BuildContext { base_dir: PathBuf::from(text(base_dir, "base folder")?), seed };
+        let ctx =
+            BuildContext { base_dir: PathBuf::from(text(base_dir, "base folder")?), seed, ..BuildContext::default() };
         let (inst, resolved) = match d.factory {
             StaticFactory::Source(f) => f(&table, &ctx).map(|b| (Instance::Source(b.component), b.resolved)),
             StaticFactory::Reward(f) => f(&table, &ctx).map(|b| (Instance::Reward(b.component), b.resolved)),

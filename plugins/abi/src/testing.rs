@@ -37,7 +37,7 @@ fn table(toml_text: &str) -> Result<toml::Table, String> {
 }
 
 fn ctx() -> BuildContext {
-    BuildContext { base_dir: ".".into(), seed: 0 }
+    BuildContext::default()
 }
 
 /// Build an objective from a TOML table (with `kind`) through `registry`.

@@ -93,13 +93,13 @@ impl PairConfig {
     /// Check the values; errors are relative to the `pairs` table.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check::non_negative("min_gap", self.min_gap)?;
-        if let Some(max) = self.max_gap {
-            if !(max.is_finite() && max >= self.min_gap) {
-                return Err(ConfigError::at(
-                    "max_gap",
-                    format!("expected a number >= min_gap ({}), found {max}", self.min_gap),
-                ));
-            }
+        if let Some(max) = self.max_gap
+            && !(max.is_finite() && max >= self.min_gap)
+        {
+            return Err(ConfigError::at(
+                "max_gap",
+                format!("expected a number >= min_gap ({}), found {max}", self.min_gap),
+            ));
         }
         check::positive("tau", self.tau)
     }

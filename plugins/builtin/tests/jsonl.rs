@@ -15,7 +15,7 @@ fn source(dir: &Path, keys: &[(&str, toml::Value)]) -> Result<Box<dyn SourceAdap
     }
     let registry = fuserl_plugins::registry().expect("registry");
     registry
-        .build_source("jsonl", &t, &BuildContext { base_dir: dir.to_path_buf(), seed: 0 })
+        .build_source("jsonl", &t, &BuildContext { base_dir: dir.to_path_buf(), ..BuildContext::default() })
         .map(|b| b.component)
         .map_err(|e| e.to_string())
 }
@@ -82,7 +82,7 @@ fn flat_rows_are_grouped_and_numbered_and_scored() {
     let mut groups = assemble_groups(vec![collected]).expect("groups");
     let reward = fuserl_plugins::registry()
         .expect("registry")
-        .build_reward("precomputed", &toml::Table::new(), &BuildContext { base_dir: ".".into(), seed: 0 })
+        .build_reward("precomputed", &toml::Table::new(), &BuildContext::default())
         .expect("reward")
         .component;
     score_groups(reward.as_ref(), &mut groups, 2).expect("score");
@@ -204,7 +204,7 @@ fn missing_precomputed_score_names_the_record() {
     let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
     let reward = fuserl_plugins::registry()
         .expect("registry")
-        .build_reward("precomputed", &toml::Table::new(), &BuildContext { base_dir: ".".into(), seed: 0 })
+        .build_reward("precomputed", &toml::Table::new(), &BuildContext::default())
         .expect("reward")
         .component;
     let err = score_groups(reward.as_ref(), &mut groups, 8).unwrap_err().to_string();
@@ -225,7 +225,7 @@ fn keywords_verifier_reproduces_the_dataset_scores() {
     t.insert("path".into(), "fusion-mini-facts.jsonl".into());
     let reward = fuserl_plugins::registry()
         .expect("registry")
-        .build_reward("keywords", &t, &BuildContext { base_dir: dir.clone(), seed: 0 })
+        .build_reward("keywords", &t, &BuildContext { base_dir: dir.clone(), ..BuildContext::default() })
         .expect("reward")
         .component;
     score_groups(reward.as_ref(), &mut groups, 16).expect("score");

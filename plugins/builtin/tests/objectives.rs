@@ -52,7 +52,7 @@ fn cases() -> Vec<Case> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/objectives/golden.json");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
     let registry = fuserl_plugins::registry().expect("registry");
-    let ctx = BuildContext { base_dir: ".".into(), seed: 0 };
+    let ctx = BuildContext::default();
     doc["cases"]
         .as_array()
         .expect("cases")
@@ -207,7 +207,7 @@ fn malformed_batches_are_named_errors() {
 #[test]
 fn extreme_log_probs_stay_finite() {
     let registry = fuserl_plugins::registry().expect("registry");
-    let ctx = BuildContext { base_dir: ".".into(), seed: 0 };
+    let ctx = BuildContext::default();
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());
     t.insert("beta".into(), 10.0.into());

@@ -101,7 +101,7 @@ fn objective(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn PreferenceObje
     }
     fuserl_plugins::registry()
         .expect("registry")
-        .build_objective_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 })
+        .build_objective_from(&t, &BuildContext::default())
         .unwrap_or_else(|e| panic!("{kind}: {e}"))
         .component
 }

@@ -38,9 +38,16 @@ fn defaults_follow_the_published_settings() {
 fn cross_section_rules() {
     let err = parse("[po]\nwarmup_ratio = 0.1\nwarmup_steps = 10\n").unwrap_err();
     assert!(err.contains(":12:1: po.warmup_steps: give either warmup_ratio or warmup_steps, not both"), "{err}");
-    let err = parse("[sft]\nenabled = false\n").unwrap_err();
-    assert!(err.contains("po.reference: the reference is the FuseSFT checkpoint but [sft] is disabled"), "{err}");
+    // Issue 18: without FuseSFT the reference defaults to the model FusePO starts from.
+    let err = parse("[sft]\nenabled = false\n[po]\nreference = \"sft-checkpoint\"\n").unwrap_err();
+    assert!(
+        err.contains("po.reference: objective `dpo` compares against the FuseSFT checkpoint, but [sft] is disabled"),
+        "{err}"
+    );
+    assert!(parse("[sft]\nenabled = false\n").is_ok());
     assert!(parse("[sft]\nenabled = false\n[po]\nreference = \"target\"\n").is_ok());
+    let simpo = "[sft]\nenabled = false\n[po]\nreference = \"sft-checkpoint\"\n[po.objective]\nkind = \"simpo\"\n";
+    assert!(parse(simpo).is_ok(), "SimPO has no reference model");
     let err = parse("[sft.objective]\nkind = \"dpo\"\n").unwrap_err();
     assert!(err.contains("sft.objective.kind: objective `dpo` needs a reference model"), "{err}");
     let err = parse("[sft]\nreference = \"target\"\n").unwrap_err();

@@ -11,10 +11,7 @@ fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> 
         t.insert((*k).into(), v.clone());
     }
     let registry = fuserl_plugins::registry().expect("registry");
-    registry
-        .build_weighting_from(&t, &BuildContext { base_dir: ".".into(), seed: 0 })
-        .unwrap_or_else(|e| panic!("{kind}: {e}"))
-        .component
+    registry.build_weighting_from(&t, &BuildContext::default()).unwrap_or_else(|e| panic!("{kind}: {e}")).component
 }
 
 /// Three sources with two, three and one samples.
@@ -169,7 +166,7 @@ fn missing_rewards_are_errors_that_name_the_record() {
 #[test]
 fn bad_settings_are_refused() {
     let registry = fuserl_plugins::registry().expect("registry");
-    let ctx = BuildContext { base_dir: ".".into(), seed: 0 };
+    let ctx = BuildContext::default();
     for (kind, key, value) in [
         ("softmax", "temperature", toml::Value::from(0.0)),
         ("softmax", "temperature", toml::Value::from(-1.0)),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::extension::{RewardModel, ScoreItem};
+use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,7 @@ impl KeywordsReward {
         check::non_negative("length_penalty", config.length_penalty)?;
         let file = ctx.resolve(&config.path);
         let text = std::fs::read_to_string(&file)
-            .map_err(|e| ConfigError::at("path", format!("cannot read {}: {e}", file.display())))?;
+            .map_err(|e| ConfigError::at("path", format!("cannot read {}: {e}", Shown(&file))))?;
         let mut facts = HashMap::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             #[derive(Deserialize)]
@@ -52,13 +53,13 @@ impl KeywordsReward {
             let l: Line = serde_json::from_str(line).map_err(|e| {
                 ConfigError::at(
                     "path",
-                    format!("{}:{}: expected {{\"id\": ..., \"facts\": [...]}}: {e}", file.display(), i + 1),
+                    format!("{}:{}: expected {{\"id\": ..., \"facts\": [...]}}: {e}", Shown(&file), i + 1),
                 )
             })?;
             if l.facts.is_empty() {
                 return Err(ConfigError::at(
                     "path",
-                    format!("{}:{}: prompt `{}` has no facts", file.display(), i + 1, l.id),
+                    format!("{}:{}: prompt `{}` has no facts", Shown(&file), i + 1, l.id),
                 ));
             }
             facts.insert(l.id, l.facts.into_iter().map(|f| f.to_lowercase()).collect());
@@ -78,7 +79,7 @@ impl RewardModel for KeywordsReward {
                 let id = &item.completion.id.prompt_id;
                 let facts = self.facts.get(id).ok_or_else(|| Error::Record {
                     record: item.completion.describe(),
-                    message: format!("{} lists no facts for prompt `{id}`", self.file.display()),
+                    message: format!("{} lists no facts for prompt `{id}`", Shown(&self.file)),
                 })?;
                 let text = item.completion.text.to_lowercase();
                 let found = facts.iter().filter(|f| text.contains(f.as_str())).count() as f64;

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::{ChatMessage, Completion, CompletionId, Origin, Prompt, SamplingParams};
 use fuserl_core::extension::{CollectRequest, Collected, SourceAdapter};
+use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -83,7 +84,7 @@ impl JsonlSource {
     pub fn new(config: JsonlConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         let file = ctx.resolve(&config.path);
         if !file.is_file() {
-            return Err(ConfigError::at("path", format!("no such data file: {}", file.display())));
+            return Err(ConfigError::at("path", format!("no such data file: {}", Shown(&file))));
         }
         Ok(Self { config, file })
     }
@@ -179,10 +180,10 @@ fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
             Some(Value::Object(s)) => Some(s),
             Some(_) => return Err("`sampling`: expected an object mapping each source to its settings".into()),
         };
-        if let Some(scores) = scores {
-            if let Some(extra) = scores.keys().find(|k| !responses.contains_key(*k)) {
-                return Err(format!("`scores.{extra}`: no responses from source `{extra}`"));
-            }
+        if let Some(scores) = scores
+            && let Some(extra) = scores.keys().find(|k| !responses.contains_key(*k))
+        {
+            return Err(format!("`scores.{extra}`: no responses from source `{extra}`"));
         }
         for (source, texts) in responses {
             let texts: Vec<&Value> = match texts {
@@ -237,7 +238,7 @@ impl SourceAdapter for JsonlSource {
 
     fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
         let text = std::fs::read_to_string(&self.file).map_err(|e| Error::io(&self.file, e))?;
-        let file_name = self.file.display().to_string();
+        let file_name = Shown(&self.file).to_string();
         let mut out = Collected::default();
         // prompt id -> (line first seen, messages, given by a per-prompt record)
         let mut prompts: HashMap<String, (u64, usize, bool)> = HashMap::new();
@@ -263,13 +264,13 @@ impl SourceAdapter for JsonlSource {
                     }
                 }
                 for (source, index, ..) in &record.items {
-                    if let Some(i) = index {
-                        if let Some(first) = seen.get(&(record.prompt.id.clone(), source.clone(), *i)) {
-                            return Err(format!(
-                                "prompt `{}`, source `{source}`, sample {i} was already given on line {first}",
-                                record.prompt.id
-                            ));
-                        }
+                    if let Some(i) = index
+                        && let Some(first) = seen.get(&(record.prompt.id.clone(), source.clone(), *i))
+                    {
+                        return Err(format!(
+                            "prompt `{}`, source `{source}`, sample {i} was already given on line {first}",
+                            record.prompt.id
+                        ));
                     }
                 }
                 Ok(record)

@@ -1,3 +1,4 @@
 //! Source adapters.
 
 pub mod jsonl;
+pub mod openai;

@@ -1,0 +1,482 @@
+//! The collect stage: every generative source ([`Generator`]) answers the recipe's prompts
+//! (`[data] prompts`), `samples_per_prompt` times each, into a store of its own in the run
+//! directory:
+//!
+//! ```text
+//! runs/NAME/collect/SOURCE.jsonl           one line per answer, appended and flushed as it arrives
+//! runs/NAME/collect/SOURCE.settings.json   the settings the answers were made with
+//! ```
+//!
+//! A rerun asks only for the (prompt, sample) pairs still missing. A line torn by a kill (the
+//! last one, without its newline) is dropped and asked again. Answers made with other settings
+//! are not mixed in: the stage refuses, or starts that source afresh when told to (`redo`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::data::{Completion, CompletionId, Origin, Prompt, SamplingParams};
+use crate::error::{Error, Result};
+use crate::extension::{Collected, GenerateStats, Generated, Generator, SampleJob};
+use crate::paths::Shown;
+use crate::recipe::LoadedRecipe;
+
+/// The seed asked for sample `sample_index` of `prompt_id`: a hash of the run's seed, the prompt
+/// id and the sample index, below 2^31 (servers differ in what they accept).
+pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in prompt_id.bytes().chain(sample_index.to_le_bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash % (1 << 31)
+}
+
+/// One source's answers on disk.
+#[derive(Debug)]
+pub struct Store {
+    file: PathBuf,
+    answers: BTreeMap<(String, u32), Generated>,
+    writer: Mutex<std::fs::File>,
+}
+
+impl Store {
+    /// Open (or create) the store of `source` in `dir`, made with `fingerprint`. Answers made
+    /// with another fingerprint are refused, or set aside (`redo`: renamed with a `.old-N`
+    /// suffix, never deleted) and the source starts afresh.
+    pub fn open(dir: &Path, source: &str, fingerprint: &str, redo: bool) -> Result<Self> {
+        Self::open_with(dir, source, fingerprint, redo, false)
+    }
+
+    /// Like [`Store::open`]; with `restart_changed`, answers made with other settings are set
+    /// aside without asking (for answers a run derives from its own models).
+    pub fn open_with(dir: &Path, source: &str, fingerprint: &str, redo: bool, restart_changed: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let file = dir.join(format!("{source}.jsonl"));
+        let settings = dir.join(format!("{source}.settings.json"));
+        let wanted = serde_json::json!({ "source": source, "settings": fingerprint }).to_string();
+        match std::fs::read_to_string(&settings) {
+            Ok(previous) if previous.trim() != wanted => {
+                if !redo && !restart_changed {
+                    return Err(Error::Config(crate::config::ConfigError::new(
+                        crate::config::KeyPath::root(),
+                        format!(
+                            "source `{source}`: {} holds answers made with other settings ({}); now: {fingerprint}. \
+                             Keep the old settings, or start this source afresh with `fuserl collect --redo {source}` \
+                             (the old answers are kept beside it)",
+                            Shown(&file),
+                            Shown(&settings)
+                        ),
+                    )));
+                }
+                set_aside(&file)?;
+                set_aside(&settings)?;
+            }
+            Ok(_) if redo => {
+                set_aside(&file)?;
+                set_aside(&settings)?;
+            }
+            _ => {}
+        }
+        if !settings.is_file() {
+            write_atomically(&settings, format!("{wanted}\n").as_bytes())?;
+        }
+        let answers = read_store(&file)?;
+        let writer =
+            std::fs::OpenOptions::new().create(true).append(true).open(&file).map_err(|e| Error::io(&file, e))?;
+        Ok(Self { file, answers, writer: Mutex::new(writer) })
+    }
+
+    /// Whether (prompt, sample) is answered.
+    pub fn has(&self, prompt_id: &str, sample_index: u32) -> bool {
+        self.answers.contains_key(&(prompt_id.to_owned(), sample_index))
+    }
+
+    /// Append one answer (one line, flushed). A second answer to the same job is not written.
+    pub fn append(&self, answer: &Generated) -> Result<()> {
+        let mut line = serde_json::to_string(answer).map_err(|e| Error::Component {
+            point: "source",
+            name: Shown(&self.file).to_string(),
+            message: format!("cannot write an answer: {e}"),
+        })?;
+        line.push('\n');
+        let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.write_all(line.as_bytes()).and_then(|()| w.flush()).map_err(|e| Error::io(&self.file, e))
+    }
+
+    /// The file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Read the store again (after appending) and return every answer, by (prompt, sample).
+    pub fn reload(&self) -> Result<BTreeMap<(String, u32), Generated>> {
+        read_store(&self.file)
+    }
+}
+
+fn set_aside(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut n = 1;
+    loop {
+        let old = PathBuf::from(format!("{}.old-{n}", path.display()));
+        if !old.exists() {
+            tracing::info!(file = %Shown(path), kept_as = %Shown(&old), "setting old answers aside");
+            return std::fs::rename(path, &old).map_err(|e| Error::io(path, e));
+        }
+        n += 1;
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Every complete line of a store. The last line, if torn by a kill (no newline, or not JSON),
+/// is cut off the file so that appending continues cleanly; a bad line elsewhere is an error.
+fn read_store(file: &Path) -> Result<BTreeMap<(String, u32), Generated>> {
+    let mut answers = BTreeMap::new();
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(answers),
+        Err(e) => return Err(Error::io(file, e)),
+    };
+    let mut good_end = 0usize;
+    let mut start = 0usize;
+    let mut line_no = 0u64;
+    while start < bytes.len() {
+        line_no += 1;
+        let end = bytes[start..].iter().position(|&b| b == b'\n').map(|i| start + i);
+        let Some(end) = end else {
+            tracing::warn!(file = %Shown(file), line = line_no, "dropping a torn last line (it will be asked again)");
+            break;
+        };
+        let line = &bytes[start..end];
+        match serde_json::from_slice::<Generated>(line) {
+            Ok(g) => {
+                answers.entry((g.prompt_id.clone(), g.sample_index)).or_insert(g);
+                good_end = end + 1;
+            }
+            Err(e) if end + 1 == bytes.len() => {
+                tracing::warn!(file = %Shown(file), line = line_no, error = %e, "dropping a torn last line (it will be asked again)");
+                break;
+            }
+            Err(e) if line.iter().all(u8::is_ascii_whitespace) => {
+                let _ = e;
+                good_end = end + 1;
+            }
+            Err(e) => {
+                return Err(Error::Data {
+                    file: file.to_path_buf(),
+                    line: line_no,
+                    message: format!("not a collected answer: {e}"),
+                });
+            }
+        }
+        start = end + 1;
+    }
+    if good_end < bytes.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| Error::io(file, e))?;
+        f.set_len(good_end as u64).map_err(|e| Error::io(file, e))?;
+    }
+    Ok(answers)
+}
+
+/// The prompts of a recipe's `[data] prompts` files, in order, at most `max_prompts`.
+pub fn recipe_prompts(loaded: &LoadedRecipe) -> Result<Vec<Prompt>> {
+    let data = &loaded.recipe.data;
+    let mut prompts: Vec<Prompt> = Vec::new();
+    let mut seen = HashSet::new();
+    for name in &data.prompts {
+        let file = loaded.base_dir.join(name);
+        let got = crate::prompts::read_prompts(&file)?;
+        for p in got.prompts {
+            if seen.insert(p.id.clone()) {
+                prompts.push(p);
+            } else {
+                tracing::warn!(file = %Shown(&file), prompt = %p.id, "prompt already read from an earlier file, left out");
+            }
+        }
+    }
+    if let Some(max) = data.max_prompts {
+        prompts.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+    }
+    Ok(prompts)
+}
+
+/// Progress of one source, reported after every answer.
+#[derive(Clone, Debug)]
+pub struct CollectProgress<'a> {
+    /// The source name.
+    pub source: &'a str,
+    /// Answers present (including those from earlier runs).
+    pub done: u64,
+    /// Answers wanted.
+    pub total: u64,
+    /// Completion tokens received in this run.
+    pub tokens: u64,
+    /// Set once, when the source is finished: what it counted.
+    pub finished: Option<SourceSummary>,
+}
+
+/// What one source did in one run of the stage.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceSummary {
+    /// Answers asked for in this run.
+    pub asked: u64,
+    /// Answers already in the store.
+    pub reused: u64,
+    /// Requests retried.
+    pub retries: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Answers cut by the token limit.
+    pub truncated: u64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// Run the collect stage into `dir` (usually `runs/NAME/collect`): every generative source
+/// answers every prompt `samples_per_prompt` times. Returns, per generative source, what its
+/// store holds for the recipe's prompts, ready for the data stages. `redo` names sources to
+/// start afresh.
+pub fn collect(
+    loaded: &LoadedRecipe,
+    dir: &Path,
+    redo: &[String],
+    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+) -> Result<Vec<Collected>> {
+    let generators: Vec<&dyn Generator> = loaded.components.sources.iter().filter_map(|s| s.generator()).collect();
+    for name in redo {
+        if !generators.iter().any(|g| g.source_name() == name) {
+            return Err(Error::Config(crate::config::ConfigError::new(
+                crate::config::KeyPath::root(),
+                format!(
+                    "--redo {name}: no generative source of that name; the recipe has: {}",
+                    generators.iter().map(|g| g.source_name()).collect::<Vec<_>>().join(", ")
+                ),
+            )));
+        }
+    }
+    if generators.is_empty() {
+        return Ok(Vec::new());
+    }
+    let recipe = &loaded.recipe;
+    let prompts = recipe_prompts(loaded)?;
+    if prompts.is_empty() {
+        return Err(Error::Config(crate::config::ConfigError::new(
+            crate::config::KeyPath::keys(&["data", "prompts"]),
+            "the recipe has generative sources but no prompts: name one or more prompt files in [data] prompts",
+        )));
+    }
+    let plan = CollectPlan {
+        prompts: &prompts,
+        samples_per_prompt: recipe.data.samples_per_prompt,
+        sampling: &recipe.data.sampling,
+        run_seed: recipe.run.seed,
+        restart_changed: false,
+    };
+    collect_with(&generators, &plan, dir, redo, progress)
+}
+
+/// What the collect stage asks of each generator.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectPlan<'a> {
+    /// The prompts.
+    pub prompts: &'a [Prompt],
+    /// Answers per prompt.
+    pub samples_per_prompt: u32,
+    /// Sampling settings (each generator may override them).
+    pub sampling: &'a SamplingParams,
+    /// The run's seed (the seed of each answer derives from it).
+    pub run_seed: u64,
+    /// Start a source afresh, without asking, when its settings changed (answers a run derives
+    /// from its own models, such as the FuseSFT model's samples).
+    pub restart_changed: bool,
+}
+
+/// The collect stage for the given generators (the recipe's, or another stage's own such as the
+/// FuseSFT model's samples), into stores in `dir`.
+pub fn collect_with(
+    generators: &[&dyn Generator],
+    plan: &CollectPlan<'_>,
+    dir: &Path,
+    redo: &[String],
+    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+) -> Result<Vec<Collected>> {
+    let (prompts, n, sampling) = (plan.prompts, plan.samples_per_prompt, plan.sampling);
+    let mut out = Vec::new();
+    for &g in generators {
+        let source = g.source_name();
+        let _span = tracing::info_span!("collect", source).entered();
+        let redo_this = redo.iter().any(|r| r == source);
+        let store = Store::open_with(dir, source, &g.fingerprint(sampling), redo_this, plan.restart_changed)?;
+        let mut jobs = Vec::new();
+        for p in prompts {
+            for i in 0..n {
+                if !store.has(&p.id, i) {
+                    jobs.push(SampleJob { prompt: p, sample_index: i, seed: sample_seed(plan.run_seed, &p.id, i) });
+                }
+            }
+        }
+        let total = prompts.len() as u64 * u64::from(n);
+        let reused = total - jobs.len() as u64;
+        let wanted: HashSet<(&str, u32)> = jobs.iter().map(|j| (j.prompt.id.as_str(), j.sample_index)).collect();
+        let done = Mutex::new((reused, 0u64, HashSet::<(String, u32)>::new()));
+        progress(&CollectProgress { source, done: reused, total, tokens: 0, finished: None });
+        let t0 = Instant::now();
+        let stats = if jobs.is_empty() {
+            GenerateStats::default()
+        } else {
+            tracing::info!(source, asked = jobs.len(), already_collected = reused, file = %Shown(store.file()), "collecting");
+            let sink = |answer: Generated| -> Result<()> {
+                let key = (answer.prompt_id.clone(), answer.sample_index);
+                if !wanted.contains(&(key.0.as_str(), key.1)) {
+                    return Err(Error::Component {
+                        point: "source",
+                        name: source.to_owned(),
+                        message: format!("answered prompt `{}`, sample {}, which was not asked for", key.0, key.1),
+                    });
+                }
+                let mut d = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !d.2.insert(key) {
+                    // A second answer to one job (a retried request that had arrived): keep the first.
+                    return Ok(());
+                }
+                store.append(&answer)?;
+                d.0 += 1;
+                d.1 += answer.completion_tokens.unwrap_or(0);
+                progress(&CollectProgress { source, done: d.0, total, tokens: d.1, finished: None });
+                crate::debug_pause(&format!("collect-{source}-{}", d.0));
+                Ok(())
+            };
+            g.generate(&jobs, sampling, &sink)?
+        };
+        let answers = store.reload()?;
+        let missing: Vec<String> = prompts
+            .iter()
+            .flat_map(|p| (0..n).map(move |i| (p, i)))
+            .filter(|(p, i)| !answers.contains_key(&(p.id.clone(), *i)))
+            .take(3)
+            .map(|(p, i)| format!("prompt `{}` sample {i}", p.id))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Component {
+                point: "source",
+                name: source.to_owned(),
+                message: format!("finished without answering {} (and maybe more)", missing.join(", ")),
+            });
+        }
+        let mut collected = Collected { prompts: prompts.to_vec(), ..Collected::default() };
+        let mut truncated = 0;
+        let file_name = Shown(store.file()).to_string();
+        for p in prompts {
+            for i in 0..n {
+                let a = &answers[&(p.id.clone(), i)];
+                if a.finish_reason.as_deref() == Some("length") {
+                    truncated += 1;
+                    if !g.keep_truncated() {
+                        continue;
+                    }
+                }
+                collected.completions.push(Completion {
+                    id: CompletionId { prompt_id: p.id.clone(), source: source.to_owned(), sample_index: i },
+                    text: a.text.clone(),
+                    sampling: SamplingParams { seed: Some(a.seed), ..sampling.clone() },
+                    origin: Origin { adapter: "collect".into(), file: Some(file_name.clone()), line: None },
+                    precomputed_score: None,
+                });
+            }
+        }
+        let summary = SourceSummary {
+            asked: jobs.len() as u64,
+            reused,
+            retries: stats.retries,
+            requests: stats.requests,
+            truncated,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            source,
+            asked = summary.asked,
+            reused = summary.reused,
+            requests = summary.requests,
+            retries = summary.retries,
+            cut_by_max_tokens = summary.truncated,
+            "collected"
+        );
+        progress(&CollectProgress { source, done: total, total, tokens: 0, finished: Some(summary) });
+        out.push(collected);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(p: &str, i: u32) -> Generated {
+        Generated { prompt_id: p.into(), sample_index: i, text: format!("{p}-{i}"), ..Generated::default() }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_appending_continues() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path(), "s", "v1", false).expect("open");
+        store.append(&answer("a", 0)).expect("append");
+        store.append(&answer("a", 1)).expect("append");
+        drop(store);
+        let file = dir.path().join("s.jsonl");
+        let mut bytes = std::fs::read(&file).expect("read");
+        bytes.extend_from_slice(b"{\"prompt_id\": \"b\", \"sam");
+        std::fs::write(&file, &bytes).expect("write");
+        let store = Store::open(dir.path(), "s", "v1", false).expect("reopen");
+        assert!(store.has("a", 0) && store.has("a", 1) && !store.has("b", 0));
+        store.append(&answer("b", 0)).expect("append");
+        let all = store.reload().expect("reload");
+        assert_eq!(all.len(), 3);
+        assert_eq!(std::fs::read_to_string(&file).expect("read").lines().count(), 3);
+    }
+
+    #[test]
+    fn other_settings_are_refused_or_set_aside() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path(), "s", "model=a", false).expect("open");
+        store.append(&answer("a", 0)).expect("append");
+        drop(store);
+        let err = Store::open(dir.path(), "s", "model=b", false).expect_err("refused").to_string();
+        assert!(err.contains("answers made with other settings") && err.contains("--redo s"), "{err}");
+        let store = Store::open(dir.path(), "s", "model=b", true).expect("redo");
+        assert!(!store.has("a", 0));
+        assert!(dir.path().join("s.jsonl.old-1").is_file());
+    }
+
+    #[test]
+    fn a_bad_line_in_the_middle_names_its_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        Store::open(dir.path(), "s", "v", false).expect("open");
+        std::fs::write(
+            dir.path().join("s.jsonl"),
+            "not json\n{\"prompt_id\": \"a\", \"sample_index\": 0, \"seed\": 1, \"text\": \"x\"}\n",
+        )
+        .expect("write");
+        let err = Store::open(dir.path(), "s", "v", false).expect_err("bad").to_string();
+        assert!(err.contains("s.jsonl:1: not a collected answer"), "{err}");
+    }
+
+    #[test]
+    fn seeds_are_stable_distinct_and_small() {
+        let a = sample_seed(42, "p1", 0);
+        assert_eq!(a, sample_seed(42, "p1", 0));
+        assert_ne!(a, sample_seed(42, "p1", 1));
+        assert_ne!(a, sample_seed(42, "p2", 0));
+        assert_ne!(a, sample_seed(43, "p1", 0));
+        assert!(a < 1 << 31);
+    }
+}

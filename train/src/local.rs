@@ -1,0 +1,303 @@
+//! `local`: a Hugging Face checkpoint that fuserl loads and samples from itself, in the
+//! collect stage, with batched KV-cache generation, on the recipe's backend or its own.
+//!
+//! ```toml
+//! [[sources]]
+//! kind = "local"
+//! name = "tiny"                        # the source name in the data
+//! checkpoint = "../checkpoints/tiny-chat"
+//! batch_size = 8                       # prompts generated at once
+//! device = "cpu"                       # default: the recipe's [backend] device and dtype
+//! [sources.sampling]                   # overrides [data.sampling]
+//! temperature = 1.0
+//! max_tokens = 64
+//! ```
+//!
+//! Every (prompt, sample) has a sampler of its own, seeded with the collect stage's seed for it,
+//! so a run gives the same texts on every machine of the same kind, whichever batch a job lands in
+//! up to f32 rounding across batch shapes.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::config::ConfigError;
+use fuserl_core::data::SamplingParams;
+use fuserl_core::extension::{
+    CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
+};
+use fuserl_core::paths::Shown;
+use fuserl_core::recipe::{DType as RecipeDType, Device};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::{Error, Result};
+use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::checkpoint::load;
+use fuserl_model::generate::{GenerateConfig, generate_seeded};
+use serde::{Deserialize, Serialize};
+
+/// Per-source sampling overrides.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSampling {
+    /// Softmax temperature (0: greedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Top-k cut-off (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Most new tokens per answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Stop strings (the answer is cut there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+/// `[[sources]] kind = "local"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The source name its answers carry in the data.
+    pub name: String,
+    /// A Hugging Face checkpoint folder, relative to the recipe.
+    pub checkpoint: String,
+    /// A chat template file instead of the checkpoint's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// The device (default: the recipe's `[backend] device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+    /// The floating-point type (default: the recipe's `[backend] dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<RecipeDType>,
+    /// Prompts generated at once.
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    /// Longest prompt in tokens (longer ones keep their end).
+    #[serde(default = "default_prompt_len")]
+    pub max_prompt_length: u32,
+    /// Sampling overrides of `[data.sampling]`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sampling: LocalSampling,
+}
+
+fn default_batch() -> u32 {
+    8
+}
+fn default_prompt_len() -> u32 {
+    1024
+}
+fn is_default(s: &LocalSampling) -> bool {
+    *s == LocalSampling::default()
+}
+
+/// A checkpoint that answers prompts in-process.
+#[derive(Debug)]
+pub struct LocalSource {
+    config: LocalConfig,
+    checkpoint: PathBuf,
+    template: Option<PathBuf>,
+    device: Device,
+    device_index: u32,
+    dtype: RecipeDType,
+}
+
+impl LocalSource {
+    /// Build: the folder must be a checkpoint; nothing is loaded yet.
+    pub fn new(config: LocalConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        if config.name.is_empty() || config.name.contains(['/', '\\']) || config.name.starts_with('.') {
+            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
+        }
+        let checkpoint = ctx.resolve(&config.checkpoint);
+        if !checkpoint.join("config.json").is_file() {
+            return Err(ConfigError::at(
+                "checkpoint",
+                format!("{}: not a Hugging Face checkpoint folder (no config.json)", Shown(&checkpoint)),
+            ));
+        }
+        if config.batch_size == 0 {
+            return Err(ConfigError::at("batch_size", "expected at least 1"));
+        }
+        let template = config.chat_template.as_deref().map(|t| ctx.resolve(t));
+        let (device, device_index) = match config.device {
+            Some(d) => (d, 0),
+            None => (ctx.backend.device, ctx.backend.device_index),
+        };
+        let dtype = config.dtype.unwrap_or(ctx.backend.dtype);
+        fuserl_backends::check(device, dtype).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        Ok(Self { config, checkpoint, template, device, device_index, dtype })
+    }
+
+    /// A source named `name` that samples from `checkpoint` (the target's own samples of
+    /// WRPO and on-policy RLOO: the FuseSFT model).
+    pub fn for_checkpoint(
+        name: &str,
+        checkpoint: &Path,
+        max_prompt_length: u32,
+        ctx: &BuildContext,
+    ) -> Result<Self, ConfigError> {
+        let config = LocalConfig {
+            name: name.to_owned(),
+            checkpoint: checkpoint.display().to_string(),
+            chat_template: None,
+            device: None,
+            dtype: None,
+            batch_size: default_batch(),
+            max_prompt_length,
+            sampling: LocalSampling::default(),
+        };
+        Self::new(config, &BuildContext { base_dir: PathBuf::from("."), ..ctx.clone() })
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Component { point: "source", name: self.config.name.clone(), message }
+    }
+
+    fn generate_config(&self, sampling: &SamplingParams) -> GenerateConfig {
+        let s = &self.config.sampling;
+        GenerateConfig {
+            max_new_tokens: s.max_tokens.or(sampling.max_new_tokens).map_or(256, |m| m as usize),
+            temperature: s.temperature.or(sampling.temperature).unwrap_or(1.0),
+            top_p: s.top_p.or(sampling.top_p).unwrap_or(1.0),
+            top_k: s.top_k.or(sampling.top_k).unwrap_or(0) as usize,
+            seed: 0,
+            stop: s.stop.clone(),
+        }
+    }
+}
+
+/// The bytes of a checkpoint's weight files, hashed (FNV-1a): a changed model is another source.
+pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for f in files {
+        for b in std::fs::read(&f)? {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
+impl SourceAdapter for LocalSource {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
+        Err(self.error("answers prompts in the collect stage (`fuserl collect`), not from a file".into()))
+    }
+
+    fn generator(&self) -> Option<&dyn Generator> {
+        Some(self)
+    }
+}
+
+struct Job<'a> {
+    source: &'a LocalSource,
+    jobs: &'a [SampleJob<'a>],
+    cfg: GenerateConfig,
+    sink: &'a GeneratedSink<'a>,
+}
+
+impl OnBackend for Job<'_> {
+    type Output = Result<GenerateStats>;
+
+    fn run<B: LogProbBackend>(self, device: B::Device) -> Result<GenerateStats> {
+        let s = self.source;
+        let model_error = |e: fuserl_model::ModelError| s.error(e.to_string());
+        let tok = ChatTokenizer::load(&s.checkpoint, s.template.as_deref()).map_err(model_error)?;
+        let dtype = match s.dtype {
+            RecipeDType::F32 => DType::F32,
+            RecipeDType::F16 => DType::F16,
+            RecipeDType::Bf16 => DType::BF16,
+        };
+        let model = load::<B>(&s.checkpoint, &device, dtype).map_err(model_error)?;
+        tok.check_fits(model.config.vocab_size).map_err(model_error)?;
+        let max_prompt = s.config.max_prompt_length as usize;
+        let mut stats = GenerateStats::default();
+        for chunk in self.jobs.chunks(s.config.batch_size as usize) {
+            let t0 = std::time::Instant::now();
+            let mut prompts = Vec::with_capacity(chunk.len());
+            for j in chunk {
+                let mut ids = tok.prompt_ids(&j.prompt.messages).map_err(model_error)?;
+                if ids.len() > max_prompt {
+                    ids.drain(..ids.len() - max_prompt);
+                }
+                prompts.push(ids);
+            }
+            let seeds: Vec<u64> = chunk.iter().map(|j| j.seed).collect();
+            let replies = generate_seeded(&model, &tok, &prompts, &self.cfg, &seeds).map_err(model_error)?;
+            stats.requests += 1;
+            let secs = t0.elapsed().as_secs_f64();
+            for ((j, reply), ids) in chunk.iter().zip(replies).zip(&prompts) {
+                (self.sink)(Generated {
+                    prompt_id: j.prompt.id.clone(),
+                    sample_index: j.sample_index,
+                    seed: j.seed,
+                    text: reply.text,
+                    finish_reason: Some(
+                        if reply.finish_reason == "eos" { "stop" } else { reply.finish_reason }.to_owned(),
+                    ),
+                    model: Some(s.config.checkpoint.clone()),
+                    prompt_tokens: Some(ids.len() as u64),
+                    completion_tokens: Some(reply.ids.len() as u64),
+                    latency_s: secs,
+                })?;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+impl Generator for LocalSource {
+    fn source_name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn fingerprint(&self, sampling: &SamplingParams) -> String {
+        let weights =
+            weights_hash(&self.checkpoint).map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"));
+        let template = self.template.as_ref().and_then(|t| std::fs::read_to_string(t).ok());
+        let cfg = self.generate_config(sampling);
+        serde_json::json!({
+            "kind": "local",
+            "weights": weights,
+            "chat_template": template,
+            "dtype": self.dtype,
+            "max_prompt_length": self.config.max_prompt_length,
+            "max_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "stop": cfg.stop,
+        })
+        .to_string()
+    }
+
+    fn generate(
+        &self,
+        jobs: &[SampleJob<'_>],
+        sampling: &SamplingParams,
+        sink: &GeneratedSink<'_>,
+    ) -> Result<GenerateStats> {
+        let job = Job { source: self, jobs, cfg: self.generate_config(sampling), sink };
+        fuserl_backends::on_backend(self.device, self.device_index, self.dtype, job)
+            .map_err(|e| self.error(format!("device: {e}")))?
+    }
+}
+
+fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
+    build_component(t, ctx, |c: LocalConfig, ctx| Ok(Box::new(LocalSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
+}
+
+inventory::submit! { PluginDescriptor { name: "local", origin: env!("CARGO_PKG_NAME"),
+summary: "answers sampled in-process from a Hugging Face checkpoint (batched KV-cache generation)",
+factory: StaticFactory::Source(build) } }
