@@ -23,7 +23,7 @@ fn plugins_list_shows_dynamic_plugins_with_their_file() {
     let out = fuserl(&["--plugin", &lib.display().to_string(), "plugins", "list"], &repo());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listing = text(&out.stdout);
-    for (point, name) in [("weighting", "margin"), ("objective", "ranking-hinge")] {
+    for (point, name) in [("weighting", "margin"), ("objective", "ranking-hinge"), ("source", "templated")] {
         let line = listing
             .lines()
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
@@ -81,7 +81,7 @@ fn a_recipe_loads_its_plugins_and_runs_their_components() {
 fn plugin_components_evaluate_like_builtins() {
     let mut registry = fuserl_plugins::registry().expect("registry");
     let lib = plugin("fuserl_example_plugin");
-    assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(2));
+    assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(3));
     // Loading the same file again is a no-op.
     assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(0));
     let hinge = registry
@@ -173,7 +173,7 @@ fn with_testkit(mode: &str, args: &[&str], dir: &Path) -> (Option<i32>, String) 
 fn newer_older_and_wrongly_sized_declarations_are_refused() {
     let (code, err) = with_testkit("newer-abi", &["plugins", "list"], &repo());
     assert_eq!(code, Some(2));
-    assert!(err.contains("built for plugin ABI version 2, newer than this fuserl's (1); upgrade fuserl"), "{err}");
+    assert!(err.contains("built for plugin ABI version 3, newer than this fuserl's (2); upgrade fuserl"), "{err}");
     let (code, err) = with_testkit("older-abi", &["plugins", "list"], &repo());
     assert_eq!(code, Some(2));
     assert!(
@@ -287,4 +287,50 @@ fn plugins_log_through_the_host() {
             .any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example-plugin")),
         "{err}"
     );
+}
+
+/// ABI version 2 appended the generator fields: a version-1 plugin (shorter components) still
+/// loads, and its components still work.
+#[test]
+fn a_version_1_plugin_keeps_loading() {
+    let (code, err) = with_testkit("abi-v1", &["plugins", "list"], &repo());
+    assert_eq!(code, Some(0), "{err}");
+    let (dir, _) = testkit_recipe("kind = \"softmax\"", "kind = \"failing\"\nfail_create = true");
+    let (code, err) = with_testkit("abi-v1", &["recipe", "check", "recipes/t.toml"], dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("po.objective.fail_create: refused on purpose"), "{err}");
+}
+
+/// A plugin's generative source (ABI version 2) answers in the collect stage like a built-in.
+#[test]
+fn a_plugin_generator_collects_and_resumes() {
+    let dir = sandbox();
+    let recipe = format!(
+        "schema_version = 1\nplugins = [\"{}\"]\n[run]\nname = \"g\"\n[target]\ncheckpoint = \"../checkpoints/tiny-chat\"\n\
+         [data]\nprompts = [\"../data/prompts-mini.jsonl\"]\nsamples_per_prompt = 3\n\
+         [[sources]]\nkind = \"templated\"\nname = \"echo\"\ntemplate = \"Answer {{sample}} to: {{prompt}}\"\n\
+         [reward]\nkind = \"keywords\"\npath = \"../data/fusion-mini-facts.jsonl\"\n",
+        plugin("fuserl_example_plugin").display()
+    );
+    std::fs::write(dir.path().join("recipes/g.toml"), recipe).expect("write");
+    let out = fuserl(&["collect", "recipes/g.toml"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("collect echo: 30/30 answers (30 asked now, 0 already collected;"),
+        "{}",
+        text(&out.stderr)
+    );
+    let store = std::fs::read_to_string(dir.path().join("runs/g/collect/echo.jsonl")).expect("store");
+    assert_eq!(store.lines().count(), 30);
+    assert!(store.contains("Answer 2 to: What is the capital of France?"), "{store}");
+    let again = fuserl(&["collect", "recipes/g.toml"], dir.path());
+    assert!(
+        text(&again.stderr).contains("collect echo: 30/30 answers (0 asked now, 30 already collected;"),
+        "{}",
+        text(&again.stderr)
+    );
+    // The answers flow on into the data stages.
+    let examples = fuserl(&["examples", "recipes/g.toml", "--stage", "sft"], dir.path());
+    assert!(examples.status.success(), "{}", text(&examples.stderr));
+    assert!(text(&examples.stdout).contains("\"echo\""));
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use fuserl_core::config::{ConfigError, KeyPath};
 use fuserl_core::data::Prompt;
 use fuserl_core::extension::{
-    CollectRequest, Collected, ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, RewardModel,
-    ScoreItem, SourceAdapter, WeightingScheme,
+    CollectRequest, Collected, ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput,
+    ObjectiveBatch, PreferenceObjective, RewardModel, SampleJob, ScoreItem, SourceAdapter, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, Built, Entry, ExtensionPoint, Factory, Registry};
 use fuserl_core::{Error, Result};
@@ -27,11 +27,23 @@ static HOST_API: HostApi = HostApi {
     set_text: host_set_text,
     push_example: host_push_example,
     push_metric: host_push_metric,
+    push_answer: host_push_answer,
 };
 
 /// The callbacks, for [`crate::testing`].
 pub(crate) fn host_api_ptr() -> *const HostApi {
     &HOST_API
+}
+
+/// Where `push_answer` delivers during one `generate` call: the proxy's sink, with its
+/// lifetime erased (it outlives the call, and only the call uses it).
+#[derive(Clone, Copy)]
+struct SinkPtr(*const (dyn Fn(&str) -> i32 + Send + Sync + 'static));
+
+impl std::fmt::Debug for SinkPtr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SinkPtr")
+    }
 }
 
 /// The host's side of [`Out`]: what one call returned.
@@ -41,6 +53,7 @@ struct Output {
     text: Option<String>,
     examples: Vec<ExampleSpec>,
     metrics: Vec<(String, f64)>,
+    sink: Option<SinkPtr>,
 }
 
 impl Output {
@@ -99,6 +112,18 @@ extern "C" fn host_push_example(
                 .zip(note_values.as_slice().iter().copied())
                 .collect(),
         });
+    }
+}
+
+extern "C" fn host_push_answer(out: *mut Out, answer: Str<'_>) -> i32 {
+    // SAFETY: as `output`, read through a shared reference only: the plugin may call this from
+    // several threads during one `generate` call, and nothing writes the `Output` meanwhile.
+    let Some(o) = (unsafe { out.cast::<Output>().as_ref() }) else { return 1 };
+    match o.sink {
+        // SAFETY: set by `DynSource::generate` to a closure that lives until its call returns,
+        // and the plugin calls this only during that call.
+        Some(SinkPtr(f)) => unsafe { (*f)(&lossy(answer)) },
+        None => 1,
     }
 }
 
@@ -218,17 +243,25 @@ pub unsafe fn register_declaration(
     }
     // SAFETY: version and size match this build's `PluginDeclaration`; the plugin keeps it alive.
     let decl: &'static PluginDeclaration = unsafe { &*declaration };
-    if decl.component_size as usize != size_of::<ComponentDecl>() {
+    // Fields are only appended: a plugin of an older version has shorter components (read with
+    // its own stride, the fields it lacks left empty), never longer ones.
+    let expected = if version == 1 { COMPONENT_SIZE_V1 } else { size_of::<ComponentDecl>() };
+    if decl.component_size as usize != expected {
         return Err(format!(
-            "{origin}: its components are {} bytes, but ABI version {version} declares {}",
+            "{origin}: its components are {} bytes, but ABI version {version} declares {expected}",
             decl.component_size,
-            size_of::<ComponentDecl>()
         ));
     }
     let plugin = decl.plugin_name.to_str().map_err(|_| format!("{origin}: plugin name is not UTF-8"))?.to_owned();
     let mut trial = registry.clone();
-    let components = decl.components.as_slice();
-    for (index, c) in components.iter().enumerate() {
+    let components: Vec<&'static ComponentDecl> = (0..decl.components.len)
+        .map(|i| {
+            // SAFETY: the plugin declares `len` components of `component_size` bytes each (checked
+            // above to be this version's size), alive as long as the library.
+            unsafe { component_at(decl, i, expected) }
+        })
+        .collect();
+    for (index, c) in components.iter().copied().enumerate() {
         let name = c.name.to_str().map_err(|_| format!("{origin}: a component name is not UTF-8"))?.to_owned();
         let summary =
             c.summary.to_str().map_err(|_| format!("{origin}: the summary of `{name}` is not UTF-8"))?.to_owned();
@@ -246,6 +279,28 @@ pub unsafe fn register_declaration(
     }
     *registry = trial;
     Ok(components.len())
+}
+
+/// Component `i` of a declaration whose components are `stride` bytes long, as this build's
+/// `ComponentDecl`: a copy whose fields beyond `stride` are empty (`None`).
+///
+/// # Safety
+///
+/// The declaration's `components` points to `len` components of `stride` bytes, `stride` at
+/// least [`COMPONENT_SIZE_V1`] and at most `size_of::<ComponentDecl>()`.
+unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize) -> &'static ComponentDecl {
+    if stride == size_of::<ComponentDecl>() {
+        return &decl.components.as_slice()[i];
+    }
+    let base = decl.components.ptr.cast::<u8>();
+    let mut copy = std::mem::MaybeUninit::<ComponentDecl>::zeroed();
+    // SAFETY: the source holds `stride` readable bytes (the caller's contract); the destination
+    // is a zeroed `ComponentDecl`, at least `stride` bytes long; an all-zero `Option<fn>` is `None`,
+    // and the fields before `stride` (every non-optional one) come from the plugin.
+    unsafe {
+        std::ptr::copy_nonoverlapping(base.add(i * stride), copy.as_mut_ptr().cast::<u8>(), stride);
+        Box::leak(Box::new(copy.assume_init()))
+    }
 }
 
 /// What a proxy knows about its component.
@@ -340,7 +395,12 @@ fn factory(meta: &Arc<Meta>) -> std::result::Result<Factory, String> {
             need(meta.decl.collect.is_some(), "collect")?;
             Factory::Source(Arc::new(move |t: &toml::Table, ctx: &BuildContext| {
                 let (inner, resolved) = create(&m, t, ctx)?;
-                Ok(Built { component: Box::new(DynSource { inner }) as Box<dyn SourceAdapter>, resolved })
+                let mut source = DynSource { inner, generator: None };
+                source.generator = source
+                    .generator_info(&fuserl_core::data::SamplingParams::default())
+                    .map_err(|e| ConfigError::new(KeyPath::root(), e.to_string()))?
+                    .map(|info| info.source_name);
+                Ok(Built { component: Box::new(source) as Box<dyn SourceAdapter>, resolved })
             }))
         }
         POINT_REWARD => {
@@ -387,11 +447,116 @@ fn call(inner: &Instance, f: impl FnOnce(*mut Out) -> i32) -> Result<Output> {
 #[derive(Debug)]
 struct DynSource {
     inner: Instance,
+    /// The source name, when the plugin says the source is a generator (ABI version 2).
+    generator: Option<String>,
+}
+
+/// What `generator_info` returned.
+#[derive(Debug, serde::Deserialize)]
+struct GeneratorInfo {
+    source_name: String,
+    fingerprint: String,
+    #[serde(default = "yes")]
+    keep_truncated: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DynSource {
+    fn bad(&self, message: String) -> Error {
+        self.inner.meta.error(STATUS_ERROR, &Output { error: Some((String::new(), message)), ..Output::default() })
+    }
+
+    /// `None` for a version-1 plugin or a source that is not a generator.
+    fn generator_info(&self, sampling: &fuserl_core::data::SamplingParams) -> Result<Option<GeneratorInfo>> {
+        let Some(f) = self.inner.meta.decl.generator_info else { return Ok(None) };
+        let json = serde_json::to_string(sampling).map_err(|e| self.bad(e.to_string()))?;
+        let out = call(&self.inner, |o| f(self.inner.handle, Str::new(&json), o))?;
+        serde_json::from_str(out.text.as_deref().unwrap_or("null"))
+            .map_err(|e| self.bad(format!("returned unreadable generator information: {e}")))
+    }
+}
+
+impl Generator for DynSource {
+    fn source_name(&self) -> &str {
+        self.generator.as_deref().unwrap_or_default()
+    }
+
+    fn fingerprint(&self, sampling: &fuserl_core::data::SamplingParams) -> String {
+        match self.generator_info(sampling) {
+            Ok(Some(info)) => info.fingerprint,
+            // A fingerprint that matches no store: the collect stage then refuses to mix.
+            Ok(None) => "no generator information".into(),
+            Err(e) => format!("unreadable: {e}"),
+        }
+    }
+
+    fn keep_truncated(&self) -> bool {
+        self.generator_info(&fuserl_core::data::SamplingParams::default())
+            .ok()
+            .flatten()
+            .is_none_or(|i| i.keep_truncated)
+    }
+
+    fn generate(
+        &self,
+        jobs: &[SampleJob<'_>],
+        sampling: &fuserl_core::data::SamplingParams,
+        sink: &GeneratedSink<'_>,
+    ) -> Result<GenerateStats> {
+        let f = self.inner.meta.decl.generate.ok_or_else(|| self.inner.meta.missing("generate"))?;
+        let jobs_json = serde_json::Value::Array(
+            jobs.iter()
+                .map(|j| serde_json::json!({"prompt": j.prompt, "sample_index": j.sample_index, "seed": j.seed}))
+                .collect(),
+        )
+        .to_string();
+        let sampling_json = serde_json::to_string(sampling).map_err(|e| self.bad(e.to_string()))?;
+        let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        let push = |json: &str| -> i32 {
+            let result = serde_json::from_str::<Generated>(json)
+                .map_err(|e| self.bad(format!("handed over an unreadable answer: {e}")))
+                .and_then(|answer| sink(answer));
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(e);
+                    1
+                }
+            }
+        };
+        let push: &(dyn Fn(&str) -> i32 + Send + Sync) = &push;
+        // SAFETY: only the lifetime is erased; `push` lives until the end of this function, and
+        // the pointer is used only by `host_push_answer` during the `generate` call below.
+        let erased = unsafe {
+            std::mem::transmute::<
+                *const (dyn Fn(&str) -> i32 + Send + Sync + '_),
+                *const (dyn Fn(&str) -> i32 + Send + Sync + 'static),
+            >(push)
+        };
+        let mut out = Output { sink: Some(SinkPtr(erased)), ..Output::default() };
+        let status = f(self.inner.handle, Str::new(&jobs_json), Str::new(&sampling_json), out.ptr());
+        if let Some(e) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            return Err(e);
+        }
+        if status != STATUS_OK {
+            return Err(self.inner.meta.error(status, &out));
+        }
+        let v: serde_json::Value = serde_json::from_str(out.text.as_deref().unwrap_or("{}"))
+            .map_err(|e| self.bad(format!("returned unreadable counts: {e}")))?;
+        Ok(GenerateStats { retries: v["retries"].as_u64().unwrap_or(0), requests: v["requests"].as_u64().unwrap_or(0) })
+    }
 }
 
 impl SourceAdapter for DynSource {
     fn name(&self) -> &str {
         &self.inner.meta.name
+    }
+
+    fn generator(&self) -> Option<&dyn Generator> {
+        if self.generator.is_some() { Some(self) } else { None }
     }
     fn collect(&self, request: &CollectRequest<'_>) -> Result<Collected> {
         let f = self.inner.meta.decl.collect.ok_or_else(|| self.inner.meta.missing("collect"))?;

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::{ChatMessage, Completion, Prompt, SamplingParams};
 use fuserl_core::extension::{
-    CollectRequest, GroupView, ObjectiveBatch, PreferenceObjective, RewardModel, ScoreItem, SourceAdapter,
-    WeightingScheme,
+    CollectRequest, Generated, GroupView, ObjectiveBatch, PreferenceObjective, RewardModel, SampleJob, ScoreItem,
+    SourceAdapter, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, PluginDescriptor, StaticFactory};
 use serde_json::json;
@@ -92,9 +92,15 @@ fn component_decl(d: &PluginDescriptor) -> ComponentDecl {
         needs_reference: None,
         build_examples: None,
         loss: None,
+        generator_info: None,
+        generate: None,
     };
     match d.factory {
-        StaticFactory::Source(_) => c.collect = Some(collect),
+        StaticFactory::Source(_) => {
+            c.collect = Some(collect);
+            c.generator_info = Some(generator_info);
+            c.generate = Some(generate);
+        }
         StaticFactory::Reward(_) => {
             c.point = POINT_REWARD;
             c.score = Some(score);
@@ -276,6 +282,64 @@ extern "C" fn collect(handle: Handle, request: Str<'_>, out: *mut Out) -> i32 {
         let answer =
             json!({"prompts": got.prompts, "completions": got.completions, "skipped_records": got.skipped_records});
         set_text(out, &answer.to_string());
+        Ok(())
+    })
+}
+
+extern "C" fn generator_info(handle: Handle, sampling: Str<'_>, out: *mut Out) -> i32 {
+    guard(out, || {
+        let Instance::Source(s) = instance(handle) else { return Err("not a source adapter".to_owned().into()) };
+        let sampling: SamplingParams =
+            serde_json::from_str(&text(sampling, "sampling")?).map_err(|e| format!("sampling: {e}"))?;
+        let info = s.generator().map_or(serde_json::Value::Null, |g| {
+            json!({
+                "source_name": g.source_name(),
+                "fingerprint": g.fingerprint(&sampling),
+                "keep_truncated": g.keep_truncated(),
+            })
+        });
+        set_text(out, &info.to_string());
+        Ok(())
+    })
+}
+
+/// One job as it crosses the ABI.
+#[derive(serde::Deserialize)]
+struct JobC {
+    prompt: Prompt,
+    sample_index: u32,
+    seed: u64,
+}
+
+extern "C" fn generate(handle: Handle, jobs: Str<'_>, sampling: Str<'_>, out: *mut Out) -> i32 {
+    guard(out, || {
+        let Instance::Source(s) = instance(handle) else { return Err("not a source adapter".to_owned().into()) };
+        let g = s.generator().ok_or("this source is not a generator")?;
+        let jobs: Vec<JobC> = serde_json::from_str(&text(jobs, "jobs")?).map_err(|e| format!("jobs: {e}"))?;
+        let sampling: SamplingParams =
+            serde_json::from_str(&text(sampling, "sampling")?).map_err(|e| format!("sampling: {e}"))?;
+        let views: Vec<SampleJob<'_>> =
+            jobs.iter().map(|j| SampleJob { prompt: &j.prompt, sample_index: j.sample_index, seed: j.seed }).collect();
+        let host = *HOST.get().ok_or("the host gave no callbacks")?;
+        let out_addr = out as usize;
+        let sink = move |answer: Generated| -> fuserl_core::Result<()> {
+            let json = serde_json::to_string(&answer).map_err(|e| fuserl_core::Error::Component {
+                point: "source",
+                name: answer.prompt_id.clone(),
+                message: e.to_string(),
+            })?;
+            if (host.push_answer)(out_addr as *mut Out, Str::new(&json)) == 0 {
+                Ok(())
+            } else {
+                Err(fuserl_core::Error::Component {
+                    point: "source",
+                    name: g.source_name().to_owned(),
+                    message: "the host could not keep an answer".into(),
+                })
+            }
+        };
+        let stats = g.generate(&views, &sampling, &sink)?;
+        set_text(out, &json!({"retries": stats.retries, "requests": stats.requests}).to_string());
         Ok(())
     })
 }

@@ -9,12 +9,16 @@
 //! | version | fuserl | change |
 //! |---|---|---|
 //! | 1 | 0.1.0 | first version: the four extension points, logging callback |
+//! | 2 | 0.1.0 | generative sources: `ComponentDecl::generator_info` and `::generate` and `HostApi::push_answer` appended; version-1 plugins (shorter components) keep loading, without them |
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
 /// The ABI version this build speaks.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+/// `size_of::<ComponentDecl>()` in ABI version 1 (the fields before `generator_info`): a
+/// version-1 plugin's components are this long, and the host reads them with this stride.
+pub const COMPONENT_SIZE_V1: usize = std::mem::offset_of!(ComponentDecl, generator_info);
 /// The oldest plugin ABI version this host still loads.
 pub const MIN_ABI_VERSION: u32 = 1;
 /// The symbol every plugin exports: `extern "C" fn(*const HostApi) -> *const PluginDeclaration`.
@@ -67,6 +71,12 @@ impl<'a, T> Slice<'a, T> {
     /// Borrow a Rust slice.
     pub fn new(s: &'a [T]) -> Self {
         Self { ptr: s.as_ptr(), len: s.len(), _life: PhantomData }
+    }
+
+    /// A slice of `len` elements at `ptr` as the other side declared it (for example components
+    /// of an older, shorter layout); reading it is the reader's responsibility.
+    pub fn from_raw_parts(ptr: *const T, len: usize) -> Self {
+        Self { ptr, len, _life: PhantomData }
     }
 
     /// The empty slice.
@@ -139,6 +149,10 @@ pub struct HostApi {
     ),
     /// Return one named metric.
     pub push_metric: extern "C" fn(out: *mut Out, name: Str<'_>, value: f64),
+    /// Version 2. Hand over one answer of a generative source as soon as it is done (JSON of
+    /// `fuserl_core::extension::Generated`); any thread may call it during `generate`. A
+    /// non-zero return means the host could not keep it (the plugin stops and returns an error).
+    pub push_answer: extern "C" fn(out: *mut Out, answer_json: Str<'_>) -> i32,
 }
 
 /// One prompt's scored completions (see `fuserl_core::extension::GroupView`).
@@ -233,6 +247,15 @@ pub struct ComponentDecl {
             out: *mut Out,
         ) -> i32,
     >,
+    /// Version 2. Source adapter: whether it is a generator, as JSON via `set_text`: `null`, or
+    /// `{"source_name", "fingerprint", "keep_truncated"}` for the sampling settings given
+    /// (JSON of `fuserl_core::data::SamplingParams`).
+    pub generator_info: Option<extern "C" fn(handle: Handle, sampling_json: Str<'_>, out: *mut Out) -> i32>,
+    /// Version 2. Source adapter: answer the jobs (JSON list of `{"prompt", "sample_index",
+    /// "seed"}`) with the sampling settings, each answer through `HostApi::push_answer`; the
+    /// counts (`{"retries", "requests"}`) via `set_text`.
+    pub generate:
+        Option<extern "C" fn(handle: Handle, jobs_json: Str<'_>, sampling_json: Str<'_>, out: *mut Out) -> i32>,
 }
 
 /// What a plugin's entry symbol returns. Lives as long as the library (never unloaded).

@@ -5,14 +5,18 @@
 //!   weight proportional to how close it is, `w ∝ max(0, margin - (best - r))`;
 //! - objective `ranking-hinge`: one pair per prompt, the best and worst answers over all
 //!   sources, with the reference-free hinge loss
-//!   `max(0, gamma - (logp_w / |y_w| - logp_l / |y_l|))`.
+//!   `max(0, gamma - (logp_w / |y_w| - logp_l / |y_l|))`;
+//! - source `templated`: a generative source (plugin ABI version 2) that answers every prompt
+//!   from a template, in the collect stage, without a model.
 //!
 //! The components are ordinary implementations of fuserl's traits; `export_plugin!` turns them
 //! into the C ABI. No `unsafe` here.
 
 use fuserl_core::config::{ConfigError, check};
+use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{
-    ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, WeightingScheme,
+    CollectRequest, Collected, ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput,
+    ObjectiveBatch, PreferenceObjective, SampleJob, SourceAdapter, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
@@ -145,6 +149,83 @@ fn build_hinge(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn Preferen
     })
 }
 
+/// `kind = "templated"`: a generative source without a model, to show the generator API
+/// (plugin ABI version 2): it answers every prompt with `template`, in which `{prompt}` is the
+/// last user message, `{sample}` the sample index and `{seed}` the seed the job was asked with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatedConfig {
+    /// The source name its answers carry.
+    pub name: String,
+    /// The answer, with `{prompt}`, `{sample}` and `{seed}` filled in.
+    pub template: String,
+}
+
+/// A source that answers from a template.
+#[derive(Clone, Debug)]
+pub struct TemplatedSource {
+    config: TemplatedConfig,
+}
+
+impl SourceAdapter for TemplatedSource {
+    fn name(&self) -> &str {
+        "templated"
+    }
+    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
+        Err(Error::Component {
+            point: "source",
+            name: self.config.name.clone(),
+            message: "answers prompts in the collect stage".into(),
+        })
+    }
+    fn generator(&self) -> Option<&dyn Generator> {
+        Some(self)
+    }
+}
+
+impl Generator for TemplatedSource {
+    fn source_name(&self) -> &str {
+        &self.config.name
+    }
+    fn fingerprint(&self, _sampling: &SamplingParams) -> String {
+        format!("templated: {}", self.config.template)
+    }
+    fn generate(
+        &self,
+        jobs: &[SampleJob<'_>],
+        _sampling: &SamplingParams,
+        sink: &GeneratedSink<'_>,
+    ) -> Result<GenerateStats> {
+        for j in jobs {
+            let prompt = j.prompt.messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
+            let text = self
+                .config
+                .template
+                .replace("{prompt}", prompt)
+                .replace("{sample}", &j.sample_index.to_string())
+                .replace("{seed}", &j.seed.to_string());
+            sink(Generated {
+                prompt_id: j.prompt.id.clone(),
+                sample_index: j.sample_index,
+                seed: j.seed,
+                text,
+                finish_reason: Some("stop".into()),
+                ..Generated::default()
+            })?;
+        }
+        Ok(GenerateStats { retries: 0, requests: jobs.len() as u64 })
+    }
+}
+
+fn build_templated(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
+    build_component(t, ctx, |c: TemplatedConfig, _| {
+        if c.name.is_empty() || c.name.contains('/') {
+            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
+        }
+        Ok(Box::new(TemplatedSource { config: c }) as Box<dyn SourceAdapter>)
+    })
+}
+
 fuserl_plugin_abi::export_plugin! {
     name: "fuserl-example-plugin",
     components: [
@@ -159,6 +240,12 @@ fuserl_plugin_abi::export_plugin! {
             summary: "reference-free hinge on per-token log-likelihoods of the best and worst answers",
             origin: "fuserl-example-plugin",
             factory: StaticFactory::Objective(build_hinge),
+        },
+        PluginDescriptor {
+            name: "templated",
+            summary: "a generative source without a model: answers every prompt from a template",
+            origin: "fuserl-example-plugin",
+            factory: StaticFactory::Source(build_templated),
         },
     ],
 }

@@ -5,7 +5,8 @@
 //!   error from `loss`, and refuses `fail_create = true` at construction);
 //! - `newer-abi` / `older-abi`: declares ABI version `ABI_VERSION + 1` / `0`;
 //! - `wrong-size`: declares a declaration size that is not this ABI's;
-//! - `duplicate`: also declares a weighting named `softmax`, which collides with the built-in.
+//! - `duplicate`: also declares a weighting named `softmax`, which collides with the built-in;
+//! - `abi-v1`: declares ABI version 1, with version-1 components (without the generator fields).
 
 use fuserl_core::config::ConfigError;
 use fuserl_core::extension::{
@@ -13,7 +14,7 @@ use fuserl_core::extension::{
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
-use fuserl_plugin_abi::types::{ABI_VERSION, HostApi, PluginDeclaration};
+use fuserl_plugin_abi::types::{ABI_VERSION, COMPONENT_SIZE_V1, ComponentDecl, HostApi, PluginDeclaration, Slice};
 
 #[derive(Debug)]
 struct Panicky;
@@ -97,6 +98,30 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
     else {
         return std::ptr::null();
     };
+    if mode == "abi-v1" {
+        // A plugin built against ABI version 1: components without the version-2 fields.
+        let stride = COMPONENT_SIZE_V1;
+        let comps = real.components.as_slice();
+        let mut bytes: Vec<u8> = Vec::with_capacity(stride * comps.len());
+        for c in comps {
+            // SAFETY: reading the first `stride` bytes of a live `ComponentDecl`, which is larger.
+            let raw = unsafe { std::slice::from_raw_parts((c as *const ComponentDecl).cast::<u8>(), stride) };
+            bytes.extend_from_slice(raw);
+        }
+        // Aligned like `ComponentDecl` (u64 words), leaked: the library is never unloaded.
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `words` has at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        let words: &'static [u64] = Box::leak(words.into_boxed_slice());
+        return Box::leak(Box::new(PluginDeclaration {
+            abi_version: 1,
+            struct_size: real.struct_size,
+            component_size: stride as u32,
+            fuserl_version: real.fuserl_version,
+            plugin_name: real.plugin_name,
+            components: Slice::from_raw_parts(words.as_ptr().cast::<ComponentDecl>(), comps.len()),
+        }));
+    }
     let (abi_version, struct_size) = match mode.as_str() {
         "newer-abi" => (ABI_VERSION + 1, real.struct_size),
         "older-abi" => (0, real.struct_size),

@@ -1,0 +1,64 @@
+#![allow(clippy::print_stdout)] // A benchmark binary reports on stdout.
+//! Generation throughput of SmolLM2-135M-Instruct on the CPU backend: what the `local` source
+//! does (batched KV-cache generation, one sampler per row), greedy, 128 new tokens at most.
+//!
+//!     scripts/fetch-smollm2.sh
+//!     cargo bench --profile dev -p fuserl-model --bench generate
+//!
+//! Same prompts, chat template and settings as scripts/bench_generate_torch.py; greedy, so both
+//! produce the same tokens and stop at the same EOS. Prints one line per batch size: new
+//! tokens, seconds (median of 3 after a warm-up), tokens/s.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::DType;
+use fuserl_core::data::ChatMessage;
+use fuserl_model::Cpu;
+use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::checkpoint::load;
+use fuserl_model::generate::{GenerateConfig, generate_seeded};
+
+/// The prompts of both sides (scripts/bench_generate_torch.py has the same list).
+const PROMPTS: [&str; 8] = [
+    "Write a short story about a dragon who learns to read.",
+    "Explain how a bicycle works, step by step.",
+    "Describe a walk through a forest in autumn.",
+    "Write a letter to a friend about your summer holiday.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Describe the life cycle of a butterfly in detail.",
+    "Write a recipe for a vegetable soup and explain each step.",
+    "Tell the history of the printing press.",
+];
+
+fn main() {
+    let models = std::env::var_os("FUSERL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
+    let dir = models.join("SmolLM2-135M-Instruct");
+    let model = load::<Cpu>(&dir, &Default::default(), DType::F32)
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
+    let cfg = GenerateConfig { max_new_tokens: 128, temperature: 0.0, ..GenerateConfig::default() };
+    for batch in [1usize, 8] {
+        let prompts: Vec<Vec<u32>> = PROMPTS[..batch]
+            .iter()
+            .map(|p| tok.prompt_ids(&[ChatMessage::user(*p)]).expect("prompt"))
+            .collect();
+        let seeds: Vec<u64> = (0..batch as u64).collect();
+        let run = || {
+            let start = Instant::now();
+            let out = generate_seeded(&model, &tok, &prompts, &cfg, &seeds).expect("generate");
+            (start.elapsed().as_secs_f64(), out.iter().map(|g| g.ids.len()).sum::<usize>())
+        };
+        run();
+        let mut times: Vec<(f64, usize)> = (0..3).map(|_| run()).collect();
+        times.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (secs, tokens) = times[1];
+        println!(
+            "fuserl (burn flex, f32): batch {batch}: {tokens} new tokens in {secs:.2} s, {:.1} tokens/s (runs: {})",
+            tokens as f64 / secs,
+            times.iter().map(|t| format!("{:.2}", t.0)).collect::<Vec<_>>().join(" ")
+        );
+    }
+}

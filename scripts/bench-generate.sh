@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Generation tokens/s of SmolLM2-135M on the CPU (what the `local` source does): fuserl's batched
+# KV-cache generation next to transformers' `generate` with a KV cache, same machine, prompts and
+# settings (greedy, 128 new tokens at most, batch 1 and 8). Needs the oracle environment
+# (docs/oracle.md) for the transformers half. Results: docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="$(scripts/fetch-smollm2.sh)"
+python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+cargo bench --quiet --profile dev -p fuserl-model --bench generate
+"$python" scripts/bench_generate_torch.py "$model" 2>/dev/null
