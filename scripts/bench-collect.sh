@@ -26,7 +26,8 @@ for _ in $(seq 1 240); do
     sleep 0.5
 done
 cargo build --quiet -p fuserl-cli
-fuserl="${CARGO_TARGET_DIR:-target}/debug/fuserl"
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+fuserl="$target/debug/fuserl"
 work="$(mktemp -d)"
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

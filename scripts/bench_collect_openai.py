@@ -1,6 +1,6 @@
 """The peer of `fuserl collect` in scripts/bench-collect.sh: a plain asyncio loop with the
-official `openai` client, the same prompts, sampling settings, seeds and concurrency, against the
-same server. Prints one JSON line: completions, seconds, completions/s.
+official `openai` client, the same prompts, sampling settings, seeds (fuserl's, recomputed here)
+and concurrency, against the same server. Prints one JSON line: completions, seconds, completions/s.
 
     python bench_collect_openai.py BASE_URL PROMPTS.jsonl SAMPLES CONCURRENCY MAX_TOKENS
 """
@@ -12,10 +12,21 @@ import time
 from openai import AsyncOpenAI
 
 
+def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
+    """fuserl_core::collect::sample_seed: the seed fuserl asks sample `sample_index` of a prompt
+    with, so that both sides ask for the same answers (same lengths, same work)."""
+    m = 2**64
+    h = 0xCBF29CE484222325 ^ (run_seed * 0x9E3779B97F4A7C15 % m)
+    for b in prompt_id.encode() + sample_index.to_bytes(4, "little"):
+        h ^= b
+        h = h * 0x100000001B3 % m
+    return h % 2**31
+
+
 async def main() -> None:
     base_url, prompts_file, samples, concurrency, max_tokens = sys.argv[1:6]
     samples, concurrency, max_tokens = int(samples), int(concurrency), int(max_tokens)
-    prompts = [json.loads(line)["prompt"] for line in open(prompts_file) if line.strip()]
+    rows = [json.loads(line) for line in open(prompts_file) if line.strip()]
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=5, timeout=600)
     gate = asyncio.Semaphore(concurrency)
     done = 0
@@ -35,7 +46,9 @@ async def main() -> None:
             done += 1
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(ask(p, i * 1000 + s) for i, p in enumerate(prompts) for s in range(samples)))
+    # In fuserl's order: the samples of one prompt one after the other, with fuserl's seeds
+    # (the bench recipe's run seed is the default, 42).
+    await asyncio.gather(*(ask(r["prompt"], sample_seed(42, r["id"], s)) for r in rows for s in range(samples)))
     secs = time.perf_counter() - t0
     print(json.dumps({"completions": done, "seconds": round(secs, 3), "per_s": round(done / secs, 3)}))
 

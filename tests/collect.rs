@@ -534,3 +534,62 @@ fn the_local_source_collects_the_same_texts_on_every_run() {
     let examples = std::fs::read_to_string(a.path().join("runs/collect-local/sft/examples.jsonl")).expect("examples");
     assert!(examples.contains("\"tiny\""), "no example from the local source:\n{examples}");
 }
+
+/// A recipe pointed at `base_url`, with one `openai` source and few retries, in `dir`.
+fn unreachable_recipe(dir: &Path, base_url: &str) -> PathBuf {
+    let text = format!(
+        "schema_version = 1\n[run]\nname = \"u\"\noutput_dir = \"{}\"\n[target]\ncheckpoint = \"{}\"\n\
+         [data]\nprompts = [\"{}\"]\nsamples_per_prompt = 1\n\
+         [[sources]]\nkind = \"openai\"\nname = \"far\"\nbase_url = \"{base_url}\"\nmodel = \"m\"\nmax_retries = 1\ntimeout_s = 5\n\
+         [reward]\nkind = \"keywords\"\npath = \"{}\"\n",
+        dir.join("run").display(),
+        repo().join("checkpoints/tiny-chat").display(),
+        repo().join("data/prompts-mini.jsonl").display(),
+        repo().join("data/fusion-mini-facts.jsonl").display(),
+    );
+    let path = dir.join("r.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// Bad input from the network side is named: a URL nobody listens on, and a server that
+/// answers with something that is not the OpenAI schema (after its retries).
+#[test]
+fn an_unreachable_url_and_a_foreign_server_are_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A port that was free a moment ago: nothing listens there.
+    let port = free_port();
+    let path = unreachable_recipe(dir.path(), &format!("http://127.0.0.1:{port}/v1"));
+    let out = fuserl_env(&["collect", &path.display().to_string()], &repo(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "source `far`: http://127.0.0.1:{port}/v1/chat/completions: gave up after 2 attempts: cannot connect"
+        )),
+        "{err}"
+    );
+    // A server that answers every request with JSON of another schema (at most 10 requests).
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let foreign = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(10) {
+            let Ok(mut s) = stream else { continue };
+            if read_request(&mut s).is_some() {
+                respond(&mut s, "200 OK", "", "{\"hello\": \"not an OpenAI reply\"}");
+            }
+        }
+    });
+    std::fs::remove_dir_all(dir.path().join("run")).ok();
+    let path = unreachable_recipe(dir.path(), &format!("http://127.0.0.1:{foreign}/v1"));
+    let out = fuserl_env(&["collect", &path.display().to_string()], &repo(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("gave up after 2 attempts: the reply is not an OpenAI chat/completions reply: no `choices` list"),
+        "{err}"
+    );
+    // Nothing was stored, and nothing is lost: the store holds only complete answers.
+    let store = std::fs::read_to_string(dir.path().join("run/collect/far.jsonl")).unwrap_or_default();
+    assert!(store.is_empty(), "{store}");
+}

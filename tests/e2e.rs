@@ -205,7 +205,7 @@ fn plugins_list_shows_every_builtin() {
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
             .unwrap_or_else(|| panic!("no line for {point} {name} in\n{listing}"));
         // `local` runs a model, so it lives beside the trainer.
-        let origin = if name == "local" { "built-in (fuserl-train)" } else { "built-in (fuserl-plugins)" };
+        let origin = if name == "local" { "built-in (fuserl-run)" } else { "built-in (fuserl-plugins)" };
         assert!(line.contains(origin), "{line}");
         assert!(line.split(origin).nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
     }

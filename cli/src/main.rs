@@ -260,9 +260,9 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         }
         Command::Examples(args) => examples(&args, plugins),
         Command::Collect(args) => collect(&args, plugins),
-        Command::Run(args) => train(&args, plugins, fuserl_train::run::Which::All),
-        Command::Sft(args) => train(&args, plugins, fuserl_train::run::Which::Sft),
-        Command::Po(args) => train(&args, plugins, fuserl_train::run::Which::Po),
+        Command::Run(args) => train(&args, plugins, fuserl_run::Which::All),
+        Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
+        Command::Po(args) => train(&args, plugins, fuserl_run::Which::Po),
         Command::Convert(cmd) => model_cmds::convert(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Logprobs(args) => model_cmds::logprobs(&args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => model_cmds::generate_cmd(&args).map(|()| ExitCode::SUCCESS),
@@ -303,13 +303,13 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
     }
 }
 
-fn train(args: &TrainArgs, plugins: &[String], which: fuserl_train::run::Which) -> anyhow::Result<ExitCode> {
+fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
     let mut bars = StageBars::default();
     let collect_bars = CollectBars::default();
-    let report = fuserl_train::run::Reporters { step: &mut |p| bars.step(p), collect: &|p| collect_bars.update(p) };
-    let summary = match fuserl_train::run::run(&loaded, which, report) {
+    let report = fuserl_run::Reporters { step: &mut |p| bars.step(p), collect: &|p| collect_bars.update(p) };
+    let summary = match fuserl_run::run(&loaded, which, report) {
         Ok(s) => s,
         Err(e) => {
             bars.abandon();
@@ -335,7 +335,7 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry)?;
     let bars = CollectBars::default();
-    match fuserl_train::run::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
+    match fuserl_run::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
         Ok((dir, collected)) => {
             if collected.is_empty() {
                 println!("the recipe has no generative source: nothing to collect");
@@ -405,7 +405,7 @@ struct StageBars {
 }
 
 impl StageBars {
-    fn step(&mut self, p: &fuserl_train::trainer::Progress) {
+    fn step(&mut self, p: &fuserl_run::Progress) {
         let bar = self.current.get_or_insert_with(|| {
             let bar = indicatif::ProgressBar::new(p.total);
             bar.set_style(
@@ -481,7 +481,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
     };
     // Generative sources answer first (into the run directory, resumably).
     let collect_bars = CollectBars::default();
-    let (_, collected) = fuserl_train::run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
+    let (_, collected) = fuserl_run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
     let prepared = prepare_with(&loaded, stage, collected)?;
     let (examples, stats) = (prepared.examples, prepared.stats);
     let mut text = String::new();

@@ -41,10 +41,8 @@ fn main() {
     let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
     let cfg = GenerateConfig { max_new_tokens: 128, temperature: 0.0, ..GenerateConfig::default() };
     for batch in [1usize, 8] {
-        let prompts: Vec<Vec<u32>> = PROMPTS[..batch]
-            .iter()
-            .map(|p| tok.prompt_ids(&[ChatMessage::user(*p)]).expect("prompt"))
-            .collect();
+        let prompts: Vec<Vec<u32>> =
+            PROMPTS[..batch].iter().map(|p| tok.prompt_ids(&[ChatMessage::user(*p)]).expect("prompt")).collect();
         let seeds: Vec<u64> = (0..batch as u64).collect();
         let run = || {
             let start = Instant::now();

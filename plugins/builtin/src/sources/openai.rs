@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Each prompt is asked for all its missing samples at once (`n`); a server that returns fewer
-//! choices (llama.cpp ignores `n`) is asked again for the rest. Every request carries the seed
+//! choices (llama.cpp ignores `n`) is asked again for the rest, and from then on once per answer
+//! (the first request with `n` > 1 goes alone, to learn which kind of server it is). Every request carries the seed
 //! of its first (prompt, sample), so that a rerun asks the same questions. 429, 5xx, time-outs,
 //! dropped connections and replies that are not the OpenAI schema are retried with exponential
 //! backoff and jitter, honouring `Retry-After`; other 4xx replies stop the source with the URL
@@ -521,9 +522,21 @@ impl Generator for OpenAiSource {
         let limit = self.config.concurrency as usize;
         runtime.block_on(async {
             let mut in_flight = futures_util::stream::FuturesUnordered::new();
+            // Whether the server honours `n`, learnt from the first request that asks for more
+            // than one answer (sent alone). A server that ignores it (llama.cpp) is then asked
+            // once per answer, the samples of a prompt one after the other, so that its prompt
+            // cache holds the prefix, as a client that never sent `n` would.
+            let mut honours_n: Option<bool> = None;
+            let mut probing = false;
             loop {
-                while in_flight.len() < limit {
-                    let Some(ask) = queue.pop_front() else { break };
+                while in_flight.len() < limit && !probing {
+                    let Some(mut ask) = queue.pop_front() else { break };
+                    if honours_n == Some(false) && ask.jobs.len() > 1 {
+                        for rest in ask.jobs.split_off(1).into_iter().rev() {
+                            queue.push_front(Ask { jobs: vec![rest] });
+                        }
+                    }
+                    probing = honours_n.is_none() && ask.jobs.len() > 1;
                     let first = &jobs[ask.jobs[0]];
                     let body = self.body(&first.prompt.messages, ask.jobs.len() as u32, first.seed, sampling)?;
                     let base = &self.config.base_url[(next_url.fetch_add(1, Ordering::Relaxed) as usize) % self.config.base_url.len()];
@@ -556,6 +569,11 @@ impl Generator for OpenAiSource {
                 let Some(done) = futures_util::StreamExt::next(&mut in_flight).await else { break };
                 let (ask, reply) = done?;
                 let n_choices = reply.choices.len();
+                if ask.jobs.len() > 1 && honours_n.is_none() {
+                    honours_n = Some(n_choices >= ask.jobs.len());
+                    probing = false;
+                    tracing::debug!(source = %self.config.name, honours_n = n_choices >= ask.jobs.len(), "learnt how the server treats `n`");
+                }
                 let mut left = ask.jobs.into_iter();
                 for (choice, job) in reply.choices.into_iter().zip(left.by_ref()) {
                     let j = &jobs[job];
@@ -578,7 +596,9 @@ impl Generator for OpenAiSource {
                     if n_choices == 0 {
                         return Err(self.error("the server answered with no choices".into()));
                     }
-                    queue.push_back(Ask { jobs: rest });
+                    // Next, so that a server that ignores `n` sees the same prompt again at once
+                    // (its prompt cache then holds the prefix).
+                    queue.push_front(Ask { jobs: rest });
                 }
             }
             Ok::<(), Error>(())

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fuserl_core::recipe::parse_recipe;
-use fuserl_train::run::{Reporters, Which, run};
+use fuserl_run::{Reporters, Which, run};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()

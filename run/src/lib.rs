@@ -1,4 +1,9 @@
-//! A run directory for a recipe, and the stages in it:
+//! fuserl-run: the stages of a run, from a recipe, in a run directory that resumes: collect
+//! (the generative sources answer the recipe's prompts; [`fuserl_core::collect`]), FuseSFT and
+//! FusePO (the trainer, [`fuserl_train`]), export. `fuserl run|collect|sft|po` call [`run`] and
+//! [`collect_stage`]; the `local` source ([`local`]) lives here because it runs a model.
+//!
+//! The run directory:
 //!
 //! ```text
 //! runs/NAME/
@@ -35,9 +40,12 @@ use fuserl_core::recipe::{DType as RecipeDType, LoadedRecipe, ReferenceModel};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save, save_as};
 
-use crate::data::tokenize;
-use crate::error::{Result, TrainError};
-use crate::trainer::{Progress, Stage, inference_model, reference_logps, train_stage, write_atomic};
+use fuserl_train::data::tokenize;
+pub use fuserl_train::trainer::Progress;
+use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage, write_atomic};
+pub use fuserl_train::{Result, TrainError};
+
+pub mod local;
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::paths::Shown;
@@ -98,7 +106,7 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 
 /// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of
 /// every sequence's tokens.
-fn reference_key(checkpoint: &Path, examples: &[crate::data::TrainExample]) -> Result<String> {
+fn reference_key(checkpoint: &Path, examples: &[fuserl_train::data::TrainExample]) -> Result<String> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)
         .map_err(|e| TrainError::io(checkpoint, e))?
@@ -248,7 +256,7 @@ fn run_on<B: LogProbBackend>(
 
     // The data stages of a training stage: collect, score, weigh, build examples; the examples
     // (with their provenance and token counts) are kept in the stage's folder.
-    let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<crate::data::TrainExample>> {
+    let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<fuserl_train::data::TrainExample>> {
         let p = prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect())?;
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
         let stage_dir = dir.join(stage.as_str());
