@@ -23,6 +23,15 @@ use crate::extension::{Collected, GenerateStats, Generated, Generator, SampleJob
 use crate::paths::Shown;
 use crate::recipe::LoadedRecipe;
 
+/// Check a generative source's `name` (it names its store file): non-empty, no slashes, not
+/// hidden. For the constructors of generative sources, built-in or plugin.
+pub fn check_source_name(name: &str) -> std::result::Result<(), crate::config::ConfigError> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(crate::config::ConfigError::at("name", "expected a non-empty source name without slashes"));
+    }
+    Ok(())
+}
+
 /// The seed asked for sample `sample_index` of `prompt_id`: a hash of the run's seed, the prompt
 /// id and the sample index, below 2^31 (servers differ in what they accept).
 pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
@@ -38,7 +47,8 @@ pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
 #[derive(Debug)]
 pub struct Store {
     file: PathBuf,
-    answers: BTreeMap<(String, u32), Generated>,
+    /// What the file holds: read once at opening, then kept with every append.
+    answers: Mutex<BTreeMap<(String, u32), Generated>>,
     writer: Mutex<std::fs::File>,
 }
 
@@ -86,12 +96,15 @@ impl Store {
         let answers = read_store(&file)?;
         let writer =
             std::fs::OpenOptions::new().create(true).append(true).open(&file).map_err(|e| Error::io(&file, e))?;
-        Ok(Self { file, answers, writer: Mutex::new(writer) })
+        Ok(Self { file, answers: Mutex::new(answers), writer: Mutex::new(writer) })
     }
 
     /// Whether (prompt, sample) is answered.
     pub fn has(&self, prompt_id: &str, sample_index: u32) -> bool {
-        self.answers.contains_key(&(prompt_id.to_owned(), sample_index))
+        self.answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&(prompt_id.to_owned(), sample_index))
     }
 
     /// Append one answer (one line, flushed). A second answer to the same job is not written.
@@ -103,7 +116,10 @@ impl Store {
         })?;
         line.push('\n');
         let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        w.write_all(line.as_bytes()).and_then(|()| w.flush()).map_err(|e| Error::io(&self.file, e))
+        w.write_all(line.as_bytes()).and_then(|()| w.flush()).map_err(|e| Error::io(&self.file, e))?;
+        let mut answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        answers.entry((answer.prompt_id.clone(), answer.sample_index)).or_insert_with(|| answer.clone());
+        Ok(())
     }
 
     /// The file.
@@ -111,9 +127,9 @@ impl Store {
         &self.file
     }
 
-    /// Read the store again (after appending) and return every answer, by (prompt, sample).
-    pub fn reload(&self) -> Result<BTreeMap<(String, u32), Generated>> {
-        read_store(&self.file)
+    /// Every answer the store holds, by (prompt, sample).
+    pub fn answers(&self) -> BTreeMap<(String, u32), Generated> {
+        self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -158,6 +174,11 @@ fn read_store(file: &Path) -> Result<BTreeMap<(String, u32), Generated>> {
             break;
         };
         let line = &bytes[start..end];
+        if line.iter().all(u8::is_ascii_whitespace) {
+            good_end = end + 1;
+            start = end + 1;
+            continue;
+        }
         match serde_json::from_slice::<Generated>(line) {
             Ok(g) => {
                 answers.entry((g.prompt_id.clone(), g.sample_index)).or_insert(g);
@@ -166,10 +187,6 @@ fn read_store(file: &Path) -> Result<BTreeMap<(String, u32), Generated>> {
             Err(e) if end + 1 == bytes.len() => {
                 tracing::warn!(file = %Shown(file), line = line_no, error = %e, "dropping a torn last line (it will be asked again)");
                 break;
-            }
-            Err(e) if line.iter().all(u8::is_ascii_whitespace) => {
-                let _ = e;
-                good_end = end + 1;
             }
             Err(e) => {
                 return Err(Error::Data {
@@ -358,7 +375,7 @@ pub fn collect_with(
             };
             g.generate(&jobs, sampling, &sink)?
         };
-        let answers = store.reload()?;
+        let answers = store.answers();
         let missing: Vec<String> = prompts
             .iter()
             .flat_map(|p| (0..n).map(move |i| (p, i)))
@@ -375,13 +392,14 @@ pub fn collect_with(
         }
         let mut collected = Collected { prompts: prompts.to_vec(), ..Collected::default() };
         let mut truncated = 0;
+        let keep_truncated = g.keep_truncated();
         let file_name = Shown(store.file()).to_string();
         for p in prompts {
             for i in 0..n {
                 let a = &answers[&(p.id.clone(), i)];
                 if a.finish_reason.as_deref() == Some("length") {
                     truncated += 1;
-                    if !g.keep_truncated() {
+                    if !keep_truncated {
                         continue;
                     }
                 }
@@ -439,8 +457,9 @@ mod tests {
         let store = Store::open(dir.path(), "s", "v1", false).expect("reopen");
         assert!(store.has("a", 0) && store.has("a", 1) && !store.has("b", 0));
         store.append(&answer("b", 0)).expect("append");
-        let all = store.reload().expect("reload");
-        assert_eq!(all.len(), 3);
+        assert_eq!(store.answers().len(), 3);
+        drop(store);
+        assert_eq!(Store::open(dir.path(), "s", "v1", false).expect("reopen").answers().len(), 3);
         assert_eq!(std::fs::read_to_string(&file).expect("read").lines().count(), 3);
     }
 

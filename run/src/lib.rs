@@ -97,7 +97,7 @@ fn dtype(d: RecipeDType) -> DType {
     }
 }
 
-fn fnv(hash: &mut u64, bytes: &[u8]) {
+pub(crate) fn fnv(hash: &mut u64, bytes: &[u8]) {
     for b in bytes {
         *hash ^= u64::from(*b);
         *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
@@ -107,17 +107,7 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 /// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of
 /// every sequence's tokens.
 fn reference_key(checkpoint: &Path, examples: &[fuserl_train::data::TrainExample]) -> Result<String> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)
-        .map_err(|e| TrainError::io(checkpoint, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    for f in files {
-        fnv(&mut h, &std::fs::read(&f).map_err(|e| TrainError::io(&f, e))?);
-    }
-    let weights = h;
+    let weights = local::weights_hash(checkpoint).map_err(|e| TrainError::io(checkpoint, e))?;
     let mut d = 0xcbf2_9ce4_8422_2325u64;
     for e in examples {
         for s in &e.seqs {

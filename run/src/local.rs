@@ -108,9 +108,7 @@ pub struct LocalSource {
 impl LocalSource {
     /// Build: the folder must be a checkpoint; nothing is loaded yet.
     pub fn new(config: LocalConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
-        if config.name.is_empty() || config.name.contains(['/', '\\']) || config.name.starts_with('.') {
-            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
-        }
+        fuserl_core::collect::check_source_name(&config.name)?;
         let checkpoint = ctx.resolve(&config.checkpoint);
         if !checkpoint.join("config.json").is_file() {
             return Err(ConfigError::at(
@@ -178,10 +176,7 @@ pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
         .collect();
     files.sort();
     for f in files {
-        for b in std::fs::read(&f)? {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        crate::fnv(&mut h, &std::fs::read(&f)?);
     }
     Ok(h)
 }

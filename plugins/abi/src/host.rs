@@ -518,7 +518,7 @@ impl Generator for DynSource {
         let push = |json: &str| -> i32 {
             let result = serde_json::from_str::<Generated>(json)
                 .map_err(|e| self.bad(format!("handed over an unreadable answer: {e}")))
-                .and_then(|answer| sink(answer));
+                .and_then(sink);
             match result {
                 Ok(()) => 0,
                 Err(e) => {

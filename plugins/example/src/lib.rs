@@ -219,9 +219,7 @@ impl Generator for TemplatedSource {
 
 fn build_templated(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
     build_component(t, ctx, |c: TemplatedConfig, _| {
-        if c.name.is_empty() || c.name.contains('/') {
-            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
-        }
+        fuserl_core::collect::check_source_name(&c.name)?;
         Ok(Box::new(TemplatedSource { config: c }) as Box<dyn SourceAdapter>)
     })
 }

@@ -153,9 +153,7 @@ pub struct OpenAiSource {
 impl OpenAiSource {
     /// Build: the settings are checked, nothing is sent.
     pub fn new(config: OpenAiConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
-        if config.name.is_empty() || config.name.contains(['/', '\\']) || config.name.starts_with('.') {
-            return Err(ConfigError::at("name", "expected a non-empty source name without slashes"));
-        }
+        fuserl_core::collect::check_source_name(&config.name)?;
         if config.base_url.is_empty() {
             return Err(ConfigError::at("base_url", "expected at least one URL"));
         }
