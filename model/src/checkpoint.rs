@@ -21,7 +21,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::config::LlamaConfig;
+use crate::config::{Activation, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
 use fuserl_core::paths::Shown;
@@ -107,6 +107,11 @@ impl TensorStore {
         self.tensors.insert(name.into(), (shape, values, file.to_path_buf()));
     }
 
+    /// Rename every tensor by `f`, dropping those it maps to `None`.
+    pub fn rename(&mut self, f: impl Fn(&str) -> Option<String>) {
+        self.tensors = std::mem::take(&mut self.tensors).into_iter().filter_map(|(k, v)| Some((f(&k)?, v))).collect();
+    }
+
     /// Names of the tensors.
     pub fn names(&self) -> Vec<&String> {
         let mut n: Vec<&String> = self.tensors.keys().collect();
@@ -169,8 +174,8 @@ impl<B: Backend> Builder<'_, B> {
         Ok(Linear { weight, bias })
     }
 
-    fn norm(&mut self, name: &str, n: usize, eps: f64) -> Result<RmsNorm<B>> {
-        Ok(RmsNorm { weight: self.vector(name, n)?, eps })
+    fn norm(&mut self, name: &str, n: usize, c: &LlamaConfig) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm { weight: self.vector(name, n)?, eps: c.rms_norm_eps, unit_offset: c.gemma_norms })
     }
 }
 
@@ -190,12 +195,20 @@ pub fn build_model<B: Backend>(
     let mut layers = Vec::with_capacity(c.num_layers);
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
+        let head_norm = |b: &mut Builder<'_, B>, which: &str| -> Result<Option<RmsNorm<B>>> {
+            c.qk_norm.then(|| b.norm(&format!("{p}.self_attn.{which}.weight"), c.head_dim, c)).transpose()
+        };
+        let gemma_norm = |b: &mut Builder<'_, B>, which: &str| -> Result<Option<RmsNorm<B>>> {
+            c.gemma_norms.then(|| b.norm(&format!("{p}.{which}.weight"), h, c)).transpose()
+        };
         layers.push(DecoderLayer {
             self_attn: Attention {
                 q_proj: b.linear(&format!("{p}.self_attn.q_proj"), h, q_out, c.qkv_bias)?,
                 k_proj: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, c.qkv_bias)?,
                 v_proj: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, c.qkv_bias)?,
                 o_proj: b.linear(&format!("{p}.self_attn.o_proj"), q_out, h, c.o_bias)?,
+                q_norm: head_norm(&mut b, "q_norm")?,
+                k_norm: head_norm(&mut b, "k_norm")?,
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
@@ -204,12 +217,16 @@ pub fn build_model<B: Backend>(
                 gate_proj: b.linear(&format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false)?,
                 up_proj: b.linear(&format!("{p}.mlp.up_proj"), h, c.intermediate_size, false)?,
                 down_proj: b.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, h, false)?,
+                gelu_tanh: c.hidden_act == Activation::GeluTanh,
             },
-            input_layernorm: b.norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
-            post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+            input_layernorm: b.norm(&format!("{p}.input_layernorm.weight"), h, c)?,
+            post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm.weight"), h, c)?,
+            pre_feedforward_layernorm: gemma_norm(&mut b, "pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: gemma_norm(&mut b, "post_feedforward_layernorm")?,
+            sliding: c.layer_is_sliding(l),
         });
     }
-    let norm = b.norm("model.norm.weight", h, c.rms_norm_eps)?;
+    let norm = b.norm("model.norm.weight", h, c)?;
     let lm_head = if c.tie_word_embeddings {
         // Some tied checkpoints still carry a copy of the head; it must equal the embeddings'
         // shape, and is not used.
@@ -226,6 +243,13 @@ pub fn build_model<B: Backend>(
     Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
 }
 
+/// The first entry of `architectures` in a `config.json` (before resolution, which maps a
+/// multimodal Gemma 3 to its text model).
+fn config_architecture(file: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    v.get("architectures")?.get(0)?.as_str().map(str::to_owned)
+}
+
 /// Load a Hugging Face checkpoint folder into `dtype` on `device`.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
     let config_file = dir.join("config.json");
@@ -233,7 +257,10 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<
         return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
     }
     let config = LlamaConfig::from_file(&config_file)?;
-    let store = TensorStore::read_dir(dir)?;
+    let mut store = TensorStore::read_dir(dir)?;
+    if config_architecture(&config_file).as_deref() == Some("Gemma3ForConditionalGeneration") {
+        store.rename(crate::gemma3::text_tensor_name);
+    }
     let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();
     let model = build_model(config, store, dir, device, dtype)?;
     tracing::info!(architecture = %model.config.architecture, layers = model.config.num_layers, "loaded checkpoint");
@@ -266,9 +293,15 @@ pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, Host
         linear(&mut out, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
         linear(&mut out, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
         linear(&mut out, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
-        for (name, norm) in
-            [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)]
-        {
+        let norms = [
+            ("input_layernorm", Some(&layer.input_layernorm)),
+            ("post_attention_layernorm", Some(&layer.post_attention_layernorm)),
+            ("pre_feedforward_layernorm", layer.pre_feedforward_layernorm.as_ref()),
+            ("post_feedforward_layernorm", layer.post_feedforward_layernorm.as_ref()),
+            ("self_attn.q_norm", a.q_norm.as_ref()),
+            ("self_attn.k_norm", a.k_norm.as_ref()),
+        ];
+        for (name, norm) in norms.into_iter().filter_map(|(n, norm)| Some((n, norm?))) {
             out.insert(format!("{p}.{name}.weight"), (norm.weight.val().dims().to_vec(), host(norm.weight.val())));
         }
     }

@@ -1,7 +1,12 @@
-//! The Llama family as Hugging Face configures it: `config.json` (the wire format) resolved
-//! into a [`LlamaConfig`] that the model is built from. Both ways transformers has written RoPE
-//! settings are read: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters`
-//! (transformers 5). Anything outside the supported set is an error that names it.
+//! The decoder families as Hugging Face configures them: `config.json` (the wire format) resolved
+//! into a [`LlamaConfig`] that the model is built from. Llama, Mistral, Qwen2 and Qwen3 are read
+//! here, Gemma 3 in [`crate::gemma3`]. Both ways transformers has written RoPE settings are read:
+//! `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything
+//! outside the supported set is an error that names it.
+//!
+//! The families share one decoder ([`crate::llama`]); what tells them apart is a handful of
+//! options here (q/k norms, Gemma's norms and embedding scale, the activation, per-layer sliding
+//! windows with their own RoPE), so the trainer, the kernels and generation serve all of them.
 
 use std::path::Path;
 
@@ -11,7 +16,24 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 
 /// Architectures this crate implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+];
+
+/// The feed-forward activation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Mistral, Qwen.
+    #[default]
+    Silu,
+    /// GELU with the tanh approximation (GeGLU): Gemma's `gelu_pytorch_tanh`.
+    GeluTanh,
+}
 
 /// RoPE frequency scaling.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,6 +50,11 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         /// Context length the model was pre-trained with.
         original_max_position_embeddings: f64,
+    },
+    /// Positions divided by `factor` (Gemma 3's global layers in the larger models).
+    Linear {
+        /// Scale factor.
+        factor: f64,
     },
 }
 
@@ -62,8 +89,30 @@ pub struct LlamaConfig {
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama's `attention_bias`).
     pub o_bias: bool,
-    /// Mistral's sliding attention window, if any.
+    /// The sliding attention window: every layer's (Mistral) or, with `sliding_layers`, that of
+    /// the layers marked sliding (Gemma 3).
     pub sliding_window: Option<usize>,
+    /// Per layer, whether it attends within the sliding window (empty: every layer alike).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base and scaling of the sliding layers where they differ from the others (Gemma 3's
+    /// `rope_local_base_freq`).
+    #[serde(default)]
+    pub local_rope: Option<(f64, RopeScaling)>,
+    /// RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Gemma's conventions: RMSNorm scales by `1 + weight`, the embeddings are multiplied by
+    /// `sqrt(hidden_size)`, and the attention and MLP outputs are normalised too (pre- and
+    /// post-feed-forward norms).
+    #[serde(default)]
+    pub gemma_norms: bool,
+    /// The feed-forward activation.
+    #[serde(default)]
+    pub hidden_act: Activation,
+    /// Queries are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
     /// Longest context.
     pub max_position_embeddings: usize,
     /// Beginning-of-sequence token.
@@ -91,8 +140,13 @@ impl LlamaConfig {
                 Some("llama") => "LlamaForCausalLM".into(),
                 Some("mistral") => "MistralForCausalLM".into(),
                 Some("qwen2") => "Qwen2ForCausalLM".into(),
+                Some("qwen3") => "Qwen3ForCausalLM".into(),
+                Some("gemma3_text") => "Gemma3ForCausalLM".into(),
+                Some("gemma3") => "Gemma3ForConditionalGeneration".into(),
                 Some(other) => {
-                    return Err(unsupported(format!("model_type `{other}`; supported: llama, mistral, qwen2")));
+                    return Err(unsupported(format!(
+                        "model_type `{other}`; supported: llama, mistral, qwen2, qwen3, gemma3_text, gemma3"
+                    )));
                 }
                 None => return Err(bad("neither `architectures` nor `model_type` says what the model is".into())),
             },
@@ -103,6 +157,40 @@ impl LlamaConfig {
                 SUPPORTED_ARCHITECTURES.join(", ")
             )));
         }
+        if architecture.starts_with("Gemma3") {
+            return crate::gemma3::config(v, &architecture, file);
+        }
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(unsupported(format!("hidden_act `{act}`; supported: silu")));
+        }
+        let mut c = Self::common(v, architecture, file)?;
+        let (rope_theta, rope_scaling) = rope(v, file)?;
+        c.rope_theta = rope_theta;
+        c.rope_scaling = rope_scaling;
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let is_qwen2 = c.architecture == "Qwen2ForCausalLM";
+        c.qkv_bias = is_qwen2 || attention_bias;
+        c.o_bias = !is_qwen2 && attention_bias;
+        c.qk_norm = c.architecture == "Qwen3ForCausalLM";
+        c.sliding_window = match c.architecture.as_str() {
+            "MistralForCausalLM" => v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
+            "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+                if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
+            {
+                return Err(unsupported(format!("option use_sliding_window = true ({})", c.architecture)));
+            }
+            _ => None,
+        };
+        Ok(c)
+    }
+
+    /// What every family spells alike: sizes, heads, norms' epsilon, embeddings, tokens. RoPE,
+    /// biases and the family's own options are left at Llama's defaults for the caller to set.
+    pub(crate) fn common(v: &Value, architecture: String, file: &Path) -> Result<Self> {
+        let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
+        let bad = |message: String| ModelError::format(file, message);
         let usize_key = |key: &str| -> Result<usize> {
             v.get(key)
                 .and_then(Value::as_u64)
@@ -128,27 +216,12 @@ impl LlamaConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(format!("head_dim {head_dim} must be even and positive")));
         }
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
-        {
-            return Err(unsupported(format!("hidden_act `{act}`; supported: silu")));
-        }
         if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
             return Err(unsupported("option mlp_bias = true".into()));
         }
         if v.get("pretraining_tp").and_then(Value::as_u64).is_some_and(|tp| tp > 1) {
             return Err(unsupported("option pretraining_tp > 1".into()));
         }
-        let (rope_theta, rope_scaling) = rope(v, file)?;
-        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
-        let is_qwen2 = architecture == "Qwen2ForCausalLM";
-        let sliding_window = match architecture.as_str() {
-            "MistralForCausalLM" => v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
-            "Qwen2ForCausalLM" if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
-                return Err(unsupported("option use_sliding_window = true (Qwen2)".into()));
-            }
-            _ => None,
-        };
         let token = |key: &str| -> Vec<u32> {
             match v.get(key) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
@@ -165,12 +238,18 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::Default,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && attention_bias,
-            sliding_window,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            local_rope: None,
+            qk_norm: false,
+            gemma_norms: false,
+            hidden_act: Activation::Silu,
+            query_pre_attn_scalar: None,
             max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
             bos_token_id: token("bos_token_id").first().copied(),
             eos_token_ids: token("eos_token_id"),
@@ -178,13 +257,40 @@ impl LlamaConfig {
         })
     }
 
+    /// Whether decoder layer `layer` attends within the sliding window.
+    pub fn layer_is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_layers.get(layer).copied().unwrap_or(true)
+    }
+
+    /// Whether some layers attend within a window and others do not (two masks per pass).
+    pub fn mixes_layer_types(&self) -> bool {
+        self.sliding_window.is_some()
+            && self.sliding_layers.iter().any(|&s| s)
+            && self.sliding_layers.iter().any(|&s| !s)
+    }
+
+    /// The factor queries are scaled by before the scores.
+    pub fn query_scale(&self) -> f64 {
+        self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).powf(-0.5)
+    }
+
     /// The inverse frequencies of RoPE, `head_dim / 2` of them, with the configured scaling
     /// (transformers' `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
     pub fn inv_freq(&self) -> Vec<f64> {
+        self.inv_freq_of(false)
+    }
+
+    /// The inverse frequencies of the sliding layers (`sliding`) or of the others.
+    pub fn inv_freq_of(&self, sliding: bool) -> Vec<f64> {
+        let (theta, scaling) = match &self.local_rope {
+            Some((theta, scaling)) if sliding => (*theta, scaling),
+            _ => (self.rope_theta, &self.rope_scaling),
+        };
         let d = self.head_dim as f64;
-        let base: Vec<f64> = (0..self.head_dim / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d)).collect();
-        match &self.rope_scaling {
+        let base: Vec<f64> = (0..self.head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / d)).collect();
+        match scaling {
             RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let low_wavelen = original_max_position_embeddings / low_freq_factor;
                 let high_wavelen = original_max_position_embeddings / high_freq_factor;
@@ -209,9 +315,13 @@ impl LlamaConfig {
     /// `config.json` in Hugging Face's layout (transformers 4 style RoPE keys, which both
     /// transformers 4 and 5 read).
     pub fn to_hf_json(&self) -> Value {
+        if self.architecture.starts_with("Gemma3") {
+            return crate::gemma3::to_hf_json(self);
+        }
         let model_type = match self.architecture.as_str() {
             "MistralForCausalLM" => "mistral",
             "Qwen2ForCausalLM" => "qwen2",
+            "Qwen3ForCausalLM" => "qwen3",
             _ => "llama",
         };
         let mut v = serde_json::json!({
@@ -232,15 +342,11 @@ impl LlamaConfig {
             "torch_dtype": "float32",
         });
         let map = v.as_object_mut().expect("object");
-        if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } =
-            &self.rope_scaling
-        {
-            map.insert(
-                "rope_scaling".into(),
-                serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings}),
-            );
+        if let Some(scaling) = rope_scaling_json(&self.rope_scaling) {
+            map.insert("rope_scaling".into(), scaling);
+        }
+        if self.architecture == "Qwen3ForCausalLM" {
+            map.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
         }
         if self.architecture == "LlamaForCausalLM" {
             map.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
@@ -249,6 +355,12 @@ impl LlamaConfig {
         if self.architecture == "MistralForCausalLM" {
             map.insert("sliding_window".into(), self.sliding_window.map_or(Value::Null, |w| Value::from(w as u64)));
         }
+        self.insert_token_ids(map);
+        v
+    }
+
+    /// `bos_token_id` and `eos_token_id` (one id or a list) into a `config.json` object.
+    pub(crate) fn insert_token_ids(&self, map: &mut serde_json::Map<String, Value>) {
         if let Some(b) = self.bos_token_id {
             map.insert("bos_token_id".into(), Value::from(b));
         }
@@ -261,12 +373,10 @@ impl LlamaConfig {
                 map.insert("eos_token_id".into(), Value::from(many.to_vec()));
             }
         }
-        v
     }
 }
 
 fn rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {
-    let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
     // transformers 5: everything in `rope_parameters`; transformers 4: `rope_theta` + `rope_scaling`.
     let params = v.get("rope_parameters").filter(|p| p.is_object());
     let theta = params
@@ -275,25 +385,41 @@ fn rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {
         .and_then(Value::as_f64)
         .unwrap_or(10000.0);
     let scaling = params.or_else(|| v.get("rope_scaling").filter(|s| s.is_object()));
-    let Some(s) = scaling else { return Ok((theta, RopeScaling::Default)) };
+    Ok((theta, scaling.map(|s| rope_scaling(s, file)).transpose()?.unwrap_or(RopeScaling::Default)))
+}
+
+/// The scaling a `rope_scaling` / `rope_parameters` object describes.
+pub(crate) fn rope_scaling(s: &Value, file: &Path) -> Result<RopeScaling> {
+    let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
         s.get(key)
             .and_then(Value::as_f64)
-            .ok_or_else(|| ModelError::format(file, format!("rope scaling `llama3` needs `{key}`")))
+            .ok_or_else(|| ModelError::format(file, format!("rope scaling `{kind}` needs `{key}`")))
     };
     match kind {
-        "default" => Ok((theta, RopeScaling::Default)),
-        "llama3" => Ok((
-            theta,
-            RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            },
-        )),
-        other => Err(unsupported(format!("RoPE scaling `{other}`; supported: default, llama3"))),
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(unsupported(format!("RoPE scaling `{other}`; supported: default, linear, llama3"))),
+    }
+}
+
+/// `rope_scaling` in transformers 4's layout (`None`: plain RoPE).
+pub(crate) fn rope_scaling_json(s: &RopeScaling) -> Option<Value> {
+    match s {
+        RopeScaling::Default => None,
+        RopeScaling::Linear { factor } => Some(serde_json::json!({"rope_type": "linear", "factor": factor})),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            Some(serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings}))
+        }
     }
 }
 
@@ -330,7 +456,7 @@ mod tests {
         let err = LlamaConfig::from_json(&v, Path::new("m/config.json")).unwrap_err().to_string();
         assert_eq!(
             err,
-            "m/config.json: unsupported architecture `GPT2LMHeadModel`; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+            "m/config.json: unsupported architecture `GPT2LMHeadModel`; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration"
         );
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});

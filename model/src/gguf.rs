@@ -1,5 +1,5 @@
 //! GGUF import (`fuserl convert gguf IN.gguf OUT_DIR`): read a llama.cpp GGUF file, dequantise
-//! its tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1), map llama.cpp names to Hugging Face names, undo
+//! its tensors (the types of [`crate::quant`]), map llama.cpp names to Hugging Face names, undo
 //! llama.cpp's row permutation of Q and K, and rebuild `config.json`, `tokenizer.json`,
 //! `tokenizer_config.json` and `chat_template.jinja` from the metadata. The result is an ordinary
 //! Hugging Face checkpoint folder.
@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::checkpoint::{TensorStore, write_atomic};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::quant::GgmlType;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,82 +189,41 @@ impl Gguf {
     /// Dequantise one tensor to f32, in row-major order of its Hugging Face shape (the ggml dims
     /// reversed).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
-        let n: usize = t.dims.iter().map(|&d| d as usize).product();
-        let start = self.data_start + t.offset as usize;
-        let (block, block_bytes) = match t.ggml_type {
-            0 => (1, 4),
-            1 | 30 => (1, 2),
-            2 => (32, 18),
-            3 => (32, 20),
-            8 => (32, 34),
-            other => {
-                return Err(ModelError::format(
-                    &self.file,
-                    format!(
-                        "tensor `{}` has ggml type {} ({}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
-                        t.name,
-                        other,
-                        ggml_type_name(other)
-                    ),
-                ));
-            }
-        };
-        if !n.is_multiple_of(block) {
-            return Err(ModelError::format(
+        let ty = GgmlType::from_code(t.ggml_type).ok_or_else(|| {
+            ModelError::format(
                 &self.file,
-                format!("tensor `{}`: {n} values is not a whole number of blocks", t.name),
-            ));
-        }
-        let len = n / block * block_bytes;
-        let raw = self.bytes.get(start..start + len).ok_or_else(|| {
-            ModelError::format(&self.file, format!("tensor `{}` runs past the end of the file", t.name))
+                format!(
+                    "tensor `{}` has ggml type {} ({}); supported: {}",
+                    t.name,
+                    t.ggml_type,
+                    GgmlType::name_of(t.ggml_type),
+                    GgmlType::SUPPORTED
+                ),
+            )
         })?;
-        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let (block, block_bytes) = ty.block();
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
+            .filter(|n| n.is_multiple_of(block))
+            .ok_or_else(|| {
+                ModelError::format(
+                    &self.file,
+                    format!("tensor `{}`: dims {:?} are not a whole number of {block}-value blocks", t.name, t.dims),
+                )
+            })?;
+        let len = n / block * block_bytes;
+        let raw = usize::try_from(t.offset)
+            .ok()
+            .and_then(|o| self.data_start.checked_add(o))
+            .and_then(|start| self.bytes.get(start..start.checked_add(len)?))
+            .ok_or_else(|| {
+                ModelError::format(&self.file, format!("tensor `{}` runs past the end of the file", t.name))
+            })?;
         let mut out = Vec::with_capacity(n);
-        match t.ggml_type {
-            0 => out.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            1 => out.extend(raw.chunks_exact(2).map(f16)),
-            30 => out.extend(raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-            2 => {
-                for blk in raw.chunks_exact(18) {
-                    let d = f16(&blk[0..2]);
-                    let qs = &blk[2..18];
-                    out.extend(qs.iter().map(|q| (i32::from(q & 0x0F) - 8) as f32 * d));
-                    out.extend(qs.iter().map(|q| (i32::from(q >> 4) - 8) as f32 * d));
-                }
-            }
-            3 => {
-                for blk in raw.chunks_exact(20) {
-                    let (d, m) = (f16(&blk[0..2]), f16(&blk[2..4]));
-                    let qs = &blk[4..20];
-                    out.extend(qs.iter().map(|q| f32::from(q & 0x0F) * d + m));
-                    out.extend(qs.iter().map(|q| f32::from(q >> 4) * d + m));
-                }
-            }
-            8 => {
-                for blk in raw.chunks_exact(34) {
-                    let d = f16(&blk[0..2]);
-                    out.extend(blk[2..34].iter().map(|q| f32::from(*q as i8) * d));
-                }
-            }
-            _ => unreachable!("checked above"),
-        }
+        ty.dequantize(raw, &mut out);
         Ok(out)
-    }
-}
-
-fn ggml_type_name(t: u32) -> &'static str {
-    match t {
-        6 => "Q5_0",
-        7 => "Q5_1",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        _ => "unknown",
     }
 }
 
@@ -359,6 +319,12 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         qkv_bias: architecture == "Qwen2ForCausalLM",
         o_bias: false,
         sliding_window: None,
+        sliding_layers: Vec::new(),
+        local_rope: None,
+        qk_norm: false,
+        gemma_norms: false,
+        hidden_act: crate::config::Activation::Silu,
+        query_pre_attn_scalar: None,
         max_position_embeddings: g.meta.get(&key("context_length")).and_then(Meta::as_i64).map_or(2048, |v| v as usize),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
@@ -372,7 +338,9 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
             });
         }
     }
+    // The tokenizer first: a vocabulary this crate cannot rebuild fails before the slow part.
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    write_tokenizer(&g, out)?;
     let mut store = TensorStore::default();
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
@@ -407,9 +375,14 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         burn::tensor::DType::F32,
     )?;
     crate::checkpoint::save(&model, out, 2 << 30, None)?;
-    write_tokenizer(&g, out)?;
     Ok(config)
 }
+
+/// The split before byte-level BPE of Qwen2's tokenizer (its `tokenizer.json`).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The same for Llama 3 (numbers in groups of up to three digits).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Rebuild `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` from GGUF metadata
 /// (byte-level BPE, llama.cpp's `gpt2` tokenizer model).
@@ -437,14 +410,29 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
     // The pre-tokenizer llama.cpp calls `pre`: which regex splits text before BPE.
     let pre = g.meta.get("tokenizer.ggml.pre").and_then(Meta::as_str).unwrap_or("default");
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
+    };
+    let mut normalizer = Value::Null;
     let pre_tokenizer = match pre {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
         "gpt2" | "default" => byte_level,
+        // Qwen2's own tokenizer.json: this split, then bytes, after NFC.
+        "qwen2" | "deepseek-r1-qwen" => {
+            normalizer = json!({"type": "NFC"});
+            split(QWEN2_SPLIT)
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => split(LLAMA3_SPLIT),
         other => {
             return Err(ModelError::Unsupported {
                 file: file.clone(),
-                what: format!("GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default"),
+                what: format!(
+                    "GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default, qwen2, \
+                     deepseek-r1-qwen, llama3, llama-v3, llama-bpe, smaug-bpe"
+                ),
             });
         }
     };
@@ -462,7 +450,7 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
         .collect();
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": pre_tokenizer,
+        "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
         "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -583,10 +571,10 @@ mod tests {
         let g = one_tensor_file(8, 32, &raw);
         let want: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 2.0).collect();
         assert_eq!(g.dequantize(&g.tensors[0]).expect("q8_0"), want);
-        // A K-quant is named in the error.
-        let g = one_tensor_file(12, 256, &[0u8; 144]);
+        // A type this crate lacks is named in the error.
+        let g = one_tensor_file(16, 256, &[0u8; 66]);
         let err = g.dequantize(&g.tensors[0]).unwrap_err().to_string();
-        assert!(err.contains("ggml type 12 (Q4_K)"), "{err}");
+        assert!(err.contains("ggml type 16 (IQ2_XXS); supported: F32"), "{err}");
     }
 
     #[test]

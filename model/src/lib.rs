@@ -12,10 +12,12 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod logprobs;
+pub mod quant;
 
 pub use error::{ModelError, Result};
 

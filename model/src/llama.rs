@@ -1,7 +1,9 @@
-//! The Llama family (Llama, Mistral, Qwen2) on Burn, top to bottom: linear layers, RMSNorm,
-//! rotary embeddings, grouped-query attention, SwiGLU MLP, decoder layer, model. Field names
-//! follow the Hugging Face checkpoint names, so loading is a table (see `checkpoint.rs`).
-//! Linear weights are stored `[in, out]` (the transpose of the checkpoint's `[out, in]`).
+//! The decoder of every supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 3) on Burn, top to
+//! bottom: linear layers, RMSNorm, rotary embeddings, grouped-query attention, gated MLP, decoder
+//! layer, model. Field names follow the Hugging Face checkpoint names, so loading is a table (see
+//! `checkpoint.rs`). Linear weights are stored `[in, out]` (the transpose of the checkpoint's
+//! `[out, in]`). The families' differences are options of [`LlamaConfig`]; Gemma 3's are
+//! described in [`crate::gemma3`].
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
@@ -35,24 +37,31 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// Root-mean-square layer norm.
+/// Root-mean-square layer norm over the last dimension.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// `[hidden]`.
     pub weight: Param<Tensor<B, 1>>,
     /// Epsilon added to the mean square.
     pub eps: f64,
+    /// Gemma's form: scale by `1 + weight`, in f32 before casting back (Llama's scales the
+    /// normalised value, cast back first, by `weight`).
+    pub unit_offset: bool,
 }
 
 impl<B: Backend> RmsNorm<B> {
     /// # Shapes
-    /// `x: [batch, seq, hidden]` -> same
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `x: [..., hidden]` -> same
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let x32 = x.cast(DType::F32);
-        let rms = x32.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
-        let normed = (x32 / rms).cast(dtype);
-        normed * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
+        let rms = x32.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let w = self.weight.val().unsqueeze::<D>();
+        if self.unit_offset {
+            ((x32 / rms) * w.cast(DType::F32).add_scalar(1.0)).cast(dtype)
+        } else {
+            (x32 / rms).cast(dtype) * w
+        }
     }
 }
 
@@ -62,7 +71,8 @@ impl<B: Backend> RmsNorm<B> {
 /// `1 / sqrt(head_dim)`, so that scaling costs no pass over the `[seq, seq]` scores.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// `cos / sqrt(head_dim)`, `sin / sqrt(head_dim)`: `[batch, seq, heads, head_dim]`.
+    /// `cos * s`, `sin * s` with the queries' scale `s` (`1 / sqrt(head_dim)`, or Gemma's
+    /// `query_pre_attn_scalar^-1/2`): `[batch, seq, heads, head_dim]`.
     pub queries: (Tensor<B, 4>, Tensor<B, 4>),
     /// `cos`, `sin`: `[batch, seq, kv_heads, head_dim]`.
     pub keys: (Tensor<B, 4>, Tensor<B, 4>),
@@ -76,8 +86,15 @@ impl<B: Backend> Rope<B> {
     /// Tables for the given positions (`positions[b][t]`), computed in f64 on the host. They are
     /// full size (not broadcast over the heads) because element-wise products of same-shape
     /// contiguous tensors are the CPU backend's fast path.
-    pub fn new(config: &LlamaConfig, positions: &[Vec<usize>], device: &B::Device, dtype: DType) -> Self {
-        let inv = config.inv_freq();
+    /// `sliding`: the tables of the sliding-window layers (their own RoPE base, Gemma 3).
+    pub fn new(
+        config: &LlamaConfig,
+        positions: &[Vec<usize>],
+        sliding: bool,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Self {
+        let inv = config.inv_freq_of(sliding);
         let d = config.head_dim;
         let b = positions.len();
         let t = positions.first().map_or(0, Vec::len);
@@ -113,11 +130,10 @@ impl<B: Backend> Rope<B> {
             rotate[i * d + i + half] = 1.0; // out[i + half] = x[i]
         }
         let rotate = Tensor::from_data(TensorData::new(rotate, [d, d]), (device, dtype));
-        let scale = 1.0 / (d as f64).sqrt();
-        Self { queries: table(config.num_heads, scale), keys: table(config.num_kv_heads, 1.0), rotate }
+        Self { queries: table(config.num_heads, config.query_scale()), keys: table(config.num_kv_heads, 1.0), rotate }
     }
 
-    /// Rotated queries, scaled by `1 / sqrt(head_dim)`.
+    /// Rotated queries, scaled by `1 / sqrt(head_dim)` (or Gemma's `query_pre_attn_scalar`).
     ///
     /// # Shapes
     /// `x: [batch, seq, heads, head_dim]` -> same
@@ -160,6 +176,10 @@ pub struct Attention<B: Backend> {
     pub v_proj: Linear<B>,
     /// Output projection.
     pub o_proj: Linear<B>,
+    /// RMSNorm of each query head before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm of each key head before RoPE (Qwen3, Gemma 3).
+    pub k_norm: Option<RmsNorm<B>>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -175,16 +195,20 @@ impl<B: Backend> Attention<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        context: &LayerContext<B>,
+        (rope, bias): (&Rope<B>, &Tensor<B, 4>),
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // RoPE on the projections' own (contiguous) layout; keys and values then heads first
         // (the cache's layout).
-        let rope = &context.rope;
-        let q = rope.queries(self.q_proj.forward(x.clone()).reshape([b, t, nh, hd]));
-        let mut k = rope.keys(self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd])).swap_dims(1, 2);
+        let norm = |norm: &Option<RmsNorm<B>>, x: Tensor<B, 4>| match norm {
+            Some(n) => n.forward(x),
+            None => x,
+        };
+        let q = rope.queries(norm(&self.q_norm, self.q_proj.forward(x.clone()).reshape([b, t, nh, hd])));
+        let mut k =
+            rope.keys(norm(&self.k_norm, self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]))).swap_dims(1, 2);
         let mut v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         if let Some(cache) = cache {
             if cache.k.dims()[2] > 0 {
@@ -208,14 +232,14 @@ impl<B: Backend> Attention<B> {
         // model's dtype. Adding f32::MIN gives exactly f32::MIN (scores are far below its
         // rounding step), so the bias is a mask fill that needs nothing saved for backward.
         let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(3, 4)).reshape([b, nh, t, tk]);
-        let scores = scores + context.bias.clone();
+        let scores = scores + bias.clone();
         let probs = softmax(scores, 3).cast(dtype).reshape([b, nkv, rep, t, tk]);
         let out = probs.matmul(v).permute([0, 3, 1, 2, 4]).reshape([b, t, nh * hd]);
         self.o_proj.forward(out)
     }
 }
 
-/// SwiGLU feed-forward.
+/// Gated feed-forward: SwiGLU, or GeGLU with the tanh GELU (Gemma).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// Gate projection.
@@ -224,13 +248,17 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     /// Down projection.
     pub down_proj: Linear<B>,
+    /// GELU (tanh approximation) on the gate instead of SiLU.
+    pub gelu_tanh: bool,
 }
 
 impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        let gate = if self.gelu_tanh { crate::gemma3::gelu_tanh(gate) } else { silu(gate) };
+        self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
 
@@ -243,8 +271,15 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
     /// Norm before attention.
     pub input_layernorm: RmsNorm<B>,
-    /// Norm before the MLP.
+    /// Norm before the MLP (Llama), or of the attention's output (Gemma, whose norm before the
+    /// MLP is `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma: norm before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma: norm of the MLP's output.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Whether this layer attends within the sliding window (with the sliding tables).
+    pub sliding: bool,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -256,8 +291,18 @@ impl<B: Backend> DecoderLayer<B> {
         context: &LayerContext<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), context, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let tables = context.tables(self.sliding);
+        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), tables, cache);
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attn);
+                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+            }
+            _ => {
+                let h = x + attn;
+                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+            }
+        }
     }
 }
 
@@ -328,6 +373,19 @@ pub struct LayerContext<B: Backend> {
     /// (causal, padding, sliding window), added to the attention scores. Written out for every
     /// head, like the rotary tables, for the CPU backend's same-shape fast path.
     pub bias: Tensor<B, 4>,
+    /// The sliding-window layers' tables and mask, where a model mixes layer types (Gemma 3);
+    /// `None`: every layer uses `rope` and `bias`.
+    pub sliding: Option<(Rope<B>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> LayerContext<B> {
+    /// The tables and mask of a sliding (`true`) or full layer.
+    pub fn tables(&self, sliding: bool) -> (&Rope<B>, &Tensor<B, 4>) {
+        match &self.sliding {
+            Some((rope, bias)) if sliding => (rope, bias),
+            _ => (&self.rope, &self.bias),
+        }
+    }
 }
 
 /// A loaded model: configuration and weights.
@@ -368,7 +426,13 @@ impl<B: Backend> LlamaModel<B> {
         let t = inputs.ids.first().map_or(0, Vec::len);
         let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device());
-        self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size])
+        let x = self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size]);
+        if self.config.gemma_norms {
+            // Gemma: times sqrt(hidden) rounded to the weights' dtype, as transformers does.
+            x.mul_scalar((self.config.hidden_size as f64).sqrt())
+        } else {
+            x
+        }
     }
 
     /// What every decoder layer of one forward pass shares: the rotary tables and the
@@ -377,13 +441,25 @@ impl<B: Backend> LlamaModel<B> {
     /// # Shapes
     /// `inputs: [batch, seq]`; `key_valid: [batch, past + seq]`
     pub fn layer_context(&self, inputs: &Inputs, key_valid: &[Vec<bool>]) -> LayerContext<B> {
+        let c = &self.config;
+        if c.mixes_layer_types() {
+            let (rope, bias) = self.tables(inputs, key_valid, false);
+            LayerContext { rope, bias, sliding: Some(self.tables(inputs, key_valid, true)) }
+        } else {
+            let (rope, bias) = self.tables(inputs, key_valid, c.layer_is_sliding(0));
+            LayerContext { rope, bias, sliding: None }
+        }
+    }
+
+    /// Rotary tables and mask of the sliding-window layers (`sliding`) or of the others.
+    fn tables(&self, inputs: &Inputs, key_valid: &[Vec<bool>], sliding: bool) -> (Rope<B>, Tensor<B, 4>) {
         let device = self.device();
         let b = inputs.ids.len();
         let t = inputs.ids.first().map_or(0, Vec::len);
         let tk = key_valid.first().map_or(0, Vec::len);
         let past = tk - t;
-        let rope = Rope::new(&self.config, &inputs.positions, &device, self.dtype);
-        let window = self.config.sliding_window;
+        let rope = Rope::new(&self.config, &inputs.positions, sliding, &device, self.dtype);
+        let window = if sliding { self.config.sliding_window } else { None };
         let heads = self.config.num_heads;
         let mut bias = Vec::with_capacity(b * heads * t * tk);
         for row in key_valid {
@@ -400,7 +476,7 @@ impl<B: Backend> LlamaModel<B> {
             }
         }
         let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [b, heads, t, tk]), (&device, DType::F32));
-        LayerContext { rope, bias }
+        (rope, bias)
     }
 
     /// The final hidden states (after the last norm).

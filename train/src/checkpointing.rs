@@ -202,9 +202,11 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
 /// The same tables on the inner backend (shared buffers, no copy).
 fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::InnerBackend> {
     let pair = |(cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)| (cos.clone().inner(), sin.clone().inner());
+    let rope = |r: &Rope<B>| Rope { queries: pair(&r.queries), keys: pair(&r.keys), rotate: r.rotate.clone().inner() };
     LayerContext {
-        rope: Rope { queries: pair(&c.rope.queries), keys: pair(&c.rope.keys), rotate: c.rope.rotate.clone().inner() },
+        rope: rope(&c.rope),
         bias: c.bias.clone().inner(),
+        sliding: c.sliding.as_ref().map(|(r, bias)| (rope(r), bias.clone().inner())),
     }
 }
 
