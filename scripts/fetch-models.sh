@@ -5,6 +5,6 @@
 # already converted is kept, so only the first run downloads (about 1 GB) and converts (minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for script in scripts/fetch-smollm2.sh scripts/fetch-qwen-coder.sh; do
+for script in scripts/fetch-smollm2.sh scripts/fetch-qwen-coder.sh scripts/fetch-gemma3.sh; do
     "$script" >/dev/null
 done

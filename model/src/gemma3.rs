@@ -165,7 +165,10 @@ pub fn to_hf_json(c: &LlamaConfig) -> Value {
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
         "rope_local_base_freq": local_theta,
-        "query_pre_attn_scalar": c.query_pre_attn_scalar,
+        // An integer where it is one: transformers' config class checks the type.
+        "query_pre_attn_scalar": c.query_pre_attn_scalar.map(|x| {
+            if x.fract() == 0.0 && x >= 0.0 { Value::from(x as u64) } else { Value::from(x) }
+        }),
         "sliding_window": c.sliding_window,
         "layer_types": layer_types,
         "final_logit_softcapping": null,

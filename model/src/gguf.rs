@@ -246,8 +246,8 @@ pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec
     out
 }
 
-/// The Hugging Face name of a llama.cpp tensor.
-pub fn hf_name(name: &str) -> Option<String> {
+/// The Hugging Face name of a llama.cpp tensor (`gemma`: Gemma's four norms per layer).
+pub fn hf_name(name: &str, gemma: bool) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -269,7 +269,12 @@ pub fn hf_name(name: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -283,13 +288,16 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     let architecture = match arch {
         "llama" => "LlamaForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        "gemma3" => "Gemma3ForCausalLM",
         other => {
             return Err(ModelError::Unsupported {
                 file: input.to_path_buf(),
-                what: format!("GGUF architecture `{other}`; supported: llama, qwen2"),
+                what: format!("GGUF architecture `{other}`; supported: llama, qwen2, qwen3, gemma3"),
             });
         }
     };
+    let gemma = arch == "gemma3";
     let key = |k: &str| format!("{arch}.{k}");
     let n_head = g.meta_usize(&key("attention.head_count"))?;
     let n_kv = g.meta.get(&key("attention.head_count_kv")).and_then(Meta::as_i64).map_or(n_head, |v| v as usize);
@@ -299,11 +307,15 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         _ => return Err(ModelError::format(input, "missing metadata `tokenizer.ggml.tokens`")),
     };
     let vocab = g.meta.get(&key("vocab_size")).and_then(Meta::as_i64).map_or(tokens.len(), |v| v as usize);
-    let head_dim =
-        g.meta.get(&key("rope.dimension_count")).and_then(Meta::as_i64).map_or(hidden / n_head, |v| v as usize);
+    let head_dim = g
+        .meta
+        .get(&key("attention.key_length"))
+        .or_else(|| g.meta.get(&key("rope.dimension_count")))
+        .and_then(Meta::as_i64)
+        .map_or(hidden / n_head, |v| v as usize);
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
     let id = |k: &str| g.meta.get(k).and_then(Meta::as_i64).map(|v| v as u32);
-    let config = LlamaConfig {
+    let mut config = LlamaConfig {
         architecture: architecture.into(),
         vocab_size: vocab,
         hidden_size: hidden,
@@ -329,21 +341,45 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
     };
-    if g.meta.contains_key(&key("rope.scaling.type")) {
-        let kind = g.meta.get(&key("rope.scaling.type")).and_then(Meta::as_str).unwrap_or("?");
-        if kind != "none" {
-            return Err(ModelError::Unsupported {
-                file: input.to_path_buf(),
-                what: format!("GGUF RoPE scaling `{kind}`"),
-            });
+    if let Some(kind) = g.meta.get(&key("rope.scaling.type")) {
+        match kind.as_str() {
+            Some("none") => {}
+            Some("linear") => {
+                let factor = g.meta.get(&key("rope.scaling.factor")).and_then(Meta::as_f64).ok_or_else(|| {
+                    ModelError::format(input, format!("linear RoPE scaling without `{}`", key("rope.scaling.factor")))
+                })?;
+                config.rope_scaling = RopeScaling::Linear { factor };
+            }
+            other => {
+                return Err(ModelError::Unsupported {
+                    file: input.to_path_buf(),
+                    what: format!("GGUF RoPE scaling `{}`", other.unwrap_or("?")),
+                });
+            }
         }
+    }
+    config.qk_norm = matches!(arch, "qwen3" | "gemma3");
+    if gemma {
+        // What llama.cpp's gemma3 model takes as given, not from the metadata: every sixth layer
+        // full, the others sliding with RoPE base 10,000 (and no scaling), queries scaled by
+        // head_dim^-1/2 (hidden / heads for the 62-layer 27B), tied embeddings.
+        let window = g.meta_usize(&key("attention.sliding_window"))?;
+        config.sliding_window = Some(window);
+        config.sliding_layers = (0..config.num_layers).map(|i| !(i + 1).is_multiple_of(6)).collect();
+        config.local_rope = Some((10_000.0, RopeScaling::Default));
+        config.gemma_norms = true;
+        config.hidden_act = crate::config::Activation::GeluTanh;
+        let scalar = if config.num_layers == 62 { hidden / n_head } else { head_dim };
+        config.query_pre_attn_scalar = Some(scalar as f64);
+        config.rms_norm_eps =
+            g.meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-6);
     }
     // The tokenizer first: a vocabulary this crate cannot rebuild fails before the slow part.
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     write_tokenizer(&g, out)?;
     let mut store = TensorStore::default();
     for t in &g.tensors {
-        let Some(name) = hf_name(&t.name) else {
+        let Some(name) = hf_name(&t.name, gemma) else {
             if t.name == "rope_freqs.weight" {
                 return Err(ModelError::Unsupported {
                     file: input.to_path_buf(),
@@ -362,6 +398,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
             } else if name.ends_with("self_attn.k_proj.weight") {
                 values = unpermute_rows(&values, n_kv, shape[0], shape[1]);
             }
+        }
+        // llama.cpp stores Gemma's norm weights with the 1 of `1 + weight` added.
+        if gemma && name.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v -= 1.0);
         }
         store.insert(name, shape, values, input);
     }
@@ -384,29 +424,9 @@ const QWEN2_SPLIT: &str =
 /// The same for Llama 3 (numbers in groups of up to three digits).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Rebuild `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` from GGUF metadata
-/// (byte-level BPE, llama.cpp's `gpt2` tokenizer model).
-pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
+/// `tokenizer.json` of a byte-level BPE vocabulary (llama.cpp's `gpt2` tokenizer model).
+fn byte_level_tokenizer(g: &Gguf, tokens: &[String], types: &[i64], merges: Vec<String>) -> Result<Value> {
     let file = &g.file;
-    let model = g.meta.get("tokenizer.ggml.model").and_then(Meta::as_str).unwrap_or("");
-    if model != "gpt2" {
-        return Err(ModelError::Unsupported {
-            file: file.clone(),
-            what: format!("GGUF tokenizer model `{model}`; supported: gpt2 (byte-level BPE)"),
-        });
-    }
-    let strings = |k: &str| -> Result<Vec<String>> {
-        match g.meta.get(k) {
-            Some(Meta::Array(a)) => Ok(a.iter().map(|x| x.as_str().unwrap_or("").to_owned()).collect()),
-            _ => Err(ModelError::format(file, format!("missing metadata `{k}`"))),
-        }
-    };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type") {
-        Some(Meta::Array(a)) => a.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
-        _ => vec![1; tokens.len()],
-    };
     // The pre-tokenizer llama.cpp calls `pre`: which regex splits text before BPE.
     let pre = g.meta.get("tokenizer.ggml.pre").and_then(Meta::as_str).unwrap_or("default");
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
@@ -439,16 +459,8 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
     let vocab: serde_json::Map<String, Value> =
         tokens.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
     // Control (3) and user-defined (4) tokens are added tokens, matched before BPE.
-    let added: Vec<Value> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-            "normalized": false, "special": types[i] == 3})
-        })
-        .collect();
-    let tokenizer = json!({
+    let added = added_tokens(tokens, types, |_| true);
+    Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
         "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
@@ -456,7 +468,138 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
-    });
+    }))
+}
+
+/// `tokenizer.json` of Gemma's SentencePiece vocabulary (llama.cpp's `llama` tokenizer model in a
+/// `gemma3` file), as transformers rebuilds it from a GGUF (`GemmaTokenizer`): BPE with byte
+/// fallback over the vocabulary; spaces become `▁` before the model; tokens of two or more real
+/// spaces are spelled with `▁`; the file has no merges, so they are derived from the vocabulary,
+/// best first in the order the tokens appear in the file (not by their scores, which do not
+/// follow Gemma's merge order).
+fn gemma_tokenizer(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<Value> {
+    let respelled: Vec<String> = tokens
+        .iter()
+        .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.clone() })
+        .collect();
+    let merges = merges_from_vocabulary(&respelled);
+    let vocab: serde_json::Map<String, Value> =
+        respelled.iter().enumerate().map(|(i, t)| (t.clone(), Value::from(i as u64))).collect();
+    let unk = g
+        .meta
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Meta::as_i64)
+        .and_then(|i| respelled.get(i as usize))
+        .cloned()
+        .unwrap_or_else(|| "<unk>".into());
+    // As transformers: a user-defined token is added only under the spelling the vocabulary
+    // has (the whitespace tokens, respelled, are left to the model).
+    let added = added_tokens(&respelled, types, |i| types[i] == 3 || respelled[i] == tokens[i]);
+    // BOS before every sequence when the file says so (encoding with special tokens).
+    let bos = g.meta.get("tokenizer.ggml.bos_token_id").and_then(Meta::as_i64);
+    let post_processor = match (bos, g.meta.get("tokenizer.ggml.add_bos_token")) {
+        (Some(id), Some(Meta::Bool(true))) => {
+            let token = respelled.get(id as usize).cloned().unwrap_or_default();
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": token, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {token.clone(): {"id": token, "ids": [id], "tokens": [token]}}})
+        }
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// BPE merges implied by a vocabulary listed best first (transformers' `generate_merges` with
+/// each token's score the negated position of its last occurrence): every split of a token into
+/// two tokens of the vocabulary is a merge; merges are ordered by their token's position, then
+/// longer left parts first; within a token, splits are first ordered by the parts' ids.
+pub fn merges_from_vocabulary(tokens: &[String]) -> Vec<[String; 2]> {
+    let mut id: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        id.insert(t, i);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(tokens.len());
+    // (score position, left length, right length, left, right), in dictionary order.
+    let mut merges: Vec<(usize, usize, usize, &str, &str)> = Vec::new();
+    for t in tokens {
+        if !seen.insert(t.as_str()) {
+            continue;
+        }
+        let position = id[t.as_str()];
+        let mut local: Vec<(usize, usize, &str, &str)> = t
+            .char_indices()
+            .skip(1)
+            .filter_map(|(cut, _)| {
+                let (l, r) = t.split_at(cut);
+                Some((*id.get(l)?, *id.get(r)?, l, r))
+            })
+            .collect();
+        local.sort_by_key(|&(li, ri, _, _)| (li, ri));
+        merges.extend(local.into_iter().map(|(_, _, l, r)| (position, l.chars().count(), r.chars().count(), l, r)));
+    }
+    // Python's sorted(key=(score, len l, len r), reverse=True) with score = -position: positions
+    // ascending, lengths descending; stable.
+    merges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges.into_iter().map(|(_, _, _, l, r)| [l.to_owned(), r.to_owned()]).collect()
+}
+
+/// Control tokens (type 3, special) and user-defined ones (type 4), matched before the model;
+/// `keep(id)` filters them.
+fn added_tokens(tokens: &[String], types: &[i64], keep: impl Fn(usize) -> bool) -> Vec<Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)) && keep(*i))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": types[i] == 3})
+        })
+        .collect()
+}
+
+/// Rebuild `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` from GGUF metadata
+/// (byte-level BPE, llama.cpp's `gpt2` tokenizer model).
+pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
+    let file = &g.file;
+    let model = g.meta.get("tokenizer.ggml.model").and_then(Meta::as_str).unwrap_or("");
+    let arch = g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("");
+    let strings = |k: &str| -> Result<Vec<String>> {
+        match g.meta.get(k) {
+            Some(Meta::Array(a)) => Ok(a.iter().map(|x| x.as_str().unwrap_or("").to_owned()).collect()),
+            _ => Err(ModelError::format(file, format!("missing metadata `{k}`"))),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type") {
+        Some(Meta::Array(a)) => a.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let tokenizer = match model {
+        "gpt2" => byte_level_tokenizer(g, &tokens, &types, strings("tokenizer.ggml.merges")?)?,
+        "llama" if arch == "gemma3" => gemma_tokenizer(g, &tokens, &types)?,
+        other => {
+            return Err(ModelError::Unsupported {
+                file: file.clone(),
+                what: format!(
+                    "GGUF tokenizer model `{other}` (architecture `{arch}`); supported: gpt2 (byte-level BPE), \
+                     llama (SentencePiece) for gemma3"
+                ),
+            });
+        }
+    };
     write_atomic(&out.join("tokenizer.json"), tokenizer.to_string().as_bytes())?;
     let token = |k: &str| g.meta.get(k).and_then(Meta::as_i64).and_then(|i| tokens.get(i as usize)).cloned();
     let mut tc = serde_json::Map::new();
@@ -589,10 +732,22 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
-        assert_eq!(hf_name("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
-        assert_eq!(hf_name("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
-        assert_eq!(hf_name("blk.1.unknown.weight"), None);
+        let llama = |n: &str| hf_name(n, false);
+        assert_eq!(llama("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
+        assert_eq!(llama("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
+        assert_eq!(llama("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
+        assert_eq!(llama("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(llama("blk.1.unknown.weight"), None);
+        assert_eq!(llama("blk.2.attn_k_norm.weight").as_deref(), Some("model.layers.2.self_attn.k_norm.weight"));
+        let gemma = |n: &str| hf_name(n, true);
+        assert_eq!(gemma("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.pre_feedforward_layernorm.weight"));
+        assert_eq!(
+            gemma("blk.3.post_attention_norm.weight").as_deref(),
+            Some("model.layers.3.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            gemma("blk.3.post_ffw_norm.weight").as_deref(),
+            Some("model.layers.3.post_feedforward_layernorm.weight")
+        );
     }
 }
