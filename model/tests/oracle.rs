@@ -18,12 +18,18 @@ fn fixture(name: &str) -> PathBuf {
 fn check(name: &str) {
     let dir = fixture(name);
     let model = load::<Cpu>(&dir, &Default::default(), DType::F32).unwrap_or_else(|e| panic!("{e}"));
+    check_model(name, &model);
+}
+
+fn check_model<B: fuserl_kernels::LogProbBackend>(name: &str, model: &fuserl_model::llama::LlamaModel<B>) {
+    let dir = fixture(name);
+    let model = model;
     let oracle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("logprobs.json")).expect("fixture")).expect("json");
     let seqs: Vec<Vec<u32>> = serde_json::from_value(oracle["sequences"].clone()).expect("sequences");
     let want: Vec<Vec<f32>> = serde_json::from_value(oracle["token_logps"].clone()).expect("logps");
     // All sequences in one padded batch: padding must not change anything.
-    let got = sequence_token_logprobs(&model, &seqs).expect("logprobs");
+    let got = sequence_token_logprobs(model, &seqs).expect("logprobs");
     let mut worst = 0.0f32;
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.len(), w.len());
@@ -36,13 +42,13 @@ fn check(name: &str) {
     // matmul shapes and where the SIMD reductions (softmax, log-sum-exp) switch to their scalar
     // tails, so sums associate differently (a few tens of ulps of values near 5; a padding
     // leak would be orders of magnitude larger).
-    let alone = sequence_token_logprobs(&model, &seqs[1..2]).expect("logprobs");
+    let alone = sequence_token_logprobs(model, &seqs[1..2]).expect("logprobs");
     for (a, b) in alone[0].iter().zip(&got[1]) {
         assert!((a - b).abs() < 3e-5, "{name}: batch vs alone {a} vs {b}");
     }
     // Split into (prompt, response): the response part of the same numbers.
     let s = &seqs[1];
-    let pair = response_logprobs(&model, &[(s[..4].to_vec(), s[4..].to_vec())]).expect("pair");
+    let pair = response_logprobs(model, &[(s[..4].to_vec(), s[4..].to_vec())]).expect("pair");
     assert_eq!(pair[0].n_tokens, s.len() - 4);
     for (a, b) in pair[0].token_logps.iter().zip(&want[1][3..]) {
         assert!((a - b).abs() < TOL);
@@ -217,4 +223,17 @@ fn gemma3_config_without_what_gemma_needs_is_refused() {
     let wrapped = serde_json::json!({"architectures": ["Gemma3ForConditionalGeneration"]});
     let err = fuserl_model::config::LlamaConfig::from_json(&wrapped, file).unwrap_err().to_string();
     assert!(err.contains("needs `text_config`"), "{err}");
+}
+
+/// Every architecture on wgpu (lavapipe in CI): the same numbers within the same tolerance.
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_architecture_on_wgpu() {
+    use burn::backend::Wgpu;
+    use burn::backend::wgpu::WgpuDevice;
+    let device = WgpuDevice::default();
+    for name in ["llama-tied", "llama3-rope-head-dim", "mistral-f16-sharded", "qwen2-bf16", "qwen3", "gemma3"] {
+        let model = load::<Wgpu>(&fixture(name), &device, DType::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_model(name, &model);
+    }
 }
