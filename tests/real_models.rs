@@ -287,3 +287,38 @@ fn smollm2_recipe_trains_both_stages_and_exports_a_model_that_generates() {
     assert!(reply.status.success(), "{}", text(&reply.stderr));
     assert!(text(&reply.stdout).contains("Paris"), "{}", text(&reply.stdout));
 }
+
+/// FuseSFT then FusePO with Qwen2.5-Coder-0.5B-Instruct as the target (recipes/qwen-coder-smoke.toml,
+/// two steps each on CPU); the export answers with code. fixtures/qwen-coder/fused_check.json
+/// records transformers loading such an export with the log-probs fuserl gives it (2.0e-5).
+#[test]
+fn qwen_coder_recipe_trains_both_stages_and_exports_a_model_that_writes_code() {
+    let _ = QWEN_CODER.dir();
+    let dir = tempfile::tempdir().expect("tmp");
+    let recipe = repo().join("recipes/qwen-coder-smoke.toml").display().to_string();
+    let run = fuserl(&["run", &recipe], dir.path());
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let metrics = std::fs::read_to_string(dir.path().join("runs/qwen-coder-smoke/metrics.jsonl")).expect("metrics");
+    let po: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|m| m["stage"] == "po")
+        .collect();
+    assert_eq!(po.len(), 2);
+    assert!((po[0]["loss"].as_f64().expect("loss") - std::f64::consts::LN_2).abs() < 1e-4, "{}", po[0]);
+    let export = dir.path().join("runs/qwen-coder-smoke/export").display().to_string();
+    let reply = fuserl(
+        &[
+            "generate",
+            "--model",
+            &export,
+            "--prompt",
+            "Write a Python function that returns the square of x.",
+            "--max-new-tokens",
+            "32",
+        ],
+        dir.path(),
+    );
+    assert!(reply.status.success(), "{}", text(&reply.stderr));
+    assert!(text(&reply.stdout).contains("def square"), "{}", text(&reply.stdout));
+}

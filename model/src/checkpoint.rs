@@ -345,12 +345,14 @@ pub fn save_as<B: Backend>(
         DType::BF16 => (StDtype::BF16, 2, "bfloat16"),
         other => return Err(ModelError::Input(format!("cannot save weights as {other:?}; supported: F32, F16, BF16"))),
     };
-    let encode = |v: &f32| -> Vec<u8> {
+    let encode = |values: &[f32]| -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * width);
         match st_dtype {
-            StDtype::F16 => half::f16::from_f32(*v).to_le_bytes().to_vec(),
-            StDtype::BF16 => half::bf16::from_f32(*v).to_le_bytes().to_vec(),
-            _ => v.to_le_bytes().to_vec(),
+            StDtype::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            StDtype::BF16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            _ => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         }
+        out
     };
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors = named_tensors(model);
@@ -372,10 +374,8 @@ pub fn save_as<B: Backend>(
     for (i, shard) in shards.iter().enumerate() {
         let file =
             if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
-        let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = shard
-            .iter()
-            .map(|(name, (shape, values))| ((*name).clone(), values.iter().flat_map(encode).collect(), shape.clone()))
-            .collect();
+        let buffers: Vec<(String, Vec<u8>, Vec<usize>)> =
+            shard.iter().map(|(name, (shape, values))| ((*name).clone(), encode(values), shape.clone())).collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
             .iter()
             .map(|(name, bytes, shape)| {
@@ -386,9 +386,11 @@ pub fn save_as<B: Backend>(
             .collect::<Result<_>>()?;
         let mut meta = HashMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
-        let bytes = safetensors::serialize(views, Some(meta))
-            .map_err(|e| ModelError::format(dir.join(&file), e.to_string()))?;
-        write_atomic(&dir.join(&file), &bytes)?;
+        // Streamed to a temporary file (no second copy of the shard in memory), then renamed.
+        let path = dir.join(&file);
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| ModelError::format(&tmp, e.to_string()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
         for (name, (_, values)) in shard {
             total += values.len() * width;
             weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));

@@ -97,7 +97,9 @@ fn a_tokenizer_too_big_for_the_model_is_refused() {
 
 #[test]
 fn saved_checkpoints_reload_with_the_same_logprobs() {
-    for (name, shard) in [("qwen2-bf16", 1 << 30), ("llama3-rope-head-dim", 40_000)] {
+    for (name, shard) in
+        [("qwen2-bf16", 1 << 30), ("llama3-rope-head-dim", 40_000), ("qwen3", 1 << 30), ("gemma3", 1 << 30)]
+    {
         let model = load::<Cpu>(&fixture(name), &Default::default(), DType::F32).expect("load");
         let out = tempfile::tempdir().expect("tmp");
         save(&model, out.path(), shard, Some(&fixture(name))).expect("save");
