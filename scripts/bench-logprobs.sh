@@ -32,6 +32,13 @@ else
     bench=(cargo bench -q --profile dev -p fuserl-kernels --bench logprobs --features "$features" --)
 fi
 
+# glibc's malloc as the fuserl binary sets it (fuserl_backends::keep_freed_memory): blocks up to
+# 1 GiB from the heap, freed memory kept, one arena. Without it each chunk's temporaries are fresh
+# pages from the kernel, and on some machines the page faults cost more than the arithmetic.
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-1073741824}"
+export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-2147483647}"
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}"
+
 results=()
 for t in $ts; do
     for v in $vs; do
