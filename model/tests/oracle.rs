@@ -23,7 +23,6 @@ fn check(name: &str) {
 
 fn check_model<B: fuserl_kernels::LogProbBackend>(name: &str, model: &fuserl_model::llama::LlamaModel<B>) {
     let dir = fixture(name);
-    let model = model;
     let oracle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("logprobs.json")).expect("fixture")).expect("json");
     let seqs: Vec<Vec<u32>> = serde_json::from_value(oracle["sequences"].clone()).expect("sequences");
