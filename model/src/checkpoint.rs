@@ -243,22 +243,16 @@ pub fn build_model<B: Backend>(
     Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
 }
 
-/// The first entry of `architectures` in a `config.json` (before resolution, which maps a
-/// multimodal Gemma 3 to its text model).
-fn config_architecture(file: &Path) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
-    v.get("architectures")?.get(0)?.as_str().map(str::to_owned)
-}
-
 /// Load a Hugging Face checkpoint folder into `dtype` on `device`.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
     let config_file = dir.join("config.json");
     if !config_file.is_file() {
         return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
     }
-    let config = LlamaConfig::from_file(&config_file)?;
+    let json = crate::config::read_json(&config_file)?;
+    let config = LlamaConfig::from_json(&json, &config_file)?;
     let mut store = TensorStore::read_dir(dir)?;
-    if config_architecture(&config_file).as_deref() == Some("Gemma3ForConditionalGeneration") {
+    if crate::gemma3::is_multimodal(&json) {
         store.rename(crate::gemma3::text_tensor_name);
     }
     let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();

@@ -124,10 +124,38 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Read and resolve `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("not valid JSON: {e}")))?;
-        Self::from_json(&value, path)
+        Self::from_json(&read_json(path)?, path)
+    }
+
+    /// Llama's options and no sizes: the base every family's resolution (and the GGUF import)
+    /// fills in.
+    pub(crate) fn blank(architecture: String) -> Self {
+        Self {
+            architecture,
+            vocab_size: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::Default,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            local_rope: None,
+            qk_norm: false,
+            gemma_norms: false,
+            hidden_act: Activation::Silu,
+            query_pre_attn_scalar: None,
+            max_position_embeddings: 2048,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
     }
 
     /// Resolve a parsed `config.json`; `file` names it in errors.
@@ -238,22 +266,11 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            rope_theta: 10000.0,
-            rope_scaling: RopeScaling::Default,
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            qkv_bias: false,
-            o_bias: false,
-            sliding_window: None,
-            sliding_layers: Vec::new(),
-            local_rope: None,
-            qk_norm: false,
-            gemma_norms: false,
-            hidden_act: Activation::Silu,
-            query_pre_attn_scalar: None,
             max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
             bos_token_id: token("bos_token_id").first().copied(),
             eos_token_ids: token("eos_token_id"),
-            architecture,
+            ..Self::blank(architecture)
         })
     }
 
@@ -374,6 +391,12 @@ impl LlamaConfig {
             }
         }
     }
+}
+
+/// Read and parse a JSON file.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("not valid JSON: {e}")))
 }
 
 fn rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {

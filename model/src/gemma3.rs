@@ -194,6 +194,15 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
+/// Whether a `config.json` describes a `Gemma3ForConditionalGeneration` (whose tensors need
+/// [`text_tensor_name`]); resolution maps it to the text model, so this reads the raw config.
+pub fn is_multimodal(v: &Value) -> bool {
+    match v.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
+        Some(a) => a == "Gemma3ForConditionalGeneration",
+        None => v.get("model_type").and_then(Value::as_str) == Some("gemma3"),
+    }
+}
+
 /// Checkpoint tensor names of a `Gemma3ForConditionalGeneration` mapped to the causal LM's:
 /// `model.language_model.X` (transformers 5) or `language_model.model.X` (transformers 4) to
 /// `model.X`, `language_model.lm_head.weight` to `lm_head.weight`. `None`: a tensor of the vision

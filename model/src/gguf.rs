@@ -316,7 +316,6 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
     let id = |k: &str| g.meta.get(k).and_then(Meta::as_i64).map(|v| v as u32);
     let mut config = LlamaConfig {
-        architecture: architecture.into(),
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: g.meta_usize(&key("feed_forward_length"))?,
@@ -326,20 +325,12 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         head_dim,
         rms_norm_eps: g.meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-5),
         rope_theta: g.meta.get(&key("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
-        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: tied,
         qkv_bias: architecture == "Qwen2ForCausalLM",
-        o_bias: false,
-        sliding_window: None,
-        sliding_layers: Vec::new(),
-        local_rope: None,
-        qk_norm: false,
-        gemma_norms: false,
-        hidden_act: crate::config::Activation::Silu,
-        query_pre_attn_scalar: None,
         max_position_embeddings: g.meta.get(&key("context_length")).and_then(Meta::as_i64).map_or(2048, |v| v as usize),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        ..LlamaConfig::blank(architecture.into())
     };
     if let Some(kind) = g.meta.get(&key("rope.scaling.type")) {
         match kind.as_str() {
