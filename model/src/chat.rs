@@ -167,6 +167,12 @@ impl ChatTokenizer {
         self.encode(&self.render(messages, true)?)
     }
 
+    /// A whole conversation's ids, as transformers' `apply_chat_template(conversation,
+    /// tokenize=True)` gives them (no generation prompt; what a reward model scores).
+    pub fn conversation_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode(&self.render(messages, false)?)
+    }
+
     /// Response ids: the text followed by EOS.
     pub fn response_ids(&self, response: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(response)?;

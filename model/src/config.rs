@@ -179,6 +179,12 @@ impl LlamaConfig {
                 None => return Err(bad("neither `architectures` nor `model_type` says what the model is".into())),
             },
         };
+        if architecture.ends_with("ForSequenceClassification") {
+            return Err(unsupported(format!(
+                "architecture `{architecture}` as a causal LM: it is a sequence classifier (a reward model); \
+                 load it with fuserl_model::classifier (the `classifier` reward, `fuserl reward`)"
+            )));
+        }
         if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(unsupported(format!(
                 "architecture `{architecture}`; supported: {}",

@@ -6,10 +6,12 @@
 //! - [`config`]: `config.json` (Llama, Mistral, Qwen2; both RoPE config styles);
 //! - [`llama`]: the model, top to bottom;
 //! - [`checkpoint`]: Hugging Face safetensors in and out;
+//! - [`classifier`]: `*ForSequenceClassification` reward models (the decoder and a score head);
 //! - [`logprobs`]: per-token log-probs of (prompt, response) pairs.
 
 pub mod chat;
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod gemma3;
