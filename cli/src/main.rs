@@ -63,7 +63,11 @@ enum Command {
         after_help = "Example:\n  fuserl collect recipes/collect-llamacpp.toml\n  fuserl collect recipes/collect-llamacpp.toml --redo smollm2"
     )]
     Collect(CollectArgs),
-    /// Run a recipe: collect, FuseSFT, then FusePO, then export. Running it again resumes.
+    /// Run the collect and scoring stages: the recipe's reward scores every answer into
+    /// runs/NAME/score/. Running it again scores only what is missing.
+    #[command(after_help = "Example:\n  fuserl score recipes/collect-llamacpp.toml")]
+    Score(TrainArgs),
+    /// Run a recipe: collect, score, FuseSFT, then FusePO, then export. Running it again resumes.
     #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
     Run(TrainArgs),
     /// Run only the FuseSFT stage of a recipe (resumes).
@@ -79,6 +83,12 @@ enum Command {
         after_help = "Example:\n  fuserl logprobs --model models/SmolLM2-135M-Instruct --data pairs.jsonl --out scored.jsonl"
     )]
     Logprobs(model_cmds::LogprobsArgs),
+    /// Score (prompt, response) pairs with a reward model (a `*ForSequenceClassification`
+    /// checkpoint).
+    #[command(
+        after_help = "Example:\n  fuserl reward --model fixtures/rewards/llama-rm --data pairs.jsonl --out scored.jsonl"
+    )]
+    Reward(model_cmds::RewardArgs),
     /// Reply to one user message (through the chat template) and print the reply.
     #[command(
         after_help = "Example:\n  fuserl generate --model models/SmolLM2-135M-Instruct --prompt \"What is the capital of France?\""
@@ -260,6 +270,8 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         }
         Command::Examples(args) => examples(&args, plugins),
         Command::Collect(args) => collect(&args, plugins),
+        Command::Score(args) => score(&args, plugins),
+        Command::Reward(args) => model_cmds::reward(&args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => train(&args, plugins, fuserl_run::Which::All),
         Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
         Command::Po(args) => train(&args, plugins, fuserl_run::Which::Po),
@@ -308,12 +320,18 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
     let mut bars = StageBars::default();
     let collect_bars = CollectBars::default();
-    let report = fuserl_run::Reporters { step: &mut |p| bars.step(p), collect: &|p| collect_bars.update(p) };
+    let score_bar = ScoreBar::default();
+    let report = fuserl_run::Reporters {
+        step: &mut |p| bars.step(p),
+        collect: &|p| collect_bars.update(p),
+        score: &|p| score_bar.update(p),
+    };
     let summary = match fuserl_run::run(&loaded, which, report) {
         Ok(s) => s,
         Err(e) => {
             bars.abandon();
             collect_bars.abandon();
+            score_bar.abandon();
             let code = if e.is_bad_input() { 2 } else { 1 };
             print_error(chain_of(&e));
             return Ok(ExitCode::from(code));
@@ -347,6 +365,71 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             bars.abandon();
             print_error(chain_of(&e));
             Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+        }
+    }
+}
+
+fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry)?;
+    let bars = CollectBars::default();
+    let bar = ScoreBar::default();
+    let result = fuserl_run::collect_stage(&loaded, &[], &|p| bars.update(p))
+        .and_then(|(_, collected)| fuserl_run::score_stage(&loaded, collected, &|p| bar.update(p)));
+    match result {
+        Ok((dir, _)) => {
+            println!("scores: {}", Shown(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            bars.abandon();
+            bar.abandon();
+            print_error(chain_of(&e));
+            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+        }
+    }
+}
+
+/// The scoring stage's bar (answers scored / to score, answers/s), and a summary line.
+#[derive(Debug, Default)]
+struct ScoreBar {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl ScoreBar {
+    fn update(&self, p: &fuserl_core::score::ScoreProgress<'_>) {
+        let mut slot = self.bar.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bar = slot.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(p.total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} answers, {per_sec} ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("score {}", p.reward));
+            bar.set_position(p.done);
+            bar.reset_elapsed();
+            bar
+        });
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        if let Some(s) = &p.finished {
+            bar.finish();
+            if s.scored > 0 {
+                eprintln!(
+                    "score {}: {}/{} answers ({} scored now, {} already scored) in {:.1} s",
+                    p.reward, p.done, p.total, s.scored, s.reused, s.seconds
+                );
+            }
+            *slot = None;
+        }
+    }
+
+    fn abandon(&self) {
+        if let Some(bar) = self.bar.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            bar.abandon();
         }
     }
 }
@@ -482,7 +565,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
     // Generative sources answer first (into the run directory, resumably).
     let collect_bars = CollectBars::default();
     let (_, collected) = fuserl_run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
-    let prepared = prepare_with(&loaded, stage, collected)?;
+    let prepared = prepare_with(&loaded, stage, collected, Some(&loaded.output_dir().join("score")))?;
     let (examples, stats) = (prepared.examples, prepared.stats);
     let mut text = String::new();
     for e in &examples {

@@ -100,6 +100,121 @@ fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<V
     }
 }
 
+/// The lines of a JSONL file of `{"prompt": [chat messages] or "a user message", "response":
+/// "..."}`: each line's JSON (other keys are kept in the output), messages and response.
+fn read_pairs(data: &Path) -> anyhow::Result<Vec<(serde_json::Value, Vec<ChatMessage>, String)>> {
+    let file = std::fs::File::open(data).map_err(|e| fuserl_core::Error::io(data, e))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", Shown(data)))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| bad_input(format!("{}:{}: invalid JSON: {e}", Shown(data), i + 1)))?;
+        let msgs = messages(v.get("prompt").unwrap_or(&serde_json::Value::Null), data, i + 1)?;
+        let response = v
+            .get("response")
+            .and_then(|r| r.as_str())
+            .ok_or_else(|| bad_input(format!("{}:{}: `response`: expected a string", Shown(data), i + 1)))?
+            .to_owned();
+        out.push((v, msgs, response));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Args)]
+pub struct RewardArgs {
+    /// A `*ForSequenceClassification` checkpoint folder (a reward model).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: {"prompt": [chat messages] or "a user message", "response": "..."} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// JSONL output: each input line with `score` and `logits` (one per label) added.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Conversations per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Which label is `score` (name or index; default: the first).
+    #[arg(long)]
+    label: Option<String>,
+    /// Chat template file (default: the checkpoint's).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+}
+
+/// `fuserl reward`: score (prompt, response) pairs with a reward model.
+pub fn reward(args: &RewardArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        return Err(bad_input("--batch-size must be at least 1".into()));
+    }
+    let file = args.model.join("config.json");
+    let json = fuserl_model::config::read_json(&file).map_err(model_error)?;
+    let (_, head) = fuserl_model::classifier::classifier_config(&json, &file).map_err(model_error)?;
+    let label = match &args.label {
+        None => 0,
+        Some(l) => head
+            .labels
+            .iter()
+            .position(|x| x == l)
+            .or_else(|| l.parse::<usize>().ok().filter(|&i| i < head.labels.len()))
+            .ok_or_else(|| {
+                bad_input(format!("--label {l}: the reward model's labels are {}", head.labels.join(", ")))
+            })?,
+    };
+    let device: Device = serde_json::from_value(serde_json::Value::String(args.device.clone())).map_err(|_| {
+        bad_input(format!("--device {}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm", args.device))
+    })?;
+    fuserl_backends::check(device, DType::F32).map_err(|e| bad_input(format!("--device {}: {e}", args.device)))?;
+    let records = read_pairs(&args.data)?;
+    let conversations: Vec<Vec<ChatMessage>> = records
+        .iter()
+        .map(|(_, msgs, response)| {
+            let mut c = msgs.clone();
+            c.push(ChatMessage { role: "assistant".into(), content: response.clone() });
+            c
+        })
+        .collect();
+    let placement = fuserl_run::classifier::Placement { device, device_index: 0, dtype: DType::F32 };
+    let mut logits: Vec<Option<Vec<f32>>> = vec![None; records.len()];
+    let total = records.len();
+    let mut done = 0;
+    fuserl_run::classifier::classify(
+        &args.model,
+        args.chat_template.as_deref(),
+        &placement,
+        &conversations,
+        args.batch_size,
+        &mut |indices, batch| {
+            for (&i, l) in indices.iter().zip(batch) {
+                logits[i] = Some(l);
+            }
+            done += indices.len();
+            tracing::info!(done, total, "scored");
+            Ok(())
+        },
+    )?;
+    let mut out = String::new();
+    for ((v, _, _), l) in records.into_iter().zip(logits) {
+        let l = l.expect("every conversation is scored");
+        let mut v = v;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("score".into(), f64::from(l[label]).into());
+            obj.insert("logits".into(), l.into());
+        }
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    crate::write_atomically(&args.out, out.as_bytes())?;
+    eprintln!("{total} responses scored by {} -> {}", Shown(&args.model), Shown(&args.out));
+    Ok(())
+}
+
 pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         return Err(bad_input("--batch-size must be at least 1".into()));
@@ -112,21 +227,9 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         )));
     }
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
-    let file = std::fs::File::open(&args.data).map_err(|e| fuserl_core::Error::io(&args.data, e))?;
     let mut records = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", Shown(&args.data)))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| bad_input(format!("{}:{}: invalid JSON: {e}", Shown(&args.data), i + 1)))?;
-        let msgs = messages(v.get("prompt").unwrap_or(&serde_json::Value::Null), &args.data, i + 1)?;
-        let response = v
-            .get("response")
-            .and_then(|r| r.as_str())
-            .ok_or_else(|| bad_input(format!("{}:{}: `response`: expected a string", Shown(&args.data), i + 1)))?;
-        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
+    for (v, msgs, response) in read_pairs(&args.data)? {
+        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(&response).map_err(model_error)?);
         records.push((v, ids));
     }
     let total = records.len();

@@ -11,9 +11,8 @@
 //! last one, without its newline) is dropped and asked again. Answers made with other settings
 //! are not mixed in: the stage refuses, or starts that source afresh when told to (`redo`).
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -43,166 +42,30 @@ pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
     hash % (1 << 31)
 }
 
-/// One source's answers on disk.
-#[derive(Debug)]
-pub struct Store {
-    file: PathBuf,
-    /// What the file holds: read once at opening, then kept with every append.
-    answers: Mutex<BTreeMap<(String, u32), Generated>>,
-    writer: Mutex<std::fs::File>,
+/// One source's answers on disk, keyed by (prompt id, sample index).
+pub type Store = crate::store::Store<Generated>;
+
+impl crate::store::StoreRecord for Generated {
+    type Key = (String, u32);
+    fn key(&self) -> (String, u32) {
+        (self.prompt_id.clone(), self.sample_index)
+    }
+    const WHAT: &'static str = "a collected answer";
+    const MANY: &'static str = "answers";
 }
 
-impl Store {
-    /// Open (or create) the store of `source` in `dir`, made with `fingerprint`. Answers made
-    /// with another fingerprint are refused, or set aside (`redo`: renamed with a `.old-N`
-    /// suffix, never deleted) and the source starts afresh.
-    pub fn open(dir: &Path, source: &str, fingerprint: &str, redo: bool) -> Result<Self> {
-        Self::open_with(dir, source, fingerprint, redo, false)
-    }
-
-    /// Like [`Store::open`]; with `restart_changed`, answers made with other settings are set
-    /// aside without asking (for answers a run derives from its own models).
-    pub fn open_with(dir: &Path, source: &str, fingerprint: &str, redo: bool, restart_changed: bool) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let file = dir.join(format!("{source}.jsonl"));
-        let settings = dir.join(format!("{source}.settings.json"));
-        let wanted = serde_json::json!({ "source": source, "settings": fingerprint }).to_string();
-        match std::fs::read_to_string(&settings) {
-            Ok(previous) if previous.trim() != wanted => {
-                if !redo && !restart_changed {
-                    return Err(Error::Config(crate::config::ConfigError::new(
-                        crate::config::KeyPath::root(),
-                        format!(
-                            "source `{source}`: {} holds answers made with other settings ({}); now: {fingerprint}. \
-                             Keep the old settings, or start this source afresh with `fuserl collect --redo {source}` \
-                             (the old answers are kept beside it)",
-                            Shown(&file),
-                            Shown(&settings)
-                        ),
-                    )));
-                }
-                set_aside(&file)?;
-                set_aside(&settings)?;
-            }
-            Ok(_) if redo => {
-                set_aside(&file)?;
-                set_aside(&settings)?;
-            }
-            _ => {}
-        }
-        if !settings.is_file() {
-            write_atomically(&settings, format!("{wanted}\n").as_bytes())?;
-        }
-        let answers = read_store(&file)?;
-        let writer =
-            std::fs::OpenOptions::new().create(true).append(true).open(&file).map_err(|e| Error::io(&file, e))?;
-        Ok(Self { file, answers: Mutex::new(answers), writer: Mutex::new(writer) })
-    }
-
-    /// Whether (prompt, sample) is answered.
-    pub fn has(&self, prompt_id: &str, sample_index: u32) -> bool {
-        self.answers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(&(prompt_id.to_owned(), sample_index))
-    }
-
-    /// Append one answer (one line, flushed). A second answer to the same job is not written.
-    pub fn append(&self, answer: &Generated) -> Result<()> {
-        let mut line = serde_json::to_string(answer).map_err(|e| Error::Component {
-            point: "source",
-            name: Shown(&self.file).to_string(),
-            message: format!("cannot write an answer: {e}"),
-        })?;
-        line.push('\n');
-        let mut w = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        w.write_all(line.as_bytes()).and_then(|()| w.flush()).map_err(|e| Error::io(&self.file, e))?;
-        let mut answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answers.entry((answer.prompt_id.clone(), answer.sample_index)).or_insert_with(|| answer.clone());
-        Ok(())
-    }
-
-    /// The file.
-    pub fn file(&self) -> &Path {
-        &self.file
-    }
-
-    /// Every answer the store holds, by (prompt, sample).
-    pub fn answers(&self) -> BTreeMap<(String, u32), Generated> {
-        self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-}
-
-fn set_aside(path: &Path) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let mut n = 1;
-    loop {
-        let old = PathBuf::from(format!("{}.old-{n}", path.display()));
-        if !old.exists() {
-            tracing::info!(file = %Shown(path), kept_as = %Shown(&old), "setting old answers aside");
-            return std::fs::rename(path, &old).map_err(|e| Error::io(path, e));
-        }
-        n += 1;
-    }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Every complete line of a store. The last line, if torn by a kill (no newline, or not JSON),
-/// is cut off the file so that appending continues cleanly; a bad line elsewhere is an error.
-fn read_store(file: &Path) -> Result<BTreeMap<(String, u32), Generated>> {
-    let mut answers = BTreeMap::new();
-    let bytes = match std::fs::read(file) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(answers),
-        Err(e) => return Err(Error::io(file, e)),
+/// Open (or create) the store of `source` in `dir`, made with `fingerprint`. Answers made with
+/// another fingerprint are refused, or set aside (`redo`, or `restart_changed` for answers a
+/// run derives from its own models) and the source starts afresh.
+pub fn open_store(dir: &Path, source: &str, fingerprint: &str, redo: bool, restart_changed: bool) -> Result<Store> {
+    let owner = format!("source `{source}`");
+    let hint = format!("start this source afresh with `fuserl collect --redo {source}`");
+    let on_change = if restart_changed {
+        crate::store::OnChange::Restart
+    } else {
+        crate::store::OnChange::Refuse { owner: &owner, hint: &hint }
     };
-    let mut good_end = 0usize;
-    let mut start = 0usize;
-    let mut line_no = 0u64;
-    while start < bytes.len() {
-        line_no += 1;
-        let end = bytes[start..].iter().position(|&b| b == b'\n').map(|i| start + i);
-        let Some(end) = end else {
-            tracing::warn!(file = %Shown(file), line = line_no, "dropping a torn last line (it will be asked again)");
-            break;
-        };
-        let line = &bytes[start..end];
-        if line.iter().all(u8::is_ascii_whitespace) {
-            good_end = end + 1;
-            start = end + 1;
-            continue;
-        }
-        match serde_json::from_slice::<Generated>(line) {
-            Ok(g) => {
-                answers.entry((g.prompt_id.clone(), g.sample_index)).or_insert(g);
-                good_end = end + 1;
-            }
-            Err(e) if end + 1 == bytes.len() => {
-                tracing::warn!(file = %Shown(file), line = line_no, error = %e, "dropping a torn last line (it will be asked again)");
-                break;
-            }
-            Err(e) => {
-                return Err(Error::Data {
-                    file: file.to_path_buf(),
-                    line: line_no,
-                    message: format!("not a collected answer: {e}"),
-                });
-            }
-        }
-        start = end + 1;
-    }
-    if good_end < bytes.len() {
-        let f = std::fs::OpenOptions::new().write(true).open(file).map_err(|e| Error::io(file, e))?;
-        f.set_len(good_end as u64).map_err(|e| Error::io(file, e))?;
-    }
-    Ok(answers)
+    Store::open(dir, source, fingerprint, on_change, redo)
 }
 
 /// The prompts of a recipe's `[data] prompts` files, in order, at most `max_prompts`.
@@ -333,11 +196,11 @@ pub fn collect_with(
         let source = g.source_name();
         let _span = tracing::info_span!("collect", source).entered();
         let redo_this = redo.iter().any(|r| r == source);
-        let store = Store::open_with(dir, source, &g.fingerprint(sampling), redo_this, plan.restart_changed)?;
+        let store = open_store(dir, source, &g.fingerprint(sampling), redo_this, plan.restart_changed)?;
         let mut jobs = Vec::new();
         for p in prompts {
             for i in 0..n {
-                if !store.has(&p.id, i) {
+                if !store.has(&(p.id.clone(), i)) {
                     jobs.push(SampleJob { prompt: p, sample_index: i, seed: sample_seed(plan.run_seed, &p.id, i) });
                 }
             }
@@ -375,7 +238,7 @@ pub fn collect_with(
             };
             g.generate(&jobs, sampling, &sink)?
         };
-        let answers = store.answers();
+        let answers = store.records();
         let missing: Vec<String> = prompts
             .iter()
             .flat_map(|p| (0..n).map(move |i| (p, i)))
@@ -446,7 +309,7 @@ mod tests {
     #[test]
     fn a_torn_last_line_is_dropped_and_appending_continues() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::open(dir.path(), "s", "v1", false).expect("open");
+        let store = open_store(dir.path(), "s", "v1", false, false).expect("open");
         store.append(&answer("a", 0)).expect("append");
         store.append(&answer("a", 1)).expect("append");
         drop(store);
@@ -454,38 +317,38 @@ mod tests {
         let mut bytes = std::fs::read(&file).expect("read");
         bytes.extend_from_slice(b"{\"prompt_id\": \"b\", \"sam");
         std::fs::write(&file, &bytes).expect("write");
-        let store = Store::open(dir.path(), "s", "v1", false).expect("reopen");
-        assert!(store.has("a", 0) && store.has("a", 1) && !store.has("b", 0));
+        let store = open_store(dir.path(), "s", "v1", false, false).expect("reopen");
+        assert!(store.has(&("a".into(), 0)) && store.has(&("a".into(), 1)) && !store.has(&("b".into(), 0)));
         store.append(&answer("b", 0)).expect("append");
-        assert_eq!(store.answers().len(), 3);
+        assert_eq!(store.records().len(), 3);
         drop(store);
-        assert_eq!(Store::open(dir.path(), "s", "v1", false).expect("reopen").answers().len(), 3);
+        assert_eq!(open_store(dir.path(), "s", "v1", false, false).expect("reopen").records().len(), 3);
         assert_eq!(std::fs::read_to_string(&file).expect("read").lines().count(), 3);
     }
 
     #[test]
     fn other_settings_are_refused_or_set_aside() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::open(dir.path(), "s", "model=a", false).expect("open");
+        let store = open_store(dir.path(), "s", "model=a", false, false).expect("open");
         store.append(&answer("a", 0)).expect("append");
         drop(store);
-        let err = Store::open(dir.path(), "s", "model=b", false).expect_err("refused").to_string();
+        let err = open_store(dir.path(), "s", "model=b", false, false).expect_err("refused").to_string();
         assert!(err.contains("answers made with other settings") && err.contains("--redo s"), "{err}");
-        let store = Store::open(dir.path(), "s", "model=b", true).expect("redo");
-        assert!(!store.has("a", 0));
+        let store = open_store(dir.path(), "s", "model=b", true, false).expect("redo");
+        assert!(!store.has(&("a".into(), 0)));
         assert!(dir.path().join("s.jsonl.old-1").is_file());
     }
 
     #[test]
     fn a_bad_line_in_the_middle_names_its_place() {
         let dir = tempfile::tempdir().expect("tmp");
-        Store::open(dir.path(), "s", "v", false).expect("open");
+        open_store(dir.path(), "s", "v", false, false).expect("open");
         std::fs::write(
             dir.path().join("s.jsonl"),
             "not json\n{\"prompt_id\": \"a\", \"sample_index\": 0, \"seed\": 1, \"text\": \"x\"}\n",
         )
         .expect("write");
-        let err = Store::open(dir.path(), "s", "v", false).expect_err("bad").to_string();
+        let err = open_store(dir.path(), "s", "v", false, false).expect_err("bad").to_string();
         assert!(err.contains("s.jsonl:1: not a collected answer"), "{err}");
     }
 

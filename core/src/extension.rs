@@ -141,7 +141,33 @@ pub trait RewardModel: Send + Sync + Debug {
     }
     /// One finite score per item, in order.
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>>;
+    /// What the scores depend on besides the data (files, model weights, settings): the scoring
+    /// stage keeps scores in the run directory under it, and scores everything afresh when it
+    /// changes. Default: the scorer id.
+    fn fingerprint(&self) -> String {
+        self.scorer_id()
+    }
+    /// Whether the scoring stage keeps this reward's scores in the run directory. Default: yes;
+    /// `precomputed` (scores that came with the data) says no.
+    fn stored(&self) -> bool {
+        true
+    }
+    /// Score `items` in batches of about `batch_size`, handing each batch's scores to `sink` as
+    /// `(indices into items, scores)` as soon as they are known, so that a stopped run keeps
+    /// them. Default: [`RewardModel::score`] on consecutive chunks; a reward that loads a model
+    /// overrides it to load it once (and may batch in any order, for example by length).
+    fn score_batches(&self, items: &[ScoreItem<'_>], batch_size: usize, sink: &mut ScoreSink<'_>) -> Result<()> {
+        let n = batch_size.max(1);
+        for (b, chunk) in items.chunks(n).enumerate() {
+            let indices: Vec<usize> = (b * n..b * n + chunk.len()).collect();
+            sink(&indices, self.score(chunk)?)?;
+        }
+        Ok(())
+    }
 }
+
+/// Receives a reward's scores batch by batch: `(indices of the items, their scores)`.
+pub type ScoreSink<'a> = dyn FnMut(&[usize], Vec<f64>) -> Result<()> + 'a;
 
 /// One prompt's scored completions, as a weighting scheme or an objective sees them.
 #[derive(Clone, Copy, Debug)]

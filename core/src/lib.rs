@@ -31,6 +31,8 @@ pub mod pipeline;
 pub mod prompts;
 pub mod recipe;
 pub mod registry;
+pub mod score;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};

@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::data::{Completion, Example, ExampleSequence, Prompt, Reward, ScoredCompletion, ScoredGroup, WeightedGroup};
+use crate::data::{Completion, Example, ExampleSequence, Prompt, ScoredCompletion, ScoredGroup, WeightedGroup};
 use crate::error::{Error, Result};
-use crate::extension::{Collected, GroupView, PreferenceObjective, RewardModel, ScoreItem, WeightingScheme};
+use crate::extension::{Collected, GroupView, PreferenceObjective, RewardModel, WeightingScheme};
 
 /// Merge what several sources collected into one group per prompt, in order of first
 /// appearance. The same prompt id with different messages, or the same completion id twice,
@@ -72,43 +72,10 @@ pub fn assemble_groups(collected: Vec<Collected>) -> Result<Vec<ScoredGroup>> {
     Ok(groups)
 }
 
-/// Score every completion of every group with `reward`, in batches of `batch_size`.
+/// Score every completion of every group with `reward`, in batches of `batch_size`, in memory
+/// (the scoring stage with no store: [`crate::score::score_stage`]).
 pub fn score_groups(reward: &dyn RewardModel, groups: &mut [ScoredGroup], batch_size: usize) -> Result<()> {
-    let scorer = reward.scorer_id();
-    let mut positions: Vec<(usize, usize)> = Vec::new();
-    for (g, group) in groups.iter().enumerate() {
-        for c in 0..group.completions.len() {
-            positions.push((g, c));
-        }
-    }
-    for chunk in positions.chunks(batch_size.max(1)) {
-        let items: Vec<ScoreItem<'_>> = chunk
-            .iter()
-            .map(|&(g, c)| ScoreItem {
-                messages: &groups[g].prompt.messages,
-                completion: &groups[g].completions[c].completion,
-            })
-            .collect();
-        let scores = reward.score(&items)?;
-        if scores.len() != items.len() {
-            return Err(Error::Component {
-                point: "reward model",
-                name: reward.name().to_owned(),
-                message: format!("returned {} scores for {} completions", scores.len(), items.len()),
-            });
-        }
-        for (&(g, c), value) in chunk.iter().zip(scores) {
-            let completion = &mut groups[g].completions[c];
-            if !value.is_finite() {
-                return Err(Error::Record {
-                    record: completion.completion.describe(),
-                    message: format!("reward model `{}` gave the non-finite score {value}", reward.name()),
-                });
-            }
-            completion.reward = Some(Reward { value, scored_by: scorer.clone() });
-        }
-    }
-    Ok(())
+    crate::score::score_stage(reward, groups, None, batch_size, &|_| {}).map(|_| ())
 }
 
 /// The plain-data view of a group that plugins see.
@@ -321,27 +288,27 @@ pub fn prepare_examples(
 
 /// Like [`prepare_examples`], keeping the prompts and texts the examples refer to.
 pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
-    prepare_with(loaded, stage, Vec::new())
+    prepare_with(loaded, stage, Vec::new(), None)
 }
 
-/// Like [`prepare`], with more completions added to the sources' before scoring: the collect
-/// stage's answers of the generative sources ([`crate::collect::collect`]), the target's own
-/// samples.
-pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extra: Vec<Collected>) -> Result<Prepared> {
+/// Every prompt's group of answers, unscored, before the split into stages: the file sources'
+/// records read now, and `extra` (the collect stage's answers of the generative sources, the
+/// target's own samples); at most `[data] max_prompts` prompts. Also returns the count of
+/// records the file sources skipped.
+pub fn gather_groups(loaded: &crate::recipe::LoadedRecipe, extra: Vec<Collected>) -> Result<(Vec<ScoredGroup>, u64)> {
     let recipe = &loaded.recipe;
     let c = &loaded.components;
-    let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
-    let mut stats = PrepareStats::default();
-    let mut collected = Vec::with_capacity(c.sources.len());
     let request = crate::extension::CollectRequest {
         prompts: &[],
         samples_per_prompt: recipe.data.samples_per_prompt,
         sampling: &recipe.data.sampling,
     };
+    let mut skipped = 0;
+    let mut collected = Vec::with_capacity(c.sources.len());
     // Generative sources answered in the collect stage: their answers come in `extra`.
     for source in c.sources.iter().filter(|s| s.generator().is_none()) {
         let got = source.collect(&request)?;
-        stats.skipped_records += got.skipped_records;
+        skipped += got.skipped_records;
         collected.push(got);
     }
     collected.extend(extra);
@@ -349,12 +316,37 @@ pub fn prepare_with(loaded: &crate::recipe::LoadedRecipe, stage: StageName, extr
     if let Some(max) = recipe.data.max_prompts {
         groups.truncate(usize::try_from(max).unwrap_or(usize::MAX));
     }
+    Ok((groups, skipped))
+}
+
+/// Like [`prepare`], with more completions added to the sources' before scoring: the collect
+/// stage's answers of the generative sources ([`crate::collect::collect`]), the target's own
+/// samples. With `score_dir` (`runs/NAME/score`), scores are kept there and reused
+/// ([`crate::score`]).
+pub fn prepare_with(
+    loaded: &crate::recipe::LoadedRecipe,
+    stage: StageName,
+    extra: Vec<Collected>,
+    score_dir: Option<&std::path::Path>,
+) -> Result<Prepared> {
+    let recipe = &loaded.recipe;
+    let c = &loaded.components;
+    let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
+    let mut stats = PrepareStats::default();
+    let (mut groups, skipped) = gather_groups(loaded, extra)?;
+    stats.skipped_records = skipped;
     stats.prompts = groups.len();
     stats.completions = groups.iter().map(|g| g.completions.len()).sum();
     let seed = recipe.run.seed;
     groups.retain(|g| in_stage(&recipe.data, seed, &g.prompt.id, stage));
     stats.stage_prompts = groups.len();
-    score_groups(c.reward.as_ref(), &mut groups, recipe.data.score_batch_size as usize)?;
+    crate::score::score_stage(
+        c.reward.as_ref(),
+        &mut groups,
+        score_dir,
+        recipe.data.score_batch_size as usize,
+        &|_| {},
+    )?;
     let objective = match stage {
         StageName::Sft => c.sft_objective.as_ref(),
         StageName::Po => c.po_objective.as_ref(),

@@ -400,7 +400,7 @@ impl LlamaConfig {
 }
 
 /// Read and parse a JSON file.
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("not valid JSON: {e}")))
 }

@@ -1,7 +1,9 @@
 //! fuserl-run: the stages of a run, from a recipe, in a run directory that resumes: collect
-//! (the generative sources answer the recipe's prompts; [`fuserl_core::collect`]), FuseSFT and
-//! FusePO (the trainer, [`fuserl_train`]), export. `fuserl run|collect|sft|po` call [`run`] and
-//! [`collect_stage`]; the `local` source ([`local`]) lives here because it runs a model.
+//! (the generative sources answer the recipe's prompts; [`fuserl_core::collect`]), score (the
+//! reward scores every answer; [`fuserl_core::score`]), FuseSFT and FusePO (the trainer,
+//! [`fuserl_train`]), export. `fuserl run|collect|score|sft|po` call [`run`], [`collect_stage`]
+//! and [`score_stage`]; the `local` source ([`local`]) and the `classifier` reward
+//! ([`classifier`]) live here because they run a model.
 //!
 //! The run directory:
 //!
@@ -10,6 +12,8 @@
 //!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
 //!   collect/SOURCE.jsonl   each generative source's answers, appended as they arrive
 //!                          (fuserl_core::collect), with SOURCE.settings.json
+//!   score/REWARD.jsonl     the reward's score of every answer, appended batch by batch
+//!                          (fuserl_core::score), with REWARD.settings.json
 //!   metrics.jsonl          one line per logged optimiser step, both stages
 //!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
@@ -35,8 +39,9 @@ use fuserl_core::extension::Generator;
 use fuserl_core::registry::BuildContext;
 
 use crate::local::LocalSource;
-use fuserl_core::pipeline::{StageName, prepare_with};
+use fuserl_core::pipeline::{StageName, gather_groups, prepare_with};
 use fuserl_core::recipe::{DType as RecipeDType, LoadedRecipe, ReferenceModel};
+use fuserl_core::score::{ScoreProgress, ScoreSummary};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save, save_as};
 
@@ -45,6 +50,7 @@ pub use fuserl_train::trainer::Progress;
 use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage, write_atomic};
 pub use fuserl_train::{Result, TrainError};
 
+pub mod classifier;
 pub mod local;
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
@@ -133,7 +139,7 @@ fn target_samples(
     progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
 ) -> Result<Collected> {
     let recipe = &loaded.recipe;
-    let prepared = prepare_with(loaded, StageName::Po, collected.to_vec())?;
+    let prepared = prepare_with(loaded, StageName::Po, collected.to_vec(), Some(&loaded.output_dir().join("score")))?;
     let mut prompts: Vec<Prompt> = prepared.prompts.into_iter().map(|(id, messages)| Prompt { id, messages }).collect();
     prompts.sort_by(|a, b| a.id.cmp(&b.id));
     let ctx =
@@ -155,12 +161,14 @@ fn target_samples(
     Ok(samples)
 }
 
-/// How a run reports progress: training steps, and answers collected.
+/// How a run reports progress: training steps, answers collected, answers scored.
 pub struct Reporters<'a> {
     /// After each optimiser step.
     pub step: &'a mut dyn FnMut(&Progress),
     /// After each answer a generative source hands over.
     pub collect: &'a (dyn Fn(&CollectProgress<'_>) + Sync),
+    /// After each batch the reward scores.
+    pub score: &'a dyn Fn(&ScoreProgress<'_>),
 }
 
 impl std::fmt::Debug for Reporters<'_> {
@@ -222,6 +230,22 @@ pub fn collect_stage(
     Ok((dir, collected))
 }
 
+/// The scoring stage alone (`fuserl score`): the recipe's reward scores every answer of every
+/// prompt (both training stages' prompts; the collect stage's answers given in `collected`) into
+/// `runs/NAME/score/` (resumes; scores afresh when the reward's settings changed).
+pub fn score_stage(
+    loaded: &LoadedRecipe,
+    collected: Vec<Collected>,
+    progress: &dyn Fn(&ScoreProgress<'_>),
+) -> Result<(PathBuf, ScoreSummary)> {
+    let dir = loaded.output_dir().join("score");
+    let (mut groups, _) = gather_groups(loaded, collected)?;
+    let reward = loaded.components.reward.as_ref();
+    let batch = loaded.recipe.data.score_batch_size as usize;
+    let summary = fuserl_core::score::score_stage(reward, &mut groups, Some(&dir), batch, progress)?;
+    Ok((dir, summary))
+}
+
 fn run_on<B: LogProbBackend>(
     loaded: &LoadedRecipe,
     which: Which,
@@ -231,6 +255,7 @@ fn run_on<B: LogProbBackend>(
     let recipe = &loaded.recipe;
     let dir = claim_run_dir(loaded)?;
     let (_, collected) = collect_stage(loaded, &[], report.collect)?;
+    score_stage(loaded, collected.clone(), report.score)?;
     let progress = report.step;
     let metrics = dir.join("metrics.jsonl");
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
@@ -247,7 +272,8 @@ fn run_on<B: LogProbBackend>(
     // The data stages of a training stage: collect, score, weigh, build examples; the examples
     // (with their provenance and token counts) are kept in the stage's folder.
     let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<fuserl_train::data::TrainExample>> {
-        let p = prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect())?;
+        let p =
+            prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect(), Some(&dir.join("score")))?;
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
         let stage_dir = dir.join(stage.as_str());
         std::fs::create_dir_all(&stage_dir).map_err(|e| TrainError::io(&stage_dir, e))?;

@@ -63,7 +63,7 @@ fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> 
 fn train_text(out: &Path, text: &str) -> Vec<serde_json::Value> {
     let registry = fuserl_plugins::registry().expect("registry");
     let loaded = parse_recipe(text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("run");
+    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
     read_metrics(out)
 }
 
@@ -212,7 +212,7 @@ beta = 0.1
     );
     let registry = fuserl_plugins::registry().expect("registry");
     let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("run");
+    run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
     let samples = std::fs::read_to_string(out.join("po/collect/target.jsonl")).expect("samples");
     assert_eq!(samples.lines().count(), 30, "3 samples for each of 10 prompts");
     let examples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("po/examples.jsonl"))
@@ -236,7 +236,7 @@ beta = 0.1
     // A rerun does not generate again: the cached samples are reused as they are.
     let before = std::fs::read(out.join("po/collect/target.jsonl")).expect("samples");
     std::fs::remove_file(out.join("po/DONE")).expect("rm");
-    run(&loaded, Which::Po, Reporters { step: &mut |_| {}, collect: &|_| {} }).expect("rerun");
+    run(&loaded, Which::Po, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("rerun");
     assert_eq!(std::fs::read(out.join("po/collect/target.jsonl")).expect("samples"), before);
 }
 
@@ -286,7 +286,7 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     if !fuserl_backends::is_compiled(Device::Wgpu) {
         let registry = fuserl_plugins::registry().expect("registry");
         let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-        let err = run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {} })
+        let err = run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} })
             .expect_err("no wgpu in this build")
             .to_string();
         assert!(err.contains("--features wgpu"), "{err}");

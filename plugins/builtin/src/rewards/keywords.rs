@@ -32,6 +32,8 @@ fn default_penalty() -> f64 {
 #[derive(Clone, Debug)]
 pub struct KeywordsReward {
     facts: HashMap<String, Vec<String>>,
+    /// The facts file's text (the scores depend on it).
+    text: String,
     file: PathBuf,
     length_penalty: f64,
 }
@@ -64,13 +66,16 @@ impl KeywordsReward {
             }
             facts.insert(l.id, l.facts.into_iter().map(|f| f.to_lowercase()).collect());
         }
-        Ok(Self { facts, file, length_penalty: config.length_penalty })
+        Ok(Self { facts, text, file, length_penalty: config.length_penalty })
     }
 }
 
 impl RewardModel for KeywordsReward {
     fn name(&self) -> &str {
         "keywords"
+    }
+    fn fingerprint(&self) -> String {
+        serde_json::json!({"facts": self.text, "length_penalty": self.length_penalty}).to_string()
     }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         items

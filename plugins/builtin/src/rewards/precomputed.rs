@@ -39,6 +39,9 @@ impl RewardModel for PrecomputedReward {
             None => "precomputed".into(),
         }
     }
+    fn stored(&self) -> bool {
+        false
+    }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         items
             .iter()

@@ -1,0 +1,298 @@
+//! `classifier`: a Hugging Face `*ForSequenceClassification` reward model (Skywork-Reward, a
+//! TRL `RewardTrainer` model) run by fuserl itself, on the recipe's backend or its own device.
+//!
+//! ```toml
+//! [reward]
+//! kind = "classifier"
+//! checkpoint = "models/Skywork-Reward-V2-Qwen3-0.6B"
+//! batch_size = 8                  # conversations per forward pass (batched by length)
+//! label = "helpfulness"           # with several labels: which one is the score (name or index)
+//! # label_weights = { helpfulness = 1.0, verbosity = -0.5 }   # or a weighted sum of labels
+//! device = "cpu"                  # default: the recipe's [backend] device and dtype
+//! ```
+//!
+//! Each answer is scored as the conversation (the prompt's messages, then the answer as the
+//! assistant's turn) rendered with the reward model's own chat template and tokenized as
+//! transformers' `apply_chat_template(conversation, tokenize=True)` does; the score head is read
+//! at the token transformers reads it at ([`fuserl_model::classifier`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::tensor::DType;
+use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::config::ConfigError;
+use fuserl_core::data::ChatMessage;
+use fuserl_core::extension::{RewardModel, ScoreItem, ScoreSink};
+use fuserl_core::paths::Shown;
+use fuserl_core::recipe::{DType as RecipeDType, Device};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::{Error, Result};
+use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::classifier::{ClassifierHead, classifier_config, load_classifier};
+use serde::{Deserialize, Serialize};
+
+/// `[reward] kind = "classifier"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// A `*ForSequenceClassification` checkpoint folder, relative to the recipe.
+    pub checkpoint: String,
+    /// A chat template file instead of the checkpoint's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// Conversations per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    /// Which label is the score (its name in `id2label`, or its index); default: the only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The score as a weighted sum of labels (by name); instead of `label`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_weights: BTreeMap<String, f64>,
+    /// The device (default: the recipe's `[backend] device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+    /// The floating-point type (default: the recipe's `[backend] dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<RecipeDType>,
+}
+
+fn default_batch() -> u32 {
+    8
+}
+
+/// Where and how a classifier runs.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// The device.
+    pub device: Device,
+    /// Its index.
+    pub device_index: u32,
+    /// The floating-point type.
+    pub dtype: RecipeDType,
+}
+
+/// A reward model checkpoint that fuserl runs.
+#[derive(Debug)]
+pub struct ClassifierReward {
+    checkpoint: PathBuf,
+    template: Option<PathBuf>,
+    batch_size: usize,
+    /// One weight per label: the score is their weighted sum.
+    weights: Vec<f64>,
+    head: ClassifierHead,
+    placement: Placement,
+}
+
+impl ClassifierReward {
+    /// Build: read the checkpoint's config and check the label choice; the weights are loaded
+    /// when scoring starts.
+    pub fn new(config: ClassifierConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
+        let checkpoint = ctx.resolve(&config.checkpoint);
+        let file = checkpoint.join("config.json");
+        let json = fuserl_model::config::read_json(&file).map_err(|e| ConfigError::at("checkpoint", e.to_string()))?;
+        let (_, head) = classifier_config(&json, &file).map_err(|e| ConfigError::at("checkpoint", e.to_string()))?;
+        if config.batch_size == 0 {
+            return Err(ConfigError::at("batch_size", "expected at least 1"));
+        }
+        let weights = label_weights(&head, config.label.as_deref(), &config.label_weights)?;
+        let (device, device_index) = match config.device {
+            Some(d) => (d, 0),
+            None => (ctx.backend.device, ctx.backend.device_index),
+        };
+        let dtype = config.dtype.unwrap_or(ctx.backend.dtype);
+        fuserl_backends::check(device, dtype).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        Ok(Self {
+            checkpoint,
+            template: config.chat_template.as_deref().map(|t| ctx.resolve(t)),
+            batch_size: config.batch_size as usize,
+            weights,
+            head,
+            placement: Placement { device, device_index, dtype },
+        })
+    }
+
+    /// The head: labels and pad id.
+    pub fn head(&self) -> &ClassifierHead {
+        &self.head
+    }
+}
+
+/// One weight per label from the recipe's choice: a label (name or index), weights by name, or
+/// (neither) the only label.
+fn label_weights(
+    head: &ClassifierHead,
+    label: Option<&str>,
+    by_name: &BTreeMap<String, f64>,
+) -> Result<Vec<f64>, ConfigError> {
+    let n = head.labels.len();
+    let names = || head.labels.iter().enumerate().map(|(i, l)| format!("{i}: {l}")).collect::<Vec<_>>().join(", ");
+    let find = |name: &str| {
+        head.labels.iter().position(|l| l == name).or_else(|| name.parse::<usize>().ok().filter(|&i| i < n))
+    };
+    match (label, by_name.is_empty()) {
+        (Some(_), false) => Err(ConfigError::at("label", "give `label` or `label_weights`, not both")),
+        (Some(l), true) => {
+            let i = find(l).ok_or_else(|| {
+                ConfigError::at("label", format!("the reward model has no label `{l}`; its labels: {}", names()))
+            })?;
+            Ok((0..n).map(|j| if j == i { 1.0 } else { 0.0 }).collect())
+        }
+        (None, false) => {
+            let mut w = vec![0.0; n];
+            for (name, weight) in by_name {
+                let i = find(name).ok_or_else(|| {
+                    ConfigError::at(
+                        "label_weights",
+                        format!("the reward model has no label `{name}`; its labels: {}", names()),
+                    )
+                })?;
+                if !weight.is_finite() {
+                    return Err(ConfigError::at("label_weights", format!("`{name}`: expected a finite weight")));
+                }
+                w[i] = *weight;
+            }
+            Ok(w)
+        }
+        (None, true) if n == 1 => Ok(vec![1.0]),
+        (None, true) => Err(ConfigError::at(
+            "label",
+            format!(
+                "the reward model has {n} labels ({}); say which is the score (`label`) or weigh them (`label_weights`)",
+                names()
+            ),
+        )),
+    }
+}
+
+fn dtype(d: RecipeDType) -> DType {
+    match d {
+        RecipeDType::F32 => DType::F32,
+        RecipeDType::F16 => DType::F16,
+        RecipeDType::Bf16 => DType::BF16,
+    }
+}
+
+/// Run a classifier checkpoint over `conversations` in batches of `batch_size` sequences, the
+/// longest first; `on_batch` gets each batch's indices into `conversations` and logits.
+pub fn classify(
+    checkpoint: &std::path::Path,
+    template: Option<&std::path::Path>,
+    placement: &Placement,
+    conversations: &[Vec<ChatMessage>],
+    batch_size: usize,
+    on_batch: &mut dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()>,
+) -> Result<()> {
+    struct Job<'a> {
+        checkpoint: &'a std::path::Path,
+        template: Option<&'a std::path::Path>,
+        dtype: DType,
+        conversations: &'a [Vec<ChatMessage>],
+        batch_size: usize,
+        on_batch: &'a mut dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()>,
+    }
+    impl OnBackend for Job<'_> {
+        type Output = Result<()>;
+        fn run<B: LogProbBackend>(self, device: B::Device) -> Result<()> {
+            let model_error = |e: fuserl_model::ModelError| Error::Component {
+                point: "reward model",
+                name: "classifier".into(),
+                message: e.to_string(),
+            };
+            let tok = ChatTokenizer::load(self.checkpoint, self.template).map_err(model_error)?;
+            let mut ids = Vec::with_capacity(self.conversations.len());
+            for c in self.conversations {
+                ids.push(tok.conversation_ids(c).map_err(model_error)?);
+            }
+            let rm = load_classifier::<B>(self.checkpoint, &device, self.dtype).map_err(model_error)?;
+            tok.check_fits(rm.model.config.vocab_size).map_err(model_error)?;
+            let mut order: Vec<usize> = (0..ids.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+            for chunk in order.chunks(self.batch_size.max(1)) {
+                let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+                let logits = rm.logits(&seqs).map_err(model_error)?;
+                (self.on_batch)(chunk, logits)?;
+            }
+            Ok(())
+        }
+    }
+    let job = Job { checkpoint, template, dtype: dtype(placement.dtype), conversations, batch_size, on_batch };
+    fuserl_backends::on_backend(placement.device, placement.device_index, placement.dtype, job).map_err(|e| {
+        Error::Component { point: "reward model", name: "classifier".into(), message: format!("device: {e}") }
+    })?
+}
+
+impl RewardModel for ClassifierReward {
+    fn name(&self) -> &str {
+        "classifier"
+    }
+
+    fn scorer_id(&self) -> String {
+        format!(
+            "classifier:{}",
+            self.checkpoint.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        )
+    }
+
+    fn fingerprint(&self) -> String {
+        let weights = crate::local::weights_hash(&self.checkpoint)
+            .map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"));
+        let template = self.template.as_ref().and_then(|t| std::fs::read_to_string(t).ok());
+        serde_json::json!({
+            "kind": "classifier",
+            "weights": weights,
+            "chat_template": template,
+            "dtype": self.placement.dtype,
+            "label_weights": self.weights,
+        })
+        .to_string()
+    }
+
+    fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
+        let mut out = vec![0.0; items.len()];
+        self.score_batches(items, self.batch_size, &mut |indices, scores| {
+            for (&i, s) in indices.iter().zip(scores) {
+                out[i] = s;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn score_batches(&self, items: &[ScoreItem<'_>], _batch_size: usize, sink: &mut ScoreSink<'_>) -> Result<()> {
+        let conversations: Vec<Vec<ChatMessage>> = items
+            .iter()
+            .map(|item| {
+                let mut c = item.messages.to_vec();
+                c.push(ChatMessage { role: "assistant".into(), content: item.completion.text.clone() });
+                c
+            })
+            .collect();
+        tracing::info!(checkpoint = %Shown(&self.checkpoint), answers = items.len(), "scoring with a reward model");
+        classify(
+            &self.checkpoint,
+            self.template.as_deref(),
+            &self.placement,
+            &conversations,
+            self.batch_size,
+            &mut |indices, logits| {
+                let scores = logits
+                    .iter()
+                    .map(|l| l.iter().zip(&self.weights).map(|(x, w)| f64::from(*x) * w).sum::<f64>())
+                    .collect();
+                sink(indices, scores)
+            },
+        )
+    }
+}
+
+fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
+    build_component(t, ctx, |c: ClassifierConfig, ctx| {
+        Ok(Box::new(ClassifierReward::new(c, ctx)?) as Box<dyn RewardModel>)
+    })
+}
+
+inventory::submit! { PluginDescriptor { name: "classifier", origin: env!("CARGO_PKG_NAME"),
+summary: "a Hugging Face *ForSequenceClassification reward model run in-process (score head at the last token)",
+factory: StaticFactory::Reward(build) } }
