@@ -152,6 +152,16 @@ pub trait RewardModel: Send + Sync + Debug {
     fn stored(&self) -> bool {
         true
     }
+    /// The parts of a reward made of other rewards (`combine`), each with its name: the scoring
+    /// stage scores and stores each part on its own (so a changed part alone is scored again),
+    /// then asks [`RewardModel::combine`] for each answer's score. Default: none.
+    fn parts(&self) -> Vec<(&str, &dyn RewardModel)> {
+        Vec::new()
+    }
+    /// One answer's score from its parts' scores (in the order of [`RewardModel::parts`]).
+    fn combine(&self, part_scores: &[f64]) -> f64 {
+        part_scores.iter().sum()
+    }
     /// Score `items` in batches of about `batch_size`, handing each batch's scores to `sink` as
     /// `(indices into items, scores)` as soon as they are known, so that a stopped run keeps
     /// them. Default: [`RewardModel::score`] on consecutive chunks; a reward that loads a model

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod collect;
+pub mod combine;
 pub mod config;
 pub mod data;
 pub mod error;

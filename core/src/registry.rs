@@ -351,6 +351,12 @@ impl Registry {
         table: &toml::Table,
         ctx: &BuildContext,
     ) -> Result<Built<dyn RewardModel>, BuildError> {
+        // `combine` builds its parts through this registry.
+        if kind == "combine"
+            && self.get(ExtensionPoint::Reward, kind).is_some_and(|e| e.origin == env!("CARGO_PKG_NAME"))
+        {
+            return crate::combine::build(self, table, ctx).map_err(BuildError::Config);
+        }
         match self.lookup(ExtensionPoint::Reward, kind)? {
             Factory::Reward(f) => f(table, ctx).map_err(BuildError::Config),
             _ => unreachable!("lookup filters by extension point"),

@@ -80,7 +80,8 @@ pub struct ScoreSummary {
 }
 
 /// Score every answer of `groups` with `reward` in batches of `batch_size`. With `dir` (usually
-/// `runs/NAME/score`), scores are kept there and only the missing ones are computed.
+/// `runs/NAME/score`), scores are kept there and only the missing ones are computed. A reward made
+/// of parts (`combine`) has each part scored and stored on its own (`REWARD.PART.jsonl`).
 pub fn score_stage(
     reward: &dyn RewardModel,
     groups: &mut [ScoredGroup],
@@ -89,32 +90,74 @@ pub fn score_stage(
     progress: &dyn Fn(&ScoreProgress<'_>),
 ) -> Result<ScoreSummary> {
     let t0 = Instant::now();
-    let name = reward.name().to_owned();
     let scorer = reward.scorer_id();
+    let items: Vec<ScoreItem<'_>> = groups
+        .iter()
+        .flat_map(|g| {
+            g.completions.iter().map(|c| ScoreItem { messages: &g.prompt.messages, completion: &c.completion })
+        })
+        .collect();
+    let mut summary = ScoreSummary::default();
+    let parts = reward.parts();
+    let scores = if parts.is_empty() {
+        score_items(reward, reward.name(), &items, dir, batch_size, progress, &mut summary)?
+    } else {
+        let mut by_part = Vec::with_capacity(parts.len());
+        for (part, r) in &parts {
+            let name = format!("{}.{part}", reward.name());
+            by_part.push(score_items(*r, &name, &items, dir, batch_size, progress, &mut summary)?);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let row: Vec<f64> = by_part.iter().map(|p| p[i]).collect();
+            let value = reward.combine(&row);
+            if !value.is_finite() {
+                return Err(Error::Record {
+                    record: item.completion.describe(),
+                    message: format!("reward `{}` combined its parts' scores {row:?} into {value}", reward.name()),
+                });
+            }
+            out.push(value);
+        }
+        out
+    };
+    drop(items);
+    let mut values = scores.into_iter();
+    for g in groups.iter_mut() {
+        for c in &mut g.completions {
+            let value = values.next().expect("one score per answer");
+            c.reward = Some(Reward { value, scored_by: scorer.clone() });
+        }
+    }
+    summary.seconds = t0.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Score `items` with `reward`, through its store `name` in `dir` when it keeps one.
+fn score_items(
+    reward: &dyn RewardModel,
+    name: &str,
+    items: &[ScoreItem<'_>],
+    dir: Option<&Path>,
+    batch_size: usize,
+    progress: &dyn Fn(&ScoreProgress<'_>),
+    summary: &mut ScoreSummary,
+) -> Result<Vec<f64>> {
+    let t0 = Instant::now();
     let store = match dir.filter(|_| reward.stored()) {
         Some(d) => {
-            let fingerprint = format!("{scorer}; {}", reward.fingerprint());
-            Some(Store::<StoredScore>::open(d, &name, &fingerprint, OnChange::Restart, false)?)
+            let fingerprint = format!("{}; {}", reward.scorer_id(), reward.fingerprint());
+            Some(Store::<StoredScore>::open(d, name, &fingerprint, OnChange::Restart, false)?)
         }
         None => None,
     };
     let stored = store.as_ref().map(Store::records).unwrap_or_default();
-    let mut todo: Vec<(usize, usize)> = Vec::new();
-    let mut reused = 0u64;
-    for (g, group) in groups.iter_mut().enumerate() {
-        for (c, sc) in group.completions.iter_mut().enumerate() {
-            match stored.get(&key_of(&sc.completion)) {
-                Some(s) => {
-                    sc.reward = Some(Reward { value: s.score, scored_by: scorer.clone() });
-                    reused += 1;
-                }
-                None => todo.push((g, c)),
-            }
-        }
-    }
-    let total = reused + todo.len() as u64;
-    progress(&ScoreProgress { reward: &name, done: reused, total, finished: None });
-    let mut scores: Vec<Option<f64>> = vec![None; todo.len()];
+    let mut scores: Vec<Option<f64>> =
+        items.iter().map(|i| stored.get(&key_of(i.completion)).map(|s| s.score)).collect();
+    let todo: Vec<usize> = (0..items.len()).filter(|&i| scores[i].is_none()).collect();
+    let reused = (items.len() - todo.len()) as u64;
+    let total = items.len() as u64;
+    progress(&ScoreProgress { reward: name, done: reused, total, finished: None });
     if !todo.is_empty() {
         let _span = tracing::info_span!("score", reward = %name).entered();
         tracing::info!(
@@ -124,37 +167,31 @@ pub fn score_stage(
             store = %store.as_ref().map_or_else(|| "none".to_owned(), |s| Shown(s.file()).to_string()),
             "scoring"
         );
-        let items: Vec<ScoreItem<'_>> = todo
-            .iter()
-            .map(|&(g, c)| ScoreItem {
-                messages: &groups[g].prompt.messages,
-                completion: &groups[g].completions[c].completion,
-            })
-            .collect();
+        let asked: Vec<ScoreItem<'_>> = todo.iter().map(|&i| items[i]).collect();
         let mut done = reused;
         let mut sink = |indices: &[usize], values: Vec<f64>| -> Result<()> {
-            if indices.len() != values.len() || indices.iter().any(|&i| i >= items.len()) {
+            if indices.len() != values.len() || indices.iter().any(|&i| i >= asked.len()) {
                 return Err(Error::Component {
                     point: "reward model",
-                    name: name.clone(),
+                    name: name.to_owned(),
                     message: format!(
                         "returned {} scores for a batch of {} answers (of {} asked)",
                         values.len(),
                         indices.len(),
-                        items.len()
+                        asked.len()
                     ),
                 });
             }
             let mut records = Vec::with_capacity(values.len());
             for (&i, value) in indices.iter().zip(values) {
-                let item = &items[i];
+                let item = &asked[i];
                 if !value.is_finite() {
                     return Err(Error::Record {
                         record: item.completion.describe(),
                         message: format!("reward model `{name}` gave the non-finite score {value}"),
                     });
                 }
-                if scores[i].replace(value).is_none() {
+                if scores[todo[i]].replace(value).is_none() {
                     done += 1;
                 }
                 let (prompt_id, source, sample_index, text_hash) = key_of(item.completion);
@@ -163,32 +200,30 @@ pub fn score_stage(
             if let Some(s) = &store {
                 s.append_all(&records)?;
             }
-            progress(&ScoreProgress { reward: &name, done, total, finished: None });
+            progress(&ScoreProgress { reward: name, done, total, finished: None });
             crate::debug_pause(&format!("score-{done}"));
             Ok(())
         };
-        reward.score_batches(&items, batch_size, &mut sink)?;
-        if let Some(i) = scores.iter().position(Option::is_none) {
+        reward.score_batches(&asked, batch_size, &mut sink)?;
+        if let Some(&i) = todo.iter().find(|&&i| scores[i].is_none()) {
             return Err(Error::Component {
                 point: "reward model",
-                name: name.clone(),
+                name: name.to_owned(),
                 message: format!(
                     "finished without scoring {} of {} answers, for example {}",
-                    scores.iter().filter(|s| s.is_none()).count(),
-                    items.len(),
+                    todo.iter().filter(|&&i| scores[i].is_none()).count(),
+                    todo.len(),
                     items[i].completion.describe()
                 ),
             });
         }
     }
-    for (&(g, c), value) in todo.iter().zip(scores) {
-        let value = value.expect("every answer was scored");
-        groups[g].completions[c].reward = Some(Reward { value, scored_by: scorer.clone() });
+    let part = ScoreSummary { scored: todo.len() as u64, reused, seconds: t0.elapsed().as_secs_f64() };
+    if part.scored > 0 {
+        tracing::info!(reward = %name, scored = part.scored, reused = part.reused, seconds = part.seconds, "scored");
     }
-    let summary = ScoreSummary { scored: todo.len() as u64, reused, seconds: t0.elapsed().as_secs_f64() };
-    if summary.scored > 0 {
-        tracing::info!(reward = %name, scored = summary.scored, reused = summary.reused, seconds = summary.seconds, "scored");
-    }
-    progress(&ScoreProgress { reward: &name, done: total, total, finished: Some(summary.clone()) });
-    Ok(summary)
+    summary.scored += part.scored;
+    summary.reused += part.reused;
+    progress(&ScoreProgress { reward: name, done: total, total, finished: Some(part) });
+    Ok(scores.into_iter().map(|s| s.expect("every answer was scored")).collect())
 }
