@@ -13,6 +13,7 @@
 //! assert!(registry.names(fuserl_core::registry::ExtensionPoint::Objective).contains(&"dpo".to_string()));
 //! ```
 
+pub mod http;
 pub mod objectives;
 pub mod pairs;
 pub mod rewards;

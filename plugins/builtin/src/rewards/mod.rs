@@ -1,5 +1,7 @@
 //! Reward models.
 
+pub mod http;
+pub mod judge;
 pub mod keywords;
 pub mod math;
 pub mod precomputed;

@@ -28,9 +28,7 @@
 //! and the server's words (for 401/403, the name of the key variable, never its value).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::{ChatMessage, SamplingParams};
@@ -127,6 +125,17 @@ pub struct OpenAiConfig {
     pub keep_truncated: bool,
 }
 
+impl OpenAiConfig {
+    fn http(&self) -> crate::http::HttpSettings {
+        crate::http::HttpSettings {
+            api_key_env: self.api_key_env.clone(),
+            concurrency: self.concurrency,
+            timeout_s: self.timeout_s,
+            max_retries: self.max_retries,
+        }
+    }
+}
+
 fn is_default(s: &SamplingOverrides) -> bool {
     *s == SamplingOverrides::default()
 }
@@ -158,25 +167,10 @@ impl OpenAiSource {
             return Err(ConfigError::at("base_url", "expected at least one URL"));
         }
         for (i, url) in config.base_url.iter().enumerate() {
-            let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-            if !ok {
-                return Err(ConfigError::new(
-                    fuserl_core::config::KeyPath::keys(&["base_url"]).index(i),
-                    format!("`{url}`: expected an http:// or https:// URL such as http://127.0.0.1:8080/v1"),
-                ));
-            }
+            crate::http::check_url(url, "http://127.0.0.1:8080/v1")
+                .map_err(|m| ConfigError::new(fuserl_core::config::KeyPath::keys(&["base_url"]).index(i), m))?;
         }
-        if config.concurrency == 0 {
-            return Err(ConfigError::at("concurrency", "expected at least 1"));
-        }
-        if !(config.timeout_s.is_finite() && config.timeout_s > 0.0) {
-            return Err(ConfigError::at("timeout_s", "expected a positive number of seconds"));
-        }
-        if let Some(var) = &config.api_key_env
-            && (var.is_empty() || var.contains('='))
-        {
-            return Err(ConfigError::at("api_key_env", "expected the name of an environment variable"));
-        }
+        config.http().check()?;
         let template = match (config.endpoint, &config.chat_template) {
             (Endpoint::Completions, None) => {
                 return Err(ConfigError::at(
@@ -248,7 +242,7 @@ impl OpenAiSource {
     }
 }
 
-fn load_template(path: &std::path::Path) -> std::result::Result<String, String> {
+pub(crate) fn load_template(path: &std::path::Path) -> std::result::Result<String, String> {
     let shown = fuserl_core::paths::Shown(path);
     if path.is_dir() {
         let cfg = path.join("tokenizer_config.json");
@@ -266,6 +260,15 @@ fn load_template(path: &std::path::Path) -> std::result::Result<String, String> 
 /// Render a Hugging Face style chat template (`messages`, `add_generation_prompt`,
 /// `bos_token`/`eos_token` empty, `raise_exception`).
 fn render(template: &str, messages: &[ChatMessage]) -> std::result::Result<String, String> {
+    render_with(template, messages, true)
+}
+
+/// [`render`] with or without the generation prompt.
+pub(crate) fn render_with(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> std::result::Result<String, String> {
     let mut env = minijinja::Environment::new();
     env.set_fuel(Some(1_000_000));
     env.add_function("raise_exception", |m: String| -> std::result::Result<String, minijinja::Error> {
@@ -275,7 +278,7 @@ fn render(template: &str, messages: &[ChatMessage]) -> std::result::Result<Strin
     let t = env.get_template("chat").map_err(|e| e.to_string())?;
     t.render(minijinja::context! {
         messages => messages,
-        add_generation_prompt => true,
+        add_generation_prompt => add_generation_prompt,
         bos_token => "",
         eos_token => "",
     })
@@ -312,11 +315,6 @@ struct Reply {
     latency_s: f64,
 }
 
-enum Failure {
-    Retry { why: String, after: Option<Duration> },
-    Fatal(String),
-}
-
 fn parse_reply(text: &str, endpoint: Endpoint) -> std::result::Result<Reply, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
     let choices = v.get("choices").and_then(Value::as_array).ok_or("no `choices` list")?;
@@ -351,114 +349,6 @@ fn parse_reply(text: &str, endpoint: Endpoint) -> std::result::Result<Reply, Str
     })
 }
 
-/// Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... up to 30 s, times 0.5-1.5 (a hash of
-/// the request and attempt, so that concurrent retries spread out).
-fn backoff(attempt: u32, salt: u64) -> Duration {
-    let base = (0.5 * 2f64.powi(attempt.min(10) as i32)).min(30.0);
-    let mut h = salt ^ u64::from(attempt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    let jitter = 0.5 + (h % 1000) as f64 / 1000.0;
-    Duration::from_secs_f64(base * jitter)
-}
-
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(|s| Duration::from_secs_f64(s.min(300.0)))
-}
-
-/// Cap on a reply body: a server that sends more is cut off with an error.
-const MAX_REPLY_BYTES: usize = 64 << 20;
-
-impl OpenAiSource {
-    async fn send_once(
-        &self,
-        client: &reqwest::Client,
-        url: &str,
-        key: Option<&str>,
-        body: &Value,
-    ) -> std::result::Result<Reply, Failure> {
-        let t0 = Instant::now();
-        let mut req = client.post(url).json(body);
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let why = if e.is_timeout() {
-                    format!("no reply within {} s", self.config.timeout_s)
-                } else if e.is_connect() {
-                    format!("cannot connect ({})", root_cause(&e))
-                } else {
-                    format!("request failed ({})", root_cause(&e))
-                };
-                return Err(Failure::Retry { why, after: None });
-            }
-        };
-        let status = resp.status();
-        let after = retry_after(resp.headers());
-        let mut bytes = Vec::new();
-        let mut resp = resp;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if bytes.len() + chunk.len() > MAX_REPLY_BYTES {
-                        return Err(Failure::Fatal(format!("{url}: the reply is larger than {MAX_REPLY_BYTES} bytes")));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let why = if e.is_timeout() {
-                        format!("no complete reply within {} s", self.config.timeout_s)
-                    } else {
-                        format!("the connection dropped mid-reply ({})", root_cause(&e))
-                    };
-                    return Err(Failure::Retry { why, after: None });
-                }
-            }
-        }
-        let text = String::from_utf8_lossy(&bytes);
-        if status.as_u16() == 429 || status.is_server_error() {
-            return Err(Failure::Retry { why: format!("HTTP {status}: {}", snippet(&text)), after });
-        }
-        if !status.is_success() {
-            let hint = match (status.as_u16(), &self.config.api_key_env) {
-                (401 | 403, Some(var)) => format!(" (the API key came from ${var})"),
-                (401 | 403, None) => " (no API key was sent: set api_key_env to the variable that holds it)".to_owned(),
-                (404, _) => format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model),
-                _ => String::new(),
-            };
-            return Err(Failure::Fatal(format!("{url}: HTTP {status}: {}{hint}", snippet(&text))));
-        }
-        match parse_reply(&text, self.config.endpoint) {
-            Ok(mut r) => {
-                r.latency_s = t0.elapsed().as_secs_f64();
-                Ok(r)
-            }
-            Err(why) => Err(Failure::Retry {
-                why: format!("the reply is not an OpenAI {} reply: {why}: {}", self.path(), snippet(&text)),
-                after: None,
-            }),
-        }
-    }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
-fn snippet(text: &str) -> String {
-    let t = text.trim();
-    if t.chars().count() > 300 { format!("{}...", t.chars().take(300).collect::<String>()) } else { t.to_owned() }
-}
-
 impl Generator for OpenAiSource {
     fn source_name(&self) -> &str {
         &self.config.name
@@ -491,20 +381,7 @@ impl Generator for OpenAiSource {
         sampling: &SamplingParams,
         sink: &GeneratedSink<'_>,
     ) -> Result<GenerateStats> {
-        let key = match &self.config.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                self.error(format!("the API key variable ${var} (api_key_env) is not set in the environment"))
-            })?),
-            None => None,
-        };
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs_f64(self.config.timeout_s))
-            .build()
-            .map_err(|e| self.error(format!("cannot start the HTTP client: {e}")))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| self.error(format!("cannot start the async runtime: {e}")))?;
+        let http = crate::http::Http::new(&self.config.http()).map_err(|m| self.error(m))?;
         // One request per prompt for all of its jobs, in job order.
         let mut queue: VecDeque<Ask> = VecDeque::new();
         for (i, j) in jobs.iter().enumerate() {
@@ -513,12 +390,14 @@ impl Generator for OpenAiSource {
                 _ => queue.push_back(Ask { jobs: vec![i] }),
             }
         }
-        let requests = AtomicU64::new(0);
-        let retries = AtomicU64::new(0);
         let next_url = AtomicU64::new(0);
-        let client = Arc::new(client);
         let limit = self.config.concurrency as usize;
-        runtime.block_on(async {
+        let not_found = format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model);
+        let (endpoint, path) = (self.config.endpoint, self.path());
+        let parse = move |text: &str| {
+            parse_reply(text, endpoint).map_err(|why| format!("the reply is not an OpenAI {path} reply: {why}"))
+        };
+        http.block_on(async {
             let mut in_flight = futures_util::stream::FuturesUnordered::new();
             // Whether the server honours `n`, learnt from the first request that asks for more
             // than one answer (sent alone). A server that ignores it (llama.cpp) is then asked
@@ -539,28 +418,15 @@ impl Generator for OpenAiSource {
                     let body = self.body(&first.prompt.messages, ask.jobs.len() as u32, first.seed, sampling)?;
                     let base = &self.config.base_url[(next_url.fetch_add(1, Ordering::Relaxed) as usize) % self.config.base_url.len()];
                     let url = format!("{}/{}", base.trim_end_matches('/'), self.path());
-                    let (client, key, requests, retries) = (&client, key.as_deref(), &requests, &retries);
+                    let (http, parse, not_found) = (&http, &parse, &not_found);
+                    let who = &self.config.name;
                     in_flight.push(async move {
-                        let mut attempt = 0u32;
-                        loop {
-                            requests.fetch_add(1, Ordering::Relaxed);
-                            match self.send_once(client, &url, key, &body).await {
-                                Ok(reply) => return Ok((ask, reply)),
-                                Err(Failure::Fatal(m)) => return Err(self.error(m)),
-                                Err(Failure::Retry { why, after }) => {
-                                    if attempt >= self.config.max_retries {
-                                        return Err(self.error(format!(
-                                            "{url}: gave up after {} attempts: {why}",
-                                            attempt + 1
-                                        )));
-                                    }
-                                    let wait = after.unwrap_or_else(|| backoff(attempt, first.seed));
-                                    tracing::warn!(source = %self.config.name, url = %url, attempt = attempt + 1, wait_s = wait.as_secs_f64(), "retrying: {why}");
-                                    retries.fetch_add(1, Ordering::Relaxed);
-                                    tokio::time::sleep(wait).await;
-                                    attempt += 1;
-                                }
+                        match http.send(who, &url, &body, parse, not_found, first.seed).await {
+                            Ok((mut reply, latency)) => {
+                                reply.latency_s = latency;
+                                Ok((ask, reply))
                             }
+                            Err(m) => Err(self.error(m)),
                         }
                     });
                 }
@@ -601,7 +467,7 @@ impl Generator for OpenAiSource {
             }
             Ok::<(), Error>(())
         })?;
-        Ok(GenerateStats { retries: retries.into_inner(), requests: requests.into_inner() })
+        Ok(GenerateStats { retries: http.retries.into_inner(), requests: http.requests.into_inner() })
     }
 }
 
@@ -633,15 +499,6 @@ mod tests {
             parse_reply(r#"{"choices": [{"text": "x"}]}"#, Endpoint::Chat).expect_err("bad"),
             "choice 0 has no `message.content` string"
         );
-    }
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let a: Vec<f64> = (0..12).map(|i| backoff(i, 7).as_secs_f64()).collect();
-        assert!(a[0] >= 0.25 && a[0] <= 0.75, "{a:?}");
-        assert!(a[3] >= 2.0 && a[3] <= 6.0, "{a:?}");
-        assert!(a.iter().all(|s| *s <= 45.0), "{a:?}");
-        assert_ne!(backoff(2, 1), backoff(2, 2));
     }
 
     #[test]
