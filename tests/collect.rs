@@ -258,13 +258,18 @@ fn start_proxy(upstream: u16, faults: Vec<Fault>, key: Option<&'static str>) -> 
 /// The committed live recipe, pointed at `port`, its run folder in `dir`; `extra` is appended
 /// to each source's table.
 fn recipe(dir: &Path, port: u16, source_extra: &str) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("recipes/collect-llamacpp.toml")).expect("recipe");
+    recipe_named("collect-llamacpp", dir, port, source_extra)
+}
+
+/// Like [`recipe`], for the committed recipe `recipes/NAME.toml` (whose run name is NAME).
+fn recipe_named(name: &str, dir: &Path, port: u16, source_extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join(format!("recipes/{name}.toml"))).expect("recipe");
     let text = text
         .replace("http://127.0.0.1:8080/v1", &format!("http://127.0.0.1:{port}/v1"))
         .replace("timeout_s = 60\n", &format!("timeout_s = 60\n{source_extra}"))
         .replace(
-            "name = \"collect-llamacpp\"\n",
-            &format!("name = \"collect-llamacpp\"\noutput_dir = \"{}\"\n", dir.join("run").display()),
+            &format!("name = \"{name}\"\n"),
+            &format!("name = \"{name}\"\noutput_dir = \"{}\"\n", dir.join("run").display()),
         );
     let path = repo().join("recipes").join(format!(".test-{}-{port}.toml", std::process::id()));
     std::fs::write(&path, text).expect("write recipe");
@@ -362,6 +367,65 @@ fn a_recipe_collects_from_llama_cpp_in_both_modes_and_trains_on_the_answers() {
     let mixed = fuserl_env(&["run", &p], &repo(), &[]);
     assert_eq!(mixed.status.code(), Some(2), "{}", text(&mixed.stderr));
     assert!(text(&mixed.stderr).contains("was made by a different recipe"), "{}", text(&mixed.stderr));
+}
+
+/// Scores as stored by the scoring stage: (prompt, sample) -> score.
+fn scores(file: &Path) -> BTreeMap<(String, u64), f64> {
+    let mut out = BTreeMap::new();
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a stored score is JSON");
+        let key = (v["prompt_id"].as_str().expect("id").to_owned(), v["sample_index"].as_u64().expect("i"));
+        assert!(out.insert(key.clone(), v["score"].as_f64().expect("score")).is_none(), "{key:?} scored twice");
+    }
+    out
+}
+
+/// Code answers from the llama.cpp server, scored by `combine` of the `python-tests` verifier and
+/// the same server as an LLM judge, then trained on.
+#[test]
+fn code_answers_are_scored_by_tests_and_a_judge_and_trained_on() {
+    let Some(server) = start_server() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = recipe_named("code-judge", dir.path(), server.port, "");
+    let _cleanup = Cleanup(path.clone());
+    let p = path.display().to_string();
+    let out = fuserl_env(&["score", &p], &repo(), &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("score combine.tests: 16/16 answers (16 scored now"), "{err}");
+    assert!(err.contains("score combine.judge: 16/16 answers (16 scored now"), "{err}");
+    let tests = scores(&dir.path().join("run/score/combine.tests.jsonl"));
+    let judge = scores(&dir.path().join("run/score/combine.judge.jsonl"));
+    assert_eq!((tests.len(), judge.len()), (16, 16));
+    for t in tests.values() {
+        assert!([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0].iter().any(|x| (x - t).abs() < 1e-12), "{tests:?}");
+    }
+    // SmolLM2 writes some of these functions right.
+    assert!(tests.values().any(|t| *t == 1.0), "{tests:?}");
+    // Probability-weighted ratings: within the scale, and not all alike.
+    assert!(judge.values().all(|j| (1.0..=10.0).contains(j)), "{judge:?}");
+    let mut distinct: Vec<u64> = judge.values().map(|j| (j * 1e6) as u64).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() >= 4, "{judge:?}");
+    // A rerun scores nothing; the run trains on score = tests + 0.1 x judge.
+    let again = fuserl_env(&["score", &p], &repo(), &[]);
+    assert!(again.status.success() && !text(&again.stderr).contains("scored now"), "{}", text(&again.stderr));
+    let run = fuserl_env(&["run", &p], &repo(), &[]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let examples = std::fs::read_to_string(dir.path().join("run/sft/examples.jsonl")).expect("examples");
+    let mut checked = 0;
+    for line in examples.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        for s in v["sequences"].as_array().expect("sequences") {
+            let c = &s["completion"];
+            let key = (c["prompt_id"].as_str().expect("id").to_owned(), c["sample_index"].as_u64().expect("i"));
+            let want = tests[&key] + 0.1 * judge[&key];
+            assert!((s["reward"].as_f64().expect("reward") - want).abs() < 1e-9, "{line}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{examples}");
 }
 
 #[test]

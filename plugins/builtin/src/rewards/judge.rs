@@ -276,8 +276,8 @@ fn settings(c: &JudgeConfig) -> HttpSettings {
     }
 }
 
-/// The last rating written `[[N]]` (else `Rating: N`) within `[min, max]`, with the byte offset
-/// of its first digit.
+/// The last rating written `[[N]]` (also `[[N]`, as a verdict cut by its token limit ends)
+/// within `[min, max]`, else the one after `Rating:`, with the byte offset of its first digit.
 pub fn parse_rating(text: &str, min: f64, max: f64) -> Option<(f64, usize)> {
     let number_at = |start: usize| -> Option<(f64, usize)> {
         let rest = &text[start..];
@@ -292,7 +292,7 @@ pub fn parse_rating(text: &str, min: f64, max: f64) -> Option<(f64, usize)> {
         if let Some(r) = number_at(i + 2)
             && text[r.1..]
                 .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .is_some_and(|e| text[r.1 + e..].starts_with("]]"))
+                .is_some_and(|e| text[r.1 + e..].starts_with(']'))
         {
             found = Some(r);
         }
@@ -301,7 +301,11 @@ pub fn parse_rating(text: &str, min: f64, max: f64) -> Option<(f64, usize)> {
         return found;
     }
     let lower = text.to_ascii_lowercase();
-    lower.rfind("rating:").and_then(|i| number_at(i + "rating:".len()))
+    lower.rfind("rating:").and_then(|i| {
+        let rest = &text[i + "rating:".len()..];
+        let skip = rest.len() - rest.trim_start_matches([' ', '[']).len();
+        number_at(i + "rating:".len() + skip)
+    })
 }
 
 /// The probability-weighted rating from the alternatives of the token at byte `offset`: the
@@ -488,6 +492,7 @@ mod tests {
         assert_eq!(parse_rating("[[3]] then [[8.5]]", 1.0, 10.0).map(|r| r.0), Some(8.5));
         assert_eq!(parse_rating("Rating: 6/10", 1.0, 10.0).map(|r| r.0), Some(6.0));
         assert_eq!(parse_rating("[[11]]", 1.0, 10.0), None);
+        assert_eq!(parse_rating("Rating: [[1.0]", 1.0, 10.0), Some((1.0, 10)));
         assert_eq!(parse_rating("[[x]] no rating", 1.0, 10.0), None);
     }
 
