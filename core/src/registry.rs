@@ -353,7 +353,9 @@ impl Registry {
     ) -> Result<Built<dyn RewardModel>, BuildError> {
         // `combine` builds its parts through this registry.
         if kind == "combine"
-            && self.get(ExtensionPoint::Reward, kind).is_some_and(|e| e.origin == concat!("built-in (", env!("CARGO_PKG_NAME"), ")"))
+            && self
+                .get(ExtensionPoint::Reward, kind)
+                .is_some_and(|e| e.origin == concat!("built-in (", env!("CARGO_PKG_NAME"), ")"))
         {
             return crate::combine::build(self, table, ctx).map_err(BuildError::Config);
         }

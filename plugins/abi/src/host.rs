@@ -407,7 +407,10 @@ fn factory(meta: &Arc<Meta>) -> std::result::Result<Factory, String> {
             need(meta.decl.score.is_some(), "score")?;
             Factory::Reward(Arc::new(move |t: &toml::Table, ctx: &BuildContext| {
                 let (inner, resolved) = create(&m, t, ctx)?;
-                Ok(Built { component: Box::new(DynReward { inner }) as Box<dyn RewardModel>, resolved })
+                // The scoring stage keeps scores under the plugin's resolved settings: other
+                // settings score afresh.
+                let settings = serde_json::to_string(&resolved).unwrap_or_default();
+                Ok(Built { component: Box::new(DynReward { inner, settings }) as Box<dyn RewardModel>, resolved })
             }))
         }
         POINT_WEIGHTING => {
@@ -581,6 +584,7 @@ impl SourceAdapter for DynSource {
 #[derive(Debug)]
 struct DynReward {
     inner: Instance,
+    settings: String,
 }
 
 impl RewardModel for DynReward {
@@ -595,6 +599,9 @@ impl RewardModel for DynReward {
                 .unwrap_or_else(|| self.name().to_owned()),
             None => self.name().to_owned(),
         }
+    }
+    fn fingerprint(&self) -> String {
+        format!("{} {}", self.scorer_id(), self.settings)
     }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         let f = self.inner.meta.decl.score.ok_or_else(|| self.inner.meta.missing("score"))?;
