@@ -209,9 +209,29 @@ pub fn classify(
             tok.check_fits(rm.model.config.vocab_size).map_err(model_error)?;
             let mut order: Vec<usize> = (0..ids.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+            // On the CPU a batch is cut into shards, one per thread, each padded on its own: most
+            // of the CPU backend's element-wise kernels run on the calling thread only.
+            let shards = B::host_shards(&device).max(1);
             for chunk in order.chunks(self.batch_size.max(1)) {
                 let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-                let logits = rm.logits(&seqs).map_err(model_error)?;
+                let parts: Vec<&[Vec<u32>]> = seqs.chunks(seqs.len().div_ceil(shards).max(1)).collect();
+                let logits = if parts.len() <= 1 {
+                    rm.logits(&seqs).map_err(model_error)?
+                } else {
+                    let rm = &rm;
+                    let results: Vec<fuserl_model::Result<Vec<Vec<f32>>>> = std::thread::scope(|scope| {
+                        let handles: Vec<_> = parts.iter().map(|part| scope.spawn(move || rm.logits(part))).collect();
+                        handles
+                            .into_iter()
+                            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                            .collect()
+                    });
+                    let mut all = Vec::with_capacity(seqs.len());
+                    for r in results {
+                        all.extend(r.map_err(model_error)?);
+                    }
+                    all
+                };
                 (self.on_batch)(chunk, logits)?;
             }
             Ok(())
