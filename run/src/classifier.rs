@@ -174,6 +174,9 @@ fn dtype(d: RecipeDType) -> DType {
     }
 }
 
+/// Receives a batch's indices (into the conversations) and logits (one row per label).
+pub type OnBatch<'a> = dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()> + 'a;
+
 /// Run a classifier checkpoint over `conversations` in batches of `batch_size` sequences, the
 /// longest first; `on_batch` gets each batch's indices into `conversations` and logits.
 pub fn classify(
@@ -182,7 +185,7 @@ pub fn classify(
     placement: &Placement,
     conversations: &[Vec<ChatMessage>],
     batch_size: usize,
-    on_batch: &mut dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()>,
+    on_batch: &mut OnBatch<'_>,
 ) -> Result<()> {
     struct Job<'a> {
         checkpoint: &'a std::path::Path,
@@ -190,7 +193,7 @@ pub fn classify(
         dtype: DType,
         conversations: &'a [Vec<ChatMessage>],
         batch_size: usize,
-        on_batch: &'a mut dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()>,
+        on_batch: &'a mut OnBatch<'a>,
     }
     impl OnBackend for Job<'_> {
         type Output = Result<()>;

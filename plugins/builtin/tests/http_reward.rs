@@ -117,11 +117,14 @@ fn batches_are_sent_in_openrlhf_form_and_scored_in_order() {
     assert_eq!(seen[2]["responses"], serde_json::json!(["Blue", "red, maybe green"]));
 }
 
+/// How the test server answers request `n` with body `b`.
+type Reply = dyn Fn(&serde_json::Value, usize) -> (u16, String) + Send;
+
 #[test]
 fn bad_replies_are_named_with_the_reward_and_the_batch() {
     let dir = tempfile::tempdir().expect("tmp");
     let (p, c) = answers();
-    let cases: Vec<(Box<dyn Fn(&serde_json::Value, usize) -> (u16, String) + Send>, &str)> = vec![
+    let cases: Vec<(Box<Reply>, &str)> = vec![
         (
             Box::new(
                 |_, n| if n == 0 { (200, "{\"rewards\": [1, 2]}".into()) } else { (200, "{\"rewards\": [1]}".into()) },
