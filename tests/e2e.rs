@@ -199,13 +199,25 @@ fn plugins_list_shows_every_builtin() {
         ("objective", "wrpo"),
         ("source", "openai"),
         ("source", "local"),
+        ("reward", "keywords"),
+        ("reward", "classifier"),
+        ("reward", "http"),
+        ("reward", "judge"),
+        ("reward", "python-tests"),
+        ("reward", "math"),
+        ("reward", "combine"),
     ] {
         let line = listing
             .lines()
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
             .unwrap_or_else(|| panic!("no line for {point} {name} in\n{listing}"));
-        // `local` runs a model, so it lives beside the trainer.
-        let origin = if name == "local" { "built-in (fuserl-run)" } else { "built-in (fuserl-plugins)" };
+        // `local` and `classifier` run a model, so they live beside the trainer; `combine` builds
+        // its parts through the registry, in the core.
+        let origin = match name {
+            "local" | "classifier" => "built-in (fuserl-run)",
+            "combine" => "built-in (fuserl-core)",
+            _ => "built-in (fuserl-plugins)",
+        };
         assert!(line.contains(origin), "{line}");
         assert!(line.split(origin).nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
     }
@@ -486,4 +498,53 @@ fn po_without_sft_needs_no_reference_key() {
         err.contains("po.reference: objective `dpo` compares against the FuseSFT checkpoint, but [sft] is disabled"),
         "{err}"
     );
+}
+
+/// `[run] report_to = ["tensorboard"]`: every logged step's metrics also go to TensorBoard event
+/// files. When the oracle environment has the `tensorboard` package (docs/oracle.md), TensorBoard's
+/// own reader reads them back with the same values (scripts/check_tensorboard.py).
+#[test]
+fn metrics_also_go_to_tensorboard_event_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let text_of = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    assert!(text_of.contains("[run]\n"), "the quick start has a [run] table");
+    let recipe = repo().join(format!("recipes/.test-tensorboard-{}.toml", std::process::id()));
+    let out_dir = dir.path().join("run");
+    std::fs::write(
+        &recipe,
+        text_of.replace(
+            "[run]\n",
+            &format!("[run]\nreport_to = [\"tensorboard\"]\noutput_dir = \"{}\"\n", out_dir.display()),
+        ),
+    )
+    .expect("write");
+    let out = fuserl(&["run", &recipe.display().to_string()], dir.path());
+    let _ = std::fs::remove_file(&recipe);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let files: Vec<_> = std::fs::read_dir(out_dir.join("tensorboard"))
+        .expect("tensorboard folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents.")))
+        .collect();
+    assert_eq!(files.len(), 2, "one event file per stage: {files:?}");
+    let python = std::env::var_os("FUSERL_ORACLE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python")
+    });
+    let has_tensorboard = std::process::Command::new(&python)
+        .args(["-c", "import tensorboard"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_tensorboard {
+        #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
+        {
+            eprintln!("not read back: {} has no `tensorboard` package (docs/oracle.md)", python.display());
+        }
+        return;
+    }
+    let check = std::process::Command::new(&python)
+        .arg(repo().join("scripts/check_tensorboard.py"))
+        .arg(&out_dir)
+        .output()
+        .expect("run the check");
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
 }

@@ -102,6 +102,10 @@ impl RewardModel for Combine {
         false
     }
 
+    fn skips(&self) -> bool {
+        self.parts.iter().any(|(_, r)| r.skips())
+    }
+
     fn parts(&self) -> Vec<(&str, &dyn RewardModel)> {
         self.parts.iter().map(|(p, r)| (p.name.as_str(), r.as_ref())).collect()
     }

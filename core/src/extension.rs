@@ -147,6 +147,11 @@ pub trait RewardModel: Send + Sync + Debug {
     fn fingerprint(&self) -> String {
         self.scorer_id()
     }
+    /// Whether a NaN score means "no score: leave this answer out of training" (a judge told to
+    /// skip answers it could not grade). Default: no, a non-finite score is an error.
+    fn skips(&self) -> bool {
+        false
+    }
     /// Whether the scoring stage keeps this reward's scores in the run directory. Default: yes;
     /// `precomputed` (scores that came with the data) says no.
     fn stored(&self) -> bool {

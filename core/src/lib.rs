@@ -34,6 +34,7 @@ pub mod recipe;
 pub mod registry;
 pub mod score;
 pub mod store;
+pub mod tensorboard;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};

@@ -258,6 +258,8 @@ pub struct PrepareStats {
     pub stage_prompts: usize,
     /// Prompts of the stage that gave no example (for example no pair had a large enough gap).
     pub prompts_without_examples: usize,
+    /// Answers the reward skipped (left out).
+    pub skipped_by_reward: u64,
     /// Examples built.
     pub examples: usize,
 }
@@ -340,13 +342,20 @@ pub fn prepare_with(
     let seed = recipe.run.seed;
     groups.retain(|g| in_stage(&recipe.data, seed, &g.prompt.id, stage));
     stats.stage_prompts = groups.len();
-    crate::score::score_stage(
+    let scored = crate::score::score_stage(
         c.reward.as_ref(),
         &mut groups,
         score_dir,
         recipe.data.score_batch_size as usize,
         &|_| {},
     )?;
+    if scored.skipped > 0 {
+        // Answers the reward skipped are left out.
+        for g in &mut groups {
+            g.completions.retain(|c| c.reward.is_some());
+        }
+        stats.skipped_by_reward = scored.skipped;
+    }
     let objective = match stage {
         StageName::Sft => c.sft_objective.as_ref(),
         StageName::Po => c.po_objective.as_ref(),
@@ -374,6 +383,7 @@ pub fn prepare_with(
         skipped_records = stats.skipped_records,
         stage_prompts = stats.stage_prompts,
         prompts_without_examples = stats.prompts_without_examples,
+        skipped_by_reward = stats.skipped_by_reward,
         examples = stats.examples,
         "prepared examples"
     );

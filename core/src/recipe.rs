@@ -47,6 +47,17 @@ pub struct RunConfig {
     /// Seed of every random choice.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Experiment trackers the per-step metrics also go to (beside `metrics.jsonl`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_to: Vec<ReportTo>,
+}
+
+/// An experiment tracker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportTo {
+    /// TensorBoard event files in `runs/NAME/tensorboard/` ([`crate::tensorboard`]).
+    Tensorboard,
 }
 
 fn default_seed() -> u64 {
@@ -55,7 +66,7 @@ fn default_seed() -> u64 {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { name: None, output_dir: None, seed: default_seed() }
+        Self { name: None, output_dir: None, seed: default_seed(), report_to: Vec::new() }
     }
 }
 

@@ -9,7 +9,9 @@
 //! A score is keyed by the answer (prompt, source, sample) and a hash of its text, so an answer
 //! made again (a source redone) is scored again, and a rerun after a kill scores only what is
 //! missing. When the reward's fingerprint changes, the old scores are set aside and everything is
-//! scored afresh. Rewards that say they need no store (`precomputed`) score in memory.
+//! scored afresh. Rewards that say they need no store (`precomputed`) score in memory. An answer a
+//! reward skips (a judge told to skip what it cannot grade) is stored with a `null` score and left
+//! out of training.
 
 use std::path::Path;
 use std::time::Instant;
@@ -33,8 +35,8 @@ pub struct StoredScore {
     pub sample_index: u32,
     /// FNV-1a of its text, in hex.
     pub text_hash: String,
-    /// The score.
-    pub score: f64,
+    /// The score; `null`: the reward skipped the answer (it is left out of training).
+    pub score: Option<f64>,
 }
 
 impl StoreRecord for StoredScore {
@@ -75,6 +77,8 @@ pub struct ScoreSummary {
     pub scored: u64,
     /// Scores found in the store.
     pub reused: u64,
+    /// Answers the reward skipped (left out of training).
+    pub skipped: u64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -110,8 +114,8 @@ pub fn score_stage(
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let row: Vec<f64> = by_part.iter().map(|p| p[i]).collect();
-            let value = reward.combine(&row);
-            if !value.is_finite() {
+            let value = if row.iter().any(|v| v.is_nan()) { f64::NAN } else { reward.combine(&row) };
+            if !value.is_finite() && !value.is_nan() {
                 return Err(Error::Record {
                     record: item.completion.describe(),
                     message: format!("reward `{}` combined its parts' scores {row:?} into {value}", reward.name()),
@@ -126,7 +130,11 @@ pub fn score_stage(
     for g in groups.iter_mut() {
         for c in &mut g.completions {
             let value = values.next().expect("one score per answer");
-            c.reward = Some(Reward { value, scored_by: scorer.clone() });
+            // NaN: skipped by the reward (left unscored, and so out of training).
+            c.reward = (!value.is_nan()).then(|| Reward { value, scored_by: scorer.clone() });
+            if value.is_nan() {
+                summary.skipped += 1;
+            }
         }
     }
     summary.seconds = t0.elapsed().as_secs_f64();
@@ -152,8 +160,9 @@ fn score_items(
         None => None,
     };
     let stored = store.as_ref().map(Store::records).unwrap_or_default();
+    // A stored null (an answer the reward skipped) comes back as NaN.
     let mut scores: Vec<Option<f64>> =
-        items.iter().map(|i| stored.get(&key_of(i.completion)).map(|s| s.score)).collect();
+        items.iter().map(|i| stored.get(&key_of(i.completion)).map(|s| s.score.unwrap_or(f64::NAN))).collect();
     let todo: Vec<usize> = (0..items.len()).filter(|&i| scores[i].is_none()).collect();
     let reused = (items.len() - todo.len()) as u64;
     let total = items.len() as u64;
@@ -185,7 +194,8 @@ fn score_items(
             let mut records = Vec::with_capacity(values.len());
             for (&i, value) in indices.iter().zip(values) {
                 let item = &asked[i];
-                if !value.is_finite() {
+                let skipped = value.is_nan() && reward.skips();
+                if !value.is_finite() && !skipped {
                     return Err(Error::Record {
                         record: item.completion.describe(),
                         message: format!("reward model `{name}` gave the non-finite score {value}"),
@@ -195,7 +205,8 @@ fn score_items(
                     done += 1;
                 }
                 let (prompt_id, source, sample_index, text_hash) = key_of(item.completion);
-                records.push(StoredScore { prompt_id, source, sample_index, text_hash, score: value });
+                let score = (!skipped).then_some(value);
+                records.push(StoredScore { prompt_id, source, sample_index, text_hash, score });
             }
             if let Some(s) = &store {
                 s.append_all(&records)?;
@@ -218,7 +229,7 @@ fn score_items(
             });
         }
     }
-    let part = ScoreSummary { scored: todo.len() as u64, reused, seconds: t0.elapsed().as_secs_f64() };
+    let part = ScoreSummary { scored: todo.len() as u64, reused, skipped: 0, seconds: t0.elapsed().as_secs_f64() };
     if part.scored > 0 {
         tracing::info!(reward = %name, scored = part.scored, reused = part.reused, seconds = part.seconds, "scored");
     }
@@ -226,4 +237,68 @@ fn score_items(
     summary.reused += part.reused;
     progress(&ScoreProgress { reward: name, done: total, total, finished: Some(part) });
     Ok(scores.into_iter().map(|s| s.expect("every answer was scored")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{ChatMessage, Completion, CompletionId, Origin, Prompt, SamplingParams, ScoredCompletion};
+
+    /// Scores each answer by its length; NaN for answers that say "skip me".
+    #[derive(Debug)]
+    struct Lengths {
+        skips: bool,
+    }
+
+    impl RewardModel for Lengths {
+        fn name(&self) -> &str {
+            "lengths"
+        }
+        fn skips(&self) -> bool {
+            self.skips
+        }
+        fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
+            Ok(items
+                .iter()
+                .map(|i| if i.completion.text == "skip me" { f64::NAN } else { i.completion.text.len() as f64 })
+                .collect())
+        }
+    }
+
+    fn groups() -> Vec<ScoredGroup> {
+        let completion = |i: u32, text: &str| ScoredCompletion {
+            completion: Completion {
+                id: CompletionId { prompt_id: "p".into(), source: "s".into(), sample_index: i },
+                text: text.into(),
+                sampling: SamplingParams::default(),
+                origin: Origin { adapter: "test".into(), file: None, line: None },
+                precomputed_score: None,
+            },
+            reward: None,
+        };
+        vec![ScoredGroup {
+            prompt: Prompt { id: "p".into(), messages: vec![ChatMessage::user("q")] },
+            completions: vec![completion(0, "abc"), completion(1, "skip me"), completion(2, "de")],
+        }]
+    }
+
+    #[test]
+    fn skipped_answers_are_stored_without_a_score_and_left_unscored() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut g = groups();
+        let summary = score_stage(&Lengths { skips: true }, &mut g, Some(dir.path()), 2, &|_| {}).expect("score");
+        assert_eq!((summary.scored, summary.skipped), (3, 1));
+        let rewards: Vec<Option<f64>> = g[0].completions.iter().map(|c| c.reward.as_ref().map(|r| r.value)).collect();
+        assert_eq!(rewards, [Some(3.0), None, Some(2.0)]);
+        let stored = std::fs::read_to_string(dir.path().join("lengths.jsonl")).expect("store");
+        assert_eq!(stored.lines().filter(|l| l.contains("\"score\":null")).count(), 1, "{stored}");
+        // A rerun reads the skip back without asking again.
+        let mut again = groups();
+        let summary = score_stage(&Lengths { skips: true }, &mut again, Some(dir.path()), 2, &|_| {}).expect("rerun");
+        assert_eq!((summary.scored, summary.reused, summary.skipped), (0, 3, 1));
+        assert!(again[0].completions[1].reward.is_none());
+        // A reward that does not skip: NaN is an error naming the answer.
+        let err = score_stage(&Lengths { skips: false }, &mut groups(), None, 2, &|_| {}).expect_err("NaN").to_string();
+        assert!(err.contains("sample 1") && err.contains("non-finite score NaN"), "{err}");
+    }
 }

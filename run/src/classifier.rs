@@ -83,6 +83,8 @@ pub struct ClassifierReward {
     weights: Vec<f64>,
     head: ClassifierHead,
     placement: Placement,
+    /// Computed once: hashing the weights reads every byte of them.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl ClassifierReward {
@@ -110,6 +112,7 @@ impl ClassifierReward {
             weights,
             head,
             placement: Placement { device, device_index, dtype },
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -259,17 +262,21 @@ impl RewardModel for ClassifierReward {
     }
 
     fn fingerprint(&self) -> String {
-        let weights = crate::local::weights_hash(&self.checkpoint)
-            .map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"));
-        let template = self.template.as_ref().and_then(|t| std::fs::read_to_string(t).ok());
-        serde_json::json!({
-            "kind": "classifier",
-            "weights": weights,
-            "chat_template": template,
-            "dtype": self.placement.dtype,
-            "label_weights": self.weights,
-        })
-        .to_string()
+        self.fingerprint
+            .get_or_init(|| {
+                let weights = crate::local::weights_hash(&self.checkpoint)
+                    .map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"));
+                let template = self.template.as_ref().and_then(|t| std::fs::read_to_string(t).ok());
+                serde_json::json!({
+                    "kind": "classifier",
+                    "weights": weights,
+                    "chat_template": template,
+                    "dtype": self.placement.dtype,
+                    "label_weights": self.weights,
+                })
+                .to_string()
+            })
+            .clone()
     }
 
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {

@@ -15,6 +15,7 @@
 //!   score/REWARD.jsonl     the reward's score of every answer, appended batch by batch
 //!                          (fuserl_core::score), with REWARD.settings.json
 //!   metrics.jsonl          one line per logged optimiser step, both stages
+//!   tensorboard/           the same as TensorBoard event files (`[run] report_to = ["tensorboard"]`)
 //!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
 //!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
@@ -258,6 +259,8 @@ fn run_on<B: LogProbBackend>(
     score_stage(loaded, collected.clone(), report.score)?;
     let progress = report.step;
     let metrics = dir.join("metrics.jsonl");
+    let tensorboard =
+        recipe.run.report_to.contains(&fuserl_core::recipe::ReportTo::Tensorboard).then(|| dir.join("tensorboard"));
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
     let tok = ChatTokenizer::load(&target, template.as_deref())?;
@@ -304,6 +307,7 @@ fn run_on<B: LogProbBackend>(
                 seed: recipe.run.seed,
                 dir: dir.join("sft/checkpoints"),
                 metrics: metrics.clone(),
+                tensorboard: tensorboard.clone(),
                 logprobs: path,
             };
             train_and_save::<B>(&target, stage, (device, dt), &sft_final, &target, progress)?;
@@ -380,6 +384,7 @@ fn run_on<B: LogProbBackend>(
                 seed: recipe.run.seed,
                 dir: dir.join("po/checkpoints"),
                 metrics: metrics.clone(),
+                tensorboard: tensorboard.clone(),
                 logprobs: path,
             };
             train_and_save::<B>(&start, stage, (device, dt), &po_final, &target, progress)?;

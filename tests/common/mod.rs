@@ -43,12 +43,13 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 /// A temporary copy of the layout recipes expect: `recipes/` (with its `templates/`) beside
-/// `data/` and `checkpoints/`.
+/// `data/`, `checkpoints/` and `fixtures/` (the tiny reward model).
 pub fn sandbox() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
     std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
     std::os::unix::fs::symlink(repo().join("checkpoints"), dir.path().join("checkpoints")).expect("symlink");
+    std::os::unix::fs::symlink(repo().join("fixtures"), dir.path().join("fixtures")).expect("symlink");
     std::os::unix::fs::symlink(repo().join("recipes/templates"), dir.path().join("recipes/templates"))
         .expect("symlink");
     dir

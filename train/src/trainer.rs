@@ -130,6 +130,8 @@ pub struct Stage<'a> {
     pub dir: PathBuf,
     /// The run's `metrics.jsonl`.
     pub metrics: PathBuf,
+    /// A folder for TensorBoard event files of the same metrics (`[run] report_to`).
+    pub tensorboard: Option<PathBuf>,
     /// How the policy's log-probs are computed (`[backend] logprobs`).
     pub logprobs: LogProbPath,
 }
@@ -441,6 +443,12 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         tracing::info!(stage = stage.name.as_str(), step = start, checkpoint = %Shown(&ckpt), "resuming");
     }
     trim_metrics(&stage.metrics, stage.name, start)?;
+    let mut events = match &stage.tensorboard {
+        Some(dir) => {
+            Some(fuserl_core::tensorboard::EventWriter::create(dir).map_err(|e| TrainError::Data(e.to_string()))?)
+        }
+        None => None,
+    };
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -492,6 +500,17 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
             writeln!(metrics_file, "{line}")
                 .and_then(|()| metrics_file.flush())
                 .map_err(|e| TrainError::io(&stage.metrics, e))?;
+            if let Some(w) = &mut events {
+                let tags: Vec<(String, f64)> = line
+                    .as_object()
+                    .expect("object")
+                    .iter()
+                    .filter_map(|(k, v)| Some((format!("{}/{k}", stage.name.as_str()), v.as_f64()?)))
+                    .filter(|(k, _)| !k.ends_with("/step"))
+                    .collect();
+                let scalars: Vec<(&str, f64)> = tags.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                w.scalars(done, &scalars).map_err(|e| TrainError::Data(e.to_string()))?;
+            }
         }
         progress(&Progress { stage: stage.name, step: done, total, loss });
         debug_pause(&format!("{}-step-{done}", stage.name.as_str()));

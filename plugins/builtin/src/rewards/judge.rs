@@ -15,7 +15,8 @@
 //! # response_prefix = "Rating: [["    # "Rating: [[" so that the next token is the rating)
 //! max_tokens = 512
 //! logprobs = false                     # the probability-weighted rating from top_logprobs
-//! on_unparseable = "fail"              # or "min": score the scale's minimum (said per answer)
+//! on_unparseable = "fail"              # or "min": score the scale's minimum, or "skip": leave the
+//!                                      # answer out of training (each said per answer)
 //! unparseable_retries = 2              # asked again (another seed) before that
 //! concurrency = 4
 //! timeout_s = 120
@@ -59,6 +60,8 @@ pub enum OnUnparseable {
     Fail,
     /// Score the scale's minimum (a warning names the answer).
     Min,
+    /// Leave the answer out of training (stored without a score; a warning names it).
+    Skip,
 }
 
 /// `[reward] kind = "judge"`.
@@ -402,6 +405,10 @@ impl RewardModel for Judge {
         .to_string()
     }
 
+    fn skips(&self) -> bool {
+        self.config.on_unparseable == OnUnparseable::Skip
+    }
+
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         let mut out = vec![0.0; items.len()];
         self.score_batches(items, 0, &mut |indices, scores| {
@@ -452,7 +459,7 @@ impl RewardModel for Judge {
                                 record: item.completion.describe(),
                                 message: format!(
                                     "the judge gave no rating in [{}, {}] after {} attempts; last verdict: {snippet:?} \
-                                     (on_unparseable = \"min\" scores such answers the minimum)",
+                                     (on_unparseable = \"min\" scores such answers the minimum, \"skip\" leaves them out)",
                                     self.config.min,
                                     self.config.max,
                                     self.config.unparseable_retries + 1
@@ -461,6 +468,10 @@ impl RewardModel for Judge {
                             OnUnparseable::Min => {
                                 tracing::warn!(answer = %item.completion.describe(), verdict = %snippet, "the judge gave no rating: scored the minimum");
                                 Ok((i, self.config.min))
+                            }
+                            OnUnparseable::Skip => {
+                                tracing::warn!(answer = %item.completion.describe(), verdict = %snippet, "the judge gave no rating: left out");
+                                Ok((i, f64::NAN))
                             }
                         }
                     });
