@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fuserl_env, repo, text};
+use common::{fuserl_env, kill_at_pause, repo, text};
 
 /// A llama.cpp server on a free port of 127.0.0.1, stopped when dropped.
 struct Server {
@@ -528,23 +528,7 @@ fn a_killed_collection_resumes_without_losing_or_repeating_answers() {
             let out = fuserl_env(&["collect", &p], &repo(), &[]);
             assert!(out.status.success(), "{}", text(&out.stderr));
         } else {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
-                .args(["collect", &p])
-                .current_dir(repo())
-                .env("FUSERL_DEBUG_PAUSE", label)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn");
-            let stderr = child.stderr.take().expect("stderr");
-            let paused = BufReader::new(stderr)
-                .lines()
-                .take(10_000)
-                .map_while(Result::ok)
-                .any(|line| line.contains(&format!("paused at {label}")));
-            child.kill().expect("SIGKILL");
-            child.wait().expect("wait");
-            assert!(paused, "never paused at {label}");
+            kill_at_pause(&["collect", &p], &repo(), label);
         }
         // This run asked for no answer that was stored before it started.
         for body in proxy.bodies.lock().expect("lock").iter() {

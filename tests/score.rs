@@ -7,11 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use common::{fuserl_env, repo, text};
+use common::{fuserl_env, kill_at_pause, repo, text};
 
 type Key = (String, String, u64, String);
 
@@ -117,23 +115,7 @@ fn a_killed_scoring_resumes_without_losing_or_repeating_scores() {
     let recipe = recipe();
     for label in ["score-8", "score-40"] {
         let before = scores(dir.path());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
-            .args(["score", &recipe])
-            .current_dir(dir.path())
-            .env("FUSERL_DEBUG_PAUSE", label)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let paused = BufReader::new(stderr)
-            .lines()
-            .take(10_000)
-            .map_while(Result::ok)
-            .any(|line| line.contains(&format!("paused at {label}")));
-        child.kill().expect("SIGKILL");
-        child.wait().expect("wait");
-        assert!(paused, "never paused at {label}");
+        kill_at_pause(&["score", &recipe], dir.path(), label);
         let now = scores(dir.path());
         for (k, v) in &before {
             assert_eq!(now.get(k), Some(v), "{label}: {k:?} lost or changed");

@@ -184,6 +184,19 @@ pub trait RewardModel: Send + Sync + Debug {
 /// Receives a reward's scores batch by batch: `(indices of the items, their scores)`.
 pub type ScoreSink<'a> = dyn FnMut(&[usize], Vec<f64>) -> Result<()> + 'a;
 
+/// All of `items`' scores from [`RewardModel::score_batches`], in order: the `score` of a
+/// reward whose own way of scoring is by batches.
+pub fn collect_scores(reward: &dyn RewardModel, items: &[ScoreItem<'_>], batch_size: usize) -> Result<Vec<f64>> {
+    let mut out = vec![f64::NAN; items.len()];
+    reward.score_batches(items, batch_size, &mut |indices, scores| {
+        for (&i, s) in indices.iter().zip(scores) {
+            out[i] = s;
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// One prompt's scored completions, as a weighting scheme or an objective sees them.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupView<'a> {

@@ -280,14 +280,7 @@ impl RewardModel for ClassifierReward {
     }
 
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
-        let mut out = vec![0.0; items.len()];
-        self.score_batches(items, self.batch_size, &mut |indices, scores| {
-            for (&i, s) in indices.iter().zip(scores) {
-                out[i] = s;
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        fuserl_core::extension::collect_scores(self, items, self.batch_size)
     }
 
     fn score_batches(&self, items: &[ScoreItem<'_>], _batch_size: usize, sink: &mut ScoreSink<'_>) -> Result<()> {

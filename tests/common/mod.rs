@@ -59,3 +59,27 @@ pub fn sandbox() -> tempfile::TempDir {
 pub fn line_of(text: &str, needle: &str) -> usize {
     text.lines().position(|l| l.contains(needle)).expect("needle") + 1
 }
+
+/// Start `fuserl ARGS` in `dir` with `FUSERL_DEBUG_PAUSE=label`, wait (reading at most 10,000
+/// lines of its log) until it says it paused there, and SIGKILL it.
+pub fn kill_at_pause(args: &[&str], dir: &Path, label: &str) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
+        .args(args)
+        .current_dir(dir)
+        .env("FUSERL_DEBUG_PAUSE", label)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let paused = BufReader::new(stderr)
+        .lines()
+        .take(10_000)
+        .map_while(Result::ok)
+        .any(|line| line.contains(&format!("paused at {label}")));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    assert!(paused, "never paused at {label}");
+}
