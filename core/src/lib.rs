@@ -33,6 +33,7 @@ pub mod prompts;
 pub mod recipe;
 pub mod registry;
 pub mod score;
+pub mod stats;
 pub mod store;
 pub mod tensorboard;
 
