@@ -36,6 +36,9 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Template instructions one rendering may run (real templates use a few thousand per message).
+const FUEL: u64 = 50_000_000;
+
 impl ChatTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` and the chat template from a checkpoint
     /// folder; `template` overrides the folder's template.
@@ -129,6 +132,9 @@ impl ChatTokenizer {
             )
         })?;
         let mut env = minijinja::Environment::new();
+        // A template from a downloaded checkpoint that loops or recurses without end is stopped
+        // with an error (fuel: instructions; the recursion limit is minijinja's own).
+        env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -151,3 +151,25 @@ fn half_precision_dtypes_load_and_run() {
         assert!(worst < tol, "{dtype:?}: {worst}");
     }
 }
+
+/// A chat template that loops or recurses without end is stopped with an error naming the file,
+/// not a hang or a stack overflow.
+#[test]
+fn a_template_that_never_ends_is_stopped() {
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/tiny-chat");
+    for (what, template) in [
+        ("recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+        ("a loop of a billion", "{% for i in range(1000000000) %}{{ i }}{% endfor %}"),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+            std::fs::copy(tokenizer.join(f), dir.path().join(f)).expect("copy");
+        }
+        std::fs::write(dir.path().join("chat_template.jinja"), template).expect("write");
+        let tok = fuserl_model::chat::ChatTokenizer::load(dir.path(), None).expect("load");
+        let t0 = std::time::Instant::now();
+        let err = tok.render(&[fuserl_core::data::ChatMessage::user("hi")], true).expect_err(what).to_string();
+        assert!(err.contains("chat_template.jinja: chat template:"), "{what}: {err}");
+        assert!(t0.elapsed().as_secs() < 60, "{what}: took {:?}", t0.elapsed());
+    }
+}
