@@ -67,6 +67,10 @@ enum Command {
     /// runs/NAME/score/. Running it again scores only what is missing.
     #[command(after_help = "Example:\n  fuserl score recipes/collect-llamacpp.toml")]
     Score(TrainArgs),
+    /// Evaluate: the fused model and the [eval] baselines answer the held-out prompts, the reward
+    /// scores them; measures with 95% intervals in runs/NAME/eval/eval.json. Resumes.
+    #[command(after_help = "Example:\n  fuserl eval recipes/collect-local.toml")]
+    Eval(TrainArgs),
     /// Run a recipe: collect, score, FuseSFT, then FusePO, then export. Running it again resumes.
     #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
     Run(TrainArgs),
@@ -271,6 +275,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Examples(args) => examples(&args, plugins),
         Command::Collect(args) => collect(&args, plugins),
         Command::Score(args) => score(&args, plugins),
+        Command::Eval(args) => eval(&args, plugins),
         Command::Reward(args) => model_cmds::reward(&args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => train(&args, plugins, fuserl_run::Which::All),
         Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
@@ -346,6 +351,9 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     if let Some(export) = &summary.export {
         println!("fused model: {}", Shown(export));
     }
+    if let Some(eval) = &summary.eval {
+        println!("evaluation: {}", Shown(eval));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -379,6 +387,51 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     match result {
         Ok((dir, _)) => {
             println!("scores: {}", Shown(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            bars.abandon();
+            bar.abandon();
+            print_error(chain_of(&e));
+            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+        }
+    }
+}
+
+fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    let bars = CollectBars::default();
+    let bar = ScoreBar::default();
+    match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
+        Ok((file, doc)) => {
+            let pct = |v: &serde_json::Value| {
+                format!(
+                    "{:.3} [{:.3}, {:.3}]",
+                    v["mean"].as_f64().unwrap_or(f64::NAN),
+                    v["low"].as_f64().unwrap_or(f64::NAN),
+                    v["high"].as_f64().unwrap_or(f64::NAN)
+                )
+            };
+            println!("{} prompts, reward {}", doc["n_prompts"], doc["reward"].as_str().unwrap_or(""));
+            for m in doc["models"].as_array().into_iter().flatten() {
+                let pass = m.get("pass_at_1").map_or_else(String::new, |p| format!(", pass@1 {}", pct(p)));
+                println!(
+                    "  {:<16} reward {}{pass}, {:.0} tokens",
+                    m["name"].as_str().unwrap_or(""),
+                    pct(&m["mean_reward"]),
+                    m["mean_length_tokens"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            for c in doc["comparisons"].as_array().into_iter().flatten() {
+                println!(
+                    "  fused vs {:<8} win rate {}, length-controlled {}",
+                    c["baseline"].as_str().unwrap_or(""),
+                    pct(&c["win_rate"]),
+                    c["length_controlled_win_rate"].as_f64().map_or_else(|| "n/a".to_owned(), |w| format!("{w:.3}"))
+                );
+            }
+            println!("evaluation: {}", Shown(&file));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

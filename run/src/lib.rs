@@ -24,6 +24,8 @@
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
 //!   po/checkpoints/, po/final/, po/DONE
 //!   export/                the fused model (or [export] path)
+//!   eval/                  held-out answers of the fused model and the baselines, their scores,
+//!                          and eval.json ([`eval`]; `[eval] enabled`, or `fuserl eval`)
 //! ```
 //!
 //! Running the same command again resumes: a finished stage is not redone, an interrupted one
@@ -52,6 +54,7 @@ use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage
 pub use fuserl_train::{Result, TrainError};
 
 pub mod classifier;
+pub mod eval;
 pub mod local;
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
@@ -92,6 +95,8 @@ pub struct RunSummary {
     pub metrics: PathBuf,
     /// The exported model, when exported.
     pub export: Option<PathBuf>,
+    /// eval.json, when `[eval] enabled`.
+    pub eval: Option<PathBuf>,
     /// Stages that were already finished and skipped.
     pub skipped: Vec<StageName>,
 }
@@ -403,5 +408,10 @@ fn run_on<B: LogProbBackend>(
             export = Some(to);
         }
     }
-    Ok(RunSummary { dir, metrics, export, skipped })
+    let mut eval = None;
+    if which == Which::All && recipe.eval.enabled {
+        let _span = tracing::info_span!("stage", name = "eval").entered();
+        eval = Some(eval::eval_stage(loaded, report.collect, report.score)?.0);
+    }
+    Ok(RunSummary { dir, metrics, export, eval, skipped })
 }
