@@ -200,6 +200,12 @@ fn print_error<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'sta
 }
 
 /// The chain of `e` and its sources.
+/// Print a stage's error once and give the exit status: 2 for bad input, 1 for anything else.
+fn stage_failed(e: &fuserl_run::TrainError) -> ExitCode {
+    print_error(chain_of(e));
+    ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+}
+
 fn chain_of<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
@@ -337,9 +343,7 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
             bars.abandon();
             collect_bars.abandon();
             score_bar.abandon();
-            let code = if e.is_bad_input() { 2 } else { 1 };
-            print_error(chain_of(&e));
-            return Ok(ExitCode::from(code));
+            return Ok(stage_failed(&e));
         }
     };
     bars.abandon();
@@ -371,8 +375,7 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             bars.abandon();
-            print_error(chain_of(&e));
-            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+            Ok(stage_failed(&e))
         }
     }
 }
@@ -392,8 +395,7 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Err(e) => {
             bars.abandon();
             bar.abandon();
-            print_error(chain_of(&e));
-            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+            Ok(stage_failed(&e))
         }
     }
 }
@@ -437,8 +439,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Err(e) => {
             bars.abandon();
             bar.abandon();
-            print_error(chain_of(&e));
-            Ok(ExitCode::from(if e.is_bad_input() { 2 } else { 1 }))
+            Ok(stage_failed(&e))
         }
     }
 }

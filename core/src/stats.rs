@@ -1,6 +1,7 @@
 //! The statistics of evaluation (the building blocks of `fuserl eval`, issue #16): pass@k with
 //! the unbiased estimator of the HumanEval paper, percentile-bootstrap confidence intervals of a
-//! mean over prompts, and a length-controlled win rate in the spirit of AlpacaEval 2.
+//! mean over prompts (seeded [`crate::maths::SplitMix64`] resampling), and a length-controlled win
+//! rate in the spirit of AlpacaEval 2.
 //!
 //! Checked against numpy and statsmodels on fixed data (fixtures/stats/make_stats.py).
 
@@ -13,25 +14,6 @@ pub fn pass_at_k(n: u64, c: u64, k: u64) -> f64 {
     }
     // 1 - prod_{i = n-c+1}^{n} (1 - k / i)
     1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
-}
-
-/// SplitMix64: a small seeded generator for resampling (the same indices on every machine).
-#[derive(Clone, Debug)]
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for the sizes here).
-    fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next()) * n as u128) >> 64) as usize
-    }
 }
 
 /// A mean with its confidence interval and how many values it rests on.
@@ -63,7 +45,7 @@ pub fn bootstrap_mean(values: &[f64], resamples: usize, level: f64, seed: u64) -
     if n == 0 || resamples == 0 {
         return Estimate { mean, low: mean, high: mean, n };
     }
-    let mut rng = SplitMix(seed);
+    let mut rng = crate::maths::SplitMix64::new(seed);
     let mut means: Vec<f64> =
         (0..resamples).map(|_| (0..n).map(|_| values[rng.below(n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
@@ -90,7 +72,7 @@ pub fn length_controlled_win_rate(outcomes: &[f64], length_difference: &[f64]) -
         // Gradient and Hessian of the log-likelihood in (a, b).
         let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for (y, xi) in outcomes.iter().zip(&x) {
-            let p = 1.0 / (1.0 + (-(a + b * xi)).exp());
+            let p = crate::maths::sigmoid(a + b * xi);
             let w = p * (1.0 - p);
             ga += y - p;
             gb += (y - p) * xi;
@@ -109,7 +91,7 @@ pub fn length_controlled_win_rate(outcomes: &[f64], length_difference: &[f64]) -
             return None;
         }
         if da.abs().max(db.abs()) < 1e-12 {
-            return Some(1.0 / (1.0 + (-a).exp()));
+            return Some(crate::maths::sigmoid(a));
         }
     }
     None

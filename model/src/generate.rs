@@ -42,20 +42,8 @@ pub struct Generation {
     pub finish_reason: &'static str,
 }
 
-/// splitmix64: a small, seedable generator (no dependency, same stream on every platform).
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// The sampler's generator (splitmix64: the same stream on every platform).
+type Rng = fuserl_core::maths::SplitMix64;
 
 /// Choose the next token from one row of logits.
 fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
@@ -136,8 +124,8 @@ fn generate_with<B: Backend>(
     let b = prompts.len();
     let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
     eos.push(tokenizer.eos_id());
-    let mut shared = Rng(cfg.seed);
-    let mut per_row: Vec<Rng> = seeds.map(|s| s.iter().map(|&x| Rng(x)).collect()).unwrap_or_default();
+    let mut shared = Rng::new(cfg.seed);
+    let mut per_row: Vec<Rng> = seeds.map(|s| s.iter().map(|&x| Rng::new(x)).collect()).unwrap_or_default();
     let mut inputs = Inputs::left_padded(prompts, 0);
     let mut key_valid = inputs.valid.clone();
     let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -206,14 +194,14 @@ mod tests {
     fn sampling_respects_top_k_top_p_and_seed() {
         let logits = [0.0f32, 5.0, 4.9, -3.0];
         let greedy = GenerateConfig::default();
-        assert_eq!(pick(&logits, &greedy, &mut Rng(1)), 1);
+        assert_eq!(pick(&logits, &greedy, &mut Rng::new(1)), 1);
         let top1 = GenerateConfig { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert!((0..50).all(|s| pick(&logits, &top1, &mut Rng(s)) == 1));
+        assert!((0..50).all(|s| pick(&logits, &top1, &mut Rng::new(s)) == 1));
         let nucleus = GenerateConfig { temperature: 1.0, top_p: 0.9, ..Default::default() };
-        assert!((0..200).all(|s| matches!(pick(&logits, &nucleus, &mut Rng(s)), 1 | 2)));
+        assert!((0..200).all(|s| matches!(pick(&logits, &nucleus, &mut Rng::new(s)), 1 | 2)));
         let hot = GenerateConfig { temperature: 100.0, ..Default::default() };
-        let a: Vec<u32> = (0..20).map(|s| pick(&logits, &hot, &mut Rng(s))).collect();
-        let b: Vec<u32> = (0..20).map(|s| pick(&logits, &hot, &mut Rng(s))).collect();
+        let a: Vec<u32> = (0..20).map(|s| pick(&logits, &hot, &mut Rng::new(s))).collect();
+        let b: Vec<u32> = (0..20).map(|s| pick(&logits, &hot, &mut Rng::new(s))).collect();
         assert_eq!(a, b);
         assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 2);
     }

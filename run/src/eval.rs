@@ -1,6 +1,7 @@
 //! The evaluation stage (`fuserl eval`, and the last stage of `fuserl run` when `[eval] enabled`):
-//! the fused model and every baseline answer the held-out prompts (`[eval] prompts`) once each,
-//! the recipe's reward scores the answers, and `runs/NAME/eval/eval.json` gets, per model, the
+//! the fused model (the export, else the FusePO or FuseSFT model) and every baseline answer the
+//! held-out prompts (`[eval] prompts`) once each, the recipe's reward scores the answers, and
+//! `runs/NAME/eval/eval.json` gets, per model, the
 //! mean reward with its 95% bootstrap interval over prompts, the mean answer length in tokens
 //! (the target's tokenizer, the same for every model) and, for verifier rewards (`python-tests`,
 //! `math`), pass@1; per baseline, the fused model's win rate against it (by reward, ties counted
@@ -83,8 +84,13 @@ pub fn eval_stage(
             .map_err(|err| TrainError::Data(format!("[eval] {name}: {err}")))
     };
     // The fused model first, then the baselines in the recipe's order.
-    let mut locals: Vec<(String, LocalSource)> =
-        vec![("fused".into(), checkpoint_source("fused", &loaded.export_dir())?)];
+    // The export, else the last stage's model (a recipe may not export).
+    let out = loaded.output_dir();
+    let fused = [loaded.export_dir(), out.join("po/final"), out.join("sft/final")]
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
+        .unwrap_or_else(|| loaded.export_dir());
+    let mut locals: Vec<(String, LocalSource)> = vec![("fused".into(), checkpoint_source("fused", &fused)?)];
     let mut sources: Vec<&dyn Generator> = Vec::new();
     for b in &e.baselines {
         if let Some(name) = b.strip_prefix("source:") {
