@@ -60,12 +60,16 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The device `--device` names.
+fn parse_device(device: &str) -> anyhow::Result<Device> {
+    serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {
+        bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"))
+    })
+}
+
 /// Runs `code` on the device `--device` names (f32), or says why it cannot.
 fn on_device<O: OnBackend<Output = anyhow::Result<T>>, T>(device: &str, code: O) -> anyhow::Result<T> {
-    let parsed: Device = serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {
-        bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"))
-    })?;
-    fuserl_backends::on_backend(parsed, 0, DType::F32, code)
+    fuserl_backends::on_backend(parse_device(device)?, 0, DType::F32, code)
         .map_err(|e| bad_input(format!("--device {device}: {e}")))?
 }
 
@@ -167,9 +171,7 @@ pub fn reward(args: &RewardArgs) -> anyhow::Result<()> {
                 bad_input(format!("--label {l}: the reward model's labels are {}", head.labels.join(", ")))
             })?,
     };
-    let device: Device = serde_json::from_value(serde_json::Value::String(args.device.clone())).map_err(|_| {
-        bad_input(format!("--device {}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm", args.device))
-    })?;
+    let device = parse_device(&args.device)?;
     fuserl_backends::check(device, DType::F32).map_err(|e| bad_input(format!("--device {}: {e}", args.device)))?;
     let records = read_pairs(&args.data)?;
     let conversations: Vec<Vec<ChatMessage>> = records

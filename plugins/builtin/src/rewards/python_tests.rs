@@ -232,15 +232,17 @@ pub fn run_answer(t: &CodeTests, answer: &str, config: &PythonTestsConfig) -> Re
     let n = RUNS.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("fuserl-python-tests-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let verdict = run_in(&dir, t, answer, config);
+    let verdict = run_in(&dir, n, t, answer, config);
     let _ = std::fs::remove_dir_all(&dir);
     verdict
 }
 
-fn run_in(dir: &std::path::Path, t: &CodeTests, answer: &str, config: &PythonTestsConfig) -> Result<Verdict> {
+fn run_in(dir: &std::path::Path, n: u64, t: &CodeTests, answer: &str, config: &PythonTestsConfig) -> Result<Verdict> {
     let harness = dir.join("fuserl_harness.py");
     std::fs::write(&harness, HARNESS).map_err(|e| Error::io(&harness, e))?;
-    let marker = format!("FUSERL-RESULT-{:016x}", RUNS.load(Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    // The line the result comes on: an answer's own output is unlikely to start with it.
+    let marker =
+        format!("FUSERL-RESULT-{:016x}", (n ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let job = serde_json::json!({
         "program": program(t, answer),
         "tests": t.tests,
