@@ -8,7 +8,7 @@ rule-based verifier, deterministic and reproducible:
 
     reward = (key facts found, case-insensitive) / (key facts)  -  0.002 * words
 
-rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the four files (the facts also feed the
+rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the files (the facts also feed the
 `keywords` reward model, which scores new answers the same way).
 """
 import json
@@ -95,6 +95,17 @@ TARGET = {
     "largest-ocean": ["The Pacific.", "The Indian Ocean."],
 }
 
+# Held-out prompts for evaluation (`prompts-heldout.jsonl`): no answers, only the key facts the
+# `keywords` reward looks for; none of them is a training prompt.
+HELDOUT = [
+    ("capital-japan", "What is the capital of Japan?", ["tokyo"]),
+    ("freeze-water", "At what temperature does water freeze, in Celsius?", ["0"]),
+    ("moon-earth", "What is the name of Earth's natural satellite?", ["moon"]),
+    ("python-len", "How do I get the number of items in a list `xs` in Python?", ["len(xs)"]),
+    ("largest-planet", "What is the largest planet in the Solar System?", ["jupiter"]),
+    ("speed-light", "Roughly how fast does light travel, in kilometres per second?", ["300"]),
+]
+
 
 def reward(text: str, facts: list[str]) -> float:
     found = sum(1 for f in facts if f.lower() in text.lower())
@@ -118,13 +129,16 @@ def main() -> None:
         for i, t in enumerate(TARGET[pid]):
             target.append({"prompt_id": pid, "prompt": prompt, "source": "target", "sample_index": i,
                            "response": t, "score": reward(t, facts)})
-    facts = [{"id": pid, "facts": f} for pid, _, f, _ in DATA]
+    facts = [{"id": pid, "facts": f} for pid, _, f, _ in DATA] + [{"id": pid, "facts": f} for pid, _, f in HELDOUT]
     (HERE / "fusion-mini-facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in facts))
     (HERE / "fusion-mini-target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target))
     (HERE / "fusion-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in per_prompt))
     (HERE / "fusion-mini-flat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
     prompts = [{"id": pid, "prompt": prompt} for pid, prompt, _, _ in DATA]
     (HERE / "prompts-mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    heldout = [{"id": pid, "prompt": prompt} for pid, prompt, _ in HELDOUT]
+    assert not {r["id"] for r in heldout} & {r["id"] for r in prompts}, "a held-out prompt is a training prompt"
+    (HERE / "prompts-heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
 
 
 if __name__ == "__main__":

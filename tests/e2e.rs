@@ -369,9 +369,20 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
             .expect("steps");
         assert!(stderr.contains(&format!("{stage}: {last}/{last} steps, loss ")), "{stage}: {stderr}");
     }
+    // The quick start evaluates ([eval] enabled) and reports, with no download.
+    assert!(stdout.contains("evaluation: runs/quickstart/eval/eval.json"), "{stdout}");
+    assert!(stdout.contains("report: runs/quickstart/report/index.html"), "{stdout}");
     let again = fuserl(&["run", &recipe], dir.path());
     assert!(again.status.success());
     assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
+    // `fuserl eval` again: every answer and score is in the stores, nothing is redone.
+    let eval = fuserl(&["eval", &recipe], dir.path());
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    assert!(text(&eval.stdout).contains("fused vs target"), "{}", text(&eval.stdout));
+    let report = fuserl(&["report", "runs/quickstart"], dir.path());
+    assert!(report.status.success(), "{}", text(&report.stderr));
+    assert!(text(&report.stdout).contains("report: runs/quickstart/report/index.html"), "{}", text(&report.stdout));
+    check_report_in_browser(&dir.path().join("runs/quickstart"));
     // The fused model is an ordinary checkpoint: it scores and generates.
     let model = dir.path().join("runs/quickstart/export").display().to_string();
     let reply = fuserl(
@@ -379,6 +390,84 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
         dir.path(),
     );
     assert!(reply.status.success(), "{}", text(&reply.stderr));
+}
+
+/// Open the run's report in headless Chromium: no console error, nothing fetched, every plot
+/// drawn with its series, and every number of the evaluation table equal to eval.json's.
+fn check_report_in_browser(run_dir: &std::path::Path) {
+    let report = run_dir.join("report/index.html");
+    let markdown = std::fs::read_to_string(run_dir.join("report/report.md")).expect("report.md");
+    assert!(markdown.contains("## Evaluation") && markdown.contains("(plots/eval-rewards.svg)"), "{markdown}");
+    let Some((chromium, driver)) = common::browser::chromium() else {
+        #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
+        {
+            eprintln!("report not opened in a browser: install chromium and chromium-driver (what .ci/run does)");
+        }
+        return;
+    };
+    let browser = common::browser::Browser::start(&chromium, &driver);
+    // The console check can fail: a page with an error is caught.
+    browser.open("data:text/html,<script>console.error('planted')</script><p>x</p>");
+    let planted = browser.console_errors();
+    assert!(planted.iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("planted"))), "{planted:?}");
+
+    browser.open(&format!("file://{}", report.display()));
+    let facts = browser.eval(common::browser::REPORT_FACTS);
+    let errors = browser.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    assert_eq!(facts["fetched"], serde_json::json!([]), "the report fetched something");
+    assert_eq!(facts["title"], "fuserl run report: quickstart");
+    let figures = facts["figures"].as_array().expect("figures");
+    let series_of = |id: &str| -> Vec<String> {
+        let f =
+            figures.iter().find(|f| f["id"] == format!("plot-{id}")).unwrap_or_else(|| panic!("no plot {id}: {facts}"));
+        f["series"].as_array().expect("series").iter().map(|s| s.as_str().expect("name").to_owned()).collect()
+    };
+    // The plots the quick start must have, with their series.
+    for (id, series) in [
+        ("data-rewards", vec!["model-a", "model-b", "model-c"]),
+        ("data-sft-weight", vec!["model-a", "model-b", "model-c"]),
+        ("data-po-chosen", vec!["model-a", "model-b", "model-c"]),
+        ("sft-loss", vec!["loss"]),
+        ("sft-grad-norm", vec!["grad_norm"]),
+        ("sft-lr", vec!["lr"]),
+        ("po-loss", vec!["loss"]),
+        ("po-rewards", vec!["rewards/chosen", "rewards/rejected"]),
+        ("po-rewards-margins", vec!["rewards/margins"]),
+        ("po-rewards-accuracies", vec!["rewards/accuracies"]),
+        ("eval-win-rates", vec!["target", "sft"]),
+        ("eval-rewards", vec!["fused", "target", "sft"]),
+    ] {
+        assert_eq!(series_of(id), series, "{id}");
+    }
+    for f in figures {
+        assert!(f["width"].as_f64() > Some(100.0) && f["height"].as_f64() > Some(100.0), "{f}");
+        for name in f["series"].as_array().expect("series") {
+            let name = name.as_str().expect("name");
+            assert!(f["drawn"][name].as_u64() >= Some(1), "{}: series {name} not drawn: {f}", f["id"]);
+            assert!(
+                f["texts"].as_array().expect("texts").iter().any(|t| t.as_str() == Some(name)),
+                "{}: series {name} not labelled: {f}",
+                f["id"]
+            );
+        }
+    }
+    // The table: every number shown is eval.json's, to the 3 decimals shown.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("eval/eval.json")).expect("eval.json"))
+            .expect("json");
+    let numbers = facts["numbers"].as_array().expect("numbers");
+    let models = eval["models"].as_array().expect("models").len();
+    assert!(numbers.len() >= models * 4, "{numbers:?}");
+    for n in numbers {
+        let pointer = n["pointer"].as_str().expect("pointer");
+        let want = eval
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or_else(|| panic!("{pointer} not in eval.json"));
+        let shown: f64 = n["text"].as_str().expect("text").parse().unwrap_or_else(|_| panic!("{n}"));
+        assert!((shown - want).abs() <= 5e-4, "{pointer}: page shows {shown}, eval.json has {want}");
+    }
 }
 
 #[test]

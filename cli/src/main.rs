@@ -71,6 +71,13 @@ enum Command {
     /// scores them; measures with 95% intervals in runs/NAME/eval/eval.json. Resumes.
     #[command(after_help = "Example:\n  fuserl eval recipes/collect-local.toml")]
     Eval(TrainArgs),
+    /// Rebuild a run's report (RUN_DIR/report/index.html and report.md) from what the run
+    /// directory holds; the run itself rebuilds it after every stage.
+    #[command(after_help = "Example:\n  fuserl report runs/quickstart")]
+    Report {
+        /// The run directory (runs/NAME, or the recipe's [run] output_dir).
+        run_dir: PathBuf,
+    },
     /// Run a recipe: collect, score, FuseSFT, then FusePO, then export. Running it again resumes.
     #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
     Run(TrainArgs),
@@ -283,6 +290,14 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Score(args) => score(&args, plugins),
         Command::Eval(args) => eval(&args, plugins),
         Command::Reward(args) => model_cmds::reward(&args).map(|()| ExitCode::SUCCESS),
+        Command::Report { run_dir } => match fuserl_run::report::write_report(&run_dir) {
+            Ok(files) => {
+                println!("report: {}", Shown(&files.html));
+                println!("report (Markdown): {}", Shown(&files.markdown));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Ok(stage_failed(&e)),
+        },
         Command::Run(args) => train(&args, plugins, fuserl_run::Which::All),
         Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
         Command::Po(args) => train(&args, plugins, fuserl_run::Which::Po),
@@ -358,6 +373,9 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     if let Some(eval) = &summary.eval {
         println!("evaluation: {}", Shown(eval));
     }
+    if summary.dir.join("report/index.html").is_file() {
+        println!("report: {}", Shown(&summary.dir.join("report/index.html")));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -389,6 +407,7 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         .and_then(|(_, collected)| fuserl_run::score_stage(&loaded, collected, &|p| bar.update(p)));
     match result {
         Ok((dir, _)) => {
+            fuserl_run::refresh_report(&loaded.output_dir());
             println!("scores: {}", Shown(&dir));
             Ok(ExitCode::SUCCESS)
         }
@@ -417,7 +436,14 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             };
             println!("{} prompts, reward {}", doc["n_prompts"], doc["reward"].as_str().unwrap_or(""));
             for m in doc["models"].as_array().into_iter().flatten() {
-                let pass = m.get("pass_at_1").map_or_else(String::new, |p| format!(", pass@1 {}", pct(p)));
+                let mut passes: Vec<(u64, &serde_json::Value)> = m
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.strip_prefix("pass_at_")?.parse().ok()?, v)))
+                    .collect();
+                passes.sort_by_key(|p| p.0);
+                let pass: String = passes.iter().map(|(k, v)| format!(", pass@{k} {}", pct(v))).collect();
                 println!(
                     "  {:<16} reward {}{pass}, {:.0} tokens",
                     m["name"].as_str().unwrap_or(""),
@@ -426,14 +452,18 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
                 );
             }
             for c in doc["comparisons"].as_array().into_iter().flatten() {
+                let by = c["by"].as_str().filter(|b| *b != "reward").map_or_else(String::new, |b| format!(" by {b}"));
                 println!(
-                    "  fused vs {:<8} win rate {}, length-controlled {}",
+                    "  fused vs {:<8} win rate{by} {}, length-controlled {}",
                     c["baseline"].as_str().unwrap_or(""),
-                    pct(&c["win_rate"]),
+                    if c["win_rate"].is_null() { "n/a (no prompt judged)".to_owned() } else { pct(&c["win_rate"]) },
                     c["length_controlled_win_rate"].as_f64().map_or_else(|| "n/a".to_owned(), |w| format!("{w:.3}"))
                 );
             }
             println!("evaluation: {}", Shown(&file));
+            let run_dir = loaded.output_dir();
+            fuserl_run::refresh_report(&run_dir);
+            println!("report: {}", Shown(&run_dir.join("report/index.html")));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -34,12 +34,9 @@ pub fn check_source_name(name: &str) -> std::result::Result<(), crate::config::C
 /// The seed asked for sample `sample_index` of `prompt_id`: a hash of the run's seed, the prompt
 /// id and the sample index, below 2^31 (servers differ in what they accept).
 pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for b in prompt_id.bytes().chain(sample_index.to_le_bytes()) {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash % (1 << 31)
+    let mut hash = crate::maths::Fnv1a::salted(run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    hash.update(prompt_id.as_bytes()).update(&sample_index.to_le_bytes());
+    hash.finish() % (1 << 31)
 }
 
 /// One source's answers on disk, keyed by (prompt id, sample index).

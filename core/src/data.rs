@@ -46,20 +46,11 @@ impl Prompt {
 /// A stable id for a conversation: `p` followed by the 64-bit FNV-1a hash (hex) of the
 /// messages' roles and contents. Used when a data file gives prompts without ids.
 pub fn prompt_id_for(messages: &[ChatMessage]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut hash = crate::maths::Fnv1a::new();
     for m in messages {
-        feed(m.role.as_bytes());
-        feed(&[0]);
-        feed(m.content.as_bytes());
-        feed(&[1]);
+        hash.update(m.role.as_bytes()).update(&[0]).update(m.content.as_bytes()).update(&[1]);
     }
-    format!("p{hash:016x}")
+    format!("p{:016x}", hash.finish())
 }
 
 /// How a completion was sampled (all optional: a data file may not say).

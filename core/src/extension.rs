@@ -9,7 +9,7 @@
 use std::fmt::Debug;
 
 use crate::data::{ChatMessage, Completion, Prompt, SamplingParams};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What a source adapter is asked for.
 #[derive(Clone, Copy, Debug)]
@@ -131,6 +131,17 @@ pub struct ScoreItem<'a> {
     pub completion: &'a Completion,
 }
 
+/// Two answers to one prompt, for a pairwise judge: `a` is shown first.
+#[derive(Clone, Copy, Debug)]
+pub struct PairItem<'a> {
+    /// The conversation.
+    pub messages: &'a [ChatMessage],
+    /// The answer shown first ("assistant A").
+    pub a: &'a Completion,
+    /// The answer shown second ("assistant B").
+    pub b: &'a Completion,
+}
+
 /// Scores completions: a reward model, an HTTP scorer, a verifier, or precomputed scores.
 pub trait RewardModel: Send + Sync + Debug {
     /// The plugin's registered name.
@@ -178,6 +189,23 @@ pub trait RewardModel: Send + Sync + Debug {
             sink(&indices, self.score(chunk)?)?;
         }
         Ok(())
+    }
+    /// Whether this reward judges pairs of answers ([`RewardModel::compare_batches`]) rather than
+    /// scoring one answer at a time (a pairwise judge: `[eval.judge]`). Default: no.
+    fn pairwise(&self) -> bool {
+        false
+    }
+    /// A pairwise judge's verdicts: for each pair, the preference for `a` over `b` in [0, 1]
+    /// (1: `a` is better, 0.5: a tie, 0: `b` is better; NaN: no verdict, when the reward
+    /// [skips](RewardModel::skips)), handed to `sink` as `(indices, preferences)` as they come.
+    /// Default: an error, a reward that scores single answers cannot compare two.
+    fn compare_batches(&self, items: &[PairItem<'_>], sink: &mut ScoreSink<'_>) -> Result<()> {
+        let _ = (items, sink);
+        Err(Error::Component {
+            point: "reward model",
+            name: self.name().to_owned(),
+            message: "cannot compare two answers (a `judge` with mode = \"pairwise\" can)".into(),
+        })
     }
 }
 

@@ -27,6 +27,7 @@ pub mod error;
 pub mod extension;
 pub mod location;
 pub mod maths;
+pub mod pairwise;
 pub mod paths;
 pub mod pipeline;
 pub mod prompts;

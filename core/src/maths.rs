@@ -56,6 +56,15 @@ mod tests {
         let w = softmax(&[1.0, 2.0, 3.0], 1.0);
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-15);
     }
+
+    #[test]
+    fn fnv1a_has_the_published_values() {
+        // The FNV reference test vectors (Fowler, Noll, Vo).
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(Fnv1a::new().update(b"foo").update(b"bar").finish(), fnv1a(b"foobar"));
+    }
 }
 
 /// SplitMix64: a small seedable generator with the same stream on every platform (sampling in
@@ -87,4 +96,49 @@ impl SplitMix64 {
     pub fn below(&mut self, n: usize) -> usize {
         ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
     }
+}
+
+/// 64-bit FNV-1a: the stable hash of ids, seeds, texts and weights in stores and caches (the same
+/// value on every platform and in every version, unlike `std`'s hasher).
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    /// FNV-1a's offset basis.
+    pub const BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+    /// A hasher starting from the offset basis.
+    pub fn new() -> Self {
+        Self(Self::BASIS)
+    }
+
+    /// A hasher starting from the offset basis mixed with `salt` (`BASIS ^ salt`).
+    pub fn salted(salt: u64) -> Self {
+        Self(Self::BASIS ^ salt)
+    }
+
+    /// Feed bytes.
+    pub fn update(&mut self, bytes: &[u8]) -> &mut Self {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// FNV-1a of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    Fnv1a::new().update(bytes).finish()
 }

@@ -229,11 +229,7 @@ pub fn in_stage(data: &crate::recipe::DataConfig, seed: u64, prompt_id: &str, st
     match data.split {
         crate::recipe::Split::Shared => true,
         crate::recipe::Split::Disjoint => {
-            let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-            for b in prompt_id.as_bytes() {
-                hash ^= u64::from(*b);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
+            let mut hash = crate::maths::Fnv1a::salted(seed).update(prompt_id.as_bytes()).finish();
             // FNV's high bits barely depend on the last bytes: finish with splitmix64's mixer.
             hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

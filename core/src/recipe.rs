@@ -369,9 +369,25 @@ pub struct EvalConfig {
     /// Sampling temperature (0: greedy).
     #[serde(default)]
     pub temperature: f64,
-    /// Other checkpoints to compare against (for example the target before fusion).
+    /// Other models to compare against: `target`, `sft`, `source:NAME` or a checkpoint folder.
     #[serde(default)]
     pub baselines: Vec<String>,
+    /// Answers per prompt and model (more than 1 needs a temperature above 0; verifier rewards
+    /// then get pass@k for every k up to it, the HumanEval paper's unbiased estimator).
+    #[serde(default = "default_eval_samples")]
+    pub samples: u32,
+    /// `[eval.reward]`: the reward that scores the held-out answers (any `[reward]` kind), when
+    /// not the recipe's own `[reward]` (which must then be able to score new answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<toml::Table>,
+    /// `[eval.judge]`: a pairwise judge (`kind = "judge"`, `mode = "pairwise"`) that also decides
+    /// the fused model's win rate against each baseline, asked both orders of every pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<toml::Table>,
+}
+
+fn default_eval_samples() -> u32 {
+    1
 }
 
 fn default_eval_tokens() -> u32 {
@@ -497,6 +513,10 @@ pub struct Components {
     pub sft_objective: Box<dyn PreferenceObjective>,
     /// `[po.objective]`.
     pub po_objective: Box<dyn PreferenceObjective>,
+    /// `[eval.reward]`, when the recipe has one.
+    pub eval_reward: Option<Box<dyn RewardModel>>,
+    /// `[eval.judge]`, when the recipe has one (a pairwise judge).
+    pub eval_judge: Option<Box<dyn RewardModel>>,
 }
 
 /// A parsed, validated recipe and its built components.
@@ -654,6 +674,45 @@ pub fn parse_recipe_with(
     }
     let (reward, reward_table) =
         build_with(&raw.reward, &KeyPath::keys(&["reward"]), |k, t| registry.build_reward(k, t, &ctx)).map_err(at)?;
+    let mut eval = raw.eval;
+    // A pairwise judge compares two answers: it is [eval.judge], never a reward.
+    let pairwise_only = |r: &dyn RewardModel, at_key: &[&str]| {
+        if r.pairwise() {
+            Err(ConfigError::new(
+                KeyPath::keys(at_key).key("mode"),
+                "a pairwise judge compares two answers and cannot score one: use it as [eval.judge]",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    pairwise_only(reward.as_ref(), &["reward"]).map_err(at)?;
+    let eval_reward = match eval.reward.take() {
+        Some(table) => {
+            let (built, resolved) =
+                build_with(&table, &KeyPath::keys(&["eval", "reward"]), |k, t| registry.build_reward(k, t, &ctx))
+                    .map_err(at)?;
+            pairwise_only(built.as_ref(), &["eval", "reward"]).map_err(at)?;
+            eval.reward = Some(resolved);
+            Some(built)
+        }
+        None => None,
+    };
+    let eval_judge = match eval.judge.take() {
+        Some(table) => {
+            let here = KeyPath::keys(&["eval", "judge"]);
+            let (built, resolved) = build_with(&table, &here, |k, t| registry.build_reward(k, t, &ctx)).map_err(at)?;
+            if !built.pairwise() {
+                return Err(at(ConfigError::new(
+                    here.key("mode"),
+                    "expected a pairwise judge (kind = \"judge\" with mode = \"pairwise\"); a reward that scores single answers is [eval.reward]",
+                )));
+            }
+            eval.judge = Some(resolved);
+            Some(built)
+        }
+        None => None,
+    };
     let weighting_table = raw.weighting.unwrap_or_else(|| kind_table("softmax"));
     let (weighting, weighting_table) =
         build_with(&weighting_table, &KeyPath::keys(&["weighting"]), |k, t| registry.build_weighting(k, t, &ctx))
@@ -712,13 +771,13 @@ pub fn parse_recipe_with(
         weighting: weighting_table,
         sft,
         po,
-        eval: raw.eval,
+        eval,
         export,
     };
     Ok(LoadedRecipe {
         file: file.to_path_buf(),
         recipe,
-        components: Components { sources, reward, weighting, sft_objective, po_objective },
+        components: Components { sources, reward, weighting, sft_objective, po_objective, eval_reward, eval_judge },
         base_dir,
     })
 }
@@ -887,6 +946,18 @@ fn validate_eval(e: &EvalConfig) -> Result<(), ConfigError> {
     check::non_negative("temperature", e.temperature)?;
     if e.max_new_tokens == 0 {
         return Err(ConfigError::at("max_new_tokens", "expected at least 1"));
+    }
+    if e.samples == 0 {
+        return Err(ConfigError::at("samples", "expected at least 1"));
+    }
+    if e.samples > 1 && e.temperature == 0.0 {
+        return Err(ConfigError::at(
+            "samples",
+            format!(
+                "{} answers per prompt at temperature 0 would all be the same greedy answer; set [eval] temperature above 0",
+                e.samples
+            ),
+        ));
     }
     Ok(())
 }

@@ -49,11 +49,7 @@ impl StoreRecord for StoredScore {
 }
 
 fn key_of(c: &Completion) -> (String, String, u32, String) {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in c.text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = crate::maths::fnv1a(c.text.as_bytes());
     (c.id.prompt_id.clone(), c.id.source.clone(), c.id.sample_index, format!("{h:016x}"))
 }
 

@@ -1,16 +1,22 @@
 //! The evaluation stage (`fuserl eval`, and the last stage of `fuserl run` when `[eval] enabled`):
 //! the fused model (the export, else the FusePO or FuseSFT model) and every baseline answer the
-//! held-out prompts (`[eval] prompts`) once each, the recipe's reward scores the answers, and
-//! `runs/NAME/eval/eval.json` gets, per model, the
-//! mean reward with its 95% bootstrap interval over prompts, the mean answer length in tokens
-//! (the target's tokenizer, the same for every model) and, for verifier rewards (`python-tests`,
-//! `math`), pass@1; per baseline, the fused model's win rate against it (by reward, ties counted
-//! half) with its interval, and a length-controlled win rate ([`fuserl_core::stats`]).
+//! held-out prompts (`[eval] prompts`), `[eval] samples` answers each, the reward (`[eval.reward]`,
+//! else the recipe's `[reward]`) scores the answers, and `runs/NAME/eval/eval.json` gets, per
+//! model, the mean reward (per prompt over its answers, then over prompts) with its 95% bootstrap
+//! interval over prompts, every reward (for the report's distributions), the mean answer length
+//! in tokens (the target's tokenizer, the same for every model) and, for verifier rewards
+//! (`python-tests`, `math`), pass@k for k = 1, 2, 5, 10, ... up to `samples` (the HumanEval
+//! paper's unbiased estimator, per prompt, then averaged); per baseline, the fused model's win
+//! rate against it (by mean reward per prompt, ties counted half) with its interval, and a
+//! length-controlled win rate ([`fuserl_core::stats`]). With `[eval.judge]` (a pairwise judge),
+//! each baseline also gets the judge's win rate: both orders of every pair asked, to cancel
+//! position bias, as Arena-Hard does.
 //!
 //! ```text
 //! runs/NAME/eval/collect/MODEL.jsonl   each model's answers (the collect stage's store: resumes,
 //!                                      made afresh when the model changed)
 //! runs/NAME/eval/score/REWARD.jsonl    their scores (the scoring stage's store)
+//! runs/NAME/eval/judge/judge.jsonl     the pairwise judge's verdicts ([eval.judge]; a store too)
 //! runs/NAME/eval/eval.json             the measures (written atomically)
 //! ```
 //!
@@ -23,14 +29,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fuserl_core::collect::{CollectPlan, CollectProgress, collect_with};
+use fuserl_core::data::ScoredGroup;
 use fuserl_core::data::{Prompt, SamplingParams};
 use fuserl_core::extension::Generator;
+use fuserl_core::extension::{PairItem, RewardModel};
+use fuserl_core::pairwise::compare_stage;
 use fuserl_core::paths::Shown;
 use fuserl_core::pipeline::assemble_groups;
 use fuserl_core::recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
 use fuserl_core::score::ScoreProgress;
-use fuserl_core::stats::{Estimate, bootstrap_mean, length_controlled_win_rate};
+use fuserl_core::stats::{Estimate, bootstrap_mean, length_controlled_win_rate, pass_at_k};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_train::trainer::write_atomic;
 use serde_json::{Value, json};
@@ -45,6 +54,28 @@ fn estimate(e: &Estimate) -> Value {
     json!({"mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
 }
 
+/// One answer's reward (none when the reward skipped it) and length in tokens.
+type Answer = (Option<f64>, f64);
+
+/// A win rate with its interval; `null` when no prompt has an outcome.
+fn win_rate(outcomes: &[f64], seed: u64) -> Value {
+    if outcomes.is_empty() { Value::Null } else { estimate(&bootstrap_mean(outcomes, RESAMPLES, 0.95, seed)) }
+}
+
+/// Whether a reward is a pass/fail verifier (1 is a pass).
+fn is_verifier(reward: &dyn RewardModel) -> bool {
+    matches!(reward.name(), "python-tests" | "math")
+}
+
+/// The k of pass@k for `samples` answers per prompt: 1, 2, 5, 10, 20, 50, ... up to `samples`,
+/// and `samples` itself.
+fn pass_ks(samples: u32) -> Vec<u64> {
+    let n = u64::from(samples);
+    let mut ks: Vec<u64> = (0..).flat_map(|d| [1, 2, 5].map(|m| m * 10u64.pow(d))).take_while(|k| *k < n).collect();
+    ks.push(n);
+    ks
+}
+
 /// Run (or resume) the evaluation; returns the path of eval.json and its contents.
 pub fn eval_stage(
     loaded: &LoadedRecipe,
@@ -56,10 +87,14 @@ pub fn eval_stage(
     let prompts_file = e.prompts.as_deref().map(|p| loaded.base_dir.join(p)).ok_or_else(|| {
         TrainError::Data(format!("{}: [eval] prompts: name the held-out prompts file", Shown(&loaded.file)))
     })?;
-    let reward = loaded.components.reward.as_ref();
+    // `[eval.reward]`, else the recipe's own reward (which must score new answers).
+    let (reward, table) = match &loaded.components.eval_reward {
+        Some(r) => (r.as_ref(), "[eval.reward]"),
+        None => (loaded.components.reward.as_ref(), "[reward]"),
+    };
     if !reward.stored() && reward.parts().is_empty() {
         return Err(TrainError::Data(format!(
-            "{}: [reward] kind = \"{}\" cannot score new answers (its scores come with the data); evaluate with a reward that scores any answer",
+            "{}: {table} kind = \"{}\" cannot score new answers (its scores come with the data); evaluate with a reward that scores any answer ([eval.reward])",
             Shown(&loaded.file),
             reward.name()
         )));
@@ -131,7 +166,7 @@ pub fn eval_stage(
     };
     let plan = CollectPlan {
         prompts: &prompts,
-        samples_per_prompt: 1,
+        samples_per_prompt: e.samples,
         sampling: &sampling,
         run_seed: recipe.run.seed,
         restart_changed: true,
@@ -141,35 +176,58 @@ pub fn eval_stage(
     let batch = recipe.data.score_batch_size as usize;
     fuserl_core::score::score_stage(reward, &mut groups, Some(&dir.join("score")), batch, score_progress)?;
 
-    // Per model: prompt -> (reward, length in tokens).
+    // Per model: prompt -> its answers' (reward, length in tokens).
     let tok =
         ChatTokenizer::load(&target, recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t)).as_deref())?;
-    let mut by_model: BTreeMap<String, HashMap<String, (Option<f64>, f64)>> = BTreeMap::new();
+    let mut by_model: BTreeMap<String, HashMap<String, Vec<Answer>>> = BTreeMap::new();
     for g in &groups {
         for c in &g.completions {
             let len = tok.encode(&c.completion.text)?.len() as f64;
             by_model
                 .entry(c.completion.id.source.clone())
                 .or_default()
-                .insert(g.prompt.id.clone(), (c.reward.as_ref().map(|r| r.value), len));
+                .entry(g.prompt.id.clone())
+                .or_default()
+                .push((c.reward.as_ref().map(|r| r.value), len));
         }
     }
     let order: Vec<String> = generators.iter().map(|g| g.source_name().to_owned()).collect();
     let seed = recipe.run.seed;
-    let verifier = matches!(reward.name(), "python-tests" | "math");
+    let verifier = is_verifier(reward);
+    let ks = pass_ks(e.samples);
+    // A prompt's mean reward over its scored answers (None when none was scored).
+    let prompt_mean = |answers: &[Answer]| {
+        let scored: Vec<f64> = answers.iter().filter_map(|a| a.0).collect();
+        (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64)
+    };
     let mut models = Vec::new();
     for name in &order {
         let answers = &by_model[name];
-        let rewards: Vec<f64> = prompts.iter().filter_map(|p| answers.get(&p.id).and_then(|a| a.0)).collect();
-        let lengths: Vec<f64> = prompts.iter().filter_map(|p| answers.get(&p.id).map(|a| a.1)).collect();
+        let per_prompt: Vec<&[Answer]> = prompts.iter().filter_map(|p| answers.get(&p.id).map(Vec::as_slice)).collect();
+        let means: Vec<f64> = per_prompt.iter().filter_map(|a| prompt_mean(a)).collect();
+        let rewards: Vec<f64> = per_prompt.iter().flat_map(|a| a.iter().filter_map(|x| x.0)).collect();
+        let lengths: Vec<f64> = per_prompt.iter().flat_map(|a| a.iter().map(|x| x.1)).collect();
         let mut m = json!({
             "name": name,
-            "mean_reward": estimate(&bootstrap_mean(&rewards, RESAMPLES, 0.95, seed)),
+            "answers": lengths.len(),
+            "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
             "mean_length_tokens": lengths.iter().sum::<f64>() / lengths.len().max(1) as f64,
+            "rewards": rewards,
         });
         if verifier {
-            let passed: Vec<f64> = rewards.iter().map(|r| if *r >= 1.0 { 1.0 } else { 0.0 }).collect();
-            m["pass_at_1"] = estimate(&bootstrap_mean(&passed, RESAMPLES, 0.95, seed));
+            for &k in &ks {
+                // Per prompt with all `samples` answers scored: the unbiased estimator.
+                let per: Vec<f64> = per_prompt
+                    .iter()
+                    .filter(|a| a.len() >= e.samples as usize && a.iter().all(|x| x.0.is_some()))
+                    .map(|a| {
+                        let n = a.len() as u64;
+                        let c = a.iter().filter(|x| x.0.is_some_and(|r| r >= 1.0)).count() as u64;
+                        pass_at_k(n, c, k)
+                    })
+                    .collect();
+                m[format!("pass_at_{k}")] = estimate(&bootstrap_mean(&per, RESAMPLES, 0.95, seed));
+            }
         }
         models.push(m);
     }
@@ -179,7 +237,8 @@ pub fn eval_stage(
         let base = &by_model[name];
         let (mut outcomes, mut diffs) = (Vec::new(), Vec::new());
         for p in &prompts {
-            if let (Some((Some(a), la)), Some((Some(b), lb))) = (fused.get(&p.id), base.get(&p.id)) {
+            let (Some(fa), Some(ba)) = (fused.get(&p.id), base.get(&p.id)) else { continue };
+            if let (Some(a), Some(b)) = (prompt_mean(fa), prompt_mean(ba)) {
                 outcomes.push(if a > b {
                     1.0
                 } else if a < b {
@@ -187,20 +246,28 @@ pub fn eval_stage(
                 } else {
                     0.5
                 });
-                diffs.push(la - lb);
+                let mean_len = |x: &[Answer]| x.iter().map(|y| y.1).sum::<f64>() / x.len() as f64;
+                diffs.push(mean_len(fa) - mean_len(ba));
             }
         }
         comparisons.push(json!({
             "model": "fused",
             "baseline": name,
-            "win_rate": estimate(&bootstrap_mean(&outcomes, RESAMPLES, 0.95, seed)),
+            "by": "reward",
+            "win_rate": win_rate(&outcomes, seed),
             "length_controlled_win_rate": length_controlled_win_rate(&outcomes, &diffs),
         }));
+    }
+    if let Some(judge) = &loaded.components.eval_judge {
+        comparisons.extend(judge_comparisons(judge.as_ref(), &groups, &order, &tok, &dir, seed, score_progress)?);
     }
     let doc = json!({
         "prompts": Shown(&prompts_file).to_string(),
         "n_prompts": prompts.len(),
+        "samples": e.samples,
         "reward": reward.scorer_id(),
+        "judge": loaded.components.eval_judge.as_ref().map(|j| j.scorer_id()),
+        "verifier": verifier,
         "interval": {"level": 0.95, "method": "percentile bootstrap over prompts", "resamples": RESAMPLES, "seed": seed},
         "models": models,
         "comparisons": comparisons,
@@ -210,4 +277,71 @@ pub fn eval_stage(
     let text = serde_json::to_string_pretty(&doc).map_err(|err| TrainError::Data(err.to_string()))?;
     write_atomic(&file, text.as_bytes())?;
     Ok((file, doc))
+}
+
+/// The fused model against each baseline by a pairwise judge: for every prompt, the judge
+/// compares the two first answers in both orders (fused first, then the baseline first), and the
+/// fused model's outcome on the prompt is the mean of its two preferences (one when the judge
+/// skipped the other), so a judge that favours a position gains nothing. The verdicts are kept in
+/// `eval/judge/judge.jsonl` (a rerun asks only for the missing ones).
+fn judge_comparisons(
+    judge: &dyn RewardModel,
+    groups: &[ScoredGroup],
+    order: &[String],
+    tok: &ChatTokenizer,
+    dir: &Path,
+    seed: u64,
+    progress: &dyn Fn(&ScoreProgress<'_>),
+) -> Result<Vec<Value>> {
+    let first = |g: &'_ ScoredGroup, model: &str| {
+        g.completions.iter().map(|c| &c.completion).find(|c| c.id.source == model && c.id.sample_index == 0).cloned()
+    };
+    // (baseline, prompt index, fused answer, baseline answer)
+    let mut pairs = Vec::new();
+    for name in order.iter().skip(1) {
+        for (gi, g) in groups.iter().enumerate() {
+            if let (Some(f), Some(b)) = (first(g, "fused"), first(g, name)) {
+                pairs.push((name.clone(), gi, f, b));
+            }
+        }
+    }
+    let items: Vec<PairItem<'_>> = pairs
+        .iter()
+        .flat_map(|(_, gi, f, b)| {
+            let messages = groups[*gi].prompt.messages.as_slice();
+            [PairItem { messages, a: f, b }, PairItem { messages, a: b, b: f }]
+        })
+        .collect();
+    let label = format!("{} (pairwise)", judge.scorer_id());
+    let (prefs, _) = compare_stage(judge, &items, &dir.join("judge"), "judge", progress)?;
+    let mut out = Vec::new();
+    for name in order.iter().skip(1) {
+        let (mut outcomes, mut diffs, mut both, mut agree) = (Vec::new(), Vec::new(), 0usize, 0usize);
+        for (k, (baseline, _, f, b)) in pairs.iter().enumerate() {
+            if baseline != name {
+                continue;
+            }
+            // Fused first: its preference; baseline first: one minus it.
+            let (p1, p2) = (prefs[2 * k], 1.0 - prefs[2 * k + 1]);
+            let known: Vec<f64> = [p1, p2].into_iter().filter(|p| !p.is_nan()).collect();
+            if known.is_empty() {
+                continue;
+            }
+            if known.len() == 2 {
+                both += 1;
+                agree += usize::from(p1 == p2);
+            }
+            outcomes.push(known.iter().sum::<f64>() / known.len() as f64);
+            diffs.push(tok.encode(&f.text)?.len() as f64 - tok.encode(&b.text)?.len() as f64);
+        }
+        out.push(json!({
+            "model": "fused",
+            "baseline": name,
+            "by": label,
+            "win_rate": win_rate(&outcomes, seed),
+            "length_controlled_win_rate": length_controlled_win_rate(&outcomes, &diffs),
+            "orders_agree": if both > 0 { json!(agree as f64 / both as f64) } else { Value::Null },
+        }));
+    }
+    Ok(out)
 }

@@ -24,8 +24,11 @@
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
 //!   po/checkpoints/, po/final/, po/DONE
 //!   export/                the fused model (or [export] path)
+//!   data.json              per source: prompts, answers and their scores (the scoring stage; for the report)
 //!   eval/                  held-out answers of the fused model and the baselines, their scores,
 //!                          and eval.json ([`eval`]; `[eval] enabled`, or `fuserl eval`)
+//!   report/                index.html (self-contained) and report.md with plots/ ([`report`]),
+//!                          rebuilt after every stage and by `fuserl report`
 //! ```
 //!
 //! Running the same command again resumes: a finished stage is not redone, an interrupted one
@@ -56,6 +59,7 @@ pub use fuserl_train::{Result, TrainError};
 pub mod classifier;
 pub mod eval;
 pub mod local;
+pub mod report;
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::paths::Shown;
@@ -109,27 +113,20 @@ fn dtype(d: RecipeDType) -> DType {
     }
 }
 
-pub(crate) fn fnv(hash: &mut u64, bytes: &[u8]) {
-    for b in bytes {
-        *hash ^= u64::from(*b);
-        *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
 /// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of
 /// every sequence's tokens.
 fn reference_key(checkpoint: &Path, examples: &[fuserl_train::data::TrainExample]) -> Result<String> {
     let weights = local::weights_hash(checkpoint).map_err(|e| TrainError::io(checkpoint, e))?;
-    let mut d = 0xcbf2_9ce4_8422_2325u64;
+    let mut d = fuserl_core::maths::Fnv1a::new();
     for e in examples {
         for s in &e.seqs {
             for id in s.prompt.iter().chain(&s.response) {
-                fnv(&mut d, &id.to_le_bytes());
+                d.update(&id.to_le_bytes());
             }
-            fnv(&mut d, &[0xff]);
+            d.update(&[0xff]);
         }
     }
-    Ok(format!("weights:{weights:016x};data:{d:016x}"))
+    Ok(format!("weights:{weights:016x};data:{:016x}", d.finish()))
 }
 
 /// The target's own samples for the PO stage's prompts: `n` per prompt from the model at
@@ -249,7 +246,61 @@ pub fn score_stage(
     let reward = loaded.components.reward.as_ref();
     let batch = loaded.recipe.data.score_batch_size as usize;
     let summary = fuserl_core::score::score_stage(reward, &mut groups, Some(&dir), batch, progress)?;
+    write_data_summary(&loaded.output_dir().join("data.json"), &groups, reward.scorer_id())?;
     Ok((dir, summary))
+}
+
+/// `data.json` for the report: per source, the prompts it answered, its answers, how many have
+/// no score (a reward that skips some), and the scores.
+fn write_data_summary(file: &Path, groups: &[fuserl_core::data::ScoredGroup], reward: String) -> Result<()> {
+    #[derive(Default)]
+    struct PerSource {
+        prompts: usize,
+        answers: usize,
+        unscored: usize,
+        rewards: Vec<f64>,
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut by: HashMap<String, PerSource> = HashMap::new();
+    for g in groups {
+        let mut seen: Vec<&str> = Vec::new();
+        for c in &g.completions {
+            let source = c.completion.id.source.as_str();
+            let s = by.entry(source.to_owned()).or_insert_with(|| {
+                order.push(source.to_owned());
+                PerSource::default()
+            });
+            if !seen.contains(&source) {
+                seen.push(source);
+                s.prompts += 1;
+            }
+            s.answers += 1;
+            match &c.reward {
+                Some(r) => s.rewards.push(r.value),
+                None => s.unscored += 1,
+            }
+        }
+    }
+    let sources: Vec<serde_json::Value> = order
+        .iter()
+        .map(|name| {
+            let s = &by[name];
+            serde_json::json!({"name": name, "prompts": s.prompts, "answers": s.answers, "unscored": s.unscored, "rewards": s.rewards})
+        })
+        .collect();
+    let doc = serde_json::json!({"prompts": groups.len(), "reward": reward, "sources": sources});
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    }
+    write_atomic(file, doc.to_string().as_bytes())
+}
+
+/// Rebuild the run's report (`report/`), as after every stage: a report that cannot be built is
+/// a warning, never the end of a run (`fuserl report` rebuilds it and says why).
+pub fn refresh_report(run_dir: &Path) {
+    if let Err(e) = report::write_report(run_dir) {
+        tracing::warn!(dir = %Shown(run_dir), error = %e, "the run report could not be rebuilt");
+    }
 }
 
 fn run_on<B: LogProbBackend>(
@@ -262,6 +313,7 @@ fn run_on<B: LogProbBackend>(
     let dir = claim_run_dir(loaded)?;
     let (_, collected) = collect_stage(loaded, &[], report.collect)?;
     score_stage(loaded, collected.clone(), report.score)?;
+    refresh_report(&dir);
     let progress = report.step;
     let metrics = dir.join("metrics.jsonl");
     let tensorboard =
@@ -317,6 +369,7 @@ fn run_on<B: LogProbBackend>(
             };
             train_and_save::<B>(&target, stage, (device, dt), &sft_final, &target, progress)?;
             write_atomic(&dir.join("sft/DONE"), b"done\n")?;
+            refresh_report(&dir);
         }
     }
 
@@ -394,6 +447,7 @@ fn run_on<B: LogProbBackend>(
             };
             train_and_save::<B>(&start, stage, (device, dt), &po_final, &target, progress)?;
             write_atomic(&dir.join("po/DONE"), b"done\n")?;
+            refresh_report(&dir);
         }
     }
 
@@ -413,5 +467,6 @@ fn run_on<B: LogProbBackend>(
         let _span = tracing::info_span!("stage", name = "eval").entered();
         eval = Some(eval::eval_stage(loaded, report.collect, report.score)?.0);
     }
+    refresh_report(&dir);
     Ok(RunSummary { dir, metrics, export, eval, skipped })
 }

@@ -169,16 +169,16 @@ impl LocalSource {
 
 /// The bytes of a checkpoint's weight files, hashed (FNV-1a): a changed model is another source.
 pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut h = fuserl_core::maths::Fnv1a::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     for f in files {
-        crate::fnv(&mut h, &std::fs::read(&f)?);
+        h.update(&std::fs::read(&f)?);
     }
-    Ok(h)
+    Ok(h.finish())
 }
 
 impl SourceAdapter for LocalSource {

@@ -28,12 +28,20 @@
 //! (the whole prompt), `min` and `max`; its output is the user message sent to the judge (after a
 //! `system` message when one is set). Requests are deterministic (temperature 0 by default, and a
 //! seed per answer and attempt).
+//!
+//! With `mode = "pairwise"` the judge compares two answers to one prompt, in the manner of
+//! Arena-Hard: the template gets `answer_a` and `answer_b` (the built-in one:
+//! [`DEFAULT_PAIRWISE_TEMPLATE`], after [`DEFAULT_PAIRWISE_SYSTEM`]), and the verdict ends with one
+//! of the labels `[[A>>B]]`, `[[A>B]]`, `[[A=B]]`, `[[B>A]]`, `[[B>>A]]`: a preference for A of
+//! 1, 1, 0.5, 0, 0 (a win, a tie counted half, a loss). Such a judge cannot score a single answer;
+//! it is `[eval.judge]`, and the evaluation asks it both orders of every pair to cancel the
+//! judge's position bias.
 
 use std::path::PathBuf;
 
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::ChatMessage;
-use fuserl_core::extension::{RewardModel, ScoreItem, ScoreSink};
+use fuserl_core::extension::{PairItem, RewardModel, ScoreItem, ScoreSink};
 use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
@@ -50,6 +58,29 @@ accuracy, depth and level of detail. Begin your evaluation with a short explanat
 possible. After the explanation, rate the response on a scale of {{ min }} to {{ max }} in exactly this format: \
 \"[[rating]]\", for example: \"Rating: [[5]]\".\n\n[Question]\n{{ question }}\n\n[The Start of Assistant's Answer]\n\
 {{ answer }}\n[The End of Assistant's Answer]";
+
+/// The built-in system message of the pairwise judge.
+pub const DEFAULT_PAIRWISE_SYSTEM: &str = "You are an impartial judge of two AI assistants' answers to the same user \
+prompt. Compare them for helpfulness, correctness, relevance and concision; do not let the order in which they are \
+shown, their length or the assistants' names sway you. First explain your comparison briefly, then end with exactly \
+one verdict label: [[A>>B]] if Assistant A is much better, [[A>B]] if A is better, [[A=B]] if they are about equally \
+good, [[B>A]] if B is better, [[B>>A]] if B is much better. For example: \"My verdict: [[A=B]]\".";
+
+/// The built-in user message of the pairwise judge.
+pub const DEFAULT_PAIRWISE_TEMPLATE: &str = "[User Prompt]\n{{ question }}\n\n[The Start of Assistant A's Answer]\n\
+{{ answer_a }}\n[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{{ answer_b }}\n\
+[The End of Assistant B's Answer]";
+
+/// Pointwise (one answer, a rating) or pairwise (two answers, a verdict label).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JudgeMode {
+    /// One answer at a time, rated on the scale: a reward.
+    #[default]
+    Pointwise,
+    /// Two answers to one prompt, compared: `[eval.judge]`.
+    Pairwise,
+}
 
 /// What to do with a verdict that has no rating after the retries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +103,10 @@ pub struct JudgeConfig {
     pub base_url: String,
     /// The judge model's name on the server.
     pub model: String,
+    /// `pointwise` (a rating per answer: a reward) or `pairwise` (a verdict per pair of answers:
+    /// `[eval.judge]`).
+    #[serde(default)]
+    pub mode: JudgeMode,
     /// A Jinja grading prompt file, relative to the recipe (default: [`DEFAULT_TEMPLATE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
@@ -172,9 +207,23 @@ impl Judge {
             return Err(ConfigError::at("max", "expected finite `min` < `max`"));
         }
         let template_file = config.template.as_deref().map(|t| ctx.resolve(t));
+        let pairwise = config.mode == JudgeMode::Pairwise;
+        if pairwise && config.logprobs {
+            return Err(ConfigError::at(
+                "logprobs",
+                "a pairwise verdict is a label, not a rating: logprobs needs mode = \"pointwise\"",
+            ));
+        }
+        if pairwise && config.on_unparseable == OnUnparseable::Min {
+            return Err(ConfigError::at(
+                "on_unparseable",
+                "a pairwise verdict has no minimum: use \"fail\" or \"skip\" (the pair is left out)",
+            ));
+        }
         let template = match &template_file {
             Some(f) => std::fs::read_to_string(f)
                 .map_err(|e| ConfigError::at("template", format!("cannot read {}: {e}", Shown(f))))?,
+            None if pairwise => DEFAULT_PAIRWISE_TEMPLATE.to_owned(),
             None => DEFAULT_TEMPLATE.to_owned(),
         };
         let chat_template = match (config.endpoint, &config.chat_template) {
@@ -192,7 +241,7 @@ impl Judge {
         };
         let judge = Self { config, template, template_file, chat_template };
         let probe = [ChatMessage::user("check")];
-        judge.messages(&probe, "check").map_err(|e| ConfigError::at("template", e.to_string()))?;
+        judge.messages(&probe, &["check", "check"]).map_err(|e| ConfigError::at("template", e.to_string()))?;
         Ok(judge)
     }
 
@@ -200,8 +249,8 @@ impl Judge {
         Error::Component { point: "reward model", name: "judge".into(), message }
     }
 
-    /// The messages sent to the judge for one answer.
-    fn messages(&self, prompt: &[ChatMessage], answer: &str) -> Result<Vec<ChatMessage>> {
+    /// The messages sent to the judge for one answer (pointwise: `answers[0]`) or a pair.
+    fn messages(&self, prompt: &[ChatMessage], answers: &[&str]) -> Result<Vec<ChatMessage>> {
         let question = prompt.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(1_000_000));
@@ -213,14 +262,20 @@ impl Judge {
             .get_template("judge")
             .and_then(|t| {
                 t.render(minijinja::context! {
-                    question => question, answer => answer, messages => prompt,
+                    question => question, answer => answers[0], messages => prompt,
+                    answer_a => answers[0], answer_b => answers.get(1).copied().unwrap_or_default(),
                     min => self.config.min, max => self.config.max,
                 })
             })
             .map_err(bad)?;
         let mut out = Vec::new();
-        if let Some(s) = &self.config.system {
-            out.push(ChatMessage { role: "system".into(), content: s.clone() });
+        let system = match (&self.config.system, self.config.mode) {
+            (Some(s), _) => Some(s.as_str()),
+            (None, JudgeMode::Pairwise) => Some(DEFAULT_PAIRWISE_SYSTEM),
+            (None, JudgeMode::Pointwise) => None,
+        };
+        if let Some(s) = system {
+            out.push(ChatMessage { role: "system".into(), content: s.to_owned() });
         }
         out.push(ChatMessage::user(text));
         Ok(out)
@@ -277,6 +332,18 @@ fn settings(c: &JudgeConfig) -> HttpSettings {
         timeout_s: c.timeout_s,
         max_retries: c.max_retries,
     }
+}
+
+/// The preference for A of a pairwise verdict: its last label among `[[A>>B]]`, `[[A>B]]`,
+/// `[[A=B]]`, `[[B>A]]`, `[[B>>A]]` (1, 1, 0.5, 0, 0).
+pub fn parse_preference(text: &str) -> Option<f64> {
+    const LABELS: [(&str, f64); 5] =
+        [("[[A>>B]]", 1.0), ("[[A>B]]", 1.0), ("[[A=B]]", 0.5), ("[[B>A]]", 0.0), ("[[B>>A]]", 0.0)];
+    LABELS
+        .iter()
+        .filter_map(|(label, p)| text.rfind(label).map(|at| (at, *p)))
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, p)| p)
 }
 
 /// The last rating written `[[N]]` (also `[[N]`, as a verdict cut by its token limit ends)
@@ -397,7 +464,7 @@ impl RewardModel for Judge {
     fn fingerprint(&self) -> String {
         let c = &self.config;
         json!({
-            "model": c.model, "base_url": c.base_url, "template": self.template, "system": c.system,
+            "model": c.model, "mode": c.mode, "base_url": c.base_url, "template": self.template, "system": c.system,
             "endpoint": self.path(), "chat_template": self.chat_template, "response_prefix": c.response_prefix,
             "min": c.min, "max": c.max, "max_tokens": c.max_tokens, "temperature": c.temperature,
             "logprobs": c.logprobs, "on_unparseable": c.on_unparseable,
@@ -414,6 +481,62 @@ impl RewardModel for Judge {
     }
 
     fn score_batches(&self, items: &[ScoreItem<'_>], _batch_size: usize, sink: &mut ScoreSink<'_>) -> Result<()> {
+        if self.config.mode == JudgeMode::Pairwise {
+            return Err(self.error(
+                "mode = \"pairwise\" compares two answers and cannot score one: use it as [eval.judge], or mode = \"pointwise\" as a reward".into(),
+            ));
+        }
+        self.ask_all(
+            items.len(),
+            |i| {
+                let item = &items[i];
+                let messages = self.messages(item.messages, &[&item.completion.text])?;
+                let seed =
+                    item.completion.sampling.seed.unwrap_or(0) ^ (u64::from(item.completion.id.sample_index) << 32);
+                Ok((messages, seed, item.completion.describe()))
+            },
+            |v| self.rating(v),
+            sink,
+        )
+    }
+
+    fn pairwise(&self) -> bool {
+        self.config.mode == JudgeMode::Pairwise
+    }
+
+    fn compare_batches(&self, items: &[PairItem<'_>], sink: &mut ScoreSink<'_>) -> Result<()> {
+        if self.config.mode != JudgeMode::Pairwise {
+            return Err(self.error("compares two answers only with mode = \"pairwise\"".into()));
+        }
+        self.ask_all(
+            items.len(),
+            |i| {
+                let p = &items[i];
+                let messages = self.messages(p.messages, &[&p.a.text, &p.b.text])?;
+                let mut h = fuserl_core::maths::Fnv1a::new();
+                h.update(p.a.id.prompt_id.as_bytes()).update(&[0xff]);
+                for c in [p.a, p.b] {
+                    h.update(c.id.source.as_bytes()).update(&c.id.sample_index.to_le_bytes()).update(&[0xff]);
+                }
+                Ok((messages, h.finish(), format!("{} against {}", p.a.describe(), p.b.describe())))
+            },
+            |v| parse_preference(&v.text),
+            sink,
+        )
+    }
+}
+
+impl Judge {
+    /// Ask the judge about items `0..n` (`job(i)`: the messages, a seed, what the item is),
+    /// `concurrency` at a time, and hand each item's value (`value` of its verdict) to `sink` as
+    /// it comes; a verdict without a value is asked again, then settled by `on_unparseable`.
+    fn ask_all(
+        &self,
+        n: usize,
+        job: impl Fn(usize) -> Result<(Vec<ChatMessage>, u64, String)>,
+        value: impl Fn(&Verdict) -> Option<f64>,
+        sink: &mut ScoreSink<'_>,
+    ) -> Result<()> {
         let http = Http::new(&settings(&self.config)).map_err(|m| self.error(m))?;
         let url = format!("{}/{}", self.config.base_url.trim_end_matches('/'), self.path());
         let (endpoint, prefix) = (self.config.endpoint, self.config.response_prefix.clone());
@@ -424,15 +547,18 @@ impl RewardModel for Judge {
         };
         let not_found = format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model);
         let limit = self.config.concurrency as usize;
+        let expected = match self.config.mode {
+            JudgeMode::Pointwise => format!("no rating in [{}, {}]", self.config.min, self.config.max),
+            JudgeMode::Pairwise => "no verdict label ([[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]])".to_owned(),
+        };
         http.block_on(async {
-            let mut queue = items.iter().enumerate();
+            let mut queue = 0..n;
             let mut in_flight = futures_util::stream::FuturesUnordered::new();
             loop {
                 while in_flight.len() < limit {
-                    let Some((i, item)) = queue.next() else { break };
-                    let messages = self.messages(item.messages, &item.completion.text)?;
-                    let seed = item.completion.sampling.seed.unwrap_or(0) ^ (u64::from(item.completion.id.sample_index) << 32);
-                    let (http, url, parse, not_found) = (&http, &url, &parse, &not_found);
+                    let Some(i) = queue.next() else { break };
+                    let (messages, seed, what) = job(i)?;
+                    let (http, url, parse, not_found, value, expected) = (&http, &url, &parse, &not_found, &value, &expected);
                     in_flight.push(async move {
                         let mut last = String::new();
                         for attempt in 0..=self.config.unparseable_retries {
@@ -440,8 +566,8 @@ impl RewardModel for Judge {
                             let (verdict, _) = http
                                 .send("judge", url, &body, parse, not_found, seed)
                                 .await
-                                .map_err(|m| self.error(format!("{}: {m}", item.completion.describe())))?;
-                            if let Some(r) = self.rating(&verdict) {
+                                .map_err(|m| self.error(format!("{what}: {m}")))?;
+                            if let Some(r) = value(&verdict) {
                                 return Ok((i, r));
                             }
                             last = verdict.text;
@@ -449,21 +575,20 @@ impl RewardModel for Judge {
                         let snippet = crate::http::snippet(&last);
                         match self.config.on_unparseable {
                             OnUnparseable::Fail => Err(Error::Record {
-                                record: item.completion.describe(),
+                                record: what,
                                 message: format!(
-                                    "the judge gave no rating in [{}, {}] after {} attempts; last verdict: {snippet:?} \
-                                     (on_unparseable = \"min\" scores such answers the minimum, \"skip\" leaves them out)",
-                                    self.config.min,
-                                    self.config.max,
-                                    self.config.unparseable_retries + 1
+                                    "the judge gave {expected} after {} attempts; last verdict: {snippet:?} \
+                                     (on_unparseable = \"skip\" leaves such answers out{})",
+                                    self.config.unparseable_retries + 1,
+                                    if self.config.mode == JudgeMode::Pointwise { ", \"min\" scores them the minimum" } else { "" }
                                 ),
                             }),
                             OnUnparseable::Min => {
-                                tracing::warn!(answer = %item.completion.describe(), verdict = %snippet, "the judge gave no rating: scored the minimum");
+                                tracing::warn!(answer = %what, verdict = %snippet, "the judge gave no rating: scored the minimum");
                                 Ok((i, self.config.min))
                             }
                             OnUnparseable::Skip => {
-                                tracing::warn!(answer = %item.completion.describe(), verdict = %snippet, "the judge gave no rating: left out");
+                                tracing::warn!(answer = %what, verdict = %snippet, "the judge gave no verdict: left out");
                                 Ok((i, f64::NAN))
                             }
                         }
@@ -483,7 +608,7 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, 
 }
 
 inventory::submit! { PluginDescriptor { name: "judge", origin: crate::ORIGIN,
-summary: "an LLM judge behind an OpenAI-compatible API grades each answer 1-10 (MT-Bench style; optionally logprob-weighted)",
+summary: "an LLM judge behind an OpenAI-compatible API grades each answer 1-10 (MT-Bench style; optionally logprob-weighted), or compares two (pairwise, for [eval.judge])",
 factory: StaticFactory::Reward(build) } }
 
 #[cfg(test)]
@@ -498,6 +623,16 @@ mod tests {
         assert_eq!(parse_rating("[[11]]", 1.0, 10.0), None);
         assert_eq!(parse_rating("Rating: [[1.0]", 1.0, 10.0), Some((1.0, 10)));
         assert_eq!(parse_rating("[[x]] no rating", 1.0, 10.0), None);
+    }
+
+    #[test]
+    fn pairwise_verdicts_are_read_from_their_last_label() {
+        assert_eq!(parse_preference("A is clearer. My verdict: [[A>B]]"), Some(1.0));
+        assert_eq!(parse_preference("[[A>>B]] at first, but on reflection [[B>>A]]"), Some(0.0));
+        assert_eq!(parse_preference("Tie: [[A=B]]"), Some(0.5));
+        assert_eq!(parse_preference("[[B>A]]"), Some(0.0));
+        assert_eq!(parse_preference("B is better"), None);
+        assert_eq!(parse_preference("[[A>C]]"), None);
     }
 
     #[test]

@@ -1,0 +1,876 @@
+//! The run report: `runs/NAME/report/index.html` (one self-contained file: inline SVG plots and
+//! CSS, no script, nothing fetched) and `report.md` (the same tables, the plots beside it in
+//! `plots/`), built from what the run directory holds and nothing else, so that
+//! `fuserl report RUN_DIR` rebuilds it at any time, and the run rebuilds it after every stage:
+//!
+//! - the recipe summary (`recipe.toml`, the resolved recipe) and which stages are done;
+//! - the data (`data.json`, written by the scoring stage): prompts, answers and the reward
+//!   distribution per source; the FuseSFT weight and the FusePO pairs each source contributed
+//!   (`sft/examples.jsonl`, `po/examples.jsonl`);
+//! - training curves per stage from `metrics.jsonl` (loss, gradient norm, learning rate, and the
+//!   preference stage's implicit rewards, margins and accuracies);
+//! - the evaluation (`eval/eval.json`): the table of measures with their intervals, the reward
+//!   distribution per model and the fused model's win rates.
+//!
+//! Plots are drawn with `plotters` (its SVG backend). Every plot is a `<figure class="plot">`
+//! whose `data-series` attribute lists its series with their colours, and every number of the
+//! evaluation table carries the JSON pointer of its value in eval.json (`data-json-pointer`), so a
+//! test can check that what the page shows is what the run measured.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use fuserl_core::paths::Shown;
+use fuserl_train::trainer::write_atomic;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use crate::{Result, TrainError};
+
+/// Where the report was written.
+#[derive(Debug, Clone)]
+pub struct ReportFiles {
+    /// `report/index.html`.
+    pub html: PathBuf,
+    /// `report/report.md`.
+    pub markdown: PathBuf,
+}
+
+/// Series colours (Tableau 10): distinct from the black and greys of axes and grids.
+const PALETTE: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+fn colour(i: usize) -> RGBColor {
+    let (r, g, b) = PALETTE[i % PALETTE.len()];
+    RGBColor(r, g, b)
+}
+
+fn hex(c: RGBColor) -> String {
+    format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
+}
+
+/// HTML text and attribute escaping.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A Markdown table cell (pipes escaped, one line).
+fn md(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn num(x: f64) -> String {
+    if x.is_finite() { format!("{x:.3}") } else { "n/a".to_owned() }
+}
+
+/// One plot: its file name (without `.svg`), caption, series (name, colour) and SVG text.
+struct Plot {
+    id: String,
+    caption: String,
+    series: Vec<(String, RGBColor)>,
+    svg: String,
+}
+
+type DrawResult = std::result::Result<(), String>;
+
+fn drawing_error<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+const SIZE: (u32, u32) = (540, 320);
+
+/// Draw onto a fresh SVG; `draw` gets the root area.
+fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing_error)?;
+        draw(&root)?;
+        root.present().map_err(drawing_error)?;
+    }
+    Ok(out)
+}
+
+/// A range around `values` with a little room (a flat series gets a unit-wide range).
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo { (hi - lo) * 0.08 } else { 0.5_f64.max(lo.abs() * 0.1) };
+    (lo - pad, hi + pad)
+}
+
+/// Lines over steps, one per series, with a legend.
+fn line_plot(id: &str, caption: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> Option<Plot> {
+    let series: Vec<&(String, Vec<(f64, f64)>)> = series.iter().filter(|(_, pts)| !pts.is_empty()).collect();
+    if series.is_empty() {
+        return None;
+    }
+    let (x0, x1) = span(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
+    let (y0, y1) = span(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
+    let named: Vec<(String, RGBColor)> = series.iter().enumerate().map(|(i, (n, _))| (n.clone(), colour(i))).collect();
+    let text = svg(|root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(drawing_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.1}") })
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(drawing_error)?;
+        for ((name, pts), (_, c)) in series.iter().zip(&named) {
+            let c = *c;
+            let style = c.stroke_width(2);
+            if pts.len() == 1 {
+                chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled()))).map_err(drawing_error)?
+            } else {
+                chart.draw_series(LineSeries::new(pts.iter().copied(), style)).map_err(drawing_error)?
+            }
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(drawing_error)
+    });
+    finish(id, caption, named, text)
+}
+
+fn finish(
+    id: &str,
+    caption: &str,
+    series: Vec<(String, RGBColor)>,
+    text: std::result::Result<String, String>,
+) -> Option<Plot> {
+    match text {
+        Ok(svg) => Some(Plot { id: id.to_owned(), caption: caption.to_owned(), series, svg }),
+        Err(e) => {
+            tracing::warn!(plot = id, error = %e, "a plot could not be drawn");
+            None
+        }
+    }
+}
+
+/// The label of category `i` on a segmented axis.
+fn category_label(names: &[String], v: &SegmentValue<i32>) -> String {
+    match v {
+        SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+            usize::try_from(*i).ok().and_then(|i| names.get(i)).cloned().unwrap_or_default()
+        }
+        SegmentValue::Last => String::new(),
+    }
+}
+
+/// A box plot per category (quartiles and whiskers), each category its own colour.
+fn box_plot(id: &str, caption: &str, y_desc: &str, groups: &[(String, Vec<f64>)]) -> Option<Plot> {
+    let groups: Vec<&(String, Vec<f64>)> = groups.iter().filter(|(_, v)| !v.is_empty()).collect();
+    if groups.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = groups.iter().map(|(n, _)| n.clone()).collect();
+    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
+    let (y0, y1) = span(groups.iter().flat_map(|(_, v)| v.iter().copied()));
+    let text = svg(|root| {
+        let n = i32::try_from(groups.len()).map_err(drawing_error)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0..n - 1).into_segmented(), (y0 as f32)..(y1 as f32))
+            .map_err(drawing_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(WHITE)
+            .y_desc(y_desc)
+            .x_labels(groups.len())
+            .x_label_formatter(&|v| category_label(&names, v))
+            .draw()
+            .map_err(drawing_error)?;
+        for (i, ((_, values), (_, c))) in groups.iter().zip(&named).enumerate() {
+            let q = Quartiles::new(values);
+            let key = SegmentValue::CenterOf(i as i32);
+            chart
+                .draw_series(std::iter::once(Boxplot::new_vertical(key, &q).width(28).style(c.stroke_width(2))))
+                .map_err(drawing_error)?;
+        }
+        Ok(())
+    });
+    finish(id, caption, named, text)
+}
+
+/// One bar per category.
+fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)]) -> Option<Plot> {
+    if bars.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = bars.iter().map(|(n, _)| n.clone()).collect();
+    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
+    let top = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
+    let top = if top > 0.0 { top * 1.1 } else { 1.0 };
+    let text = svg(|root| {
+        let n = i32::try_from(bars.len()).map_err(drawing_error)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
+            .map_err(drawing_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(WHITE)
+            .y_desc(y_desc)
+            .x_labels(bars.len())
+            .x_label_formatter(&|v| category_label(&names, v))
+            .draw()
+            .map_err(drawing_error)?;
+        for (i, ((_, value), (_, c))) in bars.iter().zip(&named).enumerate() {
+            let i = i as i32;
+            let mut bar =
+                Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *value)], c.filled());
+            bar.set_margin(0, 0, 14, 14);
+            chart.draw_series(std::iter::once(bar)).map_err(drawing_error)?;
+        }
+        Ok(())
+    });
+    finish(id, caption, named, text)
+}
+
+/// A point estimate with its interval per category, and a reference line (`at`).
+fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 3])], at: f64) -> Option<Plot> {
+    if items.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = items.iter().map(|(n, _)| n.clone()).collect();
+    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
+    let text = svg(|root| {
+        let n = i32::try_from(items.len()).map_err(drawing_error)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..1.0)
+            .map_err(drawing_error)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(WHITE)
+            .y_desc(y_desc)
+            .x_labels(items.len())
+            .x_label_formatter(&|v| category_label(&names, v))
+            .draw()
+            .map_err(drawing_error)?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(SegmentValue::Exact(0), at), (SegmentValue::Last, at)],
+                BLACK.mix(0.4).stroke_width(1),
+            )))
+            .map_err(drawing_error)?;
+        for (i, ((_, [low, mean, high]), (_, c))) in items.iter().zip(&named).enumerate() {
+            let key = SegmentValue::CenterOf(i as i32);
+            chart
+                .draw_series([ErrorBar::new_vertical(key.clone(), *low, *mean, *high, c.stroke_width(2), 16)])
+                .map_err(drawing_error)?;
+            chart.draw_series([Circle::new((key, *mean), 5, c.filled())]).map_err(drawing_error)?;
+        }
+        Ok(())
+    });
+    finish(id, caption, named, text)
+}
+
+/// A JSON file of the run directory, if it is there.
+fn read_json(file: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| TrainError::Data(format!("{}: expected JSON: {e}", Shown(file)))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TrainError::io(file, e)),
+    }
+}
+
+/// The lines of a JSONL file of the run directory (none if it is not there). A torn last line
+/// (a run killed while writing it) is left out; a bad line elsewhere is an error naming it.
+fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(file, e)),
+    };
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (k, (i, line)) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(v) => out.push(v),
+            Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => return Err(TrainError::Data(format!("{}:{}: expected a JSON object: {e}", Shown(file), i + 1))),
+        }
+    }
+    Ok(out)
+}
+
+/// Build the report of the run in `run_dir` (`report/index.html`, `report/report.md`,
+/// `report/plots/*.svg`), each file written atomically.
+pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
+    if !run_dir.is_dir() {
+        return Err(TrainError::Data(format!("{}: no such run directory", Shown(run_dir))));
+    }
+    let recipe: Option<toml::Table> = match std::fs::read_to_string(run_dir.join("recipe.toml")) {
+        Ok(text) => Some(text.parse().map_err(|e| {
+            TrainError::Data(format!("{}: expected the resolved recipe: {e}", Shown(&run_dir.join("recipe.toml"))))
+        })?),
+        Err(_) => None,
+    };
+    let data = read_json(&run_dir.join("data.json"))?;
+    let sft_examples = read_jsonl(&run_dir.join("sft/examples.jsonl"))?;
+    let po_examples = read_jsonl(&run_dir.join("po/examples.jsonl"))?;
+    let metrics = read_jsonl(&run_dir.join("metrics.jsonl"))?;
+    let eval = read_json(&run_dir.join("eval/eval.json"))?;
+
+    let mut page = Page::default();
+    let name = recipe
+        .as_ref()
+        .and_then(|r| r.get("run")?.get("name")?.as_str().map(str::to_owned))
+        .or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "run".to_owned());
+    page.title = format!("fuserl run report: {name}");
+    recipe_section(&mut page, recipe.as_ref(), run_dir);
+    data_section(&mut page, data.as_ref(), &sft_examples, &po_examples);
+    training_section(&mut page, &metrics);
+    eval_section(&mut page, eval.as_ref());
+
+    let dir = run_dir.join("report");
+    let plots_dir = dir.join("plots");
+    std::fs::create_dir_all(&plots_dir).map_err(|e| TrainError::io(&plots_dir, e))?;
+    for plot in &page.plots {
+        write_atomic(&plots_dir.join(format!("{}.svg", plot.id)), plot.svg.as_bytes())?;
+    }
+    let files = ReportFiles { html: dir.join("index.html"), markdown: dir.join("report.md") };
+    write_atomic(&files.html, page.html().as_bytes())?;
+    write_atomic(&files.markdown, page.markdown().as_bytes())?;
+    Ok(files)
+}
+
+/// The report being built: each block is written both as HTML and as Markdown.
+#[derive(Default)]
+struct Page {
+    title: String,
+    html: String,
+    md: String,
+    plots: Vec<Plot>,
+}
+
+/// A table cell: text, and the JSON pointer of its number in eval.json when it shows one.
+struct Cell {
+    text: String,
+    pointer: Option<String>,
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Self {
+        Cell { text, pointer: None }
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Self {
+        Cell { text: text.to_owned(), pointer: None }
+    }
+}
+
+impl Page {
+    fn heading(&mut self, level: usize, text: &str) {
+        let _ = writeln!(self.html, "<h{level}>{}</h{level}>", esc(text));
+        let _ = writeln!(self.md, "\n{} {text}\n", "#".repeat(level));
+    }
+
+    fn para(&mut self, text: &str) {
+        let _ = writeln!(self.html, "<p>{}</p>", esc(text));
+        let _ = writeln!(self.md, "{text}\n");
+    }
+
+    /// A table; a row's cells may hold several numbers (`Vec<Cell>` per column).
+    fn table(&mut self, header: &[&str], rows: &[Vec<Vec<Cell>>]) {
+        self.html.push_str("<table>\n<thead><tr>");
+        for h in header {
+            let _ = write!(self.html, "<th>{}</th>", esc(h));
+        }
+        self.html.push_str("</tr></thead>\n<tbody>\n");
+        let _ = writeln!(self.md, "| {} |", header.iter().map(|h| md(h)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(self.md, "|{}", " --- |".repeat(header.len()));
+        for row in rows {
+            self.html.push_str("<tr>");
+            let mut md_cells = Vec::new();
+            for cell in row {
+                self.html.push_str("<td>");
+                let mut md_text = String::new();
+                for part in cell {
+                    match &part.pointer {
+                        Some(p) => {
+                            let _ =
+                                write!(self.html, "<span data-json-pointer=\"{}\">{}</span>", esc(p), esc(&part.text));
+                        }
+                        None => self.html.push_str(&esc(&part.text)),
+                    }
+                    md_text.push_str(&part.text);
+                }
+                self.html.push_str("</td>");
+                md_cells.push(md(&md_text));
+            }
+            self.html.push_str("</tr>\n");
+            let _ = writeln!(self.md, "| {} |", md_cells.join(" | "));
+        }
+        self.html.push_str("</tbody>\n</table>\n");
+        self.md.push('\n');
+    }
+
+    fn plot(&mut self, plot: Option<Plot>) {
+        let Some(plot) = plot else { return };
+        let series: Vec<Value> = plot.series.iter().map(|(n, c)| json!({"name": n, "color": hex(*c)})).collect();
+        let _ = writeln!(
+            self.html,
+            "<figure class=\"plot\" id=\"plot-{}\" data-series=\"{}\" aria-label=\"{}\">\n{}\n</figure>",
+            esc(&plot.id),
+            esc(&Value::Array(series).to_string()),
+            esc(&plot.caption),
+            plot.svg,
+        );
+        let _ = writeln!(self.md, "![{}](plots/{}.svg)\n", plot.caption, plot.id);
+        self.plots.push(plot);
+    }
+
+    fn html(&self) -> String {
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{}</title>\n<style>\n{STYLE}</style>\n</head>\n<body>\n<h1>{}</h1>\n{}</body>\n</html>\n",
+            esc(&self.title),
+            esc(&self.title),
+            self.html
+        )
+    }
+
+    fn markdown(&self) -> String {
+        format!("# {}\n{}", self.title, self.md)
+    }
+}
+
+const STYLE: &str = "body { font-family: sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+figure.plot { display: inline-block; margin: 0.5em; }
+";
+
+fn str_of<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut table = t;
+    for p in parents {
+        table = table.get(*p)?.as_table()?;
+    }
+    table.get(*last)
+}
+
+fn shown(v: Option<&toml::Value>) -> String {
+    match v {
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(toml::Value::Array(a)) => a.iter().map(|x| shown(Some(x))).collect::<Vec<_>>().join(", "),
+        Some(v) => v.to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+fn recipe_section(page: &mut Page, recipe: Option<&toml::Table>, run_dir: &Path) {
+    page.heading(2, "Recipe");
+    let Some(r) = recipe else {
+        page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.");
+        return;
+    };
+    let mut rows: Vec<Vec<Vec<Cell>>> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push(vec![vec![k.into()], vec![v.into()]]);
+    row("run", shown(str_of(r, &["run", "name"])));
+    row(
+        "backend",
+        format!("{} ({})", shown(str_of(r, &["backend", "device"])), shown(str_of(r, &["backend", "dtype"]))),
+    );
+    row("target", shown(str_of(r, &["target", "checkpoint"])));
+    if let Some(sources) = r.get("sources").and_then(toml::Value::as_array) {
+        for s in sources.iter().filter_map(toml::Value::as_table) {
+            let what = ["name", "model", "path", "checkpoint"]
+                .iter()
+                .filter_map(|k| s.get(*k).map(|v| format!("{k} {}", shown(Some(v)))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            row("source", format!("{} ({what})", shown(s.get("kind"))));
+        }
+    }
+    row("reward", shown(str_of(r, &["reward", "kind"])));
+    row("weighting", shown(str_of(r, &["weighting", "kind"])));
+    for (stage, label) in [("sft", "FuseSFT"), ("po", "FusePO")] {
+        let enabled = str_of(r, &[stage, "enabled"]).and_then(toml::Value::as_bool).unwrap_or(true);
+        let text = if enabled {
+            format!(
+                "{}: {} epochs, learning rate {}, batch {}",
+                shown(str_of(r, &[stage, "objective", "kind"])),
+                shown(str_of(r, &[stage, "epochs"])),
+                shown(str_of(r, &[stage, "learning_rate"])),
+                shown(str_of(r, &[stage, "batch_size"]))
+            )
+        } else {
+            "disabled".to_owned()
+        };
+        row(label, text);
+    }
+    let eval_on = str_of(r, &["eval", "enabled"]).and_then(toml::Value::as_bool).unwrap_or(false);
+    row(
+        "eval",
+        if eval_on {
+            format!(
+                "prompts {}, baselines {}",
+                shown(str_of(r, &["eval", "prompts"])),
+                shown(str_of(r, &["eval", "baselines"]))
+            )
+        } else {
+            "not enabled in the recipe (`fuserl eval` runs it)".to_owned()
+        },
+    );
+    page.table(&["", "setting"], &rows);
+    let done = |p: &str| if run_dir.join(p).exists() { "done" } else { "not yet" };
+    let stages = vec![
+        vec![vec!["scoring".into()], vec![done("data.json").into()]],
+        vec![vec!["FuseSFT".into()], vec![done("sft/DONE").into()]],
+        vec![vec!["FusePO".into()], vec![done("po/DONE").into()]],
+        vec![vec!["evaluation".into()], vec![done("eval/eval.json").into()]],
+    ];
+    page.table(&["stage", "state"], &stages);
+}
+
+/// Per source: the sum of a quantity over the examples' sequences (`pick` chooses which).
+fn per_source(examples: &[Value], pick: impl Fn(&[Value]) -> Vec<(&Value, f64)>) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for e in examples {
+        let seqs = e["sequences"].as_array().map_or(&[][..], Vec::as_slice);
+        for (seq, amount) in pick(seqs) {
+            if let Some(source) = seq["completion"]["source"].as_str() {
+                *out.entry(source.to_owned()).or_insert(0.0) += amount;
+            }
+        }
+    }
+    out
+}
+
+fn data_section(page: &mut Page, data: Option<&Value>, sft: &[Value], po: &[Value]) {
+    page.heading(2, "Data");
+    let Some(data) = data else {
+        page.para("Not scored yet (data.json is written by the scoring stage).");
+        return;
+    };
+    let sources = data["sources"].as_array().cloned().unwrap_or_default();
+    // FuseSFT: the examples' weights per source; FusePO: chosen and rejected answers per source
+    // (first and last sequence of each example).
+    let mut sft_weight = BTreeMap::new();
+    for e in sft {
+        if let Some(s) = e["sequences"][0]["completion"]["source"].as_str() {
+            *sft_weight.entry(s.to_owned()).or_insert(0.0) += e["weight"].as_f64().unwrap_or(0.0);
+        }
+    }
+    let total_weight: f64 = sft_weight.values().sum();
+    let chosen = per_source(po, |seqs| seqs.first().map(|s| (s, 1.0)).into_iter().collect());
+    let rejected =
+        per_source(
+            po,
+            |seqs| if seqs.len() > 1 { seqs.last().map(|s| (s, 1.0)).into_iter().collect() } else { Vec::new() },
+        );
+    let mut rows = Vec::new();
+    let mut groups = Vec::new();
+    for s in &sources {
+        let name = s["name"].as_str().unwrap_or("?").to_owned();
+        let rewards: Vec<f64> =
+            s["rewards"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(Value::as_f64).collect());
+        let mean = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
+        let weight = sft_weight.get(&name).copied().unwrap_or(0.0);
+        rows.push(vec![
+            vec![name.clone().into()],
+            vec![s["prompts"].to_string().into()],
+            vec![s["answers"].to_string().into()],
+            vec![s["unscored"].to_string().into()],
+            vec![if rewards.is_empty() { "-".into() } else { num(mean).into() }],
+            vec![
+                if total_weight > 0.0 {
+                    format!("{} ({:.0}%)", num(weight), 100.0 * weight / total_weight)
+                } else {
+                    "-".to_owned()
+                }
+                .into(),
+            ],
+            vec![
+                format!(
+                    "{:.0} / {:.0}",
+                    chosen.get(&name).copied().unwrap_or(0.0),
+                    rejected.get(&name).copied().unwrap_or(0.0)
+                )
+                .into(),
+            ],
+        ]);
+        groups.push((name, rewards));
+    }
+    page.para(&format!(
+        "{} prompts; {} answers scored by {}.",
+        data["prompts"],
+        sources.iter().map(|s| s["answers"].as_u64().unwrap_or(0)).sum::<u64>(),
+        data["reward"].as_str().unwrap_or("the reward")
+    ));
+    page.table(
+        &["source", "prompts", "answers", "unscored", "mean reward", "FuseSFT weight", "FusePO chosen / rejected"],
+        &rows,
+    );
+    page.plot(box_plot("data-rewards", "Reward per source (training data)", "reward", &groups));
+    let bars = |m: &BTreeMap<String, f64>| {
+        groups.iter().map(|(n, _)| (n.clone(), m.get(n).copied().unwrap_or(0.0))).collect::<Vec<_>>()
+    };
+    if !sft.is_empty() {
+        page.plot(bar_plot(
+            "data-sft-weight",
+            "FuseSFT weight per source",
+            "summed example weight",
+            &bars(&sft_weight),
+        ));
+    }
+    if !po.is_empty() {
+        page.plot(bar_plot("data-po-chosen", "FusePO chosen answers per source", "examples", &bars(&chosen)));
+    }
+}
+
+fn training_section(page: &mut Page, metrics: &[Value]) {
+    page.heading(2, "Training");
+    if metrics.is_empty() {
+        page.para("No training step logged yet (metrics.jsonl).");
+        return;
+    }
+    for (stage, label) in [("sft", "FuseSFT"), ("po", "FusePO")] {
+        let lines: Vec<&Value> = metrics.iter().filter(|m| m["stage"] == stage).collect();
+        if lines.is_empty() {
+            continue;
+        }
+        page.heading(3, label);
+        let curve = |key: &str| -> Vec<(f64, f64)> {
+            lines.iter().filter_map(|m| Some((m["step"].as_f64()?, m[key].as_f64()?))).collect()
+        };
+        let last = lines.last().map(|m| m["step"].as_u64().unwrap_or(0)).unwrap_or(0);
+        let final_loss = lines.last().and_then(|m| m["loss"].as_f64()).unwrap_or(f64::NAN);
+        page.para(&format!("{} logged steps, last step {last}, final loss {}.", lines.len(), num(final_loss)));
+        let mut plots = vec![
+            (format!("{stage}-loss"), format!("{label}: loss"), "loss", vec!["loss"]),
+            (format!("{stage}-grad-norm"), format!("{label}: gradient norm"), "gradient norm", vec!["grad_norm"]),
+            (format!("{stage}-lr"), format!("{label}: learning rate"), "learning rate", vec!["lr"]),
+        ];
+        let has = |k: &str| lines.iter().any(|m| m.get(k).is_some());
+        if has("rewards/chosen") {
+            plots.push((
+                format!("{stage}-rewards"),
+                format!("{label}: implicit rewards"),
+                "reward",
+                vec!["rewards/chosen", "rewards/rejected"],
+            ));
+        }
+        for (key, what) in [("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy")] {
+            if has(key) {
+                plots.push((format!("{stage}-{}", key.replace('/', "-")), format!("{label}: {what}"), what, vec![key]));
+            }
+        }
+        for (id, caption, y, keys) in plots {
+            let series: Vec<(String, Vec<(f64, f64)>)> = keys.iter().map(|k| ((*k).to_owned(), curve(k))).collect();
+            page.plot(line_plot(&id, &caption, y, &series));
+        }
+    }
+}
+
+/// A number of eval.json with its pointer.
+fn cell_at(eval: &Value, pointer: String) -> Cell {
+    let text = eval.pointer(&pointer).and_then(Value::as_f64).map_or_else(|| "n/a".to_owned(), num);
+    Cell { text, pointer: Some(pointer) }
+}
+
+/// `mean [low, high]` of an estimate in eval.json.
+fn estimate_cells(eval: &Value, at: &str) -> Vec<Cell> {
+    if eval.pointer(at).is_none_or(Value::is_null) {
+        return vec!["-".into()];
+    }
+    vec![
+        cell_at(eval, format!("{at}/mean")),
+        " [".into(),
+        cell_at(eval, format!("{at}/low")),
+        ", ".into(),
+        cell_at(eval, format!("{at}/high")),
+        "]".into(),
+    ]
+}
+
+fn eval_section(page: &mut Page, eval: Option<&Value>) {
+    page.heading(2, "Evaluation");
+    let Some(eval) = eval else {
+        page.para("Not evaluated yet (`fuserl eval`, or [eval] enabled in the recipe).");
+        return;
+    };
+    let models = eval["models"].as_array().cloned().unwrap_or_default();
+    page.para(&format!(
+        "{} held-out prompts ({}), {} answer(s) per prompt and model, scored by {}. Intervals: {} ({}% level).",
+        eval["n_prompts"],
+        eval["prompts"].as_str().unwrap_or("?"),
+        eval["samples"].as_u64().unwrap_or(1),
+        eval["reward"].as_str().unwrap_or("?"),
+        eval["interval"]["method"].as_str().unwrap_or("bootstrap"),
+        eval["interval"]["level"].as_f64().map_or_else(|| "95".to_owned(), |l| format!("{:.0}", l * 100.0)),
+    ));
+    // pass@k columns: the keys every model has.
+    let mut ks: Vec<String> = models
+        .first()
+        .and_then(Value::as_object)
+        .map(|m| m.keys().filter(|k| k.starts_with("pass_at_")).cloned().collect())
+        .unwrap_or_default();
+    ks.sort_by_key(|k| k["pass_at_".len()..].parse::<u64>().unwrap_or(u64::MAX));
+    let mut header = vec!["model".to_owned(), "answers".to_owned(), "mean reward [95% CI]".to_owned()];
+    header.extend(ks.iter().map(|k| format!("pass@{} [95% CI]", &k["pass_at_".len()..])));
+    header.push("mean length (tokens)".to_owned());
+    let mut rows = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        let mut row = vec![
+            vec![m["name"].as_str().unwrap_or("?").into()],
+            vec![m["answers"].to_string().into()],
+            estimate_cells(eval, &format!("/models/{i}/mean_reward")),
+        ];
+        for k in &ks {
+            row.push(estimate_cells(eval, &format!("/models/{i}/{k}")));
+        }
+        row.push(vec![cell_at(eval, format!("/models/{i}/mean_length_tokens"))]);
+        rows.push(row);
+    }
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    page.table(&header, &rows);
+
+    let comparisons = eval["comparisons"].as_array().cloned().unwrap_or_default();
+    if !comparisons.is_empty() {
+        let mut rows = Vec::new();
+        let mut items = Vec::new();
+        for (i, c) in comparisons.iter().enumerate() {
+            let baseline = c["baseline"].as_str().unwrap_or("?").to_owned();
+            let lc = if c["length_controlled_win_rate"].is_null() {
+                vec!["n/a".into()]
+            } else {
+                vec![cell_at(eval, format!("/comparisons/{i}/length_controlled_win_rate"))]
+            };
+            rows.push(vec![
+                vec![format!("{} vs {baseline}", c["model"].as_str().unwrap_or("fused")).into()],
+                vec![c["by"].as_str().unwrap_or("reward").into()],
+                estimate_cells(eval, &format!("/comparisons/{i}/win_rate")),
+                lc,
+                vec![c["win_rate"]["n"].as_u64().unwrap_or(0).to_string().into()],
+            ]);
+            let w = &c["win_rate"];
+            if let (Some(m), Some(l), Some(h)) = (w["mean"].as_f64(), w["low"].as_f64(), w["high"].as_f64()) {
+                let by_reward = c["by"].as_str().is_none_or(|b| b == "reward");
+                items.push((if by_reward { baseline } else { format!("{baseline} by judge") }, [l, m, h]));
+            }
+        }
+        page.table(&["comparison", "judged by", "win rate [95% CI]", "length-controlled win rate", "prompts"], &rows);
+        page.plot(interval_plot(
+            "eval-win-rates",
+            "Win rate of the fused model against each baseline",
+            "win rate",
+            &items,
+            0.5,
+        ));
+    }
+    let groups: Vec<(String, Vec<f64>)> = models
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().unwrap_or("?").to_owned();
+            (name, m["rewards"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(Value::as_f64).collect()))
+        })
+        .collect();
+    page.plot(box_plot("eval-rewards", "Reward per model (held-out prompts)", "reward", &groups));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_plot_kind_draws_its_series_in_their_colours() {
+        let line =
+            line_plot("l", "loss", "loss", &[("loss".into(), vec![(1.0, 2.0), (2.0, 1.5), (3.0, 1.2)])]).expect("line");
+        let boxes =
+            box_plot("b", "rewards", "reward", &[("a".into(), vec![0.1, 0.5, 0.9]), ("b".into(), vec![0.2, 0.3])])
+                .expect("box");
+        let bars = bar_plot("w", "weights", "weight", &[("a".into(), 2.0), ("b".into(), 1.0)]).expect("bars");
+        let intervals =
+            interval_plot("i", "win", "win rate", &[("t".into(), [0.4, 0.6, 0.8])], 0.5).expect("intervals");
+        for plot in [line, boxes, bars, intervals] {
+            assert!(plot.svg.starts_with("<svg"), "{}", plot.svg);
+            for (name, c) in &plot.series {
+                assert!(
+                    plot.svg.contains(&format!(">{name}<")) || plot.svg.contains(name.as_str()),
+                    "{name} in {}",
+                    plot.svg
+                );
+                assert!(plot.svg.contains(&hex(*c)), "colour of {name} in {}", plot.svg);
+            }
+        }
+        assert!(line_plot("e", "empty", "y", &[("x".into(), Vec::new())]).is_none());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_left_out_and_a_bad_line_elsewhere_is_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("metrics.jsonl");
+        std::fs::write(&f, "{\"step\":1}\n{\"step\":2}\n{\"st").expect("write");
+        assert_eq!(read_jsonl(&f).expect("read").len(), 2);
+        std::fs::write(&f, "{\"step\":1}\nnot json\n{\"step\":3}\n").expect("write");
+        let err = read_jsonl(&f).expect_err("bad line").to_string();
+        assert!(err.contains("metrics.jsonl:2:"), "{err}");
+    }
+
+    #[test]
+    fn text_is_escaped_in_html() {
+        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(md("a|b\nc"), "a\\|b c");
+    }
+}
