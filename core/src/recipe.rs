@@ -376,6 +376,10 @@ pub struct EvalConfig {
     /// then get pass@k for every k up to it, the HumanEval paper's unbiased estimator).
     #[serde(default = "default_eval_samples")]
     pub samples: u32,
+    /// A validation prompts file: the fused model alone answers it too, scored by `[reward]`
+    /// (the training reward), for choosing hyperparameters without looking at the test prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
     /// `[eval.reward]`: the reward that scores the held-out answers (any `[reward]` kind), when
     /// not the recipe's own `[reward]` (which must then be able to score new answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -261,6 +261,53 @@ pub fn eval_stage(
     if let Some(judge) = &loaded.components.eval_judge {
         comparisons.extend(judge_comparisons(judge.as_ref(), &groups, &order, &tok, &dir, seed, score_progress)?);
     }
+    // The validation prompts: the fused model alone, scored by the training reward.
+    let validation = match &e.validation {
+        Some(file) => {
+            let file = loaded.base_dir.join(file);
+            let val_prompts = fuserl_core::prompts::read_prompts(&file)?.prompts;
+            let plan = CollectPlan { prompts: &val_prompts, ..plan };
+            let vdir = dir.join("validation");
+            let collected = collect_with(&generators[..1], &plan, &vdir.join("collect"), &[], collect_progress)?;
+            let mut vgroups = assemble_groups(collected)?;
+            let train_reward = loaded.components.reward.as_ref();
+            fuserl_core::score::score_stage(
+                train_reward,
+                &mut vgroups,
+                Some(&vdir.join("score")),
+                batch,
+                score_progress,
+            )?;
+            let mut per_prompt: HashMap<&str, Vec<f64>> = HashMap::new();
+            for g in &vgroups {
+                for c in &g.completions {
+                    if let Some(r) = &c.reward {
+                        per_prompt.entry(g.prompt.id.as_str()).or_default().push(r.value);
+                    }
+                }
+            }
+            let means: Vec<f64> = val_prompts
+                .iter()
+                .filter_map(|p| per_prompt.get(p.id.as_str()).map(|v| v.iter().sum::<f64>() / v.len() as f64))
+                .collect();
+            let mut v = json!({
+                "prompts": Shown(&file).to_string(),
+                "n_prompts": val_prompts.len(),
+                "reward": train_reward.scorer_id(),
+                "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
+            });
+            if is_verifier(train_reward) {
+                let passed: Vec<f64> = val_prompts
+                    .iter()
+                    .filter_map(|p| per_prompt.get(p.id.as_str()))
+                    .map(|v| v.iter().filter(|r| **r >= 1.0).count() as f64 / v.len() as f64)
+                    .collect();
+                v["pass_at_1"] = estimate(&bootstrap_mean(&passed, RESAMPLES, 0.95, seed));
+            }
+            v
+        }
+        None => Value::Null,
+    };
     let doc = json!({
         "prompts": Shown(&prompts_file).to_string(),
         "n_prompts": prompts.len(),
@@ -271,6 +318,7 @@ pub fn eval_stage(
         "interval": {"level": 0.95, "method": "percentile bootstrap over prompts", "resamples": RESAMPLES, "seed": seed},
         "models": models,
         "comparisons": comparisons,
+        "validation": validation,
     });
     std::fs::create_dir_all(&dir).map_err(|err| TrainError::io(&dir, err))?;
     let file = dir.join("eval.json");

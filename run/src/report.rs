@@ -819,6 +819,22 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
             0.5,
         ));
     }
+    if eval["validation"].is_object() {
+        let v = &eval["validation"];
+        page.para(&format!(
+            "Validation ({} prompts, {}, scored by the training reward {}): the fused model alone, for choosing settings without the test prompts.",
+            v["n_prompts"],
+            v["prompts"].as_str().unwrap_or("?"),
+            v["reward"].as_str().unwrap_or("?")
+        ));
+        let mut row = vec![vec!["fused".into()], estimate_cells(eval, "/validation/mean_reward")];
+        let mut header = vec!["model", "mean reward [95% CI]"];
+        if v.get("pass_at_1").is_some() {
+            row.push(estimate_cells(eval, "/validation/pass_at_1"));
+            header.push("pass@1 [95% CI]");
+        }
+        page.table(&header, &[row]);
+    }
     let groups: Vec<(String, Vec<f64>)> = models
         .iter()
         .map(|m| {

@@ -152,4 +152,8 @@ fn a_bad_tests_file_names_the_line() {
     assert_eq!(err.0, 2);
     assert!(err.1.contains("prompt `b`") && err.1.contains("entry_point"), "{}", err.1);
     assert_eq!(parse_tests("not json").expect_err("bad").0, 1);
+    // A tests list may name the entry point that picks the answer's code block.
+    let ok = parse_tests("{\"id\": \"c\", \"entry_point\": \"f\", \"tests\": [\"assert f(1) == 1\"]}\n").expect("ok");
+    assert_eq!(ok["c"].entry_point.as_deref(), Some("f"));
+    assert!(parse_tests("{\"id\": \"d\", \"entry_point\": \"f\"}\n").is_err(), "an entry point alone has no tests");
 }

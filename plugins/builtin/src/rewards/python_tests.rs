@@ -167,12 +167,13 @@ pub fn parse_tests(text: &str) -> std::result::Result<HashMap<String, CodeTests>
             (i + 1, format!("expected {{\"id\", \"test\", \"entry_point\"}} or {{\"id\", \"tests\": [...]}}: {e}"))
         })?;
         match (&t.test, &t.entry_point, t.tests.is_empty()) {
-            (Some(_), Some(_), true) | (None, None, false) => {}
+            // A tests list may name its entry point too (it picks the answer's code block).
+            (Some(_), Some(_), true) | (None, _, false) => {}
             _ => {
                 return Err((
                     i + 1,
                     format!(
-                        "prompt `{}`: give `test` with `entry_point` (HumanEval), or a non-empty `tests` list",
+                        "prompt `{}`: give `test` with `entry_point` (HumanEval), or a non-empty `tests` list (with an optional `entry_point`)",
                         t.id
                     ),
                 ));

