@@ -11,7 +11,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fuserl_env, kill_at_pause, repo, serve, text};
+use common::server::serve;
+use common::{fuserl_env, kill_at_pause, repo, text};
 
 fn recipe() -> String {
     repo().join("recipes/collect-local.toml").display().to_string()

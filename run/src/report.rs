@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use fuserl_core::paths::Shown;
 use fuserl_train::trainer::write_atomic;
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, NoDefaultFormatting, Ranged, SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
@@ -197,73 +199,73 @@ fn category_label(names: &[String], v: &SegmentValue<i32>) -> String {
     }
 }
 
-/// A box plot per category (quartiles and whiskers), each category its own colour.
-fn box_plot(id: &str, caption: &str, y_desc: &str, groups: &[(String, Vec<f64>)]) -> Option<Plot> {
-    let groups: Vec<&(String, Vec<f64>)> = groups.iter().filter(|(_, v)| !v.is_empty()).collect();
-    if groups.is_empty() {
+/// A chart with one segment per category on x.
+type CategoryChart<'a, 'b, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>;
+
+/// A plot with one category per name on x (each its own colour and series) over the y range
+/// `y`; `draw` adds the marks, given each category's colour.
+fn category_plot<R>(
+    id: &str,
+    caption: &str,
+    y_desc: &str,
+    names: &[String],
+    y: R,
+    draw: impl FnOnce(&mut CategoryChart<'_, '_, R::CoordDescType>, &[RGBColor]) -> DrawResult,
+) -> Option<Plot>
+where
+    R: AsRangedCoord,
+    R::CoordDescType: Ranged<FormatOption = NoDefaultFormatting> + ValueFormatter<R::Value>,
+{
+    if names.is_empty() {
         return None;
     }
-    let names: Vec<String> = groups.iter().map(|(n, _)| n.clone()).collect();
-    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
-    let (y0, y1) = span(groups.iter().flat_map(|(_, v)| v.iter().copied()));
+    let colours: Vec<RGBColor> = (0..names.len()).map(colour).collect();
     let text = svg(|root| {
-        let n = i32::try_from(groups.len()).map_err(drawing_error)?;
+        let n = i32::try_from(names.len()).map_err(drawing_error)?;
         let mut chart = ChartBuilder::on(root)
             .caption(caption, ("sans-serif", 16))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d((0..n - 1).into_segmented(), (y0 as f32)..(y1 as f32))
+            .build_cartesian_2d((0..n - 1).into_segmented(), y)
             .map_err(drawing_error)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .light_line_style(WHITE)
             .y_desc(y_desc)
-            .x_labels(groups.len())
-            .x_label_formatter(&|v| category_label(&names, v))
+            .x_labels(names.len())
+            .x_label_formatter(&|v| category_label(names, v))
             .draw()
             .map_err(drawing_error)?;
-        for (i, ((_, values), (_, c))) in groups.iter().zip(&named).enumerate() {
+        draw(&mut chart, &colours)
+    });
+    finish(id, caption, names.iter().cloned().zip(colours.iter().copied()).collect(), text)
+}
+
+/// A box plot per category (quartiles and whiskers).
+fn box_plot(id: &str, caption: &str, y_desc: &str, groups: &[(String, Vec<f64>)]) -> Option<Plot> {
+    let groups: Vec<&(String, Vec<f64>)> = groups.iter().filter(|(_, v)| !v.is_empty()).collect();
+    let names: Vec<String> = groups.iter().map(|(n, _)| n.clone()).collect();
+    let (y0, y1) = span(groups.iter().flat_map(|(_, v)| v.iter().copied()));
+    category_plot(id, caption, y_desc, &names, (y0 as f32)..(y1 as f32), |chart, colours| {
+        for (i, ((_, values), c)) in groups.iter().zip(colours).enumerate() {
             let q = Quartiles::new(values);
             let key = SegmentValue::CenterOf(i as i32);
-            chart
-                .draw_series(std::iter::once(Boxplot::new_vertical(key, &q).width(28).style(c.stroke_width(2))))
-                .map_err(drawing_error)?;
+            let boxplot = Boxplot::new_vertical(key, &q).width(28).style(c.stroke_width(2));
+            chart.draw_series(std::iter::once(boxplot)).map_err(drawing_error)?;
         }
         Ok(())
-    });
-    finish(id, caption, named, text)
+    })
 }
 
 /// One bar per category.
 fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)]) -> Option<Plot> {
-    if bars.is_empty() {
-        return None;
-    }
     let names: Vec<String> = bars.iter().map(|(n, _)| n.clone()).collect();
-    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
     let top = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
     let top = if top > 0.0 { top * 1.1 } else { 1.0 };
-    let text = svg(|root| {
-        let n = i32::try_from(bars.len()).map_err(drawing_error)?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(caption, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
-            .map_err(drawing_error)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .light_line_style(WHITE)
-            .y_desc(y_desc)
-            .x_labels(bars.len())
-            .x_label_formatter(&|v| category_label(&names, v))
-            .draw()
-            .map_err(drawing_error)?;
-        for (i, ((_, value), (_, c))) in bars.iter().zip(&named).enumerate() {
+    category_plot(id, caption, y_desc, &names, 0.0..top, |chart, colours| {
+        for (i, ((_, value), c)) in bars.iter().zip(colours).enumerate() {
             let i = i as i32;
             let mut bar =
                 Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *value)], c.filled());
@@ -271,42 +273,20 @@ fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)]) -> Op
             chart.draw_series(std::iter::once(bar)).map_err(drawing_error)?;
         }
         Ok(())
-    });
-    finish(id, caption, named, text)
+    })
 }
 
 /// A point estimate with its interval per category, and a reference line (`at`).
 fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 3])], at: f64) -> Option<Plot> {
-    if items.is_empty() {
-        return None;
-    }
     let names: Vec<String> = items.iter().map(|(n, _)| n.clone()).collect();
-    let named: Vec<(String, RGBColor)> = names.iter().enumerate().map(|(i, n)| (n.clone(), colour(i))).collect();
-    let text = svg(|root| {
-        let n = i32::try_from(items.len()).map_err(drawing_error)?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(caption, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..1.0)
-            .map_err(drawing_error)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .light_line_style(WHITE)
-            .y_desc(y_desc)
-            .x_labels(items.len())
-            .x_label_formatter(&|v| category_label(&names, v))
-            .draw()
-            .map_err(drawing_error)?;
+    category_plot(id, caption, y_desc, &names, 0.0..1.0, |chart, colours| {
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(SegmentValue::Exact(0), at), (SegmentValue::Last, at)],
                 BLACK.mix(0.4).stroke_width(1),
             )))
             .map_err(drawing_error)?;
-        for (i, ((_, [low, mean, high]), (_, c))) in items.iter().zip(&named).enumerate() {
+        for (i, ((_, [low, mean, high]), c)) in items.iter().zip(colours).enumerate() {
             let key = SegmentValue::CenterOf(i as i32);
             chart
                 .draw_series([ErrorBar::new_vertical(key.clone(), *low, *mean, *high, c.stroke_width(2), 16)])
@@ -314,8 +294,7 @@ fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 
             chart.draw_series([Circle::new((key, *mean), 5, c.filled())]).map_err(drawing_error)?;
         }
         Ok(())
-    });
-    finish(id, caption, named, text)
+    })
 }
 
 /// A JSON file of the run directory, if it is there.

@@ -4,52 +4,15 @@
 //! of rewards, a non-finite reward, or a refused request is a message naming the reward, the URL
 //! and the batch. Every accept loop is bounded.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../../../tests/common/server.rs"]
+mod server;
+
+use server::serve;
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
 
 use fuserl_core::data::{ChatMessage, Completion, CompletionId, Origin, SamplingParams};
 use fuserl_core::extension::{RewardModel, ScoreItem};
 use fuserl_core::registry::BuildContext;
-
-/// A server that answers `replies` requests (then stops), recording each request body. Each
-/// reply is made from the body: `f(body) -> (status, reply body)`.
-fn serve(
-    replies: usize,
-    f: impl Fn(&serde_json::Value, usize) -> (u16, String) + Send + 'static,
-) -> (u16, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    std::thread::spawn(move || {
-        for (n, stream) in listener.incoming().take(replies).enumerate() {
-            let Ok(mut s) = stream else { continue };
-            let mut reader = BufReader::new(s.try_clone().expect("clone"));
-            let mut length = 0usize;
-            for _ in 0..100 {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; length];
-            reader.read_exact(&mut body).expect("body");
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-            let (status, reply) = f(&v, n);
-            record.lock().expect("lock").push(v);
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-                reply.len()
-            );
-        }
-    });
-    (port, seen)
-}
 
 fn reward(port: u16, extra: &str, dir: &std::path::Path) -> Box<dyn RewardModel> {
     let text = format!("url = \"http://127.0.0.1:{port}/get_reward\"\nbatch_size = 2\nconcurrency = 1\n{extra}");
