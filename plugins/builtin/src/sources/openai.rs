@@ -484,6 +484,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_code_benchmark_few_shot_template_asks_the_last_user_message() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/templates/code-fewshot.jinja");
+        let template = load_template(&path).expect("template");
+        let messages = [ChatMessage::user("first"), ChatMessage::user("Write `f(x)` that doubles `x`.")];
+        let text = render_with(&template, &messages, true).expect("render");
+        assert!(text.starts_with("You write short, correct Python functions."), "{text}");
+        assert!(text.ends_with("Task: Write `f(x)` that doubles `x`.\nSolution:\n```python\n"), "{text:?}");
+        assert!(!text.contains("first"), "{text}");
+    }
+
+    #[test]
     fn replies_of_both_endpoints_parse_and_other_shapes_are_named() {
         let chat = r#"{"model": "m", "choices": [{"index": 1, "message": {"content": "b"}, "finish_reason": "length"},
             {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": "stop"}],
