@@ -25,6 +25,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod extension;
+pub mod jsonl;
 pub mod location;
 pub mod maths;
 pub mod pairwise;

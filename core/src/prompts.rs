@@ -103,12 +103,10 @@ pub fn parse_prompt_value(v: &Value) -> std::result::Result<(Option<String>, Vec
 type Records = Vec<(u64, std::result::Result<(Option<String>, Vec<ChatMessage>), String>)>;
 
 fn jsonl_records(file: &Path) -> Result<Records> {
-    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    Ok(text
-        .lines()
-        .enumerate()
+    Ok(crate::jsonl::lines(file)?
+        .into_iter()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| (n as u64 + 1, parse_prompt_line(l)))
+        .map(|(n, l)| (n, parse_prompt_line(&l)))
         .collect())
 }
 

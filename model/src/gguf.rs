@@ -206,20 +206,35 @@ impl Gguf {
             .dims
             .iter()
             .try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
-            .filter(|n| n.is_multiple_of(block))
             .ok_or_else(|| {
                 ModelError::format(
                     &self.file,
-                    format!("tensor `{}`: dims {:?} are not a whole number of {block}-value blocks", t.name, t.dims),
+                    format!("tensor `{}`: dims {:?} claim more values than any file can hold", t.name, t.dims),
                 )
             })?;
-        let len = n / block * block_bytes;
+        if !n.is_multiple_of(block) {
+            return Err(ModelError::format(
+                &self.file,
+                format!("tensor `{}`: dims {:?} are not a whole number of {block}-value blocks", t.name, t.dims),
+            ));
+        }
+        // Checked against the file before anything is allocated.
+        let len = (n / block).checked_mul(block_bytes).unwrap_or(usize::MAX);
         let raw = usize::try_from(t.offset)
             .ok()
             .and_then(|o| self.data_start.checked_add(o))
             .and_then(|start| self.bytes.get(start..start.checked_add(len)?))
             .ok_or_else(|| {
-                ModelError::format(&self.file, format!("tensor `{}` runs past the end of the file", t.name))
+                ModelError::format(
+                    &self.file,
+                    format!(
+                        "tensor `{}` ({} values of {}) runs past the end of the file ({} bytes)",
+                        t.name,
+                        n,
+                        GgmlType::name_of(t.ggml_type),
+                        self.bytes.len()
+                    ),
+                )
             })?;
         let mut out = Vec::with_capacity(n);
         ty.dequantize(raw, &mut out);

@@ -173,3 +173,88 @@ fn a_template_that_never_ends_is_stopped() {
         assert!(t0.elapsed().as_secs() < 60, "{what}: took {:?}", t0.elapsed());
     }
 }
+
+/// A GGUF v3 file: no metadata, one tensor entry per `(name, dims, ggml type)` at offset 0, the
+/// header claiming `n_tensors` entries, then `data` bytes after 32-byte alignment.
+fn gguf(n_tensors: u64, tensors: &[(&str, &[u64], u32)], data: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    for (name, dims, ty) in tensors {
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+    }
+    b.resize(b.len().div_ceil(32) * 32 + data, 0);
+    b
+}
+
+/// #13: hostile GGUF headers are refused with a named error before anything is allocated.
+#[test]
+fn a_gguf_claiming_2_pow_60_values_or_tensors_is_refused_before_allocating() {
+    use fuserl_model::gguf::Gguf;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("hostile.gguf");
+    // 2^30 x 2^30 f32 values (4 EiB) behind 64 bytes of data.
+    std::fs::write(&file, gguf(1, &[("w", &[1 << 30, 1 << 30], 0)], 64)).expect("write");
+    let g = Gguf::read(&file).expect("the header itself is well formed");
+    let err = g.dequantize(&g.tensors[0]).expect_err("refused").to_string();
+    assert!(
+        err.contains("hostile.gguf")
+            && err.contains("tensor `w` (1152921504606846976 values of F32) runs past the end of the file"),
+        "{err}"
+    );
+    // Dims whose product overflows.
+    std::fs::write(&file, gguf(1, &[("w", &[1 << 40, 1 << 40], 0)], 64)).expect("write");
+    let g = Gguf::read(&file).expect("header");
+    let err = g.dequantize(&g.tensors[0]).expect_err("refused").to_string();
+    assert!(err.contains("claim more values than any file can hold"), "{err}");
+    // 2^60 tensor entries in a file that holds one.
+    std::fs::write(&file, gguf(1 << 60, &[("w", &[4], 0)], 16)).expect("write");
+    let err = Gguf::read(&file).expect_err("refused").to_string();
+    assert!(err.contains("hostile.gguf") && err.contains("truncated"), "{err}");
+    // A name claiming 2^60 bytes.
+    let mut b = gguf(1, &[], 0);
+    b.truncate(24);
+    b.extend((1u64 << 60).to_le_bytes());
+    std::fs::write(&file, b).expect("write");
+    let err = Gguf::read(&file).expect_err("refused").to_string();
+    assert!(err.contains("truncated: needs 1152921504606846976 bytes"), "{err}");
+}
+
+/// A safetensors file: an 8-byte header length, the header, then the data.
+fn safetensors(header_len: u64, header: &str, data: usize) -> Vec<u8> {
+    let mut b = header_len.to_le_bytes().to_vec();
+    b.extend(header.as_bytes());
+    b.resize(b.len() + data, 0);
+    b
+}
+
+/// #13: a safetensors header of 10 GB declared length, overlapping tensors and a tensor past the
+/// end are refused with a named error (the file stays small: nothing is allocated for the claim).
+#[test]
+fn hostile_safetensors_headers_are_refused() {
+    let cases = [
+        ("10 GB header", safetensors(10_000_000_000, "{}", 0)),
+        ("overlapping", {
+            let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+            safetensors(h.len() as u64, h, 12)
+        }),
+        ("past the end", {
+            let h = r#"{"a":{"dtype":"F32","shape":[200],"data_offsets":[0,800]}}"#;
+            safetensors(h.len() as u64, h, 8)
+        }),
+    ];
+    for (what, bytes) in cases {
+        let dir = copy("llama-tied");
+        std::fs::write(dir.path().join("model.safetensors"), bytes).expect("write");
+        let err = load_err(dir.path());
+        assert!(err.contains("model.safetensors: not a valid safetensors file"), "{what}: {err}");
+    }
+}

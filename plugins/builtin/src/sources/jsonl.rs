@@ -237,7 +237,7 @@ impl SourceAdapter for JsonlSource {
     }
 
     fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        let text = std::fs::read_to_string(&self.file).map_err(|e| Error::io(&self.file, e))?;
+        let lines = fuserl_core::jsonl::lines(&self.file)?;
         let file_name = Shown(&self.file).to_string();
         let mut out = Collected::default();
         // prompt id -> (line first seen, messages, given by a per-prompt record)
@@ -245,8 +245,8 @@ impl SourceAdapter for JsonlSource {
         let mut seen: HashMap<(String, String, u32), u64> = HashMap::new();
         let mut next_index: HashMap<(String, String), u32> = HashMap::new();
         let mut found_sources: BTreeMap<String, ()> = BTreeMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line_no = n as u64 + 1;
+        for (line_no, line) in &lines {
+            let (line_no, line) = (*line_no, line.as_str());
             if line.trim().is_empty() {
                 continue;
             }
