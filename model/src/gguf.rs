@@ -219,7 +219,7 @@ impl Gguf {
             ));
         }
         // Checked against the file before anything is allocated.
-        let len = (n / block).checked_mul(block_bytes).unwrap_or(usize::MAX);
+        let len = (n / block).saturating_mul(block_bytes);
         let raw = usize::try_from(t.offset)
             .ok()
             .and_then(|o| self.data_start.checked_add(o))
