@@ -100,6 +100,11 @@ fn bad_replies_are_named_with_the_reward_and_the_batch() {
         ),
         (Box::new(|_, _| (400, "{\"error\": \"bad input\"}".into())), "batch 1 (answers 1..2): http://127.0.0.1"),
         (Box::new(|_, _| (200, "{\"scores\": [1, 2]}".into())), "no `rewards` list (keys: scores)"),
+        // #13: a reply past the 64 MiB cap is cut off, not read whole.
+        (
+            Box::new(|_, _| (200, format!("{{\"rewards\": [1, 2], \"pad\": \"{}\"}}", "x".repeat(65 << 20)))),
+            "the reply is larger than 67108864 bytes",
+        ),
     ];
     for (f, want) in cases {
         let (port, _) = serve(2, f);
