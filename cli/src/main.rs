@@ -448,7 +448,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
                     "  {:<16} reward {}{pass}, {:.0} tokens",
                     m["name"].as_str().unwrap_or(""),
                     pct(&m["mean_reward"]),
-                    m["mean_length_tokens"].as_f64().unwrap_or(f64::NAN)
+                    m["mean_length_tokens"]["mean"].as_f64().unwrap_or(f64::NAN)
                 );
             }
             for c in doc["comparisons"].as_array().into_iter().flatten() {
@@ -457,7 +457,11 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
                     "  fused vs {:<8} win rate{by} {}, length-controlled {}",
                     c["baseline"].as_str().unwrap_or(""),
                     if c["win_rate"].is_null() { "n/a (no prompt judged)".to_owned() } else { pct(&c["win_rate"]) },
-                    c["length_controlled_win_rate"].as_f64().map_or_else(|| "n/a".to_owned(), |w| format!("{w:.3}"))
+                    if c["length_controlled_win_rate"].is_null() {
+                        "n/a".to_owned()
+                    } else {
+                        pct(&c["length_controlled_win_rate"])
+                    }
                 );
             }
             println!("evaluation: {}", Shown(&file));

@@ -53,6 +53,34 @@ pub fn bootstrap_mean(values: &[f64], resamples: usize, level: f64, seed: u64) -
     Estimate { mean, low: quantile(&means, tail), high: quantile(&means, 1.0 - tail), n }
 }
 
+/// Any statistic of prompts with a percentile-bootstrap interval: `statistic` gets the indices of
+/// the prompts in a sample (all of them for the estimate; `resamples` samples drawn with
+/// replacement with `seed` for the interval, those where it is `None` left out). `None` when the
+/// statistic of all the prompts is `None`.
+pub fn bootstrap(
+    n: usize,
+    statistic: impl Fn(&[usize]) -> Option<f64>,
+    resamples: usize,
+    level: f64,
+    seed: u64,
+) -> Option<Estimate> {
+    let all: Vec<usize> = (0..n).collect();
+    let mean = statistic(&all)?;
+    let mut rng = crate::maths::SplitMix64::new(seed);
+    let mut draws: Vec<f64> = (0..resamples)
+        .filter_map(|_| {
+            let sample: Vec<usize> = (0..n).map(|_| rng.below(n)).collect();
+            statistic(&sample)
+        })
+        .collect();
+    if draws.is_empty() {
+        return Some(Estimate { mean, low: mean, high: mean, n });
+    }
+    draws.sort_by(f64::total_cmp);
+    let tail = (1.0 - level) / 2.0;
+    Some(Estimate { mean, low: quantile(&draws, tail), high: quantile(&draws, 1.0 - tail), n })
+}
+
 /// A length-controlled win rate: a logistic regression of each comparison's outcome (1 win, 0.5
 /// tie, 0 loss: a fractional binomial response) on the answers' length difference (standardised
 /// by its standard deviation), read at zero length difference: `sigmoid(intercept)`. Fitted by
@@ -109,6 +137,15 @@ mod tests {
         // 1 - C(7,2)/C(10,2) = 1 - 21/45
         assert!((pass_at_k(10, 3, 2) - (1.0 - 21.0 / 45.0)).abs() < 1e-15);
         assert_eq!(pass_at_k(5, 3, 3), 1.0, "fewer failures than k: certain");
+    }
+
+    #[test]
+    fn the_general_bootstrap_of_a_mean_is_the_mean_bootstrap() {
+        let v: Vec<f64> = (0..40).map(|i| f64::from(i % 5)).collect();
+        let mean = |idx: &[usize]| Some(idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len() as f64);
+        // The same draws from the same seed: the same interval.
+        assert_eq!(bootstrap(v.len(), mean, 500, 0.95, 3), Some(bootstrap_mean(&v, 500, 0.95, 3)));
+        assert_eq!(bootstrap(3, |_| None, 10, 0.95, 1), None);
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! else the recipe's `[reward]`) scores the answers, and `runs/NAME/eval/eval.json` gets, per
 //! model, the mean reward (per prompt over its answers, then over prompts) with its 95% bootstrap
 //! interval over prompts, every reward (for the report's distributions), the mean answer length
-//! in tokens (the target's tokenizer, the same for every model) and, for verifier rewards
+//! in tokens (the target's tokenizer, the same for every model; with its interval) and, for verifier rewards
 //! (`python-tests`, `math`), pass@k for k = 1, 2, 5, 10, ... up to `samples` (the HumanEval
 //! paper's unbiased estimator, per prompt, then averaged); per baseline, the fused model's win
 //! rate against it (by mean reward per prompt, ties counted half) with its interval, and a
-//! length-controlled win rate ([`fuserl_core::stats`]). With `[eval.judge]` (a pairwise judge),
+//! length-controlled win rate ([`fuserl_core::stats`]) with an interval from refitting it on
+//! each bootstrap resample. With `[eval.judge]` (a pairwise judge),
 //! each baseline also gets the judge's win rate: both orders of every pair asked, to cancel
 //! position bias, as Arena-Hard does.
 //!
@@ -39,7 +40,7 @@ use fuserl_core::pipeline::assemble_groups;
 use fuserl_core::recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
 use fuserl_core::score::ScoreProgress;
-use fuserl_core::stats::{Estimate, bootstrap_mean, length_controlled_win_rate, pass_at_k};
+use fuserl_core::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_train::trainer::write_atomic;
 use serde_json::{Value, json};
@@ -56,6 +57,17 @@ fn estimate(e: &Estimate) -> Value {
 
 /// One answer's reward (none when the reward skipped it) and length in tokens.
 type Answer = (Option<f64>, f64);
+
+/// The length-controlled win rate with its bootstrap interval over prompts (the regression fitted
+/// again on each resample); `null` when it cannot be fitted.
+fn lc_win_rate(outcomes: &[f64], diffs: &[f64], seed: u64) -> Value {
+    let fit = |idx: &[usize]| {
+        let o: Vec<f64> = idx.iter().map(|&i| outcomes[i]).collect();
+        let d: Vec<f64> = idx.iter().map(|&i| diffs[i]).collect();
+        length_controlled_win_rate(&o, &d)
+    };
+    bootstrap(outcomes.len(), fit, RESAMPLES, 0.95, seed).map_or(Value::Null, |e| estimate(&e))
+}
 
 /// A win rate with its interval; `null` when no prompt has an outcome.
 fn win_rate(outcomes: &[f64], seed: u64) -> Value {
@@ -207,11 +219,13 @@ pub fn eval_stage(
         let means: Vec<f64> = per_prompt.iter().filter_map(|a| prompt_mean(a)).collect();
         let rewards: Vec<f64> = per_prompt.iter().flat_map(|a| a.iter().filter_map(|x| x.0)).collect();
         let lengths: Vec<f64> = per_prompt.iter().flat_map(|a| a.iter().map(|x| x.1)).collect();
+        let per_prompt_lengths: Vec<f64> =
+            per_prompt.iter().map(|a| a.iter().map(|x| x.1).sum::<f64>() / a.len().max(1) as f64).collect();
         let mut m = json!({
             "name": name,
             "answers": lengths.len(),
             "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
-            "mean_length_tokens": lengths.iter().sum::<f64>() / lengths.len().max(1) as f64,
+            "mean_length_tokens": estimate(&bootstrap_mean(&per_prompt_lengths, RESAMPLES, 0.95, seed)),
             "rewards": rewards,
         });
         if verifier {
@@ -255,7 +269,7 @@ pub fn eval_stage(
             "baseline": name,
             "by": "reward",
             "win_rate": win_rate(&outcomes, seed),
-            "length_controlled_win_rate": length_controlled_win_rate(&outcomes, &diffs),
+            "length_controlled_win_rate": lc_win_rate(&outcomes, &diffs, seed),
         }));
     }
     if let Some(judge) = &loaded.components.eval_judge {
@@ -387,7 +401,7 @@ fn judge_comparisons(
             "baseline": name,
             "by": label,
             "win_rate": win_rate(&outcomes, seed),
-            "length_controlled_win_rate": length_controlled_win_rate(&outcomes, &diffs),
+            "length_controlled_win_rate": lc_win_rate(&outcomes, &diffs, seed),
             "orders_agree": if both > 0 { json!(agree as f64 / both as f64) } else { Value::Null },
         }));
     }

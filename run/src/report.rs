@@ -748,7 +748,7 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
     ks.sort_by_key(|k| k["pass_at_".len()..].parse::<u64>().unwrap_or(u64::MAX));
     let mut header = vec!["model".to_owned(), "answers".to_owned(), "mean reward [95% CI]".to_owned()];
     header.extend(ks.iter().map(|k| format!("pass@{} [95% CI]", &k["pass_at_".len()..])));
-    header.push("mean length (tokens)".to_owned());
+    header.push("mean length in tokens [95% CI]".to_owned());
     let mut rows = Vec::new();
     for (i, m) in models.iter().enumerate() {
         let mut row = vec![
@@ -759,7 +759,7 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
         for k in &ks {
             row.push(estimate_cells(eval, &format!("/models/{i}/{k}")));
         }
-        row.push(vec![cell_at(eval, format!("/models/{i}/mean_length_tokens"))]);
+        row.push(estimate_cells(eval, &format!("/models/{i}/mean_length_tokens")));
         rows.push(row);
     }
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
@@ -771,11 +771,7 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
         let mut items = Vec::new();
         for (i, c) in comparisons.iter().enumerate() {
             let baseline = c["baseline"].as_str().unwrap_or("?").to_owned();
-            let lc = if c["length_controlled_win_rate"].is_null() {
-                vec!["n/a".into()]
-            } else {
-                vec![cell_at(eval, format!("/comparisons/{i}/length_controlled_win_rate"))]
-            };
+            let lc = estimate_cells(eval, &format!("/comparisons/{i}/length_controlled_win_rate"));
             rows.push(vec![
                 vec![format!("{} vs {baseline}", c["model"].as_str().unwrap_or("fused")).into()],
                 vec![c["by"].as_str().unwrap_or("reward").into()],
@@ -789,7 +785,10 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
                 items.push((if by_reward { baseline } else { format!("{baseline} by judge") }, [l, m, h]));
             }
         }
-        page.table(&["comparison", "judged by", "win rate [95% CI]", "length-controlled win rate", "prompts"], &rows);
+        page.table(
+            &["comparison", "judged by", "win rate [95% CI]", "length-controlled win rate [95% CI]", "prompts"],
+            &rows,
+        );
         page.plot(interval_plot(
             "eval-win-rates",
             "Win rate of the fused model against each baseline",
