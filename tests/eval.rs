@@ -89,7 +89,7 @@ fn a_pairwise_judge_is_asked_both_orders_so_its_position_bias_cancels() {
     let text_of = std::fs::read_to_string(recipe()).expect("recipe");
     let eval_at = text_of.find("[eval]").expect("[eval]");
     let variant = format!(
-        "{}[eval]\nprompts = \"../data/code-mini.jsonl\"\nmax_new_tokens = 16\nsamples = 2\ntemperature = 0.8\nbaselines = [\"target\", \"sft\"]\n\n\
+        "{}[eval]\nprompts = \"../data/code-mini.jsonl\"\nvalidation = \"../data/prompts-mini.jsonl\"\nmax_new_tokens = 16\nsamples = 2\ntemperature = 0.8\nbaselines = [\"target\", \"sft\"]\n\n\
          [eval.reward]\nkind = \"python-tests\"\ntests = \"../data/code-mini-tests.jsonl\"\ntimeout_s = 10\n\n\
          [eval.judge]\nkind = \"judge\"\nmode = \"pairwise\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"judge\"\nconcurrency = 1\n",
         &text_of[..eval_at]
@@ -141,6 +141,24 @@ fn a_pairwise_judge_is_asked_both_orders_so_its_position_bias_cancels() {
         assert_eq!(c["orders_agree"], 0.0, "{c}");
         assert_eq!(c["win_rate"]["n"], prompts, "{c}");
     }
+    // The validation prompts: the fused model alone, scored by the training reward (keywords),
+    // each prompt's mean over its answers averaged, as stored.
+    let v = &doc["validation"];
+    assert_eq!((v["n_prompts"].as_u64(), v["mean_reward"]["n"].as_u64()), (Some(10), Some(10)), "{v}");
+    let stored = std::fs::read_to_string(dir.path().join("runs/collect-local/eval/validation/score/keywords.jsonl"))
+        .expect("validation scores");
+    let mut per_prompt: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in stored.lines() {
+        let s: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(s["source"], "fused", "{line}");
+        per_prompt
+            .entry(s["prompt_id"].as_str().expect("id").to_owned())
+            .or_default()
+            .push(s["score"].as_f64().expect("score"));
+    }
+    let want = per_prompt.values().map(|r| r.iter().sum::<f64>() / r.len() as f64).sum::<f64>() / 10.0;
+    assert!((v["mean_reward"]["mean"].as_f64().expect("mean") - want).abs() < 1e-12, "{v}");
+    assert!(v.get("pass_at_1").is_none(), "keywords is not a pass/fail verifier: {v}");
     // Nothing is asked again.
     let again = fuserl_env(&["eval", &p], dir.path(), &[]);
     assert!(again.status.success(), "{}", text(&again.stderr));

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fuserl_core::collect::{CollectPlan, CollectProgress, collect_with};
-use fuserl_core::data::ScoredGroup;
+use fuserl_core::data::{Completion, ScoredGroup};
 use fuserl_core::data::{Prompt, SamplingParams};
 use fuserl_core::extension::Generator;
 use fuserl_core::extension::{PairItem, RewardModel};
@@ -192,9 +192,13 @@ pub fn eval_stage(
     let tok =
         ChatTokenizer::load(&target, recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t)).as_deref())?;
     let mut by_model: BTreeMap<String, HashMap<String, Vec<Answer>>> = BTreeMap::new();
+    // Each answer's length, for the judge's length-controlled win rate.
+    let mut length_of: HashMap<(&str, &str, u32), f64> = HashMap::new();
     for g in &groups {
         for c in &g.completions {
             let len = tok.encode(&c.completion.text)?.len() as f64;
+            let id = &c.completion.id;
+            length_of.insert((id.source.as_str(), id.prompt_id.as_str(), id.sample_index), len);
             by_model
                 .entry(c.completion.id.source.clone())
                 .or_default()
@@ -273,7 +277,7 @@ pub fn eval_stage(
         }));
     }
     if let Some(judge) = &loaded.components.eval_judge {
-        comparisons.extend(judge_comparisons(judge.as_ref(), &groups, &order, &tok, &dir, seed, score_progress)?);
+        comparisons.extend(judge_comparisons(judge.as_ref(), &groups, &order, &length_of, &dir, seed, score_progress)?);
     }
     // The validation prompts: the fused model alone, scored by the training reward.
     let validation = match &e.validation {
@@ -350,7 +354,7 @@ fn judge_comparisons(
     judge: &dyn RewardModel,
     groups: &[ScoredGroup],
     order: &[String],
-    tok: &ChatTokenizer,
+    length_of: &HashMap<(&str, &str, u32), f64>,
     dir: &Path,
     seed: u64,
     progress: &dyn Fn(&ScoreProgress<'_>),
@@ -394,7 +398,8 @@ fn judge_comparisons(
                 agree += usize::from(p1 == p2);
             }
             outcomes.push(known.iter().sum::<f64>() / known.len() as f64);
-            diffs.push(tok.encode(&f.text)?.len() as f64 - tok.encode(&b.text)?.len() as f64);
+            let len = |c: &Completion| length_of[&(c.id.source.as_str(), c.id.prompt_id.as_str(), c.id.sample_index)];
+            diffs.push(len(f) - len(b));
         }
         out.push(json!({
             "model": "fused",
