@@ -476,8 +476,9 @@ fn faults_are_retried_and_every_answer_is_stored_exactly_once() {
         assert!(!String::from_utf8_lossy(&bytes).contains("planted-secret"), "{} holds the key", entry.display());
     }
     assert!(proxy.served.load(Ordering::SeqCst) >= 40);
-    // #13's sweep: with every log level of every crate on (RUST_LOG=trace: the HTTP client's and
-    // TLS library's too), asking again, scoring, the report and the resolved recipe show no key.
+    // #13's sweep: with every log level of every crate on (RUST_LOG=trace: the HTTP client's, the
+    // TLS library's and Burn's too), asking again, scoring, training (FuseSFT, FusePO, export),
+    // the report and the resolved recipe show no key.
     let env = [("FUSERL_TEST_KEY", "sk-test-4c1d-planted-secret"), ("RUST_LOG", "trace")];
     let p = path.display().to_string();
     let run_dir = dir.path().join("run").display().to_string();
@@ -485,6 +486,7 @@ fn faults_are_retried_and_every_answer_is_stored_exactly_once() {
     for args in [
         vec!["collect", p.as_str(), "--redo", "smollm2-chat"],
         vec!["score", p.as_str()],
+        vec!["run", p.as_str()],
         vec!["report", run_dir.as_str()],
         vec!["recipe", "show", p.as_str()],
     ] {
@@ -496,7 +498,9 @@ fn faults_are_retried_and_every_answer_is_stored_exactly_once() {
     assert!(proxy.served.load(Ordering::SeqCst) >= served + 20, "the redo asked the server again");
     assert_eq!(proxy.bad_keys.load(Ordering::SeqCst), 0);
     let files = walk(&dir.path().join("run"));
-    assert!(files.iter().any(|f| f.ends_with("report/index.html")), "{files:?}");
+    for made in ["report/index.html", "po/final/model.safetensors", "export/config.json"] {
+        assert!(files.iter().any(|f| f.ends_with(made)), "no {made}: {files:?}");
+    }
     for entry in files {
         let bytes = std::fs::read(&entry).expect("read");
         assert!(!String::from_utf8_lossy(&bytes).contains("planted-secret"), "{} holds the key", entry.display());

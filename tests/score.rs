@@ -147,3 +147,34 @@ fn a_killed_scoring_resumes_without_losing_or_repeating_scores() {
     }
     assert!(checked >= 10, "{examples}");
 }
+
+/// Issue #13: nothing is written through a symbolic link that leaves the run directory. A
+/// `score` folder linked to a folder elsewhere is refused, by name, before anything is scored;
+/// the folder it points to stays empty; the same link pointing inside the run is fine.
+#[test]
+fn a_link_out_of_the_run_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run = dir.path().join("runs/reward-classifier");
+    std::fs::create_dir_all(&run).expect("mkdir");
+    let outside = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::os::unix::fs::symlink(&outside, run.join("score")).expect("link");
+    let out = fuserl_env(&["score", &recipe()], dir.path(), &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "runs/reward-classifier/score: a symbolic link to {}, outside the run directory",
+            outside.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("symbolic link").count(), 1, "said once:\n{err}");
+    assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0, "something was written through the link");
+
+    std::fs::remove_file(run.join("score")).expect("rm");
+    std::fs::create_dir_all(run.join("scores-elsewhere")).expect("mkdir");
+    std::os::unix::fs::symlink("scores-elsewhere", run.join("score")).expect("link");
+    score_ok(dir.path(), &recipe());
+    assert!(run.join("scores-elsewhere/classifier.jsonl").is_file());
+}

@@ -169,6 +169,14 @@ fn main() -> ExitCode {
     fuserl_backends::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    // A panic inside a third-party parser is caught at its call and comes back as an error that
+    // names the file (fuserl_core::untrusted): print that error, not the panic as well.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !fuserl_core::untrusted::catching_panic() {
+            default_hook(info);
+        }
+    }));
     match run(cli.command, &cli.plugins) {
         Ok(code) => code,
         Err(err) => {

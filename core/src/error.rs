@@ -69,6 +69,16 @@ pub enum Error {
         second: String,
     },
     /// A file could not be read or written.
+    /// A path fuserl refuses to write to: a symbolic link that leads out of the run directory,
+    /// a store name that would leave its folder.
+    #[error("{}: {message}", shown(file))]
+    Path {
+        /// The path.
+        file: PathBuf,
+        /// Why.
+        message: String,
+    },
+
     #[error("{}: {source}", shown(file))]
     Io {
         /// The file.
@@ -99,6 +109,7 @@ impl Error {
                 | Self::Data { .. }
                 | Self::Record { .. }
                 | Self::Config(_)
+                | Self::Path { .. }
                 | Self::DuplicatePlugin { .. }
         ) || matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }

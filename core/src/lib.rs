@@ -29,6 +29,7 @@ pub mod jsonl;
 pub mod location;
 pub mod maths;
 pub mod pairwise;
+pub mod parquet_pages;
 pub mod paths;
 pub mod pipeline;
 pub mod prompts;
@@ -38,6 +39,7 @@ pub mod score;
 pub mod stats;
 pub mod store;
 pub mod tensorboard;
+pub mod untrusted;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};

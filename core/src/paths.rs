@@ -64,6 +64,56 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// Refuse a run directory that holds a symbolic link leading outside it, so that nothing
+/// fuserl writes there (stores, checkpoints, the report) can land elsewhere (issue #13). The
+/// folder is walked without following links; a link inside that points inside is fine, and so
+/// is a run directory that is itself a link. A folder that does not exist yet holds none.
+pub fn check_links_stay_inside(root: &Path) -> crate::Result<()> {
+    let Ok(base) = root.canonicalize() else { return Ok(()) };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| crate::Error::io(&dir, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| crate::Error::io(&path, e))?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(|e| crate::Error::io(&path, e))?;
+                // A broken link: where it would point, from its (real) folder.
+                let resolved = path.canonicalize().unwrap_or_else(|_| {
+                    let from = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                    normalize(&from.join(&target))
+                });
+                if !resolved.starts_with(&base) {
+                    return Err(crate::Error::Path {
+                        file: path,
+                        message: format!(
+                            "a symbolic link to {}, outside the run directory {}: fuserl writes nothing \
+                             through a link that leaves the run directory; remove the link",
+                            target.display(),
+                            Shown(root)
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Check that `name` can name a file in its folder and nothing else: not empty, no path
+/// separator, not `.`, `..` or hidden.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
+        return Err(format!(
+            "`{name}` cannot name a file: expected a name without slashes that does not start with `.`"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +128,43 @@ mod tests {
         let parent = cwd.parent().expect("parent");
         assert_eq!(shown(Path::new("../elsewhere")), parent.join("elsewhere").display().to_string());
         assert_eq!(shown(Path::new("/tmp/../etc/./hosts")), "/etc/hosts");
+    }
+
+    #[test]
+    fn links_out_of_the_run_directory_are_refused_and_links_inside_are_not() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let run = tmp.path().join("runs/x");
+        std::fs::create_dir_all(run.join("collect")).expect("mkdir");
+        std::fs::write(run.join("recipe.toml"), "").expect("write");
+        let outside = tmp.path().join("outside.jsonl");
+        std::fs::write(&outside, "").expect("write");
+        assert!(check_links_stay_inside(&tmp.path().join("runs/none")).is_ok());
+        std::os::unix::fs::symlink("../recipe.toml", run.join("collect/inside")).expect("link");
+        assert!(check_links_stay_inside(&run).is_ok());
+        // The run directory itself may be a link (runs on another disk).
+        std::os::unix::fs::symlink(&run, tmp.path().join("alias")).expect("link");
+        assert!(check_links_stay_inside(&tmp.path().join("alias")).is_ok());
+        for (name, target) in [("a.jsonl", outside.clone()), ("broken.jsonl", tmp.path().join("nowhere/b.jsonl"))] {
+            let link = run.join("collect").join(name);
+            std::os::unix::fs::symlink(&target, &link).expect("link");
+            let err = check_links_stay_inside(&run).expect_err("a link out").to_string();
+            assert!(err.contains(&format!("collect/{name}: a symbolic link to {}", target.display())), "{err}");
+            assert!(err.contains("outside the run directory"), "{err}");
+            std::fs::remove_file(&link).expect("rm");
+        }
+        // A linked folder that leaves.
+        std::os::unix::fs::symlink(tmp.path(), run.join("score")).expect("link");
+        assert!(check_links_stay_inside(&run).is_err());
+    }
+
+    #[test]
+    fn file_names_cannot_leave_their_folder() {
+        for bad in ["", "..", ".", "../x", "a/b", "a\\b", ".hidden", "a\0b"] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["qwen-coder", "source:smollm2", "judge", "a.b"] {
+            assert!(check_file_name(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

@@ -116,19 +116,29 @@ fn parquet_records(file: &Path) -> Result<Records> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     let bad = |message: String| Error::Data { file: file.to_path_buf(), line: 0, message };
-    let reader = SerializedFileReader::new(f).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
-    let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read the rows: {e}")))?;
-    let mut out = Vec::new();
-    for (n, row) in rows.enumerate() {
-        let row_no = n as u64 + 1;
-        let row = row.map_err(|e| Error::Data {
-            file: file.to_path_buf(),
-            line: row_no,
-            message: format!("row {row_no}: {e}"),
-        })?;
-        out.push((row_no, parse_prompt_value(&row.to_json_value()).map_err(|m| format!("row {row_no}: {m}"))));
-    }
-    Ok(out)
+    // The parquet crate panics on some malformed files (issue #13's fuzzing): caught, and named.
+    crate::untrusted::catch_panic(|| -> Result<Records> {
+        let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+        let mut pages = f.try_clone().map_err(|e| Error::io(file, e))?;
+        crate::parquet_pages::check_footer(&mut pages, len)
+            .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?;
+        let reader = SerializedFileReader::new(f).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+        crate::parquet_pages::check(&mut pages, len, reader.metadata())
+            .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?;
+        let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read the rows: {e}")))?;
+        let mut out = Vec::new();
+        for (n, row) in rows.enumerate() {
+            let row_no = n as u64 + 1;
+            let row = row.map_err(|e| Error::Data {
+                file: file.to_path_buf(),
+                line: row_no,
+                message: format!("row {row_no}: {e}"),
+            })?;
+            out.push((row_no, parse_prompt_value(&row.to_json_value()).map_err(|m| format!("row {row_no}: {m}"))));
+        }
+        Ok(out)
+    })
+    .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?
 }
 
 /// Read one prompt file: JSONL, or Parquet when its name ends in `.parquet`. Places in messages

@@ -62,6 +62,8 @@ impl<T: StoreRecord> Store<T> {
     /// Open (or create) the store `name` in `dir`, made with `fingerprint`. `redo` sets what it
     /// holds aside and starts afresh whatever the settings.
     pub fn open(dir: &Path, name: &str, fingerprint: &str, on_change: OnChange<'_>, redo: bool) -> Result<Self> {
+        crate::paths::check_file_name(name)
+            .map_err(|message| Error::Path { file: dir.join(name), message: format!("a store name: {message}") })?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let file = dir.join(format!("{name}.jsonl"));
         let settings = dir.join(format!("{name}.settings.json"));

@@ -47,7 +47,13 @@ impl ChatTokenizer {
         if !tj.is_file() {
             return Err(ModelError::format(dir, "no tokenizer.json"));
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&tj)
+        // JSON first: the tokenizers crate panics on some malformed files (issue #13's fuzzing);
+        // what is left of its panics is caught and named.
+        let bytes = std::fs::read(&tj).map_err(|e| ModelError::io(&tj, e))?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| ModelError::format(&tj, format!("not valid JSON: {e}")))?;
+        let tokenizer = fuserl_core::untrusted::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|m| ModelError::format(&tj, format!("not a valid tokenizer: {m}")))?
             .map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
         let tc_file = dir.join("tokenizer_config.json");
         let tc: Value = if tc_file.is_file() {

@@ -115,6 +115,7 @@ pub fn eval_stage(
     if prompts.is_empty() {
         return Err(TrainError::Data(format!("{}: no prompts", Shown(&prompts_file))));
     }
+    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
     let dir = loaded.output_dir().join("eval");
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let ctx =

@@ -199,10 +199,12 @@ pub fn run(loaded: &LoadedRecipe, which: Which, report: Reporters<'_>) -> Result
         .map_err(|e| TrainError::Unsupported(format!("[backend]: {e}")))?
 }
 
-/// The run directory of a recipe, created; a folder that another recipe made is refused.
+/// The run directory of a recipe, created; a folder that another recipe made, or that holds a
+/// symbolic link leading outside it, is refused.
 pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let dir = loaded.output_dir();
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    fuserl_core::paths::check_links_stay_inside(&dir)?;
     let resolved = loaded.resolved_toml()?;
     let recipe_file = dir.join("recipe.toml");
     match std::fs::read_to_string(&recipe_file) {
@@ -228,6 +230,7 @@ pub fn collect_stage(
     // Each store guards its own settings (a source whose settings changed is refused, or started
     // afresh with `redo`), so collecting needs no claim on the run directory; the training
     // stages make that claim.
+    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
     let dir = loaded.output_dir().join("collect");
     let collected = collect(loaded, &dir, redo, progress)?;
     Ok((dir, collected))
@@ -241,6 +244,7 @@ pub fn score_stage(
     collected: Vec<Collected>,
     progress: &dyn Fn(&ScoreProgress<'_>),
 ) -> Result<(PathBuf, ScoreSummary)> {
+    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
     let dir = loaded.output_dir().join("score");
     let (mut groups, _) = gather_groups(loaded, collected)?;
     let reward = loaded.components.reward.as_ref();

@@ -334,6 +334,7 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     if !run_dir.is_dir() {
         return Err(TrainError::Data(format!("{}: no such run directory", Shown(run_dir))));
     }
+    fuserl_core::paths::check_links_stay_inside(run_dir)?;
     let recipe: Option<toml::Table> = match std::fs::read_to_string(run_dir.join("recipe.toml")) {
         Ok(text) => Some(text.parse().map_err(|e| {
             TrainError::Data(format!("{}: expected the resolved recipe: {e}", Shown(&run_dir.join("recipe.toml"))))

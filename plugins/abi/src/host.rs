@@ -706,3 +706,25 @@ pub fn point_of(code: u32) -> Option<ExtensionPoint> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #13: a plugin *name* (no path separator) is only ever looked up as one file name in
+    /// the search folders, whatever dots it holds; a spec with a separator is a path the recipe
+    /// gives on purpose, resolved from the recipe's folder.
+    #[test]
+    fn plugin_names_stay_in_the_search_path() {
+        for name in ["..", ".", "...", "..evil", "a..b"] {
+            let file = library_file_name(name);
+            let parts: Vec<_> = Path::new(&file).components().collect();
+            assert_eq!(parts.len(), 1, "{name:?} -> {file:?}");
+            assert!(matches!(parts[0], std::path::Component::Normal(_)), "{name:?} -> {file:?}");
+            let err = resolve_plugin(name, Path::new("/nonexistent")).expect_err("no such library");
+            assert!(err.contains(&format!("no plugin library `{file}` in $FUSERL_PLUGIN_PATH")), "{err}");
+        }
+        let base = Path::new("/recipes");
+        assert_eq!(resolve_plugin("../plugins/libx.so", base).expect("a path"), base.join("../plugins/libx.so"));
+    }
+}

@@ -18,6 +18,9 @@ pub mod plugin;
 pub mod types;
 
 #[cfg(feature = "host")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "host")]
 pub mod host;
 #[cfg(feature = "host")]
 pub mod testing;

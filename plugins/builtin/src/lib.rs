@@ -13,6 +13,8 @@
 //! assert!(registry.names(fuserl_core::registry::ExtensionPoint::Objective).contains(&"dpo".to_string()));
 //! ```
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod objectives;
 pub mod pairs;

@@ -247,7 +247,7 @@ fn http_settings(c: &HttpRewardConfig) -> HttpSettings {
 
 /// JSON, also as Python's `json` writes non-finite numbers (`NaN`, `Infinity`: read as null, so
 /// that they are reported as not finite rather than retried as malformed).
-fn parse_lenient(text: &str) -> std::result::Result<Value, String> {
+pub(crate) fn parse_lenient(text: &str) -> std::result::Result<Value, String> {
     serde_json::from_str(text).or_else(|e| {
         let patched = text.replace("-Infinity", "null").replace("Infinity", "null").replace("NaN", "null");
         serde_json::from_str(&patched).map_err(|_| format!("not JSON ({e})"))
@@ -255,7 +255,7 @@ fn parse_lenient(text: &str) -> std::result::Result<Value, String> {
 }
 
 /// The rewards of a reply: `field` of an object, or a bare list.
-fn rewards_of(reply: &Value, field: &str, n: usize) -> std::result::Result<Vec<f64>, String> {
+pub(crate) fn rewards_of(reply: &Value, field: &str, n: usize) -> std::result::Result<Vec<f64>, String> {
     let list = match reply {
         Value::Array(a) => a,
         Value::Object(o) => match o.get(field) {

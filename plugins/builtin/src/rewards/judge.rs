@@ -380,7 +380,7 @@ pub fn parse_rating(text: &str, min: f64, max: f64) -> Option<(f64, usize)> {
 
 /// The probability-weighted rating from the alternatives of the token at byte `offset`: the
 /// mean of the ratings among them, weighted by their probabilities (renormalised).
-fn weighted_rating(verdict: &Verdict, offset: usize, min: f64, max: f64) -> Option<f64> {
+pub(crate) fn weighted_rating(verdict: &Verdict, offset: usize, min: f64, max: f64) -> Option<f64> {
     let mut at = 0usize;
     for (token, alternatives) in &verdict.tokens {
         let end = at + token.len();
@@ -405,7 +405,7 @@ fn weighted_rating(verdict: &Verdict, offset: usize, min: f64, max: f64) -> Opti
 }
 
 /// Read a chat or completions reply: the first choice's text and its token log-probs.
-fn parse_verdict(text: &str, endpoint: Endpoint, prefix: &str) -> std::result::Result<Verdict, String> {
+pub(crate) fn parse_verdict(text: &str, endpoint: Endpoint, prefix: &str) -> std::result::Result<Verdict, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
     let choice = v.get("choices").and_then(|c| c.get(0)).ok_or("no `choices[0]`")?;
     let content = match endpoint {

@@ -94,7 +94,7 @@ impl JsonlSource {
 type Item = (String, Option<u32>, String, Option<f64>, Option<SamplingParams>);
 
 /// One parsed line.
-struct Record {
+pub(crate) struct Record {
     prompt: Prompt,
     items: Vec<Item>,
     per_prompt: bool,
@@ -145,7 +145,7 @@ fn parse_sampling(v: Option<&Value>, what: &str) -> Result<Option<SamplingParams
     }
 }
 
-fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
+pub(crate) fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
     let messages = parse_messages(obj.get("prompt").ok_or("missing `prompt`")?)?;

@@ -307,7 +307,7 @@ struct Ask {
 
 /// What one request brought back.
 #[derive(Debug)]
-struct Reply {
+pub(crate) struct Reply {
     choices: Vec<(String, Option<String>)>,
     model: Option<String>,
     prompt_tokens: Option<u64>,
@@ -315,7 +315,7 @@ struct Reply {
     latency_s: f64,
 }
 
-fn parse_reply(text: &str, endpoint: Endpoint) -> std::result::Result<Reply, String> {
+pub(crate) fn parse_reply(text: &str, endpoint: Endpoint) -> std::result::Result<Reply, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
     let choices = v.get("choices").and_then(Value::as_array).ok_or("no `choices` list")?;
     let mut out = Vec::with_capacity(choices.len());

@@ -1,0 +1,65 @@
+//! Every fuzz target on its seeds and on every committed finding (`fuzz/regressions/TARGET/`):
+//! none may panic, and each target must accept at least one of its seeds (so that the fuzzer
+//! starts past the parser's first error, and a harness that lost its way fails here).
+
+use fuserl_fuzz::{TARGETS, regression_files, seed_files};
+
+#[test]
+fn every_target_accepts_a_seed_and_survives_all_of_them() {
+    for target in TARGETS {
+        let seeds = seed_files(target);
+        assert!(!seeds.is_empty(), "target `{}` has no seeds ({:?})", target.name, target.seeds);
+        let mut accepted = 0;
+        for seed in &seeds {
+            let data = std::fs::read(seed).unwrap_or_else(|e| panic!("{}: {e}", seed.display()));
+            accepted += usize::from((target.run)(&data));
+        }
+        assert!(accepted > 0, "target `{}` accepted none of its {} seeds", target.name, seeds.len());
+    }
+}
+
+#[test]
+fn every_committed_finding_is_refused_without_a_crash() {
+    for target in TARGETS {
+        for file in regression_files(target) {
+            let data = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            // A finding was a crash, hang or unbounded allocation; now it must come back.
+            let _ = (target.run)(&data);
+        }
+    }
+}
+
+/// The Parquet files on which the `parquet` crate panics (found by the `parquet` target) are
+/// refused with an error that names the file.
+#[test]
+fn parquet_findings_are_named_errors() {
+    let target = fuserl_fuzz::target("parquet").expect("target");
+    let dir = tempfile::tempdir().expect("tmp");
+    let findings = regression_files(target);
+    assert!(!findings.is_empty());
+    for finding in findings {
+        let file = dir.path().join("prompts.parquet");
+        std::fs::copy(&finding, &file).expect("copy");
+        let err = fuserl_core::prompts::read_prompts(&file).expect_err("refused").to_string();
+        assert!(err.contains("prompts.parquet") && err.contains("not a readable Parquet file"), "{err}");
+    }
+}
+
+/// The tokenizer.json files on which the `tokenizers` crate panics (found by the `tokenizer`
+/// target) are refused with an error that names the file.
+#[test]
+fn tokenizer_findings_are_named_errors() {
+    let target = fuserl_fuzz::target("tokenizer").expect("target");
+    let findings = regression_files(target);
+    assert!(!findings.is_empty());
+    for finding in findings {
+        let dir = tempfile::tempdir().expect("tmp");
+        let tiny = fuserl_fuzz::repo_root().join("checkpoints/tiny-chat");
+        for f in ["tokenizer_config.json", "config.json"] {
+            std::fs::copy(tiny.join(f), dir.path().join(f)).expect("copy");
+        }
+        std::fs::copy(&finding, dir.path().join("tokenizer.json")).expect("copy");
+        let err = fuserl_model::chat::ChatTokenizer::load(dir.path(), None).expect_err("refused").to_string();
+        assert!(err.contains("tokenizer.json: not"), "{}: {err}", finding.display());
+    }
+}
