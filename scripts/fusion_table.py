@@ -149,6 +149,20 @@ def main():
         out.append(f"| {phase} | {wall(phase)} | {len(ts)} |")
     out += ["", "Times are of this machine (below); an attempt killed before it ended is not counted, the",
             "resumed attempt counts only the work that was left.", ""]
+    # The collection's own clock: every stored answer keeps the latency of its request (one request
+    # at a time per source), whatever attempt collected it.
+    rows = []
+    for name, label in SOURCES[1:]:
+        store = ROOT / f"runs/code-fusion/collect/{name}.jsonl"
+        if store.is_file():
+            recs = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+            seconds = sum(r.get("latency_s") or 0 for r in recs)
+            tokens = sum(r.get("completion_tokens") or 0 for r in recs)
+            rows.append(f"| {label} | {len(recs)} | {tokens:,} | {seconds / 60:.1f} min | {tokens / max(seconds, 1e-9):.1f} |")
+    if rows:
+        out += ["Collection per source, summed from the per-answer request latencies in the stores (so it counts",
+                "every attempt's answers):", "",
+                "| source | answers | answer tokens | time | tokens/s |", "|---|---|---|---|---|", *rows, ""]
 
     cpu = command("sh", "-c", "lscpu | sed -n 's/^Model name: *//p'")
     out += ["## Versions and machine", "",
