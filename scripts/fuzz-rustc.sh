@@ -15,9 +15,17 @@ for a in "$@"; do
 done
 extra=()
 case "$name" in
-    fuserl_* | serde_json | toml | toml_parser | toml_datetime | serde_spanned | safetensors | tokenizers | \
-        minijinja | minijinja_contrib | parquet | half)
+    fuserl_*)
         extra=(-C opt-level=2 -C debug-assertions -C overflow-checks -C codegen-units=1
+            -C passes=sancov-module -C llvm-args=-sanitizer-coverage-level=3
+            -C llvm-args=-sanitizer-coverage-trace-pc-guard -C llvm-args=-sanitizer-coverage-prune-blocks=0
+            -C llvm-args=-sanitizer-coverage-trace-compares)
+        ;;
+    # Third-party parsers as fuserl ships them (the dev profile builds dependencies without
+    # overflow checks or debug assertions), instrumented for coverage.
+    serde_json | toml | toml_parser | toml_datetime | serde_spanned | safetensors | tokenizers | \
+        minijinja | minijinja_contrib | parquet | half)
+        extra=(-C opt-level=2 -C debug-assertions=off -C overflow-checks=off -C codegen-units=1
             -C passes=sancov-module -C llvm-args=-sanitizer-coverage-level=3
             -C llvm-args=-sanitizer-coverage-trace-pc-guard -C llvm-args=-sanitizer-coverage-prune-blocks=0
             -C llvm-args=-sanitizer-coverage-trace-compares)

@@ -65,11 +65,13 @@ run() {
     local before_execs=0
     [ -f "$stats" ] && before_execs=$(awk -F' *: *' '$1 == "execs_done" { print $2 }' "$stats")
     log "$target: $seconds s (queue $dir)"
-    # -t: a hang is a run past 10 s; -m none: the harness's own allocator cap bounds memory;
+    # -t: a hang is a run past 10 s; -m none: the harness's own allocator cap bounds memory (a
+    # fresh process every 1000 inputs, so that what a target keeps on purpose, such as the
+    # leaked plugin declarations, never adds up to it);
     # the coverage map as large as the instrumented crates need.
     local map_size
     map_size=$(AFL_DUMP_MAP_SIZE=1 "$bin" </dev/null || true)
-    AFL_MAP_SIZE="$map_size" AFL_AUTORESUME=1 AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 \
+    AFL_MAP_SIZE="$map_size" AFL_FUZZER_LOOPCOUNT=1000 AFL_AUTORESUME=1 AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 \
         AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 FUSERL_FUZZ_TARGET="$target" \
         cargo afl fuzz -i "$dir/in" -o "$dir/out" -t 10000 -m none -V "$seconds" -- "$bin" >"$dir/afl.log" 2>&1 &
     local afl=$!
