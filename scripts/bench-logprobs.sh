@@ -9,7 +9,7 @@
 # Environment: PYTHON (default ~/.cache/fuserl-oracle/venv/bin/python; see docs/oracle.md; the
 # PyTorch column is left out when it is missing), REPS (timed repetitions, median reported;
 # default 1 on the CPU, 5 on GPUs), TS, VS, H (override the grid), FEATURES (cargo features of
-# fuserl-kernels, default wgpu,cuda; vulkan for cubecl's SPIR-V path), FUSERL_BENCH_BIN (a prebuilt
+# fuserl-kernels alone, for example vulkan for cubecl's SPIR-V path; default: the workspace's), FUSERL_BENCH_BIN (a prebuilt
 # benchmark binary, as scripts/gpu-check.sh uses on a machine without cargo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,17 @@ torch_device="$device"
 if [ -n "${FUSERL_BENCH_BIN:-}" ]; then
     bench=("$FUSERL_BENCH_BIN")
 else
-    # The workspace's default feature set (wgpu, cuda), so that the tests' build is reused.
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
-    features="${FEATURES:-wgpu,cuda}"
-    cargo bench --profile dev -p fuserl-kernels --bench logprobs --no-run --features "$features" >&2
-    bench=(cargo bench -q --profile dev -p fuserl-kernels --bench logprobs --features "$features" --)
+    if [ -n "${FEATURES:-}" ]; then
+        select=(-p fuserl-kernels --features "$FEATURES")
+    else
+        # The whole workspace's features (wgpu, cuda for the kernels), as `cargo test --workspace`
+        # builds them, so that the tests' build is reused (`-p fuserl-kernels` alone unifies
+        # features differently and rebuilds Burn).
+        select=(--workspace)
+    fi
+    cargo bench --profile dev "${select[@]}" --bench logprobs --no-run >&2
+    bench=(cargo bench -q --profile dev "${select[@]}" --bench logprobs --)
 fi
 
 # glibc's malloc as the fuserl binary sets it (fuserl_backends::keep_freed_memory): blocks up to

@@ -5,8 +5,8 @@ same inputs' shapes, same targets, threads = cores. Prints one JSON line like th
 
     python scripts/bench_logprobs_torch.py --t 2048 --v 49152 [--h 576] [--device cpu|cuda] [--reps 3]
 
-Peak memory: on the CPU, the growth of the peak resident set over the timed runs (the peak is
-reset through /proc/self/clear_refs once the inputs exist, as the Rust bench does); on CUDA,
+Peak memory: on the CPU, the growth of the peak resident set over the untimed and the timed runs
+(the peak is reset through /proc/self/clear_refs once the inputs exist, as the Rust bench does); on CUDA,
 torch.cuda.max_memory_reserved over the timed runs minus what the inputs hold.
 """
 import argparse
@@ -53,18 +53,19 @@ def step():
     return float(total)
 
 
-step()
-if dev.type == "cuda":
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+# The peak resident set is measured over the untimed step too, as the Rust bench does.
 rss0, _ = rss()
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 except OSError:
     pass
+step()
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
 times = []
 for _ in range(max(a.reps, 1)):
     t0 = time.perf_counter()

@@ -4,7 +4,10 @@
 #   scripts/fuzz.sh list                 the targets and what each parses
 #   scripts/fuzz.sh build                install cargo-afl (it builds AFL++) and build the harness
 #   scripts/fuzz.sh TARGET SECONDS       fuzz one target for SECONDS of wall time on one core
+#                                        (several targets may run at once, one per core)
 #   scripts/fuzz.sh all SECONDS          every target in turn, SECONDS each (what CI runs)
+#   scripts/fuzz.sh topup MINUTES [JOBS] run each target until fuzz/runs.jsonl gives it MINUTES
+#                                        CPU-minutes in all, least-run first, JOBS at once
 #   scripts/fuzz.sh table                rebuild the table in docs/reliability.md from fuzz/runs.jsonl
 #
 # Each target keeps its queue in $FUSERL_FUZZ_DIR/TARGET (default ~/.cache/fuserl/fuzz), seeded
@@ -23,6 +26,22 @@ afl_version=0.18.2
 bin="$CARGO_TARGET_DIR/debug/fuserl-fuzz"
 
 log() { echo "[fuzz $(date -u +%H:%M:%S)] $*" >&2; }
+
+# Runs a command (argv[2:]) and writes the CPU-seconds of all its descendants to argv[1]. AFL++
+# does not wait for its fork server when it stops, so this process takes in the orphans
+# (PR_SET_CHILD_SUBREAPER) and waits for them, which adds their time to its children's.
+children_cpu='
+import ctypes, os, resource, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1)
+rc = subprocess.call(sys.argv[2:])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%d\n" % (r.ru_utime + r.ru_stime))
+sys.exit(rc)'
 
 targets() {
     "$bin" --list | cut -f1
@@ -71,31 +90,22 @@ run() {
     # the coverage map as large as the instrumented crates need.
     local map_size
     map_size=$(AFL_DUMP_MAP_SIZE=1 "$bin" </dev/null || true)
+    # The CPU time (user + system) of AFL++ and every harness process it ran, as the kernel
+    # accounts it to a waiting parent (getrusage of the children): what the table counts (on a
+    # busy machine, less than the wall time). The harness restarts every 1000 inputs, so
+    # sampling /proc would miss most of its processes.
+    local cpu_file="$dir/cpu_seconds"
+    rm -f "$cpu_file"
     AFL_MAP_SIZE="$map_size" AFL_FUZZER_LOOPCOUNT=1000 AFL_AUTORESUME=1 AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 \
         AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 FUSERL_FUZZ_TARGET="$target" \
-        cargo afl fuzz -i "$dir/in" -o "$dir/out" -t 10000 -m none -V "$seconds" -- "$bin" >"$dir/afl.log" 2>&1 &
-    local afl=$!
-    # The CPU time (user + system) of AFL++ and the harness processes, the last value seen of each,
-    # sampled once a second: what the table counts (on a busy machine, less than the wall time).
-    declare -A ticks=()
-    while kill -0 "$afl" 2>/dev/null; do
-        for p in $(pgrep -f -- "$bin" || true); do
-            local t
-            t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null) && [ -n "$t" ] && ticks[$p]=$t
-        done
-        sleep 1
-    done
-    local rc=0
-    wait "$afl" || rc=$?
-    if [ "$rc" -ne 0 ]; then
+        python3 -c "$children_cpu" "$cpu_file" \
+        cargo afl fuzz -i "$dir/in" -o "$dir/out" -t 10000 -m none -V "$seconds" -- "$bin" >"$dir/afl.log" 2>&1 || {
         log "$target: afl-fuzz failed: $dir/afl.log"
         tail -20 "$dir/afl.log" >&2
         exit 1
-    fi
-    local cpu_seconds=0 hz
-    hz=$(getconf CLK_TCK)
-    for p in "${!ticks[@]}"; do cpu_seconds=$((cpu_seconds + ticks[$p])); done
-    cpu_seconds=$((cpu_seconds / hz))
+    }
+    local cpu_seconds
+    cpu_seconds=$(cat "$cpu_file")
     local execs
     execs=$(awk -F' *: *' '$1 == "execs_done" { print $2 }' "$stats")
     # execs_done may count from the last start: a resumed run may start it afresh.
@@ -117,12 +127,47 @@ run() {
     done
     log "$target: $((execs - before_execs)) executions in $cpu_seconds CPU-seconds; $crashes crashes, $hangs hangs"
     if [ "${FUSERL_FUZZ_RECORD:-1}" != 0 ]; then
-        printf '{"target": "%s", "fuzzer": "AFL++ (cargo-afl %s)", "cpu_seconds": %s, "executions": %s, "crashes": %s, "hangs": %s, "ended": "%s", "commit": "%s", "cpu": "%s"}\n' \
+        printf '{"target": "%s", "fuzzer": "AFL++ (cargo-afl %s)", "cpu_seconds": %s, "executions": %s, "crashes": %s, "hangs": %s, "ended": "%s", "commit": "%s", "cpu": "%s", "cpu_accounting": "rusage"}\n' \
             "$target" "$afl_version" "$cpu_seconds" "$((execs - before_execs))" "$crashes" "$hangs" \
             "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD)" \
             "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" >>fuzz/runs.jsonl
     fi
     [ $((crashes + hangs)) -eq 0 ] || { log "$target: fix them; the files stay as regression tests"; return 1; }
+}
+
+# The targets still short of $1 CPU-seconds in fuzz/runs.jsonl, least-run first, with what each lacks.
+short_of() {
+    targets | python3 -c '
+import json, sys
+need = int(sys.argv[1])
+done = {}
+for line in open("fuzz/runs.jsonl"):
+    r = json.loads(line)
+    done[r["target"]] = done.get(r["target"], 0) + r["cpu_seconds"]
+rows = [(done.get(t, 0), t) for t in sys.stdin.read().split()]
+for d, t in sorted(rows):
+    if d < need:
+        print(t, need - d)
+' "$1"
+}
+
+# One worker of `topup`: takes the least-run target that no other worker holds (a lock folder),
+# runs it for what it lacks (at most 15 minutes of wall time per turn, so that the workers
+# rebalance), until no target is short.
+topup_worker() {
+    local need=$1 failed=0
+    while true; do
+        local target="" lacks=0
+        while read -r t l; do
+            if mkdir "$work/locks/$t" 2>/dev/null; then target=$t lacks=$l; break; fi
+        done < <(short_of "$need")
+        [ -n "$target" ] || break
+        local seconds=$((lacks + 30))
+        [ "$seconds" -le 900 ] || seconds=900
+        ( run "$target" "$seconds" ) || failed=1
+        rmdir "$work/locks/$target"
+    done
+    return "$failed"
 }
 
 case "${1:-}" in
@@ -132,6 +177,21 @@ case "${1:-}" in
         ;;
     build) build ;;
     table) python3 scripts/fuzz_table.py ;;
+    topup)
+        build
+        need=$((${2:?minutes} * 60))
+        rm -rf "$work/locks"
+        mkdir -p "$work/locks"
+        pids=()
+        for _ in $(seq "${3:-1}"); do
+            topup_worker "$need" &
+            pids+=($!)
+            sleep 2
+        done
+        failed=0
+        for p in "${pids[@]}"; do wait "$p" || failed=1; done
+        exit "$failed"
+        ;;
     all)
         build
         failed=0
@@ -139,7 +199,7 @@ case "${1:-}" in
         exit "$failed"
         ;;
     "" | -h | --help)
-        sed -n '2,17p' "$0"
+        sed -n '2,20p' "$0"
         exit 2
         ;;
     *)

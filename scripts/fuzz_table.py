@@ -45,10 +45,17 @@ for name, parser in targets:
         short.append(f"`{name}` ({minutes:.1f})")
 
 cpus = sorted({r.get("cpu", "") for r in runs} - {""})
-notes = [f"CPU: {', '.join(cpus) or 'none yet'}. One AFL++ instance per run; CPU-minutes are the user and system "
-         "time of AFL++ and the harness (sampled once a second from /proc, so less than the wall time on a busy "
-         "machine), summed over the runs recorded in `fuzz/runs.jsonl`. The first Parquet and tokenizer findings "
-         "came from unrecorded trial runs of the targets (8 to 60 s each) while the harness was being written."]
+sampled = sum(r.get("cpu_accounting") != "rusage" for r in runs)
+notes = [f"CPU: {', '.join(cpus) or 'none yet'}. One AFL++ instance per run (two runs at a time with "
+         "`scripts/fuzz.sh topup`); CPU-minutes are the user and system time of AFL++ and of every harness "
+         "process it ran, as the kernel accounts them to `scripts/fuzz.sh` (getrusage of its children; it takes "
+         "in the fork server AFL++ leaves behind), summed over the runs recorded in `fuzz/runs.jsonl`."]
+if sampled:
+    notes.append(f"{sampled} of the runs, recorded before that accounting, sampled /proc once a second instead, "
+                 "which misses most of the harness processes (each lives for 1000 inputs, often well under a "
+                 "second): their minutes are lower bounds.")
+notes.append("The first Parquet and tokenizer findings came from unrecorded trial runs of the targets (8 to 60 s "
+             "each) while the harness was being written.")
 if short:
     notes.append(f"Below the {GOAL_MINUTES} CPU-minutes issue #13 asks for: " + ", ".join(short) + ".")
 else:

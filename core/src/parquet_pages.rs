@@ -43,8 +43,12 @@ pub fn check_footer(file: &mut (impl Read + Seek), file_len: u64) -> Result<(), 
     let mut footer = vec![0u8; footer_len as usize];
     file.seek(SeekFrom::Start(file_len - 8 - footer_len)).map_err(|e| e.to_string())?;
     file.read_exact(&mut footer).map_err(|e| e.to_string())?;
-    Compact { b: &footer, pos: 0 }.skip(12, 0).map_err(|e| format!("the footer: {e}"))
+    Compact { b: &footer, pos: 0 }.file_metadata().map_err(|e| format!("the footer: {e}"))
 }
+
+/// The deepest schema accepted: the parquet crate builds the schema's tree recursively, one call
+/// per level, so a chain of millions of nested groups would overflow its stack.
+pub const MAX_SCHEMA_DEPTH: usize = 128;
 
 /// Check every page header of every column chunk in `metadata` against the file.
 pub fn check(file: &mut (impl Read + Seek), file_len: u64, metadata: &ParquetMetaData) -> Result<(), String> {
@@ -102,14 +106,10 @@ impl PageSizes {
             if head == 0 {
                 break;
             }
-            let kind = head & 0x0f;
-            let delta = i16::from(head >> 4);
-            let id = if delta == 0 { r.zigzag()? as i16 } else { last_id.wrapping_add(delta) };
-            last_id = id;
-            match (id, kind) {
+            match r.field(head, &mut last_id)? {
                 (2, 5) => uncompressed = Some(r.zigzag()?),
                 (3, 5) => compressed = Some(r.zigzag()?),
-                _ => r.skip(kind, 0)?,
+                (_, kind) => r.skip(kind, 0)?,
             }
         }
         match (uncompressed, compressed) {
@@ -119,7 +119,8 @@ impl PageSizes {
     }
 }
 
-/// A reader of the Thrift compact protocol that only moves forward; nothing it reads allocates.
+/// A reader of the Thrift compact protocol that only moves forward; nothing it reads allocates
+/// (but for the schema check's stack of open groups, at most [`MAX_SCHEMA_DEPTH`] long).
 struct Compact<'a> {
     b: &'a [u8],
     pos: usize,
@@ -153,6 +154,95 @@ impl Compact<'_> {
     fn zigzag(&mut self) -> Result<i64, String> {
         let v = self.varint()?;
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+
+    /// A struct field's header (after its first byte `head`, not 0): its id and compact type.
+    fn field(&mut self, head: u8, last_id: &mut i16) -> Result<(i16, u8), String> {
+        let delta = i16::from(head >> 4);
+        let id = if delta == 0 { self.zigzag()? as i16 } else { last_id.wrapping_add(delta) };
+        *last_id = id;
+        Ok((id, head & 0x0f))
+    }
+
+    /// `FileMetaData`: the schema (field 2) checked as a tree, every other field skipped.
+    fn file_metadata(&mut self) -> Result<(), String> {
+        let mut last_id = 0i16;
+        loop {
+            let head = self.byte()?;
+            if head == 0 {
+                return Ok(());
+            }
+            match self.field(head, &mut last_id)? {
+                (2, 9) => self.schema()?,
+                (_, kind) => self.skip(kind, 1)?,
+            }
+        }
+    }
+
+    /// The schema: a list of `SchemaElement`s, a tree written depth first in which each group
+    /// says how many children it has (field 5, `num_children`). The parquet crate reserves room
+    /// for a group's children before it reads them, so every count is checked here against the
+    /// elements that follow, less those already promised to the groups still open: what the
+    /// crate reserves at once then never exceeds the list's length.
+    fn schema(&mut self) -> Result<(), String> {
+        let head = self.byte()?;
+        let n = if head >> 4 == 15 { self.varint()? } else { u64::from(head >> 4) };
+        if head & 0x0f != 12 {
+            // Not a list of structs: the crate says what is wrong with it.
+            return self.skip_many(n, head & 0x0f, 1);
+        }
+        if n > (self.b.len() - self.pos) as u64 {
+            return Err(format!("a schema of {n} elements in {} bytes", self.b.len() - self.pos));
+        }
+        // The children still to come of each open group, innermost last, and their sum.
+        let mut open: Vec<u64> = Vec::new();
+        let mut promised = 0u64;
+        for i in 0..n {
+            while open.last() == Some(&0) {
+                open.pop();
+            }
+            if i > 0 {
+                let Some(top) = open.last_mut() else {
+                    // Past the root's tree: the crate never builds these.
+                    return self.skip_many(n - i, 12, 1);
+                };
+                *top -= 1;
+                promised -= 1;
+            }
+            let children = self.schema_element()?;
+            if children > 0 {
+                let children = children as u64;
+                let free = n - i - 1 - promised;
+                if children > free {
+                    return Err(format!(
+                        "schema element {i} claims {children} children, but only {free} elements are left for them"
+                    ));
+                }
+                open.push(children);
+                promised += children;
+                if open.len() > MAX_SCHEMA_DEPTH {
+                    return Err(format!("the schema nests groups deeper than {MAX_SCHEMA_DEPTH}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `SchemaElement`: its `num_children` (0 when absent; negative counts are left to the
+    /// crate, which refuses them), the other fields skipped.
+    fn schema_element(&mut self) -> Result<i64, String> {
+        let mut last_id = 0i16;
+        let mut children = 0;
+        loop {
+            let head = self.byte()?;
+            if head == 0 {
+                return Ok(children);
+            }
+            match self.field(head, &mut last_id)? {
+                (5, 5) => children = self.zigzag()?,
+                (_, kind) => self.skip(kind, 2)?,
+            }
+        }
     }
 
     /// Skip one value of compact type `kind`.
@@ -239,5 +329,59 @@ mod tests {
         // Nesting without end.
         let deep: Vec<u8> = std::iter::repeat_n(0x1c, 200).collect();
         assert!(PageSizes::read(&deep).is_err());
+    }
+
+    /// A footer holding only a schema (field 2, a list of structs) of the given elements, each
+    /// a name (field 4) and, when given, `num_children` (field 5).
+    fn footer(children: &[Option<i64>]) -> Vec<u8> {
+        fn varint(b: &mut Vec<u8>, mut v: u64) {
+            while v >= 0x80 {
+                b.push((v & 0x7f) as u8 | 0x80);
+                v >>= 7;
+            }
+            b.push(v as u8);
+        }
+        let mut b = vec![0x29];
+        if children.len() < 15 {
+            b.push(((children.len() as u8) << 4) | 12);
+        } else {
+            b.push(0xfc);
+            varint(&mut b, children.len() as u64);
+        }
+        for c in children {
+            b.extend([0x48, 0x01, b'x']);
+            if let Some(c) = c {
+                b.push(0x15);
+                varint(&mut b, ((c << 1) ^ (c >> 63)) as u64);
+            }
+            b.push(0x00);
+        }
+        b.push(0x00);
+        b
+    }
+
+    fn check_schema(children: &[Option<i64>]) -> Result<(), String> {
+        Compact { b: &footer(children), pos: 0 }.file_metadata()
+    }
+
+    #[test]
+    fn schema_counts_must_fit_the_elements_that_follow() {
+        // root { a, group { b, c }, d }
+        assert_eq!(check_schema(&[Some(3), None, Some(2), None, Some(0), None]), Ok(()));
+        // An empty schema, and elements past the root's tree (the crate ignores them).
+        assert_eq!(check_schema(&[Some(0), Some(5)]), Ok(()));
+        assert_eq!(check_schema(&[Some(1), None, Some(1), None]), Ok(()));
+        // The fuzzing finding: a group claiming 2^28 children (the crate reserved 2 GB for them).
+        let err = check_schema(&[Some(1), Some(1 << 28), None]).unwrap_err();
+        assert!(err.contains("schema element 1 claims 268435456 children, but only 1 elements"), "{err}");
+        // Each count fits what follows, but not together with what the open groups were promised.
+        assert_eq!(check_schema(&[Some(2), Some(2), None, None, None]), Ok(()));
+        let err = check_schema(&[Some(2), Some(3), None, None, None]).unwrap_err();
+        assert!(err.contains("schema element 1 claims 3 children, but only 2 elements"), "{err}");
+        // A chain of nested groups deeper than the crate's recursion should go.
+        let mut chain = vec![Some(1); 140];
+        chain.push(None);
+        let err = check_schema(&chain).unwrap_err();
+        assert!(err.contains("deeper than 128"), "{err}");
     }
 }

@@ -66,6 +66,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         Self::from_inner(B::add_rows(Self::inner(tensor), ids, Self::inner(rows)))
     }
 
+    fn write_rows(tensor: FloatTensor<Self>, r0: usize, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::write_rows(Self::inner(tensor), r0, Self::inner(rows)))
+    }
+
     fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         match TokenLogProbsBackward.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {

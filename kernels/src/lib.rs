@@ -152,6 +152,20 @@ pub trait LogProbBackend: Backend {
     fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
         select_add_rows::<Self>(tensor, ids, rows)
     }
+
+    /// `tensor[r0..r0 + R] = rows` for `tensor [V, H]` and `rows [R, H]`: Burn's `slice_assign`,
+    /// which writes in place where the backend can. Not differentiable (it is for gradient
+    /// buffers: [`linear_logprobs`]' backward writes each vocabulary chunk of the weight's
+    /// gradient with it).
+    fn write_rows(tensor: FloatTensor<Self>, r0: usize, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        slice_write_rows::<Self>(tensor, r0, rows)
+    }
+}
+
+fn slice_write_rows<B: Backend>(tensor: FloatTensor<B>, r0: usize, rows: FloatTensor<B>) -> FloatTensor<B> {
+    let rows = float::<B, 2>(rows);
+    let [r, h] = rows.dims();
+    prim(float::<B, 2>(tensor).slice_assign([r0..r0 + r, 0..h], rows))
 }
 
 fn select_add_rows<B: Backend>(tensor: FloatTensor<B>, ids: IntTensor<B>, rows: FloatTensor<B>) -> FloatTensor<B> {
@@ -203,7 +217,7 @@ mod with_ops {
         (prim(logp), prim(stats))
     }
 
-    pub fn linear_bwd<B: Backend>(
+    pub fn linear_bwd<B: crate::LogProbBackend>(
         ops: &impl RowOps<B>,
         (hidden, weight, targets): (FloatTensor<B>, FloatTensor<B>, IntTensor<B>),
         stats: FloatTensor<B>,
@@ -264,6 +278,26 @@ impl LogProbBackend for burn::backend::Flex {
                 *d += *s;
             }
         }
+        out
+    }
+
+    /// In place when nothing else holds `tensor` (flex's `slice_assign` copies the whole buffer
+    /// for every call, even when it holds the only reference: 75 copies of the LM head's
+    /// gradient, 334 MiB each, for Qwen2.5's vocabulary).
+    fn write_rows(tensor: FloatTensor<Self>, r0: usize, rows: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (dims, rows_dims) = (tensor.layout().shape().clone(), rows.layout().shape().clone());
+        let f32s = tensor.dtype() == DType::F32 && rows.dtype() == DType::F32;
+        let shapes = dims.num_dims() == 2 && rows_dims.num_dims() == 2 && rows_dims[1] == dims[1];
+        // Anything else goes to Burn's op, which checks and reports the shapes.
+        if !f32s || !shapes || r0 + rows_dims[0] > dims[0] {
+            return slice_write_rows::<Self>(tensor, r0, rows);
+        }
+        let h = dims[1];
+        let rows = rows.to_contiguous();
+        let src = rows.storage::<f32>();
+        let mut out = tensor.to_contiguous();
+        drop(tensor); // so that `storage_mut` copies only when the caller still holds the buffer
+        out.storage_mut::<f32>()[r0 * h..r0 * h + src.len()].copy_from_slice(src);
         out
     }
 }
@@ -346,6 +380,25 @@ mod tests {
         let out = Flex::add_rows(prim(tensor), ids.into_primitive(), prim(rows));
         let out: Vec<f32> = float::<Flex, 2>(out).into_data().to_vec().unwrap();
         assert_eq!(out, expected);
+        assert_eq!(held.into_data().to_vec::<f32>().unwrap(), base);
+    }
+
+    /// Flex's in-place `write_rows` against Burn's `slice_assign`, with rows that are a view into
+    /// a larger buffer and the tensor also held elsewhere (which must not change).
+    #[test]
+    fn flex_write_rows_matches_slice_assign() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let (v, h) = (6, 3);
+        let base: Vec<f32> = (0..v * h).map(|i| i as f32 * 0.5).collect();
+        let rows: Vec<f32> = (0..4 * h).map(|i| 1.0 + i as f32 * 0.25).collect();
+        let device = Default::default();
+        let tensor = Tensor::<Flex, 2>::from_data(TensorData::new(base.clone(), [v, h]), &device);
+        let held = tensor.clone();
+        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [4, h]), &device).narrow(0, 1, 3);
+        let expected: Vec<f32> = tensor.clone().slice_assign([2..5, 0..h], rows.clone()).into_data().to_vec().unwrap();
+        let out = Flex::write_rows(prim(tensor), 2, prim(rows));
+        assert_eq!(float::<Flex, 2>(out).into_data().to_vec::<f32>().unwrap(), expected);
         assert_eq!(held.into_data().to_vec::<f32>().unwrap(), base);
     }
 }

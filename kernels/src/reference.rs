@@ -4,7 +4,7 @@
 //! has the same memory bound.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{BasicOps, DType, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{BasicOps, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 use crate::{Chunks, Want};
 
@@ -184,10 +184,10 @@ pub fn linear_fwd<B: Backend>(
 
 /// Backward of the fused projection + log-prob. Vocabulary chunks outside, token chunks
 /// inside: each chunk of the weight's gradient is finished before the next begins and written
-/// into its rows of one `[V, H]` buffer, each token chunk's hidden-state gradient accumulates
+/// into its rows of one `[V, H]` buffer (in place where the backend can: [`crate::LogProbBackend::write_rows`]), each token chunk's hidden-state gradient accumulates
 /// over the vocabulary. Each chunk's logit gradient carries the one-hot term `g` at the targets
 /// that fall in it, so both gradients get it through the same products.
-pub fn linear_bwd<B: Backend>(
+pub fn linear_bwd<B: crate::LogProbBackend>(
     ops: &impl RowOps<B>,
     (hidden, weight, targets): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>),
     stats: Tensor<B, 2>,
@@ -229,7 +229,8 @@ pub fn linear_bwd<B: Backend>(
             }
         }
         if let (Some(all), Some(part)) = (dw.take(), dw_c) {
-            dw = Some(all.slice_assign([c0..c1, 0..h_dim], part));
+            let rows = B::write_rows(all.into_primitive().tensor(), c0, part.into_primitive().tensor());
+            dw = Some(Tensor::from_primitive(TensorPrimitive::Float(rows)));
         }
     }
     let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
