@@ -58,6 +58,13 @@ pub enum RopeScaling {
     },
 }
 
+/// The most decoder layers a config may declare.
+pub const MAX_LAYERS: usize = 4096;
+
+/// The largest value of any other size in a config (vocabulary, hidden and intermediate sizes,
+/// heads, head dimension).
+pub const MAX_SIZE: usize = 1 << 24;
+
 /// A resolved model configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -225,11 +232,19 @@ impl LlamaConfig {
     pub(crate) fn common(v: &Value, architecture: String, file: &Path) -> Result<Self> {
         let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
         let bad = |message: String| ModelError::format(file, message);
+        // Sizes are bounded before anything is sized by them (a config is read before the
+        // weights that would show it wrong): far above any released model, far below what would
+        // strain memory.
         let usize_key = |key: &str| -> Result<usize> {
-            v.get(key)
+            let n = v
+                .get(key)
                 .and_then(Value::as_u64)
-                .map(|n| n as usize)
-                .ok_or_else(|| bad(format!("`{key}`: expected a non-negative integer")))
+                .ok_or_else(|| bad(format!("`{key}`: expected a non-negative integer")))?;
+            let cap = if key == "num_hidden_layers" { MAX_LAYERS } else { MAX_SIZE };
+            if n > cap as u64 {
+                return Err(bad(format!("`{key}`: {n} is more than the {cap} fuserl accepts")));
+            }
+            Ok(n as usize)
         };
         let hidden_size = usize_key("hidden_size")?;
         let num_heads = usize_key("num_attention_heads")?;
@@ -494,5 +509,25 @@ mod tests {
         let mut v = base();
         v["hidden_act"] = "gelu".into();
         assert!(LlamaConfig::from_json(&v, Path::new("c.json")).unwrap_err().to_string().contains("hidden_act `gelu`"));
+    }
+
+    /// Sizes past the caps are refused before anything is sized by them (the fuzzing found a
+    /// Gemma 3 config of 777,777,777,774 layers, whose per-layer attention types were allocated).
+    #[test]
+    fn sizes_past_the_caps_are_refused() {
+        let mut v = base();
+        v["num_hidden_layers"] = 777_777_777_774u64.into();
+        let err = LlamaConfig::from_json(&v, Path::new("c.json")).unwrap_err().to_string();
+        assert_eq!(err, "c.json: `num_hidden_layers`: 777777777774 is more than the 4096 fuserl accepts");
+        let mut v = base();
+        v["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+        v["head_dim"] = 4.into();
+        v["num_hidden_layers"] = u64::MAX.into();
+        let err = LlamaConfig::from_json(&v, Path::new("c.json")).unwrap_err().to_string();
+        assert!(err.contains("more than the 4096"), "{err}");
+        let mut v = base();
+        v["vocab_size"] = (1u64 << 40).into();
+        let err = LlamaConfig::from_json(&v, Path::new("c.json")).unwrap_err().to_string();
+        assert!(err.contains("`vocab_size`: 1099511627776 is more than the 16777216"), "{err}");
     }
 }
