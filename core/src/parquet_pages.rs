@@ -119,6 +119,17 @@ impl PageSizes {
     }
 }
 
+/// Refuses containers of booleans. No Parquet footer or page header holds one, and the parquet
+/// crate (60.1) skips their elements as taking no bytes (the protocol gives each a byte): it
+/// would read what follows differently from this check, and loop over a list of 2^31 of them
+/// without reading anything (a hang the fuzzing found).
+fn no_booleans(kind: u8) -> Result<(), String> {
+    if kind == 1 || kind == 2 {
+        return Err("a list, set or map of booleans, which no Parquet footer or page header holds".into());
+    }
+    Ok(())
+}
+
 /// A reader of the Thrift compact protocol that only moves forward; nothing it reads allocates
 /// (but for the schema check's stack of open groups, at most [`MAX_SCHEMA_DEPTH`] long).
 struct Compact<'a> {
@@ -189,6 +200,7 @@ impl Compact<'_> {
         let n = if head >> 4 == 15 { self.varint()? } else { u64::from(head >> 4) };
         if head & 0x0f != 12 {
             // Not a list of structs: the crate says what is wrong with it.
+            no_booleans(head & 0x0f)?;
             return self.skip_many(n, head & 0x0f, 1);
         }
         if n > (self.b.len() - self.pos) as u64 {
@@ -262,6 +274,7 @@ impl Compact<'_> {
             9 | 10 => {
                 let head = self.byte()?;
                 let n = if head >> 4 == 15 { self.varint()? } else { u64::from(head >> 4) };
+                no_booleans(head & 0x0f)?;
                 self.skip_many(n, head & 0x0f, depth)
             }
             11 => {
@@ -270,6 +283,8 @@ impl Compact<'_> {
                     return Ok(());
                 }
                 let kinds = self.byte()?;
+                no_booleans(kinds >> 4)?;
+                no_booleans(kinds & 0x0f)?;
                 for _ in 0..n {
                     self.skip_element(kinds >> 4, depth)?;
                     self.skip_element(kinds & 0x0f, depth)?;
@@ -291,14 +306,14 @@ impl Compact<'_> {
         }
     }
 
-    /// Elements of a list, set or map: booleans take a byte each there.
+    /// Elements of a list, set or map (never booleans: [`no_booleans`]).
     fn skip_element(&mut self, kind: u8, depth: u32) -> Result<(), String> {
-        if kind == 1 || kind == 2 { self.advance(1) } else { self.skip(kind, depth + 1) }
+        self.skip(kind, depth + 1)
     }
 
     fn skip_many(&mut self, n: u64, kind: u8, depth: u32) -> Result<(), String> {
-        // Every element takes at least one byte but for booleans outside containers, which
-        // cannot occur here: a count past the bytes left is refused before looping.
+        // Every element takes at least one byte (containers of booleans are refused before):
+        // a count past the bytes left is refused before looping.
         if n > (self.b.len() - self.pos) as u64 {
             return Err(format!("a list of {n} elements in {} bytes", self.b.len() - self.pos));
         }
@@ -378,6 +393,12 @@ mod tests {
         assert_eq!(check_schema(&[Some(2), Some(2), None, None, None]), Ok(()));
         let err = check_schema(&[Some(2), Some(3), None, None, None]).unwrap_err();
         assert!(err.contains("schema element 1 claims 3 children, but only 2 elements"), "{err}");
+        // A list of booleans in an element (the crate skips each as 0 bytes; found as a hang).
+        let mut b = footer(&[Some(1), None]);
+        let at = b.len() - 2; // before the last element's stop and the footer's stop
+        b.splice(at..at, [0x19, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07]);
+        let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
+        assert!(err.contains("of booleans"), "{err}");
         // A chain of nested groups deeper than the crate's recursion should go.
         let mut chain = vec![Some(1); 140];
         chain.push(None);
