@@ -102,7 +102,7 @@ run() {
         cargo afl fuzz -i "$dir/in" -o "$dir/out" -t 10000 -m none -V "$seconds" -- "$bin" >"$dir/afl.log" 2>&1 || {
         log "$target: afl-fuzz failed: $dir/afl.log"
         tail -20 "$dir/afl.log" >&2
-        exit 1
+        exit 3
     }
     local cpu_seconds
     cpu_seconds=$(cat "$cpu_file")
@@ -164,8 +164,12 @@ topup_worker() {
         [ -n "$target" ] || break
         local seconds=$((lacks + 30))
         [ "$seconds" -le 900 ] || seconds=900
-        ( run "$target" "$seconds" ) || failed=1
+        local rc=0
+        ( run "$target" "$seconds" ) || rc=$?
         rmdir "$work/locks/$target"
+        # A finding (1) leaves the target to later turns; AFL++ failing (3) would fail every turn.
+        [ "$rc" -ne 3 ] || return 1
+        [ "$rc" -eq 0 ] || failed=1
     done
     return "$failed"
 }
