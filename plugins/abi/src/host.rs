@@ -204,6 +204,10 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> std::result::Result
     }
 }
 
+/// The most components one plugin may declare: far more than any plugin has, few enough that a
+/// broken declaration's count is refused before anything is built for it (issue #13).
+pub const MAX_COMPONENTS: usize = 4096;
+
 /// Check a plugin declaration and register its components with `origin` (the file). Used by
 /// [`load_library`], and by [`crate::testing`] with a plugin linked into the test itself.
 ///
@@ -253,8 +257,14 @@ pub unsafe fn register_declaration(
         ));
     }
     let plugin = decl.plugin_name.to_str().map_err(|_| format!("{origin}: plugin name is not UTF-8"))?.to_owned();
+    if decl.components.len > MAX_COMPONENTS {
+        return Err(format!(
+            "{origin}: plugin `{plugin}` declares {} components; fuserl loads at most {MAX_COMPONENTS} from one plugin",
+            decl.components.len
+        ));
+    }
     let mut trial = registry.clone();
-    let components: Vec<&'static ComponentDecl> = (0..decl.components.len)
+    let components: Vec<ComponentDecl> = (0..decl.components.len)
         .map(|i| {
             // SAFETY: the plugin declares `len` components of `component_size` bytes each (checked
             // above to be this version's size), alive as long as the library.
@@ -282,15 +292,16 @@ pub unsafe fn register_declaration(
 }
 
 /// Component `i` of a declaration whose components are `stride` bytes long, as this build's
-/// `ComponentDecl`: a copy whose fields beyond `stride` are empty (`None`).
+/// `ComponentDecl`: a copy whose fields beyond `stride` are empty (`None`). (A copy, not a
+/// reference: nothing is leaked per component, however many a declaration has.)
 ///
 /// # Safety
 ///
 /// The declaration's `components` points to `len` components of `stride` bytes, `stride` at
 /// least [`COMPONENT_SIZE_V1`] and at most `size_of::<ComponentDecl>()`.
-unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize) -> &'static ComponentDecl {
+unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize) -> ComponentDecl {
     if stride == size_of::<ComponentDecl>() {
-        return &decl.components.as_slice()[i];
+        return decl.components.as_slice()[i];
     }
     let base = decl.components.ptr.cast::<u8>();
     let mut copy = std::mem::MaybeUninit::<ComponentDecl>::zeroed();
@@ -299,7 +310,7 @@ unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize
     // and the fields before `stride` (every non-optional one) come from the plugin.
     unsafe {
         std::ptr::copy_nonoverlapping(base.add(i * stride), copy.as_mut_ptr().cast::<u8>(), stride);
-        Box::leak(Box::new(copy.assume_init()))
+        copy.assume_init()
     }
 }
 
@@ -310,7 +321,7 @@ struct Meta {
     origin: String,
     name: String,
     index: u64,
-    decl: &'static ComponentDecl,
+    decl: ComponentDecl,
 }
 
 impl Meta {
