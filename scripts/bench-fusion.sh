@@ -17,7 +17,8 @@
 #      (runs/code-fusion/collect, score); the other methods' runs get copies of these stores.
 #   4. per method: FuseSFT, FusePO, then export and evaluation (HumanEval greedy pass@1 of the
 #      fused model; for recipes/code-fusion.toml also the target and each source; validation
-#      tasks' mean reward), each timed.
+#      tasks' mean reward), each timed. Methods whose recipes differ only in [po] share one
+#      FuseSFT stage (copied from the first: SimPO from code-fusion, FuseChat from sft-best).
 #   5. checks: every fused model generates with `fuserl generate`; one loads in transformers
 #      (with the oracle environment, docs/oracle.md).
 #   6. the table (scripts/fusion_table.py) into docs/fusion-benchmark.md, the plots beside it.
@@ -113,9 +114,45 @@ for m in "${methods[@]:1}"; do
     done
 done
 
-# 4. training and evaluation per method
+# 4. training and evaluation per method. Two pairs of methods differ only after FuseSFT (their
+# recipes are equal but for [po], the run name and the baselines, checked here): the second of
+# each pair gets a copy of the first one's finished FuseSFT stage (checkpoint, examples and its
+# metrics lines) instead of training the same model again, as the collection is shared.
+declare -A sft_from=([code-fusion-simpo]=code-fusion [code-fusion-fusechat]=code-fusion-sft-best)
+same_sft() {
+    python3 - "$1" "$2" <<'PY'
+import sys, tomllib
+def upto_po(m):
+    r = tomllib.load(open(f"recipes/{m}.toml", "rb"))
+    r.pop("po", None)
+    r["run"].pop("name")
+    r.get("eval", {}).pop("baselines", None)
+    return r
+sys.exit(0 if upto_po(sys.argv[1]) == upto_po(sys.argv[2]) else 1)
+PY
+}
+copy_sft() {
+    local from=$1 to=$2
+    [ -f "runs/$from/sft/DONE" ] || { log "$to: the FuseSFT stage of $from is not finished"; return 1; }
+    # (called by `phase` in an `||` list, where errexit is off: every step checks its own status)
+    mkdir -p "runs/$to" && rm -rf "runs/$to/sft.partial" || return 1
+    cp -r "runs/$from/sft" "runs/$to/sft.partial" || return 1
+    python3 - "runs/$from/metrics.jsonl" "runs/$to/metrics.jsonl" <<'PY' || return 1
+import json, os, sys
+src, dst = sys.argv[1:]
+lines = [l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sft"]
+open(dst + ".partial", "w").writelines(lines)
+os.replace(dst + ".partial", dst)
+PY
+    mv "runs/$to/sft.partial" "runs/$to/sft" || return 1
+}
 for m in "${methods[@]}"; do
-    phase "$m/sft" "$fuserl" sft "recipes/$m.toml"
+    from=${sft_from[$m]:-}
+    if [ -n "$from" ] && same_sft "$from" "$m"; then
+        [ -f "runs/$m/sft/DONE" ] || phase "$m/sft-copy" copy_sft "$from" "$m"
+    else
+        phase "$m/sft" "$fuserl" sft "recipes/$m.toml"
+    fi
     if python3 -c "import sys, tomllib; sys.exit(0 if tomllib.load(open('recipes/$m.toml', 'rb'))['po'].get('enabled', True) else 1)"; then
         phase "$m/po" "$fuserl" po "recipes/$m.toml"
     fi

@@ -26,6 +26,9 @@ SOURCES = [("target", "SmolLM2-135M-Instruct, untouched (the target)"),
            ("gemma3", "Gemma 3 270M Q4_K_M, base (source)"),
            ("smollm2", "SmolLM2-135M-Instruct Q4_1 (source)")]
 RESAMPLES = 10_000
+# Methods that differ from another only after FuseSFT get a copy of its FuseSFT stage
+# (scripts/bench-fusion.sh, which checks the recipes).
+SFT_FROM = {"code-fusion-simpo": "code-fusion", "code-fusion-fusechat": "code-fusion-sft-best"}
 
 
 def load(path):
@@ -96,16 +99,23 @@ def main():
             "  by python-tests (HumanEval's own tests), with 95% percentile-bootstrap intervals over problems;",
             "  the validation tasks' mean reward (fused model, greedy) is the only split for choosing settings.",
             f"- scaled to fit about 4 hours on 2 CPU cores: {check['train']} training tasks, 2 samples, short answers, 2 SFT",
-            "  epochs and 1 preference epoch; the paper used 5 samples over far more prompts, and 8B models.", ""]
+            "  epochs and 1 preference epoch; the paper used 5 samples over far more prompts, and 8B models.",
+            "- methods whose recipes differ only in the preference stage share one FuseSFT stage, trained once:",
+            "  FuseRL-SimPO uses FuseRL-DPO's FuseSFT model, FuseChat-3.0 the best-answers SFT model.", ""]
     out += ["## HumanEval pass@1 and validation reward", "",
             "| model | HumanEval pass@1 [95% CI] | validation mean reward [95% CI] | validation pass@1 | FuseSFT time | FusePO time | export + eval time |",
             "|---|---|---|---|---|---|---|"]
+    def sft_time(m):
+        if not times.get(m + "/sft") and any(t["done"] for t in times.get(m + "/sft-copy", [])):
+            return f"shared with {SFT_FROM[m]}"
+        return wall(m + "/sft")
+
     for m, label in METHODS:
         e = evals[m]
         fused = model(e, "fused")
         val = (e or {}).get("validation") or {}
         out.append(f"| {label} | {ci(fused and fused.get('pass_at_1'))} | {ci(val.get('mean_reward'))} | "
-                   f"{ci(val.get('pass_at_1'))} | {wall(m + '/sft')} | {wall(m + '/po') if m != 'code-fusion-sft-best' else '-'} | {wall(m + '/export-eval')} |")
+                   f"{ci(val.get('pass_at_1'))} | {sft_time(m)} | {wall(m + '/po') if m != 'code-fusion-sft-best' else '-'} | {wall(m + '/export-eval')} |")
     for name, label in SOURCES:
         s = model(main_eval, name)
         out.append(f"| {label} | {ci(s and s.get('pass_at_1'))} | - | - | - | - | - |")
