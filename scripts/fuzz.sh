@@ -157,10 +157,13 @@ for d, t in sorted(rows):
 topup_worker() {
     local need=$1 failed=0
     while true; do
-        local target="" lacks=0
-        while read -r t l; do
+        local target="" lacks=0 rows t l
+        # (read whole first: leaving the loop early would break short_of's pipe)
+        mapfile -t rows < <(short_of "$need")
+        for row in "${rows[@]}"; do
+            read -r t l <<<"$row"
             if mkdir "$work/locks/$t" 2>/dev/null; then target=$t lacks=$l; break; fi
-        done < <(short_of "$need")
+        done
         [ -n "$target" ] || break
         local seconds=$((lacks + 30))
         [ "$seconds" -le 900 ] || seconds=900
