@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 model="$(scripts/fetch-smollm2.sh)"
 python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-cargo bench --quiet --profile dev -p fuserl-train --bench dpo_step --no-run
+cargo bench --quiet --profile dev --workspace --bench dpo_step --no-run
 for mode in "" checkpointing; do
-    cargo bench --quiet --profile dev -p fuserl-train --bench dpo_step -- $mode
+    cargo bench --quiet --profile dev --workspace --bench dpo_step -- $mode
 done
 for options in "" "f32 checkpointing" "f32 no-checkpointing"; do
     # shellcheck disable=SC2086 # the options are separate words

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 model="$(scripts/fetch-smollm2.sh)"
 python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-cargo bench --quiet --profile dev -p fuserl-model --bench generate
+cargo bench --quiet --profile dev --workspace --bench generate
 "$python" scripts/bench_generate_torch.py "$model" 2>/dev/null

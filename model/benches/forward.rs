@@ -2,7 +2,7 @@
 //! Forward throughput of SmolLM2-135M-Instruct on the CPU backend (logits for every position).
 //!
 //!     scripts/fetch-smollm2.sh
-//!     cargo bench --profile dev -p fuserl-model --bench forward
+//!     cargo bench --profile dev --workspace --bench forward
 //!
 //! (The dev profile builds dependencies at opt-level 3; see Cargo.toml.) Same input as
 //! scripts/bench_forward_torch.py: batch 1, 256 tokens from a fixed LCG. Prints tokens/s.

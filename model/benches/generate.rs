@@ -3,7 +3,7 @@
 //! does (batched KV-cache generation, one sampler per row), greedy, 128 new tokens at most.
 //!
 //!     scripts/fetch-smollm2.sh
-//!     cargo bench --profile dev -p fuserl-model --bench generate
+//!     cargo bench --profile dev --workspace --bench generate
 //!
 //! Same prompts, chat template and settings as scripts/bench_generate_torch.py; greedy, so both
 //! produce the same tokens and stop at the same EOS. Prints one line per batch size: new

@@ -6,7 +6,7 @@
 //! resident memory.
 //!
 //!     scripts/fetch-smollm2.sh
-//!     cargo bench --profile dev -p fuserl-train --bench dpo_step [-- naive]
+//!     cargo bench --profile dev --workspace --bench dpo_step [-- naive]
 //!
 //! `naive` computes the log-probs through full logits (`[backend] logprobs = "naive"`); the
 //! default is the fused projection + log-prob. `checkpointing` recomputes activations in backward
