@@ -117,7 +117,8 @@ done
 # 4. training and evaluation per method. Two pairs of methods differ only after FuseSFT (their
 # recipes are equal but for [po], the run name and the baselines, checked here): the second of
 # each pair gets a copy of the first one's finished FuseSFT stage (checkpoint, examples and its
-# metrics lines) instead of training the same model again, as the collection is shared.
+# metrics lines; runs/METHOD/sft-copied-from names the first, for the table) instead of training
+# the same model again, as the collection is shared.
 declare -A sft_from=([code-fusion-simpo]=code-fusion [code-fusion-fusechat]=code-fusion-sft-best)
 same_sft() {
     python3 - "$1" "$2" <<'PY'
@@ -144,6 +145,7 @@ lines = [l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sf
 open(dst + ".partial", "w").writelines(lines)
 os.replace(dst + ".partial", dst)
 PY
+    echo "$from" >"runs/$to/sft-copied-from" || return 1
     mv "runs/$to/sft.partial" "runs/$to/sft" || return 1
 }
 for m in "${methods[@]}"; do

@@ -26,9 +26,6 @@ SOURCES = [("target", "SmolLM2-135M-Instruct, untouched (the target)"),
            ("gemma3", "Gemma 3 270M Q4_K_M, base (source)"),
            ("smollm2", "SmolLM2-135M-Instruct Q4_1 (source)")]
 RESAMPLES = 10_000
-# Methods that differ from another only after FuseSFT get a copy of its FuseSFT stage
-# (scripts/bench-fusion.sh, which checks the recipes).
-SFT_FROM = {"code-fusion-simpo": "code-fusion", "code-fusion-fusechat": "code-fusion-sft-best"}
 
 
 def load(path):
@@ -106,8 +103,10 @@ def main():
             "| model | HumanEval pass@1 [95% CI] | validation mean reward [95% CI] | validation pass@1 | FuseSFT time | FusePO time | export + eval time |",
             "|---|---|---|---|---|---|---|"]
     def sft_time(m):
-        if not times.get(m + "/sft") and any(t["done"] for t in times.get(m + "/sft-copy", [])):
-            return f"shared with {SFT_FROM[m]}"
+        # A method whose FuseSFT stage scripts/bench-fusion.sh copied from another's.
+        copied = ROOT / f"runs/{m}/sft-copied-from"
+        if not times.get(m + "/sft") and copied.is_file():
+            return f"shared with {copied.read_text().strip()}"
         return wall(m + "/sft")
 
     for m, label in METHODS:
