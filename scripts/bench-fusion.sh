@@ -171,7 +171,7 @@ if [ -x "$oracle" ]; then
 import sys, torch, transformers
 m = transformers.AutoModelForCausalLM.from_pretrained('runs/code-fusion/export', torch_dtype=torch.float32)
 t = transformers.AutoTokenizer.from_pretrained('runs/code-fusion/export')
-ids = t.apply_chat_template([{'role': 'user', 'content': 'Write a Python function add(a, b).'}], add_generation_prompt=True, return_tensors='pt')
+ids = t.apply_chat_template([{'role': 'user', 'content': 'Write a Python function add(a, b).'}], add_generation_prompt=True, return_dict=True, return_tensors='pt')['input_ids']
 out = m.generate(ids, max_new_tokens=32, do_sample=False)
 print(t.decode(out[0, ids.shape[1]:]))
 "
