@@ -2,9 +2,10 @@
 # Collection overhead: `fuserl collect` (the `openai` source) next to a plain Python asyncio +
 # `openai`-client loop, same llama.cpp server (SmolLM2 Q4_1, one process, 127.0.0.1), same
 # prompts (data/prompts-mini.jsonl), samples, sampling settings and concurrency; completions/s
-# of each at concurrency 1, 4 and 16, alternating which runs first.
+# of each at concurrency 1, 4 and 16, alternating which runs first, medians of ROUNDS rounds;
+# both sides' answers are compared (token counts and a digest of the texts).
 #
-#   scripts/bench-collect.sh [SAMPLES] [MAX_TOKENS]        # defaults: 4 samples, 32 tokens
+#   [ROUNDS=3] scripts/bench-collect.sh [SAMPLES] [MAX_TOKENS]   # defaults: 4 samples, 32 tokens
 #
 # Needs scripts/fetch-smollm2.sh and scripts/setup-llama-server.sh (the `openai` package is
 # installed into that environment here). Results: docs/benchmarks.md.
@@ -63,22 +64,64 @@ TOML
     t0=$(date +%s.%N)
     "$fuserl" -q collect "$dir/recipe.toml" >/dev/null 2>"$dir/err" || { cat "$dir/err" >&2; exit 1; }
     t1=$(date +%s.%N)
-    python3 -c "n=$samples*10; s=$t1-$t0; print(f'{n/s:.3f}')"
+    # completions/s, the completion tokens the server reported, and the answers' digest (computed
+    # as scripts/bench_collect_openai.py computes it) from the run's store
+    python3 - "$dir/run/collect/smollm2.jsonl" "$samples" "$t0" "$t1" <<'PY'
+import hashlib, json, sys
+store, samples, t0, t1 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+rows = [json.loads(l) for l in open(store) if l.strip()]
+assert len(rows) == samples * 10, f"{store}: {len(rows)} completions, expected {samples * 10}"
+answers = sorted(f"{r['prompt_id']}\t{r['sample_index']}\t{r['text']}" for r in rows)
+digest = hashlib.sha256("\n".join(answers).encode()).hexdigest()[:16]
+latency = sum(r["latency_s"] for r in rows)
+print(f"{len(rows) / (t1 - t0):.3f} {sum(r['completion_tokens'] for r in rows)} {digest} {(t1 - t0 - latency) / len(rows):.4f}")
+PY
 }
 run_python() {
-    "$python" scripts/bench_collect_openai.py "http://127.0.0.1:$port/v1" data/prompts-mini.jsonl "$samples" "$1" "$max_tokens" |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["per_s"])'
+    local t0 t1 out
+    t0=$(date +%s.%N)
+    out=$("$python" scripts/bench_collect_openai.py "http://127.0.0.1:$port/v1" data/prompts-mini.jsonl "$samples" "$1" "$max_tokens")
+    t1=$(date +%s.%N)
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+wall = float(sys.argv[3]) - float(sys.argv[2])
+per_s = r["completions"] / wall
+outside = (wall - r["latency_s"]) / r["completions"]
+print(f"{per_s:.3f}", r["completion_tokens"], r["digest"], f"{outside:.4f}")' "$out" "$t0" "$t1"
 }
 # One warm-up request each way (model weights paged in, connection pools made).
 run_python 1 >/dev/null
-printf '%-12s %14s %14s %8s\n' concurrency "fuserl c/s" "python c/s" ratio
+# Each side is timed as a whole process (start, imports or recipe, collection, exit), ROUNDS
+# rounds per concurrency in the order fuserl, Python, Python, fuserl; the medians are compared.
+# Each run's result: completions/s, the completion tokens, the digest of the answers. The ratio
+# is the client's overhead only when both sides got the same answers (the same server work):
+# the last column says whether all runs did. At concurrency 1 the requests do not overlap, so
+# (wall time - summed request latencies) / completions is the time each side spent outside its
+# requests per completion (process start, imports or recipe, store, exit): the client's own
+# cost, free of the server's speed, which varies between runs on a shared machine.
+rounds="${ROUNDS:-3}"
+echo "rounds: $rounds (each: fuserl, Python, Python, fuserl)"
+printf '%-12s %14s %14s %8s  %s\n' concurrency "fuserl c/s" "python c/s" ratio "same answers (tokens)"
 for c in 1 4 16; do
-    a1=$(run_fuserl "$c"); b1=$(run_python "$c")
-    b2=$(run_python "$c"); a2=$(run_fuserl "$c")
-    python3 - "$c" "$a1" "$a2" "$b1" "$b2" <<'PY'
-import sys
-c, a1, a2, b1, b2 = sys.argv[1], *map(float, sys.argv[2:])
-a, b = (a1 + a2) / 2, (b1 + b2) / 2
-print(f"{c:<12} {a:14.3f} {b:14.3f} {a / b:8.3f}   (runs: fuserl {a1:.3f} {a2:.3f}; python {b1:.3f} {b2:.3f})")
+    runs=()
+    for _ in $(seq 1 "$rounds"); do
+        a1=$(run_fuserl "$c"); b1=$(run_python "$c"); b2=$(run_python "$c"); a2=$(run_fuserl "$c")
+        runs+=("f $a1" "p $b1" "p $b2" "f $a2")
+    done
+    python3 - "$c" "${runs[@]}" <<'PY'
+import statistics, sys
+c, runs = sys.argv[1], [r.split() for r in sys.argv[2:]]
+f = [float(r[1]) for r in runs if r[0] == "f"]
+p = [float(r[1]) for r in runs if r[0] == "p"]
+a, b = statistics.median(f), statistics.median(p)
+same = "yes" if len({r[3] for r in runs}) == 1 else "NO"
+tokens = sorted({int(r[2]) for r in runs})
+print(f"{c:<12} {a:14.3f} {b:14.3f} {a / b:8.3f}  {same} ({'/'.join(map(str, tokens))})"
+      f"   (runs: fuserl {' '.join(f'{x:.2f}' for x in f)}; python {' '.join(f'{x:.2f}' for x in p)})")
+if c == "1":
+    fo = statistics.median(float(r[4]) for r in runs if r[0] == "f")
+    po = statistics.median(float(r[4]) for r in runs if r[0] == "p")
+    print(f"{'':12} client time outside requests per completion (median): fuserl {fo * 1000:.1f} ms, python {po * 1000:.1f} ms")
 PY
 done

@@ -4,6 +4,7 @@
 #
 #   scripts/bench-fusion.sh            # all phases; rerun after a kill to go on where it stopped
 #   scripts/bench-fusion.sh table      # only rebuild the table from what the runs hold
+#   scripts/bench-fusion.sh hold CMD   # run CMD (another benchmark) with the running one stopped
 #
 # Phases (each one's wall time is appended to runs/code-fusion-bench/times.jsonl when it ends;
 # a finished phase is not run again, and fuserl's own stores and checkpoints make an interrupted
@@ -62,6 +63,33 @@ phase() {
 if [ "${1:-}" = table ]; then
     python3 scripts/fusion_table.py
     exit 0
+fi
+
+# scripts/bench-fusion.sh hold COMMAND...: run COMMAND (another benchmark that needs an idle
+# machine) while the running benchmark is stopped (SIGSTOP to its process group, SIGCONT after),
+# and record the pause in $bench/pauses.jsonl, which the table subtracts from that phase's wall
+# time. Only during a FuseSFT or FusePO phase: the evaluation's and the collection's timeouts are
+# wall-clock ones, which a pause would trip.
+if [ "${1:-}" = hold ]; then
+    shift
+    [ $# -gt 0 ] || { log "usage: scripts/bench-fusion.sh hold COMMAND..."; exit 2; }
+    leader=$(pgrep -o -f 'bench-fusion\.sh$' || true)
+    [ -n "$leader" ] || { log "no running scripts/bench-fusion.sh to hold"; exit 1; }
+    pgid=$(ps -o pgid= -p "$leader" | tr -d ' ')
+    [ "$pgid" = "$leader" ] || { log "the running benchmark is not its own process group (start it with setsid)"; exit 1; }
+    stage=$(pgrep -a -g "$pgid" -f '/fuserl (sft|po) recipes/' | sed -nE 's#.*/fuserl (sft|po) recipes/([a-z0-9-]+)\.toml.*#\2/\1#p' | head -1)
+    [ -n "$stage" ] || { log "the running phase is not a FuseSFT or FusePO one: wait for one (a pause would trip the evaluation's wall-clock timeouts)"; exit 1; }
+    log "holding $stage (process group $pgid) for: $*"
+    t0=$(date +%s.%N)
+    kill -STOP -- "-$pgid"
+    rc=0
+    "$@" || rc=$?
+    kill -CONT -- "-$pgid"
+    t1=$(date +%s.%N)
+    printf '{"phase": "%s", "paused_s": %s, "ended": "%s"}\n' \
+        "$stage" "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")" "$(date -u +%FT%TZ)" >>"$bench/pauses.jsonl"
+    log "released $stage after $(awk "BEGIN { printf \"%.0f\", $t1 - $t0 }") s"
+    exit "$rc"
 fi
 
 # 1. setup

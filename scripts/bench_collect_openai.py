@@ -1,10 +1,14 @@
 """The peer of `fuserl collect` in scripts/bench-collect.sh: a plain asyncio loop with the
 official `openai` client, the same prompts, sampling settings, seeds (fuserl's, recomputed here)
-and concurrency, against the same server. Prints one JSON line: completions, seconds, completions/s.
+and concurrency, against the same server. Prints one JSON line: completions, seconds, completions/s,
+the completion tokens the server reported, the summed request latencies, and a digest of the answers (the sha256 of the lines
+"prompt_id<TAB>sample_index<TAB>text" sorted), which bench-collect.sh compares with the same digest
+of fuserl's store: equal digests mean both sides got the same answers, so the same server work.
 
     python bench_collect_openai.py BASE_URL PROMPTS.jsonl SAMPLES CONCURRENCY MAX_TOKENS
 """
 import asyncio
+import hashlib
 import json
 import sys
 import time
@@ -30,10 +34,14 @@ async def main() -> None:
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=5, timeout=600)
     gate = asyncio.Semaphore(concurrency)
     done = 0
+    tokens = 0
+    latency = 0.0
+    answers = []
 
-    async def ask(prompt: str, seed: int) -> None:
-        nonlocal done
+    async def ask(prompt_id: str, sample: int, prompt: str, seed: int) -> None:
+        nonlocal done, tokens, latency
         async with gate:
+            t = time.perf_counter()
             r = await client.chat.completions.create(
                 model="smollm2",
                 messages=[{"role": "user", "content": prompt}],
@@ -42,15 +50,33 @@ async def main() -> None:
                 max_tokens=max_tokens,
                 seed=seed,
             )
-            assert r.choices[0].message.content is not None
+            latency += time.perf_counter() - t
+            text = r.choices[0].message.content
+            assert text is not None
+            answers.append(f"{prompt_id}\t{sample}\t{text}")
+            tokens += r.usage.completion_tokens
             done += 1
 
     t0 = time.perf_counter()
     # In fuserl's order: the samples of one prompt one after the other, with fuserl's seeds
     # (the bench recipe's run seed is the default, 42).
-    await asyncio.gather(*(ask(r["prompt"], sample_seed(42, r["id"], s)) for r in rows for s in range(samples)))
+    await asyncio.gather(
+        *(ask(r["id"], s, r["prompt"], sample_seed(42, r["id"], s)) for r in rows for s in range(samples))
+    )
     secs = time.perf_counter() - t0
-    print(json.dumps({"completions": done, "seconds": round(secs, 3), "per_s": round(done / secs, 3)}))
+    digest = hashlib.sha256("\n".join(sorted(answers)).encode()).hexdigest()[:16]
+    print(
+        json.dumps(
+            {
+                "completions": done,
+                "seconds": round(secs, 3),
+                "per_s": round(done / secs, 3),
+                "completion_tokens": tokens,
+                "latency_s": round(latency, 3),
+                "digest": digest,
+            }
+        )
+    )
 
 
 asyncio.run(main())

@@ -65,16 +65,24 @@ def command(*args):
 
 
 def main():
+    def records(name):
+        f = ROOT / "runs/code-fusion-bench" / name
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
     times = {}
-    for line in (ROOT / "runs/code-fusion-bench/times.jsonl").read_text().splitlines() if (ROOT / "runs/code-fusion-bench/times.jsonl").exists() else []:
-        t = json.loads(line)
+    for t in records("times.jsonl"):
         times.setdefault(t["phase"], []).append(t)
+    # Pauses (`scripts/bench-fusion.sh hold`: the benchmark stopped while another one ran) are
+    # not the phase's work.
+    paused = {}
+    for p in records("pauses.jsonl"):
+        paused[p["phase"]] = paused.get(p["phase"], 0.0) + p["paused_s"]
 
     def wall(phase):
         ts = times.get(phase, [])
         if not any(t["done"] for t in ts):
             return "not yet"
-        return f"{sum(t['seconds'] for t in ts) / 60:.1f} min"
+        return f"{(sum(t['seconds'] for t in ts) - paused.get(phase, 0.0)) / 60:.1f} min"
 
     evals = {m: load(ROOT / f"runs/{m}/eval/eval.json") for m, _ in METHODS}
     check = load(ROOT / "data/code-tasks/check.json")
@@ -157,7 +165,11 @@ def main():
     for phase, ts in times.items():
         out.append(f"| {phase} | {wall(phase)} | {len(ts)} |")
     out += ["", "Times are of this machine (below); an attempt killed before it ended is not counted, the",
-            "resumed attempt counts only the work that was left.", ""]
+            "resumed attempt counts only the work that was left."]
+    if paused:
+        out += ["Paused for another benchmark (`scripts/bench-fusion.sh hold`) and not counted above: "
+                + "; ".join(f"{p} {s / 60:.1f} min" for p, s in paused.items()) + "."]
+    out.append("")
     # The collection's own clock: every stored answer keeps the latency of its request (one request
     # at a time per source), whatever attempt collected it.
     rows = []
