@@ -3,7 +3,8 @@
 # (random weights, SmolLM2's tokenizer and template; needs scripts/fetch-smollm2.sh) scores N
 # conversations of about 512 tokens in batches of B, by `fuserl reward` and by transformers on
 # the same machine, each in its own process. Prints one JSON line each (sequences/s over loading,
-# tokenizing and scoring: fuserl's whole process, Python's after its imports; peak RSS from
+# tokenizing and scoring: fuserl's whole process, Python's after its imports and, as
+# process_sequences_per_s, its whole process too; peak RSS from
 # /usr/bin/time, which counts the whole process) and their ratios; also checks that both gave the
 # same scores (within 1e-3).
 #
@@ -25,17 +26,22 @@ if [ -z "${FUSERL:-}" ]; then
 fi
 [ -f "$out/pairs.jsonl" ] && [ "$(wc -l < "$out/pairs.jsonl")" = "$n" ] || "$python" scripts/bench_reward_torch.py make "$out" "$n"
 peak() { sed -n 's/.*Maximum resident set size (kbytes): \([0-9]*\).*/\1/p' "$1"; }
+p0=$(date +%s.%N)
 /usr/bin/time -v "$python" scripts/bench_reward_torch.py torch "$out" "$b" > "$out/torch.json" 2> "$out/torch.time"
+p1=$(date +%s.%N)
 torch_line=$(tail -1 "$out/torch.json")
 t0=$(date +%s.%N)
 /usr/bin/time -v "$FUSERL" reward --model "$out/rm" --data "$out/pairs.jsonl" --out "$out/fuserl-scores.jsonl" \
     --batch-size "$b" > /dev/null 2> "$out/fuserl.time"
 t1=$(date +%s.%N)
-"$python" - "$out" "$n" "$b" "$t0" "$t1" "$(peak "$out/fuserl.time")" "$(peak "$out/torch.time")" "$torch_line" <<'PY'
+"$python" - "$out" "$n" "$b" "$t0" "$t1" "$(peak "$out/fuserl.time")" "$(peak "$out/torch.time")" "$torch_line" "$p0" "$p1" <<'PY'
 import json, sys
-out, n, b, t0, t1, fuserl_kb, torch_kb, torch_line = sys.argv[1:]
+out, n, b, t0, t1, fuserl_kb, torch_kb, torch_line, p0, p1 = sys.argv[1:]
 torch_r = json.loads(torch_line)
 secs = float(t1) - float(t0)
+# The Python process as a whole too (interpreter start and imports included), as fuserl's is timed.
+torch_r["process_seconds"] = round(float(p1) - float(p0), 3)
+torch_r["process_sequences_per_s"] = round(int(n) / torch_r["process_seconds"], 3)
 mine = [json.loads(l)["score"] for l in open(f"{out}/fuserl-scores.jsonl")]
 theirs = json.load(open(f"{out}/torch-scores.json"))
 diff = max(abs(a - b) for a, b in zip(mine, theirs))
@@ -45,6 +51,7 @@ torch_r["peak_rss_mb_time"] = round(int(torch_kb) / 1024, 1)
 print(json.dumps(fuserl_r))
 print(json.dumps(torch_r))
 print(json.dumps({"throughput_ratio": round(fuserl_r["sequences_per_s"] / torch_r["sequences_per_s"], 3),
+                  "throughput_ratio_whole_processes": round(fuserl_r["sequences_per_s"] / torch_r["process_sequences_per_s"], 3),
                   "peak_memory_ratio": round(fuserl_r["peak_rss_mb"] / torch_r["peak_rss_mb_time"], 3),
                   "max_score_difference": diff}))
 assert diff < 1e-3, f"scores differ by {diff}"
