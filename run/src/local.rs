@@ -103,6 +103,8 @@ pub struct LocalSource {
     device: Device,
     device_index: u32,
     dtype: RecipeDType,
+    /// The weights' hash, computed once: it reads every byte of them.
+    weights: std::sync::OnceLock<String>,
 }
 
 impl LocalSource {
@@ -126,7 +128,7 @@ impl LocalSource {
         };
         let dtype = config.dtype.unwrap_or(ctx.backend.dtype);
         fuserl_backends::check(device, dtype).map_err(|e| ConfigError::at("device", e.to_string()))?;
-        Ok(Self { config, checkpoint, template, device, device_index, dtype })
+        Ok(Self { config, checkpoint, template, device, device_index, dtype, weights: std::sync::OnceLock::new() })
     }
 
     /// A source named `name` that samples from `checkpoint` (the target's own samples of
@@ -175,8 +177,21 @@ pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
+    // In chunks (the same hash as the whole file's: FNV-1a goes byte by byte): reading a file
+    // whole would allocate its size, 2 GB for a 0.5B model in f32.
+    let mut buf = vec![0u8; 1 << 20];
     for f in files {
-        h.update(&std::fs::read(&f)?);
+        let mut file = std::fs::File::open(&f)?;
+        loop {
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(h.finish())
 }
@@ -258,8 +273,9 @@ impl Generator for LocalSource {
     }
 
     fn fingerprint(&self, sampling: &SamplingParams) -> String {
-        let weights =
-            weights_hash(&self.checkpoint).map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"));
+        let weights = self.weights.get_or_init(|| {
+            weights_hash(&self.checkpoint).map_or_else(|e| format!("unreadable: {e}"), |h| format!("{h:016x}"))
+        });
         let template = self.template.as_ref().and_then(|t| std::fs::read_to_string(t).ok());
         let cfg = self.generate_config(sampling);
         serde_json::json!({
@@ -296,3 +312,22 @@ fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>
 inventory::submit! { PluginDescriptor { name: "local", origin: env!("CARGO_PKG_NAME"),
 summary: "answers sampled in-process from a Hugging Face checkpoint (batched KV-cache generation)",
 factory: StaticFactory::Source(build) } }
+
+#[cfg(test)]
+mod tests {
+    use super::weights_hash;
+
+    /// Hashing in chunks gives the hash of the weight files' bytes one after the other (what
+    /// earlier versions stored in collect-store fingerprints), across a chunk boundary.
+    #[test]
+    fn weights_hash_is_the_hash_of_the_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Vec<u8> = (0..(1 << 20) + 4097).map(|i| (i * 7 % 251) as u8).collect();
+        let b: Vec<u8> = (0..1000).map(|i| (i % 13) as u8).collect();
+        std::fs::write(dir.path().join("model-00002-of-00002.safetensors"), &b).unwrap();
+        std::fs::write(dir.path().join("model-00001-of-00002.safetensors"), &a).unwrap();
+        std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+        let whole = fuserl_core::maths::fnv1a(&[a, b].concat());
+        assert_eq!(weights_hash(dir.path()).unwrap(), whole);
+    }
+}
