@@ -8,7 +8,8 @@
 #
 # Phases (each one's wall time is appended to runs/code-fusion-bench/times.jsonl when it ends;
 # a finished phase is not run again, and fuserl's own stores and checkpoints make an interrupted
-# one go on where it stopped, so a kill anywhere loses no finished work):
+# one go on where it stopped, so a kill anywhere loses no finished work; an attempt killed before
+# it ended is recorded by the next run, its time counted up to the last work it saved):
 #   1. setup: models and HumanEval (scripts/fetch-models.sh), llama.cpp's server
 #      (scripts/setup-llama-server.sh), the fuserl binary; the training tasks regenerated and
 #      compared with the committed ones (their HumanEval duplicate check included); the recipes'
@@ -37,6 +38,49 @@ log() { echo "[bench-fusion $(date -u +%H:%M:%S)] $*" >&2; }
 
 done_before() { grep -q "\"phase\": \"$1\", \"done\": true" "$times"; }
 
+# kept_until NAME: the time (epoch seconds) of the last work an attempt of phase NAME saved, which
+# a resumed attempt does not redo: the stage's last checkpoint for FuseSFT and FusePO, the newest
+# evaluation store for export-eval, the newest collect or score store for collect-score; 0 if none.
+kept_until() {
+    local files
+    case $1 in
+        */sft | */po) files="runs/${1%/*}/${1##*/}/checkpoints/LATEST" ;;
+        */export-eval) files=$(find "runs/${1%/*}/eval" -name '*.jsonl' 2>/dev/null) ;;
+        collect-score) files=$(find runs/code-fusion/collect runs/code-fusion/score -name '*.jsonl' 2>/dev/null) ;;
+        *) files= ;;
+    esac
+    # shellcheck disable=SC2086 # one path per word
+    { [ -n "$files" ] && stat -c %Y $files 2>/dev/null; echo 0; } | sort -n | tail -1
+}
+
+# An attempt killed before it ended (the session's end, a reboot) writes no line to times.jsonl;
+# $bench/attempts.jsonl has its start. The next run records it as not done, counting its time up
+# to the last work it saved (kept_until), so that a phase's wall time is the work it kept.
+record_killed() {
+    local name=$1 started ended
+    started=$(python3 - "$name" "$bench/attempts.jsonl" "$times" <<'PY'
+import json, sys
+name, attempts, times = sys.argv[1:]
+def lines(f):
+    try:
+        return [json.loads(l) for l in open(f) if l.strip()]
+    except FileNotFoundError:
+        return []
+starts = [a["started"] for a in lines(attempts) if a["phase"] == name]
+ends = [t for t in lines(times) if t["phase"] == name]
+print(starts[-1] if len(starts) > len(ends) else "")
+PY
+)
+    [ -n "$started" ] || return 0
+    ended=$(kept_until "$name")
+    awk "BEGIN { exit !($ended > $started) }" || ended=$started
+    local kept
+    kept=$(awk "BEGIN { printf \"%.1f\", $ended - $started }")
+    printf '{"phase": "%s", "done": false, "seconds": %s, "ended": "%s", "killed": true}\n' \
+        "$name" "$kept" "$(date -u -d "@${ended%.*}" +%FT%TZ)" >>"$times"
+    log "$name: the attempt started at $(date -u -d "@${started%.*}" +%T) was killed; $kept s of its work were kept"
+}
+
 # phase NAME COMMAND...: run it unless it finished before; append its wall time either way.
 phase() {
     local name=$1
@@ -45,9 +89,11 @@ phase() {
         log "$name: finished before"
         return 0
     fi
+    record_killed "$name"
     log "$name: $*"
     local t0 t1 rc=0
     t0=$(date +%s.%N)
+    printf '{"phase": "%s", "started": %s}\n' "$name" "$t0" >>"$bench/attempts.jsonl"
     "$@" || rc=$?
     t1=$(date +%s.%N)
     local ok=false
