@@ -249,6 +249,31 @@ def main():
     _, lines = rows(others)
     out += ["Other paired differences, for reading the table (not part of the ordering):", "", *header, *lines, ""]
 
+    # Methods that share a FuseSFT stage differ only by their preference stage: how many of
+    # their greedy HumanEval answers it changed, and how many of those changed pass or fail.
+    def answers(m):
+        f = ROOT / f"runs/{m}/eval/collect/fused.jsonl"
+        if not f.is_file():
+            return None
+        return {r["prompt_id"]: r["text"] for r in map(json.loads, filter(str.strip, f.read_text().splitlines()))}
+
+    changed = []
+    for m, _ in METHODS:
+        copied = ROOT / f"runs/{m}/sft-copied-from"
+        if not copied.is_file():
+            continue
+        base = copied.read_text().strip()
+        a, b = answers(m), answers(base)
+        if a is None or b is None or m not in passes or base not in passes:
+            continue
+        differ = sum(1 for k in a if a[k] != b.get(k))
+        flips = sum(1 for x, y in zip(passes[m], passes[base]) if x != y)
+        changed.append(f"| {names[m]} vs {names[base]} | {differ} of {len(a)} | {flips} |")
+    if changed:
+        out += ["What the preference stage alone changed, between methods that share their FuseSFT stage",
+                "(greedy HumanEval answers whose text differs; of the problems, those whose pass/fail differs):", "",
+                "| methods | answers that differ | pass/fail that differ |", "|---|---|---|", *changed, ""]
+
     out += ["## Wall time per phase", "", "| phase | wall time | attempts |", "|---|---|---|"]
     total = 0.0
     for phase, ts in times.items():
