@@ -4,6 +4,7 @@
 #
 #   scripts/bench-fusion.sh            # all phases; rerun after a kill to go on where it stopped
 #   scripts/bench-fusion.sh table      # only rebuild the table from what the runs hold
+#   scripts/bench-fusion.sh rerun [M]  # train method M's FusePO again and compare (reproducibility)
 #   scripts/bench-fusion.sh hold CMD   # run CMD (another benchmark) with the running one stopped
 #
 # Phases (each one's wall time is appended to runs/code-fusion-bench/times.jsonl when it ends;
@@ -109,6 +110,58 @@ phase() {
 if [ "${1:-}" = table ]; then
     python3 scripts/fusion_table.py
     exit 0
+fi
+
+# scripts/bench-fusion.sh rerun [METHOD]: the reproducibility check. Trains METHOD's FusePO stage
+# again (default code-fusion-simpo; its recipe under another run name, from copies of its stores
+# and FuseSFT checkpoint) and compares the weights and the logged steps with the benchmark's; the
+# result goes to $bench/rerun.json, which the table reports. About 11 minutes on 2 cores.
+if [ "${1:-}" = rerun ]; then
+    m=${2:-code-fusion-simpo}
+    [ -f "runs/$m/po/DONE" ] || { log "rerun: runs/$m has no finished FusePO stage (run the benchmark first)"; exit 1; }
+    cargo build -q -p fuserl-cli
+    scratch="rerun-$m"
+    recipe="recipes/.rerun-$m.toml"
+    trap 'rm -rf "runs/$scratch" "$recipe"' EXIT
+    sed "s/^name = \"$m\"\$/name = \"$scratch\"/" "recipes/$m.toml" >"$recipe"
+    grep -q "^name = \"$scratch\"\$" "$recipe" || { log "rerun: recipes/$m.toml has no name = \"$m\" line"; exit 1; }
+    rm -rf "runs/$scratch" && mkdir -p "runs/$scratch"
+    cp -r "runs/$m/collect" "runs/$m/score" "runs/$m/sft" "runs/$scratch/"
+    python3 - "runs/$m/metrics.jsonl" "runs/$scratch/metrics.jsonl" <<'PY'
+import json, sys
+src, dst = sys.argv[1:]
+open(dst, "w").writelines(l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sft")
+PY
+    log "rerun: FusePO of $m as runs/$scratch"
+    t0=$(date +%s.%N)
+    "$fuserl" po "$recipe"
+    t1=$(date +%s.%N)
+    python3 - "$m" "$scratch" "$(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }")" "$bench/rerun.json" <<'PY'
+import datetime, hashlib, json, os, sys
+m, scratch, seconds, out = sys.argv[1:]
+def sha(run):
+    h = hashlib.sha256()
+    with open(f"runs/{run}/po/final/model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+def steps(run):
+    return [json.loads(l) for l in open(f"runs/{run}/metrics.jsonl")
+            if l.strip() and json.loads(l).get("stage") == "po"]
+def measures(r):
+    return {k: v for k, v in r.items() if k != "tokens_per_s"}  # the one timing field
+a, b = steps(m), steps(scratch)
+result = {"method": m, "phase": m + "/po", "weights_sha256": sha(m), "rerun_weights_sha256": sha(scratch),
+          "steps": len(a), "rerun_steps": len(b),
+          "same_steps": [measures(x) for x in a] == [measures(x) for x in b],
+          "seconds": float(seconds), "ended": datetime.datetime.now(datetime.timezone.utc).strftime("%FT%TZ")}
+result["same_weights"] = result["weights_sha256"] == result["rerun_weights_sha256"]
+open(out + ".partial", "w").write(json.dumps(result, indent=1) + "\n")
+os.replace(out + ".partial", out)
+print(json.dumps(result, indent=1))
+sys.exit(0 if result["same_weights"] and result["same_steps"] else 1)
+PY
+    exit $?
 fi
 
 # scripts/bench-fusion.sh hold COMMAND...: run COMMAND (another benchmark that needs an idle

@@ -132,7 +132,16 @@ def main():
             "runs it leaves). Rerunning a phase on the same machine reproduces its numbers (fixed seeds: the",
             "recipes' `seed`, per-answer sampling seeds, greedy evaluation). Across CPUs they are close but not",
             "equal: llama.cpp's and Burn's CPU kernels round differently with and without AVX-512 (FuseSFT's",
-            "step-15 loss on the same recipe was 0.39976 on this machine and 0.39539 on an AVX-512 one).", ""]
+            "step-15 loss on the same recipe was 0.39976 on this machine and 0.39539 on an AVX-512 one)."]
+    rerun = load(ROOT / "runs/code-fusion-bench/rerun.json")
+    if rerun:
+        same = "the same" if rerun["same_weights"] else "different"
+        steps = "the same" if rerun["same_steps"] else "different"
+        out += [f"Checked by `scripts/bench-fusion.sh rerun` ({rerun['ended']}): the {rerun['phase']} phase trained again",
+                f"from its stores and FuseSFT checkpoint gave {same} weights (model.safetensors sha256",
+                f"`{rerun['rerun_weights_sha256'][:16]}...` vs `{rerun['weights_sha256'][:16]}...`) and {steps} logged",
+                f"measures at all {rerun['rerun_steps']} steps (losses, gradient norms, rewards; {rerun['steps']} in the benchmark)."]
+    out.append("")
     out += ["## Setup", "",
             "- target: SmolLM2-135M-Instruct (f32, CPU); sources, served by llama.cpp's server",
             "  (llama-cpp-python): Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Qwen2, chat), Gemma 3 270M Q4_K_M",
