@@ -39,6 +39,18 @@ log() { echo "[bench-fusion $(date -u +%H:%M:%S)] $*" >&2; }
 
 done_before() { grep -q "\"phase\": \"$1\", \"done\": true" "$times"; }
 
+# sft_metrics SRC DST: the FuseSFT lines of metrics.jsonl SRC written atomically to DST (a method
+# given another's FuseSFT stage keeps its training curve).
+sft_metrics() {
+    python3 - "$1" "$2" <<'PY'
+import json, os, sys
+src, dst = sys.argv[1:]
+lines = [l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sft"]
+open(dst + ".partial", "w").writelines(lines)
+os.replace(dst + ".partial", dst)
+PY
+}
+
 # kept_until NAME: the time (epoch seconds) of the last work an attempt of phase NAME saved, which
 # a resumed attempt does not redo: the stage's last checkpoint for FuseSFT and FusePO, the newest
 # evaluation store for export-eval, the newest collect or score store for collect-score; 0 if none.
@@ -127,11 +139,7 @@ if [ "${1:-}" = rerun ]; then
     grep -q "^name = \"$scratch\"\$" "$recipe" || { log "rerun: recipes/$m.toml has no name = \"$m\" line"; exit 1; }
     rm -rf "runs/$scratch" && mkdir -p "runs/$scratch"
     cp -r "runs/$m/collect" "runs/$m/score" "runs/$m/sft" "runs/$scratch/"
-    python3 - "runs/$m/metrics.jsonl" "runs/$scratch/metrics.jsonl" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-open(dst, "w").writelines(l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sft")
-PY
+    sft_metrics "runs/$m/metrics.jsonl" "runs/$scratch/metrics.jsonl"
     log "rerun: FusePO of $m as runs/$scratch"
     t0=$(date +%s.%N)
     "$fuserl" po "$recipe"
@@ -265,13 +273,7 @@ copy_sft() {
     # (called by `phase` in an `||` list, where errexit is off: every step checks its own status)
     mkdir -p "runs/$to" && rm -rf "runs/$to/sft.partial" || return 1
     cp -r "runs/$from/sft" "runs/$to/sft.partial" || return 1
-    python3 - "runs/$from/metrics.jsonl" "runs/$to/metrics.jsonl" <<'PY' || return 1
-import json, os, sys
-src, dst = sys.argv[1:]
-lines = [l for l in open(src) if l.strip() and json.loads(l).get("stage") == "sft"]
-open(dst + ".partial", "w").writelines(lines)
-os.replace(dst + ".partial", dst)
-PY
+    sft_metrics "runs/$from/metrics.jsonl" "runs/$to/metrics.jsonl" || return 1
     echo "$from" >"runs/$to/sft-copied-from" || return 1
     mv "runs/$to/sft.partial" "runs/$to/sft" || return 1
 }

@@ -171,6 +171,7 @@ def main():
             "```sh",
             "scripts/bench-fusion.sh          # every phase below; rerun after a kill to go on",
             "scripts/bench-fusion.sh table    # this page again from the runs",
+            "scripts/bench-fusion.sh rerun    # FusePO of one method trained again and compared (above)",
             "```", "",
             "Its phases run, in order: `fuserl score recipes/code-fusion.toml` (collect and score, once); per",
             "method `fuserl sft recipes/METHOD.toml`, `fuserl po recipes/METHOD.toml`, `fuserl run",
