@@ -7,6 +7,7 @@ only. The paired differences between methods are bootstrapped over HumanEval pro
 (10,000 resamples, seeded), since every method answered the same problems.
 """
 import json
+import os
 import pathlib
 import platform
 import random
@@ -83,8 +84,8 @@ def trained(m, stage):
     if not ex.is_file() or not metrics.is_file():
         return "not yet"
     n = sum(1 for line in ex.read_text().splitlines() if line.strip())
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()
-             if line.strip() and json.loads(line).get("stage") == stage]
+    logged = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    steps = [r for r in logged if r.get("stage") == stage]
     if not steps:
         return f"{n}, not trained yet"
     return f"{n}, {steps[-1]['step']}, {steps[-1]['loss']:.4f}"
@@ -118,11 +119,14 @@ def main():
     for p in records("pauses.jsonl"):
         paused[p["phase"]] = paused.get(p["phase"], 0.0) + p["paused_s"]
 
+    def seconds(phase):
+        """A phase's work: its attempts' times less the pauses (`hold`) during it."""
+        return sum(t["seconds"] for t in times.get(phase, [])) - paused.get(phase, 0.0)
+
     def wall(phase):
-        ts = times.get(phase, [])
-        if not any(t["done"] for t in ts):
+        if not any(t["done"] for t in times.get(phase, [])):
             return "not yet"
-        return f"{(sum(t['seconds'] for t in ts) - paused.get(phase, 0.0)) / 60:.1f} min"
+        return f"{seconds(phase) / 60:.1f} min"
 
     evals = {m: load(ROOT / f"runs/{m}/eval/eval.json") for m, _ in METHODS}
     check = load(ROOT / "data/code-tasks/check.json")
@@ -132,7 +136,8 @@ def main():
             "runs it leaves). Rerunning a phase on the same machine reproduces its numbers (fixed seeds: the",
             "recipes' `seed`, per-answer sampling seeds, greedy evaluation). Across CPUs they are close but not",
             "equal: llama.cpp's and Burn's CPU kernels round differently with and without AVX-512 (FuseSFT's",
-            "step-15 loss on the same recipe was 0.39976 on this machine and 0.39539 on an AVX-512 one)."]
+            "step-15 loss on the same recipe was 0.39976 on a 2-core AMD EPYC without AVX-512 and 0.39539 on",
+            "an AVX-512 machine, in two runs of this script)."]
     rerun = load(ROOT / "runs/code-fusion-bench/rerun.json")
     if rerun:
         same = "the same" if rerun["same_weights"] else "different"
@@ -178,7 +183,8 @@ def main():
             "recipes/METHOD.toml` (export and evaluation, the stages already done are reused); then `fuserl",
             "generate --model runs/METHOD/export` for every method and a transformers load of one export.",
             "Any phase can be rerun alone after deleting its output (for FuseSFT `runs/METHOD/sft`) and its",
-            "line in runs/code-fusion-bench/times.jsonl.", ""]
+            "lines in runs/code-fusion-bench/times.jsonl and attempts.jsonl; `rerun` above does that check",
+            "for FusePO without touching the benchmark's runs.", ""]
     out += ["## HumanEval pass@1 and validation reward", "",
             "| model | HumanEval pass@1 [95% CI] | validation mean reward [95% CI] | validation pass@1 | FuseSFT time | FusePO time | export + eval time |",
             "|---|---|---|---|---|---|---|"]
@@ -201,17 +207,11 @@ def main():
     out.append("")
 
     # Paired differences along the paper's ordering.
-    passes = {}
-    for m, _ in METHODS:
-        f = model(evals[m], "fused")
-        if f:
-            passes[m] = [1.0 if r >= 1.0 else 0.0 for r in f["rewards"]]
-    t = model(main_eval, "target")
-    if t:
-        passes["target"] = [1.0 if r >= 1.0 else 0.0 for r in t["rewards"]]
-    s = model(main_eval, "qwen-coder")
-    if s:
-        passes["qwen-coder"] = [1.0 if r >= 1.0 else 0.0 for r in s["rewards"]]
+    # Per-problem pass (1) or fail (0): each method's fused model, and the target and the best
+    # source from the main run's baselines.
+    answered = [(m, model(evals[m], "fused")) for m, _ in METHODS]
+    answered += [(name, model(main_eval, name)) for name in ("target", "qwen-coder")]
+    passes = {name: [1.0 if r >= 1.0 else 0.0 for r in e["rewards"]] for name, e in answered if e}
     order = [("code-fusion", "code-fusion-fusechat"), ("code-fusion-fusechat", "code-fusion-sft-best"),
              ("code-fusion-sft-best", "target")]
     others = [("code-fusion-simpo", "code-fusion-fusechat"), ("code-fusion", "code-fusion-simpo"),
@@ -289,7 +289,7 @@ def main():
     for phase, ts in times.items():
         killed = sum(1 for t in ts if t.get("killed"))
         out.append(f"| {phase} | {wall(phase)} | {len(ts)}{f' ({killed} killed)' if killed else ''} |")
-        total += sum(t["seconds"] for t in ts) - paused.get(phase, 0.0)
+        total += seconds(phase)
     out += [f"| all phases | {total / 3600:.2f} h | |", "",
             "Times are of this machine (below). An attempt killed before it ended (a session's end) counts up",
             "to the last work it saved, which the next attempt did not redo (its last checkpoint, or its",
@@ -324,7 +324,8 @@ def main():
     out.append("")
 
     cpu = command("sh", "-c", "lscpu | sed -n 's/^Model name: *//p'")
-    oracle = str(pathlib.Path.home() / ".cache/fuserl-oracle/venv/bin/python")
+    # The environment scripts/bench-fusion.sh ran the transformers check in.
+    oracle = os.environ.get("FUSERL_ORACLE_PYTHON", str(pathlib.Path.home() / ".cache/fuserl-oracle/venv/bin/python"))
     oracle_versions = command(oracle, "-c", "import torch, transformers; "
                               "print('transformers', transformers.__version__ + ', torch', torch.__version__)")
     rust_changed = command("git", "log", "-1", "--format=%h %cs", "--", "*.rs", "Cargo.toml", "*/Cargo.toml", "Cargo.lock")
