@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Read a run's TensorBoard event files with TensorBoard's own reader and compare every scalar
-with the run's metrics.jsonl (the check of fuserl's event writer, core/src/tensorboard.rs).
+with the run's metrics.jsonl (the check of fuserl's event writer, train/src/tensorboard.rs).
 
     ~/.cache/fuserl-oracle/venv/bin/python scripts/check_tensorboard.py runs/NAME
 

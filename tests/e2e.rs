@@ -1,11 +1,9 @@
 //! End-to-end tests: the real `fuserl` binary on the committed recipes and on broken copies
 //! of them, in temporary folders.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{fuserl, line_of, repo, sandbox, text};
+use crate::common::{fuserl, line_of, repo, sandbox, text};
 
 fn recipes() -> Vec<PathBuf> {
     let mut all: Vec<PathBuf> = std::fs::read_dir(repo().join("recipes"))
@@ -398,21 +396,21 @@ fn check_report_in_browser(run_dir: &std::path::Path) {
     let report = run_dir.join("report/index.html");
     let markdown = std::fs::read_to_string(run_dir.join("report/report.md")).expect("report.md");
     assert!(markdown.contains("## Evaluation") && markdown.contains("(plots/eval-rewards.svg)"), "{markdown}");
-    let Some((chromium, driver)) = common::browser::chromium() else {
+    let Some((chromium, driver)) = crate::common::browser::chromium() else {
         #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
         {
             eprintln!("report not opened in a browser: install chromium and chromium-driver (what .ci/run does)");
         }
         return;
     };
-    let browser = common::browser::Browser::start(&chromium, &driver);
+    let browser = crate::common::browser::Browser::start(&chromium, &driver);
     // The console check can fail: a page with an error is caught.
     browser.open("data:text/html,<script>console.error('planted')</script><p>x</p>");
     let planted = browser.console_errors();
     assert!(planted.iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("planted"))), "{planted:?}");
 
     browser.open(&format!("file://{}", report.display()));
-    let facts = browser.eval(common::browser::REPORT_FACTS);
+    let facts = browser.eval(crate::common::browser::REPORT_FACTS);
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     assert_eq!(facts["fetched"], serde_json::json!([]), "the report fetched something");

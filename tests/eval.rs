@@ -6,13 +6,11 @@
 //! prefers the answer shown first) is asked both orders of every pair, so its position bias
 //! cancels; several samples per prompt with a verifier reward give pass@k.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::server::serve;
-use common::{fuserl_env, kill_at_pause, repo, text};
+use crate::common::server::serve;
+use crate::common::{fuserl_env, kill_at_pause, repo, text};
 
 fn recipe() -> String {
     repo().join("recipes/collect-local.toml").display().to_string()

@@ -1,11 +1,9 @@
 //! Dynamic plugins end to end: the example plugin loaded from its shared library and run
 //! through the same code paths as built-ins, and every way a library is refused.
 
-mod common;
-
 use std::path::Path;
 
-use common::{fuserl, fuserl_env, line_of, plugin, repo, sandbox, text};
+use crate::common::{fuserl, fuserl_env, line_of, plugin, repo, sandbox, text};
 use fuserl_core::extension::ObjectiveBatch;
 use fuserl_core::registry::BuildContext;
 

@@ -9,11 +9,9 @@
 //! layers, 896 wide, vocabulary 151,936; 1.3e-5 seen, against the 2e-3) and Gemma 3 270M
 //! (18 layers, sliding windows, vocabulary 262,144; 1.3e-5 seen); each test prints the worst it saw.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{fuserl, repo, text};
+use crate::common::{fuserl, repo, text};
 use fuserl_core::data::ChatMessage;
 use fuserl_model::chat::ChatTokenizer;
 

@@ -4,12 +4,10 @@
 //! a SIGKILL mid-scoring loses and repeats nothing, a changed reward scores everything afresh,
 //! and `fuserl run` trains on the stored scores. No download, no server.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fuserl_env, kill_at_pause, repo, text};
+use crate::common::{fuserl_env, kill_at_pause, repo, text};
 
 type Key = (String, String, u64, String);
 

@@ -142,6 +142,15 @@ pub fn supported_dtypes(device: Device) -> &'static [DType] {
     }
 }
 
+/// The Burn dtype of a recipe's dtype (the one place this mapping is written).
+pub fn burn_dtype(d: DType) -> burn::tensor::DType {
+    match d {
+        DType::F32 => burn::tensor::DType::F32,
+        DType::F16 => burn::tensor::DType::F16,
+        DType::Bf16 => burn::tensor::DType::BF16,
+    }
+}
+
 fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",

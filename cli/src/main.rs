@@ -13,6 +13,7 @@ use fuserl_core::paths::Shown;
 use fuserl_core::pipeline::{StageName, prepare_with};
 use fuserl_core::recipe::load_recipe_with;
 use fuserl_core::registry::Registry;
+use fuserl_run::run_dir::RunDir;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -381,8 +382,9 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     if let Some(eval) = &summary.eval {
         println!("evaluation: {}", Shown(eval));
     }
-    if summary.dir.join("report/index.html").is_file() {
-        println!("report: {}", Shown(&summary.dir.join("report/index.html")));
+    let report = RunDir::new(&summary.dir).report().index();
+    if report.is_file() {
+        println!("report: {}", Shown(&report));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -475,7 +477,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             println!("evaluation: {}", Shown(&file));
             let run_dir = loaded.output_dir();
             fuserl_run::refresh_report(&run_dir);
-            println!("report: {}", Shown(&run_dir.join("report/index.html")));
+            println!("report: {}", Shown(&RunDir::new(&run_dir).report().index()));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -661,7 +663,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
     // Generative sources answer first (into the run directory, resumably).
     let collect_bars = CollectBars::default();
     let (_, collected) = fuserl_run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
-    let prepared = prepare_with(&loaded, stage, collected, Some(&loaded.output_dir().join("score")))?;
+    let prepared = prepare_with(&loaded, stage, collected, Some(&RunDir::new(loaded.output_dir()).score()))?;
     let (examples, stats) = (prepared.examples, prepared.stats);
     let mut text = String::new();
     for e in &examples {
@@ -686,22 +688,12 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
-/// killed process never leaves a half-written file. A path that exists and is not a regular
-/// file (`/dev/null`, a pipe) is written to directly: renaming over it would replace it.
+/// Write a command's output file: its folder made if missing, the file written by the one
+/// atomic write (`fuserl_core::fs`).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if path.metadata().is_ok_and(|m| !m.is_file()) {
-        std::fs::write(path, bytes).map_err(|e| fuserl_core::Error::io(path, e))?;
-        return Ok(());
-    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| fuserl_core::Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| fuserl_core::Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| fuserl_core::Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| fuserl_core::Error::io(path, e))?;
+    fuserl_core::fs::write_atomic(path, bytes).map_err(fuserl_core::Error::from)?;
     Ok(())
 }
 

@@ -158,6 +158,12 @@ pub trait RewardModel: Send + Sync + Debug {
     fn fingerprint(&self) -> String {
         self.scorer_id()
     }
+    /// Whether the scores are verdicts of a verifier: 1 for an answer that passed, below 1 for
+    /// one that did not (the evaluation then reports pass@k). A property of the reward, not of
+    /// its name. Default: no.
+    fn is_verifier(&self) -> bool {
+        false
+    }
     /// Whether a NaN score means "no score: leave this answer out of training" (a judge told to
     /// skip answers it could not grade). Default: no, a non-finite score is an error.
     fn skips(&self) -> bool {

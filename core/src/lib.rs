@@ -25,6 +25,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod extension;
+pub mod fs;
 pub mod jsonl;
 pub mod location;
 pub mod maths;
@@ -36,9 +37,7 @@ pub mod prompts;
 pub mod recipe;
 pub mod registry;
 pub mod score;
-pub mod stats;
 pub mod store;
-pub mod tensorboard;
 pub mod untrusted;
 
 pub use error::{Error, Result};

@@ -93,7 +93,7 @@ impl<T: StoreRecord> Store<T> {
             _ => {}
         }
         if !settings.is_file() {
-            write_atomically(&settings, format!("{wanted}\n").as_bytes())?;
+            crate::fs::write_atomic(&settings, format!("{wanted}\n").as_bytes())?;
         }
         let records = read_store::<T>(&file)?;
         let writer =
@@ -157,12 +157,6 @@ fn set_aside(path: &Path) -> Result<()> {
         }
         n += 1;
     }
-}
-
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Every complete line of a store. The last line, if torn by a kill (no newline, or not JSON),

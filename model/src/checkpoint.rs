@@ -24,6 +24,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::config::{Activation, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
+use fuserl_core::fs::{write_atomic, write_atomic_with};
 use fuserl_core::paths::Shown;
 
 /// Files besides the weights that describe a checkpoint (copied when a model is saved).
@@ -306,13 +307,6 @@ pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, Host
     out
 }
 
-/// Write `bytes` to `path` atomically (temporary file, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
-}
-
 /// Save `model` as a Hugging Face checkpoint in `dir`: config.json, f32 safetensors (sharded
 /// above `max_shard_bytes`, with an index), and the side files (tokenizer, template) copied
 /// from `side_files_from` when given.
@@ -381,10 +375,9 @@ pub fn save_as<B: Backend>(
         let mut meta = HashMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
         // Streamed to a temporary file (no second copy of the shard in memory), then renamed.
-        let path = dir.join(&file);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| ModelError::format(&tmp, e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| ModelError::io(&path, e))?;
+        write_atomic_with(&dir.join(&file), |tmp| {
+            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)
+        })?;
         for (name, (_, values)) in shard {
             total += values.len() * width;
             weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));

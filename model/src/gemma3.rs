@@ -18,8 +18,6 @@
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use serde_json::Value;
 
 use crate::config::{Activation, LlamaConfig, RopeScaling, rope_scaling, rope_scaling_json};
@@ -184,14 +182,6 @@ pub fn to_hf_json(c: &LlamaConfig) -> Value {
     }
     c.insert_token_ids(map);
     v
-}
-
-/// The tanh approximation of GELU (`gelu_pytorch_tanh`):
-/// `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
-pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let inner =
-        (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
-    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
 /// Whether a `config.json` describes a `Gemma3ForConditionalGeneration` (whose tensors need

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::checkpoint::{TensorStore, write_atomic};
+use fuserl_core::fs::write_atomic;
+
+use crate::checkpoint::TensorStore;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::quant::GgmlType;

@@ -3,7 +3,9 @@
 //! Where it sits: the trainer computes policy and reference log-probs with this crate, the
 //! `fuserl logprobs` / `generate` / `convert` commands call it directly.
 //!
-//! - [`config`]: `config.json` (Llama, Mistral, Qwen2; both RoPE config styles);
+//! - [`config`]: the resolved configuration of every family ([`config::LlamaConfig`]);
+//! - [`hf_config`]: `config.json` in and out (Llama, Mistral, Qwen2, Qwen3; both RoPE config
+//!   styles), [`gemma3`]: Gemma 3's dialect of it;
 //! - [`llama`]: the model, top to bottom;
 //! - [`checkpoint`]: Hugging Face safetensors in and out;
 //! - [`classifier`]: `*ForSequenceClassification` reward models (the decoder and a score head);
@@ -17,6 +19,7 @@ pub mod error;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;
+pub mod hf_config;
 pub mod llama;
 pub mod logprobs;
 pub mod quant;

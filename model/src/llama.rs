@@ -257,7 +257,7 @@ impl<B: Backend> Mlp<B> {
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone());
-        let gate = if self.gelu_tanh { crate::gemma3::gelu_tanh(gate) } else { silu(gate) };
+        let gate = if self.gelu_tanh { gelu_tanh(gate) } else { silu(gate) };
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
@@ -517,4 +517,12 @@ impl<B: Backend> LlamaModel<B> {
     pub fn forward(&self, inputs: &Inputs) -> Tensor<B, 3> {
         self.logits(self.hidden(inputs, &inputs.valid, None))
     }
+}
+
+/// The tanh approximation of GELU (`gelu_pytorch_tanh`):
+/// `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let inner =
+        (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }

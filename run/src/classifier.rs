@@ -169,14 +169,6 @@ fn label_weights(
     }
 }
 
-fn dtype(d: RecipeDType) -> DType {
-    match d {
-        RecipeDType::F32 => DType::F32,
-        RecipeDType::F16 => DType::F16,
-        RecipeDType::Bf16 => DType::BF16,
-    }
-}
-
 /// Receives a batch's indices (into the conversations) and logits (one row per label).
 pub type OnBatch<'a> = dyn FnMut(&[usize], Vec<Vec<f32>>) -> Result<()> + 'a;
 
@@ -243,7 +235,14 @@ pub fn classify(
             Ok(())
         }
     }
-    let job = Job { checkpoint, template, dtype: dtype(placement.dtype), conversations, batch_size, on_batch };
+    let job = Job {
+        checkpoint,
+        template,
+        dtype: fuserl_backends::burn_dtype(placement.dtype),
+        conversations,
+        batch_size,
+        on_batch,
+    };
     fuserl_backends::on_backend(placement.device, placement.device_index, placement.dtype, job).map_err(|e| {
         Error::Component { point: "reward model", name: "classifier".into(), message: format!("device: {e}") }
     })?

@@ -8,7 +8,7 @@
 //! (`python-tests`, `math`), pass@k for k = 1, 2, 5, 10, ... up to `samples` (the HumanEval
 //! paper's unbiased estimator, per prompt, then averaged); per baseline, the fused model's win
 //! rate against it (by mean reward per prompt, ties counted half) with its interval, and a
-//! length-controlled win rate ([`fuserl_core::stats`]) with an interval from refitting it on
+//! length-controlled win rate ([`crate::stats`]) with an interval from refitting it on
 //! each bootstrap resample. With `[eval.judge]` (a pairwise judge),
 //! each baseline also gets the judge's win rate: both orders of every pair asked, to cancel
 //! position bias, as Arena-Hard does.
@@ -29,23 +29,24 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
 use fuserl_core::collect::{CollectPlan, CollectProgress, collect_with};
 use fuserl_core::data::{Completion, ScoredGroup};
 use fuserl_core::data::{Prompt, SamplingParams};
 use fuserl_core::extension::Generator;
 use fuserl_core::extension::{PairItem, RewardModel};
+use fuserl_core::fs::write_atomic;
 use fuserl_core::pairwise::compare_stage;
 use fuserl_core::paths::Shown;
-use fuserl_core::pipeline::assemble_groups;
+use fuserl_core::pipeline::{StageName, assemble_groups};
 use fuserl_core::recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
 use fuserl_core::score::ScoreProgress;
-use fuserl_core::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_train::trainer::write_atomic;
 use serde_json::{Value, json};
 
 use crate::local::LocalSource;
+use crate::run_dir::{EvalDir, RunDir};
 use crate::{Result, TrainError};
 
 /// Resamples of every bootstrap interval.
@@ -72,11 +73,6 @@ fn lc_win_rate(outcomes: &[f64], diffs: &[f64], seed: u64) -> Value {
 /// A win rate with its interval; `null` when no prompt has an outcome.
 fn win_rate(outcomes: &[f64], seed: u64) -> Value {
     if outcomes.is_empty() { Value::Null } else { estimate(&bootstrap_mean(outcomes, RESAMPLES, 0.95, seed)) }
-}
-
-/// Whether a reward is a pass/fail verifier (1 is a pass).
-fn is_verifier(reward: &dyn RewardModel) -> bool {
-    matches!(reward.name(), "python-tests" | "math")
 }
 
 /// The k of pass@k for `samples` answers per prompt: 1, 2, 5, 10, 20, 50, ... up to `samples`,
@@ -116,7 +112,9 @@ pub fn eval_stage(
         return Err(TrainError::Data(format!("{}: no prompts", Shown(&prompts_file))));
     }
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
-    let dir = loaded.output_dir().join("eval");
+    let run = RunDir::new(loaded.output_dir());
+    let eval_dir = run.eval();
+    let dir = eval_dir.root().to_path_buf();
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let ctx =
         BuildContext { base_dir: loaded.base_dir.clone(), seed: recipe.run.seed, backend: recipe.backend.clone() };
@@ -133,8 +131,7 @@ pub fn eval_stage(
     };
     // The fused model first, then the baselines in the recipe's order.
     // The export, else the last stage's model (a recipe may not export).
-    let out = loaded.output_dir();
-    let fused = [loaded.export_dir(), out.join("po/final"), out.join("sft/final")]
+    let fused = [loaded.export_dir(), run.stage(StageName::Po).final_model(), run.stage(StageName::Sft).final_model()]
         .into_iter()
         .find(|p| p.join("config.json").is_file())
         .unwrap_or_else(|| loaded.export_dir());
@@ -156,7 +153,7 @@ pub fn eval_stage(
         }
         let (name, path) = match b.as_str() {
             "target" => ("target".to_owned(), target.clone()),
-            "sft" => ("sft".to_owned(), loaded.output_dir().join("sft/final")),
+            "sft" => ("sft".to_owned(), run.stage(StageName::Sft).final_model()),
             other => {
                 let p = loaded.base_dir.join(other);
                 let name = p.file_name().map_or_else(|| other.to_owned(), |n| n.to_string_lossy().into_owned());
@@ -184,10 +181,10 @@ pub fn eval_stage(
         run_seed: recipe.run.seed,
         restart_changed: true,
     };
-    let collected = collect_with(&generators, &plan, &dir.join("collect"), &[], collect_progress)?;
+    let collected = collect_with(&generators, &plan, &eval_dir.collect(), &[], collect_progress)?;
     let mut groups = assemble_groups(collected)?;
     let batch = recipe.data.score_batch_size as usize;
-    fuserl_core::score::score_stage(reward, &mut groups, Some(&dir.join("score")), batch, score_progress)?;
+    fuserl_core::score::score_stage(reward, &mut groups, Some(&eval_dir.score()), batch, score_progress)?;
 
     // Per model: prompt -> its answers' (reward, length in tokens).
     let tok =
@@ -210,7 +207,7 @@ pub fn eval_stage(
     }
     let order: Vec<String> = generators.iter().map(|g| g.source_name().to_owned()).collect();
     let seed = recipe.run.seed;
-    let verifier = is_verifier(reward);
+    let verifier = reward.is_verifier();
     let ks = pass_ks(e.samples);
     // A prompt's mean reward over its scored answers (None when none was scored).
     let prompt_mean = |answers: &[Answer]| {
@@ -278,7 +275,15 @@ pub fn eval_stage(
         }));
     }
     if let Some(judge) = &loaded.components.eval_judge {
-        comparisons.extend(judge_comparisons(judge.as_ref(), &groups, &order, &length_of, &dir, seed, score_progress)?);
+        comparisons.extend(judge_comparisons(
+            judge.as_ref(),
+            &groups,
+            &order,
+            &length_of,
+            &eval_dir,
+            seed,
+            score_progress,
+        )?);
     }
     // The validation prompts: the fused model alone, scored by the training reward.
     let validation = match &e.validation {
@@ -286,17 +291,11 @@ pub fn eval_stage(
             let file = loaded.base_dir.join(file);
             let val_prompts = fuserl_core::prompts::read_prompts(&file)?.prompts;
             let plan = CollectPlan { prompts: &val_prompts, ..plan };
-            let vdir = dir.join("validation");
-            let collected = collect_with(&generators[..1], &plan, &vdir.join("collect"), &[], collect_progress)?;
+            let vdir = eval_dir.validation();
+            let collected = collect_with(&generators[..1], &plan, &vdir.collect(), &[], collect_progress)?;
             let mut vgroups = assemble_groups(collected)?;
             let train_reward = loaded.components.reward.as_ref();
-            fuserl_core::score::score_stage(
-                train_reward,
-                &mut vgroups,
-                Some(&vdir.join("score")),
-                batch,
-                score_progress,
-            )?;
+            fuserl_core::score::score_stage(train_reward, &mut vgroups, Some(&vdir.score()), batch, score_progress)?;
             let mut per_prompt: HashMap<&str, Vec<f64>> = HashMap::new();
             for g in &vgroups {
                 for c in &g.completions {
@@ -315,7 +314,7 @@ pub fn eval_stage(
                 "reward": train_reward.scorer_id(),
                 "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
             });
-            if is_verifier(train_reward) {
+            if train_reward.is_verifier() {
                 let passed: Vec<f64> = val_prompts
                     .iter()
                     .filter_map(|p| per_prompt.get(p.id.as_str()))
@@ -340,7 +339,7 @@ pub fn eval_stage(
         "validation": validation,
     });
     std::fs::create_dir_all(&dir).map_err(|err| TrainError::io(&dir, err))?;
-    let file = dir.join("eval.json");
+    let file = eval_dir.json();
     let text = serde_json::to_string_pretty(&doc).map_err(|err| TrainError::Data(err.to_string()))?;
     write_atomic(&file, text.as_bytes())?;
     Ok((file, doc))
@@ -356,7 +355,7 @@ fn judge_comparisons(
     groups: &[ScoredGroup],
     order: &[String],
     length_of: &HashMap<(&str, &str, u32), f64>,
-    dir: &Path,
+    dir: &EvalDir,
     seed: u64,
     progress: &dyn Fn(&ScoreProgress<'_>),
 ) -> Result<Vec<Value>> {
@@ -380,7 +379,7 @@ fn judge_comparisons(
         })
         .collect();
     let label = format!("{} (pairwise)", judge.scorer_id());
-    let (prefs, _) = compare_stage(judge, &items, &dir.join("judge"), "judge", progress)?;
+    let (prefs, _) = compare_stage(judge, &items, &dir.judge(), "judge", progress)?;
     let mut out = Vec::new();
     for name in order.iter().skip(1) {
         let (mut outcomes, mut diffs, mut both, mut agree) = (Vec::new(), Vec::new(), 0usize, 0usize);

@@ -5,31 +5,7 @@
 //! and [`score_stage`]; the `local` source ([`local`]) and the `classifier` reward
 //! ([`classifier`]) live here because they run a model.
 //!
-//! The run directory:
-//!
-//! ```text
-//! runs/NAME/
-//!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
-//!   collect/SOURCE.jsonl   each generative source's answers, appended as they arrive
-//!                          (fuserl_core::collect), with SOURCE.settings.json
-//!   score/REWARD.jsonl     the reward's score of every answer, appended batch by batch
-//!                          (fuserl_core::score), with REWARD.settings.json
-//!   metrics.jsonl          one line per logged optimiser step, both stages
-//!   tensorboard/           the same as TensorBoard event files (`[run] report_to = ["tensorboard"]`)
-//!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
-//!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
-//!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
-//!   po/collect/target.jsonl  the FuseSFT model's own samples ([po] target_samples), made by the
-//!                          `local` source through the collect stage (resumes; remade when the model changed)
-//!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
-//!   po/checkpoints/, po/final/, po/DONE
-//!   export/                the fused model (or [export] path)
-//!   data.json              per source: prompts, answers and their scores (the scoring stage; for the report)
-//!   eval/                  held-out answers of the fused model and the baselines, their scores,
-//!                          and eval.json ([`eval`]; `[eval] enabled`, or `fuserl eval`)
-//!   report/                index.html (self-contained) and report.md with plots/ ([`report`]),
-//!                          rebuilt after every stage and by `fuserl report`
-//! ```
+//! The run directory's layout is [`run_dir::RunDir`], the one type that names its paths.
 //!
 //! Running the same command again resumes: a finished stage is not redone, an interrupted one
 //! continues from its last checkpoint.
@@ -45,21 +21,26 @@ use fuserl_core::extension::Generator;
 use fuserl_core::registry::BuildContext;
 
 use crate::local::LocalSource;
+use crate::run_dir::RunDir;
 use fuserl_core::pipeline::{StageName, gather_groups, prepare_with};
-use fuserl_core::recipe::{DType as RecipeDType, LoadedRecipe, ReferenceModel};
+use fuserl_core::recipe::{LoadedRecipe, ReferenceModel};
 use fuserl_core::score::{ScoreProgress, ScoreSummary};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save, save_as};
 
+use fuserl_core::fs::write_atomic;
 use fuserl_train::data::tokenize;
 pub use fuserl_train::trainer::Progress;
-use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage, write_atomic};
+use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage};
 pub use fuserl_train::{Result, TrainError};
 
+pub mod artifacts;
 pub mod classifier;
 pub mod eval;
 pub mod local;
 pub mod report;
+pub mod run_dir;
+pub mod stats;
 use burn::backend::Autodiff;
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::paths::Shown;
@@ -103,14 +84,6 @@ pub struct RunSummary {
     pub eval: Option<PathBuf>,
     /// Stages that were already finished and skipped.
     pub skipped: Vec<StageName>,
-}
-
-fn dtype(d: RecipeDType) -> DType {
-    match d {
-        RecipeDType::F32 => DType::F32,
-        RecipeDType::F16 => DType::F16,
-        RecipeDType::Bf16 => DType::BF16,
-    }
 }
 
 /// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of
@@ -206,7 +179,7 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     fuserl_core::paths::check_links_stay_inside(&dir)?;
     let resolved = loaded.resolved_toml()?;
-    let recipe_file = dir.join("recipe.toml");
+    let recipe_file = RunDir::new(&dir).recipe();
     match std::fs::read_to_string(&recipe_file) {
         Ok(previous) if previous != resolved => {
             return Err(TrainError::Data(format!(
@@ -231,7 +204,7 @@ pub fn collect_stage(
     // afresh with `redo`), so collecting needs no claim on the run directory; the training
     // stages make that claim.
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
-    let dir = loaded.output_dir().join("collect");
+    let dir = RunDir::new(loaded.output_dir()).collect();
     let collected = collect(loaded, &dir, redo, progress)?;
     Ok((dir, collected))
 }
@@ -245,58 +218,24 @@ pub fn score_stage(
     progress: &dyn Fn(&ScoreProgress<'_>),
 ) -> Result<(PathBuf, ScoreSummary)> {
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
-    let dir = loaded.output_dir().join("score");
+    let run = RunDir::new(loaded.output_dir());
+    let dir = run.score();
     let (mut groups, _) = gather_groups(loaded, collected)?;
     let reward = loaded.components.reward.as_ref();
     let batch = loaded.recipe.data.score_batch_size as usize;
     let summary = fuserl_core::score::score_stage(reward, &mut groups, Some(&dir), batch, progress)?;
-    write_data_summary(&loaded.output_dir().join("data.json"), &groups, reward.scorer_id())?;
+    write_data_summary(&run.data_json(), &groups, reward.scorer_id())?;
     Ok((dir, summary))
 }
 
-/// `data.json` for the report: per source, the prompts it answered, its answers, how many have
-/// no score (a reward that skips some), and the scores.
+/// `data.json` for the report ([`artifacts::DataSummary`]).
 fn write_data_summary(file: &Path, groups: &[fuserl_core::data::ScoredGroup], reward: String) -> Result<()> {
-    #[derive(Default)]
-    struct PerSource {
-        prompts: usize,
-        answers: usize,
-        unscored: usize,
-        rewards: Vec<f64>,
-    }
-    let mut order: Vec<String> = Vec::new();
-    let mut by: HashMap<String, PerSource> = HashMap::new();
-    for g in groups {
-        let mut seen: Vec<&str> = Vec::new();
-        for c in &g.completions {
-            let source = c.completion.id.source.as_str();
-            let s = by.entry(source.to_owned()).or_insert_with(|| {
-                order.push(source.to_owned());
-                PerSource::default()
-            });
-            if !seen.contains(&source) {
-                seen.push(source);
-                s.prompts += 1;
-            }
-            s.answers += 1;
-            match &c.reward {
-                Some(r) => s.rewards.push(r.value),
-                None => s.unscored += 1,
-            }
-        }
-    }
-    let sources: Vec<serde_json::Value> = order
-        .iter()
-        .map(|name| {
-            let s = &by[name];
-            serde_json::json!({"name": name, "prompts": s.prompts, "answers": s.answers, "unscored": s.unscored, "rewards": s.rewards})
-        })
-        .collect();
-    let doc = serde_json::json!({"prompts": groups.len(), "reward": reward, "sources": sources});
+    let doc = artifacts::DataSummary::of(groups, reward);
+    let text = serde_json::to_string(&doc).map_err(|e| TrainError::Data(e.to_string()))?;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     }
-    write_atomic(file, doc.to_string().as_bytes())
+    Ok(write_atomic(file, text.as_bytes())?)
 }
 
 /// Rebuild the run's report (`report/`), as after every stage: a report that cannot be built is
@@ -315,32 +254,34 @@ fn run_on<B: LogProbBackend>(
 ) -> Result<RunSummary> {
     let recipe = &loaded.recipe;
     let dir = claim_run_dir(loaded)?;
+    let run = RunDir::new(&dir);
     let (_, collected) = collect_stage(loaded, &[], report.collect)?;
     score_stage(loaded, collected.clone(), report.score)?;
     refresh_report(&dir);
     let progress = report.step;
-    let metrics = dir.join("metrics.jsonl");
+    let metrics = run.metrics();
     let tensorboard =
-        recipe.run.report_to.contains(&fuserl_core::recipe::ReportTo::Tensorboard).then(|| dir.join("tensorboard"));
+        recipe.run.report_to.contains(&fuserl_core::recipe::ReportTo::Tensorboard).then(|| run.tensorboard());
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
     let tok = ChatTokenizer::load(&target, template.as_deref())?;
-    let dt = dtype(recipe.backend.dtype);
+    let dt = fuserl_backends::burn_dtype(recipe.backend.dtype);
     let path = recipe.backend.logprobs;
     let max_len = recipe.target.max_length as usize;
     let max_prompt = recipe.target.max_prompt_length.map(|p| p as usize);
     let mut skipped = Vec::new();
-    let sft_final = dir.join("sft/final");
-    let po_final = dir.join("po/final");
+    let (sft, po) = (run.stage(StageName::Sft), run.stage(StageName::Po));
+    let sft_final = sft.final_model();
+    let po_final = po.final_model();
 
     // The data stages of a training stage: collect, score, weigh, build examples; the examples
     // (with their provenance and token counts) are kept in the stage's folder.
     let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<fuserl_train::data::TrainExample>> {
-        let p =
-            prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect(), Some(&dir.join("score")))?;
+        let p = prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect(), Some(&run.score()))?;
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
-        let stage_dir = dir.join(stage.as_str());
-        std::fs::create_dir_all(&stage_dir).map_err(|e| TrainError::io(&stage_dir, e))?;
+        let stage_dir = run.stage(stage);
+        let stage_root = stage_dir.root();
+        std::fs::create_dir_all(stage_root).map_err(|e| TrainError::io(stage_root, e))?;
         let mut text = String::new();
         for e in &examples {
             let mut v = serde_json::to_value(&e.example).map_err(|err| TrainError::Data(err.to_string()))?;
@@ -348,13 +289,13 @@ fn run_on<B: LogProbBackend>(
             text.push_str(&v.to_string());
             text.push('\n');
         }
-        write_atomic(&stage_dir.join("examples.jsonl"), text.as_bytes())?;
+        write_atomic(&stage_dir.examples(), text.as_bytes())?;
         Ok(examples)
     };
 
     let do_sft = recipe.sft.enabled && matches!(which, Which::Sft | Which::All);
     if do_sft {
-        if dir.join("sft/DONE").is_file() {
+        if sft.done().is_file() {
             skipped.push(StageName::Sft);
         } else {
             let _span = tracing::info_span!("stage", name = "sft").entered();
@@ -366,25 +307,25 @@ fn run_on<B: LogProbBackend>(
                 examples: tokenized(StageName::Sft, Vec::new())?,
                 reference: None,
                 seed: recipe.run.seed,
-                dir: dir.join("sft/checkpoints"),
+                dir: sft.checkpoints(),
                 metrics: metrics.clone(),
                 tensorboard: tensorboard.clone(),
                 logprobs: path,
             };
             train_and_save::<B>(&target, stage, (device, dt), &sft_final, &target, progress)?;
-            write_atomic(&dir.join("sft/DONE"), b"done\n")?;
+            write_atomic(&sft.done(), b"done\n")?;
             refresh_report(&dir);
         }
     }
 
     let do_po = recipe.po.enabled && matches!(which, Which::Po | Which::All);
     if do_po {
-        if dir.join("po/DONE").is_file() {
+        if po.done().is_file() {
             skipped.push(StageName::Po);
         } else {
             let _span = tracing::info_span!("stage", name = "po").entered();
             let start = if recipe.sft.enabled {
-                if !dir.join("sft/DONE").is_file() {
+                if !sft.done().is_file() {
                     return Err(TrainError::Data(format!(
                         "FusePO starts from the FuseSFT model, and {} has none yet: run `fuserl sft` (or `fuserl run`) first",
                         Shown(&dir)
@@ -403,7 +344,7 @@ fn run_on<B: LogProbBackend>(
                     loaded,
                     &start,
                     recipe.po.target_samples,
-                    &dir.join("po/collect"),
+                    &po.collect(),
                     &collected,
                     report.collect,
                 )?]
@@ -413,7 +354,7 @@ fn run_on<B: LogProbBackend>(
             let examples = tokenized(StageName::Po, extra)?;
             let objective = loaded.components.po_objective.as_ref();
             let reference = if objective.needs_reference() {
-                let cache = dir.join("po/reference-logps.json");
+                let cache = po.reference_logps();
                 let key = reference_key(&reference_from, &examples)?;
                 let cached: Option<HashMap<String, f64>> = std::fs::read(&cache)
                     .ok()
@@ -428,7 +369,7 @@ fn run_on<B: LogProbBackend>(
                         let batch = recipe.po.batch_size as usize * 2;
                         let r = reference_logps(&reference_model, &examples, batch, path);
                         drop(reference_model);
-                        std::fs::create_dir_all(dir.join("po")).map_err(|e| TrainError::io(dir.join("po"), e))?;
+                        std::fs::create_dir_all(po.root()).map_err(|e| TrainError::io(po.root(), e))?;
                         let doc = serde_json::json!({"key": key, "reference": reference_from.display().to_string(), "logps": r});
                         write_atomic(&cache, doc.to_string().as_bytes())?;
                         r
@@ -444,13 +385,13 @@ fn run_on<B: LogProbBackend>(
                 examples,
                 reference,
                 seed: recipe.run.seed,
-                dir: dir.join("po/checkpoints"),
+                dir: po.checkpoints(),
                 metrics: metrics.clone(),
                 tensorboard: tensorboard.clone(),
                 logprobs: path,
             };
             train_and_save::<B>(&start, stage, (device, dt), &po_final, &target, progress)?;
-            write_atomic(&dir.join("po/DONE"), b"done\n")?;
+            write_atomic(&po.done(), b"done\n")?;
             refresh_report(&dir);
         }
     }
@@ -461,7 +402,7 @@ fn run_on<B: LogProbBackend>(
         let to = loaded.export_dir();
         if from.is_dir() {
             let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
-            let as_dtype = dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
+            let as_dtype = fuserl_backends::burn_dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
             save_as(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target), as_dtype)?;
             export = Some(to);
         }

@@ -19,7 +19,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::DType;
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::SamplingParams;
@@ -224,11 +223,7 @@ impl OnBackend for Job<'_> {
         let s = self.source;
         let model_error = |e: fuserl_model::ModelError| s.error(e.to_string());
         let tok = ChatTokenizer::load(&s.checkpoint, s.template.as_deref()).map_err(model_error)?;
-        let dtype = match s.dtype {
-            RecipeDType::F32 => DType::F32,
-            RecipeDType::F16 => DType::F16,
-            RecipeDType::Bf16 => DType::BF16,
-        };
+        let dtype = fuserl_backends::burn_dtype(s.dtype);
         let model = load::<B>(&s.checkpoint, &device, dtype).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         let max_prompt = s.config.max_prompt_length as usize;

@@ -21,14 +21,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use fuserl_core::fs::write_atomic;
 use fuserl_core::paths::Shown;
-use fuserl_train::trainer::write_atomic;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, NoDefaultFormatting, Ranged, SegmentedCoord, ValueFormatter};
 use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
+use fuserl_core::pipeline::StageName;
+
+use crate::artifacts::DataSummary;
+use crate::run_dir::RunDir;
 use crate::{Result, TrainError};
 
 /// Where the report was written.
@@ -299,12 +303,24 @@ fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 
 
 /// A JSON file of the run directory, if it is there.
 fn read_json(file: &Path) -> Result<Option<Value>> {
+    read_typed(file)
+}
+
+/// A file of the run directory read into its typed definition (`None` if it is not there).
+fn read_typed<T: serde::de::DeserializeOwned>(file: &Path) -> Result<Option<T>> {
     match std::fs::read_to_string(file) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| TrainError::Data(format!("{}: expected JSON: {e}", Shown(file)))),
+            .map_err(|e| TrainError::Data(format!("{}: expected {}: {e}", Shown(file), what_file(file)))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(TrainError::io(file, e)),
+    }
+}
+
+fn what_file(file: &Path) -> &'static str {
+    match file.file_name().and_then(|n| n.to_str()) {
+        Some("data.json") => "the scoring stage's summary (per source: prompts, answers, unscored, rewards)",
+        _ => "JSON",
     }
 }
 
@@ -335,17 +351,19 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
         return Err(TrainError::Data(format!("{}: no such run directory", Shown(run_dir))));
     }
     fuserl_core::paths::check_links_stay_inside(run_dir)?;
-    let recipe: Option<toml::Table> = match std::fs::read_to_string(run_dir.join("recipe.toml")) {
-        Ok(text) => Some(text.parse().map_err(|e| {
-            TrainError::Data(format!("{}: expected the resolved recipe: {e}", Shown(&run_dir.join("recipe.toml"))))
-        })?),
-        Err(_) => None,
-    };
-    let data = read_json(&run_dir.join("data.json"))?;
-    let sft_examples = read_jsonl(&run_dir.join("sft/examples.jsonl"))?;
-    let po_examples = read_jsonl(&run_dir.join("po/examples.jsonl"))?;
-    let metrics = read_jsonl(&run_dir.join("metrics.jsonl"))?;
-    let eval = read_json(&run_dir.join("eval/eval.json"))?;
+    let run = RunDir::new(run_dir);
+    let recipe: Option<toml::Table> =
+        match std::fs::read_to_string(run.recipe()) {
+            Ok(text) => Some(text.parse().map_err(|e| {
+                TrainError::Data(format!("{}: expected the resolved recipe: {e}", Shown(&run.recipe())))
+            })?),
+            Err(_) => None,
+        };
+    let data: Option<DataSummary> = read_typed(&run.data_json())?;
+    let sft_examples = read_jsonl(&run.stage(StageName::Sft).examples())?;
+    let po_examples = read_jsonl(&run.stage(StageName::Po).examples())?;
+    let metrics = read_jsonl(&run.metrics())?;
+    let eval = read_json(&run.eval().json())?;
 
     let mut page = Page::default();
     let name = recipe
@@ -359,13 +377,13 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     training_section(&mut page, &metrics);
     eval_section(&mut page, eval.as_ref());
 
-    let dir = run_dir.join("report");
-    let plots_dir = dir.join("plots");
+    let dir = run.report();
+    let plots_dir = dir.plots();
     std::fs::create_dir_all(&plots_dir).map_err(|e| TrainError::io(&plots_dir, e))?;
     for plot in &page.plots {
         write_atomic(&plots_dir.join(format!("{}.svg", plot.id)), plot.svg.as_bytes())?;
     }
-    let files = ReportFiles { html: dir.join("index.html"), markdown: dir.join("report.md") };
+    let files = ReportFiles { html: dir.index(), markdown: dir.markdown() };
     write_atomic(&files.html, page.html().as_bytes())?;
     write_atomic(&files.markdown, page.markdown().as_bytes())?;
     Ok(files)
@@ -577,13 +595,13 @@ fn per_source(examples: &[Value], pick: impl Fn(&[Value]) -> Vec<(&Value, f64)>)
     out
 }
 
-fn data_section(page: &mut Page, data: Option<&Value>, sft: &[Value], po: &[Value]) {
+fn data_section(page: &mut Page, data: Option<&DataSummary>, sft: &[Value], po: &[Value]) {
     page.heading(2, "Data");
     let Some(data) = data else {
         page.para("Not scored yet (data.json is written by the scoring stage).");
         return;
     };
-    let sources = data["sources"].as_array().cloned().unwrap_or_default();
+    let sources = &data.sources;
     // FuseSFT: the examples' weights per source; FusePO: chosen and rejected answers per source
     // (first and last sequence of each example).
     let mut sft_weight = BTreeMap::new();
@@ -601,17 +619,16 @@ fn data_section(page: &mut Page, data: Option<&Value>, sft: &[Value], po: &[Valu
         );
     let mut rows = Vec::new();
     let mut groups = Vec::new();
-    for s in &sources {
-        let name = s["name"].as_str().unwrap_or("?").to_owned();
-        let rewards: Vec<f64> =
-            s["rewards"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(Value::as_f64).collect());
+    for s in sources {
+        let name = s.name.clone();
+        let rewards = s.rewards.clone();
         let mean = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
         let weight = sft_weight.get(&name).copied().unwrap_or(0.0);
         rows.push(vec![
             vec![name.clone().into()],
-            vec![s["prompts"].to_string().into()],
-            vec![s["answers"].to_string().into()],
-            vec![s["unscored"].to_string().into()],
+            vec![s.prompts.to_string().into()],
+            vec![s.answers.to_string().into()],
+            vec![s.unscored.to_string().into()],
             vec![if rewards.is_empty() { "-".into() } else { num(mean).into() }],
             vec![
                 if total_weight > 0.0 {
@@ -634,9 +651,9 @@ fn data_section(page: &mut Page, data: Option<&Value>, sft: &[Value], po: &[Valu
     }
     page.para(&format!(
         "{} prompts; {} answers scored by {}.",
-        data["prompts"],
-        sources.iter().map(|s| s["answers"].as_u64().unwrap_or(0)).sum::<u64>(),
-        data["reward"].as_str().unwrap_or("the reward")
+        data.prompts,
+        sources.iter().map(|s| s.answers).sum::<usize>(),
+        data.reward
     ));
     page.table(
         &["source", "prompts", "answers", "unscored", "mean reward", "FuseSFT weight", "FusePO chosen / rejected"],

@@ -232,7 +232,9 @@ beta = 0.1
         assert!(seqs[1]["reward"].as_f64() > seqs[2]["reward"].as_f64());
     }
     let po = losses(&read_metrics(&out), "po");
-    assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-6, "{}", po[0]);
+    // The reference and the policy see the same weights in differently padded batches: equal up
+    // to f32 rounding, which depends on the CPU's kernels (the DPO test above says the same).
+    assert!((po[0] - std::f64::consts::LN_2).abs() < 1e-5, "{}", po[0]);
     // A rerun does not generate again: the cached samples are reused as they are.
     let before = std::fs::read(out.join("po/collect/target.jsonl")).expect("samples");
     std::fs::remove_file(out.join("po/DONE")).expect("rm");

@@ -89,6 +89,9 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
     }
 }
 
+/// The optimiser type.
+pub type Optim<B = crate::trainer::TrainBackend> = OptimizerAdaptor<AdamW, fuserl_model::llama::Llama<B>, B>;
+
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;

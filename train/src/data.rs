@@ -4,8 +4,11 @@
 
 use std::collections::HashMap;
 
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use fuserl_core::data::{ChatMessage, CompletionId, Example};
 use fuserl_model::chat::ChatTokenizer;
+use fuserl_model::llama::Inputs;
 
 use crate::error::{Result, TrainError};
 
@@ -83,4 +86,25 @@ pub fn tokenize(
         out.push(TrainExample { example, seqs });
     }
     Ok(out)
+}
+
+/// One right-padded batch of whole sequences (prompt then response).
+pub(crate) fn padded_batch(seqs: &[SeqTokens]) -> Inputs {
+    let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
+    Inputs::right_padded(&full, 0)
+}
+
+/// What each position of a padded batch predicts: position `j` predicts token `j + 1`, and
+/// counts when that token is part of the response (other positions get target -1: not scored).
+///
+/// # Shapes
+/// `inputs: [S, T]` -> `[S, T - 1]`
+pub(crate) fn score_targets<B: Backend>(seqs: &[SeqTokens], inputs: &Inputs, device: &B::Device) -> Tensor<B, 2, Int> {
+    let (s, t) = (seqs.len(), inputs.ids[0].len());
+    let mut targets = Vec::with_capacity(s * (t - 1));
+    for (seq, ids) in seqs.iter().zip(&inputs.ids) {
+        let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
+        targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
+    }
+    Tensor::from_data(TensorData::new(targets, [s, t - 1]), device)
 }

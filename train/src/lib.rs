@@ -5,10 +5,12 @@
 //! [`trainer::train_stage`]; the model comes from `fuserl_model`.
 
 pub mod adamw;
-mod checkpointing;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
+mod layerwise;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -7,51 +7,30 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor, TensorData};
 use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::pipeline::StageName;
 use fuserl_core::recipe::{LogProbPath, StageConfig};
 use fuserl_kernels::LogProbBackend;
-use fuserl_model::llama::{Inputs, Llama, LlamaModel};
+use fuserl_model::llama::{Llama, LlamaModel};
 use fuserl_model::logprobs::hidden_logprobs;
 
-use crate::adamw::AdamW;
-use crate::checkpointing::layerwise_backward;
-use crate::data::{SeqTokens, TrainExample, completion_key};
+use crate::adamw::{AdamW, Optim};
+use crate::checkpoint::{self, CheckpointState};
+use crate::data::{SeqTokens, TrainExample, completion_key, padded_batch, score_targets};
 use crate::error::{Result, TrainError};
+use crate::layerwise::layerwise_backward;
 use crate::schedule::learning_rate;
 use fuserl_core::paths::Shown;
 
 /// The CPU training backend.
 pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
-/// One right-padded batch of whole sequences (prompt then response).
-pub(crate) fn padded_batch(seqs: &[SeqTokens]) -> Inputs {
-    let full: Vec<Vec<u32>> = seqs.iter().map(|s| s.prompt.iter().chain(&s.response).copied().collect()).collect();
-    Inputs::right_padded(&full, 0)
-}
-
-/// What each position of a padded batch predicts: position `j` predicts token `j + 1`, and
-/// counts when that token is part of the response (other positions get target -1: not scored).
-///
-/// # Shapes
-/// `inputs: [S, T]` -> `[S, T - 1]`
-pub(crate) fn score_targets<B: Backend>(seqs: &[SeqTokens], inputs: &Inputs, device: &B::Device) -> Tensor<B, 2, Int> {
-    let (s, t) = (seqs.len(), inputs.ids[0].len());
-    let mut targets = Vec::with_capacity(s * (t - 1));
-    for (seq, ids) in seqs.iter().zip(&inputs.ids) {
-        let (p, n) = (seq.prompt.len(), seq.prompt.len() + seq.response.len());
-        targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
-    }
-    Tensor::from_data(TensorData::new(targets, [s, t - 1]), device)
-}
-
 /// Log-prob of each sequence (sum over response tokens), differentiable, and the token counts.
 ///
 /// # Shapes
@@ -199,84 +178,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
             }
         }
     }
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct CheckpointState {
-    stage: StageName,
-    step: u64,
-    total: u64,
-}
-
-/// Test hook for kill-and-resume tests: when `FUSERL_DEBUG_PAUSE` equals `label`, log it and
-/// sleep, so that a test can SIGKILL the process at a known point (after a step, or in the
-/// middle of writing a checkpoint).
-fn debug_pause(label: &str) {
-    fuserl_core::debug_pause(label);
-}
-
-fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-}
-
-/// Write `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
-/// The latest complete checkpoint of a stage, if any.
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
-    let p = dir.join(name.trim());
-    p.join("state.json").is_file().then_some(p)
-}
-
-/// Keep only the metrics lines of other stages, and of this stage up to `step` (lines written
-/// after the checkpoint a run resumes from would otherwise be repeated).
-fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(file) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-            v["stage"].as_str() != Some(stage.as_str()) || v["step"].as_u64().is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(file, kept.as_bytes())
-}
-
-/// The optimiser type.
-pub type Optim<B = TrainBackend> = burn::optim::adaptor::OptimizerAdaptor<AdamW, Llama<B>, B>;
-
-fn save_checkpoint<B: AutodiffBackend>(
-    dir: &Path,
-    weights: &Llama<B>,
-    optim: &Optim<B>,
-    state: &CheckpointState,
-) -> Result<()> {
-    let name = format!("step-{:06}", state.step);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
-    recorder().record(weights.clone().into_record(), tmp.join("model")).map_err(|e| fail(tmp.join("model.mpk"), e))?;
-    debug_pause(&format!("{}-checkpoint-{}", state.stage.as_str(), state.step));
-    recorder().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail(tmp.join("optim.mpk"), e))?;
-    let json = serde_json::to_vec(state).map_err(|e| TrainError::Data(e.to_string()))?;
-    write_atomic(&tmp.join("state.json"), &json)?;
-    let done = dir.join(&name);
-    let _ = std::fs::remove_dir_all(&done);
-    std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
-    let previous = latest_checkpoint(dir);
-    write_atomic(&dir.join("LATEST"), name.as_bytes())?;
-    if let Some(prev) = previous.filter(|p| *p != done) {
-        let _ = std::fs::remove_dir_all(prev);
-    }
-    Ok(())
 }
 
 /// Settings of one optimiser step.
@@ -427,26 +328,15 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
     let mut optim = new_optimizer::<B>(c);
     std::fs::create_dir_all(&stage.dir).map_err(|e| TrainError::io(&stage.dir, e))?;
     let mut start = 0;
-    if let Some(ckpt) = latest_checkpoint(&stage.dir) {
-        let state: CheckpointState = serde_json::from_slice(
-            &std::fs::read(ckpt.join("state.json")).map_err(|e| TrainError::io(ckpt.join("state.json"), e))?,
-        )
-        .map_err(|e| TrainError::Checkpoint { file: ckpt.join("state.json"), message: e.to_string() })?;
-        let device = model.device();
-        let fail =
-            |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
-        let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
-        model.weights = model.weights.load_record(record);
-        let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
-        optim = optim.load_record(orecord);
-        start = state.step;
+    let (weights, loaded, resumed) = checkpoint::resume(&stage.dir, model.weights, optim)?;
+    (model.weights, optim) = (weights, loaded);
+    if let Some((step, ckpt)) = resumed {
+        start = step;
         tracing::info!(stage = stage.name.as_str(), step = start, checkpoint = %Shown(&ckpt), "resuming");
     }
-    trim_metrics(&stage.metrics, stage.name, start)?;
+    checkpoint::trim_metrics(&stage.metrics, stage.name, start)?;
     let mut events = match &stage.tensorboard {
-        Some(dir) => {
-            Some(fuserl_core::tensorboard::EventWriter::create(dir).map_err(|e| TrainError::Data(e.to_string()))?)
-        }
+        Some(dir) => Some(crate::tensorboard::EventWriter::create(dir)?),
         None => None,
     };
     let mut metrics_file = std::fs::OpenOptions::new()
@@ -509,13 +399,13 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
                     .filter(|(k, _)| !k.ends_with("/step"))
                     .collect();
                 let scalars: Vec<(&str, f64)> = tags.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                w.scalars(done, &scalars).map_err(|e| TrainError::Data(e.to_string()))?;
+                w.scalars(done, &scalars)?;
             }
         }
         progress(&Progress { stage: stage.name, step: done, total, loss });
-        debug_pause(&format!("{}-step-{done}", stage.name.as_str()));
+        fuserl_core::debug_pause(&format!("{}-step-{done}", stage.name.as_str()));
         if done % c.checkpoint_every == 0 && done < total {
-            save_checkpoint(
+            checkpoint::save(
                 &stage.dir,
                 &model.weights,
                 &optim,

@@ -58,7 +58,10 @@ impl Arena {
     /// declaration holds.
     fn str(&mut self, bytes: &[u8]) -> Str<'static> {
         let copy: Box<[u8]> = bytes.into();
-        let s = Str { bytes: Slice::from_raw_parts(copy.as_ptr(), copy.len()) };
+        // SAFETY: the bytes are owned by the arena, which outlives every declaration and
+        // registry made from it (the `'static` is the declaration's type, not a leak).
+        #[allow(unsafe_code)]
+        let s = Str { bytes: unsafe { Slice::from_raw_parts(copy.as_ptr(), copy.len()) } };
         self.bytes.push(copy);
         s
     }
@@ -123,13 +126,18 @@ pub fn register_bytes(data: &[u8]) -> Result<usize, String> {
         }
         packed.as_ptr().cast()
     };
+    // SAFETY: `ptr` holds `len` components of `stride` bytes, laid out above and kept alive
+    // until the registry made from this declaration is dropped; the host reads them with the
+    // declared stride (an older, shorter layout is the one case `from_raw_parts` allows).
+    #[allow(unsafe_code)]
+    let components = unsafe { Slice::from_raw_parts(ptr, len) };
     let declaration = Box::new(PluginDeclaration {
         abi_version: version,
         struct_size: size_of::<PluginDeclaration>() as u32 ^ u32::from(*struct_xor),
         component_size: stride as u32 ^ u32::from(*component_xor),
         fuserl_version: Str::new(env!("CARGO_PKG_VERSION")),
         plugin_name,
-        components: Slice::from_raw_parts(ptr, len),
+        components,
     });
     let mut registry = Registry::empty();
     // SAFETY: a declaration that starts with its version and size; its components are `len` of

@@ -257,14 +257,14 @@ pub unsafe fn register_declaration(
         ));
     }
     let plugin = decl.plugin_name.to_str().map_err(|_| format!("{origin}: plugin name is not UTF-8"))?.to_owned();
-    if decl.components.len > MAX_COMPONENTS {
+    if decl.components.len() > MAX_COMPONENTS {
         return Err(format!(
             "{origin}: plugin `{plugin}` declares {} components; fuserl loads at most {MAX_COMPONENTS} from one plugin",
-            decl.components.len
+            decl.components.len()
         ));
     }
     let mut trial = registry.clone();
-    let components: Vec<ComponentDecl> = (0..decl.components.len)
+    let components: Vec<ComponentDecl> = (0..decl.components.len())
         .map(|i| {
             // SAFETY: the plugin declares `len` components of `component_size` bytes each (checked
             // above to be this version's size), alive as long as the library.
@@ -303,7 +303,7 @@ unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize
     if stride == size_of::<ComponentDecl>() {
         return decl.components.as_slice()[i];
     }
-    let base = decl.components.ptr.cast::<u8>();
+    let base = decl.components.as_ptr().cast::<u8>();
     let mut copy = std::mem::MaybeUninit::<ComponentDecl>::zeroed();
     // SAFETY: the source holds `stride` readable bytes (the caller's contract); the destination
     // is a zeroed `ComponentDecl`, at least `stride` bytes long; an all-zero `Option<fn>` is `None`,

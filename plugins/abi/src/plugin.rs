@@ -201,24 +201,31 @@ fn text(s: Str<'_>, what: &str) -> Result<String, CallError> {
     s.to_str().map(str::to_owned).map_err(|_| CallError::Other(format!("{what} is not UTF-8")))
 }
 
-fn instance<'a>(handle: Handle) -> &'a Instance {
-    // SAFETY: handles come only from `create` (Box<Instance>::into_raw) and are destroyed only
-    // by `destroy`, after the host's last call.
-    #[allow(unsafe_code)]
-    unsafe {
-        &*(handle as *const Instance)
-    }
+/// The instance behind a handle, borrowed for one call.
+///
+/// # Safety
+///
+/// `handle` came from `create` (`Box<Instance>::into_raw`) and `destroy` has not been called on
+/// it; the reference is not kept past the call that received the handle.
+#[allow(unsafe_code)]
+unsafe fn instance<'a>(handle: Handle) -> &'a Instance {
+    // SAFETY: the caller's contract.
+    unsafe { &*(handle as *const Instance) }
 }
 
-fn out_slice<'a>(ptr: *mut f64, n: u64) -> &'a mut [f64] {
+/// The host's output buffer of `n` values, borrowed for one call.
+///
+/// # Safety
+///
+/// Unless `n` is 0 or `ptr` is null, `ptr` points to `n` f64 that the host owns, that nothing
+/// else reads or writes during the call, and the slice is not kept past it.
+#[allow(unsafe_code)]
+unsafe fn out_slice<'a>(ptr: *mut f64, n: u64) -> &'a mut [f64] {
     if n == 0 || ptr.is_null() {
         return &mut [];
     }
-    // SAFETY: the host passes a buffer of `n` f64 it owns for the duration of the call.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::slice::from_raw_parts_mut(ptr, n as usize)
-    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(ptr, n as usize) }
 }
 
 extern "C" fn create(
@@ -273,7 +280,11 @@ extern "C" fn destroy(handle: Handle) {
 
 extern "C" fn collect(handle: Handle, request: Str<'_>, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Source(s) = instance(handle) else { return Err("not a source adapter".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Source(s) = (unsafe { instance(handle) }) else {
+            return Err("not a source adapter".to_owned().into());
+        };
         let v: serde_json::Value = serde_json::from_str(&text(request, "request")?).map_err(|e| e.to_string())?;
         let prompts: Vec<Prompt> = serde_json::from_value(v["prompts"].clone()).map_err(|e| e.to_string())?;
         let sampling: SamplingParams = serde_json::from_value(v["sampling"].clone()).map_err(|e| e.to_string())?;
@@ -288,7 +299,11 @@ extern "C" fn collect(handle: Handle, request: Str<'_>, out: *mut Out) -> i32 {
 
 extern "C" fn generator_info(handle: Handle, sampling: Str<'_>, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Source(s) = instance(handle) else { return Err("not a source adapter".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Source(s) = (unsafe { instance(handle) }) else {
+            return Err("not a source adapter".to_owned().into());
+        };
         let sampling: SamplingParams =
             serde_json::from_str(&text(sampling, "sampling")?).map_err(|e| format!("sampling: {e}"))?;
         let info = s.generator().map_or(serde_json::Value::Null, |g| {
@@ -313,7 +328,11 @@ struct JobC {
 
 extern "C" fn generate(handle: Handle, jobs: Str<'_>, sampling: Str<'_>, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Source(s) = instance(handle) else { return Err("not a source adapter".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Source(s) = (unsafe { instance(handle) }) else {
+            return Err("not a source adapter".to_owned().into());
+        };
         let g = s.generator().ok_or("this source is not a generator")?;
         let jobs: Vec<JobC> = serde_json::from_str(&text(jobs, "jobs")?).map_err(|e| format!("jobs: {e}"))?;
         let sampling: SamplingParams =
@@ -346,12 +365,18 @@ extern "C" fn generate(handle: Handle, jobs: Str<'_>, sampling: Str<'_>, out: *m
 
 extern "C" fn score(handle: Handle, items: Str<'_>, scores: *mut f64, n: u64, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Reward(r) = instance(handle) else { return Err("not a reward model".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Reward(r) = (unsafe { instance(handle) }) else {
+            return Err("not a reward model".to_owned().into());
+        };
         let parsed: Vec<(Vec<ChatMessage>, Completion)> =
             serde_json::from_str(&text(items, "items")?).map_err(|e| e.to_string())?;
         let items: Vec<ScoreItem<'_>> = parsed.iter().map(|(m, c)| ScoreItem { messages: m, completion: c }).collect();
         let got = r.score(&items)?;
-        let dst = out_slice(scores, n);
+        // SAFETY: the host's buffer of `n` values, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let dst = unsafe { out_slice(scores, n) };
         if got.len() != dst.len() {
             return Err(format!("returned {} scores for {} items", got.len(), dst.len()).into());
         }
@@ -362,7 +387,11 @@ extern "C" fn score(handle: Handle, items: Str<'_>, scores: *mut f64, n: u64, ou
 
 extern "C" fn scorer_id(handle: Handle, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Reward(r) = instance(handle) else { return Err("not a reward model".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Reward(r) = (unsafe { instance(handle) }) else {
+            return Err("not a reward model".to_owned().into());
+        };
         set_text(out, &r.scorer_id());
         Ok(())
     })
@@ -392,9 +421,15 @@ fn with_group<T>(
 
 extern "C" fn weigh(handle: Handle, group: *const GroupC<'_>, weights: *mut f64, n: u64, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Weighting(w) = instance(handle) else { return Err("not a weighting scheme".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Weighting(w) = (unsafe { instance(handle) }) else {
+            return Err("not a weighting scheme".to_owned().into());
+        };
         let got = with_group(group, |view| Ok(w.weigh(view)?))?;
-        let dst = out_slice(weights, n);
+        // SAFETY: the host's buffer of `n` values, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let dst = unsafe { out_slice(weights, n) };
         if got.len() != dst.len() {
             return Err(format!("returned {} weights for {} completions", got.len(), dst.len()).into());
         }
@@ -404,16 +439,25 @@ extern "C" fn weigh(handle: Handle, group: *const GroupC<'_>, weights: *mut f64,
 }
 
 extern "C" fn needs_reference(handle: Handle) -> u8 {
-    catch_unwind(|| match instance(handle) {
-        Instance::Objective(o) => u8::from(o.needs_reference()),
-        _ => 0,
+    catch_unwind(|| {
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract).
+        #[allow(unsafe_code)]
+        let inst = unsafe { instance(handle) };
+        match inst {
+            Instance::Objective(o) => u8::from(o.needs_reference()),
+            _ => 0,
+        }
     })
     .unwrap_or(0)
 }
 
 extern "C" fn build_examples(handle: Handle, group: *const GroupC<'_>, out: *mut Out) -> i32 {
     guard(out, || {
-        let Instance::Objective(o) = instance(handle) else { return Err("not an objective".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Objective(o) = (unsafe { instance(handle) }) else {
+            return Err("not an objective".to_owned().into());
+        };
         let specs = with_group(group, |view| Ok(o.build_examples(view)?))?;
         let host = HOST.get().ok_or("the host gave no callbacks")?;
         for spec in specs {
@@ -435,7 +479,11 @@ extern "C" fn loss(
     out: *mut Out,
 ) -> i32 {
     guard(out, || {
-        let Instance::Objective(o) = instance(handle) else { return Err("not an objective".to_owned().into()) };
+        // SAFETY: the host's handle of a live instance, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let Instance::Objective(o) = (unsafe { instance(handle) }) else {
+            return Err("not an objective".to_owned().into());
+        };
         if batch.is_null() || loss.is_null() {
             return Err("null batch or loss pointer".to_owned().into());
         }
@@ -454,7 +502,9 @@ extern "C" fn loss(
             normalizer: b.normalizer,
             progress: b.progress,
         })?;
-        let dst = out_slice(grad, n);
+        // SAFETY: the host's buffer of `n` values, for this call (the ABI's contract, docs/plugins.md).
+        #[allow(unsafe_code)]
+        let dst = unsafe { out_slice(grad, n) };
         if got.grad.len() != dst.len() {
             return Err(format!("returned {} derivatives for {} sequences", got.grad.len(), dst.len()).into());
         }

@@ -53,10 +53,11 @@ pub const LOG_DEBUG: u32 = 4;
 #[repr(C)]
 #[derive(Debug)]
 pub struct Slice<'a, T> {
-    /// First element (may dangle when `len == 0`, never null).
-    pub ptr: *const T,
-    /// Number of elements.
-    pub len: usize,
+    /// First element (may dangle when `len == 0`, never null). Private, as is `len`: a `Slice`
+    /// made in safe code always borrows a real slice (`new`), so `as_slice` is sound; the one
+    /// way to make another is the `unsafe` [`Slice::from_raw_parts`], which takes the obligation.
+    ptr: *const T,
+    len: usize,
     _life: PhantomData<&'a [T]>,
 }
 
@@ -73,9 +74,17 @@ impl<'a, T> Slice<'a, T> {
         Self { ptr: s.as_ptr(), len: s.len(), _life: PhantomData }
     }
 
-    /// A slice of `len` elements at `ptr` as the other side declared it (for example components
-    /// of an older, shorter layout); reading it is the reader's responsibility.
-    pub fn from_raw_parts(ptr: *const T, len: usize) -> Self {
+    /// A slice of `len` elements at `ptr`, as the other side of the ABI declared it.
+    ///
+    /// # Safety
+    ///
+    /// Unless `len` is 0, `ptr` points to `len` initialised values of `T`'s `#[repr(C)]` layout
+    /// that stay valid and unchanged for `'a` ([`Slice::as_slice`] reads them as a `&'a [T]`).
+    /// The one exception is the ABI's own: a [`PluginDeclaration::components`] of an older ABI
+    /// version holds `len` components of its declared `component_size` (shorter than `T`), which
+    /// the host reads with that stride and never through `as_slice`.
+    #[allow(unsafe_code)]
+    pub unsafe fn from_raw_parts(ptr: *const T, len: usize) -> Self {
         Self { ptr, len, _life: PhantomData }
     }
 
@@ -84,13 +93,29 @@ impl<'a, T> Slice<'a, T> {
         Self::new(&[])
     }
 
+    /// The first element's address (for a reader of an older, shorter layout of `T`).
+    pub fn as_ptr(&self) -> *const T {
+        self.ptr
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Back to a Rust slice.
     pub fn as_slice(&self) -> &'a [T] {
         if self.len == 0 || self.ptr.is_null() {
             return &[];
         }
-        // SAFETY: the ABI's contract: `ptr` points to `len` initialised elements that outlive
-        // the call (`'a`), and both sides agree on `T`'s `#[repr(C)]` layout.
+        // SAFETY: a `Slice` comes from `new` (a real `&'a [T]`), from `from_raw_parts` (whose
+        // caller promised the same), or across the C ABI from the other side, whose contract
+        // (docs/plugins.md) is the same promise for the duration of the call.
         #[allow(unsafe_code)]
         unsafe {
             std::slice::from_raw_parts(self.ptr, self.len)

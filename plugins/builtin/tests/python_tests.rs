@@ -120,7 +120,9 @@ fn hostile_answers_are_stopped_and_score_zero_without_harming_the_others() {
     let mut jobs: Vec<(CodeTests, String)> = hostile.iter().map(|(_, a)| (asserts(), a.clone())).collect();
     jobs.push((asserts(), body("")));
     let t0 = std::time::Instant::now();
-    let verdicts = run_all(&jobs, 3.0);
+    // 10 s a job: room for the honest answer's Python start on a loaded 2-core machine (at 3 s it
+    // could time out there, issue #29); the two jobs that never end cost 10 s each.
+    let verdicts = run_all(&jobs, 10.0);
     assert!(t0.elapsed().as_secs_f64() < 60.0, "took {:?}", t0.elapsed());
     for ((what, _), v) in hostile.iter().zip(&verdicts) {
         assert_eq!(v.reward(), 0.0, "an answer that {what} scored {}: {v:?}", v.reward());

@@ -119,7 +119,9 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
             component_size: stride as u32,
             fuserl_version: real.fuserl_version,
             plugin_name: real.plugin_name,
-            components: Slice::from_raw_parts(words.as_ptr().cast::<ComponentDecl>(), comps.len()),
+            // SAFETY: `words` (leaked, so `'static`) holds `comps.len()` version-1 components of
+            // `stride` bytes each, which the host reads with the declared `component_size`.
+            components: unsafe { Slice::from_raw_parts(words.as_ptr().cast::<ComponentDecl>(), comps.len()) },
         }));
     }
     let (abi_version, struct_size) = match mode.as_str() {

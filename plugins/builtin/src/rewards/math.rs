@@ -274,6 +274,10 @@ impl RewardModel for MathReward {
         "math"
     }
 
+    fn is_verifier(&self) -> bool {
+        true
+    }
+
     fn fingerprint(&self) -> String {
         serde_json::json!({"answers": self.text, "tolerance": self.tolerance}).to_string()
     }

@@ -331,6 +331,10 @@ impl RewardModel for PythonTests {
         "python-tests"
     }
 
+    fn is_verifier(&self) -> bool {
+        true
+    }
+
     fn fingerprint(&self) -> String {
         serde_json::json!({
             "tests": self.text,

@@ -28,9 +28,8 @@ use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{DecoderLayer, Inputs, LayerContext, Llama, LlamaModel, Rope};
 use fuserl_model::logprobs::hidden_logprobs;
 
-use crate::data::SeqTokens;
+use crate::data::{SeqTokens, padded_batch, score_targets};
 use crate::error::{Result, TrainError};
-use crate::trainer::{padded_batch, score_targets};
 
 /// One shard of a micro-batch between the phases of [`layerwise_backward`].
 struct Shard<'a, B: AutodiffBackend> {

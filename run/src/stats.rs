@@ -1,6 +1,6 @@
 //! The statistics of evaluation (the building blocks of `fuserl eval`, issue #16): pass@k with
 //! the unbiased estimator of the HumanEval paper, percentile-bootstrap confidence intervals of a
-//! mean over prompts (seeded [`crate::maths::SplitMix64`] resampling), and a length-controlled win
+//! mean over prompts (seeded [`fuserl_core::maths::SplitMix64`] resampling), and a length-controlled win
 //! rate in the spirit of AlpacaEval 2.
 //!
 //! Checked against numpy and statsmodels on fixed data (fixtures/stats/make_stats.py).
@@ -45,7 +45,7 @@ pub fn bootstrap_mean(values: &[f64], resamples: usize, level: f64, seed: u64) -
     if n == 0 || resamples == 0 {
         return Estimate { mean, low: mean, high: mean, n };
     }
-    let mut rng = crate::maths::SplitMix64::new(seed);
+    let mut rng = fuserl_core::maths::SplitMix64::new(seed);
     let mut means: Vec<f64> =
         (0..resamples).map(|_| (0..n).map(|_| values[rng.below(n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
@@ -66,7 +66,7 @@ pub fn bootstrap(
 ) -> Option<Estimate> {
     let all: Vec<usize> = (0..n).collect();
     let mean = statistic(&all)?;
-    let mut rng = crate::maths::SplitMix64::new(seed);
+    let mut rng = fuserl_core::maths::SplitMix64::new(seed);
     let mut draws: Vec<f64> = (0..resamples)
         .filter_map(|_| {
             let sample: Vec<usize> = (0..n).map(|_| rng.below(n)).collect();
@@ -100,7 +100,7 @@ pub fn length_controlled_win_rate(outcomes: &[f64], length_difference: &[f64]) -
         // Gradient and Hessian of the log-likelihood in (a, b).
         let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for (y, xi) in outcomes.iter().zip(&x) {
-            let p = crate::maths::sigmoid(a + b * xi);
+            let p = fuserl_core::maths::sigmoid(a + b * xi);
             let w = p * (1.0 - p);
             ga += y - p;
             gb += (y - p) * xi;
@@ -119,7 +119,7 @@ pub fn length_controlled_win_rate(outcomes: &[f64], length_difference: &[f64]) -
             return None;
         }
         if da.abs().max(db.abs()) < 1e-12 {
-            return Some(crate::maths::sigmoid(a));
+            return Some(fuserl_core::maths::sigmoid(a));
         }
     }
     None

@@ -1,8 +1,8 @@
-//! core/src/stats.rs against numpy and statsmodels on fixed data (fixtures/stats/make_stats.py):
+//! run/src/stats.rs against numpy and statsmodels on fixed data (fixtures/stats/make_stats.py):
 //! pass@k to 1e-12, the bootstrap interval within 0.005 (the Monte-Carlo error of either side),
 //! the length-controlled win rate within 1e-8 (the same maximum-likelihood fit).
 
-use fuserl_core::stats::{bootstrap_mean, length_controlled_win_rate, pass_at_k};
+use fuserl_run::stats::{bootstrap_mean, length_controlled_win_rate, pass_at_k};
 
 fn oracle() -> serde_json::Value {
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/stats/stats.json");

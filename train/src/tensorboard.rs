@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Result, TrainError};
 
 const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
@@ -89,7 +89,7 @@ impl EventWriter {
     /// reads every file of the folder, and a step written again (a resumed stage) replaces the
     /// earlier value in its plots.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "fuserl".into());
         let t = now();
         let mut file = dir.join(format!("events.out.tfevents.{}.{host}.{}", t as u64, std::process::id()));
@@ -98,8 +98,8 @@ impl EventWriter {
             file = dir.join(format!("events.out.tfevents.{}.{host}.{}.{n}", t as u64, std::process::id()));
             n += 1;
         }
-        let mut out = std::fs::File::create(&file).map_err(|e| Error::io(&file, e))?;
-        out.write_all(&record(&event(t, 0, Some("brain.Event:2"), &[]))).map_err(|e| Error::io(&file, e))?;
+        let mut out = std::fs::File::create(&file).map_err(|e| TrainError::io(&file, e))?;
+        out.write_all(&record(&event(t, 0, Some("brain.Event:2"), &[]))).map_err(|e| TrainError::io(&file, e))?;
         Ok(Self { file, out })
     }
 
@@ -112,7 +112,7 @@ impl EventWriter {
     /// (TensorBoard shows them as such).
     pub fn scalars(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
         let bytes = record(&event(now(), step as i64, None, scalars));
-        self.out.write_all(&bytes).and_then(|()| self.out.flush()).map_err(|e| Error::io(&self.file, e))
+        self.out.write_all(&bytes).and_then(|()| self.out.flush()).map_err(|e| TrainError::io(&self.file, e))
     }
 }
 

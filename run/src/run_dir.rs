@@ -1,0 +1,207 @@
+//! The run directory, as one type (as uv's `uv-cache` owns its cache layout): every path of a
+//! run is a method here, so that the layout is written once and a renamed file is renamed for
+//! every stage, the command line and the report at once.
+//!
+//! ```text
+//! runs/NAME/
+//!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
+//!   collect/SOURCE.jsonl   each generative source's answers, appended as they arrive, with
+//!                          SOURCE.settings.json
+//!   score/REWARD.jsonl     the reward's score of every answer, appended batch by batch, with
+//!                          REWARD.settings.json
+//!   data.json              per source: prompts, answers and their scores (for the report)
+//!   metrics.jsonl          one line per logged optimiser step, both stages
+//!   tensorboard/           the same as TensorBoard event files (`[run] report_to = ["tensorboard"]`)
+//!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
+//!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
+//!   sft/final/             the FuseSFT model (Hugging Face layout); sft/DONE when finished
+//!   po/collect/target.jsonl  the FuseSFT model's own samples ([po] target_samples)
+//!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
+//!   po/examples.jsonl, po/checkpoints/, po/final/, po/DONE
+//!   export/                the fused model (or [export] path)
+//!   eval/                  collect/, score/, judge/, validation/{collect,score}/ and eval.json
+//!   report/                index.html, report.md and plots/
+//! ```
+//!
+//! ```
+//! use fuserl_core::pipeline::StageName;
+//! let run = fuserl_run::run_dir::RunDir::new("runs/quickstart");
+//! assert!(run.stage(StageName::Sft).done().ends_with("sft/DONE"));
+//! assert!(run.eval().json().ends_with("eval/eval.json"));
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use fuserl_core::pipeline::StageName;
+
+/// A run's folder (`[run] output_dir`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// The run directory at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The resolved recipe the run was made with.
+    pub fn recipe(&self) -> PathBuf {
+        self.root.join("recipe.toml")
+    }
+
+    /// The generative sources' answer stores.
+    pub fn collect(&self) -> PathBuf {
+        self.root.join("collect")
+    }
+
+    /// The reward's score stores.
+    pub fn score(&self) -> PathBuf {
+        self.root.join("score")
+    }
+
+    /// Per source: prompts, answers and their scores (written by the scoring stage).
+    pub fn data_json(&self) -> PathBuf {
+        self.root.join("data.json")
+    }
+
+    /// One line per logged optimiser step of both stages.
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    /// TensorBoard event files.
+    pub fn tensorboard(&self) -> PathBuf {
+        self.root.join("tensorboard")
+    }
+
+    /// A training stage's folder.
+    pub fn stage(&self, stage: StageName) -> StageDir {
+        StageDir { dir: self.root.join(stage.as_str()) }
+    }
+
+    /// The evaluation's folder.
+    pub fn eval(&self) -> EvalDir {
+        EvalDir { dir: self.root.join("eval") }
+    }
+
+    /// The report's folder.
+    pub fn report(&self) -> ReportDir {
+        ReportDir { dir: self.root.join("report") }
+    }
+}
+
+/// `sft/` or `po/` of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageDir {
+    dir: PathBuf,
+}
+
+impl StageDir {
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The stage's training examples.
+    pub fn examples(&self) -> PathBuf {
+        self.dir.join("examples.jsonl")
+    }
+
+    /// Training-state checkpoints (`fuserl_train::checkpoint`).
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// The trained model, in Hugging Face's layout.
+    pub fn final_model(&self) -> PathBuf {
+        self.dir.join("final")
+    }
+
+    /// Present when the stage has finished.
+    pub fn done(&self) -> PathBuf {
+        self.dir.join("DONE")
+    }
+
+    /// The target's own samples (FusePO's `target_samples`), a collect store folder.
+    pub fn collect(&self) -> PathBuf {
+        self.dir.join("collect")
+    }
+
+    /// Cached reference log-probs (FusePO).
+    pub fn reference_logps(&self) -> PathBuf {
+        self.dir.join("reference-logps.json")
+    }
+}
+
+/// `eval/` of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalDir {
+    dir: PathBuf,
+}
+
+impl EvalDir {
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The held-out answers of every model compared.
+    pub fn collect(&self) -> PathBuf {
+        self.dir.join("collect")
+    }
+
+    /// Their scores.
+    pub fn score(&self) -> PathBuf {
+        self.dir.join("score")
+    }
+
+    /// The pairwise judge's verdicts.
+    pub fn judge(&self) -> PathBuf {
+        self.dir.join("judge")
+    }
+
+    /// The validation split's answers and scores (`validation/collect`, `validation/score`).
+    pub fn validation(&self) -> EvalDir {
+        EvalDir { dir: self.dir.join("validation") }
+    }
+
+    /// The measures.
+    pub fn json(&self) -> PathBuf {
+        self.dir.join("eval.json")
+    }
+}
+
+/// `report/` of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportDir {
+    dir: PathBuf,
+}
+
+impl ReportDir {
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The self-contained page.
+    pub fn index(&self) -> PathBuf {
+        self.dir.join("index.html")
+    }
+
+    /// The same as Markdown.
+    pub fn markdown(&self) -> PathBuf {
+        self.dir.join("report.md")
+    }
+
+    /// One SVG file per plot.
+    pub fn plots(&self) -> PathBuf {
+        self.dir.join("plots")
+    }
+}

@@ -1,0 +1,109 @@
+//! Training-state checkpoints of a stage (what `burn-train`'s `checkpoint` module keeps): the
+//! weights, the optimiser's state and the step, every `checkpoint_every` steps, in
+//! `sft/checkpoints/` or `po/checkpoints/` of the run directory:
+//!
+//! ```text
+//! checkpoints/LATEST             the name of the newest complete checkpoint
+//! checkpoints/step-000050/       model.mpk, optim.mpk, state.json ({stage, step, total})
+//! ```
+//!
+//! A checkpoint is written under `step-NNNNNN.tmp/` and renamed whole, then `LATEST` is
+//! rewritten atomically, so a kill at any point leaves the previous checkpoint usable. (Gradient
+//! checkpointing, which trades compute for activation memory, is [`crate::layerwise`].)
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::Optimizer;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use fuserl_core::fs::write_atomic;
+use fuserl_core::pipeline::StageName;
+use fuserl_model::llama::Llama;
+
+use crate::adamw::Optim;
+use crate::error::{Result, TrainError};
+
+/// What a checkpoint records beside the weights and the optimiser: where the stage was.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct CheckpointState {
+    pub stage: StageName,
+    pub step: u64,
+    pub total: u64,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+}
+
+/// The latest complete checkpoint of a stage, if any.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
+    let p = dir.join(name.trim());
+    p.join("state.json").is_file().then_some(p)
+}
+
+/// The stage's weights and optimiser from its latest checkpoint in `dir`, with the step it
+/// reached and the checkpoint's folder; `weights` and `optim` unchanged when there is none.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resume<B: AutodiffBackend>(
+    dir: &Path,
+    weights: Llama<B>,
+    optim: Optim<B>,
+) -> Result<(Llama<B>, Optim<B>, Option<(u64, PathBuf)>)> {
+    let Some(ckpt) = latest_checkpoint(dir) else { return Ok((weights, optim, None)) };
+    let state: CheckpointState = serde_json::from_slice(
+        &std::fs::read(ckpt.join("state.json")).map_err(|e| TrainError::io(ckpt.join("state.json"), e))?,
+    )
+    .map_err(|e| TrainError::Checkpoint { file: ckpt.join("state.json"), message: e.to_string() })?;
+    let device = weights.embed_tokens.val().device();
+    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+    let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
+    let weights = weights.load_record(record);
+    let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
+    Ok((weights, optim.load_record(orecord), Some((state.step, ckpt))))
+}
+
+/// Write a checkpoint of the stage in `dir` (`step-NNNNNN/`, made under a temporary name and
+/// renamed whole), point `LATEST` at it, and remove the previous one.
+pub(crate) fn save<B: AutodiffBackend>(
+    dir: &Path,
+    weights: &Llama<B>,
+    optim: &Optim<B>,
+    state: &CheckpointState,
+) -> Result<()> {
+    let name = format!("step-{:06}", state.step);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+    recorder().record(weights.clone().into_record(), tmp.join("model")).map_err(|e| fail(tmp.join("model.mpk"), e))?;
+    fuserl_core::debug_pause(&format!("{}-checkpoint-{}", state.stage.as_str(), state.step));
+    recorder().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail(tmp.join("optim.mpk"), e))?;
+    let json = serde_json::to_vec(state).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &json)?;
+    let done = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&done);
+    std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
+    let previous = latest_checkpoint(dir);
+    write_atomic(&dir.join("LATEST"), name.as_bytes())?;
+    if let Some(prev) = previous.filter(|p| *p != done) {
+        let _ = std::fs::remove_dir_all(prev);
+    }
+    Ok(())
+}
+
+/// Keep only the metrics lines of other stages, and of this stage up to `step` (lines written
+/// after the checkpoint a run resumes from would otherwise be repeated).
+pub(crate) fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(file) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["stage"].as_str() != Some(stage.as_str()) || v["step"].as_u64().is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Ok(write_atomic(file, kept.as_bytes())?)
+}
