@@ -2,13 +2,9 @@
 //! writing one, in each stage), rerun the same command each time, and check that it ends with the
 //! same final weights as an uninterrupted run, without redoing finished work.
 
-mod common;
-
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use common::{fuserl, repo, text};
+use crate::common::{fuserl, fuserl_env, kill_at_pause, repo, text};
 
 fn recipe(out: &Path) -> String {
     let r = repo();
@@ -21,30 +17,6 @@ fn recipe(out: &Path) -> String {
         r.join("checkpoints/tiny-chat").display(),
         r.join("data/fusion-mini.jsonl").display()
     )
-}
-
-/// Start `fuserl run`, wait until it pauses at `label`, and SIGKILL it.
-fn kill_at(recipe: &Path, label: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
-        .args(["run", &recipe.display().to_string()])
-        .env("FUSERL_DEBUG_PAUSE", label)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut seen = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("line");
-        if line.contains(&format!("paused at {label}")) {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("wait");
-            return;
-        }
-        seen.push(line);
-    }
-    let status = child.wait().expect("wait");
-    panic!("the run ended ({status}) without pausing at {label}:\n{}", seen.join("\n"));
 }
 
 #[test]
@@ -62,7 +34,7 @@ fn sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result() {
     let killed = dir.path().join("killed.toml");
     std::fs::write(&killed, recipe(&dir.path().join("killed"))).expect("write");
     for label in ["sft-step-5", "sft-checkpoint-6", "po-checkpoint-3", "po-step-5"] {
-        kill_at(&killed, label);
+        kill_at_pause(&["run", &killed.display().to_string()], dir.path(), label);
         let run_dir = dir.path().join("killed");
         if label == "sft-checkpoint-6" {
             // Killed mid-write: the half-written checkpoint is not the one a rerun trusts.
@@ -101,4 +73,59 @@ fn sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result() {
         text(&again.stdout).contains("sft was already finished")
             && text(&again.stdout).contains("po was already finished")
     );
+}
+
+/// A run directory made before the restructure of issue #36 (fixtures/run-dir-f292813: the quick
+/// start killed in FuseSFT after its step-10 checkpoint, by the binary of commit f292813) resumes
+/// with today's binary: from the checkpoint, with no step logged twice, to the export, the
+/// evaluation and the report. Its weights came from another machine's float rounding, so the
+/// result is checked for its shape, not against a fresh run's bits.
+#[test]
+fn a_run_directory_made_before_the_restructure_resumes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let from = repo().join("fixtures/run-dir-f292813/runs");
+    copy_tree(&from, &dir.path().join("runs"));
+    let run = dir.path().join("runs/quickstart");
+    assert!(
+        run.join("sft/checkpoints/LATEST").is_file() && !run.join("sft/DONE").exists(),
+        "the fixture is mid-FuseSFT"
+    );
+    let before = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let recipe = repo().join("recipes/quickstart.toml").display().to_string();
+    // The trainer says where it resumes at the info level.
+    let out = fuserl_env(&["run", &recipe], dir.path(), &[("RUST_LOG", "warn,fuserl_train=info")]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.lines().any(|l| l.contains("resuming") && l.contains("step=10")), "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let steps = |stage: &str| -> Vec<u64> {
+        metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|v| v["stage"] == stage)
+            .map(|v| v["step"].as_u64().expect("step"))
+            .collect()
+    };
+    let sft = steps("sft");
+    assert_eq!(sft, (1..=sft.len() as u64).collect::<Vec<_>>(), "every FuseSFT step once, in order");
+    assert!(sft.len() > 10 && !steps("po").is_empty());
+    // The steps up to the checkpoint are the old binary's lines, kept as they were.
+    let kept: Vec<&str> = before.lines().take(10).collect();
+    assert_eq!(metrics.lines().take(10).collect::<Vec<_>>(), kept);
+    for done in ["sft/DONE", "po/DONE", "export/model.safetensors", "eval/eval.json", "report/index.html"] {
+        assert!(run.join(done).is_file(), "{done} is missing");
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
 }

@@ -436,42 +436,24 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let bar = ScoreBar::default();
     match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
         Ok((file, doc)) => {
-            let pct = |v: &serde_json::Value| {
-                format!(
-                    "{:.3} [{:.3}, {:.3}]",
-                    v["mean"].as_f64().unwrap_or(f64::NAN),
-                    v["low"].as_f64().unwrap_or(f64::NAN),
-                    v["high"].as_f64().unwrap_or(f64::NAN)
-                )
-            };
-            println!("{} prompts, reward {}", doc["n_prompts"], doc["reward"].as_str().unwrap_or(""));
-            for m in doc["models"].as_array().into_iter().flatten() {
-                let mut passes: Vec<(u64, &serde_json::Value)> = m
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(k, v)| Some((k.strip_prefix("pass_at_")?.parse().ok()?, v)))
-                    .collect();
-                passes.sort_by_key(|p| p.0);
-                let pass: String = passes.iter().map(|(k, v)| format!(", pass@{k} {}", pct(v))).collect();
+            let pct = |e: &fuserl_run::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
+            println!("{} prompts, reward {}", doc.n_prompts, doc.reward);
+            for m in &doc.models {
+                let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
                 println!(
                     "  {:<16} reward {}{pass}, {:.0} tokens",
-                    m["name"].as_str().unwrap_or(""),
-                    pct(&m["mean_reward"]),
-                    m["mean_length_tokens"]["mean"].as_f64().unwrap_or(f64::NAN)
+                    m.name,
+                    pct(&m.mean_reward),
+                    m.mean_length_tokens.mean
                 );
             }
-            for c in doc["comparisons"].as_array().into_iter().flatten() {
-                let by = c["by"].as_str().filter(|b| *b != "reward").map_or_else(String::new, |b| format!(" by {b}"));
+            for c in &doc.comparisons {
+                let by = if c.by == "reward" { String::new() } else { format!(" by {}", c.by) };
                 println!(
                     "  fused vs {:<8} win rate{by} {}, length-controlled {}",
-                    c["baseline"].as_str().unwrap_or(""),
-                    if c["win_rate"].is_null() { "n/a (no prompt judged)".to_owned() } else { pct(&c["win_rate"]) },
-                    if c["length_controlled_win_rate"].is_null() {
-                        "n/a".to_owned()
-                    } else {
-                        pct(&c["length_controlled_win_rate"])
-                    }
+                    c.baseline,
+                    c.win_rate.as_ref().map_or_else(|| "n/a (no prompt judged)".to_owned(), pct),
+                    c.length_controlled_win_rate.as_ref().map_or_else(|| "n/a".to_owned(), pct)
                 );
             }
             println!("evaluation: {}", Shown(&file));

@@ -3,7 +3,11 @@
 //! field renamed or removed is a compile error in the reader, never a report that silently
 //! shows nothing. Files of runs made before a field was added still read (`#[serde(default)]`).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+pub use crate::stats::Estimate;
 
 /// `data.json`: what the scoring stage saw, per source, for the report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -62,6 +66,118 @@ impl DataSummary {
     }
 }
 
+/// `eval/eval.json`: the evaluation's measures ([`crate::eval`]), read by the report and printed
+/// by `fuserl eval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The held-out prompts file, as shown to people.
+    pub prompts: String,
+    /// How many prompts it holds.
+    pub n_prompts: usize,
+    /// Answers per prompt and model.
+    pub samples: u32,
+    /// The reward that scored the answers (its scorer id).
+    pub reward: String,
+    /// The pairwise judge (`[eval.judge]`), if any.
+    pub judge: Option<String>,
+    /// Whether the reward is a verifier (the models then have `pass_at_K`).
+    pub verifier: bool,
+    /// How the intervals were made.
+    pub interval: IntervalMethod,
+    /// The fused model first, then the baselines.
+    pub models: Vec<ModelEval>,
+    /// The fused model against each baseline, by the reward and by the judge.
+    pub comparisons: Vec<Comparison>,
+    /// The validation prompts (the fused model alone), when `[eval] validation` names them.
+    pub validation: Option<Validation>,
+}
+
+/// [`EvalReport::interval`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntervalMethod {
+    /// The confidence level (0.95).
+    pub level: f64,
+    /// In words.
+    pub method: String,
+    /// Bootstrap resamples.
+    pub resamples: usize,
+    /// Their seed.
+    pub seed: u64,
+}
+
+/// One model's measures on the held-out prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEval {
+    /// `fused`, `target`, `sft`, a source's name or a checkpoint's.
+    pub name: String,
+    /// Its answers.
+    pub answers: usize,
+    /// The mean over prompts of each prompt's mean reward.
+    pub mean_reward: Estimate,
+    /// The mean over prompts of each prompt's mean answer length in tokens.
+    pub mean_length_tokens: Estimate,
+    /// Every scored answer's reward (for the report's box plot).
+    pub rewards: Vec<f64>,
+    /// `pass_at_K` for a verifier: pass@K with its interval.
+    #[serde(flatten)]
+    pub pass_at: BTreeMap<String, Estimate>,
+}
+
+impl ModelEval {
+    /// The pass@k measures, by k in increasing order.
+    pub fn passes(&self) -> Vec<(u64, &Estimate)> {
+        let mut out: Vec<(u64, &Estimate)> =
+            self.pass_at.iter().filter_map(|(key, e)| Some((key.strip_prefix("pass_at_")?.parse().ok()?, e))).collect();
+        out.sort_by_key(|p| p.0);
+        out
+    }
+
+    /// The key of pass@k in eval.json.
+    pub fn pass_key(k: u64) -> String {
+        format!("pass_at_{k}")
+    }
+}
+
+/// The fused model against one baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Always `fused`.
+    pub model: String,
+    /// The baseline's name.
+    pub baseline: String,
+    /// `reward`, or the pairwise judge's label.
+    pub by: String,
+    /// The win rate over prompts (ties count half); `null` when no prompt has an outcome.
+    pub win_rate: Option<Estimate>,
+    /// The length-controlled win rate; `null` when it cannot be fitted.
+    pub length_controlled_win_rate: Option<Estimate>,
+    /// A judge's comparisons: the share of prompts whose two orders agreed (`null` when none had
+    /// both); absent for comparisons by the reward.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub orders_agree: Option<Option<f64>>,
+}
+
+/// [`EvalReport::validation`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    /// The validation prompts file, as shown to people.
+    pub prompts: String,
+    /// How many prompts it holds.
+    pub n_prompts: usize,
+    /// The training reward's scorer id.
+    pub reward: String,
+    /// The fused model's mean reward.
+    pub mean_reward: Estimate,
+    /// Its pass@1, when the training reward is a verifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_at_1: Option<Estimate>,
+}
+
+/// A key that is present, its value possibly `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +192,32 @@ mod tests {
             SourceData { name: "a".into(), prompts: 2, answers: 3, unscored: 1, rewards: vec![0.5, 1.0] }
         );
         assert_eq!(serde_json::from_str::<DataSummary>(&serde_json::to_string(&d).expect("json")).expect("again"), d);
+    }
+
+    /// An eval.json as fuserl wrote it before the typed definition (keys sorted, a judge's
+    /// comparison with `orders_agree`, a mean of no values as null) reads, and writes back the
+    /// same measures.
+    #[test]
+    fn an_older_eval_json_reads() {
+        let est = |m: &str| format!(r#"{{"high":{m},"low":{m},"mean":{m},"n":2}}"#);
+        let old = format!(
+            r#"{{"comparisons":[{{"baseline":"target","by":"reward","length_controlled_win_rate":null,"model":"fused","win_rate":{w}}},
+            {{"baseline":"target","by":"judge (pairwise)","length_controlled_win_rate":null,"model":"fused","orders_agree":null,"win_rate":null}}],
+            "interval":{{"level":0.95,"method":"percentile bootstrap over prompts","resamples":10000,"seed":42}},"judge":"judge","models":[{{"answers":4,
+            "mean_length_tokens":{l},"mean_reward":{r},"name":"fused","pass_at_1":{p},"pass_at_2":{p},"rewards":[1.0,0.0]}}],
+            "n_prompts":2,"prompts":"data/p.jsonl","reward":"python-tests","samples":2,"validation":null,"verifier":true}}"#,
+            w = est("0.5"),
+            l = est("12.0"),
+            r = est("null"),
+            p = est("0.25")
+        );
+        let doc: EvalReport = serde_json::from_str(&old).expect("reads");
+        assert!(doc.models[0].mean_reward.mean.is_nan());
+        assert_eq!(doc.models[0].passes().iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(doc.comparisons[0].orders_agree, None);
+        assert_eq!(doc.comparisons[1].orders_agree, Some(None));
+        let again: serde_json::Value = serde_json::to_value(&doc).expect("json");
+        let before: serde_json::Value = serde_json::from_str(&old).expect("json");
+        assert_eq!(again, before, "the same keys and values");
     }
 }

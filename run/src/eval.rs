@@ -43,8 +43,8 @@ use fuserl_core::recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
 use fuserl_core::score::ScoreProgress;
 use fuserl_model::chat::ChatTokenizer;
-use serde_json::{Value, json};
 
+use crate::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
 use crate::local::LocalSource;
 use crate::run_dir::{EvalDir, RunDir};
 use crate::{Result, TrainError};
@@ -52,27 +52,23 @@ use crate::{Result, TrainError};
 /// Resamples of every bootstrap interval.
 const RESAMPLES: usize = 10_000;
 
-fn estimate(e: &Estimate) -> Value {
-    json!({"mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
-}
-
 /// One answer's reward (none when the reward skipped it) and length in tokens.
 type Answer = (Option<f64>, f64);
 
 /// The length-controlled win rate with its bootstrap interval over prompts (the regression fitted
 /// again on each resample); `null` when it cannot be fitted.
-fn lc_win_rate(outcomes: &[f64], diffs: &[f64], seed: u64) -> Value {
+fn lc_win_rate(outcomes: &[f64], diffs: &[f64], seed: u64) -> Option<Estimate> {
     let fit = |idx: &[usize]| {
         let o: Vec<f64> = idx.iter().map(|&i| outcomes[i]).collect();
         let d: Vec<f64> = idx.iter().map(|&i| diffs[i]).collect();
         length_controlled_win_rate(&o, &d)
     };
-    bootstrap(outcomes.len(), fit, RESAMPLES, 0.95, seed).map_or(Value::Null, |e| estimate(&e))
+    bootstrap(outcomes.len(), fit, RESAMPLES, 0.95, seed)
 }
 
 /// A win rate with its interval; `null` when no prompt has an outcome.
-fn win_rate(outcomes: &[f64], seed: u64) -> Value {
-    if outcomes.is_empty() { Value::Null } else { estimate(&bootstrap_mean(outcomes, RESAMPLES, 0.95, seed)) }
+fn win_rate(outcomes: &[f64], seed: u64) -> Option<Estimate> {
+    (!outcomes.is_empty()).then(|| bootstrap_mean(outcomes, RESAMPLES, 0.95, seed))
 }
 
 /// The k of pass@k for `samples` answers per prompt: 1, 2, 5, 10, 20, 50, ... up to `samples`,
@@ -89,7 +85,7 @@ pub fn eval_stage(
     loaded: &LoadedRecipe,
     collect_progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
     score_progress: &dyn Fn(&ScoreProgress<'_>),
-) -> Result<(PathBuf, Value)> {
+) -> Result<(PathBuf, EvalReport)> {
     let recipe = &loaded.recipe;
     let e = &recipe.eval;
     let prompts_file = e.prompts.as_deref().map(|p| loaded.base_dir.join(p)).ok_or_else(|| {
@@ -223,13 +219,14 @@ pub fn eval_stage(
         let lengths: Vec<f64> = per_prompt.iter().flat_map(|a| a.iter().map(|x| x.1)).collect();
         let per_prompt_lengths: Vec<f64> =
             per_prompt.iter().map(|a| a.iter().map(|x| x.1).sum::<f64>() / a.len().max(1) as f64).collect();
-        let mut m = json!({
-            "name": name,
-            "answers": lengths.len(),
-            "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
-            "mean_length_tokens": estimate(&bootstrap_mean(&per_prompt_lengths, RESAMPLES, 0.95, seed)),
-            "rewards": rewards,
-        });
+        let mut m = ModelEval {
+            name: name.clone(),
+            answers: lengths.len(),
+            mean_reward: bootstrap_mean(&means, RESAMPLES, 0.95, seed),
+            mean_length_tokens: bootstrap_mean(&per_prompt_lengths, RESAMPLES, 0.95, seed),
+            rewards,
+            pass_at: BTreeMap::new(),
+        };
         if verifier {
             for &k in &ks {
                 // Per prompt with all `samples` answers scored: the unbiased estimator.
@@ -242,7 +239,7 @@ pub fn eval_stage(
                         pass_at_k(n, c, k)
                     })
                     .collect();
-                m[format!("pass_at_{k}")] = estimate(&bootstrap_mean(&per, RESAMPLES, 0.95, seed));
+                m.pass_at.insert(ModelEval::pass_key(k), bootstrap_mean(&per, RESAMPLES, 0.95, seed));
             }
         }
         models.push(m);
@@ -266,13 +263,14 @@ pub fn eval_stage(
                 diffs.push(mean_len(fa) - mean_len(ba));
             }
         }
-        comparisons.push(json!({
-            "model": "fused",
-            "baseline": name,
-            "by": "reward",
-            "win_rate": win_rate(&outcomes, seed),
-            "length_controlled_win_rate": lc_win_rate(&outcomes, &diffs, seed),
-        }));
+        comparisons.push(Comparison {
+            model: "fused".into(),
+            baseline: name.clone(),
+            by: "reward".into(),
+            win_rate: win_rate(&outcomes, seed),
+            length_controlled_win_rate: lc_win_rate(&outcomes, &diffs, seed),
+            orders_agree: None,
+        });
     }
     if let Some(judge) = &loaded.components.eval_judge {
         comparisons.extend(judge_comparisons(
@@ -308,36 +306,42 @@ pub fn eval_stage(
                 .iter()
                 .filter_map(|p| per_prompt.get(p.id.as_str()).map(|v| v.iter().sum::<f64>() / v.len() as f64))
                 .collect();
-            let mut v = json!({
-                "prompts": Shown(&file).to_string(),
-                "n_prompts": val_prompts.len(),
-                "reward": train_reward.scorer_id(),
-                "mean_reward": estimate(&bootstrap_mean(&means, RESAMPLES, 0.95, seed)),
-            });
+            let mut v = Validation {
+                prompts: Shown(&file).to_string(),
+                n_prompts: val_prompts.len(),
+                reward: train_reward.scorer_id(),
+                mean_reward: bootstrap_mean(&means, RESAMPLES, 0.95, seed),
+                pass_at_1: None,
+            };
             if train_reward.is_verifier() {
                 let passed: Vec<f64> = val_prompts
                     .iter()
                     .filter_map(|p| per_prompt.get(p.id.as_str()))
                     .map(|v| v.iter().filter(|r| **r >= 1.0).count() as f64 / v.len() as f64)
                     .collect();
-                v["pass_at_1"] = estimate(&bootstrap_mean(&passed, RESAMPLES, 0.95, seed));
+                v.pass_at_1 = Some(bootstrap_mean(&passed, RESAMPLES, 0.95, seed));
             }
-            v
+            Some(v)
         }
-        None => Value::Null,
+        None => None,
     };
-    let doc = json!({
-        "prompts": Shown(&prompts_file).to_string(),
-        "n_prompts": prompts.len(),
-        "samples": e.samples,
-        "reward": reward.scorer_id(),
-        "judge": loaded.components.eval_judge.as_ref().map(|j| j.scorer_id()),
-        "verifier": verifier,
-        "interval": {"level": 0.95, "method": "percentile bootstrap over prompts", "resamples": RESAMPLES, "seed": seed},
-        "models": models,
-        "comparisons": comparisons,
-        "validation": validation,
-    });
+    let doc = EvalReport {
+        prompts: Shown(&prompts_file).to_string(),
+        n_prompts: prompts.len(),
+        samples: e.samples,
+        reward: reward.scorer_id(),
+        judge: loaded.components.eval_judge.as_ref().map(|j| j.scorer_id()),
+        verifier,
+        interval: IntervalMethod {
+            level: 0.95,
+            method: "percentile bootstrap over prompts".into(),
+            resamples: RESAMPLES,
+            seed,
+        },
+        models,
+        comparisons,
+        validation,
+    };
     std::fs::create_dir_all(&dir).map_err(|err| TrainError::io(&dir, err))?;
     let file = eval_dir.json();
     let text = serde_json::to_string_pretty(&doc).map_err(|err| TrainError::Data(err.to_string()))?;
@@ -358,7 +362,7 @@ fn judge_comparisons(
     dir: &EvalDir,
     seed: u64,
     progress: &dyn Fn(&ScoreProgress<'_>),
-) -> Result<Vec<Value>> {
+) -> Result<Vec<Comparison>> {
     let first = |g: &'_ ScoredGroup, model: &str| {
         g.completions.iter().map(|c| &c.completion).find(|c| c.id.source == model && c.id.sample_index == 0).cloned()
     };
@@ -401,14 +405,14 @@ fn judge_comparisons(
             let len = |c: &Completion| length_of[&(c.id.source.as_str(), c.id.prompt_id.as_str(), c.id.sample_index)];
             diffs.push(len(f) - len(b));
         }
-        out.push(json!({
-            "model": "fused",
-            "baseline": name,
-            "by": label,
-            "win_rate": win_rate(&outcomes, seed),
-            "length_controlled_win_rate": lc_win_rate(&outcomes, &diffs, seed),
-            "orders_agree": if both > 0 { json!(agree as f64 / both as f64) } else { Value::Null },
-        }));
+        out.push(Comparison {
+            model: "fused".into(),
+            baseline: name.clone(),
+            by: label.clone(),
+            win_rate: win_rate(&outcomes, seed),
+            length_controlled_win_rate: lc_win_rate(&outcomes, &diffs, seed),
+            orders_agree: Some((both > 0).then(|| agree as f64 / both as f64)),
+        });
     }
     Ok(out)
 }

@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 
 use fuserl_core::pipeline::StageName;
 
-use crate::artifacts::DataSummary;
+use crate::artifacts::{DataSummary, Estimate, EvalReport, ModelEval};
 use crate::run_dir::RunDir;
 use crate::{Result, TrainError};
 
@@ -301,11 +301,6 @@ fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 
     })
 }
 
-/// A JSON file of the run directory, if it is there.
-fn read_json(file: &Path) -> Result<Option<Value>> {
-    read_typed(file)
-}
-
 /// A file of the run directory read into its typed definition (`None` if it is not there).
 fn read_typed<T: serde::de::DeserializeOwned>(file: &Path) -> Result<Option<T>> {
     match std::fs::read_to_string(file) {
@@ -320,6 +315,7 @@ fn read_typed<T: serde::de::DeserializeOwned>(file: &Path) -> Result<Option<T>> 
 fn what_file(file: &Path) -> &'static str {
     match file.file_name().and_then(|n| n.to_str()) {
         Some("data.json") => "the scoring stage's summary (per source: prompts, answers, unscored, rewards)",
+        Some("eval.json") => "the evaluation's measures (models, comparisons, validation)",
         _ => "JSON",
     }
 }
@@ -363,7 +359,7 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     let sft_examples = read_jsonl(&run.stage(StageName::Sft).examples())?;
     let po_examples = read_jsonl(&run.stage(StageName::Po).examples())?;
     let metrics = read_jsonl(&run.metrics())?;
-    let eval = read_json(&run.eval().json())?;
+    let eval: Option<EvalReport> = read_typed(&run.eval().json())?;
 
     let mut page = Page::default();
     let name = recipe
@@ -720,87 +716,83 @@ fn training_section(page: &mut Page, metrics: &[Value]) {
     }
 }
 
-/// A number of eval.json with its pointer.
-fn cell_at(eval: &Value, pointer: String) -> Cell {
-    let text = eval.pointer(&pointer).and_then(Value::as_f64).map_or_else(|| "n/a".to_owned(), num);
+/// A number of eval.json with its JSON pointer (NaN, written `null`, shows as n/a).
+fn cell_at(value: f64, pointer: String) -> Cell {
+    let text = if value.is_nan() { "n/a".to_owned() } else { num(value) };
     Cell { text, pointer: Some(pointer) }
 }
 
-/// `mean [low, high]` of an estimate in eval.json.
-fn estimate_cells(eval: &Value, at: &str) -> Vec<Cell> {
-    if eval.pointer(at).is_none_or(Value::is_null) {
-        return vec!["-".into()];
-    }
+/// `mean [low, high]` of an estimate of eval.json, each number with its pointer (`at`).
+fn estimate_cells(e: Option<&Estimate>, at: &str) -> Vec<Cell> {
+    let Some(e) = e else { return vec!["-".into()] };
     vec![
-        cell_at(eval, format!("{at}/mean")),
+        cell_at(e.mean, format!("{at}/mean")),
         " [".into(),
-        cell_at(eval, format!("{at}/low")),
+        cell_at(e.low, format!("{at}/low")),
         ", ".into(),
-        cell_at(eval, format!("{at}/high")),
+        cell_at(e.high, format!("{at}/high")),
         "]".into(),
     ]
 }
 
-fn eval_section(page: &mut Page, eval: Option<&Value>) {
+fn eval_section(page: &mut Page, eval: Option<&EvalReport>) {
     page.heading(2, "Evaluation");
     let Some(eval) = eval else {
         page.para("Not evaluated yet (`fuserl eval`, or [eval] enabled in the recipe).");
         return;
     };
-    let models = eval["models"].as_array().cloned().unwrap_or_default();
+    let models = &eval.models;
     page.para(&format!(
-        "{} held-out prompts ({}), {} answer(s) per prompt and model, scored by {}. Intervals: {} ({}% level).",
-        eval["n_prompts"],
-        eval["prompts"].as_str().unwrap_or("?"),
-        eval["samples"].as_u64().unwrap_or(1),
-        eval["reward"].as_str().unwrap_or("?"),
-        eval["interval"]["method"].as_str().unwrap_or("bootstrap"),
-        eval["interval"]["level"].as_f64().map_or_else(|| "95".to_owned(), |l| format!("{:.0}", l * 100.0)),
+        "{} held-out prompts ({}), {} answer(s) per prompt and model, scored by {}. Intervals: {} ({:.0}% level).",
+        eval.n_prompts,
+        eval.prompts,
+        eval.samples,
+        eval.reward,
+        eval.interval.method,
+        eval.interval.level * 100.0,
     ));
-    // pass@k columns: the keys every model has.
-    let mut ks: Vec<String> = models
-        .first()
-        .and_then(Value::as_object)
-        .map(|m| m.keys().filter(|k| k.starts_with("pass_at_")).cloned().collect())
-        .unwrap_or_default();
-    ks.sort_by_key(|k| k["pass_at_".len()..].parse::<u64>().unwrap_or(u64::MAX));
+    // pass@k columns: the ones every model has (the first model's).
+    let ks: Vec<u64> = models.first().map(|m| m.passes().iter().map(|p| p.0).collect()).unwrap_or_default();
     let mut header = vec!["model".to_owned(), "answers".to_owned(), "mean reward [95% CI]".to_owned()];
-    header.extend(ks.iter().map(|k| format!("pass@{} [95% CI]", &k["pass_at_".len()..])));
+    header.extend(ks.iter().map(|k| format!("pass@{k} [95% CI]")));
     header.push("mean length in tokens [95% CI]".to_owned());
     let mut rows = Vec::new();
     for (i, m) in models.iter().enumerate() {
         let mut row = vec![
-            vec![m["name"].as_str().unwrap_or("?").into()],
-            vec![m["answers"].to_string().into()],
-            estimate_cells(eval, &format!("/models/{i}/mean_reward")),
+            vec![m.name.as_str().into()],
+            vec![m.answers.to_string().into()],
+            estimate_cells(Some(&m.mean_reward), &format!("/models/{i}/mean_reward")),
         ];
         for k in &ks {
-            row.push(estimate_cells(eval, &format!("/models/{i}/{k}")));
+            let key = ModelEval::pass_key(*k);
+            row.push(estimate_cells(m.pass_at.get(&key), &format!("/models/{i}/{key}")));
         }
-        row.push(estimate_cells(eval, &format!("/models/{i}/mean_length_tokens")));
+        row.push(estimate_cells(Some(&m.mean_length_tokens), &format!("/models/{i}/mean_length_tokens")));
         rows.push(row);
     }
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     page.table(&header, &rows);
 
-    let comparisons = eval["comparisons"].as_array().cloned().unwrap_or_default();
-    if !comparisons.is_empty() {
+    if !eval.comparisons.is_empty() {
         let mut rows = Vec::new();
         let mut items = Vec::new();
-        for (i, c) in comparisons.iter().enumerate() {
-            let baseline = c["baseline"].as_str().unwrap_or("?").to_owned();
-            let lc = estimate_cells(eval, &format!("/comparisons/{i}/length_controlled_win_rate"));
+        for (i, c) in eval.comparisons.iter().enumerate() {
+            let baseline = c.baseline.clone();
+            let lc = estimate_cells(
+                c.length_controlled_win_rate.as_ref(),
+                &format!("/comparisons/{i}/length_controlled_win_rate"),
+            );
             rows.push(vec![
-                vec![format!("{} vs {baseline}", c["model"].as_str().unwrap_or("fused")).into()],
-                vec![c["by"].as_str().unwrap_or("reward").into()],
-                estimate_cells(eval, &format!("/comparisons/{i}/win_rate")),
+                vec![format!("{} vs {baseline}", c.model).into()],
+                vec![c.by.as_str().into()],
+                estimate_cells(c.win_rate.as_ref(), &format!("/comparisons/{i}/win_rate")),
                 lc,
-                vec![c["win_rate"]["n"].as_u64().unwrap_or(0).to_string().into()],
+                vec![c.win_rate.map_or(0, |w| w.n).to_string().into()],
             ]);
-            let w = &c["win_rate"];
-            if let (Some(m), Some(l), Some(h)) = (w["mean"].as_f64(), w["low"].as_f64(), w["high"].as_f64()) {
-                let by_reward = c["by"].as_str().is_none_or(|b| b == "reward");
-                items.push((if by_reward { baseline } else { format!("{baseline} by judge") }, [l, m, h]));
+            if let Some(w) = c.win_rate.filter(|w| !(w.mean.is_nan() || w.low.is_nan() || w.high.is_nan())) {
+                let by_reward = c.by == "reward";
+                items
+                    .push((if by_reward { baseline } else { format!("{baseline} by judge") }, [w.low, w.mean, w.high]));
             }
         }
         page.table(
@@ -815,29 +807,20 @@ fn eval_section(page: &mut Page, eval: Option<&Value>) {
             0.5,
         ));
     }
-    if eval["validation"].is_object() {
-        let v = &eval["validation"];
+    if let Some(v) = &eval.validation {
         page.para(&format!(
             "Validation ({} prompts, {}, scored by the training reward {}): the fused model alone, for choosing settings without the test prompts.",
-            v["n_prompts"],
-            v["prompts"].as_str().unwrap_or("?"),
-            v["reward"].as_str().unwrap_or("?")
+            v.n_prompts, v.prompts, v.reward
         ));
-        let mut row = vec![vec!["fused".into()], estimate_cells(eval, "/validation/mean_reward")];
+        let mut row = vec![vec!["fused".into()], estimate_cells(Some(&v.mean_reward), "/validation/mean_reward")];
         let mut header = vec!["model", "mean reward [95% CI]"];
-        if v.get("pass_at_1").is_some() {
-            row.push(estimate_cells(eval, "/validation/pass_at_1"));
+        if let Some(p) = &v.pass_at_1 {
+            row.push(estimate_cells(Some(p), "/validation/pass_at_1"));
             header.push("pass@1 [95% CI]");
         }
         page.table(&header, &[row]);
     }
-    let groups: Vec<(String, Vec<f64>)> = models
-        .iter()
-        .map(|m| {
-            let name = m["name"].as_str().unwrap_or("?").to_owned();
-            (name, m["rewards"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(Value::as_f64).collect()))
-        })
-        .collect();
+    let groups: Vec<(String, Vec<f64>)> = models.iter().map(|m| (m.name.clone(), m.rewards.clone())).collect();
     page.plot(box_plot("eval-rewards", "Reward per model (held-out prompts)", "reward", &groups));
 }
 
