@@ -26,7 +26,7 @@ use fuserl_core::pipeline::{StageName, gather_groups, prepare_with};
 use fuserl_core::recipe::{LoadedRecipe, ReferenceModel};
 use fuserl_core::score::{ScoreProgress, ScoreSummary};
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, save, save_as};
+use fuserl_model::checkpoint::{load, save};
 
 use fuserl_core::fs::write_atomic;
 use fuserl_train::data::tokenize;
@@ -37,6 +37,7 @@ pub use fuserl_train::{Result, TrainError};
 pub mod artifacts;
 pub mod classifier;
 pub mod eval;
+pub mod export;
 pub mod local;
 pub mod report;
 pub mod run_dir;
@@ -398,14 +399,9 @@ fn run_on<B: LogProbBackend>(
 
     let mut export = None;
     if which == Which::All && recipe.export.enabled {
+        let _span = tracing::info_span!("stage", name = "export").entered();
         let from = if recipe.po.enabled { &po_final } else { &sft_final };
-        let to = loaded.export_dir();
-        if from.is_dir() {
-            let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
-            let as_dtype = fuserl_backends::burn_dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
-            save_as(&model, &to, (recipe.export.max_shard_size_mb as usize) << 20, Some(&target), as_dtype)?;
-            export = Some(to);
-        }
+        export = export::export_stage(loaded, from, &target)?;
     }
     let mut eval = None;
     if which == Which::All && recipe.eval.enabled {

@@ -19,6 +19,7 @@
 //!   po/reference-logps.json  reference log-probs (frozen FuseSFT model), keyed by checkpoint and data
 //!   po/examples.jsonl, po/checkpoints/, po/final/, po/DONE
 //!   export/                the fused model (or [export] path)
+//!   export.json            what the finished export wrote (a rerun with the same settings skips it)
 //!   eval/                  collect/, score/, judge/, validation/{collect,score}/ and eval.json
 //!   report/                index.html, report.md and plots/
 //! ```
@@ -84,6 +85,11 @@ impl RunDir {
     /// A training stage's folder.
     pub fn stage(&self, stage: StageName) -> StageDir {
         StageDir { dir: self.root.join(stage.as_str()) }
+    }
+
+    /// What the finished export wrote (`crate::export`); the export itself is `[export] path`.
+    pub fn export_record(&self) -> PathBuf {
+        self.root.join("export.json")
     }
 
     /// The evaluation's folder.

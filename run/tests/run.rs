@@ -301,3 +301,37 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     assert!((losses(&on_gpu, "po")[0] - std::f64::consts::LN_2).abs() < 1e-5);
     assert!(out.join("export/model.safetensors").is_file());
 }
+
+/// The export stage records what it wrote (`export.json`): a rerun skips it, a model trained
+/// again is exported again, and an export folder that was removed is written anew.
+#[test]
+fn export_is_done_once_and_again_when_its_model_changes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let loaded = parse_recipe(
+        &recipe(&out, 1, 1),
+        &dir.path().join("recipe.toml"),
+        &fuserl_plugins::registry().expect("registry"),
+    )
+    .expect("recipe");
+    let go =
+        || run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
+    go();
+    let weights = out.join("export/model.safetensors");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("export.json")).expect("export.json")).expect("json");
+    assert!(record["from"].as_str().expect("from").ends_with("po/final"), "{record}");
+    let written = std::fs::metadata(&weights).expect("weights").modified().expect("mtime");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    go();
+    assert_eq!(std::fs::metadata(&weights).expect("weights").modified().expect("mtime"), written, "exported again");
+    // Other weights in FusePO's model (as after training it again): exported again.
+    let before = std::fs::read(&weights).expect("weights");
+    std::fs::copy(out.join("sft/final/model.safetensors"), out.join("po/final/model.safetensors")).expect("copy");
+    go();
+    assert_ne!(std::fs::read(&weights).expect("weights"), before, "the changed model was not exported");
+    // A removed export folder is written anew.
+    std::fs::remove_dir_all(out.join("export")).expect("rm");
+    go();
+    assert!(weights.is_file());
+}

@@ -1,0 +1,63 @@
+//! The export stage: the last trained model (FusePO's, else FuseSFT's) written as a Hugging Face
+//! folder (`[export] path`, default `runs/NAME/export/`) in `[export] dtype`, sharded at
+//! `max_shard_size_mb`, with the target's tokenizer files. When it has finished, the run directory
+//! records what it exported (`export.json`: the model and a hash of its weights, the folder, dtype
+//! and shard size); a rerun with the same model and settings whose export folder is still there
+//! skips it, as the other stages skip on their `DONE`.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use fuserl_core::fs::write_atomic;
+use fuserl_core::paths::Shown;
+use fuserl_core::recipe::LoadedRecipe;
+use fuserl_model::checkpoint::{load, save_as};
+use serde::{Deserialize, Serialize};
+
+use crate::run_dir::RunDir;
+use crate::{Result, TrainError};
+
+/// `export.json`: what the finished export wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    /// The trained model it came from.
+    pub from: String,
+    /// The hash of its weight files (a model trained again is exported again).
+    pub weights: String,
+    /// The export folder.
+    pub to: String,
+    /// The dtype written.
+    pub dtype: String,
+    /// The shard size in bytes.
+    pub max_shard_bytes: usize,
+}
+
+/// Export `from` (a trained model of the run) as the recipe says, with `target`'s tokenizer
+/// files; `None` when `from` does not exist (a stage that did not run).
+pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result<Option<PathBuf>> {
+    if !from.is_dir() {
+        return Ok(None);
+    }
+    let recipe = &loaded.recipe;
+    let to = loaded.export_dir();
+    let dtype = fuserl_backends::burn_dtype(recipe.export.dtype.unwrap_or(recipe.backend.dtype));
+    let record = ExportRecord {
+        from: from.display().to_string(),
+        weights: format!("{:016x}", crate::local::weights_hash(from).map_err(|e| TrainError::io(from, e))?),
+        to: to.display().to_string(),
+        dtype: format!("{dtype:?}"),
+        max_shard_bytes: (recipe.export.max_shard_size_mb as usize) << 20,
+    };
+    let marker = RunDir::new(loaded.output_dir()).export_record();
+    let done = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<ExportRecord>(&b).ok());
+    if done.as_ref() == Some(&record) && to.join("config.json").is_file() {
+        tracing::info!(to = %Shown(&to), "already exported");
+        return Ok(Some(to));
+    }
+    let _ = std::fs::remove_file(&marker);
+    let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
+    save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
+    let text = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_atomic(&marker, text.as_bytes())?;
+    Ok(Some(to))
+}
