@@ -2,7 +2,7 @@
 //! conversion or a command writes whole goes through [`write_atomic`] or
 //! [`write_atomic_with`], so that there is one durability rule.
 //!
-//! The rule: the bytes go to a temporary file beside the target (`NAME.tmp-PID`, same folder, so
+//! The rule: the bytes go to a temporary file beside the target (`NAME.tmp-PID-N`, same folder, so
 //! the rename never crosses file systems), which is flushed to disk (`fsync`) and then renamed
 //! over the target; the folder is then synced too (best effort: not every file system allows
 //! opening a folder for it). A process killed at any point leaves either the old file or the new
@@ -45,13 +45,19 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Resu
         return write(path).map_err(|source| failure(path, source));
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!("{name}.tmp-{}", std::process::id()));
+    // The process id and a counter: two threads writing the same file never share a temporary.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!("{name}.tmp-{}-{n}", std::process::id()));
     let written = write(&tmp).and_then(|()| std::fs::File::options().write(true).open(&tmp)?.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(failure(&tmp, e));
     }
-    std::fs::rename(&tmp, path).map_err(|source| failure(path, source))?;
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(failure(path, source));
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -94,7 +100,8 @@ mod tests {
             Err(std::io::Error::other("disk full"))
         })
         .expect_err("fails");
-        assert!(err.file.ends_with(format!("model.safetensors.tmp-{}", std::process::id())), "{err:?}");
+        let name = err.file.file_name().expect("name").to_string_lossy().into_owned();
+        assert!(name.starts_with(&format!("model.safetensors.tmp-{}-", std::process::id())), "{err:?}");
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "old");
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1, "the temporary file is removed");
     }

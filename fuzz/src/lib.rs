@@ -72,7 +72,7 @@ pub static TARGETS: &[Target] = &[
     },
     Target {
         name: "model-config",
-        parser: "config.json of every supported architecture (fuserl_model::config::LlamaConfig)",
+        parser: "config.json of every supported architecture (LlamaConfig::from_json, fuserl_model::hf_config)",
         seeds: &["fixtures/**/config.json", "checkpoints/**/config.json"],
         run: model_config,
     },

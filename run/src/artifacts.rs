@@ -1,7 +1,9 @@
 //! The typed files of a run directory that one part writes and another reads: each is one serde
 //! definition shared by its writer and its readers (the report, the command line), so that a
 //! field renamed or removed is a compile error in the reader, never a report that silently
-//! shows nothing. Files of runs made before a field was added still read (`#[serde(default)]`).
+//! shows nothing. Fields added after a file's first version have defaults, so that older files
+//! still read; a file the definition cannot read is named in the report's section instead of
+//! being shown empty.
 
 use std::collections::BTreeMap;
 
@@ -75,20 +77,25 @@ pub struct EvalReport {
     /// How many prompts it holds.
     pub n_prompts: usize,
     /// Answers per prompt and model.
+    #[serde(default = "one")]
     pub samples: u32,
     /// The reward that scored the answers (its scorer id).
     pub reward: String,
     /// The pairwise judge (`[eval.judge]`), if any.
+    #[serde(default)]
     pub judge: Option<String>,
     /// Whether the reward is a verifier (the models then have `pass_at_K`).
+    #[serde(default)]
     pub verifier: bool,
     /// How the intervals were made.
     pub interval: IntervalMethod,
     /// The fused model first, then the baselines.
     pub models: Vec<ModelEval>,
     /// The fused model against each baseline, by the reward and by the judge.
+    #[serde(default)]
     pub comparisons: Vec<Comparison>,
     /// The validation prompts (the fused model alone), when `[eval] validation` names them.
+    #[serde(default)]
     pub validation: Option<Validation>,
 }
 
@@ -111,12 +118,14 @@ pub struct ModelEval {
     /// `fused`, `target`, `sft`, a source's name or a checkpoint's.
     pub name: String,
     /// Its answers.
+    #[serde(default)]
     pub answers: usize,
     /// The mean over prompts of each prompt's mean reward.
     pub mean_reward: Estimate,
     /// The mean over prompts of each prompt's mean answer length in tokens.
     pub mean_length_tokens: Estimate,
     /// Every scored answer's reward (for the report's box plot).
+    #[serde(default)]
     pub rewards: Vec<f64>,
     /// `pass_at_K` for a verifier: pass@K with its interval.
     #[serde(flatten)]
@@ -146,6 +155,7 @@ pub struct Comparison {
     /// The baseline's name.
     pub baseline: String,
     /// `reward`, or the pairwise judge's label.
+    #[serde(default = "by_reward")]
     pub by: String,
     /// The win rate over prompts (ties count half); `null` when no prompt has an outcome.
     pub win_rate: Option<Estimate>,
@@ -171,6 +181,14 @@ pub struct Validation {
     /// Its pass@1, when the training reward is a verifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pass_at_1: Option<Estimate>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn by_reward() -> String {
+    "reward".into()
 }
 
 /// A key that is present, its value possibly `null`.

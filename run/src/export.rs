@@ -1,9 +1,9 @@
 //! The export stage: the last trained model (FusePO's, else FuseSFT's) written as a Hugging Face
 //! folder (`[export] path`, default `runs/NAME/export/`) in `[export] dtype`, sharded at
 //! `max_shard_size_mb`, with the target's tokenizer files. When it has finished, the run directory
-//! records what it exported (`export.json`: the model and a hash of its weights, the folder, dtype
-//! and shard size); a rerun with the same model and settings whose export folder is still there
-//! skips it, as the other stages skip on their `DONE`.
+//! records what it exported (`export.json`: the model and a hash of its weights, the folder, dtype,
+//! shard size, and a hash of the files written); a rerun with the same model and settings whose
+//! export is still there as written skips it, as the other stages skip on their `DONE`.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,9 @@ pub struct ExportRecord {
     pub dtype: String,
     /// The shard size in bytes.
     pub max_shard_bytes: usize,
+    /// The hash of the weight files written (an export changed or removed since is written again).
+    #[serde(default)]
+    pub exported: String,
 }
 
 /// Export `from` (a trained model of the run) as the recipe says, with `target`'s tokenizer
@@ -47,16 +50,24 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
         to: to.display().to_string(),
         dtype: format!("{dtype:?}"),
         max_shard_bytes: (recipe.export.max_shard_size_mb as usize) << 20,
+        exported: String::new(),
     };
+    let hash = |dir: &Path| crate::local::weights_hash(dir).map(|h| format!("{h:016x}"));
     let marker = RunDir::new(loaded.output_dir()).export_record();
     let done = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<ExportRecord>(&b).ok());
-    if done.as_ref() == Some(&record) && to.join("config.json").is_file() {
+    let unchanged = done.as_ref().is_some_and(|d| {
+        ExportRecord { exported: String::new(), ..d.clone() } == record
+            && to.join("config.json").is_file()
+            && hash(&to).is_ok_and(|h| h == d.exported)
+    });
+    if unchanged {
         tracing::info!(to = %Shown(&to), "already exported");
         return Ok(Some(to));
     }
     let _ = std::fs::remove_file(&marker);
     let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
     save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
+    let record = ExportRecord { exported: hash(&to).map_err(|e| TrainError::io(&to, e))?, ..record };
     let text = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
     write_atomic(&marker, text.as_bytes())?;
     Ok(Some(to))

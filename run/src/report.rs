@@ -355,11 +355,15 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
             })?),
             Err(_) => None,
         };
-    let data: Option<DataSummary> = read_typed(&run.data_json())?;
+    // A file of an older format (or a damaged one) is named in its section, not the end of the
+    // report: every other section is still worth having.
+    let data: std::result::Result<Option<DataSummary>, String> =
+        read_typed(&run.data_json()).map_err(|e| e.to_string());
     let sft_examples = read_jsonl(&run.stage(StageName::Sft).examples())?;
     let po_examples = read_jsonl(&run.stage(StageName::Po).examples())?;
     let metrics = read_jsonl(&run.metrics())?;
-    let eval: Option<EvalReport> = read_typed(&run.eval().json())?;
+    let eval: std::result::Result<Option<EvalReport>, String> =
+        read_typed(&run.eval().json()).map_err(|e| e.to_string());
 
     let mut page = Page::default();
     let name = recipe
@@ -369,9 +373,9 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
         .unwrap_or_else(|| "run".to_owned());
     page.title = format!("fuserl run report: {name}");
     recipe_section(&mut page, recipe.as_ref(), run_dir);
-    data_section(&mut page, data.as_ref(), &sft_examples, &po_examples);
+    data_section(&mut page, data.as_ref().map(Option::as_ref), &sft_examples, &po_examples);
     training_section(&mut page, &metrics);
-    eval_section(&mut page, eval.as_ref());
+    eval_section(&mut page, eval.as_ref().map(Option::as_ref));
 
     let dir = run.report();
     let plots_dir = dir.plots();
@@ -591,8 +595,20 @@ fn per_source(examples: &[Value], pick: impl Fn(&[Value]) -> Vec<(&Value, f64)>)
     out
 }
 
-fn data_section(page: &mut Page, data: Option<&DataSummary>, sft: &[Value], po: &[Value]) {
+fn data_section(
+    page: &mut Page,
+    data: std::result::Result<Option<&DataSummary>, &String>,
+    sft: &[Value],
+    po: &[Value],
+) {
     page.heading(2, "Data");
+    let data = match data {
+        Ok(d) => d,
+        Err(problem) => {
+            page.para(&format!("Not shown: {problem} (`fuserl score` writes it anew)."));
+            return;
+        }
+    };
     let Some(data) = data else {
         page.para("Not scored yet (data.json is written by the scoring stage).");
         return;
@@ -735,8 +751,15 @@ fn estimate_cells(e: Option<&Estimate>, at: &str) -> Vec<Cell> {
     ]
 }
 
-fn eval_section(page: &mut Page, eval: Option<&EvalReport>) {
+fn eval_section(page: &mut Page, eval: std::result::Result<Option<&EvalReport>, &String>) {
     page.heading(2, "Evaluation");
+    let eval = match eval {
+        Ok(e) => e,
+        Err(problem) => {
+            page.para(&format!("Not shown: {problem} (`fuserl eval` writes it anew)."));
+            return;
+        }
+    };
     let Some(eval) = eval else {
         page.para("Not evaluated yet (`fuserl eval`, or [eval] enabled in the recipe).");
         return;

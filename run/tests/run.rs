@@ -330,6 +330,10 @@ fn export_is_done_once_and_again_when_its_model_changes() {
     std::fs::copy(out.join("sft/final/model.safetensors"), out.join("po/final/model.safetensors")).expect("copy");
     go();
     assert_ne!(std::fs::read(&weights).expect("weights"), before, "the changed model was not exported");
+    // Weights changed in the export folder (another run writing there): written again.
+    std::fs::write(&weights, b"not a model").expect("write");
+    go();
+    assert_ne!(std::fs::read(&weights).expect("weights"), b"not a model");
     // A removed export folder is written anew.
     std::fs::remove_dir_all(out.join("export")).expect("rm");
     go();

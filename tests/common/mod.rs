@@ -77,12 +77,13 @@ pub fn kill_at_pause(args: &[&str], dir: &Path, label: &str) {
         .spawn()
         .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
-    let paused = BufReader::new(stderr)
-        .lines()
-        .take(10_000)
-        .map_while(Result::ok)
-        .any(|line| line.contains(&format!("paused at {label}")));
+    let mut seen = Vec::new();
+    let paused = BufReader::new(stderr).lines().take(10_000).map_while(Result::ok).any(|line| {
+        let hit = line.contains(&format!("paused at {label}"));
+        seen.push(line);
+        hit
+    });
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
-    assert!(paused, "never paused at {label}");
+    assert!(paused, "never paused at {label}; it printed:\n{}", seen.join("\n"));
 }

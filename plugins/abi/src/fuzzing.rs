@@ -11,7 +11,8 @@ use fuserl_core::registry::Registry;
 
 use crate::host::register_declaration;
 use crate::types::{
-    BatchC, COMPONENT_SIZE_V1, ComponentDecl, GroupC, Handle, Out, PluginDeclaration, STATUS_ERROR, Slice, Str,
+    BatchC, COMPONENT_SIZE_V1, ComponentDecl, Components, GroupC, Handle, Out, PluginDeclaration, STATUS_ERROR, Slice,
+    Str,
 };
 
 extern "C" fn create(_: u64, _: Str<'_>, _: Str<'_>, _: u64, _: *mut Out, _: *mut Handle) -> i32 {
@@ -59,7 +60,9 @@ impl Arena {
     fn str(&mut self, bytes: &[u8]) -> Str<'static> {
         let copy: Box<[u8]> = bytes.into();
         // SAFETY: the bytes are owned by the arena, which outlives every declaration and
-        // registry made from it (the `'static` is the declaration's type, not a leak).
+        // registry made from it. The `'static` is the declaration field's type, not a promise
+        // kept by this value: it is valid only while the arena lives, which this harness
+        // ensures by dropping the registry before the arena.
         #[allow(unsafe_code)]
         let s = Str { bytes: unsafe { Slice::from_raw_parts(copy.as_ptr(), copy.len()) } };
         self.bytes.push(copy);
@@ -126,18 +129,18 @@ pub fn register_bytes(data: &[u8]) -> Result<usize, String> {
         }
         packed.as_ptr().cast()
     };
-    // SAFETY: `ptr` holds `len` components of `stride` bytes, laid out above and kept alive
-    // until the registry made from this declaration is dropped; the host reads them with the
-    // declared stride (an older, shorter layout is the one case `from_raw_parts` allows).
+    // SAFETY: `ptr` holds `len` components of `stride` bytes, aligned (laid out above in
+    // `ComponentDecl`-typed storage) and kept alive until the registry made from this declaration
+    // is dropped.
     #[allow(unsafe_code)]
-    let components = unsafe { Slice::from_raw_parts(ptr, len) };
+    let declared = unsafe { Components::from_raw_parts(ptr, len) };
     let declaration = Box::new(PluginDeclaration {
         abi_version: version,
         struct_size: size_of::<PluginDeclaration>() as u32 ^ u32::from(*struct_xor),
         component_size: stride as u32 ^ u32::from(*component_xor),
         fuserl_version: Str::new(env!("CARGO_PKG_VERSION")),
         plugin_name,
-        components,
+        components: declared,
     });
     let mut registry = Registry::empty();
     // SAFETY: a declaration that starts with its version and size; its components are `len` of

@@ -301,7 +301,8 @@ pub unsafe fn register_declaration(
 /// least [`COMPONENT_SIZE_V1`] and at most `size_of::<ComponentDecl>()`.
 unsafe fn component_at(decl: &'static PluginDeclaration, i: usize, stride: usize) -> ComponentDecl {
     if stride == size_of::<ComponentDecl>() {
-        return decl.components.as_slice()[i];
+        // SAFETY: component `i` of this build's layout, within the `len` the caller checked.
+        return unsafe { *decl.components.as_ptr().add(i) };
     }
     let base = decl.components.as_ptr().cast::<u8>();
     let mut copy = std::mem::MaybeUninit::<ComponentDecl>::zeroed();

@@ -54,7 +54,7 @@ pub unsafe fn declare(
                 component_size: size_of::<ComponentDecl>() as u32,
                 fuserl_version: Str::new(env!("CARGO_PKG_VERSION")),
                 plugin_name: Str::new(name),
-                components: Slice::new(Box::leak(components.into_boxed_slice())),
+                components: Components::new(Box::leak(components.into_boxed_slice())),
             }))
         });
         decl as *const PluginDeclaration

@@ -78,11 +78,9 @@ impl<'a, T> Slice<'a, T> {
     ///
     /// # Safety
     ///
-    /// Unless `len` is 0, `ptr` points to `len` initialised values of `T`'s `#[repr(C)]` layout
-    /// that stay valid and unchanged for `'a` ([`Slice::as_slice`] reads them as a `&'a [T]`).
-    /// The one exception is the ABI's own: a [`PluginDeclaration::components`] of an older ABI
-    /// version holds `len` components of its declared `component_size` (shorter than `T`), which
-    /// the host reads with that stride and never through `as_slice`.
+    /// Unless `len` is 0, `ptr` points to `len` initialised values of `T`'s `#[repr(C)]` layout,
+    /// properly aligned, with `len * size_of::<T>()` at most `isize::MAX`, that stay valid and
+    /// unchanged for `'a` ([`Slice::as_slice`] reads them as a `&'a [T]`).
     #[allow(unsafe_code)]
     pub unsafe fn from_raw_parts(ptr: *const T, len: usize) -> Self {
         Self { ptr, len, _life: PhantomData }
@@ -298,7 +296,52 @@ pub struct PluginDeclaration {
     /// The plugin's name.
     pub plugin_name: Str<'static>,
     /// Its components.
-    pub components: Slice<'static, ComponentDecl>,
+    pub components: Components,
+}
+
+/// [`PluginDeclaration::components`]: `(pointer, length)` like a [`Slice`], but with no safe way
+/// to read it as a `&[ComponentDecl]`, because a plugin of an older ABI version lays out shorter
+/// components (`component_size` bytes each) than this build's `ComponentDecl`: the host reads
+/// them one by one with the declared stride.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Components {
+    ptr: *const ComponentDecl,
+    len: usize,
+}
+
+impl Components {
+    /// This build's components (the layout of the current ABI version).
+    pub fn new(s: &'static [ComponentDecl]) -> Self {
+        Self { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    /// `len` components at `ptr`, laid out as the declaration's `abi_version` and
+    /// `component_size` say.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` points to `len * component_size` readable bytes, aligned for `ComponentDecl`, that
+    /// stay valid and unchanged for as long as anything reads the declaration.
+    #[allow(unsafe_code)]
+    pub unsafe fn from_raw_parts(ptr: *const ComponentDecl, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
+    /// The first component's address.
+    pub fn as_ptr(&self) -> *const ComponentDecl {
+        self.ptr
+    }
+
+    /// The number of components.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 // SAFETY: a component declaration is immutable data that lives as long as the library (which is

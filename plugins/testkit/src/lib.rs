@@ -14,7 +14,7 @@ use fuserl_core::extension::{
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
-use fuserl_plugin_abi::types::{ABI_VERSION, COMPONENT_SIZE_V1, ComponentDecl, HostApi, PluginDeclaration, Slice};
+use fuserl_plugin_abi::types::{ABI_VERSION, COMPONENT_SIZE_V1, ComponentDecl, Components, HostApi, PluginDeclaration};
 
 #[derive(Debug)]
 struct Panicky;
@@ -101,7 +101,9 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
     if mode == "abi-v1" {
         // A plugin built against ABI version 1: components without the version-2 fields.
         let stride = COMPONENT_SIZE_V1;
-        let comps = real.components.as_slice();
+        // SAFETY: `real` is this build's own declaration: `len` components of this build's layout,
+        // leaked by the export macro.
+        let comps = unsafe { std::slice::from_raw_parts(real.components.as_ptr(), real.components.len()) };
         let mut bytes: Vec<u8> = Vec::with_capacity(stride * comps.len());
         for c in comps {
             // SAFETY: reading the first `stride` bytes of a live `ComponentDecl`, which is larger.
@@ -119,9 +121,9 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
             component_size: stride as u32,
             fuserl_version: real.fuserl_version,
             plugin_name: real.plugin_name,
-            // SAFETY: `words` (leaked, so `'static`) holds `comps.len()` version-1 components of
-            // `stride` bytes each, which the host reads with the declared `component_size`.
-            components: unsafe { Slice::from_raw_parts(words.as_ptr().cast::<ComponentDecl>(), comps.len()) },
+            // SAFETY: `words` (leaked, so `'static`; u64 words, aligned for `ComponentDecl`) holds
+            // `comps.len()` version-1 components of `stride` bytes each.
+            components: unsafe { Components::from_raw_parts(words.as_ptr().cast::<ComponentDecl>(), comps.len()) },
         }));
     }
     let (abi_version, struct_size) = match mode.as_str() {
