@@ -129,3 +129,50 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Issue #34: a second command on a run folder in use stops at once, naming the process that holds
+/// it; once that process is killed, the next run takes the folder over with a warning and ends
+/// with every step logged once.
+#[test]
+fn a_folder_in_use_is_refused_and_a_killed_runs_folder_is_taken_over() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tmp");
+    let recipe = repo().join("recipes/quickstart.toml").display().to_string();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_fuserl"))
+        .args(["run", &recipe])
+        .current_dir(dir.path())
+        .env("FUSERL_DEBUG_PAUSE", "sft-step-5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = first.id();
+    let stderr = first.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines().take(10_000).map_while(Result::ok);
+    assert!(lines.any(|l| l.contains("paused at sft-step-5")), "the first run never paused");
+    for command in ["run", "collect", "eval"] {
+        let out = fuserl(&[command, &recipe], dir.path());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        assert!(err.contains(&format!("is in use by process {pid} (fuserl run)")), "{command}: {err}");
+        assert_eq!(err.lines().filter(|l| l.contains("in use")).count(), 1, "said once: {err}");
+    }
+    first.kill().expect("SIGKILL");
+    first.wait().expect("wait");
+    let out = fuserl(&["run", &recipe], dir.path());
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("took over the run folder from process {pid} (fuserl run)")), "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("runs/quickstart/metrics.jsonl")).expect("metrics");
+    let sft: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["stage"] == "sft")
+        .map(|v| v["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(sft, (1..=sft.len() as u64).collect::<Vec<_>>());
+    // The folder is free again: a rerun (which finds everything done) is not refused.
+    let again = fuserl(&["run", &recipe], dir.path());
+    assert!(again.status.success() && !text(&again.stderr).contains("took over"), "{}", text(&again.stderr));
+}

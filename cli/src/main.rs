@@ -353,6 +353,12 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
 fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    let command = match which {
+        fuserl_run::Which::All => "fuserl run",
+        fuserl_run::Which::Sft => "fuserl sft",
+        fuserl_run::Which::Po => "fuserl po",
+    };
+    let _lock = hold(&loaded, command)?;
     let mut bars = StageBars::default();
     let collect_bars = CollectBars::default();
     let score_bar = ScoreBar::default();
@@ -392,6 +398,7 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
 fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry)?;
+    let _lock = hold(&loaded, "fuserl collect")?;
     let bars = CollectBars::default();
     match fuserl_run::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
         Ok((dir, collected)) => {
@@ -411,6 +418,7 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
 fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry)?;
+    let _lock = hold(&loaded, "fuserl score")?;
     let bars = CollectBars::default();
     let bar = ScoreBar::default();
     let result = fuserl_run::collect_stage(&loaded, &[], &|p| bars.update(p))
@@ -432,6 +440,7 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
 fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    let _lock = hold(&loaded, "fuserl eval")?;
     let bars = CollectBars::default();
     let bar = ScoreBar::default();
     match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
@@ -608,6 +617,12 @@ impl StageBars {
     }
 }
 
+/// Hold the recipe's run folder for this command (`RunDir::lock`): a second command on the same
+/// folder stops at once, naming this process.
+fn hold(loaded: &fuserl_core::recipe::LoadedRecipe, command: &str) -> anyhow::Result<fuserl_run::run_dir::RunLock> {
+    Ok(RunDir::new(loaded.output_dir()).lock(command)?)
+}
+
 /// The recipe's device must be compiled into this build (an error at `[backend] device` that
 /// names the cargo feature) and able to do its dtype (an error at `[backend] dtype` that names
 /// the ones it can).
@@ -638,6 +653,7 @@ fn stage_summary(enabled: bool, objective: &str) -> String {
 fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry)?;
+    let _lock = hold(&loaded, "fuserl examples")?;
     let stage = match args.stage {
         StageArg::Sft => StageName::Sft,
         StageArg::Po => StageName::Po,

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! runs/NAME/
+//!   .lock                  held by the command using the folder ([`RunDir::lock`])
 //!   recipe.toml            the resolved recipe (a rerun with another recipe is refused)
 //!   collect/SOURCE.jsonl   each generative source's answers, appended as they arrive, with
 //!                          SOURCE.settings.json
@@ -31,9 +32,13 @@
 //! assert!(run.eval().json().ends_with("eval/eval.json"));
 //! ```
 
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+use fuserl_core::paths::Shown;
 use fuserl_core::pipeline::StageName;
+
+use crate::{Result, TrainError};
 
 /// A run's folder (`[run] output_dir`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +55,64 @@ impl RunDir {
     /// The folder itself.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The lock file: held (an advisory lock of the operating system) by the command that uses the
+    /// folder, and naming it (`process PID (COMMAND)`).
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join(".lock")
+    }
+
+    /// Hold the run directory for one command (`fuserl run`, `collect`, `score`, ...) until the
+    /// returned guard is dropped: a second command on the same folder stops at once, naming the
+    /// process that holds it, instead of both writing the same files (issue #34). The lock is the
+    /// operating system's (`flock` on Unix), so a killed process never leaves it held; a lock
+    /// file still naming a process that has ended is taken over with a warning.
+    pub fn lock(&self, command: &str) -> Result<RunLock> {
+        std::fs::create_dir_all(&self.root).map_err(|e| TrainError::io(&self.root, e))?;
+        let path = self.lock_file();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        let mut holder = String::new();
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() { "another process" } else { holder };
+                return Err(TrainError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "{} is in use by {holder}; wait for it to end or stop it (two commands on one run folder would write the same files)",
+                            Shown(&self.root)
+                        ),
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
+        }
+        let _ = file.read_to_string(&mut holder);
+        if !holder.trim().is_empty() {
+            tracing::warn!(
+                dir = %Shown(&self.root),
+                "took over the run folder from {}, which ended without releasing it (killed?)",
+                holder.trim()
+            );
+        }
+        let me = format!("process {} ({command})\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(me.as_bytes()))
+            .and_then(|()| file.flush())
+            .map_err(|e| TrainError::io(&path, e))?;
+        Ok(RunLock { file })
     }
 
     /// The resolved recipe the run was made with.
@@ -100,6 +163,20 @@ impl RunDir {
     /// The report's folder.
     pub fn report(&self) -> ReportDir {
         ReportDir { dir: self.root.join("report") }
+    }
+}
+
+/// The hold of [`RunDir::lock`]: released (and the lock file emptied) when dropped, or by the
+/// operating system when the process ends in any other way.
+#[derive(Debug)]
+pub struct RunLock {
+    file: std::fs::File,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
     }
 }
 
