@@ -170,7 +170,17 @@ fn a_link_out_of_the_run_directory_is_refused() {
     assert_eq!(err.matches("symbolic link").count(), 1, "said once:\n{err}");
     assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0, "something was written through the link");
 
+    // The run folder's lock file is a link too: nothing is truncated through it.
     std::fs::remove_file(run.join("score")).expect("rm");
+    let victim = outside.join("precious.txt");
+    std::fs::write(&victim, "keep me").expect("write");
+    std::os::unix::fs::symlink(&victim, run.join(".lock")).expect("link");
+    let out = fuserl_env(&["score", &recipe()], dir.path(), &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("runs/reward-classifier/.lock: a symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
+    std::fs::remove_file(run.join(".lock")).expect("rm");
+
     std::fs::create_dir_all(run.join("scores-elsewhere")).expect("mkdir");
     std::os::unix::fs::symlink("scores-elsewhere", run.join("score")).expect("link");
     score_ok(dir.path(), &recipe());

@@ -52,11 +52,6 @@ impl RunDir {
         Self { root: root.into() }
     }
 
-    /// The folder itself.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The lock file: held (an advisory lock of the operating system) by the command that uses the
     /// folder, and naming it (`process PID (COMMAND)`).
     pub fn lock_file(&self) -> PathBuf {
@@ -70,6 +65,9 @@ impl RunDir {
     /// file still naming a process that has ended is taken over with a warning.
     pub fn lock(&self, command: &str) -> Result<RunLock> {
         std::fs::create_dir_all(&self.root).map_err(|e| TrainError::io(&self.root, e))?;
+        // Before the lock file is opened for writing: a `.lock` (or the folder) that is a link
+        // leading out of the run folder would have it truncate a file elsewhere.
+        fuserl_core::paths::check_links_stay_inside(&self.root)?;
         let path = self.lock_file();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -268,11 +266,6 @@ pub struct ReportDir {
 }
 
 impl ReportDir {
-    /// The folder itself.
-    pub fn root(&self) -> &Path {
-        &self.dir
-    }
-
     /// The self-contained page.
     pub fn index(&self) -> PathBuf {
         self.dir.join("index.html")
