@@ -17,7 +17,7 @@ from openai import AsyncOpenAI
 
 
 def sample_seed(run_seed: int, prompt_id: str, sample_index: int) -> int:
-    """fuserl_core::collect::sample_seed: the seed fuserl asks sample `sample_index` of a prompt
+    """fuserl_run::collect::sample_seed: the seed fuserl asks sample `sample_index` of a prompt
     with, so that both sides ask for the same answers (same lengths, same work)."""
     m = 2**64
     h = 0xCBF29CE484222325 ^ (run_seed * 0x9E3779B97F4A7C15 % m)

@@ -8,13 +8,13 @@
 //! the backend type) and is called through [`on_backend`].
 //!
 //! ```
-//! use fuserl_core::recipe::{DType, Device};
+//! use fuserl_core::backend::{DType, Device};
 //! assert!(fuserl_backends::check_device(Device::Cpu).is_ok());
 //! assert_eq!(fuserl_backends::cargo_feature(Device::Cuda), Some("cuda"));
 //! assert!(fuserl_backends::check(Device::Cpu, DType::Bf16).is_ok());
 //! ```
 
-use fuserl_core::recipe::{DType, Device};
+use fuserl_core::backend::{DType, Device};
 pub use fuserl_kernels::LogProbBackend;
 
 /// Makes the C allocator keep freed memory for reuse (glibc only; elsewhere it does nothing and

@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod model_cmds;
 use fuserl_core::paths::Shown;
-use fuserl_core::pipeline::{StageName, prepare_with};
-use fuserl_core::recipe::load_recipe_with;
+use fuserl_core::data::StageName;
+use fuserl_run::pipeline::{prepare_with, read_file_sources};
+use fuserl_recipe::load_recipe_with;
 use fuserl_core::registry::Registry;
-use fuserl_run::run_dir::RunDir;
+use fuserl_io::run_dir::RunDir;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -171,10 +172,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     // A panic inside a third-party parser is caught at its call and comes back as an error that
-    // names the file (fuserl_core::untrusted): print that error, not the panic as well.
+    // names the file (fuserl_io::untrusted): print that error, not the panic as well.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !fuserl_core::untrusted::catching_panic() {
+        if !fuserl_io::untrusted::catching_panic() {
             default_hook(info);
         }
     }));
@@ -231,7 +232,11 @@ fn chain_of<'a>(
 fn init_logging(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "error",
-        (false, 0) => "warn,fuserl_core=info,fuserl_plugins=info",
+        // The data stages' lines (what was read, collected, scored, prepared) and the plugins'.
+        (false, 0) => {
+            "warn,fuserl_core=info,fuserl_io=info,fuserl_recipe=info,fuserl_plugins=info,fuserl_run::collect=info,\
+             fuserl_run::score=info,fuserl_run::pairwise=info,fuserl_run::pipeline=info"
+        }
         (false, 1) => "debug",
         (false, _) => "trace",
     };
@@ -263,7 +268,7 @@ fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
     Ok(registry)
 }
 
-fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_core::recipe::LoadedRecipe> {
+fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
     let mut registry = registry.clone();
     load_recipe_with(file, &mut registry, &fuserl_plugin_abi::host::Loader)
 }
@@ -299,13 +304,13 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Score(args) => score(&args, plugins),
         Command::Eval(args) => eval(&args, plugins),
         Command::Reward(args) => model_cmds::reward(&args).map(|()| ExitCode::SUCCESS),
-        Command::Report { run_dir } => match fuserl_run::report::write_report(&run_dir) {
+        Command::Report { run_dir } => match fuserl_report::write_report(&run_dir) {
             Ok(files) => {
                 println!("report: {}", Shown(&files.html));
                 println!("report (Markdown): {}", Shown(&files.markdown));
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => Ok(stage_failed(&e)),
+            Err(e) => Ok(stage_failed(&e.into())),
         },
         Command::Run(args) => train(&args, plugins, fuserl_run::Which::All),
         Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
@@ -400,7 +405,7 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let loaded = load(&args.recipe, &registry)?;
     let _lock = hold(&loaded, "fuserl collect")?;
     let bars = CollectBars::default();
-    match fuserl_run::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
+    match fuserl_run::collect::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
         Ok((dir, collected)) => {
             if collected.is_empty() {
                 println!("the recipe has no generative source: nothing to collect");
@@ -410,7 +415,7 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             bars.abandon();
-            Ok(stage_failed(&e))
+            Ok(stage_failed(&e.into()))
         }
     }
 }
@@ -421,10 +426,13 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let _lock = hold(&loaded, "fuserl score")?;
     let bars = CollectBars::default();
     let bar = ScoreBar::default();
-    let result = fuserl_run::collect_stage(&loaded, &[], &|p| bars.update(p))
-        .and_then(|(_, collected)| fuserl_run::score_stage(&loaded, collected, &|p| bar.update(p)));
+    let answers = read_file_sources(&loaded).map_err(fuserl_run::TrainError::from).and_then(|mut answers| {
+        answers.extend(fuserl_run::collect::collect_stage(&loaded, &[], &|p| bars.update(p))?.1);
+        Ok(answers)
+    });
+    let result = answers.and_then(|answers| fuserl_run::score::score_stage(&loaded, answers, &|p| bar.update(p)));
     match result {
-        Ok((dir, _)) => {
+        Ok(fuserl_run::score::Scored { dir, .. }) => {
             fuserl_run::refresh_report(&loaded.output_dir());
             println!("scores: {}", Shown(&dir));
             Ok(ExitCode::SUCCESS)
@@ -445,7 +453,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let bar = ScoreBar::default();
     match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
         Ok((file, doc)) => {
-            let pct = |e: &fuserl_run::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
+            let pct = |e: &fuserl_io::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
             println!("{} prompts, reward {}", doc.n_prompts, doc.reward);
             for m in &doc.models {
                 let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
@@ -486,7 +494,7 @@ struct ScoreBar {
 }
 
 impl ScoreBar {
-    fn update(&self, p: &fuserl_core::score::ScoreProgress<'_>) {
+    fn update(&self, p: &fuserl_run::score::ScoreProgress<'_>) {
         let mut slot = self.bar.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = slot.get_or_insert_with(|| {
             let bar = indicatif::ProgressBar::new(p.total);
@@ -532,7 +540,7 @@ struct CollectBars {
 }
 
 impl CollectBars {
-    fn update(&self, p: &fuserl_core::collect::CollectProgress<'_>) {
+    fn update(&self, p: &fuserl_run::collect::CollectProgress<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
             let bar = self.multi.add(indicatif::ProgressBar::new(p.total));
@@ -619,14 +627,14 @@ impl StageBars {
 
 /// Hold the recipe's run folder for this command (`RunDir::lock`): a second command on the same
 /// folder stops at once, naming this process.
-fn hold(loaded: &fuserl_core::recipe::LoadedRecipe, command: &str) -> anyhow::Result<fuserl_run::run_dir::RunLock> {
+fn hold(loaded: &fuserl_recipe::LoadedRecipe, command: &str) -> anyhow::Result<fuserl_io::run_dir::RunLock> {
     Ok(RunDir::new(loaded.output_dir()).lock(command)?)
 }
 
 /// The recipe's device must be compiled into this build (an error at `[backend] device` that
 /// names the cargo feature) and able to do its dtype (an error at `[backend] dtype` that names
 /// the ones it can).
-fn check_backend(loaded: fuserl_core::recipe::LoadedRecipe) -> fuserl_core::Result<fuserl_core::recipe::LoadedRecipe> {
+fn check_backend(loaded: fuserl_recipe::LoadedRecipe) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
     let backend = &loaded.recipe.backend;
     match fuserl_backends::check(backend.device, backend.dtype) {
         Ok(()) => Ok(loaded),
@@ -634,7 +642,7 @@ fn check_backend(loaded: fuserl_core::recipe::LoadedRecipe) -> fuserl_core::Resu
             let text = std::fs::read_to_string(&loaded.file).unwrap_or_default();
             let key = if matches!(e, fuserl_backends::BackendError::Dtype { .. }) { "dtype" } else { "device" };
             let path = fuserl_core::config::KeyPath::keys(&["backend", key]);
-            let (line, column) = fuserl_core::location::Locator::new(&text).locate(&path);
+            let (line, column) = fuserl_recipe::location::Locator::new(&text).locate(&path);
             Err(fuserl_core::Error::Recipe {
                 file: loaded.file.clone(),
                 line,
@@ -660,8 +668,9 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
     };
     // Generative sources answer first (into the run directory, resumably).
     let collect_bars = CollectBars::default();
-    let (_, collected) = fuserl_run::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?;
-    let prepared = prepare_with(&loaded, stage, collected, Some(&RunDir::new(loaded.output_dir()).score()))?;
+    let mut answers = read_file_sources(&loaded)?;
+    answers.extend(fuserl_run::collect::collect_stage(&loaded, &[], &|p| collect_bars.update(p))?.1);
+    let prepared = prepare_with(&loaded, stage, answers, Some(&RunDir::new(loaded.output_dir()).score()))?;
     let (examples, stats) = (prepared.examples, prepared.stats);
     let mut text = String::new();
     for e in &examples {
@@ -687,11 +696,11 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
 }
 
 /// Write a command's output file: its folder made if missing, the file written by the one
-/// atomic write (`fuserl_core::fs`).
+/// atomic write (`fuserl_io::fs`).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
-    fuserl_core::fs::write_atomic(path, bytes).map_err(fuserl_core::Error::from)?;
+    fuserl_io::fs::write_atomic(path, bytes).map_err(fuserl_core::Error::from)?;
     Ok(())
 }
 

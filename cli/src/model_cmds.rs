@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::data::ChatMessage;
 use fuserl_core::paths::Shown;
-use fuserl_core::recipe::{DType, Device};
+use fuserl_core::backend::{DType, Device};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
 use fuserl_model::generate::{GenerateConfig, generate};

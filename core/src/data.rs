@@ -74,6 +74,50 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// A generative source's own sampling settings (`[[sources]] sampling = {...}`), each over the
+/// recipe's `[data.sampling]` ([`SamplingParams`]); named as in OpenAI's API (`max_tokens`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSampling {
+    /// Softmax temperature (0: greedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Top-k cut-off (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Most new tokens per answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Stop strings (the answer is cut there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Further fields of a server's request body, sent as given (server-specific options, such
+    /// as vLLM's `min_p`); a source that sends no requests refuses them.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub extra: toml::Table,
+}
+
+impl SourceSampling {
+    /// Whether nothing is set (the recipe's `[data.sampling]` holds throughout).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The settings in effect: each of these over the recipe's `base`.
+    pub fn over(&self, base: &SamplingParams) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.or(base.temperature),
+            top_p: self.top_p.or(base.top_p),
+            top_k: self.top_k.or(base.top_k),
+            max_new_tokens: self.max_tokens.or(base.max_new_tokens),
+            seed: base.seed,
+        }
+    }
+}
+
 /// Which answer a completion is: prompt, source model and sample index.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CompletionId {
@@ -246,4 +290,33 @@ pub struct Example {
     /// Extra facts about how it was built (for example the pair's reward gap).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub notes: BTreeMap<String, f64>,
+}
+
+/// Which training stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageName {
+    /// FuseSFT.
+    Sft,
+    /// FusePO.
+    Po,
+}
+
+impl StageName {
+    /// `sft` or `po`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Po => "po",
+        }
+    }
+}
+
+/// Check a generative source's `name` (it names its store file): non-empty, no slashes, not
+/// hidden. For the constructors of generative sources, built-in or plugin.
+pub fn check_source_name(name: &str) -> std::result::Result<(), crate::config::ConfigError> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(crate::config::ConfigError::at("name", "expected a non-empty source name without slashes"));
+    }
+    Ok(())
 }

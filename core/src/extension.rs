@@ -158,31 +158,15 @@ pub trait RewardModel: Send + Sync + Debug {
     fn fingerprint(&self) -> String {
         self.scorer_id()
     }
-    /// Whether the scores are verdicts of a verifier: 1 for an answer that passed, below 1 for
-    /// one that did not (the evaluation then reports pass@k). A property of the reward, not of
-    /// its name. Default: no.
-    fn is_verifier(&self) -> bool {
-        false
+    /// What kind of scores these are ([`RewardTraits`]: a verifier's verdicts, skips, kept in
+    /// the run directory, pairwise). Default: plain scores of single answers, stored.
+    fn traits(&self) -> RewardTraits {
+        RewardTraits::default()
     }
-    /// Whether a NaN score means "no score: leave this answer out of training" (a judge told to
-    /// skip answers it could not grade). Default: no, a non-finite score is an error.
-    fn skips(&self) -> bool {
-        false
-    }
-    /// Whether the scoring stage keeps this reward's scores in the run directory. Default: yes;
-    /// `precomputed` (scores that came with the data) says no.
-    fn stored(&self) -> bool {
-        true
-    }
-    /// The parts of a reward made of other rewards (`combine`), each with its name: the scoring
-    /// stage scores and stores each part on its own (so a changed part alone is scored again),
-    /// then asks [`RewardModel::combine`] for each answer's score. Default: none.
-    fn parts(&self) -> Vec<(&str, &dyn RewardModel)> {
-        Vec::new()
-    }
-    /// One answer's score from its parts' scores (in the order of [`RewardModel::parts`]).
-    fn combine(&self, part_scores: &[f64]) -> f64 {
-        part_scores.iter().sum()
+    /// A reward made of other rewards (`combine`): the scoring stage scores and stores each
+    /// part on its own (so a changed part alone is scored again), then combines. Default: none.
+    fn composite(&self) -> Option<&dyn CompositeReward> {
+        None
     }
     /// Score `items` in batches of about `batch_size`, handing each batch's scores to `sink` as
     /// `(indices into items, scores)` as soon as they are known, so that a stopped run keeps
@@ -196,14 +180,9 @@ pub trait RewardModel: Send + Sync + Debug {
         }
         Ok(())
     }
-    /// Whether this reward judges pairs of answers ([`RewardModel::compare_batches`]) rather than
-    /// scoring one answer at a time (a pairwise judge: `[eval.judge]`). Default: no.
-    fn pairwise(&self) -> bool {
-        false
-    }
     /// A pairwise judge's verdicts: for each pair, the preference for `a` over `b` in [0, 1]
-    /// (1: `a` is better, 0.5: a tie, 0: `b` is better; NaN: no verdict, when the reward
-    /// [skips](RewardModel::skips)), handed to `sink` as `(indices, preferences)` as they come.
+    /// (when [`RewardTraits::pairwise`]; 1: `a` is better, 0.5: a tie, 0: `b` is better; NaN: no verdict, when the reward
+    /// [skips](RewardTraits::skips)), handed to `sink` as `(indices, preferences)` as they come.
     /// Default: an error, a reward that scores single answers cannot compare two.
     fn compare_batches(&self, items: &[PairItem<'_>], sink: &mut ScoreSink<'_>) -> Result<()> {
         let _ = (items, sink);
@@ -213,6 +192,37 @@ pub trait RewardModel: Send + Sync + Debug {
             message: "cannot compare two answers (a `judge` with mode = \"pairwise\" can)".into(),
         })
     }
+}
+
+/// Properties of a reward's scores, for the stages that use them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RewardTraits {
+    /// The scores are verdicts of a verifier: 1 for an answer that passed, below 1 for one that
+    /// did not (the evaluation then reports pass@k).
+    pub verifier: bool,
+    /// A NaN score means "no score: leave this answer out of training" (a judge told to skip
+    /// answers it could not grade); otherwise a non-finite score is an error.
+    pub skips: bool,
+    /// The scoring stage keeps the scores in the run directory (`precomputed`, scores that came
+    /// with the data, is not).
+    pub stored: bool,
+    /// It judges pairs of answers ([`RewardModel::compare_batches`]) rather than scoring one
+    /// answer at a time (a pairwise judge: `[eval.judge]`).
+    pub pairwise: bool,
+}
+
+impl Default for RewardTraits {
+    fn default() -> Self {
+        Self { verifier: false, skips: false, stored: true, pairwise: false }
+    }
+}
+
+/// A reward made of named parts, each a reward of its own ([`RewardModel::composite`]).
+pub trait CompositeReward: Send + Sync + Debug {
+    /// The parts, each with its name (the name of its store).
+    fn parts(&self) -> Vec<(&str, &dyn RewardModel)>;
+    /// One answer's score from its parts' scores (in the order of [`CompositeReward::parts`]).
+    fn combine(&self, part_scores: &[f64]) -> f64;
 }
 
 /// Receives a reward's scores batch by batch: `(indices of the items, their scores)`.
@@ -341,4 +351,65 @@ pub trait PreferenceObjective: Send + Sync + Debug {
     fn build_examples(&self, group: &GroupView<'_>) -> Result<Vec<ExampleSpec>>;
     /// The loss of a batch and its derivative with respect to every policy log-prob.
     fn loss(&self, batch: &ObjectiveBatch<'_>) -> Result<LossOutput>;
+}
+
+/// The plain-data view of a group that plugins see.
+#[derive(Debug, Clone)]
+pub struct GroupData {
+    /// Rewards (finite).
+    pub rewards: Vec<f64>,
+    /// Source index per completion.
+    pub sources: Vec<u32>,
+    /// Sample index per completion.
+    pub sample_indices: Vec<u32>,
+    /// Source names.
+    pub source_names: Vec<String>,
+    /// Weights (empty before weighting).
+    pub weights: Vec<f64>,
+}
+
+impl GroupData {
+    /// Extract the view's data from a scored group; a missing reward is an error naming it.
+    pub fn from_group(group: &crate::data::ScoredGroup) -> Result<Self> {
+        let rewards = group.rewards()?;
+        let (source_names, sources) = group.source_table();
+        let sample_indices = group.completions.iter().map(|c| c.completion.id.sample_index).collect();
+        Ok(Self { rewards, sources, sample_indices, source_names, weights: Vec::new() })
+    }
+
+    /// A group from `(source name, reward)` per completion, sample indices counted per source
+    /// in order, no weights yet (for tests of weighting schemes and objectives).
+    pub fn new(items: &[(&str, f64)]) -> Self {
+        let mut g = Self {
+            rewards: Vec::new(),
+            sources: Vec::new(),
+            sample_indices: Vec::new(),
+            source_names: Vec::new(),
+            weights: Vec::new(),
+        };
+        for (source, reward) in items {
+            let s = match g.source_names.iter().position(|n| n == source) {
+                Some(i) => i,
+                None => {
+                    g.source_names.push((*source).to_owned());
+                    g.source_names.len() - 1
+                }
+            };
+            g.sample_indices.push(g.sources.iter().filter(|x| **x as usize == s).count() as u32);
+            g.sources.push(s as u32);
+            g.rewards.push(*reward);
+        }
+        g
+    }
+
+    /// Borrow as a [`GroupView`].
+    pub fn view(&self) -> GroupView<'_> {
+        GroupView {
+            rewards: &self.rewards,
+            sources: &self.sources,
+            sample_indices: &self.sample_indices,
+            source_names: &self.source_names,
+            weights: &self.weights,
+        }
+    }
 }

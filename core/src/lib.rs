@@ -7,9 +7,12 @@
 //!   training examples, each traceable to the source answer it came from;
 //! - [`extension`]: the four extension points ([`SourceAdapter`], [`RewardModel`],
 //!   [`WeightingScheme`], [`PreferenceObjective`]) over plain host data;
-//! - [`registry`]: components registered with `inventory` (built-ins) or at run time;
-//! - [`recipe`]: TOML recipes, strictly parsed, with file:line:column errors;
-//! - [`pipeline`]: the host-side stages that connect the extension points.
+//! - [`registry`]: components registered with `inventory` (built-ins) or at run time, and
+//!   the context they are built in ([`backend`]: where a model-backed component runs);
+//! - [`config`]: strict parsing of a component's TOML table, with key paths for errors.
+//!
+//! It is what a plugin links: no Parquet, HTTP, tensors or plugin loading. The recipe parser
+//! is `fuserl-recipe`, the file readers and stores `fuserl-io`, the stages `fuserl-run`.
 //!
 //! Errors in recipes point at a key path, which the recipe layer turns into file:line:column:
 //!
@@ -19,26 +22,14 @@
 //! assert_eq!(path.to_string(), "sources[1].path");
 //! ```
 
-pub mod collect;
-pub mod combine;
+pub mod backend;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod extension;
-pub mod fs;
-pub mod jsonl;
-pub mod location;
 pub mod maths;
-pub mod pairwise;
-pub mod parquet_pages;
 pub mod paths;
-pub mod pipeline;
-pub mod prompts;
-pub mod recipe;
 pub mod registry;
-pub mod score;
-pub mod store;
-pub mod untrusted;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};

@@ -67,21 +67,43 @@ pub struct BuildContext {
     /// The run's seed.
     pub seed: u64,
     /// The recipe's `[backend]` (where a component that runs a model runs it by default).
-    pub backend: crate::recipe::BackendConfig,
+    pub backend: crate::backend::BackendConfig,
+    /// The registry building the component, set by its build methods: a composite (`combine`)
+    /// builds its parts through it ([`BuildContext::registry`]).
+    pub registry: Option<Arc<Registry>>,
 }
 
 impl Default for BuildContext {
     fn default() -> Self {
-        Self { base_dir: ".".into(), seed: 0, backend: crate::recipe::BackendConfig::default() }
+        Self::new(".", 0, crate::backend::BackendConfig::default())
     }
 }
 
 impl BuildContext {
+    /// A context for building a recipe's components.
+    pub fn new(base_dir: impl Into<PathBuf>, seed: u64, backend: crate::backend::BackendConfig) -> Self {
+        Self { base_dir: base_dir.into(), seed, backend, registry: None }
+    }
+
+    /// The registry the component is being built from (none outside [`Registry`]'s build
+    /// methods): for components made of components.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_deref()
+    }
+
     /// Resolve a path from a recipe against [`BuildContext::base_dir`].
     pub fn resolve(&self, path: &str) -> PathBuf {
         let p = PathBuf::from(path);
         if p.is_absolute() { p } else { self.base_dir.join(p) }
     }
+}
+
+/// Loads the plugin libraries a recipe names in `plugins = [...]` (implemented by the plugin ABI
+/// crate, which the core cannot depend on).
+pub trait PluginLoader {
+    /// Load the plugin `spec` (a path relative to `base_dir`, or a bare library name) into
+    /// `registry`; a message on failure.
+    fn load(&self, spec: &str, base_dir: &std::path::Path, registry: &mut Registry) -> std::result::Result<(), String>;
 }
 
 /// A constructed component and its configuration with every default filled in.
@@ -323,6 +345,11 @@ impl Registry {
         self.entries.iter().find(|e| e.point() == point && e.name == name)
     }
 
+    /// `ctx` with this registry in it, for composites.
+    fn context(&self, ctx: &BuildContext) -> BuildContext {
+        BuildContext { registry: Some(Arc::new(self.clone())), ..ctx.clone() }
+    }
+
     fn lookup(&self, point: ExtensionPoint, kind: &str) -> Result<&Factory, BuildError> {
         self.get(point, kind).map(|e| &e.factory).ok_or_else(|| BuildError::UnknownKind {
             point,
@@ -339,7 +366,7 @@ impl Registry {
         ctx: &BuildContext,
     ) -> Result<Built<dyn SourceAdapter>, BuildError> {
         match self.lookup(ExtensionPoint::Source, kind)? {
-            Factory::Source(f) => f(table, ctx).map_err(BuildError::Config),
+            Factory::Source(f) => f(table, &self.context(ctx)).map_err(BuildError::Config),
             _ => unreachable!("lookup filters by extension point"),
         }
     }
@@ -351,16 +378,8 @@ impl Registry {
         table: &toml::Table,
         ctx: &BuildContext,
     ) -> Result<Built<dyn RewardModel>, BuildError> {
-        // `combine` builds its parts through this registry.
-        if kind == "combine"
-            && self
-                .get(ExtensionPoint::Reward, kind)
-                .is_some_and(|e| e.origin == concat!("built-in (", env!("CARGO_PKG_NAME"), ")"))
-        {
-            return crate::combine::build(self, table, ctx).map_err(BuildError::Config);
-        }
         match self.lookup(ExtensionPoint::Reward, kind)? {
-            Factory::Reward(f) => f(table, ctx).map_err(BuildError::Config),
+            Factory::Reward(f) => f(table, &self.context(ctx)).map_err(BuildError::Config),
             _ => unreachable!("lookup filters by extension point"),
         }
     }
@@ -373,7 +392,7 @@ impl Registry {
         ctx: &BuildContext,
     ) -> Result<Built<dyn WeightingScheme>, BuildError> {
         match self.lookup(ExtensionPoint::Weighting, kind)? {
-            Factory::Weighting(f) => f(table, ctx).map_err(BuildError::Config),
+            Factory::Weighting(f) => f(table, &self.context(ctx)).map_err(BuildError::Config),
             _ => unreachable!("lookup filters by extension point"),
         }
     }
@@ -386,7 +405,7 @@ impl Registry {
         ctx: &BuildContext,
     ) -> Result<Built<dyn PreferenceObjective>, BuildError> {
         match self.lookup(ExtensionPoint::Objective, kind)? {
-            Factory::Objective(f) => f(table, ctx).map_err(BuildError::Config),
+            Factory::Objective(f) => f(table, &self.context(ctx)).map_err(BuildError::Config),
             _ => unreachable!("lookup filters by extension point"),
         }
     }

@@ -36,19 +36,19 @@ pub struct Target {
 pub static TARGETS: &[Target] = &[
     Target {
         name: "recipe",
-        parser: "recipe TOML: parse, validate, build every component (fuserl_core::recipe::parse_recipe)",
+        parser: "recipe TOML: parse, validate, build every component (fuserl_recipe::parse_recipe)",
         seeds: &["recipes/*.toml"],
         run: recipe,
     },
     Target {
         name: "prompts",
-        parser: "JSONL prompt files (fuserl_core::prompts::read_prompts, core::jsonl's line reader)",
+        parser: "JSONL prompt files (fuserl_io::prompts::read_prompts, fuserl_io::jsonl's line reader)",
         seeds: &["data/*.jsonl"],
         run: prompts_jsonl,
     },
     Target {
         name: "parquet",
-        parser: "Parquet prompt files (fuserl_core::prompts::read_prompts)",
+        parser: "Parquet prompt files (fuserl_io::prompts::read_prompts)",
         seeds: &["fixtures/prompts/*.parquet"],
         run: prompts_parquet,
     },
@@ -195,15 +195,15 @@ fn messages() -> Vec<ChatMessage> {
 fn recipe(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else { return false };
     let file = repo_root().join("recipes/fuzz-input.toml");
-    fuserl_core::recipe::parse_recipe(text, &file, registry()).is_ok()
+    fuserl_recipe::parse_recipe(text, &file, registry()).is_ok()
 }
 
 fn prompts_jsonl(data: &[u8]) -> bool {
-    fuserl_core::prompts::read_prompts(&input_file("prompts.jsonl", data)).is_ok()
+    fuserl_io::prompts::read_prompts(&input_file("prompts.jsonl", data)).is_ok()
 }
 
 fn prompts_parquet(data: &[u8]) -> bool {
-    fuserl_core::prompts::read_prompts(&input_file("prompts.parquet", data)).is_ok()
+    fuserl_io::prompts::read_prompts(&input_file("prompts.parquet", data)).is_ok()
 }
 
 fn records(data: &[u8]) -> bool {

@@ -43,7 +43,7 @@ fn main() {
         eprintln!("cannot set the memory limit: {e:?}");
         std::process::exit(2);
     }
-    // No abort-on-panic hook: a panic that fuserl catches (fuserl_core::untrusted) is handled;
+    // No abort-on-panic hook: a panic that fuserl catches (fuserl_io::untrusted) is handled;
     // one that escapes a target still aborts the process (afl.rs does so), a crash for AFL++.
     afl::fuzz(false, |data| {
         (target.run)(data);

@@ -40,7 +40,7 @@ fn parquet_findings_are_named_errors() {
     for finding in findings {
         let file = dir.path().join("prompts.parquet");
         std::fs::copy(&finding, &file).expect("copy");
-        let err = fuserl_core::prompts::read_prompts(&file).expect_err("refused").to_string();
+        let err = fuserl_io::prompts::read_prompts(&file).expect_err("refused").to_string();
         assert!(err.contains("prompts.parquet") && err.contains("not a readable Parquet file"), "{err}");
     }
 }

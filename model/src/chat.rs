@@ -52,7 +52,7 @@ impl ChatTokenizer {
         let bytes = std::fs::read(&tj).map_err(|e| ModelError::io(&tj, e))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| ModelError::format(&tj, format!("not valid JSON: {e}")))?;
-        let tokenizer = fuserl_core::untrusted::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        let tokenizer = fuserl_io::untrusted::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
             .map_err(|m| ModelError::format(&tj, format!("not a valid tokenizer: {m}")))?
             .map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
         let tc_file = dir.join("tokenizer_config.json");

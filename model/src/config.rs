@@ -14,15 +14,69 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-/// Architectures this crate implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma3ForCausalLM",
-    "Gemma3ForConditionalGeneration",
-];
+/// The architectures this crate implements, named in files (config.json's `architectures`,
+/// checkpoints' state) as transformers names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Architecture {
+    /// Llama 2 and 3.
+    #[serde(rename = "LlamaForCausalLM")]
+    Llama,
+    /// Mistral (a sliding window over all layers).
+    #[serde(rename = "MistralForCausalLM")]
+    Mistral,
+    /// Qwen2 and Qwen2.5 (q/k/v biases).
+    #[serde(rename = "Qwen2ForCausalLM")]
+    Qwen2,
+    /// Qwen3 (q/k norms).
+    #[serde(rename = "Qwen3ForCausalLM")]
+    Qwen3,
+    /// Gemma 3's text model.
+    #[serde(rename = "Gemma3ForCausalLM")]
+    Gemma3,
+    /// Gemma 3 with its vision tower, of which the text model is used.
+    #[serde(rename = "Gemma3ForConditionalGeneration")]
+    Gemma3Multimodal,
+}
+
+impl Architecture {
+    /// Every architecture, in the order messages list them.
+    pub const ALL: [Self; 6] =
+        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3, Self::Gemma3, Self::Gemma3Multimodal];
+
+    /// transformers' name: `LlamaForCausalLM`, ….
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Gemma3Multimodal => "Gemma3ForConditionalGeneration",
+        }
+    }
+
+    /// The architecture transformers calls `name`, if this crate implements it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+
+    /// Gemma 3, text-only or multimodal (its own config dialect: [`crate::gemma3`]).
+    pub fn is_gemma3(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Gemma3Multimodal)
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Architecture {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// The feed-forward activation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,8 +121,8 @@ pub const MAX_SIZE: usize = 1 << 24;
 /// A resolved model configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
-    pub architecture: String,
+    /// The architecture (the family).
+    pub architecture: Architecture,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Hidden size.
@@ -130,7 +184,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Llama's options and no sizes: the base every family's resolution (and the GGUF import)
     /// fills in.
-    pub(crate) fn blank(architecture: String) -> Self {
+    pub(crate) fn blank(architecture: Architecture) -> Self {
         Self {
             architecture,
             vocab_size: 0,
@@ -161,7 +215,7 @@ impl LlamaConfig {
 
     /// What every family spells alike: sizes, heads, norms' epsilon, embeddings, tokens. RoPE,
     /// biases and the family's own options are left at Llama's defaults for the caller to set.
-    pub(crate) fn common(v: &Value, architecture: String, file: &Path) -> Result<Self> {
+    pub(crate) fn common(v: &Value, architecture: Architecture, file: &Path) -> Result<Self> {
         let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
         let bad = |message: String| ModelError::format(file, message);
         // Sizes are bounded before anything is sized by them (a config is read before the

@@ -50,8 +50,8 @@ impl ModelError {
 /// Result alias.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-impl From<fuserl_core::fs::WriteFailure> for ModelError {
-    fn from(f: fuserl_core::fs::WriteFailure) -> Self {
+impl From<fuserl_io::fs::WriteFailure> for ModelError {
+    fn from(f: fuserl_io::fs::WriteFailure) -> Self {
         Self::io(f.file, f.source)
     }
 }

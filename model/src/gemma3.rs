@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Activation, LlamaConfig, RopeScaling, rope_scaling, rope_scaling_json};
+use crate::config::{Activation, Architecture, LlamaConfig, RopeScaling, rope_scaling, rope_scaling_json};
 use crate::error::{ModelError, Result};
 
 /// Gemma 3's RoPE bases when the config gives none (transformers' `default_theta`).
@@ -29,10 +29,10 @@ const LOCAL_THETA: f64 = 10_000.0;
 
 /// Resolve a Gemma 3 `config.json` (`architecture` is `Gemma3ForCausalLM` or
 /// `Gemma3ForConditionalGeneration`, whose `text_config` is read).
-pub fn config(v: &Value, architecture: &str, file: &Path) -> Result<LlamaConfig> {
+pub fn config(v: &Value, architecture: Architecture, file: &Path) -> Result<LlamaConfig> {
     let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
     let bad = |message: String| ModelError::format(file, message);
-    let text = if architecture == "Gemma3ForConditionalGeneration" {
+    let text = if architecture == Architecture::Gemma3Multimodal {
         v.get("text_config").filter(|t| t.is_object()).ok_or_else(|| {
             bad("a Gemma3ForConditionalGeneration config needs `text_config` (the language model's settings)".into())
         })?
@@ -58,7 +58,7 @@ pub fn config(v: &Value, architecture: &str, file: &Path) -> Result<LlamaConfig>
         }
     }
     let text = &merged;
-    let mut c = LlamaConfig::common(text, "Gemma3ForCausalLM".into(), file)?;
+    let mut c = LlamaConfig::common(text, Architecture::Gemma3, file)?;
     match text.get("hidden_activation").or_else(|| text.get("hidden_act")).and_then(Value::as_str) {
         None | Some("gelu_pytorch_tanh") => {}
         Some(other) => {

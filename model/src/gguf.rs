@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use fuserl_core::fs::write_atomic;
+use fuserl_io::fs::write_atomic;
 
 use crate::checkpoint::TensorStore;
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{Architecture, LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::quant::GgmlType;
 
@@ -303,10 +303,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     let g = Gguf::read(input)?;
     let arch = g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("");
     let architecture = match arch {
-        "llama" => "LlamaForCausalLM",
-        "qwen2" => "Qwen2ForCausalLM",
-        "qwen3" => "Qwen3ForCausalLM",
-        "gemma3" => "Gemma3ForCausalLM",
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
+        "gemma3" => Architecture::Gemma3,
         other => {
             return Err(ModelError::Unsupported {
                 file: input.to_path_buf(),
@@ -343,11 +343,11 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         rms_norm_eps: g.meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-5),
         rope_theta: g.meta.get(&key("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
         tie_word_embeddings: tied,
-        qkv_bias: architecture == "Qwen2ForCausalLM",
+        qkv_bias: architecture == Architecture::Qwen2,
         max_position_embeddings: g.meta.get(&key("context_length")).and_then(Meta::as_i64).map_or(2048, |v| v as usize),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        ..LlamaConfig::blank(architecture.into())
+        ..LlamaConfig::blank(architecture)
     };
     if let Some(kind) = g.meta.get(&key("rope.scaling.type")) {
         match kind.as_str() {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{LlamaConfig, RopeScaling, SUPPORTED_ARCHITECTURES, read_json, rope_scaling, rope_scaling_json};
+use crate::config::{Architecture, LlamaConfig, RopeScaling, read_json, rope_scaling, rope_scaling_json};
 use crate::error::{ModelError, Result};
 
 impl LlamaConfig {
@@ -20,7 +20,7 @@ impl LlamaConfig {
     pub fn from_json(v: &Value, file: &Path) -> Result<Self> {
         let unsupported = |what: String| ModelError::Unsupported { file: file.to_path_buf(), what };
         let bad = |message: String| ModelError::format(file, message);
-        let architecture = match v.get("architectures").and_then(Value::as_array).and_then(|a| a.first()) {
+        let name = match v.get("architectures").and_then(Value::as_array).and_then(|a| a.first()) {
             Some(Value::String(a)) => a.clone(),
             _ => match v.get("model_type").and_then(Value::as_str) {
                 Some("llama") => "LlamaForCausalLM".into(),
@@ -37,20 +37,18 @@ impl LlamaConfig {
                 None => return Err(bad("neither `architectures` nor `model_type` says what the model is".into())),
             },
         };
-        if architecture.ends_with("ForSequenceClassification") {
+        if name.ends_with("ForSequenceClassification") {
             return Err(unsupported(format!(
-                "architecture `{architecture}` as a causal LM: it is a sequence classifier (a reward model); \
+                "architecture `{name}` as a causal LM: it is a sequence classifier (a reward model); \
                  load it with fuserl_model::classifier (the `classifier` reward, `fuserl reward`)"
             )));
         }
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(unsupported(format!(
-                "architecture `{architecture}`; supported: {}",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
-        }
-        if architecture.starts_with("Gemma3") {
-            return crate::gemma3::config(v, &architecture, file);
+        let Some(architecture) = Architecture::from_name(&name) else {
+            let supported: Vec<&str> = Architecture::ALL.iter().map(|a| a.as_str()).collect();
+            return Err(unsupported(format!("architecture `{name}`; supported: {}", supported.join(", "))));
+        };
+        if architecture.is_gemma3() {
+            return crate::gemma3::config(v, architecture, file);
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
@@ -62,13 +60,13 @@ impl LlamaConfig {
         c.rope_theta = rope_theta;
         c.rope_scaling = rope_scaling;
         let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
-        let is_qwen2 = c.architecture == "Qwen2ForCausalLM";
+        let is_qwen2 = c.architecture == Architecture::Qwen2;
         c.qkv_bias = is_qwen2 || attention_bias;
         c.o_bias = !is_qwen2 && attention_bias;
-        c.qk_norm = c.architecture == "Qwen3ForCausalLM";
-        c.sliding_window = match c.architecture.as_str() {
-            "MistralForCausalLM" => v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
-            "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+        c.qk_norm = c.architecture == Architecture::Qwen3;
+        c.sliding_window = match c.architecture {
+            Architecture::Mistral => v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
+            Architecture::Qwen2 | Architecture::Qwen3
                 if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
             {
                 return Err(unsupported(format!("option use_sliding_window = true ({})", c.architecture)));
@@ -81,17 +79,15 @@ impl LlamaConfig {
     /// `config.json` in Hugging Face's layout (transformers 4 style RoPE keys, which both
     /// transformers 4 and 5 read).
     pub fn to_hf_json(&self) -> Value {
-        if self.architecture.starts_with("Gemma3") {
-            return crate::gemma3::to_hf_json(self);
-        }
-        let model_type = match self.architecture.as_str() {
-            "MistralForCausalLM" => "mistral",
-            "Qwen2ForCausalLM" => "qwen2",
-            "Qwen3ForCausalLM" => "qwen3",
-            _ => "llama",
+        let model_type = match self.architecture {
+            Architecture::Gemma3 | Architecture::Gemma3Multimodal => return crate::gemma3::to_hf_json(self),
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Llama => "llama",
         };
         let mut v = serde_json::json!({
-            "architectures": [self.architecture],
+            "architectures": [self.architecture.as_str()],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -111,14 +107,14 @@ impl LlamaConfig {
         if let Some(scaling) = rope_scaling_json(&self.rope_scaling) {
             map.insert("rope_scaling".into(), scaling);
         }
-        if self.architecture == "Qwen3ForCausalLM" {
+        if self.architecture == Architecture::Qwen3 {
             map.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
         }
-        if self.architecture == "LlamaForCausalLM" {
+        if self.architecture == Architecture::Llama {
             map.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
             map.insert("mlp_bias".into(), Value::Bool(false));
         }
-        if self.architecture == "MistralForCausalLM" {
+        if self.architecture == Architecture::Mistral {
             map.insert("sliding_window".into(), self.sliding_window.map_or(Value::Null, |w| Value::from(w as u64)));
         }
         self.insert_token_ids(map);

@@ -3,7 +3,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use fuserl_core::recipe::LogProbPath;
+use fuserl_core::backend::LogProbPath;
 use fuserl_kernels::{LogProbBackend, linear_logprobs};
 
 use crate::error::{ModelError, Result};

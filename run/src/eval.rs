@@ -30,23 +30,24 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
-use fuserl_core::collect::{CollectPlan, CollectProgress, collect_with};
+use crate::collect::{CollectPlan, CollectProgress, collect_with};
 use fuserl_core::data::{Completion, ScoredGroup};
 use fuserl_core::data::{Prompt, SamplingParams};
 use fuserl_core::extension::Generator;
 use fuserl_core::extension::{PairItem, RewardModel};
-use fuserl_core::fs::write_atomic;
-use fuserl_core::pairwise::compare_stage;
+use fuserl_io::fs::write_atomic;
+use crate::pairwise::compare_stage;
 use fuserl_core::paths::Shown;
-use fuserl_core::pipeline::{StageName, assemble_groups};
-use fuserl_core::recipe::LoadedRecipe;
+use crate::pipeline::assemble_groups;
+use fuserl_core::data::StageName;
+use fuserl_recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
-use fuserl_core::score::ScoreProgress;
+use crate::score::ScoreProgress;
 use fuserl_model::chat::ChatTokenizer;
 
-use crate::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
+use fuserl_io::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
 use crate::local::LocalSource;
-use crate::run_dir::{EvalDir, RunDir};
+use fuserl_io::run_dir::{EvalDir, RunDir};
 use crate::{Result, TrainError};
 
 /// Resamples of every bootstrap interval.
@@ -96,14 +97,14 @@ pub fn eval_stage(
         Some(r) => (r.as_ref(), "[eval.reward]"),
         None => (loaded.components.reward.as_ref(), "[reward]"),
     };
-    if !reward.stored() && reward.parts().is_empty() {
+    if !reward.traits().stored && reward.composite().is_none() {
         return Err(TrainError::Data(format!(
             "{}: {table} kind = \"{}\" cannot score new answers (its scores come with the data); evaluate with a reward that scores any answer ([eval.reward])",
             Shown(&loaded.file),
             reward.name()
         )));
     }
-    let prompts: Vec<Prompt> = fuserl_core::prompts::read_prompts(&prompts_file)?.prompts;
+    let prompts: Vec<Prompt> = fuserl_io::prompts::read_prompts(&prompts_file)?.prompts;
     if prompts.is_empty() {
         return Err(TrainError::Data(format!("{}: no prompts", Shown(&prompts_file))));
     }
@@ -113,7 +114,7 @@ pub fn eval_stage(
     let dir = eval_dir.root().to_path_buf();
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let ctx =
-        BuildContext { base_dir: loaded.base_dir.clone(), seed: recipe.run.seed, backend: recipe.backend.clone() };
+        BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
     let checkpoint_source = |name: &str, path: &Path| -> Result<LocalSource> {
         if !path.join("config.json").is_file() {
@@ -180,7 +181,7 @@ pub fn eval_stage(
     let collected = collect_with(&generators, &plan, &eval_dir.collect(), &[], collect_progress)?;
     let mut groups = assemble_groups(collected)?;
     let batch = recipe.data.score_batch_size as usize;
-    fuserl_core::score::score_stage(reward, &mut groups, Some(&eval_dir.score()), batch, score_progress)?;
+    crate::score::score_answers(reward, &mut groups, Some(&eval_dir.score()), batch, score_progress)?;
 
     // Per model: prompt -> its answers' (reward, length in tokens).
     let tok =
@@ -203,7 +204,7 @@ pub fn eval_stage(
     }
     let order: Vec<String> = generators.iter().map(|g| g.source_name().to_owned()).collect();
     let seed = recipe.run.seed;
-    let verifier = reward.is_verifier();
+    let verifier = reward.traits().verifier;
     let ks = pass_ks(e.samples);
     // A prompt's mean reward over its scored answers (None when none was scored).
     let prompt_mean = |answers: &[Answer]| {
@@ -287,13 +288,13 @@ pub fn eval_stage(
     let validation = match &e.validation {
         Some(file) => {
             let file = loaded.base_dir.join(file);
-            let val_prompts = fuserl_core::prompts::read_prompts(&file)?.prompts;
+            let val_prompts = fuserl_io::prompts::read_prompts(&file)?.prompts;
             let plan = CollectPlan { prompts: &val_prompts, ..plan };
             let vdir = eval_dir.validation();
             let collected = collect_with(&generators[..1], &plan, &vdir.collect(), &[], collect_progress)?;
             let mut vgroups = assemble_groups(collected)?;
             let train_reward = loaded.components.reward.as_ref();
-            fuserl_core::score::score_stage(train_reward, &mut vgroups, Some(&vdir.score()), batch, score_progress)?;
+            crate::score::score_answers(train_reward, &mut vgroups, Some(&vdir.score()), batch, score_progress)?;
             let mut per_prompt: HashMap<&str, Vec<f64>> = HashMap::new();
             for g in &vgroups {
                 for c in &g.completions {
@@ -313,7 +314,7 @@ pub fn eval_stage(
                 mean_reward: bootstrap_mean(&means, RESAMPLES, 0.95, seed),
                 pass_at_1: None,
             };
-            if train_reward.is_verifier() {
+            if train_reward.traits().verifier {
                 let passed: Vec<f64> = val_prompts
                     .iter()
                     .filter_map(|p| per_prompt.get(p.id.as_str()))

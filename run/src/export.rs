@@ -8,13 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use fuserl_core::fs::write_atomic;
+use fuserl_io::fs::write_atomic;
 use fuserl_core::paths::Shown;
-use fuserl_core::recipe::LoadedRecipe;
+use fuserl_recipe::LoadedRecipe;
 use fuserl_model::checkpoint::{load, save_as};
 use serde::{Deserialize, Serialize};
 
-use crate::run_dir::RunDir;
+use fuserl_io::run_dir::RunDir;
 use crate::{Result, TrainError};
 
 /// `export.json`: what the finished export wrote.

@@ -1,6 +1,6 @@
 //! fuserl-run: the stages of a run, from a recipe, in a run directory that resumes: collect
-//! (the generative sources answer the recipe's prompts; [`fuserl_core::collect`]), score (the
-//! reward scores every answer; [`fuserl_core::score`]), FuseSFT and FusePO (the trainer,
+//! (the generative sources answer the recipe's prompts; [`crate::collect`]), score (the
+//! reward scores every answer; [`crate::score`]), FuseSFT and FusePO (the trainer,
 //! [`fuserl_train`]), export. `fuserl run|collect|score|sft|po` call [`run`], [`collect_stage`]
 //! and [`score_stage`]; the `local` source ([`local`]) and the `classifier` reward
 //! ([`classifier`]) live here because they run a model.
@@ -13,38 +13,37 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::backend::Autodiff;
 use burn::tensor::DType;
-use fuserl_core::collect::{CollectPlan, CollectProgress, collect, collect_with};
-use fuserl_core::data::Prompt;
-use fuserl_core::extension::Collected;
-use fuserl_core::extension::Generator;
+use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::data::{Prompt, ScoredGroup, StageName};
+use fuserl_core::extension::{Collected, Generator};
+use fuserl_core::paths::Shown;
 use fuserl_core::registry::BuildContext;
-
-use crate::local::LocalSource;
-use crate::run_dir::RunDir;
-use fuserl_core::pipeline::{StageName, gather_groups, prepare_with};
-use fuserl_core::recipe::{LoadedRecipe, ReferenceModel};
-use fuserl_core::score::{ScoreProgress, ScoreSummary};
+use fuserl_io::fs::write_atomic;
+use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save};
-
-use fuserl_core::fs::write_atomic;
+use fuserl_recipe::{LoadedRecipe, ReferenceModel};
 use fuserl_train::data::tokenize;
 pub use fuserl_train::trainer::Progress;
 use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage};
 pub use fuserl_train::{Result, TrainError};
 
-pub mod artifacts;
+use crate::collect::{CollectPlan, CollectProgress, collect_stage, collect_with};
+use crate::local::LocalSource;
+use crate::pipeline::{gather_groups, in_stage, prepare_stage, read_file_sources};
+use crate::score::{ScoreProgress, score_stage};
+
 pub mod classifier;
+pub mod collect;
 pub mod eval;
 pub mod export;
 pub mod local;
-pub mod report;
-pub mod run_dir;
+pub mod pairwise;
+pub mod pipeline;
+pub mod score;
 pub mod stats;
-use burn::backend::Autodiff;
-use fuserl_backends::{LogProbBackend, OnBackend};
-use fuserl_core::paths::Shown;
 
 /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in
 /// `out` (gradient checkpointing, when the stage asks for it, is the trainer's: by layer).
@@ -112,15 +111,18 @@ fn target_samples(
     start: &Path,
     n: u32,
     dir: &Path,
-    collected: &[Collected],
+    groups: &[ScoredGroup],
     progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
 ) -> Result<Collected> {
     let recipe = &loaded.recipe;
-    let prepared = prepare_with(loaded, StageName::Po, collected.to_vec(), Some(&loaded.output_dir().join("score")))?;
-    let mut prompts: Vec<Prompt> = prepared.prompts.into_iter().map(|(id, messages)| Prompt { id, messages }).collect();
+    let mut prompts: Vec<Prompt> = groups
+        .iter()
+        .filter(|g| in_stage(&recipe.data, recipe.run.seed, &g.prompt.id, StageName::Po))
+        .map(|g| g.prompt.clone())
+        .collect();
     prompts.sort_by(|a, b| a.id.cmp(&b.id));
     let ctx =
-        BuildContext { base_dir: loaded.base_dir.clone(), seed: recipe.run.seed, backend: recipe.backend.clone() };
+        BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
     let source = LocalSource::for_checkpoint("target", start, max_prompt, &ctx)
         .map_err(|e| TrainError::Data(format!("[po] target_samples: {e}")))?;
@@ -194,55 +196,10 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The collect stage alone (`fuserl collect`): every generative source answers the recipe's
-/// prompts into `runs/NAME/collect/` (resumes; `redo` names sources to start afresh).
-pub fn collect_stage(
-    loaded: &LoadedRecipe,
-    redo: &[String],
-    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
-) -> Result<(PathBuf, Vec<Collected>)> {
-    // Each store guards its own settings (a source whose settings changed is refused, or started
-    // afresh with `redo`), so collecting needs no claim on the run directory; the training
-    // stages make that claim.
-    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
-    let dir = RunDir::new(loaded.output_dir()).collect();
-    let collected = collect(loaded, &dir, redo, progress)?;
-    Ok((dir, collected))
-}
-
-/// The scoring stage alone (`fuserl score`): the recipe's reward scores every answer of every
-/// prompt (both training stages' prompts; the collect stage's answers given in `collected`) into
-/// `runs/NAME/score/` (resumes; scores afresh when the reward's settings changed).
-pub fn score_stage(
-    loaded: &LoadedRecipe,
-    collected: Vec<Collected>,
-    progress: &dyn Fn(&ScoreProgress<'_>),
-) -> Result<(PathBuf, ScoreSummary)> {
-    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
-    let run = RunDir::new(loaded.output_dir());
-    let dir = run.score();
-    let (mut groups, _) = gather_groups(loaded, collected)?;
-    let reward = loaded.components.reward.as_ref();
-    let batch = loaded.recipe.data.score_batch_size as usize;
-    let summary = fuserl_core::score::score_stage(reward, &mut groups, Some(&dir), batch, progress)?;
-    write_data_summary(&run.data_json(), &groups, reward.scorer_id())?;
-    Ok((dir, summary))
-}
-
-/// `data.json` for the report ([`artifacts::DataSummary`]).
-fn write_data_summary(file: &Path, groups: &[fuserl_core::data::ScoredGroup], reward: String) -> Result<()> {
-    let doc = artifacts::DataSummary::of(groups, reward);
-    let text = serde_json::to_string(&doc).map_err(|e| TrainError::Data(e.to_string()))?;
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    }
-    Ok(write_atomic(file, text.as_bytes())?)
-}
-
 /// Rebuild the run's report (`report/`), as after every stage: a report that cannot be built is
 /// a warning, never the end of a run (`fuserl report` rebuilds it and says why).
 pub fn refresh_report(run_dir: &Path) {
-    if let Err(e) = report::write_report(run_dir) {
+    if let Err(e) = fuserl_report::write_report(run_dir) {
         tracing::warn!(dir = %Shown(run_dir), error = %e, "the run report could not be rebuilt");
     }
 }
@@ -256,13 +213,16 @@ fn run_on<B: LogProbBackend>(
     let recipe = &loaded.recipe;
     let dir = claim_run_dir(loaded)?;
     let run = RunDir::new(&dir);
-    let (_, collected) = collect_stage(loaded, &[], report.collect)?;
-    score_stage(loaded, collected.clone(), report.score)?;
+    // Every source's answers, each read or generated once: the file sources' records, then the
+    // collect stage's answers; scored once, for both training stages.
+    let mut answers = read_file_sources(loaded)?;
+    answers.extend(collect_stage(loaded, &[], report.collect)?.1);
+    let scored = score_stage(loaded, answers.clone(), report.score)?;
     refresh_report(&dir);
     let progress = report.step;
     let metrics = run.metrics();
     let tensorboard =
-        recipe.run.report_to.contains(&fuserl_core::recipe::ReportTo::Tensorboard).then(|| run.tensorboard());
+        recipe.run.report_to.contains(&fuserl_recipe::ReportTo::Tensorboard).then(|| run.tensorboard());
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
     let tok = ChatTokenizer::load(&target, template.as_deref())?;
@@ -275,10 +235,12 @@ fn run_on<B: LogProbBackend>(
     let sft_final = sft.final_model();
     let po_final = po.final_model();
 
-    // The data stages of a training stage: collect, score, weigh, build examples; the examples
-    // (with their provenance and token counts) are kept in the stage's folder.
-    let tokenized = |stage: StageName, extra: Vec<Collected>| -> Result<Vec<fuserl_train::data::TrainExample>> {
-        let p = prepare_with(loaded, stage, collected.iter().cloned().chain(extra).collect(), Some(&run.score()))?;
+    // The data stages of a training stage on the scored groups: weigh, build examples; the
+    // examples (with their provenance and token counts) are kept in the stage's folder.
+    let tokenized = |stage: StageName, groups: Vec<ScoredGroup>| -> Result<Vec<fuserl_train::data::TrainExample>> {
+        let mut p = prepare_stage(loaded, stage, groups)?;
+        p.stats.skipped_records = scored.skipped_records;
+        p.stats.log(stage);
         let examples = tokenize(p.examples, &p.prompts, &p.texts, &tok, max_len, max_prompt)?;
         let stage_dir = run.stage(stage);
         let stage_root = stage_dir.root();
@@ -305,7 +267,7 @@ fn run_on<B: LogProbBackend>(
                 name: StageName::Sft,
                 config: &recipe.sft,
                 objective: loaded.components.sft_objective.as_ref(),
-                examples: tokenized(StageName::Sft, Vec::new())?,
+                examples: tokenized(StageName::Sft, scored.groups.clone())?,
                 reference: None,
                 seed: recipe.run.seed,
                 dir: sft.checkpoints(),
@@ -340,19 +302,21 @@ fn run_on<B: LogProbBackend>(
                 Some(ReferenceModel::Target) => target.clone(),
                 _ => start.clone(),
             };
-            let extra = if recipe.po.target_samples > 0 {
-                vec![target_samples(
-                    loaded,
-                    &start,
-                    recipe.po.target_samples,
-                    &po.collect(),
-                    &collected,
-                    report.collect,
-                )?]
+            let groups = if recipe.po.target_samples > 0 {
+                // The target's own answers join the sources'; only they are scored now (the
+                // others' scores are in the store).
+                let n = recipe.po.target_samples;
+                let own = target_samples(loaded, &start, n, &po.collect(), &scored.groups, report.collect)?;
+                let (mut groups, _) = gather_groups(loaded, answers.iter().cloned().chain([own]).collect())?;
+                groups.retain(|g| in_stage(&recipe.data, recipe.run.seed, &g.prompt.id, StageName::Po));
+                let reward = loaded.components.reward.as_ref();
+                let batch = recipe.data.score_batch_size as usize;
+                score::score_answers(reward, &mut groups, Some(&run.score()), batch, &|_| {})?;
+                groups
             } else {
-                Vec::new()
+                scored.groups.clone()
             };
-            let examples = tokenized(StageName::Po, extra)?;
+            let examples = tokenized(StageName::Po, groups)?;
             let objective = loaded.components.po_objective.as_ref();
             let reference = if objective.needs_reference() {
                 let cache = po.reference_logps();

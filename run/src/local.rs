@@ -20,40 +20,19 @@
 use std::path::{Path, PathBuf};
 
 use fuserl_backends::{LogProbBackend, OnBackend};
-use fuserl_core::config::ConfigError;
-use fuserl_core::data::SamplingParams;
+use fuserl_core::config::{ConfigError, KeyPath};
+use fuserl_core::data::{SamplingParams, SourceSampling};
 use fuserl_core::extension::{
     CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
 };
 use fuserl_core::paths::Shown;
-use fuserl_core::recipe::{DType as RecipeDType, Device};
+use fuserl_core::backend::{DType as RecipeDType, Device};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
 use fuserl_model::generate::{GenerateConfig, generate_seeded};
 use serde::{Deserialize, Serialize};
-
-/// Per-source sampling overrides.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LocalSampling {
-    /// Softmax temperature (0: greedy).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    /// Nucleus mass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Top-k cut-off (0: none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<u32>,
-    /// Most new tokens per answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// Stop strings (the answer is cut there).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-}
 
 /// `[[sources]] kind = "local"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,8 +58,8 @@ pub struct LocalConfig {
     #[serde(default = "default_prompt_len")]
     pub max_prompt_length: u32,
     /// Sampling overrides of `[data.sampling]`.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub sampling: LocalSampling,
+    #[serde(default, skip_serializing_if = "SourceSampling::is_empty")]
+    pub sampling: SourceSampling,
 }
 
 fn default_batch() -> u32 {
@@ -88,9 +67,6 @@ fn default_batch() -> u32 {
 }
 fn default_prompt_len() -> u32 {
     1024
-}
-fn is_default(s: &LocalSampling) -> bool {
-    *s == LocalSampling::default()
 }
 
 /// A checkpoint that answers prompts in-process.
@@ -109,7 +85,7 @@ pub struct LocalSource {
 impl LocalSource {
     /// Build: the folder must be a checkpoint; nothing is loaded yet.
     pub fn new(config: LocalConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
-        fuserl_core::collect::check_source_name(&config.name)?;
+        fuserl_core::data::check_source_name(&config.name)?;
         let checkpoint = ctx.resolve(&config.checkpoint);
         if !checkpoint.join("config.json").is_file() {
             return Err(ConfigError::at(
@@ -119,6 +95,12 @@ impl LocalSource {
         }
         if config.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "expected at least 1"));
+        }
+        if let Some(key) = config.sampling.extra.keys().next() {
+            return Err(ConfigError::new(
+                KeyPath::keys(&["sampling", "extra", key]),
+                "the local source sends no requests: expected only temperature, top_p, top_k, max_tokens and stop",
+            ));
         }
         let template = config.chat_template.as_deref().map(|t| ctx.resolve(t));
         let (device, device_index) = match config.device {
@@ -146,7 +128,7 @@ impl LocalSource {
             dtype: None,
             batch_size: default_batch(),
             max_prompt_length,
-            sampling: LocalSampling::default(),
+            sampling: SourceSampling::default(),
         };
         Self::new(config, &BuildContext { base_dir: PathBuf::from("."), ..ctx.clone() })
     }
@@ -156,14 +138,14 @@ impl LocalSource {
     }
 
     fn generate_config(&self, sampling: &SamplingParams) -> GenerateConfig {
-        let s = &self.config.sampling;
+        let s = self.config.sampling.over(sampling);
         GenerateConfig {
-            max_new_tokens: s.max_tokens.or(sampling.max_new_tokens).map_or(256, |m| m as usize),
-            temperature: s.temperature.or(sampling.temperature).unwrap_or(1.0),
-            top_p: s.top_p.or(sampling.top_p).unwrap_or(1.0),
-            top_k: s.top_k.or(sampling.top_k).unwrap_or(0) as usize,
+            max_new_tokens: s.max_new_tokens.map_or(256, |m| m as usize),
+            temperature: s.temperature.unwrap_or(1.0),
+            top_p: s.top_p.unwrap_or(1.0),
+            top_k: s.top_k.unwrap_or(0) as usize,
             seed: 0,
-            stop: s.stop.clone(),
+            stop: self.config.sampling.stop.clone(),
         }
     }
 }

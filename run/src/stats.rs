@@ -16,26 +16,7 @@ pub fn pass_at_k(n: u64, c: u64, k: u64) -> f64 {
     1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
 }
 
-/// A mean with its confidence interval and how many values it rests on. In eval.json a mean of
-/// no values (NaN) is written `null`, and read back as NaN.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Estimate {
-    /// The mean of the values.
-    #[serde(deserialize_with = "null_as_nan")]
-    pub mean: f64,
-    /// Lower end of the interval.
-    #[serde(deserialize_with = "null_as_nan")]
-    pub low: f64,
-    /// Upper end.
-    #[serde(deserialize_with = "null_as_nan")]
-    pub high: f64,
-    /// Number of values (prompts).
-    pub n: usize,
-}
-
-fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
-}
+pub use fuserl_io::artifacts::Estimate;
 
 /// The `q`-quantile of sorted values, by linear interpolation between order statistics (numpy's
 /// default `linear` method).

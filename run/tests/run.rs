@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fuserl_core::recipe::parse_recipe;
+use fuserl_recipe::parse_recipe;
 use fuserl_run::{Reporters, Which, run};
 
 fn repo() -> PathBuf {
@@ -281,7 +281,7 @@ fn fused_and_naive_log_probs_train_alike() {
 /// export, with losses close to the CPU's (f32 on both, different summation orders).
 #[test]
 fn a_run_on_wgpu_tracks_the_cpu() {
-    use fuserl_core::recipe::Device;
+    use fuserl_recipe::Device;
     let gpu = tempfile::tempdir().expect("tmp");
     let out = gpu.path().join("run");
     let text = recipe_on(&out, "device = \"wgpu\"");

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use burn::tensor::DType;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
-use fuserl_core::recipe::LogProbPath;
+use fuserl_core::backend::LogProbPath;
 use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
@@ -85,7 +85,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());
     let dpo = registry.build_objective_from(&t, &BuildContext::default()).expect("dpo").component;
-    let mut config: fuserl_core::recipe::StageConfig =
+    let mut config: fuserl_recipe::StageConfig =
         fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     config.batch_size = 2;
     config.gradient_checkpointing = std::env::args().any(|a| a == "checkpointing");

@@ -54,8 +54,8 @@ impl TrainError {
 /// Result alias.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
-impl From<fuserl_core::fs::WriteFailure> for TrainError {
-    fn from(f: fuserl_core::fs::WriteFailure) -> Self {
+impl From<fuserl_io::fs::WriteFailure> for TrainError {
+    fn from(f: fuserl_io::fs::WriteFailure) -> Self {
         Self::io(f.file, f.source)
     }
 }

@@ -23,7 +23,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
-use fuserl_core::recipe::LogProbPath;
+use fuserl_core::backend::LogProbPath;
 use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{DecoderLayer, Inputs, LayerContext, Llama, LlamaModel, Rope};
 use fuserl_model::logprobs::hidden_logprobs;

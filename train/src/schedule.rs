@@ -3,7 +3,7 @@
 //! step `step` (0-based) rises linearly from 0 over `warmup` steps, then stays, falls linearly, or
 //! follows half a cosine to 0 at `total`.
 
-use fuserl_core::recipe::Schedule;
+use fuserl_recipe::Schedule;
 
 /// The learning rate of step `step` of `total`.
 pub fn learning_rate(schedule: Schedule, peak: f64, step: u64, warmup: u64, total: u64) -> f64 {

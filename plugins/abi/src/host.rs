@@ -697,11 +697,11 @@ impl PreferenceObjective for DynObjective {
     }
 }
 
-/// Loads plugins named in recipes (see `fuserl_core::recipe::PluginLoader`).
+/// Loads plugins named in recipes (see `fuserl_core::registry::PluginLoader`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Loader;
 
-impl fuserl_core::recipe::PluginLoader for Loader {
+impl fuserl_core::registry::PluginLoader for Loader {
     fn load(&self, spec: &str, base_dir: &Path, registry: &mut Registry) -> std::result::Result<(), String> {
         let path = resolve_plugin(spec, base_dir)?;
         load_library(&path, registry).map(|_| ())

@@ -124,4 +124,4 @@ pub fn assert_gradient(objective: &dyn PreferenceObjective, stats: &Stats, tol: 
 }
 
 /// One prompt's group for a weighting scheme or `build_examples`: `Group::new(&[("src", reward), ...])`.
-pub use fuserl_core::pipeline::GroupData as Group;
+pub use fuserl_core::extension::GroupData as Group;

@@ -3,7 +3,7 @@
 //! RLOO groups.
 
 use fuserl_core::extension::PreferenceObjective;
-use fuserl_core::pipeline::GroupData;
+use fuserl_core::extension::GroupData;
 use fuserl_core::registry::BuildContext;
 use fuserl_plugins::pairs::{PairConfig, PairStrategy, PairWeights};
 

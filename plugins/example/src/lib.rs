@@ -219,7 +219,7 @@ impl Generator for TemplatedSource {
 
 fn build_templated(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
     build_component(t, ctx, |c: TemplatedConfig, _| {
-        fuserl_core::collect::check_source_name(&c.name)?;
+        fuserl_core::data::check_source_name(&c.name)?;
         Ok(Box::new(TemplatedSource { config: c }) as Box<dyn SourceAdapter>)
     })
 }

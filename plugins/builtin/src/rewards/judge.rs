@@ -41,7 +41,7 @@ use std::path::PathBuf;
 
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::ChatMessage;
-use fuserl_core::extension::{PairItem, RewardModel, ScoreItem, ScoreSink};
+use fuserl_core::extension::{PairItem, RewardModel, RewardTraits, ScoreItem, ScoreSink};
 use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
@@ -472,8 +472,12 @@ impl RewardModel for Judge {
         .to_string()
     }
 
-    fn skips(&self) -> bool {
-        self.config.on_unparseable == OnUnparseable::Skip
+    fn traits(&self) -> RewardTraits {
+        RewardTraits {
+            skips: self.config.on_unparseable == OnUnparseable::Skip,
+            pairwise: self.config.mode == JudgeMode::Pairwise,
+            ..RewardTraits::default()
+        }
     }
 
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
@@ -498,10 +502,6 @@ impl RewardModel for Judge {
             |v| self.rating(v),
             sink,
         )
-    }
-
-    fn pairwise(&self) -> bool {
-        self.config.mode == JudgeMode::Pairwise
     }
 
     fn compare_batches(&self, items: &[PairItem<'_>], sink: &mut ScoreSink<'_>) -> Result<()> {

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use fuserl_core::config::ConfigError;
-use fuserl_core::extension::{RewardModel, ScoreItem};
+use fuserl_core::extension::{RewardModel, RewardTraits, ScoreItem};
 use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
@@ -274,8 +274,8 @@ impl RewardModel for MathReward {
         "math"
     }
 
-    fn is_verifier(&self) -> bool {
-        true
+    fn traits(&self) -> RewardTraits {
+        RewardTraits { verifier: true, ..RewardTraits::default() }
     }
 
     fn fingerprint(&self) -> String {

@@ -1,5 +1,6 @@
 //! Reward models.
 
+pub mod combine;
 pub mod http;
 pub mod judge;
 pub mod keywords;

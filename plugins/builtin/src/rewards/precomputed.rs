@@ -2,7 +2,7 @@
 //! record's `scores` or `score`). A completion without one is an error that names it.
 
 use fuserl_core::config::ConfigError;
-use fuserl_core::extension::{RewardModel, ScoreItem};
+use fuserl_core::extension::{RewardModel, RewardTraits, ScoreItem};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,8 @@ impl RewardModel for PrecomputedReward {
             None => "precomputed".into(),
         }
     }
-    fn stored(&self) -> bool {
-        false
+    fn traits(&self) -> RewardTraits {
+        RewardTraits { stored: false, ..RewardTraits::default() }
     }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         items

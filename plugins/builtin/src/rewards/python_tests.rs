@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fuserl_core::config::ConfigError;
-use fuserl_core::extension::{RewardModel, ScoreItem};
+use fuserl_core::extension::{RewardModel, RewardTraits, ScoreItem};
 use fuserl_core::paths::Shown;
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
@@ -331,8 +331,8 @@ impl RewardModel for PythonTests {
         "python-tests"
     }
 
-    fn is_verifier(&self) -> bool {
-        true
+    fn traits(&self) -> RewardTraits {
+        RewardTraits { verifier: true, ..RewardTraits::default() }
     }
 
     fn fingerprint(&self) -> String {

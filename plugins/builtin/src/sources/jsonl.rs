@@ -237,7 +237,7 @@ impl SourceAdapter for JsonlSource {
     }
 
     fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        let lines = fuserl_core::jsonl::lines(&self.file)?;
+        let lines = fuserl_io::jsonl::lines(&self.file)?;
         let file_name = Shown(&self.file).to_string();
         let mut out = Collected::default();
         // prompt id -> (line first seen, messages, given by a per-prompt record)

@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuserl_core::config::ConfigError;
-use fuserl_core::data::{ChatMessage, SamplingParams};
+use fuserl_core::data::{ChatMessage, SamplingParams, SourceSampling};
 use fuserl_core::extension::{
     CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
 };
@@ -49,27 +49,6 @@ pub enum Endpoint {
     Chat,
     /// `/completions`: the prompt is rendered here with `chat_template` (base models, few-shot).
     Completions,
-}
-
-/// Per-source sampling overrides (OpenAI names).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplingOverrides {
-    /// Softmax temperature.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    /// Nucleus mass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Token limit of an answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// Stop strings.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    /// Further body fields, sent as given (server-specific options such as `top_k`).
-    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
-    pub extra: toml::Table,
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
@@ -109,8 +88,8 @@ pub struct OpenAiConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
     /// Sampling overrides.
-    #[serde(default, skip_serializing_if = "is_default")]
-    pub sampling: SamplingOverrides,
+    #[serde(default, skip_serializing_if = "SourceSampling::is_empty")]
+    pub sampling: SourceSampling,
     /// Requests in flight.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
@@ -136,9 +115,6 @@ impl OpenAiConfig {
     }
 }
 
-fn is_default(s: &SamplingOverrides) -> bool {
-    *s == SamplingOverrides::default()
-}
 fn default_concurrency() -> u32 {
     4
 }
@@ -162,7 +138,7 @@ pub struct OpenAiSource {
 impl OpenAiSource {
     /// Build: the settings are checked, nothing is sent.
     pub fn new(config: OpenAiConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
-        fuserl_core::collect::check_source_name(&config.name)?;
+        fuserl_core::data::check_source_name(&config.name)?;
         if config.base_url.is_empty() {
             return Err(ConfigError::at("base_url", "expected at least one URL"));
         }
@@ -209,16 +185,17 @@ impl OpenAiSource {
         }
         body.insert("n".into(), json!(n));
         body.insert("seed".into(), json!(seed));
-        if let Some(t) = s.temperature.or(sampling.temperature) {
+        let in_effect = s.over(sampling);
+        if let Some(t) = in_effect.temperature {
             body.insert("temperature".into(), json!(t));
         }
-        if let Some(p) = s.top_p.or(sampling.top_p) {
+        if let Some(p) = in_effect.top_p {
             body.insert("top_p".into(), json!(p));
         }
-        if let Some(m) = s.max_tokens.or(sampling.max_new_tokens) {
+        if let Some(m) = in_effect.max_new_tokens {
             body.insert("max_tokens".into(), json!(m));
         }
-        if let Some(k) = sampling.top_k {
+        if let Some(k) = in_effect.top_k {
             body.insert("top_k".into(), json!(k));
         }
         if !s.stop.is_empty() {
@@ -356,15 +333,16 @@ impl Generator for OpenAiSource {
 
     fn fingerprint(&self, sampling: &SamplingParams) -> String {
         let s = &self.config.sampling;
+        let in_effect = s.over(sampling);
         json!({
             "kind": "openai",
             "model": self.config.model,
             "endpoint": self.path(),
             "chat_template": self.template,
-            "temperature": s.temperature.or(sampling.temperature),
-            "top_p": s.top_p.or(sampling.top_p),
-            "top_k": sampling.top_k,
-            "max_tokens": s.max_tokens.or(sampling.max_new_tokens),
+            "temperature": in_effect.temperature,
+            "top_p": in_effect.top_p,
+            "top_k": in_effect.top_k,
+            "max_tokens": in_effect.max_new_tokens,
             "stop": s.stop,
             "extra": s.extra,
         })

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use fuserl_core::pipeline::{StageName, in_stage, prepare_examples};
-use fuserl_core::recipe::{ReferenceModel, parse_recipe};
+use fuserl_core::data::StageName;
+use fuserl_run::pipeline::{in_stage, prepare_examples};
+use fuserl_recipe::{ReferenceModel, parse_recipe};
 
 const BASE: &str = r#"
 schema_version = 1
@@ -16,9 +17,9 @@ path = "fusion-mini.jsonl"
 kind = "precomputed"
 "#;
 
-fn parse(extra: &str) -> Result<fuserl_core::recipe::LoadedRecipe, String> {
+fn parse(extra: &str) -> Result<fuserl_recipe::LoadedRecipe, String> {
     let registry = fuserl_plugins::registry().expect("registry");
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/recipe.toml");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/recipe.toml");
     parse_recipe(&format!("{BASE}{extra}"), &file, &registry).map_err(|e| e.to_string())
 }
 

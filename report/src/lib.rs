@@ -21,19 +21,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use fuserl_core::fs::write_atomic;
-use fuserl_core::paths::Shown;
+use fuserl_io::fs::write_atomic;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, NoDefaultFormatting, Ranged, SegmentedCoord, ValueFormatter};
 use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
-use fuserl_core::pipeline::StageName;
+use fuserl_core::data::StageName;
 
-use crate::artifacts::{DataSummary, Estimate, EvalReport, ModelEval};
-use crate::run_dir::RunDir;
-use crate::{Result, TrainError};
+use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, ModelEval};
+use fuserl_io::run_dir::RunDir;
+use fuserl_core::{Error, Result};
 
 /// Where the report was written.
 #[derive(Debug, Clone)]
@@ -306,9 +305,9 @@ fn read_typed<T: serde::de::DeserializeOwned>(file: &Path) -> Result<Option<T>> 
     match std::fs::read_to_string(file) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| TrainError::Data(format!("{}: expected {}: {e}", Shown(file), what_file(file)))),
+            .map_err(|e| Error::Path { file: file.to_path_buf(), message: format!("expected {}: {e}", what_file(file)) }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(TrainError::io(file, e)),
+        Err(e) => Err(Error::io(file, e)),
     }
 }
 
@@ -326,7 +325,7 @@ fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TrainError::io(file, e)),
+        Err(e) => return Err(Error::io(file, e)),
     };
     let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
     let mut out = Vec::with_capacity(lines.len());
@@ -334,7 +333,13 @@ fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
         match serde_json::from_str(line) {
             Ok(v) => out.push(v),
             Err(_) if k + 1 == lines.len() && !text.ends_with('\n') => {}
-            Err(e) => return Err(TrainError::Data(format!("{}:{}: expected a JSON object: {e}", Shown(file), i + 1))),
+            Err(e) => {
+                return Err(Error::Data {
+                    file: file.to_path_buf(),
+                    line: *i as u64 + 1,
+                    message: format!("expected a JSON object: {e}"),
+                });
+            }
         }
     }
     Ok(out)
@@ -344,14 +349,14 @@ fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
 /// `report/plots/*.svg`), each file written atomically.
 pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     if !run_dir.is_dir() {
-        return Err(TrainError::Data(format!("{}: no such run directory", Shown(run_dir))));
+        return Err(Error::Path { file: run_dir.to_path_buf(), message: "no such run directory".into() });
     }
     fuserl_core::paths::check_links_stay_inside(run_dir)?;
     let run = RunDir::new(run_dir);
     let recipe: Option<toml::Table> =
         match std::fs::read_to_string(run.recipe()) {
             Ok(text) => Some(text.parse().map_err(|e| {
-                TrainError::Data(format!("{}: expected the resolved recipe: {e}", Shown(&run.recipe())))
+                Error::Path { file: run.recipe(), message: format!("expected the resolved recipe: {e}") }
             })?),
             Err(_) => None,
         };
@@ -379,7 +384,7 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
 
     let dir = run.report();
     let plots_dir = dir.plots();
-    std::fs::create_dir_all(&plots_dir).map_err(|e| TrainError::io(&plots_dir, e))?;
+    std::fs::create_dir_all(&plots_dir).map_err(|e| Error::io(&plots_dir, e))?;
     for plot in &page.plots {
         write_atomic(&plots_dir.join(format!("{}.svg", plot.id)), plot.svg.as_bytes())?;
     }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use fuserl_core::error::{Error, Result};
 
 /// The longest line a data file may have: 64 MiB.
 pub const MAX_LINE: usize = 64 << 20;

@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::data::{Completion, Example, ExampleSequence, Prompt, ScoredCompletion, ScoredGroup, WeightedGroup};
-use crate::error::{Error, Result};
-use crate::extension::{Collected, GroupView, PreferenceObjective, RewardModel, WeightingScheme};
+use fuserl_core::data::{Completion, Example, ExampleSequence, Prompt, ScoredCompletion, ScoredGroup, WeightedGroup};
+use fuserl_core::error::{Error, Result};
+use fuserl_core::data::StageName;
+use fuserl_core::extension::{Collected, GroupData, PreferenceObjective, RewardModel, WeightingScheme};
 
 /// Merge what several sources collected into one group per prompt, in order of first
 /// appearance. The same prompt id with different messages, or the same completion id twice,
@@ -73,70 +74,9 @@ pub fn assemble_groups(collected: Vec<Collected>) -> Result<Vec<ScoredGroup>> {
 }
 
 /// Score every completion of every group with `reward`, in batches of `batch_size`, in memory
-/// (the scoring stage with no store: [`crate::score::score_stage`]).
+/// (the scoring stage with no store: [`crate::score::score_answers`]).
 pub fn score_groups(reward: &dyn RewardModel, groups: &mut [ScoredGroup], batch_size: usize) -> Result<()> {
-    crate::score::score_stage(reward, groups, None, batch_size, &|_| {}).map(|_| ())
-}
-
-/// The plain-data view of a group that plugins see.
-#[derive(Debug, Clone)]
-pub struct GroupData {
-    /// Rewards (finite).
-    pub rewards: Vec<f64>,
-    /// Source index per completion.
-    pub sources: Vec<u32>,
-    /// Sample index per completion.
-    pub sample_indices: Vec<u32>,
-    /// Source names.
-    pub source_names: Vec<String>,
-    /// Weights (empty before weighting).
-    pub weights: Vec<f64>,
-}
-
-impl GroupData {
-    /// Extract the view's data from a scored group; a missing reward is an error naming it.
-    pub fn from_group(group: &ScoredGroup) -> Result<Self> {
-        let rewards = group.rewards()?;
-        let (source_names, sources) = group.source_table();
-        let sample_indices = group.completions.iter().map(|c| c.completion.id.sample_index).collect();
-        Ok(Self { rewards, sources, sample_indices, source_names, weights: Vec::new() })
-    }
-
-    /// A group from `(source name, reward)` per completion, sample indices counted per source
-    /// in order, no weights yet (for tests of weighting schemes and objectives).
-    pub fn new(items: &[(&str, f64)]) -> Self {
-        let mut g = Self {
-            rewards: Vec::new(),
-            sources: Vec::new(),
-            sample_indices: Vec::new(),
-            source_names: Vec::new(),
-            weights: Vec::new(),
-        };
-        for (source, reward) in items {
-            let s = match g.source_names.iter().position(|n| n == source) {
-                Some(i) => i,
-                None => {
-                    g.source_names.push((*source).to_owned());
-                    g.source_names.len() - 1
-                }
-            };
-            g.sample_indices.push(g.sources.iter().filter(|x| **x as usize == s).count() as u32);
-            g.sources.push(s as u32);
-            g.rewards.push(*reward);
-        }
-        g
-    }
-
-    /// Borrow as a [`GroupView`].
-    pub fn view(&self) -> GroupView<'_> {
-        GroupView {
-            rewards: &self.rewards,
-            sources: &self.sources,
-            sample_indices: &self.sample_indices,
-            source_names: &self.source_names,
-            weights: &self.weights,
-        }
-    }
+    crate::score::score_answers(reward, groups, None, batch_size, &|_| {}).map(|_| ())
 }
 
 /// Weigh one group. The scheme's answer is checked: one finite, non-negative weight per
@@ -202,34 +142,14 @@ pub fn build_examples(objective: &dyn PreferenceObjective, weighted: &WeightedGr
     Ok(examples)
 }
 
-/// Which training stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StageName {
-    /// FuseSFT.
-    Sft,
-    /// FusePO.
-    Po,
-}
-
-impl StageName {
-    /// `sft` or `po`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sft => "sft",
-            Self::Po => "po",
-        }
-    }
-}
-
 /// Whether `prompt_id` belongs to `stage` under the recipe's split: every prompt with
 /// `split = "shared"`; with `"disjoint"`, a seeded hash of the id decides, so that the
 /// split is stable when prompts are added or reordered.
-pub fn in_stage(data: &crate::recipe::DataConfig, seed: u64, prompt_id: &str, stage: StageName) -> bool {
+pub fn in_stage(data: &fuserl_recipe::DataConfig, seed: u64, prompt_id: &str, stage: StageName) -> bool {
     match data.split {
-        crate::recipe::Split::Shared => true,
-        crate::recipe::Split::Disjoint => {
-            let mut hash = crate::maths::Fnv1a::salted(seed).update(prompt_id.as_bytes()).finish();
+        fuserl_recipe::Split::Shared => true,
+        fuserl_recipe::Split::Disjoint => {
+            let mut hash = fuserl_core::maths::Fnv1a::salted(seed).update(prompt_id.as_bytes()).finish();
             // FNV's high bits barely depend on the last bytes: finish with splitmix64's mixer.
             hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -267,17 +187,17 @@ pub struct Prepared {
     /// The stage's examples.
     pub examples: Vec<Example>,
     /// Messages of every prompt of the stage, by prompt id.
-    pub prompts: HashMap<String, Vec<crate::data::ChatMessage>>,
+    pub prompts: HashMap<String, Vec<fuserl_core::data::ChatMessage>>,
     /// Text of every completion of the stage.
-    pub texts: HashMap<crate::data::CompletionId, String>,
+    pub texts: HashMap<fuserl_core::data::CompletionId, String>,
     /// Counts.
     pub stats: PrepareStats,
 }
 
-/// Run a recipe's data stages for one training stage: collect from every source, score,
-/// weigh, and build the stage objective's examples.
+/// Run a recipe's data stages for one training stage: read every source (generative ones
+/// answer now, unstored), score, weigh, and build the stage objective's examples.
 pub fn prepare_examples(
-    loaded: &crate::recipe::LoadedRecipe,
+    loaded: &fuserl_recipe::LoadedRecipe,
     stage: StageName,
 ) -> Result<(Vec<Example>, PrepareStats)> {
     let p = prepare(loaded, stage)?;
@@ -285,72 +205,90 @@ pub fn prepare_examples(
 }
 
 /// Like [`prepare_examples`], keeping the prompts and texts the examples refer to.
-pub fn prepare(loaded: &crate::recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
-    prepare_with(loaded, stage, Vec::new(), None)
+pub fn prepare(loaded: &fuserl_recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
+    prepare_with(loaded, stage, read_file_sources(loaded)?, None)
 }
 
-/// Every prompt's group of answers, unscored, before the split into stages: the file sources'
-/// records read now, and `extra` (the collect stage's answers of the generative sources, the
-/// target's own samples); at most `[data] max_prompts` prompts. Also returns the count of
-/// records the file sources skipped.
-pub fn gather_groups(loaded: &crate::recipe::LoadedRecipe, extra: Vec<Collected>) -> Result<(Vec<ScoredGroup>, u64)> {
+/// The records of the recipe's file sources (those that do not generate: `jsonl`, plugins that
+/// read files), each read once; the generative sources answer in the collect stage
+/// ([`crate::collect::collect_stage`]).
+pub fn read_file_sources(loaded: &fuserl_recipe::LoadedRecipe) -> Result<Vec<Collected>> {
     let recipe = &loaded.recipe;
-    let c = &loaded.components;
-    let request = crate::extension::CollectRequest {
+    let request = fuserl_core::extension::CollectRequest {
         prompts: &[],
         samples_per_prompt: recipe.data.samples_per_prompt,
         sampling: &recipe.data.sampling,
     };
-    let mut skipped = 0;
-    let mut collected = Vec::with_capacity(c.sources.len());
-    // Generative sources answered in the collect stage: their answers come in `extra`.
-    for source in c.sources.iter().filter(|s| s.generator().is_none()) {
-        let got = source.collect(&request)?;
-        skipped += got.skipped_records;
-        collected.push(got);
-    }
-    collected.extend(extra);
-    let mut groups = assemble_groups(collected)?;
-    if let Some(max) = recipe.data.max_prompts {
+    let sources = loaded.components.sources.iter().filter(|s| s.generator().is_none());
+    sources.map(|source| source.collect(&request)).collect()
+}
+
+/// Every prompt's group of answers, unscored, before the split into stages, from every source's
+/// answers (the file sources' records, the collect stage's answers, the target's own samples);
+/// at most `[data] max_prompts` prompts. Also returns the count of records the sources skipped.
+pub fn gather_groups(loaded: &fuserl_recipe::LoadedRecipe, answers: Vec<Collected>) -> Result<(Vec<ScoredGroup>, u64)> {
+    let skipped = answers.iter().map(|c| c.skipped_records).sum();
+    let mut groups = assemble_groups(answers)?;
+    if let Some(max) = loaded.recipe.data.max_prompts {
         groups.truncate(usize::try_from(max).unwrap_or(usize::MAX));
     }
     Ok((groups, skipped))
 }
 
-/// Like [`prepare`], with more completions added to the sources' before scoring: the collect
-/// stage's answers of the generative sources ([`crate::collect::collect`]), the target's own
-/// samples. With `score_dir` (`runs/NAME/score`), scores are kept there and reused
-/// ([`crate::score`]).
+/// Like [`prepare`], from every source's `answers` ([`read_file_sources`] and the collect stage's
+/// [`crate::collect::collect_stage`], the target's own samples). With `score_dir`
+/// (`runs/NAME/score`), scores are kept there and reused ([`crate::score`]).
 pub fn prepare_with(
-    loaded: &crate::recipe::LoadedRecipe,
+    loaded: &fuserl_recipe::LoadedRecipe,
     stage: StageName,
-    extra: Vec<Collected>,
+    answers: Vec<Collected>,
     score_dir: Option<&std::path::Path>,
 ) -> Result<Prepared> {
     let recipe = &loaded.recipe;
-    let c = &loaded.components;
-    let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
-    let mut stats = PrepareStats::default();
-    let (mut groups, skipped) = gather_groups(loaded, extra)?;
-    stats.skipped_records = skipped;
-    stats.prompts = groups.len();
-    stats.completions = groups.iter().map(|g| g.completions.len()).sum();
+    let (mut groups, skipped) = gather_groups(loaded, answers)?;
     let seed = recipe.run.seed;
+    let all = (groups.len(), groups.iter().map(|g| g.completions.len()).sum());
     groups.retain(|g| in_stage(&recipe.data, seed, &g.prompt.id, stage));
-    stats.stage_prompts = groups.len();
-    let scored = crate::score::score_stage(
-        c.reward.as_ref(),
+    crate::score::score_answers(
+        loaded.components.reward.as_ref(),
         &mut groups,
         score_dir,
         recipe.data.score_batch_size as usize,
         &|_| {},
     )?;
-    if scored.skipped > 0 {
-        // Answers the reward skipped are left out.
-        for g in &mut groups {
-            g.completions.retain(|c| c.reward.is_some());
-        }
-        stats.skipped_by_reward = scored.skipped;
+    let mut prepared = prepare_stage(loaded, stage, groups)?;
+    (prepared.stats.prompts, prepared.stats.completions) = all;
+    prepared.stats.skipped_records = skipped;
+    prepared.stats.log(stage);
+    Ok(prepared)
+}
+
+/// The data stages of one training stage on scored groups ([`crate::score::score_stage`]): keep
+/// the stage's prompts, leave out the answers the reward skipped, weigh each group and build the
+/// stage objective's examples. The counts of the sources (`prompts`, `completions`) are those of
+/// `groups`, and `skipped_records` is the caller's to set; the caller logs them
+/// ([`PrepareStats::log`]).
+pub fn prepare_stage(
+    loaded: &fuserl_recipe::LoadedRecipe,
+    stage: StageName,
+    mut groups: Vec<ScoredGroup>,
+) -> Result<Prepared> {
+    let recipe = &loaded.recipe;
+    let c = &loaded.components;
+    let _span = tracing::info_span!("prepare", stage = stage.as_str()).entered();
+    let mut stats = PrepareStats {
+        prompts: groups.len(),
+        completions: groups.iter().map(|g| g.completions.len()).sum(),
+        ..PrepareStats::default()
+    };
+    let seed = recipe.run.seed;
+    groups.retain(|g| in_stage(&recipe.data, seed, &g.prompt.id, stage));
+    stats.stage_prompts = groups.len();
+    // Answers the reward skipped are left out.
+    for g in &mut groups {
+        let before = g.completions.len();
+        g.completions.retain(|c| c.reward.is_some());
+        stats.skipped_by_reward += (before - g.completions.len()) as u64;
     }
     let objective = match stage {
         StageName::Sft => c.sft_objective.as_ref(),
@@ -372,16 +310,22 @@ pub fn prepare_with(
         examples.extend(built);
     }
     stats.examples = examples.len();
-    tracing::info!(
-        stage = stage.as_str(),
-        prompts = stats.prompts,
-        completions = stats.completions,
-        skipped_records = stats.skipped_records,
-        stage_prompts = stats.stage_prompts,
-        prompts_without_examples = stats.prompts_without_examples,
-        skipped_by_reward = stats.skipped_by_reward,
-        examples = stats.examples,
-        "prepared examples"
-    );
     Ok(Prepared { examples, prompts, texts, stats })
+}
+
+impl PrepareStats {
+    /// Log the counts (once the caller has set the sources' counts).
+    pub fn log(&self, stage: StageName) {
+        tracing::info!(
+            stage = stage.as_str(),
+            prompts = self.prompts,
+            completions = self.completions,
+            skipped_records = self.skipped_records,
+            stage_prompts = self.stage_prompts,
+            prompts_without_examples = self.prompts_without_examples,
+            skipped_by_reward = self.skipped_by_reward,
+            examples = self.examples,
+            "prepared examples"
+        );
+    }
 }

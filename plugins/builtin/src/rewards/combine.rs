@@ -27,10 +27,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, KeyPath, parse_table, to_table};
-use crate::extension::{RewardModel, ScoreItem};
-use crate::registry::{BuildContext, BuildError, Built, Registry, split_kind};
-use crate::{Error, Result};
+use fuserl_core::config::{ConfigError, KeyPath, parse_table, to_table};
+use fuserl_core::extension::{CompositeReward, RewardModel, RewardTraits, ScoreItem};
+use fuserl_core::registry::{BuildContext, BuildError, Built, split_kind};
+use fuserl_core::{Error, Result};
 
 /// One part's settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,20 +98,12 @@ impl RewardModel for Combine {
         format!("combine({})", parts.join(","))
     }
 
-    fn stored(&self) -> bool {
-        false
+    fn traits(&self) -> RewardTraits {
+        RewardTraits { stored: false, skips: self.parts.iter().any(|(_, r)| r.traits().skips), ..RewardTraits::default() }
     }
 
-    fn skips(&self) -> bool {
-        self.parts.iter().any(|(_, r)| r.skips())
-    }
-
-    fn parts(&self) -> Vec<(&str, &dyn RewardModel)> {
-        self.parts.iter().map(|(p, r)| (p.name.as_str(), r.as_ref())).collect()
-    }
-
-    fn combine(&self, part_scores: &[f64]) -> f64 {
-        self.score_of(part_scores)
+    fn composite(&self) -> Option<&dyn CompositeReward> {
+        Some(self)
     }
 
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
@@ -131,13 +123,22 @@ impl RewardModel for Combine {
     }
 }
 
+impl CompositeReward for Combine {
+    fn parts(&self) -> Vec<(&str, &dyn RewardModel)> {
+        self.parts.iter().map(|(p, r)| (p.name.as_str(), r.as_ref())).collect()
+    }
+
+    fn combine(&self, part_scores: &[f64]) -> f64 {
+        self.score_of(part_scores)
+    }
+}
+
 /// Build a `combine` reward: each part through `registry`. Errors name the part's keys
 /// (`parts[1].reward.tests`).
-pub fn build(
-    registry: &Registry,
-    table: &toml::Table,
-    ctx: &BuildContext,
-) -> Result<Built<dyn RewardModel>, ConfigError> {
+fn build(table: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
+    let Some(registry) = ctx.registry() else {
+        return Err(ConfigError::at("kind", "`combine` builds its parts through a registry (Registry::build_reward)"));
+    };
     let config: CombineConfig = parse_table(table)?;
     if config.parts.is_empty() {
         return Err(ConfigError::at("parts", "expected at least one part"));
@@ -174,10 +175,6 @@ pub fn build(
     Ok(Built { component: Box::new(Combine { parts }), resolved })
 }
 
-fn not_here(_: &toml::Table, _: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
-    Err(ConfigError::at("kind", "`combine` is built by the registry (Registry::build_reward), which builds its parts"))
-}
-
-inventory::submit! { crate::registry::PluginDescriptor { name: "combine", origin: env!("CARGO_PKG_NAME"),
+inventory::submit! { fuserl_core::registry::PluginDescriptor { name: "combine", origin: env!("CARGO_PKG_NAME"),
 summary: "several named rewards in one: a weighted sum, gated by verifiers' pass/fail",
-factory: crate::registry::StaticFactory::Reward(not_here) } }
+factory: fuserl_core::registry::StaticFactory::Reward(build) } }

@@ -12,44 +12,26 @@
 //! are not mixed in: the stage refuses, or starts that source afresh when told to (`redo`).
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::data::{Completion, CompletionId, Origin, Prompt, SamplingParams};
-use crate::error::{Error, Result};
-use crate::extension::{Collected, GenerateStats, Generated, Generator, SampleJob};
-use crate::paths::Shown;
-use crate::recipe::LoadedRecipe;
-
-/// Check a generative source's `name` (it names its store file): non-empty, no slashes, not
-/// hidden. For the constructors of generative sources, built-in or plugin.
-pub fn check_source_name(name: &str) -> std::result::Result<(), crate::config::ConfigError> {
-    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        return Err(crate::config::ConfigError::at("name", "expected a non-empty source name without slashes"));
-    }
-    Ok(())
-}
+use fuserl_core::data::{Completion, CompletionId, Origin, Prompt, SamplingParams};
+use fuserl_core::error::{Error, Result};
+use fuserl_core::extension::{Collected, GenerateStats, Generated, Generator, SampleJob};
+use fuserl_core::paths::Shown;
+use fuserl_recipe::LoadedRecipe;
 
 /// The seed asked for sample `sample_index` of `prompt_id`: a hash of the run's seed, the prompt
 /// id and the sample index, below 2^31 (servers differ in what they accept).
 pub fn sample_seed(run_seed: u64, prompt_id: &str, sample_index: u32) -> u64 {
-    let mut hash = crate::maths::Fnv1a::salted(run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut hash = fuserl_core::maths::Fnv1a::salted(run_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     hash.update(prompt_id.as_bytes()).update(&sample_index.to_le_bytes());
     hash.finish() % (1 << 31)
 }
 
 /// One source's answers on disk, keyed by (prompt id, sample index).
-pub type Store = crate::store::Store<Generated>;
-
-impl crate::store::StoreRecord for Generated {
-    type Key = (String, u32);
-    fn key(&self) -> (String, u32) {
-        (self.prompt_id.clone(), self.sample_index)
-    }
-    const WHAT: &'static str = "a collected answer";
-    const MANY: &'static str = "answers";
-}
+pub type Store = fuserl_io::store::Store<Generated>;
 
 /// Open (or create) the store of `source` in `dir`, made with `fingerprint`. Answers made with
 /// another fingerprint are refused, or set aside (`redo`, or `restart_changed` for answers a
@@ -58,11 +40,28 @@ pub fn open_store(dir: &Path, source: &str, fingerprint: &str, redo: bool, resta
     let owner = format!("source `{source}`");
     let hint = format!("start this source afresh with `fuserl collect --redo {source}`");
     let on_change = if restart_changed {
-        crate::store::OnChange::Restart
+        fuserl_io::store::OnChange::Restart
     } else {
-        crate::store::OnChange::Refuse { owner: &owner, hint: &hint }
+        fuserl_io::store::OnChange::Refuse { owner: &owner, hint: &hint }
     };
     Store::open(dir, source, fingerprint, on_change, redo)
+}
+
+/// The collect stage (`fuserl collect`, and first in `fuserl run`): every generative source
+/// answers the recipe's prompts into `runs/NAME/collect/` (resumes; `redo` names sources to start
+/// afresh). Returns the folder and each generative source's answers.
+pub fn collect_stage(
+    loaded: &LoadedRecipe,
+    redo: &[String],
+    progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+) -> Result<(PathBuf, Vec<Collected>)> {
+    // Each store guards its own settings (a source whose settings changed is refused, or started
+    // afresh with `redo`), so collecting needs no claim on the run directory; the training
+    // stages make that claim.
+    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
+    let dir = fuserl_io::run_dir::RunDir::new(loaded.output_dir()).collect();
+    let collected = collect(loaded, &dir, redo, progress)?;
+    Ok((dir, collected))
 }
 
 /// The prompts of a recipe's `[data] prompts` files, in order, at most `max_prompts`.
@@ -72,7 +71,7 @@ pub fn recipe_prompts(loaded: &LoadedRecipe) -> Result<Vec<Prompt>> {
     let mut seen = HashSet::new();
     for name in &data.prompts {
         let file = loaded.base_dir.join(name);
-        let got = crate::prompts::read_prompts(&file)?;
+        let got = fuserl_io::prompts::read_prompts(&file)?;
         for p in got.prompts {
             if seen.insert(p.id.clone()) {
                 prompts.push(p);
@@ -132,8 +131,8 @@ pub fn collect(
     let generators: Vec<&dyn Generator> = loaded.components.sources.iter().filter_map(|s| s.generator()).collect();
     for name in redo {
         if !generators.iter().any(|g| g.source_name() == name) {
-            return Err(Error::Config(crate::config::ConfigError::new(
-                crate::config::KeyPath::root(),
+            return Err(Error::Config(fuserl_core::config::ConfigError::new(
+                fuserl_core::config::KeyPath::root(),
                 format!(
                     "--redo {name}: no generative source of that name; the recipe has: {}",
                     generators.iter().map(|g| g.source_name()).collect::<Vec<_>>().join(", ")
@@ -147,8 +146,8 @@ pub fn collect(
     let recipe = &loaded.recipe;
     let prompts = recipe_prompts(loaded)?;
     if prompts.is_empty() {
-        return Err(Error::Config(crate::config::ConfigError::new(
-            crate::config::KeyPath::keys(&["data", "prompts"]),
+        return Err(Error::Config(fuserl_core::config::ConfigError::new(
+            fuserl_core::config::KeyPath::keys(&["data", "prompts"]),
             "the recipe has generative sources but no prompts: name one or more prompt files in [data] prompts",
         )));
     }
@@ -230,7 +229,7 @@ pub fn collect_with(
                 d.0 += 1;
                 d.1 += answer.completion_tokens.unwrap_or(0);
                 progress(&CollectProgress { source, done: d.0, total, tokens: d.1, finished: None });
-                crate::debug_pause(&format!("collect-{source}-{}", d.0));
+                fuserl_core::debug_pause(&format!("collect-{source}-{}", d.0));
                 Ok(())
             };
             g.generate(&jobs, sampling, &sink)?

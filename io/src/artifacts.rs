@@ -9,7 +9,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::stats::Estimate;
+/// A mean with its confidence interval and how many values it rests on. In eval.json a mean of
+/// no values (NaN) is written `null`, and read back as NaN.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Estimate {
+    /// The mean of the values.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub mean: f64,
+    /// Lower end of the interval.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub low: f64,
+    /// Upper end.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub high: f64,
+    /// Number of values (prompts).
+    pub n: usize,
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// `data.json`: what the scoring stage saw, per source, for the report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,7 +87,7 @@ impl DataSummary {
     }
 }
 
-/// `eval/eval.json`: the evaluation's measures ([`crate::eval`]), read by the report and printed
+/// `eval/eval.json`: the evaluation's measures (`fuserl_run::eval`), read by the report and printed
 /// by `fuserl eval`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {

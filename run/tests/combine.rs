@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use fuserl_core::pipeline::{assemble_groups, score_groups};
-use fuserl_core::recipe::parse_recipe;
+use fuserl_run::pipeline::{assemble_groups, score_groups};
+use fuserl_recipe::parse_recipe;
 use fuserl_core::registry::BuildContext;
 
 const RECIPE: &str = r#"
@@ -32,10 +32,10 @@ kind = "precomputed"
 "#;
 
 fn data() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
 }
 
-fn parse(text: &str) -> Result<fuserl_core::recipe::LoadedRecipe, String> {
+fn parse(text: &str) -> Result<fuserl_recipe::LoadedRecipe, String> {
     let registry = fuserl_plugins::registry().expect("registry");
     parse_recipe(text, &data().join("recipe.toml"), &registry).map_err(|e| e.to_string())
 }

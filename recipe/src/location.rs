@@ -6,7 +6,7 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::config::{KeyPath, PathSegment};
+use fuserl_core::config::{KeyPath, PathSegment};
 
 /// A parsed TOML document that keeps the position of every key and value.
 #[derive(Debug)]

@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
-use crate::paths::Shown;
+use fuserl_core::error::{Error, Result};
+use fuserl_core::paths::Shown;
 
 /// A record of a store: serialisable, with a key that identifies it (a second record with the
 /// same key is not kept).
@@ -33,6 +33,16 @@ pub trait StoreRecord: Serialize + DeserializeOwned + Clone {
     const WHAT: &'static str;
     /// What records are, for messages (for example "answers").
     const MANY: &'static str;
+}
+
+/// The collect stage's records: a source's answers, keyed by (prompt id, sample index).
+impl StoreRecord for fuserl_core::extension::Generated {
+    type Key = (String, u32);
+    fn key(&self) -> (String, u32) {
+        (self.prompt_id.clone(), self.sample_index)
+    }
+    const WHAT: &'static str = "a collected answer";
+    const MANY: &'static str = "answers";
 }
 
 /// What to do when a store holds records made with other settings.
@@ -62,7 +72,7 @@ impl<T: StoreRecord> Store<T> {
     /// Open (or create) the store `name` in `dir`, made with `fingerprint`. `redo` sets what it
     /// holds aside and starts afresh whatever the settings.
     pub fn open(dir: &Path, name: &str, fingerprint: &str, on_change: OnChange<'_>, redo: bool) -> Result<Self> {
-        crate::paths::check_file_name(name)
+        fuserl_core::paths::check_file_name(name)
             .map_err(|message| Error::Path { file: dir.join(name), message: format!("a store name: {message}") })?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let file = dir.join(format!("{name}.jsonl"));
@@ -71,8 +81,8 @@ impl<T: StoreRecord> Store<T> {
         match std::fs::read_to_string(&settings) {
             Ok(previous) if previous.trim() != wanted => {
                 if let (OnChange::Refuse { owner, hint }, false) = (on_change, redo) {
-                    return Err(Error::Config(crate::config::ConfigError::new(
-                        crate::config::KeyPath::root(),
+                    return Err(Error::Config(fuserl_core::config::ConfigError::new(
+                        fuserl_core::config::KeyPath::root(),
                         format!(
                             "{owner}: {} holds {many} made with other settings ({}); now: {fingerprint}. \
                              Keep the old settings, or {hint} (the old {many} are kept beside it)",

@@ -1,5 +1,5 @@
 //! The scoring stage: the recipe's reward scores every collected answer, into a store of its own
-//! in the run directory ([`crate::store`]):
+//! in the run directory ([`fuserl_io::store`]):
 //!
 //! ```text
 //! runs/NAME/score/REWARD.jsonl           one line per scored answer, appended batch by batch
@@ -13,16 +13,18 @@
 //! reward skips (a judge told to skip what it cannot grade) is stored with a `null` score and left
 //! out of training.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Completion, Reward, ScoredGroup};
-use crate::error::{Error, Result};
-use crate::extension::{RewardModel, ScoreItem};
-use crate::paths::Shown;
-use crate::store::{OnChange, Store, StoreRecord};
+use fuserl_core::data::{Completion, Reward, ScoredGroup};
+use fuserl_core::error::{Error, Result};
+use fuserl_core::extension::{Collected, RewardModel, ScoreItem};
+use fuserl_core::paths::Shown;
+use fuserl_io::run_dir::RunDir;
+use fuserl_io::store::{OnChange, Store, StoreRecord};
+use fuserl_recipe::LoadedRecipe;
 
 /// One stored score.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,7 +51,7 @@ impl StoreRecord for StoredScore {
 }
 
 fn key_of(c: &Completion) -> (String, String, u32, String) {
-    let h = crate::maths::fnv1a(c.text.as_bytes());
+    let h = fuserl_core::maths::fnv1a(c.text.as_bytes());
     (c.id.prompt_id.clone(), c.id.source.clone(), c.id.sample_index, format!("{h:016x}"))
 }
 
@@ -82,7 +84,7 @@ pub struct ScoreSummary {
 /// Score every answer of `groups` with `reward` in batches of `batch_size`. With `dir` (usually
 /// `runs/NAME/score`), scores are kept there and only the missing ones are computed. A reward made
 /// of parts (`combine`) has each part scored and stored on its own (`REWARD.PART.jsonl`).
-pub fn score_stage(
+pub fn score_answers(
     reward: &dyn RewardModel,
     groups: &mut [ScoredGroup],
     dir: Option<&Path>,
@@ -98,10 +100,8 @@ pub fn score_stage(
         })
         .collect();
     let mut summary = ScoreSummary::default();
-    let parts = reward.parts();
-    let scores = if parts.is_empty() {
-        score_items(reward, reward.name(), &items, dir, batch_size, progress, &mut summary)?
-    } else {
+    let scores = if let Some(composite) = reward.composite() {
+        let parts = composite.parts();
         let mut by_part = Vec::with_capacity(parts.len());
         for (part, r) in &parts {
             let name = format!("{}.{part}", reward.name());
@@ -110,7 +110,7 @@ pub fn score_stage(
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let row: Vec<f64> = by_part.iter().map(|p| p[i]).collect();
-            let value = if row.iter().any(|v| v.is_nan()) { f64::NAN } else { reward.combine(&row) };
+            let value = if row.iter().any(|v| v.is_nan()) { f64::NAN } else { composite.combine(&row) };
             if !value.is_finite() && !value.is_nan() {
                 return Err(Error::Record {
                     record: item.completion.describe(),
@@ -120,6 +120,8 @@ pub fn score_stage(
             out.push(value);
         }
         out
+    } else {
+        score_items(reward, reward.name(), &items, dir, batch_size, progress, &mut summary)?
     };
     drop(items);
     let mut values = scores.into_iter();
@@ -148,7 +150,7 @@ fn score_items(
     summary: &mut ScoreSummary,
 ) -> Result<Vec<f64>> {
     let t0 = Instant::now();
-    let store = match dir.filter(|_| reward.stored()) {
+    let store = match dir.filter(|_| reward.traits().stored) {
         Some(d) => {
             let fingerprint = format!("{}; {}", reward.scorer_id(), reward.fingerprint());
             Some(Store::<StoredScore>::open(d, name, &fingerprint, OnChange::Restart, false)?)
@@ -190,7 +192,7 @@ fn score_items(
             let mut records = Vec::with_capacity(values.len());
             for (&i, value) in indices.iter().zip(values) {
                 let item = &asked[i];
-                let skipped = value.is_nan() && reward.skips();
+                let skipped = value.is_nan() && reward.traits().skips;
                 if !value.is_finite() && !skipped {
                     return Err(Error::Record {
                         record: item.completion.describe(),
@@ -208,7 +210,7 @@ fn score_items(
                 s.append_all(&records)?;
             }
             progress(&ScoreProgress { reward: name, done, total, finished: None });
-            crate::debug_pause(&format!("score-{done}"));
+            fuserl_core::debug_pause(&format!("score-{done}"));
             Ok(())
         };
         reward.score_batches(&asked, batch_size, &mut sink)?;
@@ -235,10 +237,54 @@ fn score_items(
     Ok(scores.into_iter().map(|s| s.expect("every answer was scored")).collect())
 }
 
+/// What the scoring stage made: every prompt's answers, scored.
+#[derive(Debug)]
+pub struct Scored {
+    /// `runs/NAME/score`.
+    pub dir: PathBuf,
+    /// What was scored now and what was found in the store.
+    pub summary: ScoreSummary,
+    /// Every prompt's group (both training stages' prompts, at most `[data] max_prompts`).
+    pub groups: Vec<ScoredGroup>,
+    /// Records the sources skipped.
+    pub skipped_records: u64,
+}
+
+/// The scoring stage (`fuserl score`, and once in `fuserl run`): the recipe's reward scores every
+/// answer of every prompt (both training stages' prompts) into `runs/NAME/score/` (resumes; scores
+/// afresh when the reward's settings changed) and writes `data.json` for the report. `answers`
+/// are every source's ([`crate::pipeline::read_file_sources`] and the collect stage's).
+pub fn score_stage(
+    loaded: &LoadedRecipe,
+    answers: Vec<Collected>,
+    progress: &dyn Fn(&ScoreProgress<'_>),
+) -> crate::Result<Scored> {
+    fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
+    let run = RunDir::new(loaded.output_dir());
+    let dir = run.score();
+    let (mut groups, skipped_records) = crate::pipeline::gather_groups(loaded, answers)?;
+    let reward = loaded.components.reward.as_ref();
+    let batch = loaded.recipe.data.score_batch_size as usize;
+    let summary = score_answers(reward, &mut groups, Some(&dir), batch, progress)?;
+    write_data_summary(&run.data_json(), &groups, reward.scorer_id())?;
+    Ok(Scored { dir, summary, groups, skipped_records })
+}
+
+/// `data.json` for the report ([`fuserl_io::artifacts::DataSummary`]).
+fn write_data_summary(file: &Path, groups: &[ScoredGroup], reward: String) -> crate::Result<()> {
+    let doc = fuserl_io::artifacts::DataSummary::of(groups, reward);
+    let text = serde_json::to_string(&doc).map_err(|e| crate::TrainError::Data(e.to_string()))?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(fuserl_io::fs::write_atomic(file, text.as_bytes())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{ChatMessage, Completion, CompletionId, Origin, Prompt, SamplingParams, ScoredCompletion};
+    use fuserl_core::data::{ChatMessage, Completion, CompletionId, Origin, Prompt, SamplingParams, ScoredCompletion};
+    use fuserl_core::extension::RewardTraits;
 
     /// Scores each answer by its length; NaN for answers that say "skip me".
     #[derive(Debug)]
@@ -250,8 +296,8 @@ mod tests {
         fn name(&self) -> &str {
             "lengths"
         }
-        fn skips(&self) -> bool {
-            self.skips
+        fn traits(&self) -> RewardTraits {
+            RewardTraits { skips: self.skips, ..RewardTraits::default() }
         }
         fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
             Ok(items
@@ -282,7 +328,7 @@ mod tests {
     fn skipped_answers_are_stored_without_a_score_and_left_unscored() {
         let dir = tempfile::tempdir().expect("tmp");
         let mut g = groups();
-        let summary = score_stage(&Lengths { skips: true }, &mut g, Some(dir.path()), 2, &|_| {}).expect("score");
+        let summary = score_answers(&Lengths { skips: true }, &mut g, Some(dir.path()), 2, &|_| {}).expect("score");
         assert_eq!((summary.scored, summary.skipped), (3, 1));
         let rewards: Vec<Option<f64>> = g[0].completions.iter().map(|c| c.reward.as_ref().map(|r| r.value)).collect();
         assert_eq!(rewards, [Some(3.0), None, Some(2.0)]);
@@ -290,11 +336,11 @@ mod tests {
         assert_eq!(stored.lines().filter(|l| l.contains("\"score\":null")).count(), 1, "{stored}");
         // A rerun reads the skip back without asking again.
         let mut again = groups();
-        let summary = score_stage(&Lengths { skips: true }, &mut again, Some(dir.path()), 2, &|_| {}).expect("rerun");
+        let summary = score_answers(&Lengths { skips: true }, &mut again, Some(dir.path()), 2, &|_| {}).expect("rerun");
         assert_eq!((summary.scored, summary.reused, summary.skipped), (0, 3, 1));
         assert!(again[0].completions[1].reward.is_none());
         // A reward that does not skip: NaN is an error naming the answer.
-        let err = score_stage(&Lengths { skips: false }, &mut groups(), None, 2, &|_| {}).expect_err("NaN").to_string();
+        let err = score_answers(&Lengths { skips: false }, &mut groups(), None, 2, &|_| {}).expect_err("NaN").to_string();
         assert!(err.contains("sample 1") && err.contains("non-finite score NaN"), "{err}");
     }
 }

@@ -1,7 +1,7 @@
 //! Weighting schemes: limits, normalisation and robustness (method.md, issue #2).
 
 use fuserl_core::extension::WeightingScheme;
-use fuserl_core::pipeline::GroupData;
+use fuserl_core::extension::GroupData;
 use fuserl_core::registry::BuildContext;
 
 fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> {
@@ -158,7 +158,7 @@ fn missing_rewards_are_errors_that_name_the_record() {
             ScoredCompletion { completion: completion("b", 1), reward: None },
         ],
     };
-    let err = fuserl_core::pipeline::weigh_group(scheme("softmax", &[]).as_ref(), group).unwrap_err().to_string();
+    let err = fuserl_run::pipeline::weigh_group(scheme("softmax", &[]).as_ref(), group).unwrap_err().to_string();
     assert!(err.contains("prompt `q7`, source `b`, sample 1") && err.contains("data.jsonl:7"), "{err}");
     assert!(err.contains("no reward"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! Pairwise judging with a store: a pairwise judge ([`RewardModel::compare_batches`]) gives its
 //! verdict on pairs of answers, each kept in an append-only store as it comes
-//! ([`crate::store`]), so that a rerun after a kill asks only for the verdicts still missing:
+//! ([`fuserl_io::store`]), so that a rerun after a kill asks only for the verdicts still missing:
 //!
 //! ```text
 //! DIR/NAME.jsonl           one line per verdict (the pair, in the order it was shown)
@@ -11,12 +11,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Completion;
-use crate::error::{Error, Result};
-use crate::extension::{PairItem, RewardModel};
-use crate::maths::fnv1a;
+use fuserl_core::data::Completion;
+use fuserl_core::error::{Error, Result};
+use fuserl_core::extension::{PairItem, RewardModel};
+use fuserl_core::maths::fnv1a;
 use crate::score::{ScoreProgress, ScoreSummary};
-use crate::store::{OnChange, Store, StoreRecord};
+use fuserl_io::store::{OnChange, Store, StoreRecord};
 
 /// One stored verdict.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -79,7 +79,7 @@ pub fn compare_stage(
             }
             let mut records = Vec::with_capacity(values.len());
             for (&i, value) in indices.iter().zip(values) {
-                let skipped = value.is_nan() && judge.skips();
+                let skipped = value.is_nan() && judge.traits().skips;
                 if !skipped && !(0.0..=1.0).contains(&value) {
                     return Err(Error::Component {
                         point: "reward model",
@@ -100,7 +100,7 @@ pub fn compare_stage(
             }
             store.append_all(&records)?;
             progress(&ScoreProgress { reward: name, done, total, finished: None });
-            crate::debug_pause(&format!("judge-{done}"));
+            fuserl_core::debug_pause(&format!("judge-{done}"));
             Ok(())
         };
         judge.compare_batches(&asked, &mut sink)?;

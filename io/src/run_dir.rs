@@ -26,8 +26,8 @@
 //! ```
 //!
 //! ```
-//! use fuserl_core::pipeline::StageName;
-//! let run = fuserl_run::run_dir::RunDir::new("runs/quickstart");
+//! use fuserl_core::data::StageName;
+//! let run = fuserl_io::run_dir::RunDir::new("runs/quickstart");
 //! assert!(run.stage(StageName::Sft).done().ends_with("sft/DONE"));
 //! assert!(run.eval().json().ends_with("eval/eval.json"));
 //! ```
@@ -36,9 +36,9 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use fuserl_core::paths::Shown;
-use fuserl_core::pipeline::StageName;
+use fuserl_core::data::StageName;
 
-use crate::{Result, TrainError};
+use fuserl_core::{Error, Result};
 
 /// A run's folder (`[run] output_dir`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl RunDir {
     /// operating system's (`flock` on Unix), so a killed process never leaves it held; a lock
     /// file still naming a process that has ended is taken over with a warning.
     pub fn lock(&self, command: &str) -> Result<RunLock> {
-        std::fs::create_dir_all(&self.root).map_err(|e| TrainError::io(&self.root, e))?;
+        std::fs::create_dir_all(&self.root).map_err(|e| Error::io(&self.root, e))?;
         // Before the lock file is opened for writing: a `.lock` (or the folder) that is a link
         // leading out of the run folder would have it truncate a file elsewhere.
         fuserl_core::paths::check_links_stay_inside(&self.root)?;
@@ -75,7 +75,7 @@ impl RunDir {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| TrainError::io(&path, e))?;
+            .map_err(|e| Error::io(&path, e))?;
         let mut holder = String::new();
         match file.try_lock() {
             Ok(()) => {}
@@ -83,7 +83,7 @@ impl RunDir {
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
                 let holder = if holder.is_empty() { "another process" } else { holder };
-                return Err(TrainError::io(
+                return Err(Error::io(
                     &path,
                     std::io::Error::new(
                         std::io::ErrorKind::WouldBlock,
@@ -94,7 +94,7 @@ impl RunDir {
                     ),
                 ));
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
         let _ = file.read_to_string(&mut holder);
         if !holder.trim().is_empty() {
@@ -109,7 +109,7 @@ impl RunDir {
             .and_then(|()| file.rewind())
             .and_then(|()| file.write_all(me.as_bytes()))
             .and_then(|()| file.flush())
-            .map_err(|e| TrainError::io(&path, e))?;
+            .map_err(|e| Error::io(&path, e))?;
         Ok(RunLock { file })
     }
 
@@ -148,7 +148,7 @@ impl RunDir {
         StageDir { dir: self.root.join(stage.as_str()) }
     }
 
-    /// What the finished export wrote (`crate::export`); the export itself is `[export] path`.
+    /// What the finished export wrote (`fuserl_run::export`); the export itself is `[export] path`.
     pub fn export_record(&self) -> PathBuf {
         self.root.join("export.json")
     }

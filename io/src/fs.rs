@@ -12,7 +12,7 @@
 //! ```
 //! let dir = tempfile::tempdir().unwrap();
 //! let file = dir.path().join("eval.json");
-//! fuserl_core::fs::write_atomic(&file, b"{}").unwrap();
+//! fuserl_io::fs::write_atomic(&file, b"{}").unwrap();
 //! assert_eq!(std::fs::read(&file).unwrap(), b"{}");
 //! ```
 
@@ -69,7 +69,7 @@ fn failure(file: &Path, source: std::io::Error) -> WriteFailure {
     WriteFailure { file: file.to_path_buf(), source }
 }
 
-impl From<WriteFailure> for crate::Error {
+impl From<WriteFailure> for fuserl_core::Error {
     fn from(f: WriteFailure) -> Self {
         Self::io(f.file, f.source)
     }

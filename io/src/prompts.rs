@@ -12,7 +12,7 @@
 //! ```
 //!
 //! An `id` (string or number) is kept; without one the id is a hash of the messages
-//! ([`crate::data::prompt_id_for`]), so it is the same on every run. Other keys are ignored
+//! ([`fuserl_core::data::prompt_id_for`]), so it is the same on every run. Other keys are ignored
 //! (they belong to other stages: references, tests). Empty prompts and repeated ones are
 //! reported with their file and line and left out; a line that is none of the above is an error
 //! that names its place.
@@ -22,9 +22,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::data::{ChatMessage, Prompt, prompt_id_for};
-use crate::error::{Error, Result};
-use crate::paths::Shown;
+use fuserl_core::data::{ChatMessage, Prompt, prompt_id_for};
+use fuserl_core::error::{Error, Result};
+use fuserl_core::paths::Shown;
 
 /// What [`read_prompts`] found.
 #[derive(Clone, Debug, Default)]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{CollectRequest, Collected, SourceAdapter};
-use fuserl_core::pipeline::{assemble_groups, score_groups};
+use fuserl_run::pipeline::{assemble_groups, score_groups};
 use fuserl_core::registry::BuildContext;
 
 fn source(dir: &Path, keys: &[(&str, toml::Value)]) -> Result<Box<dyn SourceAdapter>, String> {
@@ -30,7 +30,7 @@ fn write(dir: &Path, name: &str, text: &str) {
 }
 
 fn data_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
 }
 
 #[test]

@@ -1,0 +1,68 @@
+//! `[backend]`: where tensors live and in which float type. In the core because every
+//! component that runs a model (sources, reward models) is built knowing it.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the tensors live. Which of these a build can use depends on its cargo features.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Device {
+    /// The CPU (Burn's flex backend), always available.
+    #[default]
+    Cpu,
+    /// wgpu with its default adapter (Vulkan, Metal, DX12 or WebGPU).
+    Wgpu,
+    /// wgpu on Vulkan with cubecl's SPIR-V compiler.
+    Vulkan,
+    /// wgpu on Metal.
+    Metal,
+    /// WebGPU.
+    Webgpu,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// AMD ROCm (HIP).
+    Rocm,
+}
+
+/// Floating-point type of the weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DType {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// `[backend]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The device kind.
+    #[serde(default)]
+    pub device: Device,
+    /// Which device of that kind (0 for the first).
+    #[serde(default)]
+    pub device_index: u32,
+    /// Floating-point type.
+    #[serde(default)]
+    pub dtype: DType,
+    /// How training computes per-token log-probs.
+    #[serde(default)]
+    pub logprobs: LogProbPath,
+}
+
+/// `[backend] logprobs`: the path from hidden states to per-token log-probs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogProbPath {
+    /// The LM-head projection fused with the log-prob, in vocabulary chunks with an online
+    /// log-sum-exp: never holds the `[tokens, vocab]` logits (cubecl kernels on GPU backends).
+    #[default]
+    Fused,
+    /// Full logits, `log_softmax` and `gather` through Burn's autodiff (for comparison).
+    Naive,
+}
