@@ -39,8 +39,16 @@ pub trait SourceAdapter: Send + Sync + Debug {
     /// The plugin's registered name.
     fn name(&self) -> &str;
     /// Produce completions: a source that brings its own data (a file) returns it here. A
-    /// source that answers prompts is a [`Generator`] and is asked through the collect stage.
-    fn collect(&self, request: &CollectRequest<'_>) -> Result<Collected>;
+    /// source that answers prompts is a [`Generator`] and is asked through the collect stage;
+    /// it leaves this as it is (an error saying so).
+    fn collect(&self, request: &CollectRequest<'_>) -> Result<Collected> {
+        let _ = request;
+        Err(Error::Component {
+            point: "source",
+            name: self.name().to_owned(),
+            message: "answers prompts in the collect stage (`fuserl collect`), not from a file".into(),
+        })
+    }
     /// The source as a generator of answers to the recipe's prompts, if it is one.
     fn generator(&self) -> Option<&dyn Generator> {
         None
@@ -410,6 +418,58 @@ impl GroupData {
             sample_indices: &self.sample_indices,
             source_names: &self.source_names,
             weights: &self.weights,
+        }
+    }
+}
+
+/// The owned data of an [`ObjectiveBatch`] (for tests of objectives, built-in or plugin).
+#[derive(Clone, Debug, Default)]
+pub struct BatchData {
+    /// Example offsets.
+    pub offsets: Vec<usize>,
+    /// Example weights.
+    pub weights: Vec<f64>,
+    /// Policy log-probs.
+    pub policy: Vec<f64>,
+    /// Reference log-probs.
+    pub reference: Option<Vec<f64>>,
+    /// Token counts.
+    pub tokens: Vec<f64>,
+    /// Rewards.
+    pub rewards: Vec<f64>,
+    /// Loss normaliser.
+    pub normalizer: f64,
+    /// Fraction of training done.
+    pub progress: f64,
+}
+
+impl BatchData {
+    /// Pairs `(policy_chosen, tokens_chosen, policy_rejected, tokens_rejected)`, weight 1
+    /// each, normaliser = number of pairs, reference log-probs 0.
+    pub fn pairs(pairs: &[(f64, f64, f64, f64)]) -> Self {
+        let mut s = Self { offsets: vec![0], normalizer: pairs.len() as f64, ..Self::default() };
+        for &(pw, tw, pl, tl) in pairs {
+            s.policy.extend([pw, pl]);
+            s.tokens.extend([tw, tl]);
+            s.rewards.extend([1.0, 0.0]);
+            s.weights.push(1.0);
+            s.offsets.push(s.policy.len());
+        }
+        s.reference = Some(vec![0.0; s.policy.len()]);
+        s
+    }
+
+    /// Borrow as an [`ObjectiveBatch`].
+    pub fn batch(&self) -> ObjectiveBatch<'_> {
+        ObjectiveBatch {
+            example_offsets: &self.offsets,
+            example_weights: &self.weights,
+            policy_logps: &self.policy,
+            reference_logps: self.reference.as_deref(),
+            token_counts: &self.tokens,
+            rewards: &self.rewards,
+            normalizer: self.normalizer,
+            progress: self.progress,
         }
     }
 }

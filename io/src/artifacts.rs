@@ -258,3 +258,91 @@ mod tests {
         assert_eq!(again, before, "the same keys and values");
     }
 }
+
+/// One line of `metrics.jsonl`: a training step's measures, written by the trainer every
+/// `log_every` steps and read by the report (and TensorBoard's event files hold the same).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricsLine {
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Which stage.
+    pub stage: fuserl_core::data::StageName,
+    /// The step's loss (a non-finite value is written `null` and read back as NaN, as in
+    /// every float here).
+    #[serde(deserialize_with = "null_as_nan")]
+    pub loss: f64,
+    /// The gradient's norm before clipping.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub grad_norm: f64,
+    /// The learning rate of the step.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub lr: f64,
+    /// Tokens per second since the stage (re)started.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub tokens_per_s: f64,
+    /// Examples in the step.
+    pub examples: usize,
+    /// The objective's own measures (`rewards/chosen`, `rewards/margins`, …; `None`: not finite).
+    #[serde(flatten)]
+    pub objective: BTreeMap<String, Option<f64>>,
+}
+
+impl MetricsLine {
+    /// The line as written: one JSON object, keys sorted (as every metrics.jsonl so far).
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_value(self).map_or_else(|e| format!("{{\"error\": \"{e}\"}}"), |v| v.to_string())
+    }
+
+    /// Every finite measure by name, sorted (`examples`, `grad_norm`, `loss`, `lr`, the
+    /// objective's, `tokens_per_s`), without `step`.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut all = vec![
+            ("loss".to_owned(), self.loss),
+            ("grad_norm".to_owned(), self.grad_norm),
+            ("lr".to_owned(), self.lr),
+            ("tokens_per_s".to_owned(), self.tokens_per_s),
+            ("examples".to_owned(), self.examples as f64),
+        ];
+        all.extend(self.objective.iter().filter_map(|(k, v)| Some((k.clone(), (*v)?))));
+        all.retain(|(_, v)| v.is_finite());
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// A measure by name: one of the fixed ones or the objective's.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        match name {
+            "loss" => Some(self.loss),
+            "grad_norm" => Some(self.grad_norm),
+            "lr" => Some(self.lr),
+            "tokens_per_s" => Some(self.tokens_per_s),
+            "examples" => Some(self.examples as f64),
+            _ => self.objective.get(name).copied().flatten(),
+        }
+        .filter(|v| v.is_finite())
+    }
+}
+
+/// One line of `sft/examples.jsonl` and `po/examples.jsonl`: a training example as the stage
+/// built it, with each sequence's (prompt, response) token counts after truncation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageExample {
+    /// The example, with its provenance.
+    #[serde(flatten)]
+    pub example: fuserl_core::data::Example,
+    /// `[prompt tokens, response tokens]` per sequence.
+    pub token_counts: Vec<(usize, usize)>,
+}
+
+/// `po/reference-logps.json`: the reference model's log-probs of FusePO's sequences, kept so that
+/// a resumed stage does not compute them again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceLogps {
+    /// A hash of the reference's weights and of every sequence's tokens: the cache holds while
+    /// it is the same.
+    pub key: String,
+    /// The reference checkpoint.
+    pub reference: String,
+    /// Log-prob per sequence key.
+    pub logps: std::collections::HashMap<String, f64>,
+}

@@ -179,6 +179,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_one_gib_json_line_is_refused_after_reading_only_the_bound() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("huge.jsonl");
+        // A sparse file: `{"id": "` and then 1 GiB of NUL bytes, no line end.
+        std::fs::write(&f, "{\"id\": \"").expect("write");
+        std::fs::OpenOptions::new().write(true).open(&f).and_then(|h| h.set_len(1 << 30)).expect("grow");
+        let err = read_prompts(&f).expect_err("refused").to_string();
+        assert!(err.contains("huge.jsonl:1: a line longer than 64 MiB"), "{err}");
+    }
+
+    #[test]
     fn every_prompt_shape_is_read_and_ids_are_kept_or_stable() {
         let dir = tempfile::tempdir().expect("tmp");
         let file = dir.path().join("p.jsonl");

@@ -384,13 +384,14 @@ pub(crate) struct RawRecipe {
     pub(crate) export: ExportConfig,
 }
 
-/// A recipe with every default filled in; serialises to a valid recipe.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// A recipe with every default filled in; serialises to a valid recipe, which is written into
+/// the run directory (`recipe.toml`) and read back from there by the report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     /// Always [`SCHEMA_VERSION`].
     pub schema_version: u32,
     /// Plugin libraries loaded before the components are built.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
     /// `[run]`.
     pub run: RunConfig,

@@ -30,7 +30,9 @@ use serde_json::{Value, json};
 
 use fuserl_core::data::StageName;
 
-use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, ModelEval};
+use fuserl_core::data::ExampleSequence;
+use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, MetricsLine, ModelEval, StageExample};
+use fuserl_recipe::Recipe;
 use fuserl_io::run_dir::RunDir;
 use fuserl_core::{Error, Result};
 
@@ -319,9 +321,10 @@ fn what_file(file: &Path) -> &'static str {
     }
 }
 
-/// The lines of a JSONL file of the run directory (none if it is not there). A torn last line
-/// (a run killed while writing it) is left out; a bad line elsewhere is an error naming it.
-fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
+/// The lines of a JSONL file of the run directory, each read into its typed definition (none if
+/// the file is not there). A torn last line (a run killed while writing it) is left out; a bad
+/// line elsewhere is an error naming it.
+fn read_jsonl<T: serde::de::DeserializeOwned>(file: &Path, what: &str) -> Result<Vec<T>> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -337,7 +340,7 @@ fn read_jsonl(file: &Path) -> Result<Vec<Value>> {
                 return Err(Error::Data {
                     file: file.to_path_buf(),
                     line: *i as u64 + 1,
-                    message: format!("expected a JSON object: {e}"),
+                    message: format!("expected {what}: {e}"),
                 });
             }
         }
@@ -353,27 +356,29 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     }
     fuserl_core::paths::check_links_stay_inside(run_dir)?;
     let run = RunDir::new(run_dir);
-    let recipe: Option<toml::Table> =
-        match std::fs::read_to_string(run.recipe()) {
-            Ok(text) => Some(text.parse().map_err(|e| {
-                Error::Path { file: run.recipe(), message: format!("expected the resolved recipe: {e}") }
-            })?),
-            Err(_) => None,
-        };
+    let recipe: Option<Recipe> = match std::fs::read_to_string(run.recipe()) {
+        Ok(text) => Some(toml::from_str(&text).map_err(|e| Error::Path {
+            file: run.recipe(),
+            message: format!("expected the resolved recipe: {e}"),
+        })?),
+        Err(_) => None,
+    };
     // A file of an older format (or a damaged one) is named in its section, not the end of the
     // report: every other section is still worth having.
     let data: std::result::Result<Option<DataSummary>, String> =
         read_typed(&run.data_json()).map_err(|e| e.to_string());
-    let sft_examples = read_jsonl(&run.stage(StageName::Sft).examples())?;
-    let po_examples = read_jsonl(&run.stage(StageName::Po).examples())?;
-    let metrics = read_jsonl(&run.metrics())?;
+    let example = "a training example (prompt_id, objective, weight, sequences, token_counts)";
+    let sft_examples: Vec<StageExample> = read_jsonl(&run.stage(StageName::Sft).examples(), example)?;
+    let po_examples: Vec<StageExample> = read_jsonl(&run.stage(StageName::Po).examples(), example)?;
+    let metrics: Vec<MetricsLine> =
+        read_jsonl(&run.metrics(), "a training step's measures (step, stage, loss, grad_norm, lr, ...)")?;
     let eval: std::result::Result<Option<EvalReport>, String> =
         read_typed(&run.eval().json()).map_err(|e| e.to_string());
 
     let mut page = Page::default();
     let name = recipe
         .as_ref()
-        .and_then(|r| r.get("run")?.get("name")?.as_str().map(str::to_owned))
+        .and_then(|r| r.run.name.clone())
         .or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "run".to_owned());
     page.title = format!("fuserl run report: {name}");
@@ -503,13 +508,14 @@ th { background: #f3f3f3; }
 figure.plot { display: inline-block; margin: 0.5em; }
 ";
 
-fn str_of<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
-    let (last, parents) = path.split_last()?;
-    let mut table = t;
-    for p in parents {
-        table = table.get(*p)?.as_table()?;
-    }
-    table.get(*last)
+/// An optional setting, `-` when unset.
+fn opt(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// A setting as a recipe writes it (`cpu`, `bf16`).
+fn as_written<T: serde::Serialize>(v: &T) -> String {
+    toml::Value::try_from(v).map_or_else(|_| "-".to_owned(), |v| shown(Some(&v)))
 }
 
 fn shown(v: Option<&toml::Value>) -> String {
@@ -521,7 +527,7 @@ fn shown(v: Option<&toml::Value>) -> String {
     }
 }
 
-fn recipe_section(page: &mut Page, recipe: Option<&toml::Table>, run_dir: &Path) {
+fn recipe_section(page: &mut Page, recipe: Option<&Recipe>, run_dir: &Path) {
     page.heading(2, "Recipe");
     let Some(r) = recipe else {
         page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.");
@@ -529,47 +535,41 @@ fn recipe_section(page: &mut Page, recipe: Option<&toml::Table>, run_dir: &Path)
     };
     let mut rows: Vec<Vec<Vec<Cell>>> = Vec::new();
     let mut row = |k: &str, v: String| rows.push(vec![vec![k.into()], vec![v.into()]]);
-    row("run", shown(str_of(r, &["run", "name"])));
-    row(
-        "backend",
-        format!("{} ({})", shown(str_of(r, &["backend", "device"])), shown(str_of(r, &["backend", "dtype"]))),
-    );
-    row("target", shown(str_of(r, &["target", "checkpoint"])));
-    if let Some(sources) = r.get("sources").and_then(toml::Value::as_array) {
-        for s in sources.iter().filter_map(toml::Value::as_table) {
-            let what = ["name", "model", "path", "checkpoint"]
-                .iter()
-                .filter_map(|k| s.get(*k).map(|v| format!("{k} {}", shown(Some(v)))))
-                .collect::<Vec<_>>()
-                .join(", ");
-            row("source", format!("{} ({what})", shown(s.get("kind"))));
-        }
+    row("run", opt(r.run.name.as_ref()));
+    row("backend", format!("{} ({})", as_written(&r.backend.device), as_written(&r.backend.dtype)));
+    row("target", r.target.checkpoint.clone());
+    // A component's table is its plugin's own: these keys are the ones sources name themselves by.
+    for s in &r.sources {
+        let what = ["name", "model", "path", "checkpoint"]
+            .iter()
+            .filter_map(|k| s.get(*k).map(|v| format!("{k} {}", shown(Some(v)))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        row("source", format!("{} ({what})", shown(s.get("kind"))));
     }
-    row("reward", shown(str_of(r, &["reward", "kind"])));
-    row("weighting", shown(str_of(r, &["weighting", "kind"])));
-    for (stage, label) in [("sft", "FuseSFT"), ("po", "FusePO")] {
-        let enabled = str_of(r, &[stage, "enabled"]).and_then(toml::Value::as_bool).unwrap_or(true);
-        let text = if enabled {
+    row("reward", shown(r.reward.get("kind")));
+    row("weighting", shown(r.weighting.get("kind")));
+    for (stage, label) in [(&r.sft, "FuseSFT"), (&r.po, "FusePO")] {
+        let text = if stage.enabled {
             format!(
                 "{}: {} epochs, learning rate {}, batch {}",
-                shown(str_of(r, &[stage, "objective", "kind"])),
-                shown(str_of(r, &[stage, "epochs"])),
-                shown(str_of(r, &[stage, "learning_rate"])),
-                shown(str_of(r, &[stage, "batch_size"]))
+                shown(stage.objective.as_ref().and_then(|o| o.get("kind"))),
+                opt(stage.epochs),
+                opt(stage.learning_rate.map(toml::Value::Float)),
+                stage.batch_size
             )
         } else {
             "disabled".to_owned()
         };
         row(label, text);
     }
-    let eval_on = str_of(r, &["eval", "enabled"]).and_then(toml::Value::as_bool).unwrap_or(false);
     row(
         "eval",
-        if eval_on {
+        if r.eval.enabled {
             format!(
                 "prompts {}, baselines {}",
-                shown(str_of(r, &["eval", "prompts"])),
-                shown(str_of(r, &["eval", "baselines"]))
+                r.eval.prompts.as_deref().unwrap_or("-"),
+                r.eval.baselines.join(", ")
             )
         } else {
             "not enabled in the recipe (`fuserl eval` runs it)".to_owned()
@@ -587,14 +587,14 @@ fn recipe_section(page: &mut Page, recipe: Option<&toml::Table>, run_dir: &Path)
 }
 
 /// Per source: the sum of a quantity over the examples' sequences (`pick` chooses which).
-fn per_source(examples: &[Value], pick: impl Fn(&[Value]) -> Vec<(&Value, f64)>) -> BTreeMap<String, f64> {
+fn per_source(
+    examples: &[StageExample],
+    pick: impl Fn(&[ExampleSequence]) -> Vec<(&ExampleSequence, f64)>,
+) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for e in examples {
-        let seqs = e["sequences"].as_array().map_or(&[][..], Vec::as_slice);
-        for (seq, amount) in pick(seqs) {
-            if let Some(source) = seq["completion"]["source"].as_str() {
-                *out.entry(source.to_owned()).or_insert(0.0) += amount;
-            }
+        for (seq, amount) in pick(&e.example.sequences) {
+            *out.entry(seq.completion.source.clone()).or_insert(0.0) += amount;
         }
     }
     out
@@ -603,8 +603,8 @@ fn per_source(examples: &[Value], pick: impl Fn(&[Value]) -> Vec<(&Value, f64)>)
 fn data_section(
     page: &mut Page,
     data: std::result::Result<Option<&DataSummary>, &String>,
-    sft: &[Value],
-    po: &[Value],
+    sft: &[StageExample],
+    po: &[StageExample],
 ) {
     page.heading(2, "Data");
     let data = match data {
@@ -623,8 +623,8 @@ fn data_section(
     // (first and last sequence of each example).
     let mut sft_weight = BTreeMap::new();
     for e in sft {
-        if let Some(s) = e["sequences"][0]["completion"]["source"].as_str() {
-            *sft_weight.entry(s.to_owned()).or_insert(0.0) += e["weight"].as_f64().unwrap_or(0.0);
+        if let Some(first) = e.example.sequences.first() {
+            *sft_weight.entry(first.completion.source.clone()).or_insert(0.0) += e.example.weight;
         }
     }
     let total_weight: f64 = sft_weight.values().sum();
@@ -693,30 +693,30 @@ fn data_section(
     }
 }
 
-fn training_section(page: &mut Page, metrics: &[Value]) {
+fn training_section(page: &mut Page, metrics: &[MetricsLine]) {
     page.heading(2, "Training");
     if metrics.is_empty() {
         page.para("No training step logged yet (metrics.jsonl).");
         return;
     }
-    for (stage, label) in [("sft", "FuseSFT"), ("po", "FusePO")] {
-        let lines: Vec<&Value> = metrics.iter().filter(|m| m["stage"] == stage).collect();
+    for (name, label) in [(StageName::Sft, "FuseSFT"), (StageName::Po, "FusePO")] {
+        let stage = name.as_str();
+        let lines: Vec<&MetricsLine> = metrics.iter().filter(|m| m.stage == name).collect();
         if lines.is_empty() {
             continue;
         }
         page.heading(3, label);
-        let curve = |key: &str| -> Vec<(f64, f64)> {
-            lines.iter().filter_map(|m| Some((m["step"].as_f64()?, m[key].as_f64()?))).collect()
-        };
-        let last = lines.last().map(|m| m["step"].as_u64().unwrap_or(0)).unwrap_or(0);
-        let final_loss = lines.last().and_then(|m| m["loss"].as_f64()).unwrap_or(f64::NAN);
+        let curve =
+            |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|m| Some((m.step as f64, m.get(key)?))).collect() };
+        let last = lines.last().map_or(0, |m| m.step);
+        let final_loss = lines.last().map_or(f64::NAN, |m| m.loss);
         page.para(&format!("{} logged steps, last step {last}, final loss {}.", lines.len(), num(final_loss)));
         let mut plots = vec![
             (format!("{stage}-loss"), format!("{label}: loss"), "loss", vec!["loss"]),
             (format!("{stage}-grad-norm"), format!("{label}: gradient norm"), "gradient norm", vec!["grad_norm"]),
             (format!("{stage}-lr"), format!("{label}: learning rate"), "learning rate", vec!["lr"]),
         ];
-        let has = |k: &str| lines.iter().any(|m| m.get(k).is_some());
+        let has = |k: &str| lines.iter().any(|m| m.objective.contains_key(k));
         if has("rewards/chosen") {
             plots.push((
                 format!("{stage}-rewards"),
@@ -885,9 +885,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let f = dir.path().join("metrics.jsonl");
         std::fs::write(&f, "{\"step\":1}\n{\"step\":2}\n{\"st").expect("write");
-        assert_eq!(read_jsonl(&f).expect("read").len(), 2);
+        assert_eq!(read_jsonl::<Value>(&f, "a JSON object").expect("read").len(), 2);
         std::fs::write(&f, "{\"step\":1}\nnot json\n{\"step\":3}\n").expect("write");
-        let err = read_jsonl(&f).expect_err("bad line").to_string();
+        let err = read_jsonl::<Value>(&f, "a JSON object").expect_err("bad line").to_string();
         assert!(err.contains("metrics.jsonl:2:"), "{err}");
     }
 

@@ -20,6 +20,7 @@ use fuserl_core::data::{Prompt, ScoredGroup, StageName};
 use fuserl_core::extension::{Collected, Generator};
 use fuserl_core::paths::Shown;
 use fuserl_core::registry::BuildContext;
+use fuserl_io::artifacts::{ReferenceLogps, StageExample};
 use fuserl_io::fs::write_atomic;
 use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
@@ -32,7 +33,8 @@ pub use fuserl_train::{Result, TrainError};
 
 use crate::collect::{CollectPlan, CollectProgress, collect_stage, collect_with};
 use crate::local::LocalSource;
-use crate::pipeline::{gather_groups, in_stage, prepare_stage, read_file_sources};
+use crate::collect::{gather_groups, read_file_sources};
+use crate::pipeline::{in_stage, prepare_stage};
 use crate::score::{ScoreProgress, score_stage};
 
 pub mod classifier;
@@ -184,7 +186,8 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let resolved = loaded.resolved_toml()?;
     let recipe_file = RunDir::new(&dir).recipe();
     match std::fs::read_to_string(&recipe_file) {
-        Ok(previous) if previous != resolved => {
+        // The same settings, compared as TOML (the order of keys within a table does not count).
+        Ok(previous) if !same_toml(&previous, &resolved) => {
             return Err(TrainError::Data(format!(
                 "{} was made by a different recipe; choose another [run] output_dir or remove the folder to start over",
                 Shown(&recipe_file)
@@ -194,6 +197,15 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
         Err(_) => write_atomic(&recipe_file, resolved.as_bytes())?,
     }
     Ok(dir)
+}
+
+/// Whether two TOML texts hold the same tables and values, whatever the order of keys within a
+/// table (arrays keep their order); text that does not parse is compared as text.
+fn same_toml(a: &str, b: &str) -> bool {
+    match (a.parse::<toml::Table>(), b.parse::<toml::Table>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Rebuild the run's report (`report/`), as after every stage: a report that cannot be built is
@@ -247,8 +259,12 @@ fn run_on<B: LogProbBackend>(
         std::fs::create_dir_all(stage_root).map_err(|e| TrainError::io(stage_root, e))?;
         let mut text = String::new();
         for e in &examples {
-            let mut v = serde_json::to_value(&e.example).map_err(|err| TrainError::Data(err.to_string()))?;
-            v["token_counts"] = e.seqs.iter().map(|s| serde_json::json!([s.prompt.len(), s.response.len()])).collect();
+            let line = StageExample {
+                example: e.example.clone(),
+                token_counts: e.seqs.iter().map(|s| (s.prompt.len(), s.response.len())).collect(),
+            };
+            // Through a JSON value: keys sorted, as in every examples.jsonl so far.
+            let v = serde_json::to_value(&line).map_err(|err| TrainError::Data(err.to_string()))?;
             text.push_str(&v.to_string());
             text.push('\n');
         }
@@ -323,9 +339,9 @@ fn run_on<B: LogProbBackend>(
                 let key = reference_key(&reference_from, &examples)?;
                 let cached: Option<HashMap<String, f64>> = std::fs::read(&cache)
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .filter(|v| v["key"].as_str() == Some(key.as_str()))
-                    .and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
+                    .and_then(|b| serde_json::from_slice::<ReferenceLogps>(&b).ok())
+                    .filter(|r| r.key == key)
+                    .map(|r| r.logps);
                 Some(match cached {
                     Some(r) => r,
                     None => {
@@ -335,9 +351,10 @@ fn run_on<B: LogProbBackend>(
                         let r = reference_logps(&reference_model, &examples, batch, path);
                         drop(reference_model);
                         std::fs::create_dir_all(po.root()).map_err(|e| TrainError::io(po.root(), e))?;
-                        let doc = serde_json::json!({"key": key, "reference": reference_from.display().to_string(), "logps": r});
-                        write_atomic(&cache, doc.to_string().as_bytes())?;
-                        r
+                        let doc = ReferenceLogps { key, reference: reference_from.display().to_string(), logps: r };
+                        let text = serde_json::to_value(&doc).map_err(|e| TrainError::Data(e.to_string()))?.to_string();
+                        write_atomic(&cache, text.as_bytes())?;
+                        doc.logps
                     }
                 })
             } else {
@@ -374,4 +391,18 @@ fn run_on<B: LogProbBackend>(
     }
     refresh_report(&dir);
     Ok(RunSummary { dir, metrics, export, eval, skipped })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn recipes_are_compared_as_toml_not_as_text() {
+        let a = "[run]\nname = \"x\"\nseed = 1\n[[sources]]\nkind = \"a\"\n[[sources]]\nkind = \"b\"\n";
+        let reordered = "[run]\nseed = 1\nname = \"x\"\n[[sources]]\nkind = \"a\"\n[[sources]]\nkind = \"b\"\n";
+        assert!(super::same_toml(a, reordered));
+        assert!(!super::same_toml(a, &a.replace("seed = 1", "seed = 2")));
+        assert!(!super::same_toml(a, &a.replace("\"a\"", "\"c\"")));
+        let swapped = "[run]\nname = \"x\"\nseed = 1\n[[sources]]\nkind = \"b\"\n[[sources]]\nkind = \"a\"\n";
+        assert!(!super::same_toml(a, swapped), "the order of sources counts");
+    }
 }

@@ -23,7 +23,7 @@ use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::config::{ConfigError, KeyPath};
 use fuserl_core::data::{SamplingParams, SourceSampling};
 use fuserl_core::extension::{
-    CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
+    GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
 };
 use fuserl_core::paths::Shown;
 use fuserl_core::backend::{DType as RecipeDType, Device};
@@ -180,10 +180,6 @@ pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
 impl SourceAdapter for LocalSource {
     fn name(&self) -> &str {
         "local"
-    }
-
-    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        Err(self.error("answers prompts in the collect stage (`fuserl collect`), not from a file".into()))
     }
 
     fn generator(&self) -> Option<&dyn Generator> {

@@ -5,73 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fuserl_core::data::{Completion, Example, ExampleSequence, Prompt, ScoredCompletion, ScoredGroup, WeightedGroup};
+use fuserl_core::data::{Example, ExampleSequence, ScoredGroup, WeightedGroup};
 use fuserl_core::error::{Error, Result};
 use fuserl_core::data::StageName;
-use fuserl_core::extension::{Collected, GroupData, PreferenceObjective, RewardModel, WeightingScheme};
 
-/// Merge what several sources collected into one group per prompt, in order of first
-/// appearance. The same prompt id with different messages, or the same completion id twice,
-/// is an error that names both records.
-pub fn assemble_groups(collected: Vec<Collected>) -> Result<Vec<ScoredGroup>> {
-    let mut order: Vec<String> = Vec::new();
-    let mut prompts: HashMap<String, Prompt> = HashMap::new();
-    let mut members: HashMap<String, Vec<Completion>> = HashMap::new();
-    for c in collected {
-        for p in c.prompts {
-            match prompts.get(&p.id) {
-                Some(existing) if existing.messages != p.messages => {
-                    return Err(Error::Record {
-                        record: format!("prompt `{}`", p.id),
-                        message: "appears twice with different messages".into(),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    order.push(p.id.clone());
-                    prompts.insert(p.id.clone(), p);
-                }
-            }
-        }
-        for completion in c.completions {
-            members.entry(completion.id.prompt_id.clone()).or_default().push(completion);
-        }
-    }
-    let mut groups = Vec::with_capacity(order.len());
-    for id in &order {
-        let prompt = prompts.remove(id).expect("every id in `order` has a prompt");
-        let mut completions = members.remove(id).unwrap_or_default();
-        // Sources in order of first appearance, then sample index.
-        let mut source_rank: HashMap<String, usize> = HashMap::new();
-        for c in &completions {
-            let next = source_rank.len();
-            source_rank.entry(c.id.source.clone()).or_insert(next);
-        }
-        completions.sort_by_key(|c| (source_rank[&c.id.source], c.id.sample_index));
-        for pair in completions.windows(2) {
-            if pair[0].id == pair[1].id {
-                return Err(Error::Record {
-                    record: pair[1].describe(),
-                    message: format!("duplicates {}", pair[0].describe()),
-                });
-            }
-        }
-        groups.push(ScoredGroup {
-            prompt,
-            completions: completions
-                .into_iter()
-                .map(|completion| ScoredCompletion { completion, reward: None })
-                .collect(),
-        });
-    }
-    if let Some((id, orphans)) = members.into_iter().next() {
-        return Err(Error::Record {
-            record: orphans[0].describe(),
-            message: format!("answers prompt `{id}`, which no source provided"),
-        });
-    }
-    Ok(groups)
-}
+pub use crate::collect::{assemble_groups, gather_groups, read_file_sources};
+use fuserl_core::extension::{Collected, GroupData, PreferenceObjective, RewardModel, WeightingScheme};
 
 /// Score every completion of every group with `reward`, in batches of `batch_size`, in memory
 /// (the scoring stage with no store: [`crate::score::score_answers`]).
@@ -207,32 +146,6 @@ pub fn prepare_examples(
 /// Like [`prepare_examples`], keeping the prompts and texts the examples refer to.
 pub fn prepare(loaded: &fuserl_recipe::LoadedRecipe, stage: StageName) -> Result<Prepared> {
     prepare_with(loaded, stage, read_file_sources(loaded)?, None)
-}
-
-/// The records of the recipe's file sources (those that do not generate: `jsonl`, plugins that
-/// read files), each read once; the generative sources answer in the collect stage
-/// ([`crate::collect::collect_stage`]).
-pub fn read_file_sources(loaded: &fuserl_recipe::LoadedRecipe) -> Result<Vec<Collected>> {
-    let recipe = &loaded.recipe;
-    let request = fuserl_core::extension::CollectRequest {
-        prompts: &[],
-        samples_per_prompt: recipe.data.samples_per_prompt,
-        sampling: &recipe.data.sampling,
-    };
-    let sources = loaded.components.sources.iter().filter(|s| s.generator().is_none());
-    sources.map(|source| source.collect(&request)).collect()
-}
-
-/// Every prompt's group of answers, unscored, before the split into stages, from every source's
-/// answers (the file sources' records, the collect stage's answers, the target's own samples);
-/// at most `[data] max_prompts` prompts. Also returns the count of records the sources skipped.
-pub fn gather_groups(loaded: &fuserl_recipe::LoadedRecipe, answers: Vec<Collected>) -> Result<(Vec<ScoredGroup>, u64)> {
-    let skipped = answers.iter().map(|c| c.skipped_records).sum();
-    let mut groups = assemble_groups(answers)?;
-    if let Some(max) = loaded.recipe.data.max_prompts {
-        groups.truncate(usize::try_from(max).unwrap_or(usize::MAX));
-    }
-    Ok((groups, skipped))
 }
 
 /// Like [`prepare`], from every source's `answers` ([`read_file_sources`] and the collect stage's

@@ -253,7 +253,7 @@ pub struct Scored {
 /// The scoring stage (`fuserl score`, and once in `fuserl run`): the recipe's reward scores every
 /// answer of every prompt (both training stages' prompts) into `runs/NAME/score/` (resumes; scores
 /// afresh when the reward's settings changed) and writes `data.json` for the report. `answers`
-/// are every source's ([`crate::pipeline::read_file_sources`] and the collect stage's).
+/// are every source's ([`crate::collect::read_file_sources`] and the collect stage's).
 pub fn score_stage(
     loaded: &LoadedRecipe,
     answers: Vec<Collected>,
@@ -262,7 +262,7 @@ pub fn score_stage(
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
     let run = RunDir::new(loaded.output_dir());
     let dir = run.score();
-    let (mut groups, skipped_records) = crate::pipeline::gather_groups(loaded, answers)?;
+    let (mut groups, skipped_records) = crate::collect::gather_groups(loaded, answers)?;
     let reward = loaded.components.reward.as_ref();
     let batch = loaded.recipe.data.score_batch_size as usize;
     let summary = score_answers(reward, &mut groups, Some(&dir), batch, progress)?;

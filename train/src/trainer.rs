@@ -28,6 +28,7 @@ use crate::error::{Result, TrainError};
 use crate::layerwise::layerwise_backward;
 use crate::schedule::learning_rate;
 use fuserl_core::paths::Shown;
+use fuserl_io::artifacts::MetricsLine;
 
 /// The CPU training backend.
 pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
@@ -379,25 +380,22 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         let done = step + 1;
         if done % c.log_every == 0 || done == total {
             let secs = t0.elapsed().as_secs_f64();
-            let mut line = serde_json::json!({
-                "step": done, "stage": stage.name.as_str(), "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens_per_s": tokens as f64 / secs.max(1e-9), "examples": picked.len(),
-            });
-            let obj = line.as_object_mut().expect("object");
-            for (name, value) in &metric_sums {
-                obj.insert(name.clone(), (*value).into());
-            }
-            writeln!(metrics_file, "{line}")
+            let line = MetricsLine {
+                step: done,
+                stage: stage.name,
+                loss,
+                grad_norm,
+                lr,
+                tokens_per_s: tokens as f64 / secs.max(1e-9),
+                examples: picked.len(),
+                objective: metric_sums.iter().map(|(name, value)| (name.clone(), Some(*value))).collect(),
+            };
+            writeln!(metrics_file, "{}", line.to_json_line())
                 .and_then(|()| metrics_file.flush())
                 .map_err(|e| TrainError::io(&stage.metrics, e))?;
             if let Some(w) = &mut events {
-                let tags: Vec<(String, f64)> = line
-                    .as_object()
-                    .expect("object")
-                    .iter()
-                    .filter_map(|(k, v)| Some((format!("{}/{k}", stage.name.as_str()), v.as_f64()?)))
-                    .filter(|(k, _)| !k.ends_with("/step"))
-                    .collect();
+                let tags: Vec<(String, f64)> =
+                    line.scalars().into_iter().map(|(k, v)| (format!("{}/{k}", stage.name.as_str()), v)).collect();
                 let scalars: Vec<(&str, f64)> = tags.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                 w.scalars(done, &scalars)?;
             }

@@ -10,7 +10,7 @@
 //! fuserl_plugin_abi::testing::assert_gradient(hinge.as_ref(), &stats, 1e-6);
 //! ```
 
-use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective, WeightingScheme};
+use fuserl_core::extension::{PreferenceObjective, WeightingScheme};
 use fuserl_core::registry::{BuildContext, Registry};
 
 use crate::host::{EntryFn, register_declaration};
@@ -50,57 +50,8 @@ pub fn weighting(registry: &Registry, toml_text: &str) -> Result<Box<dyn Weighti
     registry.build_weighting_from(&table(toml_text)?, &ctx()).map(|b| b.component).map_err(|e| e.to_string())
 }
 
-/// Owned per-sequence statistics of a batch.
-#[derive(Clone, Debug, Default)]
-pub struct Stats {
-    /// Example offsets.
-    pub offsets: Vec<usize>,
-    /// Example weights.
-    pub weights: Vec<f64>,
-    /// Policy log-probs.
-    pub policy: Vec<f64>,
-    /// Reference log-probs.
-    pub reference: Option<Vec<f64>>,
-    /// Token counts.
-    pub tokens: Vec<f64>,
-    /// Rewards.
-    pub rewards: Vec<f64>,
-    /// Loss normaliser.
-    pub normalizer: f64,
-    /// Fraction of training done.
-    pub progress: f64,
-}
-
-impl Stats {
-    /// Pairs `(policy_chosen, tokens_chosen, policy_rejected, tokens_rejected)`, weight 1
-    /// each, normaliser = number of pairs, reference log-probs 0.
-    pub fn pairs(pairs: &[(f64, f64, f64, f64)]) -> Self {
-        let mut s = Self { offsets: vec![0], normalizer: pairs.len() as f64, ..Self::default() };
-        for &(pw, tw, pl, tl) in pairs {
-            s.policy.extend([pw, pl]);
-            s.tokens.extend([tw, tl]);
-            s.rewards.extend([1.0, 0.0]);
-            s.weights.push(1.0);
-            s.offsets.push(s.policy.len());
-        }
-        s.reference = Some(vec![0.0; s.policy.len()]);
-        s
-    }
-
-    /// Borrow as an [`ObjectiveBatch`].
-    pub fn batch(&self) -> ObjectiveBatch<'_> {
-        ObjectiveBatch {
-            example_offsets: &self.offsets,
-            example_weights: &self.weights,
-            policy_logps: &self.policy,
-            reference_logps: self.reference.as_deref(),
-            token_counts: &self.tokens,
-            rewards: &self.rewards,
-            normalizer: self.normalizer,
-            progress: self.progress,
-        }
-    }
-}
+/// Owned per-sequence statistics of a batch: `Stats::pairs(&[...])`, `stats.batch()`.
+pub use fuserl_core::extension::BatchData as Stats;
 
 /// Panic unless the objective's derivatives agree with central finite differences (step 1e-5)
 /// within `tol` (relative).

@@ -9,36 +9,83 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fuserl_core::config::ConfigError;
+use fuserl_core::config::{ConfigError, parse_table, to_table};
+use fuserl_core::registry::{BuildContext, Built};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The connection settings of a component that talks to a server (flattened into its table).
+/// The connection settings of a component that talks to a server, written in its table beside
+/// its own keys and read by [`build_with_http`] (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`). A component's config holds them as `#[serde(skip)] http`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// The environment variable that holds the API key (sent as a bearer token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
     /// Requests in flight.
-    #[serde(default = "default_concurrency")]
     pub concurrency: u32,
     /// Seconds a request may take.
-    #[serde(default = "default_timeout")]
     pub timeout_s: f64,
     /// Retries of one request after a retryable failure.
-    #[serde(default = "default_retries")]
     pub max_retries: u32,
 }
 
-fn default_concurrency() -> u32 {
-    4
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { api_key_env: None, concurrency: 4, timeout_s: 120.0, max_retries: 5 }
+    }
 }
-fn default_timeout() -> f64 {
-    600.0
+
+/// [`HttpSettings`] as written: what is missing takes the component's defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpKeys {
+    api_key_env: Option<String>,
+    concurrency: Option<u32>,
+    timeout_s: Option<f64>,
+    max_retries: Option<u32>,
 }
-fn default_retries() -> u32 {
-    5
+
+/// A component config that holds [`HttpSettings`] (as `#[serde(skip)] http`).
+pub trait WithHttp {
+    /// Where its settings go.
+    fn http_mut(&mut self) -> &mut HttpSettings;
+}
+
+/// Build a component whose table holds [`HttpSettings`]'s keys beside its own (config `C`):
+/// each part is parsed strictly (an unknown key lists both parts' keys), missing settings take
+/// `defaults`, and the resolved table has the component's keys followed by the settings.
+pub fn build_with_http<C, T: ?Sized>(
+    table: &toml::Table,
+    ctx: &BuildContext,
+    defaults: HttpSettings,
+    make: impl FnOnce(C, &BuildContext) -> Result<Box<T>, ConfigError>,
+) -> Result<Built<T>, ConfigError>
+where
+    C: DeserializeOwned + Serialize + WithHttp,
+{
+    const KEYS: [&str; 4] = ["api_key_env", "concurrency", "timeout_s", "max_retries"];
+    let (settings, own): (toml::Table, toml::Table) =
+        table.clone().into_iter().partition(|(k, _)| KEYS.contains(&k.as_str()));
+    let mut config: C = parse_table(&own).map_err(|mut e| {
+        if e.message.starts_with("unknown key") {
+            e.message = format!("{}, {}", e.message, KEYS.join(", "));
+        }
+        e
+    })?;
+    let keys: HttpKeys = parse_table(&settings)?;
+    let http = HttpSettings {
+        api_key_env: keys.api_key_env,
+        concurrency: keys.concurrency.unwrap_or(defaults.concurrency),
+        timeout_s: keys.timeout_s.unwrap_or(defaults.timeout_s),
+        max_retries: keys.max_retries.unwrap_or(defaults.max_retries),
+    };
+    let mut resolved = to_table(&config)?;
+    resolved.extend(to_table(&http)?);
+    *config.http_mut() = http;
+    let component = make(config, ctx)?;
+    Ok(Built { component, resolved })
 }
 
 impl HttpSettings {

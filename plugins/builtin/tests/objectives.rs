@@ -5,7 +5,7 @@
 //! Tolerances: loss and gradient agree with the oracle to 1e-9 relative (both sides compute in
 //! f64; the differences are rounding only); finite differences (step 1e-5) agree to 1e-6.
 
-use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
+use fuserl_core::extension::{BatchData, ObjectiveBatch, PreferenceObjective};
 use fuserl_core::registry::BuildContext;
 use serde_json::Value;
 
@@ -16,14 +16,7 @@ struct Case {
     name: String,
     objective: Box<dyn PreferenceObjective>,
     kl: bool,
-    offsets: Vec<usize>,
-    weights: Vec<f64>,
-    policy: Vec<f64>,
-    reference: Option<Vec<f64>>,
-    tokens: Vec<f64>,
-    rewards: Vec<f64>,
-    normalizer: f64,
-    progress: f64,
+    data: BatchData,
     loss: f64,
     per_example: Vec<f64>,
     grad: Vec<f64>,
@@ -31,16 +24,7 @@ struct Case {
 
 impl Case {
     fn batch(&self) -> ObjectiveBatch<'_> {
-        ObjectiveBatch {
-            example_offsets: &self.offsets,
-            example_weights: &self.weights,
-            policy_logps: &self.policy,
-            reference_logps: self.reference.as_deref(),
-            token_counts: &self.tokens,
-            rewards: &self.rewards,
-            normalizer: self.normalizer,
-            progress: self.progress,
-        }
+        self.data.batch()
     }
 }
 
@@ -68,19 +52,21 @@ fn cases() -> Vec<Case> {
                 name: c["name"].as_str().expect("name").to_owned(),
                 objective,
                 kl: c["objective"].get("kl_coef").is_some(),
-                offsets: b["example_offsets"]
-                    .as_array()
-                    .expect("offsets")
-                    .iter()
-                    .map(|x| x.as_u64().expect("u64") as usize)
-                    .collect(),
-                weights: floats(&b["example_weights"]),
-                policy: floats(&b["policy_logps"]),
-                reference: (!b["reference_logps"].is_null()).then(|| floats(&b["reference_logps"])),
-                tokens: floats(&b["token_counts"]),
-                rewards: floats(&b["rewards"]),
-                normalizer: b["normalizer"].as_f64().expect("normalizer"),
-                progress: b["progress"].as_f64().expect("progress"),
+                data: BatchData {
+                    offsets: b["example_offsets"]
+                        .as_array()
+                        .expect("offsets")
+                        .iter()
+                        .map(|x| x.as_u64().expect("u64") as usize)
+                        .collect(),
+                    weights: floats(&b["example_weights"]),
+                    policy: floats(&b["policy_logps"]),
+                    reference: (!b["reference_logps"].is_null()).then(|| floats(&b["reference_logps"])),
+                    tokens: floats(&b["token_counts"]),
+                    rewards: floats(&b["rewards"]),
+                    normalizer: b["normalizer"].as_f64().expect("normalizer"),
+                    progress: b["progress"].as_f64().expect("progress"),
+                },
                 loss: c["expected"]["loss"].as_f64().expect("loss"),
                 per_example: floats(&c["expected"]["per_example_loss"]),
                 grad: floats(&c["expected"]["grad"]),
@@ -108,18 +94,18 @@ fn every_objective_matches_the_oracle() {
             assert!(close(*g, *want, ORACLE_TOL), "{}: grad[{i}] {g} vs oracle {want}", case.name);
         }
         // Each example alone, weight 1, normaliser 1: the per-example loss.
-        for e in 0..case.offsets.len() - 1 {
-            let range = case.offsets[e]..case.offsets[e + 1];
+        for e in 0..case.data.offsets.len() - 1 {
+            let range = case.data.offsets[e]..case.data.offsets[e + 1];
             let offsets = [0, range.len()];
             let one = ObjectiveBatch {
                 example_offsets: &offsets,
                 example_weights: &[1.0],
-                policy_logps: &case.policy[range.clone()],
-                reference_logps: case.reference.as_ref().map(|r| &r[range.clone()]),
-                token_counts: &case.tokens[range.clone()],
-                rewards: &case.rewards[range.clone()],
+                policy_logps: &case.data.policy[range.clone()],
+                reference_logps: case.data.reference.as_ref().map(|r| &r[range.clone()]),
+                token_counts: &case.data.tokens[range.clone()],
+                rewards: &case.data.rewards[range.clone()],
                 normalizer: 1.0,
-                progress: case.progress,
+                progress: case.data.progress,
             };
             let got = case.objective.loss(&one).expect("loss").loss;
             assert!(
@@ -147,9 +133,9 @@ fn dpo_reproduces_the_public_vector_and_ln2() {
     assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-15, "{}", out.loss);
     let wrpo = cases.iter().find(|c| c.name.starts_with("wrpo-")).expect("wrpo case");
     let mut at_ref = wrpo.batch();
-    let policy = wrpo.reference.clone().expect("reference");
+    let policy = wrpo.data.reference.clone().expect("reference");
     at_ref.policy_logps = &policy;
-    at_ref.normalizer = wrpo.weights.iter().sum();
+    at_ref.normalizer = wrpo.data.weights.iter().sum();
     assert!((wrpo.objective.loss(&at_ref).expect("loss").loss - std::f64::consts::LN_2).abs() < 1e-15);
 }
 
@@ -163,8 +149,8 @@ fn derivatives_agree_with_finite_differences() {
         }
         let out = case.objective.loss(&case.batch()).expect("loss");
         let h = 1e-5;
-        for i in 0..case.policy.len() {
-            let mut shifted = case.policy.clone();
+        for i in 0..case.data.policy.len() {
+            let mut shifted = case.data.policy.clone();
             shifted[i] += h;
             let mut b = case.batch();
             b.policy_logps = &shifted;

@@ -15,7 +15,7 @@
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{
-    CollectRequest, Collected, ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput,
+    ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput,
     ObjectiveBatch, PreferenceObjective, SampleJob, SourceAdapter, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
@@ -170,13 +170,6 @@ pub struct TemplatedSource {
 impl SourceAdapter for TemplatedSource {
     fn name(&self) -> &str {
         "templated"
-    }
-    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        Err(Error::Component {
-            point: "source",
-            name: self.config.name.clone(),
-            message: "answers prompts in the collect stage".into(),
-        })
     }
     fn generator(&self) -> Option<&dyn Generator> {
         Some(self)

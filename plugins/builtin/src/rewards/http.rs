@@ -38,12 +38,12 @@ use fuserl_core::config::ConfigError;
 use fuserl_core::data::ChatMessage;
 use fuserl_core::extension::{RewardModel, ScoreItem, ScoreSink};
 use fuserl_core::paths::Shown;
-use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::http::{Http, HttpSettings};
+use crate::http::{Http, HttpSettings, WithHttp, build_with_http};
 use crate::sources::openai::{load_template, render_with};
 
 /// Field names of the request and reply.
@@ -104,31 +104,19 @@ pub struct HttpRewardConfig {
     /// Field names.
     #[serde(default)]
     pub fields: Fields,
-    /// The environment variable that holds the API key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_env: Option<String>,
-    /// Requests in flight.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-    /// Seconds a request may take.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
-    /// Retries of one request.
-    #[serde(default = "default_retries")]
-    pub max_retries: u32,
+    /// `api_key_env`, `concurrency`, `timeout_s` (120), `max_retries`, beside the keys above.
+    #[serde(skip)]
+    pub http: HttpSettings,
+}
+
+impl WithHttp for HttpRewardConfig {
+    fn http_mut(&mut self) -> &mut HttpSettings {
+        &mut self.http
+    }
 }
 
 fn default_batch() -> u32 {
     16
-}
-fn default_concurrency() -> u32 {
-    4
-}
-fn default_timeout() -> f64 {
-    120.0
-}
-fn default_retries() -> u32 {
-    5
 }
 
 /// The scoring server as a reward.
@@ -148,7 +136,7 @@ impl HttpReward {
         if config.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "expected at least 1"));
         }
-        http_settings(&config).check()?;
+        config.http.check()?;
         if config.fields.rewards.is_empty() {
             return Err(ConfigError::new(
                 fuserl_core::config::KeyPath::keys(&["fields", "rewards"]),
@@ -236,15 +224,6 @@ impl HttpReward {
     }
 }
 
-fn http_settings(c: &HttpRewardConfig) -> HttpSettings {
-    HttpSettings {
-        api_key_env: c.api_key_env.clone(),
-        concurrency: c.concurrency,
-        timeout_s: c.timeout_s,
-        max_retries: c.max_retries,
-    }
-}
-
 /// JSON, also as Python's `json` writes non-finite numbers (`NaN`, `Infinity`: read as null, so
 /// that they are reported as not finite rather than retried as malformed).
 pub(crate) fn parse_lenient(text: &str) -> std::result::Result<Value, String> {
@@ -307,12 +286,12 @@ impl RewardModel for HttpReward {
     }
 
     fn score_batches(&self, items: &[ScoreItem<'_>], _batch_size: usize, sink: &mut ScoreSink<'_>) -> Result<()> {
-        let http = Http::new(&http_settings(&self.config)).map_err(|m| self.error(m))?;
+        let http = Http::new(&self.config.http).map_err(|m| self.error(m))?;
         let size = self.config.batch_size as usize;
         let batches: Vec<(usize, &[ScoreItem<'_>])> = items.chunks(size).enumerate().collect();
         let url = &self.config.url;
         let field = &self.config.fields.rewards;
-        let limit = self.config.concurrency as usize;
+        let limit = self.config.http.concurrency as usize;
         http.block_on(async {
             let mut queue = batches.into_iter();
             let mut in_flight = futures_util::stream::FuturesUnordered::new();
@@ -340,7 +319,9 @@ impl RewardModel for HttpReward {
 }
 
 fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
-    build_component(t, ctx, |c: HttpRewardConfig, ctx| Ok(Box::new(HttpReward::new(c, ctx)?) as Box<dyn RewardModel>))
+    build_with_http(t, ctx, HttpSettings::default(), |c: HttpRewardConfig, ctx| {
+        Ok(Box::new(HttpReward::new(c, ctx)?) as Box<dyn RewardModel>)
+    })
 }
 
 inventory::submit! { PluginDescriptor { name: "http", origin: crate::ORIGIN,
@@ -364,5 +345,21 @@ mod tests {
         );
         assert!(r(r#"{"scores": [1]}"#, 1).expect_err("bad").contains("no `rewards` list (keys: scores)"));
         assert!(parse_lenient("<html>").is_err());
+    }
+
+    #[test]
+    fn connection_settings_sit_beside_the_own_keys_with_this_components_defaults() {
+        let table = |text: &str| -> toml::Table { text.parse().expect("toml") };
+        let ctx = BuildContext::default();
+        let built = build(&table("url = \"http://127.0.0.1:9/r\"\nconcurrency = 2"), &ctx).expect("build");
+        let r = &built.resolved;
+        assert_eq!((r["concurrency"].as_integer(), r["timeout_s"].as_float()), (Some(2), Some(120.0)));
+        assert_eq!(r["max_retries"].as_integer(), Some(5));
+        let err = build(&table("url = \"http://127.0.0.1:9/r\"\ntimeout = 3"), &ctx).expect_err("unknown").to_string();
+        assert!(err.contains("unknown key `timeout`") && err.contains("url") && err.contains("timeout_s"), "{err}");
+        let err = build(&table("url = \"http://127.0.0.1:9/r\"\nconcurrency = 0"), &ctx).expect_err("0").to_string();
+        assert!(err.starts_with("concurrency: expected at least 1"), "{err}");
+        let err = build(&table("url = \"http://127.0.0.1:9/r\"\ntimeout_s = \"long\""), &ctx).expect_err("type");
+        assert!(err.to_string().starts_with("timeout_s: "), "{err}");
     }
 }

@@ -43,12 +43,12 @@ use fuserl_core::config::ConfigError;
 use fuserl_core::data::ChatMessage;
 use fuserl_core::extension::{PairItem, RewardModel, RewardTraits, ScoreItem, ScoreSink};
 use fuserl_core::paths::Shown;
-use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::http::{Http, HttpSettings};
+use crate::http::{Http, HttpSettings, WithHttp, build_with_http};
 use crate::sources::openai::{Endpoint, load_template, render_with};
 
 /// The built-in grading prompt.
@@ -143,18 +143,15 @@ pub struct JudgeConfig {
     /// Times a verdict without a rating is asked again.
     #[serde(default = "default_unparseable_retries")]
     pub unparseable_retries: u32,
-    /// The environment variable that holds the API key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_env: Option<String>,
-    /// Requests in flight.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-    /// Seconds a request may take.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
-    /// Retries of one request.
-    #[serde(default = "default_retries")]
-    pub max_retries: u32,
+    /// `api_key_env`, `concurrency`, `timeout_s` (120), `max_retries`, beside the keys above.
+    #[serde(skip)]
+    pub http: HttpSettings,
+}
+
+impl WithHttp for JudgeConfig {
+    fn http_mut(&mut self) -> &mut HttpSettings {
+        &mut self.http
+    }
 }
 
 fn default_min() -> f64 {
@@ -168,15 +165,6 @@ fn default_max_tokens() -> u32 {
 }
 fn default_unparseable_retries() -> u32 {
     2
-}
-fn default_concurrency() -> u32 {
-    4
-}
-fn default_timeout() -> f64 {
-    120.0
-}
-fn default_retries() -> u32 {
-    5
 }
 
 /// The judge.
@@ -202,7 +190,7 @@ impl Judge {
     pub fn new(config: JudgeConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         crate::http::check_url(&config.base_url, "http://127.0.0.1:8080/v1")
             .map_err(|m| ConfigError::at("base_url", m))?;
-        settings(&config).check()?;
+        config.http.check()?;
         if !(config.min.is_finite() && config.max.is_finite() && config.min < config.max) {
             return Err(ConfigError::at("max", "expected finite `min` < `max`"));
         }
@@ -322,15 +310,6 @@ impl Judge {
             return Some(value);
         }
         Some(weighted_rating(verdict, offset, self.config.min, self.config.max).unwrap_or(value))
-    }
-}
-
-fn settings(c: &JudgeConfig) -> HttpSettings {
-    HttpSettings {
-        api_key_env: c.api_key_env.clone(),
-        concurrency: c.concurrency,
-        timeout_s: c.timeout_s,
-        max_retries: c.max_retries,
     }
 }
 
@@ -537,7 +516,7 @@ impl Judge {
         value: impl Fn(&Verdict) -> Option<f64>,
         sink: &mut ScoreSink<'_>,
     ) -> Result<()> {
-        let http = Http::new(&settings(&self.config)).map_err(|m| self.error(m))?;
+        let http = Http::new(&self.config.http).map_err(|m| self.error(m))?;
         let url = format!("{}/{}", self.config.base_url.trim_end_matches('/'), self.path());
         let (endpoint, prefix) = (self.config.endpoint, self.config.response_prefix.clone());
         let path = self.path();
@@ -546,7 +525,7 @@ impl Judge {
                 .map_err(|why| format!("the reply is not an OpenAI {path} reply: {why}"))
         };
         let not_found = format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model);
-        let limit = self.config.concurrency as usize;
+        let limit = self.config.http.concurrency as usize;
         let expected = match self.config.mode {
             JudgeMode::Pointwise => format!("no rating in [{}, {}]", self.config.min, self.config.max),
             JudgeMode::Pairwise => "no verdict label ([[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]])".to_owned(),
@@ -604,7 +583,9 @@ impl Judge {
 }
 
 fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn RewardModel>, ConfigError> {
-    build_component(t, ctx, |c: JudgeConfig, ctx| Ok(Box::new(Judge::new(c, ctx)?) as Box<dyn RewardModel>))
+    build_with_http(t, ctx, HttpSettings::default(), |c: JudgeConfig, ctx| {
+        Ok(Box::new(Judge::new(c, ctx)?) as Box<dyn RewardModel>)
+    })
 }
 
 inventory::submit! { PluginDescriptor { name: "judge", origin: crate::ORIGIN,

@@ -33,9 +33,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::{ChatMessage, SamplingParams, SourceSampling};
 use fuserl_core::extension::{
-    CollectRequest, Collected, GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
+    GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
 };
-use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
+use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
+
+use crate::http::{HttpSettings, WithHttp, build_with_http};
 use fuserl_core::{Error, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
@@ -76,9 +78,6 @@ pub struct OpenAiConfig {
     pub base_url: Vec<String>,
     /// The model name the server knows.
     pub model: String,
-    /// The environment variable that holds the API key (sent as a bearer token).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_env: Option<String>,
     /// `chat` or `completions`.
     #[serde(default)]
     pub endpoint: Endpoint,
@@ -90,40 +89,20 @@ pub struct OpenAiConfig {
     /// Sampling overrides.
     #[serde(default, skip_serializing_if = "SourceSampling::is_empty")]
     pub sampling: SourceSampling,
-    /// Requests in flight.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-    /// Seconds a request may take.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
-    /// Retries of one request after a retryable failure.
-    #[serde(default = "default_retries")]
-    pub max_retries: u32,
     /// Keep answers cut by the token limit (`finish_reason = "length"`); they are marked either way.
     #[serde(default = "yes")]
     pub keep_truncated: bool,
+    /// `api_key_env`, `concurrency`, `timeout_s` (600 here), `max_retries`, beside the keys above.
+    #[serde(skip)]
+    pub http: HttpSettings,
 }
 
-impl OpenAiConfig {
-    fn http(&self) -> crate::http::HttpSettings {
-        crate::http::HttpSettings {
-            api_key_env: self.api_key_env.clone(),
-            concurrency: self.concurrency,
-            timeout_s: self.timeout_s,
-            max_retries: self.max_retries,
-        }
+impl WithHttp for OpenAiConfig {
+    fn http_mut(&mut self) -> &mut HttpSettings {
+        &mut self.http
     }
 }
 
-fn default_concurrency() -> u32 {
-    4
-}
-fn default_timeout() -> f64 {
-    600.0
-}
-fn default_retries() -> u32 {
-    5
-}
 fn yes() -> bool {
     true
 }
@@ -146,7 +125,7 @@ impl OpenAiSource {
             crate::http::check_url(url, "http://127.0.0.1:8080/v1")
                 .map_err(|m| ConfigError::new(fuserl_core::config::KeyPath::keys(&["base_url"]).index(i), m))?;
         }
-        config.http().check()?;
+        config.http.check()?;
         let template = match (config.endpoint, &config.chat_template) {
             (Endpoint::Completions, None) => {
                 return Err(ConfigError::at(
@@ -267,10 +246,6 @@ impl SourceAdapter for OpenAiSource {
         "openai"
     }
 
-    fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        Err(self.error("answers prompts in the collect stage (`fuserl collect`), not from a file".into()))
-    }
-
     fn generator(&self) -> Option<&dyn Generator> {
         Some(self)
     }
@@ -359,7 +334,7 @@ impl Generator for OpenAiSource {
         sampling: &SamplingParams,
         sink: &GeneratedSink<'_>,
     ) -> Result<GenerateStats> {
-        let http = crate::http::Http::new(&self.config.http()).map_err(|m| self.error(m))?;
+        let http = crate::http::Http::new(&self.config.http).map_err(|m| self.error(m))?;
         // One request per prompt for all of its jobs, in job order.
         let mut queue: VecDeque<Ask> = VecDeque::new();
         for (i, j) in jobs.iter().enumerate() {
@@ -369,7 +344,7 @@ impl Generator for OpenAiSource {
             }
         }
         let next_url = AtomicU64::new(0);
-        let limit = self.config.concurrency as usize;
+        let limit = self.config.http.concurrency as usize;
         let not_found = format!(" (is `{}` a model this server has, and the URL its /v1 base?)", self.config.model);
         let (endpoint, path) = (self.config.endpoint, self.path());
         let parse = move |text: &str| {
@@ -450,7 +425,8 @@ impl Generator for OpenAiSource {
 }
 
 fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
-    build_component(t, ctx, |c: OpenAiConfig, ctx| Ok(Box::new(OpenAiSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
+    let defaults = HttpSettings { timeout_s: 600.0, ..HttpSettings::default() };
+    build_with_http(t, ctx, defaults, |c: OpenAiConfig, ctx| Ok(Box::new(OpenAiSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
 }
 
 inventory::submit! { PluginDescriptor { name: "openai", origin: crate::ORIGIN,
