@@ -8,7 +8,9 @@ rule-based verifier, deterministic and reproducible:
 
     reward = (key facts found, case-insensitive) / (key facts)  -  0.002 * words
 
-rounded to 4 decimals. Run `python3 data/make_fusion_mini.py` to rebuild the files (the facts also feed the
+rounded to 4 decimals, where a fact is found where it stands on its own: one that starts with a
+letter starts a word, one that starts or ends with a digit is not part of a longer number ("0" is
+not in "100 degrees"). Run `python3 data/make_fusion_mini.py` to rebuild the files (the facts also feed the
 `keywords` reward model, which scores new answers the same way).
 """
 import json
@@ -107,8 +109,30 @@ HELDOUT = [
 ]
 
 
+def contains_fact(text: str, fact: str) -> bool:
+    """The `keywords` reward's rule (plugins/builtin/src/rewards/keywords.rs, `contains_fact`)."""
+    digit = lambda c: c is not None and c.isascii() and c.isdigit()  # noqa: E731
+    start = 0
+    while fact and (at := text.find(fact, start)) >= 0:
+        before = text[at - 1] if at > 0 else None
+        after = text[at + len(fact)] if at + len(fact) < len(text) else None
+        if before is None:
+            starts_ok = True
+        elif digit(fact[0]):
+            starts_ok = not digit(before)
+        elif fact[0].isalnum():
+            starts_ok = not before.isalnum()
+        else:
+            starts_ok = True
+        ends_ok = not (digit(fact[-1]) and digit(after))
+        if starts_ok and ends_ok:
+            return True
+        start = at + 1
+    return False
+
+
 def reward(text: str, facts: list[str]) -> float:
-    found = sum(1 for f in facts if f.lower() in text.lower())
+    found = sum(1 for f in facts if contains_fact(text.lower(), f.lower()))
     words = len(text.split())
     return round(found / len(facts) - 0.002 * words, 4)
 

@@ -345,16 +345,24 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     );
     assert!(dir.path().join("runs/quickstart/export/model.safetensors").is_file());
     assert!(dir.path().join("runs/quickstart/export/tokenizer.json").is_file());
-    // Issue 18: what the first run shows.
+    // Issue 18: what the first run shows; issue 34: the stage lines and the summary, at most 12
+    // lines, and no log lines (they come with -v).
     let stderr = text(&out.stderr);
-    // Log fields, not Debug dumps.
+    assert!(!stderr.contains("/../") && !stdout.contains("/../"), "{stderr}{stdout}");
+    assert!(!stderr.contains(" INFO ") && !stderr.contains("INFO "), "{stderr}");
+    assert!(stderr.lines().count() + stdout.lines().count() <= 12, "{stderr}{stdout}");
+    // With -v, fuserl's log lines: fields, not Debug dumps; paths with `..` resolved (the
+    // recipe's `../data/...` lies outside this folder, so it is shown absolute).
+    let examples = dir.path().join("sft-examples.jsonl").display().to_string();
+    let verbose = fuserl(&["-v", "examples", &recipe, "--stage", "sft", "--out", &examples], dir.path());
+    let stderr = text(&verbose.stderr);
+    assert!(verbose.status.success(), "{stderr}");
     assert!(stderr.contains("prepared examples") && stderr.contains(" prompts="), "{stderr}");
     assert!(!stderr.contains("PrepareStats"), "{stderr}");
-    // Paths with `..` resolved: the recipe's `../data/...` lies outside this folder, so it is
-    // shown absolute.
     let data = repo().join("data/fusion-mini.jsonl");
     assert!(stderr.contains(&format!("file={}", data.display())), "{stderr}");
-    assert!(!stderr.contains("/../") && !stdout.contains("/../"), "{stderr}{stdout}");
+    assert!(!stderr.contains("/../"), "{stderr}");
+    let stderr = text(&out.stderr);
     // Each stage ends at its true last step (the bars draw nothing off a terminal; one line
     // per stage stands for them).
     let metrics = std::fs::read_to_string(dir.path().join("runs/quickstart/metrics.jsonl")).expect("metrics");
@@ -374,6 +382,10 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     let again = fuserl(&["run", &recipe], dir.path());
     assert!(again.status.success());
     assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
+    // -q: nothing but errors.
+    let quiet = fuserl(&["-q", "run", &recipe], dir.path());
+    assert!(quiet.status.success(), "{}", text(&quiet.stderr));
+    assert_eq!((text(&quiet.stdout), text(&quiet.stderr)), (String::new(), String::new()));
     // `fuserl eval` again: every answer and score is in the stores, nothing is redone.
     let eval = fuserl(&["eval", &recipe], dir.path());
     assert!(eval.status.success(), "{}", text(&eval.stderr));
@@ -635,4 +647,163 @@ fn metrics_also_go_to_tensorboard_event_files() {
         .output()
         .expect("run the check");
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+}
+
+/// Issue #34, first hour: where a run goes is said at its start (absolute); a changed recipe is
+/// refused naming the settings that changed, unless only [eval] or [export] changed; a folder
+/// given for the recipe is bad input (exit 2), and no message carries "(os error N)".
+#[test]
+fn a_run_says_where_it_goes_and_a_changed_recipe_names_what_changed() {
+    let sandbox = sandbox();
+    let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    let recipe = sandbox.path().join("recipes/q.toml");
+    let run = |text: &str| {
+        std::fs::write(&recipe, text).expect("write");
+        fuserl(&["run", "recipes/q.toml"], sandbox.path())
+    };
+    let first = run(&quick);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let folder = sandbox.path().join("runs/quickstart");
+    assert!(text(&first.stderr).contains(&format!("run folder: {}\n", folder.display())), "{}", text(&first.stderr));
+    // Only the evaluation changed: the run goes on (and evaluates anew).
+    assert!(quick.contains("max_new_tokens = 32\n"), "the quick start sets [eval] max_new_tokens");
+    let eval_changed = run(&quick.replace("max_new_tokens = 32\n", "max_new_tokens = 16\n"));
+    assert!(eval_changed.status.success(), "{}", text(&eval_changed.stderr));
+    let kept = std::fs::read_to_string(folder.join("recipe.toml")).expect("recipe.toml");
+    assert!(kept.contains("max_new_tokens = 16"), "{kept}");
+    // A training setting changed: refused, by name, before anything is done.
+    assert!(quick.contains("learning_rate = 3e-3\n"), "the quick start sets [sft] learning_rate");
+    let trained = run(&quick.replace("learning_rate = 3e-3\n", "learning_rate = 1e-3\n"));
+    let err = text(&trained.stderr);
+    assert_eq!(trained.status.code(), Some(2), "{err}");
+    assert!(err.contains("was made by a different recipe (sft.learning_rate changed)"), "{err}");
+    // A folder for the recipe.
+    let folder_given = fuserl(&["recipe", "check", "recipes"], sandbox.path());
+    let err = text(&folder_given.stderr);
+    assert_eq!(folder_given.status.code(), Some(2), "{err}");
+    assert!(err.contains("recipes: Is a directory") && !err.contains("os error"), "{err}");
+}
+
+/// Issue #34: a file of data/external/ (downloads, never committed) that is not there names the
+/// script that fetches it, at its recipe line.
+#[test]
+fn a_missing_download_names_the_script_that_fetches_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(dir.path().join("data/external")).expect("mkdir");
+    std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
+    for entry in ["checkpoints", "scripts"] {
+        std::os::unix::fs::symlink(repo().join(entry), dir.path().join(entry)).expect("symlink");
+    }
+    for entry in std::fs::read_dir(repo().join("data")).expect("data") {
+        let entry = entry.expect("entry");
+        if entry.file_name() != "external" {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join("data").join(entry.file_name())).expect("symlink");
+        }
+    }
+    let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    let reward = "[eval.reward]\nkind = \"keywords\"\npath = \"../data/fusion-mini-facts.jsonl\"\n";
+    assert!(quick.contains(reward), "the quick start's [eval.reward]");
+    let code = quick.replace(
+        reward,
+        "[eval.reward]\nkind = \"python-tests\"\ntests = \"../data/external/HumanEval.jsonl\"\n",
+    );
+    std::fs::write(dir.path().join("recipes/code.toml"), &code).expect("write");
+    let out = fuserl(&["recipe", "check", "recipes/code.toml"], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line = line_of(&code, "tests = ");
+    assert!(err.contains(&format!("recipes/code.toml:{line}:")), "{err}");
+    assert!(err.contains("No such file or directory (HumanEval.jsonl is a download: run "), "{err}");
+    assert!(err.contains("scripts/fetch-humaneval.sh first)") && !err.contains("os error"), "{err}");
+}
+
+/// Issue #34: the inputs a recipe names are opened before anything runs: `recipe check` reports
+/// every problem at once, each at its recipe line, and `run` stops on them before it makes a run
+/// folder (a misspelt target folder and an empty [eval] prompts file were found only after
+/// training).
+#[test]
+fn recipe_check_opens_every_input_and_run_stops_before_training() {
+    let sandbox = sandbox();
+    std::fs::write(sandbox.path().join("recipes/empty.jsonl"), "").expect("write");
+    let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    assert!(quick.contains("checkpoint = \"../checkpoints/tiny-chat\"\n"));
+    assert!(quick.contains("prompts = \"../data/prompts-heldout.jsonl\"\n"));
+    let broken = quick
+        .replace("checkpoint = \"../checkpoints/tiny-chat\"\n", "checkpoint = \"../checkpoints/tiny-chta\"\n")
+        .replace("prompts = \"../data/prompts-heldout.jsonl\"\n", "prompts = \"empty.jsonl\"\n");
+    std::fs::write(sandbox.path().join("recipes/broken.toml"), &broken).expect("write");
+    let check = fuserl(&["recipe", "check", "recipes/broken.toml"], sandbox.path());
+    let err = text(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    let target_line = line_of(&broken, "tiny-chta");
+    let prompts_line = line_of(&broken, "empty.jsonl");
+    assert!(
+        err.contains(&format!("recipes/broken.toml:{target_line}:1: target.checkpoint: checkpoints/tiny-chta: no such checkpoint folder")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("recipes/broken.toml:{prompts_line}:1: eval.prompts: recipes/empty.jsonl: no prompts in it")), "{err}");
+    let run = fuserl(&["run", "recipes/broken.toml"], sandbox.path());
+    let err = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("target.checkpoint") && err.contains("eval.prompts") && err.contains("nothing was run"), "{err}");
+    assert!(!sandbox.path().join("runs").exists(), "no run folder is made");
+}
+
+/// Issue #34, help: the main command first, global options one line each, the values an option
+/// takes, the GGUF types `convert gguf` reads, and a negative number taken as a value (then
+/// refused as one).
+#[test]
+fn help_puts_run_first_and_says_what_values_are() {
+    let help = text(&fuserl(&["--help"], &repo()).stdout);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands.get(..3), Some(&["run", "sft", "po"][..]), "{help}");
+    let collect = text(&fuserl(&["collect", "--help"], &repo()).stdout);
+    assert_eq!(collect.lines().filter(|l| l.contains("plugin")).count(), 1, "{collect}");
+    let generate = text(&fuserl(&["generate", "--help"], &repo()).stdout);
+    assert!(generate.contains("cpu, wgpu, vulkan, metal, webgpu, cuda or rocm"), "{generate}");
+    let convert = text(&fuserl(&["convert", "gguf", "--help"], &repo()).stdout);
+    assert!(convert.contains("K-quants Q2_K to Q8_K"), "{convert}");
+    let negative = fuserl(
+        &["generate", "--model", "checkpoints/tiny-chat", "--prompt", "hi", "--temperature", "-1"],
+        &repo(),
+    );
+    assert_eq!(negative.status.code(), Some(2), "{}", text(&negative.stderr));
+    assert!(text(&negative.stderr).contains("--temperature -1: expected a number >= 0"), "{}", text(&negative.stderr));
+}
+
+/// Issue #34: a device the machine lacks (`device = "cuda"` on a machine without an NVIDIA GPU)
+/// is named at its recipe line, with what to check, before anything runs; no runtime noise.
+#[test]
+fn a_device_the_machine_lacks_is_named_at_its_line_before_anything_runs() {
+    if std::process::Command::new("nvidia-smi").output().is_ok_and(|o| o.status.success()) {
+        #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
+        {
+            eprintln!("not checked: this machine has an NVIDIA GPU");
+        }
+        return;
+    }
+    let sandbox = sandbox();
+    let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    assert!(quick.contains("device = \"cpu\"\n"), "the quick start names its device");
+    let cuda = quick.replace("device = \"cpu\"\n", "device = \"cuda\"\n");
+    std::fs::write(sandbox.path().join("recipes/cuda.toml"), &cuda).expect("write");
+    let out = fuserl(&["run", "recipes/cuda.toml"], sandbox.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line = line_of(&cuda, "device = ");
+    assert!(
+        err.contains(&format!(
+            "recipes/cuda.toml:{line}:1: backend.device: device `cuda` is compiled into this build but could not start: is there an NVIDIA GPU"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("Task failed") && !err.contains("panicked"), "{err}");
+    assert!(!sandbox.path().join("runs").exists(), "nothing ran");
 }

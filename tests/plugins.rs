@@ -277,7 +277,7 @@ fn a_recipe_plugin_that_cannot_be_loaded_points_at_its_line() {
 fn plugins_log_through_the_host() {
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("sft.jsonl").display().to_string();
-    let out = fuserl(&["-v", "examples", "recipes/plugin-example.toml", "--stage", "sft", "--out", &file], &repo());
+    let out = fuserl(&["-vv", "examples", "recipes/plugin-example.toml", "--stage", "sft", "--out", &file], &repo());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(

@@ -244,6 +244,27 @@ pub fn on_backend<O: OnBackend>(device: Device, index: u32, dtype: DType, code: 
     }
 }
 
+/// Starts the device a recipe names, as a run would, and runs nothing on it: a run checks this
+/// before its first stage, so that a device the machine lacks is named at once.
+pub fn probe(device: Device, index: u32, dtype: DType) -> Result<(), BackendError> {
+    struct Nothing;
+    impl OnBackend for Nothing {
+        type Output = ();
+        fn run<B: LogProbBackend>(self, _device: B::Device) {}
+    }
+    on_backend(device, index, dtype, Nothing)
+}
+
+/// What to look at when a device's runtime does not start.
+#[cfg(any(feature = "wgpu", feature = "cuda", feature = "rocm"))]
+fn start_hint(device: Device) -> &'static str {
+    match device {
+        Device::Cuda => "is there an NVIDIA GPU with its driver on this machine? `nvidia-smi` lists them",
+        Device::Rocm => "is there an AMD GPU with ROCm on this machine? `rocm-smi` lists them",
+        _ => "is there a GPU adapter with its driver on this machine? (Vulkan: `vulkaninfo --summary`)",
+    }
+}
+
 /// Makes the device and moves one value to it and back before handing it to `code`: a runtime
 /// that cannot start (no driver, no adapter) panics inside Burn, which becomes
 /// [`BackendError::Unavailable`] here instead of a crash in the middle of a run.
@@ -269,7 +290,8 @@ fn start<B: LogProbBackend, O: OnBackend>(
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "the runtime panicked while starting".into());
+                .unwrap_or_else(|| "it panicked while starting".into());
+            let message = format!("{} (the runtime said: {message})", start_hint(device));
             Err(BackendError::Unavailable { device: device_name(device), message })
         }
     }

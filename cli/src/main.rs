@@ -33,14 +33,14 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "fuserl", version, after_help = EXAMPLES, propagate_version = true)]
 struct Cli {
-    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    /// More log output: -v fuserl's info lines (what was read, prepared, loaded), -vv its debug
+    /// lines, -vvv everything (the libraries' too). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Only errors.
+    /// Only errors: no progress, no summaries.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
-    /// Load a plugin library (a path, or a bare name looked up in $FUSERL_PLUGIN_PATH and beside
-    /// this executable); may be repeated. Recipes can also name plugins with `plugins = [...]`.
+    /// Load a plugin library: a path, or a name in $FUSERL_PLUGIN_PATH (repeatable)
     #[arg(long = "plugin", global = true, value_name = "PATH")]
     plugins: Vec<String>,
     #[command(subcommand)]
@@ -49,6 +49,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a recipe: collect, score, FuseSFT, FusePO, export, evaluate. Running it again resumes.
+    #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
+    Run(TrainArgs),
+    /// Run only the FuseSFT stage of a recipe (resumes).
+    Sft(TrainArgs),
+    /// Run only the FusePO stage of a recipe (after FuseSFT; resumes).
+    Po(TrainArgs),
     /// Validate and inspect recipes.
     #[command(subcommand)]
     Recipe(RecipeCommand),
@@ -80,13 +87,6 @@ enum Command {
         /// The run directory (runs/NAME, or the recipe's [run] output_dir).
         run_dir: PathBuf,
     },
-    /// Run a recipe: collect, score, FuseSFT, then FusePO, then export. Running it again resumes.
-    #[command(after_help = "Example:\n  fuserl run recipes/quickstart.toml")]
-    Run(TrainArgs),
-    /// Run only the FuseSFT stage of a recipe (resumes).
-    Sft(TrainArgs),
-    /// Run only the FusePO stage of a recipe (after FuseSFT; resumes).
-    Po(TrainArgs),
     /// Convert checkpoints into Hugging Face folders.
     #[command(subcommand)]
     Convert(model_cmds::ConvertCommand),
@@ -170,6 +170,7 @@ fn main() -> ExitCode {
     // Before any other thread starts (see its docs: page faults on every re-allocation).
     fuserl_backends::keep_freed_memory();
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     init_logging(cli.verbose, cli.quiet);
     // A panic inside a third-party parser is caught at its call and comes back as an error that
     // names the file (fuserl_io::untrusted): print that error, not the panic as well.
@@ -197,7 +198,11 @@ fn main() -> ExitCode {
 fn error_lines<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     for e in chain {
-        let message = e.to_string();
+        // An I/O cause reads as its reason, which the message above it already gives.
+        let message = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => fuserl_core::paths::io_reason(io),
+            None => e.to_string(),
+        };
         if !lines.iter().any(|seen| seen.contains(&message)) {
             lines.push(message);
         }
@@ -229,25 +234,69 @@ fn chain_of<'a>(
     std::iter::successors(Some(e), |e| e.source())
 }
 
+/// fuserl's own crates, whose lines `-v` and `-vv` show (the libraries under them stay at warn).
+const OWN_CRATES: [&str; 12] = [
+    "fuserl",
+    "fuserl_core",
+    "fuserl_io",
+    "fuserl_recipe",
+    "fuserl_plugins",
+    "fuserl_plugin_abi",
+    "fuserl_run",
+    "fuserl_train",
+    "fuserl_model",
+    "fuserl_backends",
+    "fuserl_kernels",
+    "fuserl_report",
+];
+
+/// `-q`: no progress and no summaries, only errors.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A summary line on standard output, unless `-q`.
+macro_rules! say {
+    ($($t:tt)*) => { if !quiet() { println!($($t)*); } };
+}
+
+/// A stage line on standard error, unless `-q`.
+macro_rules! note {
+    ($($t:tt)*) => { if !quiet() { eprintln!($($t)*); } };
+}
+
+/// Progress bars draw only on a terminal, and not with `-q`.
+fn bar(len: u64) -> indicatif::ProgressBar {
+    if quiet() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(len) }
+}
+
 fn init_logging(verbose: u8, quiet: bool) {
+    let own = |libraries: &str, level: &str| {
+        std::iter::once(libraries.to_owned())
+            .chain(OWN_CRATES.iter().map(|c| format!("{c}={level}")))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // By default the stage lines and summaries the binary prints, and fuserl's warnings (the
+    // libraries' only when they are errors): no log lines.
     let default = match (quiet, verbose) {
-        (true, _) => "error",
-        // The data stages' lines (what was read, collected, scored, prepared) and the plugins'.
-        (false, 0) => {
-            "warn,fuserl_core=info,fuserl_io=info,fuserl_recipe=info,fuserl_plugins=info,fuserl_run::collect=info,\
-             fuserl_run::score=info,fuserl_run::pairwise=info,fuserl_run::pipeline=info"
-        }
-        (false, 1) => "debug",
-        (false, _) => "trace",
+        (true, _) => "error".to_owned(),
+        (false, 0) => own("error", "warn"),
+        (false, 1) => own("warn", "info"),
+        (false, 2) => own("warn", "debug"),
+        (false, _) => "trace".to_owned(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Times to the microsecond help only where lines are many.
+    if verbose >= 2 { builder.init() } else { builder.without_time().init() }
 }
 
 /// The built-ins plus the plugins given with `--plugin` (paths relative to the working folder).
@@ -327,6 +376,14 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
     for file in files {
         match load(file, &registry).and_then(check_backend) {
             Ok(loaded) => {
+                let problems = fuserl_run::inputs::check_inputs(&loaded, true);
+                if !problems.is_empty() {
+                    failed += 1;
+                    for problem in &problems {
+                        print_error(chain_of(problem));
+                    }
+                    continue;
+                }
                 let c = &loaded.components;
                 println!(
                     "ok: {} (sources: {}; reward: {}; weighting: {}; sft: {}; po: {})",
@@ -358,6 +415,16 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
 fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyhow::Result<ExitCode> {
     let registry = registry(plugins)?;
     let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    if let Some(code) = inputs_fail(&loaded) {
+        return Ok(code);
+    }
+    // The device starts before any stage (a device the machine lacks is named at its line).
+    let b = &loaded.recipe.backend;
+    if let Err(e) = fuserl_backends::probe(b.device, b.device_index, b.dtype) {
+        let err = loaded.error_at(&fuserl_core::config::KeyPath::keys(&["backend", "device"]), e.to_string());
+        print_error(chain_of(&err));
+        return Ok(ExitCode::from(2));
+    }
     let command = match which {
         fuserl_run::Which::All => "fuserl run",
         fuserl_run::Which::Sft => "fuserl sft",
@@ -383,19 +450,18 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     };
     bars.abandon();
     for stage in &summary.skipped {
-        println!("{} was already finished in {} (not redone)", stage.as_str(), Shown(&summary.dir));
+        say!("{} was already finished in {} (not redone)", stage.as_str(), Shown(&summary.dir));
     }
-    println!("run directory: {}", Shown(&summary.dir));
-    println!("metrics: {}", Shown(&summary.metrics));
+    say!("metrics: {}", Shown(&summary.metrics));
     if let Some(export) = &summary.export {
-        println!("fused model: {}", Shown(export));
+        say!("fused model: {}", Shown(export));
     }
     if let Some(eval) = &summary.eval {
-        println!("evaluation: {}", Shown(eval));
+        say!("evaluation: {}", Shown(eval));
     }
     let report = RunDir::new(&summary.dir).report().index();
     if report.is_file() {
-        println!("report: {}", Shown(&report));
+        say!("report: {}", Shown(&report));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -408,9 +474,9 @@ fn collect(args: &CollectArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     match fuserl_run::collect::collect_stage(&loaded, &args.redo, &|p| bars.update(p)) {
         Ok((dir, collected)) => {
             if collected.is_empty() {
-                println!("the recipe has no generative source: nothing to collect");
+                say!("the recipe has no generative source: nothing to collect");
             }
-            println!("collected answers: {}", Shown(&dir));
+            say!("collected answers: {}", Shown(&dir));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -434,7 +500,7 @@ fn score(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     match result {
         Ok(fuserl_run::score::Scored { dir, .. }) => {
             fuserl_run::refresh_report(&loaded.output_dir());
-            println!("scores: {}", Shown(&dir));
+            say!("scores: {}", Shown(&dir));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -454,10 +520,10 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
         Ok((file, doc)) => {
             let pct = |e: &fuserl_io::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
-            println!("{} prompts, reward {}", doc.n_prompts, doc.reward);
+            say!("{} prompts, reward {}", doc.n_prompts, doc.reward);
             for m in &doc.models {
                 let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
-                println!(
+                say!(
                     "  {:<16} reward {}{pass}, {:.0} tokens",
                     m.name,
                     pct(&m.mean_reward),
@@ -466,17 +532,17 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             }
             for c in &doc.comparisons {
                 let by = if c.by == "reward" { String::new() } else { format!(" by {}", c.by) };
-                println!(
+                say!(
                     "  fused vs {:<8} win rate{by} {}, length-controlled {}",
                     c.baseline,
                     c.win_rate.as_ref().map_or_else(|| "n/a (no prompt judged)".to_owned(), pct),
                     c.length_controlled_win_rate.as_ref().map_or_else(|| "n/a".to_owned(), pct)
                 );
             }
-            println!("evaluation: {}", Shown(&file));
+            say!("evaluation: {}", Shown(&file));
             let run_dir = loaded.output_dir();
             fuserl_run::refresh_report(&run_dir);
-            println!("report: {}", Shown(&RunDir::new(&run_dir).report().index()));
+            say!("report: {}", Shown(&RunDir::new(&run_dir).report().index()));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -497,7 +563,7 @@ impl ScoreBar {
     fn update(&self, p: &fuserl_run::score::ScoreProgress<'_>) {
         let mut slot = self.bar.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = slot.get_or_insert_with(|| {
-            let bar = indicatif::ProgressBar::new(p.total);
+            let bar = bar(p.total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{prefix} [{bar:30}] {pos}/{len} answers, {per_sec} ({elapsed})",
@@ -515,7 +581,7 @@ impl ScoreBar {
         if let Some(s) = &p.finished {
             bar.finish();
             if s.scored > 0 {
-                eprintln!(
+                note!(
                     "score {}: {}/{} answers ({} scored now, {} already scored) in {:.1} s",
                     p.reward, p.done, p.total, s.scored, s.reused, s.seconds
                 );
@@ -543,7 +609,7 @@ impl CollectBars {
     fn update(&self, p: &fuserl_run::collect::CollectProgress<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
-            let bar = self.multi.add(indicatif::ProgressBar::new(p.total));
+            let bar = self.multi.add(bar(p.total));
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {msg} ({elapsed})")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -560,7 +626,7 @@ impl CollectBars {
         bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / secs));
         if let Some(s) = &p.finished {
             bar.finish();
-            eprintln!(
+            note!(
                 "collect {}: {}/{} answers ({} asked now, {} already collected; {} requests, {} retried; {} cut by max_tokens) in {:.1} s",
                 p.source, p.done, p.total, s.asked, s.reused, s.requests, s.retries, s.truncated, s.seconds
             );
@@ -587,7 +653,7 @@ struct StageBars {
 impl StageBars {
     fn step(&mut self, p: &fuserl_run::Progress) {
         let bar = self.current.get_or_insert_with(|| {
-            let bar = indicatif::ProgressBar::new(p.total);
+            let bar = bar(p.total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})",
@@ -603,7 +669,7 @@ impl StageBars {
         bar.set_message(format!("{:.4}", p.loss));
         if p.step >= p.total {
             if bar.is_hidden() {
-                eprintln!(
+                note!(
                     "{}: {}/{} steps, loss {:.4} ({:.1} s)",
                     p.stage.as_str(),
                     p.step,
@@ -625,10 +691,27 @@ impl StageBars {
     }
 }
 
+/// Open the recipe's inputs before any stage; every problem printed, exit status 2.
+fn inputs_fail(loaded: &fuserl_recipe::LoadedRecipe) -> Option<ExitCode> {
+    let problems = fuserl_run::inputs::check_inputs(loaded, false);
+    for problem in &problems {
+        print_error(chain_of(problem));
+    }
+    (!problems.is_empty()).then(|| {
+        eprintln!("{} problem(s) with the recipe's inputs: nothing was run", problems.len());
+        ExitCode::from(2)
+    })
+}
+
 /// Hold the recipe's run folder for this command (`RunDir::lock`): a second command on the same
-/// folder stops at once, naming this process.
+/// folder stops at once, naming this process. Says the folder, absolute.
 fn hold(loaded: &fuserl_recipe::LoadedRecipe, command: &str) -> anyhow::Result<fuserl_io::run_dir::RunLock> {
-    Ok(RunDir::new(loaded.output_dir()).lock(command)?)
+    let dir = loaded.output_dir();
+    let lock = RunDir::new(&dir).lock(command)?;
+    // Outputs are relative to the working folder (inputs to the recipe's): say where this goes.
+    let absolute = std::path::absolute(&dir).map_or(dir, |a| fuserl_core::paths::normalize(&a));
+    note!("run folder: {}", absolute.display());
+    Ok(lock)
 }
 
 /// The recipe's device must be compiled into this build (an error at `[backend] device` that

@@ -30,8 +30,9 @@ pub fn model_error(e: fuserl_model::ModelError) -> anyhow::Error {
 
 #[derive(Debug, Subcommand)]
 pub enum ConvertCommand {
-    /// Convert a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into a Hugging Face
-    /// checkpoint folder with config.json, safetensors, tokenizer and chat template.
+    /// Convert a llama.cpp GGUF file (llama, qwen2, qwen3, gemma3; F32, F16, BF16, Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q8_K) into a Hugging Face checkpoint folder with
+    /// config.json, safetensors, tokenizer and chat template.
     #[command(
         after_help = "Example:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct"
     )]
@@ -84,7 +85,7 @@ pub struct LogprobsArgs {
     /// JSONL output: each input line with `logp_sum`, `n_tokens` and `token_logps` added.
     #[arg(long)]
     out: PathBuf,
-    /// Device.
+    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Pairs per forward pass.
@@ -138,7 +139,7 @@ pub struct RewardArgs {
     /// JSONL output: each input line with `score` and `logits` (one per label) added.
     #[arg(long)]
     out: PathBuf,
-    /// Device.
+    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Conversations per forward pass.
@@ -290,10 +291,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// Keep only the k most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
@@ -304,7 +305,7 @@ pub struct GenerateArgs {
     /// Stop at this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Device.
+    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

@@ -79,7 +79,7 @@ pub enum Error {
         message: String,
     },
 
-    #[error("{}: {source}", shown(file))]
+    #[error("{}: {}", shown(file), crate::paths::cannot_read(file, source))]
     Io {
         /// The file.
         file: PathBuf,
@@ -101,7 +101,7 @@ impl Error {
 
     /// Whether this error is the user's input (recipe, data, configuration) rather than a
     /// failure of the machine or of a component at run time (a file that does not exist counts as
-    /// input). The binary maps it to exit code 2.
+    /// input, and so does a folder given for a file). The binary maps it to exit code 2.
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
@@ -111,6 +111,12 @@ impl Error {
                 | Self::Config(_)
                 | Self::Path { .. }
                 | Self::DuplicatePlugin { .. }
-        ) || matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        ) || matches!(
+            self,
+            Self::Io { source, .. } if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory | std::io::ErrorKind::NotADirectory
+            )
+        )
     }
 }

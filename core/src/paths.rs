@@ -114,6 +114,53 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An I/O error's reason as a sentence for people, without the standard library's
+/// "(os error N)" suffix: `No such file or directory`.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    }
+}
+
+/// Why `file` could not be read, for a message that names it: the reason and, for a download
+/// that is not there yet, how to fetch it ([`fetch_hint`]).
+pub fn cannot_read(file: &Path, e: &std::io::Error) -> String {
+    let mut reason = io_reason(e);
+    if e.kind() == std::io::ErrorKind::NotFound
+        && let Some(hint) = fetch_hint(file)
+    {
+        reason.push_str(&format!(" ({hint})"));
+    }
+    reason
+}
+
+/// For a file under a `data/external/` folder (downloads, never committed): the script that
+/// fetches it, found by its name in the repository's `scripts/fetch-*.sh`, or where those
+/// scripts are. `None` for any other file.
+pub fn fetch_hint(file: &Path) -> Option<String> {
+    let parts: Vec<Component<'_>> = file.components().collect();
+    let at = parts.windows(2).rposition(|w| {
+        matches!((w[0], w[1]), (Component::Normal(a), Component::Normal(b)) if a == "data" && b == "external")
+    })?;
+    let data: PathBuf = parts[..=at].iter().map(|c| c.as_os_str()).collect();
+    // `recipes/../data` may name a folder that is not there; `data` itself is.
+    let repo = data.canonicalize().or_else(|_| normalize(&data).canonicalize()).ok()?.parent()?.to_path_buf();
+    let name = file.file_name()?.to_string_lossy().into_owned();
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(repo.join("scripts"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fetch-")))
+        .collect();
+    scripts.sort();
+    let fetching = scripts.iter().find(|s| std::fs::read_to_string(s).is_ok_and(|text| text.contains(&name)));
+    Some(match fetching {
+        Some(script) => format!("{name} is a download: run {} first", shown(script)),
+        None => format!("data/external/ holds downloads: the scripts/fetch-*.sh in {} make them", shown(&repo)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +219,23 @@ mod tests {
         assert_eq!(normalize(Path::new("../../a/b/..")), PathBuf::from("../../a"));
         assert_eq!(normalize(Path::new("/../a")), PathBuf::from("/a"));
         assert_eq!(normalize(Path::new("a/..")), PathBuf::from(""));
+    }
+
+    #[test]
+    fn io_reasons_lose_the_os_error_number_and_downloads_name_their_script() {
+        let e = std::io::Error::from_raw_os_error(2);
+        assert!(e.to_string().ends_with("(os error 2)"));
+        assert_eq!(io_reason(&e), "No such file or directory");
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(dir.path().join("data/external")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("scripts")).expect("mkdir");
+        std::fs::write(dir.path().join("scripts/fetch-tasks.sh"), "out=data/external/Tasks.jsonl\n").expect("write");
+        let missing = dir.path().join("recipes/../data/external/Tasks.jsonl");
+        let reason = cannot_read(&missing, &e);
+        assert!(reason.starts_with("No such file or directory (Tasks.jsonl is a download: run "), "{reason}");
+        assert!(reason.ends_with("scripts/fetch-tasks.sh first)"), "{reason}");
+        let other = cannot_read(&dir.path().join("data/external/Other.jsonl"), &e);
+        assert!(other.contains("data/external/ holds downloads"), "{other}");
+        assert_eq!(cannot_read(&dir.path().join("data/mine.jsonl"), &e), "No such file or directory");
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{}: {source}", fuserl_core::paths::shown(file))]
+    #[error("{}: {}", fuserl_core::paths::shown(file), fuserl_core::paths::cannot_read(file, source))]
     Io {
         /// The file.
         file: PathBuf,

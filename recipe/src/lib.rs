@@ -68,6 +68,14 @@ pub struct LoadedRecipe {
 }
 
 impl LoadedRecipe {
+    /// An error about the recipe's setting at `path` (`target.checkpoint`), at its line and
+    /// column in the recipe file (the file is read again to find them; line 1 if it cannot be).
+    pub fn error_at(&self, path: &KeyPath, message: impl Into<String>) -> Error {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let (line, column) = Locator::new(&text).locate(path);
+        Error::Recipe { file: self.file.clone(), line, column, path: path.to_string(), message: message.into() }
+    }
+
     /// The resolved recipe as TOML text: a valid recipe with every default written out.
     pub fn resolved_toml(&self) -> Result<String> {
         toml::to_string(&self.recipe).map_err(|e| Error::Component {

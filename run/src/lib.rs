@@ -41,6 +41,7 @@ pub mod classifier;
 pub mod collect;
 pub mod eval;
 pub mod export;
+pub mod inputs;
 pub mod local;
 pub mod pairwise;
 pub mod pipeline;
@@ -177,8 +178,11 @@ pub fn run(loaded: &LoadedRecipe, which: Which, report: Reporters<'_>) -> Result
         .map_err(|e| TrainError::Unsupported(format!("[backend]: {e}")))?
 }
 
-/// The run directory of a recipe, created; a folder that another recipe made, or that holds a
-/// symbolic link leading outside it, is refused.
+/// The run directory of a recipe, created; a folder that another recipe made (other settings
+/// for what is already collected, scored or trained), or that holds a symbolic link leading
+/// outside it, is refused, naming the settings that differ. `[eval]` and `[export]` may change:
+/// their stages keep their own records and redo what the change concerns; the recipe kept in the
+/// folder is then the new one.
 pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let dir = loaded.output_dir();
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
@@ -186,17 +190,55 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let resolved = loaded.resolved_toml()?;
     let recipe_file = RunDir::new(&dir).recipe();
     match std::fs::read_to_string(&recipe_file) {
-        // The same settings, compared as TOML (the order of keys within a table does not count).
-        Ok(previous) if !same_toml(&previous, &resolved) => {
-            return Err(TrainError::Data(format!(
-                "{} was made by a different recipe; choose another [run] output_dir or remove the folder to start over",
-                Shown(&recipe_file)
-            )));
+        Ok(previous) => {
+            let changed = changed_settings(&previous, &resolved);
+            if !changed.is_empty() {
+                const SHOWN: usize = 6;
+                let more = changed.len().saturating_sub(SHOWN);
+                let mut list = changed.into_iter().take(SHOWN).collect::<Vec<_>>().join(", ");
+                if more > 0 {
+                    list.push_str(&format!(" and {more} more"));
+                }
+                return Err(TrainError::Data(format!(
+                    "{} was made by a different recipe ({list} changed); choose another [run] output_dir or remove the folder to start over",
+                    Shown(&recipe_file)
+                )));
+            }
+            if !same_toml(&previous, &resolved) {
+                tracing::info!(file = %Shown(&recipe_file), "the recipe's [eval] or [export] changed: kept the new one");
+                write_atomic(&recipe_file, resolved.as_bytes())?;
+            }
         }
-        Ok(_) => {}
         Err(_) => write_atomic(&recipe_file, resolved.as_bytes())?,
     }
     Ok(dir)
+}
+
+/// The settings (dotted key paths, sorted) in which two resolved recipes differ, leaving out
+/// `[eval]` and `[export]`, whose stages follow a change on their own. A text that is not TOML
+/// differs as a whole.
+fn changed_settings(previous: &str, now: &str) -> Vec<String> {
+    fn diff(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for key in keys {
+            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match (a.get(key), b.get(key)) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => diff(&path, x, y, out),
+                (x, y) if x == y => {}
+                _ => out.push(path),
+            }
+        }
+    }
+    let (Ok(mut a), Ok(mut b)) = (previous.parse::<toml::Table>(), now.parse::<toml::Table>()) else {
+        return if previous == now { Vec::new() } else { vec!["the recipe".to_owned()] };
+    };
+    for free in ["eval", "export"] {
+        a.remove(free);
+        b.remove(free);
+    }
+    let mut out = Vec::new();
+    diff("", &a, &b, &mut out);
+    out
 }
 
 /// Whether two TOML texts hold the same tables and values, whatever the order of keys within a
@@ -395,6 +437,17 @@ fn run_on<B: LogProbBackend>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_changed_recipe_names_its_changed_settings_but_eval_and_export_may_change() {
+        let a = "[run]\nname = \"x\"\n[sft]\nlearning_rate = 1e-5\nepochs = 1\n[eval]\nsamples = 1\n[export]\nformat = \"safetensors\"\n";
+        assert!(super::changed_settings(a, a).is_empty());
+        let eval_only = a.replace("samples = 1", "samples = 4").replace("safetensors", "gguf");
+        assert!(super::changed_settings(a, &eval_only).is_empty());
+        let trained = a.replace("1e-5", "2e-5").replace("[run]\n", "[run]\nseed = 7\n");
+        assert_eq!(super::changed_settings(a, &trained), ["run.seed", "sft.learning_rate"]);
+        assert_eq!(super::changed_settings(a, "not = [toml"), ["the recipe"]);
+    }
+
     #[test]
     fn recipes_are_compared_as_toml_not_as_text() {
         let a = "[run]\nname = \"x\"\nseed = 1\n[[sources]]\nkind = \"a\"\n[[sources]]\nkind = \"b\"\n";

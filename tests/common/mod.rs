@@ -46,10 +46,13 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 /// A temporary copy of the layout recipes expect: `recipes/` (with its `templates/`) beside
-/// `data/`, `checkpoints/` and `fixtures/` (the tiny reward model).
+/// `data/`, `checkpoints/`, `fixtures/` (the tiny reward model) and, once fetched, `models/`.
 pub fn sandbox() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::create_dir(dir.path().join("recipes")).expect("mkdir");
+    if repo().join("models").is_dir() {
+        std::os::unix::fs::symlink(repo().join("models"), dir.path().join("models")).expect("symlink");
+    }
     std::os::unix::fs::symlink(repo().join("data"), dir.path().join("data")).expect("symlink");
     std::os::unix::fs::symlink(repo().join("checkpoints"), dir.path().join("checkpoints")).expect("symlink");
     std::os::unix::fs::symlink(repo().join("fixtures"), dir.path().join("fixtures")).expect("symlink");

@@ -90,7 +90,7 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
 }
 
 /// The optimiser type.
-pub type Optim<B = crate::trainer::TrainBackend> = OptimizerAdaptor<AdamW, fuserl_model::llama::Llama<B>, B>;
+pub type Optim<B = crate::TrainBackend> = OptimizerAdaptor<AdamW, fuserl_model::llama::Llama<B>, B>;
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ pub enum TrainError {
     #[error("{0}")]
     Unsupported(String),
     /// A run-directory file.
-    #[error("{}: {source}", fuserl_core::paths::shown(file))]
+    #[error("{}: {}", fuserl_core::paths::shown(file), fuserl_core::paths::cannot_read(file, source))]
     Io {
         /// The file.
         file: std::path::PathBuf,

@@ -14,3 +14,6 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
+
+/// The CPU training backend.
+pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;

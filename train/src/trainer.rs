@@ -30,8 +30,8 @@ use crate::schedule::learning_rate;
 use fuserl_core::paths::Shown;
 use fuserl_io::artifacts::MetricsLine;
 
-/// The CPU training backend.
-pub type TrainBackend = burn::backend::Autodiff<burn::backend::Flex>;
+pub use crate::TrainBackend;
+
 /// Log-prob of each sequence (sum over response tokens), differentiable, and the token counts.
 ///
 /// # Shapes

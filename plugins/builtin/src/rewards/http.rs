@@ -151,7 +151,7 @@ impl HttpReward {
         let mut labels = HashMap::new();
         if let Some(file) = &labels_file {
             let text = std::fs::read_to_string(file)
-                .map_err(|e| ConfigError::at("labels", format!("cannot read {}: {e}", Shown(file))))?;
+                .map_err(|e| ConfigError::at("labels", format!("cannot read {}: {}", Shown(file), fuserl_core::paths::cannot_read(file, &e))))?;
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 #[derive(Deserialize)]
                 struct Line {

@@ -55,7 +55,7 @@ impl MathReward {
         fuserl_core::config::check::non_negative("tolerance", config.tolerance)?;
         let file = ctx.resolve(&config.answers);
         let text = std::fs::read_to_string(&file)
-            .map_err(|e| ConfigError::at("answers", format!("cannot read {}: {e}", Shown(&file))))?;
+            .map_err(|e| ConfigError::at("answers", format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e))))?;
         let mut answers = HashMap::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             #[derive(Deserialize)]

@@ -137,7 +137,7 @@ impl PythonTests {
         }
         let file = ctx.resolve(&config.tests);
         let text = std::fs::read_to_string(&file)
-            .map_err(|e| ConfigError::at("tests", format!("cannot read {}: {e}", Shown(&file))))?;
+            .map_err(|e| ConfigError::at("tests", format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e))))?;
         let tests = parse_tests(&text)
             .map_err(|(line, msg)| ConfigError::at("tests", format!("{}:{line}: {msg}", Shown(&file))))?;
         let concurrency = match config.concurrency {

@@ -1,0 +1,104 @@
+//! A recipe's inputs, opened before any stage runs (`fuserl recipe check`, and first in every
+//! command that runs stages): the target checkpoint (its `config.json` read, its tokenizer
+//! there), the chat template, every prompt file of `[data]` and `[eval]` read to its last record,
+//! the file sources' records (for `recipe check`: a run reads them once, first, anyway), and the
+//! checkpoints `[eval] baselines` names. Every problem is
+//! returned, each at its recipe line, so that a mistake is found before hours of training, not
+//! after them.
+
+use std::path::Path;
+
+use fuserl_core::Error;
+use fuserl_core::config::KeyPath;
+use fuserl_core::paths::{Shown, cannot_read};
+use fuserl_recipe::LoadedRecipe;
+
+/// Every problem with the recipe's inputs (none: all of them can be read); with `file_sources`,
+/// the file sources' records are read too.
+pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
+    let recipe = &loaded.recipe;
+    let mut problems = Vec::new();
+    let at = |path: KeyPath, message: String| loaded.error_at(&path, message);
+    let target = loaded.base_dir.join(&recipe.target.checkpoint);
+    if let Some(problem) = checkpoint_problem(&target) {
+        problems.push(at(KeyPath::keys(&["target", "checkpoint"]), problem));
+    }
+    if let Some(template) = &recipe.target.chat_template {
+        let file = loaded.base_dir.join(template);
+        if let Err(e) = std::fs::read_to_string(&file) {
+            problems.push(at(
+                KeyPath::keys(&["target", "chat_template"]),
+                format!("cannot read {}: {}", Shown(&file), cannot_read(&file, &e)),
+            ));
+        }
+    }
+    for (i, prompts) in recipe.data.prompts.iter().enumerate() {
+        if let Some(problem) = prompts_problem(&loaded.base_dir.join(prompts)) {
+            problems.push(at(KeyPath::keys(&["data", "prompts"]).index(i), problem));
+        }
+    }
+    if file_sources && let Err(e) = crate::collect::read_file_sources(loaded) {
+        problems.push(e);
+    }
+    let eval = &recipe.eval;
+    if eval.enabled {
+        match &eval.prompts {
+            Some(prompts) => {
+                if let Some(problem) = prompts_problem(&loaded.base_dir.join(prompts)) {
+                    problems.push(at(KeyPath::keys(&["eval", "prompts"]), problem));
+                }
+            }
+            None => problems.push(at(
+                KeyPath::keys(&["eval", "enabled"]),
+                "the evaluation needs held-out prompts: set [eval] prompts".into(),
+            )),
+        }
+    }
+    if let Some(validation) = &eval.validation
+        && let Some(problem) = prompts_problem(&loaded.base_dir.join(validation))
+    {
+        problems.push(at(KeyPath::keys(&["eval", "validation"]), problem));
+    }
+    for (i, baseline) in eval.baselines.iter().enumerate() {
+        // `target`, `sft` and `source:NAME` are checked where they are made; anything else names
+        // a checkpoint folder.
+        if matches!(baseline.as_str(), "target" | "sft") || baseline.starts_with("source:") {
+            continue;
+        }
+        if let Some(problem) = checkpoint_problem(&loaded.base_dir.join(baseline)) {
+            problems.push(at(KeyPath::keys(&["eval", "baselines"]).index(i), problem));
+        }
+    }
+    problems
+}
+
+/// What is wrong with a Hugging Face checkpoint folder, if anything: no such folder, no
+/// readable `config.json`, no `tokenizer.json`.
+fn checkpoint_problem(folder: &Path) -> Option<String> {
+    if !folder.is_dir() {
+        return Some(format!("{}: no such checkpoint folder", Shown(folder)));
+    }
+    let config = folder.join("config.json");
+    match std::fs::read_to_string(&config) {
+        Err(e) => return Some(format!("cannot read {}: {}", Shown(&config), cannot_read(&config, &e))),
+        Ok(text) => {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
+                return Some(format!("{}: expected a JSON config: {e}", Shown(&config)));
+            }
+        }
+    }
+    let tokenizer = folder.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Some(format!("{}: no tokenizer.json (a Hugging Face checkpoint folder has one)", Shown(folder)));
+    }
+    None
+}
+
+/// What is wrong with a prompt file, if anything: unreadable, a bad record, or no prompt at all.
+fn prompts_problem(file: &Path) -> Option<String> {
+    match fuserl_io::prompts::read_prompts(file) {
+        Err(e) => Some(e.to_string()),
+        Ok(read) if read.prompts.is_empty() => Some(format!("{}: no prompts in it", Shown(file))),
+        Ok(_) => None,
+    }
+}
