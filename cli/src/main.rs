@@ -609,6 +609,10 @@ impl CollectBars {
     fn update(&self, p: &fuserl_run::collect::CollectProgress<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
+            if quiet() {
+                // A bar added to a MultiProgress draws where the MultiProgress does.
+                self.multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
             let bar = self.multi.add(bar(p.total));
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {msg} ({elapsed})")
@@ -764,7 +768,7 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
         Some(path) => write_atomically(path, text.as_bytes())?,
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
     }
-    eprintln!(
+    note!(
         "{} {} examples from {} of {} prompts ({} completions; {} prompts gave none; {} records skipped){}",
         stats.examples,
         stage.as_str(),

@@ -154,7 +154,16 @@ pub fn fetch_hint(file: &Path) -> Option<String> {
         .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fetch-")))
         .collect();
     scripts.sort();
-    let fetching = scripts.iter().find(|s| std::fs::read_to_string(s).is_ok_and(|text| text.contains(&name)));
+    // The name as a whole word of the script (`Tasks.jsonl` is not `MyTasks.jsonl`).
+    let names_it = |text: &str| {
+        text.match_indices(name.as_str()).any(|(at, _)| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + name.len()..].chars().next();
+            let part = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.');
+            !before.is_some_and(part) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+        })
+    };
+    let fetching = scripts.iter().find(|s| std::fs::read_to_string(s).is_ok_and(|text| names_it(&text)));
     Some(match fetching {
         Some(script) => format!("{name} is a download: run {} first", shown(script)),
         None => format!("data/external/ holds downloads: the scripts/fetch-*.sh in {} make them", shown(&repo)),

@@ -356,12 +356,12 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     }
     fuserl_core::paths::check_links_stay_inside(run_dir)?;
     let run = RunDir::new(run_dir);
-    let recipe: Option<Recipe> = match std::fs::read_to_string(run.recipe()) {
-        Ok(text) => Some(toml::from_str(&text).map_err(|e| Error::Path {
-            file: run.recipe(),
-            message: format!("expected the resolved recipe: {e}"),
-        })?),
-        Err(_) => None,
+    // A recipe this version cannot read (an older or damaged one) is named in its section.
+    let recipe: std::result::Result<Option<Recipe>, String> = match std::fs::read_to_string(run.recipe()) {
+        Ok(text) => toml::from_str(&text).map(Some).map_err(|e| {
+            Error::Path { file: run.recipe(), message: format!("expected the resolved recipe: {e}") }.to_string()
+        }),
+        Err(_) => Ok(None),
     };
     // A file of an older format (or a damaged one) is named in its section, not the end of the
     // report: every other section is still worth having.
@@ -378,11 +378,12 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     let mut page = Page::default();
     let name = recipe
         .as_ref()
-        .and_then(|r| r.run.name.clone())
+        .ok()
+        .and_then(|r| r.as_ref()?.run.name.clone())
         .or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "run".to_owned());
     page.title = format!("fuserl run report: {name}");
-    recipe_section(&mut page, recipe.as_ref(), run_dir);
+    recipe_section(&mut page, recipe.as_ref().map(Option::as_ref), run_dir);
     data_section(&mut page, data.as_ref().map(Option::as_ref), &sft_examples, &po_examples);
     training_section(&mut page, &metrics);
     eval_section(&mut page, eval.as_ref().map(Option::as_ref));
@@ -527,8 +528,15 @@ fn shown(v: Option<&toml::Value>) -> String {
     }
 }
 
-fn recipe_section(page: &mut Page, recipe: Option<&Recipe>, run_dir: &Path) {
+fn recipe_section(page: &mut Page, recipe: std::result::Result<Option<&Recipe>, &String>, run_dir: &Path) {
     page.heading(2, "Recipe");
+    let recipe = match recipe {
+        Ok(r) => r,
+        Err(problem) => {
+            page.para(&format!("Not shown: {problem}."));
+            return;
+        }
+    };
     let Some(r) = recipe else {
         page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.");
         return;

@@ -271,7 +271,9 @@ fn run_on<B: LogProbBackend>(
     // collect stage's answers; scored once, for both training stages.
     let mut answers = read_file_sources(loaded)?;
     answers.extend(collect_stage(loaded, &[], report.collect)?.1);
-    let scored = score_stage(loaded, answers.clone(), report.score)?;
+    // FusePO's own samples join these answers later; otherwise they are needed no more.
+    let keep = recipe.po.target_samples > 0 && recipe.po.enabled;
+    let scored = score_stage(loaded, if keep { answers.clone() } else { std::mem::take(&mut answers) }, report.score)?;
     refresh_report(&dir);
     let progress = report.step;
     let metrics = run.metrics();
@@ -365,8 +367,9 @@ fn run_on<B: LogProbBackend>(
                 // others' scores are in the store).
                 let n = recipe.po.target_samples;
                 let own = target_samples(loaded, &start, n, &po.collect(), &scored.groups, report.collect)?;
+                // Every prompt's group, as the scoring stage made them (prepare_stage keeps the PO
+                // ones and counts them all); the others' scores come from the store.
                 let (mut groups, _) = gather_groups(loaded, answers.iter().cloned().chain([own]).collect())?;
-                groups.retain(|g| in_stage(&recipe.data, recipe.run.seed, &g.prompt.id, StageName::Po));
                 let reward = loaded.components.reward.as_ref();
                 let batch = recipe.data.score_batch_size as usize;
                 score::score_answers(reward, &mut groups, Some(&run.score()), batch, &|_| {})?;

@@ -69,7 +69,8 @@ where
     let (settings, own): (toml::Table, toml::Table) =
         table.clone().into_iter().partition(|(k, _)| KEYS.contains(&k.as_str()));
     let mut config: C = parse_table(&own).map_err(|mut e| {
-        if e.message.starts_with("unknown key") {
+        // An unknown key of this table (not of a table inside it) may be one of the settings.
+        if e.message.starts_with("unknown key") && e.path.0.len() == 1 {
             e.message = format!("{}, {}", e.message, KEYS.join(", "));
         }
         e

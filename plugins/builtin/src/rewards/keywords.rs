@@ -80,7 +80,9 @@ impl RewardModel for KeywordsReward {
         "keywords"
     }
     fn fingerprint(&self) -> String {
-        serde_json::json!({"facts": self.text, "length_penalty": self.length_penalty}).to_string()
+        // `match`: how facts are found (scores made by substring matching are not reused).
+        serde_json::json!({"facts": self.text, "length_penalty": self.length_penalty, "match": "standing-alone"})
+            .to_string()
     }
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<f64>> {
         items
