@@ -703,10 +703,8 @@ fn a_missing_download_names_the_script_that_fetches_it() {
     let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
     let reward = "[eval.reward]\nkind = \"keywords\"\npath = \"../data/fusion-mini-facts.jsonl\"\n";
     assert!(quick.contains(reward), "the quick start's [eval.reward]");
-    let code = quick.replace(
-        reward,
-        "[eval.reward]\nkind = \"python-tests\"\ntests = \"../data/external/HumanEval.jsonl\"\n",
-    );
+    let code =
+        quick.replace(reward, "[eval.reward]\nkind = \"python-tests\"\ntests = \"../data/external/HumanEval.jsonl\"\n");
     std::fs::write(dir.path().join("recipes/code.toml"), &code).expect("write");
     let out = fuserl(&["recipe", "check", "recipes/code.toml"], dir.path());
     let err = text(&out.stderr);
@@ -738,14 +736,24 @@ fn recipe_check_opens_every_input_and_run_stops_before_training() {
     let target_line = line_of(&broken, "tiny-chta");
     let prompts_line = line_of(&broken, "empty.jsonl");
     assert!(
-        err.contains(&format!("recipes/broken.toml:{target_line}:1: target.checkpoint: checkpoints/tiny-chta: no such checkpoint folder")),
+        err.contains(&format!(
+            "recipes/broken.toml:{target_line}:1: target.checkpoint: checkpoints/tiny-chta: no such checkpoint folder"
+        )),
         "{err}"
     );
-    assert!(err.contains(&format!("recipes/broken.toml:{prompts_line}:1: eval.prompts: recipes/empty.jsonl: no prompts in it")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "recipes/broken.toml:{prompts_line}:1: eval.prompts: recipes/empty.jsonl: no prompts in it"
+        )),
+        "{err}"
+    );
     let run = fuserl(&["run", "recipes/broken.toml"], sandbox.path());
     let err = text(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{err}");
-    assert!(err.contains("target.checkpoint") && err.contains("eval.prompts") && err.contains("nothing was run"), "{err}");
+    assert!(
+        err.contains("target.checkpoint") && err.contains("eval.prompts") && err.contains("nothing was run"),
+        "{err}"
+    );
     assert!(!sandbox.path().join("runs").exists(), "no run folder is made");
 }
 
@@ -770,10 +778,8 @@ fn help_puts_run_first_and_says_what_values_are() {
     assert!(generate.contains("cpu, wgpu, vulkan, metal, webgpu, cuda or rocm"), "{generate}");
     let convert = text(&fuserl(&["convert", "gguf", "--help"], &repo()).stdout);
     assert!(convert.contains("K-quants Q2_K to Q8_K"), "{convert}");
-    let negative = fuserl(
-        &["generate", "--model", "checkpoints/tiny-chat", "--prompt", "hi", "--temperature", "-1"],
-        &repo(),
-    );
+    let negative =
+        fuserl(&["generate", "--model", "checkpoints/tiny-chat", "--prompt", "hi", "--temperature", "-1"], &repo());
     assert_eq!(negative.status.code(), Some(2), "{}", text(&negative.stderr));
     assert!(text(&negative.stderr).contains("--temperature -1: expected a number >= 0"), "{}", text(&negative.stderr));
 }

@@ -9,12 +9,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod model_cmds;
-use fuserl_core::paths::Shown;
 use fuserl_core::data::StageName;
-use fuserl_run::pipeline::{prepare_with, read_file_sources};
-use fuserl_recipe::load_recipe_with;
+use fuserl_core::paths::Shown;
 use fuserl_core::registry::Registry;
 use fuserl_io::run_dir::RunDir;
+use fuserl_recipe::load_recipe_with;
+use fuserl_run::pipeline::{prepare_with, read_file_sources};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -523,12 +523,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             say!("{} prompts, reward {}", doc.n_prompts, doc.reward);
             for m in &doc.models {
                 let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
-                say!(
-                    "  {:<16} reward {}{pass}, {:.0} tokens",
-                    m.name,
-                    pct(&m.mean_reward),
-                    m.mean_length_tokens.mean
-                );
+                say!("  {:<16} reward {}{pass}, {:.0} tokens", m.name, pct(&m.mean_reward), m.mean_length_tokens.mean);
             }
             for c in &doc.comparisons {
                 let by = if c.by == "reward" { String::new() } else { format!(" by {}", c.by) };
@@ -583,7 +578,12 @@ impl ScoreBar {
             if s.scored > 0 {
                 note!(
                     "score {}: {}/{} answers ({} scored now, {} already scored) in {:.1} s",
-                    p.reward, p.done, p.total, s.scored, s.reused, s.seconds
+                    p.reward,
+                    p.done,
+                    p.total,
+                    s.scored,
+                    s.reused,
+                    s.seconds
                 );
             }
             *slot = None;
@@ -632,7 +632,15 @@ impl CollectBars {
             bar.finish();
             note!(
                 "collect {}: {}/{} answers ({} asked now, {} already collected; {} requests, {} retried; {} cut by max_tokens) in {:.1} s",
-                p.source, p.done, p.total, s.asked, s.reused, s.requests, s.retries, s.truncated, s.seconds
+                p.source,
+                p.done,
+                p.total,
+                s.asked,
+                s.reused,
+                s.requests,
+                s.retries,
+                s.truncated,
+                s.seconds
             );
         }
     }

@@ -141,9 +141,9 @@ pub fn cannot_read(file: &Path, e: &std::io::Error) -> String {
 /// scripts are. `None` for any other file.
 pub fn fetch_hint(file: &Path) -> Option<String> {
     let parts: Vec<Component<'_>> = file.components().collect();
-    let at = parts.windows(2).rposition(|w| {
-        matches!((w[0], w[1]), (Component::Normal(a), Component::Normal(b)) if a == "data" && b == "external")
-    })?;
+    let at = parts.windows(2).rposition(
+        |w| matches!((w[0], w[1]), (Component::Normal(a), Component::Normal(b)) if a == "data" && b == "external"),
+    )?;
     let data: PathBuf = parts[..=at].iter().map(|c| c.as_os_str()).collect();
     // `recipes/../data` may name a folder that is not there; `data` itself is.
     let repo = data.canonicalize().or_else(|_| normalize(&data).canonicalize()).ok()?.parent()?.to_path_buf();

@@ -35,8 +35,8 @@
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use fuserl_core::paths::Shown;
 use fuserl_core::data::StageName;
+use fuserl_core::paths::Shown;
 
 use fuserl_core::{Error, Result};
 

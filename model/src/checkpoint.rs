@@ -24,8 +24,8 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::config::{Activation, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
-use fuserl_io::fs::{write_atomic, write_atomic_with};
 use fuserl_core::paths::Shown;
+use fuserl_io::fs::{write_atomic, write_atomic_with};
 
 /// Files besides the weights that describe a checkpoint (copied when a model is saved).
 pub const SIDE_FILES: [&str; 6] = [

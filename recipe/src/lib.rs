@@ -22,18 +22,18 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::location::Locator;
 use fuserl_core::config::{ConfigError, KeyPath, check, parse_table};
 use fuserl_core::error::{Error, Result};
 use fuserl_core::extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};
-use crate::location::Locator;
 use fuserl_core::registry::{BuildContext, BuildError, Built, PluginLoader, Registry, split_kind};
 
 pub mod location;
 mod schema;
 
 pub use fuserl_core::backend::{BackendConfig, DType, Device, LogProbPath};
-pub use schema::*;
 use schema::RawRecipe;
+pub use schema::*;
 
 /// The components a recipe names, built.
 #[derive(Debug)]
@@ -96,7 +96,6 @@ impl LoadedRecipe {
         self.recipe.export.path.as_deref().map_or_else(|| self.output_dir().join("export"), PathBuf::from)
     }
 }
-
 
 /// Read, parse, validate and build the recipe at `path`. A recipe that names plugins needs
 /// [`load_recipe_with`].

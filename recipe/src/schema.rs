@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use fuserl_core::data::SamplingParams;
 use fuserl_core::backend::{BackendConfig, DType};
 use fuserl_core::config::parse_table;
+use fuserl_core::data::SamplingParams;
 
 /// The recipe schema this build reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -44,7 +44,6 @@ impl Default for RunConfig {
         Self { name: None, output_dir: None, seed: default_seed(), report_to: Vec::new() }
     }
 }
-
 
 /// `[target]`: the model that is trained.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -31,10 +31,10 @@ use serde_json::{Value, json};
 use fuserl_core::data::StageName;
 
 use fuserl_core::data::ExampleSequence;
-use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, MetricsLine, ModelEval, StageExample};
-use fuserl_recipe::Recipe;
-use fuserl_io::run_dir::RunDir;
 use fuserl_core::{Error, Result};
+use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, MetricsLine, ModelEval, StageExample};
+use fuserl_io::run_dir::RunDir;
+use fuserl_recipe::Recipe;
 
 /// Where the report was written.
 #[derive(Debug, Clone)]
@@ -305,9 +305,10 @@ fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 
 /// A file of the run directory read into its typed definition (`None` if it is not there).
 fn read_typed<T: serde::de::DeserializeOwned>(file: &Path) -> Result<Option<T>> {
     match std::fs::read_to_string(file) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Path { file: file.to_path_buf(), message: format!("expected {}: {e}", what_file(file)) }),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| Error::Path {
+            file: file.to_path_buf(),
+            message: format!("expected {}: {e}", what_file(file)),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(file, e)),
     }
@@ -574,11 +575,7 @@ fn recipe_section(page: &mut Page, recipe: std::result::Result<Option<&Recipe>, 
     row(
         "eval",
         if r.eval.enabled {
-            format!(
-                "prompts {}, baselines {}",
-                r.eval.prompts.as_deref().unwrap_or("-"),
-                r.eval.baselines.join(", ")
-            )
+            format!("prompts {}, baselines {}", r.eval.prompts.as_deref().unwrap_or("-"), r.eval.baselines.join(", "))
         } else {
             "not enabled in the recipe (`fuserl eval` runs it)".to_owned()
         },
@@ -714,8 +711,9 @@ fn training_section(page: &mut Page, metrics: &[MetricsLine]) {
             continue;
         }
         page.heading(3, label);
-        let curve =
-            |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|m| Some((m.step as f64, m.get(key)?))).collect() };
+        let curve = |key: &str| -> Vec<(f64, f64)> {
+            lines.iter().filter_map(|m| Some((m.step as f64, m.get(key)?))).collect()
+        };
         let last = lines.last().map_or(0, |m| m.step);
         let final_loss = lines.last().map_or(f64::NAN, |m| m.loss);
         page.para(&format!("{} logged steps, last step {last}, final loss {}.", lines.len(), num(final_loss)));

@@ -21,11 +21,11 @@ use std::path::PathBuf;
 
 use burn::tensor::DType;
 use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::backend::{DType as RecipeDType, Device};
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::ChatMessage;
 use fuserl_core::extension::{RewardModel, ScoreItem, ScoreSink};
 use fuserl_core::paths::Shown;
-use fuserl_core::backend::{DType as RecipeDType, Device};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use fuserl_model::chat::ChatTokenizer;

@@ -29,26 +29,26 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
 use crate::collect::{CollectPlan, CollectProgress, collect_with};
+use crate::pairwise::compare_stage;
+use crate::pipeline::assemble_groups;
+use crate::score::ScoreProgress;
+use crate::stats::{Estimate, bootstrap, bootstrap_mean, length_controlled_win_rate, pass_at_k};
+use fuserl_core::data::StageName;
 use fuserl_core::data::{Completion, ScoredGroup};
 use fuserl_core::data::{Prompt, SamplingParams};
 use fuserl_core::extension::Generator;
 use fuserl_core::extension::{PairItem, RewardModel};
-use fuserl_io::fs::write_atomic;
-use crate::pairwise::compare_stage;
 use fuserl_core::paths::Shown;
-use crate::pipeline::assemble_groups;
-use fuserl_core::data::StageName;
-use fuserl_recipe::LoadedRecipe;
 use fuserl_core::registry::BuildContext;
-use crate::score::ScoreProgress;
+use fuserl_io::fs::write_atomic;
 use fuserl_model::chat::ChatTokenizer;
+use fuserl_recipe::LoadedRecipe;
 
-use fuserl_io::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
 use crate::local::LocalSource;
-use fuserl_io::run_dir::{EvalDir, RunDir};
 use crate::{Result, TrainError};
+use fuserl_io::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
+use fuserl_io::run_dir::{EvalDir, RunDir};
 
 /// Resamples of every bootstrap interval.
 const RESAMPLES: usize = 10_000;
@@ -113,8 +113,7 @@ pub fn eval_stage(
     let eval_dir = run.eval();
     let dir = eval_dir.root().to_path_buf();
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
-    let ctx =
-        BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
+    let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
     let checkpoint_source = |name: &str, path: &Path| -> Result<LocalSource> {
         if !path.join("config.json").is_file() {

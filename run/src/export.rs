@@ -8,14 +8,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use fuserl_io::fs::write_atomic;
 use fuserl_core::paths::Shown;
-use fuserl_recipe::LoadedRecipe;
+use fuserl_io::fs::write_atomic;
 use fuserl_model::checkpoint::{load, save_as};
+use fuserl_recipe::LoadedRecipe;
 use serde::{Deserialize, Serialize};
 
-use fuserl_io::run_dir::RunDir;
 use crate::{Result, TrainError};
+use fuserl_io::run_dir::RunDir;
 
 /// `export.json`: what the finished export wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

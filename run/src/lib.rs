@@ -32,8 +32,8 @@ use fuserl_train::trainer::{Stage, inference_model, reference_logps, train_stage
 pub use fuserl_train::{Result, TrainError};
 
 use crate::collect::{CollectPlan, CollectProgress, collect_stage, collect_with};
-use crate::local::LocalSource;
 use crate::collect::{gather_groups, read_file_sources};
+use crate::local::LocalSource;
 use crate::pipeline::{in_stage, prepare_stage};
 use crate::score::{ScoreProgress, score_stage};
 
@@ -124,8 +124,7 @@ fn target_samples(
         .map(|g| g.prompt.clone())
         .collect();
     prompts.sort_by(|a, b| a.id.cmp(&b.id));
-    let ctx =
-        BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
+    let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
     let source = LocalSource::for_checkpoint("target", start, max_prompt, &ctx)
         .map_err(|e| TrainError::Data(format!("[po] target_samples: {e}")))?;
@@ -277,8 +276,7 @@ fn run_on<B: LogProbBackend>(
     refresh_report(&dir);
     let progress = report.step;
     let metrics = run.metrics();
-    let tensorboard =
-        recipe.run.report_to.contains(&fuserl_recipe::ReportTo::Tensorboard).then(|| run.tensorboard());
+    let tensorboard = recipe.run.report_to.contains(&fuserl_recipe::ReportTo::Tensorboard).then(|| run.tensorboard());
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
     let tok = ChatTokenizer::load(&target, template.as_deref())?;

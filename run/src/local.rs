@@ -20,13 +20,11 @@
 use std::path::{Path, PathBuf};
 
 use fuserl_backends::{LogProbBackend, OnBackend};
+use fuserl_core::backend::{DType as RecipeDType, Device};
 use fuserl_core::config::{ConfigError, KeyPath};
 use fuserl_core::data::{SamplingParams, SourceSampling};
-use fuserl_core::extension::{
-    GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
-};
+use fuserl_core::extension::{GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter};
 use fuserl_core::paths::Shown;
-use fuserl_core::backend::{DType as RecipeDType, Device};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
 use fuserl_model::chat::ChatTokenizer;

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::score::{ScoreProgress, ScoreSummary};
 use fuserl_core::data::Completion;
 use fuserl_core::error::{Error, Result};
 use fuserl_core::extension::{PairItem, RewardModel};
 use fuserl_core::maths::fnv1a;
-use crate::score::{ScoreProgress, ScoreSummary};
 use fuserl_io::store::{OnChange, Store, StoreRecord};
 
 /// One stored verdict.

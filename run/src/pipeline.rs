@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use fuserl_core::data::StageName;
 use fuserl_core::data::{Example, ExampleSequence, ScoredGroup, WeightedGroup};
 use fuserl_core::error::{Error, Result};
-use fuserl_core::data::StageName;
 
 pub use crate::collect::{assemble_groups, gather_groups, read_file_sources};
 use fuserl_core::extension::{Collected, GroupData, PreferenceObjective, RewardModel, WeightingScheme};

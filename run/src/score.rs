@@ -340,7 +340,8 @@ mod tests {
         assert_eq!((summary.scored, summary.reused, summary.skipped), (0, 3, 1));
         assert!(again[0].completions[1].reward.is_none());
         // A reward that does not skip: NaN is an error naming the answer.
-        let err = score_answers(&Lengths { skips: false }, &mut groups(), None, 2, &|_| {}).expect_err("NaN").to_string();
+        let err =
+            score_answers(&Lengths { skips: false }, &mut groups(), None, 2, &|_| {}).expect_err("NaN").to_string();
         assert!(err.contains("sample 1") && err.contains("non-finite score NaN"), "{err}");
     }
 }

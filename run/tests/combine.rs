@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use fuserl_run::pipeline::{assemble_groups, score_groups};
-use fuserl_recipe::parse_recipe;
 use fuserl_core::registry::BuildContext;
+use fuserl_recipe::parse_recipe;
+use fuserl_run::pipeline::{assemble_groups, score_groups};
 
 const RECIPE: &str = r#"
 schema_version = 1

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{CollectRequest, Collected, SourceAdapter};
-use fuserl_run::pipeline::{assemble_groups, score_groups};
 use fuserl_core::registry::BuildContext;
+use fuserl_run::pipeline::{assemble_groups, score_groups};
 
 fn source(dir: &Path, keys: &[(&str, toml::Value)]) -> Result<Box<dyn SourceAdapter>, String> {
     let mut t = toml::Table::new();

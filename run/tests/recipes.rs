@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use fuserl_core::data::StageName;
-use fuserl_run::pipeline::{in_stage, prepare_examples};
 use fuserl_recipe::{ReferenceModel, parse_recipe};
+use fuserl_run::pipeline::{in_stage, prepare_examples};
 
 const BASE: &str = r#"
 schema_version = 1

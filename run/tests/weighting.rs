@@ -1,7 +1,7 @@
 //! Weighting schemes: limits, normalisation and robustness (method.md, issue #2).
 
-use fuserl_core::extension::WeightingScheme;
 use fuserl_core::extension::GroupData;
+use fuserl_core::extension::WeightingScheme;
 use fuserl_core::registry::BuildContext;
 
 fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> {

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::DType;
-use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::backend::LogProbPath;
+use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};

@@ -17,8 +17,8 @@ use burn::module::Module;
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use fuserl_io::fs::write_atomic;
 use fuserl_core::data::StageName;
+use fuserl_io::fs::write_atomic;
 use fuserl_model::llama::Llama;
 
 use crate::adamw::Optim;

@@ -14,12 +14,12 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
-use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_core::data::StageName;
-use fuserl_recipe::{LogProbPath, StageConfig};
+use fuserl_core::extension::{ObjectiveBatch, PreferenceObjective};
 use fuserl_kernels::LogProbBackend;
 use fuserl_model::llama::{Llama, LlamaModel};
 use fuserl_model::logprobs::hidden_logprobs;
+use fuserl_recipe::{LogProbPath, StageConfig};
 
 use crate::adamw::{AdamW, Optim};
 use crate::checkpoint::{self, CheckpointState};

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
-use fuserl_recipe::{LogProbPath, Schedule, StageConfig};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
+use fuserl_recipe::{LogProbPath, Schedule, StageConfig};
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
 use fuserl_train::trainer::{StepSettings, TrainBackend, new_optimizer, optimizer_step};
 

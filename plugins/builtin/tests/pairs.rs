@@ -2,8 +2,8 @@
 //! weights, FuseChat-3.0's same-source pair with a gap window, best-of-all, WRPO triplets and
 //! RLOO groups.
 
-use fuserl_core::extension::PreferenceObjective;
 use fuserl_core::extension::GroupData;
+use fuserl_core::extension::PreferenceObjective;
 use fuserl_core::registry::BuildContext;
 use fuserl_plugins::pairs::{PairConfig, PairStrategy, PairWeights};
 

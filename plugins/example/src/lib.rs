@@ -15,8 +15,8 @@
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{
-    ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput,
-    ObjectiveBatch, PreferenceObjective, SampleJob, SourceAdapter, WeightingScheme,
+    ExampleSpec, GenerateStats, Generated, GeneratedSink, Generator, GroupView, LossOutput, ObjectiveBatch,
+    PreferenceObjective, SampleJob, SourceAdapter, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};

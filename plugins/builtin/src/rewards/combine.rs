@@ -99,7 +99,11 @@ impl RewardModel for Combine {
     }
 
     fn traits(&self) -> RewardTraits {
-        RewardTraits { stored: false, skips: self.parts.iter().any(|(_, r)| r.traits().skips), ..RewardTraits::default() }
+        RewardTraits {
+            stored: false,
+            skips: self.parts.iter().any(|(_, r)| r.traits().skips),
+            ..RewardTraits::default()
+        }
     }
 
     fn composite(&self) -> Option<&dyn CompositeReward> {

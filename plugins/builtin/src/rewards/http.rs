@@ -150,8 +150,12 @@ impl HttpReward {
         let labels_file = config.labels.as_deref().map(|l| ctx.resolve(l));
         let mut labels = HashMap::new();
         if let Some(file) = &labels_file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| ConfigError::at("labels", format!("cannot read {}: {}", Shown(file), fuserl_core::paths::cannot_read(file, &e))))?;
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                ConfigError::at(
+                    "labels",
+                    format!("cannot read {}: {}", Shown(file), fuserl_core::paths::cannot_read(file, &e)),
+                )
+            })?;
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 #[derive(Deserialize)]
                 struct Line {

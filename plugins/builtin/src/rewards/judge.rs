@@ -209,8 +209,12 @@ impl Judge {
             ));
         }
         let template = match &template_file {
-            Some(f) => std::fs::read_to_string(f)
-                .map_err(|e| ConfigError::at("template", format!("cannot read {}: {}", Shown(f), fuserl_core::paths::cannot_read(f, &e))))?,
+            Some(f) => std::fs::read_to_string(f).map_err(|e| {
+                ConfigError::at(
+                    "template",
+                    format!("cannot read {}: {}", Shown(f), fuserl_core::paths::cannot_read(f, &e)),
+                )
+            })?,
             None if pairwise => DEFAULT_PAIRWISE_TEMPLATE.to_owned(),
             None => DEFAULT_TEMPLATE.to_owned(),
         };

@@ -136,8 +136,12 @@ impl PythonTests {
             return Err(ConfigError::at("memory_mb", "expected at least 64 (Python itself needs that much)"));
         }
         let file = ctx.resolve(&config.tests);
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| ConfigError::at("tests", format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e))))?;
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            ConfigError::at(
+                "tests",
+                format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e)),
+            )
+        })?;
         let tests = parse_tests(&text)
             .map_err(|(line, msg)| ConfigError::at("tests", format!("{}:{line}: {msg}", Shown(&file))))?;
         let concurrency = match config.concurrency {

@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuserl_core::config::ConfigError;
 use fuserl_core::data::{ChatMessage, SamplingParams, SourceSampling};
-use fuserl_core::extension::{
-    GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter,
-};
+use fuserl_core::extension::{GenerateStats, Generated, GeneratedSink, Generator, SampleJob, SourceAdapter};
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 
 use crate::http::{HttpSettings, WithHttp, build_with_http};
@@ -426,7 +424,9 @@ impl Generator for OpenAiSource {
 
 fn build(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn SourceAdapter>, ConfigError> {
     let defaults = HttpSettings { timeout_s: 600.0, ..HttpSettings::default() };
-    build_with_http(t, ctx, defaults, |c: OpenAiConfig, ctx| Ok(Box::new(OpenAiSource::new(c, ctx)?) as Box<dyn SourceAdapter>))
+    build_with_http(t, ctx, defaults, |c: OpenAiConfig, ctx| {
+        Ok(Box::new(OpenAiSource::new(c, ctx)?) as Box<dyn SourceAdapter>)
+    })
 }
 
 inventory::submit! { PluginDescriptor { name: "openai", origin: crate::ORIGIN,
