@@ -734,17 +734,8 @@ fn check_backend(loaded: fuserl_recipe::LoadedRecipe) -> fuserl_core::Result<fus
     match fuserl_backends::check(backend.device, backend.dtype) {
         Ok(()) => Ok(loaded),
         Err(e) => {
-            let text = std::fs::read_to_string(&loaded.file).unwrap_or_default();
             let key = if matches!(e, fuserl_backends::BackendError::Dtype { .. }) { "dtype" } else { "device" };
-            let path = fuserl_core::config::KeyPath::keys(&["backend", key]);
-            let (line, column) = fuserl_recipe::location::Locator::new(&text).locate(&path);
-            Err(fuserl_core::Error::Recipe {
-                file: loaded.file.clone(),
-                line,
-                column,
-                path: path.to_string(),
-                message: e.to_string(),
-            })
+            Err(loaded.error_at(&fuserl_core::config::KeyPath::keys(&["backend", key]), e.to_string()))
         }
     }
 }
