@@ -14,7 +14,7 @@
 # from the committed fixtures (fuzz/src/lib.rs names them) and resumed by the next run, so that
 # runs add up. A run appends its numbers (CPU-seconds, executions, crashes, hangs) to
 # fuzz/runs.jsonl unless FUSERL_FUZZ_RECORD=0 (CI), copies every crash and hang into
-# fuzz/regressions/TARGET/ (replayed by `cargo test -p fuserl-fuzz` from then on: commit it with
+# fuzz/regressions/TARGET/ (replayed by `cargo test -p fuserl-cli --test tests fuzz::` from then on: commit it with
 # its fix) and fails when it found any. A hang is a run longer than 10 s; an allocation that
 # would take the harness past 1 GiB aborts it and counts as a crash.
 set -euo pipefail

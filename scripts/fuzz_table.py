@@ -38,7 +38,7 @@ for name, parser in targets:
     crashes = sum(f.startswith("crash-") for f in found)
     hangs = sum(f.startswith("hang-") for f in found)
     fuzzers = sorted({r["fuzzer"] for r in mine}) or ["AFL++"]
-    replay = "`fuzz/tests/corpus.rs`" + (f" ({len(found)} files in `fuzz/regressions/{name}/`)" if found else "")
+    replay = "`tests/fuzz.rs`" + (f" ({len(found)} files in `fuzz/regressions/{name}/`)" if found else "")
     rows.append(f"| `{name}` | {parser} | {', '.join(fuzzers)} | {minutes:.1f} | {execs:,} | {len(mine)} | "
                 f"{crashes}/{hangs} | {replay} |")
     if minutes < GOAL_MINUTES:

@@ -23,7 +23,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
         print(m["executable"])' "$1" | tail -1; }
-    test_exe=$(cargo test -p fuserl-kernels --features "$features" --test logprobs --no-run --message-format=json | find_exe logprobs)
+    # The kernel tests are the `kernels::` area of the one integration-test binary.
+    test_exe=$(cargo test -p fuserl-cli --features "$features" --test tests --no-run --message-format=json | find_exe tests)
     bench_exe=$(cargo bench -p fuserl-kernels --features "$features" --bench logprobs --no-run --message-format=json | find_exe logprobs)
     cp "$test_exe" "$dist/logprobs-test"
     cp "$bench_exe" "$dist/logprobs-bench"
@@ -45,8 +46,7 @@ run)
         echo '```'
     } > "$report"
     status=0
-    # The tests read fixtures relative to the crate folder.
-    (cd kernels && "../$dist/logprobs-test" --include-ignored --test-threads 1) 2>&1 | tee -a "$report" || status=1
+    (cd cli && "../$dist/logprobs-test" kernels:: --include-ignored --test-threads 1) 2>&1 | tee -a "$report" || status=1
     echo '```' >> "$report"
     for device in cuda wgpu; do
         {

@@ -452,7 +452,7 @@ fn code_answers_are_scored_by_tests_and_a_judge_and_trained_on() {
     }
     // Whether SmolLM2's sampled code passes depends on what llama.cpp sampled on this CPU (issue
     // #29), so no pass is required here; the verifier's passes are tested on known answers in
-    // plugins/builtin/tests/python_tests.rs. Probability-weighted ratings: within the scale, and
+    // tests/builtin/python_tests.rs. Probability-weighted ratings: within the scale, and
     // weighted (a rating read as one digit would be a whole number).
     assert!(judge.values().all(|j| (1.0..=10.0).contains(j)), "{judge:?}");
     assert!(judge.values().any(|j| j.fract() != 0.0), "no probability-weighted rating: {judge:?}");

@@ -215,7 +215,7 @@ fn plugins_list_shows_every_builtin() {
         // ordinary built-in (it builds its parts through the registry in its build context).
         let origin = match name {
             "local" | "classifier" => "built-in (fuserl-run)",
-            _ => "built-in (fuserl-plugins)",
+            _ => "built-in (fuserl-builtin)",
         };
         assert!(line.contains(origin), "{line}");
         assert!(line.split(origin).nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");

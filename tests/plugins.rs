@@ -17,7 +17,7 @@ fn ctx() -> BuildContext {
 
 #[test]
 fn plugins_list_shows_dynamic_plugins_with_their_file() {
-    let lib = plugin("fuserl_example_plugin");
+    let lib = plugin("fuserl_example");
     let out = fuserl(&["--plugin", &lib.display().to_string(), "plugins", "list"], &repo());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listing = text(&out.stdout);
@@ -26,11 +26,11 @@ fn plugins_list_shows_dynamic_plugins_with_their_file() {
             .lines()
             .find(|l| l.split_whitespace().take(2).collect::<Vec<_>>() == [point, name])
             .unwrap_or_else(|| panic!("no {point} {name} in\n{listing}"));
-        assert!(line.contains(&lib.display().to_string()) && line.contains("plugin `fuserl-example-plugin`"), "{line}");
+        assert!(line.contains(&lib.display().to_string()) && line.contains("plugin `fuserl-example`"), "{line}");
     }
     // Built-ins are still there, and a bare name is found on FUSERL_PLUGIN_PATH.
-    assert!(listing.contains("built-in (fuserl-plugins)"));
-    let by_name = fuserl(&["--plugin", "fuserl_example_plugin", "plugins", "list"], &repo());
+    assert!(listing.contains("built-in (fuserl-builtin)"));
+    let by_name = fuserl(&["--plugin", "fuserl_example", "plugins", "list"], &repo());
     assert!(text(&by_name.stdout).contains("ranking-hinge"), "{}", text(&by_name.stderr));
 }
 
@@ -72,16 +72,16 @@ fn a_recipe_loads_its_plugins_and_runs_their_components() {
     // The resolved recipe keeps the plugin and the plugin's resolved keys.
     let show = fuserl(&["recipe", "show", "recipes/plugin-example.toml"], &repo());
     let shown = text(&show.stdout);
-    assert!(shown.contains("plugins = [\"fuserl_example_plugin\"]") && shown.contains("min_gap = 0.01"), "{shown}");
+    assert!(shown.contains("plugins = [\"fuserl_example\"]") && shown.contains("min_gap = 0.01"), "{shown}");
 }
 
 #[test]
 fn plugin_components_evaluate_like_builtins() {
-    let mut registry = fuserl_plugins::registry().expect("registry");
-    let lib = plugin("fuserl_example_plugin");
-    assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(3));
+    let mut registry = fuserl_builtin::registry().expect("registry");
+    let lib = plugin("fuserl_example");
+    assert_eq!(fuserl_abi::host::load_library(&lib, &mut registry), Ok(3));
     // Loading the same file again is a no-op.
-    assert_eq!(fuserl_plugin_abi::host::load_library(&lib, &mut registry), Ok(0));
+    assert_eq!(fuserl_abi::host::load_library(&lib, &mut registry), Ok(0));
     let hinge = registry
         .build_objective_from(&table("kind = \"ranking-hinge\"\ngamma = 0.5"), &ctx())
         .expect("build")
@@ -133,7 +133,7 @@ fn a_missing_example_plugin_says_how_to_build_it() {
         .expect("run fuserl");
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("it is built by `cargo build -p fuserl-example-plugin`"), "{err}");
+    assert!(err.contains("it is built by `cargo build -p fuserl-example`"), "{err}");
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn a_library_without_the_entry_symbol_is_refused() {
 }
 
 fn with_testkit(mode: &str, args: &[&str], dir: &Path) -> (Option<i32>, String) {
-    let lib = plugin("fuserl_test_plugin").display().to_string();
+    let lib = plugin("fuserl_testkit").display().to_string();
     let mut all = vec!["--plugin", lib.as_str()];
     all.extend_from_slice(args);
     let out = fuserl_env(&all, dir, &[("FUSERL_TEST_PLUGIN_MODE", mode)]);
@@ -188,8 +188,8 @@ fn a_duplicate_component_name_names_both_origins() {
     let (code, err) = with_testkit("duplicate", &["plugins", "list"], &repo());
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("weighting scheme `softmax` is registered twice: by built-in (fuserl-plugins) and by")
-            && err.contains("libfuserl_test_plugin.so (plugin `fuserl-test-plugin`)"),
+        err.contains("weighting scheme `softmax` is registered twice: by built-in (fuserl-builtin) and by")
+            && err.contains("libfuserl_testkit.so (plugin `fuserl-testkit`)"),
         "{err}"
     );
 }
@@ -212,13 +212,13 @@ fn a_panicking_component_is_an_error_naming_plugin_and_component() {
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(
-            "weighting scheme `panicky`: panicked: panicky weighting was asked to weigh [plugin `fuserl-test-plugin`,"
-        ) && err.contains("libfuserl_test_plugin.so]"),
+            "weighting scheme `panicky`: panicked: panicky weighting was asked to weigh [plugin `fuserl-testkit`,"
+        ) && err.contains("libfuserl_testkit.so]"),
         "{err}"
     );
     // In-process too: the host survives the panic and keeps working.
-    let mut registry = fuserl_plugins::registry().expect("registry");
-    fuserl_plugin_abi::host::load_library(&plugin("fuserl_test_plugin"), &mut registry).expect("load");
+    let mut registry = fuserl_builtin::registry().expect("registry");
+    fuserl_abi::host::load_library(&plugin("fuserl_testkit"), &mut registry).expect("load");
     let panicky = registry.build_weighting_from(&table("kind = \"panicky\""), &ctx()).expect("build").component;
     let names = vec!["a".to_owned()];
     let view = fuserl_core::extension::GroupView {
@@ -236,8 +236,8 @@ fn a_panicking_component_is_an_error_naming_plugin_and_component() {
 
 #[test]
 fn a_component_that_returns_an_error_is_reported() {
-    let mut registry = fuserl_plugins::registry().expect("registry");
-    fuserl_plugin_abi::host::load_library(&plugin("fuserl_test_plugin"), &mut registry).expect("load");
+    let mut registry = fuserl_builtin::registry().expect("registry");
+    fuserl_abi::host::load_library(&plugin("fuserl_testkit"), &mut registry).expect("load");
     let failing = registry.build_objective_from(&table("kind = \"failing\""), &ctx()).expect("build").component;
     let batch = ObjectiveBatch {
         example_offsets: &[0, 1],
@@ -251,7 +251,7 @@ fn a_component_that_returns_an_error_is_reported() {
     };
     let err = failing.loss(&batch).unwrap_err().to_string();
     assert!(
-        err.starts_with("preference objective `failing`: this objective always fails [plugin `fuserl-test-plugin`,"),
+        err.starts_with("preference objective `failing`: this objective always fails [plugin `fuserl-testkit`,"),
         "{err}"
     );
     // A constructor's refusal keeps its key path, so the recipe points at the line.
@@ -281,8 +281,7 @@ fn plugins_log_through_the_host() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
-        err.lines()
-            .any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example-plugin")),
+        err.lines().any(|l| l.contains("margin weighting with margin 0.05") && l.contains("plugin=fuserl-example")),
         "{err}"
     );
 }
@@ -308,7 +307,7 @@ fn a_plugin_generator_collects_and_resumes() {
          [data]\nprompts = [\"../data/prompts-mini.jsonl\"]\nsamples_per_prompt = 3\n\
          [[sources]]\nkind = \"templated\"\nname = \"echo\"\ntemplate = \"Answer {{sample}} to: {{prompt}}\"\n\
          [reward]\nkind = \"keywords\"\npath = \"../data/fusion-mini-facts.jsonl\"\n",
-        plugin("fuserl_example_plugin").display()
+        plugin("fuserl_example").display()
     );
     std::fs::write(dir.path().join("recipes/g.toml"), recipe).expect("write");
     let out = fuserl(&["collect", "recipes/g.toml"], dir.path());

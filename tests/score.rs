@@ -1,5 +1,5 @@
 //! The scoring stage with the `classifier` reward (the committed tiny
-//! LlamaForSequenceClassification, matched against transformers in model/tests/classifier.rs):
+//! LlamaForSequenceClassification, matched against transformers in tests/model/classifier.rs):
 //! `fuserl score` keeps every answer's score in runs/NAME/score/, a rerun scores nothing again,
 //! a SIGKILL mid-scoring loses and repeats nothing, a changed reward scores everything afresh,
 //! and `fuserl run` trains on the stored scores. No download, no server.

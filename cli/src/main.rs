@@ -240,8 +240,8 @@ const OWN_CRATES: [&str; 12] = [
     "fuserl_core",
     "fuserl_io",
     "fuserl_recipe",
-    "fuserl_plugins",
-    "fuserl_plugin_abi",
+    "fuserl_builtin",
+    "fuserl_abi",
     "fuserl_run",
     "fuserl_train",
     "fuserl_model",
@@ -301,11 +301,11 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 /// The built-ins plus the plugins given with `--plugin` (paths relative to the working folder).
 fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
-    let mut registry = fuserl_plugins::registry()?;
+    let mut registry = fuserl_builtin::registry()?;
     let here = Path::new(".");
     for spec in plugins {
-        let loaded = fuserl_plugin_abi::host::resolve_plugin(spec, here)
-            .and_then(|path| fuserl_plugin_abi::host::load_library(&path, &mut registry));
+        let loaded = fuserl_abi::host::resolve_plugin(spec, here)
+            .and_then(|path| fuserl_abi::host::load_library(&path, &mut registry));
         if let Err(message) = loaded {
             return Err(fuserl_core::Error::Config(fuserl_core::config::ConfigError::new(
                 fuserl_core::config::KeyPath::root(),
@@ -319,7 +319,7 @@ fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
 
 fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
     let mut registry = registry.clone();
-    load_recipe_with(file, &mut registry, &fuserl_plugin_abi::host::Loader)
+    load_recipe_with(file, &mut registry, &fuserl_abi::host::Loader)
 }
 
 fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,6 @@
 """Write the generated fuzz seeds: chat templates in the styles checkpoints ship (ChatML from
 checkpoints/tiny-chat, a default system prompt as Qwen's, Gemma's turns) and plugin declarations
-in the byte layout of fuserl_plugin_abi::fuzzing::register_bytes. The JSON replies beside them
+in the byte layout of fuserl_abi::fuzzing::register_bytes. The JSON replies beside them
 are written by hand. Run from the repository root: python3 fuzz/seeds/make_seeds.py"""
 import json
 import os

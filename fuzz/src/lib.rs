@@ -4,7 +4,7 @@
 //! the parser that fuserl runs on it, and says whether the input was accepted. A target must
 //! return for every input: a panic, an abort (an allocation past the harness's 1 GiB cap), or a
 //! run longer than 10 s is a finding. `scripts/fuzz.sh TARGET SECONDS` runs one under AFL++
-//! (the binary in `src/main.rs`); the tests in `tests/corpus.rs` replay every seed and every
+//! (the binary in `src/main.rs`); the tests in `tests/fuzz.rs` (at the top level) replay every seed and every
 //! committed finding (`fuzz/regressions/TARGET/`) through the same functions on every
 //! `cargo test`.
 
@@ -90,7 +90,7 @@ pub static TARGETS: &[Target] = &[
     },
     Target {
         name: "plugin-declaration",
-        parser: "the host's check of a plugin library's declaration (fuserl_plugin_abi::host)",
+        parser: "the host's check of a plugin library's declaration (fuserl_abi::host)",
         seeds: &["fuzz/seeds/plugin-declaration/*.bin"],
         run: plugin_declaration,
     },
@@ -179,7 +179,7 @@ fn input_file(name: &str, data: &[u8]) -> PathBuf {
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| fuserl_plugins::registry().expect("the built-ins register"))
+    REGISTRY.get_or_init(|| fuserl_builtin::registry().expect("the built-ins register"))
 }
 
 fn messages() -> Vec<ChatMessage> {
@@ -207,7 +207,7 @@ fn prompts_parquet(data: &[u8]) -> bool {
 }
 
 fn records(data: &[u8]) -> bool {
-    std::str::from_utf8(data).is_ok_and(fuserl_plugins::fuzzing::record_lines)
+    std::str::from_utf8(data).is_ok_and(fuserl_builtin::fuzzing::record_lines)
 }
 
 /// A GGUF file: parsed, every tensor dequantised, its tokenizer rebuilt from the metadata.
@@ -273,13 +273,13 @@ fn template(data: &[u8]) -> bool {
 }
 
 fn plugin_declaration(data: &[u8]) -> bool {
-    fuserl_plugin_abi::fuzzing::register_bytes(data).is_ok()
+    fuserl_abi::fuzzing::register_bytes(data).is_ok()
 }
 
 fn openai_reply(data: &[u8]) -> bool {
-    std::str::from_utf8(data).is_ok_and(fuserl_plugins::fuzzing::openai_reply)
+    std::str::from_utf8(data).is_ok_and(fuserl_builtin::fuzzing::openai_reply)
 }
 
 fn reward_reply(data: &[u8]) -> bool {
-    std::str::from_utf8(data).is_ok_and(fuserl_plugins::fuzzing::reward_reply)
+    std::str::from_utf8(data).is_ok_and(fuserl_builtin::fuzzing::reward_reply)
 }

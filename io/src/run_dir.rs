@@ -113,6 +113,11 @@ impl RunDir {
         Ok(RunLock { file })
     }
 
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The resolved recipe the run was made with.
     pub fn recipe(&self) -> PathBuf {
         self.root.join("recipe.toml")

@@ -1,7 +1,7 @@
 //! ggml's block quantisations, dequantised to f32 exactly as ggml's reference C code
 //! (`dequantize_row_*` in `ggml-quants.c`) does, operation by operation, so that the values equal
 //! llama.cpp's and the `gguf` Python package's (checked against the latter on real tensors by
-//! `model/tests/quants.rs`).
+//! `tests/model/quants.rs`).
 //!
 //! A block holds `block_len` values in `block_bytes` bytes. The K-quants group 256 values into
 //! a super-block with 6- or 8-bit sub-block scales.

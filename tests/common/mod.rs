@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end test binaries.
+//! Helpers shared by the test areas.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,4 @@
-//! A scripted HTTP server for tests (also used by plugins/builtin/tests/http_reward.rs, which
-//! includes this file by path): it listens on 127.0.0.1 only and answers a bounded number of
+//! A scripted HTTP server for tests: it listens on 127.0.0.1 only and answers a bounded number of
 //! requests.
 
 /// A scripted HTTP server on 127.0.0.1 that answers `replies` requests (then stops accepting),

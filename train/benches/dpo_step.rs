@@ -81,7 +81,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
         };
         examples.push(TrainExample { example, seqs });
     }
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());
     let dpo = registry.build_objective_from(&t, &BuildContext::default()).expect("dpo").component;

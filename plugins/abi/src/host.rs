@@ -167,8 +167,8 @@ pub fn resolve_plugin(spec: &str, base_dir: &Path) -> std::result::Result<PathBu
 /// only when asked for that crate (issue 18: the README's example recipe names one).
 fn build_hint(spec: &str) -> String {
     let crate_name = spec.replace('_', "-");
-    if crate_name == "fuserl-example-plugin" {
-        "it is built by `cargo build -p fuserl-example-plugin`".to_owned()
+    if crate_name == "fuserl-example" {
+        "it is built by `cargo build -p fuserl-example`".to_owned()
     } else {
         "a plugin from a Cargo crate is built by `cargo build -p CRATE` (into the folder of target/debug/fuserl)"
             .to_owned()
@@ -235,7 +235,7 @@ pub unsafe fn register_declaration(
     if version < MIN_ABI_VERSION {
         return Err(format!(
             "{origin}: built for plugin ABI version {version}, older than the oldest this fuserl loads ({MIN_ABI_VERSION}); \
-             rebuild the plugin against fuserl-plugin-abi {}",
+             rebuild the plugin against fuserl-abi {}",
             env!("CARGO_PKG_VERSION")
         ));
     }

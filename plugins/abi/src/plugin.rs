@@ -525,7 +525,7 @@ extern "C" fn loss(
 /// Export a plugin: generates the `fuserl_plugin_declare` entry symbol.
 ///
 /// ```text
-/// fuserl_plugin_abi::export_plugin! {
+/// fuserl_abi::export_plugin! {
 ///     name: "my-plugin",
 ///     components: [
 ///         PluginDescriptor { name: "margin", summary: "…", origin: "my-plugin", factory: StaticFactory::Weighting(build_margin) },

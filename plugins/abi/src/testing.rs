@@ -2,12 +2,12 @@
 //! fuserl will, and evaluate them on statistics you choose.
 //!
 //! ```text
-//! use fuserl_plugin_abi::testing::{Stats, plugin_registry, objective, weighting};
+//! use fuserl_abi::testing::{Stats, plugin_registry, objective, weighting};
 //! let registry = plugin_registry(my_plugin::fuserl_plugin_declare).unwrap();
 //! let hinge = objective(&registry, "kind = \"ranking-hinge\"\ngamma = 0.5").unwrap();
 //! let stats = Stats::pairs(&[(-10.0, 5.0, -12.0, 6.0)]);
 //! let out = hinge.loss(&stats.batch()).unwrap();
-//! fuserl_plugin_abi::testing::assert_gradient(hinge.as_ref(), &stats, 1e-6);
+//! fuserl_abi::testing::assert_gradient(hinge.as_ref(), &stats, 1e-6);
 //! ```
 
 use fuserl_core::extension::{PreferenceObjective, WeightingScheme};

@@ -9,7 +9,7 @@
 //! | preference objective | `sft`, `dpo`, `simpo`, `rloo`, `wrpo` |
 //!
 //! ```
-//! let registry = fuserl_plugins::registry().unwrap();
+//! let registry = fuserl_builtin::registry().unwrap();
 //! assert!(registry.names(fuserl_core::registry::ExtensionPoint::Objective).contains(&"dpo".to_string()));
 //! ```
 

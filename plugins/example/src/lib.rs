@@ -1,5 +1,5 @@
 //! An example fuserl plugin, built as a shared library and loaded at run time
-//! (`plugins = ["fuserl_example_plugin"]` in a recipe, or `fuserl --plugin PATH`). It provides:
+//! (`plugins = ["fuserl_example"]` in a recipe, or `fuserl --plugin PATH`). It provides:
 //!
 //! - weighting `margin`: every completion whose reward is within `margin` of the best gets a
 //!   weight proportional to how close it is, `w ∝ max(0, margin - (best - r))`;
@@ -12,6 +12,8 @@
 //! The components are ordinary implementations of fuserl's traits; `export_plugin!` turns them
 //! into the C ABI. No `unsafe` here.
 
+use fuserl_abi::plugin::log;
+use fuserl_abi::types::LOG_DEBUG;
 use fuserl_core::config::{ConfigError, check};
 use fuserl_core::data::SamplingParams;
 use fuserl_core::extension::{
@@ -20,8 +22,6 @@ use fuserl_core::extension::{
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory, build_component};
 use fuserl_core::{Error, Result};
-use fuserl_plugin_abi::plugin::log;
-use fuserl_plugin_abi::types::LOG_DEBUG;
 use serde::{Deserialize, Serialize};
 
 /// `kind = "margin"`.
@@ -217,25 +217,25 @@ fn build_templated(t: &toml::Table, ctx: &BuildContext) -> Result<Built<dyn Sour
     })
 }
 
-fuserl_plugin_abi::export_plugin! {
-    name: "fuserl-example-plugin",
+fuserl_abi::export_plugin! {
+    name: "fuserl-example",
     components: [
         PluginDescriptor {
             name: "margin",
             summary: "weights proportional to how close each reward is to the best, within a margin",
-            origin: "fuserl-example-plugin",
+            origin: "fuserl-example",
             factory: StaticFactory::Weighting(build_margin),
         },
         PluginDescriptor {
             name: "ranking-hinge",
             summary: "reference-free hinge on per-token log-likelihoods of the best and worst answers",
-            origin: "fuserl-example-plugin",
+            origin: "fuserl-example",
             factory: StaticFactory::Objective(build_hinge),
         },
         PluginDescriptor {
             name: "templated",
             summary: "a generative source without a model: answers every prompt from a template",
-            origin: "fuserl-example-plugin",
+            origin: "fuserl-example",
             factory: StaticFactory::Source(build_templated),
         },
     ],

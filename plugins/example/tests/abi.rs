@@ -1,10 +1,10 @@
 //! The example plugin through the C ABI, in-process, with the plugin-author test helpers.
 
-use fuserl_plugin_abi::testing::{Group, Stats, assert_gradient, objective, plugin_registry, weighting};
+use fuserl_abi::testing::{Group, Stats, assert_gradient, objective, plugin_registry, weighting};
 
 #[test]
 fn ranking_hinge_through_the_abi() {
-    let registry = plugin_registry(fuserl_example_plugin::fuserl_plugin_declare).expect("registry");
+    let registry = plugin_registry(fuserl_example::fuserl_plugin_declare).expect("registry");
     let hinge = objective(&registry, "kind = \"ranking-hinge\"\ngamma = 0.5").expect("objective");
     assert!(!hinge.needs_reference());
     // Pair 1: margin -10/5 - (-12/6) = 0 -> hinge 0.5 active; pair 2: margin -2/4 - (-30/5) = 5.5 -> inactive.
@@ -23,7 +23,7 @@ fn ranking_hinge_through_the_abi() {
 
 #[test]
 fn margin_weighting_through_the_abi() {
-    let registry = plugin_registry(fuserl_example_plugin::fuserl_plugin_declare).expect("registry");
+    let registry = plugin_registry(fuserl_example::fuserl_plugin_declare).expect("registry");
     let margin = weighting(&registry, "kind = \"margin\"\nmargin = 0.2").expect("weighting");
     let g = Group::new(&[("a", 0.9), ("a", 0.2), ("b", 0.8), ("c", 0.75)]);
     let w = margin.weigh(&g.view()).expect("weigh");
@@ -36,7 +36,7 @@ fn margin_weighting_through_the_abi() {
 
 #[test]
 fn configuration_errors_keep_their_key_path() {
-    let registry = plugin_registry(fuserl_example_plugin::fuserl_plugin_declare).expect("registry");
+    let registry = plugin_registry(fuserl_example::fuserl_plugin_declare).expect("registry");
     let err = weighting(&registry, "kind = \"margin\"\nmargn = 0.2").unwrap_err();
     assert!(err.starts_with("margn: unknown key `margn`; expected one of: margin"), "{err}");
     let err = weighting(&registry, "kind = \"margin\"\nmargin = -1.0").unwrap_err();

@@ -8,13 +8,13 @@
 //! - `duplicate`: also declares a weighting named `softmax`, which collides with the built-in;
 //! - `abi-v1`: declares ABI version 1, with version-1 components (without the generator fields).
 
+use fuserl_abi::types::{ABI_VERSION, COMPONENT_SIZE_V1, ComponentDecl, Components, HostApi, PluginDeclaration};
 use fuserl_core::config::ConfigError;
 use fuserl_core::extension::{
     ExampleSpec, GroupView, LossOutput, ObjectiveBatch, PreferenceObjective, WeightingScheme,
 };
 use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory};
 use fuserl_core::{Error, Result};
-use fuserl_plugin_abi::types::{ABI_VERSION, COMPONENT_SIZE_V1, ComponentDecl, Components, HostApi, PluginDeclaration};
 
 #[derive(Debug)]
 struct Panicky;
@@ -94,8 +94,7 @@ pub unsafe extern "C" fn fuserl_plugin_declare(host: *const HostApi) -> *const P
     let mode = std::env::var("FUSERL_TEST_PLUGIN_MODE").unwrap_or_default();
     let descriptors: &'static [PluginDescriptor] = if mode == "duplicate" { &WITH_DUPLICATE } else { &NORMAL };
     // SAFETY: fuserl passes its own static `HostApi`.
-    let Some(real) = (unsafe { fuserl_plugin_abi::plugin::declaration(host, "fuserl-test-plugin", descriptors) })
-    else {
+    let Some(real) = (unsafe { fuserl_abi::plugin::declaration(host, "fuserl-testkit", descriptors) }) else {
         return std::ptr::null();
     };
     if mode == "abi-v1" {

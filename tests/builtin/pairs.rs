@@ -2,10 +2,10 @@
 //! weights, FuseChat-3.0's same-source pair with a gap window, best-of-all, WRPO triplets and
 //! RLOO groups.
 
+use fuserl_builtin::pairs::{PairConfig, PairStrategy, PairWeights};
 use fuserl_core::extension::GroupData;
 use fuserl_core::extension::PreferenceObjective;
 use fuserl_core::registry::BuildContext;
-use fuserl_plugins::pairs::{PairConfig, PairStrategy, PairWeights};
 
 /// Sources a (3 samples), b (2), c (1), target (3).
 fn group() -> GroupData {
@@ -99,7 +99,7 @@ fn objective(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn PreferenceObje
     for (k, v) in keys {
         t.insert((*k).into(), v.clone());
     }
-    fuserl_plugins::registry()
+    fuserl_builtin::registry()
         .expect("registry")
         .build_objective_from(&t, &BuildContext::default())
         .unwrap_or_else(|e| panic!("{kind}: {e}"))

@@ -61,7 +61,7 @@ fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> 
 
 /// Run the recipe `text` (both stages and export) into `out`; its metrics lines.
 fn train_text(out: &Path, text: &str) -> Vec<serde_json::Value> {
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let loaded = parse_recipe(text, &out.join("recipe.toml"), &registry).expect("recipe");
     run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
     read_metrics(out)
@@ -210,7 +210,7 @@ beta = 0.1
         data = r.join("data/fusion-mini.jsonl").display(),
         facts = r.join("data/fusion-mini-facts.jsonl").display(),
     );
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
     run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
     let samples = std::fs::read_to_string(out.join("po/collect/target.jsonl")).expect("samples");
@@ -286,7 +286,7 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     let out = gpu.path().join("run");
     let text = recipe_on(&out, "device = \"wgpu\"");
     if !fuserl_backends::is_compiled(Device::Wgpu) {
-        let registry = fuserl_plugins::registry().expect("registry");
+        let registry = fuserl_builtin::registry().expect("registry");
         let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
         let err = run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} })
             .expect_err("no wgpu in this build")
@@ -311,7 +311,7 @@ fn export_is_done_once_and_again_when_its_model_changes() {
     let loaded = parse_recipe(
         &recipe(&out, 1, 1),
         &dir.path().join("recipe.toml"),
-        &fuserl_plugins::registry().expect("registry"),
+        &fuserl_builtin::registry().expect("registry"),
     )
     .expect("recipe");
     let go =

@@ -13,7 +13,7 @@ fn source(dir: &Path, keys: &[(&str, toml::Value)]) -> Result<Box<dyn SourceAdap
     for (k, v) in keys {
         t.insert((*k).into(), v.clone());
     }
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     registry
         .build_source("jsonl", &t, &BuildContext { base_dir: dir.to_path_buf(), ..BuildContext::default() })
         .map(|b| b.component)
@@ -80,7 +80,7 @@ fn flat_rows_are_grouped_and_numbered_and_scored() {
     let collected = collect(s.as_ref()).expect("collect");
     assert_eq!(collected.prompts.len(), 2);
     let mut groups = assemble_groups(vec![collected]).expect("groups");
-    let reward = fuserl_plugins::registry()
+    let reward = fuserl_builtin::registry()
         .expect("registry")
         .build_reward("precomputed", &toml::Table::new(), &BuildContext::default())
         .expect("reward")
@@ -202,7 +202,7 @@ fn missing_precomputed_score_names_the_record() {
     );
     let s = source(dir.path(), &[("path", "d.jsonl".into())]).expect("source");
     let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
-    let reward = fuserl_plugins::registry()
+    let reward = fuserl_builtin::registry()
         .expect("registry")
         .build_reward("precomputed", &toml::Table::new(), &BuildContext::default())
         .expect("reward")
@@ -223,7 +223,7 @@ fn keywords_verifier_reproduces_the_dataset_scores() {
     let mut groups = assemble_groups(vec![collect(s.as_ref()).expect("collect")]).expect("groups");
     let mut t = toml::Table::new();
     t.insert("path".into(), "fusion-mini-facts.jsonl".into());
-    let reward = fuserl_plugins::registry()
+    let reward = fuserl_builtin::registry()
         .expect("registry")
         .build_reward("keywords", &t, &BuildContext { base_dir: dir.clone(), ..BuildContext::default() })
         .expect("reward")

@@ -4,10 +4,7 @@
 //! of rewards, a non-finite reward, or a refused request is a message naming the reward, the URL
 //! and the batch. Every accept loop is bounded.
 
-#[path = "../../../tests/common/server.rs"]
-mod server;
-
-use server::serve;
+use crate::common::server::serve;
 use std::net::TcpListener;
 
 use fuserl_core::data::{ChatMessage, Completion, CompletionId, Origin, SamplingParams};
@@ -17,7 +14,7 @@ use fuserl_core::registry::BuildContext;
 fn reward(port: u16, extra: &str, dir: &std::path::Path) -> Box<dyn RewardModel> {
     let text = format!("url = \"http://127.0.0.1:{port}/get_reward\"\nbatch_size = 2\nconcurrency = 1\n{extra}");
     let table: toml::Table = toml::from_str(&text).expect("toml");
-    fuserl_plugins::registry()
+    fuserl_builtin::registry()
         .expect("registry")
         .build_reward("http", &table, &BuildContext { base_dir: dir.to_path_buf(), ..BuildContext::default() })
         .unwrap_or_else(|e| panic!("{e}"))

@@ -33,9 +33,9 @@ fn floats(v: &Value) -> Vec<f64> {
 }
 
 fn cases() -> Vec<Case> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/objectives/golden.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/objectives/golden.json");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let ctx = BuildContext::default();
     doc["cases"]
         .as_array()
@@ -192,7 +192,7 @@ fn malformed_batches_are_named_errors() {
 
 #[test]
 fn extreme_log_probs_stay_finite() {
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let ctx = BuildContext::default();
     let mut t = toml::Table::new();
     t.insert("kind".into(), "dpo".into());

@@ -18,7 +18,7 @@ kind = "precomputed"
 "#;
 
 fn parse(extra: &str) -> Result<fuserl_recipe::LoadedRecipe, String> {
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/recipe.toml");
     parse_recipe(&format!("{BASE}{extra}"), &file, &registry).map_err(|e| e.to_string())
 }

@@ -10,7 +10,7 @@ fn scheme(kind: &str, keys: &[(&str, toml::Value)]) -> Box<dyn WeightingScheme> 
     for (k, v) in keys {
         t.insert((*k).into(), v.clone());
     }
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     registry.build_weighting_from(&t, &BuildContext::default()).unwrap_or_else(|e| panic!("{kind}: {e}")).component
 }
 
@@ -165,7 +165,7 @@ fn missing_rewards_are_errors_that_name_the_record() {
 
 #[test]
 fn bad_settings_are_refused() {
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let ctx = BuildContext::default();
     for (kind, key, value) in [
         ("softmax", "temperature", toml::Value::from(0.0)),

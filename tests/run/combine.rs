@@ -36,7 +36,7 @@ fn data() -> std::path::PathBuf {
 }
 
 fn parse(text: &str) -> Result<fuserl_recipe::LoadedRecipe, String> {
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     parse_recipe(text, &data().join("recipe.toml"), &registry).map_err(|e| e.to_string())
 }
 
@@ -55,7 +55,7 @@ fn a_gate_times_a_weighted_sum() {
     score_groups(loaded.components.reward.as_ref(), &mut groups, 4).expect("score");
     let mut t = toml::Table::new();
     t.insert("path".into(), "fusion-mini-facts.jsonl".into());
-    let keywords = fuserl_plugins::registry()
+    let keywords = fuserl_builtin::registry()
         .expect("registry")
         .build_reward("keywords", &t, &BuildContext { base_dir: data(), ..BuildContext::default() })
         .expect("keywords")

@@ -29,7 +29,7 @@ fn first_steps_match_pytorch() {
         &std::fs::read_to_string(repo().join("fixtures/train/first_steps.json")).expect("fixture"),
     )
     .expect("json");
-    let registry = fuserl_plugins::registry().expect("registry");
+    let registry = fuserl_builtin::registry().expect("registry");
     let mut base: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
     base.batch_size = 2;
     base.grad_accum = 2;

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use fuserl_plugins::rewards::python_tests::{
+use fuserl_builtin::rewards::python_tests::{
     CodeTests, PythonTestsConfig, Verdict, extract_code, parse_tests, run_answer,
 };
 

@@ -1,8 +1,0 @@
-//! The model crate's integration tests, one binary (each linked test binary costs a link of Burn):
-//! the families against transformers' fixtures, errors on bad files, GGUF and the quants.
-
-mod classifier;
-mod errors;
-mod gguf_qwen3;
-mod oracle;
-mod quants;

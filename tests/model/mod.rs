@@ -1,0 +1,7 @@
+//! fuserl-model: the families against transformers' fixtures, errors on bad files, GGUF and the quants.
+
+mod classifier;
+mod errors;
+mod gguf_qwen3;
+mod oracle;
+mod quants;
