@@ -16,7 +16,7 @@ use fuserl_core::data::ChatMessage;
 use fuserl_model::chat::ChatTokenizer;
 
 /// A converted model in the cache and its reference.
-struct Real {
+pub(crate) struct Real {
     /// Folder under the model cache (and `models/`).
     folder: &'static str,
     /// Folder under fixtures/ with reference.json.
@@ -27,7 +27,7 @@ struct Real {
     tol: f64,
 }
 
-const SMOLLM2: Real =
+pub(crate) const SMOLLM2: Real =
     Real { folder: "SmolLM2-135M-Instruct", fixture: "smollm2", script: "scripts/fetch-smollm2.sh", tol: 1e-3 };
 const QWEN_CODER: Real = Real {
     folder: "Qwen2.5-Coder-0.5B-Instruct",
@@ -37,7 +37,7 @@ const QWEN_CODER: Real = Real {
 };
 
 impl Real {
-    fn dir(&self) -> PathBuf {
+    pub(crate) fn dir(&self) -> PathBuf {
         let models = std::env::var_os("FUSERL_MODELS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));

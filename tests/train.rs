@@ -3,9 +3,13 @@
 //! step-1 loss and gradient norm within 1e-4 relative for sft, dpo, simpo and rloo, and the
 //! losses of 10 steps within 2e-3 relative (fuserl trains in f32, the oracle in f64). Each case
 //! runs with fused and with naive log-probs, and with gradient checkpointing by layer.
+//!
+//! Mixed precision (`[backend] dtype = "bf16"` / `"f16"`: f32 master weights, compute in the
+//! 16-bit type): step 0 against `torch.autocast` (fixtures/train/make_autocast_steps.py) within
+//! 2e-2, the updates of 5 DPO steps at lr 1e-6 against the f32 run's, and f16 loss scaling
+//! recovering from an overflow.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
@@ -13,37 +17,34 @@ use fuserl_core::registry::BuildContext;
 use fuserl_model::checkpoint::load;
 use fuserl_recipe::{LogProbPath, Schedule, StageConfig};
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
-use fuserl_train::trainer::{StepSettings, TrainBackend, new_optimizer, optimizer_step};
+use fuserl_train::trainer::{LossScale, StepSettings, TrainBackend, new_optimizer, optimizer_step};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()
-}
+use crate::common::repo;
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1e-12)
 }
 
-#[test]
-fn first_steps_match_pytorch() {
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("fixtures/train/first_steps.json")).expect("fixture"),
-    )
-    .expect("json");
+/// One case of fixtures/train/first_steps.json: an objective, its examples and their reference
+/// log-probs.
+struct Case {
+    kind: String,
+    objective: Box<dyn fuserl_core::extension::PreferenceObjective>,
+    examples: Vec<TrainExample>,
+    reference: HashMap<String, f64>,
+    losses: Vec<f64>,
+    grad_norm: f64,
+}
+
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("fixtures/train/first_steps.json")).expect("fixture"))
+        .expect("json")
+}
+
+fn cases(fixture: &serde_json::Value) -> Vec<Case> {
     let registry = fuserl_builtin::registry().expect("registry");
-    let mut base: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
-    base.batch_size = 2;
-    base.grad_accum = 2;
-    base.max_grad_norm = fixture["max_grad_norm"].as_f64().expect("norm");
-    base.adam_eps = 1e-8;
-    base.weight_decay = 0.0;
-    base.schedule = Schedule::Constant;
-    let lr = fixture["lr"].as_f64().expect("lr");
-    let variants = [(LogProbPath::Fused, false), (LogProbPath::Naive, false), (LogProbPath::Fused, true)];
-    for (case, (logprobs, checkpointing)) in
-        fixture["cases"].as_array().expect("cases").iter().flat_map(|c| variants.map(|v| (c, v)))
-    {
-        let config = StageConfig { gradient_checkpointing: checkpointing, ..base.clone() };
-        let variant = format!("{logprobs:?}{}", if checkpointing { ", checkpointing" } else { "" });
+    let mut out = Vec::new();
+    for case in fixture["cases"].as_array().expect("cases") {
         let kind = case["kind"].as_str().expect("kind");
         let table = match toml::Value::try_from(&case["objective"]).expect("toml") {
             toml::Value::Table(t) => t,
@@ -85,23 +86,67 @@ fn first_steps_match_pytorch() {
             };
             examples.push(TrainExample { example, seqs });
         }
-        let mut model = Some(
-            load::<TrainBackend>(&repo().join("checkpoints/tiny-chat"), &Default::default(), DType::F32)
-                .expect("model"),
-        );
+        out.push(Case {
+            kind: kind.to_owned(),
+            objective,
+            examples,
+            reference,
+            losses: serde_json::from_value(case["losses"].clone()).expect("losses"),
+            grad_norm: case["grad_norms"][0].as_f64().expect("norm"),
+        });
+    }
+    out
+}
+
+/// The stage settings of the fixture (batch 2, accumulation 2, constant schedule).
+fn stage_config(fixture: &serde_json::Value) -> StageConfig {
+    let mut base: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+    base.batch_size = 2;
+    base.grad_accum = 2;
+    base.max_grad_norm = fixture["max_grad_norm"].as_f64().expect("norm");
+    base.adam_eps = 1e-8;
+    base.weight_decay = 0.0;
+    base.schedule = Schedule::Constant;
+    base
+}
+
+/// The committed tiny target with its weights in `master` and computing in `compute` (what the
+/// trainer does with `[backend] dtype`).
+fn target(master: DType, compute: DType) -> fuserl_model::llama::LlamaModel<TrainBackend> {
+    let mut model =
+        load::<TrainBackend>(&repo().join("checkpoints/tiny-chat"), &Default::default(), master).expect("model");
+    model.dtype = compute;
+    model
+}
+
+fn settings<'a>(case: &'a Case, config: &'a StageConfig, lr: f64, loss_scale: f64) -> StepSettings<'a> {
+    StepSettings {
+        objective: case.objective.as_ref(),
+        reference: case.objective.needs_reference().then_some(&case.reference),
+        config,
+        progress: 0.0,
+        lr,
+        logprobs: LogProbPath::Fused,
+        loss_scale,
+    }
+}
+
+#[test]
+fn first_steps_match_pytorch() {
+    let fixture = fixture();
+    let base = stage_config(&fixture);
+    let lr = fixture["lr"].as_f64().expect("lr");
+    let variants = [(LogProbPath::Fused, false), (LogProbPath::Naive, false), (LogProbPath::Fused, true)];
+    for (case, (logprobs, checkpointing)) in cases(&fixture).iter().flat_map(|c| variants.map(|v| (c, v))) {
+        let config = StageConfig { gradient_checkpointing: checkpointing, ..base.clone() };
+        let variant = format!("{logprobs:?}{}", if checkpointing { ", checkpointing" } else { "" });
+        let kind = &case.kind;
+        let mut model = Some(target(DType::F32, DType::F32));
         let mut optim = new_optimizer(&config);
-        let picked: Vec<&TrainExample> = examples.iter().collect();
-        let want_losses: Vec<f64> = serde_json::from_value(case["losses"].clone()).expect("losses");
-        let want_norm = case["grad_norms"][0].as_f64().expect("norm");
-        for (step, want) in want_losses.iter().enumerate() {
-            let settings = StepSettings {
-                objective: objective.as_ref(),
-                reference: objective.needs_reference().then_some(&reference),
-                config: &config,
-                progress: 0.0,
-                lr,
-                logprobs,
-            };
+        let picked: Vec<&TrainExample> = case.examples.iter().collect();
+        let want_norm = case.grad_norm;
+        for (step, want) in case.losses.iter().enumerate() {
+            let settings = StepSettings { logprobs, ..settings(case, &config, lr, 1.0) };
             let (next, out) =
                 optimizer_step(model.take().expect("model"), &mut optim, &picked, settings).expect("step");
             model = Some(next);
@@ -121,5 +166,264 @@ fn first_steps_match_pytorch() {
                 );
             }
         }
+    }
+}
+
+/// Mixed precision against PyTorch's autocast (fixtures/train/make_autocast_steps.py:
+/// `torch.autocast(cpu, bfloat16)` over the f32 model): step-0 loss and gradient norm of sft,
+/// dpo and simpo with bf16 compute over f32 weights, within 2e-2 relative.
+#[test]
+fn bf16_compute_matches_torch_autocast_at_step_0() {
+    let fixture = fixture();
+    let config = stage_config(&fixture);
+    let oracle: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("fixtures/train/autocast_steps.json")).expect("fixture"),
+    )
+    .expect("json");
+    let cases = cases(&fixture);
+    for want in oracle["cases"].as_array().expect("cases") {
+        let kind = want["kind"].as_str().expect("kind");
+        let case = cases.iter().find(|c| c.kind == kind).expect("case");
+        let mut optim = new_optimizer(&config);
+        let picked: Vec<&TrainExample> = case.examples.iter().collect();
+        let (_, out) =
+            optimizer_step(target(DType::F32, DType::BF16), &mut optim, &picked, settings(case, &config, 0.0, 1.0))
+                .expect("step");
+        let (loss, norm) = (want["loss"].as_f64().expect("loss"), want["grad_norm"].as_f64().expect("norm"));
+        assert!(close(out.loss, loss, 2e-2), "{kind}: bf16 step-0 loss {} vs autocast {loss}", out.loss);
+        assert!(close(out.grad_norm, norm, 2e-2), "{kind}: bf16 step-0 grad norm {} vs autocast {norm}", out.grad_norm);
+    }
+}
+
+/// The weights' change over `steps` steps of `case` at `lr`, flattened in name order.
+fn update(case: &Case, master: DType, compute: DType, lr: f64, steps: usize) -> Vec<f64> {
+    let config = stage_config(&fixture());
+    let mut model = target(master, compute);
+    let before = fuserl_model::checkpoint::named_tensors(&model);
+    let mut optim = new_optimizer(&config);
+    let picked: Vec<&TrainExample> = case.examples.iter().collect();
+    for _ in 0..steps {
+        let out;
+        (model, out) = optimizer_step(model, &mut optim, &picked, settings(case, &config, lr, 1.0)).expect("step");
+        assert!(!out.skipped && out.loss.is_finite());
+    }
+    let after = fuserl_model::checkpoint::named_tensors(&model);
+    before
+        .values()
+        .zip(after.values())
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| f64::from(*y) - f64::from(*x)))
+        .collect()
+}
+
+/// `dtype = "bf16"` keeps the updates (issue #30): 5 FusePO-DPO steps at learning rate 1e-6
+/// with bf16 compute over f32 master weights move the weights as the f32 run does (cosine of
+/// the updates at least 0.9, norms within 2x), and nearly every weight moves (bf16 weights
+/// updated in bf16 moved 0.8% of them).
+#[test]
+fn bf16_mixed_precision_moves_the_weights_like_f32() {
+    let cases = cases(&fixture());
+    let dpo = cases.iter().find(|c| c.kind == "dpo").expect("dpo");
+    let f32_update = update(dpo, DType::F32, DType::F32, 1e-6, 5);
+    let mixed = update(dpo, DType::F32, DType::BF16, 1e-6, 5);
+    let dot: f64 = f32_update.iter().zip(&mixed).map(|(a, b)| a * b).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (nf, nm) = (norm(&f32_update), norm(&mixed));
+    let cosine = dot / (nf * nm).max(f64::MIN_POSITIVE);
+    assert!(cosine >= 0.9, "cosine of the bf16 and f32 updates {cosine}");
+    assert!(nm <= 2.0 * nf && nf <= 2.0 * nm, "update norms: bf16 {nm}, f32 {nf}");
+    let moved = mixed.iter().filter(|d| **d != 0.0).count() as f64 / mixed.len() as f64;
+    assert!(moved > 0.9, "only {moved} of the weights moved with bf16 compute");
+}
+
+/// f16 compute with dynamic loss scaling recovers from an overflow: at a planted loss scale of
+/// 2^40 the f16 backward overflows, the step is skipped (the weights stay), the scale is halved
+/// until the gradients fit, and then the steps train (finite loss, the weights move).
+#[test]
+fn f16_loss_scaling_recovers_from_a_planted_overflow() {
+    let fixture = fixture();
+    let config = stage_config(&fixture);
+    let cases = cases(&fixture);
+    let sft = cases.iter().find(|c| c.kind == "sft").expect("sft");
+    let mut model = target(DType::F32, DType::F16);
+    let start = fuserl_model::checkpoint::named_tensors(&model);
+    let mut optim = new_optimizer(&config);
+    let picked: Vec<&TrainExample> = sft.examples.iter().collect();
+    let mut scale = LossScale::new(2f64.powi(40));
+    let mut skipped = 0;
+    let mut trained = 0;
+    for _ in 0..60 {
+        let out;
+        (model, out) =
+            optimizer_step(model, &mut optim, &picked, settings(sft, &config, 1e-3, scale.scale)).expect("step");
+        scale.update(out.skipped);
+        if out.skipped {
+            assert_eq!(trained, 0, "an overflow after training resumed at scale {}", scale.scale);
+            assert_eq!(fuserl_model::checkpoint::named_tensors(&model), start, "a skipped step changed the weights");
+            skipped += 1;
+        } else {
+            assert!(out.loss.is_finite() && out.grad_norm.is_finite(), "{out:?}");
+            trained += 1;
+            if trained == 3 {
+                break;
+            }
+        }
+    }
+    assert!(skipped > 0, "the planted scale did not overflow");
+    assert_eq!(trained, 3, "still overflowing after {skipped} halvings (scale {})", scale.scale);
+    assert!(scale.scale < 2f64.powi(40));
+    assert_ne!(fuserl_model::checkpoint::named_tensors(&model), start, "the steps after the overflow did not train");
+}
+
+/// Mixed precision on a real model (issue #30), against PyTorch on the same batches
+/// (fixtures/train/make_smollm2_curves.py): 10-step loss curves of SFT and DPO on
+/// SmolLM2-135M-Instruct at the FuseRL recipes' learning rates, two examples a step. The f32 run
+/// follows torch's f32 curve within 1e-3 relative; bf16 compute over f32 master weights follows
+/// `torch.autocast(bfloat16)`'s curve within the tolerances below. The issue asked for the bf16
+/// curve within 2e-2 of the f32 one: PyTorch's own autocast run is 27% (SFT, step 3) and 52%
+/// (DPO, step 3) away from its f32 run on these batches (AdamW's first steps are nearly sign
+/// steps, and bf16 flips the sign of small gradients), so the oracle is autocast's curve.
+#[test]
+fn smollm2_bf16_loss_curves_follow_torch_autocast() {
+    let dir = crate::real_models::SMOLLM2.dir();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("fixtures/train/smollm2_curves.json")).expect("fixture"),
+    )
+    .expect("json");
+    let registry = fuserl_builtin::registry().expect("registry");
+    let mut config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+    config.batch_size = 2;
+    config.grad_accum = 1;
+    config.max_grad_norm = 1.0;
+    config.adam_eps = 1e-8;
+    config.weight_decay = 0.0;
+    config.schedule = Schedule::Constant;
+    for case in fixture["cases"].as_array().expect("cases") {
+        let kind = case["kind"].as_str().expect("kind");
+        let mut table = toml::Table::new();
+        table.insert("kind".into(), kind.into());
+        if kind == "dpo" {
+            table.insert("beta".into(), fixture["beta"].as_f64().expect("beta").into());
+        }
+        let objective = registry.build_objective_from(&table, &BuildContext::default()).expect("objective").component;
+        let mut reference = HashMap::new();
+        let mut examples = Vec::new();
+        for (e, ex) in case["examples"].as_array().expect("examples").iter().enumerate() {
+            let mut seqs = Vec::new();
+            let mut sequences = Vec::new();
+            for (i, s) in ex.as_array().expect("seqs").iter().enumerate() {
+                let id = CompletionId { prompt_id: format!("p{e}"), source: format!("s{i}"), sample_index: 0 };
+                if let Some(r) = case["reference_logps"][e][i].as_f64() {
+                    reference.insert(completion_key(&id), r);
+                }
+                seqs.push(SeqTokens {
+                    prompt: serde_json::from_value(s["prompt"].clone()).expect("prompt"),
+                    response: serde_json::from_value(s["response"].clone()).expect("response"),
+                });
+                sequences.push(ExampleSequence {
+                    completion: id,
+                    origin: Origin { adapter: "fixture".into(), file: None, line: None },
+                    reward: s["reward"].as_f64().expect("reward"),
+                });
+            }
+            let example = Example {
+                prompt_id: format!("p{e}"),
+                objective: kind.into(),
+                weight: 1.0,
+                sequences,
+                notes: Default::default(),
+            };
+            examples.push(TrainExample { example, seqs });
+        }
+        let lr = case["lr"].as_f64().expect("lr");
+        let curve = |compute: DType| -> Vec<f64> {
+            let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).expect("model");
+            model.dtype = compute;
+            let mut optim = new_optimizer(&config);
+            let mut losses = Vec::new();
+            for step in 0..10 {
+                let n = examples.len();
+                let picked = [&examples[(2 * step) % n], &examples[(2 * step + 1) % n]];
+                let settings = StepSettings {
+                    objective: objective.as_ref(),
+                    reference: objective.needs_reference().then_some(&reference),
+                    config: &config,
+                    progress: 0.0,
+                    lr,
+                    logprobs: LogProbPath::Fused,
+                    loss_scale: 1.0,
+                };
+                let out;
+                (model, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
+                losses.push(out.loss);
+            }
+            losses
+        };
+        let want_f32: Vec<f64> = serde_json::from_value(case["f32"].clone()).expect("f32");
+        let want_bf16: Vec<f64> = serde_json::from_value(case["autocast_bf16"].clone()).expect("bf16");
+        let (full, mixed) = (curve(DType::F32), curve(DType::BF16));
+        eprintln!("{kind}: f32 {full:?}\n{kind}: bf16 {mixed:?}");
+        for (step, (got, want)) in full.iter().zip(&want_f32).enumerate() {
+            assert!(close(*got, *want, 1e-3), "{kind} step {}: f32 loss {got} vs torch {want}", step + 1);
+        }
+        for (step, (got, want)) in mixed.iter().zip(&want_bf16).enumerate() {
+            assert!(close(*got, *want, 5e-2), "{kind} step {}: bf16 loss {got} vs torch autocast {want}", step + 1);
+        }
+    }
+}
+
+/// Gradient checkpointing by layer gives the gradients of the plain backward on every family
+/// the fixtures hold (Gemma 3 scales its embeddings by sqrt(hidden), Llama ties its head to
+/// them): the same step-1 loss and gradient norm, within f32 rounding.
+#[test]
+fn checkpointing_by_layer_gives_the_plain_gradients_on_every_family() {
+    let registry = fuserl_builtin::registry().expect("registry");
+    let mut table = toml::Table::new();
+    table.insert("kind".into(), "sft".into());
+    let objective = registry.build_objective_from(&table, &BuildContext::default()).expect("objective").component;
+    for family in ["gemma3", "llama-tied", "qwen3"] {
+        let dir = repo().join("fixtures/models").join(family);
+        let examples: Vec<TrainExample> = (0..3u32)
+            .map(|e| TrainExample {
+                example: Example {
+                    prompt_id: format!("p{e}"),
+                    objective: "sft".into(),
+                    weight: 1.0,
+                    sequences: vec![ExampleSequence {
+                        completion: CompletionId { prompt_id: format!("p{e}"), source: "s".into(), sample_index: 0 },
+                        origin: Origin { adapter: "fixture".into(), file: None, line: None },
+                        reward: 1.0,
+                    }],
+                    notes: Default::default(),
+                },
+                seqs: vec![SeqTokens {
+                    prompt: (0..4 + e).map(|i| (i * 7 + e) % 60 + 1).collect(),
+                    response: (0..5 + e).map(|i| (i * 11 + 3 * e) % 60 + 1).collect(),
+                }],
+            })
+            .collect();
+        let picked: Vec<&TrainExample> = examples.iter().collect();
+        let mut norms = Vec::new();
+        for checkpointing in [false, true] {
+            let mut config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+            config.batch_size = 3;
+            config.gradient_checkpointing = checkpointing;
+            config.max_grad_norm = 1e9;
+            let model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).expect("model");
+            let mut optim = new_optimizer(&config);
+            let settings = StepSettings {
+                objective: objective.as_ref(),
+                reference: None,
+                config: &config,
+                progress: 0.0,
+                lr: 1e-3,
+                logprobs: LogProbPath::Fused,
+                loss_scale: 1.0,
+            };
+            let (_, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
+            norms.push((out.loss, out.grad_norm));
+        }
+        let ((l0, g0), (l1, g1)) = (norms[0], norms[1]);
+        assert!(close(l1, l0, 1e-5), "{family}: loss {l1} with checkpointing, {l0} without");
+        assert!(close(g1, g0, 1e-4), "{family}: gradient norm {g1} with checkpointing, {g0} without");
     }
 }

@@ -151,6 +151,14 @@ pub fn burn_dtype(d: DType) -> burn::tensor::DType {
     }
 }
 
+/// The dtype the trainer keeps the trained weights in (`[backend] master_weights`).
+pub fn master_dtype(b: &fuserl_core::backend::BackendConfig) -> burn::tensor::DType {
+    match b.master_weights {
+        fuserl_core::backend::MasterWeights::F32 => burn::tensor::DType::F32,
+        fuserl_core::backend::MasterWeights::Bf16 => burn::tensor::DType::BF16,
+    }
+}
+
 fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",

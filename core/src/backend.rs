@@ -37,6 +37,19 @@ pub enum DType {
     Bf16,
 }
 
+/// `[backend] master_weights`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MasterWeights {
+    /// f32 master weights, gradients and moments (mixed precision when `dtype` is 16-bit).
+    #[default]
+    F32,
+    /// bf16 weights, gradients and moments; each update computed in f32 and stochastically
+    /// rounded to bf16, so that updates far below a bf16 rounding step still move the weights
+    /// on average.
+    Bf16,
+}
+
 /// `[backend]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,9 +60,16 @@ pub struct BackendConfig {
     /// Which device of that kind (0 for the first).
     #[serde(default)]
     pub device_index: u32,
-    /// Floating-point type.
+    /// The compute type: of frozen models (reference, sources, rewards) and of the activations.
+    /// In training, `f16`/`bf16` is mixed precision: the trained weights, their gradients and
+    /// AdamW's moments stay in `master_weights`' type and each use casts a weight to this one.
     #[serde(default)]
     pub dtype: DType,
+    /// The type the trainer keeps the trained weights, their gradients and AdamW's moments in:
+    /// `f32` (default, 16 bytes a parameter) or `bf16` (the lean option: 8 bytes a parameter,
+    /// every update stochastically rounded; needs `dtype = "bf16"`).
+    #[serde(default)]
+    pub master_weights: MasterWeights,
     /// How training computes per-token log-probs.
     #[serde(default)]
     pub logprobs: LogProbPath,

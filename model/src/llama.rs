@@ -12,6 +12,14 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 
+/// `t` in `dtype`: a cast (differentiable: its gradient comes back in `t`'s dtype) when the
+/// dtypes differ, `t` itself otherwise. How weights kept in f32 (the trainer's master weights,
+/// with `[backend] dtype = "bf16"` or `"f16"`) are used in the compute dtype: the matmuls run in
+/// bf16/f16 and the weights' gradients arrive in f32.
+pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
 /// `y = x W + b`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
@@ -26,11 +34,12 @@ impl<B: Backend> Linear<B> {
     /// `x: [batch, seq, in]` -> `[batch, seq, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, i] = x.dims();
-        let w = self.weight.val();
+        let dtype = x.dtype();
+        let w = in_dtype(self.weight.val(), dtype);
         let out = w.dims()[1];
         let y = x.reshape([b * t, i]).matmul(w);
         let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            Some(bias) => y + in_dtype(bias.val(), dtype).unsqueeze_dim(0),
             None => y,
         };
         y.reshape([b, t, out])
@@ -60,7 +69,7 @@ impl<B: Backend> RmsNorm<B> {
         if self.unit_offset {
             ((x32 / rms) * w.cast(DType::F32).add_scalar(1.0)).cast(dtype)
         } else {
-            (x32 / rms).cast(dtype) * w
+            (x32 / rms).cast(dtype) * in_dtype(w, dtype)
         }
     }
 }
@@ -292,15 +301,21 @@ impl<B: Backend> DecoderLayer<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let tables = context.tables(self.sliding);
-        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), tables, cache);
+        // The residual stream stays in its own dtype (the embeddings': f32 under mixed
+        // precision, as autocast keeps it); attention and the MLP run in the compute dtype.
+        let (residual, compute) = (x.dtype(), context.compute);
+        let attn = self.self_attn.forward(in_dtype(self.input_layernorm.forward(x.clone()), compute), tables, cache);
+        let attn = in_dtype(attn, residual);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+                let mlp = self.mlp.forward(in_dtype(pre.forward(h.clone()), compute));
+                h + post.forward(in_dtype(mlp, residual))
             }
             _ => {
                 let h = x + attn;
-                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                let mlp = self.mlp.forward(in_dtype(self.post_attention_layernorm.forward(h.clone()), compute));
+                h + in_dtype(mlp, residual)
             }
         }
     }
@@ -376,6 +391,8 @@ pub struct LayerContext<B: Backend> {
     /// The sliding-window layers' tables and mask, where a model mixes layer types (Gemma 3);
     /// `None`: every layer uses `rope` and `bias`.
     pub sliding: Option<(Rope<B>, Tensor<B, 4>)>,
+    /// The compute dtype of attention and the MLP ([`LlamaModel::dtype`]).
+    pub compute: DType,
 }
 
 impl<B: Backend> LayerContext<B> {
@@ -395,7 +412,10 @@ pub struct LlamaModel<B: Backend> {
     pub config: LlamaConfig,
     /// The weights.
     pub weights: Llama<B>,
-    /// The dtype the weights were loaded into.
+    /// The compute dtype: of the activations, the rotary tables and the KV cache. The weights
+    /// are loaded into it, except while training with `[backend] dtype = "bf16"` or `"f16"`:
+    /// the trainer keeps f32 master weights and sets this to the compute dtype, and every use
+    /// casts a weight to it ([`in_dtype`]).
     pub dtype: DType,
 }
 
@@ -426,6 +446,8 @@ impl<B: Backend> LlamaModel<B> {
         let t = inputs.ids.first().map_or(0, Vec::len);
         let flat: Vec<i32> = inputs.ids.iter().flatten().map(|&i| i as i32).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device());
+        // In the embeddings' dtype: the residual stream's (f32 master weights under mixed
+        // precision; each layer casts what it computes with to the compute dtype).
         let x = self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size]);
         if self.config.gemma_norms {
             // Gemma: times sqrt(hidden) rounded to the weights' dtype, as transformers does.
@@ -444,10 +466,10 @@ impl<B: Backend> LlamaModel<B> {
         let c = &self.config;
         if c.mixes_layer_types() {
             let (rope, bias) = self.tables(inputs, key_valid, false);
-            LayerContext { rope, bias, sliding: Some(self.tables(inputs, key_valid, true)) }
+            LayerContext { rope, bias, sliding: Some(self.tables(inputs, key_valid, true)), compute: self.dtype }
         } else {
             let (rope, bias) = self.tables(inputs, key_valid, c.layer_is_sliding(0));
-            LayerContext { rope, bias, sliding: None }
+            LayerContext { rope, bias, sliding: None, compute: self.dtype }
         }
     }
 
@@ -491,7 +513,7 @@ impl<B: Backend> LlamaModel<B> {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c[l]);
             x = layer.forward(x, &context, layer_cache);
         }
-        self.weights.norm.forward(x)
+        in_dtype(self.weights.norm.forward(x), self.dtype)
     }
 
     /// Logits from hidden states.
@@ -503,7 +525,7 @@ impl<B: Backend> LlamaModel<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, h] = hidden.dims();
-                let w = self.weights.embed_tokens.val();
+                let w = in_dtype(self.weights.embed_tokens.val(), hidden.dtype());
                 let v = w.dims()[0];
                 hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
             }

@@ -31,6 +31,7 @@ pub fn hidden_logprobs<B: LogProbBackend>(
             Some(linear) => linear.weight.val().transpose(),
             None => model.weights.embed_tokens.val(),
         };
+        let weight = crate::llama::in_dtype(weight, hidden.dtype());
         return linear_logprobs(hidden.reshape([b * t, h]), weight, targets.reshape([b * t])).reshape([b, t]);
     }
     let logp = log_softmax(model.logits(hidden).cast(DType::F32), 2);

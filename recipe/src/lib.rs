@@ -168,6 +168,7 @@ pub fn parse_recipe_with(
     let output_dir = run.output_dir.clone().unwrap_or_else(|| format!("runs/{name}"));
     run.output_dir = Some(output_dir.clone());
 
+    validate_backend(&raw.backend).map_err(|e| at(e.prefixed(&KeyPath::keys(&["backend"]))))?;
     validate_target(&raw.target).map_err(|e| at(e.prefixed(&KeyPath::keys(&["target"]))))?;
     let data = validate_data(raw.data).map_err(|e| at(e.prefixed(&KeyPath::keys(&["data"]))))?;
     let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| at(e.prefixed(&KeyPath::keys(&["sft"]))))?;
@@ -364,6 +365,22 @@ impl Stage {
             Self::Po => "dpo",
         }
     }
+}
+
+fn validate_backend(b: &BackendConfig) -> Result<(), ConfigError> {
+    use fuserl_core::backend::{DType, MasterWeights};
+    if b.master_weights == MasterWeights::Bf16 && b.dtype != DType::Bf16 {
+        let dtype = match b.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        };
+        return Err(ConfigError::at(
+            "master_weights",
+            format!("\"bf16\" master weights need dtype = \"bf16\" (the compute type), found dtype = \"{dtype}\""),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_target(t: &TargetConfig) -> Result<(), ConfigError> {

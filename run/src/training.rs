@@ -109,7 +109,12 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
         out: &Path,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<()> {
-        let model = train_stage(load::<Autodiff<B>>(start, self.device, self.dtype)?, stage, progress)?;
+        // The trained weights in the master type (f32 unless `[backend] master_weights` says
+        // otherwise), used in the compute dtype (`self.dtype`): mixed precision when it is 16-bit.
+        let master = fuserl_backends::master_dtype(&self.loaded.recipe.backend);
+        let mut model = load::<Autodiff<B>>(start, self.device, master)?;
+        model.dtype = self.dtype;
+        let model = train_stage(model, stage, progress)?;
         save(&inference_model(&model), out, 2 << 30, Some(&self.target))?;
         Ok(())
     }

@@ -100,6 +100,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBack
         progress: 0.0,
         lr: 1e-6,
         logprobs,
+        loss_scale: 1.0,
     };
     let (mut model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
     let steps: usize = std::env::var("FUSERL_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);

@@ -20,8 +20,8 @@ use burn::module::AutodiffModule;
 use burn::optim::SimpleOptimizer;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::record::Record;
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, Tensor};
 
 /// AdamW's settings.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +64,10 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         grad: Tensor<B, D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        let low = param.dtype();
+        if low != DType::F32 {
+            return self.step_rounded(lr, param, grad, state, low);
+        }
         let (b1, b2) = (f64::from(self.beta_1), f64::from(self.beta_2));
         // Temporary 1: (1 - b1) g, while g lives on; then g is the only reference to its
         // buffer, and (1 - b2) g^2 is written into it.
@@ -87,6 +91,73 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
     fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
         AdamWState { moment_1: state.moment_1.to_device(device), moment_2: state.moment_2.to_device(device), ..state }
     }
+}
+
+impl AdamW {
+    /// The update of a parameter kept in a 16-bit type (`[backend] master_weights = "bf16"`):
+    /// the same arithmetic in f32 from the parameter, gradient and moments cast up, then the
+    /// parameter and both moments stochastically rounded back ([`stochastic_round`]). Rounding
+    /// to nearest would drop every update smaller than half a rounding step (about 2e-3 of the
+    /// weight in bf16): at preference-stage learning rates, almost all of them.
+    fn step_rounded<B: Backend, const D: usize>(
+        &self,
+        lr: f64,
+        param: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<AdamWState<B, D>>,
+        low: DType,
+    ) -> (Tensor<B, D>, Option<AdamWState<B, D>>) {
+        let (b1, b2) = (f64::from(self.beta_1), f64::from(self.beta_2));
+        let grad = grad.cast(DType::F32);
+        let scaled = grad.clone().mul_scalar(1.0 - b1);
+        let squared = grad.square().mul_scalar(1.0 - b2);
+        let (moment_1, moment_2, time) = match state {
+            Some(s) => (
+                s.moment_1.cast(DType::F32).mul_scalar(b1).add(scaled),
+                s.moment_2.cast(DType::F32).mul_scalar(b2).add(squared),
+                s.time + 1,
+            ),
+            None => (scaled, squared, 1),
+        };
+        let bias_1 = 1.0 - b1.powi(time as i32);
+        let bias_2 = 1.0 - b2.powi(time as i32);
+        let denom = moment_2.clone().sqrt().div_scalar(bias_2.sqrt()).add_scalar(f64::from(self.eps));
+        let step = moment_1.clone().div(denom).mul_scalar(lr / bias_1);
+        let decay = lr * f64::from(self.weight_decay);
+        let param = param.cast(DType::F32);
+        let param = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
+        let state =
+            AdamWState { moment_1: stochastic_round(moment_1, low), moment_2: stochastic_round(moment_2, low), time };
+        (stochastic_round(param.sub(step), low), Some(state))
+    }
+}
+
+/// `x` (f32) rounded to `dtype` (bf16 or f16) up or down at random, with the probability of
+/// rounding up equal to the fraction of the rounding step that `x` is past the value below, so
+/// that the expected result is `x` (unbiased). With `ulp(x) = 2^(floor(log2 |x|) - mantissa
+/// bits)`, the rounding step at `x`: `q = x / ulp` (exact: a power of two), the value below is
+/// `floor(q) ulp`, and one more step is taken when a uniform draw in [0, 1) is below
+/// `q - floor(q)`. The result is on the target type's grid before the final cast, so that cast
+/// is exact: the CPU backend's f32 -> bf16 cast rounds some values just past a tie the wrong
+/// way, which as the rounding of `x + noise` biased updates of a thousandth of a step by 2%.
+pub fn stochastic_round<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    let mantissa = match dtype {
+        DType::BF16 => 7.0,
+        DType::F16 => 10.0,
+        _ => return x.cast(dtype),
+    };
+    let ln2 = std::f64::consts::LN_2;
+    let ulp = x.clone().abs().log().div_scalar(ln2).floor().sub_scalar(mantissa).mul_scalar(ln2).exp();
+    // Exactly a power of two (`exp` and `log` are approximations on some backends): the nearest
+    // bf16 value of something that close to a power of two is that power of two. Zero (and what
+    // is below f32's normal range) gets a step that keeps it where it is.
+    let ulp = ulp.cast(DType::BF16).cast(DType::F32).clamp_min(f32::MIN_POSITIVE);
+    let q = x.div(ulp.clone());
+    let below = q.clone().floor();
+    let fraction = q - below.clone();
+    let draw = Tensor::<B, D>::random(fraction.shape(), Distribution::Uniform(0.0, 1.0), &fraction.device());
+    let up = fraction.zeros_like().mask_fill(draw.lower(fraction), 1.0);
+    ((below + up) * ulp).cast(dtype)
 }
 
 /// The optimiser type.
@@ -129,5 +200,59 @@ mod tests {
             }
         }
         assert_eq!(state.map(|s| s.time), Some(2));
+    }
+
+    /// The lean option (`master_weights = "bf16"`): 1000 steps on a fixed gradient at a learning
+    /// rate whose updates are a few thousandths of a bf16 rounding step. With stochastic
+    /// rounding the mean update over 2^17 weights is within 1% of the f32 optimiser's (its
+    /// standard error here is about 0.2%); rounding to nearest (the control) loses them all.
+    #[test]
+    fn stochastic_rounding_keeps_the_mean_update_of_f32() {
+        use burn::tensor::{DType, Distribution};
+        let device = Default::default();
+        <Flex as Backend>::seed(&device, 7);
+        let n = 1 << 17;
+        let opt = AdamW { beta_1: 0.9, beta_2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let lr = 1e-5;
+        // Weights spread over a binade (rounding steps of 2^-8 and 2^-9), one gradient for all.
+        let start = Tensor::<Flex, 1>::random([n], Distribution::Uniform(0.5, 1.0), &device).cast(DType::BF16);
+        let grad = Tensor::<Flex, 1>::full([n], 0.01, &device);
+        let run = |dtype: DType, rounded: bool| -> f64 {
+            let mut param = start.clone().cast(dtype);
+            let mut state = None;
+            for _ in 0..1000 {
+                let g = grad.clone().cast(dtype);
+                let (next, s) = if rounded || dtype == DType::F32 {
+                    SimpleOptimizer::<Flex>::step(&opt, lr, param, g, state)
+                } else {
+                    // The control: the same f32 arithmetic, rounded to nearest.
+                    let (p32, s32) = SimpleOptimizer::<Flex>::step(
+                        &opt,
+                        lr,
+                        param.cast(DType::F32),
+                        g.cast(DType::F32),
+                        state.map(|s: AdamWState<Flex, 1>| AdamWState {
+                            moment_1: s.moment_1.cast(DType::F32),
+                            moment_2: s.moment_2.cast(DType::F32),
+                            time: s.time,
+                        }),
+                    );
+                    (p32.cast(dtype), s32)
+                };
+                (param, state) = (next, s);
+            }
+            // The mean on the host in f64 (an f32 sum of 2^17 terms would itself be off).
+            let moved: Vec<f32> =
+                (start.clone().cast(DType::F32) - param.cast(DType::F32)).into_data().iter::<f32>().collect();
+            moved.iter().map(|x| f64::from(*x)).sum::<f64>() / moved.len() as f64
+        };
+        let f32_update = run(DType::F32, true);
+        let lean = run(DType::BF16, true);
+        let nearest = run(DType::BF16, false);
+        // f32 itself rounds each step of 1e-5 to a whole number of its own rounding steps (about
+        // 168 of 2^-24 here): 0.14% more than 1000 lr.
+        assert!((f32_update - 1000.0 * lr).abs() < 0.01 * 1000.0 * lr, "f32: {f32_update}");
+        assert!((lean - f32_update).abs() <= 0.01 * f32_update, "lean {lean} vs f32 {f32_update}");
+        assert!(nearest.abs() < 0.1 * f32_update, "rounding to nearest moved {nearest} (f32 {f32_update})");
     }
 }

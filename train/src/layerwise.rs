@@ -89,7 +89,8 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     for (shard, x) in &states {
         let last = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
         let [b, t, h] = last.dims();
-        let normed = model.weights.norm.forward(last.clone()).narrow(1, 0, t - 1);
+        let normed =
+            fuserl_model::llama::in_dtype(model.weights.norm.forward(last.clone()), model.dtype).narrow(1, 0, t - 1);
         hidden.push(normed.reshape([b * (t - 1), h]));
         targets.push(score_targets(shard.seqs, &shard.inputs, &device).reshape([b * (t - 1)]));
         lasts.push(last);
@@ -150,7 +151,14 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
     for shard in states {
         let upstream = shard.upstream.ok_or_else(|| missing("the gradient at the embeddings' output"))?;
         let [b, t, h] = upstream.dims();
-        rows.push(upstream.reshape([b * t, h]).cast(DType::F32));
+        let rows_f32 = upstream.reshape([b * t, h]).cast(DType::F32);
+        // Gemma's embeddings are scaled by sqrt(hidden) on the way in (`LlamaModel::embed`): the
+        // rows' gradient is scaled the same.
+        rows.push(if model.config.gemma_norms {
+            rows_f32.mul_scalar((model.config.hidden_size as f64).sqrt())
+        } else {
+            rows_f32
+        });
         flat.extend(shard.inputs.ids.iter().flatten().map(|&i| i as i32));
     }
     let rows = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
@@ -206,6 +214,7 @@ fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::Inn
         rope: rope(&c.rope),
         bias: c.bias.clone().inner(),
         sliding: c.sliding.as_ref().map(|(r, bias)| (rope(r), bias.clone().inner())),
+        compute: c.compute,
     }
 }
 

@@ -196,6 +196,51 @@ pub struct StepSettings<'a> {
     pub lr: f64,
     /// How the policy's log-probs are computed.
     pub logprobs: LogProbPath,
+    /// The loss scale (1 without loss scaling; [`LossScale`] with f16 compute): the backward
+    /// pass starts from the loss times this, and the gradients are divided by it before
+    /// clipping and the update.
+    pub loss_scale: f64,
+}
+
+/// Dynamic loss scaling for f16 compute, as PyTorch's `GradScaler`: the loss is multiplied by
+/// the scale before the backward pass (so that small gradients do not flush to zero in f16), and
+/// a step whose gradients overflowed is skipped and halves the scale; after `GROWTH_INTERVAL`
+/// steps without overflow the scale doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// The current scale.
+    pub scale: f64,
+    good_steps: u32,
+}
+
+impl LossScale {
+    /// Steps without an overflow before the scale grows (GradScaler's `growth_interval`).
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// Starting at `scale` (GradScaler's default is 2^16).
+    pub fn new(scale: f64) -> Self {
+        Self { scale, good_steps: 0 }
+    }
+
+    /// Loss scaling for a compute dtype: f16 only (bf16 has f32's range).
+    pub fn for_dtype(dtype: DType) -> Option<Self> {
+        (dtype == DType::F16).then(|| Self::new(65536.0))
+    }
+
+    /// After a step: halve on an overflow (the step was skipped), double after
+    /// `GROWTH_INTERVAL` good steps.
+    pub fn update(&mut self, overflowed: bool) {
+        if overflowed {
+            self.scale = (self.scale * 0.5).max(1.0);
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        }
+    }
 }
 
 /// What one optimiser step did.
@@ -209,6 +254,8 @@ pub struct StepOutput {
     pub tokens: usize,
     /// Objective metrics averaged over the step's examples.
     pub metrics: Vec<(String, f64)>,
+    /// The gradients overflowed (f16 loss scaling): the weights were not updated.
+    pub skipped: bool,
 }
 
 /// The AdamW optimiser of a model.
@@ -284,7 +331,7 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
                     None => metric_sums.push((name, value * micro.len() as f64)),
                 }
             }
-            Ok(out.grad.iter().map(|g| *g as f32).collect())
+            Ok(out.grad.iter().map(|g| (*g * s.loss_scale) as f32).collect())
         };
         if c.gradient_checkpointing {
             layerwise_backward(&model, &seqs, s.logprobs, &mut accumulator, coefficients)?;
@@ -300,16 +347,29 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
     let mut grads = accumulator.grads();
     let mut norm = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: None };
     model.weights.visit(&mut norm);
-    let grad_norm = norm.sum_sq.sqrt();
-    if grad_norm > c.max_grad_norm {
-        let mut clip = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: Some(c.max_grad_norm / (grad_norm + 1e-6)) };
-        model.weights.visit(&mut clip);
+    let n = picked.len().max(1) as f64;
+    let metrics = metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect();
+    // The norm of the unscaled gradients.
+    let grad_norm = norm.sum_sq.sqrt() / s.loss_scale;
+    if !grad_norm.is_finite() {
+        if s.loss_scale == 1.0 {
+            return Err(TrainError::Data(format!(
+                "the gradients are not finite (norm {grad_norm}) at loss {loss}: lower the learning rate, or use dtype = \"f32\" or \"bf16\""
+            )));
+        }
+        // Overflowed under loss scaling: no update (the caller lowers the scale).
+        return Ok((model, StepOutput { loss, grad_norm, tokens, metrics, skipped: true }));
+    }
+    // Unscale and clip in one pass.
+    let clip = if grad_norm > c.max_grad_norm { c.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+    let factor = clip / s.loss_scale;
+    if factor != 1.0 {
+        let mut scale = GradNorm { grads: &mut grads, sum_sq: 0.0, scale: Some(factor) };
+        model.weights.visit(&mut scale);
     }
     let LlamaModel { config, weights, dtype } = model;
     let model = LlamaModel { config, weights: optim.step(s.lr, weights, grads), dtype };
-    let n = picked.len().max(1) as f64;
-    let metrics = metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect();
-    Ok((model, StepOutput { loss, grad_norm, tokens, metrics }))
+    Ok((model, StepOutput { loss, grad_norm, tokens, metrics, skipped: false }))
 }
 
 /// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
@@ -346,6 +406,8 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         .open(&stage.metrics)
         .map_err(|e| TrainError::io(&stage.metrics, e))?;
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
+    // f16 compute: dynamic loss scaling (it starts afresh on resume).
+    let mut loss_scale = LossScale::for_dtype(model.dtype);
     for step in start..total {
         let t0 = Instant::now();
         let mut picked: Vec<&TrainExample> = Vec::with_capacity(per_step);
@@ -374,8 +436,20 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
                 progress: progress_frac,
                 lr,
                 logprobs: stage.logprobs,
+                loss_scale: loss_scale.map_or(1.0, |l| l.scale),
             },
         )?;
+        if let Some(l) = &mut loss_scale {
+            l.update(out.skipped);
+            if out.skipped {
+                tracing::warn!(
+                    stage = stage.name.as_str(),
+                    step = step + 1,
+                    scale = l.scale,
+                    "f16 gradients overflowed: step skipped, loss scale lowered"
+                );
+            }
+        }
         let (loss, grad_norm, tokens, metric_sums) = (out.loss, out.grad_norm, out.tokens, out.metrics);
         let done = step + 1;
         if done % c.log_every == 0 || done == total {
