@@ -76,19 +76,16 @@ impl<B: Backend> RmsNorm<B> {
 
 /// Rotary tables for one batch: `cos` and `sin` of `position * inv_freq`, duplicated over both
 /// halves of the head (HF's rotate-half layout), written out for every query head and every key
-/// head, and the rotate-half map as a matrix. The query tables also carry the attention's
-/// `1 / sqrt(head_dim)`, so that scaling costs no pass over the `[seq, seq]` scores.
+/// head; the `sin` tables carry rotate-half's sign (negative on the first half). The query tables
+/// also carry the attention's `1 / sqrt(head_dim)`, so that scaling costs no pass over the
+/// `[seq, seq]` scores.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// `cos * s`, `sin * s` with the queries' scale `s` (`1 / sqrt(head_dim)`, or Gemma's
+    /// `cos * s`, `±sin * s` with the queries' scale `s` (`1 / sqrt(head_dim)`, or Gemma's
     /// `query_pre_attn_scalar^-1/2`): `[batch, seq, heads, head_dim]`.
     pub queries: (Tensor<B, 4>, Tensor<B, 4>),
-    /// `cos`, `sin`: `[batch, seq, kv_heads, head_dim]`.
+    /// `cos`, `±sin`: `[batch, seq, kv_heads, head_dim]`.
     pub keys: (Tensor<B, 4>, Tensor<B, 4>),
-    /// `[head_dim, head_dim]`: `x R = rotate_half(x) = [-x2, x1]`. A signed permutation, so the
-    /// product is exact; the rotation is one contiguous matmul (forward and backward) instead of
-    /// slices and a concatenation of strided views.
-    pub rotate: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -122,8 +119,16 @@ impl<B: Backend> Rope<B> {
             let mut cos = Vec::with_capacity(b * t * heads * d);
             let mut sin = Vec::with_capacity(b * t * heads * d);
             for row in angles.chunks(d) {
-                let (c, s): (Vec<f32>, Vec<f32>) =
-                    row.iter().map(|a| ((a.cos() * scale) as f32, (a.sin() * scale) as f32)).unzip();
+                // rotate_half(x) = [-x2, x1]: the first half's sine is negated here, so that the
+                // rotation is `x * cos + swap_halves(x) * sin`.
+                let (c, s): (Vec<f32>, Vec<f32>) = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let sign = if i < d / 2 { -1.0 } else { 1.0 };
+                        ((a.cos() * scale) as f32, (sign * a.sin() * scale) as f32)
+                    })
+                    .unzip();
                 for _head in 0..heads {
                     cos.extend_from_slice(&c);
                     sin.extend_from_slice(&s);
@@ -132,14 +137,7 @@ impl<B: Backend> Rope<B> {
             let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [b, t, heads, d]), (device, dtype));
             (make(cos), make(sin))
         };
-        let half = d / 2;
-        let mut rotate = vec![0f32; d * d];
-        for i in 0..half {
-            rotate[(i + half) * d + i] = -1.0; // out[i] = -x[i + half]
-            rotate[i * d + i + half] = 1.0; // out[i + half] = x[i]
-        }
-        let rotate = Tensor::from_data(TensorData::new(rotate, [d, d]), (device, dtype));
-        Self { queries: table(config.num_heads, config.query_scale()), keys: table(config.num_kv_heads, 1.0), rotate }
+        Self { queries: table(config.num_heads, config.query_scale()), keys: table(config.num_kv_heads, 1.0) }
     }
 
     /// Rotated queries, scaled by `1 / sqrt(head_dim)` (or Gemma's `query_pre_attn_scalar`).
@@ -158,10 +156,13 @@ impl<B: Backend> Rope<B> {
         self.rotate_with(x, &self.keys)
     }
 
+    /// `x * cos + rotate_half(x) * sin`, element-wise: rotate-half is the halves swapped (a
+    /// flip of the `[2, head_dim / 2]` view) with its sign in the `sin` table, as transformers'
+    /// `rotate_half` without the concatenation.
     fn rotate_with(&self, x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
-        let [b, t, n, d] = x.dims();
-        let rotated = x.clone().reshape([b * t * n, d]).matmul(self.rotate.clone()).reshape([b, t, n, d]);
-        x * cos.clone() + rotated * sin.clone()
+        let half = x.dims()[3] / 2;
+        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
+        x * cos.clone() + swapped * sin.clone()
     }
 }
 

@@ -85,6 +85,14 @@ impl LoadedRecipe {
         })
     }
 
+    /// A resolved recipe written by an earlier version of fuserl, with the settings added since
+    /// filled in with their defaults (as this version would resolve it), so that a run directory
+    /// made before a new setting existed is not taken for one made by another recipe. `None`
+    /// when the text does not read as a recipe.
+    pub fn with_current_defaults(text: &str) -> Option<String> {
+        toml::from_str::<Recipe>(text).ok().and_then(|r| toml::to_string(&r).ok())
+    }
+
     /// The run directory. Outputs (`[run] output_dir`, `[export] path`) are relative to the
     /// working folder, like TRL's `output_dir`; inputs (data, checkpoints) to the recipe's folder.
     pub fn output_dir(&self) -> PathBuf {

@@ -114,6 +114,8 @@ pub fn claim_run_dir(loaded: &LoadedRecipe) -> Result<PathBuf> {
     let recipe_file = RunDir::new(&dir).recipe();
     match std::fs::read_to_string(&recipe_file) {
         Ok(previous) => {
+            // Settings added since the folder was made count with their defaults.
+            let previous = LoadedRecipe::with_current_defaults(&previous).unwrap_or(previous);
             let changed = changed_settings(&previous, &resolved);
             if !changed.is_empty() {
                 const SHOWN: usize = 6;

@@ -209,7 +209,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
 /// The same tables on the inner backend (shared buffers, no copy).
 fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::InnerBackend> {
     let pair = |(cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)| (cos.clone().inner(), sin.clone().inner());
-    let rope = |r: &Rope<B>| Rope { queries: pair(&r.queries), keys: pair(&r.keys), rotate: r.rotate.clone().inner() };
+    let rope = |r: &Rope<B>| Rope { queries: pair(&r.queries), keys: pair(&r.keys) };
     LayerContext {
         rope: rope(&c.rope),
         bias: c.bias.clone().inner(),
