@@ -176,3 +176,21 @@ fn a_folder_in_use_is_refused_and_a_killed_runs_folder_is_taken_over() {
     let again = fuserl(&["run", &recipe], dir.path());
     assert!(again.status.success() && !text(&again.stderr).contains("took over"), "{}", text(&again.stderr));
 }
+
+/// Issue #33: a stage whose training diverges (a learning rate of 1e30: the weights overflow)
+/// stops at the step with exit status 1 and a message naming the stage and step, writes nothing
+/// after it (no final model, no DONE), and the run exports nothing.
+#[test]
+fn a_diverging_stage_stops_at_its_step_and_exports_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("diverge.toml");
+    let out_dir = dir.path().join("diverge");
+    std::fs::write(&file, recipe(&out_dir).replace("learning_rate = 3e-3", "learning_rate = 1e30")).expect("write");
+    let out = fuserl(&["run", &file.display().to_string()], dir.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("sft step ") && err.contains("the stage stops here"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out_dir.join("sft/final").exists() && !out_dir.join("sft/DONE").exists());
+    assert!(!out_dir.join("export").exists(), "an export was written");
+}

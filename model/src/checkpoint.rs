@@ -58,7 +58,17 @@ impl TensorStore {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| ModelError::format(&index, "missing `weight_map`"))?;
-            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            // Shards are files of the folder itself: a name with a path in it (absolute, `../`)
+            // would read whatever it points at.
+            let mut files = Vec::with_capacity(map.len());
+            for (tensor, f) in map {
+                let name = f.as_str().ok_or_else(|| {
+                    ModelError::format(&index, format!("weight_map: `{tensor}` names {f}, expected a file name"))
+                })?;
+                fuserl_core::paths::check_file_name(name)
+                    .map_err(|m| ModelError::format(&index, format!("weight_map: `{tensor}`: {m}")))?;
+                files.push(dir.join(name));
+            }
             files.sort();
             files.dedup();
             files
@@ -74,6 +84,12 @@ impl TensorStore {
 
     /// Read one safetensors file.
     pub fn read_file(&mut self, file: &Path) -> Result<()> {
+        // Regular files only: a FIFO or a device would block or never end.
+        if let Ok(meta) = std::fs::metadata(file)
+            && !meta.is_file()
+        {
+            return Err(ModelError::format(file, "not a regular file (a folder, FIFO or device)"));
+        }
         let bytes = std::fs::read(file).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 ModelError::format(file, "missing: the checkpoint has no such weights file")
@@ -98,6 +114,15 @@ impl TensorStore {
                     ));
                 }
             };
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(ModelError::format(
+                    file,
+                    format!(
+                        "tensor `{name}` holds {bad} values that are not finite (NaN or infinity): the weights are damaged"
+                    ),
+                ));
+            }
             self.tensors.insert(name.clone(), (view.shape().to_vec(), values, file.to_path_buf()));
         }
         Ok(())

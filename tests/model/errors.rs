@@ -258,3 +258,51 @@ fn hostile_safetensors_headers_are_refused() {
         assert!(err.contains("model.safetensors: not a valid safetensors file"), "{what}: {err}");
     }
 }
+
+/// Issue #33: a safetensors index naming files outside its folder (absolute, `../`), a weights
+/// file that is a FIFO (it would block), and weights that are not finite are refused, each with
+/// the file and what is wrong; nothing outside the folder is read.
+#[test]
+fn index_paths_fifos_and_non_finite_weights_are_refused() {
+    for bad in ["/etc/passwd", "../model-00001-of-00002.safetensors", ".hidden"] {
+        let dir = copy("mistral-f16-sharded");
+        let index = dir.path().join("model.safetensors.index.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).expect("index")).expect("json");
+        let map = v["weight_map"].as_object_mut().expect("map");
+        let first = map.keys().next().expect("a tensor").clone();
+        map.insert(first.clone(), bad.into());
+        std::fs::write(&index, v.to_string()).expect("write");
+        let err = load_err(dir.path());
+        assert!(
+            err.contains("model.safetensors.index.json") && err.contains(&format!("weight_map: `{first}`")),
+            "{bad}: {err}"
+        );
+        assert!(err.contains("cannot name a file"), "{bad}: {err}");
+    }
+
+    let dir = copy("llama-tied");
+    let weights = dir.path().join("model.safetensors");
+    std::fs::remove_file(&weights).expect("rm");
+    let made = std::process::Command::new("mkfifo").arg(&weights).status().expect("mkfifo");
+    assert!(made.success());
+    let err = load_err(dir.path());
+    assert!(err.contains("model.safetensors: not a regular file"), "{err}");
+
+    // One weight set to NaN in an f32 file: the tensor is named.
+    let dir = copy("llama-tied");
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let (name, view) = st.tensors().into_iter().find(|(_, v)| v.dtype() == safetensors::Dtype::F32).expect("f32");
+    // The view borrows `bytes`: its data's address gives its offset in the file.
+    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let mut damaged = bytes.clone();
+    damaged[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&weights, damaged).expect("write");
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains(&format!("tensor `{name}`")) && err.contains("not finite"),
+        "{err}"
+    );
+}

@@ -36,11 +36,25 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
 }
 
-/// The latest complete checkpoint of a stage, if any.
-pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let name = std::fs::read_to_string(dir.join("LATEST")).ok()?;
-    let p = dir.join(name.trim());
-    p.join("state.json").is_file().then_some(p)
+/// The latest complete checkpoint of a stage, if any. `LATEST` must hold a checkpoint's name
+/// (`step-NNNNNN`) and nothing else: a path in it would resume from (and later delete) a folder
+/// outside the run directory.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join("LATEST");
+    let Ok(text) = std::fs::read_to_string(&pointer) else { return Ok(None) };
+    let name = text.trim();
+    let digits = name.strip_prefix("step-").unwrap_or("");
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TrainError::Checkpoint {
+            file: pointer,
+            message: format!(
+                "expected the name of a checkpoint of this folder (step-NNNNNN), found `{}`",
+                name.escape_debug()
+            ),
+        });
+    }
+    let p = dir.join(name);
+    Ok(p.join("state.json").is_file().then_some(p))
 }
 
 /// The stage's weights and optimiser from its latest checkpoint in `dir`, with the step it
@@ -51,7 +65,7 @@ pub(crate) fn resume<B: AutodiffBackend>(
     weights: Llama<B>,
     optim: Optim<B>,
 ) -> Result<(Llama<B>, Optim<B>, Option<(u64, PathBuf)>)> {
-    let Some(ckpt) = latest_checkpoint(dir) else { return Ok((weights, optim, None)) };
+    let Some(ckpt) = latest_checkpoint(dir)? else { return Ok((weights, optim, None)) };
     let state: CheckpointState = serde_json::from_slice(
         &std::fs::read(ckpt.join("state.json")).map_err(|e| TrainError::io(ckpt.join("state.json"), e))?,
     )
@@ -85,7 +99,8 @@ pub(crate) fn save<B: AutodiffBackend>(
     let done = dir.join(&name);
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(&tmp, &done).map_err(|e| TrainError::io(&done, e))?;
-    let previous = latest_checkpoint(dir);
+    // A pointer that names no checkpoint of this folder is replaced (and points at nothing to remove).
+    let previous = latest_checkpoint(dir).ok().flatten();
     write_atomic(&dir.join("LATEST"), name.as_bytes())?;
     if let Some(prev) = previous.filter(|p| *p != done) {
         let _ = std::fs::remove_dir_all(prev);
@@ -106,4 +121,32 @@ pub(crate) fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<(
         .map(|l| format!("{l}\n"))
         .collect();
     Ok(write_atomic(file, kept.as_bytes())?)
+}
+
+#[cfg(test)]
+mod pointer_tests {
+    use super::latest_checkpoint;
+
+    /// Issue #33: `LATEST` holding a path (`../../..`, an absolute one) is refused with the file
+    /// named, instead of resuming from (and later deleting) a folder outside the run directory.
+    #[test]
+    fn a_pointer_that_leaves_its_folder_is_refused() {
+        let root = tempfile::tempdir().expect("tmp");
+        let outside = root.path().join("outside");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("state.json"), "{}").expect("write");
+        let dir = root.path().join("run/sft/checkpoints");
+        std::fs::create_dir_all(dir.join("step-000003")).expect("mkdir");
+        std::fs::write(dir.join("step-000003/state.json"), "{}").expect("write");
+        for bad in ["../../../outside", "/etc", "step-3/../../x", "", "step-"] {
+            std::fs::write(dir.join("LATEST"), bad).expect("write");
+            let err = latest_checkpoint(&dir).expect_err(bad).to_string();
+            assert!(err.contains("LATEST") && err.contains("expected the name of a checkpoint"), "{bad}: {err}");
+        }
+        std::fs::write(dir.join("LATEST"), "step-000003\n").expect("write");
+        assert_eq!(latest_checkpoint(&dir).expect("ok"), Some(dir.join("step-000003")));
+        std::fs::remove_file(dir.join("LATEST")).expect("rm");
+        assert_eq!(latest_checkpoint(&dir).expect("ok"), None);
+        assert!(outside.join("state.json").is_file());
+    }
 }

@@ -24,6 +24,10 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// Training produced a loss, gradient or weight that is not finite (the stage stops; its
+    /// last checkpoint is kept and nothing after it is written).
+    #[error("{0}")]
+    Diverged(String),
     /// A training checkpoint could not be written or read.
     #[error("{}: {message}", fuserl_core::paths::shown(file))]
     Checkpoint {
@@ -46,7 +50,7 @@ impl TrainError {
             Self::Core(e) => e.is_bad_input(),
             Self::Model(fuserl_model::ModelError::Io { .. }) => false,
             Self::Model(_) | Self::Data(_) | Self::Unsupported(_) => true,
-            Self::Io { .. } | Self::Checkpoint { .. } => false,
+            Self::Io { .. } | Self::Checkpoint { .. } | Self::Diverged(_) => false,
         }
     }
 }

@@ -181,6 +181,36 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
     }
 }
 
+/// Whether every weight is finite (sums of squares in slices, as [`GradNorm`]).
+struct Finite(bool);
+
+impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Finite {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !self.0 {
+            return;
+        }
+        let t = param.val();
+        let n = t.shape().num_elements();
+        let flat = t.reshape([n]);
+        for start in (0..n).step_by(NORM_CHUNK) {
+            let slice = flat.clone().narrow(0, start, NORM_CHUNK.min(n - start));
+            // The sum of squares overflows f32 before a weight does: compare absolute maxima.
+            let max = slice.cast(DType::F32).abs().max().into_data().iter::<f32>().next().unwrap_or(0.0);
+            if !max.is_finite() {
+                self.0 = false;
+                return;
+            }
+        }
+    }
+}
+
+/// Whether every weight of `weights` is finite.
+pub fn weights_finite<B: burn::tensor::backend::Backend>(weights: &Llama<B>) -> bool {
+    let mut check = Finite(true);
+    weights.visit(&mut check);
+    check.0
+}
+
 /// Settings of one optimiser step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepSettings<'a> {
@@ -351,12 +381,10 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
     let metrics = metric_sums.into_iter().map(|(k, v)| (k, v / n)).collect();
     // The norm of the unscaled gradients.
     let grad_norm = norm.sum_sq.sqrt() / s.loss_scale;
+    if !loss.is_finite() || (!grad_norm.is_finite() && s.loss_scale == 1.0) {
+        return Err(TrainError::Diverged(format!("the loss is {loss} and the gradients' norm {grad_norm}")));
+    }
     if !grad_norm.is_finite() {
-        if s.loss_scale == 1.0 {
-            return Err(TrainError::Data(format!(
-                "the gradients are not finite (norm {grad_norm}) at loss {loss}: lower the learning rate, or use dtype = \"f32\" or \"bf16\""
-            )));
-        }
         // Overflowed under loss scaling: no update (the caller lowers the scale).
         return Ok((model, StepOutput { loss, grad_norm, tokens, metrics, skipped: true }));
     }
@@ -425,20 +453,34 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
         let progress_frac = if total > 1 { step as f64 / (total - 1) as f64 } else { 1.0 };
         let lr = learning_rate(c.schedule, lr_peak, step, warmup, total);
         let out;
-        (model, out) = optimizer_step(
-            model,
-            &mut optim,
-            &picked,
-            StepSettings {
-                objective: stage.objective,
-                reference: stage.reference.as_ref(),
-                config: c,
-                progress: progress_frac,
-                lr,
-                logprobs: stage.logprobs,
-                loss_scale: loss_scale.map_or(1.0, |l| l.scale),
-            },
-        )?;
+        let settings = StepSettings {
+            objective: stage.objective,
+            reference: stage.reference.as_ref(),
+            config: c,
+            progress: progress_frac,
+            lr,
+            logprobs: stage.logprobs,
+            loss_scale: loss_scale.map_or(1.0, |l| l.scale),
+        };
+        let diverged = |what: String| {
+            let kept = match checkpoint::latest_checkpoint(&stage.dir) {
+                Ok(Some(dir)) => format!("its last checkpoint, {}, is kept", Shown(&dir)),
+                _ => "no checkpoint was written yet".to_owned(),
+            };
+            TrainError::Diverged(format!(
+                "{} step {}: {what}; the stage stops here ({kept}; nothing after it is saved or exported): lower the learning rate or max_grad_norm, or use dtype = \"f32\"",
+                stage.name.as_str(),
+                step + 1
+            ))
+        };
+        (model, out) = match optimizer_step(model, &mut optim, &picked, settings) {
+            Err(TrainError::Diverged(what)) => return Err(diverged(what)),
+            other => other?,
+        };
+        let last = step + 1 == total || (step + 1) % c.checkpoint_every == 0;
+        if last && !weights_finite(&model.weights) {
+            return Err(diverged("the update made weights that are not finite".to_owned()));
+        }
         if let Some(l) = &mut loss_scale {
             l.update(out.skipped);
             if out.skipped {
