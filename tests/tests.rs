@@ -18,6 +18,7 @@ mod plugins;
 mod real_models;
 mod score;
 mod train_kill;
+mod trl_formats;
 
 // The library crates.
 mod builtin;

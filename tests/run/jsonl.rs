@@ -134,13 +134,20 @@ fn malformed_lines_fail_with_their_line_number_or_are_skipped_and_counted() {
         (2, "invalid JSON"),
         (3, "`prompt`: expected a string or a non-empty list of chat messages"),
         (4, "`scores.b`: no responses from source `b`"),
-        (5, "expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)"),
+        (
+            5,
+            "the record has `id`, `prompt`, `text`; expected `responses` (per-prompt layout), `source` and `response` (flat layout), or `chosen` and `rejected` (TRL's preference layout)",
+        ),
         (6, "prompt `q1` was already given on line 1"),
         (7, "`scores.a[0]`: expected a number or null"),
     ] {
         write(dir.path(), "one.jsonl", &format!("{}\n{}\n", lines[0], lines[i]));
-        let s = source(dir.path(), &[("path", "one.jsonl".into())]).expect("source");
-        let err = collect(s.as_ref()).unwrap_err().to_string();
+        // A record of neither layout is found when the source is built (`recipe check`), the
+        // others when it reads the file.
+        let err = match source(dir.path(), &[("path", "one.jsonl".into())]) {
+            Ok(s) => collect(s.as_ref()).unwrap_err().to_string(),
+            Err(e) => e,
+        };
         assert!(err.contains("one.jsonl:2: ") && err.contains(expected), "line {i}: {err}");
     }
 }
@@ -240,4 +247,61 @@ fn keywords_verifier_reproduces_the_dataset_scores() {
         }
     }
     assert_eq!(n, 60);
+}
+
+/// TRL's preference rows (issue #32): a multi-turn answer's earlier turns join the prompt,
+/// scores default to 1 (chosen) and 0 (rejected), the recipe's `source` names the answers'
+/// source unless a row has one, and rows that cannot be a preference are refused, each with
+/// its line and what was expected.
+#[test]
+fn preference_rows_become_two_scored_answers_of_one_source() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let turns = r#"[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]"#;
+    let lines = [
+        r#"{"prompt": "Q1", "chosen": "good", "rejected": "bad"}"#.to_owned(),
+        format!(
+            r#"{{"prompt": {turns}, "chosen": [{{"role": "assistant", "content": "Let me see."}}, {{"role": "user", "content": "Go on"}}, {{"role": "assistant", "content": "4"}}], "rejected": [{{"role": "assistant", "content": "Let me see."}}, {{"role": "user", "content": "Go on"}}, {{"role": "assistant", "content": "5"}}], "score_chosen": 9, "score_rejected": 2.5, "source": "model-x"}}"#
+        ),
+    ];
+    write(dir.path(), "pref.jsonl", &(lines.join("\n") + "\n"));
+    let s = source(dir.path(), &[("path", "pref.jsonl".into()), ("source", "ufb".into())]).expect("source");
+    let got = collect(s.as_ref()).expect("collect");
+    assert_eq!(got.prompts.len(), 2);
+    assert_eq!(got.prompts[1].messages.len(), 5, "the multi-turn answer's earlier turns are in the prompt");
+    assert_eq!(got.prompts[1].messages[4].content, "Go on");
+    let answers: Vec<(&str, u32, &str, Option<f64>)> = got
+        .completions
+        .iter()
+        .map(|c| (c.id.source.as_str(), c.id.sample_index, c.text.as_str(), c.precomputed_score))
+        .collect();
+    assert_eq!(
+        answers,
+        vec![
+            ("ufb", 0, "good", Some(1.0)),
+            ("ufb", 1, "bad", Some(0.0)),
+            ("model-x", 0, "4", Some(9.0)),
+            ("model-x", 1, "5", Some(2.5))
+        ]
+    );
+
+    for (line, expected) in [
+        (
+            r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 1}"#,
+            "both `score_chosen` and `score_rejected`",
+        ),
+        (
+            r#"{"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}], "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]}"#,
+            "`chosen` and `rejected` differ before their last turn",
+        ),
+        (
+            r#"{"prompt": "Q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}"#,
+            "must have role `assistant`",
+        ),
+        (r#"{"chosen": "a", "rejected": "b"}"#, "no prompt"),
+    ] {
+        write(dir.path(), "bad.jsonl", &format!("{}\n{line}\n", lines[0]));
+        let s = source(dir.path(), &[("path", "bad.jsonl".into())]).expect("source");
+        let err = collect(s.as_ref()).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl:2: ") && err.contains(expected), "{line}: {err}");
+    }
 }

@@ -37,8 +37,8 @@ pub fn reward_reply(text: &str) -> bool {
 pub fn record_lines(text: &str) -> bool {
     let mut accepted = python_tests::parse_tests(text).is_ok_and(|tests| !tests.is_empty());
     for line in text.lines() {
-        for layout in [Layout::Auto, Layout::PerPrompt, Layout::Flat] {
-            accepted |= jsonl::parse_line(line, layout).is_ok();
+        for layout in [Layout::Auto, Layout::PerPrompt, Layout::Flat, Layout::Preference] {
+            accepted |= jsonl::parse_line(line, layout, "dataset").is_ok();
         }
     }
     accepted

@@ -1,10 +1,18 @@
-//! `jsonl`: completions precomputed by other tools, one JSON object per line, in either of the
-//! two common layouts:
+//! `jsonl`: completions precomputed by other tools, one JSON object per line, in one of three
+//! layouts:
 //!
 //! - **per-prompt**: `{"id": "q1", "prompt": "…" | [messages], "responses": {"src-a": ["…", "…"],
 //!   "src-b": "…"}, "scores": {"src-a": [0.7, 0.2], "src-b": 0.5}, "sampling": {"src-a": {"temperature": 0.8}}}`
 //! - **flat**: `{"prompt_id": "q1", "prompt": "…" | [messages], "source": "src-a", "response": "…",
 //!   "score": 0.7, "sample_index": 0, "sampling": {…}}`
+//! - **preference** (TRL's preference datasets): `{"prompt": "…" | [messages], "chosen": "…" |
+//!   [messages], "rejected": "…" | [messages], "score_chosen": 8.0, "score_rejected": 3.5}` with an
+//!   explicit prompt (standard or conversational), or without `prompt` (implicit: `chosen` and
+//!   `rejected` are whole conversations that share every turn but the last, as
+//!   UltraFeedback-binarized writes them). The answer is the last turn of `chosen` / `rejected`
+//!   (an assistant turn); earlier turns of a multi-turn answer join the prompt. Scores are optional
+//!   (1 for chosen, 0 for rejected without them). Both answers belong to the record's `source`, or
+//!   to the recipe's `source` setting (default `dataset`), numbered in file order.
 //!
 //! `id` / `prompt_id`, `scores` / `score`, `sample_index` and `sampling` are optional (an absent id
 //! is derived from the messages; flat rows without `sample_index` are numbered per prompt and
@@ -35,6 +43,8 @@ pub enum Layout {
     PerPrompt,
     /// One record per (prompt, source, sample).
     Flat,
+    /// TRL's preference rows: a prompt (explicit or implicit), `chosen`, `rejected`.
+    Preference,
 }
 
 /// What to do with a malformed line.
@@ -66,7 +76,18 @@ pub struct JsonlConfig {
     /// How the file's completions were sampled, recorded with each one unless a record says.
     #[serde(default, skip_serializing_if = "is_unset")]
     pub sampling: SamplingParams,
+    /// The source of preference rows that do not name one (`source` key).
+    #[serde(default = "default_source")]
+    pub source: String,
 }
+
+fn default_source() -> String {
+    "dataset".to_owned()
+}
+
+/// How many records of the file are looked at when the source is built, so that `recipe check`
+/// finds a file in a shape the source does not read.
+const CHECKED_LINES: usize = 5;
 
 fn is_unset(s: &SamplingParams) -> bool {
     *s == SamplingParams::default()
@@ -85,6 +106,23 @@ impl JsonlSource {
         let file = ctx.resolve(&config.path);
         if !file.is_file() {
             return Err(ConfigError::at("path", format!("no such data file: {}", Shown(&file))));
+        }
+        if config.source.is_empty() {
+            return Err(ConfigError::at("source", "expected a non-empty source name"));
+        }
+        // The first records' shape: a file in a layout the source does not read is found here
+        // (by `recipe check` too); what is wrong inside a record is found by the collect stage.
+        // (With `on_error = "skip"` bad records are the user's to skip, and are counted.)
+        if config.on_error == OnError::Fail
+            && let Ok(lines) = fuserl_io::jsonl::lines(&file)
+        {
+            for (n, line) in lines.iter().filter(|(_, l)| !l.trim().is_empty()).take(CHECKED_LINES) {
+                if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(line)
+                    && let Some(message) = shape_error(&obj, config.layout)
+                {
+                    return Err(ConfigError::at("path", format!("{}:{n}: {message}", Shown(&file))));
+                }
+            }
         }
         Ok(Self { config, file })
     }
@@ -145,9 +183,116 @@ fn parse_sampling(v: Option<&Value>, what: &str) -> Result<Option<SamplingParams
     }
 }
 
-pub(crate) fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
+/// A `chosen` / `rejected` value: a string (the answer), or a list of chat messages whose last one
+/// is the answer (an assistant turn) and whose earlier ones continue the prompt.
+fn parse_answer(v: Option<&Value>, key: &str) -> Result<(Vec<ChatMessage>, String), String> {
+    match v {
+        Some(Value::String(s)) => Ok((Vec::new(), s.clone())),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut messages = Vec::with_capacity(items.len());
+            for (i, m) in items.iter().enumerate() {
+                messages.push(
+                    serde_json::from_value::<ChatMessage>(m.clone())
+                        .map_err(|e| format!("`{key}[{i}]`: expected {{\"role\": …, \"content\": …}}: {e}"))?,
+                );
+            }
+            let last = messages.pop().expect("not empty");
+            if last.role != "assistant" {
+                return Err(format!(
+                    "`{key}`: the last message is the answer and must have role `assistant`, found `{}`",
+                    last.role.escape_debug()
+                ));
+            }
+            Ok((messages, last.content))
+        }
+        Some(_) => Err(format!("`{key}`: expected a string or a non-empty list of chat messages")),
+        None => Err(format!("missing `{key}`")),
+    }
+}
+
+/// A TRL preference row: the prompt (explicit, or the turns `chosen` and `rejected` share) and
+/// the two answers of `source` with their scores.
+fn parse_preference(obj: &serde_json::Map<String, Value>, source: &str) -> Result<Record, String> {
+    let (chosen_turns, chosen) = parse_answer(obj.get("chosen"), "chosen")?;
+    let (rejected_turns, rejected) = parse_answer(obj.get("rejected"), "rejected")?;
+    if chosen_turns != rejected_turns {
+        return Err("`chosen` and `rejected` differ before their last turn: expected the same conversation \
+                    with another final answer"
+            .into());
+    }
+    let mut messages = match obj.get("prompt") {
+        Some(v) => parse_messages(v)?,
+        None => Vec::new(),
+    };
+    messages.extend(chosen_turns);
+    if messages.is_empty() {
+        return Err("no prompt: expected `prompt`, or `chosen` and `rejected` conversations that begin with it".into());
+    }
+    let id = parse_id(obj, &["id", "prompt_id"])?;
+    let prompt = match id {
+        Some(id) => Prompt { id, messages },
+        None => Prompt::from_messages(messages),
+    };
+    let source = match obj.get("source") {
+        None | Some(Value::Null) => source.to_owned(),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => return Err("`source`: expected a non-empty string".into()),
+    };
+    let score_chosen = parse_score(obj.get("score_chosen"), "`score_chosen`")?;
+    let score_rejected = parse_score(obj.get("score_rejected"), "`score_rejected`")?;
+    let (score_chosen, score_rejected) = match (score_chosen, score_rejected) {
+        (Some(c), Some(r)) => (c, r),
+        (None, None) => (1.0, 0.0),
+        _ => return Err("expected both `score_chosen` and `score_rejected`, or neither".into()),
+    };
+    let items = vec![
+        (source.clone(), None, chosen, Some(score_chosen), None),
+        (source, None, rejected, Some(score_rejected), None),
+    ];
+    Ok(Record { prompt, items, per_prompt: false })
+}
+
+/// The layouts a line may have, for messages about one that has none of them.
+const SHAPES: &str = "`responses` (per-prompt layout), `source` and `response` (flat layout), or `chosen` and \
+                      `rejected` (TRL's preference layout)";
+
+/// Why a record has none of the keys of `layout` (of any layout with `auto`), naming the keys it
+/// has; `None` when it has them.
+fn shape_error(obj: &serde_json::Map<String, Value>, layout: Layout) -> Option<String> {
+    let has = |k: &str| obj.contains_key(k);
+    let fits = match layout {
+        Layout::Auto => has("responses") || (has("source") && has("response")) || (has("chosen") && has("rejected")),
+        Layout::PerPrompt => has("responses"),
+        Layout::Flat => has("source") && has("response"),
+        Layout::Preference => has("chosen") && has("rejected"),
+    };
+    let expected = match layout {
+        Layout::Auto => SHAPES,
+        Layout::PerPrompt => "`responses` (layout = \"per-prompt\")",
+        Layout::Flat => "`source` and `response` (layout = \"flat\")",
+        Layout::Preference => "`chosen` and `rejected` (layout = \"preference\")",
+    };
+    (!fits).then(|| {
+        let keys: Vec<String> = obj.keys().take(12).map(|k| format!("`{}`", k.escape_debug())).collect();
+        let keys = if keys.is_empty() { "no keys".to_owned() } else { keys.join(", ") };
+        format!("the record has {keys}; expected {expected}")
+    })
+}
+
+pub(crate) fn parse_line(text: &str, layout: Layout, source: &str) -> Result<Record, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
+    let preference = match layout {
+        Layout::Preference => true,
+        Layout::Auto => obj.contains_key("chosen") && obj.contains_key("rejected"),
+        _ => false,
+    };
+    if preference {
+        return parse_preference(&obj, source);
+    }
+    if let Some(message) = shape_error(&obj, layout) {
+        return Err(message);
+    }
     let messages = parse_messages(obj.get("prompt").ok_or("missing `prompt`")?)?;
     let id = parse_id(&obj, &["id", "prompt_id"])?;
     let prompt = match id {
@@ -156,14 +301,10 @@ pub(crate) fn parse_line(text: &str, layout: Layout) -> Result<Record, String> {
     };
     let per_prompt = match layout {
         Layout::PerPrompt => true,
-        Layout::Flat => false,
+        Layout::Flat | Layout::Preference => false,
         Layout::Auto if obj.contains_key("responses") => true,
         Layout::Auto if obj.contains_key("source") && obj.contains_key("response") => false,
-        Layout::Auto => {
-            return Err(
-                "expected either `responses` (per-prompt layout) or `source` and `response` (flat layout)".into()
-            );
-        }
+        Layout::Auto => return Err(format!("expected {SHAPES}")),
     };
     let mut items = Vec::new();
     if per_prompt {
@@ -250,7 +391,7 @@ impl SourceAdapter for JsonlSource {
             if line.trim().is_empty() {
                 continue;
             }
-            let result = parse_line(line, self.config.layout).and_then(|record| {
+            let result = parse_line(line, self.config.layout, &self.config.source).and_then(|record| {
                 // Consistency with earlier lines, checked before anything is kept.
                 if let Some(&(first, idx, per_prompt)) = prompts.get(&record.prompt.id) {
                     if record.per_prompt || per_prompt {
