@@ -2,7 +2,7 @@
 //! them with Hugging Face `datasets` and checks them with TRL's `is_conversational`): the
 //! `jsonl` source reads the standard and conversational formats with an explicit prompt and the
 //! implicit-prompt format with scores (UltraFeedback-binarized's shape), and a FusePO-DPO step
-//! trains on each; a file in a shape the source does not read is refused by `recipe check`,
+//! trains on each, from JSONL and from Parquet; a file in a shape the source does not read is refused by `recipe check`,
 //! naming the keys found and the shapes accepted.
 
 use std::path::Path;
@@ -23,9 +23,11 @@ fn recipe(out: &Path, data: &Path) -> String {
 #[test]
 fn trl_preference_formats_train_a_fusepo_step() {
     let dir = tempfile::tempdir().expect("tmp");
-    for format in ["standard", "conversational", "implicit"] {
-        let data = repo().join("fixtures/trl").join(format!("{format}.jsonl"));
-        let out = dir.path().join(format);
+    for format in ["standard", "conversational", "implicit"].into_iter().flat_map(|f| [(f, "jsonl"), (f, "parquet")]) {
+        let (format, ext) = format;
+        let data = repo().join("fixtures/trl").join(format!("{format}.{ext}"));
+        let format = format!("{format}.{ext}");
+        let out = dir.path().join(&format);
         let file = dir.path().join(format!("{format}.toml"));
         std::fs::write(&file, recipe(&out, &data)).expect("write");
         let run = fuserl(&["run", &file.display().to_string()], dir.path());

@@ -111,13 +111,14 @@ fn jsonl_records(file: &Path) -> Result<Records> {
 }
 
 /// A Parquet file (the format of most Hugging Face datasets), read row by row with the
-/// `parquet` crate's record reader; each row is the JSON object of its columns.
-fn parquet_records(file: &Path) -> Result<Records> {
+/// `parquet` crate's record reader; each row is the JSON object of its columns, with its 1-based
+/// row number.
+pub fn parquet_rows(file: &Path) -> Result<Vec<(u64, Value)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
     let bad = |message: String| Error::Data { file: file.to_path_buf(), line: 0, message };
     // The parquet crate panics on some malformed files (issue #13's fuzzing): caught, and named.
-    crate::untrusted::catch_panic(|| -> Result<Records> {
+    crate::untrusted::catch_panic(|| -> Result<Vec<(u64, Value)>> {
         let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
         let mut pages = f.try_clone().map_err(|e| Error::io(file, e))?;
         crate::parquet_pages::check_footer(&mut pages, len)
@@ -134,21 +135,40 @@ fn parquet_records(file: &Path) -> Result<Records> {
                 line: row_no,
                 message: format!("row {row_no}: {e}"),
             })?;
-            out.push((row_no, parse_prompt_value(&row.to_json_value()).map_err(|m| format!("row {row_no}: {m}"))));
+            out.push((row_no, row.to_json_value()));
         }
         Ok(out)
     })
     .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?
 }
 
+fn parquet_records(file: &Path) -> Result<Records> {
+    Ok(parquet_rows(file)?
+        .into_iter()
+        .map(|(row_no, v)| (row_no, parse_prompt_value(&v).map_err(|m| format!("row {row_no}: {m}"))))
+        .collect())
+}
+
+/// Whether `file` is read as Parquet (its name ends in `.parquet`).
+pub fn is_parquet(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// The records of a data file as lines of JSON with their 1-based line (JSONL) or row
+/// (Parquet: each row the JSON object of its columns), so that one reader of records serves
+/// both formats.
+pub fn record_lines(file: &Path) -> Result<Vec<(u64, String)>> {
+    if is_parquet(file) {
+        Ok(parquet_rows(file)?.into_iter().map(|(n, v)| (n, v.to_string())).collect())
+    } else {
+        crate::jsonl::lines(file)
+    }
+}
+
 /// Read one prompt file: JSONL, or Parquet when its name ends in `.parquet`. Places in messages
 /// are lines for JSONL and rows (1-based) for Parquet.
 pub fn read_prompts(file: &Path) -> Result<PromptFile> {
-    let records = if file.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
-        parquet_records(file)?
-    } else {
-        jsonl_records(file)?
-    };
+    let records = if is_parquet(file) { parquet_records(file)? } else { jsonl_records(file)? };
     let mut out = PromptFile::default();
     let mut ids: HashMap<String, u64> = HashMap::new();
     let mut contents: HashMap<String, u64> = HashMap::new();

@@ -1,5 +1,6 @@
-//! `jsonl`: completions precomputed by other tools, one JSON object per line, in one of three
-//! layouts:
+//! `jsonl`: completions precomputed by other tools, one JSON object per line (or one Parquet row
+//! per record, when the file's name ends in `.parquet`, as Hugging Face datasets ship), in one of
+//! three layouts:
 //!
 //! - **per-prompt**: `{"id": "q1", "prompt": "…" | [messages], "responses": {"src-a": ["…", "…"],
 //!   "src-b": "…"}, "scores": {"src-a": [0.7, 0.2], "src-b": 0.5}, "sampling": {"src-a": {"temperature": 0.8}}}`
@@ -114,7 +115,7 @@ impl JsonlSource {
         // (by `recipe check` too); what is wrong inside a record is found by the collect stage.
         // (With `on_error = "skip"` bad records are the user's to skip, and are counted.)
         if config.on_error == OnError::Fail
-            && let Ok(lines) = fuserl_io::jsonl::lines(&file)
+            && let Ok(lines) = fuserl_io::prompts::record_lines(&file)
         {
             for (n, line) in lines.iter().filter(|(_, l)| !l.trim().is_empty()).take(CHECKED_LINES) {
                 if let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(line)
@@ -378,7 +379,7 @@ impl SourceAdapter for JsonlSource {
     }
 
     fn collect(&self, _request: &CollectRequest<'_>) -> Result<Collected> {
-        let lines = fuserl_io::jsonl::lines(&self.file)?;
+        let lines = fuserl_io::prompts::record_lines(&self.file)?;
         let file_name = Shown(&self.file).to_string();
         let mut out = Collected::default();
         // prompt id -> (line first seen, messages, given by a per-prompt record)
