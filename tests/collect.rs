@@ -719,3 +719,34 @@ fn an_unreachable_url_and_a_foreign_server_are_named() {
     let store = std::fs::read_to_string(dir.path().join("run/collect/far.jsonl")).unwrap_or_default();
     assert!(store.is_empty(), "{store}");
 }
+
+/// Issue #32: a source that answers every sample of a prompt with the same text (a server that
+/// ignores the sampling settings, as `transformers serve` without a generation config) is warned
+/// about once, at the default verbosity, with the likely cause; the answers are kept. A scripted
+/// OpenAI-compatible server on 127.0.0.1 answers each request (bounded) with `n` identical choices.
+#[test]
+fn a_source_whose_samples_are_all_the_same_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (port, seen) = crate::common::server::serve(40, |body, _| {
+        let n = body["n"].as_u64().unwrap_or(1);
+        let choices: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"index": i, "message": {"role": "assistant", "content": "Always this."}, "finish_reason": "stop"})
+            })
+            .collect();
+        (200, serde_json::json!({"model": "m", "choices": choices}).to_string())
+    });
+    let file = recipe(dir.path(), port, "");
+    let _cleanup = Cleanup(file.clone());
+    let text_of = std::fs::read_to_string(&file).expect("recipe");
+    // One source is enough.
+    let one = text_of.split("\n[[sources]]\nkind = \"openai\"\nname = \"smollm2-completions\"").next().expect("head");
+    let rest = text_of.split_once("\n[reward]").map(|(_, r)| format!("\n[reward]{r}")).unwrap_or_default();
+    std::fs::write(&file, format!("{one}{rest}")).expect("write");
+    let out = crate::common::fuserl(&["collect", &file.display().to_string()], dir.path());
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("every sample was the same text for").count(), 1, "{err}");
+    assert!(err.contains("smollm2-chat") && err.contains("for 10 of 10 prompts") && err.contains("do_sample"), "{err}");
+    assert!(!seen.lock().expect("lock").is_empty());
+}

@@ -203,8 +203,24 @@ pub struct SourceSummary {
     pub requests: u64,
     /// Answers cut by the token limit.
     pub truncated: u64,
+    /// Prompts whose samples (two or more) are all the same text.
+    pub identical_samples: u64,
     /// Seconds.
     pub seconds: f64,
+}
+
+/// Above this share of prompts with identical samples, a sampled source is warned about.
+pub const IDENTICAL_SAMPLES_WARNING: f64 = 0.5;
+
+/// How many prompts (of those with two or more samples) got the same text for every sample.
+fn identical_sample_prompts(answers: &[Completion]) -> (u64, u64) {
+    let mut by_prompt: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for a in answers {
+        by_prompt.entry(a.id.prompt_id.as_str()).or_default().push(a.text.as_str());
+    }
+    let several: Vec<&Vec<&str>> = by_prompt.values().filter(|t| t.len() >= 2).collect();
+    let identical = several.iter().filter(|t| t.iter().all(|x| *x == t[0])).count();
+    (identical as u64, several.len() as u64)
 }
 
 /// Run the collect stage into `dir` (usually `runs/NAME/collect`): every generative source
@@ -360,12 +376,27 @@ pub fn collect_with(
                 });
             }
         }
+        // Samples that are not samples: a server that ignores the sampling settings (greedy
+        // decoding) gives every sample of a prompt the same text.
+        let (identical, several) = identical_sample_prompts(&collected.completions);
+        let sampled = sampling.temperature.is_none_or(|t| t > 0.0);
+        if sampled && several > 0 && identical as f64 > IDENTICAL_SAMPLES_WARNING * several as f64 {
+            tracing::warn!(
+                source,
+                "every sample was the same text for {identical} of {several} prompts: the source seems to ignore the \
+                 sampling settings (temperature {}, a seed per sample) and decode greedily; `transformers serve`, for \
+                 one, samples only when the model folder's generation_config.json says do_sample = true. The answers \
+                 are kept as given",
+                sampling.temperature.map_or_else(|| "the server's default".to_owned(), |t| t.to_string())
+            );
+        }
         let summary = SourceSummary {
             asked: jobs.len() as u64,
             reused,
             retries: stats.retries,
             requests: stats.requests,
             truncated,
+            identical_samples: identical,
             seconds: t0.elapsed().as_secs_f64(),
         };
         tracing::info!(
