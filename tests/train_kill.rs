@@ -194,3 +194,43 @@ fn a_diverging_stage_stops_at_its_step_and_exports_nothing() {
     assert!(!out_dir.join("sft/final").exists() && !out_dir.join("sft/DONE").exists());
     assert!(!out_dir.join("export").exists(), "an export was written");
 }
+
+/// Issue #33: `[export] path` naming a folder with files in it (here a copy of the target
+/// checkpoint) is refused before anything runs, by `recipe check` and by `run` (exit 2, the
+/// recipe key named), and nothing in it is touched; a new folder outside the run directory is
+/// fine, and so is exporting into it again on a rerun (it is this run's earlier export).
+#[test]
+fn an_export_path_with_files_in_it_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let target = dir.path().join("my-target");
+    std::fs::create_dir(&target).expect("mkdir");
+    for entry in std::fs::read_dir(repo().join("checkpoints/tiny-chat")).expect("tiny-chat") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), target.join(entry.file_name())).expect("copy");
+    }
+    let before = std::fs::read(target.join("model.safetensors")).expect("weights");
+    let file = dir.path().join("into-target.toml");
+    let base = recipe(&dir.path().join("run")).replace("epochs = 3\n", "epochs = 1\nmax_steps = 1\n");
+    std::fs::write(&file, format!("{base}[export]\npath = \"{}\"\n", target.display())).expect("write");
+    for command in [&["recipe", "check"][..], &["run"][..]] {
+        let mut args = command.to_vec();
+        let f = file.display().to_string();
+        args.push(&f);
+        let out = fuserl(&args, dir.path());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {err}");
+        assert!(err.contains("export.path") && err.contains("is a folder with files in it"), "{command:?}: {err}");
+    }
+    assert_eq!(std::fs::read(target.join("model.safetensors")).expect("weights"), before);
+    assert!(!dir.path().join("run/sft").exists(), "a stage ran");
+
+    // A new folder outside the run directory, then the same folder again on a rerun.
+    let fresh = dir.path().join("exported");
+    let base = base.replace("[po]\nepochs = 2", "[po]\nenabled = false\nepochs = 2");
+    std::fs::write(&file, format!("{base}[export]\npath = \"{}\"\n", fresh.display())).expect("write");
+    for _ in 0..2 {
+        let out = fuserl(&["run", &file.display().to_string()], dir.path());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(fresh.join("model.safetensors").is_file());
+    }
+}

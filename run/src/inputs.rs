@@ -2,7 +2,7 @@
 //! command that runs stages): the target checkpoint (its `config.json` read, its tokenizer
 //! there), the chat template, every prompt file of `[data]` and `[eval]` read to its last record,
 //! the file sources' records (for `recipe check`: a run reads them once, first, anyway), and the
-//! checkpoints `[eval] baselines` names. Every problem is
+//! checkpoints `[eval] baselines` names, and where the export may write. Every problem is
 //! returned, each at its recipe line, so that a mistake is found before hours of training, not
 //! after them.
 
@@ -69,7 +69,46 @@ pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
             problems.push(at(KeyPath::keys(&["eval", "baselines"]).index(i), problem));
         }
     }
+    if recipe.export.enabled
+        && let Some(problem) = export_problem(loaded)
+    {
+        problems.push(at(KeyPath::keys(&["export", "path"]), problem));
+    }
     problems
+}
+
+/// Why the export may not write to its folder, if it may not: outside the run directory, the
+/// folder must be new or empty, or this run's earlier export (an export into the target
+/// checkpoint, or any other folder of files, would overwrite them).
+fn export_problem(loaded: &LoadedRecipe) -> Option<String> {
+    let absolute =
+        |p: &Path| fuserl_core::paths::normalize(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    let to = loaded.export_dir();
+    let run = loaded.output_dir();
+    if absolute(&to).starts_with(absolute(&run)) {
+        return None;
+    }
+    let meta = std::fs::symlink_metadata(&to).ok()?;
+    if !meta.is_dir() {
+        return Some(format!("{} exists and is not a folder: the export writes a folder there", Shown(&to)));
+    }
+    let empty = std::fs::read_dir(&to).is_ok_and(|mut d| d.next().is_none());
+    if empty {
+        return None;
+    }
+    let record = fuserl_io::run_dir::RunDir::new(&run).export_record();
+    let earlier = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::export::ExportRecord>(&b).ok())
+        .is_some_and(|r| absolute(Path::new(&r.to)) == absolute(&to));
+    (!earlier).then(|| {
+        format!(
+            "{} is a folder with files in it, and not an earlier export of this run: the export would overwrite them \
+             (the target checkpoint, for one); name a new or empty folder, or leave `path` out (the export then goes \
+             into the run directory)",
+            Shown(&to)
+        )
+    })
 }
 
 /// What is wrong with a Hugging Face checkpoint folder, if anything: no such folder, no

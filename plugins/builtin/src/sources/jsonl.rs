@@ -77,13 +77,19 @@ pub struct JsonlConfig {
     /// How the file's completions were sampled, recorded with each one unless a record says.
     #[serde(default, skip_serializing_if = "is_unset")]
     pub sampling: SamplingParams,
-    /// The source of preference rows that do not name one (`source` key).
-    #[serde(default = "default_source")]
+    /// The source of preference rows that do not name one (`source` key). Left out of the
+    /// resolved recipe when it is the default, so that run directories made before the setting
+    /// existed still match their recipe.
+    #[serde(default = "default_source", skip_serializing_if = "is_default_source")]
     pub source: String,
 }
 
 fn default_source() -> String {
     "dataset".to_owned()
+}
+
+fn is_default_source(s: &str) -> bool {
+    s == "dataset"
 }
 
 /// How many records of the file are looked at when the source is built, so that `recipe check`
