@@ -65,6 +65,37 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Resu
     Ok(())
 }
 
+/// Whether `name` is a temporary file of [`write_atomic_with`] (`NAME.tmp-PID-N`).
+fn is_temporary(name: &str) -> bool {
+    let Some((_, tail)) = name.rsplit_once(".tmp-") else { return false };
+    let mut parts = tail.split('-');
+    let digits = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    digits(parts.next()) && digits(parts.next()) && parts.next().is_none()
+}
+
+/// Remove the temporary files that writes killed before their rename left under `root` (not
+/// following links); returns how many. Only for a folder this process holds alone (a run
+/// directory under its lock): another writer's temporary would be removed under it.
+pub fn remove_temporaries(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file()
+                && is_temporary(&entry.file_name().to_string_lossy())
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 fn failure(file: &Path, source: std::io::Error) -> WriteFailure {
     WriteFailure { file: file.to_path_buf(), source }
 }
@@ -78,6 +109,27 @@ impl From<WriteFailure> for fuserl_core::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Temporaries left by a killed write are removed, at any depth; nothing else is.
+    #[test]
+    fn temporaries_of_killed_writes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let deep = dir.path().join("score/reward");
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        let keep = ["eval.json", "notes.tmp", "a.tmp-12", "b.tmp-x-1", "c.tmp-1-2-3", "scores.jsonl"];
+        let gone = ["eval.json.tmp-4242-0", "model.safetensors.tmp-1-17"];
+        for name in keep.iter().chain(&gone) {
+            std::fs::write(dir.path().join(name), "x").expect("write");
+        }
+        std::fs::write(deep.join("store.jsonl.tmp-99-3"), "x").expect("write");
+        std::fs::create_dir(dir.path().join("step-000003.tmp-1-1")).expect("a folder is left alone");
+        assert_eq!(remove_temporaries(dir.path()), 3);
+        for name in keep {
+            assert!(dir.path().join(name).is_file(), "{name} was removed");
+        }
+        assert!(dir.path().join("step-000003.tmp-1-1").is_dir());
+        assert!(!deep.join("store.jsonl.tmp-99-3").exists());
+    }
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary_file() {

@@ -62,7 +62,8 @@ impl RunDir {
     /// returned guard is dropped: a second command on the same folder stops at once, naming the
     /// process that holds it, instead of both writing the same files (issue #34). The lock is the
     /// operating system's (`flock` on Unix), so a killed process never leaves it held; a lock
-    /// file still naming a process that has ended is taken over with a warning.
+    /// file still naming a process that has ended is taken over with a warning. Once held, the
+    /// temporary files that writes killed before their rename left in the folder are removed.
     pub fn lock(&self, command: &str) -> Result<RunLock> {
         std::fs::create_dir_all(&self.root).map_err(|e| Error::io(&self.root, e))?;
         // Before the lock file is opened for writing: a `.lock` (or the folder) that is a link
@@ -110,6 +111,11 @@ impl RunDir {
             .and_then(|()| file.write_all(me.as_bytes()))
             .and_then(|()| file.flush())
             .map_err(|e| Error::io(&path, e))?;
+        // Held alone now: what a killed write left behind (`NAME.tmp-PID-N`) goes.
+        let removed = crate::fs::remove_temporaries(&self.root);
+        if removed > 0 {
+            tracing::info!(dir = %Shown(&self.root), removed, "removed temporary files left by an interrupted run");
+        }
         Ok(RunLock { file })
     }
 

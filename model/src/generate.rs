@@ -85,6 +85,18 @@ fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
     order[order.len() - 1] as u32
 }
 
+/// Refuse `what` of `len` tokens when it is longer than the model's positions
+/// (`max_position_embeddings`), before any tensor is made.
+pub(crate) fn check_positions<B: Backend>(model: &LlamaModel<B>, len: usize, what: &str) -> Result<()> {
+    let positions = model.config.max_position_embeddings;
+    if len > positions {
+        return Err(ModelError::Input(format!(
+            "{what} of {len} tokens is longer than the model's {positions} positions (max_position_embeddings); shorten it"
+        )));
+    }
+    Ok(())
+}
+
 /// Generate a reply for each prompt (token ids), in one left-padded batch; one sampler seeded
 /// with `cfg.seed` draws for every row in turn.
 pub fn generate<B: Backend>(
@@ -121,6 +133,7 @@ fn generate_with<B: Backend>(
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("cannot generate from an empty prompt".into()));
     }
+    check_positions(model, prompts.iter().map(Vec::len).max().unwrap_or(0), "a prompt")?;
     let b = prompts.len();
     let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
     eos.push(tokenizer.eos_id());

@@ -65,6 +65,9 @@ pub fn sequence_token_logprobs<B: LogProbBackend>(model: &LlamaModel<B>, seqs: &
     if let Some(s) = seqs.iter().find(|s| s.len() < 2) {
         return Err(ModelError::Input(format!("a sequence of {} tokens has nothing to score", s.len())));
     }
+    // Before anything is allocated: a sequence past the model's positions would cost memory
+    // quadratic in its length (a 100 GB allocation for a long enough text), and score nonsense.
+    crate::generate::check_positions(model, seqs.iter().map(Vec::len).max().unwrap_or(0), "a sequence")?;
     let inputs = Inputs::right_padded(seqs, 0);
     let b = seqs.len();
     let t = inputs.ids[0].len();

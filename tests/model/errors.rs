@@ -306,3 +306,19 @@ fn index_paths_fifos_and_non_finite_weights_are_refused() {
         "{err}"
     );
 }
+
+/// Issue #33: a sequence longer than the model's positions is refused by the log-prob and
+/// generation paths before anything is allocated (a long enough text asked for about 100 GB).
+#[test]
+fn sequences_past_the_models_positions_are_refused_before_allocating() {
+    let model = load::<Cpu>(&fixture("llama-tied"), &Default::default(), DType::F32).expect("model");
+    let positions = model.config.max_position_embeddings;
+    let long: Vec<u32> = (0..positions as u32 + 1).map(|i| i % 60 + 1).collect();
+    let err = sequence_token_logprobs(&model, &[long.clone()]).expect_err("too long").to_string();
+    assert!(
+        err.contains(&format!("of {} tokens is longer than the model's {positions} positions", long.len())),
+        "{err}"
+    );
+    let ok: Vec<u32> = long[..positions].to_vec();
+    assert!(sequence_token_logprobs(&model, &[ok]).is_ok());
+}
