@@ -52,6 +52,44 @@ fn messages_of(v: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
     }
 }
 
+/// A conversation of an SFT dataset as a prompt: its final assistant turns (the answer it was
+/// written with) are left out, so that the prompt ends where the model is to answer.
+fn without_final_answer(mut messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+    while messages.last().is_some_and(|m| m.role == "assistant") {
+        messages.pop();
+    }
+    messages
+}
+
+/// ShareGPT's `conversations`: `[{"from": "human" | "gpt" | "system" | ..., "value": "..."}]`,
+/// with the roles named as chat templates name them (`human` -> user, `gpt` -> assistant).
+fn sharegpt_messages(v: &Value) -> std::result::Result<Vec<ChatMessage>, String> {
+    let Value::Array(turns) = v else { return Err("`conversations`: expected a list of turns".into()) };
+    turns
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let from = t.get("from").and_then(Value::as_str);
+            let value = t.get("value").and_then(Value::as_str);
+            let (Some(from), Some(value)) = (from, value) else {
+                return Err(format!("`conversations[{i}]`: expected {{\"from\": ..., \"value\": ...}}"));
+            };
+            let role = match from {
+                "human" | "user" => "user",
+                "gpt" | "assistant" | "chatgpt" | "bing" | "bard" => "assistant",
+                "system" => "system",
+                other => {
+                    return Err(format!(
+                        "`conversations[{i}].from`: `{}` is not a role (expected human, gpt or system)",
+                        other.escape_debug()
+                    ));
+                }
+            };
+            Ok(ChatMessage { role: role.into(), content: value.to_owned() })
+        })
+        .collect()
+}
+
 fn text_field(obj: &serde_json::Map<String, Value>, key: &str) -> std::result::Result<Option<String>, String> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -81,7 +119,9 @@ pub fn parse_prompt_value(v: &Value) -> std::result::Result<(Option<String>, Vec
     // A null column (Parquet rows have every column) counts as absent.
     let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
     let messages = if let Some(m) = get("messages") {
-        messages_of(m).map_err(|e| format!("`messages`: {e}"))?
+        without_final_answer(messages_of(m).map_err(|e| format!("`messages`: {e}"))?)
+    } else if let Some(c) = get("conversations") {
+        without_final_answer(sharegpt_messages(c)?)
     } else if let Some(p) = get("prompt") {
         messages_of(p).map_err(|e| format!("`prompt`: {e}"))?
     } else if let Some(instruction) = text_field(obj, "instruction")? {
@@ -94,7 +134,10 @@ pub fn parse_prompt_value(v: &Value) -> std::result::Result<(Option<String>, Vec
         m.push(ChatMessage::user(user));
         m
     } else {
-        return Err("expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages)".into());
+        return Err(
+            "expected a `prompt`, `messages`, `conversations` (ShareGPT) or `instruction` key (or a string, or a list of messages)"
+                .into(),
+        );
     };
     Ok((id, messages))
 }
@@ -207,6 +250,33 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&f).and_then(|h| h.set_len(1 << 30)).expect("grow");
         let err = read_prompts(&f).expect_err("refused").to_string();
         assert!(err.contains("huge.jsonl:1: a line longer than 64 MiB"), "{err}");
+    }
+
+    /// ShareGPT's `conversations` and SFT `messages` conversations (issue #32): the roles are
+    /// mapped, and the final assistant turn (the answer the conversation was written with) is
+    /// left out of the prompt; an unknown role is named.
+    #[test]
+    fn sharegpt_and_sft_conversations_give_their_prompt() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("c.jsonl");
+        std::fs::write(
+            &file,
+            concat!(
+                r#"{"id": "s1", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}"#,
+                "\n",
+                r#"{"id": "m1", "messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]}"#,
+                "\n",
+            ),
+        )
+        .expect("write");
+        let got = read_prompts(&file).expect("read");
+        let roles: Vec<&str> = got.prompts[0].messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert_eq!(got.prompts[0].messages[3].content, "2+2?");
+        assert_eq!(got.prompts[1].messages, vec![ChatMessage::user("Name a fruit.")]);
+        std::fs::write(&file, r#"{"conversations": [{"from": "robot", "value": "x"}]}"#).expect("write");
+        let err = read_prompts(&file).expect_err("unknown role").to_string();
+        assert!(err.contains("c.jsonl:1") && err.contains("`robot` is not a role"), "{err}");
     }
 
     #[test]

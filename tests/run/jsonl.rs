@@ -136,7 +136,7 @@ fn malformed_lines_fail_with_their_line_number_or_are_skipped_and_counted() {
         (4, "`scores.b`: no responses from source `b`"),
         (
             5,
-            "the record has `id`, `prompt`, `text`; expected `responses` (per-prompt layout), `source` and `response` (flat layout), or `chosen` and `rejected` (TRL's preference layout)",
+            "the record has `id`, `prompt`, `text`; expected `responses` (per-prompt layout), `source` and `response` (flat layout), `chosen` and `rejected` (TRL's preference layout), or `completions` (UltraFeedback's layout)",
         ),
         (6, "prompt `q1` was already given on line 1"),
         (7, "`scores.a[0]`: expected a number or null"),
@@ -304,4 +304,34 @@ fn preference_rows_become_two_scored_answers_of_one_source() {
         let err = collect(s.as_ref()).unwrap_err().to_string();
         assert!(err.contains("bad.jsonl:2: ") && err.contains(expected), "{line}: {err}");
     }
+}
+
+/// UltraFeedback's rows (issue #32): each model's completion becomes an answer of the source
+/// named by the model, scored by its `overall_score` (else `fine-grained_score`): the per-model
+/// ratings become per-source scores.
+#[test]
+fn ultrafeedback_completions_become_per_source_scored_answers() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let line = r#"{"source": "evol_instruct", "instruction": "Name a prime.", "models": ["m-a", "m-b"], "completions": [{"model": "m-a", "response": "7", "overall_score": 8.5, "fine-grained_score": 4.0}, {"model": "m-b", "response": "9", "fine-grained_score": 1.5}, {"model": "m-a", "response": "2", "overall_score": 9}]}"#;
+    write(dir.path(), "uf.jsonl", &format!("{line}\n"));
+    let got = collect(source(dir.path(), &[("path", "uf.jsonl".into())]).expect("source").as_ref()).expect("collect");
+    assert_eq!(got.prompts.len(), 1);
+    assert_eq!(got.prompts[0].messages[0].content, "Name a prime.");
+    let answers: Vec<(&str, u32, &str, Option<f64>)> = got
+        .completions
+        .iter()
+        .map(|c| (c.id.source.as_str(), c.id.sample_index, c.text.as_str(), c.precomputed_score))
+        .collect();
+    assert_eq!(answers, vec![("m-a", 0, "7", Some(8.5)), ("m-b", 0, "9", Some(1.5)), ("m-a", 1, "2", Some(9.0))]);
+    write(
+        dir.path(),
+        "bad.jsonl",
+        &format!("{line}\n{}\n", r#"{"instruction": "Q", "completions": [{"response": "x"}]}"#),
+    );
+    let err =
+        collect(source(dir.path(), &[("path", "bad.jsonl".into())]).expect("source").as_ref()).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.jsonl:2: ") && err.contains("`completions[0].model`: expected a non-empty string"),
+        "{err}"
+    );
 }

@@ -37,7 +37,7 @@ pub fn reward_reply(text: &str) -> bool {
 pub fn record_lines(text: &str) -> bool {
     let mut accepted = python_tests::parse_tests(text).is_ok_and(|tests| !tests.is_empty());
     for line in text.lines() {
-        for layout in [Layout::Auto, Layout::PerPrompt, Layout::Flat, Layout::Preference] {
+        for layout in [Layout::Auto, Layout::PerPrompt, Layout::Flat, Layout::Preference, Layout::Completions] {
             accepted |= jsonl::parse_line(line, layout, "dataset").is_ok();
         }
     }

@@ -14,6 +14,10 @@
 //!   (an assistant turn); earlier turns of a multi-turn answer join the prompt. Scores are optional
 //!   (1 for chosen, 0 for rejected without them). Both answers belong to the record's `source`, or
 //!   to the recipe's `source` setting (default `dataset`), numbered in file order.
+//! - **completions** (UltraFeedback's: several models answer one instruction): `{"instruction":
+//!   "…" (or "prompt"), "completions": [{"model": "…", "response": "…", "overall_score": 8.5}, …]}`.
+//!   Each completion is an answer of the source named by its `model`, scored by `overall_score`
+//!   (else `fine-grained_score`; none: unscored); one record per prompt.
 //!
 //! `id` / `prompt_id`, `scores` / `score`, `sample_index` and `sampling` are optional (an absent id
 //! is derived from the messages; flat rows without `sample_index` are numbered per prompt and
@@ -46,6 +50,8 @@ pub enum Layout {
     Flat,
     /// TRL's preference rows: a prompt (explicit or implicit), `chosen`, `rejected`.
     Preference,
+    /// UltraFeedback's rows: an instruction and the completions of several models, rated.
+    Completions,
 }
 
 /// What to do with a malformed line.
@@ -259,25 +265,65 @@ fn parse_preference(obj: &serde_json::Map<String, Value>, source: &str) -> Resul
     Ok(Record { prompt, items, per_prompt: false })
 }
 
+/// An UltraFeedback row: the instruction (or `prompt`) and each model's completion, rated.
+fn parse_completions(obj: &serde_json::Map<String, Value>) -> Result<Record, String> {
+    let messages = match (obj.get("prompt"), obj.get("instruction")) {
+        (Some(p), _) if !p.is_null() => parse_messages(p)?,
+        (_, Some(Value::String(i))) => vec![ChatMessage::user(i.clone())],
+        _ => return Err("expected an `instruction` string or a `prompt`".into()),
+    };
+    let id = parse_id(obj, &["id", "prompt_id"])?;
+    let prompt = match id {
+        Some(id) => Prompt { id, messages },
+        None => Prompt::from_messages(messages),
+    };
+    let Some(Value::Array(list)) = obj.get("completions") else {
+        return Err("`completions`: expected a list of {\"model\", \"response\", \"overall_score\"}".into());
+    };
+    let mut items = Vec::with_capacity(list.len());
+    for (i, c) in list.iter().enumerate() {
+        let model = match c.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            _ => return Err(format!("`completions[{i}].model`: expected a non-empty string")),
+        };
+        let Some(Value::String(response)) = c.get("response") else {
+            return Err(format!("`completions[{i}].response`: expected a string"));
+        };
+        let score = match parse_score(c.get("overall_score"), &format!("`completions[{i}].overall_score`"))? {
+            Some(s) => Some(s),
+            None => parse_score(c.get("fine-grained_score"), &format!("`completions[{i}].fine-grained_score`"))?,
+        };
+        items.push((model, None, response.clone(), score, None));
+    }
+    Ok(Record { prompt, items, per_prompt: true })
+}
+
 /// The layouts a line may have, for messages about one that has none of them.
-const SHAPES: &str = "`responses` (per-prompt layout), `source` and `response` (flat layout), or `chosen` and \
-                      `rejected` (TRL's preference layout)";
+const SHAPES: &str = "`responses` (per-prompt layout), `source` and `response` (flat layout), `chosen` and \
+                      `rejected` (TRL's preference layout), or `completions` (UltraFeedback's layout)";
 
 /// Why a record has none of the keys of `layout` (of any layout with `auto`), naming the keys it
 /// has; `None` when it has them.
 fn shape_error(obj: &serde_json::Map<String, Value>, layout: Layout) -> Option<String> {
     let has = |k: &str| obj.contains_key(k);
     let fits = match layout {
-        Layout::Auto => has("responses") || (has("source") && has("response")) || (has("chosen") && has("rejected")),
+        Layout::Auto => {
+            has("responses")
+                || (has("source") && has("response"))
+                || (has("chosen") && has("rejected"))
+                || has("completions")
+        }
         Layout::PerPrompt => has("responses"),
         Layout::Flat => has("source") && has("response"),
         Layout::Preference => has("chosen") && has("rejected"),
+        Layout::Completions => has("completions"),
     };
     let expected = match layout {
         Layout::Auto => SHAPES,
         Layout::PerPrompt => "`responses` (layout = \"per-prompt\")",
         Layout::Flat => "`source` and `response` (layout = \"flat\")",
         Layout::Preference => "`chosen` and `rejected` (layout = \"preference\")",
+        Layout::Completions => "`completions` (layout = \"completions\")",
     };
     (!fits).then(|| {
         let keys: Vec<String> = obj.keys().take(12).map(|k| format!("`{}`", k.escape_debug())).collect();
@@ -297,6 +343,14 @@ pub(crate) fn parse_line(text: &str, layout: Layout, source: &str) -> Result<Rec
     if preference {
         return parse_preference(&obj, source);
     }
+    let completions = match layout {
+        Layout::Completions => true,
+        Layout::Auto => !obj.contains_key("responses") && obj.contains_key("completions"),
+        _ => false,
+    };
+    if completions {
+        return parse_completions(&obj);
+    }
     if let Some(message) = shape_error(&obj, layout) {
         return Err(message);
     }
@@ -308,7 +362,7 @@ pub(crate) fn parse_line(text: &str, layout: Layout, source: &str) -> Result<Rec
     };
     let per_prompt = match layout {
         Layout::PerPrompt => true,
-        Layout::Flat | Layout::Preference => false,
+        Layout::Flat | Layout::Preference | Layout::Completions => false,
         Layout::Auto if obj.contains_key("responses") => true,
         Layout::Auto if obj.contains_key("source") && obj.contains_key("response") => false,
         Layout::Auto => return Err(format!("expected {SHAPES}")),
