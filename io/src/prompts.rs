@@ -135,7 +135,7 @@ pub fn parse_prompt_value(v: &Value) -> std::result::Result<(Option<String>, Vec
         m
     } else {
         return Err(
-            "expected a `prompt`, `messages`, `conversations` (ShareGPT) or `instruction` key (or a string, or a list of messages)"
+            "expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages; or ShareGPT's `conversations`)"
                 .into(),
         );
     };
@@ -346,7 +346,7 @@ mod tests {
         let err = read_prompts(&file).expect_err("bad").to_string();
         assert!(
             err.ends_with(
-                "p.jsonl:2: expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages)"
+                "p.jsonl:2: expected a `prompt`, `messages` or `instruction` key (or a string, or a list of messages; or ShareGPT's `conversations`)"
             ),
             "{err}"
         );

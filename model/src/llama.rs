@@ -157,8 +157,8 @@ impl<B: Backend> Rope<B> {
     }
 
     /// `x * cos + rotate_half(x) * sin`, element-wise: rotate-half is the halves swapped (a
-    /// flip of the `[2, head_dim / 2]` view) with its sign in the `sin` table, as transformers'
-    /// `rotate_half` without the concatenation.
+    /// concatenation of the two halves) with its sign in the `sin` table: transformers'
+    /// `rotate_half` without the negation pass.
     fn rotate_with(&self, x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
         let half = x.dims()[3] / 2;
         let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);

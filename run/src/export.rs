@@ -64,7 +64,10 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
         tracing::info!(to = %Shown(&to), "already exported");
         return Ok(Some(to));
     }
-    let _ = std::fs::remove_file(&marker);
+    // A pending record (no hash of what was written) before the files: an export killed part-way
+    // is this run's own folder to a rerun (which writes it again), not a stranger's files.
+    let pending = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
+    write_atomic(&marker, pending.as_bytes())?;
     let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
     save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
     let record = ExportRecord { exported: hash(&to).map_err(|e| TrainError::io(&to, e))?, ..record };

@@ -102,7 +102,10 @@ fn reference_logps_cached<B: LogProbBackend>(
     }
     tracing::info!(reference = %Shown(reference_from), "computing reference log-probs");
     let recipe = &t.loaded.recipe;
-    let reference_model = load::<B>(reference_from, t.device, t.dtype)?;
+    // Loaded as the policy is (weights in the master type, computing in the compute dtype), so
+    // that the policy and the reference give the same log-probs at step 0.
+    let mut reference_model = load::<B>(reference_from, t.device, fuserl_backends::master_dtype(&recipe.backend))?;
+    reference_model.dtype = t.dtype;
     let batch = recipe.po.batch_size as usize * 2;
     let r = reference_logps(&reference_model, examples, batch, recipe.backend.logprobs);
     drop(reference_model);

@@ -284,6 +284,14 @@ fn preference_rows_become_two_scored_answers_of_one_source() {
         ]
     );
 
+    // HuggingFaceH4/ultrafeedback_binarized's rows: a `prompt` string and whole conversations
+    // that begin with it; the prompt is not doubled.
+    let binarized = r#"{"prompt": "Q?", "prompt_id": "u1", "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"}], "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}], "score_chosen": 8.0, "score_rejected": 5.0}"#;
+    write(dir.path(), "ufb.jsonl", &format!("{binarized}\n"));
+    let got = collect(source(dir.path(), &[("path", "ufb.jsonl".into())]).expect("source").as_ref()).expect("collect");
+    assert_eq!(got.prompts[0].messages, vec![fuserl_core::data::ChatMessage::user("Q?")]);
+    assert_eq!(got.completions.len(), 2);
+
     for (line, expected) in [
         (
             r#"{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 1}"#,

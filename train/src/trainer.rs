@@ -181,7 +181,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_> {
     }
 }
 
-/// Whether every weight is finite (sums of squares in slices, as [`GradNorm`]).
+/// Whether every weight is finite, in slices as [`GradNorm`]: `sum(w * 0)` is 0 for finite
+/// weights and NaN when one is NaN or infinite (a maximum would let a NaN pass: SIMD `max`
+/// drops NaNs).
 struct Finite(bool);
 
 impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Finite {
@@ -194,9 +196,8 @@ impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Finite {
         let flat = t.reshape([n]);
         for start in (0..n).step_by(NORM_CHUNK) {
             let slice = flat.clone().narrow(0, start, NORM_CHUNK.min(n - start));
-            // The sum of squares overflows f32 before a weight does: compare absolute maxima.
-            let max = slice.cast(DType::F32).abs().max().into_data().iter::<f32>().next().unwrap_or(0.0);
-            if !max.is_finite() {
+            let zero = slice.cast(DType::F32).mul_scalar(0.0).sum().into_data().iter::<f32>().next().unwrap_or(0.0);
+            if !zero.is_finite() {
                 self.0 = false;
                 return;
             }
@@ -436,6 +437,7 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
     let mut orders: HashMap<u64, Vec<usize>> = HashMap::new();
     // f16 compute: dynamic loss scaling (it starts afresh on resume).
     let mut loss_scale = LossScale::for_dtype(model.dtype);
+    let model_dtype = model.dtype;
     for step in start..total {
         let t0 = Instant::now();
         let mut picked: Vec<&TrainExample> = Vec::with_capacity(per_step);
@@ -467,8 +469,11 @@ pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
                 Ok(Some(dir)) => format!("its last checkpoint, {}, is kept", Shown(&dir)),
                 _ => "no checkpoint was written yet".to_owned(),
             };
+            let dtype = if model_dtype == DType::F32 { "" } else { ", or compute in f32 (dtype = \"f32\")" };
             TrainError::Diverged(format!(
-                "{} step {}: {what}; the stage stops here ({kept}; nothing after it is saved or exported): lower the learning rate or max_grad_norm, or use dtype = \"f32\"",
+                "{} step {}: {what}; the stage stops here ({kept}; nothing after it is saved or exported). Rerunning \
+                 the same recipe diverges again: train with a lower learning rate or max_grad_norm{dtype}, in a new \
+                 [run] output_dir",
                 stage.name.as_str(),
                 step + 1
             ))

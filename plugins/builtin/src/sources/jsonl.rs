@@ -233,11 +233,19 @@ fn parse_preference(obj: &serde_json::Map<String, Value>, source: &str) -> Resul
                     with another final answer"
             .into());
     }
-    let mut messages = match obj.get("prompt") {
-        Some(v) => parse_messages(v)?,
-        None => Vec::new(),
+    // A `prompt` beside whole conversations that already begin with it (HuggingFaceH4's
+    // ultrafeedback_binarized has both) is that beginning, not more turns: as TRL extracts it.
+    let messages = match obj.get("prompt") {
+        Some(v) => {
+            let prompt = parse_messages(v)?;
+            if chosen_turns.starts_with(&prompt) {
+                chosen_turns
+            } else {
+                prompt.into_iter().chain(chosen_turns).collect()
+            }
+        }
+        None => chosen_turns,
     };
-    messages.extend(chosen_turns);
     if messages.is_empty() {
         return Err("no prompt: expected `prompt`, or `chosen` and `rejected` conversations that begin with it".into());
     }
