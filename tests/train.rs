@@ -41,6 +41,39 @@ fn fixture() -> serde_json::Value {
         .expect("json")
 }
 
+/// A training example from a fixture's JSON sequences (`{prompt, response, reward}`), its
+/// completions named `p{e}`/`s{i}`; each sequence's reference log-prob, when `refs` has one, goes
+/// into `reference`.
+fn fixture_example(
+    kind: &str,
+    e: usize,
+    weight: f64,
+    seqs_json: &[serde_json::Value],
+    refs: impl Fn(usize) -> Option<f64>,
+    reference: &mut HashMap<String, f64>,
+) -> TrainExample {
+    let mut seqs = Vec::new();
+    let mut sequences = Vec::new();
+    for (i, s) in seqs_json.iter().enumerate() {
+        let id = CompletionId { prompt_id: format!("p{e}"), source: format!("s{i}"), sample_index: 0 };
+        if let Some(r) = refs(i) {
+            reference.insert(completion_key(&id), r);
+        }
+        seqs.push(SeqTokens {
+            prompt: serde_json::from_value(s["prompt"].clone()).expect("prompt"),
+            response: serde_json::from_value(s["response"].clone()).expect("response"),
+        });
+        sequences.push(ExampleSequence {
+            completion: id,
+            origin: Origin { adapter: "fixture".into(), file: None, line: None },
+            reward: s["reward"].as_f64().expect("reward"),
+        });
+    }
+    let example =
+        Example { prompt_id: format!("p{e}"), objective: kind.into(), weight, sequences, notes: Default::default() };
+    TrainExample { example, seqs }
+}
+
 fn cases(fixture: &serde_json::Value) -> Vec<Case> {
     let registry = fuserl_builtin::registry().expect("registry");
     let mut out = Vec::new();
@@ -60,31 +93,9 @@ fn cases(fixture: &serde_json::Value) -> Vec<Case> {
             .zip(case["reference_logps"].as_array().expect("refs"))
             .enumerate()
         {
-            let mut seqs = Vec::new();
-            let mut sequences = Vec::new();
-            for (i, (s, r)) in
-                ex["seqs"].as_array().expect("seqs").iter().zip(refs.as_array().expect("ref")).enumerate()
-            {
-                let id = CompletionId { prompt_id: format!("p{e}"), source: format!("s{i}"), sample_index: 0 };
-                reference.insert(completion_key(&id), r.as_f64().expect("ref"));
-                seqs.push(SeqTokens {
-                    prompt: serde_json::from_value(s["prompt"].clone()).expect("prompt"),
-                    response: serde_json::from_value(s["response"].clone()).expect("response"),
-                });
-                sequences.push(ExampleSequence {
-                    completion: id,
-                    origin: Origin { adapter: "fixture".into(), file: None, line: None },
-                    reward: s["reward"].as_f64().expect("reward"),
-                });
-            }
-            let example = Example {
-                prompt_id: format!("p{e}"),
-                objective: kind.into(),
-                weight: ex["weight"].as_f64().expect("weight"),
-                sequences,
-                notes: Default::default(),
-            };
-            examples.push(TrainExample { example, seqs });
+            let weight = ex["weight"].as_f64().expect("weight");
+            let seqs = ex["seqs"].as_array().expect("seqs");
+            examples.push(fixture_example(kind, e, weight, seqs, |i| refs[i].as_f64(), &mut reference));
         }
         out.push(Case {
             kind: kind.to_owned(),
@@ -308,31 +319,9 @@ fn smollm2_bf16_loss_curves_follow_torch_autocast() {
         let mut reference = HashMap::new();
         let mut examples = Vec::new();
         for (e, ex) in case["examples"].as_array().expect("examples").iter().enumerate() {
-            let mut seqs = Vec::new();
-            let mut sequences = Vec::new();
-            for (i, s) in ex.as_array().expect("seqs").iter().enumerate() {
-                let id = CompletionId { prompt_id: format!("p{e}"), source: format!("s{i}"), sample_index: 0 };
-                if let Some(r) = case["reference_logps"][e][i].as_f64() {
-                    reference.insert(completion_key(&id), r);
-                }
-                seqs.push(SeqTokens {
-                    prompt: serde_json::from_value(s["prompt"].clone()).expect("prompt"),
-                    response: serde_json::from_value(s["response"].clone()).expect("response"),
-                });
-                sequences.push(ExampleSequence {
-                    completion: id,
-                    origin: Origin { adapter: "fixture".into(), file: None, line: None },
-                    reward: s["reward"].as_f64().expect("reward"),
-                });
-            }
-            let example = Example {
-                prompt_id: format!("p{e}"),
-                objective: kind.into(),
-                weight: 1.0,
-                sequences,
-                notes: Default::default(),
-            };
-            examples.push(TrainExample { example, seqs });
+            let seqs = ex.as_array().expect("seqs");
+            let refs = |i: usize| case["reference_logps"][e][i].as_f64();
+            examples.push(fixture_example(kind, e, 1.0, seqs, refs, &mut reference));
         }
         let lr = case["lr"].as_f64().expect("lr");
         let curve = |compute: DType| -> Vec<f64> {

@@ -68,6 +68,24 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         if low != DType::F32 {
             return self.step_rounded(lr, param, grad, state, low);
         }
+        let (param, state) = self.update(lr, param, grad, state);
+        (param, Some(state))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        AdamWState { moment_1: state.moment_1.to_device(device), moment_2: state.moment_2.to_device(device), ..state }
+    }
+}
+
+impl AdamW {
+    /// One update in the parameter's own dtype (f32 here).
+    fn update<B: Backend, const D: usize>(
+        &self,
+        lr: f64,
+        param: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<AdamWState<B, D>>,
+    ) -> (Tensor<B, D>, AdamWState<B, D>) {
         let (b1, b2) = (f64::from(self.beta_1), f64::from(self.beta_2));
         // Temporary 1: (1 - b1) g, while g lives on; then g is the only reference to its
         // buffer, and (1 - b2) g^2 is written into it.
@@ -85,17 +103,11 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         let step = moment_1.clone().div(denom).mul_scalar(lr / bias_1);
         let decay = lr * f64::from(self.weight_decay);
         let param = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
-        (param.sub(step), Some(AdamWState { moment_1, moment_2, time }))
+        (param.sub(step), AdamWState { moment_1, moment_2, time })
     }
 
-    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
-        AdamWState { moment_1: state.moment_1.to_device(device), moment_2: state.moment_2.to_device(device), ..state }
-    }
-}
-
-impl AdamW {
     /// The update of a parameter kept in a 16-bit type (`[backend] master_weights = "bf16"`):
-    /// the same arithmetic in f32 from the parameter, gradient and moments cast up, then the
+    /// [`AdamW::update`] in f32 from the parameter, gradient and moments cast up, then the
     /// parameter and both moments stochastically rounded back ([`stochastic_round`]). Rounding
     /// to nearest would drop every update smaller than half a rounding step (about 2e-3 of the
     /// weight in bf16): at preference-stage learning rates, almost all of them.
@@ -107,28 +119,15 @@ impl AdamW {
         state: Option<AdamWState<B, D>>,
         low: DType,
     ) -> (Tensor<B, D>, Option<AdamWState<B, D>>) {
-        let (b1, b2) = (f64::from(self.beta_1), f64::from(self.beta_2));
-        let grad = grad.cast(DType::F32);
-        let scaled = grad.clone().mul_scalar(1.0 - b1);
-        let squared = grad.square().mul_scalar(1.0 - b2);
-        let (moment_1, moment_2, time) = match state {
-            Some(s) => (
-                s.moment_1.cast(DType::F32).mul_scalar(b1).add(scaled),
-                s.moment_2.cast(DType::F32).mul_scalar(b2).add(squared),
-                s.time + 1,
-            ),
-            None => (scaled, squared, 1),
+        let up = |t: Tensor<B, D>| t.cast(DType::F32);
+        let state = state.map(|s| AdamWState { moment_1: up(s.moment_1), moment_2: up(s.moment_2), time: s.time });
+        let (param, s) = self.update(lr, up(param), up(grad), state);
+        let state = AdamWState {
+            moment_1: stochastic_round(s.moment_1, low),
+            moment_2: stochastic_round(s.moment_2, low),
+            time: s.time,
         };
-        let bias_1 = 1.0 - b1.powi(time as i32);
-        let bias_2 = 1.0 - b2.powi(time as i32);
-        let denom = moment_2.clone().sqrt().div_scalar(bias_2.sqrt()).add_scalar(f64::from(self.eps));
-        let step = moment_1.clone().div(denom).mul_scalar(lr / bias_1);
-        let decay = lr * f64::from(self.weight_decay);
-        let param = param.cast(DType::F32);
-        let param = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
-        let state =
-            AdamWState { moment_1: stochastic_round(moment_1, low), moment_2: stochastic_round(moment_2, low), time };
-        (stochastic_round(param.sub(step), low), Some(state))
+        (stochastic_round(param, low), Some(state))
     }
 }
 
