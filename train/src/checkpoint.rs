@@ -13,9 +13,10 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use fuserl_core::data::StageName;
 use fuserl_io::fs::write_atomic;
@@ -71,11 +72,29 @@ pub(crate) fn resume<B: AutodiffBackend>(
     )
     .map_err(|e| TrainError::Checkpoint { file: ckpt.join("state.json"), message: e.to_string() })?;
     let device = weights.embed_tokens.val().device();
+    // The recorder writes f32 (full precision); weights kept in a 16-bit master type (the lean
+    // option) are cast back to it, or the resumed run would train in f32 from here on.
+    let master = weights.embed_tokens.val().dtype();
     let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
     let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
-    let weights = weights.load_record(record);
+    let weights = weights.load_record(record).map(&mut InDType(master));
     let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
     Ok((weights, optim.load_record(orecord), Some((state.step, ckpt))))
+}
+
+/// Casts every parameter to one dtype, keeping it a leaf that requires a gradient.
+struct InDType(burn::tensor::DType);
+
+impl<B: AutodiffBackend> ModuleMapper<B> for InDType {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        if tensor.dtype() == self.0 {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let grad = tensor.is_require_grad();
+        let cast = Tensor::from_inner(tensor.inner().cast(self.0));
+        Param::from_mapped_value(id, if grad { cast.require_grad() } else { cast }, mapper)
+    }
 }
 
 /// Write a checkpoint of the stage in `dir` (`step-NNNNNN/`, made under a temporary name and
@@ -148,5 +167,41 @@ mod pointer_tests {
         std::fs::remove_file(dir.join("LATEST")).expect("rm");
         assert_eq!(latest_checkpoint(&dir).expect("ok"), None);
         assert!(outside.join("state.json").is_file());
+    }
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use burn::tensor::DType;
+    use fuserl_core::data::StageName;
+
+    use super::{CheckpointState, resume, save};
+    use crate::TrainBackend;
+    use crate::trainer::new_optimizer;
+
+    /// A run with the lean option (`master_weights = "bf16"`) resumes with its weights in bf16:
+    /// the recorder writes f32, and without the cast back the resumed run would keep f32
+    /// weights (16 bytes a parameter instead of 8) for the rest of the stage.
+    #[test]
+    fn lean_weights_resume_in_bf16() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/tiny-chat");
+        let config: fuserl_recipe::StageConfig =
+            fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+        let dir = tempfile::tempdir().expect("tmp");
+        for master in [DType::BF16, DType::F32] {
+            let model =
+                fuserl_model::checkpoint::load::<TrainBackend>(&tiny, &Default::default(), master).expect("load");
+            let optim = new_optimizer::<TrainBackend>(&config);
+            let state = CheckpointState { stage: StageName::Sft, step: 1, total: 2 };
+            save(dir.path(), &model.weights, &optim, &state).expect("save");
+            let fresh =
+                fuserl_model::checkpoint::load::<TrainBackend>(&tiny, &Default::default(), master).expect("load");
+            let (weights, _, resumed) = resume(dir.path(), fresh.weights, new_optimizer(&config)).expect("resume");
+            assert_eq!(resumed.map(|r| r.0), Some(1));
+            assert_eq!(weights.embed_tokens.val().dtype(), master);
+            let q = weights.layers[0].self_attn.q_proj.weight.val();
+            assert_eq!(q.dtype(), master);
+            assert!(q.is_require_grad(), "a resumed weight is still trained");
+        }
     }
 }
