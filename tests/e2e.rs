@@ -376,6 +376,22 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
             .expect("steps");
         assert!(stderr.contains(&format!("{stage}: {last}/{last} steps, loss ")), "{stage}: {stderr}");
     }
+    // Issue #30: each training stage keeps its memory plan, and on the CPU (Linux) the measured
+    // peak beside it.
+    for stage in ["sft", "po"] {
+        let file = dir.path().join(format!("runs/quickstart/{stage}/memory.json"));
+        let memory: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("memory.json")).expect("json");
+        assert!(memory["planned_peak_bytes"].as_u64().is_some_and(|b| b > 0), "{memory}");
+        if cfg!(target_os = "linux") {
+            assert!(memory["measured_peak_bytes"].as_u64().is_some_and(|b| b > 0), "{memory}");
+        }
+    }
+    // The plan of a run that made its examples is theirs, not the worst case.
+    let planned = fuserl(&["plan", &recipe, "--json"], dir.path());
+    assert!(planned.status.success(), "{}", text(&planned.stderr));
+    let planned: serde_json::Value = serde_json::from_slice(&planned.stdout).expect("json");
+    assert_eq!(planned["stages"][0]["worst_case"], false, "{planned}");
     // The quick start evaluates ([eval] enabled) and reports, with no download.
     assert!(stdout.contains("evaluation: runs/quickstart/eval/eval.json"), "{stdout}");
     assert!(stdout.contains("report: runs/quickstart/report/index.html"), "{stdout}");
@@ -812,4 +828,77 @@ fn a_device_the_machine_lacks_is_named_at_its_line_before_anything_runs() {
     );
     assert!(!err.contains("Task failed") && !err.contains("panicked"), "{err}");
     assert!(!sandbox.path().join("runs").exists(), "nothing ran");
+}
+
+/// Issue #30: `fuserl plan` breaks each training stage's peak down by phase and part, with the
+/// training state counted from the model's parameters (16 bytes each with f32 master weights, 8
+/// with the lean option), says whether it fits, and names the settings to change when it does
+/// not; `recipe check` has a memory line.
+#[test]
+fn plan_breaks_each_stage_down_and_names_what_to_change() {
+    let sandbox = sandbox();
+    let quickstart = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    let lean = quickstart.replace("dtype = \"f32\"", "dtype = \"bf16\"\nmaster_weights = \"bf16\"");
+    assert_ne!(lean, quickstart);
+    std::fs::write(sandbox.path().join("recipes/lean.toml"), &lean).expect("write");
+    std::fs::write(sandbox.path().join("recipes/quickstart.toml"), &quickstart).expect("write");
+    let mut parameters = None;
+    for (recipe, bytes) in [("recipes/quickstart.toml", 4), ("recipes/lean.toml", 2)] {
+        let out = fuserl(&["plan", recipe, "--json", "--memory-gb", "1000"], sandbox.path());
+        assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let stages = plan["stages"].as_array().expect("stages");
+        assert_eq!(stages.iter().map(|s| s["stage"].as_str().expect("name")).collect::<Vec<_>>(), ["sft", "po"]);
+        for stage in stages {
+            assert_eq!(stage["fits"], true, "{stage}");
+            assert_eq!(stage["worst_case"], true, "{stage}");
+            let p = &stage["plan"];
+            let n = p["parameters"].as_u64().expect("parameters");
+            assert_eq!(*parameters.get_or_insert(n), n);
+            let phases = p["phases"].as_array().expect("phases");
+            let part = |phase: &str, part: &str| -> u64 {
+                let ph = phases.iter().find(|x| x["name"] == phase).unwrap_or_else(|| panic!("{phase}: {p}"));
+                ph["parts"]
+                    .as_array()
+                    .expect("parts")
+                    .iter()
+                    .filter(|x| x["name"] == part)
+                    .map(|x| x["bytes"].as_u64().expect("bytes"))
+                    .sum()
+            };
+            assert_eq!(part("the layers' backward", "trained weights"), n * bytes, "{recipe}");
+            assert_eq!(part("the layers' backward", "gradients"), n * bytes, "{recipe}");
+            assert_eq!(part("the layers' backward", "AdamW moments"), 2 * n * bytes, "{recipe}");
+            let totals: Vec<u64> = phases
+                .iter()
+                .map(|ph| ph["parts"].as_array().expect("parts").iter().map(|x| x["bytes"].as_u64().expect("b")).sum())
+                .collect();
+            let runtime = p["runtime"].as_u64().expect("runtime");
+            assert_eq!(stage["peak_bytes"].as_u64(), Some(runtime + totals.iter().max().expect("phases")));
+            // max_length 256; DPO: 2 sequences an example, 4 examples a micro-batch.
+            assert_eq!(stage["length"], 256);
+        }
+        assert_eq!(stages[1]["sequences"], 8);
+        assert!(
+            stages[1]["plan"]["phases"].as_array().expect("phases").iter().any(|x| x["name"] == "reference log-probs")
+        );
+    }
+    let tight = fuserl(&["plan", "recipes/quickstart.toml", "--memory-gb", "0.001"], sandbox.path());
+    assert!(tight.status.success(), "{}", text(&tight.stderr));
+    let shown = text(&tight.stdout);
+    for part in [
+        "sft: ",
+        "does not fit in 1 MB",
+        "forward and the head's backward",
+        "to fit, try",
+        "batch_size",
+        "master_weights",
+    ] {
+        assert!(shown.contains(part), "{part:?} missing from:\n{shown}");
+    }
+    let bad = fuserl(&["plan", "recipes/quickstart.toml", "--memory-gb", "0"], sandbox.path());
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--memory-gb"), "{}", text(&bad.stderr));
+    let check = fuserl(&["recipe", "check", "recipes/quickstart.toml"], sandbox.path());
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&check.stdout).contains("memory: sft "), "{}", text(&check.stdout));
 }

@@ -17,6 +17,8 @@
 use fuserl_core::backend::{DType, Device};
 pub use fuserl_kernels::LogProbBackend;
 
+pub mod memory;
+
 /// Makes the C allocator keep freed memory for reuse (glibc only; elsewhere it does nothing and
 /// returns false). A training step on the CPU frees and allocates tensors of the same sizes
 /// over and over, up to the embeddings' `[vocab, hidden]`; glibc's defaults give every block

@@ -59,6 +59,13 @@ enum Command {
     /// Validate and inspect recipes.
     #[command(subcommand)]
     Recipe(RecipeCommand),
+    /// The memory plan of a recipe's training stages: the estimated peak of each stage on its
+    /// device, broken down (weights, gradients, AdamW moments, activations, log-probs), and
+    /// whether it fits.
+    #[command(
+        after_help = "Examples:\n  fuserl plan recipes/smollm2-fuserl-dpo.toml\n  fuserl plan recipes/smollm2-fuserl-dpo.toml --memory-gb 24"
+    )]
+    Plan(PlanArgs),
     /// Inspect plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -143,6 +150,20 @@ struct ExamplesArgs {
     /// Write here instead of standard output (atomically: a temporary file, then a rename).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    /// Recipe file.
+    recipe: PathBuf,
+    /// The device's memory in GB (10^9 bytes), for a device other than this machine's or one
+    /// whose memory fuserl cannot read (wgpu, ROCm).
+    #[arg(long, value_name = "GB")]
+    memory_gb: Option<f64>,
+    /// Print the plans as JSON (one object: device, capacity, and per stage its peak, phases and
+    /// parts in bytes).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +369,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plan(args) => plan(&args, plugins),
         Command::Examples(args) => examples(&args, plugins),
         Command::Collect(args) => collect(&args, plugins),
         Command::Score(args) => score(&args, plugins),
@@ -394,6 +416,14 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
                     stage_summary(loaded.recipe.sft.enabled, c.sft_objective.name()),
                     stage_summary(loaded.recipe.po.enabled, c.po_objective.name()),
                 );
+                match fuserl_run::memory::plan_recipe(&loaded) {
+                    Ok(plans) if !plans.is_empty() => println!("  {}", memory_line(&loaded, &plans)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed += 1;
+                        print_error(chain_of(&e));
+                    }
+                }
             }
             Err(e) => {
                 failed += 1;
@@ -738,6 +768,96 @@ fn check_backend(loaded: fuserl_recipe::LoadedRecipe) -> fuserl_core::Result<fus
             Err(loaded.error_at(&fuserl_core::config::KeyPath::keys(&["backend", key]), e.to_string()))
         }
     }
+}
+
+fn plan(args: &PlanArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
+    use fuserl_run::memory::{count, gb};
+    let registry = registry(plugins)?;
+    let loaded = load(&args.recipe, &registry).and_then(check_backend)?;
+    let b = &loaded.recipe.backend;
+    let device = format!("{:?} {}", b.device, b.device_index).to_lowercase();
+    let capacity = match args.memory_gb {
+        Some(g) if g.is_finite() && g > 0.0 => Some((g * 1e9) as u64),
+        Some(g) => anyhow::bail!("--memory-gb {g}: expected a positive number of GB"),
+        None => fuserl_backends::memory::device_capacity(b.device, b.device_index),
+    };
+    let plans = fuserl_run::memory::plan_recipe(&loaded)?;
+    if args.json {
+        let stages: Vec<serde_json::Value> = plans
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "stage": p.stage.as_str(),
+                    "peak_bytes": p.plan.peak(),
+                    "fits": capacity.map(|c| p.plan.peak() <= c),
+                    "sequences": p.sequences,
+                    "length": p.length,
+                    "worst_case": p.basis == fuserl_run::memory::Basis::WorstCase,
+                    "plan": p.plan,
+                    "levers": p.levers,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"device": b.device, "device_index": b.device_index, "capacity_bytes": capacity, "stages": stages});
+        println!("{doc:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if plans.is_empty() {
+        println!("{}: no training stage is enabled", Shown(&args.recipe));
+    }
+    let master = match b.master_weights {
+        fuserl_core::backend::MasterWeights::F32 => "f32",
+        fuserl_core::backend::MasterWeights::Bf16 => "bf16",
+    };
+    for p in &plans {
+        let peak = p.plan.peak();
+        let fits = match capacity {
+            Some(c) if peak > c => format!("does not fit in {}", gb(c)),
+            Some(c) => format!("fits in {} ({:.0}%)", gb(c), peak as f64 / c as f64 * 100.0),
+            None => "its memory is unknown here: give it with --memory-gb".to_owned(),
+        };
+        let basis = match p.basis {
+            fuserl_run::memory::Basis::Examples => "the stage's examples",
+            fuserl_run::memory::Basis::WorstCase => "worst case: every sequence max_length tokens",
+        };
+        println!(
+            "{}: {} at peak on {device}: {fits}\n  {} trained parameters, {master} master weights, {} compute; largest micro-batch {} sequences x {} tokens ({basis})",
+            p.stage.as_str(),
+            gb(peak),
+            count(p.plan.parameters),
+            format!("{:?}", b.dtype).to_lowercase(),
+            p.sequences,
+            p.length,
+        );
+        for phase in &p.plan.phases {
+            let parts: Vec<String> =
+                phase.parts.iter().filter(|x| x.bytes > 0).map(|x| format!("{} {}", x.name, gb(x.bytes))).collect();
+            println!("  {:<33} {:>8}  {}", phase.name, gb(phase.total() + p.plan.runtime), parts.join(", "));
+        }
+        println!("  (each phase includes {} held before the stage)", gb(p.plan.runtime));
+        if capacity.is_some_and(|c| peak > c) {
+            println!("  to fit, try {}", p.levers.join("; or "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recipe check`'s memory line: each training stage's planned peak, against the device's
+/// memory when it is known.
+fn memory_line(loaded: &fuserl_recipe::LoadedRecipe, plans: &[fuserl_run::memory::StagePlan]) -> String {
+    use fuserl_run::memory::gb;
+    let b = &loaded.recipe.backend;
+    let stages: Vec<String> = plans.iter().map(|p| format!("{} {}", p.stage.as_str(), gb(p.plan.peak()))).collect();
+    let device = format!("{:?} {}", b.device, b.device_index).to_lowercase();
+    let capacity = fuserl_backends::memory::device_capacity(b.device, b.device_index);
+    let verdict = match capacity {
+        Some(c) if plans.iter().any(|p| p.plan.peak() > c) => {
+            format!("DOES NOT FIT in {} (`fuserl plan` says what to change)", gb(c))
+        }
+        Some(c) => format!("of {}", gb(c)),
+        None => "(its memory unknown here)".to_owned(),
+    };
+    format!("memory: {} at peak on {device} {verdict}; `fuserl plan` breaks it down", stages.join(", "))
 }
 
 fn stage_summary(enabled: bool, objective: &str) -> String {

@@ -32,6 +32,7 @@ pub mod eval;
 pub mod export;
 pub mod inputs;
 pub mod local;
+pub mod memory;
 pub mod pairwise;
 pub mod pipeline;
 mod po;

@@ -74,10 +74,12 @@ pub(crate) fn po_stage<B: LogProbBackend>(
     };
     let examples = t.examples(StageName::Po, groups)?;
     let objective = loaded.components.po_objective.as_ref();
+    let planned = t.memory_plan(StageName::Po, &recipe.po, &examples)?;
     let reference =
         if objective.needs_reference() { Some(reference_logps_cached(t, &reference_from, &examples)?) } else { None };
     let stage = t.stage(StageName::Po, &recipe.po, objective, examples, reference);
     t.train_and_save(&start, stage, &po.final_model(), progress)?;
+    t.memory_measured(StageName::Po, &planned)?;
     write_atomic(&po.done(), b"done\n")?;
     Ok(true)
 }

@@ -24,8 +24,10 @@ pub(crate) fn sft_stage<B: LogProbBackend>(
     let recipe = &t.loaded.recipe;
     t.tok.check_fits(fuserl_model::config::LlamaConfig::from_file(&t.target.join("config.json"))?.vocab_size)?;
     let examples = t.examples(StageName::Sft, groups)?;
+    let planned = t.memory_plan(StageName::Sft, &recipe.sft, &examples)?;
     let stage = t.stage(StageName::Sft, &recipe.sft, t.loaded.components.sft_objective.as_ref(), examples, None);
     t.train_and_save(&t.target, stage, &sft.final_model(), progress)?;
+    t.memory_measured(StageName::Sft, &planned)?;
     write_atomic(&sft.done(), b"done\n")?;
     Ok(true)
 }

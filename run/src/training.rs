@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
 use burn::tensor::DType;
-use fuserl_backends::LogProbBackend;
+use fuserl_backends::{LogProbBackend, memory};
 use fuserl_core::data::{ScoredGroup, StageName};
 use fuserl_core::extension::PreferenceObjective;
 use fuserl_io::artifacts::StageExample;
@@ -15,6 +15,7 @@ use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save};
 use fuserl_recipe::{LoadedRecipe, StageConfig};
 use fuserl_train::data::{TrainExample, tokenize};
+use fuserl_train::plan::{self, MemoryPlan};
 use fuserl_train::trainer::{Progress, Stage, inference_model, train_stage};
 use fuserl_train::{Result, TrainError};
 
@@ -97,6 +98,61 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
             tensorboard,
             logprobs: recipe.backend.logprobs,
         }
+    }
+
+    /// The memory plan of a training stage from its examples (their largest micro-batch),
+    /// logged. On a GPU whose memory is known, a stage planned past it is refused with the
+    /// settings that would make it fit; on the CPU a plan past the machine's memory is a
+    /// warning, and the process's peak is measured from here on ([`Training::memory_measured`]).
+    pub fn memory_plan(&self, name: StageName, config: &StageConfig, examples: &[TrainExample]) -> Result<MemoryPlan> {
+        let backend = &self.loaded.recipe.backend;
+        let model = fuserl_model::config::LlamaConfig::from_file(&self.target.join("config.json"))?;
+        let batch = plan::largest_micro_batch(examples, config.batch_size as usize);
+        let runtime = crate::memory::runtime(self.loaded);
+        let planned =
+            crate::memory::plan_stage(self.loaded, &model, name, batch, crate::memory::Basis::Examples, runtime);
+        let device = format!("{:?}", backend.device).to_lowercase();
+        tracing::info!(stage = name.as_str(), device = %device, "memory plan: {}", planned.plan.summary());
+        let host = memory::is_host(backend.device);
+        let capacity = memory::device_capacity(backend.device, backend.device_index);
+        if let Some(what) =
+            capacity.and_then(|c| crate::memory::does_not_fit(&planned, &device, backend.device_index, c))
+        {
+            if host {
+                tracing::warn!(stage = name.as_str(), "{what} (on the CPU the run goes on: the system may swap)");
+            } else {
+                return Err(TrainError::DoesNotFit(what));
+            }
+        }
+        if host {
+            memory::reset_peak();
+        }
+        Ok(planned.plan)
+    }
+
+    /// On the CPU, the stage's measured peak next to its plan: logged, and kept with the plan
+    /// in the stage's `memory.json` (what `scripts/bench-memory-plan.sh` tabulates).
+    pub fn memory_measured(&self, name: StageName, planned: &MemoryPlan) -> Result<()> {
+        let backend = &self.loaded.recipe.backend;
+        let measured = memory::is_host(backend.device).then(memory::peak_resident).flatten();
+        if let Some(m) = measured {
+            tracing::info!(
+                stage = name.as_str(),
+                "peak memory: {} measured (resident), {} planned ({:+.0}%)",
+                plan::gb(m),
+                plan::gb(planned.peak()),
+                (planned.peak() as f64 / m as f64 - 1.0) * 100.0
+            );
+        }
+        let doc = serde_json::json!({
+            "device": backend.device,
+            "planned_peak_bytes": planned.peak(),
+            "measured_peak_bytes": measured,
+            "plan": planned,
+        });
+        let file = self.run.stage(name).root().join("memory.json");
+        write_atomic(&file, format!("{doc:#}\n").as_bytes())?;
+        Ok(())
     }
 
     /// Load `start`, train it on `stage`, and save the result as a Hugging Face checkpoint in

@@ -28,6 +28,10 @@ pub enum TrainError {
     /// last checkpoint is kept and nothing after it is written).
     #[error("{0}")]
     Diverged(String),
+    /// The stage's memory plan does not fit on its device (the message names the settings to
+    /// change).
+    #[error("{0}")]
+    DoesNotFit(String),
     /// A training checkpoint could not be written or read.
     #[error("{}: {message}", fuserl_core::paths::shown(file))]
     Checkpoint {
@@ -49,7 +53,7 @@ impl TrainError {
         match self {
             Self::Core(e) => e.is_bad_input(),
             Self::Model(fuserl_model::ModelError::Io { .. }) => false,
-            Self::Model(_) | Self::Data(_) | Self::Unsupported(_) => true,
+            Self::Model(_) | Self::Data(_) | Self::Unsupported(_) | Self::DoesNotFit(_) => true,
             Self::Io { .. } | Self::Checkpoint { .. } | Self::Diverged(_) => false,
         }
     }

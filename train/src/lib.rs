@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 mod layerwise;
+pub mod plan;
 pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;

@@ -1,0 +1,409 @@
+//! The memory plan of a training stage: an estimate of its peak memory on its device, broken
+//! down into what holds it, from the model's shapes, the stage's settings and the longest
+//! micro-batch (docs/scaling.md). `fuserl plan` prints it, `fuserl recipe check` sums it up, and
+//! each training stage logs it when it starts (and, on a GPU, refuses to start when it cannot
+//! fit, naming the settings that would make it fit).
+//!
+//! The counts follow what the trainer keeps alive, tensor by tensor:
+//!
+//! - **training state**: the trained weights, their gradients and AdamW's two moments, each in
+//!   the master type (f32: 16 bytes a parameter; the lean option, bf16: 8);
+//! - **compute copies** under mixed precision: each use of an f32 weight casts it to the
+//!   compute type, and autodiff keeps the copy for the backward pass (one layer's at a time with
+//!   gradient checkpointing, every layer's without);
+//! - **activations**: what Burn's autodiff keeps for backward in one decoder layer (the norms'
+//!   f32 intermediates, q/k/v and their rotations, the attention's `[heads, seq, seq]`
+//!   exponentials and probabilities, the MLP's gate, activation, up and product) per token,
+//!   for every layer without checkpointing, and for one recomputed layer plus every layer's
+//!   input with it; the mask and rotary tables of the micro-batch;
+//! - **log-probs**: the final hidden states, the head's gradient (built in vocabulary chunks and
+//!   joined: twice `[vocab, hidden]` f32 for a moment) and the chunks (at most 2^22 elements);
+//!   the naive path holds `[tokens, vocab]` logits instead;
+//! - **the optimiser step**: the largest parameter's update (the embeddings, updated last) in
+//!   f32 temporaries;
+//! - **reference log-probs** (FusePO with DPO-style objectives): the reference model, loaded as
+//!   the policy is, and one layer's inference activations, before training starts;
+//! - **runtime**: what the process holds already (its measured resident memory on the CPU; the
+//!   CUDA context and kernel workspaces on a GPU, an allowance).
+//!
+//! The peak is the largest of the phases. Checked against measured peaks on the CPU
+//! (`scripts/bench-memory-plan.sh`, docs/scaling.md).
+
+use fuserl_core::backend::{BackendConfig, LogProbPath, MasterWeights};
+use fuserl_model::config::LlamaConfig;
+use fuserl_recipe::StageConfig;
+
+/// What is planned for: the model, the stage's settings, and the largest micro-batch.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInput<'a> {
+    /// The trained model's shapes.
+    pub model: &'a LlamaConfig,
+    /// The stage's settings (batch size, gradient checkpointing).
+    pub config: &'a StageConfig,
+    /// `[backend]`: the compute and master types, the log-prob path.
+    pub backend: &'a BackendConfig,
+    /// Sequences in the largest micro-batch (`batch_size` examples of up to this many).
+    pub sequences: usize,
+    /// Tokens of each sequence, padded (the longest in the micro-batch).
+    pub length: usize,
+    /// Sequences of a batch of reference log-probs, when the stage computes them first.
+    pub reference_sequences: Option<usize>,
+    /// Memory already held: the process's on the CPU, the device runtime's on a GPU.
+    pub runtime: u64,
+}
+
+/// One named part of a phase, in bytes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Part {
+    /// What holds it.
+    pub name: &'static str,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// One phase of a stage: its parts are alive at the same time.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Phase {
+    /// The phase (`reference log-probs`, `forward and backward`, `optimiser step`).
+    pub name: &'static str,
+    /// What it holds.
+    pub parts: Vec<Part>,
+}
+
+impl Phase {
+    /// The phase's total.
+    pub fn total(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+}
+
+/// A stage's memory plan.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Memory held before the stage (part of every phase's total).
+    pub runtime: u64,
+    /// The phases, in the order they run.
+    pub phases: Vec<Phase>,
+    /// Trained parameters.
+    pub parameters: u64,
+}
+
+impl MemoryPlan {
+    /// The phase with the largest total.
+    pub fn peak_phase(&self) -> &Phase {
+        self.phases.iter().max_by_key(|p| p.total()).expect("a plan has phases")
+    }
+
+    /// The planned peak: the runtime plus the largest phase.
+    pub fn peak(&self) -> u64 {
+        self.runtime + self.peak_phase().total()
+    }
+
+    /// One line: the peak and its largest parts.
+    pub fn summary(&self) -> String {
+        let phase = self.peak_phase();
+        let mut parts: Vec<&Part> = phase.parts.iter().filter(|p| p.bytes > 0).collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(p.bytes));
+        let shown: Vec<String> = parts.iter().take(4).map(|p| format!("{} {}", p.name, gb(p.bytes))).collect();
+        format!("{} at peak ({}: {})", gb(self.peak()), phase.name, shown.join(", "))
+    }
+
+    /// What to change when the plan does not fit in `capacity` bytes: the settings that shrink
+    /// its largest parts, most effective first.
+    pub fn levers(&self, input: &PlanInput<'_>) -> Vec<String> {
+        let phase = self.peak_phase();
+        let bytes = |name: &str| phase.parts.iter().filter(|p| p.name == name).map(|p| p.bytes).sum::<u64>();
+        let mut levers: Vec<(u64, String)> = Vec::new();
+        let activations = bytes("activations") + bytes("attention scores") + bytes("log-probs");
+        if activations > 0 {
+            levers.push((
+                activations / 2,
+                format!(
+                    "a smaller `batch_size` ({} now; `grad_accum` keeps the examples per step) or `[target] max_length` ({} now)",
+                    input.config.batch_size, input.length
+                ),
+            ));
+            if !input.config.gradient_checkpointing {
+                levers.push((activations * 3 / 4, "`gradient_checkpointing = true`".into()));
+            }
+        }
+        let state = bytes("trained weights") + bytes("gradients") + bytes("AdamW moments");
+        if input.backend.master_weights == MasterWeights::F32 {
+            levers.push((
+                state / 2,
+                "the lean option (`[backend] dtype = \"bf16\"` with `master_weights = \"bf16\"`: 8 bytes a parameter instead of 16)"
+                    .into(),
+            ));
+        }
+        levers.push((state * 3 / 4, "LoRA (issue #31: not built yet) or a smaller target".into()));
+        levers.sort_by_key(|(saved, _)| std::cmp::Reverse(*saved));
+        levers.into_iter().map(|(_, l)| l).collect()
+    }
+}
+
+/// The largest micro-batch a stage's examples can make: the `batch_size` examples with the
+/// most sequences, every sequence as long as the longest of the stage (the trainer pads a
+/// micro-batch to its longest). Returns (sequences, tokens each).
+pub fn largest_micro_batch(examples: &[crate::data::TrainExample], batch_size: usize) -> (usize, usize) {
+    let length = examples.iter().flat_map(|e| &e.seqs).map(|s| s.prompt.len() + s.response.len()).max().unwrap_or(0);
+    let mut counts: Vec<usize> = examples.iter().map(|e| e.seqs.len()).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    (counts.iter().take(batch_size.max(1)).sum(), length)
+}
+
+/// Bytes as GB (10^9), one decimal; MB or kB below 1 GB.
+pub fn gb(bytes: u64) -> String {
+    match bytes {
+        1_000_000_000.. => format!("{:.1} GB", bytes as f64 / 1e9),
+        1_000_000.. => format!("{} MB", bytes / 1_000_000),
+        _ => format!("{} kB", bytes.div_ceil(1000)),
+    }
+}
+
+/// A parameter count as people write it: 1.71B, 135M, 0.8M.
+pub fn count(n: u64) -> String {
+    match n {
+        1_000_000_000.. => format!("{:.2}B", n as f64 / 1e9),
+        10_000_000.. => format!("{}M", n / 1_000_000),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    }
+}
+
+/// The parameters of the model: embeddings, the head when untied, every layer's projections,
+/// biases and norms, the final norm.
+pub fn parameters(m: &LlamaConfig) -> u64 {
+    let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
+    let head = if m.tie_word_embeddings { 0 } else { h * v };
+    v * h + head + h + m.num_layers as u64 * layer_parameters(m)
+}
+
+fn layer_parameters(m: &LlamaConfig) -> u64 {
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let (q, kv) = ((m.num_heads * m.head_dim) as u64, (m.num_kv_heads * m.head_dim) as u64);
+    let mut n = h * q + 2 * h * kv + q * h + 3 * h * i;
+    if m.qkv_bias {
+        n += q + 2 * kv;
+    }
+    if m.o_bias {
+        n += h;
+    }
+    n += if m.gemma_norms { 4 * h } else { 2 * h };
+    if m.qk_norm {
+        n += 2 * m.head_dim as u64;
+    }
+    n
+}
+
+/// Bytes of one element of the backend's compute type.
+fn compute_bytes(b: &BackendConfig) -> u64 {
+    match b.dtype {
+        fuserl_core::backend::DType::F32 => 4,
+        _ => 2,
+    }
+}
+
+/// Bytes of one element of the master type (trained weights, gradients, moments).
+fn master_bytes(b: &BackendConfig) -> u64 {
+    match b.master_weights {
+        MasterWeights::F32 => 4,
+        MasterWeights::Bf16 => 2,
+    }
+}
+
+/// Bytes one decoder layer keeps for its backward pass, per token of a micro-batch whose
+/// sequences are `length` long (the attention part grows with it).
+fn layer_activations_per_token(m: &LlamaConfig, c: u64, r: u64, length: u64) -> (u64, u64) {
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let (q, kv) = ((m.num_heads * m.head_dim) as u64, (m.num_kv_heads * m.head_dim) as u64);
+    // A norm: the f32 input when the residual is not f32, the normalised value (f32), its copy
+    // in the compute type when that is not f32, and the output.
+    let upcast = if r == 4 { 0 } else { 4 };
+    let narrowed = if c == 4 { 0 } else { c };
+    let norm = h * (upcast + 4 + narrowed + c);
+    let norms = if m.gemma_norms { 4 * norm } else { 2 * norm };
+    let qk_norms = if m.qk_norm { (q + kv) * (upcast + 4 + narrowed + c) } else { 0 };
+    // q and k: the projection, its half-swapped copy and the rotation, and the f32 copy the
+    // scores' matmul takes when the compute type is 16-bit; v as projected.
+    let f32_copy = if c == 4 { 0 } else { 4 };
+    let qkv = (q + kv) * (3 * c + f32_copy) + kv * c;
+    // The attention's output (heads joined: a copy), o_proj's output in the residual's type
+    // and the sum with the residual.
+    let attn_out = q * c + 2 * h * r;
+    // The MLP: gate, its activation (and the sigmoid it keeps), up, their product; down's
+    // output and the residual sum.
+    let mlp = 5 * i * c + 2 * h * r;
+    let dense = norms + qk_norms + qkv + attn_out + mlp;
+    // Scores: per query token, heads x keys: the softmax's exponentials (f32) and the
+    // probabilities (in the compute type).
+    let scores = m.num_heads as u64 * length * (4 + c);
+    (dense, scores)
+}
+
+/// The plan of a training stage.
+pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
+    let m = input.model;
+    let b = input.backend;
+    let (c, mb) = (compute_bytes(b), master_bytes(b));
+    // The residual stream runs in the embeddings' type: the master type.
+    let r = mb;
+    let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
+    let layers = m.num_layers as u64;
+    let p = parameters(m);
+    let tokens = (input.sequences * input.length) as u64;
+    let length = input.length as u64;
+    let state = |grads: bool| {
+        vec![
+            Part { name: "trained weights", bytes: p * mb },
+            Part { name: "gradients", bytes: if grads { p * mb } else { 0 } },
+            Part { name: "AdamW moments", bytes: 2 * p * mb },
+        ]
+    };
+    let mixed = c != mb;
+    let embeddings = v * h;
+    let layer = layer_parameters(m);
+
+    let (dense, scores) = layer_activations_per_token(m, c, r, length);
+    // Built once per micro-batch: the mask (f32, every head written out) and the rotary tables
+    // (cos and sin for queries and keys, in the compute type).
+    let tables = tokens
+        * (m.num_heads as u64 * length * 4 + 2 * ((m.num_heads + m.num_kv_heads) * m.head_dim) as u64 * c)
+        * if m.mixes_layer_types() { 2 } else { 1 };
+    // One layer's backward: the gradients flowing through the scores (two f32 tensors the
+    // size of the scores) and the MLP (two the size of its intermediate).
+    let backward = tokens * (2 * m.num_heads as u64 * length * 4 + 2 * m.intermediate_size as u64 * 4);
+    // The head: the final hidden states (last layer's output, and normalised in the compute
+    // type), the head's gradient twice while its chunks are joined, the chunks themselves.
+    let head_grad = embeddings * 4 * 2;
+    let logprobs = match b.logprobs {
+        LogProbPath::Fused => tokens * h * (r + c) + 3 * (1u64 << 22).min(tokens * v) * 4,
+        LogProbPath::Naive => tokens * h * (r + c) + 3 * tokens * v * 4,
+    };
+
+    let mut phases = Vec::new();
+    if let Some(seqs) = input.reference_sequences {
+        // Inference, no graph: the reference's weights (loaded as the policy is), one layer's
+        // working set at a time and the log-prob chunks.
+        let t = (seqs * input.length) as u64;
+        let working = t * (m.num_heads as u64 * length * 4 * 2 + (4 * m.intermediate_size as u64 + 4 * h) * c);
+        phases.push(Phase {
+            name: "reference log-probs",
+            parts: vec![
+                Part { name: "reference weights", bytes: p * mb },
+                Part { name: "activations", bytes: working + t * h * (r + c) },
+                Part { name: "log-probs", bytes: 3 * (1u64 << 22).min(t * v) * 4 },
+            ],
+        });
+    }
+
+    // Two moments of the backward pass hold the most. First, the head's backward: every
+    // activation the layers keep is alive, and the head's gradient is being built (the
+    // gradients of earlier micro-batches are held when `grad_accum` > 1). Then the end of the
+    // layers' backward: every gradient is held, and only the last layer's recompute (with
+    // checkpointing) or nothing of the activations (without) is left. Between the two,
+    // activations are freed as gradients are made.
+    let ckpt = input.config.gradient_checkpointing;
+    let accumulated = input.config.grad_accum > 1;
+    let mut forward = state(accumulated);
+    let (kept, kept_scores, copies) = if ckpt {
+        // Every layer's input, kept from a forward pass without a graph.
+        (layers * tokens * h * r, 0, if mixed { embeddings * c } else { 0 })
+    } else {
+        (layers * tokens * dense, layers * tokens * scores, if mixed { p * c } else { 0 })
+    };
+    forward.push(Part { name: "compute copies", bytes: copies });
+    forward.push(Part { name: "activations", bytes: kept + tables });
+    forward.push(Part { name: "attention scores", bytes: kept_scores });
+    forward.push(Part { name: "log-probs", bytes: logprobs + head_grad });
+    phases.push(Phase { name: "forward and the head's backward", parts: forward });
+
+    let mut backward_end = state(true);
+    // With checkpointing, one layer recomputed under autodiff (its weights cast once per
+    // shard of the micro-batch when mixed: the CPU splits it over its cores).
+    let (recomputed, recomputed_scores) = if ckpt { (tokens * dense, tokens * scores) } else { (0, 0) };
+    backward_end.push(Part { name: "compute copies", bytes: if mixed && ckpt { 2 * layer * c } else { 0 } });
+    backward_end.push(Part { name: "activations", bytes: recomputed + tables + backward });
+    backward_end.push(Part { name: "attention scores", bytes: recomputed_scores });
+    phases.push(Phase { name: "the layers' backward", parts: backward_end });
+
+    // The optimiser: parameters are updated one at a time, each gradient freed after; the
+    // embeddings come last, with f32 temporaries (the update's own two, and with the lean
+    // option the weight, gradient and moments cast up).
+    let temporaries = embeddings * 4 * if mb == 4 { 2 } else { 6 };
+    let mut update = state(false);
+    update.push(Part { name: "gradients", bytes: embeddings * mb });
+    update.push(Part { name: "optimiser temporaries", bytes: temporaries });
+    phases.push(Phase { name: "optimiser step", parts: update });
+
+    MemoryPlan { runtime: input.runtime, phases, parameters: p }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> LlamaConfig {
+        let json = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":49152,"hidden_size":576,
+            "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,
+            "rms_norm_eps":1e-5,"rope_theta":100000,"tie_word_embeddings":true,"max_position_embeddings":8192}"#;
+        let v: serde_json::Value = serde_json::from_str(json).expect("json");
+        LlamaConfig::from_json(&v, std::path::Path::new("config.json")).expect("config")
+    }
+
+    #[test]
+    fn models_have_their_published_parameter_counts() {
+        // transformers' num_parameters() of each model.
+        assert_eq!(parameters(&smollm2()), 134_515_008);
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");
+        for (name, n) in
+            [("qwen2.5-0.5b", 494_032_768), ("smollm2-1.7b", 1_711_376_384), ("llama-3.1-8b", 8_030_261_248)]
+        {
+            let config = LlamaConfig::from_file(&fixtures.join(name).join("config.json")).expect(name);
+            assert_eq!(parameters(&config), n, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_lean_option_halves_the_state_and_checkpointing_the_activations() {
+        let m = smollm2();
+        let config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+        let input = |backend: &BackendConfig, config: &StageConfig| {
+            plan(&PlanInput {
+                model: &m,
+                config,
+                backend,
+                sequences: 4,
+                length: 512,
+                reference_sequences: None,
+                runtime: 0,
+            })
+        };
+        let full = BackendConfig::default();
+        let f32_plan = input(&full, &config);
+        let lean_backend = BackendConfig {
+            dtype: fuserl_core::backend::DType::Bf16,
+            master_weights: MasterWeights::Bf16,
+            ..BackendConfig::default()
+        };
+        let lean = input(&lean_backend, &config);
+        let state = |p: &MemoryPlan| {
+            let end = p.phases.iter().find(|x| x.name == "the layers' backward").expect("phase");
+            end.parts.iter().take(3).map(|x| x.bytes).sum::<u64>()
+        };
+        assert_eq!(state(&f32_plan), 16 * 134_515_008);
+        assert_eq!(state(&lean), 8 * 134_515_008);
+        let mut plain = config.clone();
+        plain.gradient_checkpointing = false;
+        let without = input(&full, &plain);
+        assert!(without.peak() > f32_plan.peak() + 1_000_000_000, "{} vs {}", without.summary(), f32_plan.summary());
+        let levers = without.levers(&PlanInput {
+            model: &m,
+            config: &plain,
+            backend: &full,
+            sequences: 4,
+            length: 512,
+            reference_sequences: None,
+            runtime: 0,
+        });
+        assert!(levers.iter().any(|l| l.contains("gradient_checkpointing")), "{levers:?}");
+    }
+}
