@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod bench_cmds;
 mod model_cmds;
 use fuserl_core::data::StageName;
 use fuserl_core::paths::Shown;
@@ -109,6 +110,9 @@ enum Command {
         after_help = "Example:\n  fuserl reward --model fixtures/rewards/llama-rm --data pairs.jsonl --out scored.jsonl"
     )]
     Reward(model_cmds::RewardArgs),
+    /// Measure a training step or generation on a device (JSON on standard output).
+    #[command(subcommand)]
+    Bench(bench_cmds::BenchCommand),
     /// Reply to one user message (through the chat template) and print the reply.
     #[command(
         after_help = "Example:\n  fuserl generate --model models/SmolLM2-135M-Instruct --prompt \"What is the capital of France?\""
@@ -389,6 +393,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Convert(cmd) => model_cmds::convert(&cmd).map(|()| ExitCode::SUCCESS),
         Command::Logprobs(args) => model_cmds::logprobs(&args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => model_cmds::generate_cmd(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(cmd) => bench_cmds::bench(&cmd).map(|()| ExitCode::SUCCESS),
     }
 }
 

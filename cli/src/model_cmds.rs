@@ -62,7 +62,7 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
 }
 
 /// The device `--device` names.
-fn parse_device(device: &str) -> anyhow::Result<Device> {
+pub fn parse_device(device: &str) -> anyhow::Result<Device> {
     serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {
         bad_input(format!("--device {device}: expected one of cpu, wgpu, vulkan, metal, webgpu, cuda, rocm"))
     })

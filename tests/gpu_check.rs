@@ -1,0 +1,60 @@
+//! Issue #37: the one-call GPU check's dry mode, `DEV=cpu scripts/gpu-check.sh run`, on the
+//! `fuserl` binary cargo built, so that the script cannot rot between GPU runs: every step runs
+//! (the PyTorch peers when the oracle environment, docs/oracle.md, is there; CI has none, and
+//! those halves are skipped) and the report is written.
+
+use crate::common::{repo, text};
+
+#[test]
+fn the_gpu_check_runs_on_the_cpu() {
+    let out = tempfile::tempdir().expect("tmp");
+    let oracle =
+        std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
+    let python = if oracle.is_file() { oracle.display().to_string() } else { "python3".to_owned() };
+    let run = std::process::Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .arg("run")
+        .env("DEV", "cpu")
+        .env("FUSERL_BIN", env!("CARGO_BIN_EXE_fuserl"))
+        .env("GPU_CHECK_OUT", out.path())
+        .env("PYTHON", &python)
+        // This binary runs the kernel tests itself.
+        .env("FUSERL_TESTS_BIN", "none")
+        .env_remove("OUT")
+        .output()
+        .expect("run gpu-check.sh");
+    let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{log}");
+    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    for section in ["## Per-token log-probs", "## Step-0 loss", "## A FusePO-DPO step", "## Generation"] {
+        assert!(report.contains(section), "{section} missing:\n{report}");
+    }
+    let step = |name: &str| -> serde_json::Value {
+        let file = out.path().join(format!("{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{name}.json: {e}\n{log}")))
+            .expect("json")
+    };
+    assert_eq!(step("environment")["status"], "ok");
+    // fuserl's half of every measuring step ran and gave its numbers.
+    for (name, bench) in [
+        ("step0-tiny-sft", "train-step"),
+        ("step0-tiny-dpo", "train-step"),
+        ("step0-tiny-simpo", "train-step"),
+        ("dpo-step-tiny-f32", "train-step"),
+        ("dpo-step-tiny-bf16", "train-step"),
+        ("generate-tiny-b1", "generate"),
+        ("generate-tiny-b4", "generate"),
+    ] {
+        let s = step(name);
+        assert_eq!(s["status"], "ok", "{name}: {s}");
+        let first = &s["results"][0];
+        assert_eq!(first["bench"], bench, "{name}: {s}");
+        assert!(first["tokens_per_second"].as_f64().is_some_and(|t| t > 0.0), "{name}: {s}");
+    }
+    let logprobs = step("logprobs-tiny-cpu");
+    assert!(["ok", "skipped"].contains(&logprobs["status"].as_str().expect("status")), "{logprobs}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary"))
+            .expect("json");
+    assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
+}
