@@ -34,16 +34,19 @@ case "$mode" in
 build)
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
     mkdir -p "$dist"
+    # find_exe NAME TEST: the executable cargo built for target NAME, its test harness or not.
     find_exe() { python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
-        print(m["executable"])' "$1" | tail -1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable") \
+            and m["profile"]["test"] == (sys.argv[2] == "test"):
+        print(m["executable"])' "$1" "$2" | tail -1; }
     # The binaries `cargo test --workspace` builds (default features: wgpu and cuda; the one
     # build profile of the tests), so that nothing new is built.
     built=$(cargo test --workspace --no-run --message-format=json)
-    fuserl_exe=$(echo "$built" | find_exe fuserl)
-    test_exe=$(echo "$built" | find_exe tests)
+    fuserl_exe=$(echo "$built" | find_exe fuserl bin)
+    test_exe=$(echo "$built" | find_exe tests test)
+    [ -x "$fuserl_exe" ] && [ -x "$test_exe" ] || { echo "gpu-check build: cargo built no fuserl or tests executable" >&2; exit 1; }
     for pair in "fuserl:$fuserl_exe" "tests:$test_exe"; do
         name=${pair%%:*}
         strip -o "$dist/$name" "${pair#*:}"

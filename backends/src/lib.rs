@@ -60,6 +60,27 @@ fn tune_glibc() -> bool {
     false
 }
 
+/// Gives the memory the C allocator keeps free back to the system (glibc's `malloc_trim`;
+/// elsewhere nothing). [`keep_freed_memory`] keeps freed blocks for the next step's tensors of the
+/// same sizes; after a one-off like loading a checkpoint (its f32 file read, then converted to
+/// the master type) the freed memory may never be reused at those sizes, and the process would
+/// keep it to the end: with the lean option it was half of the stage's peak.
+pub fn release_freed_memory() {
+    trim_glibc();
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // The second call into the C library; see `tune_glibc`.
+fn trim_glibc() {
+    // SAFETY: malloc_trim only returns free heap pages to the system (under malloc's lock).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_glibc() {}
+
 /// Every device kind a recipe can name.
 pub const ALL_DEVICES: [Device; 7] =
     [Device::Cpu, Device::Wgpu, Device::Vulkan, Device::Metal, Device::Webgpu, Device::Cuda, Device::Rocm];

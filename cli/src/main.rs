@@ -238,6 +238,9 @@ fn error_lines<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'sta
 /// `error: ...` and one `caused by: ...` line per further distinct cause.
 fn print_error<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) {
     for (i, line) in error_lines(chain).iter().enumerate() {
+        // Names from files (a GGUF architecture, a source's name) can hold escape sequences:
+        // shown escaped, never interpreted by the terminal.
+        let line = fuserl_core::text::printable_lines(line);
         if i == 0 {
             eprintln!("error: {line}");
         } else {
@@ -315,7 +318,17 @@ fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Field values come from files too (a source's name, a path): their control characters
+    // are escaped, as in error messages.
+    use tracing_subscriber::field::MakeExt;
+    let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let v = format!("{value:?}");
+        let v = fuserl_core::text::printable(&v);
+        if field.name() == "message" { write!(w, "{v}") } else { write!(w, "{}={v}", field.name()) }
+    })
+    .delimited(" ");
     let builder = tracing_subscriber::fmt()
+        .fmt_fields(fields)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -30,6 +30,7 @@ pub mod extension;
 pub mod maths;
 pub mod paths;
 pub mod registry;
+pub mod text;
 
 pub use error::{Error, Result};
 pub use extension::{PreferenceObjective, RewardModel, SourceAdapter, WeightingScheme};

@@ -81,10 +81,20 @@ pub struct Gguf {
     data_start: usize,
 }
 
+/// Arrays within arrays deeper than this are refused (llama.cpp writes one level; a reader that
+/// recursed without a limit overflowed its stack on a hand-made file).
+const MAX_META_DEPTH: usize = 4;
+/// Metadata values in all (array elements count one each) before the file is refused: the
+/// largest real vocabularies hold under a million entries in all their arrays (Gemma 3: 262,144
+/// tokens, scores and types), and each value costs tens of bytes in memory.
+const MAX_META_VALUES: u64 = 1 << 22;
+
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,
     file: &'a Path,
+    /// Metadata values still allowed ([`MAX_META_VALUES`]).
+    budget: u64,
 }
 
 impl Cursor<'_> {
@@ -112,7 +122,14 @@ impl Cursor<'_> {
         String::from_utf8(bytes.to_vec())
             .map_err(|_| ModelError::format(self.file, format!("string at offset {pos} is not UTF-8")))
     }
-    fn value(&mut self, ty: u32) -> Result<Meta> {
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Meta> {
+        if self.budget == 0 {
+            return Err(ModelError::format(
+                self.file,
+                format!("more than {MAX_META_VALUES} metadata values (at offset {}): not a model's metadata", self.pos),
+            ));
+        }
+        self.budget -= 1;
         Ok(match ty {
             0 => Meta::Int(i64::from(self.take(1)?[0])),
             1 => Meta::Int(i64::from(self.take(1)?[0] as i8)),
@@ -124,11 +141,26 @@ impl Cursor<'_> {
             7 => Meta::Bool(self.take(1)?[0] != 0),
             8 => Meta::Str(self.string()?),
             9 => {
+                let at = self.pos;
+                if depth >= MAX_META_DEPTH {
+                    return Err(ModelError::format(
+                        self.file,
+                        format!("metadata array at offset {at} is nested deeper than {MAX_META_DEPTH} levels"),
+                    ));
+                }
                 let inner = self.u32()?;
                 let n = self.u64()?;
+                if n > self.budget {
+                    return Err(ModelError::format(
+                        self.file,
+                        format!(
+                            "metadata array at offset {at} claims {n} values; at most {MAX_META_VALUES} in all are read"
+                        ),
+                    ));
+                }
                 let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
                 for _ in 0..n {
-                    items.push(self.value(inner)?);
+                    items.push(self.value(inner, depth + 1)?);
                 }
                 Meta::Array(items)
             }
@@ -149,7 +181,7 @@ impl Gguf {
     /// Read and parse `file`.
     pub fn read(file: &Path) -> Result<Self> {
         let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
-        let mut c = Cursor { b: &bytes, pos: 0, file };
+        let mut c = Cursor { b: &bytes, pos: 0, file, budget: MAX_META_VALUES };
         if c.take(4)? != b"GGUF" {
             return Err(ModelError::format(file, "not a GGUF file (no GGUF magic)"));
         }
@@ -161,14 +193,31 @@ impl Gguf {
         let n_meta = c.u64()?;
         let mut meta = BTreeMap::new();
         for _ in 0..n_meta {
+            let at = c.pos;
             let key = c.string()?;
             let ty = c.u32()?;
-            let v = c.value(ty)?;
-            meta.insert(key, v);
+            let v = c.value(ty, 0)?;
+            if meta.insert(key.clone(), v).is_some() {
+                return Err(ModelError::format(
+                    file,
+                    format!(
+                        "metadata key `{}` appears twice (again at offset {at})",
+                        fuserl_core::text::printable(&key)
+                    ),
+                ));
+            }
         }
         let mut tensors = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
+            let at = c.pos;
             let name = c.string()?;
+            if !names.insert(name.clone()) {
+                return Err(ModelError::format(
+                    file,
+                    format!("tensor `{}` appears twice (again at offset {at})", fuserl_core::text::printable(&name)),
+                ));
+            }
             let n_dims = c.u32()?;
             let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = c.u32()?;
@@ -214,10 +263,17 @@ impl Gguf {
                     format!("tensor `{}`: dims {:?} claim more values than any file can hold", t.name, t.dims),
                 )
             })?;
-        if !n.is_multiple_of(block) {
+        // Blocks never straddle rows (ggml quantises row by row): the row length, the first
+        // dimension, must be whole blocks.
+        if !n.is_multiple_of(block) || !t.dims.first().is_some_and(|&row| row % block as u64 == 0) {
             return Err(ModelError::format(
                 &self.file,
-                format!("tensor `{}`: dims {:?} are not a whole number of {block}-value blocks", t.name, t.dims),
+                format!(
+                    "tensor `{}`: rows of {} values (dims {:?}) are not a whole number of {block}-value blocks",
+                    t.name,
+                    t.dims.first().copied().unwrap_or(0),
+                    t.dims
+                ),
             ));
         }
         // Checked against the file before anything is allocated.
@@ -310,7 +366,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         other => {
             return Err(ModelError::Unsupported {
                 file: input.to_path_buf(),
-                what: format!("GGUF architecture `{other}`; supported: llama, qwen2, qwen3, gemma3"),
+                what: format!(
+                    "GGUF architecture `{}`; supported: llama, qwen2, qwen3, gemma3",
+                    fuserl_core::text::printable(other)
+                ),
             });
         }
     };

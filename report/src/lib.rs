@@ -68,8 +68,9 @@ fn hex(c: RGBColor) -> String {
     format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
 }
 
-/// HTML text and attribute escaping.
+/// HTML text and attribute escaping (control characters from data files shown escaped).
 fn esc(s: &str) -> String {
+    let s = fuserl_core::text::printable(s);
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
         match ch {
@@ -84,9 +85,10 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// A Markdown table cell (pipes escaped, one line).
+/// A Markdown table cell (pipes escaped, one line, control characters from data files shown
+/// escaped: a name read from a file cannot break the table or reach a terminal raw).
 fn md(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    fuserl_core::text::printable(&s.replace('\n', " ")).replace('|', "\\|")
 }
 
 fn num(x: f64) -> String {
@@ -431,12 +433,12 @@ impl From<&str> for Cell {
 impl Page {
     fn heading(&mut self, level: usize, text: &str) {
         let _ = writeln!(self.html, "<h{level}>{}</h{level}>", esc(text));
-        let _ = writeln!(self.md, "\n{} {text}\n", "#".repeat(level));
+        let _ = writeln!(self.md, "\n{} {}\n", "#".repeat(level), fuserl_core::text::printable_lines(text));
     }
 
     fn para(&mut self, text: &str) {
         let _ = writeln!(self.html, "<p>{}</p>", esc(text));
-        let _ = writeln!(self.md, "{text}\n");
+        let _ = writeln!(self.md, "{}\n", fuserl_core::text::printable_lines(text));
     }
 
     /// A table; a row's cells may hold several numbers (`Vec<Cell>` per column).
@@ -499,7 +501,7 @@ impl Page {
     }
 
     fn markdown(&self) -> String {
-        format!("# {}\n{}", self.title, self.md)
+        format!("# {}\n{}", fuserl_core::text::printable(&self.title), self.md)
     }
 }
 

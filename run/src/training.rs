@@ -170,6 +170,8 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
         let master = fuserl_backends::master_dtype(&self.loaded.recipe.backend);
         let mut model = load::<Autodiff<B>>(start, self.device, master)?;
         model.dtype = self.dtype;
+        // What loading read and converted is freed: give it back before the stage's peak.
+        fuserl_backends::release_freed_memory();
         let model = train_stage(model, stage, progress)?;
         save(&inference_model(&model), out, 2 << 30, Some(&self.target))?;
         Ok(())

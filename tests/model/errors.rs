@@ -322,3 +322,70 @@ fn sequences_past_the_models_positions_are_refused_before_allocating() {
     let ok: Vec<u32> = long[..positions].to_vec();
     assert!(sequence_token_logprobs(&model, &[ok]).is_ok());
 }
+
+/// A GGUF v3 file with the given raw metadata entries (key, then type and value bytes) and the
+/// given tensors.
+fn gguf_with_meta(meta: &[(&str, Vec<u8>)], tensors: &[(&str, &[u64], u32)], data: usize) -> Vec<u8> {
+    let mut b = gguf(tensors.len() as u64, &[], 0);
+    b.truncate(16);
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (key, value) in meta {
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key.as_bytes());
+        b.extend(value);
+    }
+    let rest = gguf(tensors.len() as u64, tensors, data);
+    b.extend(&rest[24..]);
+    b
+}
+
+/// Issue #33: GGUF metadata arrays nested deep (a stack overflow before), arrays past the
+/// metadata budget, duplicate keys and tensors, and quantised rows that are not whole blocks are
+/// refused with the file and place named.
+#[test]
+fn gguf_nesting_budgets_duplicates_and_partial_blocks_are_refused() {
+    use fuserl_model::gguf::Gguf;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("hostile.gguf");
+    let read = |bytes: Vec<u8>| {
+        std::fs::write(&file, bytes).expect("write");
+        Gguf::read(&file).map(|_| ()).expect_err("refused").to_string()
+    };
+    // An array of arrays of ... 100,000 deep (type 9 = array; each level: its element type,
+    // array again, and one element).
+    let mut nested = 9u32.to_le_bytes().to_vec();
+    for _ in 0..100_000 {
+        nested.extend(9u32.to_le_bytes());
+        nested.extend(1u64.to_le_bytes());
+    }
+    let err = read(gguf_with_meta(&[("deep", nested)], &[], 0));
+    assert!(err.contains("hostile.gguf") && err.contains("nested deeper than 4 levels"), "{err}");
+    // A u8 array of 2^23 values (over the metadata budget), claimed before it is read.
+    let mut big = 9u32.to_le_bytes().to_vec();
+    big.extend(0u32.to_le_bytes());
+    big.extend((1u64 << 23).to_le_bytes());
+    let err = read(gguf_with_meta(&[("big", big)], &[], 0));
+    assert!(err.contains("claims 8388608 values") && err.contains("at most 4194304"), "{err}");
+    // The same key twice (type 4 = u32).
+    let value = [4u32.to_le_bytes(), 7u32.to_le_bytes()].concat();
+    let err = read(gguf_with_meta(&[("general.alignment", value.clone()), ("general.alignment", value)], &[], 0));
+    assert!(err.contains("metadata key `general.alignment` appears twice"), "{err}");
+    // The same tensor twice.
+    let err = read(gguf(2, &[("w", &[32], 0), ("w", &[32], 0)], 128));
+    assert!(err.contains("tensor `w` appears twice"), "{err}");
+    // Q8_0 (type 8, 32-value blocks): rows of 48 values, 96 values in all (whole blocks overall).
+    std::fs::write(&file, gguf(1, &[("w", &[48, 2], 8)], 256)).expect("write");
+    let g = Gguf::read(&file).expect("header");
+    let err = g.dequantize(&g.tensors[0]).expect_err("refused").to_string();
+    assert!(err.contains("rows of 48 values") && err.contains("32-value blocks"), "{err}");
+    // A key with an escape sequence is shown escaped.
+    let err = read(gguf_with_meta(
+        &[
+            ("evil\u{1b}[2J", [4u32.to_le_bytes(), 1u32.to_le_bytes()].concat()),
+            ("evil\u{1b}[2J", [4u32.to_le_bytes(), 1u32.to_le_bytes()].concat()),
+        ],
+        &[],
+        0,
+    ));
+    assert!(err.contains("evil\\u{1b}[2J") && !err.contains('\u{1b}'), "{err}");
+}

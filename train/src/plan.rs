@@ -326,9 +326,11 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     phases.push(Phase { name: "the layers' backward", parts: backward_end });
 
     // The optimiser: parameters are updated one at a time, each gradient freed after; the
-    // embeddings come last, with f32 temporaries (the update's own two, and with the lean
-    // option the weight, gradient and moments cast up).
-    let temporaries = embeddings * 4 * if mb == 4 { 2 } else { 6 };
+    // embeddings come last, with f32 temporaries: the update's own two; with the lean option,
+    // counted in `adamw::stochastic_round` while the first moment is rounded: the new weight and
+    // second moment (f32), and the rounding's five (the value, its step, the value below, the
+    // draw, the step up).
+    let temporaries = embeddings * 4 * if mb == 4 { 2 } else { 7 };
     let mut update = state(false);
     update.push(Part { name: "gradients", bytes: embeddings * mb });
     update.push(Part { name: "optimiser temporaries", bytes: temporaries });
