@@ -96,4 +96,6 @@ p, r = m["planned_peak_bytes"], m["measured_peak_bytes"]
 print(f"| {sys.argv[2]} | {sys.argv[3]} | {p / 1e9:.2f} GB | {r / 1e9:.2f} GB | {p / r:.2f} |")
 PY
     done
+    # Only the measurements are kept (each trained model is half a GB).
+    rm -rf "$dir/run/sft/final" "$dir/run/po/final" "$dir/run/sft/checkpoints" "$dir/run/po/checkpoints"
 done

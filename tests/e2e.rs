@@ -387,6 +387,51 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
             assert!(memory["measured_peak_bytes"].as_u64().is_some_and(|b| b > 0), "{memory}");
         }
     }
+    // Issue #32: the export has a model card in the Hugging Face format, with the evaluation's
+    // table (written again after the evaluation); the report shows it.
+    let card = std::fs::read_to_string(dir.path().join("runs/quickstart/export/README.md")).expect("README.md");
+    let header = card.strip_prefix("---\n").and_then(|r| r.split_once("\n---\n")).expect("a YAML header").0;
+    for line in [
+        "base_model: \"tiny-chat\"",
+        "library_name: transformers",
+        "- \"fuserl\"",
+        "- \"dpo\"",
+        "datasets:",
+        "- \"fusion-mini.jsonl\"",
+    ] {
+        assert!(header.lines().any(|l| l == line), "{line:?} missing from the card's header:\n{header}");
+    }
+    for part in [
+        "# quickstart",
+        "## Training",
+        "| sft | sft | ",
+        "| po | dpo | ",
+        "## Evaluation",
+        "| fused | ",
+        "## Recipe",
+        "```toml",
+    ] {
+        assert!(card.contains(part), "{part:?} missing from the card:\n{card}");
+    }
+    let oracle =
+        std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
+    if oracle.is_file() {
+        // huggingface_hub's own parser (in the oracle environment, docs/oracle.md; CI has none).
+        let check = std::process::Command::new(&oracle)
+            .args([
+                "-c",
+                "import sys; from huggingface_hub import ModelCard; c = ModelCard.load(sys.argv[1]); \
+                assert c.data.base_model == 'tiny-chat', c.data; assert 'fuserl' in c.data.tags; \
+                assert c.data.library_name == 'transformers'; print('ok')",
+            ])
+            .arg(dir.path().join("runs/quickstart/export/README.md"))
+            .output()
+            .expect("python");
+        assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    }
+    let html = std::fs::read_to_string(dir.path().join("runs/quickstart/report/index.html")).expect("report");
+    let shown = html.split("<div class=\"card\">").nth(1).expect("the report shows the model card");
+    assert!(shown.contains("<h4>Training</h4>") && shown.contains("<table>"), "the card is not rendered: {shown}");
     // The plan of a run that made its examples is theirs, not the worst case.
     let planned = fuserl(&["plan", &recipe, "--json"], dir.path());
     assert!(planned.status.success(), "{}", text(&planned.stderr));
@@ -901,4 +946,31 @@ fn plan_breaks_each_stage_down_and_names_what_to_change() {
     let check = fuserl(&["recipe", "check", "recipes/quickstart.toml"], sandbox.path());
     assert!(check.status.success(), "{}", text(&check.stderr));
     assert!(text(&check.stdout).contains("memory: sft "), "{}", text(&check.stdout));
+}
+
+/// Issue #33: inputs that are not regular files (a FIFO would block the open forever) are refused
+/// with the file and the recipe key named, quickly, as data, as a chat template and as a config.
+#[test]
+fn fifos_named_as_inputs_are_refused_not_waited_on() {
+    let sandbox = sandbox();
+    let fifo = sandbox.path().join("pipe.jsonl");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let quickstart = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    let data = quickstart.replace("../data/fusion-mini.jsonl", "../pipe.jsonl");
+    std::fs::write(sandbox.path().join("recipes/fifo-data.toml"), data).expect("write");
+    let template = quickstart.replace("max_length = 256", "max_length = 256\nchat_template = \"../pipe.jsonl\"");
+    std::fs::write(sandbox.path().join("recipes/fifo-template.toml"), template).expect("write");
+    for (recipe, command) in [("recipes/fifo-data.toml", "run"), ("recipes/fifo-template.toml", "recipe")] {
+        let start = std::time::Instant::now();
+        let out = if command == "run" {
+            fuserl(&["run", recipe], sandbox.path())
+        } else {
+            fuserl(&["recipe", "check", recipe], sandbox.path())
+        };
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{recipe}: {stderr}");
+        assert!(stderr.contains("pipe.jsonl") && stderr.contains("not a regular file"), "{recipe}: {stderr}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "{recipe}: {:?}", start.elapsed());
+    }
 }

@@ -1,9 +1,8 @@
 //! `fuserl convert`, `fuserl logprobs` and `fuserl generate`.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use fuserl_backends::{LogProbBackend, OnBackend};
 use fuserl_core::backend::{DType, Device};
@@ -108,10 +107,10 @@ fn messages(v: &serde_json::Value, file: &Path, line: usize) -> anyhow::Result<V
 /// The lines of a JSONL file of `{"prompt": [chat messages] or "a user message", "response":
 /// "..."}`: each line's JSON (other keys are kept in the output), messages and response.
 fn read_pairs(data: &Path) -> anyhow::Result<Vec<(serde_json::Value, Vec<ChatMessage>, String)>> {
-    let file = std::fs::File::open(data).map_err(|e| fuserl_core::Error::io(data, e))?;
+    // Lines of at most fuserl_io::jsonl::MAX_LINE bytes, from a regular file.
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", Shown(data)))?;
+    for (n, line) in fuserl_io::jsonl::lines(data)? {
+        let i = n as usize - 1;
         if line.trim().is_empty() {
             continue;
         }
@@ -230,9 +229,15 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         )));
     }
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
+    let positions = fuserl_model::config::LlamaConfig::from_file(&args.model.join("config.json"))
+        .map_err(model_error)?
+        .max_position_embeddings;
     let mut records = Vec::new();
     for (v, msgs, response) in read_pairs(&args.data)? {
-        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(&response).map_err(model_error)?);
+        // A response longer than the model's positions is refused when scored; cut first, what
+        // is tokenized stays bounded (a 60 MB answer took 11 GB in the tokenizer).
+        let response = fuserl_train::data::cut_for_tokens(&response, positions + 1);
+        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
         records.push((v, ids));
     }
     let total = records.len();

@@ -124,6 +124,41 @@ pub fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// Whether `path` is a regular file (after symlinks), as an error when it is not: inputs named
+/// by recipes, checkpoints and data are opened only then, because opening a FIFO waits for a
+/// writer forever and a device reads forever.
+pub fn check_regular(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        Ok(())
+    } else if meta.is_dir() {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a folder, where a file was expected"))
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device): only files are read",
+        ))
+    }
+}
+
+/// Opens a regular file for reading ([`check_regular`]).
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    check_regular(path)?;
+    std::fs::File::open(path)
+}
+
+/// Reads a regular file ([`check_regular`]).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    check_regular(path)?;
+    std::fs::read(path)
+}
+
+/// Reads a regular file as UTF-8 ([`check_regular`]).
+pub fn read_regular_string(path: &Path) -> std::io::Result<String> {
+    check_regular(path)?;
+    std::fs::read_to_string(path)
+}
+
 /// Why `file` could not be read, for a message that names it: the reason and, for a download
 /// that is not there yet, how to fetch it ([`fetch_hint`]).
 pub fn cannot_read(file: &Path, e: &std::io::Error) -> String {

@@ -17,7 +17,7 @@ pub fn lines(file: &Path) -> Result<Vec<(u64, String)>> {
 
 /// [`lines`] with another bound (for tests).
 pub fn lines_bounded(file: &Path, max_line: usize) -> Result<Vec<(u64, String)>> {
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let f = fuserl_core::paths::open_regular(file).map_err(|e| Error::io(file, e))?;
     let mut reader = BufReader::with_capacity(1 << 16, f);
     let mut out = Vec::new();
     let mut buf = Vec::new();

@@ -158,7 +158,7 @@ fn jsonl_records(file: &Path) -> Result<Records> {
 /// row number.
 pub fn parquet_rows(file: &Path) -> Result<Vec<(u64, Value)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let f = fuserl_core::paths::open_regular(file).map_err(|e| Error::io(file, e))?;
     let bad = |message: String| Error::Data { file: file.to_path_buf(), line: 0, message };
     // The parquet crate panics on some malformed files (issue #13's fuzzing): caught, and named.
     crate::untrusted::catch_panic(|| -> Result<Vec<(u64, Value)>> {

@@ -49,25 +49,42 @@ impl ChatTokenizer {
         }
         // JSON first: the tokenizers crate panics on some malformed files (issue #13's fuzzing);
         // what is left of its panics is caught and named.
-        let bytes = std::fs::read(&tj).map_err(|e| ModelError::io(&tj, e))?;
+        let bytes = fuserl_core::paths::read_regular(&tj).map_err(|e| ModelError::io(&tj, e))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| ModelError::format(&tj, format!("not valid JSON: {e}")))?;
         let tokenizer = fuserl_io::untrusted::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
             .map_err(|m| ModelError::format(&tj, format!("not a valid tokenizer: {m}")))?
             .map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
+        // `truncation` and `padding` in tokenizer.json would cut or pad every encoding silently
+        // (a fixed padding length of 2^40 aborted on allocation); transformers turns both off
+        // unless a call asks for them, and so does fuserl, saying so.
+        let mut tokenizer = tokenizer;
+        if tokenizer.get_truncation().is_some() {
+            tracing::warn!(file = %fuserl_core::paths::Shown(&tj), "the tokenizer's `truncation` is ignored, as transformers ignores it");
+            let _ = tokenizer.with_truncation(None);
+        }
+        if tokenizer.get_padding().is_some() {
+            tracing::warn!(file = %fuserl_core::paths::Shown(&tj), "the tokenizer's `padding` is ignored, as transformers ignores it");
+            tokenizer.with_padding(None);
+        }
         let tc_file = dir.join("tokenizer_config.json");
         let tc: Value = if tc_file.is_file() {
-            let text = std::fs::read_to_string(&tc_file).map_err(|e| ModelError::io(&tc_file, e))?;
+            let text = fuserl_core::paths::read_regular_string(&tc_file).map_err(|e| ModelError::io(&tc_file, e))?;
             serde_json::from_str(&text).map_err(|e| ModelError::format(&tc_file, format!("not valid JSON: {e}")))?
         } else {
             Value::Null
         };
         let (template_text, template_file) = match template {
-            Some(p) => (Some(std::fs::read_to_string(p).map_err(|e| ModelError::io(p, e))?), p.to_path_buf()),
+            Some(p) => {
+                (Some(fuserl_core::paths::read_regular_string(p).map_err(|e| ModelError::io(p, e))?), p.to_path_buf())
+            }
             None => {
                 let jinja = dir.join("chat_template.jinja");
                 if jinja.is_file() {
-                    (Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?), jinja)
+                    (
+                        Some(fuserl_core::paths::read_regular_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?),
+                        jinja,
+                    )
                 } else {
                     let t = match tc.get("chat_template") {
                         Some(Value::String(s)) => Some(s.clone()),
@@ -155,23 +172,30 @@ impl ChatTokenizer {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(bad)
+        // minijinja's and its regex's panics (a hostile template) come back as errors naming it.
+        fuserl_io::untrusted::catch_panic(|| env.get_template("chat").and_then(|t| t.render(ctx)))
+            .map_err(|m| ModelError::format(&self.template_file, format!("chat template: {m}")))?
+            .map_err(bad)
     }
 
     /// Encode text without adding special tokens (special tokens written in the text are still
     /// recognised, as transformers does).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, false)
+        // The tokenizer's split regex (Oniguruma) can panic inside `encode` on a hostile
+        // tokenizer.json: an error naming the file, not a crash.
+        let file = || self.dir.join("tokenizer.json");
+        fuserl_io::untrusted::catch_panic(|| self.tokenizer.encode(text, false))
+            .map_err(|m| ModelError::format(file(), format!("cannot encode: {m}")))?
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| ModelError::format(self.dir.join("tokenizer.json"), format!("cannot encode: {e}")))
+            .map_err(|e| ModelError::format(file(), format!("cannot encode: {e}")))
     }
 
     /// Decode ids.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| ModelError::format(self.dir.join("tokenizer.json"), format!("cannot decode: {e}")))
+        let file = || self.dir.join("tokenizer.json");
+        fuserl_io::untrusted::catch_panic(|| self.tokenizer.decode(ids, skip_special_tokens))
+            .map_err(|m| ModelError::format(file(), format!("cannot decode: {m}")))?
+            .map_err(|e| ModelError::format(file(), format!("cannot decode: {e}")))
     }
 
     /// Prompt ids: the rendered conversation with the generation prompt.

@@ -213,6 +213,32 @@ impl LlamaConfig {
         }
     }
 
+    /// An optional key of `config.json`: absent or null is `None`; present with another type than
+    /// `get` accepts is an error naming the key and what was expected (a wrong type used to fall
+    /// back to the default silently).
+    pub(crate) fn opt<T>(
+        v: &Value,
+        key: &str,
+        file: &Path,
+        expected: &str,
+        get: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => get(x).map(Some).ok_or_else(|| {
+                let found = match x {
+                    Value::Bool(_) => "true or false",
+                    Value::Number(_) => "a number",
+                    Value::String(_) => "a string",
+                    Value::Array(_) => "a list",
+                    Value::Object(_) => "an object",
+                    Value::Null => "null",
+                };
+                ModelError::format(file, format!("`{key}`: expected {expected}, found {found}"))
+            }),
+        }
+    }
+
     /// What every family spells alike: sizes, heads, norms' epsilon, embeddings, tokens. RoPE,
     /// biases and the family's own options are left at Llama's defaults for the caller to set.
     pub(crate) fn common(v: &Value, architecture: Architecture, file: &Path) -> Result<Self> {
@@ -244,26 +270,31 @@ impl LlamaConfig {
                 "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
-        let head_dim = match v.get("head_dim") {
-            Some(Value::Number(_)) => usize_key("head_dim")?,
-            _ => hidden_size / num_heads,
+        let head_dim = match Self::opt(v, "head_dim", file, "a non-negative integer", Value::as_u64)? {
+            Some(_) => usize_key("head_dim")?,
+            None => hidden_size / num_heads,
         };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(format!("head_dim {head_dim} must be even and positive")));
         }
-        if v.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+        if Self::opt(v, "mlp_bias", file, "true or false", Value::as_bool)? == Some(true) {
             return Err(unsupported("option mlp_bias = true".into()));
         }
-        if v.get("pretraining_tp").and_then(Value::as_u64).is_some_and(|tp| tp > 1) {
+        if Self::opt(v, "pretraining_tp", file, "a non-negative integer", Value::as_u64)?.is_some_and(|tp| tp > 1) {
             return Err(unsupported("option pretraining_tp > 1".into()));
         }
-        let token = |key: &str| -> Vec<u32> {
-            match v.get(key) {
-                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
-                _ => Vec::new(),
-            }
+        let id = |x: &Value| x.as_u64().filter(|&i| i <= u64::from(u32::MAX)).map(|i| i as u32);
+        let token = |key: &str| -> Result<Vec<u32>> {
+            let ids = Self::opt(v, key, file, "a token id or a list of token ids", |x| match x {
+                Value::Array(a) => a.iter().map(id).collect::<Option<Vec<u32>>>(),
+                one => id(one).map(|i| vec![i]),
+            })?;
+            Ok(ids.unwrap_or_default())
         };
+        let rms_norm_eps = Self::opt(v, "rms_norm_eps", file, "a number", Value::as_f64)?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(bad(format!("`rms_norm_eps`: {rms_norm_eps} is not a non-negative number")));
+        }
         Ok(Self {
             vocab_size: usize_key("vocab_size")?,
             hidden_size,
@@ -272,11 +303,15 @@ impl LlamaConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
-            bos_token_id: token("bos_token_id").first().copied(),
-            eos_token_ids: token("eos_token_id"),
+            rms_norm_eps,
+            tie_word_embeddings: Self::opt(v, "tie_word_embeddings", file, "true or false", Value::as_bool)?
+                .unwrap_or(false),
+            max_position_embeddings: Self::opt(v, "max_position_embeddings", file, "a non-negative integer", |x| {
+                x.as_u64().filter(|&n| n <= MAX_SIZE as u64)
+            })?
+            .unwrap_or(2048) as usize,
+            bos_token_id: token("bos_token_id")?.first().copied(),
+            eos_token_ids: token("eos_token_id")?,
             ..Self::blank(architecture)
         })
     }
@@ -355,7 +390,7 @@ impl LlamaConfig {
 
 /// Read and parse a JSON file.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let text = fuserl_core::paths::read_regular_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("not valid JSON: {e}")))
 }
 

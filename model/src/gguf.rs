@@ -180,7 +180,7 @@ impl Cursor<'_> {
 impl Gguf {
     /// Read and parse `file`.
     pub fn read(file: &Path) -> Result<Self> {
-        let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
+        let bytes = fuserl_core::paths::read_regular(file).map_err(|e| ModelError::io(file, e))?;
         let mut c = Cursor { b: &bytes, pos: 0, file, budget: MAX_META_VALUES };
         if c.take(4)? != b"GGUF" {
             return Err(ModelError::format(file, "not a GGUF file (no GGUF magic)"));

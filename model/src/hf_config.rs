@@ -50,7 +50,7 @@ impl LlamaConfig {
         if architecture.is_gemma3() {
             return crate::gemma3::config(v, architecture, file);
         }
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+        if let Some(act) = Self::opt(v, "hidden_act", file, "a string", |x| x.as_str().map(str::to_owned))?
             && act != "silu"
         {
             return Err(unsupported(format!("hidden_act `{act}`; supported: silu")));
@@ -59,15 +59,18 @@ impl LlamaConfig {
         let (rope_theta, rope_scaling) = rope(v, file)?;
         c.rope_theta = rope_theta;
         c.rope_scaling = rope_scaling;
-        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = Self::opt(v, "attention_bias", file, "true or false", Value::as_bool)?.unwrap_or(false);
         let is_qwen2 = c.architecture == Architecture::Qwen2;
         c.qkv_bias = is_qwen2 || attention_bias;
         c.o_bias = !is_qwen2 && attention_bias;
         c.qk_norm = c.architecture == Architecture::Qwen3;
         c.sliding_window = match c.architecture {
-            Architecture::Mistral => v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
+            Architecture::Mistral => {
+                Self::opt(v, "sliding_window", file, "a positive integer or null", |x| x.as_u64().filter(|&w| w > 0))?
+                    .map(|w| w as usize)
+            }
             Architecture::Qwen2 | Architecture::Qwen3
-                if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
+                if Self::opt(v, "use_sliding_window", file, "true or false", Value::as_bool)? == Some(true) =>
             {
                 return Err(unsupported(format!("option use_sliding_window = true ({})", c.architecture)));
             }
@@ -125,11 +128,14 @@ impl LlamaConfig {
 fn rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {
     // transformers 5: everything in `rope_parameters`; transformers 4: `rope_theta` + `rope_scaling`.
     let params = v.get("rope_parameters").filter(|p| p.is_object());
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .or_else(|| v.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .unwrap_or(10000.0);
+    let positive = |x: &Value| x.as_f64().filter(|t| t.is_finite() && *t > 0.0);
+    let theta = match params {
+        Some(p) if p.get("rope_theta").is_some() => {
+            LlamaConfig::opt(p, "rope_theta", file, "a positive number", positive)?
+        }
+        _ => LlamaConfig::opt(v, "rope_theta", file, "a positive number", positive)?,
+    }
+    .unwrap_or(10000.0);
     let scaling = params.or_else(|| v.get("rope_scaling").filter(|s| s.is_object()));
     Ok((theta, scaling.map(|s| rope_scaling(s, file)).transpose()?.unwrap_or(RopeScaling::Default)))
 }

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use fuserl_core::paths::Shown;
 use fuserl_io::fs::write_atomic;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, NoDefaultFormatting, Ranged, SegmentedCoord, ValueFormatter};
@@ -390,6 +391,7 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
     data_section(&mut page, data.as_ref().map(Option::as_ref), &sft_examples, &po_examples);
     training_section(&mut page, &metrics);
     eval_section(&mut page, eval.as_ref().map(Option::as_ref));
+    card_section(&mut page, &run);
 
     let dir = run.report();
     let plots_dir = dir.plots();
@@ -428,6 +430,40 @@ impl From<&str> for Cell {
     fn from(text: &str) -> Self {
         Cell { text: text.to_owned(), pointer: None }
     }
+}
+
+/// The export's model card (its `README.md`, where `export.json` says the export went), headings
+/// moved two levels down to sit under the section's; rendered to HTML by comrak (CommonMark with
+/// GitHub's tables; the YAML header left out; raw HTML in it is not passed through).
+fn card_section(page: &mut Page, run: &RunDir) {
+    let Some(to) = std::fs::read(run.export_record())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v.get("to").and_then(Value::as_str).map(PathBuf::from))
+    else {
+        return;
+    };
+    let Ok(card) = fuserl_core::paths::read_regular_string(&to.join("README.md")) else { return };
+    // The body after the YAML header.
+    let body =
+        card.strip_prefix("---\n").and_then(|rest| rest.split_once("\n---\n").map(|(_, body)| body)).unwrap_or(&card);
+    let mut fenced = false;
+    let shifted: Vec<String> = body
+        .lines()
+        .map(|l| {
+            if l.starts_with("```") {
+                fenced = !fenced;
+            }
+            if !fenced && l.starts_with('#') { format!("##{l}") } else { l.to_owned() }
+        })
+        .collect();
+    let shifted = shifted.join("\n");
+    page.heading(2, "Model card");
+    page.para(&format!("The export's README.md ({}).", Shown(&to.join("README.md"))));
+    let mut options = comrak::Options::default();
+    options.extension.table = true;
+    let _ = writeln!(page.html, "<div class=\"card\">{}</div>", comrak::markdown_to_html(&shifted, &options));
+    let _ = writeln!(page.md, "{}\n", fuserl_core::text::printable_lines(&shifted));
 }
 
 impl Page {

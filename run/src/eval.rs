@@ -346,6 +346,8 @@ pub fn eval_stage(
     let file = eval_dir.json();
     let text = serde_json::to_string_pretty(&doc).map_err(|err| TrainError::Data(err.to_string()))?;
     write_atomic(&file, text.as_bytes())?;
+    // The export's model card shows the evaluation's table.
+    crate::card::refresh(loaded)?;
     Ok((file, doc))
 }
 

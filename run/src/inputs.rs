@@ -25,7 +25,7 @@ pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
     }
     if let Some(template) = &recipe.target.chat_template {
         let file = loaded.base_dir.join(template);
-        if let Err(e) = std::fs::read_to_string(&file) {
+        if let Err(e) = fuserl_core::paths::read_regular_string(&file) {
             problems.push(at(
                 KeyPath::keys(&["target", "chat_template"]),
                 format!("cannot read {}: {}", Shown(&file), cannot_read(&file, &e)),
@@ -118,7 +118,7 @@ fn checkpoint_problem(folder: &Path) -> Option<String> {
         return Some(format!("{}: no such checkpoint folder", Shown(folder)));
     }
     let config = folder.join("config.json");
-    match std::fs::read_to_string(&config) {
+    match fuserl_core::paths::read_regular_string(&config) {
         Err(e) => return Some(format!("cannot read {}: {}", Shown(&config), cannot_read(&config, &e))),
         Ok(text) => {
             if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {

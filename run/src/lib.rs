@@ -26,6 +26,7 @@ use crate::collect::{CollectProgress, collect_stage, read_file_sources};
 use crate::score::{ScoreProgress, score_stage};
 use crate::training::Training;
 
+pub mod card;
 pub mod classifier;
 pub mod collect;
 pub mod eval;
@@ -227,6 +228,9 @@ fn run_on<B: LogProbBackend>(
         let _span = tracing::info_span!("stage", name = "export").entered();
         let last = if recipe.po.enabled { StageName::Po } else { StageName::Sft };
         export = export::export_stage(loaded, &run.stage(last).final_model(), &target)?;
+        if let Some(to) = &export {
+            card::write_card(loaded, to)?;
+        }
     }
     let mut eval = None;
     if which == Which::All && recipe.eval.enabled {

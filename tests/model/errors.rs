@@ -389,3 +389,63 @@ fn gguf_nesting_budgets_duplicates_and_partial_blocks_are_refused() {
     ));
     assert!(err.contains("evil\\u{1b}[2J") && !err.contains('\u{1b}'), "{err}");
 }
+
+/// Issue #33: `truncation` and `padding` in tokenizer.json are ignored (as transformers does):
+/// a fixed padding of 2^40 tokens aborted on allocation, a truncation to 3 tokens cut every
+/// prompt silently.
+#[test]
+fn tokenizer_truncation_and_padding_are_ignored() {
+    use fuserl_core::data::ChatMessage;
+    use fuserl_model::chat::ChatTokenizer;
+    let dir = copy("../../checkpoints/tiny-chat");
+    let file = dir.path().join("tokenizer.json");
+    let mut tj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    tj["truncation"] =
+        serde_json::json!({"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0});
+    tj["padding"] = serde_json::json!({"strategy": {"Fixed": 1u64 << 40}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+    std::fs::write(&file, tj.to_string()).expect("write");
+    let message = [ChatMessage::user("What is the capital of France? Tell me in a long sentence.")];
+    let plain = ChatTokenizer::load(&fixture("../../checkpoints/tiny-chat"), None).expect("tokenizer");
+    let hostile = ChatTokenizer::load(dir.path(), None).expect("tokenizer");
+    let ids = plain.prompt_ids(&message).expect("ids");
+    assert!(ids.len() > 3);
+    assert_eq!(hostile.prompt_ids(&message).expect("ids"), ids);
+}
+
+/// Issue #33: optional config.json keys of the wrong type are refused with the key named, not
+/// replaced by their defaults.
+#[test]
+fn config_keys_of_the_wrong_type_are_refused() {
+    for (key, value, expected) in [
+        (
+            "tie_word_embeddings",
+            serde_json::json!("yes"),
+            "`tie_word_embeddings`: expected true or false, found a string",
+        ),
+        ("rms_norm_eps", serde_json::json!("1e-5"), "`rms_norm_eps`: expected a number, found a string"),
+        (
+            "eos_token_id",
+            serde_json::json!(["</s>"]),
+            "`eos_token_id`: expected a token id or a list of token ids, found a list",
+        ),
+        (
+            "max_position_embeddings",
+            serde_json::json!(-1),
+            "`max_position_embeddings`: expected a non-negative integer",
+        ),
+        ("rope_theta", serde_json::json!(0), "`rope_theta`: expected a positive number"),
+        ("head_dim", serde_json::json!("16"), "`head_dim`: expected a non-negative integer, found a string"),
+        ("attention_bias", serde_json::json!(1), "`attention_bias`: expected true or false, found a number"),
+    ] {
+        let dir = copy("llama-tied");
+        let file = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+        config.as_object_mut().expect("object").remove("rope_parameters");
+        config[key] = value;
+        std::fs::write(&file, config.to_string()).expect("write");
+        let err = load_err(dir.path());
+        assert!(err.contains("config.json") && err.contains(expected), "{key}: {err}");
+    }
+}

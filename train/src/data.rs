@@ -79,13 +79,33 @@ pub fn tokenize(
         for s in &example.sequences {
             let text =
                 texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
-            let mut response = tok.response_ids(text)?;
-            response.truncate(max_length - prompt.len());
+            let room = max_length - prompt.len();
+            let mut response = tok.response_ids(cut_for_tokens(text, room))?;
+            response.truncate(room);
             seqs.push(SeqTokens { prompt: prompt.clone(), response });
         }
         out.push(TrainExample { example, seqs });
     }
     Ok(out)
+}
+
+/// The bytes a kept token can span, at most: no vocabulary of a released model has a token
+/// longer (the longest are runs of spaces or symbols of a few dozen bytes).
+const MAX_TOKEN_BYTES: usize = 256;
+
+/// `text` cut (at a character boundary) to what `tokens` tokens can span at most, before it is
+/// tokenized: the tokens past them are dropped anyway, and a 60 MB answer in a data file took
+/// 11 GB inside the tokenizer.
+pub fn cut_for_tokens(text: &str, tokens: usize) -> &str {
+    let budget = tokens.saturating_mul(MAX_TOKEN_BYTES);
+    if text.len() <= budget {
+        return text;
+    }
+    let mut end = budget;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// One right-padded batch of whole sequences (prompt then response).
@@ -107,4 +127,30 @@ pub(crate) fn score_targets<B: Backend>(seqs: &[SeqTokens], inputs: &Inputs, dev
         targets.extend((0..t - 1).map(|j| if j + 1 >= p && j + 1 < n { ids[j + 1] as i32 } else { -1 }));
     }
     Tensor::from_data(TensorData::new(targets, [s, t - 1]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_for_tokens;
+
+    /// Issue #33: a response far longer than the room for it is cut before it is tokenized, and
+    /// the kept tokens are those of the whole text.
+    #[test]
+    fn long_answers_are_cut_before_tokenizing_to_the_same_tokens() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/tiny-chat");
+        let tok = fuserl_model::chat::ChatTokenizer::load(&tiny, None).expect("tokenizer");
+        let unit = "Paris is the capital of France, and élan vital — 東京 too. ";
+        let text = unit.repeat(200_000); // 12 MB
+        for room in [1, 7, 100, 255] {
+            let cut = cut_for_tokens(&text, room);
+            assert!(cut.len() <= room * 256 && cut.len() < text.len());
+            let mut kept = tok.response_ids(cut).expect("ids");
+            kept.truncate(room);
+            // Sixteen times the bytes: what cutting at the budget must not change.
+            let mut whole = tok.response_ids(cut_for_tokens(&text, room * 16)).expect("ids");
+            whole.truncate(room);
+            assert_eq!(kept, whole, "room {room}");
+        }
+        assert_eq!(cut_for_tokens("short", 10), "short");
+    }
 }

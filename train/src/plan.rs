@@ -135,9 +135,11 @@ impl MemoryPlan {
                     .into(),
             ));
         }
-        levers.push((state * 3 / 4, "LoRA (issue #31: not built yet) or a smaller target".into()));
         levers.sort_by_key(|(saved, _)| std::cmp::Reverse(*saved));
-        levers.into_iter().map(|(_, l)| l).collect()
+        let mut levers: Vec<String> = levers.into_iter().map(|(_, l)| l).collect();
+        // Last: what is not built yet.
+        levers.push("a smaller target, or LoRA (issue #31: not built yet)".into());
+        levers
     }
 }
 
@@ -326,11 +328,16 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     phases.push(Phase { name: "the layers' backward", parts: backward_end });
 
     // The optimiser: parameters are updated one at a time, each gradient freed after; the
-    // embeddings come last, with f32 temporaries: the update's own two; with the lean option,
-    // counted in `adamw::stochastic_round` while the first moment is rounded: the new weight and
-    // second moment (f32), and the rounding's five (the value, its step, the value below, the
-    // draw, the step up).
-    let temporaries = embeddings * 4 * if mb == 4 { 2 } else { 7 };
+    // embeddings come last, with f32 temporaries: the update's own two. With the lean option the
+    // update runs in chunks of rows (`adamw::ROUNDED_CHUNK` values): a chunk's seven f32
+    // temporaries (counted in `adamw::stochastic_round` while the first moment is rounded: the
+    // new weight and second moment, and the rounding's five), and the new weight and moments,
+    // chunk by chunk and then joined (twice their bf16 size).
+    let temporaries = if mb == 4 {
+        embeddings * 4 * 2
+    } else {
+        7 * 4 * embeddings.min(crate::adamw::ROUNDED_CHUNK as u64) + 2 * 3 * embeddings * mb
+    };
     let mut update = state(false);
     update.push(Part { name: "gradients", bytes: embeddings * mb });
     update.push(Part { name: "optimiser temporaries", bytes: temporaries });

@@ -150,7 +150,7 @@ impl HttpReward {
         let labels_file = config.labels.as_deref().map(|l| ctx.resolve(l));
         let mut labels = HashMap::new();
         if let Some(file) = &labels_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
+            let text = fuserl_core::paths::read_regular_string(file).map_err(|e| {
                 ConfigError::at(
                     "labels",
                     format!("cannot read {}: {}", Shown(file), fuserl_core::paths::cannot_read(file, &e)),

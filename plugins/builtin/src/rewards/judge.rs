@@ -209,7 +209,7 @@ impl Judge {
             ));
         }
         let template = match &template_file {
-            Some(f) => std::fs::read_to_string(f).map_err(|e| {
+            Some(f) => fuserl_core::paths::read_regular_string(f).map_err(|e| {
                 ConfigError::at(
                     "template",
                     format!("cannot read {}: {}", Shown(f), fuserl_core::paths::cannot_read(f, &e)),

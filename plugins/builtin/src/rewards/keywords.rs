@@ -48,7 +48,7 @@ impl KeywordsReward {
     pub fn new(config: KeywordsConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         check::non_negative("length_penalty", config.length_penalty)?;
         let file = ctx.resolve(&config.path);
-        let text = std::fs::read_to_string(&file).map_err(|e| {
+        let text = fuserl_core::paths::read_regular_string(&file).map_err(|e| {
             ConfigError::at(
                 "path",
                 format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e)),

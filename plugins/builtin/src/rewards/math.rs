@@ -54,7 +54,7 @@ impl MathReward {
     pub fn new(config: MathConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         fuserl_core::config::check::non_negative("tolerance", config.tolerance)?;
         let file = ctx.resolve(&config.answers);
-        let text = std::fs::read_to_string(&file).map_err(|e| {
+        let text = fuserl_core::paths::read_regular_string(&file).map_err(|e| {
             ConfigError::at(
                 "answers",
                 format!("cannot read {}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e)),

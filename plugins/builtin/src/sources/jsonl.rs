@@ -117,8 +117,17 @@ impl JsonlSource {
     /// Build; the file must exist.
     pub fn new(config: JsonlConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         let file = ctx.resolve(&config.path);
-        if !file.is_file() {
-            return Err(ConfigError::at("path", format!("no such data file: {}", Shown(&file))));
+        match fuserl_core::paths::check_regular(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::at("path", format!("no such data file: {}", Shown(&file))));
+            }
+            Err(e) => {
+                return Err(ConfigError::at(
+                    "path",
+                    format!("{}: {}", Shown(&file), fuserl_core::paths::cannot_read(&file, &e)),
+                ));
+            }
         }
         if config.source.is_empty() {
             return Err(ConfigError::at("source", "expected a non-empty source name"));
