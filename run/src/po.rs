@@ -108,9 +108,12 @@ fn reference_logps_cached<B: LogProbBackend>(
     // that the policy and the reference give the same log-probs at step 0.
     let mut reference_model = load::<B>(reference_from, t.device, fuserl_backends::master_dtype(&recipe.backend))?;
     reference_model.dtype = t.dtype;
+    // What loading read and converted is given back (as for the policy, `Training::train_and_save`).
+    fuserl_backends::release_freed_memory();
     let batch = recipe.po.batch_size as usize * 2;
     let r = reference_logps(&reference_model, examples, batch, recipe.backend.logprobs);
     drop(reference_model);
+    fuserl_backends::release_freed_memory();
     std::fs::create_dir_all(po.root()).map_err(|e| TrainError::io(po.root(), e))?;
     let doc = ReferenceLogps { key, reference: reference_from.display().to_string(), logps: r };
     let text = serde_json::to_value(&doc).map_err(|e| TrainError::Data(e.to_string()))?.to_string();
