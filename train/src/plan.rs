@@ -325,6 +325,10 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     backward_end.push(Part { name: "compute copies", bytes: if mixed && ckpt { 2 * layer * c } else { 0 } });
     backward_end.push(Part { name: "activations", bytes: recomputed + tables + backward });
     backward_end.push(Part { name: "attention scores", bytes: recomputed_scores });
+    // With checkpointing the embeddings' gradient is finished last, in f32 (`add_rows` of every
+    // token's row): a second copy of it when the master type is not f32.
+    let embedding_grad = if ckpt && mb != 4 { embeddings * 4 } else { 0 };
+    backward_end.push(Part { name: "embedding gradient (f32)", bytes: embedding_grad });
     phases.push(Phase { name: "the layers' backward", parts: backward_end });
 
     // The optimiser: parameters are updated one at a time, each gradient freed after; the
