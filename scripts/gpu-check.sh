@@ -69,10 +69,13 @@ run)
     out="${GPU_CHECK_OUT:-${OUT:-$dist/out}}"
     mkdir -p "$out"
     out="$(cd "$out" && pwd)"
+    # This run's steps only (a reused folder keeps an earlier run's).
+    rm -f "$out"/*.json "$out"/*.log "$out/report.md"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     python="${PYTHON:-python3}"
     scale="${STEP_TIMEOUT_SCALE:-1}"
+    [[ "$scale" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "STEP_TIMEOUT_SCALE=$scale: expected a number" >&2; exit 2; }
     unpack() { # NAME ENV_OVERRIDE: the binary to run ("none": no such step)
         if [ "$2" = none ]; then return 0; fi
         if [ -n "$2" ]; then echo "$2"; return; fi
@@ -96,7 +99,7 @@ run)
         start=$(date +%s.%N)
         echo "== $name" >&2
         set +e
-        timeout --kill-after=10 "$(python3 -c "print(int($limit * $scale))")" "$@" > "$log" 2>&1
+        timeout --kill-after=10 "$(python3 -c 'import sys; print(max(1, round(float(sys.argv[1]) * float(sys.argv[2]))))' "$limit" "$scale")" "$@" > "$log" 2>&1
         rc=$?
         set -e
         case $rc in
@@ -192,7 +195,7 @@ for line in open("data/fusion-mini.jsonl"):
                 [ "$d" = wgpu ] && torch_dev=cuda
                 step "logprobs-$name-$d" 180 bash -c "'$fuserl' logprobs --model '${m#*:}' --device $d --data '$work/pairs.jsonl' --out '$work/lp-$name-$d.jsonl' >&2 && '$python' scripts/gpu_check_torch.py logprobs '${m#*:}' '$work/pairs.jsonl' '$work/lp-$name-$d.jsonl' --device $torch_dev"
             else
-                step "logprobs-$name-$d" 120 bash -c "'$fuserl' logprobs --model '${m#*:}' --device $d --data '$work/pairs.jsonl' --out '$work/lp-$name-$d.jsonl' >&2; skip 'no torch: fuserl ran, transformers did not'"
+                step "logprobs-$name-$d" 120 bash -c "'$fuserl' logprobs --model '${m#*:}' --device $d --data '$work/pairs.jsonl' --out '$work/lp-$name-$d.jsonl' >&2 && skip 'no torch: fuserl ran, transformers did not'"
             fi
         done
     done

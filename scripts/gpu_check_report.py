@@ -29,7 +29,7 @@ def main():
     out, dev = pathlib.Path(sys.argv[1]), sys.argv[2]
     # In the order they ran.
     files = sorted((p for p in out.glob("*.json") if p.name != "summary.json"), key=lambda p: p.stat().st_mtime)
-    steps = [json.loads(p.read_text()) for p in files]
+    steps = [j for j in (json.loads(p.read_text()) for p in files) if isinstance(j, dict) and "step" in j]
     env = next((s for s in steps if s["step"] == "environment"), None)
     gpu = ""
     if env:
@@ -56,7 +56,7 @@ def main():
     w("| step | pairs | tokens | max abs difference | within 1e-4 |")
     w("|---|---|---|---|---|")
     for s in steps:
-        if s["step"].startswith("logprobs-") and s["results"]:
+        if s["step"].startswith("logprobs-") and s["results"] and "max_abs_logp_difference" in s["results"][-1]:
             r = s["results"][-1]
             ok = r["max_abs_logp_difference"] <= LOGPROB_TOL
             if not ok:
@@ -68,7 +68,7 @@ def main():
     w("| step | fuserl loss | PyTorch loss | relative | fuserl grad norm | PyTorch grad norm | relative |")
     w("|---|---|---|---|---|---|---|")
     for s in steps:
-        if s["step"].startswith("step0-") and len(s["results"]) >= 2:
+        if s["step"].startswith("step0-") and len(s["results"]) >= 2 and all("step0_loss" in r for r in s["results"][:2]):
             f, t = s["results"][0], s["results"][1]
             rl = abs(f["step0_loss"] - t["step0_loss"]) / max(abs(t["step0_loss"]), 1e-12)
             rg = abs(f["step0_grad_norm"] - t["step0_grad_norm"]) / max(abs(t["step0_grad_norm"]), 1e-12)
@@ -85,6 +85,8 @@ def main():
             continue
         runs = [r for r in s["results"] if "bench" in r]
         peaks = [r.get("device_peak_bytes") for r in s["results"] if "device_peak_bytes" in r]
+        if not runs:
+            continue
         f = runs[0]
         t = runs[1] if len(runs) > 1 else {}
         fp = peaks[0] if peaks else f.get("peak_resident_bytes")
@@ -100,7 +102,7 @@ def main():
     w("| step | batch | fuserl tokens/s | transformers tokens/s | ratio |")
     w("|---|---|---|---|---|")
     for s in steps:
-        if s["step"].startswith("generate-") and s["results"]:
+        if s["step"].startswith("generate-") and s["results"] and "tokens_per_second" in s["results"][0]:
             f = s["results"][0]
             t = s["results"][1] if len(s["results"]) > 1 else {}
             w(f"| {s['step']} | {f['batch']} | {f['tokens_per_second']:.0f} | {fmt(t.get('tokens_per_second'), '.0f')} | {fmt(ratio(f['tokens_per_second'], t.get('tokens_per_second')), '.2f')} |")

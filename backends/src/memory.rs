@@ -27,8 +27,14 @@ pub fn is_host(device: Device) -> bool {
 }
 
 fn nvidia_smi_total(index: u32) -> Option<u64> {
+    // CUDA numbers the devices that CUDA_VISIBLE_DEVICES lists (ids or UUIDs), nvidia-smi all of
+    // them: device `index` is the `index`th entry of that list when it is set.
+    let id = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').nth(index as usize)?.trim().to_owned(),
+        _ => index.to_string(),
+    };
     let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", &index.to_string()])
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", &id])
         .output()
         .ok()
         .filter(|o| o.status.success())?;

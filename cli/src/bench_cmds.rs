@@ -140,7 +140,7 @@ fn lcg_ids(state: &mut u64, n: usize, vocab: usize, pad: Option<u64>) -> Vec<u32
 
 /// `pad_token_id` of a checkpoint's config.json, if it has one.
 fn pad_id(model: &std::path::Path) -> Option<u64> {
-    let text = std::fs::read_to_string(model.join("config.json")).ok()?;
+    let text = fuserl_core::paths::read_regular_string(&model.join("config.json")).ok()?;
     serde_json::from_str::<serde_json::Value>(&text).ok()?.get("pad_token_id")?.as_u64()
 }
 

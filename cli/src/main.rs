@@ -322,6 +322,11 @@ fn init_logging(verbose: u8, quiet: bool) {
     // are escaped, as in error messages.
     use tracing_subscriber::field::MakeExt;
     let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        // The `log` bridge's own fields (target, module, file, line) are not shown, as the
+        // default formatter does not show them.
+        if field.name().starts_with("log.") {
+            return Ok(());
+        }
         let v = format!("{value:?}");
         let v = fuserl_core::text::printable(&v);
         if field.name() == "message" { write!(w, "{v}") } else { write!(w, "{}={v}", field.name()) }

@@ -94,9 +94,14 @@ pub fn model_card(loaded: &LoadedRecipe) -> String {
     let _ = writeln!(s, "# {}\n", p(&name));
     let _ = writeln!(
         s,
-        "This model is `{}` fused with fuserl by FuseRL: FuseSFT (weighted SFT on the \
-         sources' scored answers), then FusePO (weighted preference optimisation), from {} source{}:\n",
+        "This model is `{}` fused with fuserl by FuseRL ({}), from {} source{}:\n",
         p(&base),
+        match (recipe.sft.enabled, recipe.po.enabled) {
+            (true, true) =>
+                "FuseSFT, weighted SFT on the sources' scored answers, then FusePO, weighted preference optimisation",
+            (true, false) => "FuseSFT: weighted SFT on the sources' scored answers",
+            (false, _) => "FusePO: weighted preference optimisation on the sources' scored answers",
+        },
         sources.len(),
         if sources.len() == 1 { "" } else { "s" }
     );
@@ -141,9 +146,15 @@ pub fn model_card(loaded: &LoadedRecipe) -> String {
     );
 
     // Evaluation: eval.json, when the evaluation has run.
-    if let Some(eval) =
-        std::fs::read(run.eval().json()).ok().and_then(|b| serde_json::from_slice::<EvalReport>(&b).ok())
-    {
+    // Only an evaluation made after the export (of these weights): an eval.json left from an
+    // earlier model of the run is not shown.
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let current = match (modified(&run.eval().json()), modified(&run.export_record())) {
+        (Some(eval), Some(export)) => eval >= export,
+        _ => false,
+    };
+    let eval = if current { std::fs::read(run.eval().json()).ok() } else { None };
+    if let Some(eval) = eval.and_then(|b| serde_json::from_slice::<EvalReport>(&b).ok()) {
         let _ = writeln!(
             s,
             "## Evaluation\n\n{} held-out prompts ({}), {} answer{} per prompt, scored by `{}`; means with {:.0}% intervals ({}).\n",

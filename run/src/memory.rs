@@ -123,7 +123,7 @@ pub fn plan_recipe(loaded: &LoadedRecipe) -> Result<Vec<StagePlan>> {
 
 /// The largest micro-batch of a stage's kept examples (`examples.jsonl`), if it has them.
 fn from_examples(file: &std::path::Path, config: &StageConfig) -> Option<(usize, usize)> {
-    let text = std::fs::read_to_string(file).ok()?;
+    let text = fuserl_core::paths::read_regular_string(file).ok()?;
     let mut counts = Vec::new();
     let mut length = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {

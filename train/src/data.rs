@@ -80,7 +80,16 @@ pub fn tokenize(
             let text =
                 texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
             let room = max_length - prompt.len();
-            let mut response = tok.response_ids(cut_for_tokens(text, room))?;
+            let cut = cut_for_tokens(text, room);
+            let mut response = tok.response_ids(cut)?;
+            if cut.len() < text.len() {
+                // The answer goes on past the cut: whatever `response_ids` ends every response
+                // with (end of turn, EOS) does not belong here.
+                let ending = tok.response_ids("")?;
+                if !ending.is_empty() && response.ends_with(&ending) {
+                    response.truncate(response.len() - ending.len());
+                }
+            }
             response.truncate(room);
             seqs.push(SeqTokens { prompt: prompt.clone(), response });
         }
