@@ -14,7 +14,7 @@ use fuserl_core::data::{ChatMessage, CompletionId, Example, ExampleSequence, Ori
 use fuserl_core::registry::BuildContext;
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
-use fuserl_model::generate::{GenerateConfig, generate_seeded};
+use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 use fuserl_train::data::{SeqTokens, TrainExample};
 use fuserl_train::trainer::{StepSettings, inference_model, new_optimizer, optimizer_step, reference_logps};
 
@@ -87,18 +87,6 @@ pub struct GenerateBenchArgs {
     #[arg(long, default_value_t = 3)]
     runs: usize,
 }
-
-/// The prompts of `fuserl bench generate` (scripts/gpu_check_torch.py has the same list).
-pub const PROMPTS: [&str; 8] = [
-    "Write a short story about a dragon who learns to read.",
-    "Explain how a bicycle works, step by step.",
-    "Describe a walk through a forest in autumn.",
-    "Write a letter to a friend about your summer holiday.",
-    "Explain why the sky is blue to a ten-year-old.",
-    "Describe the life cycle of a butterfly in detail.",
-    "Write a recipe for a vegetable soup and explain each step.",
-    "Tell the history of the printing press.",
-];
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     match s {

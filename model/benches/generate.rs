@@ -17,19 +17,7 @@ use fuserl_core::data::ChatMessage;
 use fuserl_model::Cpu;
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
-use fuserl_model::generate::{GenerateConfig, generate_seeded};
-
-/// The prompts of both sides (scripts/bench_generate_torch.py has the same list).
-const PROMPTS: [&str; 8] = [
-    "Write a short story about a dragon who learns to read.",
-    "Explain how a bicycle works, step by step.",
-    "Describe a walk through a forest in autumn.",
-    "Write a letter to a friend about your summer holiday.",
-    "Explain why the sky is blue to a ten-year-old.",
-    "Describe the life cycle of a butterfly in detail.",
-    "Write a recipe for a vegetable soup and explain each step.",
-    "Tell the history of the printing press.",
-];
+use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 
 fn main() {
     let models = std::env::var_os("FUSERL_MODELS")

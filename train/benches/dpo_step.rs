@@ -24,14 +24,9 @@ use fuserl_model::checkpoint::load;
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
 use fuserl_train::trainer::{StepSettings, TrainBackend, new_optimizer, optimizer_step};
 
+/// The process's peak resident memory in MiB (NaN where the system does not say).
 fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    fuserl_backends::memory::peak_resident().map_or(f64::NAN, |b| b as f64 / f64::from(1 << 20))
 }
 
 fn main() {
