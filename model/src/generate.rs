@@ -199,6 +199,20 @@ fn generate_with<B: Backend>(
         .collect()
 }
 
+/// The prompts generation speed is measured on (`fuserl bench generate`, the `generate`
+/// benchmark); scripts/bench_generate_torch.py and scripts/gpu_check_torch.py hold the same list
+/// for their PyTorch side.
+pub const BENCH_PROMPTS: [&str; 8] = [
+    "Write a short story about a dragon who learns to read.",
+    "Explain how a bicycle works, step by step.",
+    "Describe a walk through a forest in autumn.",
+    "Write a letter to a friend about your summer holiday.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Describe the life cycle of a butterfly in detail.",
+    "Write a recipe for a vegetable soup and explain each step.",
+    "Tell the history of the printing press.",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,17 +233,3 @@ mod tests {
         assert!(a.iter().collect::<std::collections::BTreeSet<_>>().len() > 2);
     }
 }
-
-/// The prompts generation speed is measured on (`fuserl bench generate`, the `generate`
-/// benchmark); scripts/bench_generate_torch.py and scripts/gpu_check_torch.py hold the same list
-/// for their PyTorch side.
-pub const BENCH_PROMPTS: [&str; 8] = [
-    "Write a short story about a dragon who learns to read.",
-    "Explain how a bicycle works, step by step.",
-    "Describe a walk through a forest in autumn.",
-    "Write a letter to a friend about your summer holiday.",
-    "Explain why the sky is blue to a ten-year-old.",
-    "Describe the life cycle of a butterfly in detail.",
-    "Write a recipe for a vegetable soup and explain each step.",
-    "Tell the history of the printing press.",
-];

@@ -265,7 +265,7 @@ impl Gguf {
             })?;
         // Blocks never straddle rows (ggml quantises row by row): the row length, the first
         // dimension, must be whole blocks.
-        if !n.is_multiple_of(block) || !t.dims.first().is_some_and(|&row| row % block as u64 == 0) {
+        if !n.is_multiple_of(block) || t.dims.first().is_none_or(|&row| row % block as u64 != 0) {
             return Err(ModelError::format(
                 &self.file,
                 format!(
@@ -300,6 +300,25 @@ impl Gguf {
     }
 }
 
+/// llama.cpp's permutation of Llama's Q/K rows for its RoPE layout (the inverse of
+/// [`unpermute_rows`]): rows `[n_head, 2, head_dim/2]` written as `[n_head, head_dim/2, 2]`.
+pub fn permute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                // GGUF row (h, i, j) <- HF row (h, j, i)
+                let src = h * hd + j * half + i;
+                let dst = h * hd + i * 2 + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 /// Undo llama.cpp's permutation of Q/K rows: view `[n_head, 2, head_dim/2, cols]` was written as
 /// `[n_head, head_dim/2, 2, cols]`.
 pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
@@ -319,38 +338,66 @@ pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec
     out
 }
 
+/// Which families a row of [`NAMES`] applies to.
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    Any,
+    Gemma,
+    NotGemma,
+}
+
+/// Whole-model tensors: (llama.cpp name, Hugging Face name).
+const MODEL_NAMES: [(&str, &str); 3] =
+    [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+
+/// Per-layer parts: (llama.cpp part, Hugging Face part, the families it names). Both directions
+/// of the mapping ([`hf_name`], [`gguf_name`]) read this one table.
+const NAMES: [(&str, &str, Family); 14] = [
+    ("attn_q", "self_attn.q_proj", Family::Any),
+    ("attn_k", "self_attn.k_proj", Family::Any),
+    ("attn_v", "self_attn.v_proj", Family::Any),
+    ("attn_output", "self_attn.o_proj", Family::Any),
+    ("ffn_gate", "mlp.gate_proj", Family::Any),
+    ("ffn_up", "mlp.up_proj", Family::Any),
+    ("ffn_down", "mlp.down_proj", Family::Any),
+    ("attn_norm", "input_layernorm", Family::Any),
+    ("ffn_norm", "pre_feedforward_layernorm", Family::Gemma),
+    ("ffn_norm", "post_attention_layernorm", Family::NotGemma),
+    ("post_attention_norm", "post_attention_layernorm", Family::Gemma),
+    ("post_ffw_norm", "post_feedforward_layernorm", Family::Gemma),
+    ("attn_q_norm", "self_attn.q_norm", Family::Any),
+    ("attn_k_norm", "self_attn.k_norm", Family::Any),
+];
+
+fn applies(f: Family, gemma: bool) -> bool {
+    match f {
+        Family::Any => true,
+        Family::Gemma => gemma,
+        Family::NotGemma => !gemma,
+    }
+}
+
 /// The Hugging Face name of a llama.cpp tensor (`gemma`: Gemma's four norms per layer).
 pub fn hf_name(name: &str, gemma: bool) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_owned());
+    let (stem, kind) = name.rsplit_once('.')?;
+    if let Some((_, hf)) = MODEL_NAMES.iter().find(|(g, _)| *g == stem) {
+        return Some(format!("{hf}.{kind}"));
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (part, kind) = tail.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" if gemma => "pre_feedforward_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" if gemma => "post_attention_layernorm",
-        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        _ => return None,
-    };
+    let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
+    let (_, hf, _) = NAMES.iter().find(|(g, _, f)| *g == part && applies(*f, gemma))?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The llama.cpp name of a Hugging Face tensor: the inverse of [`hf_name`].
+pub fn gguf_name(name: &str, gemma: bool) -> Option<String> {
+    let (stem, kind) = name.rsplit_once('.')?;
+    if let Some((g, _)) = MODEL_NAMES.iter().find(|(_, hf)| *hf == stem) {
+        return Some(format!("{g}.{kind}"));
+    }
+    let (layer, part) = stem.strip_prefix("model.layers.")?.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let (g, _, _) = NAMES.iter().find(|(_, hf, f)| *hf == part && applies(*f, gemma))?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 /// Convert a GGUF file into a Hugging Face checkpoint folder `out` (written atomically file by
@@ -486,10 +533,10 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
 }
 
 /// The split before byte-level BPE of Qwen2's tokenizer (its `tokenizer.json`).
-const QWEN2_SPLIT: &str =
+pub(crate) const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The same for Llama 3 (numbers in groups of up to three digits).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// `tokenizer.json` of a byte-level BPE vocabulary (llama.cpp's `gpt2` tokenizer model).
 fn byte_level_tokenizer(g: &Gguf, tokens: &[String], types: &[i64], merges: Vec<String>) -> Result<Value> {
@@ -727,6 +774,7 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&permuted, n_head, rows, cols), hf);
+        assert_eq!(permute_rows(&hf, n_head, rows, cols), permuted);
     }
 
     /// A GGUF file with one tensor of `ggml_type` and the given raw block bytes.
@@ -798,7 +846,16 @@ mod tests {
     }
 
     #[test]
-    fn names_map_to_hugging_face() {
+    fn names_map_to_hugging_face_and_back() {
+        for gemma in [false, true] {
+            for part in NAMES.iter().filter(|(_, _, f)| applies(*f, gemma)).map(|(g, _, _)| g) {
+                let name = format!("blk.7.{part}.weight");
+                let hf = hf_name(&name, gemma).expect("mapped");
+                assert_eq!(gguf_name(&hf, gemma).as_deref(), Some(name.as_str()), "{hf}");
+            }
+        }
+        assert_eq!(gguf_name("lm_head.weight", false).as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight", false), None);
         let llama = |n: &str| hf_name(n, false);
         assert_eq!(llama("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
         assert_eq!(llama("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));

@@ -9,7 +9,8 @@
 //! - [`llama`]: the model, top to bottom;
 //! - [`checkpoint`]: Hugging Face safetensors in and out;
 //! - [`classifier`]: `*ForSequenceClassification` reward models (the decoder and a score head);
-//! - [`logprobs`]: per-token log-probs of (prompt, response) pairs.
+//! - [`logprobs`]: per-token log-probs of (prompt, response) pairs;
+//! - [`gguf`], [`quant`]: llama.cpp's GGUF files read; [`gguf_export`], [`quantize`]: written.
 
 pub mod chat;
 pub mod checkpoint;
@@ -19,10 +20,12 @@ pub mod error;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod hf_config;
 pub mod llama;
 pub mod logprobs;
 pub mod quant;
+pub mod quantize;
 
 pub use error::{ModelError, Result};
 

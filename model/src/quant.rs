@@ -70,6 +70,26 @@ impl GgmlType {
         })
     }
 
+    /// The type's ggml code (the inverse of [`GgmlType::from_code`]).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Q8K => 15,
+            Self::Bf16 => 30,
+        }
+    }
+
     /// ggml's name of a type code (also of the types this crate does not read).
     pub fn name_of(code: u32) -> &'static str {
         match code {

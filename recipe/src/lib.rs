@@ -523,6 +523,14 @@ fn validate_eval(e: &EvalConfig) -> Result<(), ConfigError> {
 }
 
 fn validate_export(e: &ExportConfig) -> Result<(), ConfigError> {
+    if let Some(t) = e.gguf_type
+        && e.format != ExportFormat::Gguf
+    {
+        return Err(ConfigError::at(
+            "gguf_type",
+            format!("gguf_type = \"{}\" needs format = \"gguf\" (no GGUF file is written otherwise)", t.as_str()),
+        ));
+    }
     if e.max_shard_size_mb == 0 {
         return Err(ConfigError::at("max_shard_size_mb", "expected at least 1"));
     }

@@ -322,6 +322,51 @@ pub enum ExportFormat {
     /// Hugging Face folder: config.json, safetensors, tokenizer and template files.
     #[default]
     HfSafetensors,
+    /// The Hugging Face folder and, in it, one llama.cpp GGUF file of `gguf_type`
+    /// (`model-<TYPE>.gguf`) for llama.cpp, Ollama and LM Studio.
+    Gguf,
+}
+
+/// What a GGUF export holds: a float type or one of llama.cpp's quantisation mixes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GgufType {
+    /// f32.
+    #[serde(rename = "f32")]
+    F32,
+    /// f16 (llama.cpp's converter's default).
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    /// bf16.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// Q8_0.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// llama.cpp's Q4_K_M mix.
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+    /// llama.cpp's Q5_K_M mix.
+    #[serde(rename = "q5_k_m")]
+    Q5KM,
+    /// Q6_K.
+    #[serde(rename = "q6_k")]
+    Q6K,
+}
+
+impl GgufType {
+    /// The name as recipes and `fuserl export-gguf --type` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4KM => "q4_k_m",
+            Self::Q5KM => "q5_k_m",
+            Self::Q6K => "q6_k",
+        }
+    }
 }
 
 /// `[export]`.
@@ -343,6 +388,9 @@ pub struct ExportConfig {
     /// Start a new safetensors shard above this size.
     #[serde(default = "default_shard_mb")]
     pub max_shard_size_mb: u64,
+    /// What the GGUF file holds (`format = "gguf"`; default f16).
+    #[serde(default)]
+    pub gguf_type: Option<GgufType>,
 }
 
 fn default_shard_mb() -> u64 {

@@ -6,7 +6,8 @@
 //! - the recipe summary (`recipe.toml`, the resolved recipe) and which stages are done;
 //! - the data (`data.json`, written by the scoring stage): prompts, answers and the reward
 //!   distribution per source; the FuseSFT weight and the FusePO pairs each source contributed
-//!   (`sft/examples.jsonl`, `po/examples.jsonl`);
+//!   (`sft/examples.jsonl`, `po/examples.jsonl`); the share of prompts whose samples were all the
+//!   same text (a source that does not sample);
 //! - training curves per stage from `metrics.jsonl` (loss, gradient norm, learning rate, and the
 //!   preference stage's implicit rewards, margins and accuracies);
 //! - the evaluation (`eval/eval.json`): the table of measures with their intervals, the reward
@@ -706,6 +707,19 @@ fn data_section(
                 )
                 .into(),
             ],
+            vec![
+                if s.sampled_prompts == 0 {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "{} of {} ({:.0}%)",
+                        s.identical_samples,
+                        s.sampled_prompts,
+                        100.0 * s.identical_samples as f64 / s.sampled_prompts as f64
+                    )
+                }
+                .into(),
+            ],
         ]);
         groups.push((name, rewards));
     }
@@ -716,9 +730,25 @@ fn data_section(
         data.reward
     ));
     page.table(
-        &["source", "prompts", "answers", "unscored", "mean reward", "FuseSFT weight", "FusePO chosen / rejected"],
+        &[
+            "source",
+            "prompts",
+            "answers",
+            "unscored",
+            "mean reward",
+            "FuseSFT weight",
+            "FusePO chosen / rejected",
+            "prompts with identical samples",
+        ],
         &rows,
     );
+    if sources.iter().any(|s| s.sampled_prompts > 0 && 2 * s.identical_samples > s.sampled_prompts) {
+        page.para(
+            "A source whose samples of a prompt are mostly the same text is not sampling: its server likely \
+             decodes greedily whatever the recipe's temperature and seeds (`transformers serve` does unless the \
+             model's generation_config.json sets do_sample).",
+        );
+    }
     page.plot(box_plot("data-rewards", "Reward per source (training data)", "reward", &groups));
     let bars = |m: &BTreeMap<String, f64>| {
         groups.iter().map(|(n, _)| (n.clone(), m.get(n).copied().unwrap_or(0.0))).collect::<Vec<_>>()

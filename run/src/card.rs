@@ -75,6 +75,14 @@ pub fn model_card(loaded: &LoadedRecipe) -> String {
             tags.push(objective.name().to_owned());
         }
     }
+    let gguf = (recipe.export.format == fuserl_recipe::ExportFormat::Gguf).then(|| {
+        let ty = recipe.export.gguf_type.unwrap_or_default().as_str();
+        let label = fuserl_model::gguf_export::GgufType::from_name(ty).map_or("F16", |t| t.label());
+        format!("model-{label}.gguf")
+    });
+    if gguf.is_some() {
+        tags.push("gguf".to_owned());
+    }
     let mut s = String::new();
     s.push_str("---\n");
     let _ = writeln!(s, "base_model: {}", yaml(&base));
@@ -111,6 +119,13 @@ pub fn model_card(loaded: &LoadedRecipe) -> String {
     let reward = recipe.reward.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
     let weighting = recipe.weighting.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
     let _ = writeln!(s, "\nAnswers scored by the `{}` reward, weighted by `{}`.\n", p(reward), p(weighting));
+    if let Some(file) = &gguf {
+        let _ = writeln!(
+            s,
+            "The folder also holds `{file}`, the same weights for llama.cpp, Ollama and LM Studio \
+             (`llama-server -m {file}`).\n"
+        );
+    }
 
     // Training: from metrics.jsonl.
     let lines: Vec<MetricsLine> = std::fs::read_to_string(run.metrics())

@@ -4,6 +4,9 @@
 //! records what it exported (`export.json`: the model and a hash of its weights, the folder, dtype,
 //! shard size, and a hash of the files written); a rerun with the same model and settings whose
 //! export is still there as written skips it, as the other stages skip on their `DONE`.
+//!
+//! With `[export] format = "gguf"` the folder also gets `model-<TYPE>.gguf`, llama.cpp's file of
+//! the same weights ([`fuserl_model::gguf_export`]), written from the folder.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +36,20 @@ pub struct ExportRecord {
     /// The hash of the weight files written (an export changed or removed since is written again).
     #[serde(default)]
     pub exported: String,
+    /// The GGUF file written in the folder (`format = "gguf"`): its name, type and size in bytes.
+    #[serde(default)]
+    pub gguf: Option<(String, String, u64)>,
+}
+
+/// The GGUF file `format = "gguf"` asks for: its name in the export folder and its type.
+fn gguf_wanted(loaded: &LoadedRecipe) -> Option<(String, fuserl_model::gguf_export::GgufType)> {
+    let e = &loaded.recipe.export;
+    if e.format != fuserl_recipe::ExportFormat::Gguf {
+        return None;
+    }
+    let name = e.gguf_type.unwrap_or_default().as_str();
+    let ty = fuserl_model::gguf_export::GgufType::from_name(name).expect("the recipe's GGUF types are the model's");
+    Some((format!("model-{}.gguf", ty.label()), ty))
 }
 
 /// Export `from` (a trained model of the run) as the recipe says, with `target`'s tokenizer
@@ -51,14 +68,26 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
         dtype: format!("{dtype:?}"),
         max_shard_bytes: (recipe.export.max_shard_size_mb as usize) << 20,
         exported: String::new(),
+        gguf: None,
     };
+    let gguf = gguf_wanted(loaded);
     let hash = |dir: &Path| crate::local::weights_hash(dir).map(|h| format!("{h:016x}"));
     let marker = RunDir::new(loaded.output_dir()).export_record();
     let done = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<ExportRecord>(&b).ok());
+    let gguf_there = |d: &ExportRecord| match (&gguf, &d.gguf) {
+        (None, _) => true,
+        (Some((name, ty)), Some((written, written_ty, bytes))) => {
+            name == written
+                && ty.label() == written_ty
+                && std::fs::metadata(to.join(name)).is_ok_and(|m| m.is_file() && m.len() == *bytes)
+        }
+        (Some(_), None) => false,
+    };
     let unchanged = done.as_ref().is_some_and(|d| {
-        ExportRecord { exported: String::new(), ..d.clone() } == record
+        ExportRecord { exported: String::new(), gguf: None, ..d.clone() } == record
             && to.join("config.json").is_file()
             && hash(&to).is_ok_and(|h| h == d.exported)
+            && gguf_there(d)
     });
     if unchanged {
         tracing::info!(to = %Shown(&to), "already exported");
@@ -70,7 +99,15 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     write_atomic(&marker, pending.as_bytes())?;
     let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
     save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
-    let record = ExportRecord { exported: hash(&to).map_err(|e| TrainError::io(&to, e))?, ..record };
+    drop(model);
+    let gguf = match gguf {
+        Some((name, ty)) => {
+            let done = fuserl_model::gguf_export::export(&to, &to.join(&name), ty)?;
+            Some((name, ty.label().to_owned(), done.bytes))
+        }
+        None => None,
+    };
+    let record = ExportRecord { exported: hash(&to).map_err(|e| TrainError::io(&to, e))?, gguf, ..record };
     let text = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
     write_atomic(&marker, text.as_bytes())?;
     Ok(Some(to))

@@ -314,7 +314,7 @@ fn sequences_past_the_models_positions_are_refused_before_allocating() {
     let model = load::<Cpu>(&fixture("llama-tied"), &Default::default(), DType::F32).expect("model");
     let positions = model.config.max_position_embeddings;
     let long: Vec<u32> = (0..positions as u32 + 1).map(|i| i % 60 + 1).collect();
-    let err = sequence_token_logprobs(&model, &[long.clone()]).expect_err("too long").to_string();
+    let err = sequence_token_logprobs(&model, std::slice::from_ref(&long)).expect_err("too long").to_string();
     assert!(
         err.contains(&format!("of {} tokens is longer than the model's {positions} positions", long.len())),
         "{err}"

@@ -339,3 +339,47 @@ fn export_is_done_once_and_again_when_its_model_changes() {
     go();
     assert!(weights.is_file());
 }
+
+/// `[export] format = "gguf"`: the export folder also holds llama.cpp's file of the weights, in
+/// the type asked for, which reads back as the exported weights (Q8_0: within its rounding); a
+/// rerun skips it, and a removed GGUF file is written again.
+#[test]
+fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let text = recipe(&out, 1, 1) + "[export]\nformat = \"gguf\"\ngguf_type = \"q8_0\"\n";
+    let loaded = parse_recipe(&text, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))
+        .expect("recipe");
+    let go =
+        || run(&loaded, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
+    go();
+    let file = out.join("export/model-Q8_0.gguf");
+    let g = fuserl_model::gguf::Gguf::read(&file).expect("the GGUF file");
+    assert_eq!(g.meta.get("general.architecture"), Some(&fuserl_model::gguf::Meta::Str("llama".into())));
+    let store = fuserl_model::checkpoint::TensorStore::read_dir(&out.join("export")).expect("export");
+    let (_, down) = store.get("model.layers.1.mlp.down_proj.weight").expect("down_proj");
+    let t = g.tensors.iter().find(|t| t.name == "blk.1.ffn_down.weight").expect("ffn_down");
+    assert_eq!(fuserl_model::quant::GgmlType::name_of(t.ggml_type), "Q8_0");
+    let back = g.dequantize(t).expect("dequantise");
+    let amax = down.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = down.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= amax / 127.0, "Q8_0 error {worst} above a level ({})", amax / 127.0);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("export.json")).expect("export.json")).expect("json");
+    assert_eq!(record["gguf"][0], "model-Q8_0.gguf", "{record}");
+    let card = std::fs::read_to_string(out.join("export/README.md")).expect("model card");
+    assert!(card.contains("- \"gguf\"\n") && card.contains("`model-Q8_0.gguf`"), "{card}");
+    let written = std::fs::metadata(&file).expect("gguf").modified().expect("mtime");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    go();
+    assert_eq!(std::fs::metadata(&file).expect("gguf").modified().expect("mtime"), written, "exported again");
+    std::fs::remove_file(&file).expect("rm");
+    go();
+    assert!(file.is_file(), "a removed GGUF file is written again");
+    // A type without the format is refused by the recipe.
+    let wrong = recipe(&out, 1, 1) + "[export]\ngguf_type = \"q8_0\"\n";
+    let err = parse_recipe(&wrong, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("export.gguf_type") && err.contains("format = \"gguf\""), "{err}");
+}
