@@ -10,7 +10,9 @@
 //! - the f16 export converts back (`fuserl convert gguf`) to the checkpoint's weights rounded to
 //!   f16, exactly;
 //! - the q4_k_m export gives every tensor the type llama.cpp's own quantiser gives it from the
-//!   f16 export, with no more error (within 10%) than llama.cpp's.
+//!   f16 export, with no more error (within 10%) than llama.cpp's;
+//! - every architecture's f32 export of the tiny oracle models computes in llama.cpp the
+//!   per-token log-probs transformers computed (within 1e-4).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -219,5 +221,72 @@ fn q4_k_m_types_and_error_match_llama_cpps_own_quantiser() {
             "{name}: relative RMS error against the f16 weights: fuserl {e_ours:.5}, llama.cpp {e_theirs:.5}"
         ));
         assert!(e_ours <= e_theirs * 1.10, "{name}: fuserl's error {e_ours} against llama.cpp's {e_theirs}");
+    }
+}
+
+/// A byte-level tokenizer of `n` single-character tokens and no merges, for the tiny oracle
+/// models (which have none): enough for llama.cpp to load the file; the test feeds token ids.
+fn tiny_tokenizer(n: usize) -> Value {
+    let vocab: serde_json::Map<String, Value> =
+        (0..n).map(|i| (char::from(b'!' + i as u8).to_string(), Value::from(i as u64))).collect();
+    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": []}})
+}
+
+/// Every architecture's export, in f32, computes in llama.cpp the per-token log-probs
+/// transformers computed for the tiny oracle models (fixtures/models: Llama with tied embeddings,
+/// Llama 3.1's RoPE scaling with an explicit head_dim, Mistral in f16 shards, Qwen2 in bf16 with
+/// biases, Qwen3 with q/k norms); the tiny Gemma 3, whose layer pattern and query scale llama.cpp's
+/// gemma3 model cannot express, is refused with the reason.
+#[test]
+fn every_architecture_computes_in_llama_cpp_what_transformers_computed() {
+    if !available(&[]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    for name in ["llama-tied", "llama3-rope-head-dim", "mistral-f16-sharded", "qwen2-bf16", "qwen3", "gemma3"] {
+        let fixture = repo().join("fixtures/models").join(name);
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).expect("mkdir");
+        for f in std::fs::read_dir(&fixture).expect("fixture") {
+            let f = f.expect("entry").path();
+            std::fs::copy(&f, dir.join(f.file_name().expect("name"))).expect("copy");
+        }
+        std::fs::write(dir.join("tokenizer.json"), tiny_tokenizer(64).to_string()).expect("tokenizer");
+        let file = tmp.path().join(format!("{name}.gguf"));
+        let o =
+            fuserl(&["export-gguf", &dir.display().to_string(), &file.display().to_string(), "--type", "f32"], &repo());
+        if name == "gemma3" {
+            let err = text(&o.stderr);
+            assert!(!o.status.success() && err.contains("layer pattern"), "{err}");
+            continue;
+        }
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        let oracle: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("logprobs.json")).expect("oracle"))
+                .expect("json");
+        let seqs = tmp.path().join(format!("{name}.json"));
+        std::fs::write(&seqs, oracle["sequences"].to_string()).expect("sequences");
+        let o = std::process::Command::new(llama_python())
+            .arg(repo().join("scripts/gguf_logprobs.py"))
+            .args([&file, &seqs])
+            .output()
+            .expect("run llama.cpp");
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        let got: Vec<Vec<f64>> = serde_json::from_slice(&o.stdout).expect("log-probs");
+        let want: Vec<Vec<f64>> = serde_json::from_value(oracle["token_logps"].clone()).expect("oracle log-probs");
+        let mut worst = 0f64;
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.len(), w.len(), "{name}");
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        note(format!("{name}: max |llama.cpp - transformers| = {worst:.2e}"));
+        assert!(worst < 1e-4, "{name}: llama.cpp's log-probs differ from transformers' by up to {worst}");
     }
 }

@@ -553,7 +553,7 @@ fn byte_level_tokenizer(g: &Gguf, tokens: &[String], types: &[i64], merges: Vec<
     let pre_tokenizer = match pre {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
-        "gpt2" | "default" => byte_level,
+        "gpt2" | "gpt-2" | "default" => byte_level,
         // Qwen2's own tokenizer.json: this split, then bytes, after NFC.
         "qwen2" | "deepseek-r1-qwen" => {
             normalizer = json!({"type": "NFC"});
@@ -564,7 +564,7 @@ fn byte_level_tokenizer(g: &Gguf, tokens: &[String], types: &[i64], merges: Vec<
             return Err(ModelError::Unsupported {
                 file: file.clone(),
                 what: format!(
-                    "GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt2, default, qwen2, \
+                    "GGUF pre-tokenizer `{other}`; supported: smollm, starcoder, refact, gpt-2, gpt2, default, qwen2, \
                      deepseek-r1-qwen, llama3, llama-v3, llama-bpe, smaug-bpe"
                 ),
             });

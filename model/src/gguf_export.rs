@@ -410,7 +410,7 @@ fn pre_tokenizer_name(t: &Value, file: &Path) -> Result<&'static str> {
     let kinds: Vec<String> = parts.iter().map(|p| kind(p)).collect();
     let regex = |p: &Value| p.pointer("/pattern/Regex").and_then(Value::as_str).map(str::to_owned);
     let named = match kinds.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["ByteLevel"] if parts[0].get("use_regex").and_then(Value::as_bool) != Some(false) => Some("gpt2"),
+        ["ByteLevel"] if parts[0].get("use_regex").and_then(Value::as_bool) != Some(false) => Some("gpt-2"),
         ["Digits", "ByteLevel"] if parts[0].get("individual_digits").and_then(Value::as_bool) == Some(true) => {
             Some("smollm")
         }
