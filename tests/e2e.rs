@@ -973,3 +973,31 @@ fn fifos_named_as_inputs_are_refused_not_waited_on() {
         assert!(start.elapsed() < std::time::Duration::from_secs(10), "{recipe}: {:?}", start.elapsed());
     }
 }
+
+/// Issue #33: a prompt answered by 100,000 sources (its source table was built by a search per
+/// answer, 10^10 comparisons) is read, scored, weighted and made into examples within seconds.
+#[test]
+fn a_prompt_with_100k_sources_is_handled_in_linear_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let n = 100_000;
+    let responses: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (format!("s{i}"), serde_json::json!([format!("answer {i}")]))).collect();
+    let scores: serde_json::Map<String, serde_json::Value> =
+        (0..n).map(|i| (format!("s{i}"), serde_json::json!([f64::from(i % 97) / 97.0]))).collect();
+    let line = serde_json::json!({"id": "p", "prompt": "Say something.", "responses": responses, "scores": scores});
+    std::fs::write(dir.path().join("data.jsonl"), format!("{line}\n")).expect("data");
+    let recipe = format!(
+        "schema_version = 1\n[run]\nname = \"many\"\noutput_dir = \"{}\"\n[target]\ncheckpoint = \"{}\"\n\
+         max_length = 64\n[[sources]]\nkind = \"jsonl\"\npath = \"data.jsonl\"\n[reward]\nkind = \"precomputed\"\n\
+         [weighting]\nkind = \"softmax\"\ntemperature = 0.5\n[po]\nenabled = false\n[export]\nenabled = false\n",
+        dir.path().join("run").display(),
+        repo().join("checkpoints/tiny-chat").display()
+    );
+    std::fs::write(dir.path().join("recipe.toml"), recipe).expect("recipe");
+    let t0 = std::time::Instant::now();
+    let out = fuserl(&["examples", "recipe.toml", "--stage", "sft", "--out", "examples.jsonl"], dir.path());
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("100000 sft examples"), "{}", text(&out.stderr));
+    assert!(took.as_secs() < 10, "took {took:?}");
+}

@@ -67,35 +67,35 @@ impl DataSummary {
     /// The summary of scored groups: per source, in order of first appearance.
     pub fn of(groups: &[fuserl_core::data::ScoredGroup], reward: String) -> Self {
         let mut sources: Vec<SourceData> = Vec::new();
+        // Indexes by name (many sources must not cost a search per answer).
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for g in groups {
-            let mut seen: Vec<&str> = Vec::new();
-            let mut texts: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            let mut texts: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
             for c in &g.completions {
-                texts.entry(c.completion.id.source.as_str()).or_default().push(c.completion.text.as_str());
                 let name = c.completion.id.source.as_str();
-                let i = match sources.iter().position(|s| s.name == name) {
-                    Some(i) => i,
+                let i = match index.get(name) {
+                    Some(&i) => i,
                     None => {
                         sources.push(SourceData { name: name.to_owned(), ..SourceData::default() });
+                        index.insert(name.to_owned(), sources.len() - 1);
                         sources.len() - 1
                     }
                 };
+                let answers = texts.entry(i).or_default();
                 let s = &mut sources[i];
-                if !seen.contains(&name) {
-                    seen.push(name);
+                if answers.is_empty() {
                     s.prompts += 1;
                 }
+                answers.push(c.completion.text.as_str());
                 s.answers += 1;
                 match &c.reward {
                     Some(r) => s.rewards.push(r.value),
                     None => s.unscored += 1,
                 }
             }
-            for (name, t) in texts.into_iter().filter(|(_, t)| t.len() >= 2) {
-                if let Some(s) = sources.iter_mut().find(|s| s.name == name) {
-                    s.sampled_prompts += 1;
-                    s.identical_samples += usize::from(t.iter().all(|x| *x == t[0]));
-                }
+            for (i, t) in texts.into_iter().filter(|(_, t)| t.len() >= 2) {
+                sources[i].sampled_prompts += 1;
+                sources[i].identical_samples += usize::from(t.iter().all(|x| *x == t[0]));
             }
         }
         Self { prompts: groups.len(), reward, sources }

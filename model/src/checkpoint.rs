@@ -406,7 +406,11 @@ pub fn save_as<B: Backend>(
         meta.insert("format".to_owned(), "pt".to_owned());
         // Streamed to a temporary file (no second copy of the shard in memory), then renamed.
         write_atomic_with(&dir.join(&file), |tmp| {
-            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)
+            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| match e {
+                // The I/O error itself (a full disk said as such), not wrapped in the crate's.
+                safetensors::SafeTensorError::IoError(io) => io,
+                other => std::io::Error::other(other),
+            })
         })?;
         for (name, (_, values)) in shard {
             total += values.len() * width;

@@ -55,6 +55,17 @@ impl Meta {
     }
 }
 
+/// A metadata value as a message shows it.
+fn shown_meta(m: &Meta) -> String {
+    match m {
+        Meta::Int(i) => i.to_string(),
+        Meta::Float(f) => f.to_string(),
+        Meta::Bool(b) => b.to_string(),
+        Meta::Str(s) => format!("the text `{}`", fuserl_core::text::printable(&s.chars().take(40).collect::<String>())),
+        Meta::Array(a) => format!("an array of {}", a.len()),
+    }
+}
+
 /// One tensor's entry in the header.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -80,6 +91,9 @@ pub struct Gguf {
     bytes: Vec<u8>,
     data_start: usize,
 }
+
+/// The longest vocabulary entry read (in characters): Qwen2.5's longest has 128, Gemma 3's 31.
+const MAX_TOKEN_CHARS: usize = 1024;
 
 /// Arrays within arrays deeper than this are refused (llama.cpp writes one level; a reader that
 /// recursed without a limit overflowed its stack on a hand-made file).
@@ -229,12 +243,26 @@ impl Gguf {
         Ok(Self { file: file.to_path_buf(), meta, tensors, bytes, data_start })
     }
 
+    /// A required count: an integer from 1 to the cap [`LlamaConfig`]'s sizes have (a head count
+    /// of 0 divided by zero, a negative one wrapped around, a huge one sized terabytes).
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        self.meta
-            .get(key)
-            .and_then(Meta::as_i64)
-            .map(|v| v as usize)
-            .ok_or_else(|| ModelError::format(&self.file, format!("missing metadata `{key}`")))
+        match self.meta_count(key)? {
+            Some(n) => Ok(n),
+            None => Err(ModelError::format(&self.file, format!("missing metadata `{key}`"))),
+        }
+    }
+
+    /// An optional count (see [`Gguf::meta_usize`]).
+    fn meta_count(&self, key: &str) -> Result<Option<usize>> {
+        let cap = if key.ends_with(".block_count") { crate::config::MAX_LAYERS } else { crate::config::MAX_SIZE };
+        match self.meta.get(key) {
+            None => Ok(None),
+            Some(Meta::Int(n)) if (1..=cap as i64).contains(n) => Ok(Some(*n as usize)),
+            Some(other) => Err(ModelError::format(
+                &self.file,
+                format!("metadata `{key}`: expected a count from 1 to {cap}, found {}", shown_meta(other)),
+            )),
+        }
     }
 
     /// Dequantise one tensor to f32, in row-major order of its Hugging Face shape (the ggml dims
@@ -423,19 +451,17 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     let gemma = arch == "gemma3";
     let key = |k: &str| format!("{arch}.{k}");
     let n_head = g.meta_usize(&key("attention.head_count"))?;
-    let n_kv = g.meta.get(&key("attention.head_count_kv")).and_then(Meta::as_i64).map_or(n_head, |v| v as usize);
+    let n_kv = g.meta_count(&key("attention.head_count_kv"))?.unwrap_or(n_head);
     let hidden = g.meta_usize(&key("embedding_length"))?;
     let tokens = match g.meta.get("tokenizer.ggml.tokens") {
         Some(Meta::Array(t)) => t.iter().map(|x| x.as_str().unwrap_or("").to_owned()).collect::<Vec<_>>(),
         _ => return Err(ModelError::format(input, "missing metadata `tokenizer.ggml.tokens`")),
     };
-    let vocab = g.meta.get(&key("vocab_size")).and_then(Meta::as_i64).map_or(tokens.len(), |v| v as usize);
-    let head_dim = g
-        .meta
-        .get(&key("attention.key_length"))
-        .or_else(|| g.meta.get(&key("rope.dimension_count")))
-        .and_then(Meta::as_i64)
-        .map_or(hidden / n_head, |v| v as usize);
+    let vocab = g.meta_count(&key("vocab_size"))?.unwrap_or(tokens.len());
+    let head_dim = match g.meta_count(&key("attention.key_length"))? {
+        Some(d) => d,
+        None => g.meta_count(&key("rope.dimension_count"))?.unwrap_or(hidden / n_head),
+    };
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
     let id = |k: &str| g.meta.get(k).and_then(Meta::as_i64).map(|v| v as u32);
     let mut config = LlamaConfig {
@@ -450,7 +476,7 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         rope_theta: g.meta.get(&key("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
         tie_word_embeddings: tied,
         qkv_bias: architecture == Architecture::Qwen2,
-        max_position_embeddings: g.meta.get(&key("context_length")).and_then(Meta::as_i64).map_or(2048, |v| v as usize),
+        max_position_embeddings: g.meta_count(&key("context_length"))?.unwrap_or(2048),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         ..LlamaConfig::blank(architecture)
@@ -488,6 +514,14 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         config.rms_norm_eps =
             g.meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-6);
     }
+    // The checks config.json gets (heads a multiple of the key/value heads, an even head size,
+    // finite epsilon, ...), through the same path: the config as config.json, read back.
+    LlamaConfig::from_json(&config.to_hf_json(), input).map_err(|e| match e {
+        ModelError::Format { message, .. } => {
+            ModelError::format(input, format!("its metadata describes an impossible model: {message}"))
+        }
+        other => other,
+    })?;
     // The tokenizer first: a vocabulary this crate cannot rebuild fails before the slow part.
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     write_tokenizer(&g, out)?;
@@ -697,6 +731,18 @@ pub fn write_tokenizer(g: &Gguf, out: &Path) -> Result<()> {
         }
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
+    // Work grows with the square of an entry's length (Gemma's merges are derived from every
+    // split of every entry): a million-character entry would take hours.
+    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.chars().count() > MAX_TOKEN_CHARS) {
+        return Err(ModelError::format(
+            file,
+            format!(
+                "tokenizer.ggml.tokens: entry {i} has {} characters; at most {MAX_TOKEN_CHARS} are accepted (real \
+                 vocabularies' longest have about 130)",
+                t.chars().count()
+            ),
+        ));
+    }
     let types: Vec<i64> = match g.meta.get("tokenizer.ggml.token_type") {
         Some(Meta::Array(a)) => a.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],

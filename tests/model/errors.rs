@@ -449,3 +449,72 @@ fn config_keys_of_the_wrong_type_are_refused() {
         assert!(err.contains("config.json") && err.contains(expected), "{key}: {err}");
     }
 }
+
+/// Issue #33: `convert gguf` reads the hyperparameters through the checks config.json gets: a
+/// head count of 0 (a division by zero before), a negative block count (wrapped to 2^64 - 1), a
+/// block count of 2^40 (terabytes) and heads that are no multiple of the key/value heads are
+/// refused with the key named, before anything is sized by them.
+#[test]
+fn gguf_hyperparameters_are_checked_as_config_json_is() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("hostile.gguf");
+    let string = |s: &str| {
+        [8u32.to_le_bytes().to_vec(), (s.len() as u64).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat()
+    };
+    let u32v = |v: u32| [4u32.to_le_bytes(), v.to_le_bytes()].concat();
+    let i32v = |v: i32| [5u32.to_le_bytes(), v.to_le_bytes()].concat();
+    let u64v = |v: u64| [10u32.to_le_bytes().to_vec(), v.to_le_bytes().to_vec()].concat();
+    let tokens = {
+        let mut b = 9u32.to_le_bytes().to_vec();
+        b.extend(8u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        for t in ["a", "b"] {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        }
+        b
+    };
+    let case = |heads: Vec<u8>, kv: Vec<u8>, blocks: Vec<u8>, tokens: &Vec<u8>| {
+        let meta = vec![
+            ("general.architecture", string("llama")),
+            ("llama.attention.head_count", heads),
+            ("llama.attention.head_count_kv", kv),
+            ("llama.embedding_length", u32v(64)),
+            ("llama.feed_forward_length", u32v(128)),
+            ("llama.block_count", blocks),
+            ("tokenizer.ggml.model", string("gpt2")),
+            ("tokenizer.ggml.tokens", tokens.clone()),
+        ];
+        std::fs::create_dir_all(dir.path().join("out")).expect("mkdir");
+        std::fs::write(&file, gguf_with_meta(&meta, &[], 0)).expect("write");
+        let t0 = std::time::Instant::now();
+        let err = fuserl_model::gguf::convert(&file, &dir.path().join("out")).expect_err("refused").to_string();
+        assert!(t0.elapsed().as_secs() < 10, "{err}");
+        assert!(err.starts_with(&file.display().to_string()), "{err}");
+        err
+    };
+    let err = case(u32v(0), u32v(1), u32v(2), &tokens);
+    assert!(
+        err.contains("metadata `llama.attention.head_count`: expected a count from 1 to 16777216, found 0"),
+        "{err}"
+    );
+    let err = case(u32v(4), u32v(2), i32v(-1), &tokens);
+    assert!(err.contains("metadata `llama.block_count`: expected a count from 1 to 4096, found -1"), "{err}");
+    let err = case(u32v(4), u32v(2), u64v(1 << 40), &tokens);
+    assert!(err.contains("`llama.block_count`") && err.contains("found 1099511627776"), "{err}");
+    let err = case(u32v(3), u32v(2), u32v(2), &tokens);
+    assert!(
+        err.contains("impossible model") && err.contains("must be a positive multiple of num_key_value_heads (2)"),
+        "{err}"
+    );
+    // A vocabulary entry of a million characters (hours of work deriving merges before).
+    let mut long = 9u32.to_le_bytes().to_vec();
+    long.extend(8u32.to_le_bytes());
+    long.extend(2u64.to_le_bytes());
+    for t in ["a".repeat(1_000_000), "b".into()] {
+        long.extend((t.len() as u64).to_le_bytes());
+        long.extend(t.as_bytes());
+    }
+    let err = case(u32v(4), u32v(2), u32v(2), &long);
+    assert!(err.contains("tokenizer.ggml.tokens: entry 0 has 1000000 characters; at most 1024"), "{err}");
+}

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::Optimizer;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder, RecorderError};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use fuserl_core::data::StageName;
@@ -33,8 +33,67 @@ pub(crate) struct CheckpointState {
     pub total: u64,
 }
 
-fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
-    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+fn recorder() -> MpkRecorder {
+    MpkRecorder
+}
+
+/// Burn's named-MessagePack checkpoint format (`NamedMpkFileRecorder`'s files, which it reads),
+/// written by fuserl: Burn's recorder drops its buffered writer without flushing it explicitly
+/// (the error of the last write, a full disk's, was lost and a truncated file kept) and reports
+/// any write error as a MessagePack one. This one keeps the I/O error, flushes, and syncs the
+/// file before the checkpoint is renamed into place.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MpkRecorder;
+
+/// A recorder error's own message (its `Display` is `Unknown("...")`).
+fn recorder_message(e: RecorderError) -> String {
+    match e {
+        RecorderError::FileNotFound(m) | RecorderError::DeserializeError(m) | RecorderError::Unknown(m) => m,
+    }
+}
+
+/// A writer that remembers the I/O error under the encoder's own error.
+struct KeepError<W> {
+    inner: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> std::io::Write for KeepError<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| self.error = Some(std::io::Error::new(e.kind(), e.to_string())))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<B: burn::tensor::backend::Backend> Recorder<B> for MpkRecorder {
+    type Settings = FullPrecisionSettings;
+    type RecordArgs = PathBuf;
+    type RecordOutput = ();
+    type LoadArgs = PathBuf;
+
+    fn save_item<I: serde::Serialize>(&self, item: I, file: PathBuf) -> std::result::Result<(), RecorderError> {
+        let path = file.with_extension("mpk");
+        let io = |e: std::io::Error| RecorderError::Unknown(fuserl_core::paths::io_reason(&e));
+        let f = std::fs::File::create(&path).map_err(io)?;
+        let mut w = KeepError { inner: std::io::BufWriter::with_capacity(1 << 20, f), error: None };
+        if let Err(e) = rmp_serde::encode::write_named(&mut w, &item) {
+            return Err(match w.error.take() {
+                Some(cause) => io(cause),
+                None => RecorderError::Unknown(e.to_string()),
+            });
+        }
+        let f = w.inner.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)
+    }
+
+    fn load_item<I: serde::de::DeserializeOwned>(&self, file: &mut PathBuf) -> std::result::Result<I, RecorderError> {
+        <NamedMpkFileRecorder<FullPrecisionSettings> as Recorder<B>>::load_item(
+            &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+            file,
+        )
+    }
 }
 
 /// The latest complete checkpoint of a stage, if any. `LATEST` must hold a checkpoint's name
@@ -75,7 +134,7 @@ pub(crate) fn resume<B: AutodiffBackend>(
     // The recorder writes f32 (full precision); weights kept in a 16-bit master type (the lean
     // option) are cast back to it, or the resumed run would train in f32 from here on.
     let master = weights.embed_tokens.val().dtype();
-    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+    let fail = |file: PathBuf, e: RecorderError| TrainError::Checkpoint { file, message: recorder_message(e) };
     let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
     let weights = weights.load_record(record).map(&mut InDType(master));
     let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
@@ -109,7 +168,7 @@ pub(crate) fn save<B: AutodiffBackend>(
     let tmp = dir.join(format!("{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    let fail = |file: PathBuf, e: burn::record::RecorderError| TrainError::Checkpoint { file, message: e.to_string() };
+    let fail = |file: PathBuf, e: RecorderError| TrainError::Checkpoint { file, message: recorder_message(e) };
     recorder().record(weights.clone().into_record(), tmp.join("model")).map_err(|e| fail(tmp.join("model.mpk"), e))?;
     fuserl_core::debug_pause(&format!("{}-checkpoint-{}", state.stage.as_str(), state.step));
     recorder().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail(tmp.join("optim.mpk"), e))?;
@@ -140,6 +199,27 @@ pub(crate) fn trim_metrics(file: &Path, stage: StageName, step: u64) -> Result<(
         .map(|l| format!("{l}\n"))
         .collect();
     Ok(write_atomic(file, kept.as_bytes())?)
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::{MpkRecorder, Recorder, recorder_message};
+
+    /// A full disk (`/dev/full` behind the checkpoint file's name) is said as such, whether the
+    /// write fails while encoding or at the final flush (which Burn's recorder let pass).
+    #[test]
+    fn a_full_disk_is_named_not_lost() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("model.mpk")).expect("link");
+        for bytes in [16usize, 4 << 20] {
+            let item = vec![7u8; bytes];
+            let err =
+                <MpkRecorder as Recorder<burn::backend::Flex>>::save_item(&MpkRecorder, item, dir.path().join("model"))
+                    .expect_err("a full disk");
+            let message = recorder_message(err);
+            assert!(message.to_lowercase().contains("no space left on device"), "{bytes} bytes: {message}");
+        }
+    }
 }
 
 #[cfg(test)]
