@@ -6,7 +6,7 @@
 //! - the f16 export tokenises the 20 prompts of `fixtures/gguf_export/greedy.json` as
 //!   transformers does (all 20) and answers greedily as transformers (at least 19 of 20 identical:
 //!   f16 weights and another CPU's arithmetic may move one argmax late in an answer);
-//! - the q8_0 and q4_k_m exports load and answer;
+//! - the q8_0 and q4_k_m exports load and answer (SmolLM2's q5_k_m, q6_k and bf16 too);
 //! - the f16 export converts back (`fuserl convert gguf`) to the checkpoint's weights rounded to
 //!   f16, exactly;
 //! - the q4_k_m export gives every tensor the type llama.cpp's own quantiser gives it from the
@@ -62,8 +62,8 @@ fn export(dir: &Path, out: &Path, ty: &str) {
     assert!(text(&o.stderr).contains("wrote"), "{}", text(&o.stderr));
 }
 
-/// The f16 export against transformers' fixture, then q8_0 and q4_k_m load and answer.
-fn answers_as_transformers(folder: &str, script: &str) {
+/// The f16 export against transformers' fixture, then the `others` load and answer.
+fn answers_as_transformers(folder: &str, script: &str, others: &[&str]) {
     let dir = model(folder, script);
     if !available(&[]) {
         return;
@@ -108,7 +108,7 @@ fn answers_as_transformers(folder: &str, script: &str) {
     let n = same_text.iter().filter(|s| **s).count();
     assert!(n + 1 >= rows.len(), "{folder}: {n} of {} greedy answers identical to transformers'", rows.len());
 
-    for ty in ["q8_0", "q4_k_m"] {
+    for ty in others {
         let file = tmp.path().join(format!("model-{ty}.gguf"));
         export(&dir, &file, ty);
         let server = llama_server(&file, "m", script).expect("server");
@@ -127,17 +127,21 @@ fn answers_as_transformers(folder: &str, script: &str) {
 
 #[test]
 fn smollm2_exports_that_llama_cpp_loads_and_answers_as_transformers() {
-    answers_as_transformers("SmolLM2-135M-Instruct", "scripts/fetch-smollm2.sh");
+    answers_as_transformers(
+        "SmolLM2-135M-Instruct",
+        "scripts/fetch-smollm2.sh",
+        &["q8_0", "q4_k_m", "q5_k_m", "q6_k", "bf16"],
+    );
 }
 
 #[test]
 fn qwen_coder_exports_that_llama_cpp_loads_and_answers_as_transformers() {
-    answers_as_transformers("Qwen2.5-Coder-0.5B-Instruct", "scripts/fetch-qwen-coder.sh");
+    answers_as_transformers("Qwen2.5-Coder-0.5B-Instruct", "scripts/fetch-qwen-coder.sh", &["q8_0", "q4_k_m"]);
 }
 
 #[test]
 fn gemma3_exports_that_llama_cpp_loads_and_answers_as_transformers() {
-    answers_as_transformers("gemma-3-270m", "scripts/fetch-gemma3.sh");
+    answers_as_transformers("gemma-3-270m", "scripts/fetch-gemma3.sh", &["q8_0", "q4_k_m"]);
 }
 
 #[test]
@@ -279,6 +283,7 @@ fn every_architecture_computes_in_llama_cpp_what_transformers_computed() {
         assert!(o.status.success(), "{name}: {}", text(&o.stderr));
         let got: Vec<Vec<f64>> = serde_json::from_slice(&o.stdout).expect("log-probs");
         let want: Vec<Vec<f64>> = serde_json::from_value(oracle["token_logps"].clone()).expect("oracle log-probs");
+        assert_eq!(got.len(), want.len(), "{name}: log-probs of every sequence");
         let mut worst = 0f64;
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.len(), w.len(), "{name}");

@@ -137,8 +137,12 @@ fn generate_reply(m: &Real, new_tokens: &str) -> String {
     let model = m.dir().display().to_string();
     let run = fuserl(&["generate", "--model", &model, "--prompt", &question, "--max-new-tokens", new_tokens], &repo());
     assert!(run.status.success(), "{}", text(&run.stderr));
+    // The reply is printed as it is made; the pieces join to transformers' reply.
     let reply = text(&run.stdout);
     assert_eq!(reply.trim(), reference["greedy_reply"].as_str().expect("reply").trim());
+    // Then how fast: tokens, seconds, tokens/s and the load time, on stderr.
+    let err = text(&run.stderr);
+    assert!(err.contains(" tokens in ") && err.contains(" tokens/s; the model loaded in "), "{err}");
     reply
 }
 

@@ -10,7 +10,7 @@ use fuserl_core::data::ChatMessage;
 use fuserl_core::paths::Shown;
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
-use fuserl_model::generate::{GenerateConfig, generate};
+use fuserl_model::generate::{GenerateConfig, generate_streaming};
 use fuserl_model::logprobs::response_logprobs;
 
 /// Bad input (exit status 2) with a message.
@@ -349,20 +349,35 @@ pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(bad_input(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
     }
-    let reply = on_device(&args.device, Generate(args))?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", reply.text)?;
-    tracing::info!(tokens = reply.ids.len(), finish = reply.finish_reason, "generated");
+    let started = std::time::Instant::now();
+    let (reply, loaded) = on_device(&args.device, Generate(args))?;
+    writeln!(std::io::stdout().lock())?;
+    let seconds = (started.elapsed() - loaded).as_secs_f64();
+    if !crate::quiet() {
+        eprintln!(
+            "{} tokens in {seconds:.1} s ({:.1} tokens/s; the model loaded in {:.1} s); stopped by {}",
+            reply.ids.len(),
+            reply.ids.len() as f64 / seconds.max(1e-9),
+            loaded.as_secs_f64(),
+            match reply.finish_reason {
+                "eos" => "the end-of-sequence token",
+                "stop" => "a stop string",
+                _ => "--max-new-tokens",
+            }
+        );
+    }
     Ok(())
 }
 
 struct Generate<'a>(&'a GenerateArgs);
 
 impl OnBackend for Generate<'_> {
-    type Output = anyhow::Result<fuserl_model::generate::Generation>;
+    /// The reply (printed as it was made) and how long loading took.
+    type Output = anyhow::Result<(fuserl_model::generate::Generation, std::time::Duration)>;
 
     fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
         let args = self.0;
+        let t0 = std::time::Instant::now();
         let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
         let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
@@ -375,6 +390,14 @@ impl OnBackend for Generate<'_> {
             seed: args.seed,
             stop: args.stop.clone(),
         };
-        Ok(generate(&model, &tok, &[prompt], &cfg).map_err(model_error)?.remove(0))
+        let loaded = t0.elapsed();
+        // The reply on stdout as it is made.
+        let mut stdout = std::io::stdout();
+        let mut print = |piece: &str| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        };
+        let reply = generate_streaming(&model, &tok, prompt, &cfg, &mut print).map_err(model_error)?;
+        Ok((reply, loaded))
     }
 }

@@ -105,7 +105,40 @@ pub fn generate<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
 ) -> Result<Vec<Generation>> {
-    generate_with(model, tokenizer, prompts, cfg, None)
+    generate_with(model, tokenizer, prompts, cfg, None, None)
+}
+
+/// Like [`generate`] for one prompt, passing each new piece of the reply's text to `on_text` as
+/// it is made (what a terminal prints as it goes). The pieces join to the reply's text: a piece
+/// is passed once its last character's bytes are complete (a character split over tokens waits
+/// for its last token), never past a stop string.
+pub fn generate_streaming<B: Backend>(
+    model: &LlamaModel<B>,
+    tokenizer: &ChatTokenizer,
+    prompt: Vec<u32>,
+    cfg: &GenerateConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let mut out = generate_with(model, tokenizer, &[prompt], cfg, None, Some(on_text))?;
+    Ok(out.remove(0))
+}
+
+/// What has been passed to a streaming caller: `shown` is a prefix of the reply's text.
+struct Stream<'a> {
+    on_text: &'a mut dyn FnMut(&str),
+    shown: String,
+}
+
+impl Stream<'_> {
+    /// Pass what `text` (the reply so far) adds to what was shown; `last`: the reply is done
+    /// (an incomplete last character is passed as it decodes).
+    fn show(&mut self, text: &str, last: bool) {
+        let complete = last || !text.ends_with('\u{FFFD}');
+        if complete && text.len() > self.shown.len() && text.starts_with(self.shown.as_str()) {
+            (self.on_text)(&text[self.shown.len()..]);
+            self.shown = text.to_owned();
+        }
+    }
 }
 
 /// Like [`generate`], with a sampler of its own per row seeded by `seeds[row]`, so that a
@@ -120,7 +153,7 @@ pub fn generate_seeded<B: Backend>(
     if seeds.len() != prompts.len() {
         return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
     }
-    generate_with(model, tokenizer, prompts, cfg, Some(seeds))
+    generate_with(model, tokenizer, prompts, cfg, Some(seeds), None)
 }
 
 fn generate_with<B: Backend>(
@@ -129,7 +162,9 @@ fn generate_with<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     seeds: Option<&[u64]>,
+    on_text: Option<&mut dyn FnMut(&str)>,
 ) -> Result<Vec<Generation>> {
+    let mut stream = on_text.map(|on_text| Stream { on_text, shown: String::new() });
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("cannot generate from an empty prompt".into()));
     }
@@ -164,10 +199,16 @@ fn generate_with<B: Backend>(
                     done[r] = Some("eos");
                 } else {
                     out[r].push(id);
-                    if !cfg.stop.is_empty() {
-                        let text = tokenizer.decode(&out[r], true)?;
-                        if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                    if !cfg.stop.is_empty() || (r == 0 && stream.is_some()) {
+                        let mut text = tokenizer.decode(&out[r], true)?;
+                        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                             done[r] = Some("stop");
+                            text.truncate(cut);
+                        }
+                        if r == 0
+                            && let Some(stream) = stream.as_mut()
+                        {
+                            stream.show(&text, false);
                         }
                     }
                 }
@@ -196,7 +237,12 @@ fn generate_with<B: Backend>(
             }
             Ok(Generation { ids, text, finish_reason: reason.unwrap_or("length") })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .inspect(|g| {
+            if let (Some(stream), Some(first)) = (stream.as_mut(), g.first()) {
+                stream.show(&first.text, true);
+            }
+        })
 }
 
 /// The prompts generation speed is measured on (`fuserl bench generate`, the `generate`
@@ -216,6 +262,24 @@ pub const BENCH_PROMPTS: [&str; 8] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streamed pieces join to the text; an incomplete last character waits for its next
+    /// token; a text that no longer extends what was shown passes nothing.
+    #[test]
+    fn streamed_pieces_join_to_the_reply() {
+        let mut pieces: Vec<String> = Vec::new();
+        {
+            let mut on_text = |t: &str| pieces.push(t.to_owned());
+            let mut s = Stream { on_text: &mut on_text, shown: String::new() };
+            s.show("Hel", false);
+            s.show("Hello", false);
+            s.show("Hello \u{FFFD}", false);
+            s.show("Hello \u{e9}", false);
+            s.show("Hallo", false);
+            s.show("Hello \u{e9}t\u{e9}", true);
+        }
+        assert_eq!(pieces, ["Hel", "lo", " \u{e9}", "t\u{e9}"]);
+    }
 
     #[test]
     fn sampling_respects_top_k_top_p_and_seed() {

@@ -539,12 +539,14 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
         };
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let mut values = g.dequantize(t)?;
-        // llama.cpp permutes Q and K rows of Llama models for its RoPE layout (not Qwen2's).
-        if arch == "llama" && shape.len() == 2 {
-            if name.ends_with("self_attn.q_proj.weight") {
-                values = unpermute_rows(&values, n_head, shape[0], shape[1]);
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                values = unpermute_rows(&values, n_kv, shape[0], shape[1]);
+        // llama.cpp permutes Q and K rows of Llama models for its RoPE layout (not Qwen2's), and
+        // their biases (one value a row).
+        if arch == "llama" && !shape.is_empty() {
+            let cols = shape.get(1).copied().unwrap_or(1);
+            if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+                values = unpermute_rows(&values, n_head, shape[0], cols);
+            } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
+                values = unpermute_rows(&values, n_kv, shape[0], cols);
             }
         }
         // llama.cpp stores Gemma's norm weights with the 1 of `1 + weight` added.

@@ -53,6 +53,9 @@ pub enum GgufType {
 }
 
 impl GgufType {
+    /// Every type.
+    pub const ALL: [Self; 7] = [Self::F32, Self::F16, Self::Bf16, Self::Q8_0, Self::Q4KM, Self::Q5KM, Self::Q6K];
+
     /// The names [`GgufType::from_name`] accepts, for messages.
     pub const NAMES: &'static str = "f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k";
 
@@ -133,6 +136,13 @@ pub fn tensor_type(
     layers: usize,
     output: bool,
 ) -> GgmlType {
+    let t = mix_type(ty, name, row, layer, layers, output);
+    // Blocks never straddle rows: a row that is not whole blocks of the chosen type is written in
+    // f16, as llama.cpp's converter and quantiser do.
+    if row.is_multiple_of(t.block().0) { t } else { GgmlType::F16 }
+}
+
+fn mix_type(ty: GgufType, name: &str, row: usize, layer: Option<usize>, layers: usize, output: bool) -> GgmlType {
     let mut t = ty.base();
     if !matches!(ty, GgufType::Q4KM | GgufType::Q5KM | GgufType::Q6K) {
         return t;
@@ -567,10 +577,19 @@ fn tokenizer_meta(dir: &Path, c: &LlamaConfig) -> Result<Vec<(String, Meta)>> {
     }
     // Whether encoding puts BOS first: the post-processor's template (transformers' behaviour),
     // else tokenizer_config.json's `add_bos_token`.
-    let template_bos = t.pointer("/post_processor/single/0/SpecialToken/id").and_then(Value::as_str).and_then(|s| {
-        let id = tokens.iter().position(|t| t == s)? as u32;
-        Some(Some(id) == bos)
-    });
+    // The template may be the post-processor itself or one of a Sequence's (Llama 3's).
+    let template = match t.pointer("/post_processor/type").and_then(Value::as_str) {
+        Some("Sequence") => t
+            .pointer("/post_processor/processors")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().find(|p| p.get("type").and_then(Value::as_str) == Some("TemplateProcessing"))),
+        _ => t.get("post_processor"),
+    };
+    let template_bos =
+        template.and_then(|p| p.pointer("/single/0/SpecialToken/id")).and_then(Value::as_str).and_then(|s| {
+            let id = tokens.iter().position(|t| t == s)? as u32;
+            Some(Some(id) == bos)
+        });
     let add_bos = template_bos.or_else(|| tc.get("add_bos_token").and_then(Value::as_bool)).unwrap_or(false);
     m.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(add_bos)));
     m.push(("tokenizer.ggml.add_eos_token".into(), Meta::Bool(false)));
@@ -578,7 +597,17 @@ fn tokenizer_meta(dir: &Path, c: &LlamaConfig) -> Result<Vec<(String, Meta)>> {
     let template = if jinja.is_file() {
         Some(fuserl_core::paths::read_regular_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
     } else {
-        tc.get("chat_template").and_then(Value::as_str).map(str::to_owned)
+        match tc.get("chat_template") {
+            Some(Value::String(t)) => Some(t.clone()),
+            // Named templates ([{name, template}]): the default one (llama.cpp's key holds one).
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|n| n.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| named.first())
+                .and_then(|n| n.get("template").and_then(Value::as_str))
+                .map(str::to_owned),
+            _ => None,
+        }
     };
     if let Some(template) = template {
         m.push(("tokenizer.chat_template".into(), Meta::Str(template)));
@@ -627,7 +656,12 @@ pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
     let shards = shard_headers(dir)?;
     let mut plan: Vec<Planned> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let has_output = !c.tie_word_embeddings;
+    // Whether the logits have their own matrix: llama.cpp decides by the tensor's presence.
+    let has_output = !c.tie_word_embeddings
+        && shards.iter().flat_map(|(_, t)| t).any(|(name, _)| {
+            let hf = if multimodal { crate::gemma3::text_tensor_name(name) } else { Some(name.clone()) };
+            hf.as_deref() == Some("lm_head.weight")
+        });
     for (file, tensors) in &shards {
         for (name, shape) in tensors {
             let hf = if multimodal {
@@ -659,10 +693,11 @@ pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
             let row = shape.last().copied().unwrap_or(1);
             let output = g == "output.weight" || (!has_output && g == "token_embd.weight");
             let t = if !matrix { GgmlType::F32 } else { tensor_type(ty, &g, row, layer, c.num_layers, output) };
-            let change = if matches!(c.architecture, Architecture::Llama | Architecture::Mistral) && matrix {
-                if g.ends_with("attn_q.weight") {
+            // Llama's Q and K rows (and their biases, one value a row) in llama.cpp's order.
+            let change = if matches!(c.architecture, Architecture::Llama | Architecture::Mistral) {
+                if g.starts_with("blk.") && (g.ends_with(".attn_q.weight") || g.ends_with(".attn_q.bias")) {
                     Change::Permute(c.num_heads)
-                } else if g.ends_with("attn_k.weight") {
+                } else if g.starts_with("blk.") && (g.ends_with(".attn_k.weight") || g.ends_with(".attn_k.bias")) {
                     Change::Permute(c.num_kv_heads)
                 } else {
                     Change::None
@@ -693,9 +728,13 @@ pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
             change: Change::None,
         });
     }
-    for must in ["token_embd.weight", "output_norm.weight"] {
+    for (must, hf) in [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight")]
+    {
         if !seen.contains(must) {
-            return Err(ModelError::format(dir, format!("the checkpoint has no tensor for llama.cpp's `{must}`")));
+            return Err(ModelError::format(
+                dir,
+                format!("the checkpoint has no tensor `{hf}` (llama.cpp's `{must}`), which every model needs"),
+            ));
         }
     }
 
@@ -761,7 +800,9 @@ pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
             };
             let values = match p.change {
                 Change::None => values,
-                Change::Permute(heads) => permute_rows(&values, heads, p.shape[0], p.shape[1]),
+                Change::Permute(heads) => {
+                    permute_rows(&values, heads, p.shape[0], p.shape.get(1).copied().unwrap_or(1))
+                }
                 Change::AddOne => values.into_iter().map(|v| v + 1.0).collect(),
             };
             let bytes = quantize_parallel(p.ty, &values);
@@ -814,6 +855,9 @@ mod tests {
         assert_eq!(q5, GgmlType::Q5_1);
         assert_eq!(tensor_type(GgufType::F16, "output.weight", 896, None, 24, true), GgmlType::F16);
         assert_eq!(tensor_type(GgufType::Q8_0, "output.weight", 1024, None, 24, true), GgmlType::Q8_0);
+        // Rows that are not whole 32-value blocks: f16, whatever the mix.
+        assert_eq!(tensor_type(GgufType::Q8_0, "blk.0.ffn_down.weight", 48, Some(0), 2, false), GgmlType::F16);
+        assert_eq!(tensor_type(GgufType::Q4KM, "blk.1.ffn_up.weight", 48, Some(1), 2, false), GgmlType::F16);
     }
 
     #[test]

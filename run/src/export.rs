@@ -75,7 +75,9 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     let marker = RunDir::new(loaded.output_dir()).export_record();
     let done = std::fs::read(&marker).ok().and_then(|b| serde_json::from_slice::<ExportRecord>(&b).ok());
     let gguf_there = |d: &ExportRecord| match (&gguf, &d.gguf) {
-        (None, _) => true,
+        (None, None) => true,
+        // Written before, no longer asked for: exported again (and the file removed).
+        (None, Some(_)) => false,
         (Some((name, ty)), Some((written, written_ty, bytes))) => {
             name == written
                 && ty.label() == written_ty
@@ -100,6 +102,14 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
     save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
     drop(model);
+    // GGUF files of other types this export wrote before (a changed `gguf_type`, or no GGUF
+    // asked for now): removed, so the folder holds what the recipe asks for.
+    for t in fuserl_model::gguf_export::GgufType::ALL {
+        let name = format!("model-{}.gguf", t.label());
+        if gguf.as_ref().is_none_or(|(wanted, _)| *wanted != name) {
+            let _ = std::fs::remove_file(to.join(name));
+        }
+    }
     let gguf = match gguf {
         Some((name, ty)) => {
             let done = fuserl_model::gguf_export::export(&to, &to.join(&name), ty)?;

@@ -369,13 +369,28 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
     assert_eq!(record["gguf"][0], "model-Q8_0.gguf", "{record}");
     let card = std::fs::read_to_string(out.join("export/README.md")).expect("model card");
     assert!(card.contains("- \"gguf\"\n") && card.contains("`model-Q8_0.gguf`"), "{card}");
-    let written = std::fs::metadata(&file).expect("gguf").modified().expect("mtime");
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The file's inode: a rewrite renames a new file into place.
+    let inode = |f: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).expect("gguf"));
+    let written = inode(&file);
     go();
-    assert_eq!(std::fs::metadata(&file).expect("gguf").modified().expect("mtime"), written, "exported again");
+    assert_eq!(inode(&file), written, "exported again");
     std::fs::remove_file(&file).expect("rm");
     go();
     assert!(file.is_file(), "a removed GGUF file is written again");
+    // Another type: the old file goes, the new one comes; no GGUF asked for: none left.
+    let f16 = recipe(&out, 1, 1) + "[export]\nformat = \"gguf\"\ngguf_type = \"f16\"\n";
+    let f16 = parse_recipe(&f16, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))
+        .expect("recipe");
+    run(&f16, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
+    assert!(out.join("export/model-F16.gguf").is_file() && !file.exists());
+    let plain = parse_recipe(
+        &recipe(&out, 1, 1),
+        &dir.path().join("recipe.toml"),
+        &fuserl_builtin::registry().expect("registry"),
+    )
+    .expect("recipe");
+    run(&plain, Which::All, Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {} }).expect("run");
+    assert!(!out.join("export/model-F16.gguf").exists(), "a GGUF file no longer asked for is removed");
     // A type without the format is refused by the recipe.
     let wrong = recipe(&out, 1, 1) + "[export]\ngguf_type = \"q8_0\"\n";
     let err = parse_recipe(&wrong, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))

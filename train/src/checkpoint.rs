@@ -208,6 +208,7 @@ mod write_tests {
     /// A full disk (`/dev/full` behind the checkpoint file's name) is said as such, whether the
     /// write fails while encoding or at the final flush (which Burn's recorder let pass).
     #[test]
+    #[cfg(target_os = "linux")]
     fn a_full_disk_is_named_not_lost() {
         let dir = tempfile::tempdir().expect("tmp");
         std::os::unix::fs::symlink("/dev/full", dir.path().join("model.mpk")).expect("link");
