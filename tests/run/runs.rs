@@ -370,7 +370,7 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
     let card = std::fs::read_to_string(out.join("export/README.md")).expect("model card");
     assert!(card.contains("- \"gguf\"\n") && card.contains("`model-Q8_0.gguf`"), "{card}");
     // The file's inode: a rewrite renames a new file into place.
-    let inode = |f: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).expect("gguf"));
+    let inode = |f: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).expect("gguf"));
     let written = inode(&file);
     go();
     assert_eq!(inode(&file), written, "exported again");
