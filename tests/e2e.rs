@@ -557,6 +557,12 @@ fn logprobs_and_generate_report_bad_input_with_its_place() {
         fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
     assert_eq!(run.status.code(), Some(2));
     assert!(text(&run.stderr).contains("pairs.jsonl:1: `response`: expected a string"), "{}", text(&run.stderr));
+    // An empty file is bad input, not an empty success (issue #34).
+    std::fs::write(&data, "\n").expect("write");
+    let run =
+        fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run.stderr).contains("pairs.jsonl: no records in it"), "{}", text(&run.stderr));
     // A good file: every line gets its log-probs, other keys kept.
     std::fs::write(&data, "{\"prompt\": \"Hi\", \"response\": \"Hello\", \"id\": 7}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"2+2?\"}], \"response\": \"4\"}\n").expect("write");
     let run =

@@ -50,6 +50,8 @@ fn sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result() {
     }
     let out = fuserl(&["run", &killed.display().to_string()], dir.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The rerun says where FusePO resumed (issue #34: it never said).
+    assert!(text(&out.stderr).contains("po: resuming after step "), "{}", text(&out.stderr));
     let got = std::fs::read(dir.path().join("killed/export/model.safetensors")).expect("weights");
     assert!(got == want, "final weights differ from the uninterrupted run");
     // The metrics log has each step once, with the same numbers.

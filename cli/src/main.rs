@@ -692,13 +692,14 @@ impl CollectBars {
         if let Some(s) = &p.finished {
             bar.finish();
             note!(
-                "collect {}: {}/{} answers ({} asked now, {} already collected; {} requests, {} retried; {} cut by max_tokens) in {:.1} s",
+                "collect {}: {}/{} answers ({} asked now, {} already collected; {} request{}, {} retried; {} cut by max_tokens) in {:.1} s",
                 p.source,
                 p.done,
                 p.total,
                 s.asked,
                 s.reused,
                 s.requests,
+                if s.requests == 1 { "" } else { "s" },
                 s.retries,
                 s.truncated,
                 s.seconds
@@ -725,6 +726,10 @@ struct StageBars {
 
 impl StageBars {
     fn step(&mut self, p: &fuserl_run::Progress) {
+        if self.current.is_none() && p.step > 1 {
+            // A stage that did not start at its first step resumed from its last checkpoint.
+            note!("{}: resuming after step {} of {} (its last checkpoint)", p.stage.as_str(), p.step - 1, p.total);
+        }
         let bar = self.current.get_or_insert_with(|| {
             let bar = bar(p.total);
             bar.set_style(

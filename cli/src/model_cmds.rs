@@ -151,6 +151,13 @@ fn read_pairs(data: &Path) -> anyhow::Result<Vec<(serde_json::Value, Vec<ChatMes
             .to_owned();
         out.push((v, msgs, response));
     }
+    if out.is_empty() {
+        // Nothing to score is a mistake in the input, not a success with an empty output.
+        return Err(bad_input(format!(
+            "{}: no records in it: expected JSONL lines {{\"prompt\": ..., \"response\": \"...\"}}",
+            Shown(data)
+        )));
+    }
     Ok(out)
 }
 
