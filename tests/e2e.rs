@@ -527,6 +527,12 @@ fn check_report_in_browser(run_dir: &std::path::Path) {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("eval/eval.json")).expect("eval.json"))
             .expect("json");
+    // Answers of at most max_new_tokens (32) tokens have mean lengths of at most 32 (issue #34:
+    // encoding the decoded text again made 46.8).
+    for m in eval["models"].as_array().expect("models") {
+        let mean = m["mean_length_tokens"]["mean"].as_f64().expect("mean length");
+        assert!(mean <= 32.0, "{}: mean length {mean} tokens with max_new_tokens = 32", m["name"]);
+    }
     let numbers = facts["numbers"].as_array().expect("numbers");
     let models = eval["models"].as_array().expect("models").len();
     assert!(numbers.len() >= models * 4, "{numbers:?}");

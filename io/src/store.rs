@@ -171,6 +171,14 @@ fn set_aside(path: &Path) -> Result<()> {
 
 /// Every complete line of a store. The last line, if torn by a kill (no newline, or not JSON),
 /// is cut off the file so that appending continues cleanly; a bad line elsewhere is an error.
+/// The records of the store `name` in `dir` as they are (none when it does not exist), without
+/// opening it for appending.
+pub fn read_records<T: StoreRecord>(dir: &Path, name: &str) -> Result<BTreeMap<T::Key, T>> {
+    fuserl_core::paths::check_file_name(name)
+        .map_err(|message| Error::Path { file: dir.join(name), message: format!("a store name: {message}") })?;
+    read_store::<T>(&dir.join(format!("{name}.jsonl")))
+}
+
 fn read_store<T: StoreRecord>(file: &Path) -> Result<BTreeMap<T::Key, T>> {
     let mut records = BTreeMap::new();
     let bytes = match std::fs::read(file) {

@@ -4,7 +4,8 @@
 //! else the recipe's `[reward]`) scores the answers, and `runs/NAME/eval/eval.json` gets, per
 //! model, the mean reward (per prompt over its answers, then over prompts) with its 95% bootstrap
 //! interval over prompts, every reward (for the report's distributions), the mean answer length
-//! in tokens (the target's tokenizer, the same for every model; with its interval) and, for verifier rewards
+//! in tokens (as the model generated them where that was counted: fuserl's own models, servers
+//! that report usage; else the target's tokenizer on the text; with its interval) and, for verifier rewards
 //! (`python-tests`, `math`), pass@k for k = 1, 2, 5, 10, ... up to `samples` (the HumanEval
 //! paper's unbiased estimator, per prompt, then averaged); per baseline, the fused model's win
 //! rate against it (by mean reward per prompt, ties counted half) with its interval, and a
@@ -186,12 +187,32 @@ pub fn eval_stage(
     let tok =
         ChatTokenizer::load(&target, recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t)).as_deref())?;
     let mut by_model: BTreeMap<String, HashMap<String, Vec<Answer>>> = BTreeMap::new();
-    // Each answer's length, for the judge's length-controlled win rate.
+    // Each answer's length, for the judge's length-controlled win rate: the tokens the model
+    // generated when its store counted them (encoding the decoded text again can give more: a
+    // reply cut inside a character decodes to replacement characters of three bytes each), else
+    // the target's tokenizer on the text.
+    let mut counted: HashMap<String, BTreeMap<(String, u32), fuserl_core::extension::Generated>> = HashMap::new();
+    for g in &groups {
+        for c in &g.completions {
+            let source = &c.completion.id.source;
+            if !counted.contains_key(source) {
+                let records = fuserl_io::store::read_records(&eval_dir.collect(), source)?;
+                counted.insert(source.clone(), records);
+            }
+        }
+    }
     let mut length_of: HashMap<(&str, &str, u32), f64> = HashMap::new();
     for g in &groups {
         for c in &g.completions {
-            let len = tok.encode(&c.completion.text)?.len() as f64;
             let id = &c.completion.id;
+            let stored = counted
+                .get(&id.source)
+                .and_then(|r| r.get(&(id.prompt_id.clone(), id.sample_index)))
+                .and_then(|a| a.completion_tokens);
+            let len = match stored {
+                Some(n) => n as f64,
+                None => tok.encode(&c.completion.text)?.len() as f64,
+            };
             length_of.insert((id.source.as_str(), id.prompt_id.as_str(), id.sample_index), len);
             by_model
                 .entry(c.completion.id.source.clone())
