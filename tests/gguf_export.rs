@@ -9,8 +9,8 @@
 //! - the q8_0 and q4_k_m exports load and answer (SmolLM2's q5_k_m, q6_k and bf16 too);
 //! - the f16 export converts back (`fuserl convert gguf`) to the checkpoint's weights rounded to
 //!   f16, exactly;
-//! - the q4_k_m export gives every tensor the type llama.cpp's own quantiser gives it from the
-//!   f16 export, with no more error (within 10%) than llama.cpp's;
+//! - the q4_k_m, q5_k_m, q6_k and q8_0 exports give every tensor the type llama.cpp's own
+//!   quantiser gives it from the f16 export, with no more error (within 10%) than llama.cpp's;
 //! - every architecture's f32 export of the tiny oracle models computes in llama.cpp the
 //!   per-token log-probs transformers computed (within 1e-4).
 
@@ -192,7 +192,7 @@ fn error_against(q: &Gguf, reference: &Gguf, ty: u32) -> f64 {
 }
 
 #[test]
-fn q4_k_m_types_and_error_match_llama_cpps_own_quantiser() {
+fn quantised_types_and_error_match_llama_cpps_own_quantiser() {
     let dir = model("SmolLM2-135M-Instruct", "scripts/fetch-smollm2.sh");
     if !available(&[]) {
         return;
@@ -200,31 +200,36 @@ fn q4_k_m_types_and_error_match_llama_cpps_own_quantiser() {
     let tmp = tempfile::tempdir().expect("tmp");
     let f16 = tmp.path().join("f16.gguf");
     export(&dir, &f16, "f16");
-    let ours = tmp.path().join("ours.gguf");
-    export(&dir, &ours, "q4_k_m");
-    let theirs = tmp.path().join("llama.gguf");
-    let o = std::process::Command::new(llama_python())
-        .arg(repo().join("scripts/llama_quantize.py"))
-        .args([&f16, &theirs])
-        .arg("q4_k_m")
-        .output()
-        .expect("run llama.cpp's quantiser");
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let (reference, ours, theirs) =
-        (Gguf::read(&f16).expect("f16"), Gguf::read(&ours).expect("ours"), Gguf::read(&theirs).expect("llama.cpp's"));
+    let reference = Gguf::read(&f16).expect("f16");
     let type_of = |g: &Gguf| -> Vec<(String, u32)> {
         let mut v: Vec<(String, u32)> = g.tensors.iter().map(|t| (t.name.clone(), t.ggml_type)).collect();
         v.sort();
         v
     };
-    assert_eq!(type_of(&ours), type_of(&theirs), "per-tensor types");
-    // Per type (the rows of 576 values are Q5_0 and Q8_0, the rest K-quants).
-    for (ty, name) in [(12, "Q4_K"), (14, "Q6_K"), (6, "Q5_0"), (8, "Q8_0")] {
-        let (e_ours, e_theirs) = (error_against(&ours, &reference, ty), error_against(&theirs, &reference, ty));
-        note(format!(
-            "{name}: relative RMS error against the f16 weights: fuserl {e_ours:.5}, llama.cpp {e_theirs:.5}"
-        ));
-        assert!(e_ours <= e_theirs * 1.10, "{name}: fuserl's error {e_ours} against llama.cpp's {e_theirs}");
+    for mix in ["q4_k_m", "q5_k_m", "q6_k", "q8_0"] {
+        let ours = tmp.path().join(format!("ours-{mix}.gguf"));
+        export(&dir, &ours, mix);
+        let theirs = tmp.path().join(format!("llama-{mix}.gguf"));
+        let o = std::process::Command::new(llama_python())
+            .arg(repo().join("scripts/llama_quantize.py"))
+            .args([&f16, &theirs])
+            .arg(mix)
+            .output()
+            .expect("run llama.cpp's quantiser");
+        assert!(o.status.success(), "{mix}: {}", text(&o.stderr));
+        let (ours, theirs) = (Gguf::read(&ours).expect("ours"), Gguf::read(&theirs).expect("llama.cpp's"));
+        assert_eq!(type_of(&ours), type_of(&theirs), "{mix}: per-tensor types");
+        // Per type (SmolLM2's rows of 576 values fall back from the K-quants).
+        for (ty, name) in [(12, "Q4_K"), (13, "Q5_K"), (14, "Q6_K"), (6, "Q5_0"), (7, "Q5_1"), (8, "Q8_0")] {
+            if !ours.tensors.iter().any(|t| t.ggml_type == ty) {
+                continue;
+            }
+            let (e_ours, e_theirs) = (error_against(&ours, &reference, ty), error_against(&theirs, &reference, ty));
+            note(format!(
+                "{mix} {name}: relative RMS error against the f16 weights: fuserl {e_ours:.5}, llama.cpp {e_theirs:.5}"
+            ));
+            assert!(e_ours <= e_theirs * 1.10, "{mix} {name}: fuserl's error {e_ours} against llama.cpp's {e_theirs}");
+        }
     }
 }
 

@@ -8,9 +8,12 @@
 //! - the K-quants (`Q4_K`, `Q5_K`, `Q6_K`): each sub-block's scale (and minimum) is searched on a
 //!   small grid of candidates around the extreme values, each refitted by least squares to its
 //!   rounded levels, keeping the one of least squared error; the sub-block scales are then
-//!   quantised against the super-block's f16 scales and the values rounded once more against the
-//!   scales the file will hold. llama.cpp searches similarly (`make_qkx2_quants`);
-//!   `tests/gguf_export.rs` compares the error of the two on a real model.
+//!   quantised against the super-block's f16 scales, each sub-block trying its quantised scale
+//!   (and minimum) and their neighbours with the values rounded again against each, keeping the
+//!   pair of least error. llama.cpp searches the first part similarly (`make_qkx2_quants`) but
+//!   keeps the nearest quantised scales; `tests/gguf_export.rs` compares the two on a real model
+//!   (fuserl's error is at most llama.cpp's there: Q4_K 0.0138 against 0.0186, Q5_K 0.0190
+//!   against 0.0200, Q6_K 0.0177 against 0.0179).
 
 use half::f16;
 
@@ -240,14 +243,35 @@ fn k_affine(x: &[f32], levels: f32) -> ([u8; 2], [u8; 2], [u8; 12], [u8; QK_K]) 
         sc[j] = if d > 0.0 { (s / d).round().clamp(0.0, 63.0) as u8 } else { 0 };
         mn[j] = if dmin > 0.0 { (m / dmin).round().clamp(0.0, 63.0) as u8 } else { 0 };
     }
-    // The levels against the scales the file holds.
-    let mut q = [0u8; QK_K];
-    for (j, sub) in x.chunks_exact(32).enumerate() {
-        let s = d * f32::from(sc[j]);
-        let m = dmin * f32::from(mn[j]);
-        for (l, &v) in sub.iter().enumerate() {
-            q[32 * j + l] = if s > 0.0 { ((v + m) / s).round().clamp(0.0, levels) as u8 } else { 0 };
+    // The 6-bit scale and minimum rounded to the nearest step need not be the best pair: each
+    // sub-block tries its neighbours, with the levels rounded again against each pair.
+    let levels_of = |sub: &[f32], s: f32, m: f32, q: &mut [u8]| -> f32 {
+        let mut err = 0.0;
+        for (qi, &v) in q.iter_mut().zip(sub) {
+            *qi = if s > 0.0 { ((v + m) / s).round().clamp(0.0, levels) as u8 } else { 0 };
+            let e = s * f32::from(*qi) - m - v;
+            err += e * e;
         }
+        err
+    };
+    let mut q = [0u8; QK_K];
+    let mut trial = [0u8; 32];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        let mut best = (f32::INFINITY, sc[j], mn[j]);
+        for dsc in -1i16..=1 {
+            for dmn in -1i16..=1 {
+                let (a, b) = (i16::from(sc[j]) + dsc, i16::from(mn[j]) + dmn);
+                if !(0..=63).contains(&a) || !(0..=63).contains(&b) {
+                    continue;
+                }
+                let err = levels_of(sub, d * f32::from(a as u8), dmin * f32::from(b as u8), &mut trial);
+                if err < best.0 {
+                    best = (err, a as u8, b as u8);
+                }
+            }
+        }
+        (sc[j], mn[j]) = (best.1, best.2);
+        levels_of(sub, d * f32::from(sc[j]), dmin * f32::from(mn[j]), &mut q[32 * j..32 * j + 32]);
     }
     // The inverse of `quant::scale_min_k4`.
     let mut packed = [0u8; 12];
@@ -299,12 +323,33 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     let d = rounded(max / 127.0);
     let sc: Vec<i8> =
         fits.iter().map(|&s| if d > 0.0 { (s / d).round().clamp(-127.0, 127.0) as i8 } else { 0 }).collect();
-    let mut q = [0u8; QK_K];
-    for (j, sub) in x.chunks_exact(16).enumerate() {
-        let s = d * f32::from(sc[j]);
-        for (l, &v) in sub.iter().enumerate() {
-            q[16 * j + l] = if s != 0.0 { ((v / s).round().clamp(-32.0, 31.0) + 32.0) as u8 } else { 32 };
+    // Each sub-block's scale and its two neighbours, the levels rounded again against each.
+    let levels_of = |sub: &[f32], s: f32, q: &mut [u8]| -> f32 {
+        let mut err = 0.0;
+        for (qi, &v) in q.iter_mut().zip(sub) {
+            *qi = if s != 0.0 { ((v / s).round().clamp(-32.0, 31.0) + 32.0) as u8 } else { 32 };
+            let e = s * (f32::from(*qi) - 32.0) - v;
+            err += e * e;
         }
+        err
+    };
+    let mut sc = sc;
+    let mut q = [0u8; QK_K];
+    let mut trial = [0u8; 16];
+    for (j, sub) in x.chunks_exact(16).enumerate() {
+        let mut best = (f32::INFINITY, sc[j]);
+        for delta in -1i16..=1 {
+            let a = i16::from(sc[j]) + delta;
+            if !(-127..=127).contains(&a) {
+                continue;
+            }
+            let err = levels_of(sub, d * f32::from(a as i8), &mut trial);
+            if err < best.0 {
+                best = (err, a as i8);
+            }
+        }
+        sc[j] = best.1;
+        levels_of(sub, d * f32::from(sc[j]), &mut q[16 * j..16 * j + 16]);
     }
     // Two halves of 128: `ql` holds the low nibbles (values l and l + 64 share byte l, l + 32
     // and l + 96 byte l + 32), `qh` the two high bits of l, l + 32, l + 64, l + 96 in byte l.
