@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp's OpenAI-compatible server (the `llama-cpp-python[server]` package), for the collect
-# tests and for trying the `openai` source without a GPU server.
+# and GGUF export tests and for trying the `openai` source without a GPU server; with
+# huggingface_hub beside it (the model card test).
 #
 #   scripts/setup-llama-server.sh            # prints the Python that runs it
 #
@@ -19,7 +20,16 @@ wheels="$cache/wheels"
 venv="$cache/llama-server"
 python="$venv/bin/python"
 
+# huggingface_hub (its ModelCard parser checks the model card an export writes, in tests/e2e.rs)
+# goes into the same environment: a small pure-Python package.
+hub_version=2.4.0
+hub() {
+    "$python" -c "import huggingface_hub; assert huggingface_hub.__version__ == '$hub_version'" 2>/dev/null \
+        || "$python" -m pip install --quiet "huggingface_hub==$hub_version" >&2
+}
+
 if [[ -x "$python" ]] && "$python" -c "import llama_cpp, llama_cpp.server, uvicorn; assert llama_cpp.__version__ == '$version'" 2>/dev/null; then
+    hub
     echo "$python"
     exit 0
 fi
@@ -37,4 +47,5 @@ python3 -m venv "$venv"
 wheel="$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -1)"
 "$python" -m pip install --quiet "${wheel}[server]" >&2
 "$python" -c "import llama_cpp, llama_cpp.server" >&2
+hub
 echo "$python"

@@ -413,10 +413,11 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     ] {
         assert!(card.contains(part), "{part:?} missing from the card:\n{card}");
     }
-    let oracle = PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
-    if oracle.is_file() {
-        // huggingface_hub's own parser (in the oracle environment, docs/oracle.md; CI has none).
-        let check = std::process::Command::new(&oracle)
+    // huggingface_hub's own parser, from the environment scripts/setup-llama-server.sh makes (the
+    // README's test command runs it; under FUSERL_REQUIRE_LLAMA_SERVER it must be there).
+    let hub = crate::common::llama::llama_python();
+    if crate::common::llama::available(&[]) {
+        let check = std::process::Command::new(&hub)
             .args([
                 "-c",
                 "import sys; from huggingface_hub import ModelCard; c = ModelCard.load(sys.argv[1]); \
