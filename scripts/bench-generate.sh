@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generation tokens/s of SmolLM2-135M on the CPU (what the `local` source does): fuserl's batched
 # KV-cache generation next to transformers' `generate` with a KV cache, same machine, prompts and
-# settings (greedy, 128 new tokens at most, batch 1 and 8). Needs the oracle environment
+# settings (greedy and sampled at temperature 0.8, 128 new tokens at most, batch 1, 8 and 32;
+# FUSERL_BENCH_BATCHES=1,8 for fewer). Needs the oracle environment
 # (docs/oracle.md) for the transformers half. Results: docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """transformers' `generate` with a KV cache on the same model, prompts and settings as
-model/benches/generate.rs: greedy, at most 128 new tokens, batch 1 and 8 (left-padded), f32,
-threads = the machine's cores. Median of 3 after a warm-up.
+model/benches/generate.rs: greedy and sampled (temperature 0.8, top-k and top-p off), at most 128
+new tokens, batch 1, 8 and 32 (the 8 prompts repeated; left-padded), f32, threads = the machine's
+cores. Median of 3 after a warm-up. FUSERL_BENCH_BATCHES=1,8 limits the batch sizes.
 
     ~/.cache/fuserl-oracle/venv/bin/python scripts/bench_generate_torch.py [CONVERTED_DIR]
 """
@@ -26,21 +27,28 @@ PROMPTS = [
 
 folder = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/fuserl/models/SmolLM2-135M-Instruct"))
 torch.set_num_threads(os.cpu_count())
+torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(folder)
 tok.padding_side = "left"
 if tok.pad_token is None:
     tok.pad_token = tok.eos_token
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-for batch in (1, 8):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROMPTS[:batch]]
+batches = [int(b) for b in os.environ.get("FUSERL_BENCH_BATCHES", "1,8,32").split(",")]
+for mode, batch in [(m, b) for m in ("greedy", "sampled") for b in batches]:
+    texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                     add_generation_prompt=True)
+             for i in range(batch)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
     def run():
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=128, do_sample=False, use_cache=True,
-                                 pad_token_id=tok.pad_token_id)
+            if mode == "greedy":
+                out = model.generate(**enc, max_new_tokens=128, do_sample=False, use_cache=True,
+                                     pad_token_id=tok.pad_token_id)
+            else:
+                out = model.generate(**enc, max_new_tokens=128, do_sample=True, temperature=0.8, top_k=0,
+                                     top_p=1.0, use_cache=True, pad_token_id=tok.pad_token_id)
         secs = time.perf_counter() - start
         new = out[:, enc["input_ids"].shape[1]:]
         eos = set([tok.eos_token_id] + ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else list(model.generation_config.eos_token_id or [])))
@@ -57,5 +65,5 @@ for batch in (1, 8):
     run()
     times = sorted(run() for _ in range(3))
     secs, tokens = times[1]
-    print(f"transformers (torch {torch.__version__}, f32, {torch.get_num_threads()} threads): batch {batch}: "
+    print(f"transformers (torch {torch.__version__}, f32, {torch.get_num_threads()} threads): {mode} batch {batch}: "
           f"{tokens} new tokens in {secs:.2f} s, {tokens / secs:.1f} tokens/s (runs: {' '.join(f'{t[0]:.2f}' for t in times)})")

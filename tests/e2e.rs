@@ -56,6 +56,18 @@ fn resolved_recipes_are_valid_recipes_and_a_fixed_point() {
             assert!(shown.contains(key), "{}: `{key}` missing from the resolved recipe", file.display());
         }
         assert!(shown.contains("warmup_ratio") || shown.contains("warmup_steps"), "{}: no warm-up", file.display());
+        // Nothing the recipe cannot use (issue #34): no empty list, no sampling where nothing
+        // samples; where something does, the sampling is shown.
+        assert!(!shown.contains("= []"), "{}: an empty list in\n{shown}", file.display());
+        let generative = ["kind = \"local\"", "kind = \"openai\""].iter().any(|k| shown.contains(k));
+        let samples =
+            generative || shown.lines().any(|l| l.starts_with("target_samples = ") && l.trim() != "target_samples = 0");
+        if generative {
+            assert!(shown.contains("[data.sampling]"), "{}: no [data.sampling] for its sources", file.display());
+        }
+        if !samples {
+            assert!(!shown.contains("[data.sampling]"), "{}: [data.sampling] that nothing uses", file.display());
+        }
     }
 }
 
@@ -77,14 +89,14 @@ fn misspelled_key_is_reported_with_place_path_and_choices() {
     assert_eq!(code, 2, "{err}");
     let line = line_of(&recipe, "betta");
     assert!(
-        err.contains(&format!("recipes/broken.toml:{line}:1: po.objective.betta: unknown key `betta`; expected one of: beta, loss, label_smoothing, length_normalize, pairs")),
+        err.contains(&format!("recipes/broken.toml:{line}:1: po.objective.betta: unknown key `betta` (did you mean `beta`?); expected one of: beta, loss, label_smoothing, length_normalize, pairs")),
         "{err}"
     );
     // Also in the core's own sections.
     let (code, err, recipe) = check_broken(|r| r.replace("max_length = 512", "max_lenght = 512"));
     assert_eq!(code, 2);
     let line = line_of(&recipe, "max_lenght");
-    assert!(err.contains(&format!("broken.toml:{line}:1: target.max_lenght: unknown key `max_lenght`; expected one of: checkpoint, chat_template, max_length, max_prompt_length")), "{err}");
+    assert!(err.contains(&format!("broken.toml:{line}:1: target.max_lenght: unknown key `max_lenght` (did you mean `max_length`?); expected one of: checkpoint, chat_template, max_length, max_prompt_length")), "{err}");
 }
 
 #[test]

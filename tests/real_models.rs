@@ -258,6 +258,67 @@ fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
     }
 }
 
+/// Continuous batching: with room for 2 of 5 prompts, each answer is the one it gets alone
+/// (greedy) or in one static batch with the same per-prompt seed (sampled), every prompt is
+/// answered once, replies come as they finish (a short answer before a long one admitted
+/// earlier), and `false` from the callback stops the generation.
+#[test]
+fn continuous_batching_answers_as_alone_and_as_the_static_batch() {
+    use burn::tensor::DType;
+    use fuserl_model::generate::{GenerateConfig, generate, generate_each, generate_seeded};
+    let dir = model_dir();
+    let model =
+        fuserl_model::checkpoint::load::<fuserl_model::Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
+    let prompts: Vec<Vec<u32>> = [
+        "Write a long story about a dragon.",
+        "Answer with one word: what colour is the sky?",
+        "What is the capital of France?",
+        "Say yes.",
+        "Describe a forest in autumn.",
+    ]
+    .iter()
+    .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)]).expect("ids"))
+    .collect();
+    let seeds: Vec<u64> = (10..15).collect();
+    let each = |cfg: &GenerateConfig, max_batch: usize| {
+        let mut got: Vec<(usize, Vec<u32>, &'static str)> = Vec::new();
+        let prefills = generate_each(&model, &tok, &prompts, cfg, &seeds, max_batch, &mut |i, g| {
+            got.push((i, g.ids, g.finish_reason));
+            true
+        })
+        .expect("generate_each");
+        (got, prefills)
+    };
+    let greedy = GenerateConfig { max_new_tokens: 24, ..GenerateConfig::default() };
+    let (got, prefills) = each(&greedy, 2);
+    assert!(prefills >= 3, "{prefills} prefills for 5 prompts 2 at a time");
+    let mut order: Vec<usize> = got.iter().map(|g| g.0).collect();
+    assert_ne!(order, [0, 1, 2, 3, 4], "replies come as they finish, not in order: {got:?}");
+    order.sort_unstable();
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+    assert!(got.iter().any(|g| g.2 == "eos") && got.iter().any(|g| g.2 == "length"), "{got:?}");
+    for (i, ids, _) in &got {
+        let alone = generate(&model, &tok, std::slice::from_ref(&prompts[*i]), &greedy).expect("alone");
+        assert_eq!(&alone[0].ids, ids, "prompt {i}");
+    }
+    let sampled = GenerateConfig { max_new_tokens: 16, temperature: 0.9, top_p: 0.95, ..GenerateConfig::default() };
+    let batch = generate_seeded(&model, &tok, &prompts, &sampled, &seeds).expect("static batch");
+    for max_batch in [1, 2, 5] {
+        let (got, _) = each(&sampled, max_batch);
+        for (i, ids, _) in &got {
+            assert_eq!(&batch[*i].ids, ids, "prompt {i}, {max_batch} at a time");
+        }
+    }
+    let mut calls = 0;
+    generate_each(&model, &tok, &prompts, &greedy, &seeds, 2, &mut |_, _| {
+        calls += 1;
+        false
+    })
+    .expect("stopped");
+    assert_eq!(calls, 1, "false stops the generation");
+}
+
 #[test]
 fn smollm2_recipe_trains_both_stages_and_exports_a_model_that_generates() {
     let _ = model_dir();

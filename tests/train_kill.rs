@@ -236,3 +236,36 @@ fn an_export_path_with_files_in_it_is_refused_before_anything_runs() {
         assert!(fresh.join("model.safetensors").is_file());
     }
 }
+
+/// Ctrl-C (SIGINT) in the middle of FuseSFT: one line on what was kept, exit code 130; the same
+/// command then resumes and finishes (issue #34: it died silently).
+#[test]
+fn ctrl_c_says_what_was_kept_and_the_same_command_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("int.toml");
+    std::fs::write(&file, recipe(&dir.path().join("int"))).expect("write");
+    let file = file.display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
+        .args(["run", &file])
+        .current_dir(dir.path())
+        .env("FUSERL_DEBUG_PAUSE", "sft-step-5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines().map_while(Result::ok);
+    let paused = lines.by_ref().take(10_000).any(|l| l.contains("paused at sft-step-5"));
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    assert!(paused && sent.success());
+    let rest: Vec<String> = lines.take(10_000).collect();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    let said: Vec<&String> = rest.iter().filter(|l| l.contains("interrupted")).collect();
+    assert_eq!(said.len(), 1, "{rest:?}");
+    assert!(said[0].contains("the same command resumes from there"), "{said:?}");
+    let out = fuserl(&["run", &file], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.path().join("int/sft/DONE").is_file() && dir.path().join("int/export/model.safetensors").is_file());
+}

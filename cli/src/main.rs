@@ -212,6 +212,7 @@ fn main() -> ExitCode {
             default_hook(info);
         }
     }));
+    on_ctrl_c(&cli.command);
     match run(cli.command, &cli.plugins) {
         Ok(code) => code,
         Err(err) => {
@@ -222,6 +223,30 @@ fn main() -> ExitCode {
             print_error(err.chain());
             ExitCode::from(code)
         }
+    }
+}
+
+/// Ctrl-C says what became of the work, once, then exits with 130 (the shell's code for SIGINT).
+/// Nothing needs flushing: stores are append-only and every artifact is written to a temporary
+/// file and renamed, so a run stopped anywhere resumes from what it had kept.
+fn on_ctrl_c(command: &Command) {
+    let message = match command {
+        Command::Run(_)
+        | Command::Sft(_)
+        | Command::Po(_)
+        | Command::Collect(_)
+        | Command::Score(_)
+        | Command::Eval(_) => {
+            "interrupted: what was already collected, scored or checkpointed is kept; the same command resumes from there"
+        }
+        _ => "interrupted",
+    };
+    let set = ctrlc::set_handler(move || {
+        eprintln!("\n{message}");
+        std::process::exit(130);
+    });
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "no Ctrl-C handler");
     }
 }
 
@@ -378,7 +403,7 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Recipe(RecipeCommand::Show { file }) => {
             let registry = registry(plugins)?;
             let loaded = load(&file, &registry)?;
-            print!("{}", loaded.resolved_toml()?);
+            print!("{}", loaded.shown_toml()?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins(PluginsCommand::List) => {

@@ -146,7 +146,7 @@ fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
         let message = if choices.trim().is_empty() || choices.contains("there are no fields") {
             format!("unknown key `{name}`: this table takes no keys")
         } else {
-            format!("unknown key `{name}`; expected one of: {}", choice_list(&choices))
+            format!("unknown key `{name}`{}; expected one of: {}", did_you_mean(name, &choices), choice_list(&choices))
         };
         return (message, false);
     }
@@ -161,7 +161,14 @@ fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
     {
         let choices = tail.trim_start_matches(", ").replace("expected one of ", "");
         let choices = choices.replace("expected ", "");
-        return (format!("unknown value `{name}`; expected one of: {}", choice_list(&choices)), false);
+        return (
+            format!(
+                "unknown value `{name}`{}; expected one of: {}",
+                did_you_mean(name, &choices),
+                choice_list(&choices)
+            ),
+            false,
+        );
     }
     if let Some(rest) = raw.strip_prefix("invalid value: ")
         && let Some((found, expected)) = rest.split_once(", expected ")
@@ -174,6 +181,18 @@ fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
         return (format!("expected {}, found {found}", friendly_type(expected)), false);
     }
     (raw.to_owned(), false)
+}
+
+/// ` (did you mean `x`?)` when one of the choices is a likely misspelling of `name`: the nearest
+/// by Damerau-Levenshtein distance (a swap of two letters counts one), if under a third of the
+/// longer word's length; else nothing.
+fn did_you_mean(name: &str, choices: &str) -> String {
+    let list = choice_list(choices);
+    list.split(", ")
+        .map(|c| (strsim::damerau_levenshtein(&name.to_lowercase(), &c.to_lowercase()), c))
+        .filter(|(d, c)| 3 * d < name.chars().count().max(c.chars().count()))
+        .min_by_key(|(d, _)| *d)
+        .map_or_else(String::new, |(_, c)| format!(" (did you mean `{c}`?)"))
 }
 
 /// serde lists choices as "`a`, `b`, `c`" or "`a` or `b`": make it "a, b, c".

@@ -1,13 +1,15 @@
 #![allow(clippy::print_stdout)] // A benchmark binary reports on stdout.
 //! Generation throughput of SmolLM2-135M-Instruct on the CPU backend: what the `local` source
-//! does (batched KV-cache generation, one sampler per row), greedy, 128 new tokens at most.
+//! does (batched KV-cache generation, one sampler per row), greedy and sampled (temperature
+//! 0.8, no top-k or top-p), 128 new tokens at most, batch 1, 8 and 32 (the 8 prompts repeated).
 //!
 //!     scripts/fetch-smollm2.sh
 //!     cargo bench --profile dev --workspace --bench generate
 //!
-//! Same prompts, chat template and settings as scripts/bench_generate_torch.py; greedy, so both
-//! produce the same tokens and stop at the same EOS. Prints one line per batch size: new
-//! tokens, seconds (median of 3 after a warm-up), tokens/s.
+//! Same prompts, chat template and settings as scripts/bench_generate_torch.py; greedy, both
+//! produce the same tokens and stop at the same EOS; sampled, each counts the tokens it made.
+//! Prints one line per setting and batch size: new tokens, seconds (median of 3 after a
+//! warm-up), tokens/s.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,24 +29,34 @@ fn main() {
     let model = load::<Cpu>(&dir, &Default::default(), DType::F32)
         .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
     let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
-    let cfg = GenerateConfig { max_new_tokens: 128, temperature: 0.0, ..GenerateConfig::default() };
-    for batch in [1usize, 8] {
-        let prompts: Vec<Vec<u32>> =
-            PROMPTS[..batch].iter().map(|p| tok.prompt_ids(&[ChatMessage::user(*p)]).expect("prompt")).collect();
-        let seeds: Vec<u64> = (0..batch as u64).collect();
-        let run = || {
-            let start = Instant::now();
-            let out = generate_seeded(&model, &tok, &prompts, &cfg, &seeds).expect("generate");
-            (start.elapsed().as_secs_f64(), out.iter().map(|g| g.ids.len()).sum::<usize>())
-        };
-        run();
-        let mut times: Vec<(f64, usize)> = (0..3).map(|_| run()).collect();
-        times.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (secs, tokens) = times[1];
-        println!(
-            "fuserl (burn flex, f32): batch {batch}: {tokens} new tokens in {secs:.2} s, {:.1} tokens/s (runs: {})",
-            tokens as f64 / secs,
-            times.iter().map(|t| format!("{:.2}", t.0)).collect::<Vec<_>>().join(" ")
-        );
+    // FUSERL_BENCH_BATCHES=1,8 limits the batch sizes (default 1, 8 and 32).
+    let batches: Vec<usize> = std::env::var("FUSERL_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,8,32".into())
+        .split(',')
+        .map(|b| b.trim().parse().expect("FUSERL_BENCH_BATCHES: batch sizes separated by commas"))
+        .collect();
+    let greedy = GenerateConfig { max_new_tokens: 128, temperature: 0.0, ..GenerateConfig::default() };
+    let sampled = GenerateConfig { temperature: 0.8, ..greedy.clone() };
+    for (mode, cfg) in [("greedy", &greedy), ("sampled", &sampled)] {
+        for &batch in &batches {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|i| tok.prompt_ids(&[ChatMessage::user(PROMPTS[i % PROMPTS.len()])]).expect("prompt"))
+                .collect();
+            let seeds: Vec<u64> = (0..batch as u64).collect();
+            let run = || {
+                let start = Instant::now();
+                let out = generate_seeded(&model, &tok, &prompts, cfg, &seeds).expect("generate");
+                (start.elapsed().as_secs_f64(), out.iter().map(|g| g.ids.len()).sum::<usize>())
+            };
+            run();
+            let mut times: Vec<(f64, usize)> = (0..3).map(|_| run()).collect();
+            times.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (secs, tokens) = times[1];
+            println!(
+                "fuserl (burn flex, f32): {mode} batch {batch}: {tokens} new tokens in {secs:.2} s, {:.1} tokens/s (runs: {})",
+                tokens as f64 / secs,
+                times.iter().map(|t| format!("{:.2}", t.0)).collect::<Vec<_>>().join(" ")
+            );
+        }
     }
 }

@@ -1,12 +1,12 @@
 //! Batched generation with a KV cache: greedy, temperature, top-k, top-p, seeded sampling;
 //! stops on EOS, on stop strings, or after `max_new_tokens`.
 
-use burn::tensor::DType;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::chat::ChatTokenizer;
 use crate::error::{ModelError, Result};
-use crate::llama::{Inputs, LlamaModel};
+use crate::llama::{Inputs, KvCache, LayerCache, LlamaModel};
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,49 +40,96 @@ pub struct Generation {
     pub text: String,
     /// Why it stopped: `eos`, `stop`, or `length`.
     pub finish_reason: &'static str,
+    /// Seconds from its prompt's admission into the batch to its last token.
+    pub seconds: f64,
 }
 
 /// The sampler's generator (splitmix64: the same stream on every platform).
 type Rng = fuserl_core::maths::SplitMix64;
 
-/// Choose the next token from one row of logits.
+/// The index of the largest logit (the first of equals).
+fn argmax(logits: &[f32]) -> u32 {
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+}
+
+/// A row's token ids in descending order of logit (ties: the lower id first, as a stable sort
+/// gives), sorted lazily, only as far as the sampler walks: a sampled token is almost always
+/// among the first few dozen of the 49k-262k, and sorting the whole vocabulary for every token
+/// cost about a quarter of a sampled step at batch 32 (docs/benchmarks.md).
+struct Ranked<'a> {
+    logits: &'a [f32],
+    ids: Vec<u32>,
+    /// `ids[..sorted]` is in order; the rest is every other id, in no order.
+    sorted: usize,
+}
+
+impl<'a> Ranked<'a> {
+    fn new(logits: &'a [f32]) -> Self {
+        Self { logits, ids: (0..logits.len() as u32).collect(), sorted: 0 }
+    }
+
+    /// The `i`-th id in order (`i < logits.len()`). Past the sorted head, the next stretch is
+    /// selected (`select_nth_unstable`, linear) and sorted, at least as long as the head so far,
+    /// so a walk to position `n` costs O(V log n) in all.
+    fn get(&mut self, i: usize) -> u32 {
+        if i >= self.sorted {
+            let logits = self.logits;
+            let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+            let rest = &mut self.ids[self.sorted..];
+            let want = (i + 1 - self.sorted).max(self.sorted).max(64).min(rest.len());
+            if want < rest.len() {
+                rest.select_nth_unstable_by(want - 1, order);
+            }
+            rest[..want].sort_unstable_by(order);
+            self.sorted += want;
+        }
+        self.ids[i]
+    }
+}
+
+/// Choose the next token from one row of logits: greedy at temperature 0; else the draw of a
+/// full descending sort of the row (keep the top k, then the shortest prefix whose probability
+/// reaches top-p, renormalised, then one uniform number walked down the list), with the sort
+/// done only as far as the walk goes ([`Ranked`]). The same token as the full sort, except that
+/// without top-k the normaliser is summed in id order instead of sorted order (equal to about
+/// 1e-16 relative).
 fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
-    };
     if cfg.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
-        order.truncate(cfg.top_k);
-    }
-    let max = f64::from(logits[order[0]]);
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((f64::from(logits[i]) - max) / cfg.temperature).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let mut ranked = Ranked::new(logits);
+    let max = f64::from(logits[ranked.get(0) as usize]);
+    let weight = |logit: f32| ((f64::from(logit) - max) / cfg.temperature).exp();
+    let mut n = if cfg.top_k > 0 { cfg.top_k.min(logits.len()) } else { logits.len() };
+    let total: f64 = if cfg.top_k > 0 {
+        (0..n).map(|i| weight(logits[ranked.get(i) as usize])).sum()
+    } else {
+        logits.iter().map(|&l| weight(l)).sum()
+    };
+    let prob = |ranked: &mut Ranked, i: usize| weight(logits[ranked.get(i) as usize]) / total;
+    // Top-p: the kept prefix's probability, summed in order, renormalises it.
+    let mut kept_mass = 1.0;
     if cfg.top_p < 1.0 {
         let mut acc = 0.0;
-        let keep = probs.iter().position(|p| {
-            acc += p;
-            acc >= cfg.top_p
-        });
-        let keep = keep.map_or(probs.len(), |k| k + 1);
-        order.truncate(keep);
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        for i in 0..n {
+            acc += prob(&mut ranked, i);
+            if acc >= cfg.top_p {
+                n = i + 1;
+                break;
+            }
+        }
+        kept_mass = acc;
     }
     let u = rng.next_f64();
     let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
+    for i in 0..n {
+        let p = prob(&mut ranked, i);
+        acc += if cfg.top_p < 1.0 { p / kept_mass } else { p };
         if u < acc {
-            return order[i] as u32;
+            return ranked.get(i);
         }
     }
-    order[order.len() - 1] as u32
+    ranked.get(n - 1)
 }
 
 /// Refuse `what` of `len` tokens when it is longer than the model's positions
@@ -164,85 +211,315 @@ fn generate_with<B: Backend>(
     seeds: Option<&[u64]>,
     on_text: Option<&mut dyn FnMut(&str)>,
 ) -> Result<Vec<Generation>> {
-    let mut stream = on_text.map(|on_text| Stream { on_text, shown: String::new() });
-    if prompts.iter().any(Vec::is_empty) {
-        return Err(ModelError::Input("cannot generate from an empty prompt".into()));
+    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    let mut engine = Engine::new(model, tokenizer, cfg, seeds, prompts.len().max(1));
+    engine.stream = on_text.map(|on_text| Stream { on_text, shown: String::new() });
+    engine.run(prompts, &mut |i, g| {
+        out[i] = Some(g);
+        true
+    })?;
+    Ok(out.into_iter().map(|g| g.expect("every prompt is answered")).collect())
+}
+
+/// Generate with **continuous batching**: at most `max_batch` prompts are decoded together, and
+/// an answer that finishes (EOS, a stop string, `max_new_tokens`) leaves the batch at once, its
+/// place taken by the next prompt (prefilled, then decoded with the others), as vLLM and TGI do:
+/// a batch never waits for its longest answer. `on_done(i, reply)` gets each reply as it
+/// finishes (`i`: its prompt's index); returning `false` stops the generation (what is running
+/// is dropped). Each prompt samples with its own seed, `seeds[i]`, so a reply does not depend
+/// on which prompts it shared a batch with; greedy replies are those of [`generate`]. Returns
+/// how many prefills it ran (each admits the prompts that fit into the places free then).
+pub fn generate_each<B: Backend>(
+    model: &LlamaModel<B>,
+    tokenizer: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    seeds: &[u64],
+    max_batch: usize,
+    on_done: &mut dyn FnMut(usize, Generation) -> bool,
+) -> Result<usize> {
+    if seeds.len() != prompts.len() {
+        return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
     }
-    check_positions(model, prompts.iter().map(Vec::len).max().unwrap_or(0), "a prompt")?;
-    let b = prompts.len();
-    let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
-    eos.push(tokenizer.eos_id());
-    let mut shared = Rng::new(cfg.seed);
-    let mut per_row: Vec<Rng> = seeds.map(|s| s.iter().map(|&x| Rng::new(x)).collect()).unwrap_or_default();
-    let mut inputs = Inputs::left_padded(prompts, 0);
-    let mut key_valid = inputs.valid.clone();
-    let mut next_pos: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let mut cache = model.empty_cache(b);
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done: Vec<Option<&'static str>> = vec![None; b];
-    for _ in 0..cfg.max_new_tokens {
-        let hidden = model.hidden(&inputs, &key_valid, Some(&mut cache));
-        let t = hidden.dims()[1];
-        let last = model.logits(hidden.narrow(1, t - 1, 1)).cast(DType::F32);
-        let v = last.dims()[2];
-        let rows: Vec<f32> = last.into_data().iter::<f32>().collect();
-        let mut step_ids = Vec::with_capacity(b);
-        for (r, row) in rows.chunks(v).enumerate() {
-            let id = if done[r].is_some() {
-                eos[0]
-            } else {
-                let rng = if per_row.is_empty() { &mut shared } else { &mut per_row[r] };
-                pick(row, cfg, rng)
-            };
-            if done[r].is_none() {
-                if eos.contains(&id) {
-                    done[r] = Some("eos");
-                } else {
-                    out[r].push(id);
-                    if !cfg.stop.is_empty() || (r == 0 && stream.is_some()) {
-                        let mut text = tokenizer.decode(&out[r], true)?;
-                        if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            done[r] = Some("stop");
-                            text.truncate(cut);
-                        }
-                        if r == 0
-                            && let Some(stream) = stream.as_mut()
-                        {
-                            stream.show(&text, false);
-                        }
-                    }
+    Engine::new(model, tokenizer, cfg, Some(seeds), max_batch.max(1)).run(prompts, on_done)
+}
+
+/// One prompt in the running batch.
+struct Row {
+    /// Its index in the caller's prompts.
+    index: usize,
+    /// The tokens made so far (EOS excluded).
+    ids: Vec<u32>,
+    /// Its own sampler (per-prompt seeds), else the engine's shared one.
+    rng: Option<Rng>,
+    /// Which cache columns it may attend to: its own are the last ones (left padding).
+    valid: Vec<bool>,
+    /// The position of its next token.
+    next_pos: usize,
+    /// Tokens picked (EOS included), against `max_new_tokens`.
+    picked: usize,
+    /// The last token picked, the next step's input.
+    last: u32,
+    started: std::time::Instant,
+}
+
+/// The batch: rows, and one KV cache whose columns the rows share (each row's own are the last
+/// `prompt + generated` columns; the others are masked).
+struct Engine<'a, B: Backend> {
+    model: &'a LlamaModel<B>,
+    tokenizer: &'a ChatTokenizer,
+    cfg: &'a GenerateConfig,
+    seeds: Option<&'a [u64]>,
+    max_batch: usize,
+    eos: Vec<u32>,
+    shared: Rng,
+    stream: Option<Stream<'a>>,
+    rows: Vec<Row>,
+    cache: KvCache<B>,
+}
+
+impl<'a, B: Backend> Engine<'a, B> {
+    fn new(
+        model: &'a LlamaModel<B>,
+        tokenizer: &'a ChatTokenizer,
+        cfg: &'a GenerateConfig,
+        seeds: Option<&'a [u64]>,
+        max_batch: usize,
+    ) -> Self {
+        let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
+        eos.push(tokenizer.eos_id());
+        Self {
+            model,
+            tokenizer,
+            cfg,
+            seeds,
+            max_batch,
+            eos,
+            shared: Rng::new(cfg.seed),
+            stream: None,
+            rows: Vec::new(),
+            cache: model.empty_cache(0),
+        }
+    }
+
+    /// Every prompt, in order of admission, until all are answered (or `on_done` says stop); the
+    /// prefills it ran.
+    fn run(&mut self, prompts: &[Vec<u32>], on_done: &mut dyn FnMut(usize, Generation) -> bool) -> Result<usize> {
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(ModelError::Input("cannot generate from an empty prompt".into()));
+        }
+        check_positions(self.model, prompts.iter().map(Vec::len).max().unwrap_or(0), "a prompt")?;
+        if self.cfg.max_new_tokens == 0 {
+            for i in 0..prompts.len() {
+                let empty = Generation { ids: Vec::new(), text: String::new(), finish_reason: "length", seconds: 0.0 };
+                if !on_done(i, empty) {
+                    break;
                 }
             }
-            step_ids.push(id);
+            return Ok(0);
         }
-        if done.iter().all(Option::is_some) {
-            break;
+        let mut next = 0;
+        let mut prefills = 0;
+        loop {
+            // Admit prompts into the free places: one prefill for all of them.
+            let free = self.max_batch.saturating_sub(self.rows.len()).min(prompts.len() - next);
+            if free > 0 {
+                let first = self.rows.len();
+                let logits = self.admit(prompts, next..next + free);
+                next += free;
+                prefills += 1;
+                if !self.pick_all(first, &logits, on_done)? {
+                    return Ok(prefills);
+                }
+                continue;
+            }
+            if self.rows.is_empty() {
+                return Ok(prefills);
+            }
+            let logits = self.decode();
+            if !self.pick_all(0, &logits, on_done)? {
+                return Ok(prefills);
+            }
         }
-        inputs = Inputs {
-            ids: step_ids.iter().map(|&i| vec![i]).collect(),
-            positions: next_pos.iter().map(|&p| vec![p]).collect(),
-            valid: vec![vec![true]; b],
-        };
-        for row in &mut key_valid {
-            row.push(true);
-        }
-        next_pos.iter_mut().for_each(|p| *p += 1);
     }
-    out.into_iter()
-        .zip(done)
-        .map(|(ids, reason)| {
-            let mut text = tokenizer.decode(&ids, true)?;
-            if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+
+    /// Prefill `range` of the prompts (left-padded among themselves) and append them to the
+    /// batch; their last positions' logits.
+    fn admit(&mut self, prompts: &[Vec<u32>], range: std::ops::Range<usize>) -> Vec<f32> {
+        let batch = &prompts[range.clone()];
+        let inputs = Inputs::left_padded(batch, 0);
+        let mut cache = self.model.empty_cache(batch.len());
+        let hidden = self.model.hidden(&inputs, &inputs.valid, Some(&mut cache));
+        let logits = self.last_logits(hidden);
+        let (old, new) = (self.columns(), inputs.valid.first().map_or(0, Vec::len));
+        let width = old.max(new);
+        // Both caches to the same width (zeros on the left, masked), then one batch.
+        let widen = |t: Tensor<B, 4>, by: usize| {
+            if by == 0 {
+                return t;
+            }
+            let [b, h, _, d] = t.dims();
+            let zeros = Tensor::zeros([b, h, by, d], (&t.device(), t.dtype()));
+            Tensor::cat(vec![zeros, t], 2)
+        };
+        let merged: KvCache<B> = std::mem::take(&mut self.cache)
+            .into_iter()
+            .zip(cache)
+            .map(|(a, b)| {
+                if self.rows.is_empty() {
+                    return b;
+                }
+                LayerCache {
+                    k: Tensor::cat(vec![widen(a.k, width - old), widen(b.k, width - new)], 0),
+                    v: Tensor::cat(vec![widen(a.v, width - old), widen(b.v, width - new)], 0),
+                }
+            })
+            .collect();
+        self.cache = merged;
+        for row in &mut self.rows {
+            row.valid.splice(0..0, std::iter::repeat_n(false, width - old));
+        }
+        for (k, (i, valid)) in range.zip(inputs.valid).enumerate() {
+            let mut row_valid = vec![false; width - new];
+            row_valid.extend(valid);
+            self.rows.push(Row {
+                index: i,
+                ids: Vec::new(),
+                rng: self.seeds.map(|s| Rng::new(s[i])),
+                valid: row_valid,
+                next_pos: batch[k].len(),
+                picked: 0,
+                last: 0,
+                started: std::time::Instant::now(),
+            });
+        }
+        logits
+    }
+
+    /// The cache's columns (the longest row's keys).
+    fn columns(&self) -> usize {
+        self.rows.first().map_or(0, |r| r.valid.len())
+    }
+
+    /// One decoding step of every row: its last token in, its next token's logits out.
+    fn decode(&mut self) -> Vec<f32> {
+        let inputs = Inputs {
+            ids: self.rows.iter().map(|r| vec![r.last]).collect(),
+            positions: self.rows.iter().map(|r| vec![r.next_pos]).collect(),
+            valid: vec![vec![true]; self.rows.len()],
+        };
+        for row in &mut self.rows {
+            row.valid.push(true);
+            row.next_pos += 1;
+        }
+        let key_valid: Vec<Vec<bool>> = self.rows.iter().map(|r| r.valid.clone()).collect();
+        let hidden = self.model.hidden(&inputs, &key_valid, Some(&mut self.cache));
+        self.last_logits(hidden)
+    }
+
+    /// `[rows, vocab]` logits of the last position, on the host, row after row.
+    fn last_logits(&self, hidden: Tensor<B, 3>) -> Vec<f32> {
+        let t = hidden.dims()[1];
+        self.model.logits(hidden.narrow(1, t - 1, 1)).cast(DType::F32).into_data().iter::<f32>().collect()
+    }
+
+    /// Pick the next token of the rows from `first` on (the rest are left as they are), pass
+    /// on the replies that finished and take them out of the batch; `false`: `on_done` said stop.
+    fn pick_all(
+        &mut self,
+        first: usize,
+        logits: &[f32],
+        on_done: &mut dyn FnMut(usize, Generation) -> bool,
+    ) -> Result<bool> {
+        let v = logits.len() / (self.rows.len() - first).max(1);
+        let mut finished: Vec<(usize, &'static str)> = Vec::new();
+        for (r, row_logits) in (first..self.rows.len()).zip(logits.chunks(v)) {
+            let row = &mut self.rows[r];
+            let rng = row.rng.as_mut().unwrap_or(&mut self.shared);
+            let id = pick(row_logits, self.cfg, rng);
+            row.picked += 1;
+            row.last = id;
+            if self.eos.contains(&id) {
+                finished.push((r, "eos"));
+                continue;
+            }
+            row.ids.push(id);
+            let streaming = row.index == 0 && self.stream.is_some();
+            if !self.cfg.stop.is_empty() || streaming {
+                let mut text = self.tokenizer.decode(&row.ids, true)?;
+                let cut = self.cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+                if let Some(cut) = cut {
+                    text.truncate(cut);
+                }
+                if streaming && let Some(stream) = self.stream.as_mut() {
+                    stream.show(&text, false);
+                }
+                if cut.is_some() {
+                    finished.push((r, "stop"));
+                    continue;
+                }
+            }
+            if row.picked >= self.cfg.max_new_tokens {
+                finished.push((r, "length"));
+            }
+        }
+        if finished.is_empty() {
+            return Ok(true);
+        }
+        // Out of the batch, in order; then the cache keeps the rows left, and only the columns
+        // the longest of them needs.
+        let gone: Vec<usize> = finished.iter().map(|f| f.0).collect();
+        let mut rows = std::mem::take(&mut self.rows).into_iter().enumerate();
+        let mut done = Vec::with_capacity(gone.len());
+        for (r, row) in rows.by_ref() {
+            if gone.contains(&r) {
+                done.push(row);
+            } else {
+                self.rows.push(row);
+            }
+        }
+        self.shrink(&gone);
+        for (row, (_, reason)) in done.into_iter().zip(&finished) {
+            let mut text = self.tokenizer.decode(&row.ids, true)?;
+            if let Some(cut) = self.cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                 text.truncate(cut);
             }
-            Ok(Generation { ids, text, finish_reason: reason.unwrap_or("length") })
-        })
-        .collect::<Result<Vec<_>>>()
-        .inspect(|g| {
-            if let (Some(stream), Some(first)) = (stream.as_mut(), g.first()) {
-                stream.show(&first.text, true);
+            if row.index == 0
+                && let Some(stream) = self.stream.as_mut()
+            {
+                stream.show(&text, true);
             }
-        })
+            let seconds = row.started.elapsed().as_secs_f64();
+            if !on_done(row.index, Generation { ids: row.ids, text, finish_reason: reason, seconds }) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The cache without the rows `gone` (indices before removal) and without the leading
+    /// columns no remaining row attends to.
+    fn shrink(&mut self, gone: &[usize]) {
+        let total = self.rows.len() + gone.len();
+        if self.rows.is_empty() {
+            self.cache = self.model.empty_cache(0);
+            return;
+        }
+        let device = self.model.device();
+        let keep: Vec<i32> = (0..total).filter(|r| !gone.contains(r)).map(|r| r as i32).collect();
+        let keep = Tensor::<B, 1, Int>::from_data(TensorData::new(keep.clone(), [keep.len()]), &device);
+        let width = self.columns();
+        let need =
+            self.rows.iter().map(|r| width - r.valid.iter().position(|&v| v).unwrap_or(width)).max().unwrap_or(0);
+        let from = width - need;
+        for layer in &mut self.cache {
+            layer.k = layer.k.clone().select(0, keep.clone()).narrow(2, from, need);
+            layer.v = layer.v.clone().select(0, keep.clone()).narrow(2, from, need);
+        }
+        for row in &mut self.rows {
+            row.valid.drain(..from);
+        }
+    }
 }
 
 /// The prompts generation speed is measured on (`fuserl bench generate`, the `generate`
@@ -279,6 +556,69 @@ mod tests {
             s.show("Hello \u{e9}t\u{e9}", true);
         }
         assert_eq!(pieces, ["Hel", "lo", " \u{e9}", "t\u{e9}"]);
+    }
+
+    /// What `pick` did before the lazy sort: the whole row sorted (stable, descending).
+    fn pick_full_sort(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if cfg.top_k > 0 {
+            order.truncate(cfg.top_k);
+        }
+        let max = f64::from(logits[order[0]]);
+        let mut probs: Vec<f64> =
+            order.iter().map(|&i| ((f64::from(logits[i]) - max) / cfg.temperature).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if cfg.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|p| {
+                acc += p;
+                acc >= cfg.top_p
+            });
+            let keep = keep.map_or(probs.len(), |k| k + 1);
+            order.truncate(keep);
+            probs.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= total);
+        }
+        let u = rng.next_f64();
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return order[i] as u32;
+            }
+        }
+        order[order.len() - 1] as u32
+    }
+
+    /// The lazy sort draws the token the full sort draws, for every setting, on rows with ties,
+    /// flat rows (the walk goes deep) and peaked ones, over many seeds.
+    #[test]
+    fn lazy_sort_draws_what_the_full_sort_draws() {
+        let mut draws = Rng::new(7);
+        let settings = [(0.7, 1.0, 0), (1.0, 0.9, 0), (1.3, 0.95, 50), (0.8, 1.0, 40), (5.0, 1.0, 0), (0.5, 0.5, 3)];
+        let mut deep = 0;
+        for row in 0..60 {
+            let v = [5usize, 100, 3000, 49_152][row % 4];
+            let spread = [0.1f64, 2.0, 8.0][row % 3];
+            // Coarse values, so that some logits tie.
+            let logits: Vec<f32> = (0..v).map(|_| ((draws.next_f64() * spread * 8.0).round() / 8.0) as f32).collect();
+            for &(temperature, top_p, top_k) in &settings {
+                let cfg = GenerateConfig { temperature, top_p, top_k, ..Default::default() };
+                for seed in 0..20 {
+                    let lazy = pick(&logits, &cfg, &mut Rng::new(seed));
+                    assert_eq!(
+                        lazy,
+                        pick_full_sort(&logits, &cfg, &mut Rng::new(seed)),
+                        "{v} logits, {cfg:?}, seed {seed}"
+                    );
+                    deep += usize::from(logits.iter().filter(|&&l| l > logits[lazy as usize]).count() > 64);
+                }
+            }
+        }
+        assert!(deep > 0, "no draw went past the first sorted stretch");
     }
 
     #[test]

@@ -85,6 +85,30 @@ impl LoadedRecipe {
         })
     }
 
+    /// The resolved recipe for people to read (`fuserl recipe show`): [`Self::resolved_toml`]
+    /// without what this recipe cannot use: empty lists (`sources = []`, `baselines = []`: every
+    /// list key defaults to empty), and `[data.sampling]` when
+    /// nothing samples with it (no source generates answers, no `[po] target_samples`). Still a
+    /// valid recipe that resolves to the same one (what it leaves out is the default).
+    pub fn shown_toml(&self) -> Result<String> {
+        let failed = |e: &dyn std::fmt::Display| Error::Component {
+            point: "recipe",
+            name: self.file.display().to_string(),
+            message: format!("cannot write the resolved recipe: {e}"),
+        };
+        let mut table = toml::Table::try_from(&self.recipe).map_err(|e| failed(&e))?;
+        drop_empty_lists(&mut table);
+        let samples = self.components.sources.iter().any(|s| s.generator().is_some())
+            || (self.recipe.po.enabled && self.recipe.po.target_samples > 0);
+        if !samples
+            && self.recipe.data.sampling == default_sampling()
+            && let Some(toml::Value::Table(data)) = table.get_mut("data")
+        {
+            data.remove("sampling");
+        }
+        toml::to_string(&table).map_err(|e| failed(&e))
+    }
+
     /// A resolved recipe written by an earlier version of fuserl, with the settings added since
     /// filled in with their defaults (as this version would resolve it), so that a run directory
     /// made before a new setting existed is not taken for one made by another recipe. `None`
@@ -102,6 +126,24 @@ impl LoadedRecipe {
     /// The export folder (relative to the working folder, like [`LoadedRecipe::output_dir`]).
     pub fn export_dir(&self) -> PathBuf {
         self.recipe.export.path.as_deref().map_or_else(|| self.output_dir().join("export"), PathBuf::from)
+    }
+}
+
+/// Remove every key whose value is an empty list, in every table.
+fn drop_empty_lists(table: &mut toml::Table) {
+    let empty: Vec<String> =
+        table.iter().filter(|(_, v)| v.as_array().is_some_and(Vec::is_empty)).map(|(k, _)| k.clone()).collect();
+    for key in empty {
+        table.remove(&key);
+    }
+    for (_, value) in table.iter_mut() {
+        match value {
+            toml::Value::Table(t) => drop_empty_lists(t),
+            toml::Value::Array(items) => {
+                items.iter_mut().filter_map(toml::Value::as_table_mut).for_each(drop_empty_lists)
+            }
+            _ => {}
+        }
     }
 }
 

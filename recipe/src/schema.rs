@@ -111,7 +111,7 @@ fn default_samples() -> u32 {
 fn default_score_batch() -> u32 {
     64
 }
-fn default_sampling() -> SamplingParams {
+pub(crate) fn default_sampling() -> SamplingParams {
     SamplingParams {
         temperature: Some(0.8),
         top_p: Some(0.95),

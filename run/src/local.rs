@@ -1,12 +1,14 @@
 //! `local`: a Hugging Face checkpoint that fuserl loads and samples from itself, in the
-//! collect stage, with batched KV-cache generation, on the recipe's backend or its own.
+//! collect stage, with KV-cache generation and continuous batching (an answer that finishes goes
+//! to the store at once and its place in the batch to the next prompt), on the recipe's backend
+//! or its own.
 //!
 //! ```toml
 //! [[sources]]
 //! kind = "local"
 //! name = "tiny"                        # the source name in the data
 //! checkpoint = "../checkpoints/tiny-chat"
-//! batch_size = 8                       # prompts generated at once
+//! batch_size = 8                       # answers generated together
 //! device = "cpu"                       # default: the recipe's [backend] device and dtype
 //! [sources.sampling]                   # overrides [data.sampling]
 //! temperature = 1.0
@@ -29,7 +31,7 @@ use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory
 use fuserl_core::{Error, Result};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load;
-use fuserl_model::generate::{GenerateConfig, generate_seeded};
+use fuserl_model::generate::{GenerateConfig, generate_each};
 use serde::{Deserialize, Serialize};
 
 /// `[[sources]] kind = "local"`.
@@ -49,7 +51,7 @@ pub struct LocalConfig {
     /// The floating-point type (default: the recipe's `[backend] dtype`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<RecipeDType>,
-    /// Prompts generated at once.
+    /// Answers generated together (continuous batching: a finished one's place goes to the next).
     #[serde(default = "default_batch")]
     pub batch_size: u32,
     /// Longest prompt in tokens (longer ones keep their end).
@@ -203,37 +205,41 @@ impl OnBackend for Job<'_> {
         let model = load::<B>(&s.checkpoint, &device, dtype).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         let max_prompt = s.config.max_prompt_length as usize;
-        let mut stats = GenerateStats::default();
-        for chunk in self.jobs.chunks(s.config.batch_size as usize) {
-            let t0 = std::time::Instant::now();
-            let mut prompts = Vec::with_capacity(chunk.len());
-            for j in chunk {
-                let mut ids = tok.prompt_ids(&j.prompt.messages).map_err(model_error)?;
-                if ids.len() > max_prompt {
-                    ids.drain(..ids.len() - max_prompt);
-                }
-                prompts.push(ids);
+        let mut prompts = Vec::with_capacity(self.jobs.len());
+        for j in self.jobs {
+            let mut ids = tok.prompt_ids(&j.prompt.messages).map_err(model_error)?;
+            if ids.len() > max_prompt {
+                ids.drain(..ids.len() - max_prompt);
             }
-            let seeds: Vec<u64> = chunk.iter().map(|j| j.seed).collect();
-            let replies = generate_seeded(&model, &tok, &prompts, &self.cfg, &seeds).map_err(model_error)?;
-            stats.requests += 1;
-            let secs = t0.elapsed().as_secs_f64();
-            for ((j, reply), ids) in chunk.iter().zip(replies).zip(&prompts) {
-                (self.sink)(Generated {
-                    prompt_id: j.prompt.id.clone(),
-                    sample_index: j.sample_index,
-                    seed: j.seed,
-                    text: reply.text,
-                    finish_reason: Some(
-                        if reply.finish_reason == "eos" { "stop" } else { reply.finish_reason }.to_owned(),
-                    ),
-                    model: Some(s.config.checkpoint.clone()),
-                    prompt_tokens: Some(ids.len() as u64),
-                    completion_tokens: Some(reply.ids.len() as u64),
-                    latency_s: secs,
-                })?;
-            }
+            prompts.push(ids);
         }
+        let seeds: Vec<u64> = self.jobs.iter().map(|j| j.seed).collect();
+        // Continuous batching: each answer goes to the sink (the store) as soon as it is done,
+        // and its place in the batch to the next prompt.
+        let mut failed = None;
+        let mut on_done = |i: usize, reply: fuserl_model::generate::Generation| {
+            let j = &self.jobs[i];
+            let sent = (self.sink)(Generated {
+                prompt_id: j.prompt.id.clone(),
+                sample_index: j.sample_index,
+                seed: j.seed,
+                text: reply.text,
+                finish_reason: Some(if reply.finish_reason == "eos" { "stop" } else { reply.finish_reason }.to_owned()),
+                model: Some(s.config.checkpoint.clone()),
+                prompt_tokens: Some(prompts[i].len() as u64),
+                completion_tokens: Some(reply.ids.len() as u64),
+                latency_s: reply.seconds,
+            });
+            sent.map_err(|e| failed = Some(e)).is_ok()
+        };
+        let batch = s.config.batch_size as usize;
+        let prefills =
+            generate_each(&model, &tok, &prompts, &self.cfg, &seeds, batch, &mut on_done).map_err(model_error)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // A request: one prefill, of the prompts admitted together into the places free then.
+        let stats = GenerateStats { requests: prefills as u64, ..GenerateStats::default() };
         Ok(stats)
     }
 }

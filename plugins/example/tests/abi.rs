@@ -38,7 +38,7 @@ fn margin_weighting_through_the_abi() {
 fn configuration_errors_keep_their_key_path() {
     let registry = plugin_registry(fuserl_example::fuserl_plugin_declare).expect("registry");
     let err = weighting(&registry, "kind = \"margin\"\nmargn = 0.2").unwrap_err();
-    assert!(err.starts_with("margn: unknown key `margn`; expected one of: margin"), "{err}");
+    assert!(err.starts_with("margn: unknown key `margn` (did you mean `margin`?); expected one of: margin"), "{err}");
     let err = weighting(&registry, "kind = \"margin\"\nmargin = -1.0").unwrap_err();
     assert!(err.starts_with("margin: expected a finite number > 0"), "{err}");
 }
