@@ -58,7 +58,18 @@ fn resolved_recipes_are_valid_recipes_and_a_fixed_point() {
         assert!(shown.contains("warmup_ratio") || shown.contains("warmup_steps"), "{}: no warm-up", file.display());
         // Nothing the recipe cannot use (issue #34): no empty list, no sampling where nothing
         // samples; where something does, the sampling is shown.
-        assert!(!shown.contains("= []"), "{}: an empty list in\n{shown}", file.display());
+        let table: toml::Table = toml::from_str(&shown).expect("toml");
+        let own = std::iter::once(&table).chain(
+            ["run", "backend", "target", "data", "sft", "po", "eval", "export"]
+                .iter()
+                .filter_map(|s| table.get(*s).and_then(toml::Value::as_table)),
+        );
+        for t in own {
+            for (key, value) in t {
+                let empty = value.as_array().is_some_and(Vec::is_empty);
+                assert!(!empty, "{}: `{key} = []` in\n{shown}", file.display());
+            }
+        }
         let generative = ["kind = \"local\"", "kind = \"openai\""].iter().any(|k| shown.contains(k));
         let samples =
             generative || shown.lines().any(|l| l.starts_with("target_samples = ") && l.trim() != "target_samples = 0");
@@ -69,6 +80,24 @@ fn resolved_recipes_are_valid_recipes_and_a_fixed_point() {
             assert!(!shown.contains("[data.sampling]"), "{}: [data.sampling] that nothing uses", file.display());
         }
     }
+}
+
+/// `recipe show` leaves an empty list in a component's table as it is: in `extra` (sent to the
+/// server as written) `samplers = []` turns a llama.cpp feature off, which leaving the key out
+/// would not.
+#[test]
+fn recipe_show_keeps_empty_lists_that_mean_something() {
+    let sandbox = sandbox();
+    let recipe = std::fs::read_to_string(repo().join("recipes/collect-llamacpp.toml")).expect("recipe");
+    let recipe = recipe.replace(
+        "[sources.sampling]\nstop = [\"<|im_end|>\"]\n",
+        "[sources.sampling]\nstop = [\"<|im_end|>\"]\nextra = { samplers = [] }\n",
+    );
+    assert!(recipe.contains("samplers = []"), "the test needs the recipe's [sources.sampling]");
+    std::fs::write(sandbox.path().join("recipes/extra.toml"), recipe).expect("write");
+    let shown = fuserl(&["recipe", "show", "recipes/extra.toml"], sandbox.path());
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    assert!(text(&shown.stdout).contains("samplers = []"), "{}", text(&shown.stdout));
 }
 
 /// Write a broken copy of fuserl-dpo.toml, check it, and return (exit code, stderr).

@@ -86,8 +86,8 @@ impl LoadedRecipe {
     }
 
     /// The resolved recipe for people to read (`fuserl recipe show`): [`Self::resolved_toml`]
-    /// without what this recipe cannot use: empty lists (`sources = []`, `baselines = []`: every
-    /// list key defaults to empty), and `[data.sampling]` when
+    /// without what this recipe cannot use: empty lists of its own tables (`sources = []`,
+    /// `baselines = []`: those default to empty), and `[data.sampling]` when
     /// nothing samples with it (no source generates answers, no `[po] target_samples`). Still a
     /// valid recipe that resolves to the same one (what it leaves out is the default).
     pub fn shown_toml(&self) -> Result<String> {
@@ -129,20 +129,23 @@ impl LoadedRecipe {
     }
 }
 
-/// Remove every key whose value is an empty list, in every table.
+/// Remove the keys whose value is an empty list from the recipe's own tables (the top level,
+/// `[run]`, `[backend]`, `[target]`, `[data]`, `[sft]`, `[po]`, `[eval]`, `[export]`), where every
+/// list defaults to empty. Components' tables (sources, rewards, weightings, objectives) and
+/// `extra` are left as they are: there an empty list can mean something (`extra = {samplers =
+/// []}` turns a llama.cpp feature off, and a plugin's list may default to something else).
 fn drop_empty_lists(table: &mut toml::Table) {
-    let empty: Vec<String> =
-        table.iter().filter(|(_, v)| v.as_array().is_some_and(Vec::is_empty)).map(|(k, _)| k.clone()).collect();
-    for key in empty {
-        table.remove(&key);
+    fn drop_in(table: &mut toml::Table) {
+        let empty: Vec<String> =
+            table.iter().filter(|(_, v)| v.as_array().is_some_and(Vec::is_empty)).map(|(k, _)| k.clone()).collect();
+        for key in empty {
+            table.remove(&key);
+        }
     }
-    for (_, value) in table.iter_mut() {
-        match value {
-            toml::Value::Table(t) => drop_empty_lists(t),
-            toml::Value::Array(items) => {
-                items.iter_mut().filter_map(toml::Value::as_table_mut).for_each(drop_empty_lists)
-            }
-            _ => {}
+    drop_in(table);
+    for section in ["run", "backend", "target", "data", "sft", "po", "eval", "export"] {
+        if let Some(t) = table.get_mut(section).and_then(toml::Value::as_table_mut) {
+            drop_in(t);
         }
     }
 }
