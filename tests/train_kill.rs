@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{fuserl, fuserl_env, kill_at_pause, repo, text};
+use crate::common::{fuserl, fuserl_env, kill_at_pause, repo, spawn_paused, text};
 
 fn recipe(out: &Path) -> String {
     let r = repo();
@@ -137,22 +137,10 @@ fn copy_tree(from: &Path, to: &Path) {
 /// with every step logged once.
 #[test]
 fn a_folder_in_use_is_refused_and_a_killed_runs_folder_is_taken_over() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tmp");
     let recipe = repo().join("recipes/quickstart.toml").display().to_string();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_fuserl"))
-        .args(["run", &recipe])
-        .current_dir(dir.path())
-        .env("FUSERL_DEBUG_PAUSE", "sft-step-5")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let (mut first, _stderr) = spawn_paused(&["run", &recipe], dir.path(), "sft-step-5");
     let pid = first.id();
-    let stderr = first.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines().take(10_000).map_while(Result::ok);
-    assert!(lines.any(|l| l.contains("paused at sft-step-5")), "the first run never paused");
     for command in ["run", "collect", "eval"] {
         let out = fuserl(&[command, &recipe], dir.path());
         let err = text(&out.stderr);
@@ -241,24 +229,13 @@ fn an_export_path_with_files_in_it_is_refused_before_anything_runs() {
 /// command then resumes and finishes (issue #34: it died silently).
 #[test]
 fn ctrl_c_says_what_was_kept_and_the_same_command_resumes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("int.toml");
     std::fs::write(&file, recipe(&dir.path().join("int"))).expect("write");
     let file = file.display().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
-        .args(["run", &file])
-        .current_dir(dir.path())
-        .env("FUSERL_DEBUG_PAUSE", "sft-step-5")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines().map_while(Result::ok);
-    let paused = lines.by_ref().take(10_000).any(|l| l.contains("paused at sft-step-5"));
-    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
-    assert!(paused && sent.success());
+    let (mut child, lines) = spawn_paused(&["run", &file], dir.path(), "sft-step-5");
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    assert!(sent.success());
     let rest: Vec<String> = lines.take(10_000).collect();
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "{rest:?}");

@@ -197,9 +197,6 @@ pub fn generate_seeded<B: Backend>(
     cfg: &GenerateConfig,
     seeds: &[u64],
 ) -> Result<Vec<Generation>> {
-    if seeds.len() != prompts.len() {
-        return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
-    }
     generate_with(model, tokenizer, prompts, cfg, Some(seeds), None)
 }
 
@@ -238,9 +235,6 @@ pub fn generate_each<B: Backend>(
     max_batch: usize,
     on_done: &mut dyn FnMut(usize, Generation) -> bool,
 ) -> Result<usize> {
-    if seeds.len() != prompts.len() {
-        return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
-    }
     Engine::new(model, tokenizer, cfg, Some(seeds), max_batch.max(1)).run(prompts, on_done)
 }
 
@@ -307,6 +301,11 @@ impl<'a, B: Backend> Engine<'a, B> {
     fn run(&mut self, prompts: &[Vec<u32>], on_done: &mut dyn FnMut(usize, Generation) -> bool) -> Result<usize> {
         if prompts.iter().any(Vec::is_empty) {
             return Err(ModelError::Input("cannot generate from an empty prompt".into()));
+        }
+        if let Some(seeds) = self.seeds
+            && seeds.len() != prompts.len()
+        {
+            return Err(ModelError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
         }
         check_positions(self.model, prompts.iter().map(Vec::len).max().unwrap_or(0), "a prompt")?;
         if self.cfg.max_new_tokens == 0 {

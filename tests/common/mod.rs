@@ -67,9 +67,13 @@ pub fn line_of(text: &str, needle: &str) -> usize {
     text.lines().position(|l| l.contains(needle)).expect("needle") + 1
 }
 
-/// Start `fuserl ARGS` in `dir` with `FUSERL_DEBUG_PAUSE=label`, wait (reading at most 10,000
-/// lines of its log) until it says it paused there, and SIGKILL it.
-pub fn kill_at_pause(args: &[&str], dir: &Path, label: &str) {
+/// Start `fuserl ARGS` in `dir` paused at `label` (`FUSERL_DEBUG_PAUSE`) and wait until it says
+/// so (at most 10,000 lines); the process and the rest of its standard error, line by line.
+pub fn spawn_paused(
+    args: &[&str],
+    dir: &Path,
+    label: &str,
+) -> (std::process::Child, impl Iterator<Item = String> + use<>) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_fuserl"))
@@ -80,14 +84,24 @@ pub fn kill_at_pause(args: &[&str], dir: &Path, label: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines().map_while(Result::ok);
     let mut seen = Vec::new();
-    let paused = BufReader::new(stderr).lines().take(10_000).map_while(Result::ok).any(|line| {
+    let paused = lines.by_ref().take(10_000).any(|line| {
         let hit = line.contains(&format!("paused at {label}"));
         seen.push(line);
         hit
     });
+    if !paused {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("never paused at {label}; it printed:\n{}", seen.join("\n"));
+    }
+    (child, lines)
+}
+
+/// Run `fuserl ARGS` in `dir` until it pauses at `label`, then SIGKILL it.
+pub fn kill_at_pause(args: &[&str], dir: &Path, label: &str) {
+    let (mut child, _) = spawn_paused(args, dir, label);
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
-    assert!(paused, "never paused at {label}; it printed:\n{}", seen.join("\n"));
 }
