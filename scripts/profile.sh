@@ -23,7 +23,8 @@ for line in sys.stdin:
         print(m["executable"])' | tail -1)"
 [[ -x "$bin" ]] || { echo "scripts/profile.sh: no bench target named $bench" >&2; exit 1; }
 event=cpu-cycles
-perf stat -e cpu-cycles true 2>&1 | grep -q "not supported" && event=cpu-clock
+counters="$(perf stat -e cpu-cycles true 2>&1 || true)"
+[[ "$counters" == *"not supported"* ]] && event=cpu-clock
 echo "perf event: $event"
 perf record -q -e "$event" -F 499 -g -o "$out" -- "$bin" --bench
 perf report -i "$out" --no-children --sort symbol --stdio --percent-limit 0.5 -g none 2>/dev/null \
