@@ -381,9 +381,21 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("fused model: runs/quickstart/export")
-            && stdout.contains("metrics: runs/quickstart/metrics.jsonl"),
+            && stdout.contains("report: runs/quickstart/report/index.html"),
         "{stdout}"
     );
+    // Issue 34: `run` prints the evaluation's summary as `fuserl eval` does (each model's reward,
+    // the fused model's win rates), once: the evaluation's own collect and score lines are not
+    // printed.
+    assert!(stdout.contains("evaluation: runs/quickstart/eval/eval.json (6 prompts, reward keywords"), "{stdout}");
+    for model in ["fused", "target", "sft"] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(model) && l.contains(" reward ")),
+            "{model}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("fused vs target") && stdout.contains("fused vs sft"), "{stdout}");
+    assert!(!text(&out.stderr).contains("collect fused"), "{}", text(&out.stderr));
     assert!(dir.path().join("runs/quickstart/export/model.safetensors").is_file());
     assert!(dir.path().join("runs/quickstart/export/tokenizer.json").is_file());
     // Issue 18: what the first run shows; issue 34: the stage lines and the summary, at most 12
@@ -548,6 +560,7 @@ fn check_report_in_browser(run_dir: &std::path::Path) {
         ("po-rewards", vec!["rewards/chosen", "rewards/rejected"]),
         ("po-rewards-margins", vec!["rewards/margins"]),
         ("po-rewards-accuracies", vec!["rewards/accuracies"]),
+        ("po-logps", vec!["logps/chosen", "logps/rejected"]),
         ("eval-win-rates", vec!["target", "sft"]),
         ("eval-rewards", vec!["fused", "target", "sft"]),
     ] {
@@ -569,6 +582,59 @@ fn check_report_in_browser(run_dir: &std::path::Path) {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("eval/eval.json")).expect("eval.json"))
             .expect("json");
+    // Issue 34: a model has one colour in every plot; every mark of a box plot (box, median,
+    // whiskers, outliers) lies within the range of the values it shows (rendered geometry
+    // mapped back through the figure's axis; 4.5 pixels for a point's radius of 3 and plotters'
+    // rounding to whole pixels).
+    let mut colour_of: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    for f in figures {
+        for (name, c) in f["colors"].as_object().expect("colors") {
+            let c = c.as_str().expect("colour").to_owned();
+            let first = colour_of.entry(name.clone()).or_insert_with(|| c.clone());
+            assert_eq!(*first, c, "{name} has two colours: {facts}");
+        }
+    }
+    let data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("data.json")).expect("data.json")).expect("json");
+    for (id, list, key) in [("data-rewards", &data["sources"], "name"), ("eval-rewards", &eval["models"], "name")] {
+        let f = figures.iter().find(|f| f["id"] == format!("plot-{id}")).expect("box plot");
+        let pixel = f["pixel"].as_f64().expect("the box plot declares its axis");
+        for item in list.as_array().expect("list") {
+            let values: Vec<f64> =
+                item["rewards"].as_array().expect("rewards").iter().map(|v| v.as_f64().expect("f64")).collect();
+            let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
+            let name = item[key].as_str().expect("name");
+            let spans = f["spans"][name].as_array().expect("spans");
+            assert!(spans.len() >= 4, "{id}: {name}: box, median and whiskers: {f}");
+            for s in spans {
+                let (bottom, top) = (s[0].as_f64().expect("y"), s[1].as_f64().expect("y"));
+                assert!(
+                    bottom >= lo - 4.5 * pixel && top <= hi + 4.5 * pixel,
+                    "{id}: {name}: a mark spans {bottom}..{top}, the data {lo}..{hi}"
+                );
+            }
+        }
+    }
+    // Sample answers: the first prompts, every model's answer side by side.
+    let models: Vec<&str> =
+        eval["models"].as_array().expect("models").iter().map(|m| m["name"].as_str().expect("name")).collect();
+    let examples = facts["examples"].as_array().expect("examples");
+    assert_eq!(examples.len(), 4, "{facts}");
+    for e in examples {
+        let shown: Vec<&str> = e.as_array().expect("rows").iter().map(|m| m.as_str().expect("model")).collect();
+        assert_eq!(shown, models, "{facts}");
+    }
+    // The stage table: every stage done, with its dates and time.
+    let stages = facts["stages"].as_array().expect("stages");
+    let names: Vec<&str> = stages.iter().map(|r| r[0].as_str().expect("stage")).collect();
+    assert_eq!(names, ["scoring", "FuseSFT", "FusePO", "export", "evaluation"], "{facts}");
+    for r in stages {
+        assert_eq!(r[1], "done", "{r}");
+        assert!(
+            r[2].as_str().is_some_and(|d| d.ends_with(" UTC")) && r[4].as_str().is_some_and(|t| t.ends_with(" s")),
+            "{r}"
+        );
+    }
     // Answers of at most max_new_tokens (32) tokens have mean lengths of at most 32 (issue #34:
     // encoding the decoded text again made 46.8).
     for m in eval["models"].as_array().expect("models") {

@@ -62,6 +62,10 @@ fn a_run_ends_with_an_evaluation_that_the_stores_reproduce_and_that_resumes() {
     // Killed half-way through the target's answers: the rerun asks only the rest, then nothing.
     std::fs::remove_dir_all(dir.path().join("runs/collect-local/eval")).expect("rm");
     kill_at_pause(&["eval", &recipe()], dir.path(), "collect-target-3");
+    // The report says the evaluation was cut short (issue 34: not "not yet").
+    let report_md = || std::fs::read_to_string(dir.path().join("runs/collect-local/report/report.md")).expect("report");
+    assert!(fuserl_env(&["report", "runs/collect-local"], dir.path(), &[]).status.success());
+    assert!(report_md().contains("| evaluation | interrupted (or running) |"), "{}", report_md());
     let again = fuserl_env(&["eval", &recipe()], dir.path(), &[]);
     let err = text(&again.stderr);
     assert!(again.status.success(), "{err}");
@@ -71,6 +75,20 @@ fn a_run_ends_with_an_evaluation_that_the_stores_reproduce_and_that_resumes() {
     let third = fuserl_env(&["eval", &recipe()], dir.path(), &[]);
     let err = text(&third.stderr);
     assert!(third.status.success() && !err.contains("scored now") && !err.contains(" asked now, 0 already"), "{err}");
+    assert!(report_md().contains("| evaluation | done |"), "{}", report_md());
+
+    // A failed evaluation shows as failed, with its error, in the report the failure rebuilt.
+    let sft = dir.path().join("runs/collect-local/sft/final");
+    let aside = dir.path().join("runs/collect-local/sft/final.aside");
+    std::fs::rename(&sft, &aside).expect("move the FuseSFT model away");
+    let failed = fuserl_env(&["eval", &recipe()], dir.path(), &[]);
+    assert!(!failed.status.success(), "{}", text(&failed.stdout));
+    let shown = report_md();
+    assert!(
+        shown.contains("| evaluation | failed (what it shows is from an earlier run): [eval]: model `sft`: "),
+        "{shown}"
+    );
+    std::fs::rename(&aside, &sft).expect("move it back");
 }
 
 #[test]

@@ -520,10 +520,15 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     let mut bars = StageBars::default();
     let collect_bars = CollectBars::default();
     let score_bar = ScoreBar::default();
+    // The evaluation's bars draw, but its summary is printed once, at the end.
+    let eval_bars = CollectBars { silent: true, ..CollectBars::default() };
+    let eval_bar = ScoreBar { silent: true, ..ScoreBar::default() };
     let report = fuserl_run::Reporters {
         step: &mut |p| bars.step(p),
         collect: &|p| collect_bars.update(p),
         score: &|p| score_bar.update(p),
+        eval_collect: &|p| eval_bars.update(p),
+        eval_score: &|p| eval_bar.update(p),
     };
     let summary = match fuserl_run::run(&loaded, which, report) {
         Ok(s) => s,
@@ -531,6 +536,8 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
             bars.abandon();
             collect_bars.abandon();
             score_bar.abandon();
+            eval_bars.abandon();
+            eval_bar.abandon();
             return Ok(stage_failed(&e));
         }
     };
@@ -538,12 +545,11 @@ fn train(args: &TrainArgs, plugins: &[String], which: fuserl_run::Which) -> anyh
     for stage in &summary.skipped {
         say!("{} was already finished in {} (not redone)", stage.as_str(), Shown(&summary.dir));
     }
-    say!("metrics: {}", Shown(&summary.metrics));
+    if let Some((file, doc)) = &summary.eval {
+        eval_summary(file, doc);
+    }
     if let Some(export) = &summary.export {
         say!("fused model: {}", Shown(export));
-    }
-    if let Some(eval) = &summary.eval {
-        say!("evaluation: {}", Shown(eval));
     }
     let report = RunDir::new(&summary.dir).report().index();
     if report.is_file() {
@@ -605,22 +611,7 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     let bar = ScoreBar::default();
     match fuserl_run::eval::eval_stage(&loaded, &|p| bars.update(p), &|p| bar.update(p)) {
         Ok((file, doc)) => {
-            let pct = |e: &fuserl_io::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
-            say!("{} prompts, reward {}", doc.n_prompts, doc.reward);
-            for m in &doc.models {
-                let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
-                say!("  {:<16} reward {}{pass}, {:.0} tokens", m.name, pct(&m.mean_reward), m.mean_length_tokens.mean);
-            }
-            for c in &doc.comparisons {
-                let by = if c.by == "reward" { String::new() } else { format!(" by {}", c.by) };
-                say!(
-                    "  fused vs {:<8} win rate{by} {}, length-controlled {}",
-                    c.baseline,
-                    c.win_rate.as_ref().map_or_else(|| "n/a (no prompt judged)".to_owned(), pct),
-                    c.length_controlled_win_rate.as_ref().map_or_else(|| "n/a".to_owned(), pct)
-                );
-            }
-            say!("evaluation: {}", Shown(&file));
+            eval_summary(&file, &doc);
             let run_dir = loaded.output_dir();
             fuserl_run::refresh_report(&run_dir);
             say!("report: {}", Shown(&RunDir::new(&run_dir).report().index()));
@@ -634,10 +625,32 @@ fn eval(args: &TrainArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The scoring stage's bar (answers scored / to score, answers/s), and a summary line.
+/// What `fuserl eval` and `fuserl run` print of an evaluation: where eval.json is, then each
+/// model's mean reward (and pass@k) and the fused model's win rates, with their intervals.
+fn eval_summary(file: &Path, doc: &fuserl_io::artifacts::EvalReport) {
+    let pct = |e: &fuserl_io::artifacts::Estimate| format!("{:.3} [{:.3}, {:.3}]", e.mean, e.low, e.high);
+    say!("evaluation: {} ({} prompts, reward {})", Shown(file), doc.n_prompts, doc.reward);
+    for m in &doc.models {
+        let pass: String = m.passes().iter().map(|(k, e)| format!(", pass@{k} {}", pct(e))).collect();
+        say!("  {:<16} reward {}{pass}, {:.0} tokens", m.name, pct(&m.mean_reward), m.mean_length_tokens.mean);
+    }
+    for c in &doc.comparisons {
+        let by = if c.by == "reward" { String::new() } else { format!(" by {}", c.by) };
+        say!(
+            "  fused vs {:<8} win rate{by} {}, length-controlled {}",
+            c.baseline,
+            c.win_rate.as_ref().map_or_else(|| "n/a (no prompt judged)".to_owned(), pct),
+            c.length_controlled_win_rate.as_ref().map_or_else(|| "n/a".to_owned(), pct)
+        );
+    }
+}
+
+/// The scoring stage's bar (answers scored / to score, answers/s), and a summary line (none
+/// when `silent`: the evaluation's, whose summary is printed at the end).
 #[derive(Debug, Default)]
 struct ScoreBar {
     bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    silent: bool,
 }
 
 impl ScoreBar {
@@ -661,7 +674,7 @@ impl ScoreBar {
         bar.set_position(p.done);
         if let Some(s) = &p.finished {
             bar.finish();
-            if s.scored > 0 {
+            if s.scored > 0 && !self.silent {
                 note!(
                     "score {}: {}/{} answers ({} scored now, {} already scored) in {:.1} s",
                     p.reward,
@@ -684,11 +697,12 @@ impl ScoreBar {
 }
 
 /// One progress bar per generative source (answers done / wanted, answers/s, tokens/s), and a
-/// summary line per source when it is done.
+/// summary line per source when it is done (none when `silent`).
 #[derive(Debug, Default)]
 struct CollectBars {
     bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
     multi: indicatif::MultiProgress,
+    silent: bool,
 }
 
 impl CollectBars {
@@ -714,8 +728,10 @@ impl CollectBars {
         bar.set_position(p.done);
         let secs = bar.elapsed().as_secs_f64().max(1e-3);
         bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / secs));
-        if let Some(s) = &p.finished {
+        if p.finished.is_some() {
             bar.finish();
+        }
+        if let Some(s) = p.finished.as_ref().filter(|_| !self.silent) {
             note!(
                 "collect {}: {}/{} answers ({} asked now, {} already collected; {} request{}, {} retried; {} cut by max_tokens) in {:.1} s",
                 p.source,

@@ -131,6 +131,46 @@ pub struct EvalReport {
     /// The validation prompts (the fused model alone), when `[eval] validation` names them.
     #[serde(default)]
     pub validation: Option<Validation>,
+    /// A few held-out prompts with every model's first answer and its reward, side by side.
+    #[serde(default)]
+    pub examples: Vec<EvalExample>,
+}
+
+/// [`EvalReport::examples`]: one held-out prompt and each model's first answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalExample {
+    /// The prompt's id.
+    pub prompt_id: String,
+    /// Its last user message (cut to [`EvalExample::MAX_CHARS`] characters).
+    pub prompt: String,
+    /// The models in [`EvalReport::models`]' order.
+    pub answers: Vec<EvalAnswer>,
+}
+
+/// One model's answer in an [`EvalExample`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalAnswer {
+    /// The model's name.
+    pub model: String,
+    /// The answer (cut to [`EvalExample::MAX_CHARS`] characters, `…` marking the cut).
+    pub text: String,
+    /// Its reward (`None`: not scored).
+    pub reward: Option<f64>,
+}
+
+impl EvalExample {
+    /// How many prompts eval.json keeps examples of.
+    pub const PROMPTS: usize = 4;
+    /// Characters kept of a prompt or an answer.
+    pub const MAX_CHARS: usize = 1200;
+
+    /// `text` cut to [`Self::MAX_CHARS`] characters.
+    pub fn cut(text: &str) -> String {
+        match text.char_indices().nth(Self::MAX_CHARS) {
+            Some((at, _)) => format!("{}…", &text[..at]),
+            None => text.to_owned(),
+        }
+    }
 }
 
 /// [`EvalReport::interval`].
@@ -367,4 +407,72 @@ pub struct ReferenceLogps {
     pub reference: String,
     /// Log-prob per sequence key.
     pub logps: std::collections::HashMap<String, f64>,
+}
+
+/// One line of `stages.jsonl`: a stage of the run started, finished or failed (append-only; the
+/// report's stage table, dates, durations and the machine come from it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageEvent {
+    /// `collect`, `score`, `sft`, `po`, `export` or `eval`.
+    pub stage: String,
+    /// What happened.
+    pub event: StageEventKind,
+    /// When, in seconds since the Unix epoch (UTC).
+    pub at: f64,
+    /// What stopped a failed stage (the error as printed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where a stage started: fuserl's version, the machine, the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<Environment>,
+}
+
+/// What happened to a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageEventKind {
+    /// It began (a rerun that resumes begins again).
+    Started,
+    /// It ended with its work done.
+    Finished,
+    /// It stopped on an error.
+    Failed,
+}
+
+/// The software and machine a stage ran on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    /// fuserl's version.
+    pub fuserl: String,
+    /// The processor (its model name where the system says it, else the architecture).
+    pub cpu: String,
+    /// Logical cores available to the process.
+    pub cores: usize,
+    /// The machine's memory in bytes, where the system says it.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// Operating system and architecture (`linux x86_64`).
+    pub os: String,
+    /// `[backend]`: device and dtype as the recipe writes them (`cpu, f32`).
+    pub device: String,
+}
+
+/// Append one event to `stages.jsonl` (one line, written with one call; a torn last line left
+/// by a killed process is skipped by its readers).
+pub fn append_stage_event(file: &std::path::Path, event: &StageEvent) -> fuserl_core::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
+    }
+    let mut line = serde_json::to_string(event).map_err(|e| fuserl_core::Error::Path {
+        file: file.to_path_buf(),
+        message: format!("cannot write a stage event: {e}"),
+    })?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .map_err(|e| fuserl_core::Error::io(file, e))?;
+    f.write_all(line.as_bytes()).and_then(|()| f.flush()).map_err(|e| fuserl_core::Error::io(file, e))
 }

@@ -12,6 +12,7 @@
 //!                          REWARD.settings.json
 //!   data.json              per source: prompts, answers and their scores (for the report)
 //!   metrics.jsonl          one line per logged optimiser step, both stages
+//!   stages.jsonl           each stage's start (fuserl's version, the machine), end or failure
 //!   tensorboard/           the same as TensorBoard event files (`[run] report_to = ["tensorboard"]`)
 //!   sft/examples.jsonl     the stage's training examples, each traced to its source answers
 //!   sft/checkpoints/       step-N/ {model.mpk, optim.mpk, state.json} and LATEST
@@ -142,6 +143,11 @@ impl RunDir {
     /// Per source: prompts, answers and their scores (written by the scoring stage).
     pub fn data_json(&self) -> PathBuf {
         self.root.join("data.json")
+    }
+
+    /// One line per stage started, finished or failed (`artifacts::StageEvent`).
+    pub fn stages(&self) -> PathBuf {
+        self.root.join("stages.jsonl")
     }
 
     /// One line per logged optimiser step of both stages.

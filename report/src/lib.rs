@@ -25,16 +25,19 @@ use std::path::{Path, PathBuf};
 use fuserl_core::paths::Shown;
 use fuserl_io::fs::write_atomic;
 use plotters::coord::Shift;
-use plotters::coord::ranged1d::{AsRangedCoord, NoDefaultFormatting, Ranged, SegmentedCoord, ValueFormatter};
-use plotters::coord::types::RangedCoordi32;
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{Value, json};
 
 use fuserl_core::data::StageName;
 
 use fuserl_core::data::ExampleSequence;
 use fuserl_core::{Error, Result};
-use fuserl_io::artifacts::{DataSummary, Estimate, EvalReport, MetricsLine, ModelEval, StageExample};
+use fuserl_io::artifacts::{
+    DataSummary, Estimate, EvalReport, MetricsLine, ModelEval, StageEvent, StageEventKind, StageExample,
+};
 use fuserl_io::run_dir::RunDir;
 use fuserl_recipe::Recipe;
 
@@ -64,6 +67,24 @@ const PALETTE: [(u8, u8, u8); 10] = [
 fn colour(i: usize) -> RGBColor {
     let (r, g, b) = PALETTE[i % PALETTE.len()];
     RGBColor(r, g, b)
+}
+
+/// Each model's (and source's) colour, the same in every plot of the report: given in the order
+/// names are first asked for.
+#[derive(Default)]
+struct Palette {
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Palette {
+    fn of(&self, name: &str) -> RGBColor {
+        let mut names = self.names.borrow_mut();
+        let i = names.iter().position(|n| n == name).unwrap_or_else(|| {
+            names.push(name.to_owned());
+            names.len() - 1
+        });
+        colour(i)
+    }
 }
 
 fn hex(c: RGBColor) -> String {
@@ -97,12 +118,35 @@ fn num(x: f64) -> String {
     if x.is_finite() { format!("{x:.3}") } else { "n/a".to_owned() }
 }
 
-/// One plot: its file name (without `.svg`), caption, series (name, colour) and SVG text.
+/// An axis tick's label on an axis from `lo` to `hi`: as many digits as tell neighbouring ticks
+/// apart (a learning-rate axis from 0 to 1e-4 is not "0.0001" five times), scientific notation
+/// for very small or large magnitudes, and never "-0".
+fn tick(v: f64, lo: f64, hi: f64) -> String {
+    let step = ((hi - lo).abs() / 10.0).max(f64::MIN_POSITIVE);
+    let v = if v.abs() < step * 1e-3 { 0.0 } else { v };
+    if v == 0.0 {
+        return "0".to_owned();
+    }
+    let big = lo.abs().max(hi.abs());
+    if !(1e-3..1e6).contains(&big) {
+        // Significant digits enough for ticks `step` apart: from the magnitude's first digit
+        // down to the step's.
+        let digits = (big.log10().floor() - step.log10().floor() + 1.0).clamp(1.0, 6.0) as usize;
+        return format!("{v:.prec$e}", prec = digits - 1);
+    }
+    let decimals = (-step.log10()).ceil().clamp(0.0, 8.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// One plot: its file name (without `.svg`), caption, series (name, colour) and SVG text, and
+/// where two values of its y axis were drawn (`[value, pixel]`: a test can map marks back to
+/// values).
 struct Plot {
     id: String,
     caption: String,
     series: Vec<(String, RGBColor)>,
     svg: String,
+    y_axis: Option<[[f64; 2]; 2]>,
 }
 
 type DrawResult = std::result::Result<(), String>;
@@ -111,7 +155,12 @@ fn drawing_error<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-const SIZE: (u32, u32) = (540, 320);
+const SIZE: (u32, u32) = (560, 330);
+/// Width of a line plot's legend, right of its plotting area (never over the lines).
+const LEGEND_WIDTH: u32 = 150;
+/// Font sizes as plotters takes them (its SVG writes about 0.8 of them: 15 gives 12 px labels).
+const CAPTION_FONT: (&str, u32) = ("sans-serif", 19);
+const LABEL_FONT: (&str, u32) = ("sans-serif", 15);
 
 /// Draw onto a fresh SVG; `draw` gets the root area.
 fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult) -> std::result::Result<String, String> {
@@ -136,7 +185,8 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// Lines over steps, one per series, with a legend.
+/// Lines over steps, one per series, with a legend beside the plotting area. Series are
+/// measures of one model, coloured in their order.
 fn line_plot(id: &str, caption: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> Option<Plot> {
     let series: Vec<&(String, Vec<(f64, f64)>)> = series.iter().filter(|(_, pts)| !pts.is_empty()).collect();
     if series.is_empty() {
@@ -145,42 +195,52 @@ fn line_plot(id: &str, caption: &str, y_desc: &str, series: &[(String, Vec<(f64,
     let (x0, x1) = span(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
     let (y0, y1) = span(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
     let named: Vec<(String, RGBColor)> = series.iter().enumerate().map(|(i, (n, _))| (n.clone(), colour(i))).collect();
+    let mut y_axis = None;
     let text = svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(caption, ("sans-serif", 16))
+        let (plot_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+        let mut chart = ChartBuilder::on(&plot_area)
+            .caption(caption, CAPTION_FONT)
             .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
+            .x_label_area_size(40)
+            .y_label_area_size(72)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(drawing_error)?;
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc(y_desc)
-            .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.1}") })
+            .label_style(LABEL_FONT)
+            .axis_desc_style(LABEL_FONT)
+            .x_label_formatter(&|x| tick(*x, x0, x1))
+            .y_label_formatter(&|y| tick(*y, y0, y1))
             .light_line_style(WHITE)
             .draw()
             .map_err(drawing_error)?;
-        for ((name, pts), (_, c)) in series.iter().zip(&named) {
+        y_axis = Some(y_mapping(|y| chart.backend_coord(&(x0, y)), y0, y1));
+        for ((_, pts), (_, c)) in series.iter().zip(&named) {
             let c = *c;
-            let style = c.stroke_width(2);
             if pts.len() == 1 {
-                chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled()))).map_err(drawing_error)?
+                chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled()))).map_err(drawing_error)?;
             } else {
-                chart.draw_series(LineSeries::new(pts.iter().copied(), style)).map_err(drawing_error)?
+                chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2))).map_err(drawing_error)?;
             }
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(drawing_error)
+        // The legend: its own area, right of the plot.
+        let font = TextStyle::from(LABEL_FONT.into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        for (i, (name, c)) in named.iter().enumerate() {
+            let y = 48 + 22 * i as i32;
+            legend_area.draw(&PathElement::new(vec![(4, y), (24, y)], c.stroke_width(3))).map_err(drawing_error)?;
+            legend_area.draw(&Text::new(name.as_str(), (30, y), font.clone())).map_err(drawing_error)?;
+        }
+        Ok(())
     });
-    finish(id, caption, named, text)
+    finish(id, caption, named, text, y_axis)
+}
+
+/// `[[y0, pixel of y0], [y1, pixel of y1]]` of a chart's y axis (`at` maps a value to backend
+/// pixels).
+fn y_mapping(at: impl Fn(f64) -> (i32, i32), y0: f64, y1: f64) -> [[f64; 2]; 2] {
+    [[y0, f64::from(at(y0).1)], [y1, f64::from(at(y1).1)]]
 }
 
 fn finish(
@@ -188,9 +248,10 @@ fn finish(
     caption: &str,
     series: Vec<(String, RGBColor)>,
     text: std::result::Result<String, String>,
+    y_axis: Option<[[f64; 2]; 2]>,
 ) -> Option<Plot> {
     match text {
-        Ok(svg) => Some(Plot { id: id.to_owned(), caption: caption.to_owned(), series, svg }),
+        Ok(svg) => Some(Plot { id: id.to_owned(), caption: caption.to_owned(), series, svg, y_axis }),
         Err(e) => {
             tracing::warn!(plot = id, error = %e, "a plot could not be drawn");
             None
@@ -209,71 +270,131 @@ fn category_label(names: &[String], v: &SegmentValue<i32>) -> String {
 }
 
 /// A chart with one segment per category on x.
-type CategoryChart<'a, 'b, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>;
+type CategoryChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<SegmentedCoord<RangedCoordi32>, RangedCoordf64>>;
 
-/// A plot with one category per name on x (each its own colour and series) over the y range
-/// `y`; `draw` adds the marks, given each category's colour.
-fn category_plot<R>(
+/// A plot with one category per name on x (each in its model's colour) over the y range `y0..y1`;
+/// `draw` adds the marks, given each category's colour.
+fn category_plot(
     id: &str,
     caption: &str,
     y_desc: &str,
-    names: &[String],
-    y: R,
-    draw: impl FnOnce(&mut CategoryChart<'_, '_, R::CoordDescType>, &[RGBColor]) -> DrawResult,
-) -> Option<Plot>
-where
-    R: AsRangedCoord,
-    R::CoordDescType: Ranged<FormatOption = NoDefaultFormatting> + ValueFormatter<R::Value>,
-{
+    (names, palette): (&[String], &Palette),
+    (y0, y1): (f64, f64),
+    draw: impl FnOnce(&mut CategoryChart<'_, '_>, &[RGBColor]) -> DrawResult,
+) -> Option<Plot> {
     if names.is_empty() {
         return None;
     }
-    let colours: Vec<RGBColor> = (0..names.len()).map(colour).collect();
+    let colours: Vec<RGBColor> = names.iter().map(|n| palette.of(n)).collect();
+    let mut y_axis = None;
     let text = svg(|root| {
         let n = i32::try_from(names.len()).map_err(drawing_error)?;
         let mut chart = ChartBuilder::on(root)
-            .caption(caption, ("sans-serif", 16))
+            .caption(caption, CAPTION_FONT)
             .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0..n - 1).into_segmented(), y)
+            .x_label_area_size(40)
+            .y_label_area_size(72)
+            .build_cartesian_2d((0..n - 1).into_segmented(), y0..y1)
             .map_err(drawing_error)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .light_line_style(WHITE)
             .y_desc(y_desc)
+            .label_style(LABEL_FONT)
+            .axis_desc_style(LABEL_FONT)
             .x_labels(names.len())
             .x_label_formatter(&|v| category_label(names, v))
+            .y_label_formatter(&|y| tick(*y, y0, y1))
             .draw()
             .map_err(drawing_error)?;
+        y_axis = Some(y_mapping(|y| chart.backend_coord(&(SegmentValue::CenterOf(0), y)), y0, y1));
         draw(&mut chart, &colours)
     });
-    finish(id, caption, names.iter().cloned().zip(colours.iter().copied()).collect(), text)
+    finish(id, caption, names.iter().cloned().zip(colours.iter().copied()).collect(), text, y_axis)
 }
 
-/// A box plot per category (quartiles and whiskers).
-fn box_plot(id: &str, caption: &str, y_desc: &str, groups: &[(String, Vec<f64>)]) -> Option<Plot> {
-    let groups: Vec<&(String, Vec<f64>)> = groups.iter().filter(|(_, v)| !v.is_empty()).collect();
-    let names: Vec<String> = groups.iter().map(|(n, _)| n.clone()).collect();
-    let (y0, y1) = span(groups.iter().flat_map(|(_, v)| v.iter().copied()));
-    category_plot(id, caption, y_desc, &names, (y0 as f32)..(y1 as f32), |chart, colours| {
-        for (i, ((_, values), c)) in groups.iter().zip(colours).enumerate() {
-            let q = Quartiles::new(values);
-            let key = SegmentValue::CenterOf(i as i32);
-            let boxplot = Boxplot::new_vertical(key, &q).width(28).style(c.stroke_width(2));
-            chart.draw_series(std::iter::once(boxplot)).map_err(drawing_error)?;
+/// A box plot's numbers: quartiles (linear interpolation between order statistics, numpy's
+/// default), whiskers at the most extreme values within 1.5 interquartile ranges of the box
+/// (Tukey's), and the values beyond them (outliers, drawn as points). Every number is within the
+/// data's range.
+#[derive(Debug, Clone, PartialEq)]
+struct BoxStats {
+    low: f64,
+    q1: f64,
+    median: f64,
+    q3: f64,
+    high: f64,
+    outliers: Vec<f64>,
+}
+
+fn box_stats(values: &[f64]) -> Option<BoxStats> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let quantile = |p: f64| {
+        let h = (v.len() - 1) as f64 * p;
+        let (i, frac) = (h.floor() as usize, h - h.floor());
+        if i + 1 < v.len() { v[i] + frac * (v[i + 1] - v[i]) } else { v[i] }
+    };
+    let (q1, median, q3) = (quantile(0.25), quantile(0.5), quantile(0.75));
+    let reach = 1.5 * (q3 - q1);
+    let inside = |x: &&f64| **x >= q1 - reach && **x <= q3 + reach;
+    let low = v.iter().find(inside).copied().unwrap_or(q1).min(q1);
+    let high = v.iter().rev().find(inside).copied().unwrap_or(q3).max(q3);
+    let outliers = v.iter().copied().filter(|x| *x < low || *x > high).collect();
+    Some(BoxStats { low, q1, median, q3, high, outliers })
+}
+
+/// A box plot per category (quartiles, whiskers within the data, outliers as points).
+fn box_plot(id: &str, caption: &str, y_desc: &str, groups: &[(String, Vec<f64>)], palette: &Palette) -> Option<Plot> {
+    let stats: Vec<(String, BoxStats)> = groups.iter().filter_map(|(n, v)| Some((n.clone(), box_stats(v)?))).collect();
+    let names: Vec<String> = stats.iter().map(|(n, _)| n.clone()).collect();
+    let y = span(groups.iter().flat_map(|(_, v)| v.iter().copied()));
+    category_plot(id, caption, y_desc, (&names, palette), y, |chart, colours| {
+        for (i, ((_, b), c)) in stats.iter().zip(colours).enumerate() {
+            let i = i as i32;
+            let style = c.stroke_width(2);
+            // Boxes and caps span the category's segment less margins (pixels), so that their
+            // width does not depend on the number of categories.
+            let x = |k: i32| chart.backend_coord(&(SegmentValue::Exact(k), y.0)).0;
+            let segment = x(i + 1) - x(i);
+            let across = |y0: f64, y1: f64, half: i32, style: ShapeStyle| {
+                let mut r = Rectangle::new([(SegmentValue::Exact(i), y0), (SegmentValue::Exact(i + 1), y1)], style);
+                let m = u32::try_from((segment / 2 - half).max(0)).unwrap_or(0);
+                r.set_margin(0, 0, m, m);
+                r
+            };
+            let centre = |v: f64| (SegmentValue::CenterOf(i), v);
+            chart
+                .draw_series([
+                    across(b.q1, b.q3, 16, style),
+                    across(b.median, b.median, 16, c.stroke_width(3)),
+                    across(b.low, b.low, 8, style),
+                    across(b.high, b.high, 8, style),
+                ])
+                .map_err(drawing_error)?;
+            chart
+                .draw_series([
+                    PathElement::new(vec![centre(b.q3), centre(b.high)], style),
+                    PathElement::new(vec![centre(b.low), centre(b.q1)], style),
+                ])
+                .map_err(drawing_error)?;
+            chart.draw_series(b.outliers.iter().map(|v| Circle::new(centre(*v), 3, style))).map_err(drawing_error)?;
         }
         Ok(())
     })
 }
 
 /// One bar per category.
-fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)]) -> Option<Plot> {
+fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)], palette: &Palette) -> Option<Plot> {
     let names: Vec<String> = bars.iter().map(|(n, _)| n.clone()).collect();
     let top = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
     let top = if top > 0.0 { top * 1.1 } else { 1.0 };
-    category_plot(id, caption, y_desc, &names, 0.0..top, |chart, colours| {
+    category_plot(id, caption, y_desc, (&names, palette), (0.0, top), |chart, colours| {
         for (i, ((_, value), c)) in bars.iter().zip(colours).enumerate() {
             let i = i as i32;
             let mut bar =
@@ -286,9 +407,16 @@ fn bar_plot(id: &str, caption: &str, y_desc: &str, bars: &[(String, f64)]) -> Op
 }
 
 /// A point estimate with its interval per category, and a reference line (`at`).
-fn interval_plot(id: &str, caption: &str, y_desc: &str, items: &[(String, [f64; 3])], at: f64) -> Option<Plot> {
+fn interval_plot(
+    id: &str,
+    caption: &str,
+    y_desc: &str,
+    items: &[(String, [f64; 3])],
+    at: f64,
+    palette: &Palette,
+) -> Option<Plot> {
     let names: Vec<String> = items.iter().map(|(n, _)| n.clone()).collect();
-    category_plot(id, caption, y_desc, &names, 0.0..1.0, |chart, colours| {
+    category_plot(id, caption, y_desc, (&names, palette), (0.0, 1.0), |chart, colours| {
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(SegmentValue::Exact(0), at), (SegmentValue::Last, at)],
@@ -379,6 +507,10 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
         read_jsonl(&run.metrics(), "a training step's measures (step, stage, loss, grad_norm, lr, ...)")?;
     let eval: std::result::Result<Option<EvalReport>, String> =
         read_typed(&run.eval().json()).map_err(|e| e.to_string());
+    let events: Vec<StageEvent> = read_jsonl(&run.stages(), "a stage event (stage, event, at)").unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the stage log is left out of the report");
+        Vec::new()
+    });
 
     let mut page = Page::default();
     let name = recipe
@@ -388,9 +520,9 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
         .or_else(|| run_dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "run".to_owned());
     page.title = format!("fuserl run report: {name}");
-    recipe_section(&mut page, recipe.as_ref().map(Option::as_ref), run_dir);
+    recipe_section(&mut page, recipe.as_ref().map(Option::as_ref), run_dir, &events);
     data_section(&mut page, data.as_ref().map(Option::as_ref), &sft_examples, &po_examples);
-    training_section(&mut page, &metrics);
+    training_section(&mut page, &metrics, run_dir, &events);
     eval_section(&mut page, eval.as_ref().map(Option::as_ref));
     card_section(&mut page, &run);
 
@@ -413,6 +545,7 @@ struct Page {
     html: String,
     md: String,
     plots: Vec<Plot>,
+    palette: Palette,
 }
 
 /// A table cell: text, and the JSON pointer of its number in eval.json when it shows one.
@@ -516,9 +649,11 @@ impl Page {
     fn plot(&mut self, plot: Option<Plot>) {
         let Some(plot) = plot else { return };
         let series: Vec<Value> = plot.series.iter().map(|(n, c)| json!({"name": n, "color": hex(*c)})).collect();
+        let y_axis =
+            plot.y_axis.map(|a| format!(" data-y-axis=\"{}\"", esc(&json!(a).to_string()))).unwrap_or_default();
         let _ = writeln!(
             self.html,
-            "<figure class=\"plot\" id=\"plot-{}\" data-series=\"{}\" aria-label=\"{}\">\n{}\n</figure>",
+            "<figure class=\"plot\" id=\"plot-{}\" data-series=\"{}\"{y_axis} aria-label=\"{}\">\n{}\n</figure>",
             esc(&plot.id),
             esc(&Value::Array(series).to_string()),
             esc(&plot.caption),
@@ -544,7 +679,8 @@ impl Page {
 
 const STYLE: &str = "body { font-family: sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; white-space: pre-wrap; }
+details summary { cursor: pointer; margin: 0.5em 0; }
 th { background: #f3f3f3; }
 figure.plot { display: inline-block; margin: 0.5em; }
 ";
@@ -568,24 +704,195 @@ fn shown(v: Option<&toml::Value>) -> String {
     }
 }
 
-fn recipe_section(page: &mut Page, recipe: std::result::Result<Option<&Recipe>, &String>, run_dir: &Path) {
-    page.heading(2, "Recipe");
+/// A date of the stage log, in UTC.
+fn date(at: f64) -> String {
+    chrono::DateTime::from_timestamp(at as i64, 0)
+        .map_or_else(|| "-".to_owned(), |d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+/// A duration: seconds, minutes or hours.
+fn duration(seconds: f64) -> String {
+    if seconds < 60.0 {
+        format!("{seconds:.1} s")
+    } else if seconds < 3600.0 {
+        format!("{:.0} min {:.0} s", (seconds / 60.0).floor(), seconds % 60.0)
+    } else {
+        format!("{:.0} h {:.0} min", (seconds / 3600.0).floor(), (seconds % 3600.0) / 60.0)
+    }
+}
+
+/// A number of bytes in GB (10^9).
+fn gigabytes(bytes: f64) -> String {
+    format!("{:.2} GB", bytes / 1e9)
+}
+
+/// One stage's rows of the stage log, summed up.
+#[derive(Default)]
+struct StageTimes {
+    first_start: Option<f64>,
+    last_end: Option<f64>,
+    /// Seconds of the attempts that ended (finished or failed).
+    seconds: f64,
+    /// The last event and its error.
+    last: Option<(StageEventKind, Option<String>)>,
+}
+
+fn stage_times(events: &[StageEvent]) -> BTreeMap<String, StageTimes> {
+    let mut out: BTreeMap<String, StageTimes> = BTreeMap::new();
+    let mut open: BTreeMap<String, f64> = BTreeMap::new();
+    for e in events {
+        let t = out.entry(e.stage.clone()).or_default();
+        match e.event {
+            StageEventKind::Started => {
+                t.first_start.get_or_insert(e.at);
+                open.insert(e.stage.clone(), e.at);
+            }
+            StageEventKind::Finished | StageEventKind::Failed => {
+                if let Some(start) = open.remove(&e.stage) {
+                    t.seconds += (e.at - start).max(0.0);
+                }
+                t.last_end = Some(e.at);
+            }
+        }
+        t.last = Some((e.event, e.error.clone()));
+    }
+    out
+}
+
+/// The training stages' settings as a sentence: objective with its parameters, schedule,
+/// batch, lengths.
+fn stage_settings(stage: &fuserl_recipe::StageConfig, max_length: u32) -> String {
+    let objective = stage.objective.as_ref();
+    let params: Vec<String> = objective
+        .map(|o| {
+            o.iter()
+                .filter(|(k, v)| k.as_str() != "kind" && !v.is_table())
+                .map(|(k, v)| format!("{k} {}", shown(Some(v))))
+                .collect()
+        })
+        .unwrap_or_default();
+    let length = match (stage.epochs, stage.max_steps) {
+        (_, Some(steps)) => format!("{steps} steps"),
+        (Some(e), None) => format!("{e} epochs"),
+        (None, None) => "-".to_owned(),
+    };
+    let warmup = match (stage.warmup_steps, stage.warmup_ratio) {
+        (Some(s), _) => format!(", warmup {s} steps"),
+        (None, Some(r)) if r > 0.0 => format!(", warmup {r}"),
+        _ => String::new(),
+    };
+    format!(
+        "{}{}: {length}, learning rate {} {}{warmup}, batch {} x {} accumulated, max_length {max_length}, gradient checkpointing {}",
+        shown(objective.and_then(|o| o.get("kind"))),
+        if params.is_empty() { String::new() } else { format!(" ({})", params.join(", ")) },
+        opt(stage.learning_rate.map(toml::Value::Float)),
+        as_written(&stage.schedule),
+        stage.batch_size,
+        stage.grad_accum,
+        if stage.gradient_checkpointing { "on" } else { "off" },
+    )
+}
+
+/// Every setting of a TOML table, flattened to dotted keys.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_table) && !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(t) = item.as_table() {
+                        flatten(&format!("{key}[{i}]"), t, out);
+                    }
+                }
+            }
+            other => out.push((key, other.to_string())),
+        }
+    }
+}
+
+fn recipe_section(
+    page: &mut Page,
+    recipe: std::result::Result<Option<&Recipe>, &String>,
+    run_dir: &Path,
+    events: &[StageEvent],
+) {
+    page.heading(2, "Run");
     let recipe = match recipe {
         Ok(r) => r,
         Err(problem) => {
             page.para(&format!("Not shown: {problem}."));
-            return;
+            None
         }
     };
-    let Some(r) = recipe else {
-        page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.");
-        return;
-    };
+    // Where and with what it ran: the last stage start's record.
+    if let Some(env) = events.iter().rev().find_map(|e| e.environment.as_ref()) {
+        let memory = env.memory_bytes.map_or_else(String::new, |b| format!(", {}", gigabytes(b as f64)));
+        page.para(&format!(
+            "fuserl {} on {} ({} cores{memory}), {}; device {}.",
+            env.fuserl, env.cpu, env.cores, env.os, env.device
+        ));
+    }
+    if let (Some(first), Some(last)) = (events.first(), events.last()) {
+        page.para(&format!("From {} to {}.", date(first.at), date(last.at)));
+    }
+    // Each stage's state, dates and time spent (all its attempts: a resumed stage ran more than once).
+    let times = stage_times(events);
+    let marker = |p: &str| run_dir.join(p).exists();
+    let mut rows = Vec::new();
+    for (stage, label, done) in [
+        ("collect", "collect", None),
+        ("score", "scoring", Some("data.json")),
+        ("sft", "FuseSFT", Some("sft/DONE")),
+        ("po", "FusePO", Some("po/DONE")),
+        ("export", "export", Some("export.json")),
+        ("eval", "evaluation", Some("eval/eval.json")),
+    ] {
+        let t = times.get(stage);
+        let finished = done.map(marker);
+        let state = match t.and_then(|t| t.last.as_ref()) {
+            Some((StageEventKind::Failed, error)) => {
+                let again = if finished == Some(true) { " (what it shows is from an earlier run)" } else { "" };
+                format!("failed{again}: {}", error.as_deref().unwrap_or("-"))
+            }
+            Some((StageEventKind::Started, _)) if finished != Some(true) => "interrupted (or running)".to_owned(),
+            Some(_) => "done".to_owned(),
+            None if finished == Some(true) => "done".to_owned(),
+            None if stage == "collect" => continue,
+            None => "not yet".to_owned(),
+        };
+        rows.push(vec![
+            vec![label.into()],
+            vec![state.into()],
+            vec![t.and_then(|t| t.first_start).map_or_else(|| "-".to_owned(), date).into()],
+            vec![t.and_then(|t| t.last_end).map_or_else(|| "-".to_owned(), date).into()],
+            vec![t.filter(|t| t.last_end.is_some()).map_or_else(|| "-".to_owned(), |t| duration(t.seconds)).into()],
+        ]);
+    }
+    page.table(&["stage", "state", "first started", "last ended", "time spent"], &rows);
+    match recipe {
+        Some(r) => settings_tables(page, r, run_dir),
+        None => {
+            page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.")
+        }
+    }
+}
+
+/// The recipe's main settings, and every setting of the resolved recipe (folded).
+fn settings_tables(page: &mut Page, r: &Recipe, run_dir: &Path) {
     let mut rows: Vec<Vec<Vec<Cell>>> = Vec::new();
     let mut row = |k: &str, v: String| rows.push(vec![vec![k.into()], vec![v.into()]]);
-    row("run", opt(r.run.name.as_ref()));
-    row("backend", format!("{} ({})", as_written(&r.backend.device), as_written(&r.backend.dtype)));
-    row("target", r.target.checkpoint.clone());
+    row("run", format!("{}, seed {}", opt(r.run.name.as_ref()), r.run.seed));
+    row(
+        "backend",
+        format!(
+            "{} ({}, master weights {})",
+            as_written(&r.backend.device),
+            as_written(&r.backend.dtype),
+            as_written(&r.backend.master_weights)
+        ),
+    );
+    row("target", format!("{}, max_length {}", r.target.checkpoint, r.target.max_length));
     // A component's table is its plugin's own: these keys are the ones sources name themselves by.
     for s in &r.sources {
         let what = ["name", "model", "path", "checkpoint"]
@@ -595,39 +902,59 @@ fn recipe_section(page: &mut Page, recipe: std::result::Result<Option<&Recipe>, 
             .join(", ");
         row("source", format!("{} ({what})", shown(s.get("kind"))));
     }
+    let sampling = &r.data.sampling;
+    row(
+        "sampling",
+        format!(
+            "{} samples a prompt, temperature {}, top_p {}, max_new_tokens {}",
+            r.data.samples_per_prompt,
+            opt(sampling.temperature),
+            opt(sampling.top_p),
+            opt(sampling.max_new_tokens)
+        ),
+    );
     row("reward", shown(r.reward.get("kind")));
-    row("weighting", shown(r.weighting.get("kind")));
+    row("weighting", {
+        let params: Vec<String> = r
+            .weighting
+            .iter()
+            .filter(|(k, _)| k.as_str() != "kind")
+            .map(|(k, v)| format!("{k} {}", shown(Some(v))))
+            .collect();
+        format!("{} ({})", shown(r.weighting.get("kind")), params.join(", "))
+    });
     for (stage, label) in [(&r.sft, "FuseSFT"), (&r.po, "FusePO")] {
-        let text = if stage.enabled {
-            format!(
-                "{}: {} epochs, learning rate {}, batch {}",
-                shown(stage.objective.as_ref().and_then(|o| o.get("kind"))),
-                opt(stage.epochs),
-                opt(stage.learning_rate.map(toml::Value::Float)),
-                stage.batch_size
-            )
-        } else {
-            "disabled".to_owned()
-        };
-        row(label, text);
+        row(label, if stage.enabled { stage_settings(stage, r.target.max_length) } else { "disabled".to_owned() });
     }
     row(
         "eval",
         if r.eval.enabled {
-            format!("prompts {}, baselines {}", r.eval.prompts.as_deref().unwrap_or("-"), r.eval.baselines.join(", "))
+            format!(
+                "prompts {}, baselines {}, temperature {}, max_new_tokens {}, {} sample(s)",
+                r.eval.prompts.as_deref().unwrap_or("-"),
+                r.eval.baselines.join(", "),
+                r.eval.temperature,
+                r.eval.max_new_tokens,
+                r.eval.samples
+            )
         } else {
             "not enabled in the recipe (`fuserl eval` runs it)".to_owned()
         },
     );
     page.table(&["", "setting"], &rows);
-    let done = |p: &str| if run_dir.join(p).exists() { "done" } else { "not yet" };
-    let stages = vec![
-        vec![vec!["scoring".into()], vec![done("data.json").into()]],
-        vec![vec!["FuseSFT".into()], vec![done("sft/DONE").into()]],
-        vec![vec!["FusePO".into()], vec![done("po/DONE").into()]],
-        vec![vec!["evaluation".into()], vec![done("eval/eval.json").into()]],
-    ];
-    page.table(&["stage", "state"], &stages);
+    // Every setting, as the run resolved it (defaults included).
+    let Ok(text) = std::fs::read_to_string(RunDir::new(run_dir).recipe()) else { return };
+    let Ok(table) = text.parse::<toml::Table>() else { return };
+    let mut all = Vec::new();
+    flatten("", &table, &mut all);
+    let rows: Vec<Vec<Vec<Cell>>> = all.into_iter().map(|(k, v)| vec![vec![k.into()], vec![v.into()]]).collect();
+    let _ = writeln!(
+        page.html,
+        "<details id=\"all-settings\"><summary>All settings (recipe.toml, defaults included)</summary>"
+    );
+    page.md.push_str("All settings (recipe.toml, defaults included):\n\n");
+    page.table(&["setting", "value"], &rows);
+    page.html.push_str("</details>\n");
 }
 
 /// Per source: the sum of a quantity over the examples' sequences (`pick` chooses which).
@@ -749,7 +1076,7 @@ fn data_section(
              model's generation_config.json sets do_sample).",
         );
     }
-    page.plot(box_plot("data-rewards", "Reward per source (training data)", "reward", &groups));
+    page.plot(box_plot("data-rewards", "Reward per source (training data)", "reward", &groups, &page.palette));
     let bars = |m: &BTreeMap<String, f64>| {
         groups.iter().map(|(n, _)| (n.clone(), m.get(n).copied().unwrap_or(0.0))).collect::<Vec<_>>()
     };
@@ -759,19 +1086,58 @@ fn data_section(
             "FuseSFT weight per source",
             "summed example weight",
             &bars(&sft_weight),
+            &page.palette,
         ));
     }
     if !po.is_empty() {
-        page.plot(bar_plot("data-po-chosen", "FusePO chosen answers per source", "examples", &bars(&chosen)));
+        page.plot(bar_plot(
+            "data-po-chosen",
+            "FusePO chosen answers per source",
+            "examples",
+            &bars(&chosen),
+            &page.palette,
+        ));
     }
 }
 
-fn training_section(page: &mut Page, metrics: &[MetricsLine]) {
+fn training_section(page: &mut Page, metrics: &[MetricsLine], run_dir: &Path, events: &[StageEvent]) {
     page.heading(2, "Training");
     if metrics.is_empty() {
         page.para("No training step logged yet (metrics.jsonl).");
         return;
     }
+    // Per stage: steps, final loss, throughput, time and memory.
+    let times = stage_times(events);
+    let mut rows = Vec::new();
+    for (name, label) in [(StageName::Sft, "FuseSFT"), (StageName::Po, "FusePO")] {
+        let lines: Vec<&MetricsLine> = metrics.iter().filter(|m| m.stage == name).collect();
+        let Some(last) = lines.last() else { continue };
+        let memory: Option<Value> = std::fs::read(run_dir.join(name.as_str()).join("memory.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let bytes = |key: &str| memory.as_ref().and_then(|m| m[key].as_f64()).map_or_else(|| "-".to_owned(), gigabytes);
+        rows.push(vec![
+            vec![label.into()],
+            vec![last.step.to_string().into()],
+            vec![num(last.loss).into()],
+            vec![
+                if last.tokens_per_s.is_finite() { format!("{:.0}", last.tokens_per_s) } else { "-".to_owned() }.into(),
+            ],
+            vec![
+                times
+                    .get(name.as_str())
+                    .filter(|t| t.last_end.is_some())
+                    .map_or_else(|| "-".to_owned(), |t| duration(t.seconds))
+                    .into(),
+            ],
+            vec![bytes("measured_peak_bytes").into()],
+            vec![bytes("planned_peak_bytes").into()],
+        ]);
+    }
+    page.table(
+        &["stage", "last step", "final loss", "tokens/s (last attempt)", "time spent", "peak memory", "planned peak"],
+        &rows,
+    );
     for (name, label) in [(StageName::Sft, "FuseSFT"), (StageName::Po, "FusePO")] {
         let stage = name.as_str();
         let lines: Vec<&MetricsLine> = metrics.iter().filter(|m| m.stage == name).collect();
@@ -803,6 +1169,14 @@ fn training_section(page: &mut Page, metrics: &[MetricsLine]) {
             if has(key) {
                 plots.push((format!("{stage}-{}", key.replace('/', "-")), format!("{label}: {what}"), what, vec![key]));
             }
+        }
+        if has("logps/chosen") {
+            plots.push((
+                format!("{stage}-logps"),
+                format!("{label}: policy log-probs"),
+                "log-prob (summed over tokens)",
+                vec!["logps/chosen", "logps/rejected"],
+            ));
         }
         for (id, caption, y, keys) in plots {
             let series: Vec<(String, Vec<(f64, f64)>)> = keys.iter().map(|k| ((*k).to_owned(), curve(k))).collect();
@@ -907,6 +1281,7 @@ fn eval_section(page: &mut Page, eval: std::result::Result<Option<&EvalReport>, 
             "win rate",
             &items,
             0.5,
+            &page.palette,
         ));
     }
     if let Some(v) = &eval.validation {
@@ -923,7 +1298,32 @@ fn eval_section(page: &mut Page, eval: std::result::Result<Option<&EvalReport>, 
         page.table(&header, &[row]);
     }
     let groups: Vec<(String, Vec<f64>)> = models.iter().map(|m| (m.name.clone(), m.rewards.clone())).collect();
-    page.plot(box_plot("eval-rewards", "Reward per model (held-out prompts)", "reward", &groups));
+    page.plot(box_plot("eval-rewards", "Reward per model (held-out prompts)", "reward", &groups, &page.palette));
+    if !eval.examples.is_empty() {
+        page.heading(3, "Sample answers");
+        page.para(&format!(
+            "The first {} held-out prompts, each model's first answer side by side (cut at {} characters).",
+            eval.examples.len(),
+            fuserl_io::artifacts::EvalExample::MAX_CHARS
+        ));
+        for (i, ex) in eval.examples.iter().enumerate() {
+            let _ = writeln!(page.html, "<div class=\"example\" id=\"example-{i}\">");
+            page.para(&format!("Prompt `{}`: {}", ex.prompt_id, ex.prompt));
+            let rows: Vec<Vec<Vec<Cell>>> = ex
+                .answers
+                .iter()
+                .map(|a| {
+                    vec![
+                        vec![a.model.as_str().into()],
+                        vec![a.reward.map_or_else(|| "not scored".to_owned(), num).into()],
+                        vec![a.text.as_str().into()],
+                    ]
+                })
+                .collect();
+            page.table(&["model", "reward", "answer"], &rows);
+            page.html.push_str("</div>\n");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -934,12 +1334,23 @@ mod tests {
     fn every_plot_kind_draws_its_series_in_their_colours() {
         let line =
             line_plot("l", "loss", "loss", &[("loss".into(), vec![(1.0, 2.0), (2.0, 1.5), (3.0, 1.2)])]).expect("line");
-        let boxes =
-            box_plot("b", "rewards", "reward", &[("a".into(), vec![0.1, 0.5, 0.9]), ("b".into(), vec![0.2, 0.3])])
-                .expect("box");
-        let bars = bar_plot("w", "weights", "weight", &[("a".into(), 2.0), ("b".into(), 1.0)]).expect("bars");
+        let palette = Palette::default();
+        let boxes = box_plot(
+            "b",
+            "rewards",
+            "reward",
+            &[("a".into(), vec![0.1, 0.5, 0.9]), ("b".into(), vec![0.2, 0.3])],
+            &palette,
+        )
+        .expect("box");
+        let bars = bar_plot("w", "weights", "weight", &[("b".into(), 2.0), ("a".into(), 1.0)], &palette).expect("bars");
         let intervals =
-            interval_plot("i", "win", "win rate", &[("t".into(), [0.4, 0.6, 0.8])], 0.5).expect("intervals");
+            interval_plot("i", "win", "win rate", &[("t".into(), [0.4, 0.6, 0.8])], 0.5, &palette).expect("intervals");
+        // A name has one colour in every plot, whatever its place in each.
+        let colour_in = |p: &Plot, name: &str| p.series.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+        assert_eq!(colour_in(&boxes, "a"), colour_in(&bars, "a"));
+        assert_eq!(colour_in(&boxes, "b"), colour_in(&bars, "b"));
+        assert_ne!(colour_in(&boxes, "a"), colour_in(&boxes, "b"));
         for plot in [line, boxes, bars, intervals] {
             assert!(plot.svg.starts_with("<svg"), "{}", plot.svg);
             for (name, c) in &plot.series {
@@ -952,6 +1363,38 @@ mod tests {
             }
         }
         assert!(line_plot("e", "empty", "y", &[("x".into(), Vec::new())]).is_none());
+    }
+
+    #[test]
+    fn box_plots_keep_whiskers_within_the_data_and_draw_outliers() {
+        // numpy.percentile([1, 2, 3, 4, 100], [25, 50, 75]) = [2, 3, 4]; fences at 2 - 3 and
+        // 4 + 3: the whiskers end at the last values inside them (1 and 4), 100 is an outlier.
+        let b = box_stats(&[4.0, 100.0, 1.0, 3.0, 2.0]).expect("stats");
+        assert_eq!(b, BoxStats { low: 1.0, q1: 2.0, median: 3.0, q3: 4.0, high: 4.0, outliers: vec![100.0] });
+        // numpy.percentile([0.9, 0.95, 1.0, 1.0], [25, 50, 75]) = [0.9375, 0.975, 1.0]: the upper
+        // whisker is the data's maximum (1.0), not the fence (1.09375): rewards never drawn past 1.
+        let b = box_stats(&[1.0, 0.95, 0.9, 1.0]).expect("stats");
+        assert!((b.q1 - 0.9375).abs() < 1e-12 && (b.median - 0.975).abs() < 1e-12 && b.q3 == 1.0, "{b:?}");
+        assert_eq!((b.low, b.high, b.outliers.len()), (0.9, 1.0, 0));
+        let one = box_stats(&[0.5]).expect("stats");
+        assert_eq!((one.low, one.q1, one.median, one.q3, one.high), (0.5, 0.5, 0.5, 0.5, 0.5));
+        assert!(box_stats(&[f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn tick_labels_tell_ticks_apart_and_never_show_minus_zero() {
+        // A learning-rate axis: 0 to 1e-4 in steps of 2e-5 (it showed "0.0001" five times).
+        let lr: Vec<String> = (0..=5).map(|i| tick(f64::from(i) * 2e-5, 0.0, 1e-4)).collect();
+        assert_eq!(lr, ["0", "2.0e-5", "4.0e-5", "6.0e-5", "8.0e-5", "1.0e-4"]);
+        let fine: Vec<String> = (0..=4).map(|i| tick(1e-4 + f64::from(i) * 5e-6, 1e-4, 1.2e-4)).collect();
+        let mut distinct = fine.clone();
+        distinct.dedup();
+        assert_eq!(distinct, fine, "{fine:?}");
+        // A margin axis around zero: "0", not "-0.0".
+        assert_eq!(tick(-1e-17, -0.5, 0.5), "0");
+        assert_eq!(tick(-0.1, -0.5, 0.5), "-0.1");
+        assert_eq!(tick(0.35, 0.3, 0.9), "0.35");
+        assert_eq!(tick(150.0, 0.0, 150.0), "150");
     }
 
     #[test]

@@ -60,7 +60,14 @@ pub fn collect_stage(
     // stages make that claim.
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
     let dir = fuserl_io::run_dir::RunDir::new(loaded.output_dir()).collect();
-    let collected = collect(loaded, &dir, redo, progress)?;
+    // A recipe without a generative source has no collect stage to log.
+    if !loaded.components.sources.iter().any(|s| s.generator().is_some()) {
+        let collected = collect(loaded, &dir, redo, progress)?;
+        return Ok((dir, collected));
+    }
+    let collected = crate::stages::recorded(&loaded.output_dir(), &loaded.recipe.backend, "collect", || {
+        collect(loaded, &dir, redo, progress)
+    })?;
     Ok((dir, collected))
 }
 

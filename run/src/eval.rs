@@ -48,7 +48,7 @@ use fuserl_recipe::LoadedRecipe;
 
 use crate::local::LocalSource;
 use crate::{Result, TrainError};
-use fuserl_io::artifacts::{Comparison, EvalReport, IntervalMethod, ModelEval, Validation};
+use fuserl_io::artifacts::{Comparison, EvalAnswer, EvalExample, EvalReport, IntervalMethod, ModelEval, Validation};
 use fuserl_io::run_dir::{EvalDir, RunDir};
 
 /// Resamples of every bootstrap interval.
@@ -84,6 +84,16 @@ fn pass_ks(samples: u32) -> Vec<u64> {
 
 /// Run (or resume) the evaluation; returns the path of eval.json and its contents.
 pub fn eval_stage(
+    loaded: &LoadedRecipe,
+    collect_progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+    score_progress: &dyn Fn(&ScoreProgress<'_>),
+) -> Result<(PathBuf, EvalReport)> {
+    crate::stages::recorded(&loaded.output_dir(), &loaded.recipe.backend, "eval", || {
+        eval_work(loaded, collect_progress, score_progress)
+    })
+}
+
+fn eval_work(
     loaded: &LoadedRecipe,
     collect_progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
     score_progress: &dyn Fn(&ScoreProgress<'_>),
@@ -346,6 +356,35 @@ pub fn eval_stage(
         }
         None => None,
     };
+    // The first prompts with each model's first answer, side by side (the report's examples).
+    let examples: Vec<EvalExample> = prompts
+        .iter()
+        .take(EvalExample::PROMPTS)
+        .filter_map(|p| {
+            let group = groups.iter().find(|g| g.prompt.id == p.id)?;
+            let answers = order
+                .iter()
+                .filter_map(|name| {
+                    let c = group
+                        .completions
+                        .iter()
+                        .filter(|c| &c.completion.id.source == name)
+                        .min_by_key(|c| c.completion.id.sample_index)?;
+                    Some(EvalAnswer {
+                        model: name.clone(),
+                        text: EvalExample::cut(&c.completion.text),
+                        reward: c.reward.as_ref().map(|r| r.value),
+                    })
+                })
+                .collect();
+            let asked = p.messages.iter().rev().find(|m| m.role == "user").or(p.messages.last());
+            Some(EvalExample {
+                prompt_id: p.id.clone(),
+                prompt: EvalExample::cut(asked.map_or("", |m| m.content.as_str())),
+                answers,
+            })
+        })
+        .collect();
     let doc = EvalReport {
         prompts: Shown(&prompts_file).to_string(),
         n_prompts: prompts.len(),
@@ -362,6 +401,7 @@ pub fn eval_stage(
         models,
         comparisons,
         validation,
+        examples,
     };
     std::fs::create_dir_all(&dir).map_err(|err| TrainError::io(&dir, err))?;
     let file = eval_dir.json();

@@ -39,6 +39,7 @@ pub mod pipeline;
 mod po;
 pub mod score;
 mod sft;
+pub mod stages;
 pub mod stats;
 mod training;
 
@@ -62,8 +63,8 @@ pub struct RunSummary {
     pub metrics: PathBuf,
     /// The exported model, when exported.
     pub export: Option<PathBuf>,
-    /// eval.json, when `[eval] enabled`.
-    pub eval: Option<PathBuf>,
+    /// eval.json and what it holds, when `[eval] enabled`.
+    pub eval: Option<(PathBuf, fuserl_io::artifacts::EvalReport)>,
     /// Stages that were already finished and skipped.
     pub skipped: Vec<StageName>,
 }
@@ -76,6 +77,10 @@ pub struct Reporters<'a> {
     pub collect: &'a (dyn Fn(&CollectProgress<'_>) + Sync),
     /// After each batch the reward scores.
     pub score: &'a dyn Fn(&ScoreProgress<'_>),
+    /// After each answer a model gives in the evaluation (`[eval] enabled`).
+    pub eval_collect: &'a (dyn Fn(&CollectProgress<'_>) + Sync),
+    /// After each batch of the evaluation's answers scored.
+    pub eval_score: &'a dyn Fn(&ScoreProgress<'_>),
 }
 
 impl std::fmt::Debug for Reporters<'_> {
@@ -227,15 +232,18 @@ fn run_on<B: LogProbBackend>(
     if which == Which::All && recipe.export.enabled {
         let _span = tracing::info_span!("stage", name = "export").entered();
         let last = if recipe.po.enabled { StageName::Po } else { StageName::Sft };
-        export = export::export_stage(loaded, &run.stage(last).final_model(), &target)?;
-        if let Some(to) = &export {
-            card::write_card(loaded, to)?;
-        }
+        export = stages::recorded(&dir, &recipe.backend, "export", || {
+            let export = export::export_stage(loaded, &run.stage(last).final_model(), &target)?;
+            if let Some(to) = &export {
+                card::write_card(loaded, to)?;
+            }
+            Ok::<_, TrainError>(export)
+        })?;
     }
     let mut eval = None;
     if which == Which::All && recipe.eval.enabled {
         let _span = tracing::info_span!("stage", name = "eval").entered();
-        eval = Some(eval::eval_stage(loaded, report.collect, report.score)?.0);
+        eval = Some(eval::eval_stage(loaded, report.eval_collect, report.eval_score)?);
     }
     refresh_report(&dir);
     Ok(RunSummary { dir, metrics, export, eval, skipped })

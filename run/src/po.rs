@@ -40,6 +40,19 @@ pub(crate) fn po_stage<B: LogProbBackend>(
         return Ok(false);
     }
     let _span = tracing::info_span!("stage", name = "po").entered();
+    let backend = &t.loaded.recipe.backend;
+    crate::stages::recorded(t.run.root(), backend, "po", || po_work(t, groups, answers, collect_progress, progress))?;
+    Ok(true)
+}
+
+fn po_work<B: LogProbBackend>(
+    t: &Training<'_, B>,
+    groups: Vec<ScoredGroup>,
+    answers: &[Collected],
+    collect_progress: &(dyn Fn(&CollectProgress<'_>) + Sync),
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let po = t.run.stage(StageName::Po);
     let loaded = t.loaded;
     let recipe = &loaded.recipe;
     let start = if recipe.sft.enabled {
@@ -81,7 +94,7 @@ pub(crate) fn po_stage<B: LogProbBackend>(
     t.train_and_save(&start, stage, &po.final_model(), progress)?;
     t.memory_measured(StageName::Po, &planned)?;
     write_atomic(&po.done(), b"done\n")?;
-    Ok(true)
+    Ok(())
 }
 
 /// The reference model's log-prob of every sequence of `examples`, from `po/reference_logps.json`

@@ -260,6 +260,16 @@ pub fn score_stage(
     progress: &dyn Fn(&ScoreProgress<'_>),
 ) -> crate::Result<Scored> {
     fuserl_core::paths::check_links_stay_inside(&loaded.output_dir())?;
+    crate::stages::recorded(&loaded.output_dir(), &loaded.recipe.backend, "score", || {
+        score_work(loaded, answers, progress)
+    })
+}
+
+fn score_work(
+    loaded: &LoadedRecipe,
+    answers: Vec<Collected>,
+    progress: &dyn Fn(&ScoreProgress<'_>),
+) -> crate::Result<Scored> {
     let run = RunDir::new(loaded.output_dir());
     let dir = run.score();
     let (mut groups, skipped_records) = crate::collect::gather_groups(loaded, answers)?;

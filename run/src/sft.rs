@@ -22,6 +22,17 @@ pub(crate) fn sft_stage<B: LogProbBackend>(
     }
     let _span = tracing::info_span!("stage", name = "sft").entered();
     let recipe = &t.loaded.recipe;
+    crate::stages::recorded(t.run.root(), &recipe.backend, "sft", || sft_work(t, groups, progress))?;
+    Ok(true)
+}
+
+fn sft_work<B: LogProbBackend>(
+    t: &Training<'_, B>,
+    groups: Vec<ScoredGroup>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let sft = t.run.stage(StageName::Sft);
+    let recipe = &t.loaded.recipe;
     t.tok.check_fits(fuserl_model::config::LlamaConfig::from_file(&t.target.join("config.json"))?.vocab_size)?;
     let examples = t.examples(StageName::Sft, groups)?;
     let planned = t.memory_plan(StageName::Sft, &recipe.sft, &examples)?;
@@ -29,5 +40,5 @@ pub(crate) fn sft_stage<B: LogProbBackend>(
     t.train_and_save(&t.target, stage, &sft.final_model(), progress)?;
     t.memory_measured(StageName::Sft, &planned)?;
     write_atomic(&sft.done(), b"done\n")?;
-    Ok(true)
+    Ok(())
 }

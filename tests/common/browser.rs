@@ -131,8 +131,11 @@ impl Drop for Browser {
 }
 
 /// What a report page shows, collected in the browser: per plot figure, its declared series
-/// and, per series colour, how many SVG marks of that colour have a non-empty box; every
-/// number that names its place in eval.json; and the resources the page fetched.
+/// with their colours and, per series colour, how many SVG marks of that colour have a
+/// non-empty box and the values their boxes span on the y axis (from the rendered geometry,
+/// through the two points of the axis the figure declares); every number that names its place
+/// in eval.json; the sample answers' models per prompt; the stage table; and the resources the
+/// page fetched.
 pub const REPORT_FACTS: &str = r#"
 const figures = [...document.querySelectorAll('figure.plot')].map(fig => {
   const series = JSON.parse(fig.dataset.series);
@@ -140,19 +143,30 @@ const figures = [...document.querySelectorAll('figure.plot')].map(fig => {
   const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
   const marks = svg ? [...svg.querySelectorAll('polyline, rect, line, circle, path, polygon')] : [];
   const texts = svg ? [...svg.querySelectorAll('text')].map(t => t.textContent.trim()) : [];
+  const axis = fig.dataset.yAxis ? JSON.parse(fig.dataset.yAxis) : null;
+  const value = px => axis[0][0] + (px - axis[0][1]) * (axis[1][0] - axis[0][0]) / (axis[1][1] - axis[0][1]);
   const drawn = {};
+  const spans = {};
+  const colors = {};
   for (const s of series) {
     const c = s.color.toUpperCase();
-    drawn[s.name] = marks.filter(m => {
+    colors[s.name] = c;
+    const mine = marks.filter(m => {
       const paint = [(m.getAttribute('stroke') || ''), (m.getAttribute('fill') || '')].map(x => x.toUpperCase());
       if (!paint.includes(c)) return false;
       const b = m.getBBox();
       return b.width + b.height > 0;
-    }).length;
+    });
+    drawn[s.name] = mine.length;
+    if (axis) spans[s.name] = mine.map(m => { const b = m.getBBox(); return [value(b.y + b.height), value(b.y)]; });
   }
-  return {id: fig.id, series: series.map(s => s.name), drawn, texts, width: box.width, height: box.height};
+  const pixel = axis ? Math.abs((axis[1][0] - axis[0][0]) / (axis[1][1] - axis[0][1])) : null;
+  return {id: fig.id, series: series.map(s => s.name), colors, drawn, spans, pixel, texts, width: box.width, height: box.height};
 });
+const examples = [...document.querySelectorAll('div.example')].map(d => [...d.querySelectorAll('tbody tr')].map(tr => tr.cells[0].textContent));
+const stages = [...document.querySelectorAll('table')].filter(t => t.querySelector('th') && t.querySelector('th').textContent === 'stage' && t.rows[0].cells[1].textContent === 'state')
+  .flatMap(t => [...t.querySelectorAll('tbody tr')].map(tr => [...tr.cells].map(c => c.textContent)));
 const numbers = [...document.querySelectorAll('[data-json-pointer]')].map(e => ({pointer: e.dataset.jsonPointer, text: e.textContent}));
 const fetched = performance.getEntriesByType('resource').map(r => r.name);
-return {figures, numbers, fetched, title: document.title};
+return {figures, numbers, fetched, examples, stages, title: document.title};
 "#;

@@ -129,7 +129,7 @@ impl PreferenceObjective for DpoObjective {
             acc.grad[w] += scale * d_delta * dw;
             acc.grad[l] -= scale * d_delta * dl;
             let (rc, rr) = (beta * hw, beta * hl);
-            acc.pair(0, rc, rr);
+            acc.pair(0, (rc, rr), (b.policy_logps[w], b.policy_logps[l]));
         }
         Ok(acc.finish())
     }

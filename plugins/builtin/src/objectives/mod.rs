@@ -110,17 +110,21 @@ impl Accumulator {
     }
 }
 
-/// The metrics every pairwise objective reports, as TRL names them.
-pub(crate) const PAIR_METRICS: [&str; 4] =
-    ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"];
+/// The metrics every pairwise objective reports, as TRL names them: the implicit rewards, and
+/// the policy's log-probs of the chosen and rejected answers (summed over their tokens).
+pub(crate) const PAIR_METRICS: [&str; 6] =
+    ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"];
 
 impl Accumulator {
-    /// Record one pair's implicit rewards at `offset` in the metric list ([`PAIR_METRICS`] order).
-    pub fn pair(&mut self, offset: usize, chosen: f64, rejected: f64) {
+    /// Record one pair's implicit rewards (`chosen`, `rejected`) and the policy's log-probs of
+    /// its two answers (`logps`) at `offset` in the metric list ([`PAIR_METRICS`] order).
+    pub fn pair(&mut self, offset: usize, (chosen, rejected): (f64, f64), logps: (f64, f64)) {
         self.metric(offset, chosen);
         self.metric(offset + 1, rejected);
         self.metric(offset + 2, chosen - rejected);
         self.metric(offset + 3, if chosen > rejected { 1.0 } else { 0.0 });
+        self.metric(offset + 4, logps.0);
+        self.metric(offset + 5, logps.1);
     }
 }
 

@@ -75,7 +75,7 @@ impl PreferenceObjective for SimpoObjective {
             acc.loss += scale * loss;
             acc.grad[w] += scale * dz * beta / b.token_counts[w];
             acc.grad[l] -= scale * dz * beta / b.token_counts[l];
-            acc.pair(0, rc, rr);
+            acc.pair(0, (rc, rr), (b.policy_logps[w], b.policy_logps[l]));
         }
         Ok(acc.finish())
     }

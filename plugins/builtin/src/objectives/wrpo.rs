@@ -114,7 +114,9 @@ impl PreferenceObjective for WrpoObjective {
             let chosen = alpha * beta * h[0] + (1.0 - alpha) * beta * h[1];
             let rejected = beta * h[2];
             acc.metric(0, alpha);
-            acc.pair(1, chosen, rejected);
+            // The chosen side's log-prob mixes its two answers as its reward does.
+            let lp = |k: usize| b.policy_logps[idx[k]];
+            acc.pair(1, (chosen, rejected), (alpha * lp(0) + (1.0 - alpha) * lp(1), lp(2)));
         }
         Ok(acc.finish())
     }
