@@ -171,11 +171,22 @@ impl TensorStore {
     }
 }
 
+/// `values` (`rows x cols`, row-major) transposed, in 32 x 32 tiles: a row-by-row loop writes a
+/// column of the output, one cache line per value (a quarter of a model's load time).
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        let block = &values[r0 * cols..r1 * cols];
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                // Output row `c`, columns r0..r1: contiguous; the reads stay within the tile.
+                let dst = &mut out[c * rows + r0..c * rows + r1];
+                for (d, src) in dst.iter_mut().zip(block[c..].iter().step_by(cols)) {
+                    *d = *src;
+                }
+            }
         }
     }
     out
@@ -435,4 +446,20 @@ pub fn save_as<B: Backend>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tiled_transpose_is_the_transpose_at_shapes_that_are_not_whole_tiles() {
+        for (rows, cols) in [(1, 1), (3, 70), (33, 31), (64, 32), (100, 7)] {
+            let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose(&values, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], values[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
 }
