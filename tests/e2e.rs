@@ -496,6 +496,12 @@ fn the_readme_main_command_runs_the_quickstart_and_a_rerun_resumes() {
     let again = fuserl(&["run", &recipe], dir.path());
     assert!(again.status.success());
     assert!(text(&again.stdout).contains("sft was already finished"), "{}", text(&again.stdout));
+    // Issue 34: scores that come with the data are not "scored now" on a rerun.
+    let err = text(&again.stderr);
+    assert!(
+        err.contains("score precomputed: 60/60 answers (scores from the data)") && !err.contains("scored now"),
+        "{err}"
+    );
     // -q: nothing but errors.
     let quiet = fuserl(&["-q", "run", &recipe], dir.path());
     assert!(quiet.status.success(), "{}", text(&quiet.stderr));

@@ -645,6 +645,14 @@ fn eval_summary(file: &Path, doc: &fuserl_io::artifacts::EvalReport) {
     }
 }
 
+/// The scoring bar's look: answers/s with one decimal (indicatif's default is four, with
+/// thousands separators: "389,607.2375/s").
+fn score_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {per_sec:1} ({elapsed})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
 /// The scoring stage's bar (answers scored / to score, answers/s), and a summary line (none
 /// when `silent`: the evaluation's, whose summary is printed at the end).
 #[derive(Debug, Default)]
@@ -658,13 +666,7 @@ impl ScoreBar {
         let mut slot = self.bar.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = slot.get_or_insert_with(|| {
             let bar = bar(p.total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} answers, {per_sec} ({elapsed})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            bar.set_style(score_style());
             bar.set_prefix(format!("score {}", p.reward));
             bar.set_position(p.done);
             bar.reset_elapsed();
@@ -674,7 +676,16 @@ impl ScoreBar {
         bar.set_position(p.done);
         if let Some(s) = &p.finished {
             bar.finish();
-            if s.scored > 0 && !self.silent {
+            if s.scored > 0 && s.from_data == s.scored && !self.silent {
+                // Scores that come with the data: read again every run, nothing "scored now".
+                note!(
+                    "score {}: {}/{} answers (scores from the data) in {:.1} s",
+                    p.reward,
+                    p.done,
+                    p.total,
+                    s.seconds
+                );
+            } else if s.scored > 0 && !self.silent {
                 note!(
                     "score {}: {}/{} answers ({} scored now, {} already scored) in {:.1} s",
                     p.reward,
@@ -989,6 +1000,59 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> 
 
 #[cfg(test)]
 mod tests {
+    /// A terminal that keeps what is drawn on it.
+    #[derive(Debug, Default, Clone)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().expect("screen").push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_score_bar_shows_its_rate_with_one_decimal() {
+        let screen = Screen::default();
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(400_000),
+            indicatif::ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        );
+        bar.set_style(super::score_style());
+        bar.set_prefix("score precomputed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bar.set_position(389_607);
+        bar.finish();
+        let shown = screen.0.lock().expect("screen").clone();
+        let rate = shown.rsplit("answers, ").next().and_then(|r| r.split("/s").next()).expect("a rate");
+        let decimals = rate.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 1, "{shown:?}");
+    }
+
     use super::*;
 
     #[derive(Debug, thiserror::Error)]

@@ -124,6 +124,7 @@ pub fn compare_stage(
         scored: total - reused,
         reused,
         skipped: preferences.iter().filter(|p| p.is_nan()).count() as u64,
+        from_data: 0,
         seconds: t0.elapsed().as_secs_f64(),
     };
     progress(&ScoreProgress { reward: name, done: total, total, finished: Some(summary.clone()) });

@@ -77,6 +77,9 @@ pub struct ScoreSummary {
     pub reused: u64,
     /// Answers the reward skipped (left out of training).
     pub skipped: u64,
+    /// Of the answers scored, those of a reward that keeps no store: its scores come with the
+    /// data (`precomputed`), so every run reads them again.
+    pub from_data: u64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -227,12 +230,19 @@ fn score_items(
             });
         }
     }
-    let part = ScoreSummary { scored: todo.len() as u64, reused, skipped: 0, seconds: t0.elapsed().as_secs_f64() };
+    let part = ScoreSummary {
+        scored: todo.len() as u64,
+        reused,
+        skipped: 0,
+        from_data: if store.is_none() { todo.len() as u64 } else { 0 },
+        seconds: t0.elapsed().as_secs_f64(),
+    };
     if part.scored > 0 {
         tracing::info!(reward = %name, scored = part.scored, reused = part.reused, seconds = part.seconds, "scored");
     }
     summary.scored += part.scored;
     summary.reused += part.reused;
+    summary.from_data += part.from_data;
     progress(&ScoreProgress { reward: name, done: total, total, finished: Some(part) });
     Ok(scores.into_iter().map(|s| s.expect("every answer was scored")).collect())
 }
