@@ -1042,7 +1042,7 @@ mod tests {
             Some(400_000),
             indicatif::ProgressDrawTarget::term_like(Box::new(screen.clone())),
         );
-        bar.set_style(super::score_style());
+        bar.set_style(score_style());
         bar.set_prefix("score precomputed");
         std::thread::sleep(std::time::Duration::from_millis(20));
         bar.set_position(389_607);
