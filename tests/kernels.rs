@@ -257,6 +257,7 @@ mod wgpu {
     fn kernels_match_the_oracle_and_the_reference_on_wgpu() {
         let device = device();
         suite::<Autodiff<Wgpu>>(&device);
+        attention_suite::<Autodiff<Wgpu>>(&device);
 
         // The kernels against the reference path, on the same device.
         let (n, v, h) = (300, 2_000, 16);
@@ -309,4 +310,131 @@ mod wgpu {
 fn kernels_match_the_oracle_on_cuda() {
     use burn::backend::Cuda;
     suite::<Autodiff<Cuda>>(&burn::backend::cuda::CudaDevice::new(0));
+}
+
+/// Causal grouped-query attention in f64: `out[b][h][i]` and the gradients of
+/// `sum(out * g)` with respect to q, k and v, with the mask written out (causal after `past`,
+/// padding keys, sliding window). A row with no visible key is uniform, as the model's mask
+/// (`f32::MIN` scores) makes it.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn attention_oracle(
+    (q, k, v, g): (&[f32], &[f32], &[f32], &[f32]),
+    (b, nh, nkv, t, tk, d): (usize, usize, usize, usize, usize, usize),
+    key_valid: &[bool],
+    window: Option<usize>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let past = tk - t;
+    let rep = nh / nkv;
+    let at = |x: &[f32], heads: usize, len: usize, bi: usize, h: usize, i: usize, c: usize| {
+        f64::from(x[((bi * heads + h) * len + i) * d + c])
+    };
+    let mut out = vec![0.0; b * nh * t * d];
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for bi in 0..b {
+        for h in 0..nh {
+            let kh = h / rep;
+            for i in 0..t {
+                let qpos = past + i;
+                let visible: Vec<bool> = (0..tk)
+                    .map(|j| key_valid[bi * tk + j] && j <= qpos && window.is_none_or(|w| qpos - j < w))
+                    .collect();
+                let any = visible.iter().any(|x| *x);
+                let s: Vec<f64> = (0..tk)
+                    .map(|j| (0..d).map(|c| at(q, nh, t, bi, h, i, c) * at(k, nkv, tk, bi, kh, j, c)).sum())
+                    .collect();
+                // Visible keys share the softmax; with none visible, every key equally.
+                let m = (0..tk).filter(|&j| visible[j] || !any).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = (0..tk)
+                    .map(|j| {
+                        if visible[j] {
+                            (s[j] - m).exp()
+                        } else if any {
+                            0.0
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                let z: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                let o = |c: usize| (0..tk).map(|j| p[j] * at(v, nkv, tk, bi, kh, j, c)).sum::<f64>();
+                let row = (bi * nh + h) * t + i;
+                for c in 0..d {
+                    out[row * d + c] = o(c);
+                }
+                // Backward of sum(out * g) for this row.
+                let go: Vec<f64> = (0..d).map(|c| f64::from(g[row * d + c])).collect();
+                let dp: Vec<f64> =
+                    (0..tk).map(|j| (0..d).map(|c| go[c] * at(v, nkv, tk, bi, kh, j, c)).sum()).collect();
+                let delta: f64 = (0..tk).map(|j| p[j] * dp[j]).sum();
+                for j in 0..tk {
+                    let ds = if any && !visible[j] { 0.0 } else { p[j] * (dp[j] - delta) };
+                    for c in 0..d {
+                        dv[((bi * nkv + kh) * tk + j) * d + c] += p[j] * go[c];
+                        dq[row * d + c] += ds * at(k, nkv, tk, bi, kh, j, c);
+                        dk[((bi * nkv + kh) * tk + j) * d + c] += ds * at(q, nh, t, bi, h, i, c);
+                    }
+                }
+            }
+        }
+    }
+    (out, dq, dk, dv)
+}
+
+/// `causal_attention` on one case: values and the three gradients against the oracle, with the
+/// tiles `rows` query rows high.
+fn check_attention<B: AutodiffBackend + LogProbBackend>(
+    device: &B::Device,
+    (b, nh, nkv, t, tk, d): (usize, usize, usize, usize, usize, usize),
+    key_valid: &[bool],
+    window: Option<usize>,
+    rows: usize,
+) {
+    let (qv, kv, vv, gv) = (
+        values(b * nh * t * d, 31, 1.5),
+        values(b * nkv * tk * d, 32, 1.5),
+        values(b * nkv * tk * d, 33, 1.0),
+        values(b * nh * t * d, 34, 1.0),
+    );
+    let q = tensor::<B, 4>(&qv, [b, nh, t, d], device).require_grad();
+    let k = tensor::<B, 4>(&kv, [b, nkv, tk, d], device).require_grad();
+    let v = tensor::<B, 4>(&vv, [b, nkv, tk, d], device).require_grad();
+    let bias: Vec<f32> = key_valid.iter().map(|ok| if *ok { 0.0 } else { f32::MIN }).collect();
+    let key_bias = tensor::<B, 2>(&bias, [b, tk], device);
+    let mask = fuserl_kernels::AttentionMask { past: tk - t, window, rows };
+    let out = Tensor::<B, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(B::causal_attention(
+        q.clone().into_primitive().tensor(),
+        k.clone().into_primitive().tensor(),
+        v.clone().into_primitive().tensor(),
+        key_bias.into_primitive().tensor(),
+        mask,
+    )));
+    let grads = (out.clone() * tensor::<B, 4>(&gv, [b, nh, t, d], device)).sum().backward();
+    let (want, dq, dk, dv) = attention_oracle((&qv, &kv, &vv, &gv), (b, nh, nkv, t, tk, d), key_valid, window);
+    let what = format!("attention {:?} window {window:?} rows {rows}", (b, nh, nkv, t, tk, d));
+    close(&format!("{what} out"), &data(out), &want, 1e-5, 1e-5);
+    close(&format!("{what} dq"), &data(q.grad(&grads).expect("dq")), &dq, 1e-5, 1e-5);
+    close(&format!("{what} dk"), &data(k.grad(&grads).expect("dk")), &dk, 1e-5, 1e-5);
+    close(&format!("{what} dv"), &data(v.grad(&grads).expect("dv")), &dv, 1e-5, 1e-5);
+}
+
+/// Every case of issue #37's list on one backend: grouped-query heads, sliding windows,
+/// padding (left-padded rows, whose first queries see no key), keys from a cache, lengths that
+/// are multiples of nothing, tiles of one row, of several and of the whole sequence.
+fn attention_suite<B: AutodiffBackend + LogProbBackend>(device: &B::Device) {
+    // Two rows of 7 queries; the second left-padded by 3.
+    let valid: Vec<bool> = (0..14).map(|i| !(7..10).contains(&i)).collect();
+    for rows in [1, 3, 7] {
+        check_attention::<B>(device, (2, 4, 2, 7, 7, 8), &valid, None, rows);
+    }
+    // Sliding window of 3 (Gemma 3's layers), multi-query (one key/value head for 3).
+    check_attention::<B>(device, (2, 3, 1, 7, 7, 5), &valid, Some(3), 2);
+    // Keys from a cache: 4 past keys, 5 queries, one padding key in the past.
+    let cached: Vec<bool> = (0..9).map(|j| j != 1).collect();
+    check_attention::<B>(device, (1, 2, 2, 5, 9, 4), &cached, Some(6), 2);
+}
+
+#[test]
+fn attention_matches_the_oracle_on_the_cpu() {
+    attention_suite::<Autodiff<burn::backend::Flex>>(&Default::default());
 }

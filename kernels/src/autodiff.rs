@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
-use crate::{Chunks, LogProbBackend, Want};
+use crate::{AttentionMask, Chunks, LogProbBackend, Want};
 
 #[derive(Debug)]
 struct TokenLogProbsBackward;
@@ -53,7 +53,50 @@ impl<B: LogProbBackend> Backward<B, 2> for LinearLogProbsBackward {
     }
 }
 
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: LogProbBackend> Backward<B, 3> for AttentionBackward {
+    /// The inputs' nodes, the key bias, the output and its log-sum-exp, the mask.
+    type State = ([NodeId; 3], FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, AttentionMask);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ([q_id, k_id, v_id], key_bias, out, lse, mask) = ops.state;
+        let q: FloatTensor<B> = checkpointer.retrieve_node_output(q_id);
+        let k: FloatTensor<B> = checkpointer.retrieve_node_output(k_id);
+        let v: FloatTensor<B> = checkpointer.retrieve_node_output(v_id);
+        let (dq, dk, dv) = B::causal_attention_bwd((q, k, v), key_bias, out, lse, grad, mask);
+        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C> {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> FloatTensor<Self> {
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let key_bias = Self::inner(key_bias);
+        match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [prep.checkpoint(&q), prep.checkpoint(&k), prep.checkpoint(&v)];
+                let (out, lse) = B::causal_attention_fwd(q.primitive, k.primitive, v.primitive, key_bias.clone(), mask);
+                prep.finish((ids, key_bias, out.clone(), lse, mask), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::causal_attention_fwd(q.primitive, k.primitive, v.primitive, key_bias, mask).0)
+            }
+        }
+    }
+
     fn max_chunk_elems(device: &Self::Device) -> usize {
         B::max_chunk_elems(device)
     }

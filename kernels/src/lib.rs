@@ -34,10 +34,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
+pub mod attention;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cube;
 pub mod reference;
+
+pub use attention::AttentionMask;
 
 /// How the work is cut: `rows` tokens by `vocab` vocabulary entries at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +147,49 @@ pub trait LogProbBackend: Backend {
         want: Want,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
         with_ops::linear_bwd::<Self>(&reference::Plain, (hidden, weight, targets), stats, grad, chunks, want)
+    }
+
+    /// Causal grouped-query attention (entry point; differentiable on `Autodiff`): `out [batch,
+    /// heads, seq, dim]` for `q [batch, heads, seq, dim]` (already scaled), `k`, `v [batch,
+    /// kv_heads, keys, dim]` and `key_bias [batch, keys]` (0, or `f32::MIN` for a padding key),
+    /// never holding the whole `[seq, keys]` scores ([`attention`]).
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> FloatTensor<Self> {
+        Self::causal_attention_fwd(q, k, v, key_bias, mask).0
+    }
+
+    /// Forward of [`Self::causal_attention`]: `(out, stats [2, batch, heads, seq] f32)`: each
+    /// query row's largest score and the log of its sum of exponentials.
+    fn causal_attention_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, stats) = attention::attention_fwd::<Self>(float(q), float(k), float(v), float(key_bias), &mask);
+        (prim(out), prim(stats))
+    }
+
+    /// Backward of [`Self::causal_attention`]: the gradients of `q`, `k` and `v`, in their dtypes.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_bwd(
+        (q, k, v): (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>),
+        key_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let qkv = (float(q), float(k), float(v));
+        let (dq, dk, dv) =
+            attention::attention_bwd::<Self>(qkv, float(key_bias), float(out), float(stats), float(grad), &mask);
+        (prim(dq), prim(dk), prim(dv))
     }
 
     /// `tensor[ids[i]] += rows[i]` for `tensor [V, H]`, `ids [N]`, `rows [N, H]`, in the order
@@ -308,6 +354,25 @@ impl LogProbBackend for burn::backend::Flex {
 /// `logits: [N, V]`, `targets: [N]` -> `[N]` (f32)
 pub fn token_logprobs<B: LogProbBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     float(B::token_logprobs(prim(logits), targets.into_primitive()))
+}
+
+/// Causal grouped-query attention without the whole `[seq, keys]` scores (module
+/// [`attention`]): tiles of query rows sized to the backend's chunk bound.
+///
+/// # Shapes
+/// `q: [batch, heads, seq, dim]` (already scaled), `k`, `v: [batch, kv_heads, past + seq, dim]`,
+/// `key_bias: [batch, past + seq]` (0, or `f32::MIN` for padding) -> `[batch, heads, seq, dim]`
+pub fn causal_attention<B: LogProbBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    key_bias: Tensor<B, 2>,
+    window: Option<usize>,
+) -> Tensor<B, 4> {
+    let [b, nh, t, _] = q.dims();
+    let tk = k.dims()[2];
+    let mask = AttentionMask::new(tk - t, window, (b, nh, tk), B::max_chunk_elems(&q.device()));
+    float(<B as LogProbBackend>::causal_attention(prim(q), prim(k), prim(v), prim(key_bias), mask))
 }
 
 /// Per-token log-probs of `targets` under the logits `hidden @ weight^T`, never held whole
