@@ -20,8 +20,8 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use fuserl_kernels::LogProbBackend;
 use serde_json::Value;
 
 use crate::checkpoint::{TensorStore, build_model};
@@ -53,7 +53,7 @@ pub struct ClassifierHead {
 
 /// A decoder with a `score` head.
 #[derive(Debug)]
-pub struct SequenceClassifier<B: Backend> {
+pub struct SequenceClassifier<B: burn::tensor::backend::Backend> {
     /// The decoder (its language-model head is not used and not loaded).
     pub model: LlamaModel<B>,
     /// `[hidden, num_labels]`.
@@ -122,7 +122,11 @@ pub fn classifier_config(v: &Value, file: &Path) -> Result<(LlamaConfig, Classif
 }
 
 /// Load a `*ForSequenceClassification` checkpoint folder into `dtype` on `device`.
-pub fn load_classifier<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<SequenceClassifier<B>> {
+pub fn load_classifier<B: LogProbBackend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<SequenceClassifier<B>> {
     let config_file = dir.join("config.json");
     if !config_file.is_file() {
         return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
@@ -143,7 +147,7 @@ pub fn load_classifier<B: Backend>(dir: &Path, device: &B::Device, dtype: DType)
     Ok(SequenceClassifier { model, score, head })
 }
 
-impl<B: Backend> SequenceClassifier<B> {
+impl<B: LogProbBackend> SequenceClassifier<B> {
     /// Number of labels.
     pub fn num_labels(&self) -> usize {
         self.head.labels.len()

@@ -1,8 +1,8 @@
 //! Batched generation with a KV cache: greedy, temperature, top-k, top-p, seeded sampling;
 //! stops on EOS, on stop strings, or after `max_new_tokens`.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use fuserl_kernels::LogProbBackend;
 
 use crate::chat::ChatTokenizer;
 use crate::error::{ModelError, Result};
@@ -134,7 +134,7 @@ fn pick(logits: &[f32], cfg: &GenerateConfig, rng: &mut Rng) -> u32 {
 
 /// Refuse `what` of `len` tokens when it is longer than the model's positions
 /// (`max_position_embeddings`), before any tensor is made.
-pub(crate) fn check_positions<B: Backend>(model: &LlamaModel<B>, len: usize, what: &str) -> Result<()> {
+pub(crate) fn check_positions<B: LogProbBackend>(model: &LlamaModel<B>, len: usize, what: &str) -> Result<()> {
     let positions = model.config.max_position_embeddings;
     if len > positions {
         return Err(ModelError::Input(format!(
@@ -146,7 +146,7 @@ pub(crate) fn check_positions<B: Backend>(model: &LlamaModel<B>, len: usize, wha
 
 /// Generate a reply for each prompt (token ids), in one left-padded batch; one sampler seeded
 /// with `cfg.seed` draws for every row in turn.
-pub fn generate<B: Backend>(
+pub fn generate<B: LogProbBackend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompts: &[Vec<u32>],
@@ -159,7 +159,7 @@ pub fn generate<B: Backend>(
 /// it is made (what a terminal prints as it goes). The pieces join to the reply's text: a piece
 /// is passed once its last character's bytes are complete (a character split over tokens waits
 /// for its last token), never past a stop string.
-pub fn generate_streaming<B: Backend>(
+pub fn generate_streaming<B: LogProbBackend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompt: Vec<u32>,
@@ -190,7 +190,7 @@ impl Stream<'_> {
 
 /// Like [`generate`], with a sampler of its own per row seeded by `seeds[row]`, so that a
 /// row's draws do not depend on the other rows (`cfg.seed` is unused).
-pub fn generate_seeded<B: Backend>(
+pub fn generate_seeded<B: LogProbBackend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompts: &[Vec<u32>],
@@ -200,7 +200,7 @@ pub fn generate_seeded<B: Backend>(
     generate_with(model, tokenizer, prompts, cfg, Some(seeds), None)
 }
 
-fn generate_with<B: Backend>(
+fn generate_with<B: LogProbBackend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompts: &[Vec<u32>],
@@ -226,7 +226,7 @@ fn generate_with<B: Backend>(
 /// is dropped). Each prompt samples with its own seed, `seeds[i]`, so a reply does not depend
 /// on which prompts it shared a batch with; greedy replies are those of [`generate`]. Returns
 /// how many prefills it ran (each admits the prompts that fit into the places free then).
-pub fn generate_each<B: Backend>(
+pub fn generate_each<B: LogProbBackend>(
     model: &LlamaModel<B>,
     tokenizer: &ChatTokenizer,
     prompts: &[Vec<u32>],
@@ -259,7 +259,7 @@ struct Row {
 
 /// The batch: rows, and one KV cache whose columns the rows share (each row's own are the last
 /// `prompt + generated` columns; the others are masked).
-struct Engine<'a, B: Backend> {
+struct Engine<'a, B: LogProbBackend> {
     model: &'a LlamaModel<B>,
     tokenizer: &'a ChatTokenizer,
     cfg: &'a GenerateConfig,
@@ -272,7 +272,7 @@ struct Engine<'a, B: Backend> {
     cache: KvCache<B>,
 }
 
-impl<'a, B: Backend> Engine<'a, B> {
+impl<'a, B: LogProbBackend> Engine<'a, B> {
     fn new(
         model: &'a LlamaModel<B>,
         tokenizer: &'a ChatTokenizer,

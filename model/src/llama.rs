@@ -6,11 +6,12 @@
 //! described in [`crate::gemma3`].
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
+use fuserl_kernels::LogProbBackend;
 
 /// `t` in `dtype`: a cast (differentiable: its gradient comes back in `t`'s dtype) when the
 /// dtypes differ, `t` itself otherwise. How weights kept in f32 (the trainer's master weights,
@@ -198,14 +199,14 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: LogProbBackend> Attention<B> {
     /// # Shapes
     /// `x: [batch, seq, hidden]`, `context`: for `[batch, seq]` queries and `past + seq` keys
     /// -> `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        (rope, bias): (&Rope<B>, &Tensor<B, 4>),
+        (rope, mask): (&Rope<B>, &KeyMask<B>),
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -228,24 +229,11 @@ impl<B: Backend> Attention<B> {
             cache.k = k.clone();
             cache.v = v.clone();
         }
-        let tk = k.dims()[2];
-        let rep = nh / nkv;
-        let dtype = q.dtype();
-        // Grouped-query attention without repeating keys and values: query head `h` belongs to
-        // key/value head `h / rep` (HF's `repeat_kv`), so the queries are viewed as
-        // `[batch, kv_heads, rep, seq, head_dim]` and the keys and values broadcast over `rep`
-        // in the batched matmuls (no copies; their gradients are summed over `rep`).
-        let q = q.reshape([b, t, nkv, rep, hd]).permute([0, 2, 3, 1, 4]);
-        let k = k.unsqueeze_dim::<5>(2);
-        let v = v.unsqueeze_dim::<5>(2);
-        // Scores (q is already scaled by 1 / sqrt(head_dim)) and softmax in f32 whatever the
-        // model's dtype. Adding f32::MIN gives exactly f32::MIN (scores are far below its
-        // rounding step), so the bias is a mask fill that needs nothing saved for backward.
-        let scores = q.cast(DType::F32).matmul(k.cast(DType::F32).swap_dims(3, 4)).reshape([b, nh, t, tk]);
-        let scores = scores + bias.clone();
-        let probs = softmax(scores, 3).cast(dtype).reshape([b, nkv, rep, t, tk]);
-        let out = probs.matmul(v).permute([0, 3, 1, 2, 4]).reshape([b, t, nh * hd]);
-        self.o_proj.forward(out)
+        // Grouped-query causal attention (q is already scaled by 1 / sqrt(head_dim)), scores and
+        // softmax in f32, in tiles of query rows: never the whole `[seq, past + seq]` scores
+        // (fuserl_kernels::causal_attention, with its own backward).
+        let out = fuserl_kernels::causal_attention(q.swap_dims(1, 2), k, v, mask.key_bias.clone(), mask.window);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
 }
 
@@ -292,7 +280,7 @@ pub struct DecoderLayer<B: Backend> {
     pub sliding: bool,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: LogProbBackend> DecoderLayer<B> {
     /// # Shapes
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(
@@ -379,29 +367,37 @@ impl Inputs {
 /// Per-layer caches.
 pub type KvCache<B> = Vec<LayerCache<B>>;
 
+/// Where a layer's queries may look, besides causality: which keys are padding, and the
+/// sliding window.
+#[derive(Debug, Clone)]
+pub struct KeyMask<B: Backend> {
+    /// `[batch, past + seq]`, f32: 0 for a real key, `f32::MIN` for padding.
+    pub key_bias: Tensor<B, 2>,
+    /// A sliding-window layer's window (the query's own key included); `None`: every earlier key.
+    pub window: Option<usize>,
+}
+
 /// The rotary tables and attention mask that every layer of one forward pass uses
 /// ([`LlamaModel::layer_context`]).
 #[derive(Debug, Clone)]
 pub struct LayerContext<B: Backend> {
     /// Rotary tables of the batch's positions.
     pub rope: Rope<B>,
-    /// `[batch, heads, seq, past + seq]`, f32: 0 where a query may attend, `f32::MIN` where not
-    /// (causal, padding, sliding window), added to the attention scores. Written out for every
-    /// head, like the rotary tables, for the CPU backend's same-shape fast path.
-    pub bias: Tensor<B, 4>,
+    /// The keys' mask (causality is the attention's own).
+    pub mask: KeyMask<B>,
     /// The sliding-window layers' tables and mask, where a model mixes layer types (Gemma 3);
-    /// `None`: every layer uses `rope` and `bias`.
-    pub sliding: Option<(Rope<B>, Tensor<B, 4>)>,
+    /// `None`: every layer uses `rope` and `mask`.
+    pub sliding: Option<(Rope<B>, KeyMask<B>)>,
     /// The compute dtype of attention and the MLP ([`LlamaModel::dtype`]).
     pub compute: DType,
 }
 
 impl<B: Backend> LayerContext<B> {
     /// The tables and mask of a sliding (`true`) or full layer.
-    pub fn tables(&self, sliding: bool) -> (&Rope<B>, &Tensor<B, 4>) {
+    pub fn tables(&self, sliding: bool) -> (&Rope<B>, &KeyMask<B>) {
         match &self.sliding {
-            Some((rope, bias)) if sliding => (rope, bias),
-            _ => (&self.rope, &self.bias),
+            Some((rope, mask)) if sliding => (rope, mask),
+            _ => (&self.rope, &self.mask),
         }
     }
 }
@@ -420,7 +416,7 @@ pub struct LlamaModel<B: Backend> {
     pub dtype: DType,
 }
 
-impl<B: Backend> LlamaModel<B> {
+impl<B: LogProbBackend> LlamaModel<B> {
     /// The device the weights live on.
     pub fn device(&self) -> B::Device {
         self.weights.embed_tokens.val().device()
@@ -466,40 +462,24 @@ impl<B: Backend> LlamaModel<B> {
     pub fn layer_context(&self, inputs: &Inputs, key_valid: &[Vec<bool>]) -> LayerContext<B> {
         let c = &self.config;
         if c.mixes_layer_types() {
-            let (rope, bias) = self.tables(inputs, key_valid, false);
-            LayerContext { rope, bias, sliding: Some(self.tables(inputs, key_valid, true)), compute: self.dtype }
+            let (rope, mask) = self.tables(inputs, key_valid, false);
+            LayerContext { rope, mask, sliding: Some(self.tables(inputs, key_valid, true)), compute: self.dtype }
         } else {
-            let (rope, bias) = self.tables(inputs, key_valid, c.layer_is_sliding(0));
-            LayerContext { rope, bias, sliding: None, compute: self.dtype }
+            let (rope, mask) = self.tables(inputs, key_valid, c.layer_is_sliding(0));
+            LayerContext { rope, mask, sliding: None, compute: self.dtype }
         }
     }
 
     /// Rotary tables and mask of the sliding-window layers (`sliding`) or of the others.
-    fn tables(&self, inputs: &Inputs, key_valid: &[Vec<bool>], sliding: bool) -> (Rope<B>, Tensor<B, 4>) {
+    fn tables(&self, inputs: &Inputs, key_valid: &[Vec<bool>], sliding: bool) -> (Rope<B>, KeyMask<B>) {
         let device = self.device();
         let b = inputs.ids.len();
-        let t = inputs.ids.first().map_or(0, Vec::len);
         let tk = key_valid.first().map_or(0, Vec::len);
-        let past = tk - t;
         let rope = Rope::new(&self.config, &inputs.positions, sliding, &device, self.dtype);
         let window = if sliding { self.config.sliding_window } else { None };
-        let heads = self.config.num_heads;
-        let mut bias = Vec::with_capacity(b * heads * t * tk);
-        for row in key_valid {
-            let start = bias.len();
-            for i in 0..t {
-                let q = past + i;
-                for (j, ok) in row.iter().enumerate() {
-                    let allowed = *ok && j <= q && window.is_none_or(|w| q - j < w);
-                    bias.push(if allowed { 0.0f32 } else { f32::MIN });
-                }
-            }
-            for _ in 1..heads {
-                bias.extend_from_within(start..start + t * tk);
-            }
-        }
-        let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [b, heads, t, tk]), (&device, DType::F32));
-        (rope, bias)
+        let bias: Vec<f32> = key_valid.iter().flatten().map(|ok| if *ok { 0.0 } else { f32::MIN }).collect();
+        let key_bias = Tensor::<B, 2>::from_data(TensorData::new(bias, [b, tk]), (&device, DType::F32));
+        (rope, KeyMask { key_bias, window })
     }
 
     /// The final hidden states (after the last norm).

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use burn::tensor::backend::Backend;
 use fuserl_core::data::ChatMessage;
 use fuserl_model::Cpu;
 use fuserl_model::chat::ChatTokenizer;
@@ -34,7 +33,7 @@ fn close(name: &str, what: &str, got: &[Vec<f32>], want: &[Vec<f64>]) {
     }
 }
 
-fn check<B: Backend>(name: &str, rm: &SequenceClassifier<B>) {
+fn check<B: fuserl_kernels::LogProbBackend>(name: &str, rm: &SequenceClassifier<B>) {
     let doc = oracle(name);
     let conversations: Vec<Vec<ChatMessage>> = serde_json::from_value(doc["conversations"].clone()).expect("conv");
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(doc["ids"].clone()).expect("ids");

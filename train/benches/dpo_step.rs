@@ -35,7 +35,12 @@ fn main() {
     bench::<TrainBackend>(if kept { "freed memory kept" } else { "default malloc settings" });
 }
 
-fn bench<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(malloc: &str) {
+fn bench<
+    B: burn::tensor::backend::AutodiffBackend<InnerBackend: fuserl_kernels::LogProbBackend>
+        + fuserl_kernels::LogProbBackend,
+>(
+    malloc: &str,
+) {
     let models = std::env::var_os("FUSERL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));

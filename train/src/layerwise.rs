@@ -25,7 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use fuserl_core::backend::LogProbPath;
 use fuserl_kernels::LogProbBackend;
-use fuserl_model::llama::{DecoderLayer, Inputs, LayerContext, Llama, LlamaModel, Rope};
+use fuserl_model::llama::{DecoderLayer, Inputs, KeyMask, LayerContext, Llama, LlamaModel, Rope};
 use fuserl_model::logprobs::hidden_logprobs;
 
 use crate::data::{SeqTokens, padded_batch, score_targets};
@@ -48,7 +48,7 @@ struct Shard<'a, B: AutodiffBackend> {
 /// Back-propagate `sum_i coef_i * logp_i` for one micro-batch, recomputing each decoder layer in
 /// the backward pass, and add the parameters' gradients to `accumulator`. `coefficients` gets the
 /// sequences' log-probs (sum over response tokens) and returns `coef` (`dL/dlogp`).
-pub(crate) fn layerwise_backward<B: AutodiffBackend + LogProbBackend>(
+pub(crate) fn layerwise_backward<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBackend>(
     model: &LlamaModel<B>,
     seqs: &[SeqTokens],
     path: LogProbPath,
@@ -210,10 +210,11 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
 fn without_graph<B: AutodiffBackend>(c: &LayerContext<B>) -> LayerContext<B::InnerBackend> {
     let pair = |(cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)| (cos.clone().inner(), sin.clone().inner());
     let rope = |r: &Rope<B>| Rope { queries: pair(&r.queries), keys: pair(&r.keys) };
+    let mask = |m: &KeyMask<B>| KeyMask { key_bias: m.key_bias.clone().inner(), window: m.window };
     LayerContext {
         rope: rope(&c.rope),
-        bias: c.bias.clone().inner(),
-        sliding: c.sliding.as_ref().map(|(r, bias)| (rope(r), bias.clone().inner())),
+        mask: mask(&c.mask),
+        sliding: c.sliding.as_ref().map(|(r, m)| (rope(r), mask(m))),
         compute: c.compute,
     }
 }

@@ -303,7 +303,7 @@ pub fn new_optimizer<B: AutodiffBackend>(c: &StageConfig) -> Optim<B> {
 /// One optimiser step over `picked` (already in micro-batch order): micro-batches of
 /// `batch_size`, gradients accumulated, clipped by global norm, AdamW. Takes the model and gives
 /// back the updated one, so that no second copy of the weights is alive while AdamW writes them.
-pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
+pub fn optimizer_step<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBackend>(
     model: LlamaModel<B>,
     optim: &mut Optim<B>,
     picked: &[&TrainExample],
@@ -402,7 +402,7 @@ pub fn optimizer_step<B: AutodiffBackend + LogProbBackend>(
 }
 
 /// Train `model` on one stage, resuming from the stage's last checkpoint if there is one.
-pub fn train_stage<B: AutodiffBackend + LogProbBackend>(
+pub fn train_stage<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBackend>(
     mut model: LlamaModel<B>,
     stage: Stage<'_>,
     progress: &mut dyn FnMut(&Progress),
