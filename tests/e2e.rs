@@ -50,8 +50,12 @@ fn resolved_recipes_are_valid_recipes_and_a_fixed_point() {
         assert!(check.status.success(), "{}: {}", file.display(), text(&check.stderr));
         let second = fuserl(&["recipe", "show", &copy.display().to_string()], sandbox.path());
         assert_eq!(text(&first.stdout), text(&second.stdout), "{} is not a fixed point", file.display());
-        // Every default is written out.
+        // Every default is written out, under a comment that says what paths are relative to.
         let shown = text(&first.stdout);
+        assert!(
+            shown.starts_with("# The resolved recipe") && shown.contains("relative to\n# this file's folder"),
+            "{shown}"
+        );
         for key in ["output_dir", "device", "adam_eps", "reference", "[export]", "[eval]"] {
             assert!(shown.contains(key), "{}: `{key}` missing from the resolved recipe", file.display());
         }
@@ -261,6 +265,10 @@ fn plugins_list_shows_every_builtin() {
         assert!(line.contains(origin), "{line}");
         assert!(line.split(origin).nth(1).is_some_and(|s| s.trim().len() > 10), "no summary: {line}");
     }
+    // A plugin library that is not there is said to be missing, in words (issue #34).
+    let missing = fuserl(&["--plugin", "./nope.so", "plugins", "list"], &repo());
+    let err = text(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("nope.so: ") && !err.contains("os error"), "{err}");
 }
 
 #[test]
@@ -722,7 +730,7 @@ fn logprobs_and_generate_report_bad_input_with_its_place() {
     let missing = fuserl(&["generate", "--model", "/nonexistent/model", "--prompt", "Hi"], dir.path());
     assert_eq!(missing.status.code(), Some(2));
     assert!(
-        text(&missing.stderr).contains("/nonexistent/model: not a Hugging Face checkpoint folder"),
+        text(&missing.stderr).contains("/nonexistent/model: no such checkpoint folder"),
         "{}",
         text(&missing.stderr)
     );
@@ -870,6 +878,23 @@ fn a_run_says_where_it_goes_and_a_changed_recipe_names_what_changed() {
     assert!(err.contains("recipes: Is a directory") && !err.contains("os error"), "{err}");
 }
 
+/// Issue #34: prompts longer than `max_length` leaves them are cut, and the run says so (once
+/// for training, once per evaluated model), instead of training and evaluating on them in silence.
+#[test]
+fn prompts_cut_by_max_length_are_warned_of() {
+    let sandbox = sandbox();
+    let quick = std::fs::read_to_string(repo().join("recipes/quickstart.toml")).expect("recipe");
+    assert!(quick.contains("max_length = 256\n"), "the quick start sets [target] max_length");
+    std::fs::write(sandbox.path().join("recipes/q.toml"), quick.replace("max_length = 256\n", "max_length = 8\n"))
+        .expect("write");
+    let out = fuserl(&["run", "recipes/q.toml"], sandbox.path());
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("prompts are longer than the room max_length = 8 leaves them"), "{err}");
+    assert!(err.contains("prompts are longer than max_prompt_length = 7 tokens"), "{err}");
+    // At the quick start's own length nothing is cut: no warning there (the README test).
+}
+
 /// Issue #34: a file of data/external/ (downloads, never committed) that is not there names the
 /// script that fetches it, at its recipe line.
 #[test]
@@ -968,6 +993,30 @@ fn help_puts_run_first_and_says_what_values_are() {
         fuserl(&["generate", "--model", "checkpoints/tiny-chat", "--prompt", "hi", "--temperature", "-1"], &repo());
     assert_eq!(negative.status.code(), Some(2), "{}", text(&negative.stderr));
     assert!(text(&negative.stderr).contains("--temperature -1: expected a number >= 0"), "{}", text(&negative.stderr));
+    // A negative count is a bad value of its option, not an "unexpected argument".
+    for (option, value) in [("--top-k", "-1"), ("--max-new-tokens", "-5")] {
+        let out = fuserl(&["generate", "--model", "checkpoints/tiny-chat", "--prompt", "hi", option, value], &repo());
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{option}")) && !err.contains("unexpected"),
+            "{err}"
+        );
+    }
+    // A model folder that does not exist is said to be missing; a missing GGUF file is bad input.
+    let nope = fuserl(&["generate", "--model", "nope", "--prompt", "hi"], &repo());
+    assert_eq!(nope.status.code(), Some(2), "{}", text(&nope.stderr));
+    assert!(text(&nope.stderr).contains("nope: no such checkpoint folder"), "{}", text(&nope.stderr));
+    let scratch = tempfile::tempdir().expect("tmp");
+    let missing = scratch.path().join("missing.gguf").display().to_string();
+    let out_folder = scratch.path().join("out").display().to_string();
+    let gguf = fuserl(&["convert", "gguf", &missing, &out_folder], &repo());
+    assert_eq!(gguf.status.code(), Some(2), "{}", text(&gguf.stderr));
+    assert!(
+        text(&gguf.stderr).contains("missing.gguf") && !text(&gguf.stderr).contains("os error"),
+        "{}",
+        text(&gguf.stderr)
+    );
 }
 
 /// Issue #34: a device the machine lacks (`device = "cuda"` on a machine without an NVIDIA GPU)
@@ -1126,4 +1175,117 @@ fn a_prompt_with_100k_sources_is_handled_in_linear_time() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("100000 sft examples"), "{}", text(&out.stderr));
     assert!(took.as_secs() < 10, "took {took:?}");
+}
+
+/// What a terminal shows once `text` has been written to it: a minimal emulator of what the
+/// progress bars and the line writers send (newline, carriage return, cursor up and down, erase
+/// line, erase to the end of the screen; colours and cursor visibility ignored). Non-empty lines.
+fn screen(text: &str) -> Vec<String> {
+    let mut lines: Vec<Vec<char>> = vec![Vec::new()];
+    let (mut row, mut col) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                row += 1;
+                col = 0;
+                if lines.len() <= row {
+                    lines.push(Vec::new());
+                }
+            }
+            '\r' => col = 0,
+            '\u{1b}' if chars.peek() == Some(&'[') => {
+                chars.next();
+                let mut arg = String::new();
+                while let Some(&d) = chars.peek().filter(|d| d.is_ascii_digit() || **d == ';' || **d == '?') {
+                    arg.push(d);
+                    chars.next();
+                }
+                let n: usize = arg.parse().unwrap_or(1).max(1);
+                match chars.next() {
+                    Some('A') => row = row.saturating_sub(n),
+                    Some('B') => {
+                        row += n;
+                        while lines.len() <= row {
+                            lines.push(Vec::new());
+                        }
+                    }
+                    Some('K') if arg == "2" => lines[row].clear(),
+                    Some('K') => lines[row].truncate(col),
+                    Some('J') => {
+                        lines[row].truncate(col);
+                        lines.truncate(row + 1);
+                    }
+                    Some('G') => col = n - 1,
+                    Some('C') => col += n,
+                    Some('D') => col = col.saturating_sub(n),
+                    _ => {}
+                }
+            }
+            c => {
+                let line = &mut lines[row];
+                while line.len() < col {
+                    line.push(' ');
+                }
+                if col < line.len() {
+                    line[col] = c;
+                } else {
+                    line.push(c);
+                }
+                col += 1;
+            }
+        }
+    }
+    lines
+        .into_iter()
+        .map(|l| l.into_iter().collect::<String>().trim_end().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Whether a screen line holds a progress bar (`[` then 30 of `=`, `>` and spaces, then `]`).
+fn is_bar(line: &str) -> bool {
+    let chars: Vec<char> = line.chars().collect();
+    chars.windows(32).any(|w| w[0] == '[' && w[31] == ']' && w[1..31].iter().all(|c| matches!(c, '=' | '>' | ' ')))
+}
+
+/// Issue #34: on a terminal (a pseudo-terminal made by util-linux's `script`), the quick start
+/// shows what it prints off one: each stage's line once, no finished bar left drawn, at most 12
+/// lines; with -v its log lines go above the bars, none inside one.
+#[test]
+fn the_quick_start_on_a_terminal_shows_its_lines_once() {
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
+        {
+            eprintln!("not checked: no `script` (util-linux) to make a terminal");
+        }
+        return;
+    }
+    let sandbox = sandbox();
+    let recipe = repo().join("recipes/quickstart.toml").display().to_string();
+    let on_terminal = |args: &str| {
+        let command = format!("stty cols 150 rows 60; {} {args} {recipe}", env!("CARGO_BIN_EXE_fuserl"));
+        let out = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .current_dir(sandbox.path())
+            .env("FUSERL_PLUGIN_PATH", crate::common::plugin_dir())
+            .output()
+            .expect("script");
+        assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+        screen(&text(&out.stdout))
+    };
+    let shown = on_terminal("run");
+    let all = shown.join("\n");
+    assert!(shown.len() <= 12, "{} lines on the terminal:\n{all}", shown.len());
+    for line in ["sft: 150/150 steps", "po: 28/28 steps", "score precomputed: 60/60", "evaluation: runs/quickstart"] {
+        assert_eq!(shown.iter().filter(|l| l.starts_with(line)).count(), 1, "{line:?} in\n{all}");
+    }
+    assert!(!shown.iter().any(|l| is_bar(l)), "a bar left drawn:\n{all}");
+    // With -v (a new run: the stages work again), log lines are whole lines, above the bars.
+    std::fs::remove_dir_all(sandbox.path().join("runs")).expect("rm runs");
+    let verbose = on_terminal("-v run");
+    let all = verbose.join("\n");
+    assert!(verbose.iter().any(|l| l.trim_start().starts_with("INFO ")), "{all}");
+    assert!(!verbose.iter().any(|l| is_bar(l)), "a bar left drawn:\n{all}");
+    assert_eq!(verbose.iter().filter(|l| l.starts_with("sft: 150/150 steps")).count(), 1, "{all}");
 }

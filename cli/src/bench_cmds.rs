@@ -50,13 +50,13 @@ pub struct TrainStepArgs {
     #[arg(long, default_value = "dpo")]
     objective: String,
     /// Examples a step (pairs for the pairwise objectives).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     pairs: usize,
     /// Tokens of every sequence (a quarter prompt, the rest response).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, allow_negative_numbers = true)]
     tokens: usize,
     /// Timed steps after one untimed warm-up step.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     steps: usize,
     /// Gradient checkpointing by layer (the default of a recipe's stages).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -78,13 +78,13 @@ pub struct GenerateBenchArgs {
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Prompts generated at once.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     batch: usize,
     /// New tokens at most per prompt (greedy; a row stops at its end-of-sequence token).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     new_tokens: usize,
     /// Timed runs after one untimed warm-up (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
 }
 

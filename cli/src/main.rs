@@ -137,8 +137,9 @@ enum RecipeCommand {
         files: Vec<PathBuf>,
     },
     /// Print the resolved recipe: every default filled in. The output is itself a valid recipe
-    /// (relative paths stay relative to the original recipe's folder).
-    #[command(after_help = "Example:\n  fuserl recipe show recipes/fuserl-dpo.toml > resolved.toml")]
+    /// whose paths are as written: inputs relative to the recipe file's folder (save it beside
+    /// the original), outputs (output_dir, [export] path) to the working folder.
+    #[command(after_help = "Example:\n  fuserl recipe show recipes/fuserl-dpo.toml > recipes/fuserl-dpo.resolved.toml")]
     Show {
         /// Recipe file.
         file: PathBuf,
@@ -203,6 +204,9 @@ fn main() -> ExitCode {
     fuserl_backends::keep_freed_memory();
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    if cli.quiet {
+        BARS.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     init_logging(cli.verbose, cli.quiet);
     // A panic inside a third-party parser is caught at its call and comes back as an error that
     // names the file (fuserl_io::untrusted): print that error, not the panic as well.
@@ -317,19 +321,38 @@ fn quiet() -> bool {
     QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Every progress bar of the process: lines printed while bars are drawn (stage lines, summaries,
+/// log lines) go above the bars through it, instead of into them.
+static BARS: std::sync::LazyLock<indicatif::MultiProgress> = std::sync::LazyLock::new(indicatif::MultiProgress::new);
+
 /// A summary line on standard output, unless `-q`.
 macro_rules! say {
-    ($($t:tt)*) => { if !quiet() { println!($($t)*); } };
+    ($($t:tt)*) => { if !quiet() { let line = format!($($t)*); BARS.suspend(|| println!("{line}")); } };
 }
 
 /// A stage line on standard error, unless `-q`.
 macro_rules! note {
-    ($($t:tt)*) => { if !quiet() { eprintln!($($t)*); } };
+    ($($t:tt)*) => { if !quiet() { let line = format!($($t)*); BARS.suspend(|| eprintln!("{line}")); } };
 }
 
-/// Progress bars draw only on a terminal, and not with `-q`.
+/// Progress bars draw only on a terminal, and not with `-q`. A finished bar is cleared and its
+/// stage's summary line printed in its place, so that a terminal shows what a pipe gets.
 fn bar(len: u64) -> indicatif::ProgressBar {
-    if quiet() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(len) }
+    if quiet() { indicatif::ProgressBar::hidden() } else { BARS.add(indicatif::ProgressBar::new(len)) }
+}
+
+/// Log lines written above the progress bars.
+struct AboveBars;
+
+impl Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        BARS.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -367,7 +390,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .fmt_fields(fields)
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| AboveBars)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // Times to the microsecond help only where lines are many.
@@ -403,6 +426,11 @@ fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
         Command::Recipe(RecipeCommand::Show { file }) => {
             let registry = registry(plugins)?;
             let loaded = load(&file, &registry)?;
+            println!(
+                "# The resolved recipe: every default filled in. Inputs (data, checkpoints) are relative to\n\
+                 # this file's folder, so keep it beside the original; outputs (output_dir, [export] path)\n\
+                 # are relative to the working folder."
+            );
             print!("{}", loaded.shown_toml()?);
             Ok(ExitCode::SUCCESS)
         }
@@ -675,7 +703,7 @@ impl ScoreBar {
         bar.set_length(p.total);
         bar.set_position(p.done);
         if let Some(s) = &p.finished {
-            bar.finish();
+            bar.finish_and_clear();
             if s.scored > 0 && s.from_data == s.scored && !self.silent {
                 // Scores that come with the data: read again every run, nothing "scored now".
                 note!(
@@ -712,7 +740,6 @@ impl ScoreBar {
 #[derive(Debug, Default)]
 struct CollectBars {
     bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
-    multi: indicatif::MultiProgress,
     silent: bool,
 }
 
@@ -720,11 +747,7 @@ impl CollectBars {
     fn update(&self, p: &fuserl_run::collect::CollectProgress<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
-            if quiet() {
-                // A bar added to a MultiProgress draws where the MultiProgress does.
-                self.multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            let bar = self.multi.add(bar(p.total));
+            let bar = bar(p.total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {msg} ({elapsed})")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -740,7 +763,7 @@ impl CollectBars {
         let secs = bar.elapsed().as_secs_f64().max(1e-3);
         bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / secs));
         if p.finished.is_some() {
-            bar.finish();
+            bar.finish_and_clear();
         }
         if let Some(s) = p.finished.as_ref().filter(|_| !self.silent) {
             note!(
@@ -798,17 +821,17 @@ impl StageBars {
         bar.set_position(p.step);
         bar.set_message(format!("{:.4}", p.loss));
         if p.step >= p.total {
-            if bar.is_hidden() {
-                note!(
-                    "{}: {}/{} steps, loss {:.4} ({:.1} s)",
-                    p.stage.as_str(),
-                    p.step,
-                    p.total,
-                    p.loss,
-                    bar.elapsed().as_secs_f64()
-                );
-            }
-            bar.finish();
+            // The finished bar gives its place to the stage's line (the same on a terminal and
+            // off one).
+            bar.finish_and_clear();
+            note!(
+                "{}: {}/{} steps, loss {:.4} ({:.1} s)",
+                p.stage.as_str(),
+                p.step,
+                p.total,
+                p.loss,
+                bar.elapsed().as_secs_f64()
+            );
             self.current = None;
         }
     }

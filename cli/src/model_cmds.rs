@@ -22,7 +22,8 @@ pub fn bad_input(message: String) -> anyhow::Error {
 /// Map model errors: files and formats are the user's input.
 pub fn model_error(e: fuserl_model::ModelError) -> anyhow::Error {
     match e {
-        fuserl_model::ModelError::Io { .. } => e.into(),
+        // A missing input is bad input (exit 2); other I/O failures are the machine's (exit 1).
+        fuserl_model::ModelError::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => e.into(),
         other => bad_input(other.to_string()),
     }
 }
@@ -115,7 +116,7 @@ pub struct LogprobsArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Pairs per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     batch_size: usize,
     /// Chat template file (default: the checkpoint's).
     #[arg(long)]
@@ -176,7 +177,7 @@ pub struct RewardArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Conversations per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     batch_size: usize,
     /// Which label is `score` (name or index; default: the first).
     #[arg(long)]
@@ -256,12 +257,7 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         return Err(bad_input("--batch-size must be at least 1".into()));
     }
     // The model's configuration first, so that a wrong folder is reported as such.
-    if !args.model.join("config.json").is_file() {
-        return Err(model_error(fuserl_model::ModelError::format(
-            &args.model,
-            "not a Hugging Face checkpoint folder: it has no config.json",
-        )));
-    }
+    fuserl_model::checkpoint::config_file(&args.model).map_err(model_error)?;
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
     let positions = fuserl_model::config::LlamaConfig::from_file(&args.model.join("config.json"))
         .map_err(model_error)?
@@ -327,7 +323,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     prompt: String,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -336,10 +332,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// Keep only the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
     /// Sampler seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Stop at this text (repeatable).
     #[arg(long)]

@@ -105,6 +105,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         B::host_shards(device)
     }
 
+    fn max_attention_elems(device: &Self::Device) -> usize {
+        B::max_attention_elems(device)
+    }
+
     fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::add_rows(Self::inner(tensor), ids, Self::inner(rows)))
     }

@@ -265,6 +265,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         DEFAULT_MAX_CHUNK_ELEMS.min(binding.max(1 << 16))
     }
 
+    fn max_attention_elems(device: &Self::Device) -> usize {
+        let binding = R::client(device).properties().memory.max_page_size as usize / 4;
+        crate::DEFAULT_MAX_ATTENTION_ELEMS.min(binding.max(1 << 16))
+    }
+
     fn token_logprobs_fwd(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,

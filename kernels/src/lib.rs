@@ -69,6 +69,12 @@ impl Chunks {
 /// temporaries stay far below the logits they replace.
 pub const DEFAULT_MAX_CHUNK_ELEMS: usize = 1 << 22;
 
+/// The default bound on one attention tile's scores (`batch * heads * rows * keys`): 32 Mi
+/// elements (128 MiB of f32; the tile and a few temporaries of its size are live at once). At
+/// batch 4, 32 heads and 4096 keys that is 64 query rows a tile: matmuls large enough to run
+/// well, and a few hundred MiB instead of the 8 GiB of the whole scores.
+pub const DEFAULT_MAX_ATTENTION_ELEMS: usize = 1 << 25;
+
 /// A backend that can compute per-token log-probs. Every method but the two entry points has
 /// a provided reference implementation in plain Burn ops; cubecl backends override them with
 /// kernels, and `Autodiff<B>` overrides the entry points to attach the custom backward.
@@ -76,6 +82,11 @@ pub trait LogProbBackend: Backend {
     /// The largest number of elements one chunk may hold on `device`.
     fn max_chunk_elems(_device: &Self::Device) -> usize {
         DEFAULT_MAX_CHUNK_ELEMS
+    }
+
+    /// The largest number of scores one attention tile may hold on `device`.
+    fn max_attention_elems(_device: &Self::Device) -> usize {
+        DEFAULT_MAX_ATTENTION_ELEMS
     }
 
     /// How many shards of a micro-batch the trainer's layer-wise backward runs at once, each on
@@ -357,7 +368,8 @@ pub fn token_logprobs<B: LogProbBackend>(logits: Tensor<B, 2>, targets: Tensor<B
 }
 
 /// Causal grouped-query attention without the whole `[seq, keys]` scores (module
-/// [`attention`]): tiles of query rows sized to the backend's chunk bound.
+/// [`attention`]): tiles of query rows sized to the backend's bound
+/// ([`LogProbBackend::max_attention_elems`]).
 ///
 /// # Shapes
 /// `q: [batch, heads, seq, dim]` (already scaled), `k`, `v: [batch, kv_heads, past + seq, dim]`,
@@ -371,7 +383,7 @@ pub fn causal_attention<B: LogProbBackend>(
 ) -> Tensor<B, 4> {
     let [b, nh, t, _] = q.dims();
     let tk = k.dims()[2];
-    let mask = AttentionMask::new(tk - t, window, (b, nh, tk), B::max_chunk_elems(&q.device()));
+    let mask = AttentionMask::new(tk - t, window, (b, nh, tk), B::max_attention_elems(&q.device()));
     float(<B as LogProbBackend>::causal_attention(prim(q), prim(k), prim(v), prim(key_bias), mask))
 }
 

@@ -285,12 +285,28 @@ pub fn build_model<B: Backend>(
     Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
 }
 
-/// Load a Hugging Face checkpoint folder into `dtype` on `device`.
-pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
-    let config_file = dir.join("config.json");
-    if !config_file.is_file() {
+/// The `config.json` of the checkpoint folder `dir`, or an error that says what `dir` is instead
+/// (no such folder, a file, a folder without config.json).
+pub fn config_file(dir: &Path) -> Result<PathBuf> {
+    if !dir.exists() {
+        return Err(ModelError::format(dir, "no such checkpoint folder"));
+    }
+    if !dir.is_dir() {
+        return Err(ModelError::format(
+            dir,
+            "not a folder: a checkpoint is a Hugging Face folder (config.json, tokenizer.json, *.safetensors)",
+        ));
+    }
+    let file = dir.join("config.json");
+    if !file.is_file() {
         return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
     }
+    Ok(file)
+}
+
+/// Load a Hugging Face checkpoint folder into `dtype` on `device`.
+pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
+    let config_file = config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let config = LlamaConfig::from_json(&json, &config_file)?;
     let mut store = TensorStore::read_dir(dir)?;

@@ -127,10 +127,7 @@ pub fn load_classifier<B: LogProbBackend>(
     device: &B::Device,
     dtype: DType,
 ) -> Result<SequenceClassifier<B>> {
-    let config_file = dir.join("config.json");
-    if !config_file.is_file() {
-        return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
-    }
+    let config_file = crate::checkpoint::config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let (config, head) = classifier_config(&json, &config_file)?;
     let mut store = TensorStore::read_dir(dir)?;

@@ -623,10 +623,7 @@ fn is_byte_token(t: &str) -> bool {
 /// Export the checkpoint folder `dir` as a GGUF file `out` of type `ty` (atomically: a
 /// temporary file renamed over `out` when complete).
 pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
-    let config_file = dir.join("config.json");
-    if !config_file.is_file() {
-        return Err(ModelError::format(dir, "not a Hugging Face checkpoint folder: it has no config.json"));
-    }
+    let config_file = crate::checkpoint::config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let c = LlamaConfig::from_json(&json, &config_file)?;
     let multimodal = crate::gemma3::is_multimodal(&json);

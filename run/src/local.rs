@@ -206,12 +206,22 @@ impl OnBackend for Job<'_> {
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         let max_prompt = s.config.max_prompt_length as usize;
         let mut prompts = Vec::with_capacity(self.jobs.len());
+        let mut cut = 0;
         for j in self.jobs {
             let mut ids = tok.prompt_ids(&j.prompt.messages).map_err(model_error)?;
             if ids.len() > max_prompt {
                 ids.drain(..ids.len() - max_prompt);
+                cut += 1;
             }
             prompts.push(ids);
+        }
+        if cut > 0 {
+            tracing::warn!(
+                source = %s.config.name,
+                "{cut} of {} prompts are longer than max_prompt_length = {max_prompt} tokens: their first tokens were cut \
+                 (raise [target] max_length or max_prompt_length)",
+                prompts.len()
+            );
         }
         let seeds: Vec<u64> = self.jobs.iter().map(|j| j.seed).collect();
         // Continuous batching: each answer goes to the sink (the store) as soon as it is done,

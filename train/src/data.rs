@@ -57,6 +57,7 @@ pub fn tokenize(
     max_prompt_length: Option<usize>,
 ) -> Result<Vec<TrainExample>> {
     let mut prompt_cache: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut prompts_cut = 0;
     let mut out = Vec::with_capacity(examples.len());
     for example in examples {
         let messages = prompts
@@ -70,6 +71,7 @@ pub fn tokenize(
                     max_prompt_length.unwrap_or(max_length.saturating_sub(1)).min(max_length.saturating_sub(1)).max(1);
                 if p.len() > cap {
                     p.drain(..p.len() - cap);
+                    prompts_cut += 1;
                 }
                 prompt_cache.insert(example.prompt_id.clone(), p.clone());
                 p
@@ -94,6 +96,15 @@ pub fn tokenize(
             seqs.push(SeqTokens { prompt: prompt.clone(), response });
         }
         out.push(TrainExample { example, seqs });
+    }
+    if prompts_cut > 0 {
+        // Training on prompts without their beginning (issue #34: max_length = 8 trained on cut
+        // prompts in silence).
+        tracing::warn!(
+            "{prompts_cut} of {} prompts are longer than the room max_length = {max_length} leaves them: their first \
+             tokens were cut (raise [target] max_length, or max_prompt_length)",
+            prompt_cache.len()
+        );
     }
     Ok(out)
 }

@@ -181,7 +181,8 @@ pub type EntryFn = unsafe extern "C" fn(*const HostApi) -> *const PluginDeclarat
 /// Load the library at `path` and register its components. A file already loaded into this
 /// registry is not loaded again. Returns the number of components registered.
 pub fn load_library(path: &Path, registry: &mut Registry) -> std::result::Result<usize, String> {
-    let key = path.canonicalize().map_err(|e| format!("{}: {e}", Shown(path)))?;
+    let key =
+        path.canonicalize().map_err(|e| format!("{}: {}", Shown(path), fuserl_core::paths::cannot_read(path, &e)))?;
     if !registry.note_loaded(&key) {
         return Ok(0);
     }

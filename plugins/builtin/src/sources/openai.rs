@@ -200,8 +200,9 @@ pub(crate) fn load_template(path: &std::path::Path) -> std::result::Result<Strin
     let shown = fuserl_core::paths::Shown(path);
     if path.is_dir() {
         let cfg = path.join("tokenizer_config.json");
-        let text = fuserl_core::paths::read_regular_string(&cfg)
-            .map_err(|e| format!("{}: {e}", fuserl_core::paths::Shown(&cfg)))?;
+        let text = fuserl_core::paths::read_regular_string(&cfg).map_err(|e| {
+            format!("{}: {}", fuserl_core::paths::Shown(&cfg), fuserl_core::paths::cannot_read(&cfg, &e))
+        })?;
         let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", fuserl_core::paths::Shown(&cfg)))?;
         return v
             .get("chat_template")
@@ -209,7 +210,8 @@ pub(crate) fn load_template(path: &std::path::Path) -> std::result::Result<Strin
             .map(str::to_owned)
             .ok_or_else(|| format!("{}: no `chat_template` string", fuserl_core::paths::Shown(&cfg)));
     }
-    fuserl_core::paths::read_regular_string(path).map_err(|e| format!("{shown}: {e}"))
+    fuserl_core::paths::read_regular_string(path)
+        .map_err(|e| format!("{shown}: {}", fuserl_core::paths::cannot_read(path, &e)))
 }
 
 /// Render a Hugging Face style chat template (`messages`, `add_generation_prompt`,
