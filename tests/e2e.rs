@@ -966,6 +966,32 @@ fn recipe_check_opens_every_input_and_run_stops_before_training() {
         "{err}"
     );
     assert!(!sandbox.path().join("runs").exists(), "no run folder is made");
+    // Every problem at once, of every kind: a misspelt key, a value of the wrong type and a
+    // source without its required file do not hide each other nor the inputs' problems.
+    let worse = broken
+        .replace("max_length = 256\n", "max_lenght = 256\n")
+        .replace("learning_rate = 3e-3\n", "learning_rate = \"fast\"\n")
+        .replace("path = \"../data/fusion-mini.jsonl\"\n", "");
+    std::fs::write(sandbox.path().join("recipes/worse.toml"), &worse).expect("write");
+    let check = fuserl(&["recipe", "check", "recipes/worse.toml"], sandbox.path());
+    let err = text(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    for (line, said) in [
+        (
+            line_of(&worse, "max_lenght"),
+            "target.max_lenght: unknown key `max_lenght` (did you mean `max_length`?)".to_owned(),
+        ),
+        (line_of(&worse, "\"fast\""), "sft.learning_rate: expected a number, found string \"fast\"".to_owned()),
+        // A missing key is located at its table's first key.
+        (line_of(&worse, "kind = \"jsonl\""), "sources[0].path: missing required key `path`".to_owned()),
+        (
+            line_of(&worse, "tiny-chta"),
+            "target.checkpoint: checkpoints/tiny-chta: no such checkpoint folder".to_owned(),
+        ),
+        (line_of(&worse, "empty.jsonl"), "eval.prompts: recipes/empty.jsonl: no prompts in it".to_owned()),
+    ] {
+        assert!(err.contains(&format!("recipes/worse.toml:{line}:1: {said}")), "{said:?} at line {line}:\n{err}");
+    }
 }
 
 /// Issue #34, help: the main command first, global options one line each, the values an option
@@ -1047,6 +1073,11 @@ fn a_device_the_machine_lacks_is_named_at_its_line_before_anything_runs() {
     );
     assert!(!err.contains("Task failed") && !err.contains("panicked"), "{err}");
     assert!(!sandbox.path().join("runs").exists(), "nothing ran");
+    // `recipe check` starts the device too, and says the same at the same line.
+    let check = fuserl(&["recipe", "check", "recipes/cuda.toml"], sandbox.path());
+    let err = text(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("recipes/cuda.toml:{line}:1: backend.device: device `cuda`")), "{err}");
 }
 
 /// Issue #30: `fuserl plan` breaks each training stage's peak down by phase and part, with the

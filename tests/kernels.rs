@@ -309,7 +309,9 @@ mod wgpu {
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn kernels_match_the_oracle_on_cuda() {
     use burn::backend::Cuda;
-    suite::<Autodiff<Cuda>>(&burn::backend::cuda::CudaDevice::new(0));
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    suite::<Autodiff<Cuda>>(&device);
+    attention_suite::<Autodiff<Cuda>>(&device);
 }
 
 /// Causal grouped-query attention in f64: `out[b][h][i]` and the gradients of
@@ -396,6 +398,7 @@ fn check_attention<B: AutodiffBackend + LogProbBackend>(
         values(b * nkv * tk * d, 33, 1.0),
         values(b * nh * t * d, 34, 1.0),
     );
+    // q in the model's layout `[batch, seq, heads, dim]`, as a strided view of the oracle's.
     let q = tensor::<B, 4>(&qv, [b, nh, t, d], device).require_grad();
     let k = tensor::<B, 4>(&kv, [b, nkv, tk, d], device).require_grad();
     let v = tensor::<B, 4>(&vv, [b, nkv, tk, d], device).require_grad();
@@ -403,12 +406,13 @@ fn check_attention<B: AutodiffBackend + LogProbBackend>(
     let key_bias = tensor::<B, 2>(&bias, [b, tk], device);
     let mask = fuserl_kernels::AttentionMask { past: tk - t, window, rows };
     let out = Tensor::<B, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(B::causal_attention(
-        q.clone().into_primitive().tensor(),
+        q.clone().swap_dims(1, 2).into_primitive().tensor(),
         k.clone().into_primitive().tensor(),
         v.clone().into_primitive().tensor(),
         key_bias.into_primitive().tensor(),
         mask,
-    )));
+    )))
+    .swap_dims(1, 2);
     let grads = (out.clone() * tensor::<B, 4>(&gv, [b, nh, t, d], device)).sum().backward();
     let (want, dq, dk, dv) = attention_oracle((&qv, &kv, &vv, &gv), (b, nh, nkv, t, tk, d), key_valid, window);
     let what = format!("attention {:?} window {window:?} rows {rows}", (b, nh, nkv, t, tk, d));

@@ -480,41 +480,65 @@ fn recipe_check(files: &[PathBuf], plugins: &[String]) -> anyhow::Result<ExitCod
     let registry = registry(plugins)?;
     let mut failed = 0usize;
     for file in files {
-        match load(file, &registry).and_then(check_backend) {
-            Ok(loaded) => {
-                let problems = fuserl_run::inputs::check_inputs(&loaded, true);
-                if !problems.is_empty() {
-                    failed += 1;
-                    for problem in &problems {
-                        print_error(chain_of(problem));
-                    }
-                    continue;
-                }
-                let c = &loaded.components;
-                println!(
-                    "ok: {} (sources: {}; reward: {}; weighting: {}; sft: {}; po: {})",
-                    Shown(file),
-                    c.sources.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
-                    c.reward.name(),
-                    c.weighting.name(),
-                    stage_summary(loaded.recipe.sft.enabled, c.sft_objective.name()),
-                    stage_summary(loaded.recipe.po.enabled, c.po_objective.name()),
-                );
-                match fuserl_run::memory::plan_recipe(&loaded) {
-                    Ok(plans) if !plans.is_empty() => println!("  {}", memory_line(&loaded, &plans)),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failed += 1;
-                        print_error(chain_of(&e));
+        // Every problem at once: the settings, every component, the inputs, the device.
+        let mut plugin_registry = registry.clone();
+        let checked = fuserl_recipe::check_recipe(file, &mut plugin_registry, &fuserl_abi::host::Loader);
+        let mut problems = checked.problems;
+        if let Some(parsed) = &checked.parsed {
+            let b = &parsed.recipe.backend;
+            let key = |e: &fuserl_backends::BackendError| {
+                if matches!(e, fuserl_backends::BackendError::Dtype { .. }) { "dtype" } else { "device" }
+            };
+            let backend = fuserl_backends::check(b.device, b.dtype).map_err(|e| {
+                parsed.error_at(&fuserl_core::config::KeyPath::keys(&["backend", key(&e)]), e.to_string())
+            });
+            problems.extend(fuserl_run::inputs::check_recipe_inputs(parsed));
+            // The device too, as `run` starts it first: a device this machine lacks is found
+            // here, at its line, not only when the run starts.
+            match backend {
+                Err(e) => problems.push(e),
+                Ok(()) => {
+                    if let Err(e) = fuserl_backends::probe(b.device, b.device_index, b.dtype) {
+                        let at = fuserl_core::config::KeyPath::keys(&["backend", "device"]);
+                        problems.push(parsed.error_at(&at, e.to_string()));
                     }
                 }
             }
+        }
+        if let Some(loaded) = &checked.loaded
+            && let Err(e) = read_file_sources(loaded)
+        {
+            problems.push(e);
+        }
+        if let Some(fatal) = problems.iter().find(|e| !e.is_bad_input()) {
+            for problem in &problems {
+                print_error(chain_of(problem));
+            }
+            return Err(anyhow::anyhow!("{fatal}"));
+        }
+        let Some(loaded) = checked.loaded.filter(|_| problems.is_empty()) else {
+            failed += 1;
+            for problem in &problems {
+                print_error(chain_of(problem));
+            }
+            continue;
+        };
+        let c = &loaded.components;
+        println!(
+            "ok: {} (sources: {}; reward: {}; weighting: {}; sft: {}; po: {})",
+            Shown(file),
+            c.sources.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+            c.reward.name(),
+            c.weighting.name(),
+            stage_summary(loaded.recipe.sft.enabled, c.sft_objective.name()),
+            stage_summary(loaded.recipe.po.enabled, c.po_objective.name()),
+        );
+        match fuserl_run::memory::plan_recipe(&loaded) {
+            Ok(plans) if !plans.is_empty() => println!("  {}", memory_line(&loaded, &plans)),
+            Ok(_) => {}
             Err(e) => {
                 failed += 1;
                 print_error(chain_of(&e));
-                if !e.is_bad_input() {
-                    return Err(e.into());
-                }
             }
         }
     }

@@ -132,7 +132,7 @@ pub struct EvalReport {
     #[serde(default)]
     pub validation: Option<Validation>,
     /// A few held-out prompts with every model's first answer and its reward, side by side.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<EvalExample>,
 }
 

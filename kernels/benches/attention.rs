@@ -80,7 +80,7 @@ fn rss() -> (u64, u64) {
 /// The model's attention before the tiled path: the mask written out for every head
 /// (`[batch, heads, seq, seq]`, 0 or `f32::MIN`), f32 scores, softmax, Burn's autodiff.
 fn materialised(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
-    let [b, nh, t, d] = q.dims();
+    let [b, t, nh, d] = q.dims();
     let nkv = nh / rep;
     let mut bias = Vec::with_capacity(b * nh * t * t);
     for _ in 0..b * nh {
@@ -89,10 +89,10 @@ fn materialised(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, rep: usize) -
         }
     }
     let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [b, nh, t, t]), &q.device());
-    let q = q.reshape([b, nkv, rep, t, d]);
+    let q = q.reshape([b, t, nkv, rep, d]).permute([0, 2, 3, 1, 4]);
     let scores = q.matmul(k.unsqueeze_dim::<5>(2).swap_dims(3, 4)).reshape([b, nh, t, t]) + bias;
     let probs = softmax(scores, 3).reshape([b, nkv, rep, t, t]);
-    probs.matmul(v.unsqueeze_dim::<5>(2)).reshape([b, nh, t, d])
+    probs.matmul(v.unsqueeze_dim::<5>(2)).permute([0, 3, 1, 2, 4]).reshape([b, t, nh, d])
 }
 
 fn main() {
@@ -100,8 +100,10 @@ fn main() {
     let device = Default::default();
     let (b, nh, nkv, t, d) = (a.b, a.heads, a.kv_heads, a.t, a.d);
     // q already scaled (1 / sqrt(d)), as the model hands it over.
+    // The model's layouts: queries `[batch, seq, heads, dim]`, keys and values `[batch, kv_heads,
+    // keys, dim]`.
     let q0 = Tensor::<burn::backend::Flex, 4>::from_data(
-        TensorData::new(uniform(b * nh * t * d, 1, 1.7 / (d as f32).sqrt()), [b, nh, t, d]),
+        TensorData::new(uniform(b * nh * t * d, 1, 1.7 / (d as f32).sqrt()), [b, t, nh, d]),
         &device,
     );
     let k0 = Tensor::<burn::backend::Flex, 4>::from_data(
@@ -119,6 +121,7 @@ fn main() {
     let k = Tensor::<B, 4>::from_inner(k0).require_grad();
     let v = Tensor::<B, 4>::from_inner(v0).require_grad();
     let out = if a.method == "tiled" {
+        // The model's layout: queries and output `[batch, seq, heads, dim]`.
         let key_bias = Tensor::<B, 2>::zeros([b, t], (&device, DType::F32));
         causal_attention(q.clone(), k.clone(), v.clone(), key_bias, None)
     } else {

@@ -11,12 +11,15 @@
 //! it come from a cache) and may see key `j` when `j <= past + i`, the key is not padding (a
 //! per-key additive bias, 0 or `f32::MIN`), and, for a sliding-window layer, `past + i - j <
 //! window`. A masked score becomes `f32::MIN` (not minus infinity), so a row with no visible key
-//! (a padding query) is uniform, exactly as the model's materialised mask makes it.
+//! (a padding query) is uniform, exactly as a materialised mask makes it.
 //!
-//! Grouped-query attention without repeating keys and values: query head `h` reads key/value
-//! head `h / rep`; the queries of a tile are viewed as `[batch, kv_heads, rep * rows, head_dim]`
-//! so that one batched matmul serves all `rep` heads, and the keys' and values' gradients sum
-//! over them. Scores, softmax and every accumulation are f32 whatever the inputs' dtype.
+//! Layouts are the model's, so that nothing is copied to enter or leave: queries and the output
+//! `[batch, seq, heads, dim]` (the projections' own), keys and values `[batch, kv_heads, keys,
+//! dim]` (the KV cache's). Grouped-query attention without repeating keys and values: query
+//! head `h` reads key/value head `h / rep`; a tile's queries are viewed as `[batch, kv_heads, rep,
+//! rows, dim]` and the keys and values broadcast over `rep` in the batched matmuls (strided
+//! views: no copies; their gradients are summed over `rep`). Scores, softmax and every
+//! accumulation are f32 whatever the inputs' dtype.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -44,12 +47,18 @@ impl AttentionMask {
         let per_row = (batch * heads * keys).max(1);
         Self { past, window, rows: (max_elems / per_row).max(1) }
     }
+
+    /// The query rows of each tile of `t` queries.
+    fn tiles(&self, t: usize) -> impl Iterator<Item = (usize, usize)> {
+        let rows = self.rows.max(1);
+        (0..t).step_by(rows).map(move |r0| (r0, (r0 + rows).min(t)))
+    }
 }
 
-/// The additive bias of query rows `r0..r1`, `[batch, 1, rows, keys]`: the keys' own bias
+/// The additive bias of query rows `r0..r1`, `[batch, 1, 1, rows, keys]`: the keys' own bias
 /// (`key_bias [batch, keys]`, 0 or `f32::MIN`) and the causal and window limits, at least
 /// `f32::MIN` (two `f32::MIN` would add up to minus infinity).
-fn tile_bias<B: Backend>(key_bias: &Tensor<B, 2>, (r0, r1): (usize, usize), mask: &AttentionMask) -> Tensor<B, 4> {
+fn tile_bias<B: Backend>(key_bias: &Tensor<B, 2>, (r0, r1): (usize, usize), mask: &AttentionMask) -> Tensor<B, 5> {
     let [b, tk] = key_bias.dims();
     let rows = r1 - r0;
     let mut limits = Vec::with_capacity(rows * tk);
@@ -60,51 +69,67 @@ fn tile_bias<B: Backend>(key_bias: &Tensor<B, 2>, (r0, r1): (usize, usize), mask
             if allowed { 0.0f32 } else { f32::MIN }
         }));
     }
-    let limits = Tensor::<B, 4>::from_data(TensorData::new(limits, [1, 1, rows, tk]), (&key_bias.device(), DType::F32));
-    (limits + key_bias.clone().cast(DType::F32).reshape([b, 1, 1, tk])).clamp_min(f32::MIN)
+    let limits =
+        Tensor::<B, 5>::from_data(TensorData::new(limits, [1, 1, 1, rows, tk]), (&key_bias.device(), DType::F32));
+    (limits + key_bias.clone().cast(DType::F32).reshape([b, 1, 1, 1, tk])).clamp_min(f32::MIN)
 }
 
-/// Query rows `r0..r1` of `x [batch, heads, seq, dim]` as `[batch, kv_heads, rep * rows, dim]`
-/// in f32 (query head `h` is `rep` heads of key/value head `h / rep`).
-fn grouped<B: Backend>(x: &Tensor<B, 4>, (r0, r1): (usize, usize), nkv: usize) -> Tensor<B, 4> {
-    let [b, nh, _, d] = x.dims();
-    x.clone().slice([0..b, 0..nh, r0..r1, 0..d]).cast(DType::F32).reshape([b, nkv, (nh / nkv) * (r1 - r0), d])
+/// Rows `r0..r1` of `x [batch, seq, heads, dim]` as `[batch, kv_heads, rep, rows, dim]` in f32
+/// (a view where `x` is contiguous and whole: query head `h` is `rep` heads of key/value head
+/// `h / rep`).
+fn grouped<B: Backend>(x: &Tensor<B, 4>, (r0, r1): (usize, usize), nkv: usize) -> Tensor<B, 5> {
+    let [b, t, nh, d] = x.dims();
+    let rows = if (r0, r1) == (0, t) { x.clone() } else { x.clone().slice([0..b, r0..r1, 0..nh, 0..d]) };
+    rows.cast(DType::F32).reshape([b, r1 - r0, nkv, nh / nkv, d]).permute([0, 2, 3, 1, 4])
 }
 
-/// Each query row's largest score and the log of its sum of exponentials, `[batch, heads, rows, 1]`.
-type RowStats<B> = (Tensor<B, 4>, Tensor<B, 4>);
+/// `x` with its values in order in memory: a broadcast operand of an element-wise op over a whole
+/// tile must be (Burn's CPU backend takes a slow element-by-element path for a strided one; the
+/// copy of a small tensor costs next to nothing).
+fn dense<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    x.reshape([dims.iter().product::<usize>()]).reshape(dims)
+}
 
-/// One tile's probabilities `[batch, heads, rows, keys]` (f32): from the scores and the mask,
-/// with the rows' `(max, ln sum)` given (backward) or made (forward, returned).
+/// `[batch, kv_heads, rep, rows, dim]` back to `[batch, rows, heads, dim]`.
+fn ungrouped<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 4> {
+    let [b, nkv, rep, n, d] = x.dims();
+    x.permute([0, 3, 1, 2, 4]).reshape([b, n, nkv * rep, d])
+}
+
+/// Each query row's largest score and the log of its sum of exponentials, `[batch, kv_heads,
+/// rep, rows, 1]`.
+type RowStats<B> = (Tensor<B, 5>, Tensor<B, 5>);
+
+/// One tile's probabilities `[batch, kv_heads, rep, rows, keys]` (f32): from the scores and the
+/// mask, with the rows' statistics given (backward) or made (forward, returned).
 fn tile_probs<B: Backend>(
-    q: &Tensor<B, 4>,
-    k32: &Tensor<B, 4>,
+    q: &Tensor<B, 5>,
+    k32: &Tensor<B, 5>,
     key_bias: &Tensor<B, 2>,
     rows: (usize, usize),
     mask: &AttentionMask,
     stats: Option<RowStats<B>>,
-) -> (Tensor<B, 4>, Option<RowStats<B>>) {
-    let [b, nh, _, _] = q.dims();
-    let nkv = k32.dims()[1];
-    let tk = k32.dims()[2];
-    let n = rows.1 - rows.0;
-    let scores = grouped(q, rows, nkv).matmul(k32.clone().swap_dims(2, 3)).reshape([b, nh, n, tk])
-        + tile_bias(key_bias, rows, mask);
+) -> (Tensor<B, 5>, Option<RowStats<B>>) {
+    let scores = q.clone().matmul(k32.clone().swap_dims(3, 4));
+    // The bias written out to the scores' shape: an element-wise op between tensors of one
+    // shape is Burn's CPU fast path, a broadcast over two dimensions its slowest.
+    let [_, nkv, rep, _, _] = scores.dims();
+    let scores = scores + tile_bias(key_bias, rows, mask).repeat_dim(1, nkv).repeat_dim(2, rep);
     match stats {
         Some((max, log_sum)) => (((scores - max) - log_sum).exp(), None),
         None => {
-            let max = scores.clone().max_dim(3);
+            let max = scores.clone().max_dim(4);
             let e = (scores - max.clone()).exp();
-            let sum = e.clone().sum_dim(3);
+            let sum = e.clone().sum_dim(4);
             (e / sum.clone(), Some((max, sum.log())))
         }
     }
 }
 
-/// Forward: `(out [batch, heads, seq, dim] in q's dtype, stats [2, batch, heads, seq] f32: each
-/// row's largest score and the log of its sum of exponentials)` for
-/// `q [batch, heads, seq, dim]` (already scaled), `k`, `v [batch, kv_heads, keys, dim]` and
-/// `key_bias [batch, keys]`.
+/// Forward: `(out [batch, seq, heads, dim] in q's dtype, stats [2, batch, heads, seq] f32: each
+/// row's largest score and the log of its sum of exponentials)` for `q [batch, seq, heads, dim]`
+/// (already scaled), `k`, `v [batch, kv_heads, keys, dim]` and `key_bias [batch, keys]`.
 pub fn attention_fwd<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -112,30 +137,29 @@ pub fn attention_fwd<B: Backend>(
     key_bias: Tensor<B, 2>,
     mask: &AttentionMask,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, nh, t, d] = q.dims();
+    let [b, t, nh, _] = q.dims();
     let nkv = k.dims()[1];
     let dtype = q.dtype();
-    let (k32, v32) = (k.cast(DType::F32), v.cast(DType::F32));
+    let (k32, v32) = (k.cast(DType::F32).unsqueeze_dim::<5>(2), v.cast(DType::F32).unsqueeze_dim::<5>(2));
     let mut outs = Vec::new();
     let mut stats = Vec::new();
-    for r0 in (0..t).step_by(mask.rows.max(1)) {
-        let r1 = (r0 + mask.rows.max(1)).min(t);
-        let (p, row_stats) = tile_probs(&q, &k32, &key_bias, (r0, r1), mask, None);
+    for rows in mask.tiles(t) {
+        let n = rows.1 - rows.0;
+        let (p, row_stats) = tile_probs(&grouped(&q, rows, nkv), &k32, &key_bias, rows, mask, None);
         let (max, log_sum) = row_stats.expect("the forward makes the rows' statistics");
-        let tk = p.dims()[3];
-        let o = p.reshape([b, nkv, (nh / nkv) * (r1 - r0), tk]).matmul(v32.clone()).reshape([b, nh, r1 - r0, d]);
-        outs.push(o.cast(dtype));
-        stats.push(Tensor::stack::<4>(vec![max.reshape([b, nh, r1 - r0]), log_sum.reshape([b, nh, r1 - r0])], 0));
+        outs.push(ungrouped(p.matmul(v32.clone())).cast(dtype));
+        stats.push(Tensor::stack::<4>(vec![max.reshape([b, nh, n]), log_sum.reshape([b, nh, n])], 0));
     }
     if outs.is_empty() {
         return (q, Tensor::empty([2, b, nh, 0], &key_bias.device()));
     }
-    (Tensor::cat(outs, 2), Tensor::cat(stats, 3))
+    let out = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(outs, 1) };
+    let stats = if stats.len() == 1 { stats.remove(0) } else { Tensor::cat(stats, 3) };
+    (out, stats)
 }
 
 /// Backward: the gradients of `q`, `k` and `v` (in their dtypes) for the output's gradient
-/// `grad [batch, heads, seq, dim]`, from the forward's `out` and `stats`.
-#[allow(clippy::too_many_arguments)]
+/// `grad [batch, seq, heads, dim]`, from the forward's `out` and `stats`.
 pub fn attention_bwd<B: Backend>(
     (q, k, v): (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>),
     key_bias: Tensor<B, 2>,
@@ -144,32 +168,46 @@ pub fn attention_bwd<B: Backend>(
     grad: Tensor<B, 4>,
     mask: &AttentionMask,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-    let [b, nh, t, d] = q.dims();
-    let [_, nkv, tk, _] = k.dims();
+    let [b, t, nh, _] = q.dims();
+    let nkv = k.dims()[1];
     let rep = nh / nkv;
     let (q_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
-    let (k32, v32) = (k.cast(DType::F32), v.cast(DType::F32));
-    let grad = grad.cast(DType::F32);
-    // D_i = sum_d dO_id O_id: softmax's backward without the probabilities' row sums.
-    let delta = (grad.clone() * out.cast(DType::F32)).sum_dim(3);
-    let device = key_bias.device();
-    let mut dk = Tensor::<B, 4>::zeros([b, nkv, tk, d], (&device, DType::F32));
-    let mut dv = Tensor::<B, 4>::zeros([b, nkv, tk, d], (&device, DType::F32));
+    let (k32, v32) = (k.cast(DType::F32).unsqueeze_dim::<5>(2), v.cast(DType::F32).unsqueeze_dim::<5>(2));
+    let (grad, out) = (grad.cast(DType::F32), out.cast(DType::F32));
+    let (mut dk, mut dv): (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) = (None, None);
     let mut dqs = Vec::new();
-    for r0 in (0..t).step_by(mask.rows.max(1)) {
-        let r1 = (r0 + mask.rows.max(1)).min(t);
+    for rows in mask.tiles(t) {
+        let (r0, r1) = rows;
         let n = r1 - r0;
-        let row = |i: usize| stats.clone().slice([i..i + 1, 0..b, 0..nh, r0..r1]).reshape([b, nh, n, 1]);
-        let (p, _) = tile_probs(&q, &k32, &key_bias, (r0, r1), mask, Some((row(0), row(1))));
-        let g = grouped(&grad, (r0, r1), nkv);
-        let pg = p.clone().reshape([b, nkv, rep * n, tk]);
-        dv = dv + pg.swap_dims(2, 3).matmul(g.clone());
-        let dp = g.matmul(v32.clone().swap_dims(2, 3)).reshape([b, nh, n, tk]);
-        let tile_delta = delta.clone().slice([0..b, 0..nh, r0..r1, 0..1]);
-        let ds = (p * (dp - tile_delta)).reshape([b, nkv, rep * n, tk]);
-        dqs.push(ds.clone().matmul(k32.clone()).reshape([b, nh, n, d]).cast(q_dtype));
-        dk = dk + ds.swap_dims(2, 3).matmul(grouped(&q, (r0, r1), nkv));
+        let row = |i: usize| dense(stats.clone().slice([i..i + 1, 0..b, 0..nh, r0..r1]).reshape([b, nkv, rep, n, 1]));
+        let qg = grouped(&q, rows, nkv);
+        let (p, _) = tile_probs(&qg, &k32, &key_bias, rows, mask, Some((row(0), row(1))));
+        let g = grouped(&grad, rows, nkv);
+        // Summed over the `rep` query heads of each key/value head.
+        let tile_dv = p.clone().swap_dims(3, 4).matmul(g.clone()).sum_dim(2).squeeze_dim::<4>(2);
+        // D_i = sum_d dO_id O_id: softmax's backward without the probabilities' row sums, made
+        // in the tile's layout (a permuted view reshaped is not read in order by every backend).
+        let tile_delta = (g.clone() * grouped(&out, rows, nkv)).sum_dim(4);
+        let dp = g.matmul(v32.clone().swap_dims(3, 4));
+        let ds = p * (dp - tile_delta);
+        dqs.push(ungrouped(ds.clone().matmul(k32.clone())).cast(q_dtype));
+        let tile_dk = ds.swap_dims(3, 4).matmul(qg).sum_dim(2).squeeze_dim::<4>(2);
+        dk = Some(match dk {
+            Some(acc) => acc + tile_dk,
+            None => tile_dk,
+        });
+        dv = Some(match dv {
+            Some(acc) => acc + tile_dv,
+            None => tile_dv,
+        });
     }
-    let dq = if dqs.is_empty() { q } else { Tensor::cat(dqs, 2) };
-    (dq, dk.cast(k_dtype), dv.cast(v_dtype))
+    let device = key_bias.device();
+    let [_, _, _, tk, d] = k32.dims();
+    let zeros = || Tensor::<B, 4>::zeros([b, nkv, tk, d], (&device, DType::F32));
+    let dq = match dqs.len() {
+        0 => q,
+        1 => dqs.remove(0),
+        _ => Tensor::cat(dqs, 1),
+    };
+    (dq, dk.unwrap_or_else(zeros).cast(k_dtype), dv.unwrap_or_else(zeros).cast(v_dtype))
 }

@@ -161,7 +161,7 @@ pub trait LogProbBackend: Backend {
     }
 
     /// Causal grouped-query attention (entry point; differentiable on `Autodiff`): `out [batch,
-    /// heads, seq, dim]` for `q [batch, heads, seq, dim]` (already scaled), `k`, `v [batch,
+    /// seq, heads, dim]` for `q [batch, seq, heads, dim]` (already scaled), `k`, `v [batch,
     /// kv_heads, keys, dim]` and `key_bias [batch, keys]` (0, or `f32::MIN` for a padding key),
     /// never holding the whole `[seq, keys]` scores ([`attention`]).
     fn causal_attention(
@@ -372,8 +372,8 @@ pub fn token_logprobs<B: LogProbBackend>(logits: Tensor<B, 2>, targets: Tensor<B
 /// ([`LogProbBackend::max_attention_elems`]).
 ///
 /// # Shapes
-/// `q: [batch, heads, seq, dim]` (already scaled), `k`, `v: [batch, kv_heads, past + seq, dim]`,
-/// `key_bias: [batch, past + seq]` (0, or `f32::MIN` for padding) -> `[batch, heads, seq, dim]`
+/// `q: [batch, seq, heads, dim]` (already scaled), `k`, `v: [batch, kv_heads, past + seq, dim]`,
+/// `key_bias: [batch, past + seq]` (0, or `f32::MIN` for padding) -> `[batch, seq, heads, dim]`
 pub fn causal_attention<B: LogProbBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -381,7 +381,7 @@ pub fn causal_attention<B: LogProbBackend>(
     key_bias: Tensor<B, 2>,
     window: Option<usize>,
 ) -> Tensor<B, 4> {
-    let [b, nh, t, _] = q.dims();
+    let [b, t, nh, _] = q.dims();
     let tk = k.dims()[2];
     let mask = AttentionMask::new(tk - t, window, (b, nh, tk), B::max_attention_elems(&q.device()));
     float(<B as LogProbBackend>::causal_attention(prim(q), prim(k), prim(v), prim(key_bias), mask))

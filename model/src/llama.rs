@@ -232,8 +232,8 @@ impl<B: LogProbBackend> Attention<B> {
         // Grouped-query causal attention (q is already scaled by 1 / sqrt(head_dim)), scores and
         // softmax in f32, in tiles of query rows: never the whole `[seq, past + seq]` scores
         // (fuserl_kernels::causal_attention, with its own backward).
-        let out = fuserl_kernels::causal_attention(q.swap_dims(1, 2), k, v, mask.key_bias.clone(), mask.window);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
+        let out = fuserl_kernels::causal_attention(q, k, v, mask.key_bias.clone(), mask.window);
+        self.o_proj.forward(out.reshape([b, t, nh * hd]))
     }
 }
 

@@ -68,6 +68,11 @@ pub struct LoadedRecipe {
 }
 
 impl LoadedRecipe {
+    /// The recipe without its components ([`ParsedRecipe`]).
+    pub fn parsed(&self) -> ParsedRecipe {
+        ParsedRecipe { file: self.file.clone(), recipe: self.recipe.clone(), base_dir: self.base_dir.clone() }
+    }
+
     /// An error about the recipe's setting at `path` (`target.checkpoint`), at its line and
     /// column in the recipe file (the file is read again to find them; line 1 if it cannot be).
     pub fn error_at(&self, path: &KeyPath, message: impl Into<String>) -> Error {
@@ -157,6 +162,14 @@ pub fn load_recipe(path: &Path, registry: &Registry) -> Result<LoadedRecipe> {
     parse_recipe(&text, path, registry)
 }
 
+/// Every problem of the recipe at `path` at once ([`check_recipe_text`]).
+pub fn check_recipe(path: &Path, registry: &mut Registry, loader: &dyn PluginLoader) -> RecipeCheck {
+    match std::fs::read_to_string(path) {
+        Ok(text) => check_recipe_text(&text, path, registry, Some(loader)),
+        Err(e) => RecipeCheck { loaded: None, parsed: None, problems: vec![Error::io(path, e)] },
+    }
+}
+
 /// Like [`load_recipe`], loading the recipe's plugins into `registry` with `loader` first.
 pub fn load_recipe_with(path: &Path, registry: &mut Registry, loader: &dyn PluginLoader) -> Result<LoadedRecipe> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -169,71 +182,205 @@ pub fn parse_recipe(text: &str, file: &Path, registry: &Registry) -> Result<Load
     parse_recipe_with(text, file, &mut registry.clone(), None)
 }
 
-/// Parse, validate and build a recipe, loading the plugins it names with `loader`.
+/// Parse, validate and build a recipe, loading the plugins it names with `loader`: the first
+/// problem of [`check_recipe_text`], if any.
 pub fn parse_recipe_with(
     text: &str,
     file: &Path,
     registry: &mut Registry,
     loader: Option<&dyn PluginLoader>,
 ) -> Result<LoadedRecipe> {
+    let mut checked = check_recipe_text(text, file, registry, loader);
+    match checked.loaded {
+        Some(loaded) if checked.problems.is_empty() => Ok(loaded),
+        _ => Err(if checked.problems.is_empty() {
+            Error::Path { file: file.to_path_buf(), message: "the recipe could not be built".into() }
+        } else {
+            checked.problems.remove(0)
+        }),
+    }
+}
+
+/// A recipe that parsed and validated, with where it came from: what can be checked without its
+/// components (its input files, its device), also when a component could not be built.
+#[derive(Debug, Clone)]
+pub struct ParsedRecipe {
+    /// The recipe file.
+    pub file: PathBuf,
+    /// The resolved recipe (a component that could not be built keeps its table as written).
+    pub recipe: Recipe,
+    /// Relative paths in the recipe are resolved against this folder.
+    pub base_dir: PathBuf,
+}
+
+impl ParsedRecipe {
+    /// An error about the setting at `path`, at its line and column in the recipe file.
+    pub fn error_at(&self, path: &KeyPath, message: impl Into<String>) -> Error {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let (line, column) = Locator::new(&text).locate(path);
+        Error::Recipe { file: self.file.clone(), line, column, path: path.to_string(), message: message.into() }
+    }
+
+    /// The run directory ([`LoadedRecipe::output_dir`]).
+    pub fn output_dir(&self) -> PathBuf {
+        PathBuf::from(self.recipe.run.output_dir.as_deref().unwrap_or("runs"))
+    }
+
+    /// The export folder ([`LoadedRecipe::export_dir`]).
+    pub fn export_dir(&self) -> PathBuf {
+        self.recipe.export.path.as_deref().map_or_else(|| self.output_dir().join("export"), PathBuf::from)
+    }
+}
+
+/// Every problem of a recipe at once (`fuserl recipe check`), in the order loading meets them:
+/// the built recipe when there is none; else what could be made of it.
+#[derive(Debug)]
+pub struct RecipeCheck {
+    /// The recipe with its components, when every check passed.
+    pub loaded: Option<LoadedRecipe>,
+    /// The recipe without its components, when its settings parsed and validated (whatever
+    /// the components did).
+    pub parsed: Option<ParsedRecipe>,
+    /// Every problem found, each at its place.
+    pub problems: Vec<Error>,
+}
+
+/// Remove the setting at `path` from `table` (to look for the recipe's other problems past it);
+/// false when there is none to remove.
+fn remove_at(table: &mut toml::Table, path: &KeyPath) -> bool {
+    use fuserl_core::config::PathSegment;
+    let segments = &path.0;
+    let Some((last, parents)) = segments.split_last() else { return false };
+    let mut value: &mut toml::Value = match parents.first() {
+        Some(PathSegment::Key(k)) => match table.get_mut(k) {
+            Some(v) => v,
+            None => return false,
+        },
+        Some(PathSegment::Index(_)) => return false,
+        None => {
+            return match last {
+                PathSegment::Key(k) => table.remove(k).is_some(),
+                PathSegment::Index(_) => false,
+            };
+        }
+    };
+    for seg in &parents[1..] {
+        value = match (seg, value) {
+            (PathSegment::Key(k), toml::Value::Table(t)) => match t.get_mut(k) {
+                Some(v) => v,
+                None => return false,
+            },
+            (PathSegment::Index(i), toml::Value::Array(a)) => match a.get_mut(*i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, value) {
+        (PathSegment::Key(k), toml::Value::Table(t)) => t.remove(k).is_some(),
+        _ => false,
+    }
+}
+
+/// Parse, validate and build a recipe, collecting every problem instead of stopping at the
+/// first: a setting that does not parse is reported and left out so that the rest is read; every
+/// validation runs; every component is built (one that cannot be is reported, the others still
+/// are). `loaded` only when there is no problem.
+pub fn check_recipe_text(
+    text: &str,
+    file: &Path,
+    registry: &mut Registry,
+    loader: Option<&dyn PluginLoader>,
+) -> RecipeCheck {
     let locator = Locator::new(text);
     let at = |err: ConfigError| -> Error {
         let (line, column) = locator.locate(&err.path);
         Error::Recipe { file: file.to_path_buf(), line, column, path: err.path.to_string(), message: err.message }
     };
+    let mut problems: Vec<Error> = Vec::new();
+    let stop = |problems: Vec<Error>| RecipeCheck { loaded: None, parsed: None, problems };
 
-    let table: toml::Table = toml::from_str(text).map_err(|e| {
-        let (line, column) = locator.line_col(e.span().map_or(0, |s| s.start));
-        Error::Recipe {
-            file: file.to_path_buf(),
-            line,
-            column,
-            path: String::new(),
-            message: format!("invalid TOML: {}", e.message().trim()),
+    let mut table: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            let (line, column) = locator.line_col(e.span().map_or(0, |s| s.start));
+            return stop(vec![Error::Recipe {
+                file: file.to_path_buf(),
+                line,
+                column,
+                path: String::new(),
+                message: format!("invalid TOML: {}", e.message().trim()),
+            }]);
         }
-    })?;
+    };
     // Look at the version first: a newer recipe should say so, not list unknown keys.
     match table.get("schema_version") {
         Some(toml::Value::Integer(v)) if *v == i64::from(SCHEMA_VERSION) => {}
         Some(toml::Value::Integer(v)) => {
-            return Err(at(ConfigError::at(
+            return stop(vec![at(ConfigError::at(
                 "schema_version",
                 format!("unsupported schema version {v}; this fuserl reads version {SCHEMA_VERSION}"),
-            )));
+            ))]);
         }
         _ => {}
     }
-    let raw: RawRecipe = parse_table(&table).map_err(at)?;
+    // Each setting that does not parse is reported and left out, and the recipe read again
+    // (a required one cannot be left out: there the reading stops).
+    let mut raw: Option<RawRecipe> = None;
+    for _ in 0..64 {
+        match parse_table::<RawRecipe>(&table) {
+            Ok(r) => {
+                raw = Some(r);
+                break;
+            }
+            Err(e) => {
+                let removable = !e.missing && remove_at(&mut table, &e.path);
+                problems.push(at(e));
+                if !removable {
+                    break;
+                }
+            }
+        }
+    }
+    let Some(raw) = raw else { return stop(problems) };
     if raw.schema_version != SCHEMA_VERSION {
-        return Err(at(ConfigError::at(
+        problems.push(at(ConfigError::at(
             "schema_version",
             format!("unsupported schema version {}; this fuserl reads version {SCHEMA_VERSION}", raw.schema_version),
         )));
+        return stop(problems);
     }
 
     let stem = file.file_stem().map_or_else(|| "run".to_owned(), |s| s.to_string_lossy().into_owned());
     let mut run = raw.run;
     let name = run.name.clone().unwrap_or(stem);
     if name.is_empty() || name.contains(['/', '\\']) {
-        return Err(at(ConfigError::new(KeyPath::keys(&["run", "name"]), "expected a non-empty name without slashes")));
+        problems
+            .push(at(ConfigError::new(KeyPath::keys(&["run", "name"]), "expected a non-empty name without slashes")));
     }
     run.name = Some(name.clone());
     let output_dir = run.output_dir.clone().unwrap_or_else(|| format!("runs/{name}"));
     run.output_dir = Some(output_dir.clone());
 
-    validate_backend(&raw.backend).map_err(|e| at(e.prefixed(&KeyPath::keys(&["backend"]))))?;
-    validate_target(&raw.target).map_err(|e| at(e.prefixed(&KeyPath::keys(&["target"]))))?;
-    let data = validate_data(raw.data).map_err(|e| at(e.prefixed(&KeyPath::keys(&["data"]))))?;
-    let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| at(e.prefixed(&KeyPath::keys(&["sft"]))))?;
-    let mut po = resolve_stage(raw.po, Stage::Po).map_err(|e| at(e.prefixed(&KeyPath::keys(&["po"]))))?;
-    // The reference defaults to the model FusePO starts from, as TRL's `ref_model=None` does:
-    // the FuseSFT checkpoint, or the target when FuseSFT is disabled.
-    let explicit_reference = po.reference.is_some();
-    po.reference =
-        Some(po.reference.unwrap_or(if sft.enabled { ReferenceModel::SftCheckpoint } else { ReferenceModel::Target }));
-    validate_eval(&raw.eval).map_err(|e| at(e.prefixed(&KeyPath::keys(&["eval"]))))?;
+    // In the order the sections are documented; each problem reported, the others still checked.
+    let prefixed = |e: ConfigError, key: &str| at(e.prefixed(&KeyPath::keys(&[key])));
+    if let Err(e) = validate_backend(&raw.backend) {
+        problems.push(prefixed(e, "backend"));
+    }
+    if let Err(e) = validate_target(&raw.target) {
+        problems.push(prefixed(e, "target"));
+    }
+    let data = validate_data(raw.data).map_err(|e| problems.push(prefixed(e, "data"))).ok();
+    let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| problems.push(prefixed(e, "sft"))).ok();
+    let po = resolve_stage(raw.po, Stage::Po).map_err(|e| problems.push(prefixed(e, "po"))).ok();
+    if let Err(e) = validate_eval(&raw.eval) {
+        problems.push(prefixed(e, "eval"));
+    }
+    if let Err(e) = validate_export(&raw.export) {
+        problems.push(prefixed(e, "export"));
+    }
     let mut export = raw.export;
-    validate_export(&export).map_err(|e| at(e.prefixed(&KeyPath::keys(&["export"]))))?;
     export.path = Some(export.path.unwrap_or_else(|| format!("{output_dir}/export")));
     export.dtype = Some(export.dtype.unwrap_or(raw.backend.dtype));
 
@@ -243,27 +390,36 @@ pub fn parse_recipe_with(
 
     for (i, spec) in raw.plugins.iter().enumerate() {
         let here = KeyPath::keys(&["plugins"]).index(i);
-        let Some(loader) = loader else {
-            return Err(at(ConfigError::new(here, "this program cannot load plugin libraries")));
-        };
-        loader.load(spec, &base_dir, registry).map_err(|message| at(ConfigError::new(here, message)))?;
+        match loader {
+            None => problems.push(at(ConfigError::new(here, "this program cannot load plugin libraries"))),
+            Some(loader) => {
+                if let Err(message) = loader.load(spec, &base_dir, registry) {
+                    problems.push(at(ConfigError::new(here, message)));
+                }
+            }
+        }
     }
     let registry: &Registry = registry;
 
+    // Every component built; one that cannot be is reported and keeps its table as written.
     if raw.sources.is_empty() {
-        return Err(at(ConfigError::at("sources", "expected at least one [[sources]] table")));
+        problems.push(at(ConfigError::at("sources", "expected at least one [[sources]] table")));
     }
     let mut sources = Vec::new();
     let mut resolved_sources = Vec::new();
     for (i, table) in raw.sources.iter().enumerate() {
         let prefix = KeyPath::keys(&["sources"]).index(i);
-        let (built, resolved) = build_with(table, &prefix, |k, t| registry.build_source(k, t, &ctx)).map_err(at)?;
-        sources.push(built);
-        resolved_sources.push(resolved);
+        match build_with(table, &prefix, |k, t| registry.build_source(k, t, &ctx)) {
+            Ok((built, resolved)) => {
+                sources.push(built);
+                resolved_sources.push(resolved);
+            }
+            Err(e) => {
+                problems.push(at(e));
+                resolved_sources.push(table.clone());
+            }
+        }
     }
-    let (reward, reward_table) =
-        build_with(&raw.reward, &KeyPath::keys(&["reward"]), |k, t| registry.build_reward(k, t, &ctx)).map_err(at)?;
-    let mut eval = raw.eval;
     // A pairwise judge compares two answers: it is [eval.judge], never a reward.
     let pairwise_only = |r: &dyn RewardModel, at_key: &[&str]| {
         if r.traits().pairwise {
@@ -275,74 +431,128 @@ pub fn parse_recipe_with(
             Ok(())
         }
     };
-    pairwise_only(reward.as_ref(), &["reward"]).map_err(at)?;
+    let (reward, reward_table) =
+        match build_with(&raw.reward, &KeyPath::keys(&["reward"]), |k, t| registry.build_reward(k, t, &ctx)) {
+            Ok((built, resolved)) => {
+                if let Err(e) = pairwise_only(built.as_ref(), &["reward"]) {
+                    problems.push(at(e));
+                }
+                (Some(built), resolved)
+            }
+            Err(e) => {
+                problems.push(at(e));
+                (None, raw.reward.clone())
+            }
+        };
+    let mut eval = raw.eval;
     let eval_reward = match eval.reward.take() {
         Some(table) => {
-            let (built, resolved) =
-                build_with(&table, &KeyPath::keys(&["eval", "reward"]), |k, t| registry.build_reward(k, t, &ctx))
-                    .map_err(at)?;
-            pairwise_only(built.as_ref(), &["eval", "reward"]).map_err(at)?;
-            eval.reward = Some(resolved);
-            Some(built)
+            match build_with(&table, &KeyPath::keys(&["eval", "reward"]), |k, t| registry.build_reward(k, t, &ctx)) {
+                Ok((built, resolved)) => {
+                    if let Err(e) = pairwise_only(built.as_ref(), &["eval", "reward"]) {
+                        problems.push(at(e));
+                    }
+                    eval.reward = Some(resolved);
+                    Some(built)
+                }
+                Err(e) => {
+                    problems.push(at(e));
+                    eval.reward = Some(table);
+                    None
+                }
+            }
         }
         None => None,
     };
     let eval_judge = match eval.judge.take() {
         Some(table) => {
             let here = KeyPath::keys(&["eval", "judge"]);
-            let (built, resolved) = build_with(&table, &here, |k, t| registry.build_reward(k, t, &ctx)).map_err(at)?;
-            if !built.traits().pairwise {
-                return Err(at(ConfigError::new(
-                    here.key("mode"),
-                    "expected a pairwise judge (kind = \"judge\" with mode = \"pairwise\"); a reward that scores single answers is [eval.reward]",
-                )));
+            match build_with(&table, &here, |k, t| registry.build_reward(k, t, &ctx)) {
+                Ok((built, resolved)) => {
+                    if !built.traits().pairwise {
+                        problems.push(at(ConfigError::new(
+                            here.key("mode"),
+                            "expected a pairwise judge (kind = \"judge\" with mode = \"pairwise\"); a reward that scores single answers is [eval.reward]",
+                        )));
+                    }
+                    eval.judge = Some(resolved);
+                    Some(built)
+                }
+                Err(e) => {
+                    problems.push(at(e));
+                    eval.judge = Some(table);
+                    None
+                }
             }
-            eval.judge = Some(resolved);
-            Some(built)
         }
         None => None,
     };
     let weighting_table = raw.weighting.unwrap_or_else(|| kind_table("softmax"));
     let (weighting, weighting_table) =
-        build_with(&weighting_table, &KeyPath::keys(&["weighting"]), |k, t| registry.build_weighting(k, t, &ctx))
-            .map_err(at)?;
+        match build_with(&weighting_table, &KeyPath::keys(&["weighting"]), |k, t| registry.build_weighting(k, t, &ctx))
+        {
+            Ok((built, resolved)) => (Some(built), resolved),
+            Err(e) => {
+                problems.push(at(e));
+                (None, weighting_table)
+            }
+        };
 
+    // The stages' objectives (when both stages' settings were read).
+    let (Some(data), Some(sft), Some(mut po)) = (data, sft, po) else {
+        return RecipeCheck { loaded: None, parsed: None, problems };
+    };
+    // The reference defaults to the model FusePO starts from, as TRL's `ref_model=None` does:
+    // the FuseSFT checkpoint, or the target when FuseSFT is disabled.
+    let explicit_reference = po.reference.is_some();
+    po.reference =
+        Some(po.reference.unwrap_or(if sft.enabled { ReferenceModel::SftCheckpoint } else { ReferenceModel::Target }));
     let mut stages = Vec::new();
     let sft_enabled = sft.enabled;
     for (stage, config) in [(Stage::Sft, sft), (Stage::Po, po)] {
         let mut config = config;
         let table = config.objective.take().unwrap_or_else(|| kind_table(stage.default_objective()));
         let prefix = KeyPath::keys(&[stage.key(), "objective"]);
-        let (objective, resolved) =
-            build_with(&table, &prefix, |k, t| registry.build_objective(k, t, &ctx)).map_err(at)?;
-        if stage == Stage::Sft && config.enabled && objective.needs_reference() {
-            return Err(at(ConfigError::new(
-                prefix.key("kind"),
-                format!(
-                    "objective `{}` needs a reference model, which the SFT stage does not have; \
-                     use it in [po] (with reference = \"target\" to skip SFT)",
-                    objective.name()
-                ),
-            )));
+        let objective = match build_with(&table, &prefix, |k, t| registry.build_objective(k, t, &ctx)) {
+            Ok((objective, resolved)) => {
+                config.objective = Some(resolved);
+                Some(objective)
+            }
+            Err(e) => {
+                problems.push(at(e));
+                config.objective = Some(table);
+                None
+            }
+        };
+        if let Some(objective) = &objective {
+            if stage == Stage::Sft && config.enabled && objective.needs_reference() {
+                problems.push(at(ConfigError::new(
+                    prefix.key("kind"),
+                    format!(
+                        "objective `{}` needs a reference model, which the SFT stage does not have; \
+                         use it in [po] (with reference = \"target\" to skip SFT)",
+                        objective.name()
+                    ),
+                )));
+            }
+            // Only an objective with a reference needs one that exists (SimPO has none).
+            if stage == Stage::Po
+                && config.enabled
+                && objective.needs_reference()
+                && explicit_reference
+                && config.reference == Some(ReferenceModel::SftCheckpoint)
+                && !sft_enabled
+            {
+                problems.push(at(ConfigError::new(
+                    KeyPath::keys(&["po", "reference"]),
+                    format!(
+                        "objective `{}` compares against the FuseSFT checkpoint, but [sft] is disabled; \
+                         set reference = \"target\" (or leave it out: it defaults to the model FusePO starts from)",
+                        objective.name()
+                    ),
+                )));
+            }
         }
-        // Only an objective with a reference needs one that exists (SimPO has none).
-        if stage == Stage::Po
-            && config.enabled
-            && objective.needs_reference()
-            && explicit_reference
-            && config.reference == Some(ReferenceModel::SftCheckpoint)
-            && !sft_enabled
-        {
-            return Err(at(ConfigError::new(
-                KeyPath::keys(&["po", "reference"]),
-                format!(
-                    "objective `{}` compares against the FuseSFT checkpoint, but [sft] is disabled; \
-                     set reference = \"target\" (or leave it out: it defaults to the model FusePO starts from)",
-                    objective.name()
-                ),
-            )));
-        }
-        config.objective = Some(resolved);
         stages.push((config, objective));
     }
     let (po, po_objective) = stages.pop().expect("two stages");
@@ -363,12 +573,27 @@ pub fn parse_recipe_with(
         eval,
         export,
     };
-    Ok(LoadedRecipe {
-        file: file.to_path_buf(),
-        recipe,
-        components: Components { sources, reward, weighting, sft_objective, po_objective, eval_reward, eval_judge },
-        base_dir,
-    })
+    let parsed = ParsedRecipe { file: file.to_path_buf(), recipe: recipe.clone(), base_dir: base_dir.clone() };
+    let loaded = match (reward, weighting, sft_objective, po_objective) {
+        (Some(reward), Some(weighting), Some(sft_objective), Some(po_objective)) if problems.is_empty() => {
+            Some(LoadedRecipe {
+                file: file.to_path_buf(),
+                recipe,
+                components: Components {
+                    sources,
+                    reward,
+                    weighting,
+                    sft_objective,
+                    po_objective,
+                    eval_reward,
+                    eval_judge,
+                },
+                base_dir,
+            })
+        }
+        _ => None,
+    };
+    RecipeCheck { loaded, parsed: Some(parsed), problems }
 }
 
 fn kind_table(kind: &str) -> toml::Table {

@@ -11,11 +11,22 @@ use std::path::Path;
 use fuserl_core::Error;
 use fuserl_core::config::KeyPath;
 use fuserl_core::paths::{Shown, cannot_read};
-use fuserl_recipe::LoadedRecipe;
+use fuserl_recipe::{LoadedRecipe, ParsedRecipe};
 
 /// Every problem with the recipe's inputs (none: all of them can be read); with `file_sources`,
 /// the file sources' records are read too.
 pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
+    let mut problems = check_recipe_inputs(&loaded.parsed());
+    if file_sources && let Err(e) = crate::collect::read_file_sources(loaded) {
+        problems.push(e);
+    }
+    problems
+}
+
+/// Every problem with the inputs the recipe's own settings name (the target, its chat template,
+/// prompt files, evaluation baselines, the export folder): what can be checked without its
+/// components, also when one of them could not be built.
+pub fn check_recipe_inputs(loaded: &ParsedRecipe) -> Vec<Error> {
     let recipe = &loaded.recipe;
     let mut problems = Vec::new();
     let at = |path: KeyPath, message: String| loaded.error_at(&path, message);
@@ -36,9 +47,6 @@ pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
         if let Some(problem) = prompts_problem(&loaded.base_dir.join(prompts)) {
             problems.push(at(KeyPath::keys(&["data", "prompts"]).index(i), problem));
         }
-    }
-    if file_sources && let Err(e) = crate::collect::read_file_sources(loaded) {
-        problems.push(e);
     }
     let eval = &recipe.eval;
     if eval.enabled {
@@ -80,7 +88,7 @@ pub fn check_inputs(loaded: &LoadedRecipe, file_sources: bool) -> Vec<Error> {
 /// Why the export may not write to its folder, if it may not: outside the run directory, the
 /// folder must be new or empty, or this run's earlier export (an export into the target
 /// checkpoint, or any other folder of files, would overwrite them).
-fn export_problem(loaded: &LoadedRecipe) -> Option<String> {
+fn export_problem(loaded: &ParsedRecipe) -> Option<String> {
     let absolute =
         |p: &Path| fuserl_core::paths::normalize(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let to = loaded.export_dir();
