@@ -469,6 +469,12 @@ pub fn append_stage_event(file: &std::path::Path, event: &StageEvent) -> fuserl_
         message: format!("cannot write a stage event: {e}"),
     })?;
     line.push('\n');
+    // After a torn last line (a process killed while writing it), a line of its own: the torn
+    // one stays the only line readers skip.
+    let torn = std::fs::read(file).is_ok_and(|b| b.last().is_some_and(|c| *c != b'\n'));
+    if torn {
+        line.insert(0, '\n');
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -328,14 +328,20 @@ pub fn check_recipe_text(
     // Each setting that does not parse is reported and left out, and the recipe read again
     // (a required one cannot be left out: there the reading stops).
     let mut raw: Option<RawRecipe> = None;
+    let mut removed: Vec<String> = Vec::new();
     for _ in 0..64 {
         match parse_table::<RawRecipe>(&table) {
             Ok(r) => {
                 raw = Some(r);
                 break;
             }
+            // A required key left out because its value was wrong: already reported.
+            Err(e) if e.missing && removed.contains(&e.path.to_string()) => break,
             Err(e) => {
                 let removable = !e.missing && remove_at(&mut table, &e.path);
+                if removable {
+                    removed.push(e.path.to_string());
+                }
                 problems.push(at(e));
                 if !removable {
                     break;
@@ -344,6 +350,7 @@ pub fn check_recipe_text(
         }
     }
     let Some(raw) = raw else { return stop(problems) };
+    let read = problems.len();
     if raw.schema_version != SCHEMA_VERSION {
         problems.push(at(ConfigError::at(
             "schema_version",
@@ -380,6 +387,7 @@ pub fn check_recipe_text(
     if let Err(e) = validate_export(&raw.export) {
         problems.push(prefixed(e, "export"));
     }
+    let settings_valid = problems.len() == read;
     let mut export = raw.export;
     export.path = Some(export.path.unwrap_or_else(|| format!("{output_dir}/export")));
     export.dtype = Some(export.dtype.unwrap_or(raw.backend.dtype));
@@ -573,7 +581,13 @@ pub fn check_recipe_text(
         eval,
         export,
     };
-    let parsed = ParsedRecipe { file: file.to_path_buf(), recipe: recipe.clone(), base_dir: base_dir.clone() };
+    // What the inputs check reads is only given when the recipe's own settings are valid (their
+    // problems are already reported: a missing [eval] prompts would be reported twice).
+    let parsed = settings_valid.then(|| ParsedRecipe {
+        file: file.to_path_buf(),
+        recipe: recipe.clone(),
+        base_dir: base_dir.clone(),
+    });
     let loaded = match (reward, weighting, sft_objective, po_objective) {
         (Some(reward), Some(weighting), Some(sft_objective), Some(po_objective)) if problems.is_empty() => {
             Some(LoadedRecipe {
@@ -593,7 +607,7 @@ pub fn check_recipe_text(
         }
         _ => None,
     };
-    RecipeCheck { loaded, parsed: Some(parsed), problems }
+    RecipeCheck { loaded, parsed, problems }
 }
 
 fn kind_table(kind: &str) -> toml::Table {

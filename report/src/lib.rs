@@ -507,10 +507,11 @@ pub fn write_report(run_dir: &Path) -> Result<ReportFiles> {
         read_jsonl(&run.metrics(), "a training step's measures (step, stage, loss, grad_norm, lr, ...)")?;
     let eval: std::result::Result<Option<EvalReport>, String> =
         read_typed(&run.eval().json()).map_err(|e| e.to_string());
-    let events: Vec<StageEvent> = read_jsonl(&run.stages(), "a stage event (stage, event, at)").unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "the stage log is left out of the report");
-        Vec::new()
-    });
+    // The stage log's readable lines (a line torn by a killed process is skipped wherever it is:
+    // the log only informs the report).
+    let events: Vec<StageEvent> = std::fs::read_to_string(run.stages())
+        .map(|text| text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        .unwrap_or_default();
 
     let mut page = Page::default();
     let name = recipe
@@ -712,12 +713,16 @@ fn date(at: f64) -> String {
 
 /// A duration: seconds, minutes or hours.
 fn duration(seconds: f64) -> String {
-    if seconds < 60.0 {
-        format!("{seconds:.1} s")
-    } else if seconds < 3600.0 {
-        format!("{:.0} min {:.0} s", (seconds / 60.0).floor(), seconds % 60.0)
+    if seconds < 59.95 {
+        return format!("{seconds:.1} s");
+    }
+    // Whole seconds (or minutes) first: no "1 min 60 s".
+    let s = seconds.round() as u64;
+    if s < 3600 {
+        format!("{} min {} s", s / 60, s % 60)
     } else {
-        format!("{:.0} h {:.0} min", (seconds / 3600.0).floor(), (seconds % 3600.0) / 60.0)
+        let minutes = (s + 30) / 60;
+        format!("{} h {} min", minutes / 60, minutes % 60)
     }
 }
 
@@ -855,7 +860,10 @@ fn recipe_section(
                 let again = if finished == Some(true) { " (what it shows is from an earlier run)" } else { "" };
                 format!("failed{again}: {}", error.as_deref().unwrap_or("-"))
             }
-            Some((StageEventKind::Started, _)) if finished != Some(true) => "interrupted (or running)".to_owned(),
+            Some((StageEventKind::Started, _)) if finished == Some(true) => {
+                "interrupted (or running); what it shows is from an earlier run".to_owned()
+            }
+            Some((StageEventKind::Started, _)) => "interrupted (or running)".to_owned(),
             Some(_) => "done".to_owned(),
             None if finished == Some(true) => "done".to_owned(),
             None if stage == "collect" => continue,
@@ -1379,6 +1387,14 @@ mod tests {
         let one = box_stats(&[0.5]).expect("stats");
         assert_eq!((one.low, one.q1, one.median, one.q3, one.high), (0.5, 0.5, 0.5, 0.5, 0.5));
         assert!(box_stats(&[f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn durations_round_to_whole_units() {
+        assert_eq!(duration(2.31), "2.3 s");
+        assert_eq!(duration(119.6), "2 min 0 s");
+        assert_eq!(duration(3599.6), "1 h 0 min");
+        assert_eq!(duration(7199.0), "2 h 0 min");
     }
 
     #[test]
