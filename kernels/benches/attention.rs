@@ -18,6 +18,9 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Tensor, TensorData};
 use fuserl_kernels::causal_attention;
 
+mod common;
+use common::{reset_peak, rss, uniform};
+
 type B = Autodiff<burn::backend::Flex>;
 
 struct Args {
@@ -49,32 +52,6 @@ fn parse() -> Args {
     assert!(a.method == "tiled" || a.method == "materialised", "--method: tiled or materialised");
     assert!(a.heads.is_multiple_of(a.kv_heads), "--heads must be a multiple of --kv-heads");
     a
-}
-
-/// `n` values uniform in `[-scale, scale)` from a hash of their index (the same in every process).
-fn uniform(n: usize, stream: u64, scale: f32) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = i.wrapping_add(stream << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-/// `(resident, peak resident)` in bytes, from /proc/self/status.
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|k| k.parse::<u64>().ok())
-            .map_or(0, |k| k * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// The model's attention before the tiled path: the mask written out for every head
@@ -115,7 +92,7 @@ fn main() {
         &device,
     );
     let (rss0, _) = rss();
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_peak();
     let start = Instant::now();
     let q = Tensor::<B, 4>::from_inner(q0).require_grad();
     let k = Tensor::<B, 4>::from_inner(k0).require_grad();

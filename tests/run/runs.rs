@@ -4,7 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use fuserl_recipe::parse_recipe;
-use fuserl_run::{Reporters, Which, run};
+use fuserl_run::{Reporters, RunSummary, Which, run};
+
+/// Run the recipe's stages with no progress shown.
+fn run_quietly(loaded: &fuserl_recipe::LoadedRecipe, which: Which) -> fuserl_run::Result<RunSummary> {
+    let reporters =
+        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} };
+    run(loaded, which, reporters)
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()
@@ -63,12 +70,7 @@ fn train(out: &Path, sft_epochs: u32, po_epochs: u32) -> Vec<serde_json::Value> 
 fn train_text(out: &Path, text: &str) -> Vec<serde_json::Value> {
     let registry = fuserl_builtin::registry().expect("registry");
     let loaded = parse_recipe(text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(
-        &loaded,
-        Which::All,
-        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} },
-    )
-    .expect("run");
+    run_quietly(&loaded, Which::All).expect("run");
     read_metrics(out)
 }
 
@@ -217,12 +219,7 @@ beta = 0.1
     );
     let registry = fuserl_builtin::registry().expect("registry");
     let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-    run(
-        &loaded,
-        Which::All,
-        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} },
-    )
-    .expect("run");
+    run_quietly(&loaded, Which::All).expect("run");
     let samples = std::fs::read_to_string(out.join("po/collect/target.jsonl")).expect("samples");
     assert_eq!(samples.lines().count(), 30, "3 samples for each of 10 prompts");
     let examples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("po/examples.jsonl"))
@@ -248,12 +245,7 @@ beta = 0.1
     // A rerun does not generate again: the cached samples are reused as they are.
     let before = std::fs::read(out.join("po/collect/target.jsonl")).expect("samples");
     std::fs::remove_file(out.join("po/DONE")).expect("rm");
-    run(
-        &loaded,
-        Which::Po,
-        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} },
-    )
-    .expect("rerun");
+    run_quietly(&loaded, Which::Po).expect("rerun");
     assert_eq!(std::fs::read(out.join("po/collect/target.jsonl")).expect("samples"), before);
 }
 
@@ -303,19 +295,7 @@ fn a_run_on_wgpu_tracks_the_cpu() {
     if !fuserl_backends::is_compiled(Device::Wgpu) {
         let registry = fuserl_builtin::registry().expect("registry");
         let loaded = parse_recipe(&text, &out.join("recipe.toml"), &registry).expect("recipe");
-        let err = run(
-            &loaded,
-            Which::All,
-            Reporters {
-                step: &mut |_| {},
-                collect: &|_| {},
-                score: &|_| {},
-                eval_collect: &|_| {},
-                eval_score: &|_| {},
-            },
-        )
-        .expect_err("no wgpu in this build")
-        .to_string();
+        let err = run_quietly(&loaded, Which::All).expect_err("no wgpu in this build").to_string();
         assert!(err.contains("--features wgpu"), "{err}");
         return;
     }
@@ -339,20 +319,7 @@ fn export_is_done_once_and_again_when_its_model_changes() {
         &fuserl_builtin::registry().expect("registry"),
     )
     .expect("recipe");
-    let go = || {
-        run(
-            &loaded,
-            Which::All,
-            Reporters {
-                step: &mut |_| {},
-                collect: &|_| {},
-                score: &|_| {},
-                eval_collect: &|_| {},
-                eval_score: &|_| {},
-            },
-        )
-        .expect("run")
-    };
+    let go = || run_quietly(&loaded, Which::All).expect("run");
     go();
     let weights = out.join("export/model.safetensors");
     let record: serde_json::Value =
@@ -387,20 +354,7 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
     let text = recipe(&out, 1, 1) + "[export]\nformat = \"gguf\"\ngguf_type = \"q8_0\"\n";
     let loaded = parse_recipe(&text, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))
         .expect("recipe");
-    let go = || {
-        run(
-            &loaded,
-            Which::All,
-            Reporters {
-                step: &mut |_| {},
-                collect: &|_| {},
-                score: &|_| {},
-                eval_collect: &|_| {},
-                eval_score: &|_| {},
-            },
-        )
-        .expect("run")
-    };
+    let go = || run_quietly(&loaded, Which::All).expect("run");
     go();
     let file = out.join("export/model-Q8_0.gguf");
     let g = fuserl_model::gguf::Gguf::read(&file).expect("the GGUF file");
@@ -430,12 +384,7 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
     let f16 = recipe(&out, 1, 1) + "[export]\nformat = \"gguf\"\ngguf_type = \"f16\"\n";
     let f16 = parse_recipe(&f16, &dir.path().join("recipe.toml"), &fuserl_builtin::registry().expect("registry"))
         .expect("recipe");
-    run(
-        &f16,
-        Which::All,
-        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} },
-    )
-    .expect("run");
+    run_quietly(&f16, Which::All).expect("run");
     assert!(out.join("export/model-F16.gguf").is_file() && !file.exists());
     let plain = parse_recipe(
         &recipe(&out, 1, 1),
@@ -443,12 +392,7 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
         &fuserl_builtin::registry().expect("registry"),
     )
     .expect("recipe");
-    run(
-        &plain,
-        Which::All,
-        Reporters { step: &mut |_| {}, collect: &|_| {}, score: &|_| {}, eval_collect: &|_| {}, eval_score: &|_| {} },
-    )
-    .expect("run");
+    run_quietly(&plain, Which::All).expect("run");
     assert!(!out.join("export/model-F16.gguf").exists(), "a GGUF file no longer asked for is removed");
     // A type without the format is refused by the recipe.
     let wrong = recipe(&out, 1, 1) + "[export]\ngguf_type = \"q8_0\"\n";
