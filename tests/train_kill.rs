@@ -148,6 +148,11 @@ fn a_folder_in_use_is_refused_and_a_killed_runs_folder_is_taken_over() {
         assert!(err.contains(&format!("is in use by process {pid} (fuserl run)")), "{command}: {err}");
         assert_eq!(err.lines().filter(|l| l.contains("in use")).count(), 1, "said once: {err}");
     }
+    // `fuserl report` only reads the run's files and writes report/ atomically: it works on a run
+    // in progress.
+    let report = fuserl(&["report", "runs/quickstart"], dir.path());
+    assert!(report.status.success(), "report of a run in progress: {}", text(&report.stderr));
+    assert!(dir.path().join("runs/quickstart/report/index.html").is_file());
     first.kill().expect("SIGKILL");
     first.wait().expect("wait");
     let out = fuserl(&["run", &recipe], dir.path());

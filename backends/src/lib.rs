@@ -306,6 +306,10 @@ fn start<B: LogProbBackend, O: OnBackend>(
     make: impl FnOnce() -> B::Device,
 ) -> Result<O::Output, BackendError> {
     use std::panic::{AssertUnwindSafe, catch_unwind};
+    #[cfg(feature = "cuda")]
+    if device == Device::Cuda {
+        cuda_driver().map_err(|message| BackendError::Unavailable { device: device_name(device), message })?;
+    }
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let probe = catch_unwind(AssertUnwindSafe(|| {
@@ -322,10 +326,36 @@ fn start<B: LogProbBackend, O: OnBackend>(
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                 .unwrap_or_else(|| "it panicked while starting".into());
+            // A runtime whose own thread died while starting leaves the caller a bare RecvError.
+            let message =
+                if message.contains("RecvError") { "its thread stopped while starting".to_owned() } else { message };
             let message = format!("{} (the runtime said: {message})", start_hint(device));
             Err(BackendError::Unavailable { device: device_name(device), message })
         }
     }
+}
+
+/// Whether the NVIDIA driver's library can be loaded (what the CUDA runtime loads first): an
+/// error naming it, and why the system's loader could not, when not.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // Loading a library is unsafe in libloading's API; see the SAFETY note.
+fn cuda_driver() -> Result<(), String> {
+    let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
+    let mut why = String::new();
+    for name in names {
+        // SAFETY: loading the driver runs its initialisers, as the CUDA runtime does when it
+        // loads the same library a moment later; nothing is called from it here.
+        match unsafe { libloading::Library::new(*name) } {
+            Ok(_) => return Ok(()),
+            // libloading's own message is "dlopen failed"; the system's reason is its source.
+            Err(e) => why = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
+        }
+    }
+    Err(format!(
+        "the NVIDIA driver's library ({}) is not on this machine: {why}; is there an NVIDIA GPU with its driver? \
+         (`nvidia-smi` lists them)",
+        names[0]
+    ))
 }
 
 /// The wgpu device `index` on graphics API `G`: the default adapter for index 0 with the

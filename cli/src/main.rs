@@ -89,7 +89,8 @@ enum Command {
     #[command(after_help = "Example:\n  fuserl eval recipes/collect-local.toml")]
     Eval(TrainArgs),
     /// Rebuild a run's report (RUN_DIR/report/index.html and report.md) from what the run
-    /// directory holds; the run itself rebuilds it after every stage.
+    /// directory holds; the run itself rebuilds it after every stage. It only reads the run's
+    /// files and writes report/ atomically, so it also works on a run in progress.
     #[command(after_help = "Example:\n  fuserl report runs/quickstart")]
     Report {
         /// The run directory (runs/NAME, or the recipe's [run] output_dir).

@@ -396,9 +396,15 @@ impl OnBackend for Generate<'_> {
         let loaded = t0.elapsed();
         // The reply on stdout as it is made.
         let mut stdout = std::io::stdout();
+        let mut pieces = 0u32;
         let mut print = |piece: &str| {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
+            pieces += 1;
+            // The streaming test stops here, with the first piece printed and the rest to come.
+            if pieces == 1 {
+                fuserl_core::debug_pause("generate-first-piece");
+            }
         };
         let reply = generate_streaming(&model, &tok, prompt, &cfg, &mut print).map_err(model_error)?;
         Ok((reply, loaded))

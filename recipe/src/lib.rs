@@ -103,13 +103,19 @@ impl LoadedRecipe {
         };
         let mut table = toml::Table::try_from(&self.recipe).map_err(|e| failed(&e))?;
         drop_empty_lists(&mut table);
+        // What the recipe file itself writes: an empty list in a component's table is left out
+        // only when the recipe does not write it.
+        let written: Option<toml::Table> = std::fs::read_to_string(&self.file).ok().and_then(|t| t.parse().ok());
+        drop_unwritten_component_lists(&mut table, written.as_ref());
         let samples = self.components.sources.iter().any(|s| s.generator().is_some())
             || (self.recipe.po.enabled && self.recipe.po.target_samples > 0);
-        if !samples
-            && self.recipe.data.sampling == default_sampling()
-            && let Some(toml::Value::Table(data)) = table.get_mut("data")
-        {
-            data.remove("sampling");
+        if !samples && let Some(toml::Value::Table(data)) = table.get_mut("data") {
+            if self.recipe.data.sampling == default_sampling() {
+                data.remove("sampling");
+            }
+            if self.recipe.data.samples_per_prompt == DataConfig::default().samples_per_prompt {
+                data.remove("samples_per_prompt");
+            }
         }
         toml::to_string(&table).map_err(|e| failed(&e))
     }
@@ -151,6 +157,52 @@ fn drop_empty_lists(table: &mut toml::Table) {
     for section in ["run", "backend", "target", "data", "sft", "po", "eval", "export"] {
         if let Some(t) = table.get_mut(section).and_then(toml::Value::as_table_mut) {
             drop_in(t);
+        }
+    }
+}
+
+/// Remove the empty lists of components' tables (`[[sources]]`, `[reward]`,
+/// `[weighting]`, the stages' `objective`) that the recipe file does not write: they are the
+/// component's default (a `jsonl` source's `sources = []`: every source of the file). One the
+/// recipe writes is kept (it may mean something: `extra = {samplers = []}`).
+fn drop_unwritten_component_lists(table: &mut toml::Table, written: Option<&toml::Table>) {
+    fn drop_in(table: &mut toml::Table, written: Option<&toml::Table>) {
+        let empty: Vec<String> = table
+            .iter()
+            .filter(|(k, v)| v.as_array().is_some_and(Vec::is_empty) && !written.is_some_and(|w| w.contains_key(*k)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in empty {
+            table.remove(&key);
+        }
+    }
+    let sub = |t: Option<&toml::Table>, key: &str| t.and_then(|t| t.get(key)).and_then(toml::Value::as_table).cloned();
+    for key in ["sources"] {
+        if let Some(toml::Value::Array(items)) = table.get_mut(key) {
+            let originals = written.and_then(|w| w.get(key)).and_then(toml::Value::as_array);
+            for (i, item) in items.iter_mut().enumerate() {
+                let original = originals.and_then(|o| o.get(i)).and_then(toml::Value::as_table);
+                if let Some(t) = item.as_table_mut() {
+                    drop_in(t, original);
+                }
+            }
+        }
+    }
+    for key in ["reward", "weighting"] {
+        let original = sub(written, key);
+        if let Some(t) = table.get_mut(key).and_then(toml::Value::as_table_mut) {
+            drop_in(t, original.as_ref());
+        }
+    }
+    for stage in ["sft", "po"] {
+        let original = sub(sub(written, stage).as_ref(), "objective");
+        if let Some(t) = table
+            .get_mut(stage)
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|s| s.get_mut("objective"))
+            .and_then(toml::Value::as_table_mut)
+        {
+            drop_in(t, original.as_ref());
         }
     }
 }

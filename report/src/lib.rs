@@ -879,7 +879,12 @@ fn recipe_section(
     }
     page.table(&["stage", "state", "first started", "last ended", "time spent"], &rows);
     match recipe {
-        Some(r) => settings_tables(page, r, run_dir),
+        Some(r) => {
+            // Sampling settings matter only where something sampled: a collect stage (generative
+            // sources) or FusePO's own samples.
+            let sampled = times.contains_key("collect") || (r.po.enabled && r.po.target_samples > 0);
+            settings_tables(page, r, run_dir, sampled)
+        }
         None => {
             page.para("No resolved recipe in the run directory (recipe.toml): the training stages have not started.")
         }
@@ -887,7 +892,7 @@ fn recipe_section(
 }
 
 /// The recipe's main settings, and every setting of the resolved recipe (folded).
-fn settings_tables(page: &mut Page, r: &Recipe, run_dir: &Path) {
+fn settings_tables(page: &mut Page, r: &Recipe, run_dir: &Path, sampled: bool) {
     let mut rows: Vec<Vec<Vec<Cell>>> = Vec::new();
     let mut row = |k: &str, v: String| rows.push(vec![vec![k.into()], vec![v.into()]]);
     row("run", format!("{}, seed {}", opt(r.run.name.as_ref()), r.run.seed));
@@ -911,16 +916,18 @@ fn settings_tables(page: &mut Page, r: &Recipe, run_dir: &Path) {
         row("source", format!("{} ({what})", shown(s.get("kind"))));
     }
     let sampling = &r.data.sampling;
-    row(
-        "sampling",
-        format!(
-            "{} samples a prompt, temperature {}, top_p {}, max_new_tokens {}",
-            r.data.samples_per_prompt,
-            opt(sampling.temperature),
-            opt(sampling.top_p),
-            opt(sampling.max_new_tokens)
-        ),
-    );
+    if sampled {
+        row(
+            "sampling",
+            format!(
+                "{} samples a prompt, temperature {}, top_p {}, max_new_tokens {}",
+                r.data.samples_per_prompt,
+                opt(sampling.temperature),
+                opt(sampling.top_p),
+                opt(sampling.max_new_tokens)
+            ),
+        );
+    }
     row("reward", shown(r.reward.get("kind")));
     row("weighting", {
         let params: Vec<String> = r
