@@ -135,6 +135,26 @@ fn check_broken(edit: impl Fn(&str) -> String) -> (i32, String, String) {
     (out.status.code().expect("exit code"), text(&out.stderr), broken)
 }
 
+/// Issue #31: `[target.lora]` mistakes are reported at their lines: a module PEFT does not name,
+/// rank 0, dropout with gradient checkpointing (not supported yet), and an adapter export without
+/// adapters.
+#[test]
+fn lora_settings_are_checked_at_their_lines() {
+    let lora = "[target.lora]\nr = 8\ntarget_modules = [\"q_proj\", \"qkv_proj\"]\n";
+    let (code, err, recipe) = check_broken(|r| r.replacen("[[sources]]", &format!("{lora}\n[[sources]]"), 1));
+    assert_eq!(code, 2, "{err}");
+    let line = line_of(&recipe, "target_modules");
+    assert!(err.contains(&format!("broken.toml:{line}:")) && err.contains("unknown module `qkv_proj`"), "{err}");
+    let (code, err, recipe) =
+        check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\ndropout = 0.1\n\n[[sources]]", 1));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("broken.toml:{}:", line_of(&recipe, "r = 0"))) && err.contains("positive rank"), "{err}");
+    assert!(err.contains("LoRA dropout with gradient checkpointing is not supported yet"), "{err}");
+    let (code, err, _) = check_broken(|r| format!("{r}\n[export]\nlora = \"adapter\"\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("export.lora: lora = \"adapter\" exports LoRA adapters, and [target.lora] trains none"), "{err}");
+}
+
 #[test]
 fn misspelled_key_is_reported_with_place_path_and_choices() {
     let (code, err, recipe) = check_broken(|r| r.replace("beta = 0.1", "betta = 0.1"));
@@ -1075,7 +1095,17 @@ fn help_puts_run_first_and_says_what_values_are() {
     let collect = text(&fuserl(&["collect", "--help"], &repo()).stdout);
     assert_eq!(collect.lines().filter(|l| l.contains("plugin")).count(), 1, "{collect}");
     let generate = text(&fuserl(&["generate", "--help"], &repo()).stdout);
-    assert!(generate.contains("cpu, wgpu, vulkan, metal, webgpu, cuda or rocm"), "{generate}");
+    // The devices this build has, and which others need a build of their own.
+    assert!(generate.contains("Device: cpu, wgpu, cuda (vulkan, metal, webgpu, rocm need a build"), "{generate}");
+    // The global options under their own heading, after the command's own.
+    let global = generate.find("Global options:").expect("a Global options heading");
+    for option in ["--verbose", "--quiet", "--plugin"] {
+        assert!(
+            generate.find(option).is_some_and(|at| at > global),
+            "{option} is not under Global options: {generate}"
+        );
+    }
+    assert!(generate.find("--prompt").is_some_and(|at| at < global), "{generate}");
     let convert = text(&fuserl(&["convert", "gguf", "--help"], &repo()).stdout);
     assert!(convert.contains("K-quants Q2_K to Q8_K"), "{convert}");
     let negative =

@@ -416,3 +416,209 @@ fn checkpointing_by_layer_gives_the_plain_gradients_on_every_family() {
         assert!(close(g1, g0, 1e-4), "{family}: gradient norm {g1} with checkpointing, {g0} without");
     }
 }
+
+/// LoRA against PEFT (issue #31): fixtures/train/lora_steps.json (fixtures/train/make_lora_steps.py:
+/// PEFT r 8, alpha 16, all-linear, on transformers' models in float64, adapters from a closed
+/// formula both sides compute).
+fn lora_fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("fixtures/train/lora_steps.json")).expect("fixture"))
+        .expect("json")
+}
+
+/// The fixture's model folder: the committed tiny target, or SmolLM2 from the model cache.
+fn lora_model_dir(name: &str) -> std::path::PathBuf {
+    match name {
+        "tiny-chat" => repo().join("checkpoints/tiny-chat"),
+        _ => crate::real_models::SMOLLM2.dir(),
+    }
+}
+
+/// `[target.lora]` of the fixture: r 8, alpha 16, every linear layer.
+fn lora_spec() -> fuserl_model::lora::LoraSpec {
+    fuserl_model::lora::LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: fuserl_model::lora::MODULES.iter().map(|m| (*m).to_owned()).collect(),
+        rslora: false,
+    }
+}
+
+/// The fixture's adapter values (its docstring's formula) on every adapter of `weights`.
+fn formula_adapters<B: burn::tensor::backend::Backend>(weights: &mut fuserl_model::llama::Llama<B>, nonzero_b: bool) {
+    use burn::module::Param;
+    use burn::tensor::{Tensor, TensorData};
+    let adapters = fuserl_model::lora::adapters(weights);
+    let device = weights.embed_tokens.val().device();
+    let set: Vec<_> = adapters
+        .into_iter()
+        .enumerate()
+        .map(|(m, l)| {
+            let [inp, r] = l.a.val().dims();
+            let out = l.b.val().dims()[1];
+            let m = (m + 1) as f64;
+            let mut a = vec![0f32; inp * r];
+            for i in 0..inp {
+                for k in 0..r {
+                    let v = (0.37 * (k + 1) as f64 + 0.011 * (i + 1) as f64 + 0.5 * m).sin() / (inp as f64).sqrt();
+                    a[i * r + k] = v as f32;
+                }
+            }
+            let mut b = vec![0f32; r * out];
+            if nonzero_b {
+                for k in 0..r {
+                    for o in 0..out {
+                        b[k * out + o] =
+                            (0.02 * (0.29 * (k + 1) as f64 + 0.013 * (o + 1) as f64 + 0.3 * m).cos()) as f32;
+                    }
+                }
+            }
+            let param = |v: Vec<f32>, shape: [usize; 2]| {
+                Param::from_tensor(Tensor::<B, 2>::from_data(TensorData::new(v, shape), (&device, DType::F32)))
+            };
+            fuserl_model::lora::Lora { a: param(a, [inp, r]), b: param(b, [r, out]), ..l }
+        })
+        .collect();
+    fuserl_model::lora::set_adapters(weights, set);
+}
+
+/// Step-1 loss and adapter gradient norm within 1e-4 relative of PEFT's, 10 losses within 2e-3,
+/// for SFT and DPO, from PEFT's start (B = 0) and from one where B is not 0, on the tiny target
+/// (fused and naive log-probs, gradient checkpointing by layer) and on SmolLM2 (checkpointing).
+/// The base is frozen: its weights do not move, and only the adapters have optimiser state.
+#[test]
+fn lora_steps_match_peft() {
+    let fixture = lora_fixture();
+    let base = stage_config(&fixture);
+    let lr = fixture["lr"].as_f64().expect("lr");
+    for m in fixture["models"].as_array().expect("models") {
+        let name = m["name"].as_str().expect("name");
+        let dir = lora_model_dir(name);
+        let variants: &[(LogProbPath, bool)] = if name == "tiny-chat" {
+            &[(LogProbPath::Fused, false), (LogProbPath::Naive, false), (LogProbPath::Fused, true)]
+        } else {
+            &[(LogProbPath::Fused, true)]
+        };
+        for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {
+            let start = raw["start"].as_str().expect("start");
+            // SmolLM2 (a 135M model, slow in a test): SFT from PEFT's start, DPO from the other.
+            if name != "tiny-chat" && (case.kind == "sft") != (start == "zero-b") {
+                continue;
+            }
+            for &(logprobs, checkpointing) in variants {
+                let config = StageConfig { gradient_checkpointing: checkpointing, ..base.clone() };
+                let what = format!("{name} {} from {start} ({logprobs:?}, checkpointing {checkpointing})", case.kind);
+                let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).expect("model");
+                let q_before = model.weights.layers[0].self_attn.q_proj.weight.val().into_data();
+                model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+                fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+                formula_adapters(&mut model.weights, start == "nonzero-b");
+                let mut model = Some(model);
+                let mut optim = new_optimizer(&config);
+                let picked: Vec<&TrainExample> = case.examples.iter().collect();
+                for (step, want) in case.losses.iter().enumerate() {
+                    let settings = StepSettings { logprobs, ..settings(case, &config, lr, 1.0) };
+                    let (next, out) =
+                        optimizer_step(model.take().expect("model"), &mut optim, &picked, settings).expect("step");
+                    model = Some(next);
+                    if step == 0 {
+                        assert!(close(out.loss, *want, 1e-4), "{what}: step-1 loss {} vs PEFT {want}", out.loss);
+                        assert!(
+                            close(out.grad_norm, case.grad_norm, 1e-4),
+                            "{what}: step-1 adapter gradient norm {} vs PEFT {}",
+                            out.grad_norm,
+                            case.grad_norm
+                        );
+                    } else {
+                        assert!(
+                            close(out.loss, *want, 2e-3),
+                            "{what}: step {} loss {} vs PEFT {want}",
+                            step + 1,
+                            out.loss
+                        );
+                    }
+                }
+                let model = model.expect("model");
+                let q_after = model.weights.layers[0].self_attn.q_proj.weight.val().into_data();
+                assert_eq!(q_before, q_after, "{what}: the frozen base moved");
+                // Optimiser state for the adapters only: two moments per adapter tensor.
+                let adapters = fuserl_model::lora::adapters(&model.weights).len();
+                assert_eq!(
+                    burn::optim::Optimizer::to_record(&optim).len(),
+                    2 * adapters,
+                    "{what}: optimiser state of frozen weights"
+                );
+            }
+        }
+    }
+}
+
+/// The adapter export in PEFT's layout: the tensor names and shapes PEFT's save_pretrained writes,
+/// and, loaded back on its base, the per-token log-probs PEFT computes with the same adapter
+/// (1e-4); the merged export (`W + s A B`) gives PEFT's merge_and_unload() log-probs (1e-4).
+#[test]
+fn lora_export_matches_peft_layout_and_logprobs() {
+    use fuserl_model::Cpu;
+    let fixture = lora_fixture();
+    for m in fixture["models"].as_array().expect("models") {
+        let name = m["name"].as_str().expect("name");
+        let dir = lora_model_dir(name);
+        let mut model = load::<Cpu>(&dir, &Default::default(), DType::F32).expect("model");
+        fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+        formula_adapters(&mut model.weights, true);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let adapter = tmp.path().join("adapter");
+        fuserl_model::lora::save_adapter_dir(&model, &lora_spec(), &adapter, &dir, false, Some(&dir)).expect("export");
+        // PEFT's names and shapes, exactly.
+        let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).expect("adapter file");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut ours: Vec<(String, Vec<usize>)> =
+            st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+        ours.sort();
+        let mut peft: Vec<(String, Vec<usize>)> = m["export"]["tensors"]
+            .as_object()
+            .expect("tensors")
+            .iter()
+            .map(|(n, s)| (n.clone(), serde_json::from_value(s.clone()).expect("shape")))
+            .collect();
+        peft.sort();
+        assert_eq!(ours, peft, "{name}: the adapter file's tensors");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).expect("config"))
+                .expect("json");
+        // task_type: PEFT writes what its LoraConfig was given (none in the fixture); fuserl
+        // writes CAUSAL_LM, which makes from_pretrained build a PeftModelForCausalLM.
+        assert_eq!(config["task_type"], "CAUSAL_LM");
+        for (key, want) in m["export"]["config"].as_object().expect("config").iter().filter(|(k, _)| *k != "task_type")
+        {
+            let got = &config[key];
+            let same = got == want || got.as_f64().zip(want.as_f64()).is_some_and(|(a, b)| a == b);
+            assert!(same, "{name}: adapter_config.json {key} = {got}, PEFT writes {want}");
+        }
+        let seqs: Vec<(Vec<u32>, Vec<u32>)> = m["sequences"]
+            .as_array()
+            .expect("sequences")
+            .iter()
+            .map(|s| {
+                (
+                    serde_json::from_value(s["prompt"].clone()).expect("prompt"),
+                    serde_json::from_value(s["response"].clone()).expect("response"),
+                )
+            })
+            .collect();
+        let merged = tmp.path().join("merged");
+        fuserl_model::checkpoint::save(&model, &merged, 2 << 30, Some(&dir)).expect("merged export");
+        assert!(!merged.join("adapter_config.json").exists());
+        for (folder, key) in [(&adapter, "token_logps"), (&merged, "merged_token_logps")] {
+            let loaded = load::<Cpu>(folder, &Default::default(), DType::F32).expect("load the export");
+            let got = fuserl_model::logprobs::response_logprobs(&loaded, &seqs).expect("logprobs");
+            for (g, want) in got.iter().zip(m["export"][key].as_array().expect("logps")) {
+                let want: Vec<f64> = serde_json::from_value(want.clone()).expect("values");
+                assert_eq!(g.token_logps.len(), want.len());
+                for (a, b) in g.token_logps.iter().zip(&want) {
+                    assert!((f64::from(*a) - b).abs() <= 1e-4, "{name} ({key}): {a} vs PEFT {b}");
+                }
+            }
+        }
+    }
+}

@@ -40,8 +40,7 @@ pub struct TrainStepArgs {
     /// Hugging Face checkpoint folder (config.json and weights).
     #[arg(long)]
     model: PathBuf,
-    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
-    #[arg(long, default_value = "cpu")]
+    #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
     /// Compute type: f32, bf16 (mixed precision: f32 master weights) or f16.
     #[arg(long, default_value = "f32")]
@@ -71,8 +70,7 @@ pub struct GenerateBenchArgs {
     /// Hugging Face checkpoint folder (config.json, weights and tokenizer).
     #[arg(long)]
     model: PathBuf,
-    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
-    #[arg(long, default_value = "cpu")]
+    #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
     /// Compute type: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]

@@ -36,13 +36,13 @@ Examples:
 struct Cli {
     /// More log output: -v fuserl's info lines (what was read, prepared, loaded), -vv its debug
     /// lines, -vvv everything (the libraries' too). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     verbose: u8,
     /// Only errors: no progress, no summaries.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = "Global options")]
     quiet: bool,
     /// Load a plugin library: a path, or a name in $FUSERL_PLUGIN_PATH (repeatable)
-    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    #[arg(long = "plugin", global = true, value_name = "PATH", help_heading = "Global options")]
     plugins: Vec<String>,
     #[command(subcommand)]
     command: Command,
@@ -203,6 +203,7 @@ enum StageArg {
 fn main() -> ExitCode {
     // Before any other thread starts (see its docs: page faults on every re-allocation).
     fuserl_backends::keep_freed_memory();
+    default_sigpipe();
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if cli.quiet {
@@ -234,6 +235,35 @@ fn main() -> ExitCode {
 /// Ctrl-C says what became of the work, once, then exits with 130 (the shell's code for SIGINT).
 /// Nothing needs flushing: stores are append-only and every artifact is written to a temporary
 /// file and renamed, so a run stopped anywhere resumes from what it had kept.
+/// `--device`'s help: the devices this build has (the others need a build with their feature).
+pub(crate) fn device_help() -> String {
+    let compiled = fuserl_backends::compiled_devices();
+    let names: Vec<&str> = compiled.iter().copied().map(fuserl_backends::device_name).collect();
+    let others: Vec<&str> = fuserl_backends::ALL_DEVICES
+        .into_iter()
+        .filter(|d| !compiled.contains(d))
+        .map(fuserl_backends::device_name)
+        .collect();
+    if others.is_empty() {
+        format!("Device: {}", names.join(", "))
+    } else {
+        format!("Device: {} ({} need a build with their cargo feature)", names.join(", "), others.join(", "))
+    }
+}
+
+/// Output into a pipe whose reader has gone (`fuserl run | head -1`) ends the process as it ends
+/// any command-line tool (SIGPIPE's default action), instead of a panic in `println!` (Rust
+/// ignores SIGPIPE, so every write fails with EPIPE). What was collected, scored or checkpointed
+/// is kept, as after any kill.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    #[allow(unsafe_code)] // One call into the C library, before any thread starts.
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn on_ctrl_c(command: &Command) {
     let message = match command {
         Command::Run(_)
@@ -247,6 +277,8 @@ fn on_ctrl_c(command: &Command) {
         _ => "interrupted",
     };
     let set = ctrlc::set_handler(move || {
+        // A clean stop: the run folder's lock is given back as on a normal exit.
+        fuserl_io::run_dir::release_held_locks();
         eprintln!("\n{message}");
         std::process::exit(130);
     });

@@ -103,7 +103,7 @@ fn on_device<O: OnBackend<Output = anyhow::Result<T>>, T>(device: &str, code: O)
 
 #[derive(Debug, Args)]
 pub struct LogprobsArgs {
-    /// Hugging Face checkpoint folder.
+    /// Hugging Face checkpoint folder, or a PEFT adapter folder (on top of its base).
     #[arg(long)]
     model: PathBuf,
     /// JSONL: {"prompt": [chat messages] or "a user message", "response": "..."} per line.
@@ -112,8 +112,7 @@ pub struct LogprobsArgs {
     /// JSONL output: each input line with `logp_sum`, `n_tokens` and `token_logps` added.
     #[arg(long)]
     out: PathBuf,
-    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
-    #[arg(long, default_value = "cpu")]
+    #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
     /// Pairs per forward pass.
     #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
@@ -173,8 +172,7 @@ pub struct RewardArgs {
     /// JSONL output: each input line with `score` and `logits` (one per label) added.
     #[arg(long)]
     out: PathBuf,
-    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
-    #[arg(long, default_value = "cpu")]
+    #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
     /// Conversations per forward pass.
     #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
@@ -257,11 +255,9 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         return Err(bad_input("--batch-size must be at least 1".into()));
     }
     // The model's configuration first, so that a wrong folder is reported as such.
-    fuserl_model::checkpoint::config_file(&args.model).map_err(model_error)?;
+    let config = fuserl_model::checkpoint::config_file(&args.model).map_err(model_error)?;
     let tok = ChatTokenizer::load(&args.model, args.chat_template.as_deref()).map_err(model_error)?;
-    let positions = fuserl_model::config::LlamaConfig::from_file(&args.model.join("config.json"))
-        .map_err(model_error)?
-        .max_position_embeddings;
+    let positions = fuserl_model::config::LlamaConfig::from_file(&config).map_err(model_error)?.max_position_embeddings;
     let mut records = Vec::new();
     for (v, msgs, response) in read_pairs(&args.data)? {
         // A response longer than the model's positions is refused when scored; cut first, what
@@ -316,7 +312,7 @@ impl OnBackend for Score<'_> {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Hugging Face checkpoint folder.
+    /// Hugging Face checkpoint folder, or a PEFT adapter folder (on top of its base).
     #[arg(long)]
     model: PathBuf,
     /// One user message (put through the chat template).
@@ -340,8 +336,7 @@ pub struct GenerateArgs {
     /// Stop at this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Device: cpu, wgpu, vulkan, metal, webgpu, cuda or rocm (those compiled into this build).
-    #[arg(long, default_value = "cpu")]
+    #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
 }
 

@@ -117,7 +117,8 @@ impl RunDir {
         if removed > 0 {
             tracing::info!(dir = %Shown(&self.root), removed, "removed temporary files left by an interrupted run");
         }
-        Ok(RunLock { file })
+        held_locks().push(path.clone());
+        Ok(RunLock { file, path })
     }
 
     /// The folder itself.
@@ -186,12 +187,34 @@ impl RunDir {
 #[derive(Debug)]
 pub struct RunLock {
     file: std::fs::File,
+    path: PathBuf,
 }
 
 impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = self.file.set_len(0);
         let _ = self.file.unlock();
+        let mut held = held_locks();
+        if let Some(i) = held.iter().position(|p| *p == self.path) {
+            held.remove(i);
+        }
+    }
+}
+
+/// The lock files this process holds (a [`RunLock`] adds its own and removes it when dropped).
+fn held_locks() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Empty the lock files this process holds, for an exit that runs no destructors (Ctrl-C's
+/// handler): the operating system releases the locks themselves when the process ends, and an
+/// empty lock file is not taken for one a killed process left (no "took over" warning next time).
+pub fn release_held_locks() {
+    for path in held_locks().iter() {
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = file.set_len(0);
+        }
     }
 }
 

@@ -43,6 +43,14 @@ impl ChatTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` and the chat template from a checkpoint
     /// folder; `template` overrides the folder's template.
     pub fn load(dir: &Path, template: Option<&Path>) -> Result<Self> {
+        // A PEFT adapter folder without its own tokenizer uses its base's.
+        let base;
+        let dir = if !dir.join("tokenizer.json").is_file() && crate::lora::is_adapter_dir(dir) {
+            base = crate::lora::read_adapter_config(dir)?.base;
+            base.as_path()
+        } else {
+            dir
+        };
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
             return Err(ModelError::format(dir, "no tokenizer.json"));
@@ -107,7 +115,7 @@ impl ChatTokenizer {
                 .token_to_id(t)
                 .ok_or_else(|| ModelError::format(&tc_file, format!("eos_token `{t}` is not in tokenizer.json")))?,
             None => {
-                let cfg = crate::config::LlamaConfig::from_file(&dir.join("config.json"))?;
+                let cfg = crate::config::LlamaConfig::from_file(&crate::checkpoint::config_file(dir)?)?;
                 *cfg.eos_token_ids
                     .first()
                     .ok_or_else(|| ModelError::format(dir, "no EOS token in tokenizer_config.json or config.json"))?

@@ -37,6 +37,32 @@ pub const SIDE_FILES: [&str; 6] = [
     "vocab.json",
 ];
 
+/// The values of a safetensors tensor as f32 (from F32, F16 or BF16), all finite.
+pub(crate) fn values_of(view: &safetensors::tensor::TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
+    let data = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => {
+            return Err(ModelError::format(
+                file,
+                format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
+            ));
+        }
+    };
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(ModelError::format(
+            file,
+            format!(
+                "tensor `{name}` holds {bad} values that are not finite (NaN or infinity): the weights are damaged"
+            ),
+        ));
+    }
+    Ok(values)
+}
+
 /// A named host tensor: shape and f32 values.
 type HostTensor = (Vec<usize>, Vec<f32>);
 
@@ -100,29 +126,7 @@ impl TensorStore {
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| ModelError::format(file, format!("not a valid safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                StDtype::BF16 => {
-                    data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                other => {
-                    return Err(ModelError::format(
-                        file,
-                        format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
-                    ));
-                }
-            };
-            let bad = values.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
-                return Err(ModelError::format(
-                    file,
-                    format!(
-                        "tensor `{name}` holds {bad} values that are not finite (NaN or infinity): the weights are damaged"
-                    ),
-                ));
-            }
+            let values = values_of(&view, &name, file)?;
             self.tensors.insert(name.clone(), (view.shape().to_vec(), values, file.to_path_buf()));
         }
         Ok(())
@@ -173,7 +177,7 @@ impl TensorStore {
 
 /// `values` (`rows x cols`, row-major) transposed, in 32 x 32 tiles: a row-by-row loop writes a
 /// column of the output, one cache line per value (a quarter of a model's load time).
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
     for r0 in (0..rows).step_by(TILE) {
@@ -213,7 +217,7 @@ impl<B: Backend> Builder<'_, B> {
         let w = self.store.take(&format!("{prefix}.weight"), &[out, inp], self.dir)?;
         let weight = self.tensor(transpose(&w, out, inp), [inp, out]);
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     fn norm(&mut self, name: &str, n: usize, c: &LlamaConfig) -> Result<RmsNorm<B>> {
@@ -285,9 +289,18 @@ pub fn build_model<B: Backend>(
     Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
 }
 
+/// Whether `dir` holds a model: a Hugging Face checkpoint (`config.json`) or a PEFT adapter folder.
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("config.json").is_file() || crate::lora::is_adapter_dir(dir)
+}
+
 /// The `config.json` of the checkpoint folder `dir`, or an error that says what `dir` is instead
 /// (no such folder, a file, a folder without config.json).
 pub fn config_file(dir: &Path) -> Result<PathBuf> {
+    if crate::lora::is_adapter_dir(dir) {
+        // A PEFT adapter folder: its base's configuration.
+        return config_file(&crate::lora::read_adapter_config(dir)?.base);
+    }
     if !dir.exists() {
         return Err(ModelError::format(dir, "no such checkpoint folder"));
     }
@@ -305,7 +318,20 @@ pub fn config_file(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Load a Hugging Face checkpoint folder into `dtype` on `device`.
+///
+/// A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) is loaded on top of
+/// its base (`base_model_name_or_path`): the base's weights in `dtype`, the adapters in f32 (the
+/// trainer freezes the base and trains them).
 pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
+    if crate::lora::is_adapter_dir(dir) {
+        let adapter = crate::lora::read_adapter_config(dir)?;
+        let mut model = load::<B>(&adapter.base, device, dtype)?;
+        let json = crate::config::read_json(&adapter.base.join("config.json"))?;
+        let multimodal = crate::gemma3::is_multimodal(&json);
+        crate::lora::apply_adapter_dir(&mut model.weights, dir, &adapter, multimodal, DType::F32)?;
+        tracing::info!(adapter = %Shown(dir), r = adapter.spec.r, "loaded LoRA adapter");
+        return Ok(model);
+    }
     let config_file = config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let config = LlamaConfig::from_json(&json, &config_file)?;
@@ -400,7 +426,17 @@ pub fn save_as<B: Backend>(
         out
     };
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let tensors = named_tensors(model);
+    // A model with adapters is saved merged (`W + s A B`, in f32 before the cast to `dtype`).
+    let tensors = if crate::lora::has_adapters(&model.weights) {
+        let merged = LlamaModel {
+            config: model.config.clone(),
+            weights: crate::lora::merged(model.weights.clone()),
+            dtype: model.dtype,
+        };
+        named_tensors(&merged)
+    } else {
+        named_tensors(model)
+    };
     // Shard greedily in name order.
     let mut shards: Vec<Vec<(&String, &HostTensor)>> = vec![Vec::new()];
     let mut size = 0usize;
@@ -453,12 +489,20 @@ pub fn save_as<B: Backend>(
     let config = serde_json::to_string_pretty(&hf).map_err(|e| ModelError::format(dir, e.to_string()))?;
     write_atomic(&dir.join("config.json"), config.as_bytes())?;
     if let Some(src) = side_files_from {
-        for f in SIDE_FILES {
-            let from = src.join(f);
-            if from.is_file() {
-                let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
-                write_atomic(&dir.join(f), &bytes)?;
-            }
+        copy_side_files(src, dir)?;
+    }
+    Ok(())
+}
+
+/// Copy the checkpoint side files ([`SIDE_FILES`]: tokenizer, template) that `src` has into `dir`,
+/// each atomically. For an adapter folder `src` without them, its base's.
+pub fn copy_side_files(src: &Path, dir: &Path) -> Result<()> {
+    let base = crate::lora::base_of(src);
+    for f in SIDE_FILES {
+        let from = [src.join(f), base.join(f)].into_iter().find(|p| p.is_file());
+        if let Some(from) = from {
+            let bytes = std::fs::read(&from).map_err(|e| ModelError::io(&from, e))?;
+            write_atomic(&dir.join(f), &bytes)?;
         }
     }
     Ok(())

@@ -623,6 +623,13 @@ fn is_byte_token(t: &str) -> bool {
 /// Export the checkpoint folder `dir` as a GGUF file `out` of type `ty` (atomically: a
 /// temporary file renamed over `out` when complete).
 pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
+    if crate::lora::is_adapter_dir(dir) {
+        return Err(ModelError::format(
+            dir,
+            "a LoRA adapter folder: a GGUF file holds the whole model; export the run merged \
+             ([export] lora = \"merged\", the default) and convert that folder",
+        ));
+    }
     let config_file = crate::checkpoint::config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let c = LlamaConfig::from_json(&json, &config_file)?;

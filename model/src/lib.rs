@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: Hugging Face safetensors in and out;
 //! - [`classifier`]: `*ForSequenceClassification` reward models (the decoder and a score head);
 //! - [`logprobs`]: per-token log-probs of (prompt, response) pairs;
+//! - [`lora`]: LoRA adapters on the linear layers, PEFT's adapter folders in and out;
 //! - [`gguf`], [`quant`]: llama.cpp's GGUF files read; [`gguf_export`], [`quantize`]: written.
 
 pub mod chat;
@@ -24,6 +25,7 @@ pub mod gguf_export;
 pub mod hf_config;
 pub mod llama;
 pub mod logprobs;
+pub mod lora;
 pub mod quant;
 pub mod quantize;
 

@@ -28,6 +28,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter (`[target.lora]`, or an adapter folder): `+ s (x A) B`.
+    pub lora: Option<crate::lora::Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -38,7 +40,11 @@ impl<B: Backend> Linear<B> {
         let dtype = x.dtype();
         let w = in_dtype(self.weight.val(), dtype);
         let out = w.dims()[1];
-        let y = x.reshape([b * t, i]).matmul(w);
+        let x = x.reshape([b * t, i]);
+        let y = match &self.lora {
+            Some(lora) => x.clone().matmul(w) + lora.forward(x),
+            None => x.matmul(w),
+        };
         let y = match &self.bias {
             Some(bias) => y + in_dtype(bias.val(), dtype).unsqueeze_dim(0),
             None => y,

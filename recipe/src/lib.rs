@@ -430,6 +430,9 @@ pub fn check_recipe_text(
     if let Err(e) = validate_target(&raw.target) {
         problems.push(prefixed(e, "target"));
     }
+    let checkpointing = |s: &StageConfig| s.enabled && s.gradient_checkpointing;
+    let dropout_with_checkpointing = raw.target.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
+        && (checkpointing(&raw.sft) || checkpointing(&raw.po));
     let data = validate_data(raw.data).map_err(|e| problems.push(prefixed(e, "data"))).ok();
     let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| problems.push(prefixed(e, "sft"))).ok();
     let po = resolve_stage(raw.po, Stage::Po).map_err(|e| problems.push(prefixed(e, "po"))).ok();
@@ -438,6 +441,30 @@ pub fn check_recipe_text(
     }
     if let Err(e) = validate_export(&raw.export) {
         problems.push(prefixed(e, "export"));
+    }
+    if raw.export.lora == LoraExport::Adapter && raw.target.lora.is_none() {
+        problems.push(prefixed(
+            ConfigError::at("lora", "lora = \"adapter\" exports LoRA adapters, and [target.lora] trains none"),
+            "export",
+        ));
+    } else if raw.export.lora == LoraExport::Adapter && raw.export.format == ExportFormat::Gguf {
+        problems.push(prefixed(
+            ConfigError::at(
+                "lora",
+                "a GGUF export holds the whole model: use lora = \"merged\" with format = \"gguf\"",
+            ),
+            "export",
+        ));
+    }
+    if dropout_with_checkpointing {
+        problems.push(prefixed(
+            ConfigError::new(
+                KeyPath::keys(&["lora", "dropout"]),
+                "LoRA dropout with gradient checkpointing is not supported yet (the recomputed layers would draw \
+                 other dropout masks): set dropout = 0.0, or gradient_checkpointing = false in [sft] and [po]",
+            ),
+            "target",
+        ));
     }
     let settings_valid = problems.len() == read;
     let mut export = raw.export;
@@ -741,6 +768,29 @@ fn validate_target(t: &TargetConfig) -> Result<(), ConfigError> {
             "max_prompt_length",
             format!("expected a number of tokens in [1, max_length = {}), found {p}", t.max_length),
         ));
+    }
+    if let Some(l) = &t.lora {
+        let at = |key: &str, message: String| ConfigError::new(KeyPath::keys(&["lora", key]), message);
+        if l.r == 0 {
+            return Err(at("r", "expected a positive rank".into()));
+        }
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            return Err(at("alpha", format!("expected a positive number, found {}", l.alpha)));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return Err(at("dropout", format!("expected a probability in [0, 1), found {}", l.dropout)));
+        }
+        let modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        let all = l.target_modules.len() == 1 && l.target_modules[0] == "all-linear";
+        if l.target_modules.is_empty() {
+            return Err(at("target_modules", format!("expected some of {} or \"all-linear\"", modules.join(", "))));
+        }
+        if !all && let Some(bad) = l.target_modules.iter().find(|m| !modules.contains(&m.as_str())) {
+            return Err(at(
+                "target_modules",
+                format!("unknown module `{bad}`; expected some of {} or \"all-linear\"", modules.join(", ")),
+            ));
+        }
     }
     Ok(())
 }

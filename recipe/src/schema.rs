@@ -60,6 +60,56 @@ pub struct TargetConfig {
     /// Longest prompt, in tokens (default: no limit of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prompt_length: Option<u32>,
+    /// `[target.lora]`: train LoRA adapters on the frozen target instead of all its weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
+}
+
+/// `[target.lora]`: PEFT's `LoraConfig`, with its defaults (r 8, alpha 8, no dropout, `q_proj`
+/// and `v_proj`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank.
+    #[serde(default = "default_lora_r")]
+    pub r: u32,
+    /// `lora_alpha`: the adapter's output is scaled by `alpha / r`.
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Linear layers that get an adapter (PEFT's names), or `["all-linear"]` (a string is a list
+    /// of one).
+    #[serde(default = "default_lora_targets", deserialize_with = "one_or_many")]
+    pub target_modules: Vec<String>,
+    /// rsLoRA: scale by `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_lora_r() -> u32 {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    8.0
+}
+fn default_lora_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+
+/// A list, or one string as a list of one (`target_modules = "all-linear"`, as PEFT takes it).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn default_max_length() -> u32 {
@@ -391,6 +441,22 @@ pub struct ExportConfig {
     /// What the GGUF file holds (`format = "gguf"`; default f16).
     #[serde(default)]
     pub gguf_type: Option<GgufType>,
+    /// With `[target.lora]`: the adapters merged into the base's weights (a full checkpoint), or
+    /// the adapter alone in PEFT's layout.
+    #[serde(default)]
+    pub lora: LoraExport,
+}
+
+/// `[export] lora`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoraExport {
+    /// `W + s A B` written as a full checkpoint, loadable as any (transformers, vLLM, GGUF).
+    #[default]
+    Merged,
+    /// PEFT's adapter folder (`adapter_config.json`, `adapter_model.safetensors`) on top of the
+    /// target: `PeftModel.from_pretrained`, vLLM's LoRA support.
+    Adapter,
 }
 
 fn default_shard_mb() -> u64 {

@@ -224,7 +224,7 @@ pub fn refresh(loaded: &LoadedRecipe) -> Result<()> {
         .filter(|r| !r.exported.is_empty())
         .map(|r| std::path::PathBuf::from(r.to));
     match to {
-        Some(to) if to.join("config.json").is_file() => write_card(loaded, &to),
+        Some(to) if fuserl_model::checkpoint::is_checkpoint(&to) => write_card(loaded, &to),
         _ => Ok(()),
     }
 }

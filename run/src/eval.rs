@@ -127,7 +127,7 @@ fn eval_work(
     let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
     let checkpoint_source = |name: &str, path: &Path| -> Result<LocalSource> {
-        if !path.join("config.json").is_file() {
+        if !fuserl_model::checkpoint::is_checkpoint(path) {
             return Err(TrainError::Data(format!(
                 "[eval]: model `{name}`: {} is not a checkpoint yet (run `fuserl run` first, or fix [eval] baselines)",
                 Shown(path)
@@ -140,7 +140,7 @@ fn eval_work(
     // The export, else the last stage's model (a recipe may not export).
     let fused = [loaded.export_dir(), run.stage(StageName::Po).final_model(), run.stage(StageName::Sft).final_model()]
         .into_iter()
-        .find(|p| p.join("config.json").is_file())
+        .find(|p| fuserl_model::checkpoint::is_checkpoint(p))
         .unwrap_or_else(|| loaded.export_dir());
     let mut locals: Vec<(String, LocalSource)> = vec![("fused".into(), checkpoint_source("fused", &fused)?)];
     let mut sources: Vec<&dyn Generator> = Vec::new();

@@ -5,6 +5,9 @@
 //! shard size, and a hash of the files written); a rerun with the same model and settings whose
 //! export is still there as written skips it, as the other stages skip on their `DONE`.
 //!
+//! With `[target.lora]` the adapters are merged into the target's weights (`[export] lora =
+//! "merged"`, a full checkpoint), or written alone as PEFT's adapter folder (`"adapter"`).
+//!
 //! With `[export] format = "gguf"` the folder also gets `model-<TYPE>.gguf`, llama.cpp's file of
 //! the same weights ([`fuserl_model::gguf_export`]), written from the folder.
 
@@ -14,6 +17,7 @@ use burn::tensor::DType;
 use fuserl_core::paths::Shown;
 use fuserl_io::fs::write_atomic;
 use fuserl_model::checkpoint::{load, save_as};
+use fuserl_model::lora;
 use fuserl_recipe::LoadedRecipe;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +43,9 @@ pub struct ExportRecord {
     /// The GGUF file written in the folder (`format = "gguf"`): its name, type and size in bytes.
     #[serde(default)]
     pub gguf: Option<(String, String, u64)>,
+    /// With `[target.lora]`: how the adapters were exported (`merged` or `adapter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
 }
 
 /// The GGUF file `format = "gguf"` asks for: its name in the export folder and its type.
@@ -69,6 +76,13 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
         max_shard_bytes: (recipe.export.max_shard_size_mb as usize) << 20,
         exported: String::new(),
         gguf: None,
+        lora: recipe.target.lora.as_ref().map(|_| {
+            match recipe.export.lora {
+                fuserl_recipe::LoraExport::Merged => "merged",
+                fuserl_recipe::LoraExport::Adapter => "adapter",
+            }
+            .to_owned()
+        }),
     };
     let gguf = gguf_wanted(loaded);
     let hash = |dir: &Path| crate::local::weights_hash(dir).map(|h| format!("{h:016x}"));
@@ -87,7 +101,7 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     };
     let unchanged = done.as_ref().is_some_and(|d| {
         ExportRecord { exported: String::new(), gguf: None, ..d.clone() } == record
-            && to.join("config.json").is_file()
+            && fuserl_model::checkpoint::is_checkpoint(&to)
             && hash(&to).is_ok_and(|h| h == d.exported)
             && gguf_there(d)
     });
@@ -100,7 +114,34 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     let pending = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
     write_atomic(&marker, pending.as_bytes())?;
     let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
-    save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?;
+    let adapter = match &recipe.target.lora {
+        Some(l) if recipe.export.lora == fuserl_recipe::LoraExport::Adapter => Some(crate::training::lora_spec(l)),
+        _ => None,
+    };
+    // What the other kind of export left in the folder goes (transformers reads a folder with an
+    // adapter_config.json as an adapter).
+    let stale: Vec<PathBuf> = std::fs::read_dir(&to)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    for f in stale {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let merged_file = name == "config.json" || (name.starts_with("model") && name.contains(".safetensors"));
+        let adapter_file = name == lora::CONFIG_FILE || name == lora::ADAPTER_FILE;
+        if (adapter.is_some() && merged_file) || (adapter.is_none() && adapter_file) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    match &adapter {
+        // PEFT's adapter folder on top of the target (f32 adapters, as PEFT saves them).
+        Some(spec) => {
+            let base = std::fs::canonicalize(target).map_err(|e| TrainError::io(target, e))?;
+            let json = fuserl_model::config::read_json(&target.join("config.json"))?;
+            let multimodal = fuserl_model::gemma3::is_multimodal(&json);
+            lora::save_adapter_dir(&model, spec, &to, &base, multimodal, Some(target))?;
+        }
+        // The adapters merged into the weights (in f32, then written in the export's dtype).
+        None => save_as(&model, &to, record.max_shard_bytes, Some(target), dtype)?,
+    }
     drop(model);
     // GGUF files of other types this export wrote before (a changed `gguf_type`, or no GGUF
     // asked for now): removed, so the folder holds what the recipe asks for.

@@ -87,10 +87,13 @@ impl LocalSource {
     pub fn new(config: LocalConfig, ctx: &BuildContext) -> Result<Self, ConfigError> {
         fuserl_core::data::check_source_name(&config.name)?;
         let checkpoint = ctx.resolve(&config.checkpoint);
-        if !checkpoint.join("config.json").is_file() {
+        if !checkpoint.join("config.json").is_file() && !fuserl_model::lora::is_adapter_dir(&checkpoint) {
             return Err(ConfigError::at(
                 "checkpoint",
-                format!("{}: not a Hugging Face checkpoint folder (no config.json)", Shown(&checkpoint)),
+                format!(
+                    "{}: not a Hugging Face checkpoint folder (no config.json) nor a PEFT adapter folder",
+                    Shown(&checkpoint)
+                ),
             ));
         }
         if config.batch_size == 0 {
@@ -153,11 +156,27 @@ impl LocalSource {
 /// The bytes of a checkpoint's weight files, hashed (FNV-1a): a changed model is another source.
 pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
     let mut h = fuserl_core::maths::Fnv1a::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(checkpoint)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
+    let safetensors = |dir: &Path| -> std::io::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        Ok(files)
+    };
+    // An adapter folder's weights are its base's and its own: the base (a run's target, not
+    // written by fuserl) is named by its folder and its files' sizes and times, the adapter read.
+    let base = fuserl_model::lora::base_of(checkpoint);
+    if base != checkpoint {
+        h.update(base.display().to_string().as_bytes());
+        for f in safetensors(&base)? {
+            let meta = std::fs::metadata(&f)?;
+            let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            h.update(&meta.len().to_le_bytes());
+            h.update(&modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
+        }
+    }
+    let files = safetensors(checkpoint)?;
     // In chunks (the same hash as the whole file's: FNV-1a goes byte by byte): reading a file
     // whole would allocate its size, 2 GB for a 0.5B model in f32.
     let mut buf = vec![0u8; 1 << 20];

@@ -69,6 +69,7 @@ pub fn plan_stage(
         // FusePO's reference log-probs run in batches of twice the stage's batch size.
         reference_sequences: reference.then_some(config.batch_size as usize * 2),
         runtime,
+        lora: recipe.target.lora.as_ref(),
     };
     let plan = plan::plan(&input);
     let levers = plan.levers(&input);
@@ -182,6 +183,7 @@ mod tests {
             length: 512,
             reference_sequences: Some(16),
             runtime: GPU_RUNTIME,
+            lora: None,
         };
         let planned = plan::plan(&input);
         let p = StagePlan {

@@ -119,7 +119,10 @@ fn reference_logps_cached<B: LogProbBackend>(
     let recipe = &t.loaded.recipe;
     // Loaded as the policy is (weights in the master type, computing in the compute dtype), so
     // that the policy and the reference give the same log-probs at step 0.
-    let mut reference_model = load::<B>(reference_from, t.device, fuserl_backends::master_dtype(&recipe.backend))?;
+    // With LoRA the policy's base is in the compute dtype (its adapters in f32, as an adapter
+    // folder loads).
+    let weights = if recipe.target.lora.is_some() { t.dtype } else { fuserl_backends::master_dtype(&recipe.backend) };
+    let mut reference_model = load::<B>(reference_from, t.device, weights)?;
     reference_model.dtype = t.dtype;
     // What loading read and converted is given back (as for the policy, `Training::train_and_save`).
     fuserl_backends::release_freed_memory();

@@ -13,6 +13,7 @@ use fuserl_io::fs::write_atomic;
 use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::{load, save};
+use fuserl_model::lora;
 use fuserl_recipe::{LoadedRecipe, StageConfig};
 use fuserl_train::data::{TrainExample, tokenize};
 use fuserl_train::plan::{self, MemoryPlan};
@@ -168,12 +169,56 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
         // The trained weights in the master type (f32 unless `[backend] master_weights` says
         // otherwise), used in the compute dtype (`self.dtype`): mixed precision when it is 16-bit.
         let master = fuserl_backends::master_dtype(&self.loaded.recipe.backend);
-        let mut model = load::<Autodiff<B>>(start, self.device, master)?;
-        model.dtype = self.dtype;
+        let recipe = &self.loaded.recipe;
+        let model = match &recipe.target.lora {
+            None => {
+                let mut model = load::<Autodiff<B>>(start, self.device, master)?;
+                model.dtype = self.dtype;
+                model
+            }
+            Some(l) => {
+                // LoRA: the base frozen in the compute dtype, the adapters trained in the master
+                // type. FusePO starts from FuseSFT's adapter folder and goes on training its
+                // adapters (as full fine-tuning goes on from FuseSFT's weights); a stage that
+                // starts from the target puts new ones on it.
+                let mut model = load::<Autodiff<B>>(start, self.device, self.dtype)?;
+                model.weights = lora::freeze_base(model.weights, master);
+                lora::add_adapters(&mut model.weights, &lora_spec(l), recipe.run.seed, master);
+                model
+            }
+        };
         // What loading read and converted is freed: give it back before the stage's peak.
         fuserl_backends::release_freed_memory();
         let model = train_stage(model, stage, progress)?;
-        save(&inference_model(&model), out, 2 << 30, Some(&self.target))?;
+        match &recipe.target.lora {
+            None => save(&inference_model(&model), out, 2 << 30, Some(&self.target))?,
+            Some(l) => {
+                // The adapters alone, in PEFT's layout, on top of the target.
+                let base = std::fs::canonicalize(&self.target).map_err(|e| TrainError::io(&self.target, e))?;
+                let json = fuserl_model::config::read_json(&self.target.join("config.json"))?;
+                let multimodal = fuserl_model::gemma3::is_multimodal(&json);
+                lora::save_adapter_dir(
+                    &inference_model(&model),
+                    &lora_spec(l),
+                    out,
+                    &base,
+                    multimodal,
+                    Some(&self.target),
+                )?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// The model crate's adapter settings from `[target.lora]`.
+pub(crate) fn lora_spec(l: &fuserl_recipe::LoraConfig) -> lora::LoraSpec {
+    lora::LoraSpec {
+        r: l.r as usize,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        // Checked when the recipe was read.
+        targets: lora::LoraSpec::targets_from(&l.target_modules).unwrap_or_default(),
+        rslora: l.use_rslora,
     }
 }

@@ -5,6 +5,7 @@
 //! ```text
 //! checkpoints/LATEST             the name of the newest complete checkpoint
 //! checkpoints/step-000050/       model.mpk, optim.mpk, state.json ({stage, step, total})
+//!                                (a LoRA stage: adapters.mpk, its adapters alone, for model.mpk)
 //! ```
 //!
 //! A checkpoint is written under `step-NNNNNN.tmp/` and renamed whole, then `LATEST` is
@@ -21,6 +22,7 @@ use burn::tensor::backend::AutodiffBackend;
 use fuserl_core::data::StageName;
 use fuserl_io::fs::write_atomic;
 use fuserl_model::llama::Llama;
+use fuserl_model::lora;
 
 use crate::adamw::Optim;
 use crate::error::{Result, TrainError};
@@ -135,8 +137,19 @@ pub(crate) fn resume<B: AutodiffBackend>(
     // option) are cast back to it, or the resumed run would train in f32 from here on.
     let master = weights.embed_tokens.val().dtype();
     let fail = |file: PathBuf, e: RecorderError| TrainError::Checkpoint { file, message: recorder_message(e) };
-    let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
-    let weights = weights.load_record(record).map(&mut InDType(master));
+    let weights = if lora::has_adapters(&weights) {
+        // A LoRA stage keeps its adapters only (the base is frozen, and is the stage's start).
+        let mut weights = weights;
+        let adapters = lora::adapters(&weights);
+        let master = adapters.first().map_or(master, |a| a.a.val().dtype());
+        let record = recorder().load(ckpt.join("adapters"), &device).map_err(|e| fail(ckpt.join("adapters.mpk"), e))?;
+        let adapters = adapters.load_record(record).map(&mut InDType(master));
+        lora::set_adapters(&mut weights, adapters);
+        weights
+    } else {
+        let record = recorder().load(ckpt.join("model"), &device).map_err(|e| fail(ckpt.join("model.mpk"), e))?;
+        weights.load_record(record).map(&mut InDType(master))
+    };
     let orecord = recorder().load(ckpt.join("optim"), &device).map_err(|e| fail(ckpt.join("optim.mpk"), e))?;
     Ok((weights, optim.load_record(orecord), Some((state.step, ckpt))))
 }
@@ -169,7 +182,16 @@ pub(crate) fn save<B: AutodiffBackend>(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     let fail = |file: PathBuf, e: RecorderError| TrainError::Checkpoint { file, message: recorder_message(e) };
-    recorder().record(weights.clone().into_record(), tmp.join("model")).map_err(|e| fail(tmp.join("model.mpk"), e))?;
+    if lora::has_adapters(weights) {
+        let file = tmp.join("adapters");
+        recorder()
+            .record(lora::adapters(weights).into_record(), file)
+            .map_err(|e| fail(tmp.join("adapters.mpk"), e))?;
+    } else {
+        recorder()
+            .record(weights.clone().into_record(), tmp.join("model"))
+            .map_err(|e| fail(tmp.join("model.mpk"), e))?;
+    }
     fuserl_core::debug_pause(&format!("{}-checkpoint-{}", state.stage.as_str(), state.step));
     recorder().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail(tmp.join("optim.mpk"), e))?;
     let json = serde_json::to_vec(state).map_err(|e| TrainError::Data(e.to_string()))?;

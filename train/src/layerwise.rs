@@ -142,6 +142,10 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend<InnerBackend: LogProbBackend
         }
     }
 
+    // Frozen embeddings (a LoRA stage's base): nothing more to add.
+    if !model.weights.embed_tokens.val().is_require_grad() {
+        return Ok(());
+    }
     // The embeddings: each token's upstream row is added at its id into the embeddings'
     // gradient (which already holds the head's contribution when the head is tied to them), in
     // one pass for all shards and in place where the backend can (`LogProbBackend::add_rows`),

@@ -23,6 +23,11 @@
 //!   f32 temporaries;
 //! - **reference log-probs** (FusePO with DPO-style objectives): the reference model, loaded as
 //!   the policy is, and one layer's inference activations, before training starts;
+//! - **loading** (on the CPU): the checkpoint file read whole and the f32 host copies its
+//!   tensors are made from, before they are moved into the model;
+//! - **LoRA** (`[target.lora]`): the base frozen in the compute type (no gradient, no moments),
+//!   the adapters trained as above, each keeping its `x A` for the backward pass; no gradient
+//!   for the embeddings or the head;
 //! - **runtime**: what the process holds already (its measured resident memory on the CPU; the
 //!   CUDA context and kernel workspaces on a GPU, an allowance).
 //!
@@ -50,6 +55,33 @@ pub struct PlanInput<'a> {
     pub reference_sequences: Option<usize>,
     /// Memory already held: the process's on the CPU, the device runtime's on a GPU.
     pub runtime: u64,
+    /// `[target.lora]`: only the adapters are trained; the base is frozen in the compute type.
+    pub lora: Option<&'a fuserl_recipe::LoraConfig>,
+}
+
+/// The adapters' parameters of `[target.lora]` on the model: `r (in + out)` for every targeted
+/// linear layer of every decoder layer.
+pub fn lora_parameters(m: &LlamaConfig, lora: &fuserl_recipe::LoraConfig) -> u64 {
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let (q, kv) = ((m.num_heads * m.head_dim) as u64, (m.num_kv_heads * m.head_dim) as u64);
+    let all = lora.target_modules.iter().any(|t| t == "all-linear");
+    let sides = [
+        ("q_proj", h + q),
+        ("k_proj", h + kv),
+        ("v_proj", h + kv),
+        ("o_proj", q + h),
+        ("gate_proj", h + i),
+        ("up_proj", h + i),
+        ("down_proj", i + h),
+    ];
+    let per_layer: u64 =
+        sides.iter().filter(|(name, _)| all || lora.target_modules.iter().any(|t| t == name)).map(|(_, n)| n).sum();
+    m.num_layers as u64 * lora.r as u64 * per_layer
+}
+
+/// How many linear layers of a decoder layer `[target.lora]` adapts.
+fn lora_targets(lora: &fuserl_recipe::LoraConfig) -> u64 {
+    if lora.target_modules.iter().any(|t| t == "all-linear") { 7 } else { lora.target_modules.len() as u64 }
 }
 
 /// One named part of a phase, in bytes.
@@ -128,6 +160,12 @@ impl MemoryPlan {
             }
         }
         let state = bytes("trained weights") + bytes("gradients") + bytes("AdamW moments");
+        if input.lora.is_none() {
+            levers.push((
+                state * 9 / 10,
+                "LoRA (`[target.lora]`: the base frozen in the compute type, only small adapters trained)".into(),
+            ));
+        }
         if input.backend.master_weights == MasterWeights::F32 {
             levers.push((
                 state / 2,
@@ -138,7 +176,7 @@ impl MemoryPlan {
         levers.sort_by_key(|(saved, _)| std::cmp::Reverse(*saved));
         let mut levers: Vec<String> = levers.into_iter().map(|(_, l)| l).collect();
         // Last: what is not built yet.
-        levers.push("a smaller target, or LoRA (issue #31: not built yet)".into());
+        levers.push("a smaller target (QLoRA, a 4-bit base, is not built yet: issue #31)".into());
         levers
     }
 }
@@ -250,21 +288,34 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     let r = mb;
     let (h, v) = (m.hidden_size as u64, m.vocab_size as u64);
     let layers = m.num_layers as u64;
-    let p = parameters(m);
+    let all = parameters(m);
+    // With LoRA the trained parameters are the adapters'; the base is frozen in the compute type,
+    // its residual stream in the compute type too (the embeddings are the base's).
+    let (p, frozen, r) = match input.lora {
+        Some(l) => (lora_parameters(m, l), all * c, c),
+        None => (all, 0, r),
+    };
     let tokens = (input.sequences * input.length) as u64;
     let length = input.length as u64;
     let state = |grads: bool| {
         vec![
+            Part { name: "frozen weights", bytes: frozen },
             Part { name: "trained weights", bytes: p * mb },
             Part { name: "gradients", bytes: if grads { p * mb } else { 0 } },
             Part { name: "AdamW moments", bytes: 2 * p * mb },
         ]
     };
-    let mixed = c != mb;
-    let embeddings = v * h;
+    let lora = input.lora.is_some();
+    let mixed = c != mb && !lora;
+    // The largest trained parameter (updated last, with its temporaries): the embeddings, or with
+    // LoRA an adapter's (`r x intermediate` at most).
+    let embeddings =
+        if lora { input.lora.map_or(0, |l| l.r as u64) * (m.intermediate_size as u64).max(h) } else { v * h };
     let layer = layer_parameters(m);
 
     let (dense, scores) = layer_activations_per_token(m, c, r, length);
+    // Each adapter keeps its `x A` (`[tokens, r]`) for the backward pass.
+    let dense = dense + input.lora.map_or(0, |l| lora_targets(l) * l.r as u64 * c);
     // Built once per micro-batch: the mask (f32, every head written out) and the rotary tables
     // (cos and sin for queries and keys, in the compute type).
     let tables = tokens
@@ -275,13 +326,25 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     let backward = tokens * (2 * m.num_heads as u64 * length * 4 + 2 * m.intermediate_size as u64 * 4);
     // The head: the final hidden states (last layer's output, and normalised in the compute
     // type), the head's gradient twice while its chunks are joined, the chunks themselves.
-    let head_grad = embeddings * 4 * 2;
+    let head_grad = if lora { 0 } else { embeddings * 4 * 2 };
     let logprobs = match b.logprobs {
         LogProbPath::Fused => tokens * h * (r + c) + 3 * (1u64 << 22).min(tokens * v) * 4,
         LogProbPath::Naive => tokens * h * (r + c) + 3 * tokens * v * 4,
     };
 
     let mut phases = Vec::new();
+    if input.backend.device == fuserl_core::backend::Device::Cpu {
+        // Loading, in the process's memory: a safetensors file is read whole (counted as f32, its
+        // largest), its tensors converted to f32 host copies that are moved into the model one by
+        // one (the model in its types and what is left of the copies: about one f32 copy).
+        phases.push(Phase {
+            name: "loading the model",
+            parts: vec![
+                Part { name: "checkpoint file", bytes: all * 4 },
+                Part { name: "host copy (f32)", bytes: all * 4 },
+            ],
+        });
+    }
     if let Some(seqs) = input.reference_sequences {
         // Inference, no graph: the reference's weights (loaded as the policy is), one layer's
         // working set at a time and the log-prob chunks.
@@ -290,7 +353,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         phases.push(Phase {
             name: "reference log-probs",
             parts: vec![
-                Part { name: "reference weights", bytes: p * mb },
+                Part { name: "reference weights", bytes: if lora { all * c + p * 4 } else { p * mb } },
                 Part { name: "activations", bytes: working + t * h * (r + c) },
                 Part { name: "log-probs", bytes: 3 * (1u64 << 22).min(t * v) * 4 },
             ],
@@ -327,7 +390,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     backward_end.push(Part { name: "attention scores", bytes: recomputed_scores });
     // With checkpointing the embeddings' gradient is finished last, in f32 (`add_rows` of every
     // token's row): a second copy of it when the master type is not f32.
-    let embedding_grad = if ckpt && mb != 4 { embeddings * 4 } else { 0 };
+    let embedding_grad = if ckpt && mb != 4 && !lora { embeddings * 4 } else { 0 };
     backward_end.push(Part { name: "embedding gradient (f32)", bytes: embedding_grad });
     phases.push(Phase { name: "the layers' backward", parts: backward_end });
 
@@ -348,6 +411,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     phases.push(Phase { name: "optimiser step", parts: update });
 
     MemoryPlan { runtime: input.runtime, phases, parameters: p }
+    // (`parameters`: the trained ones, the adapters' with LoRA.)
 }
 
 #[cfg(test)]
@@ -375,6 +439,42 @@ mod tests {
         }
     }
 
+    /// Issue #31: LoRA's trained parameters are PEFT's count (Llama-3.1-8B, r 16, all-linear:
+    /// `print_trainable_parameters()` says 41,943,040), and an 8B target fits one 80 GB GPU with
+    /// LoRA in bf16 (the base frozen, 16 GB) where full fine-tuning does not (128 GB of state).
+    #[test]
+    fn lora_counts_peft_parameters_and_fits_an_8b_target_on_80_gb() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");
+        let m = LlamaConfig::from_file(&fixtures.join("llama-3.1-8b/config.json")).expect("config");
+        let lora: fuserl_recipe::LoraConfig = fuserl_core::config::parse_table(
+            &toml::from_str("r = 16\nalpha = 32\ntarget_modules = \"all-linear\"").expect("toml"),
+        )
+        .expect("lora");
+        assert_eq!(lora_parameters(&m, &lora), 41_943_040);
+        let config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
+        let backend = BackendConfig {
+            device: fuserl_core::backend::Device::Cuda,
+            dtype: fuserl_core::backend::DType::Bf16,
+            ..BackendConfig::default()
+        };
+        let input = |lora| PlanInput {
+            model: &m,
+            config: &config,
+            backend: &backend,
+            sequences: 8,
+            length: 2048,
+            reference_sequences: Some(16),
+            runtime: 1 << 30,
+            lora,
+        };
+        let with = plan(&input(Some(&lora)));
+        let full = plan(&input(None));
+        assert!(with.peak() < 80_000_000_000, "{}", with.summary());
+        assert!(full.peak() > 128_000_000_000, "{}", full.summary());
+        assert_eq!(with.parameters, 41_943_040);
+        assert!(full.levers(&input(None)).iter().any(|l| l.starts_with("LoRA")));
+    }
+
     #[test]
     fn the_lean_option_halves_the_state_and_checkpointing_the_activations() {
         let m = smollm2();
@@ -388,6 +488,7 @@ mod tests {
                 length: 512,
                 reference_sequences: None,
                 runtime: 0,
+                lora: None,
             })
         };
         let full = BackendConfig::default();
@@ -400,7 +501,7 @@ mod tests {
         let lean = input(&lean_backend, &config);
         let state = |p: &MemoryPlan| {
             let end = p.phases.iter().find(|x| x.name == "the layers' backward").expect("phase");
-            end.parts.iter().take(3).map(|x| x.bytes).sum::<u64>()
+            end.parts.iter().take(4).map(|x| x.bytes).sum::<u64>()
         };
         assert_eq!(state(&f32_plan), 16 * 134_515_008);
         assert_eq!(state(&lean), 8 * 134_515_008);
@@ -416,6 +517,7 @@ mod tests {
             length: 512,
             reference_sequences: None,
             runtime: 0,
+            lora: None,
         });
         assert!(levers.iter().any(|l| l.contains("gradient_checkpointing")), "{levers:?}");
     }

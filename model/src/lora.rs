@@ -1,0 +1,489 @@
+//! LoRA adapters on the decoder's linear layers, as PEFT's `LoraConfig` defines them: a linear
+//! layer `y = x W` becomes `y = x W + s (dropout(x) A) B` with `A: [in, r]`, `B: [r, out]` and
+//! `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA). `A` starts Kaiming-uniform (PEFT's default:
+//! `kaiming_uniform_(a = sqrt(5))`, uniform in `±1 / sqrt(in)`) and `B` at zero, so a new adapter
+//! changes nothing until it is trained.
+//!
+//! An adapter folder is PEFT's own layout, what `PeftModel.save_pretrained` writes and
+//! `PeftModel.from_pretrained` reads: `adapter_config.json` (`peft_type = "LORA"`, `r`,
+//! `lora_alpha`, `target_modules`, `use_rslora`, `base_model_name_or_path`) and
+//! `adapter_model.safetensors` with `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`
+//! (`[r, in]`) and `...lora_B.weight` (`[out, r]`). [`crate::checkpoint::load`] loads such a folder
+//! on top of its base, so every command that takes a checkpoint takes an adapter folder too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::llama::{Linear, Llama, LlamaModel, in_dtype};
+use fuserl_io::fs::{write_atomic, write_atomic_with};
+
+/// The linear layers an adapter can sit on, by PEFT's names, in the order of a decoder layer.
+pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// PEFT's default `target_modules` for every family fuserl runs (its table for llama, mistral,
+/// qwen2, qwen3 and gemma3_text).
+pub const DEFAULT_MODULES: [&str; 2] = ["q_proj", "v_proj"];
+
+/// The adapter file of an adapter folder.
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+/// The settings file of an adapter folder.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+
+/// One adapter's settings (`[target.lora]`, or an adapter folder's `adapter_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// Rank.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input while training.
+    pub dropout: f64,
+    /// Which linear layers get an adapter (PEFT's names, in [`MODULES`] order).
+    pub targets: Vec<String>,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+}
+
+impl LoraSpec {
+    /// The adapter's scale `s`.
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+
+    /// `target_modules` as written in a recipe or `adapter_config.json`: a list of [`MODULES`]
+    /// names, or `"all-linear"` (every one of them; PEFT leaves the output head out too).
+    pub fn targets_from(names: &[String]) -> std::result::Result<Vec<String>, String> {
+        if names.len() == 1 && names[0] == "all-linear" {
+            return Ok(MODULES.iter().map(|m| (*m).to_owned()).collect());
+        }
+        if names.is_empty() {
+            return Err(format!("expected at least one of {} (or \"all-linear\")", MODULES.join(", ")));
+        }
+        for n in names {
+            if !MODULES.contains(&n.as_str()) {
+                return Err(format!("unknown module `{n}`; expected {} or \"all-linear\"", MODULES.join(", ")));
+            }
+        }
+        Ok(MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|m| (*m).to_owned()).collect())
+    }
+}
+
+/// One adapter of a linear layer.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]` (PEFT's `lora_A.weight` is its transpose).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` is its transpose).
+    pub b: Param<Tensor<B, 2>>,
+    /// `s`: `alpha / r` or `alpha / sqrt(r)`.
+    pub scale: f64,
+    /// Dropout probability on the input while training (autodiff on).
+    pub dropout: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// `s (dropout(x) A) B` in `x`'s dtype (the adapter's weights are cast to it: f32 master
+    /// weights give f32 gradients).
+    ///
+    /// # Shapes
+    /// `x: [rows, in]` -> `[rows, out]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dtype = x.dtype();
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask.mul_scalar(1.0 / keep)
+        } else {
+            x
+        };
+        x.matmul(in_dtype(self.a.val(), dtype)).matmul(in_dtype(self.b.val(), dtype)).mul_scalar(self.scale)
+    }
+}
+
+/// Every linear layer an adapter can sit on, with its checkpoint name (`model.layers.N.mlp.up_proj`)
+/// and its PEFT module name (`up_proj`).
+fn linears_mut<B: Backend>(weights: &mut Llama<B>) -> Vec<(String, &'static str, &mut Linear<B>)> {
+    let mut out = Vec::new();
+    for (l, layer) in weights.layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        let m = &mut layer.mlp;
+        for (group, name, linear) in [
+            ("self_attn", "q_proj", &mut a.q_proj),
+            ("self_attn", "k_proj", &mut a.k_proj),
+            ("self_attn", "v_proj", &mut a.v_proj),
+            ("self_attn", "o_proj", &mut a.o_proj),
+            ("mlp", "gate_proj", &mut m.gate_proj),
+            ("mlp", "up_proj", &mut m.up_proj),
+            ("mlp", "down_proj", &mut m.down_proj),
+        ] {
+            out.push((format!("model.layers.{l}.{group}.{name}"), name, linear));
+        }
+    }
+    out
+}
+
+/// Like [`linears_mut`], read-only.
+pub fn linears<B: Backend>(weights: &Llama<B>) -> Vec<(String, &'static str, &Linear<B>)> {
+    let mut out = Vec::new();
+    for (l, layer) in weights.layers.iter().enumerate() {
+        let a = &layer.self_attn;
+        let m = &layer.mlp;
+        for (group, name, linear) in [
+            ("self_attn", "q_proj", &a.q_proj),
+            ("self_attn", "k_proj", &a.k_proj),
+            ("self_attn", "v_proj", &a.v_proj),
+            ("self_attn", "o_proj", &a.o_proj),
+            ("mlp", "gate_proj", &m.gate_proj),
+            ("mlp", "up_proj", &m.up_proj),
+            ("mlp", "down_proj", &m.down_proj),
+        ] {
+            out.push((format!("model.layers.{l}.{group}.{name}"), name, linear));
+        }
+    }
+    out
+}
+
+/// Whether the model carries adapters.
+pub fn has_adapters<B: Backend>(weights: &Llama<B>) -> bool {
+    linears(weights).iter().any(|(_, _, l)| l.lora.is_some())
+}
+
+/// A uniform draw in [0, 1) per call, from a seeded SplitMix64 (the same values on every machine
+/// and backend: an adapter's start does not depend on where it is made).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Put a new adapter on every linear layer `spec` targets: `A` Kaiming-uniform (seeded), `B`
+/// zero, both in `dtype` (the master weights' type) and trainable. Layers that already have one
+/// keep it.
+pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u64, dtype: DType) {
+    let mut rng = SplitMix(seed ^ 0x4c6f_5241);
+    let device = weights.embed_tokens.val().device();
+    for (_, name, linear) in linears_mut(weights) {
+        if linear.lora.is_some() || !spec.targets.iter().any(|t| t == name) {
+            continue;
+        }
+        let [inp, out] = linear.weight.val().dims();
+        // kaiming_uniform_(a = sqrt(5)) on PEFT's [r, in] weight: gain sqrt(2 / (1 + 5)), bound
+        // gain * sqrt(3 / fan_in) = 1 / sqrt(in).
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..inp * spec.r).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let a = Tensor::<B, 2>::from_data(TensorData::new(a, [inp, spec.r]), (&device, dtype));
+        let b = Tensor::<B, 2>::zeros([spec.r, out], (&device, dtype));
+        linear.lora = Some(Lora {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scale: spec.scale(),
+            dropout: spec.dropout,
+        });
+    }
+}
+
+/// The model with its adapters merged into the linear layers' weights (`W + s A B`, computed in
+/// f32; those weights are f32 afterwards) and removed. Weights without an adapter are kept as
+/// they are.
+pub fn merged<B: Backend>(mut weights: Llama<B>) -> Llama<B> {
+    for (_, _, linear) in linears_mut(&mut weights) {
+        if let Some(lora) = linear.lora.take() {
+            let delta = lora.a.val().cast(DType::F32).matmul(lora.b.val().cast(DType::F32)).mul_scalar(lora.scale);
+            let w = linear.weight.val().cast(DType::F32) + delta;
+            linear.weight = Param::from_tensor(w.detach());
+        }
+    }
+    weights
+}
+
+/// The model without its adapters (the base they sit on: what FusePO's reference is with LoRA).
+pub fn without_adapters<B: Backend>(mut weights: Llama<B>) -> Llama<B> {
+    for (_, _, linear) in linears_mut(&mut weights) {
+        linear.lora = None;
+    }
+    weights
+}
+
+/// Whether `dir` is a PEFT adapter folder (an `adapter_config.json` and no `config.json`).
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file() && !dir.join("config.json").is_file()
+}
+
+/// An adapter folder's `adapter_config.json`, read and checked: what fuserl can apply (LoRA, no
+/// DoRA, no bias, no per-module ranks) and the base model's folder.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// The adapter's settings.
+    pub spec: LoraSpec,
+    /// The base checkpoint's folder.
+    pub base: PathBuf,
+}
+
+/// Read `dir/adapter_config.json`. `base_model_name_or_path` is a folder: absolute, or relative to
+/// the adapter folder (else to the working folder, as PEFT reads it); a Hub id cannot be fetched.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let file = dir.join(CONFIG_FILE);
+    let v = crate::config::read_json(&file)?;
+    let bad = |what: String| ModelError::format(&file, what);
+    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(bad(format!("peft_type is `{peft_type}`; fuserl applies LoRA adapters only")));
+    }
+    for (key, ok) in [
+        ("use_dora", v.get("use_dora").is_none_or(|d| d == &Value::Bool(false) || d.is_null())),
+        ("bias", v.get("bias").is_none_or(|b| b == "none" || b.is_null())),
+        ("fan_in_fan_out", v.get("fan_in_fan_out").is_none_or(|b| b == &Value::Bool(false) || b.is_null())),
+        (
+            "rank_pattern",
+            v.get("rank_pattern").is_none_or(|p| p.is_null() || p.as_object().is_some_and(|o| o.is_empty())),
+        ),
+        (
+            "alpha_pattern",
+            v.get("alpha_pattern").is_none_or(|p| p.is_null() || p.as_object().is_some_and(|o| o.is_empty())),
+        ),
+        (
+            "modules_to_save",
+            v.get("modules_to_save").is_none_or(|p| p.is_null() || p.as_array().is_some_and(|a| a.is_empty())),
+        ),
+        ("layers_to_transform", v.get("layers_to_transform").is_none_or(Value::is_null)),
+    ] {
+        if !ok {
+            return Err(bad(format!("`{key}` = {}: not supported (fuserl applies plain LoRA adapters)", v[key])));
+        }
+    }
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .filter(|r| *r > 0)
+        .ok_or_else(|| bad("expected `r`, a positive integer".into()))?;
+    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    let rslora = v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let names: Vec<String> = match v.get("target_modules") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        _ => DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+    };
+    let targets = LoraSpec::targets_from(&names).map_err(|m| bad(format!("target_modules: {m}")))?;
+    let base_name = v
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("expected `base_model_name_or_path`, the base checkpoint's folder".into()))?;
+    let candidates = [dir.join(base_name), PathBuf::from(base_name)];
+    let base = candidates.into_iter().find(|p| p.join("config.json").is_file()).ok_or_else(|| {
+        bad(format!(
+            "base_model_name_or_path `{base_name}` is not a checkpoint folder here (looked beside the adapter and in \
+             the working folder; a Hub id is not fetched)"
+        ))
+    })?;
+    Ok(AdapterConfig { spec: LoraSpec { r: r as usize, alpha, dropout, targets, rslora }, base })
+}
+
+/// The checkpoint name of an adapter tensor's layer: `base_model.model.X.lora_A.weight` -> (`X`,
+/// A) (and Gemma 3's multimodal names to the text model's, as the base's are).
+fn adapter_tensor_name(name: &str, multimodal: bool) -> Option<(String, bool)> {
+    let rest = name.strip_prefix("base_model.model.")?;
+    let (layer, is_a) = if let Some(l) = rest.strip_suffix(".lora_A.weight") {
+        (l, true)
+    } else {
+        (rest.strip_suffix(".lora_B.weight")?, false)
+    };
+    let layer = if multimodal {
+        crate::gemma3::text_tensor_name(&format!("{layer}.weight"))?.strip_suffix(".weight")?.to_owned()
+    } else {
+        layer.to_owned()
+    };
+    Some((layer, is_a))
+}
+
+/// Put the adapters of the folder `dir` on `weights` (in `dtype`, trainable). Every tensor of the
+/// file must be an adapter of a layer the config targets, with its shape; every targeted layer
+/// must have both of its tensors.
+pub fn apply_adapter_dir<B: Backend>(
+    weights: &mut Llama<B>,
+    dir: &Path,
+    config: &AdapterConfig,
+    multimodal: bool,
+    dtype: DType,
+) -> Result<()> {
+    let file = dir.join(ADAPTER_FILE);
+    let bytes = fuserl_core::paths::read_regular(&file).map_err(|e| ModelError::io(&file, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::format(&file, format!("not a valid safetensors file: {e}")))?;
+    // Per layer: its A and B (shape, values) as found.
+    type Found = (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>);
+    let mut found: HashMap<String, Found> = HashMap::new();
+    for (name, view) in st.tensors() {
+        let (layer, is_a) = adapter_tensor_name(&name, multimodal).ok_or_else(|| {
+            ModelError::format(&file, format!("tensor `{name}` is not a LoRA adapter's lora_A/lora_B weight"))
+        })?;
+        let values = crate::checkpoint::values_of(&view, &name, &file)?;
+        let entry = found.entry(layer).or_default();
+        let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
+        *slot = Some((view.shape().to_vec(), values));
+    }
+    let device = weights.embed_tokens.val().device();
+    let spec = &config.spec;
+    for (layer, name, linear) in linears_mut(weights) {
+        let targeted = spec.targets.iter().any(|t| t == name);
+        let Some((a, b)) = found.remove(&layer) else {
+            if targeted {
+                return Err(ModelError::format(&file, format!("no adapter for `{layer}`, which target_modules names")));
+            }
+            continue;
+        };
+        let [inp, out] = linear.weight.val().dims();
+        let shaped = |t: Option<(Vec<usize>, Vec<f32>)>, which: &str, want: [usize; 2]| -> Result<Vec<f32>> {
+            match t {
+                Some((shape, values)) if shape == want => Ok(values),
+                Some((shape, _)) => Err(ModelError::format(
+                    &file,
+                    format!("`{layer}.{which}.weight` has shape {shape:?}, expected {want:?}"),
+                )),
+                None => Err(ModelError::format(&file, format!("`{layer}` has no {which}.weight"))),
+            }
+        };
+        let a = shaped(a, "lora_A", [spec.r, inp])?;
+        let b = shaped(b, "lora_B", [out, spec.r])?;
+        let make = |values: Vec<f32>, rows: usize, cols: usize| {
+            // PEFT's [r, in] / [out, r] transposed to fuserl's [in, r] / [r, out].
+            let t = crate::checkpoint::transpose(&values, rows, cols);
+            Param::from_tensor(Tensor::<B, 2>::from_data(TensorData::new(t, [cols, rows]), (&device, dtype)))
+        };
+        linear.lora =
+            Some(Lora { a: make(a, spec.r, inp), b: make(b, out, spec.r), scale: spec.scale(), dropout: spec.dropout });
+    }
+    if let Some(layer) = found.keys().next() {
+        return Err(ModelError::format(
+            &file,
+            format!("an adapter for `{layer}`, which the model has no such layer for"),
+        ));
+    }
+    Ok(())
+}
+
+/// Write the model's adapters as a PEFT adapter folder in `dir`: `adapter_config.json` (with
+/// `base` as `base_model_name_or_path`) and f32 `adapter_model.safetensors`, each atomically; the
+/// side files (tokenizer, template) copied from `side_files_from` when given.
+pub fn save_adapter_dir<B: Backend>(
+    model: &LlamaModel<B>,
+    spec: &LoraSpec,
+    dir: &Path,
+    base: &Path,
+    multimodal: bool,
+    side_files_from: Option<&Path>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let host = |t: Tensor<B, 2>| -> Vec<f32> { t.cast(DType::F32).into_data().iter::<f32>().collect() };
+    let mut buffers: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (layer, _, linear) in linears(&model.weights) {
+        let Some(lora) = &linear.lora else { continue };
+        let [inp, r] = lora.a.val().dims();
+        let out = lora.b.val().dims()[1];
+        let layer = if multimodal { layer.replacen("model.", "model.language_model.", 1) } else { layer };
+        let a = crate::checkpoint::transpose(&host(lora.a.val()), inp, r);
+        let b = crate::checkpoint::transpose(&host(lora.b.val()), r, out);
+        for (which, values, shape) in [("lora_A", a, vec![r, inp]), ("lora_B", b, vec![out, r])] {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            buffers.push((format!("base_model.model.{layer}.{which}.weight"), bytes, shape));
+        }
+    }
+    if buffers.is_empty() {
+        return Err(ModelError::Input("the model has no adapters to save".into()));
+    }
+    let file = dir.join(ADAPTER_FILE);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(name, bytes, shape)| {
+            let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes)
+                .map_err(|e| ModelError::format(&file, e.to_string()))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_owned(), "pt".to_owned());
+    write_atomic_with(&file, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => std::io::Error::other(other),
+        })
+    })?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.display().to_string(),
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.targets,
+        "use_rslora": spec.rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    let text = serde_json::to_string_pretty(&config).map_err(|e| ModelError::format(dir, e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    if let Some(src) = side_files_from {
+        crate::checkpoint::copy_side_files(src, dir)?;
+    }
+    Ok(())
+}
+
+/// The folder whose tokenizer and `config.json` an adapter folder uses: its base's, for what the
+/// adapter folder does not have itself. `dir` itself for any other folder.
+pub fn base_of(dir: &Path) -> PathBuf {
+    if is_adapter_dir(dir) {
+        read_adapter_config(dir).map_or_else(|_| dir.to_path_buf(), |c| c.base)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The base frozen (no gradients, no optimiser state) and every adapter trainable in `dtype`
+/// (the master weights' type): what LoRA training starts from. Adapters that came with the model
+/// (an adapter folder it was loaded from: FusePO continues FuseSFT's) are kept.
+pub fn freeze_base<B: Backend>(mut weights: Llama<B>, dtype: DType) -> Llama<B> {
+    let taken: Vec<Option<Lora<B>>> = linears_mut(&mut weights).into_iter().map(|(_, _, l)| l.lora.take()).collect();
+    let mut weights = weights.no_grad();
+    let trainable = |p: Param<Tensor<B, 2>>| Param::from_tensor(p.val().cast(dtype).detach());
+    for ((_, _, linear), lora) in linears_mut(&mut weights).into_iter().zip(taken) {
+        linear.lora = lora.map(|l| Lora { a: trainable(l.a), b: trainable(l.b), scale: l.scale, dropout: l.dropout });
+    }
+    weights
+}
+
+/// The model's adapters in layer order (clones sharing the same parameters and ids): what a
+/// training checkpoint of a LoRA stage keeps.
+pub fn adapters<B: Backend>(weights: &Llama<B>) -> Vec<Lora<B>> {
+    linears(weights).into_iter().filter_map(|(_, _, l)| l.lora.clone()).collect()
+}
+
+/// Put `adapters` (as [`adapters`] returned them) back on the layers that have one.
+pub fn set_adapters<B: Backend>(weights: &mut Llama<B>, adapters: Vec<Lora<B>>) {
+    let mut next = adapters.into_iter();
+    for (_, _, linear) in linears_mut(weights) {
+        if linear.lora.is_some() {
+            linear.lora = next.next();
+        }
+    }
+}
