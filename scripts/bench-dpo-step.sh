@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# One DPO step on SmolLM2-135M-Instruct, CPU: fuserl (with and without gradient checkpointing)
-# next to TRL's DPOTrainer (its defaults, and f32 with and without gradient checkpointing), one
-# process each, same machine, same data. Needs the oracle environment (docs/oracle.md) for TRL.
+# One DPO step on SmolLM2-135M-Instruct, CPU: fuserl (with and without gradient checkpointing, and
+# LoRA r 16 on every linear layer) next to TRL's DPOTrainer (its defaults, f32 with and without
+# gradient checkpointing, and f32 with peft's LoRA of the same shape), one process each, same
+# machine, same data. Needs the oracle environment (docs/oracle.md) for TRL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$(scripts/fetch-smollm2.sh)"
 python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 cargo bench --quiet --profile dev --workspace --bench dpo_step --no-run
-for mode in "" checkpointing; do
+for mode in "" checkpointing "checkpointing lora"; do
+    # shellcheck disable=SC2086 # the options are separate words
     cargo bench --quiet --profile dev --workspace --bench dpo_step -- $mode
 done
-for options in "" "f32 checkpointing" "f32 no-checkpointing"; do
+for options in "" "f32 checkpointing" "f32 no-checkpointing" "f32 checkpointing lora"; do
     # shellcheck disable=SC2086 # the options are separate words
     "$python" scripts/bench_dpo_step_trl.py "$model" $options 2>/dev/null | tail -n 1
 done

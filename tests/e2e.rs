@@ -135,6 +135,26 @@ fn check_broken(edit: impl Fn(&str) -> String) -> (i32, String, String) {
     (out.status.code().expect("exit code"), text(&out.stderr), broken)
 }
 
+/// Issue #34: `run` on a recipe with several mistakes reports each (as `recipe check` does), each
+/// once and at its line, and trains nothing.
+#[test]
+fn run_reports_every_mistake_of_a_recipe() {
+    let sandbox = sandbox();
+    let original = std::fs::read_to_string(repo().join("recipes/fuserl-dpo.toml")).expect("recipe");
+    let broken = original.replacen("beta = 0.1", "betta = 0.1", 1).replacen("seed = 42", "seed = \"x\"", 1);
+    assert_eq!(broken.matches("betta").count() + broken.matches("seed = \"x\"").count(), 2, "the test's edits");
+    std::fs::write(sandbox.path().join("recipes/broken.toml"), &broken).expect("write");
+    let out = fuserl(&["run", "recipes/broken.toml"], sandbox.path());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for (needle, key) in [("betta", "betta"), ("seed = \"x\"", "run.seed")] {
+        let line = line_of(&broken, needle);
+        assert_eq!(err.matches(&format!("broken.toml:{line}:")).count(), 1, "{key} once at line {line}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    assert!(!sandbox.path().join("runs").exists(), "nothing ran");
+}
+
 /// Issue #31: `[target.lora]` mistakes are reported at their lines: a module PEFT does not name,
 /// rank 0, dropout with gradient checkpointing (not supported yet), and an adapter export without
 /// adapters.
@@ -148,11 +168,17 @@ fn lora_settings_are_checked_at_their_lines() {
     let (code, err, recipe) =
         check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\ndropout = 0.1\n\n[[sources]]", 1));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains(&format!("broken.toml:{}:", line_of(&recipe, "r = 0"))) && err.contains("positive rank"), "{err}");
+    assert!(
+        err.contains(&format!("broken.toml:{}:", line_of(&recipe, "r = 0"))) && err.contains("positive rank"),
+        "{err}"
+    );
     assert!(err.contains("LoRA dropout with gradient checkpointing is not supported yet"), "{err}");
     let (code, err, _) = check_broken(|r| format!("{r}\n[export]\nlora = \"adapter\"\n"));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("export.lora: lora = \"adapter\" exports LoRA adapters, and [target.lora] trains none"), "{err}");
+    assert!(
+        err.contains("export.lora: lora = \"adapter\" exports LoRA adapters, and [target.lora] trains none"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -207,7 +233,7 @@ fn unknown_plugin_lists_the_registered_ones() {
     assert_eq!(code, 2);
     assert!(
         err.contains(
-            "weighting.kind: unknown weighting scheme `softmin`; expected one of: best-only, rank, softmax, uniform"
+            "weighting.kind: unknown weighting scheme `softmin` (did you mean `softmax`?); expected one of: best-only, rank, softmax, uniform"
         ),
         "{err}"
     );
@@ -768,6 +794,15 @@ fn logprobs_and_generate_report_bad_input_with_its_place() {
         fuserl(&["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &out], dir.path());
     assert_eq!(run.status.code(), Some(2));
     assert!(text(&run.stderr).contains("pairs.jsonl:1: `response`: expected a string"), "{}", text(&run.stderr));
+    // An output path through a file: said as such, bad input (it was "File exists", exit 1).
+    std::fs::write(&data, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").expect("write");
+    let under_file = dir.path().join("pairs.jsonl/out.jsonl").display().to_string();
+    let run = fuserl(
+        &["logprobs", "--model", &model, "--data", &data.display().to_string(), "--out", &under_file],
+        dir.path(),
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("pairs.jsonl: a file, where the output path"), "{}", text(&run.stderr));
     // An empty file is bad input, not an empty success (issue #34).
     std::fs::write(&data, "\n").expect("write");
     let run =
@@ -1396,7 +1431,13 @@ fn the_quick_start_on_a_terminal_shows_its_lines_once() {
             .output()
             .expect("script");
         assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-        screen(&text(&out.stdout))
+        let raw = text(&out.stdout);
+        // Every bar drawn (they are all in the byte stream): no empty field ("loss  (",
+        // "answers,  ("), no rate of an instant ("479,484.7/s" for scores read from the data).
+        for bad in ["loss  (", ",  (", "answers, (", "/s (0s)"] {
+            assert!(!raw.contains(bad), "{bad:?} drawn in a bar:\n{raw}");
+        }
+        screen(&raw)
     };
     let shown = on_terminal("run");
     let all = shown.join("\n");

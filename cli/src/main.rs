@@ -448,9 +448,25 @@ fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
     Ok(registry)
 }
 
+/// Load a recipe; when it has mistakes, every one of its settings' problems is printed (as
+/// `recipe check` finds them) and the last returned, not just the first.
 fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
-    let mut registry = registry.clone();
-    load_recipe_with(file, &mut registry, &fuserl_abi::host::Loader)
+    match load_recipe_with(file, &mut registry.clone(), &fuserl_abi::host::Loader) {
+        Err(first) if first.is_bad_input() => {
+            let mut problems =
+                fuserl_recipe::check_recipe(file, &mut registry.clone(), &fuserl_abi::host::Loader).problems;
+            match problems.pop() {
+                Some(last) if !problems.is_empty() => {
+                    for problem in &problems {
+                        print_error(chain_of(problem));
+                    }
+                    Err(last)
+                }
+                _ => Err(first),
+            }
+        }
+        other => other,
+    }
 }
 
 fn run(command: Command, plugins: &[String]) -> anyhow::Result<ExitCode> {
@@ -730,12 +746,22 @@ fn eval_summary(file: &Path, doc: &fuserl_io::artifacts::EvalReport) {
     }
 }
 
-/// The scoring bar's look: answers/s with one decimal (indicatif's default is four, with
-/// thousands separators: "389,607.2375/s").
+/// The scoring bar's look: its message is the rate ([`rate`]; indicatif's own had four decimals and
+/// thousands separators, and a rate of hundreds of thousands a second for scores read from data).
 fn score_style() -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {per_sec:1} ({elapsed})")
+    indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers{msg} ({elapsed})")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ")
+}
+
+/// ", N UNIT/s" once a bar has run for a second (before that a rate says little), else nothing.
+fn rate(count: f64, elapsed: std::time::Duration, unit: &str) -> String {
+    let secs = elapsed.as_secs_f64();
+    if secs < 1.0 {
+        return String::new();
+    }
+    let r = count / secs;
+    if r >= 10.0 { format!(", {r:.0} {unit}/s") } else { format!(", {r:.1} {unit}/s") }
 }
 
 /// The scoring stage's bar (answers scored / to score, answers/s), and a summary line (none
@@ -758,6 +784,7 @@ impl ScoreBar {
             bar
         });
         bar.set_length(p.total);
+        bar.set_message(rate(p.done as f64, bar.elapsed(), "answers"));
         bar.set_position(p.done);
         if let Some(s) = &p.finished {
             bar.finish_and_clear();
@@ -806,7 +833,7 @@ impl CollectBars {
         let bar = bars.entry(p.source.to_owned()).or_insert_with(|| {
             let bar = bar(p.total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers, {msg} ({elapsed})")
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers{msg} ({elapsed})")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );
@@ -816,15 +843,14 @@ impl CollectBars {
             bar
         });
         bar.set_length(p.total);
+        bar.set_message(rate(p.tokens as f64, bar.elapsed(), "tokens"));
         bar.set_position(p.done);
-        let secs = bar.elapsed().as_secs_f64().max(1e-3);
-        bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / secs));
         if p.finished.is_some() {
             bar.finish_and_clear();
         }
         if let Some(s) = p.finished.as_ref().filter(|_| !self.silent) {
             note!(
-                "collect {}: {}/{} answers ({} asked now, {} already collected; {} request{}, {} retried; {} cut by max_tokens) in {:.1} s",
+                "collect {}: {}/{} answers ({} asked now, {} already collected; {} request{}, {} retried; {} cut at the token limit) in {:.1} s",
                 p.source,
                 p.done,
                 p.total,
@@ -866,7 +892,7 @@ impl StageBars {
             let bar = bar(p.total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{prefix:>4} [{bar:30}] {pos}/{len} steps, loss {msg} ({elapsed} < {eta})",
+                    "{prefix:>4} [{bar:30}] {pos}/{len} steps{msg} ({elapsed} < {eta})",
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
@@ -875,8 +901,8 @@ impl StageBars {
             bar
         });
         bar.set_length(p.total);
+        bar.set_message(format!(", loss {:.4}", p.loss));
         bar.set_position(p.step);
-        bar.set_message(format!("{:.4}", p.loss));
         if p.step >= p.total {
             // The finished bar gives its place to the stage's line (the same on a terminal and
             // off one).
@@ -1073,6 +1099,15 @@ fn examples(args: &ExamplesArgs, plugins: &[String]) -> anyhow::Result<ExitCode>
 /// atomic write (`fuserl_io::fs`).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // A file where a folder of the path should be: bad input, said as such (the system's
+    // "File exists" named the file, not what was wrong with it).
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        return Err(fuserl_core::Error::Path {
+            file: file.to_path_buf(),
+            message: format!("a file, where the output path {} needs a folder", Shown(path)),
+        }
+        .into());
+    }
     std::fs::create_dir_all(dir).map_err(|e| fuserl_core::Error::io(dir, e))?;
     fuserl_io::fs::write_atomic(path, bytes).map_err(fuserl_core::Error::from)?;
     Ok(())

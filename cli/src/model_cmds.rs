@@ -269,7 +269,7 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
     let total = records.len();
     let out = on_device(&args.device, Score { args, tok: &tok, records: &records })?;
     crate::write_atomically(&args.out, out.as_bytes())?;
-    eprintln!("{total} pairs scored -> {}", Shown(&args.out));
+    eprintln!("{} scored -> {}", fuserl_core::text::counted(total as u64, "pair"), Shown(&args.out));
     Ok(())
 }
 
@@ -353,8 +353,8 @@ pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
     let seconds = (started.elapsed() - loaded).as_secs_f64();
     if !crate::quiet() {
         eprintln!(
-            "{} tokens in {seconds:.1} s ({:.1} tokens/s; the model loaded in {:.1} s); stopped by {}",
-            reply.ids.len(),
+            "{} in {seconds:.1} s ({:.1} tokens/s; the model loaded in {:.1} s); stopped by {}",
+            fuserl_core::text::counted(reply.ids.len() as u64, "token"),
             reply.ids.len() as f64 / seconds.max(1e-9),
             loaded.as_secs_f64(),
             match reply.finish_reason {

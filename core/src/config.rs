@@ -186,7 +186,7 @@ fn rewrite_serde_message(raw: &str, path: &mut KeyPath) -> (String, bool) {
 /// ` (did you mean `x`?)` when one of the choices is a likely misspelling of `name`: the nearest
 /// by Damerau-Levenshtein distance (a swap of two letters counts one), if under a third of the
 /// longer word's length; else nothing.
-fn did_you_mean(name: &str, choices: &str) -> String {
+pub(crate) fn did_you_mean(name: &str, choices: &str) -> String {
     let list = choice_list(choices);
     list.split(", ")
         .map(|c| (strsim::damerau_levenshtein(&name.to_lowercase(), &c.to_lowercase()), c))

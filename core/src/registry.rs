@@ -259,7 +259,9 @@ impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownKind { point, kind, choices } => {
-                write!(f, "unknown {} `{kind}`; expected one of: {}", point.noun(), choices.join(", "))
+                let list = choices.join(", ");
+                let hint = crate::config::did_you_mean(kind, &list);
+                write!(f, "unknown {} `{kind}`{hint}; expected one of: {list}", point.noun())
             }
             Self::Config(e) => write!(f, "{e}"),
         }
@@ -507,6 +509,6 @@ mod tests {
         r.register(entry("flat", "x")).unwrap();
         let ctx = BuildContext::default();
         let err = r.build_weighting("flta", &toml::Table::new(), &ctx).unwrap_err();
-        assert_eq!(err.to_string(), "unknown weighting scheme `flta`; expected one of: flat");
+        assert_eq!(err.to_string(), "unknown weighting scheme `flta` (did you mean `flat`?); expected one of: flat");
     }
 }

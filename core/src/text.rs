@@ -36,3 +36,20 @@ pub fn printable_lines(s: &str) -> Cow<'_, str> {
     }
     Cow::Owned(s.split('\n').map(printable).collect::<Vec<_>>().join("\n"))
 }
+
+/// `n` and the noun, plural unless `n` is 1: `counted(1, "attempt")` is "1 attempt",
+/// `counted(3, "attempt")` "3 attempts".
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
+#[cfg(test)]
+mod counted_tests {
+    #[test]
+    fn one_is_singular_and_the_rest_plural() {
+        assert_eq!(super::counted(1u32, "pair"), "1 pair");
+        assert_eq!(super::counted(0u32, "pair"), "0 pairs");
+        assert_eq!(super::counted(12u64, "token"), "12 tokens");
+    }
+}

@@ -709,10 +709,9 @@ fn build_with<T: ?Sized>(
             resolved.extend(built.resolved);
             Ok((built.component, resolved))
         }
-        Err(BuildError::UnknownKind { point, kind, choices }) => Err(ConfigError::new(
-            prefix.clone().key("kind"),
-            format!("unknown {} `{kind}`; expected one of: {}", point.noun(), choices.join(", ")),
-        )),
+        Err(unknown @ BuildError::UnknownKind { .. }) => {
+            Err(ConfigError::new(prefix.clone().key("kind"), unknown.to_string()))
+        }
         Err(BuildError::Config(e)) => Err(e.prefixed(prefix)),
     }
 }

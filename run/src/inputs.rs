@@ -31,7 +31,20 @@ pub fn check_recipe_inputs(loaded: &ParsedRecipe) -> Vec<Error> {
     let mut problems = Vec::new();
     let at = |path: KeyPath, message: String| loaded.error_at(&path, message);
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
-    if let Some(problem) = checkpoint_problem(&target) {
+    let template = recipe.target.chat_template.as_ref().map(|t| loaded.base_dir.join(t));
+    let problem = if fuserl_model::lora::is_adapter_dir(&target) {
+        // Adapters are trained on a full checkpoint: the target is one (an adapter folder can be
+        // a baseline, or merged by an export first).
+        Some(format!(
+            "{} is a PEFT adapter folder: the target is the full checkpoint it sits on ({}), or a merged \
+             export of it ([export] lora = \"merged\")",
+            Shown(&target),
+            Shown(&fuserl_model::lora::base_of(&target))
+        ))
+    } else {
+        checkpoint_problem(&target, template.as_deref())
+    };
+    if let Some(problem) = problem {
         problems.push(at(KeyPath::keys(&["target", "checkpoint"]), problem));
     }
     if let Some(template) = &recipe.target.chat_template {
@@ -73,7 +86,7 @@ pub fn check_recipe_inputs(loaded: &ParsedRecipe) -> Vec<Error> {
         if matches!(baseline.as_str(), "target" | "sft") || baseline.starts_with("source:") {
             continue;
         }
-        if let Some(problem) = checkpoint_problem(&loaded.base_dir.join(baseline)) {
+        if let Some(problem) = checkpoint_problem(&loaded.base_dir.join(baseline), None) {
             problems.push(at(KeyPath::keys(&["eval", "baselines"]).index(i), problem));
         }
     }
@@ -119,26 +132,39 @@ fn export_problem(loaded: &ParsedRecipe) -> Option<String> {
     })
 }
 
-/// What is wrong with a Hugging Face checkpoint folder, if anything: no such folder, no
-/// readable `config.json`, no `tokenizer.json`.
-fn checkpoint_problem(folder: &Path) -> Option<String> {
+/// What is wrong with a checkpoint folder, if anything: no such folder, a `config.json` that
+/// does not read or describes no model fuserl runs, a `tokenizer.json` that is missing or does
+/// not load, no chat template. A PEFT adapter folder is checked with its base.
+fn checkpoint_problem(folder: &Path, template: Option<&Path>) -> Option<String> {
     if !folder.is_dir() {
         return Some(format!("{}: no such checkpoint folder", Shown(folder)));
+    }
+    if fuserl_model::lora::is_adapter_dir(folder) {
+        return match fuserl_model::lora::read_adapter_config(folder) {
+            Err(e) => Some(e.to_string()),
+            Ok(adapter) => checkpoint_problem(&adapter.base, template),
+        };
     }
     let config = folder.join("config.json");
     match fuserl_core::paths::read_regular_string(&config) {
         Err(e) => return Some(format!("cannot read {}: {}", Shown(&config), cannot_read(&config, &e))),
-        Ok(text) => {
-            if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
-                return Some(format!("{}: expected a JSON config: {e}", Shown(&config)));
+        Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Err(e) => return Some(format!("{}: expected a JSON config: {e}", Shown(&config))),
+            Ok(json) => {
+                if let Err(e) = fuserl_model::config::LlamaConfig::from_json(&json, &config) {
+                    return Some(e.to_string());
+                }
             }
-        }
+        },
     }
     let tokenizer = folder.join("tokenizer.json");
     if !tokenizer.is_file() {
         return Some(format!("{}: no tokenizer.json (a Hugging Face checkpoint folder has one)", Shown(folder)));
     }
-    None
+    // The tokenizer as a run loads it (JSON, vocabulary, the chat template's presence; with the
+    // recipe's template file when it names one that reads: one that does not is its own problem).
+    let template = template.filter(|t| fuserl_core::paths::read_regular_string(t).is_ok());
+    fuserl_model::chat::ChatTokenizer::load(folder, template).err().map(|e| e.to_string())
 }
 
 /// What is wrong with a prompt file, if anything: unreadable, a bad record, or no prompt at all.

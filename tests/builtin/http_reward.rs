@@ -113,5 +113,5 @@ fn bad_replies_are_named_with_the_reward_and_the_batch() {
     let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let r = reward(port, "max_retries = 0\n", dir.path());
     let err = r.score(&items(&p, &c)).expect_err("unreachable").to_string();
-    assert!(err.contains(&format!("127.0.0.1:{port}/get_reward: gave up after 1 attempts: cannot connect")), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}/get_reward: gave up after 1 attempt: cannot connect")), "{err}");
 }

@@ -10,7 +10,12 @@
 //!
 //! `naive` computes the log-probs through full logits (`[backend] logprobs = "naive"`); the
 //! default is the fused projection + log-prob. `checkpointing` recomputes activations in backward
-//! (`gradient_checkpointing = true`: by decoder layer).
+//! (`gradient_checkpointing = true`: by decoder layer). `lora` trains LoRA adapters (r 16, alpha
+//! 32, every linear layer: PEFT's `LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")`)
+//! on the frozen model instead of every weight.
+//!
+//! Besides the process's peak, the peak since the model was loaded (the training's, with the
+//! model resident: loading reads the checkpoint file whole, which a LoRA step's peak is below).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,8 +50,23 @@ fn bench<
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let model = load::<B>(&dir, &Default::default(), DType::F32)
+    let mut model = load::<B>(&dir, &Default::default(), DType::F32)
         .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let lora = std::env::args().any(|a| a == "lora");
+    if lora {
+        let spec = fuserl_model::lora::LoraSpec {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: fuserl_model::lora::MODULES.iter().map(|m| (*m).to_owned()).collect(),
+            rslora: false,
+        };
+        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+        fuserl_model::lora::add_adapters(&mut model.weights, &spec, 0, DType::F32);
+    }
+    let process_peak = peak_rss_mb();
+    fuserl_backends::release_freed_memory();
+    fuserl_backends::memory::reset_peak();
     let mut state: u64 = 2024;
     let mut ids = |n: usize| -> Vec<u32> {
         (0..n)
@@ -116,13 +136,15 @@ fn bench<
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     let out = out.expect("at least one step");
+    let what = if lora { "LoRA r 16 all-linear" } else { "every weight" };
     println!(
-        "fuserl (burn flex autodiff, f32, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB",
+        "fuserl (burn flex autodiff, f32, {what}, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB since the model was loaded ({:.0} MiB loading it)",
         logprobs,
         secs,
         steps,
         each.join(", "),
         out.loss,
-        peak_rss_mb()
+        peak_rss_mb(),
+        process_peak
     );
 }

@@ -155,7 +155,8 @@ impl MemoryPlan {
                     input.config.batch_size, input.length
                 ),
             ));
-            if !input.config.gradient_checkpointing {
+            // (Not with LoRA dropout: the two do not go together yet.)
+            if !input.config.gradient_checkpointing && input.lora.is_none_or(|l| l.dropout == 0.0) {
                 levers.push((activations * 3 / 4, "`gradient_checkpointing = true`".into()));
             }
         }
@@ -314,8 +315,13 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     let layer = layer_parameters(m);
 
     let (dense, scores) = layer_activations_per_token(m, c, r, length);
-    // Each adapter keeps its `x A` (`[tokens, r]`) for the backward pass.
-    let dense = dense + input.lora.map_or(0, |l| lora_targets(l) * l.r as u64 * c);
+    // Each adapter keeps its `x A` (`[tokens, r]`) for the backward pass; with dropout also its
+    // mask and masked input (each `[tokens, in]`; counted at the widest input).
+    let dense = dense
+        + input.lora.map_or(0, |l| {
+            let dropout = if l.dropout > 0.0 { 2 * (m.intermediate_size as u64).max(h) * c } else { 0 };
+            lora_targets(l) * (l.r as u64 * c + dropout)
+        });
     // Built once per micro-batch: the mask (f32, every head written out) and the rotary tables
     // (cos and sin for queries and keys, in the compute type).
     let tables = tokens

@@ -438,8 +438,15 @@ pub fn train_stage<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBac
     // f16 compute: dynamic loss scaling (it starts afresh on resume).
     let mut loss_scale = LossScale::for_dtype(model.dtype);
     let model_dtype = model.dtype;
+    let device = model.device();
     for step in start..total {
         let t0 = Instant::now();
+        // The backend's random draws (LoRA dropout's masks) seeded per step from the run's seed:
+        // the same masks in a rerun and after a resume.
+        <B as burn::tensor::backend::Backend>::seed(
+            &device,
+            stage.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ stage.name.as_str().len() as u64,
+        );
         let mut picked: Vec<&TrainExample> = Vec::with_capacity(per_step);
         for k in 0..per_step as u64 {
             let pos = step * per_step as u64 + k;

@@ -270,7 +270,8 @@ impl Http {
                 Err(Failure::Fatal(m)) => return Err(m),
                 Err(Failure::Retry { why, after }) => {
                     if attempt >= self.settings.max_retries {
-                        return Err(format!("{url}: gave up after {} attempts: {why}", attempt + 1));
+                        let tries = fuserl_core::text::counted(u64::from(attempt) + 1, "attempt");
+                        return Err(format!("{url}: gave up after {tries}: {why}"));
                     }
                     let wait = after.unwrap_or_else(|| backoff(attempt, salt));
                     tracing::warn!(component = %who, url = %url, attempt = attempt + 1, wait_s = wait.as_secs_f64(), "retrying: {why}");

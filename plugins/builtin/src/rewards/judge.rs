@@ -560,9 +560,9 @@ impl Judge {
                             OnUnparseable::Fail => Err(Error::Record {
                                 record: what,
                                 message: format!(
-                                    "the judge gave {expected} after {} attempts; last verdict: {snippet:?} \
+                                    "the judge gave {expected} after {}; last verdict: {snippet:?} \
                                      (on_unparseable = \"skip\" leaves such answers out{})",
-                                    self.config.unparseable_retries + 1,
+                                    fuserl_core::text::counted(u64::from(self.config.unparseable_retries) + 1, "attempt"),
                                     if self.config.mode == JudgeMode::Pointwise { ", \"min\" scores them the minimum" } else { "" }
                                 ),
                             }),
