@@ -622,3 +622,61 @@ fn lora_export_matches_peft_layout_and_logprobs() {
         }
     }
 }
+
+/// LoRA on wgpu (lavapipe in CI): the adapter's log-probs are PEFT's (1e-4), and the first
+/// optimiser step of SFT and DPO (PEFT's start, with gradient checkpointing) has PEFT's loss and
+/// adapter gradient norm (1e-4) with the base frozen.
+#[cfg(feature = "wgpu")]
+#[test]
+fn lora_on_wgpu_matches_peft() {
+    use burn::backend::wgpu::WgpuDevice;
+    use burn::backend::{Autodiff, Wgpu};
+    let fixture = lora_fixture();
+    let m = &fixture["models"][0];
+    assert_eq!(m["name"], "tiny-chat");
+    let dir = lora_model_dir("tiny-chat");
+    let device = WgpuDevice::default();
+    let mut model = load::<Wgpu>(&dir, &device, DType::F32).expect("model");
+    fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+    formula_adapters(&mut model.weights, true);
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = m["sequences"]
+        .as_array()
+        .expect("sequences")
+        .iter()
+        .map(|s| {
+            (
+                serde_json::from_value(s["prompt"].clone()).expect("p"),
+                serde_json::from_value(s["response"].clone()).expect("r"),
+            )
+        })
+        .collect();
+    let got = fuserl_model::logprobs::response_logprobs(&model, &seqs).expect("logprobs");
+    for (g, want) in got.iter().zip(m["export"]["token_logps"].as_array().expect("logps")) {
+        let want: Vec<f64> = serde_json::from_value(want.clone()).expect("values");
+        for (a, b) in g.token_logps.iter().zip(&want) {
+            assert!((f64::from(*a) - b).abs() <= 1e-4, "wgpu: {a} vs PEFT {b}");
+        }
+    }
+    let config = StageConfig { gradient_checkpointing: true, ..stage_config(&fixture) };
+    let lr = fixture["lr"].as_f64().expect("lr");
+    for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {
+        if raw["start"] != "zero-b" {
+            continue;
+        }
+        let mut model = load::<Autodiff<Wgpu>>(&dir, &device, DType::F32).expect("model");
+        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+        fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+        formula_adapters(&mut model.weights, false);
+        let mut optim = new_optimizer(&config);
+        let picked: Vec<&TrainExample> = case.examples.iter().collect();
+        let (_, out) = optimizer_step(model, &mut optim, &picked, settings(case, &config, lr, 1.0)).expect("step");
+        let kind = &case.kind;
+        assert!(close(out.loss, case.losses[0], 1e-4), "wgpu {kind}: loss {} vs PEFT {}", out.loss, case.losses[0]);
+        assert!(
+            close(out.grad_norm, case.grad_norm, 1e-4),
+            "wgpu {kind}: norm {} vs PEFT {}",
+            out.grad_norm,
+            case.grad_norm
+        );
+    }
+}

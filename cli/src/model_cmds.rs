@@ -190,7 +190,13 @@ pub fn reward(args: &RewardArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         return Err(bad_input("--batch-size must be at least 1".into()));
     }
-    let file = args.model.join("config.json");
+    if fuserl_model::lora::is_adapter_dir(&args.model) {
+        return Err(bad_input(format!(
+            "{}: a PEFT adapter folder; a reward model is loaded whole (merge the adapter into its base first)",
+            Shown(&args.model)
+        )));
+    }
+    let file = fuserl_model::checkpoint::config_file(&args.model).map_err(model_error)?;
     let json = fuserl_model::config::read_json(&file).map_err(model_error)?;
     let (_, head) = fuserl_model::classifier::classifier_config(&json, &file).map_err(model_error)?;
     let label = match &args.label {

@@ -218,7 +218,8 @@ pub fn without_adapters<B: Backend>(mut weights: Llama<B>) -> Llama<B> {
     weights
 }
 
-/// Whether `dir` is a PEFT adapter folder (an `adapter_config.json` and no `config.json`).
+/// Whether `dir` is a PEFT adapter folder (an `adapter_config.json` and no `config.json`; a folder
+/// with both is read as the full checkpoint its config.json describes).
 pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(CONFIG_FILE).is_file() && !dir.join("config.json").is_file()
 }
@@ -293,21 +294,32 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     Ok(AdapterConfig { spec: LoraSpec { r: r as usize, alpha, dropout, targets, rslora }, base })
 }
 
+/// What an adapter file's tensor is.
+enum AdapterTensor {
+    /// `lora_A` (true) or `lora_B` (false) of the layer with this checkpoint name.
+    Layer(String, bool),
+    /// An adapter of a multimodal base's vision tower or projector, which the text model does
+    /// not have (PEFT puts one there when `target_modules` names `q_proj` and the like).
+    Vision,
+}
+
 /// The checkpoint name of an adapter tensor's layer: `base_model.model.X.lora_A.weight` -> (`X`,
-/// A) (and Gemma 3's multimodal names to the text model's, as the base's are).
-fn adapter_tensor_name(name: &str, multimodal: bool) -> Option<(String, bool)> {
+/// A) (and Gemma 3's multimodal names to the text model's, as the base's are). `None`: not an
+/// adapter's weight.
+fn adapter_tensor_name(name: &str, multimodal: bool) -> Option<AdapterTensor> {
     let rest = name.strip_prefix("base_model.model.")?;
     let (layer, is_a) = if let Some(l) = rest.strip_suffix(".lora_A.weight") {
         (l, true)
     } else {
         (rest.strip_suffix(".lora_B.weight")?, false)
     };
-    let layer = if multimodal {
-        crate::gemma3::text_tensor_name(&format!("{layer}.weight"))?.strip_suffix(".weight")?.to_owned()
-    } else {
-        layer.to_owned()
-    };
-    Some((layer, is_a))
+    if !multimodal {
+        return Some(AdapterTensor::Layer(layer.to_owned(), is_a));
+    }
+    Some(match crate::gemma3::text_tensor_name(&format!("{layer}.weight")) {
+        Some(text) => AdapterTensor::Layer(text.strip_suffix(".weight")?.to_owned(), is_a),
+        None => AdapterTensor::Vision,
+    })
 }
 
 /// Put the adapters of the folder `dir` on `weights` (in `dtype`, trainable). Every tensor of the
@@ -327,14 +339,32 @@ pub fn apply_adapter_dir<B: Backend>(
     // Per layer: its A and B (shape, values) as found.
     type Found = (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>);
     let mut found: HashMap<String, Found> = HashMap::new();
+    let mut vision = 0usize;
     for (name, view) in st.tensors() {
-        let (layer, is_a) = adapter_tensor_name(&name, multimodal).ok_or_else(|| {
-            ModelError::format(&file, format!("tensor `{name}` is not a LoRA adapter's lora_A/lora_B weight"))
-        })?;
+        let (layer, is_a) = match adapter_tensor_name(&name, multimodal) {
+            Some(AdapterTensor::Layer(layer, is_a)) => (layer, is_a),
+            Some(AdapterTensor::Vision) => {
+                vision += 1;
+                continue;
+            }
+            None => {
+                return Err(ModelError::format(
+                    &file,
+                    format!("tensor `{name}` is not a LoRA adapter's lora_A/lora_B weight"),
+                ));
+            }
+        };
         let values = crate::checkpoint::values_of(&view, &name, &file)?;
         let entry = found.entry(layer).or_default();
         let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
         *slot = Some((view.shape().to_vec(), values));
+    }
+    if vision > 0 {
+        tracing::warn!(
+            file = %fuserl_core::paths::Shown(&file),
+            tensors = vision,
+            "adapters of the vision tower left out (fuserl runs the text model)"
+        );
     }
     let device = weights.embed_tokens.val().device();
     let spec = &config.spec;
