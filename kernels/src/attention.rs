@@ -91,6 +91,13 @@ fn dense<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.reshape([dims.iter().product::<usize>()]).reshape(dims)
 }
 
+/// `[batch, kv_heads, rep, rows, z]` as `[batch, kv_heads, rep * rows, z]` (a copy in order when
+/// `x` is a strided view).
+fn fold<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 4> {
+    let [b, nkv, rep, n, z] = x.dims();
+    dense(x).reshape([b, nkv, rep * n, z])
+}
+
 /// `[batch, kv_heads, rep, rows, dim]` back to `[batch, rows, heads, dim]`.
 fn ungrouped<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 4> {
     let [b, nkv, rep, n, d] = x.dims();
@@ -183,15 +190,17 @@ pub fn attention_bwd<B: Backend>(
         let qg = grouped(&q, rows, nkv);
         let (p, _) = tile_probs(&qg, &k32, &key_bias, rows, mask, Some((row(0), row(1))));
         let g = grouped(&grad, rows, nkv);
-        // Summed over the `rep` query heads of each key/value head.
-        let tile_dv = p.clone().swap_dims(3, 4).matmul(g.clone()).sum_dim(2).squeeze_dim::<4>(2);
+        // Summed over the `rep` query heads of each key/value head inside the matmul: `rep` and
+        // the rows folded into one contracted dimension (a `[rep, keys, dim]` product summed
+        // afterwards was `rep` times the gradient's size, past the tile's bound).
+        let tile_dv = fold(p.clone()).swap_dims(2, 3).matmul(fold(g.clone()));
         // D_i = sum_d dO_id O_id: softmax's backward without the probabilities' row sums, made
         // in the tile's layout (a permuted view reshaped is not read in order by every backend).
         let tile_delta = (g.clone() * grouped(&out, rows, nkv)).sum_dim(4);
         let dp = g.matmul(v32.clone().swap_dims(3, 4));
         let ds = p * (dp - tile_delta);
         dqs.push(ungrouped(ds.clone().matmul(k32.clone())).cast(q_dtype));
-        let tile_dk = ds.swap_dims(3, 4).matmul(qg).sum_dim(2).squeeze_dim::<4>(2);
+        let tile_dk = fold(ds).swap_dims(2, 3).matmul(fold(qg));
         dk = Some(match dk {
             Some(acc) => acc + tile_dk,
             None => tile_dk,
