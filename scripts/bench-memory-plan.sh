@@ -30,7 +30,7 @@ with open(sys.argv[1], "w") as f:
         prompt = [{"role": "user", "content": f"Question {p}: tell me a long story about the number {p}."}]
         f.write(json.dumps({"id": f"q{p}", "prompt": prompt, "responses": responses, "scores": scores}) + "\n")
 PY
-# name: dtype master_weights batch_size max_length gradient_checkpointing
+# name: dtype master_weights batch_size max_length gradient_checkpointing [lora: r 16, all-linear]
 cases=(
     "f32-b2-l256:f32:f32:2:256:true"
     "f32-b8-l512:f32:f32:8:512:true"
@@ -40,13 +40,17 @@ cases=(
     "bf16-b4-l256-nockpt:bf16:f32:4:256:false"
     "lean-b4-l256:bf16:bf16:4:256:true"
     "lean-b8-l512:bf16:bf16:8:512:true"
+    "lora-b4-l512:f32:f32:4:512:true:lora"
 )
 wanted=("$@")
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(git rev-parse --short HEAD)"
 echo "| case | stage | planned | measured peak | planned / measured |"
 echo "|---|---|---|---|---|"
 for case in "${cases[@]}"; do
-    IFS=: read -r name dtype master batch length ckpt <<<"$case"
+    IFS=: read -r name dtype master batch length ckpt lora <<<"$case"
+    lora_table=""
+    [ "${lora:-}" = lora ] && lora_table=$'[target.lora]\nr = 16\nalpha = 32\ntarget_modules = "all-linear"'
+
     if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " == *" $name "* ]]; then continue; fi
     dir="$work/$name"
     rm -rf "$dir" && mkdir -p "$dir"
@@ -67,6 +71,7 @@ master_weights = "$master"
 [target]
 checkpoint = "$model"
 max_length = $length
+$lora_table
 [[sources]]
 kind = "jsonl"
 path = "$work/long.jsonl"

@@ -12,10 +12,13 @@
 //!   compute type, and autodiff keeps the copy for the backward pass (one layer's at a time with
 //!   gradient checkpointing, every layer's without);
 //! - **activations**: what Burn's autodiff keeps for backward in one decoder layer (the norms'
-//!   f32 intermediates, q/k/v and their rotations, the attention's `[heads, seq, seq]`
-//!   exponentials and probabilities, the MLP's gate, activation, up and product) per token,
-//!   for every layer without checkpointing, and for one recomputed layer plus every layer's
-//!   input with it; the mask and rotary tables of the micro-batch;
+//!   f32 intermediates, q/k/v and their rotations, attention's output and each row's max and
+//!   log-sum, the MLP's gate, activation, up and product) per token, for every layer without
+//!   checkpointing, and for one recomputed layer plus every layer's input with it; the padding
+//!   bias and rotary tables of the micro-batch;
+//! - **attention tiles**: attention computes its scores in tiles of query rows (at most
+//!   `fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS` scores, the whole `[heads, seq, seq]` when it
+//!   fits) and again in the backward pass: three tiles alive in the forward, four in the backward;
 //! - **log-probs**: the final hidden states, the head's gradient (built in vocabulary chunks and
 //!   joined: twice `[vocab, hidden]` f32 for a moment) and the chunks (at most 2^22 elements);
 //!   the naive path holds `[tokens, vocab]` logits instead;
@@ -274,10 +277,21 @@ fn layer_activations_per_token(m: &LlamaConfig, c: u64, r: u64, length: u64) -> 
     // output and the residual sum.
     let mlp = 5 * i * c + 2 * h * r;
     let dense = norms + qk_norms + qkv + attn_out + mlp;
-    // Scores: per query token, heads x keys: the softmax's exponentials (f32) and the
-    // probabilities (in the compute type).
-    let scores = m.num_heads as u64 * length * (4 + c);
+    // Attention keeps no scores for the backward pass (it computes them again, tile by tile,
+    // `fuserl_kernels::causal_attention`): each query row's largest score and log-sum (f32) per
+    // head.
+    let _ = length;
+    let scores = m.num_heads as u64 * 2 * 4;
     (dense, scores)
+}
+
+/// Elements of one attention tile of a micro-batch of `sequences` x `length` tokens: query rows
+/// are cut so that a tile's scores are at most `fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS` (one
+/// row at least), the whole `[heads, seq, seq]` when they fit.
+fn attention_tile(m: &LlamaConfig, sequences: u64, length: u64) -> u64 {
+    let row = sequences * m.num_heads as u64 * length;
+    let bound = (fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS as u64).max(row);
+    (row * length).min(bound)
 }
 
 /// The plan of a training stage.
@@ -322,14 +336,20 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
             let dropout = if l.dropout > 0.0 { 2 * (m.intermediate_size as u64).max(h) * c } else { 0 };
             lora_targets(l) * (l.r as u64 * c + dropout)
         });
-    // Built once per micro-batch: the mask (f32, every head written out) and the rotary tables
-    // (cos and sin for queries and keys, in the compute type).
+    // Built once per micro-batch: the keys' padding bias (f32) and the rotary tables (cos and
+    // sin for queries and keys, in the compute type).
     let tables = tokens
-        * (m.num_heads as u64 * length * 4 + 2 * ((m.num_heads + m.num_kv_heads) * m.head_dim) as u64 * c)
+        * (4 + 2 * ((m.num_heads + m.num_kv_heads) * m.head_dim) as u64 * c)
         * if m.mixes_layer_types() { 2 } else { 1 };
-    // One layer's backward: the gradients flowing through the scores (two f32 tensors the
-    // size of the scores) and the MLP (two the size of its intermediate).
-    let backward = tokens * (2 * m.num_heads as u64 * length * 4 + 2 * m.intermediate_size as u64 * 4);
+    // Attention's working set, one tile at a time (f32): in the forward the scores with the
+    // tile's bias written out and the probabilities; in the backward the probabilities again,
+    // their gradient and the scores' (counted as four tiles).
+    let tile = attention_tile(m, input.sequences as u64, length);
+    let attention_forward = 3 * tile * 4;
+    let attention_backward = 4 * tile * 4;
+    // One layer's backward: the MLP's gradients (two the size of its intermediate) and the
+    // attention tile's.
+    let backward = tokens * 2 * m.intermediate_size as u64 * 4 + attention_backward;
     // The head: the final hidden states (last layer's output, and normalised in the compute
     // type), the head's gradient twice while its chunks are joined, the chunks themselves.
     let head_grad = if lora { 0 } else { embeddings * 4 * 2 };
@@ -355,7 +375,8 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         // Inference, no graph: the reference's weights (loaded as the policy is), one layer's
         // working set at a time and the log-prob chunks.
         let t = (seqs * input.length) as u64;
-        let working = t * (m.num_heads as u64 * length * 4 * 2 + (4 * m.intermediate_size as u64 + 4 * h) * c);
+        let working = attention_forward.max(3 * attention_tile(m, seqs as u64, length) * 4)
+            + t * (4 * m.intermediate_size as u64 + 4 * h) * c;
         phases.push(Phase {
             name: "reference log-probs",
             parts: vec![
@@ -376,10 +397,11 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     let accumulated = input.config.grad_accum > 1;
     let mut forward = state(accumulated);
     let (kept, kept_scores, copies) = if ckpt {
-        // Every layer's input, kept from a forward pass without a graph.
-        (layers * tokens * h * r, 0, if mixed { embeddings * c } else { 0 })
+        // Every layer's input, kept from a forward pass without a graph (one layer's attention
+        // tile at a time while it runs).
+        (layers * tokens * h * r, attention_forward, if mixed { embeddings * c } else { 0 })
     } else {
-        (layers * tokens * dense, layers * tokens * scores, if mixed { p * c } else { 0 })
+        (layers * tokens * dense, layers * tokens * scores + attention_forward, if mixed { p * c } else { 0 })
     };
     forward.push(Part { name: "compute copies", bytes: copies });
     forward.push(Part { name: "activations", bytes: kept + tables });
