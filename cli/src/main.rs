@@ -203,7 +203,6 @@ enum StageArg {
 fn main() -> ExitCode {
     // Before any other thread starts (see its docs: page faults on every re-allocation).
     fuserl_backends::keep_freed_memory();
-    default_sigpipe();
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     if cli.quiet {
@@ -214,6 +213,12 @@ fn main() -> ExitCode {
     // names the file (fuserl_io::untrusted): print that error, not the panic as well.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if closed_output(info) {
+            // Nobody reads any more: end as a command-line tool ends on SIGPIPE (128 + 13), the
+            // run folder given back; what was collected, scored or checkpointed is kept.
+            fuserl_io::run_dir::release_held_locks();
+            std::process::exit(141);
+        }
         if !fuserl_io::untrusted::catching_panic() {
             default_hook(info);
         }
@@ -251,17 +256,15 @@ pub(crate) fn device_help() -> String {
     }
 }
 
-/// Output into a pipe whose reader has gone (`fuserl run | head -1`) ends the process as it ends
-/// any command-line tool (SIGPIPE's default action), instead of a panic in `println!` (Rust
-/// ignores SIGPIPE, so every write fails with EPIPE). What was collected, scored or checkpointed
-/// is kept, as after any kill.
-fn default_sigpipe() {
-    #[cfg(unix)]
-    #[allow(unsafe_code)] // One call into the C library, before any thread starts.
-    // SAFETY: setting a signal's disposition to its default has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+/// Whether a panic is Rust's on a write to a closed standard output or error (a pipe whose
+/// reader has gone: `fuserl run | head -1`). Rust ignores SIGPIPE, so the write fails and
+/// `println!` panics; restoring SIGPIPE's default would also kill the process on a write to a
+/// subprocess that has ended (the python-tests reward writes its job to python's stdin).
+fn closed_output(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    let payload = info.payload();
+    let message =
+        payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+    message.is_some_and(|m| m.starts_with("failed printing to std") && m.contains("Broken pipe"))
 }
 
 fn on_ctrl_c(command: &Command) {
