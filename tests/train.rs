@@ -433,6 +433,31 @@ fn lora_model_dir(name: &str) -> std::path::PathBuf {
     }
 }
 
+/// The (prompt, response) token ids of a fixture model's `sequences`.
+fn fixture_pairs(m: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let ids = |v: &serde_json::Value| serde_json::from_value(v.clone()).expect("token ids");
+    m["sequences"].as_array().expect("sequences").iter().map(|s| (ids(&s["prompt"]), ids(&s["response"]))).collect()
+}
+
+/// `model`'s per-token log-probs of `pairs` within 1e-4 of PEFT's (`want`: one list per pair).
+fn assert_peft_logps<B: fuserl_kernels::LogProbBackend>(
+    model: &fuserl_model::llama::LlamaModel<B>,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    want: &serde_json::Value,
+    what: &str,
+) {
+    let got = fuserl_model::logprobs::response_logprobs(model, pairs).expect("logprobs");
+    let want = want.as_array().expect("log-probs");
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        let w: Vec<f64> = serde_json::from_value(w.clone()).expect("values");
+        assert_eq!(g.token_logps.len(), w.len(), "{what}");
+        for (a, b) in g.token_logps.iter().zip(&w) {
+            assert!((f64::from(*a) - b).abs() <= 1e-4, "{what}: {a} vs PEFT {b}");
+        }
+    }
+}
+
 /// `[target.lora]` of the fixture: r 8, alpha 16, every linear layer.
 fn lora_spec() -> fuserl_model::lora::LoraSpec {
     fuserl_model::lora::LoraSpec {
@@ -595,30 +620,13 @@ fn lora_export_matches_peft_layout_and_logprobs() {
             let same = got == want || got.as_f64().zip(want.as_f64()).is_some_and(|(a, b)| a == b);
             assert!(same, "{name}: adapter_config.json {key} = {got}, PEFT writes {want}");
         }
-        let seqs: Vec<(Vec<u32>, Vec<u32>)> = m["sequences"]
-            .as_array()
-            .expect("sequences")
-            .iter()
-            .map(|s| {
-                (
-                    serde_json::from_value(s["prompt"].clone()).expect("prompt"),
-                    serde_json::from_value(s["response"].clone()).expect("response"),
-                )
-            })
-            .collect();
+        let seqs = fixture_pairs(m);
         let merged = tmp.path().join("merged");
         fuserl_model::checkpoint::save(&model, &merged, 2 << 30, Some(&dir)).expect("merged export");
         assert!(!merged.join("adapter_config.json").exists());
         for (folder, key) in [(&adapter, "token_logps"), (&merged, "merged_token_logps")] {
             let loaded = load::<Cpu>(folder, &Default::default(), DType::F32).expect("load the export");
-            let got = fuserl_model::logprobs::response_logprobs(&loaded, &seqs).expect("logprobs");
-            for (g, want) in got.iter().zip(m["export"][key].as_array().expect("logps")) {
-                let want: Vec<f64> = serde_json::from_value(want.clone()).expect("values");
-                assert_eq!(g.token_logps.len(), want.len());
-                for (a, b) in g.token_logps.iter().zip(&want) {
-                    assert!((f64::from(*a) - b).abs() <= 1e-4, "{name} ({key}): {a} vs PEFT {b}");
-                }
-            }
+            assert_peft_logps(&loaded, &seqs, &m["export"][key], &format!("{name} ({key})"));
         }
     }
 }
@@ -639,24 +647,7 @@ fn lora_on_wgpu_matches_peft() {
     let mut model = load::<Wgpu>(&dir, &device, DType::F32).expect("model");
     fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
     formula_adapters(&mut model.weights, true);
-    let seqs: Vec<(Vec<u32>, Vec<u32>)> = m["sequences"]
-        .as_array()
-        .expect("sequences")
-        .iter()
-        .map(|s| {
-            (
-                serde_json::from_value(s["prompt"].clone()).expect("p"),
-                serde_json::from_value(s["response"].clone()).expect("r"),
-            )
-        })
-        .collect();
-    let got = fuserl_model::logprobs::response_logprobs(&model, &seqs).expect("logprobs");
-    for (g, want) in got.iter().zip(m["export"]["token_logps"].as_array().expect("logps")) {
-        let want: Vec<f64> = serde_json::from_value(want.clone()).expect("values");
-        for (a, b) in g.token_logps.iter().zip(&want) {
-            assert!((f64::from(*a) - b).abs() <= 1e-4, "wgpu: {a} vs PEFT {b}");
-        }
-    }
+    assert_peft_logps(&model, &fixture_pairs(m), &m["export"]["token_logps"], "wgpu");
     let config = StageConfig { gradient_checkpointing: true, ..stage_config(&fixture) };
     let lr = fixture["lr"].as_f64().expect("lr");
     for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {

@@ -112,6 +112,22 @@ impl ConfigError {
     }
 }
 
+/// A setting that takes one string or a list of them, read as a list (`stop = "x"`,
+/// `target_modules = "all-linear"`): for `#[serde(deserialize_with = "...")]`.
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    // A string or a list of strings is one open shape, not a closed set of variants.
+    Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// Deserialise `table` into `T`, strictly: `T` should use `#[serde(deny_unknown_fields)]`.
 /// Errors name the key path, what was expected and, for closed sets and misspelt keys, the
 /// valid choices.

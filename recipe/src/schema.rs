@@ -81,7 +81,7 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Linear layers that get an adapter (PEFT's names), or `["all-linear"]` (a string is a list
     /// of one).
-    #[serde(default = "default_lora_targets", deserialize_with = "one_or_many")]
+    #[serde(default = "default_lora_targets", deserialize_with = "fuserl_core::config::one_or_many")]
     pub target_modules: Vec<String>,
     /// rsLoRA: scale by `alpha / sqrt(r)`.
     #[serde(default)]
@@ -96,20 +96,6 @@ fn default_lora_alpha() -> f64 {
 }
 fn default_lora_targets() -> Vec<String> {
     vec!["q_proj".into(), "v_proj".into()]
-}
-
-/// A list, or one string as a list of one (`target_modules = "all-linear"`, as PEFT takes it).
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 fn default_max_length() -> u32 {

@@ -37,7 +37,7 @@ use fuserl_core::registry::{BuildContext, Built, PluginDescriptor, StaticFactory
 
 use crate::http::{HttpSettings, WithHttp, build_with_http};
 use fuserl_core::{Error, Result};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Which API the requests go to.
@@ -51,20 +51,6 @@ pub enum Endpoint {
     Completions,
 }
 
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    // A string or a list of strings is one open shape, not a closed set of variants.
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
-}
-
 /// `[[sources]] kind = "openai"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,7 +58,7 @@ pub struct OpenAiConfig {
     /// The source name its answers carry in the data.
     pub name: String,
     /// The API base (up to and including `/v1`), or a list of them.
-    #[serde(deserialize_with = "one_or_many")]
+    #[serde(deserialize_with = "fuserl_core::config::one_or_many")]
     pub base_url: Vec<String>,
     /// The model name the server knows.
     pub model: String,
