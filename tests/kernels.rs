@@ -205,6 +205,77 @@ where
     check_finite_differences::<B>(device);
 }
 
+/// Quantised weights (QLoRA's base, `fuserl_kernels::qweight`) on one backend: every ggml type
+/// of `fixtures/gguf/quants.gguf` (real tensors of the Q4_K_M models and random blocks)
+/// dequantises bit for bit as the host (ggml's reference code, itself bit for bit gguf-py's:
+/// tests/model/quants.rs); `x W^T`, its gradient in `x` and the log-probs through a quantised
+/// head equal the same operations on the dequantised weight (`1e-5 + 1e-5 |x|`: the same f32
+/// matmuls, cut into other chunks), and the weight gets no gradient.
+fn quant_suite<B: AutodiffBackend + LogProbBackend>(device: &B::Device)
+where
+    B::InnerBackend: LogProbBackend,
+{
+    use fuserl_kernels::{QuantLayout, dequantize, quant_linear_logprobs, quant_matmul};
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/gguf/quants.gguf");
+    let g = fuserl_model::gguf::Gguf::read(&file).expect("fixture");
+    let mut seen = 0;
+    for t in g.tensors.iter().filter(|t| !t.name.ends_with(".expected")) {
+        let (ty, raw) = g.raw(t).expect("blocks");
+        let cols = t.dims[0] as usize;
+        let Ok(layout) = QuantLayout::new(ty, cols) else { panic!("{}: {ty:?} x {cols}", t.name) };
+        let rows = raw.len() / layout.row_bytes();
+        let words = fuserl_kernels::qweight::upload::<B::InnerBackend>(layout, raw, device);
+        let tracked = fuserl_kernels::qweight::upload::<B>(layout, raw, device);
+        let host = g.dequantize(t).expect("host");
+        let got = data(dequantize(words.clone(), layout));
+        for (i, (a, b)) in got.iter().zip(&host).enumerate() {
+            assert!(a.to_bits() == b.to_bits(), "{} ({ty:?}) value {i}: backend {a}, host {b}", t.name);
+        }
+        // Some rows only (a narrow of the blocks).
+        if rows > 2 {
+            let part = data(dequantize(words.clone().narrow(0, 1, 2), layout));
+            assert_eq!(part, host[cols..3 * cols].to_vec(), "{}: rows 1..3", t.name);
+        }
+        seen += 1;
+        if rows < 4 {
+            continue;
+        }
+        // The matmul and its gradient, against the dense weight (f32) on the same backend.
+        let n = 5;
+        let x_values = values(n * cols, seen, 1.0);
+        let dense = tensor::<B, 2>(&host, [rows, cols], device);
+        let x = tensor::<B, 2>(&x_values, [n, cols], device).require_grad();
+        let c = tensor::<B, 2>(&values(n * rows, 100 + seen, 1.0), [n, rows], device);
+        let y = quant_matmul(x.clone(), tracked.clone(), layout);
+        let grads = (y.clone() * c.clone()).sum().backward();
+        let dx = data(x.grad(&grads).expect("x's gradient"));
+        let x2 = tensor::<B, 2>(&x_values, [n, cols], device).require_grad();
+        let y2 = x2.clone().matmul(dense.clone().transpose());
+        let grads2 = (y2.clone() * c).sum().backward();
+        let want = |t: Tensor<B::InnerBackend, 2>| data(t).iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+        close(&format!("{} x W^T", t.name), &data(y.inner()), &want(y2.inner()), 1e-5, 1e-5);
+        close(&format!("{} d x", t.name), &dx, &want(x2.grad(&grads2).expect("dense grad")), 1e-5, 1e-5);
+        // A quantised head: log-probs and the hidden states' gradient.
+        let ids = targets(n, rows, 3, 200 + seen);
+        let h = tensor::<B, 2>(&x_values, [n, cols], device).require_grad();
+        let lp = quant_linear_logprobs(h.clone(), tracked.clone(), layout, int_tensor::<B>(&ids, device));
+        let grads = lp.clone().sum().backward();
+        let h2 = tensor::<B, 2>(&x_values, [n, cols], device).require_grad();
+        let lp2 = fuserl_kernels::linear_logprobs(h2.clone(), dense, int_tensor::<B>(&ids, device));
+        let grads2 = lp2.clone().sum().backward();
+        let want1 = |t: Tensor<B::InnerBackend, 1>| data(t).iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+        close(&format!("{} head logp", t.name), &data(lp.inner()), &want1(lp2.inner()), 1e-5, 1e-5);
+        let dh = data(h.grad(&grads).expect("h's gradient"));
+        close(&format!("{} head d h", t.name), &dh, &want(h2.grad(&grads2).expect("dense head grad")), 1e-5, 1e-5);
+    }
+    assert!(seen >= 11, "every type of the fixture: {seen}");
+}
+
+#[test]
+fn quantised_weights_on_the_cpu() {
+    quant_suite::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
 #[test]
 fn cpu_reference_path_matches_the_oracle() {
     suite::<Autodiff<burn::backend::Flex>>(&Default::default());
@@ -258,6 +329,7 @@ mod wgpu {
         let device = device();
         suite::<Autodiff<Wgpu>>(&device);
         attention_suite::<Autodiff<Wgpu>>(&device);
+        quant_suite::<Autodiff<Wgpu>>(&device);
 
         // The kernels against the reference path, on the same device.
         let (n, v, h) = (300, 2_000, 16);

@@ -34,20 +34,25 @@ pub enum ConvertCommand {
     /// Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q8_K) into a Hugging Face checkpoint folder with
     /// config.json, safetensors, tokenizer and chat template.
     #[command(
-        after_help = "Example:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct"
+        after_help = "Examples:\n  fuserl convert gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct\n  fuserl convert gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf models/qwen-q4km --keep-quantized"
     )]
     Gguf {
         /// The GGUF file.
         input: PathBuf,
         /// The folder to write.
         output: PathBuf,
+        /// Keep the weights quantised: the folder holds the GGUF file itself (model.gguf) beside
+        /// config.json and the tokenizer. Every command loads it (dequantised); QLoRA trains on
+        /// its blocks as they are (`[target.lora] quantize_base = "gguf"`).
+        #[arg(long)]
+        keep_quantized: bool,
     },
 }
 
 pub fn convert(cmd: &ConvertCommand) -> anyhow::Result<()> {
     match cmd {
-        ConvertCommand::Gguf { input, output } => {
-            let config = fuserl_model::gguf::convert(input, output).map_err(model_error)?;
+        ConvertCommand::Gguf { input, output, keep_quantized } => {
+            let config = fuserl_model::gguf::convert_with(input, output, *keep_quantized).map_err(model_error)?;
             eprintln!(
                 "converted {} ({}, {} layers, vocab {}) -> {}",
                 Shown(input),

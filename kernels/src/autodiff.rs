@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 
-use crate::{AttentionMask, Chunks, LogProbBackend, Want};
+use crate::{AttentionMask, Chunks, LogProbBackend, QuantLayout, Want};
 
 #[derive(Debug)]
 struct TokenLogProbsBackward;
@@ -75,6 +75,41 @@ impl<B: LogProbBackend> Backward<B, 3> for AttentionBackward {
     }
 }
 
+#[derive(Debug)]
+struct QuantMatmulBackward;
+
+impl<B: LogProbBackend> Backward<B, 1> for QuantMatmulBackward {
+    /// The weight's blocks (the input itself is not needed: the weight is frozen).
+    type State = (IntTensor<B>, QuantLayout);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (words, layout) = ops.state;
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, B::quant_matmul_bwd(grad, words, layout));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct QuantLinearLogProbsBackward;
+
+impl<B: LogProbBackend> Backward<B, 1> for QuantLinearLogProbsBackward {
+    type State = (NodeId, IntTensor<B>, QuantLayout, IntTensor<B>, FloatTensor<B>, Chunks);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (h_id, words, layout, targets, stats, chunks) = ops.state;
+        if let Some(node) = parent {
+            let hidden: FloatTensor<B> = checkpointer.retrieve_node_output(h_id);
+            let dh = B::quant_linear_logprobs_bwd(hidden, words, layout, targets, stats, grad, chunks);
+            grads.register::<B>(node.id, dh);
+        }
+    }
+}
+
 impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C> {
     fn causal_attention(
         q: FloatTensor<Self>,
@@ -99,6 +134,40 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
 
     fn max_chunk_elems(device: &Self::Device) -> usize {
         B::max_chunk_elems(device)
+    }
+
+    fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        Self::from_inner(B::dequantize_blocks(words, layout))
+    }
+
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        match QuantMatmulBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::quant_matmul(x.primitive, words.clone(), layout);
+                prep.finish((words, layout), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(x.primitive, words, layout)),
+        }
+    }
+
+    fn quant_linear_logprobs(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> FloatTensor<Self> {
+        match QuantLinearLogProbsBackward.prepare::<C>([hidden.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let h_id = prep.checkpoint(&hidden);
+                let (logp, stats) =
+                    B::quant_linear_logprobs_fwd(hidden.primitive, words.clone(), layout, targets.clone(), chunks);
+                prep.finish((h_id, words, layout, targets, stats, chunks), logp)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::quant_linear_logprobs_fwd(hidden.primitive, words, layout, targets, chunks).0)
+            }
+        }
     }
 
     fn host_shards(device: &Self::Device) -> usize {

@@ -38,9 +38,12 @@ pub mod attention;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cube;
+pub mod quant;
+pub mod qweight;
 pub mod reference;
 
 pub use attention::AttentionMask;
+pub use qweight::{QuantLayout, dequantize, quant_linear_logprobs, quant_matmul};
 
 /// How the work is cut: `rows` tokens by `vocab` vocabulary entries at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +206,61 @@ pub trait LogProbBackend: Backend {
         (prim(dq), prim(dk), prim(dv))
     }
 
+    /// The f32 values `[rows, cols]` of a quantised weight's blocks `words [rows, row_words]`
+    /// ([`qweight`]); not differentiable (the weight is frozen). The default dequantises on the
+    /// host; cubecl backends run a kernel.
+    fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        qweight::dequantize_on_host::<Self>(words, layout)
+    }
+
+    /// `x [N, cols] W^T` for a quantised `W [rows, cols]` (entry point; differentiable in `x`
+    /// on `Autodiff`): `[N, rows]` in `x`'s dtype.
+    fn quant_matmul(x: FloatTensor<Self>, words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        qweight::matmul_fwd::<Self>(x, words, layout)
+    }
+
+    /// Backward of [`Self::quant_matmul`]: `grad [N, rows] W`, in `grad`'s dtype.
+    fn quant_matmul_bwd(grad: FloatTensor<Self>, words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        qweight::matmul_bwd::<Self>(grad, words, layout)
+    }
+
+    /// [`Self::linear_logprobs`] with a quantised head (entry point; differentiable in `hidden`
+    /// on `Autodiff`).
+    fn quant_linear_logprobs(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> FloatTensor<Self> {
+        Self::quant_linear_logprobs_fwd(hidden, words, layout, targets, chunks).0
+    }
+
+    /// Forward of [`Self::quant_linear_logprobs`]: `(logp [N], stats [2, N])`.
+    fn quant_linear_logprobs_fwd(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        qweight::logprobs_fwd::<Self>(&reference::Plain, hidden, (words, layout), targets, chunks)
+    }
+
+    /// Backward of [`Self::quant_linear_logprobs`]: the hidden states' gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn quant_linear_logprobs_bwd(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunks: Chunks,
+    ) -> FloatTensor<Self> {
+        qweight::logprobs_bwd::<Self>(&reference::Plain, hidden, (words, layout), targets, stats, grad, chunks)
+    }
+
     /// `tensor[ids[i]] += rows[i]` for `tensor [V, H]`, `ids [N]`, `rows [N, H]`, in the order
     /// of `ids`: Burn's `select_assign` with `Add`, which writes in place where the backend can.
     /// Not differentiable (it is for gradient buffers).
@@ -263,7 +321,7 @@ mod with_ops {
         prim(reference::token_bwd::<B>(ops, float(logits), int(targets), float(stats), float(grad)))
     }
 
-    pub fn linear_fwd<B: Backend>(
+    pub fn linear_fwd<B: crate::LogProbBackend>(
         ops: &impl RowOps<B>,
         hidden: FloatTensor<B>,
         weight: FloatTensor<B>,

@@ -6,6 +6,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{BasicOps, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
+use crate::qweight::QuantLayout;
 use crate::{Chunks, Want};
 
 /// Stands for minus infinity in the running maximum: finite, so that `exp(m - m')` never
@@ -152,30 +153,84 @@ pub fn token_bwd<B: Backend>(
     ops.grad(logits.cast(DType::F32), &targets, &stats, &g, 0).cast(dtype)
 }
 
-/// The f32 logits of rows `h` against vocabulary entries `c0..c1` of `weight`.
-fn chunk_logits<B: Backend>(h: &Tensor<B, 2>, weight: &Tensor<B, 2>, c0: usize, c1: usize) -> Tensor<B, 2> {
-    h.clone().matmul(weight.clone().narrow(0, c0, c1 - c0).transpose()).cast(DType::F32)
+/// The output projection of the fused log-prob: a weight `[V, H]` (which can get a gradient),
+/// or a frozen one kept in ggml blocks ([`crate::qweight`], QLoRA's base), dequantised one
+/// vocabulary chunk at a time.
+#[derive(Debug, Clone)]
+pub enum Head<B: Backend> {
+    /// A float weight `[V, H]`.
+    Dense(Tensor<B, 2>),
+    /// ggml blocks `[V, row_words]` of a `[V, H]` weight.
+    Quant(Tensor<B, 2, Int>, QuantLayout),
+}
+
+impl<B: crate::LogProbBackend> Head<B> {
+    /// `V`.
+    pub fn vocab(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.dims()[0],
+            Self::Quant(w, _) => w.dims()[0],
+        }
+    }
+
+    /// `H`.
+    pub fn hidden(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.dims()[1],
+            Self::Quant(_, layout) => layout.cols,
+        }
+    }
+
+    /// Vocabulary entries `c0..c1`: `[c1 - c0, H]`, a quantised head's in `dtype`.
+    pub fn rows(&self, c0: usize, c1: usize, dtype: DType) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => w.clone().narrow(0, c0, c1 - c0),
+            Self::Quant(w, layout) => crate::qweight::dequantize(w.clone().narrow(0, c0, c1 - c0), *layout).cast(dtype),
+        }
+    }
+}
+
+/// The f32 logits of rows `h` against a chunk `w [C, H]` of the head.
+fn chunk_logits<B: Backend>(h: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    h.clone().matmul(w.clone().transpose()).cast(DType::F32)
 }
 
 /// Forward of the fused projection + log-prob.
-pub fn linear_fwd<B: Backend>(
+pub fn linear_fwd<B: crate::LogProbBackend>(
     ops: &impl RowOps<B>,
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     chunks: Chunks,
 ) -> (Tensor<B, 1>, Tensor<B, 2>) {
-    let (n, v) = (hidden.dims()[0], weight.dims()[0]);
-    let device = hidden.device();
-    let (mut logps, mut lses) = (Vec::new(), Vec::new());
-    for (r0, r1) in row_ranges(n, chunks.rows) {
-        let h = rows_of(hidden.clone(), r0, r1);
-        let t = rows_of(targets.clone(), r0, r1);
-        let mut state = LseState::new(r1 - r0, &device);
-        for (c0, c1) in row_ranges(v, chunks.vocab) {
-            state = ops.update(state, chunk_logits(&h, &weight, c0, c1), &t, c0);
+    head_fwd(ops, hidden, &Head::Dense(weight), targets, chunks)
+}
+
+/// [`linear_fwd`] with any [`Head`].
+pub fn head_fwd<B: crate::LogProbBackend>(
+    ops: &impl RowOps<B>,
+    hidden: Tensor<B, 2>,
+    head: &Head<B>,
+    targets: Tensor<B, 1, Int>,
+    chunks: Chunks,
+) -> (Tensor<B, 1>, Tensor<B, 2>) {
+    let (n, v) = (hidden.dims()[0], head.vocab());
+    let (device, dtype) = (hidden.device(), hidden.dtype());
+    let row_chunks: Vec<_> = row_ranges(n, chunks.rows).collect();
+    let mut states: Vec<LseState<B>> = row_chunks.iter().map(|(r0, r1)| LseState::new(r1 - r0, &device)).collect();
+    let hs: Vec<_> = row_chunks.iter().map(|&(r0, r1)| rows_of(hidden.clone(), r0, r1)).collect();
+    let ts: Vec<_> = row_chunks.iter().map(|&(r0, r1)| rows_of(targets.clone(), r0, r1)).collect();
+    // Vocabulary chunks outside: a quantised head's chunk is dequantised once.
+    for (c0, c1) in row_ranges(v, chunks.vocab) {
+        let w = head.rows(c0, c1, dtype);
+        for ((state, h), t) in states.iter_mut().zip(&hs).zip(&ts) {
+            let s = std::mem::replace(state, LseState::new(0, &device));
+            *state = ops.update(s, chunk_logits(h, &w), t, c0);
         }
-        let (logp, lse) = state.finish(&t);
+    }
+    let (mut logps, mut lses) = (Vec::new(), Vec::new());
+    for (state, t) in states.into_iter().zip(&ts) {
+        let (logp, lse) = state.finish(t);
         logps.push(logp);
         lses.push(lse);
     }
@@ -195,7 +250,22 @@ pub fn linear_bwd<B: crate::LogProbBackend>(
     chunks: Chunks,
     want: Want,
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
-    let (n, [v, h_dim]) = (hidden.dims()[0], weight.dims());
+    let dtype = weight.dtype();
+    let (dh, dw) = head_bwd(ops, (hidden, &Head::Dense(weight), targets), stats, grad, chunks, want);
+    (dh, dw.map(|dw| dw.cast(dtype)))
+}
+
+/// [`linear_bwd`] with any [`Head`]; the weight's gradient (f32) only for a dense head.
+pub fn head_bwd<B: crate::LogProbBackend>(
+    ops: &impl RowOps<B>,
+    (hidden, head, targets): (Tensor<B, 2>, &Head<B>, Tensor<B, 1, Int>),
+    stats: Tensor<B, 2>,
+    grad: Tensor<B, 1>,
+    chunks: Chunks,
+    want: Want,
+) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
+    let (n, v, h_dim) = (hidden.dims()[0], head.vocab(), head.hidden());
+    let want_weight = want.weight && matches!(head, Head::Dense(_));
     let g = masked_grad(grad, &targets);
     let rows: Vec<_> = row_ranges(n, chunks.rows)
         .map(|(r0, r1)| {
@@ -207,12 +277,12 @@ pub fn linear_bwd<B: crate::LogProbBackend>(
     let mut dh: Vec<Option<Tensor<B, 2>>> = vec![None; rows.len()];
     // Each vocabulary chunk's rows are written into one buffer (no list of chunks to
     // concatenate, no second copy for the one-hot term, which each chunk's gradient holds).
-    let mut dw = want.weight.then(|| Tensor::<B, 2>::zeros([v, h_dim], (&hidden.device(), DType::F32)));
+    let mut dw = want_weight.then(|| Tensor::<B, 2>::zeros([v, h_dim], (&hidden.device(), DType::F32)));
     for (c0, c1) in row_ranges(v, chunks.vocab) {
-        let w = weight.clone().narrow(0, c0, c1 - c0);
+        let w = head.rows(c0, c1, hidden.dtype());
         let mut dw_c: Option<Tensor<B, 2>> = None;
         for ((h, st, gr, tg), dh_r) in rows.iter().zip(dh.iter_mut()) {
-            let gl = ops.grad(chunk_logits(h, &weight, c0, c1), tg, st, gr, c0).cast(hidden.dtype());
+            let gl = ops.grad(chunk_logits(h, &w), tg, st, gr, c0).cast(hidden.dtype());
             if want.hidden {
                 let part = gl.clone().matmul(w.clone()).cast(DType::F32);
                 *dh_r = Some(match dh_r.take() {
@@ -220,7 +290,7 @@ pub fn linear_bwd<B: crate::LogProbBackend>(
                     None => part,
                 });
             }
-            if want.weight {
+            if want_weight {
                 let part = gl.transpose().matmul(h.clone()).cast(DType::F32);
                 dw_c = Some(match dw_c {
                     Some(acc) => acc + part,
@@ -234,5 +304,5 @@ pub fn linear_bwd<B: crate::LogProbBackend>(
         }
     }
     let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
-    (dh, dw.map(|dw| dw.cast(weight.dtype())))
+    (dh, dw)
 }

@@ -23,9 +23,11 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::config::{Activation, LlamaConfig};
 use crate::error::{ModelError, Result};
-use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, RmsNorm};
+use crate::llama::{Attention, DecoderLayer, Linear, Llama, LlamaModel, Mlp, QuantWeight, RmsNorm};
+use crate::quant::GgmlType;
 use fuserl_core::paths::Shown;
 use fuserl_io::fs::{write_atomic, write_atomic_with};
+use fuserl_kernels::{LogProbBackend, QuantLayout};
 
 /// Files besides the weights that describe a checkpoint (copied when a model is saved).
 pub const SIDE_FILES: [&str; 6] = [
@@ -175,6 +177,64 @@ impl TensorStore {
     }
 }
 
+/// The name of a checkpoint folder's GGUF weights (`fuserl convert FILE.gguf DIR
+/// --keep-quantized`): read in place of safetensors when the folder has none.
+pub const GGUF_FILE: &str = "model.gguf";
+
+/// Block-quantised tensors by checkpoint name: their layout, rows and blocks (row after row).
+#[derive(Default, Debug)]
+pub struct QuantBlocks(HashMap<String, (QuantLayout, usize, Vec<u8>)>);
+
+impl QuantBlocks {
+    /// Add a tensor of `rows` rows.
+    pub fn insert(&mut self, name: impl Into<String>, layout: QuantLayout, rows: usize, bytes: Vec<u8>) {
+        self.0.insert(name.into(), (layout, rows, bytes));
+    }
+
+    /// Remove and return `name`, if present.
+    pub fn take(&mut self, name: &str) -> Option<(QuantLayout, usize, Vec<u8>)> {
+        self.0.remove(name)
+    }
+
+    /// Names left.
+    pub fn names(&self) -> Vec<&String> {
+        let mut n: Vec<&String> = self.0.keys().collect();
+        n.sort();
+        n
+    }
+}
+
+/// How a model's frozen base is kept in memory (QLoRA: `[target.lora] quantize_base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseQuant {
+    /// Floats in the dtype asked for.
+    #[default]
+    None,
+    /// The blocks of the folder's GGUF file ([`GGUF_FILE`]) as they are: every weight it holds
+    /// block-quantised (the decoder's linear layers, the embeddings, the head) stays so.
+    Gguf,
+    /// The decoder's linear weights quantised at load to this type (the embeddings and the head
+    /// stay floats, as bitsandbytes leaves them); rows that are not whole 256-value super-blocks
+    /// take llama.cpp's fallback (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0).
+    To(GgmlType),
+}
+
+impl BaseQuant {
+    /// The type a row of `cols` values is quantised to for `ty` (llama.cpp's fallback when a
+    /// K-quant's 256-value super-blocks do not divide it).
+    pub fn row_type(ty: GgmlType, cols: usize) -> GgmlType {
+        let (block, _) = ty.block();
+        if cols.is_multiple_of(block) {
+            return ty;
+        }
+        match ty {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            _ => GgmlType::Q8_0,
+        }
+    }
+}
+
 /// `values` (`rows x cols`, row-major) transposed, in 32 x 32 tiles: a row-by-row loop writes a
 /// column of the output, one cache line per value (a quarter of a model's load time).
 pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -198,6 +258,10 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 struct Builder<'a, B: Backend> {
     store: TensorStore,
+    /// Weights kept in their GGUF blocks.
+    blocks: QuantBlocks,
+    /// The type the decoder's linear weights are quantised to at load, if any.
+    quantize: Option<GgmlType>,
     dir: &'a Path,
     device: &'a B::Device,
     dtype: DType,
@@ -213,11 +277,43 @@ impl<B: Backend> Builder<'_, B> {
         Ok(self.tensor(v, [n]))
     }
 
+    /// `name` (`[rows, cols]`) as its GGUF blocks, if they were kept.
+    fn blocks(&mut self, name: &str, rows: usize, cols: usize) -> Result<Option<QuantWeight<B>>> {
+        let Some((layout, got, bytes)) = self.blocks.take(name) else { return Ok(None) };
+        if got != rows || layout.cols != cols {
+            return Err(ModelError::format(
+                self.dir,
+                format!("tensor `{name}` has shape [{got}, {}]; the config implies [{rows}, {cols}]", layout.cols),
+            ));
+        }
+        Ok(Some(QuantWeight::new(layout, &bytes, self.device)))
+    }
+
+    fn empty<const D: usize>(&self, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        Param::from_tensor(Tensor::zeros(shape, (self.device, self.dtype)))
+    }
+
     fn linear(&mut self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
-        let w = self.store.take(&format!("{prefix}.weight"), &[out, inp], self.dir)?;
-        let weight = self.tensor(transpose(&w, out, inp), [inp, out]);
+        let name = format!("{prefix}.weight");
+        let mut quant = self.blocks(&name, out, inp)?;
+        let quantize = self.quantize.filter(|_| quant.is_none() && prefix != "lm_head");
+        let weight = match quantize {
+            _ if quant.is_some() => self.empty([0, 0]),
+            Some(ty) => {
+                let w = self.store.take(&name, &[out, inp], self.dir)?;
+                let ty = BaseQuant::row_type(ty, inp);
+                let layout =
+                    QuantLayout::new(ty, inp).map_err(|m| ModelError::format(self.dir, format!("`{name}`: {m}")))?;
+                quant = Some(QuantWeight::new(layout, &crate::quantize::quantize_parallel(ty, &w), self.device));
+                self.empty([0, 0])
+            }
+            None => {
+                let w = self.store.take(&name, &[out, inp], self.dir)?;
+                self.tensor(transpose(&w, out, inp), [inp, out])
+            }
+        };
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
-        Ok(Linear { weight, bias, lora: None })
+        Ok(Linear { weight, bias, lora: None, quant })
     }
 
     fn norm(&mut self, name: &str, n: usize, c: &LlamaConfig) -> Result<RmsNorm<B>> {
@@ -233,11 +329,28 @@ pub fn build_model<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> Result<LlamaModel<B>> {
+    build_quantized(config, (store, QuantBlocks::default()), None, dir, (device, dtype))
+}
+
+/// [`build_model`] with weights kept in their GGUF `blocks`, and the decoder's other linear
+/// weights quantised to `quantize` (QLoRA's base; [`BaseQuant`]).
+pub fn build_quantized<B: Backend>(
+    config: LlamaConfig,
+    (store, blocks): (TensorStore, QuantBlocks),
+    quantize: Option<GgmlType>,
+    dir: &Path,
+    (device, dtype): (&B::Device, DType),
+) -> Result<LlamaModel<B>> {
     let c = &config;
-    let mut b = Builder::<B> { store, dir, device, dtype };
+    let mut b = Builder::<B> { store, blocks, quantize, dir, device, dtype };
     let (h, q_out, kv_out) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    let embed = b.store.take("model.embed_tokens.weight", &[c.vocab_size, h], dir)?;
-    let embed_tokens = b.tensor(embed, [c.vocab_size, h]);
+    let embed_quant = b.blocks("model.embed_tokens.weight", c.vocab_size, h)?;
+    let embed_tokens = if embed_quant.is_some() {
+        b.empty([0, h])
+    } else {
+        let embed = b.store.take("model.embed_tokens.weight", &[c.vocab_size, h], dir)?;
+        b.tensor(embed, [c.vocab_size, h])
+    };
     let mut layers = Vec::with_capacity(c.num_layers);
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
@@ -277,16 +390,18 @@ pub fn build_model<B: Backend>(
         // Some tied checkpoints still carry a copy of the head; it must equal the embeddings'
         // shape, and is not used.
         b.store.take_optional("lm_head.weight", &[c.vocab_size, h], dir)?;
+        b.blocks.take("lm_head.weight");
         None
     } else {
         Some(b.linear("lm_head", h, c.vocab_size, false)?)
     };
-    let leftover: Vec<String> =
+    let mut leftover: Vec<String> =
         b.store.names().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).cloned().collect();
+    leftover.extend(b.blocks.names().into_iter().cloned());
     if !leftover.is_empty() {
         tracing::warn!(dir = %Shown(dir), unused = %leftover.join(", "), "checkpoint tensors the model does not use");
     }
-    Ok(LlamaModel { config, weights: Llama { embed_tokens, layers, norm, lm_head }, dtype })
+    Ok(LlamaModel { config, weights: Llama { embed_tokens, embed_quant, layers, norm, lm_head }, dtype })
 }
 
 /// Whether `dir` holds a model: a Hugging Face checkpoint (`config.json`) or a PEFT adapter folder.
@@ -323,9 +438,16 @@ pub fn config_file(dir: &Path) -> Result<PathBuf> {
 /// its base (`base_model_name_or_path`): the base's weights in `dtype`, the adapters in f32 (the
 /// trainer freezes the base and trains them).
 pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
+    load_with(dir, device, dtype, BaseQuant::None)
+}
+
+/// [`load`] with the weights kept as `quant` says (QLoRA's base). A folder holding
+/// [`GGUF_FILE`] and no safetensors is read from it (dequantised, unless `quant` keeps its
+/// blocks).
+pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant: BaseQuant) -> Result<LlamaModel<B>> {
     if crate::lora::is_adapter_dir(dir) {
         let adapter = crate::lora::read_adapter_config(dir)?;
-        let mut model = load::<B>(&adapter.base, device, dtype)?;
+        let mut model = load_with::<B>(&adapter.base, device, dtype, quant)?;
         let json = crate::config::read_json(&adapter.base.join("config.json"))?;
         let multimodal = crate::gemma3::is_multimodal(&json);
         crate::lora::apply_adapter_dir(&mut model.weights, dir, &adapter, multimodal, DType::F32)?;
@@ -335,12 +457,36 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<
     let config_file = config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let config = LlamaConfig::from_json(&json, &config_file)?;
-    let mut store = TensorStore::read_dir(dir)?;
-    if crate::gemma3::is_multimodal(&json) {
-        store.rename(crate::gemma3::text_tensor_name);
+    let gguf = dir.join(GGUF_FILE);
+    let from_gguf = gguf.is_file()
+        && !dir.join("model.safetensors").is_file()
+        && !dir.join("model.safetensors.index.json").is_file();
+    if quant == BaseQuant::Gguf && !from_gguf {
+        return Err(ModelError::format(
+            dir,
+            format!(
+                "quantize_base = \"gguf\" keeps the blocks of the folder's {GGUF_FILE}, and it has none (write one \
+                 with `fuserl convert FILE.gguf DIR --keep-quantized`); a safetensors checkpoint is quantised at \
+                 load with quantize_base = \"q4_k\" (or q5_k, q6_k, q8_0)"
+            ),
+        ));
     }
     let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();
-    let model = build_model(config, store, dir, device, dtype)?;
+    let tensors = if from_gguf {
+        let g = crate::gguf::Gguf::read(&gguf)?;
+        crate::gguf::tensors(&g, &config, quant == BaseQuant::Gguf)?
+    } else {
+        let mut store = TensorStore::read_dir(dir)?;
+        if crate::gemma3::is_multimodal(&json) {
+            store.rename(crate::gemma3::text_tensor_name);
+        }
+        (store, QuantBlocks::default())
+    };
+    let quantize = match quant {
+        BaseQuant::To(ty) => Some(ty),
+        _ => None,
+    };
+    let model = build_quantized(config, tensors, quantize, dir, (device, dtype))?;
     tracing::info!(architecture = %model.config.architecture, layers = model.config.num_layers, "loaded checkpoint");
     Ok(model)
 }
@@ -350,17 +496,25 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// The model's tensors under their checkpoint names, as f32 `[out, in]` like the checkpoint.
-pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, HostTensor> {
+pub fn named_tensors<B: LogProbBackend>(model: &LlamaModel<B>) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     let w = &model.weights;
     let linear = |out: &mut BTreeMap<String, HostTensor>, prefix: String, l: &Linear<B>| {
-        let [inp, o] = l.weight.val().dims();
-        out.insert(format!("{prefix}.weight"), (vec![o, inp], transpose(&host(l.weight.val()), inp, o)));
+        let [inp, o] = l.dims();
+        let w = match &l.quant {
+            Some(q) => host(q.dequantized()),
+            None => transpose(&host(l.weight.val()), inp, o),
+        };
+        out.insert(format!("{prefix}.weight"), (vec![o, inp], w));
         if let Some(b) = &l.bias {
             out.insert(format!("{prefix}.bias"), (vec![o], host(b.val())));
         }
     };
-    out.insert("model.embed_tokens.weight".into(), (w.embed_tokens.val().dims().to_vec(), host(w.embed_tokens.val())));
+    let embed = match &w.embed_quant {
+        Some(q) => (q.dims().to_vec(), host(q.dequantized())),
+        None => (w.embed_tokens.val().dims().to_vec(), host(w.embed_tokens.val())),
+    };
+    out.insert("model.embed_tokens.weight".into(), embed);
     for (l, layer) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
         let a = &layer.self_attn;
@@ -393,7 +547,7 @@ pub fn named_tensors<B: Backend>(model: &LlamaModel<B>) -> BTreeMap<String, Host
 /// Save `model` as a Hugging Face checkpoint in `dir`: config.json, f32 safetensors (sharded
 /// above `max_shard_bytes`, with an index), and the side files (tokenizer, template) copied
 /// from `side_files_from` when given.
-pub fn save<B: Backend>(
+pub fn save<B: LogProbBackend>(
     model: &LlamaModel<B>,
     dir: &Path,
     max_shard_bytes: usize,
@@ -403,7 +557,7 @@ pub fn save<B: Backend>(
 }
 
 /// Like [`save`], with the weights written as `dtype` (F32, F16 or BF16).
-pub fn save_as<B: Backend>(
+pub fn save_as<B: LogProbBackend>(
     model: &LlamaModel<B>,
     dir: &Path,
     max_shard_bytes: usize,

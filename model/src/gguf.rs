@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 
 use fuserl_io::fs::write_atomic;
 
-use crate::checkpoint::TensorStore;
+use crate::checkpoint::{QuantBlocks, TensorStore};
 use crate::config::{Architecture, LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::quant::GgmlType;
+use fuserl_kernels::QuantLayout;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -268,6 +269,15 @@ impl Gguf {
     /// Dequantise one tensor to f32, in row-major order of its Hugging Face shape (the ggml dims
     /// reversed).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
+        let (ty, raw) = self.raw(t)?;
+        let (block, _) = ty.block();
+        let mut out = Vec::with_capacity(raw.len() / ty.block().1 * block);
+        ty.dequantize(raw, &mut out);
+        Ok(out)
+    }
+
+    /// One tensor's type and bytes (whole rows of whole blocks), checked against the file.
+    pub fn raw(&self, t: &TensorInfo) -> Result<(GgmlType, &[u8])> {
         let ty = GgmlType::from_code(t.ggml_type).ok_or_else(|| {
             ModelError::format(
                 &self.file,
@@ -322,9 +332,7 @@ impl Gguf {
                     ),
                 )
             })?;
-        let mut out = Vec::with_capacity(n);
-        ty.dequantize(raw, &mut out);
-        Ok(out)
+        Ok((ty, raw))
     }
 }
 
@@ -349,10 +357,10 @@ pub fn permute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f
 
 /// Undo llama.cpp's permutation of Q/K rows: view `[n_head, 2, head_dim/2, cols]` was written as
 /// `[n_head, head_dim/2, 2, cols]`.
-pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+pub fn unpermute_rows<T: Copy + Default>(w: &[T], n_head: usize, rows: usize, cols: usize) -> Vec<T> {
     let hd = rows / n_head;
     let half = hd / 2;
-    let mut out = vec![0.0; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
@@ -428,9 +436,78 @@ pub fn gguf_name(name: &str, gemma: bool) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
+/// The tensors of `g` under their Hugging Face names, as the model of `config` (read from `g`)
+/// expects them: llama.cpp's row permutation of Llama's Q and K undone, Gemma's norms without
+/// their added 1. With `keep_blocks`, the block-quantised weights of linear layers, the
+/// embeddings and the head are left in their blocks (rows permuted back as whole rows of
+/// blocks) and returned apart; everything else is dequantised into the store.
+pub fn tensors(g: &Gguf, config: &LlamaConfig, keep_blocks: bool) -> Result<(TensorStore, QuantBlocks)> {
+    let input = &g.file;
+    let gemma = config.gemma_norms;
+    let llama = config.architecture == Architecture::Llama;
+    let mut store = TensorStore::default();
+    let mut blocks = QuantBlocks::default();
+    for t in &g.tensors {
+        let Some(name) = hf_name(&t.name, gemma) else {
+            if t.name == "rope_freqs.weight" {
+                return Err(ModelError::Unsupported {
+                    file: input.to_path_buf(),
+                    what: "GGUF tensor `rope_freqs.weight` (llama3 RoPE factors)".into(),
+                });
+            }
+            tracing::warn!(tensor = %t.name, "skipping a GGUF tensor with no Hugging Face counterpart");
+            continue;
+        };
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        // llama.cpp permutes Q and K rows of Llama models for its RoPE layout (not Qwen2's), and
+        // their biases (one value a row).
+        let heads = if !llama || shape.is_empty() {
+            None
+        } else if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+            Some(config.num_heads)
+        } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        let keepable =
+            name.ends_with("_proj.weight") || name == "model.embed_tokens.weight" || name == "lm_head.weight";
+        if keep_blocks && keepable && shape.len() == 2 {
+            let (ty, raw) = g.raw(t)?;
+            if let Ok(layout) = QuantLayout::new(ty, shape[1]) {
+                let rb = layout.row_bytes();
+                let bytes = match heads {
+                    Some(n) => unpermute_rows(raw, n, shape[0], rb),
+                    None => raw.to_vec(),
+                };
+                blocks.insert(name, layout, shape[0], bytes);
+                continue;
+            }
+        }
+        let mut values = g.dequantize(t)?;
+        if let Some(n) = heads {
+            values = unpermute_rows(&values, n, shape[0], shape.get(1).copied().unwrap_or(1));
+        }
+        // llama.cpp stores Gemma's norm weights with the 1 of `1 + weight` added.
+        if gemma && name.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v -= 1.0);
+        }
+        store.insert(name, shape, values, input);
+    }
+    Ok((store, blocks))
+}
+
 /// Convert a GGUF file into a Hugging Face checkpoint folder `out` (written atomically file by
 /// file; the folder is created). Returns the resolved config.
 pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
+    convert_with(input, out, false)
+}
+
+/// [`convert`], or with `keep_quantized` a folder whose weights are the GGUF file itself
+/// (copied in as [`crate::checkpoint::GGUF_FILE`] beside config.json and the tokenizer): loaded
+/// dequantised by every command, or kept in its blocks by QLoRA (`[target.lora] quantize_base
+/// = "gguf"`).
+pub fn convert_with(input: &Path, out: &Path, keep_quantized: bool) -> Result<LlamaConfig> {
     let g = Gguf::read(input)?;
     let arch = g.meta.get("general.architecture").and_then(Meta::as_str).unwrap_or("");
     let architecture = match arch {
@@ -525,35 +602,26 @@ pub fn convert(input: &Path, out: &Path) -> Result<LlamaConfig> {
     // The tokenizer first: a vocabulary this crate cannot rebuild fails before the slow part.
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     write_tokenizer(&g, out)?;
-    let mut store = TensorStore::default();
-    for t in &g.tensors {
-        let Some(name) = hf_name(&t.name, gemma) else {
-            if t.name == "rope_freqs.weight" {
-                return Err(ModelError::Unsupported {
-                    file: input.to_path_buf(),
-                    what: "GGUF tensor `rope_freqs.weight` (llama3 RoPE factors)".into(),
-                });
-            }
-            tracing::warn!(tensor = %t.name, "skipping a GGUF tensor with no Hugging Face counterpart");
-            continue;
-        };
-        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        let mut values = g.dequantize(t)?;
-        // llama.cpp permutes Q and K rows of Llama models for its RoPE layout (not Qwen2's), and
-        // their biases (one value a row).
-        if arch == "llama" && !shape.is_empty() {
-            let cols = shape.get(1).copied().unwrap_or(1);
-            if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
-                values = unpermute_rows(&values, n_head, shape[0], cols);
-            } else if name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias") {
-                values = unpermute_rows(&values, n_kv, shape[0], cols);
-            }
-        }
-        // llama.cpp stores Gemma's norm weights with the 1 of `1 + weight` added.
-        if gemma && name.ends_with("norm.weight") {
-            values.iter_mut().for_each(|v| *v -= 1.0);
-        }
-        store.insert(name, shape, values, input);
+    let (store, blocks) = tensors(&g, &config, keep_quantized)?;
+    if keep_quantized {
+        // Built once on the CPU with its blocks (every tensor there, with the right shape).
+        crate::checkpoint::build_quantized::<crate::Cpu>(
+            config.clone(),
+            (store, blocks),
+            None,
+            input,
+            (&Default::default(), burn::tensor::DType::F32),
+        )?;
+        drop(g);
+        let file = out.join(crate::checkpoint::GGUF_FILE);
+        // A hard link where the file system allows (no second copy on disk), else a copy.
+        fuserl_io::fs::write_atomic_with(&file, |tmp| {
+            std::fs::hard_link(input, tmp).or_else(|_| std::fs::copy(input, tmp).map(|_| ()))
+        })?;
+        let json =
+            serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::format(out, e.to_string()))?;
+        write_atomic(&out.join("config.json"), json.as_bytes())?;
+        return Ok(config);
     }
     // Build the model once on the CPU to check every tensor is there with the right shape, then
     // save it like any checkpoint.

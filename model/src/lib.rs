@@ -26,7 +26,7 @@ pub mod hf_config;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;
-pub mod quant;
+pub use fuserl_kernels::quant;
 pub mod quantize;
 
 pub use error::{ModelError, Result};

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
-use fuserl_kernels::LogProbBackend;
+use fuserl_kernels::{LogProbBackend, QuantLayout};
 
 /// `t` in `dtype`: a cast (differentiable: its gradient comes back in `t`'s dtype) when the
 /// dtypes differ, `t` itself otherwise. How weights kept in f32 (the trainer's master weights,
@@ -21,29 +21,93 @@ pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Te
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
+/// A frozen weight kept in ggml's blocks (QLoRA's base: `[target.lora] quantize_base`),
+/// `[rows, cols]` as in the checkpoint (`[out, in]` for a linear layer, `[vocab, hidden]` for
+/// the embeddings), dequantised a chunk of rows at a time where it is used
+/// ([`fuserl_kernels::qweight`]).
+#[derive(Module, Debug)]
+pub struct QuantWeight<B: Backend> {
+    /// The blocks, `[rows, row_words]`.
+    pub words: Param<Tensor<B, 2, Int>>,
+    /// Their type and row length.
+    #[module(skip)]
+    pub layout: QuantLayout,
+}
+
+impl<B: Backend> QuantWeight<B> {
+    /// The blocks `bytes` (whole rows of `layout`) put on `device`.
+    pub fn new(layout: QuantLayout, bytes: &[u8], device: &B::Device) -> Self {
+        let words = fuserl_kernels::qweight::upload(layout, bytes, device);
+        Self { words: Param::initialized(burn::module::ParamId::new(), words), layout }
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.words.val().dims()[0], self.layout.cols]
+    }
+
+    /// Bytes the blocks take on the device.
+    pub fn bytes(&self) -> usize {
+        self.words.val().dims()[0] * self.layout.row_words() * 4
+    }
+}
+
+impl<B: LogProbBackend> QuantWeight<B> {
+    /// The f32 values `[rows, cols]`.
+    pub fn dequantized(&self) -> Tensor<B, 2> {
+        fuserl_kernels::dequantize(self.words.val(), self.layout)
+    }
+}
+
 /// `y = x W + b`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[in, out]`.
+    /// `[in, out]`; empty (`[0, 0]`) when the weight is kept quantised in `quant`.
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA adapter (`[target.lora]`, or an adapter folder): `+ s (x A) B`.
     pub lora: Option<crate::lora::Lora<B>>,
+    /// The frozen weight in ggml blocks (`[out, in]`) instead of `weight` (QLoRA).
+    pub quant: Option<QuantWeight<B>>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.quant {
+            Some(q) => {
+                let [rows, cols] = q.dims();
+                [cols, rows]
+            }
+            None => self.weight.val().dims(),
+        }
+    }
+}
+
+impl<B: LogProbBackend> Linear<B> {
+    /// The weight `[in, out]`: a quantised one dequantised (f32), else as it is kept.
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.quant {
+            Some(q) => q.dequantized().transpose(),
+            None => self.weight.val(),
+        }
+    }
+
     /// # Shapes
     /// `x: [batch, seq, in]` -> `[batch, seq, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, i] = x.dims();
         let dtype = x.dtype();
-        let w = in_dtype(self.weight.val(), dtype);
-        let out = w.dims()[1];
+        let out = self.dims()[1];
         let x = x.reshape([b * t, i]);
+        let base = match &self.quant {
+            Some(q) => fuserl_kernels::quant_matmul(x.clone(), q.words.val(), q.layout),
+            None => x.clone().matmul(in_dtype(self.weight.val(), dtype)),
+        };
         let y = match &self.lora {
-            Some(lora) => x.clone().matmul(w) + lora.forward(x),
-            None => x.matmul(w),
+            Some(lora) => base + lora.forward(x),
+            None => base,
         };
         let y = match &self.bias {
             Some(bias) => y + in_dtype(bias.val(), dtype).unsqueeze_dim(0),
@@ -256,7 +320,7 @@ pub struct Mlp<B: Backend> {
     pub gelu_tanh: bool,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: LogProbBackend> Mlp<B> {
     /// # Shapes
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -329,6 +393,9 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// `[hidden, vocab]`, absent when tied to the embeddings.
     pub lm_head: Option<Linear<B>>,
+    /// The embeddings in ggml blocks (`[vocab, hidden]`) instead of `embed_tokens`, which is then
+    /// empty (`[0, hidden]`; QLoRA on a GGUF base).
+    pub embed_quant: Option<QuantWeight<B>>,
     /// `[vocab, hidden]`.
     pub embed_tokens: Param<Tensor<B, 2>>,
 }
@@ -451,7 +518,14 @@ impl<B: LogProbBackend> LlamaModel<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [b * t]), &self.device());
         // In the embeddings' dtype: the residual stream's (f32 master weights under mixed
         // precision; each layer casts what it computes with to the compute dtype).
-        let x = self.weights.embed_tokens.val().select(0, ids).reshape([b, t, self.config.hidden_size]);
+        let x = match &self.weights.embed_quant {
+            Some(q) => {
+                let rows = fuserl_kernels::dequantize(q.words.val().select(0, ids), q.layout);
+                rows.cast(self.weights.embed_tokens.val().dtype())
+            }
+            None => self.weights.embed_tokens.val().select(0, ids),
+        };
+        let x = x.reshape([b, t, self.config.hidden_size]);
         if self.config.gemma_norms {
             // Gemma: times sqrt(hidden) rounded to the weights' dtype, as transformers does.
             x.mul_scalar((self.config.hidden_size as f64).sqrt())
@@ -512,6 +586,11 @@ impl<B: LogProbBackend> LlamaModel<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, h] = hidden.dims();
+                if let Some(q) = &self.weights.embed_quant {
+                    let v = q.dims()[0];
+                    let x = hidden.reshape([b * t, h]);
+                    return fuserl_kernels::quant_matmul(x, q.words.val(), q.layout).reshape([b, t, v]);
+                }
                 let w = in_dtype(self.weights.embed_tokens.val(), hidden.dtype());
                 let v = w.dims()[0];
                 hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])

@@ -4,7 +4,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use fuserl_core::backend::LogProbPath;
-use fuserl_kernels::{LogProbBackend, linear_logprobs};
+use fuserl_kernels::{LogProbBackend, linear_logprobs, quant_linear_logprobs};
 
 use crate::error::{ModelError, Result};
 use crate::llama::{Inputs, LlamaModel};
@@ -27,6 +27,15 @@ pub fn hidden_logprobs<B: LogProbBackend>(
     let [b, t, h] = hidden.dims();
     let head = model.weights.lm_head.as_ref();
     if path == LogProbPath::Fused && head.is_none_or(|l| l.bias.is_none()) {
+        // A quantised head (QLoRA's base) is dequantised a vocabulary chunk at a time.
+        let quant = match head {
+            Some(linear) => linear.quant.as_ref(),
+            None => model.weights.embed_quant.as_ref(),
+        };
+        if let Some(q) = quant {
+            let (flat, ids) = (hidden.reshape([b * t, h]), targets.reshape([b * t]));
+            return quant_linear_logprobs(flat, q.words.val(), q.layout, ids).reshape([b, t]);
+        }
         let weight = match head {
             Some(linear) => linear.weight.val().transpose(),
             None => model.weights.embed_tokens.val(),

@@ -23,6 +23,7 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 use crate::llama::{Linear, Llama, LlamaModel, in_dtype};
 use fuserl_io::fs::{write_atomic, write_atomic_with};
+use fuserl_kernels::LogProbBackend;
 
 /// The linear layers an adapter can sit on, by PEFT's names, in the order of a decoder layer.
 pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -180,7 +181,7 @@ pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u
         if linear.lora.is_some() || !spec.targets.iter().any(|t| t == name) {
             continue;
         }
-        let [inp, out] = linear.weight.val().dims();
+        let [inp, out] = linear.dims();
         // kaiming_uniform_(a = sqrt(5)) on PEFT's [r, in] weight: gain sqrt(2 / (1 + 5)), bound
         // gain * sqrt(3 / fan_in) = 1 / sqrt(in).
         let bound = 1.0 / (inp as f64).sqrt();
@@ -199,12 +200,13 @@ pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u
 /// The model with its adapters merged into the linear layers' weights (`W + s A B`, computed in
 /// f32; those weights are f32 afterwards) and removed. Weights without an adapter are kept as
 /// they are.
-pub fn merged<B: Backend>(mut weights: Llama<B>) -> Llama<B> {
+pub fn merged<B: LogProbBackend>(mut weights: Llama<B>) -> Llama<B> {
     for (_, _, linear) in linears_mut(&mut weights) {
         if let Some(lora) = linear.lora.take() {
             let delta = lora.a.val().cast(DType::F32).matmul(lora.b.val().cast(DType::F32)).mul_scalar(lora.scale);
-            let w = linear.weight.val().cast(DType::F32) + delta;
+            let w = linear.dense_weight().cast(DType::F32) + delta;
             linear.weight = Param::from_tensor(w.detach());
+            linear.quant = None;
         }
     }
     weights
@@ -376,7 +378,7 @@ pub fn apply_adapter_dir<B: Backend>(
             }
             continue;
         };
-        let [inp, out] = linear.weight.val().dims();
+        let [inp, out] = linear.dims();
         let shaped = |t: Option<(Vec<usize>, Vec<f32>)>, which: &str, want: [usize; 2]| -> Result<Vec<f32>> {
             match t {
                 Some((shape, values)) if shape == want => Ok(values),

@@ -86,6 +86,45 @@ pub struct LoraConfig {
     /// rsLoRA: scale by `alpha / sqrt(r)`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// QLoRA: keep the frozen base quantised in memory, dequantised a layer at a time where it
+    /// is used. Absent: the base in the compute dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<QuantizeBase>,
+}
+
+/// `[target.lora] quantize_base`: how QLoRA keeps the frozen base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuantizeBase {
+    /// The blocks of the target folder's `model.gguf` as they are (`fuserl convert FILE.gguf
+    /// DIR --keep-quantized`): its linear layers, embeddings and head stay in their GGUF types.
+    #[serde(rename = "gguf")]
+    Gguf,
+    /// The decoder's linear layers quantised at load to Q4_K (4.5 bits a weight; rows that are
+    /// not whole 256-value super-blocks to Q5_0, as llama.cpp does).
+    #[serde(rename = "q4_k")]
+    Q4K,
+    /// ... to Q5_K (5.5 bits; Q5_1 for other rows).
+    #[serde(rename = "q5_k")]
+    Q5K,
+    /// ... to Q6_K (6.6 bits; Q8_0 for other rows).
+    #[serde(rename = "q6_k")]
+    Q6K,
+    /// ... to Q8_0 (8.5 bits).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl QuantizeBase {
+    /// The name as recipes spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gguf => "gguf",
+            Self::Q4K => "q4_k",
+            Self::Q5K => "q5_k",
+            Self::Q6K => "q6_k",
+            Self::Q8_0 => "q8_0",
+        }
+    }
 }
 
 fn default_lora_r() -> u32 {

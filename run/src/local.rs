@@ -159,7 +159,8 @@ pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
     let safetensors = |dir: &Path| -> std::io::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            // The weights: safetensors, or a folder's GGUF file (`convert --keep-quantized`).
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
             .collect();
         files.sort();
         Ok(files)

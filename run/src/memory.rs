@@ -70,6 +70,11 @@ pub fn plan_stage(
         reference_sequences: reference.then_some(config.batch_size as usize * 2),
         runtime,
         lora: recipe.target.lora.as_ref(),
+        gguf_bytes: std::fs::metadata(
+            loaded.base_dir.join(&recipe.target.checkpoint).join(fuserl_model::checkpoint::GGUF_FILE),
+        )
+        .ok()
+        .map(|m| m.len()),
     };
     let plan = plan::plan(&input);
     let levers = plan.levers(&input);
@@ -184,6 +189,7 @@ mod tests {
             reference_sequences: Some(16),
             runtime: GPU_RUNTIME,
             lora: None,
+            gguf_bytes: None,
         };
         let planned = plan::plan(&input);
         let p = StagePlan {

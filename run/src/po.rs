@@ -13,7 +13,7 @@ use fuserl_core::paths::Shown;
 use fuserl_core::registry::BuildContext;
 use fuserl_io::artifacts::ReferenceLogps;
 use fuserl_io::fs::write_atomic;
-use fuserl_model::checkpoint::load;
+use fuserl_model::checkpoint::load_with;
 use fuserl_recipe::{LoadedRecipe, ReferenceModel};
 use fuserl_train::data::TrainExample;
 use fuserl_train::trainer::{Progress, reference_logps};
@@ -106,7 +106,10 @@ fn reference_logps_cached<B: LogProbBackend>(
 ) -> Result<HashMap<String, f64>> {
     let po = t.run.stage(StageName::Po);
     let cache = po.reference_logps();
-    let key = reference_key(reference_from, examples)?;
+    // A quantised base (QLoRA) gives other log-probs than the same weights in floats.
+    let quant = recipe_base_quant(t);
+    let key =
+        format!("{}{}", reference_key(reference_from, examples)?, quant.map_or(String::new(), |q| format!("-{q}")));
     let cached = std::fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice::<ReferenceLogps>(&b).ok())
@@ -122,7 +125,8 @@ fn reference_logps_cached<B: LogProbBackend>(
     // With LoRA the policy's base is in the compute dtype (its adapters in f32, as an adapter
     // folder loads).
     let weights = if recipe.target.lora.is_some() { t.dtype } else { fuserl_backends::master_dtype(&recipe.backend) };
-    let mut reference_model = load::<B>(reference_from, t.device, weights)?;
+    let base = t.loaded.recipe.target.lora.as_ref().map(crate::training::base_quant).unwrap_or_default();
+    let mut reference_model = load_with::<B>(reference_from, t.device, weights, base)?;
     reference_model.dtype = t.dtype;
     // What loading read and converted is given back (as for the policy, `Training::train_and_save`).
     fuserl_backends::release_freed_memory();
@@ -135,6 +139,11 @@ fn reference_logps_cached<B: LogProbBackend>(
     let text = serde_json::to_value(&doc).map_err(|e| TrainError::Data(e.to_string()))?.to_string();
     write_atomic(&cache, text.as_bytes())?;
     Ok(doc.logps)
+}
+
+/// `quantize_base` as the recipe spells it, when the reference's base is quantised.
+fn recipe_base_quant<B: LogProbBackend>(t: &Training<'_, B>) -> Option<&'static str> {
+    t.loaded.recipe.target.lora.as_ref().and_then(|l| l.quantize_base).map(|q| q.as_str())
 }
 
 /// A key for cached reference log-probs: a hash of the reference checkpoint's weight files and of

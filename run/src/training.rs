@@ -12,7 +12,7 @@ use fuserl_io::artifacts::StageExample;
 use fuserl_io::fs::write_atomic;
 use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, save};
+use fuserl_model::checkpoint::{BaseQuant, load, load_with, save};
 use fuserl_model::lora;
 use fuserl_recipe::{LoadedRecipe, StageConfig};
 use fuserl_train::data::{TrainExample, tokenize};
@@ -181,7 +181,8 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
                 // type. FusePO starts from FuseSFT's adapter folder and goes on training its
                 // adapters (as full fine-tuning goes on from FuseSFT's weights); a stage that
                 // starts from the target puts new ones on it.
-                let mut model = load::<Autodiff<B>>(start, self.device, self.dtype)?;
+                // QLoRA: the base kept quantised (`quantize_base`).
+                let mut model = load_with::<Autodiff<B>>(start, self.device, self.dtype, base_quant(l))?;
                 model.weights = lora::freeze_base(model.weights, master);
                 lora::add_adapters(&mut model.weights, &lora_spec(l), recipe.run.seed, master);
                 model
@@ -208,6 +209,20 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
             }
         }
         Ok(())
+    }
+}
+
+/// How `[target.lora]` keeps the frozen base (`quantize_base`; floats when absent or without LoRA).
+pub(crate) fn base_quant(l: &fuserl_recipe::LoraConfig) -> BaseQuant {
+    use fuserl_model::quant::GgmlType;
+    use fuserl_recipe::QuantizeBase as Q;
+    match l.quantize_base {
+        None => BaseQuant::None,
+        Some(Q::Gguf) => BaseQuant::Gguf,
+        Some(Q::Q4K) => BaseQuant::To(GgmlType::Q4K),
+        Some(Q::Q5K) => BaseQuant::To(GgmlType::Q5K),
+        Some(Q::Q6K) => BaseQuant::To(GgmlType::Q6K),
+        Some(Q::Q8_0) => BaseQuant::To(GgmlType::Q8_0),
     }
 }
 

@@ -4,4 +4,5 @@ mod classifier;
 mod errors;
 mod gguf_qwen3;
 mod oracle;
+mod qlora;
 mod quants;

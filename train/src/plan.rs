@@ -58,8 +58,45 @@ pub struct PlanInput<'a> {
     pub reference_sequences: Option<usize>,
     /// Memory already held: the process's on the CPU, the device runtime's on a GPU.
     pub runtime: u64,
-    /// `[target.lora]`: only the adapters are trained; the base is frozen in the compute type.
+    /// `[target.lora]`: only the adapters are trained; the base is frozen in the compute type,
+    /// or quantised (`quantize_base`).
     pub lora: Option<&'a fuserl_recipe::LoraConfig>,
+    /// The size of the target folder's GGUF file (`model.gguf`), when its weights are one.
+    pub gguf_bytes: Option<u64>,
+}
+
+/// Bytes of the decoder's linear weights quantised to `ty` (each row of a layer whose rows are
+/// not whole super-blocks in llama.cpp's fallback type), and how many weights that is.
+pub fn quantized_linear_bytes(m: &LlamaConfig, ty: fuserl_model::quant::GgmlType) -> (u64, u64) {
+    let (h, i) = (m.hidden_size, m.intermediate_size);
+    let (q, kv) = (m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim);
+    let shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    let (mut bytes, mut weights) = (0u64, 0u64);
+    for (rows, cols) in shapes {
+        let row = fuserl_model::checkpoint::BaseQuant::row_type(ty, cols);
+        let (block, block_bytes) = row.block();
+        // Each row whole 32-bit words on the device (`fuserl_kernels::qweight`).
+        bytes += (rows * (cols / block * block_bytes).div_ceil(4) * 4) as u64;
+        weights += (rows * cols) as u64;
+    }
+    (bytes * m.num_layers as u64, weights * m.num_layers as u64)
+}
+
+/// The frozen base's bytes with `[target.lora]` (`all` parameters, `c` bytes each in the
+/// compute type): floats, the GGUF file's blocks, or the linear layers quantised at load.
+fn frozen_base_bytes(input: &PlanInput<'_>, l: &fuserl_recipe::LoraConfig, all: u64, c: u64) -> u64 {
+    use fuserl_model::quant::GgmlType;
+    use fuserl_recipe::QuantizeBase as Q;
+    let ty = match l.quantize_base {
+        None => return all * c,
+        Some(Q::Gguf) => return input.gguf_bytes.unwrap_or(all * c),
+        Some(Q::Q4K) => GgmlType::Q4K,
+        Some(Q::Q5K) => GgmlType::Q5K,
+        Some(Q::Q6K) => GgmlType::Q6K,
+        Some(Q::Q8_0) => GgmlType::Q8_0,
+    };
+    let (bytes, weights) = quantized_linear_bytes(input.model, ty);
+    bytes + (all - weights) * c
 }
 
 /// The adapters' parameters of `[target.lora]` on the model: `r (in + out)` for every targeted
@@ -307,9 +344,13 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     // With LoRA the trained parameters are the adapters'; the base is frozen in the compute type,
     // its residual stream in the compute type too (the embeddings are the base's).
     let (p, frozen, r) = match input.lora {
-        Some(l) => (lora_parameters(m, l), all * c, c),
+        Some(l) => (lora_parameters(m, l), frozen_base_bytes(input, l, all, c), c),
         None => (all, 0, r),
     };
+    // QLoRA: a chunk of the base dequantised where it is used (f32, and its copy in the compute
+    // type), in the forward, the backward and the head's chunks.
+    let quantized = input.lora.and_then(|l| l.quantize_base);
+    let dequantised = if quantized.is_some() { (fuserl_kernels::DEFAULT_MAX_CHUNK_ELEMS as u64) * (4 + c) } else { 0 };
     let tokens = (input.sequences * input.length) as u64;
     let length = input.length as u64;
     let state = |grads: bool| {
@@ -366,8 +407,16 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         phases.push(Phase {
             name: "loading the model",
             parts: vec![
-                Part { name: "checkpoint file", bytes: all * 4 },
-                Part { name: "host copy (f32)", bytes: all * 4 },
+                // A GGUF file is read whole too; its blocks are copied out (QLoRA keeping them)
+                // or dequantised to f32.
+                Part { name: "checkpoint file", bytes: input.gguf_bytes.unwrap_or(all * 4) },
+                Part {
+                    name: "host copy",
+                    bytes: match (quantized, input.gguf_bytes) {
+                        (Some(fuserl_recipe::QuantizeBase::Gguf), Some(g)) => g,
+                        _ => all * 4,
+                    },
+                },
             ],
         });
     }
@@ -380,7 +429,8 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         phases.push(Phase {
             name: "reference log-probs",
             parts: vec![
-                Part { name: "reference weights", bytes: if lora { all * c + p * 4 } else { p * mb } },
+                Part { name: "reference weights", bytes: if lora { frozen + p * 4 } else { p * mb } },
+                Part { name: "dequantised base chunk", bytes: dequantised },
                 Part { name: "activations", bytes: working + t * h * (r + c) },
                 Part { name: "log-probs", bytes: 3 * (1u64 << 22).min(t * v) * 4 },
             ],
@@ -407,6 +457,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     forward.push(Part { name: "activations", bytes: kept + tables });
     forward.push(Part { name: "attention scores", bytes: kept_scores });
     forward.push(Part { name: "log-probs", bytes: logprobs + head_grad });
+    forward.push(Part { name: "dequantised base chunk", bytes: dequantised });
     phases.push(Phase { name: "forward and the head's backward", parts: forward });
 
     let mut backward_end = state(true);
@@ -420,6 +471,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     // token's row): a second copy of it when the master type is not f32.
     let embedding_grad = if ckpt && mb != 4 && !lora { embeddings * 4 } else { 0 };
     backward_end.push(Part { name: "embedding gradient (f32)", bytes: embedding_grad });
+    backward_end.push(Part { name: "dequantised base chunk", bytes: dequantised });
     phases.push(Phase { name: "the layers' backward", parts: backward_end });
 
     // The optimiser: parameters are updated one at a time, each gradient freed after; the
@@ -494,6 +546,7 @@ mod tests {
             reference_sequences: Some(16),
             runtime: 1 << 30,
             lora,
+            gguf_bytes: None,
         };
         let with = plan(&input(Some(&lora)));
         let full = plan(&input(None));
@@ -517,6 +570,7 @@ mod tests {
                 reference_sequences: None,
                 runtime: 0,
                 lora: None,
+                gguf_bytes: None,
             })
         };
         let full = BackendConfig::default();
