@@ -3,8 +3,23 @@
 # LoRA r 16 on every linear layer) next to TRL's DPOTrainer (its defaults, f32 with and without
 # gradient checkpointing, and f32 with peft's LoRA of the same shape), one process each, same
 # machine, same data. Needs the oracle environment (docs/oracle.md) for TRL.
+#
+#   scripts/bench-dpo-step.sh          # the above
+#   scripts/bench-dpo-step.sh qlora    # QLoRA (issue #31): the LoRA step on Qwen2.5-Coder-0.5B's
+#                                      # Q4_K_M GGUF kept in its blocks, then on the same file
+#                                      # dequantised to an f32 base
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == qlora ]]; then
+    scripts/fetch-qwen-coder.sh > /dev/null
+    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    cargo bench --quiet --profile dev --workspace --bench dpo_step --no-run
+    for mode in "checkpointing qlora" "checkpointing dequantised"; do
+        # shellcheck disable=SC2086 # the options are separate words
+        cargo bench --quiet --profile dev --workspace --bench dpo_step -- $mode
+    done
+    exit 0
+fi
 model="$(scripts/fetch-smollm2.sh)"
 python="${ORACLE_PYTHON:-$HOME/.cache/fuserl-oracle/venv/bin/python}"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -21,7 +21,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::{CubeCount, CubeDim};
 
 use crate::reference::{LseState, RowOps};
-use crate::{Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, Want, float, prim, with_ops};
+use crate::{Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, QuantLayout, Want, float, prim, with_ops};
 
 /// The kernels, apart from Burn's names (both have a `Tensor`).
 mod gpu {
@@ -305,5 +305,35 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         want: Want,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
         with_ops::linear_bwd::<Self>(&Kernels, (hidden, weight, targets), stats, grad, chunks, want)
+    }
+
+    fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
+        if crate::cube_quant::reads(layout.ty) {
+            crate::cube_quant::dequantize::<R, F, I, BT>(words, layout)
+        } else {
+            crate::qweight::dequantize_on_host::<Self>(words, layout)
+        }
+    }
+
+    fn quant_linear_logprobs_fwd(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        chunks: Chunks,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::qweight::logprobs_fwd::<Self>(&Kernels, hidden, (words, layout), targets, chunks)
+    }
+
+    fn quant_linear_logprobs_bwd(
+        hidden: FloatTensor<Self>,
+        words: IntTensor<Self>,
+        layout: QuantLayout,
+        targets: IntTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunks: Chunks,
+    ) -> FloatTensor<Self> {
+        crate::qweight::logprobs_bwd::<Self>(&Kernels, hidden, (words, layout), targets, stats, grad, chunks)
     }
 }

@@ -38,6 +38,8 @@ pub mod attention;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cube;
+#[cfg(feature = "cubecl")]
+mod cube_quant;
 pub mod quant;
 pub mod qweight;
 pub mod reference;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::DType;
 use fuserl_core::paths::Shown;
 use fuserl_io::fs::write_atomic;
-use fuserl_model::checkpoint::{load, save_as};
+use fuserl_model::checkpoint::{BaseQuant, load_with, save_as};
 use fuserl_model::lora;
 use fuserl_recipe::LoadedRecipe;
 use serde::{Deserialize, Serialize};
@@ -113,11 +113,16 @@ pub fn export_stage(loaded: &LoadedRecipe, from: &Path, target: &Path) -> Result
     // is this run's own folder to a rerun (which writes it again), not a stranger's files.
     let pending = serde_json::to_string(&record).map_err(|e| TrainError::Data(e.to_string()))?;
     write_atomic(&marker, pending.as_bytes())?;
-    let model = load::<burn::backend::Flex>(from, &Default::default(), DType::F32)?;
     let adapter = match &recipe.target.lora {
         Some(l) if recipe.export.lora == fuserl_recipe::LoraExport::Adapter => Some(crate::training::lora_spec(l)),
         _ => None,
     };
+    // An adapter export writes the adapters alone: a quantised base (QLoRA) stays in its blocks.
+    let quant = match (&adapter, &recipe.target.lora) {
+        (Some(_), Some(l)) => crate::training::base_quant(l),
+        _ => BaseQuant::None,
+    };
+    let model = load_with::<burn::backend::Flex>(from, &Default::default(), DType::F32, quant)?;
     // What the other kind of export left in the folder goes (transformers reads a folder with an
     // adapter_config.json as an adapter).
     let stale: Vec<PathBuf> = std::fs::read_dir(&to)

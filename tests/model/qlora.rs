@@ -46,6 +46,7 @@ fn quantised(model: &LlamaModel<Cpu>) -> (usize, usize) {
     out.into_iter().fold((0, 0), |(b, n), (x, y)| (b + x, n + y))
 }
 
+#[allow(clippy::print_stderr)] // the worst difference seen, for whoever runs it
 fn gguf_blocks_match(dir: &Path, what: &str) {
     let dense = load::<Cpu>(dir, &Default::default(), DType::F32).expect("dequantised");
     let blocks = load_with::<Cpu>(dir, &Default::default(), DType::F32, BaseQuant::Gguf).expect("blocks");
@@ -78,6 +79,7 @@ fn tiny() -> PathBuf {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // the worst difference seen, for whoever runs it
 fn safetensors_quantised_at_load_are_their_blocks_dequantised() {
     let dir = tiny();
     let config = LlamaConfig::from_file(&dir.join("config.json")).expect("config");

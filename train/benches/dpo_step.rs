@@ -14,6 +14,11 @@
 //! 32, every linear layer: PEFT's `LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")`)
 //! on the frozen model instead of every weight.
 //!
+//! `qlora` does the `lora` step on Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF kept in its blocks
+//! (`[target.lora] quantize_base = "gguf"`; scripts/fetch-qwen-coder.sh writes the folder), and
+//! `dequantised` on the same file dequantised to an f32 base at load: the peer issue #31 measures
+//! QLoRA's memory against (scripts/bench-dpo-step.sh runs both).
+//!
 //! Besides the process's peak, the peak since the model was loaded (the training's, with the
 //! model resident: loading reads the checkpoint file whole, which a LoRA step's peak is below).
 
@@ -25,7 +30,7 @@ use burn::tensor::DType;
 use fuserl_core::backend::LogProbPath;
 use fuserl_core::data::{CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::registry::BuildContext;
-use fuserl_model::checkpoint::load;
+use fuserl_model::checkpoint::{BaseQuant, load_with};
 use fuserl_train::data::{SeqTokens, TrainExample, completion_key};
 use fuserl_train::trainer::{StepSettings, TrainBackend, new_optimizer, optimizer_step};
 
@@ -49,10 +54,17 @@ fn bench<
     let models = std::env::var_os("FUSERL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
-    let dir = models.join("SmolLM2-135M-Instruct");
-    let mut model = load::<B>(&dir, &Default::default(), DType::F32)
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
-    let lora = std::env::args().any(|a| a == "lora");
+    let arg = |name: &str| std::env::args().any(|a| a == name);
+    let (qlora, dequantised) = (arg("qlora"), arg("dequantised"));
+    let (dir, quant, fetch) = if qlora || dequantised {
+        let quant = if qlora { BaseQuant::Gguf } else { BaseQuant::None };
+        (models.join("Qwen2.5-Coder-0.5B-Instruct-Q4_K_M"), quant, "scripts/fetch-qwen-coder.sh")
+    } else {
+        (models.join("SmolLM2-135M-Instruct"), BaseQuant::None, "scripts/fetch-smollm2.sh")
+    };
+    let mut model =
+        load_with::<B>(&dir, &Default::default(), DType::F32, quant).unwrap_or_else(|e| panic!("{e} (run {fetch})"));
+    let lora = arg("lora") || qlora || dequantised;
     if lora {
         let spec = fuserl_model::lora::LoraSpec {
             r: 16,
@@ -136,7 +148,12 @@ fn bench<
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     let out = out.expect("at least one step");
-    let what = if lora { "LoRA r 16 all-linear" } else { "every weight" };
+    let what = match (qlora, dequantised, lora) {
+        (true, _, _) => "QLoRA r 16 all-linear on Qwen2.5-Coder-0.5B Q4_K_M kept in its blocks",
+        (_, true, _) => "LoRA r 16 all-linear on Qwen2.5-Coder-0.5B Q4_K_M dequantised to f32",
+        (_, _, true) => "LoRA r 16 all-linear",
+        _ => "every weight",
+    };
     println!(
         "fuserl (burn flex autodiff, f32, {what}, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB since the model was loaded ({:.0} MiB loading it)",
         logprobs,

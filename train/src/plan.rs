@@ -554,6 +554,25 @@ mod tests {
         assert!(full.peak() > 128_000_000_000, "{}", full.summary());
         assert_eq!(with.parameters, 41_943_040);
         assert!(full.levers(&input(None)).iter().any(|l| l.starts_with("LoRA")));
+        // QLoRA: the decoder's linear layers in Q4_K (144 bytes a 256-value block: 4.5 bits a
+        // weight), the embeddings and the head in bf16.
+        let mut qlora = lora.clone();
+        qlora.quantize_base = Some(fuserl_recipe::QuantizeBase::Q4K);
+        let (bytes, weights) = quantized_linear_bytes(&m, fuserl_model::quant::GgmlType::Q4K);
+        assert_eq!(weights, 8_030_261_248 - 2 * 128_256 * 4096 - 4096 - 32 * 2 * 4096);
+        assert_eq!(bytes, weights / 256 * 144);
+        let frozen = |p: &MemoryPlan| {
+            let phase = p.phases.iter().find(|x| x.name == "the layers' backward").expect("phase");
+            phase.parts.iter().find(|x| x.name == "frozen weights").expect("frozen").bytes
+        };
+        let q = plan(&input(Some(&qlora)));
+        assert_eq!(frozen(&q), bytes + (8_030_261_248 - weights) * 2);
+        assert!(frozen(&q) * 2 < frozen(&with), "{} vs {}", q.summary(), with.summary());
+        // A GGUF base counts the file's bytes.
+        let mut gguf = lora.clone();
+        gguf.quantize_base = Some(fuserl_recipe::QuantizeBase::Gguf);
+        let g = plan(&PlanInput { gguf_bytes: Some(4_920_000_000), ..input(Some(&gguf)) });
+        assert_eq!(frozen(&g), 4_920_000_000);
     }
 
     #[test]
@@ -600,6 +619,7 @@ mod tests {
             reference_sequences: None,
             runtime: 0,
             lora: None,
+            gguf_bytes: None,
         });
         assert!(levers.iter().any(|l| l.contains("gradient_checkpointing")), "{levers:?}");
     }
