@@ -388,3 +388,54 @@ fn qwen_coder_recipe_trains_both_stages_and_exports_a_model_that_writes_code() {
     assert!(reply.status.success(), "{}", text(&reply.stderr));
     assert!(text(&reply.stdout).contains("def square"), "{}", text(&reply.stdout));
 }
+
+/// QLoRA straight from the Q4_K_M GGUF (recipes/qwen-coder-qlora.toml, issue #31; one step of
+/// each stage here): FuseSFT and FusePO train adapters on the base kept in its GGUF blocks (the
+/// stages' plans count the file's bytes as the frozen weights); FusePO's first loss is ln 2, as
+/// its reference is the same quantised base with FuseSFT's adapters; the adapter export (PEFT's
+/// layout on top of the folder) loads in `fuserl generate`, which reads the folder dequantised.
+#[test]
+fn qwen_coder_qlora_recipe_trains_on_the_gguf_blocks() {
+    let base = crate::common::llama::models().join("Qwen2.5-Coder-0.5B-Instruct-Q4_K_M");
+    assert!(base.join("model.gguf").is_file(), "{} is missing: run scripts/fetch-qwen-coder.sh", base.display());
+    let dir = tempfile::tempdir().expect("tmp");
+    let recipe = std::fs::read_to_string(repo().join("recipes/qwen-coder-qlora.toml")).expect("recipe");
+    let recipe = recipe
+        .replace("max_steps = 2", "max_steps = 1")
+        .replace("../models/", &format!("{}/models/", repo().display()))
+        .replace("../data/", &format!("{}/data/", repo().display()));
+    let file = dir.path().join("qlora.toml");
+    std::fs::write(&file, recipe).expect("write");
+    let run = fuserl(&["run", &file.display().to_string()], dir.path());
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let out = dir.path().join("runs/qwen-coder-qlora");
+    let gguf_bytes = std::fs::metadata(base.join("model.gguf")).expect("gguf").len();
+    for stage in ["sft", "po"] {
+        let memory: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(stage).join("memory.json")).expect("memory"))
+                .expect("json");
+        let frozen = memory["plan"]["phases"]
+            .as_array()
+            .expect("phases")
+            .iter()
+            .flat_map(|p| p["parts"].as_array().expect("parts"))
+            .find(|p| p["name"] == "frozen weights")
+            .and_then(|p| p["bytes"].as_u64());
+        assert_eq!(frozen, Some(gguf_bytes), "{stage}: {memory}");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let po: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|m| m["stage"] == "po")
+        .collect();
+    assert_eq!(po.len(), 1);
+    assert!((po[0]["loss"].as_f64().expect("loss") - std::f64::consts::LN_2).abs() < 1e-4, "{}", po[0]);
+    let export = out.join("export");
+    assert!(export.join("adapter_model.safetensors").is_file() && !export.join("model.gguf").exists());
+    let reply = fuserl(
+        &["generate", "--model", &export.display().to_string(), "--prompt", "Hi", "--max-new-tokens", "4"],
+        dir.path(),
+    );
+    assert!(reply.status.success(), "{}", text(&reply.stderr));
+}

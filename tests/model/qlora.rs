@@ -4,7 +4,8 @@
 //! - a GGUF's own blocks (`convert --keep-quantized`, `quantize_base = "gguf"`): the same
 //!   log-probs as the same file dequantised at load, within 1e-4 (the bound; the same
 //!   values through other matmul chunks), on SmolLM2's Q4_1 (Llama: Q and K rows permuted back
-//!   as whole rows of blocks) and Qwen2.5-Coder's Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0; untied head);
+//!   as whole rows of blocks), Qwen2.5-Coder's Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0; untied head) and
+//!   Gemma 3 270M's Q4_K_M (the head tied to the embeddings' blocks);
 //! - safetensors quantised at load (`quantize_base = "q4_k"`, ...): the log-probs of the model
 //!   whose linear weights are the same blocks dequantised on the host, within 1e-5.
 
@@ -72,6 +73,12 @@ fn gguf_blocks_kept_give_the_dequantised_models_logprobs() {
     let dir = models().join("Qwen2.5-Coder-0.5B-Instruct-Q4_K_M");
     assert!(dir.join("model.gguf").is_file(), "{} is missing: run scripts/fetch-qwen-coder.sh first", dir.display());
     gguf_blocks_match(&dir, "Qwen2.5-Coder-0.5B Q4_K_M");
+    // Gemma 3 270M Q4_K_M: tied embeddings, so the head is the embeddings' blocks.
+    let file = models().join("gguf/gemma-3-270m-q4_k_m.gguf");
+    assert!(file.is_file(), "{} is missing: run scripts/fetch-gemma3.sh first", file.display());
+    let tmp = tempfile::tempdir().expect("tmp");
+    fuserl_model::gguf::convert_with(&file, tmp.path(), true).expect("convert --keep-quantized");
+    gguf_blocks_match(tmp.path(), "Gemma 3 270M Q4_K_M");
 }
 
 fn tiny() -> PathBuf {

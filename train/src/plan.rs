@@ -214,10 +214,18 @@ impl MemoryPlan {
                     .into(),
             ));
         }
+        // QLoRA: the frozen base in 4-bit blocks (Q4_K: 4.5 bits a weight), with LoRA on.
+        let frozen = bytes("frozen weights");
+        if input.lora.is_some_and(|l| l.quantize_base.is_none()) && frozen > 0 {
+            levers.push((
+                frozen * 2 / 3,
+                "QLoRA (`[target.lora] quantize_base = \"q4_k\"`, or \"gguf\" on a GGUF folder: the frozen base kept in 4-bit blocks)"
+                    .into(),
+            ));
+        }
         levers.sort_by_key(|(saved, _)| std::cmp::Reverse(*saved));
         let mut levers: Vec<String> = levers.into_iter().map(|(_, l)| l).collect();
-        // Last: what is not built yet.
-        levers.push("a smaller target (QLoRA, a 4-bit base, is not built yet: issue #31)".into());
+        levers.push("a smaller target".into());
         levers
     }
 }
