@@ -56,7 +56,7 @@ convert() {
 }
 
 # convert_keep GGUF NAME: `fuserl convert gguf --keep-quantized` into $models/NAME (config.json,
-# tokenizer and the GGUF itself as model.gguf, hard-linked where it can be), unless already there.
+# tokenizer and a copy of the GGUF as model.gguf), unless already there.
 convert_keep() {
     if [[ -f "$models/$2/config.json" && -f "$models/$2/model.gguf" ]]; then
         return 0

@@ -725,3 +725,65 @@ fn qlora_on_wgpu_matches_the_cpu() {
         }
     }
 }
+
+/// Burn's fusion backend on wgpu (lavapipe in CI; `[backend] fusion`, the default on GPU
+/// devices): two optimiser steps of SFT and DPO on tiny-chat (LoRA from PEFT's start, on the
+/// float base and on one quantised at load; gradient checkpointing) give the plain cubecl
+/// backend's losses and gradient norms within f32 rounding (1e-5). scripts/count-kernels.sh
+/// counts the kernels a step launches on each.
+#[cfg(all(feature = "wgpu", feature = "fusion"))]
+#[test]
+fn fusion_on_wgpu_trains_as_the_plain_backend() {
+    use burn::backend::Autodiff;
+    use burn::backend::wgpu::WgpuDevice;
+    use fuserl_kernels::backends::{FusedWgpu, PlainWgpu};
+    use fuserl_model::checkpoint::{BaseQuant, load_with};
+    let fixture = lora_fixture();
+    let m = &fixture["models"][0];
+    let dir = lora_model_dir("tiny-chat");
+    let device = WgpuDevice::default();
+    let config = StageConfig { gradient_checkpointing: true, ..stage_config(&fixture) };
+    let lr = fixture["lr"].as_f64().expect("lr");
+    fn steps<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(
+        dir: &std::path::Path,
+        device: &B::Device,
+        quant: BaseQuant,
+        case: &Case,
+        config: &StageConfig,
+        lr: f64,
+    ) -> Vec<(f64, f64)>
+    where
+        B::InnerBackend: fuserl_kernels::LogProbBackend,
+    {
+        let mut model = load_with::<B>(dir, device, DType::F32, quant).expect("model");
+        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+        fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+        formula_adapters(&mut model.weights, false);
+        let mut optim = new_optimizer(config);
+        let picked: Vec<&TrainExample> = case.examples.iter().collect();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let (next, o) = optimizer_step(model, &mut optim, &picked, settings(case, config, lr, 1.0)).expect("step");
+            model = next;
+            out.push((o.loss, o.grad_norm));
+        }
+        out
+    }
+    let mut compared = 0;
+    for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {
+        if raw["start"] != "zero-b" {
+            continue;
+        }
+        for quant in [BaseQuant::None, BaseQuant::To(fuserl_model::quant::GgmlType::Q8_0)] {
+            let fused = steps::<Autodiff<FusedWgpu>>(&dir, &device, quant, case, &config, lr);
+            let plain = steps::<Autodiff<PlainWgpu>>(&dir, &device, quant, case, &config, lr);
+            for (i, ((fl, fg), (pl, pg))) in fused.iter().zip(&plain).enumerate() {
+                let kind = &case.kind;
+                assert!(close(*fl, *pl, 1e-5), "{kind} {quant:?} step {}: loss {fl} fused, {pl} plain", i + 1);
+                assert!(close(*fg, *pg, 1e-5), "{kind} {quant:?} step {}: norm {fg} fused, {pg} plain", i + 1);
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared >= 2, "SFT and DPO cases: {compared}");
+}

@@ -243,28 +243,45 @@ pub trait OnBackend {
 /// Runs `code` on the backend and device (`index`: which one of its kind) that a recipe names,
 /// after checking that this build has it and that it can do `dtype`.
 pub fn on_backend<O: OnBackend>(device: Device, index: u32, dtype: DType, code: O) -> Result<O::Output, BackendError> {
+    on_backend_with(device, index, dtype, true, code)
+}
+
+/// [`on_backend`], with `fusion` saying whether a GPU device runs Burn's fusion backend (in a
+/// build with the `fusion` feature; `[backend] fusion`) or the plain cubecl one.
+pub fn on_backend_with<O: OnBackend>(
+    device: Device,
+    index: u32,
+    dtype: DType,
+    fusion: bool,
+    code: O,
+) -> Result<O::Output, BackendError> {
     check(device, dtype)?;
-    let _ = index; // unused in a build with no GPU feature
+    let _ = (index, fusion); // unused in a build with no GPU feature
     match device {
         #[cfg(feature = "wgpu")]
-        Device::Wgpu => start::<burn::backend::Wgpu, O>(device, code, || {
-            wgpu_device::<burn::backend::wgpu::graphics::AutoGraphicsApi>(index)
-        }),
+        Device::Wgpu => {
+            start_wgpu(device, fusion, code, || wgpu_device::<burn::backend::wgpu::graphics::AutoGraphicsApi>(index))
+        }
         #[cfg(feature = "vulkan")]
-        Device::Vulkan => start::<burn::backend::Wgpu, O>(device, code, || {
-            wgpu_device::<burn::backend::wgpu::graphics::Vulkan>(index)
-        }),
+        Device::Vulkan => {
+            start_wgpu(device, fusion, code, || wgpu_device::<burn::backend::wgpu::graphics::Vulkan>(index))
+        }
         #[cfg(feature = "metal")]
         Device::Metal => {
-            start::<burn::backend::Wgpu, O>(device, code, || wgpu_device::<burn::backend::wgpu::graphics::Metal>(index))
+            start_wgpu(device, fusion, code, || wgpu_device::<burn::backend::wgpu::graphics::Metal>(index))
         }
         #[cfg(feature = "webgpu")]
-        Device::Webgpu => start::<burn::backend::Wgpu, O>(device, code, || {
-            wgpu_device::<burn::backend::wgpu::graphics::WebGpu>(index)
-        }),
+        Device::Webgpu => {
+            start_wgpu(device, fusion, code, || wgpu_device::<burn::backend::wgpu::graphics::WebGpu>(index))
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda => {
-            start::<burn::backend::Cuda, O>(device, code, || burn::backend::cuda::CudaDevice::new(index as usize))
+            let make = || burn::backend::cuda::CudaDevice::new(index as usize);
+            #[cfg(feature = "fusion")]
+            if fusion {
+                return start::<fuserl_kernels::backends::FusedCuda, O>(device, code, make);
+            }
+            start::<fuserl_kernels::backends::PlainCuda, O>(device, code, make)
         }
         #[cfg(feature = "rocm")]
         Device::Rocm => {
@@ -284,6 +301,22 @@ pub fn probe(device: Device, index: u32, dtype: DType) -> Result<(), BackendErro
         fn run<B: LogProbBackend>(self, _device: B::Device) {}
     }
     on_backend(device, index, dtype, Nothing)
+}
+
+/// A wgpu device: on the fusion backend when `fusion` (and the build has it), else the plain one.
+#[cfg(feature = "wgpu")]
+fn start_wgpu<O: OnBackend>(
+    device: Device,
+    fusion: bool,
+    code: O,
+    make: impl FnOnce() -> burn::backend::wgpu::WgpuDevice,
+) -> Result<O::Output, BackendError> {
+    #[cfg(feature = "fusion")]
+    if fusion {
+        return start::<fuserl_kernels::backends::FusedWgpu, O>(device, code, make);
+    }
+    let _ = fusion;
+    start::<fuserl_kernels::backends::PlainWgpu, O>(device, code, make)
 }
 
 /// What to look at when a device's runtime does not start.

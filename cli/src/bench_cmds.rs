@@ -63,6 +63,10 @@ pub struct TrainStepArgs {
     /// The log-prob path: fused (the default) or naive (full logits).
     #[arg(long, default_value = "fused")]
     logprobs: String,
+    /// On a GPU device, Burn's fusion backend (the default in a build with the `fusion` feature)
+    /// or, with `false`, the plain cubecl backend (`[backend] fusion`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fusion: bool,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +88,9 @@ pub struct GenerateBenchArgs {
     /// Timed runs after one untimed warm-up (the median is reported).
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
+    /// On a GPU device, Burn's fusion backend or (`false`) the plain cubecl one.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fusion: bool,
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -96,14 +103,18 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
-    let (device, dtype) = match cmd {
-        BenchCommand::TrainStep(a) => (&a.device, &a.dtype),
-        BenchCommand::Generate(a) => (&a.device, &a.dtype),
+    let (device, dtype, fusion) = match cmd {
+        BenchCommand::TrainStep(a) => (&a.device, &a.dtype, a.fusion),
+        BenchCommand::Generate(a) => (&a.device, &a.dtype, a.fusion),
     };
     let (dev, dt) = (parse_device(device)?, parse_dtype(dtype)?);
     let line = match cmd {
-        BenchCommand::TrainStep(a) => fuserl_backends::on_backend(dev, 0, dt, TrainStep { args: a, dtype: dt }),
-        BenchCommand::Generate(a) => fuserl_backends::on_backend(dev, 0, dt, Generate { args: a, dtype: dt }),
+        BenchCommand::TrainStep(a) => {
+            fuserl_backends::on_backend_with(dev, 0, dt, fusion, TrainStep { args: a, dtype: dt })
+        }
+        BenchCommand::Generate(a) => {
+            fuserl_backends::on_backend_with(dev, 0, dt, fusion, Generate { args: a, dtype: dt })
+        }
     }
     .map_err(|e| bad_input(format!("--device {device}: {e}")))??;
     println!("{line}");

@@ -51,7 +51,7 @@ pub enum MasterWeights {
 }
 
 /// `[backend]`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// The device kind.
@@ -73,6 +73,33 @@ pub struct BackendConfig {
     /// How training computes per-token log-probs.
     #[serde(default)]
     pub logprobs: LogProbPath,
+    /// On a GPU device, Burn's fusion backend (`Fusion<CubeBackend>`: chains of element-wise
+    /// operations compiled into one kernel) in a build with the `fusion` feature (the default);
+    /// `false` runs the plain cubecl backend (every operation its own kernel), to compare. The
+    /// CPU ignores it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub fusion: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            device: Device::default(),
+            device_index: 0,
+            dtype: DType::default(),
+            master_weights: MasterWeights::default(),
+            logprobs: LogProbPath::default(),
+            fusion: true,
+        }
+    }
 }
 
 /// `[backend] logprobs`: the path from hidden states to per-token log-probs.

@@ -136,6 +136,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         B::max_chunk_elems(device)
     }
 
+    fn dequantizes_on_device(layout: QuantLayout) -> bool {
+        B::dequantizes_on_device(layout)
+    }
+
     fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
         Self::from_inner(B::dequantize_blocks(words, layout))
     }

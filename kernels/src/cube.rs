@@ -307,6 +307,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         with_ops::linear_bwd::<Self>(&Kernels, (hidden, weight, targets), stats, grad, chunks, want)
     }
 
+    fn dequantizes_on_device(layout: QuantLayout) -> bool {
+        crate::cube_quant::reads(layout.ty)
+    }
+
     fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {
         if crate::cube_quant::reads(layout.ty) {
             crate::cube_quant::dequantize::<R, F, I, BT>(words, layout)

@@ -40,11 +40,30 @@ mod autodiff;
 mod cube;
 #[cfg(feature = "cubecl")]
 mod cube_quant;
+#[cfg(feature = "fusion")]
+mod fusion;
 pub mod quant;
 pub mod qweight;
 pub mod reference;
 
 pub use attention::AttentionMask;
+
+/// The GPU backends by name, whatever Burn's `fusion` feature makes `burn::backend::Wgpu` and
+/// `Cuda`: the plain cubecl backends and (feature `fusion`) Burn's fusion backend over them.
+pub mod backends {
+    /// wgpu's plain cubecl backend.
+    #[cfg(feature = "wgpu")]
+    pub type PlainWgpu = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+    /// wgpu through Burn's fusion backend.
+    #[cfg(all(feature = "wgpu", feature = "fusion"))]
+    pub type FusedWgpu = burn_fusion::Fusion<PlainWgpu>;
+    /// CUDA's plain cubecl backend.
+    #[cfg(feature = "cuda")]
+    pub type PlainCuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    /// CUDA through Burn's fusion backend.
+    #[cfg(all(feature = "cuda", feature = "fusion"))]
+    pub type FusedCuda = burn_fusion::Fusion<PlainCuda>;
+}
 pub use qweight::{QuantLayout, dequantize, quant_linear_logprobs, quant_matmul};
 
 /// How the work is cut: `rows` tokens by `vocab` vocabulary entries at a time.
@@ -206,6 +225,12 @@ pub trait LogProbBackend: Backend {
         let (dq, dk, dv) =
             attention::attention_bwd::<Self>(qkv, float(key_bias), float(out), float(stats), float(grad), &mask);
         (prim(dq), prim(dk), prim(dv))
+    }
+
+    /// Whether [`Self::dequantize_blocks`] runs on the device for `layout`'s type (a kernel), not
+    /// through the host.
+    fn dequantizes_on_device(_layout: QuantLayout) -> bool {
+        false
     }
 
     /// The f32 values `[rows, cols]` of a quantised weight's blocks `words [rows, row_words]`

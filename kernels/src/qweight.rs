@@ -178,13 +178,14 @@ pub(crate) fn matmul_bwd<B: LogProbBackend>(
     for r0 in (0..rows).step_by(step) {
         let r1 = (r0 + step).min(rows);
         let w = dequantize(words.clone().narrow(0, r0, r1 - r0), layout).cast(dtype);
-        let part = g.clone().narrow(1, r0, r1 - r0).matmul(w);
+        // Summed in f32: a 16-bit sum would round once per chunk (the dense path rounds once).
+        let part = g.clone().narrow(1, r0, r1 - r0).matmul(w).cast(DType::F32);
         acc = Some(match acc {
             Some(a) => a + part,
             None => part,
         });
     }
-    prim(acc.expect("a weight has rows"))
+    prim(acc.expect("a weight has rows").cast(dtype))
 }
 
 /// The forward behind [`LogProbBackend::quant_linear_logprobs_fwd`]'s default, with `ops`.

@@ -177,9 +177,17 @@ impl TensorStore {
     }
 }
 
-/// The name of a checkpoint folder's GGUF weights (`fuserl convert FILE.gguf DIR
+/// The name of a checkpoint folder's GGUF weights (`fuserl convert gguf FILE.gguf DIR
 /// --keep-quantized`): read in place of safetensors when the folder has none.
 pub const GGUF_FILE: &str = "model.gguf";
+
+/// The GGUF file that holds the weights of the checkpoint folder `dir`: its [`GGUF_FILE`] when it
+/// has no safetensors weights (which are read first).
+pub fn gguf_weights(dir: &Path) -> Option<PathBuf> {
+    let gguf = dir.join(GGUF_FILE);
+    let safetensors = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
+    (gguf.is_file() && !safetensors).then_some(gguf)
+}
 
 /// Block-quantised tensors by checkpoint name: their layout, rows and blocks (row after row).
 #[derive(Default, Debug)]
@@ -302,10 +310,16 @@ impl<B: Backend> Builder<'_, B> {
             Some(ty) => {
                 let w = self.store.take(&name, &[out, inp], self.dir)?;
                 let ty = BaseQuant::row_type(ty, inp);
-                let layout =
-                    QuantLayout::new(ty, inp).map_err(|m| ModelError::format(self.dir, format!("`{name}`: {m}")))?;
-                quant = Some(QuantWeight::new(layout, &crate::quantize::quantize_parallel(ty, &w), self.device));
-                self.empty([0, 0])
+                match QuantLayout::new(ty, inp) {
+                    Ok(layout) => {
+                        quant =
+                            Some(QuantWeight::new(layout, &crate::quantize::quantize_parallel(ty, &w), self.device));
+                        self.empty([0, 0])
+                    }
+                    // Rows that are not whole 32-value blocks stay floats (llama.cpp keeps such
+                    // rows in F16).
+                    Err(_) => self.tensor(transpose(&w, out, inp), [inp, out]),
+                }
             }
             None => {
                 let w = self.store.take(&name, &[out, inp], self.dir)?;
@@ -457,22 +471,26 @@ pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant
     let config_file = config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let config = LlamaConfig::from_json(&json, &config_file)?;
-    let gguf = dir.join(GGUF_FILE);
-    let from_gguf = gguf.is_file()
-        && !dir.join("model.safetensors").is_file()
-        && !dir.join("model.safetensors.index.json").is_file();
-    if quant == BaseQuant::Gguf && !from_gguf {
+    let gguf = gguf_weights(dir);
+    if quant == BaseQuant::Gguf && gguf.is_none() {
         return Err(ModelError::format(
             dir,
             format!(
                 "quantize_base = \"gguf\" keeps the blocks of the folder's {GGUF_FILE}, and it has none (write one \
-                 with `fuserl convert FILE.gguf DIR --keep-quantized`); a safetensors checkpoint is quantised at \
+                 with `fuserl convert gguf FILE.gguf DIR --keep-quantized`); a safetensors checkpoint is quantised at \
                  load with quantize_base = \"q4_k\" (or q5_k, q6_k, q8_0)"
             ),
         ));
     }
     let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();
-    let tensors = if from_gguf {
+    let tensors = if let Some(gguf) = gguf {
+        if let BaseQuant::To(ty) = quant {
+            tracing::warn!(
+                dir = %Shown(dir),
+                "the folder's weights are a GGUF file: its blocks are dequantised and quantised again to {ty:?} \
+                 (quantize_base = \"gguf\" keeps them as they are)"
+            );
+        }
         let g = crate::gguf::Gguf::read(&gguf)?;
         crate::gguf::tensors(&g, &config, quant == BaseQuant::Gguf)?
     } else {

@@ -613,16 +613,20 @@ pub fn convert_with(input: &Path, out: &Path, keep_quantized: bool) -> Result<Ll
             (&Default::default(), burn::tensor::DType::F32),
         )?;
         drop(g);
+        // The folder's weights are the GGUF from now on: safetensors of an earlier conversion
+        // would be read first.
+        remove_weights(out, |name| name.ends_with(".safetensors") || name == "model.safetensors.index.json");
         let file = out.join(crate::checkpoint::GGUF_FILE);
-        // A hard link where the file system allows (no second copy on disk), else a copy.
-        fuserl_io::fs::write_atomic_with(&file, |tmp| {
-            std::fs::hard_link(input, tmp).or_else(|_| std::fs::copy(input, tmp).map(|_| ()))
-        })?;
+        // A copy (a hard link would tie the folder to later changes of the input, and a
+        // read-only input could not be opened to sync it).
+        fuserl_io::fs::write_atomic_with(&file, |tmp| std::fs::copy(input, tmp).map(|_| ()))?;
         let json =
             serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::format(out, e.to_string()))?;
         write_atomic(&out.join("config.json"), json.as_bytes())?;
         return Ok(config);
     }
+    // An earlier `--keep-quantized` conversion's GGUF goes: the safetensors are the weights now.
+    remove_weights(out, |name| name == crate::checkpoint::GGUF_FILE);
     // Build the model once on the CPU to check every tensor is there with the right shape, then
     // save it like any checkpoint.
     let model = crate::checkpoint::build_model::<crate::Cpu>(
@@ -634,6 +638,17 @@ pub fn convert_with(input: &Path, out: &Path, keep_quantized: bool) -> Result<Ll
     )?;
     crate::checkpoint::save(&model, out, 2 << 30, None)?;
     Ok(config)
+}
+
+/// Remove the weight files of the folder `out` that `stale` names (what an earlier conversion
+/// into the same folder left).
+fn remove_weights(out: &Path, stale: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(&stale) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The split before byte-level BPE of Qwen2's tokenizer (its `tokenizer.json`).

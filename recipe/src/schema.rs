@@ -95,7 +95,7 @@ pub struct LoraConfig {
 /// `[target.lora] quantize_base`: how QLoRA keeps the frozen base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QuantizeBase {
-    /// The blocks of the target folder's `model.gguf` as they are (`fuserl convert FILE.gguf
+    /// The blocks of the target folder's `model.gguf` as they are (`fuserl convert gguf FILE.gguf
     /// DIR --keep-quantized`): its linear layers, embeddings and head stay in their GGUF types.
     #[serde(rename = "gguf")]
     Gguf,

@@ -104,7 +104,7 @@ pub fn run(loaded: &LoadedRecipe, which: Which, report: Reporters<'_>) -> Result
         }
     }
     let b = &loaded.recipe.backend;
-    fuserl_backends::on_backend(b.device, b.device_index, b.dtype, Job { loaded, which, report })
+    fuserl_backends::on_backend_with(b.device, b.device_index, b.dtype, b.fusion, Job { loaded, which, report })
         .map_err(|e| TrainError::Unsupported(format!("[backend]: {e}")))?
 }
 

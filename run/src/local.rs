@@ -159,8 +159,12 @@ pub(crate) fn weights_hash(checkpoint: &Path) -> std::io::Result<u64> {
     let safetensors = |dir: &Path| -> std::io::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            // The weights: safetensors, or a folder's GGUF file (`convert --keep-quantized`).
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
+            // The weights: safetensors, or a folder's GGUF file (`convert gguf --keep-quantized`;
+            // not GGUF exports beside safetensors).
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "safetensors")
+                    || p.file_name().is_some_and(|n| n == fuserl_model::checkpoint::GGUF_FILE)
+            })
             .collect();
         files.sort();
         Ok(files)

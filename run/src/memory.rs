@@ -70,11 +70,9 @@ pub fn plan_stage(
         reference_sequences: reference.then_some(config.batch_size as usize * 2),
         runtime,
         lora: recipe.target.lora.as_ref(),
-        gguf_bytes: std::fs::metadata(
-            loaded.base_dir.join(&recipe.target.checkpoint).join(fuserl_model::checkpoint::GGUF_FILE),
-        )
-        .ok()
-        .map(|m| m.len()),
+        gguf_bytes: fuserl_model::checkpoint::gguf_weights(&loaded.base_dir.join(&recipe.target.checkpoint))
+            .and_then(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len()),
     };
     let plan = plan::plan(&input);
     let levers = plan.levers(&input);

@@ -126,3 +126,26 @@ fn quantize_base_gguf_on_a_safetensors_folder_says_how_to_get_one() {
     let text = err.to_string();
     assert!(text.contains("tiny-chat") && text.contains("--keep-quantized") && text.contains("q4_k"), "{text}");
 }
+
+/// Converting again into the same folder leaves one kind of weights: `--keep-quantized` removes
+/// an earlier conversion's safetensors (which would be read first), a plain conversion the GGUF;
+/// a read-only GGUF converts (it is copied, not linked).
+#[test]
+fn converting_again_keeps_one_kind_of_weights() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/gguf/qwen3-tiny.gguf");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("ro.gguf");
+    std::fs::copy(&fixture, &input).expect("copy");
+    let mut perms = std::fs::metadata(&input).expect("meta").permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&input, perms).expect("read-only");
+    let out = tmp.path().join("out");
+    fuserl_model::gguf::convert_with(&input, &out, false).expect("plain");
+    assert!(out.join("model.safetensors").is_file());
+    fuserl_model::gguf::convert_with(&input, &out, true).expect("keep-quantized");
+    assert!(!out.join("model.safetensors").exists(), "the earlier safetensors would be read first");
+    assert_eq!(fuserl_model::checkpoint::gguf_weights(&out), Some(out.join("model.gguf")));
+    assert_eq!(std::fs::read(out.join("model.gguf")).expect("copy"), std::fs::read(&fixture).expect("fixture"));
+    fuserl_model::gguf::convert_with(&input, &out, false).expect("plain again");
+    assert!(!out.join("model.gguf").exists() && out.join("model.safetensors").is_file());
+}
