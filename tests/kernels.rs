@@ -396,11 +396,16 @@ mod wgpu {
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it"]
 fn kernels_match_the_oracle_on_cuda() {
-    use burn::backend::Cuda;
     let device = burn::backend::cuda::CudaDevice::new(0);
-    suite::<Autodiff<Cuda>>(&device);
-    attention_suite::<Autodiff<Cuda>>(&device);
-    quant_suite::<Autodiff<Cuda>>(&device, false);
+    on::<fuserl_kernels::backends::PlainCuda>(&device);
+    #[cfg(feature = "fusion")]
+    on::<fuserl_kernels::backends::FusedCuda>(&device);
+
+    fn on<Cuda: LogProbBackend<Device = burn::backend::cuda::CudaDevice>>(device: &burn::backend::cuda::CudaDevice) {
+        suite::<Autodiff<Cuda>>(device);
+        attention_suite::<Autodiff<Cuda>>(device);
+        quant_suite::<Autodiff<Cuda>>(device, false);
+    }
 }
 
 /// Causal grouped-query attention in f64: `out[b][h][i]` and the gradients of

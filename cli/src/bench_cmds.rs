@@ -246,6 +246,8 @@ impl OnBackend for TrainStep<'_> {
             "objective": objective.name(),
             "device": a.device,
             "dtype": a.dtype,
+            // The fusion backend ran only on a GPU device of a build that has it.
+            "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
             "model": a.model.display().to_string(),
             "parameters": parameters,
             "sequences": a.pairs * per_example,
@@ -296,6 +298,8 @@ impl OnBackend for Generate<'_> {
             "bench": "generate",
             "device": a.device,
             "dtype": a.dtype,
+            // The fusion backend ran only on a GPU device of a build that has it.
+            "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
             "model": a.model.display().to_string(),
             "batch": prompts.len(),
             "new_tokens": tokens,

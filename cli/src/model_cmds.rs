@@ -226,7 +226,7 @@ pub fn reward(args: &RewardArgs) -> anyhow::Result<()> {
             c
         })
         .collect();
-    let placement = fuserl_run::classifier::Placement { device, device_index: 0, dtype: DType::F32 };
+    let placement = fuserl_run::classifier::Placement { device, device_index: 0, dtype: DType::F32, fusion: true };
     let mut logits: Vec<Option<Vec<f32>>> = vec![None; records.len()];
     let total = records.len();
     let mut done = 0;

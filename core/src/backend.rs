@@ -76,17 +76,13 @@ pub struct BackendConfig {
     /// On a GPU device, Burn's fusion backend (`Fusion<CubeBackend>`: chains of element-wise
     /// operations compiled into one kernel) in a build with the `fusion` feature (the default);
     /// `false` runs the plain cubecl backend (every operation its own kernel), to compare. The
-    /// CPU ignores it.
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    /// CPU ignores it, and so does ROCm (always fused in a build with the feature).
+    #[serde(default = "yes")]
     pub fusion: bool,
 }
 
 fn yes() -> bool {
     true
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
 }
 
 impl Default for BackendConfig {

@@ -613,13 +613,15 @@ pub fn convert_with(input: &Path, out: &Path, keep_quantized: bool) -> Result<Ll
             (&Default::default(), burn::tensor::DType::F32),
         )?;
         drop(g);
-        // The folder's weights are the GGUF from now on: safetensors of an earlier conversion
-        // would be read first.
-        remove_weights(out, |name| name.ends_with(".safetensors") || name == "model.safetensors.index.json");
         let file = out.join(crate::checkpoint::GGUF_FILE);
         // A copy (a hard link would tie the folder to later changes of the input, and a
         // read-only input could not be opened to sync it).
         fuserl_io::fs::write_atomic_with(&file, |tmp| std::fs::copy(input, tmp).map(|_| ()))?;
+        // The folder's weights are the GGUF from now on: the safetensors an earlier conversion
+        // wrote (`model.safetensors`, or the shards and their index) would be read first.
+        remove_weights(out, |name| {
+            name == "model.safetensors.index.json" || (name.starts_with("model") && name.ends_with(".safetensors"))
+        });
         let json =
             serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::format(out, e.to_string()))?;
         write_atomic(&out.join("config.json"), json.as_bytes())?;

@@ -71,6 +71,8 @@ pub struct Placement {
     pub device_index: u32,
     /// The floating-point type.
     pub dtype: RecipeDType,
+    /// Burn's fusion backend on a GPU device (`[backend] fusion`).
+    pub fusion: bool,
 }
 
 /// A reward model checkpoint that fuserl runs.
@@ -111,7 +113,7 @@ impl ClassifierReward {
             batch_size: config.batch_size as usize,
             weights,
             head,
-            placement: Placement { device, device_index, dtype },
+            placement: Placement { device, device_index, dtype, fusion: ctx.backend.fusion },
             fingerprint: std::sync::OnceLock::new(),
         })
     }
@@ -243,7 +245,8 @@ pub fn classify(
         batch_size,
         on_batch,
     };
-    fuserl_backends::on_backend(placement.device, placement.device_index, placement.dtype, job).map_err(|e| {
+    let p = placement;
+    fuserl_backends::on_backend_with(p.device, p.device_index, p.dtype, p.fusion, job).map_err(|e| {
         Error::Component { point: "reward model", name: "classifier".into(), message: format!("device: {e}") }
     })?
 }

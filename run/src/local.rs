@@ -78,6 +78,8 @@ pub struct LocalSource {
     device: Device,
     device_index: u32,
     dtype: RecipeDType,
+    /// Burn's fusion backend on a GPU device (`[backend] fusion`).
+    fusion: bool,
     /// The weights' hash, computed once: it reads every byte of them.
     weights: std::sync::OnceLock<String>,
 }
@@ -112,7 +114,17 @@ impl LocalSource {
         };
         let dtype = config.dtype.unwrap_or(ctx.backend.dtype);
         fuserl_backends::check(device, dtype).map_err(|e| ConfigError::at("device", e.to_string()))?;
-        Ok(Self { config, checkpoint, template, device, device_index, dtype, weights: std::sync::OnceLock::new() })
+        let fusion = ctx.backend.fusion;
+        Ok(Self {
+            config,
+            checkpoint,
+            template,
+            device,
+            device_index,
+            dtype,
+            fusion,
+            weights: std::sync::OnceLock::new(),
+        })
     }
 
     /// A source named `name` that samples from `checkpoint` (the target's own samples of
@@ -311,7 +323,7 @@ impl Generator for LocalSource {
         sink: &GeneratedSink<'_>,
     ) -> Result<GenerateStats> {
         let job = Job { source: self, jobs, cfg: self.generate_config(sampling), sink };
-        fuserl_backends::on_backend(self.device, self.device_index, self.dtype, job)
+        fuserl_backends::on_backend_with(self.device, self.device_index, self.dtype, self.fusion, job)
             .map_err(|e| self.error(format!("device: {e}")))?
     }
 }
