@@ -672,6 +672,36 @@ fn lora_on_wgpu_matches_peft() {
     }
 }
 
+/// `n` optimiser steps of `case` with LoRA from PEFT's start on `dir` loaded with `quant`:
+/// each step's loss and gradient norm.
+#[cfg(feature = "wgpu")]
+fn lora_steps<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(
+    dir: &std::path::Path,
+    device: &B::Device,
+    quant: fuserl_model::checkpoint::BaseQuant,
+    case: &Case,
+    config: &StageConfig,
+    lr: f64,
+    n: usize,
+) -> Vec<(f64, f64)>
+where
+    B::InnerBackend: fuserl_kernels::LogProbBackend,
+{
+    let mut model = fuserl_model::checkpoint::load_with::<B>(dir, device, DType::F32, quant).expect("model");
+    model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+    fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
+    formula_adapters(&mut model.weights, false);
+    let mut optim = new_optimizer(config);
+    let picked: Vec<&TrainExample> = case.examples.iter().collect();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (next, o) = optimizer_step(model, &mut optim, &picked, settings(case, config, lr, 1.0)).expect("step");
+        model = next;
+        out.push((o.loss, o.grad_norm));
+    }
+    out
+}
+
 /// QLoRA on wgpu (lavapipe in CI): tiny-chat's linear layers quantised at load (Q8_0, Q4_K's
 /// fallback Q5_0 at its widths) are dequantised by the cubecl kernel; the first SFT and DPO steps
 /// (gradient checkpointing) give the loss and adapter gradient norm of the same steps on the CPU
@@ -681,7 +711,7 @@ fn lora_on_wgpu_matches_peft() {
 fn qlora_on_wgpu_matches_the_cpu() {
     use burn::backend::wgpu::WgpuDevice;
     use burn::backend::{Autodiff, Wgpu};
-    use fuserl_model::checkpoint::{BaseQuant, load_with};
+    use fuserl_model::checkpoint::BaseQuant;
     use fuserl_model::quant::GgmlType;
     let fixture = lora_fixture();
     let m = &fixture["models"][0];
@@ -689,38 +719,26 @@ fn qlora_on_wgpu_matches_the_cpu() {
     let device = WgpuDevice::default();
     let config = StageConfig { gradient_checkpointing: true, ..stage_config(&fixture) };
     let lr = fixture["lr"].as_f64().expect("lr");
-    fn step<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(
-        dir: &std::path::Path,
-        device: &B::Device,
-        quant: BaseQuant,
-        case: &Case,
-        config: &StageConfig,
-        lr: f64,
-    ) -> (f64, f64)
-    where
-        B::InnerBackend: fuserl_kernels::LogProbBackend,
-    {
-        let mut model = load_with::<B>(dir, device, DType::F32, quant).expect("model");
-        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
-        fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
-        formula_adapters(&mut model.weights, false);
-        let mut optim = new_optimizer(config);
-        let picked: Vec<&TrainExample> = case.examples.iter().collect();
-        let (_, out) = optimizer_step(model, &mut optim, &picked, settings(case, config, lr, 1.0)).expect("step");
-        (out.loss, out.grad_norm)
-    }
+    let step = |quant, case: &Case, on_gpu: bool| {
+        let run = if on_gpu {
+            lora_steps::<Autodiff<Wgpu>>(&dir, &device, quant, case, &config, lr, 1)
+        } else {
+            lora_steps::<TrainBackend>(&dir, &Default::default(), quant, case, &config, lr, 1)
+        };
+        run[0]
+    };
     for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {
         if raw["start"] != "zero-b" {
             continue;
         }
         for ty in [GgmlType::Q8_0, GgmlType::Q4K] {
             let quant = BaseQuant::To(ty);
-            let (gpu_loss, gpu_norm) = step::<Autodiff<Wgpu>>(&dir, &device, quant, case, &config, lr);
-            let (cpu_loss, cpu_norm) = step::<TrainBackend>(&dir, &Default::default(), quant, case, &config, lr);
+            let (gpu_loss, gpu_norm) = step(quant, case, true);
+            let (cpu_loss, cpu_norm) = step(quant, case, false);
             let kind = &case.kind;
             assert!(close(gpu_loss, cpu_loss, 1e-4), "wgpu {kind} {ty:?}: loss {gpu_loss} vs CPU {cpu_loss}");
             assert!(close(gpu_norm, cpu_norm, 1e-4), "wgpu {kind} {ty:?}: norm {gpu_norm} vs CPU {cpu_norm}");
-            let (float_loss, _) = step::<TrainBackend>(&dir, &Default::default(), BaseQuant::None, case, &config, lr);
+            let (float_loss, _) = step(BaseQuant::None, case, false);
             assert!(!close(cpu_loss, float_loss, 1e-7), "{kind} {ty:?}: the quantised base gives the float loss");
         }
     }
@@ -737,46 +755,21 @@ fn fusion_on_wgpu_trains_as_the_plain_backend() {
     use burn::backend::Autodiff;
     use burn::backend::wgpu::WgpuDevice;
     use fuserl_kernels::backends::{FusedWgpu, PlainWgpu};
-    use fuserl_model::checkpoint::{BaseQuant, load_with};
+    use fuserl_model::checkpoint::BaseQuant;
     let fixture = lora_fixture();
     let m = &fixture["models"][0];
     let dir = lora_model_dir("tiny-chat");
     let device = WgpuDevice::default();
     let config = StageConfig { gradient_checkpointing: true, ..stage_config(&fixture) };
     let lr = fixture["lr"].as_f64().expect("lr");
-    fn steps<B: burn::tensor::backend::AutodiffBackend + fuserl_kernels::LogProbBackend>(
-        dir: &std::path::Path,
-        device: &B::Device,
-        quant: BaseQuant,
-        case: &Case,
-        config: &StageConfig,
-        lr: f64,
-    ) -> Vec<(f64, f64)>
-    where
-        B::InnerBackend: fuserl_kernels::LogProbBackend,
-    {
-        let mut model = load_with::<B>(dir, device, DType::F32, quant).expect("model");
-        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
-        fuserl_model::lora::add_adapters(&mut model.weights, &lora_spec(), 0, DType::F32);
-        formula_adapters(&mut model.weights, false);
-        let mut optim = new_optimizer(config);
-        let picked: Vec<&TrainExample> = case.examples.iter().collect();
-        let mut out = Vec::new();
-        for _ in 0..2 {
-            let (next, o) = optimizer_step(model, &mut optim, &picked, settings(case, config, lr, 1.0)).expect("step");
-            model = next;
-            out.push((o.loss, o.grad_norm));
-        }
-        out
-    }
     let mut compared = 0;
     for (case, raw) in cases(m).iter().zip(m["cases"].as_array().expect("cases")) {
         if raw["start"] != "zero-b" {
             continue;
         }
         for quant in [BaseQuant::None, BaseQuant::To(fuserl_model::quant::GgmlType::Q8_0)] {
-            let fused = steps::<Autodiff<FusedWgpu>>(&dir, &device, quant, case, &config, lr);
-            let plain = steps::<Autodiff<PlainWgpu>>(&dir, &device, quant, case, &config, lr);
+            let fused = lora_steps::<Autodiff<FusedWgpu>>(&dir, &device, quant, case, &config, lr, 2);
+            let plain = lora_steps::<Autodiff<PlainWgpu>>(&dir, &device, quant, case, &config, lr, 2);
             for (i, ((fl, fg), (pl, pg))) in fused.iter().zip(&plain).enumerate() {
                 let kind = &case.kind;
                 assert!(close(*fl, *pl, 1e-5), "{kind} {quant:?} step {}: loss {fl} fused, {pl} plain", i + 1);

@@ -303,27 +303,23 @@ impl<B: Backend> Builder<'_, B> {
 
     fn linear(&mut self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
         let name = format!("{prefix}.weight");
-        let mut quant = self.blocks(&name, out, inp)?;
-        let quantize = self.quantize.filter(|_| quant.is_none() && prefix != "lm_head");
-        let weight = match quantize {
-            _ if quant.is_some() => self.empty([0, 0]),
-            Some(ty) => {
-                let w = self.store.take(&name, &[out, inp], self.dir)?;
-                let ty = BaseQuant::row_type(ty, inp);
-                match QuantLayout::new(ty, inp) {
-                    Ok(layout) => {
-                        quant =
-                            Some(QuantWeight::new(layout, &crate::quantize::quantize_parallel(ty, &w), self.device));
-                        self.empty([0, 0])
-                    }
-                    // Rows that are not whole 32-value blocks stay floats (llama.cpp keeps such
-                    // rows in F16).
-                    Err(_) => self.tensor(transpose(&w, out, inp), [inp, out]),
-                }
-            }
+        let (weight, quant) = match self.blocks(&name, out, inp)? {
+            Some(q) => (self.empty([0, 0]), Some(q)),
             None => {
                 let w = self.store.take(&name, &[out, inp], self.dir)?;
-                self.tensor(transpose(&w, out, inp), [inp, out])
+                // Quantised at load (not the head); rows that are not whole 32-value blocks stay
+                // floats (llama.cpp keeps such rows in F16).
+                let layout = self
+                    .quantize
+                    .filter(|_| prefix != "lm_head")
+                    .and_then(|ty| QuantLayout::new(BaseQuant::row_type(ty, inp), inp).ok());
+                match layout {
+                    Some(l) => {
+                        let blocks = crate::quantize::quantize_parallel(l.ty, &w);
+                        (self.empty([0, 0]), Some(QuantWeight::new(l, &blocks, self.device)))
+                    }
+                    None => (self.tensor(transpose(&w, out, inp), [inp, out]), None),
+                }
             }
         };
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };

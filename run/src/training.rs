@@ -12,7 +12,7 @@ use fuserl_io::artifacts::StageExample;
 use fuserl_io::fs::write_atomic;
 use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{BaseQuant, load, load_with, save};
+use fuserl_model::checkpoint::{load, load_with, save};
 use fuserl_model::lora;
 use fuserl_recipe::{LoadedRecipe, StageConfig};
 use fuserl_train::data::{TrainExample, tokenize};
@@ -212,19 +212,7 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
     }
 }
 
-/// How `[target.lora]` keeps the frozen base (`quantize_base`; floats when absent or without LoRA).
-pub(crate) fn base_quant(l: &fuserl_recipe::LoraConfig) -> BaseQuant {
-    use fuserl_model::quant::GgmlType;
-    use fuserl_recipe::QuantizeBase as Q;
-    match l.quantize_base {
-        None => BaseQuant::None,
-        Some(Q::Gguf) => BaseQuant::Gguf,
-        Some(Q::Q4K) => BaseQuant::To(GgmlType::Q4K),
-        Some(Q::Q5K) => BaseQuant::To(GgmlType::Q5K),
-        Some(Q::Q6K) => BaseQuant::To(GgmlType::Q6K),
-        Some(Q::Q8_0) => BaseQuant::To(GgmlType::Q8_0),
-    }
-}
+pub(crate) use fuserl_train::plan::base_quant;
 
 /// The model crate's adapter settings from `[target.lora]`.
 pub(crate) fn lora_spec(l: &fuserl_recipe::LoraConfig) -> lora::LoraSpec {

@@ -38,6 +38,7 @@
 //! (`scripts/bench-memory-plan.sh`, docs/scaling.md).
 
 use fuserl_core::backend::{BackendConfig, LogProbPath, MasterWeights};
+use fuserl_model::checkpoint::BaseQuant;
 use fuserl_model::config::LlamaConfig;
 use fuserl_recipe::StageConfig;
 
@@ -73,7 +74,7 @@ pub fn quantized_linear_bytes(m: &LlamaConfig, ty: fuserl_model::quant::GgmlType
     let shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
     let (mut bytes, mut weights) = (0u64, 0u64);
     for (rows, cols) in shapes {
-        let row = fuserl_model::checkpoint::BaseQuant::row_type(ty, cols);
+        let row = BaseQuant::row_type(ty, cols);
         let (block, block_bytes) = row.block();
         // Each row whole 32-bit words on the device (`fuserl_kernels::qweight`).
         bytes += (rows * (cols / block * block_bytes).div_ceil(4) * 4) as u64;
@@ -82,18 +83,27 @@ pub fn quantized_linear_bytes(m: &LlamaConfig, ty: fuserl_model::quant::GgmlType
     (bytes * m.num_layers as u64, weights * m.num_layers as u64)
 }
 
+/// How `[target.lora]` keeps the frozen base (`quantize_base`; floats when absent).
+pub fn base_quant(l: &fuserl_recipe::LoraConfig) -> BaseQuant {
+    use fuserl_model::quant::GgmlType;
+    use fuserl_recipe::QuantizeBase as Q;
+    match l.quantize_base {
+        None => BaseQuant::None,
+        Some(Q::Gguf) => BaseQuant::Gguf,
+        Some(Q::Q4K) => BaseQuant::To(GgmlType::Q4K),
+        Some(Q::Q5K) => BaseQuant::To(GgmlType::Q5K),
+        Some(Q::Q6K) => BaseQuant::To(GgmlType::Q6K),
+        Some(Q::Q8_0) => BaseQuant::To(GgmlType::Q8_0),
+    }
+}
+
 /// The frozen base's bytes with `[target.lora]` (`all` parameters, `c` bytes each in the
 /// compute type): floats, the GGUF file's blocks, or the linear layers quantised at load.
 fn frozen_base_bytes(input: &PlanInput<'_>, l: &fuserl_recipe::LoraConfig, all: u64, c: u64) -> u64 {
-    use fuserl_model::quant::GgmlType;
-    use fuserl_recipe::QuantizeBase as Q;
-    let ty = match l.quantize_base {
-        None => return all * c,
-        Some(Q::Gguf) => return input.gguf_bytes.unwrap_or(all * c),
-        Some(Q::Q4K) => GgmlType::Q4K,
-        Some(Q::Q5K) => GgmlType::Q5K,
-        Some(Q::Q6K) => GgmlType::Q6K,
-        Some(Q::Q8_0) => GgmlType::Q8_0,
+    let ty = match base_quant(l) {
+        BaseQuant::None => return all * c,
+        BaseQuant::Gguf => return input.gguf_bytes.unwrap_or(all * c),
+        BaseQuant::To(ty) => ty,
     };
     let (bytes, weights) = quantized_linear_bytes(input.model, ty);
     bytes + (all - weights) * c
