@@ -266,6 +266,17 @@ print(json.dumps({"device_peak_bytes": (max(vals) - int(sys.argv[2])) << 20 if v
         done
     done
 
+    # The same bf16 step with attention in tiles of Burn operations (`[backend] attention =
+    # "tiles"`: tensor-core matmuls) instead of fuserl's kernel (no tensor cores): which of the two
+    # should be the GPU default. Last of all the steps, so that a slow one costs only itself (the
+    # CPU's dry run takes the same step, where attention always runs in tiles).
+    for m in "${models[@]}"; do
+        name=${m%%:*}
+        [ "$dev" != cpu ] && [ "$name" = tiny ] && continue
+        args=(--objective dpo --pairs "$pairs" --tokens "$tokens" --steps "$steps" --dtype bf16 --attention tiles)
+        step "dpo-step-$name-bf16-tiles" 240 bash -c "peak '$fuserl' bench train-step --model '${m#*:}' --device ${devices[0]} ${args[*]}"
+    done
+
     python3 scripts/gpu_check_report.py "$out" "$dev" > "$out/report.md"
     echo "report: $out/report.md" >&2
     # Failed when a step failed or timed out, or a parity check is past its tolerance.

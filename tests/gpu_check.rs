@@ -42,6 +42,7 @@ fn the_gpu_check_runs_on_the_cpu() {
         ("step0-tiny-simpo", "train-step"),
         ("dpo-step-tiny-f32", "train-step"),
         ("dpo-step-tiny-bf16", "train-step"),
+        ("dpo-step-tiny-bf16-tiles", "train-step"),
         ("generate-tiny-b1", "generate"),
         ("generate-tiny-b4", "generate"),
     ] {

@@ -343,6 +343,7 @@ mod wgpu {
         let device = device.clone();
         suite::<Autodiff<Wgpu>>(&device);
         attention_suite::<Autodiff<Wgpu>>(&device);
+        kernel_vs_tiles::<Wgpu>(&device);
         quant_suite::<Autodiff<Wgpu>>(&device, true);
 
         // The kernels against the reference path, on the same device.
@@ -390,6 +391,46 @@ mod wgpu {
     }
 }
 
+/// The attention kernel against the tiles of Burn operations (`[backend] attention = "tiles"`)
+/// on the same device: forward, statistics and the three gradients, at shapes of several
+/// blocks and tiles, with grouped heads, a window and padding.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn kernel_vs_tiles<B: LogProbBackend>(device: &B::Device) {
+    kernel_vs_tiles_at::<B>(device, (2, 6, 2, 90, 100, 32), Some(41));
+    // Past the size where lavapipe lost the writes of the kernel's rolled loops (module
+    // `cube_attention`): 520 rows at head_dim 64.
+    kernel_vs_tiles_at::<B>(device, (1, 2, 1, 520, 520, 64), None);
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn kernel_vs_tiles_at<B: LogProbBackend>(
+    device: &B::Device,
+    (b, nh, nkv, t, tk, d): (usize, usize, usize, usize, usize, usize),
+    window: Option<usize>,
+) {
+    use fuserl_kernels::{AttentionMask, tiled_attention_bwd, tiled_attention_fwd};
+    let f = |x: Tensor<B, 4>| x.into_primitive().tensor();
+    let q = || f(tensor::<B, 4>(&values(b * t * nh * d, 41, 0.5), [b, t, nh, d], device));
+    let k = || f(tensor::<B, 4>(&values(b * nkv * tk * d, 42, 1.5), [b, nkv, tk, d], device));
+    let v = || f(tensor::<B, 4>(&values(b * nkv * tk * d, 43, 1.0), [b, nkv, tk, d], device));
+    let g = || f(tensor::<B, 4>(&values(b * t * nh * d, 44, 1.0), [b, t, nh, d], device));
+    let bias: Vec<f32> =
+        (0..b * tk).map(|j| if j % tk < 3 * (j / tk) || j % 37 == 5 { f32::MIN } else { 0.0 }).collect();
+    let bias = || tensor::<B, 2>(&bias, [b, tk], device).into_primitive().tensor();
+    let mask = AttentionMask { past: tk - t, window, rows: 16 };
+    let back = |x| data(Tensor::<B, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
+    let (k_out, k_stats) = B::causal_attention_fwd(q(), k(), v(), bias(), mask);
+    let (t_out, t_stats) = tiled_attention_fwd::<B>(q(), k(), v(), bias(), &mask);
+    let kg = B::causal_attention_bwd((q(), k(), v()), bias(), t_out.clone(), t_stats.clone(), g(), mask);
+    let tg = tiled_attention_bwd::<B>((q(), k(), v()), bias(), t_out.clone(), t_stats.clone(), g(), &mask);
+    for (what, got, want) in
+        [("out", k_out, t_out), ("stats", k_stats, t_stats), ("dq", kg.0, tg.0), ("dk", kg.1, tg.1), ("dv", kg.2, tg.2)]
+    {
+        let want: Vec<f64> = back(want).iter().map(|&x| f64::from(x)).collect();
+        close(&format!("attention kernel vs tiles {what}"), &back(got), &want, 1e-5, 1e-5);
+    }
+}
+
 /// On a CUDA GPU (kernels compiled at run time by NVRTC). Ignored by default because CI has no
 /// GPU; `scripts/gpu-check.sh` runs it with `--include-ignored`.
 #[cfg(feature = "cuda")]
@@ -404,6 +445,7 @@ fn kernels_match_the_oracle_on_cuda() {
     fn on<Cuda: LogProbBackend<Device = burn::backend::cuda::CudaDevice>>(device: &burn::backend::cuda::CudaDevice) {
         suite::<Autodiff<Cuda>>(device);
         attention_suite::<Autodiff<Cuda>>(device);
+        kernel_vs_tiles::<Cuda>(device);
         quant_suite::<Autodiff<Cuda>>(device, false);
     }
 }
@@ -530,6 +572,13 @@ fn attention_suite<B: AutodiffBackend + LogProbBackend>(device: &B::Device) {
     // Keys from a cache: 4 past keys, 5 queries, one padding key in the past.
     let cached: Vec<bool> = (0..9).map(|j| j != 1).collect();
     check_attention::<B>(device, (1, 2, 2, 5, 9, 4), &cached, Some(6), 2);
+    // Longer than one block of the cubecl kernels' units (64 query rows, 64 keys) and than one
+    // tile of staged keys (30 at head_dim 64), lengths that are multiples of nothing: several
+    // blocks and tiles, some of them partial, a window across tile edges, padding keys inside.
+    let long: Vec<bool> = (0..2 * 75).map(|j| !(75..80).contains(&j) && j != 40).collect();
+    check_attention::<B>(device, (2, 4, 2, 70, 75, 16), &long, None, 16);
+    let window: Vec<bool> = (0..67).map(|j| j != 3).collect();
+    check_attention::<B>(device, (1, 2, 1, 67, 67, 64), &window, Some(20), 67);
 }
 
 #[test]

@@ -231,6 +231,12 @@ pub fn check(device: Device, dtype: DType) -> Result<(), BackendError> {
     }
 }
 
+/// Applies `[backend] attention` to every model this process runs from now on (a process-wide
+/// choice, as PyTorch's `torch.backends.cuda.enable_flash_sdp`).
+pub fn set_attention(path: fuserl_core::backend::AttentionPath) {
+    fuserl_kernels::use_attention_kernel(path == fuserl_core::backend::AttentionPath::Kernel);
+}
+
 /// Code generic over the backend, run by [`on_backend`] on the one a recipe names. Training
 /// wraps `B` in `burn::backend::Autodiff`.
 pub trait OnBackend {

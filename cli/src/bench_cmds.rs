@@ -67,6 +67,10 @@ pub struct TrainStepArgs {
     /// or, with `false`, the plain cubecl backend (`[backend] fusion`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fusion: bool,
+    /// On a GPU device, attention by fuserl's kernel or in tiles of Burn operations
+    /// (`[backend] attention`: kernel or tiles).
+    #[arg(long, default_value = "kernel")]
+    attention: String,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +95,10 @@ pub struct GenerateBenchArgs {
     /// On a GPU device, Burn's fusion backend or (`false`) the plain cubecl one.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fusion: bool,
+    /// On a GPU device, attention by fuserl's kernel or in tiles of Burn operations
+    /// (`[backend] attention`: kernel or tiles).
+    #[arg(long, default_value = "kernel")]
+    attention: String,
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -102,12 +110,21 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     }
 }
 
+fn parse_attention(s: &str) -> anyhow::Result<fuserl_core::backend::AttentionPath> {
+    match s {
+        "kernel" => Ok(fuserl_core::backend::AttentionPath::Kernel),
+        "tiles" => Ok(fuserl_core::backend::AttentionPath::Tiles),
+        _ => Err(bad_input(format!("--attention {s}: expected kernel or tiles"))),
+    }
+}
+
 pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
-    let (device, dtype, fusion) = match cmd {
-        BenchCommand::TrainStep(a) => (&a.device, &a.dtype, a.fusion),
-        BenchCommand::Generate(a) => (&a.device, &a.dtype, a.fusion),
+    let (device, dtype, fusion, attention) = match cmd {
+        BenchCommand::TrainStep(a) => (&a.device, &a.dtype, a.fusion, &a.attention),
+        BenchCommand::Generate(a) => (&a.device, &a.dtype, a.fusion, &a.attention),
     };
     let (dev, dt) = (parse_device(device)?, parse_dtype(dtype)?);
+    fuserl_backends::set_attention(parse_attention(attention)?);
     let line = match cmd {
         BenchCommand::TrainStep(a) => {
             fuserl_backends::on_backend_with(dev, 0, dt, fusion, TrainStep { args: a, dtype: dt })
@@ -248,6 +265,8 @@ impl OnBackend for TrainStep<'_> {
             "dtype": a.dtype,
             // The fusion backend ran only on a GPU device of a build that has it.
             "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
+            // The CPU runs the tiles whatever was asked.
+            "attention": if a.device == "cpu" { "tiles" } else { a.attention.as_str() },
             "model": a.model.display().to_string(),
             "parameters": parameters,
             "sequences": a.pairs * per_example,
@@ -300,6 +319,8 @@ impl OnBackend for Generate<'_> {
             "dtype": a.dtype,
             // The fusion backend ran only on a GPU device of a build that has it.
             "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
+            // The CPU runs the tiles whatever was asked.
+            "attention": if a.device == "cpu" { "tiles" } else { a.attention.as_str() },
             "model": a.model.display().to_string(),
             "batch": prompts.len(),
             "new_tokens": tokens,

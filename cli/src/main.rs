@@ -453,7 +453,15 @@ fn registry(plugins: &[String]) -> anyhow::Result<Registry> {
 
 /// Load a recipe; when it has mistakes, every one of its settings' problems is printed (as
 /// `recipe check` finds them) and the last returned, not just the first.
+/// Loads a recipe (every problem printed when it has several) and applies its process-wide
+/// settings (`[backend] attention`).
 fn load(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
+    let loaded = load_reporting(file, registry)?;
+    fuserl_backends::set_attention(loaded.recipe.backend.attention);
+    Ok(loaded)
+}
+
+fn load_reporting(file: &Path, registry: &Registry) -> fuserl_core::Result<fuserl_recipe::LoadedRecipe> {
     match load_recipe_with(file, &mut registry.clone(), &fuserl_abi::host::Loader) {
         Err(first) if first.is_bad_input() => {
             let mut problems =

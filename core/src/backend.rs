@@ -79,6 +79,10 @@ pub struct BackendConfig {
     /// CPU ignores it, and so does ROCm (always fused in a build with the feature).
     #[serde(default = "yes")]
     pub fusion: bool,
+    /// How attention runs on a GPU device (process-wide, as PyTorch's
+    /// `torch.backends.cuda.enable_flash_sdp`); the CPU always runs the tiles.
+    #[serde(default)]
+    pub attention: AttentionPath,
 }
 
 fn yes() -> bool {
@@ -94,8 +98,23 @@ impl Default for BackendConfig {
             master_weights: MasterWeights::default(),
             logprobs: LogProbPath::default(),
             fusion: true,
+            attention: AttentionPath::default(),
         }
     }
+}
+
+/// `[backend] attention`: causal attention on GPU devices. Both never hold the `[seq, seq]`
+/// scores of a whole sequence and keep only each row's statistics for the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionPath {
+    /// fuserl's cubecl kernels (FlashAttention's online softmax, every score in a unit's
+    /// registers, keys and values staged in shared memory; no tensor cores).
+    #[default]
+    Kernel,
+    /// Tiles of query rows in Burn's operations: `[rows, keys]` scores a tile, in Burn's tuned
+    /// matmuls (tensor cores where the device has them).
+    Tiles,
 }
 
 /// `[backend] logprobs`: the path from hidden states to per-token log-probs.

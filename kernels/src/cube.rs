@@ -21,7 +21,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::{CubeCount, CubeDim};
 
 use crate::reference::{LseState, RowOps};
-use crate::{Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, QuantLayout, Want, float, prim, with_ops};
+use crate::{AttentionMask, Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, QuantLayout, Want, float, prim, with_ops};
 
 /// The kernels, apart from Burn's names (both have a `Tensor`).
 mod gpu {
@@ -275,6 +275,35 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         with_ops::token_fwd::<Self>(&Kernels, logits, targets)
+    }
+
+    fn causal_attention_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if crate::attention_kernel() {
+            crate::cube_attention::attention_fwd::<R, F, I, BT>(q, k, v, key_bias, &mask)
+        } else {
+            crate::tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask)
+        }
+    }
+
+    fn causal_attention_bwd(
+        qkv: (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>),
+        key_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if crate::attention_kernel() {
+            crate::cube_attention::attention_bwd::<R, F, I, BT>(qkv, key_bias, out, stats, grad, &mask)
+        } else {
+            crate::tiled_attention_bwd::<Self>(qkv, key_bias, out, stats, grad, &mask)
+        }
     }
 
     fn token_logprobs_bwd(

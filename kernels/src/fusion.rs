@@ -1,9 +1,9 @@
 //! `Fusion<B>`: Burn's fusion backend (what `burn::backend::Wgpu` and `Cuda` are with Burn's
 //! `fusion` feature) over a backend with the kernels. The element-wise work of the reference
-//! paths (attention's tiles, the quantised matmul's casts, the model around them) is fused by
-//! Burn; the operations that have kernels on the inner backend (the per-token log-probs, the
-//! fused head, the dequantisation of quantised blocks) are registered in the fusion stream as
-//! custom operations (`CustomOpIr`) whose execution calls the inner backend's method on its own
+//! paths (the quantised matmul's casts, the model around them) is fused by Burn; the operations
+//! that have kernels on the inner backend (the per-token log-probs, the fused head, attention,
+//! the dequantisation of quantised blocks) are registered in the fusion stream as custom
+//! operations (`CustomOpIr`) whose execution calls the inner backend's method on its own
 //! tensors. The autodiff wrapper (`Autodiff<Fusion<B>>`) is the generic one.
 
 use core::fmt::Debug;
@@ -14,7 +14,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use crate::{Chunks, LogProbBackend, QuantLayout, Want};
+use crate::{AttentionMask, Chunks, LogProbBackend, QuantLayout, Want};
 
 type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 type Tensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
@@ -194,6 +194,60 @@ impl<B: FusionBackend + LogProbBackend> LogProbBackend for Fusion<B> {
         let dh = want.hidden.then(|| out.next().expect("d hidden"));
         let dw = want.weight.then(|| out.next().expect("d weight"));
         (dh, dw)
+    }
+
+    fn causal_attention_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::attention_kernel() {
+            // The tiles of Burn operations, fused by Burn.
+            return crate::tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask);
+        }
+        let [b, t, nh, _]: [usize; 4] = dims(&q).try_into().expect("q [batch, seq, heads, dim]");
+        let outputs = [(q.shape.clone(), q.dtype), (Shape::new([2, b, nh, t]), DType::F32)];
+        let inputs = vec![q, k, v, key_bias];
+        pair(custom::<B, AttentionMask>("fuserl.causal_attention_fwd", inputs, &outputs, mask, |d, mask, h| {
+            let i = &d.inputs;
+            let (out, stats) = B::causal_attention_fwd(
+                h.get_float_tensor::<B>(&i[0]),
+                h.get_float_tensor::<B>(&i[1]),
+                h.get_float_tensor::<B>(&i[2]),
+                h.get_float_tensor::<B>(&i[3]),
+                *mask,
+            );
+            h.register_float_tensor::<B>(&d.outputs[0].id, out);
+            h.register_float_tensor::<B>(&d.outputs[1].id, stats);
+        }))
+    }
+
+    fn causal_attention_bwd(
+        (q, k, v): (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>),
+        key_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !crate::attention_kernel() {
+            return crate::tiled_attention_bwd::<Self>((q, k, v), key_bias, out, stats, grad, &mask);
+        }
+        let outputs = [(q.shape.clone(), q.dtype), (k.shape.clone(), k.dtype), (v.shape.clone(), v.dtype)];
+        let inputs = vec![q, k, v, key_bias, out, stats, grad];
+        let grads = custom::<B, AttentionMask>("fuserl.causal_attention_bwd", inputs, &outputs, mask, |d, mask, h| {
+            let i = &d.inputs;
+            let f = |n: usize, h: &mut Handles<B>| h.get_float_tensor::<B>(&i[n]);
+            let qkv = (f(0, h), f(1, h), f(2, h));
+            let (dq, dk, dv) = B::causal_attention_bwd(qkv, f(3, h), f(4, h), f(5, h), f(6, h), *mask);
+            for (o, g) in d.outputs.iter().zip([dq, dk, dv]) {
+                h.register_float_tensor::<B>(&o.id, g);
+            }
+        });
+        let [dq, dk, dv]: [Tensor<B>; 3] = grads.try_into().expect("three gradients");
+        (dq, dk, dv)
     }
 
     fn dequantize_blocks(words: IntTensor<Self>, layout: QuantLayout) -> FloatTensor<Self> {

@@ -30,6 +30,8 @@
 //! assert_eq!(logp[1], 0.0); // padding
 //! ```
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
@@ -38,6 +40,8 @@ pub mod attention;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cube;
+#[cfg(feature = "cubecl")]
+mod cube_attention;
 #[cfg(feature = "cubecl")]
 mod cube_quant;
 #[cfg(feature = "fusion")]
@@ -98,6 +102,50 @@ pub const DEFAULT_MAX_CHUNK_ELEMS: usize = 1 << 22;
 /// batch 4, 32 heads and 4096 keys that is 64 query rows a tile: matmuls large enough to run
 /// well, and a few hundred MiB instead of the 8 GiB of the whole scores.
 pub const DEFAULT_MAX_ATTENTION_ELEMS: usize = 1 << 25;
+
+/// Whether backends with an attention kernel (the cubecl ones) run it (the default) rather than
+/// the tiles of Burn operations ([`attention`]). Process-wide, like PyTorch's
+/// `torch.backends.cuda.enable_flash_sdp`; set from `[backend] attention`.
+static ATTENTION_KERNEL: AtomicBool = AtomicBool::new(true);
+
+/// Chooses the attention kernel (`true`, the default) or the tiles of Burn operations, for every
+/// backend that has a kernel, from now on.
+pub fn use_attention_kernel(on: bool) {
+    ATTENTION_KERNEL.store(on, Ordering::Relaxed);
+}
+
+/// Whether the attention kernel runs where a backend has one ([`use_attention_kernel`]).
+pub fn attention_kernel() -> bool {
+    ATTENTION_KERNEL.load(Ordering::Relaxed)
+}
+
+/// The forward of attention in tiles of Burn operations ([`attention::attention_fwd`]) on
+/// primitives: what [`LogProbBackend::causal_attention_fwd`] does by default.
+pub fn tiled_attention_fwd<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    key_bias: FloatTensor<B>,
+    mask: &AttentionMask,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (out, stats) = attention::attention_fwd::<B>(float(q), float(k), float(v), float(key_bias), mask);
+    (prim(out), prim(stats))
+}
+
+/// The backward of [`tiled_attention_fwd`] ([`attention::attention_bwd`]).
+#[allow(clippy::type_complexity)]
+pub fn tiled_attention_bwd<B: Backend>(
+    (q, k, v): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    key_bias: FloatTensor<B>,
+    out: FloatTensor<B>,
+    stats: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    mask: &AttentionMask,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let qkv = (float(q), float(k), float(v));
+    let (dq, dk, dv) = attention::attention_bwd::<B>(qkv, float(key_bias), float(out), float(stats), float(grad), mask);
+    (prim(dq), prim(dk), prim(dv))
+}
 
 /// A backend that can compute per-token log-probs. Every method but the two entry points has
 /// a provided reference implementation in plain Burn ops; cubecl backends override them with
@@ -207,8 +255,7 @@ pub trait LogProbBackend: Backend {
         key_bias: FloatTensor<Self>,
         mask: AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (out, stats) = attention::attention_fwd::<Self>(float(q), float(k), float(v), float(key_bias), &mask);
-        (prim(out), prim(stats))
+        tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask)
     }
 
     /// Backward of [`Self::causal_attention`]: the gradients of `q`, `k` and `v`, in their dtypes.
@@ -221,10 +268,7 @@ pub trait LogProbBackend: Backend {
         grad: FloatTensor<Self>,
         mask: AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let qkv = (float(q), float(k), float(v));
-        let (dq, dk, dv) =
-            attention::attention_bwd::<Self>(qkv, float(key_bias), float(out), float(stats), float(grad), &mask);
-        (prim(dq), prim(dk), prim(dv))
+        tiled_attention_bwd::<Self>((q, k, v), key_bias, out, stats, grad, &mask)
     }
 
     /// Whether [`Self::dequantize_blocks`] runs on the device for `layout`'s type (a kernel), not

@@ -77,22 +77,22 @@ fn qwen2_bf16_with_qkv_bias() {
 #[test]
 fn qwen3_with_qk_norms_and_explicit_head_dim() {
     check("qwen3");
-    greedy_with_cache("qwen3");
+    greedy_with_cache::<Cpu>("qwen3", &Default::default());
 }
 
 #[test]
 fn gemma3_with_sliding_and_full_layers() {
     check("gemma3");
-    greedy_with_cache("gemma3");
-    one_token_at_a_time_through_the_cache("gemma3");
+    greedy_with_cache::<Cpu>("gemma3", &Default::default());
+    one_token_at_a_time_through_the_cache::<Cpu>("gemma3", &Default::default());
 }
 
 /// Greedy decoding through fuserl's KV cache gives transformers' greedy ids (16 new tokens from
 /// a 6-token prompt: past Gemma 3's window of 4).
-fn greedy_with_cache(name: &str) {
+fn greedy_with_cache<B: fuserl_kernels::LogProbBackend>(name: &str, device: &B::Device) {
     use fuserl_model::llama::Inputs;
     let dir = fixture(name);
-    let model = load::<Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let model = load::<B>(&dir, device, DType::F32).expect("load");
     let oracle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("logprobs.json")).expect("fixture")).expect("json");
     let prompt: Vec<u32> = serde_json::from_value(oracle["greedy"]["prompt"].clone()).expect("prompt");
@@ -116,10 +116,10 @@ fn greedy_with_cache(name: &str) {
 
 /// The longest sequence fed one token at a time through the cache gives the log-probs of the
 /// whole-sequence pass (both checked against transformers), well past the sliding window.
-fn one_token_at_a_time_through_the_cache(name: &str) {
+fn one_token_at_a_time_through_the_cache<B: fuserl_kernels::LogProbBackend>(name: &str, device: &B::Device) {
     use fuserl_model::llama::Inputs;
     let dir = fixture(name);
-    let model = load::<Cpu>(&dir, &Default::default(), DType::F32).expect("load");
+    let model = load::<B>(&dir, device, DType::F32).expect("load");
     let oracle: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("logprobs.json")).expect("fixture")).expect("json");
     let seq: Vec<u32> = serde_json::from_value(oracle["sequences"][3].clone()).expect("sequence");
@@ -235,4 +235,9 @@ fn every_architecture_on_wgpu() {
         let model = load::<Wgpu>(&fixture(name), &device, DType::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
         check_model(name, &model);
     }
+    // Decoding through the KV cache (one query against the cached keys: the attention kernel's
+    // `past`), past Gemma 3's sliding window.
+    greedy_with_cache::<Wgpu>("qwen3", &device);
+    greedy_with_cache::<Wgpu>("gemma3", &device);
+    one_token_at_a_time_through_the_cache::<Wgpu>("gemma3", &device);
 }

@@ -18,7 +18,9 @@
 //!   bias and rotary tables of the micro-batch;
 //! - **attention tiles**: attention computes its scores in tiles of query rows (at most
 //!   `fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS` scores, the whole `[heads, seq, seq]` when it
-//!   fits) and again in the backward pass: three tiles alive in the forward, four in the backward;
+//!   fits) and again in the backward pass: three tiles alive in the forward, four in the backward
+//!   (none on a GPU device running the attention kernel, `[backend] attention = "kernel"`, whose
+//!   scores live in registers);
 //! - **log-probs**: the final hidden states, the head's gradient (built in vocabulary chunks and
 //!   joined: twice `[vocab, hidden]` f32 for a moment) and the chunks (at most 2^22 elements);
 //!   the naive path holds `[tokens, vocab]` logits instead;
@@ -37,7 +39,7 @@
 //! The peak is the largest of the phases. Checked against measured peaks on the CPU
 //! (`scripts/bench-memory-plan.sh`, docs/scaling.md).
 
-use fuserl_core::backend::{BackendConfig, LogProbPath, MasterWeights};
+use fuserl_core::backend::{AttentionPath, BackendConfig, Device, LogProbPath, MasterWeights};
 use fuserl_model::checkpoint::BaseQuant;
 use fuserl_model::config::LlamaConfig;
 use fuserl_recipe::StageConfig;
@@ -342,8 +344,13 @@ fn layer_activations_per_token(m: &LlamaConfig, c: u64, r: u64, length: u64) -> 
 
 /// Elements of one attention tile of a micro-batch of `sequences` x `length` tokens: query rows
 /// are cut so that a tile's scores are at most `fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS` (one
-/// row at least), the whole `[heads, seq, seq]` when they fit.
-fn attention_tile(m: &LlamaConfig, sequences: u64, length: u64) -> u64 {
+/// row at least), the whole `[heads, seq, seq]` when they fit. None on a GPU device running the
+/// attention kernel, whose scores live in registers (its `dO . O` per row is counted with the
+/// statistics).
+fn attention_tile(m: &LlamaConfig, b: &BackendConfig, sequences: u64, length: u64) -> u64 {
+    if b.device != Device::Cpu && b.attention == AttentionPath::Kernel {
+        return 0;
+    }
     let row = sequences * m.num_heads as u64 * length;
     let bound = (fuserl_kernels::DEFAULT_MAX_ATTENTION_ELEMS as u64).max(row);
     (row * length).min(bound)
@@ -403,7 +410,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     // Attention's working set, one tile at a time (f32): in the forward the scores with the
     // tile's bias written out and the probabilities; in the backward the probabilities again,
     // their gradient and the scores' (counted as four tiles).
-    let tile = attention_tile(m, input.sequences as u64, length);
+    let tile = attention_tile(m, b, input.sequences as u64, length);
     let attention_forward = 3 * tile * 4;
     let attention_backward = 4 * tile * 4;
     // One layer's backward: the MLP's gradients (two the size of its intermediate) and the
@@ -442,7 +449,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         // Inference, no graph: the reference's weights (loaded as the policy is), one layer's
         // working set at a time and the log-prob chunks.
         let t = (seqs * input.length) as u64;
-        let working = attention_forward.max(3 * attention_tile(m, seqs as u64, length) * 4)
+        let working = attention_forward.max(3 * attention_tile(m, b, seqs as u64, length) * 4)
             + t * (4 * m.intermediate_size as u64 + 4 * h) * c;
         phases.push(Phase {
             name: "reference log-probs",
