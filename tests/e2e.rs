@@ -156,8 +156,7 @@ fn run_reports_every_mistake_of_a_recipe() {
 }
 
 /// Issue #31: `[target.lora]` mistakes are reported at their lines: a module PEFT does not name,
-/// rank 0, dropout with gradient checkpointing (not supported yet), and an adapter export without
-/// adapters.
+/// rank 0, a dropout that is not a probability, and an adapter export without adapters.
 #[test]
 fn lora_settings_are_checked_at_their_lines() {
     let lora = "[target.lora]\nr = 8\ntarget_modules = [\"q_proj\", \"qkv_proj\"]\n";
@@ -166,13 +165,20 @@ fn lora_settings_are_checked_at_their_lines() {
     let line = line_of(&recipe, "target_modules");
     assert!(err.contains(&format!("broken.toml:{line}:")) && err.contains("unknown module `qkv_proj`"), "{err}");
     let (code, err, recipe) =
-        check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\ndropout = 0.1\n\n[[sources]]", 1));
+        check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\n\n[[sources]]", 1));
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!("broken.toml:{}:", line_of(&recipe, "r = 0"))) && err.contains("positive rank"),
         "{err}"
     );
-    assert!(err.contains("LoRA dropout with gradient checkpointing is not supported yet"), "{err}");
+    let (code, err, recipe) =
+        check_broken(|r| r.replacen("[[sources]]", "[target.lora]\ndropout = 1.5\n\n[[sources]]", 1));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("broken.toml:{}:", line_of(&recipe, "dropout = 1.5")))
+            && err.contains("expected a probability in [0, 1)"),
+        "{err}"
+    );
     let (code, err, _) = check_broken(|r| format!("{r}\n[export]\nlora = \"adapter\"\n"));
     assert_eq!(code, 2, "{err}");
     assert!(

@@ -139,6 +139,7 @@ fn settings<'a>(case: &'a Case, config: &'a StageConfig, lr: f64, loss_scale: f6
         lr,
         logprobs: LogProbPath::Fused,
         loss_scale,
+        dropout_key: 0,
     }
 }
 
@@ -340,6 +341,7 @@ fn smollm2_bf16_loss_curves_follow_torch_autocast() {
                     lr,
                     logprobs: LogProbPath::Fused,
                     loss_scale: 1.0,
+                    dropout_key: 0,
                 };
                 let out;
                 (model, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
@@ -407,6 +409,7 @@ fn checkpointing_by_layer_gives_the_plain_gradients_on_every_family() {
                 lr: 1e-3,
                 logprobs: LogProbPath::Fused,
                 loss_scale: 1.0,
+                dropout_key: 0,
             };
             let (_, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
             norms.push((out.loss, out.grad_norm));
@@ -505,6 +508,45 @@ fn formula_adapters<B: burn::tensor::backend::Backend>(weights: &mut fuserl_mode
         })
         .collect();
     fuserl_model::lora::set_adapters(weights, set);
+}
+
+/// LoRA dropout with gradient checkpointing: the recomputed layers draw the masks of the
+/// graph-free forward, so a step's loss and gradient norm are those of the whole graph with the
+/// same masks (one sequence a micro-batch: one shard either way); the masks are a function of the
+/// step's key (the same step twice gives the same numbers, another key others) and they change
+/// the gradients (against no dropout).
+#[test]
+fn lora_dropout_with_checkpointing_is_the_whole_graph() {
+    let fixture = lora_fixture();
+    let m = &fixture["models"][0];
+    assert_eq!(m["name"], "tiny-chat");
+    let dir = lora_model_dir("tiny-chat");
+    let all = cases(m);
+    let case = all.iter().find(|c| c.kind == "sft").expect("an sft case");
+    let lr = fixture["lr"].as_f64().expect("lr");
+    let step = |dropout: f64, checkpointing: bool, key: u64| {
+        let config = StageConfig { gradient_checkpointing: checkpointing, batch_size: 1, ..stage_config(&fixture) };
+        let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).expect("model");
+        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
+        let spec = fuserl_model::lora::LoraSpec { dropout, ..lora_spec() };
+        fuserl_model::lora::add_adapters(&mut model.weights, &spec, 0, DType::F32);
+        formula_adapters(&mut model.weights, true);
+        let mut optim = new_optimizer(&config);
+        let picked: Vec<&TrainExample> = case.examples.iter().take(2).collect();
+        let settings = StepSettings { dropout_key: key, ..settings(case, &config, lr, 1.0) };
+        let (_, out) = optimizer_step(model, &mut optim, &picked, settings).expect("step");
+        (out.loss, out.grad_norm)
+    };
+    let whole = step(0.3, false, 7);
+    let checkpointed = step(0.3, true, 7);
+    for (what, a, b) in [("loss", whole.0, checkpointed.0), ("gradient norm", whole.1, checkpointed.1)] {
+        assert!(close(a, b, 1e-5), "{what}: whole graph {a} vs checkpointed {b}");
+    }
+    assert_eq!(step(0.3, true, 7), checkpointed, "the same key, other masks");
+    let other = step(0.3, true, 8);
+    assert!(!close(other.1, checkpointed.1, 1e-4), "another key, the same masks: {other:?}");
+    let none = step(0.0, true, 7);
+    assert!(!close(none.1, checkpointed.1, 1e-4), "dropout changed nothing: {none:?} vs {checkpointed:?}");
 }
 
 /// Step-1 loss and adapter gradient norm within 1e-4 relative of PEFT's, 10 losses within 2e-3,
@@ -624,9 +666,23 @@ fn lora_export_matches_peft_layout_and_logprobs() {
         let merged = tmp.path().join("merged");
         fuserl_model::checkpoint::save(&model, &merged, 2 << 30, Some(&dir)).expect("merged export");
         assert!(!merged.join("adapter_config.json").exists());
-        for (folder, key) in [(&adapter, "token_logps"), (&merged, "merged_token_logps")] {
+        // An adapter folder as the Hub and TRL's save_model often hold it: the base's config.json
+        // (and tokenizer) beside the adapter, no weights of its own. transformers' PEFT
+        // integration applies the adapter; so does fuserl.
+        let hub = tmp.path().join("hub-adapter");
+        std::fs::create_dir(&hub).expect("mkdir");
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter.join(f), hub.join(f)).expect("copy adapter");
+        }
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            if dir.join(f).is_file() {
+                std::fs::copy(dir.join(f), hub.join(f)).expect("copy base file");
+            }
+        }
+        assert!(fuserl_model::lora::is_adapter_dir(&hub), "{name}: config.json beside an adapter");
+        for (folder, key) in [(&adapter, "token_logps"), (&hub, "token_logps"), (&merged, "merged_token_logps")] {
             let loaded = load::<Cpu>(folder, &Default::default(), DType::F32).expect("load the export");
-            assert_peft_logps(&loaded, &seqs, &m["export"][key], &format!("{name} ({key})"));
+            assert_peft_logps(&loaded, &seqs, &m["export"][key], &format!("{name} ({key}, {})", folder.display()));
         }
     }
 }

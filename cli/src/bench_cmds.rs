@@ -238,6 +238,7 @@ impl OnBackend for TrainStep<'_> {
             lr: 1e-6,
             logprobs: path,
             loss_scale: 1.0,
+            dropout_key: 0,
         };
         fuserl_backends::memory::reset_peak();
         let mut times = Vec::with_capacity(a.steps);

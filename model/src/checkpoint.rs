@@ -464,6 +464,13 @@ pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant
         tracing::info!(adapter = %Shown(dir), r = adapter.spec.r, "loaded LoRA adapter");
         return Ok(model);
     }
+    if dir.join(crate::lora::CONFIG_FILE).is_file() {
+        tracing::warn!(
+            dir = %Shown(dir),
+            "a checkpoint folder with whole weights and an adapter_config.json: the weights are read, the adapter is \
+             not applied"
+        );
+    }
     let config_file = config_file(dir)?;
     let json = crate::config::read_json(&config_file)?;
     let config = LlamaConfig::from_json(&json, &config_file)?;

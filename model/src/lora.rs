@@ -85,8 +85,42 @@ pub struct Lora<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `s`: `alpha / r` or `alpha / sqrt(r)`.
     pub scale: f64,
-    /// Dropout probability on the input while training (autodiff on).
+    /// Dropout probability on the input while training (inside [`with_dropout`]).
     pub dropout: f64,
+    /// Which adapter this is (its linear layer's place in the model, layer by layer): keys its
+    /// dropout masks.
+    pub site: usize,
+}
+
+thread_local! {
+    /// The dropout key of the training pass running on this thread ([`with_dropout`]).
+    static DROPOUT_KEY: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Serialises seeding the backend's generator and drawing a mask, so that a mask depends on its
+/// key only (the CPU's shards draw on several threads at once).
+static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` (a training pass on this thread) with LoRA dropout keyed by `key`; outside, adapters
+/// run without dropout (inference, reference log-probs, generation). An adapter's mask is a
+/// function of `key`, its site and its input's shape, whether autodiff is on or not: gradient
+/// checkpointing's graph-free forward and its recomputation of a layer draw the same masks, and
+/// so do a rerun and a resumed run.
+pub fn with_dropout<T>(key: u64, f: impl FnOnce() -> T) -> T {
+    let before = DROPOUT_KEY.with(|k| k.replace(Some(key)));
+    let out = f();
+    DROPOUT_KEY.with(|k| k.set(before));
+    out
+}
+
+/// A dropout key from its parts (a stage's seed, the step, the micro-batch, the shard).
+pub fn dropout_key(parts: &[u64]) -> u64 {
+    parts.iter().fold(0x6c6f_7261_6472_6f70u64, |h, &p| {
+        let mut z = (h ^ p).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
 }
 
 impl<B: Backend> Lora<B> {
@@ -97,12 +131,18 @@ impl<B: Backend> Lora<B> {
     /// `x: [rows, in]` -> `[rows, out]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let dtype = x.dtype();
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
-            let keep = 1.0 - self.dropout;
-            let mask = x.random_like(Distribution::Bernoulli(keep));
-            x * mask.mul_scalar(1.0 / keep)
-        } else {
-            x
+        let key = DROPOUT_KEY.with(std::cell::Cell::get).filter(|_| self.dropout > 0.0);
+        let x = match key {
+            Some(key) => {
+                let keep = 1.0 - self.dropout;
+                let mask = {
+                    let _draw = DRAW.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    B::seed(&x.device(), dropout_key(&[key, self.site as u64]));
+                    x.random_like(Distribution::Bernoulli(keep))
+                };
+                x * mask.mul_scalar(1.0 / keep)
+            }
+            None => x,
         };
         x.matmul(in_dtype(self.a.val(), dtype)).matmul(in_dtype(self.b.val(), dtype)).mul_scalar(self.scale)
     }
@@ -177,7 +217,7 @@ impl SplitMix {
 pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u64, dtype: DType) {
     let mut rng = SplitMix(seed ^ 0x4c6f_5241);
     let device = weights.embed_tokens.val().device();
-    for (_, name, linear) in linears_mut(weights) {
+    for (site, (_, name, linear)) in linears_mut(weights).into_iter().enumerate() {
         if linear.lora.is_some() || !spec.targets.iter().any(|t| t == name) {
             continue;
         }
@@ -193,6 +233,7 @@ pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u
             b: Param::from_tensor(b),
             scale: spec.scale(),
             dropout: spec.dropout,
+            site,
         });
     }
 }
@@ -220,10 +261,23 @@ pub fn without_adapters<B: Backend>(mut weights: Llama<B>) -> Llama<B> {
     weights
 }
 
-/// Whether `dir` is a PEFT adapter folder (an `adapter_config.json` and no `config.json`; a folder
-/// with both is read as the full checkpoint its config.json describes).
+/// Whether `dir` is a PEFT adapter folder: an `adapter_config.json` and no model weights of its
+/// own (`model.safetensors`, its sharded index, or fuserl's `model.gguf`). Adapter folders saved
+/// by TRL, Unsloth or the Hub often carry the base's `config.json` beside the adapter, as
+/// transformers' PEFT integration reads them; a folder with whole weights is the checkpoint they
+/// make (an `adapter_config.json` beside them is left alone: [`crate::checkpoint::load`] warns).
 pub fn is_adapter_dir(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).is_file() && !dir.join("config.json").is_file()
+    if !dir.join(CONFIG_FILE).is_file() {
+        return false;
+    }
+    !has_own_weights(dir)
+}
+
+/// Whether the checkpoint folder `dir` has whole model weights of its own.
+pub(crate) fn has_own_weights(dir: &Path) -> bool {
+    ["model.safetensors", "model.safetensors.index.json", crate::checkpoint::GGUF_FILE]
+        .iter()
+        .any(|f| dir.join(f).is_file())
 }
 
 /// An adapter folder's `adapter_config.json`, read and checked: what fuserl can apply (LoRA, no
@@ -370,7 +424,7 @@ pub fn apply_adapter_dir<B: Backend>(
     }
     let device = weights.embed_tokens.val().device();
     let spec = &config.spec;
-    for (layer, name, linear) in linears_mut(weights) {
+    for (site, (layer, name, linear)) in linears_mut(weights).into_iter().enumerate() {
         let targeted = spec.targets.iter().any(|t| t == name);
         let Some((a, b)) = found.remove(&layer) else {
             if targeted {
@@ -396,8 +450,13 @@ pub fn apply_adapter_dir<B: Backend>(
             let t = crate::checkpoint::transpose(&values, rows, cols);
             Param::from_tensor(Tensor::<B, 2>::from_data(TensorData::new(t, [cols, rows]), (&device, dtype)))
         };
-        linear.lora =
-            Some(Lora { a: make(a, spec.r, inp), b: make(b, out, spec.r), scale: spec.scale(), dropout: spec.dropout });
+        linear.lora = Some(Lora {
+            a: make(a, spec.r, inp),
+            b: make(b, out, spec.r),
+            scale: spec.scale(),
+            dropout: spec.dropout,
+            site,
+        });
     }
     if let Some(layer) = found.keys().next() {
         return Err(ModelError::format(
@@ -499,7 +558,7 @@ pub fn freeze_base<B: Backend>(mut weights: Llama<B>, dtype: DType) -> Llama<B> 
     let mut weights = weights.no_grad();
     let trainable = |p: Param<Tensor<B, 2>>| Param::from_tensor(p.val().cast(dtype).detach());
     for ((_, _, linear), lora) in linears_mut(&mut weights).into_iter().zip(taken) {
-        linear.lora = lora.map(|l| Lora { a: trainable(l.a), b: trainable(l.b), scale: l.scale, dropout: l.dropout });
+        linear.lora = lora.map(|l| Lora { a: trainable(l.a), b: trainable(l.b), ..l });
     }
     weights
 }

@@ -430,9 +430,6 @@ pub fn check_recipe_text(
     if let Err(e) = validate_target(&raw.target) {
         problems.push(prefixed(e, "target"));
     }
-    let checkpointing = |s: &StageConfig| s.enabled && s.gradient_checkpointing;
-    let dropout_with_checkpointing = raw.target.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
-        && (checkpointing(&raw.sft) || checkpointing(&raw.po));
     let data = validate_data(raw.data).map_err(|e| problems.push(prefixed(e, "data"))).ok();
     let sft = resolve_stage(raw.sft, Stage::Sft).map_err(|e| problems.push(prefixed(e, "sft"))).ok();
     let po = resolve_stage(raw.po, Stage::Po).map_err(|e| problems.push(prefixed(e, "po"))).ok();
@@ -454,16 +451,6 @@ pub fn check_recipe_text(
                 "a GGUF export holds the whole model: use lora = \"merged\" with format = \"gguf\"",
             ),
             "export",
-        ));
-    }
-    if dropout_with_checkpointing {
-        problems.push(prefixed(
-            ConfigError::new(
-                KeyPath::keys(&["lora", "dropout"]),
-                "LoRA dropout with gradient checkpointing is not supported yet (the recomputed layers would draw \
-                 other dropout masks): set dropout = 0.0, or gradient_checkpointing = false in [sft] and [po]",
-            ),
-            "target",
         ));
     }
     let settings_valid = problems.len() == read;

@@ -133,6 +133,7 @@ fn bench<
         lr: 1e-6,
         logprobs,
         loss_scale: 1.0,
+        dropout_key: 0,
     };
     let (mut model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
     let steps: usize = std::env::var("FUSERL_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);

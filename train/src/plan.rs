@@ -207,8 +207,7 @@ impl MemoryPlan {
                     input.config.batch_size, input.length
                 ),
             ));
-            // (Not with LoRA dropout: the two do not go together yet.)
-            if !input.config.gradient_checkpointing && input.lora.is_none_or(|l| l.dropout == 0.0) {
+            if !input.config.gradient_checkpointing {
                 levers.push((activations * 3 / 4, "`gradient_checkpointing = true`".into()));
             }
         }
@@ -425,7 +424,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     };
 
     let mut phases = Vec::new();
-    if input.backend.device == fuserl_core::backend::Device::Cpu {
+    if input.backend.device == Device::Cpu {
         // Loading, in the process's memory: a safetensors file is read whole (counted as f32, its
         // largest), its tensors converted to f32 host copies that are moved into the model one by
         // one (the model in its types and what is left of the copies: about one f32 copy).
@@ -558,7 +557,7 @@ mod tests {
         assert_eq!(lora_parameters(&m, &lora), 41_943_040);
         let config: StageConfig = fuserl_core::config::parse_table(&toml::Table::new()).expect("defaults");
         let backend = BackendConfig {
-            device: fuserl_core::backend::Device::Cuda,
+            device: Device::Cuda,
             dtype: fuserl_core::backend::DType::Bf16,
             ..BackendConfig::default()
         };

@@ -231,6 +231,9 @@ pub struct StepSettings<'a> {
     /// pass starts from the loss times this, and the gradients are divided by it before
     /// clipping and the update.
     pub loss_scale: f64,
+    /// The key of this step's LoRA dropout masks (with the micro-batch and shard:
+    /// [`fuserl_model::lora::with_dropout`]).
+    pub dropout_key: u64,
 }
 
 /// Dynamic loss scaling for f16 compute, as PyTorch's `GradScaler`: the loss is multiplied by
@@ -320,7 +323,8 @@ pub fn optimizer_step<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProb
     let mut loss = 0.0;
     let mut tokens = 0usize;
     let mut metric_sums: Vec<(String, f64)> = Vec::new();
-    for micro in picked.chunks(c.batch_size as usize) {
+    for (micro_index, micro) in picked.chunks(c.batch_size as usize).enumerate() {
+        let key = fuserl_model::lora::dropout_key(&[s.dropout_key, micro_index as u64]);
         let mut seqs = Vec::new();
         let mut offsets = vec![0usize];
         let mut weights = Vec::with_capacity(micro.len());
@@ -365,9 +369,11 @@ pub fn optimizer_step<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProb
             Ok(out.grad.iter().map(|g| (*g * s.loss_scale) as f32).collect())
         };
         if c.gradient_checkpointing {
-            layerwise_backward(&model, &seqs, s.logprobs, &mut accumulator, coefficients)?;
+            layerwise_backward(&model, &seqs, s.logprobs, key, &mut accumulator, coefficients)?;
         } else {
-            let (logps, _) = sequence_logps(&model, &seqs, s.logprobs);
+            // One shard (shard 0 of the checkpointed path's keys).
+            let shard_key = fuserl_model::lora::dropout_key(&[key, 0]);
+            let (logps, _) = fuserl_model::lora::with_dropout(shard_key, || sequence_logps(&model, &seqs, s.logprobs));
             let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
             let coef = coefficients(&host)?;
             let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
@@ -470,6 +476,11 @@ pub fn train_stage<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBac
             lr,
             logprobs: stage.logprobs,
             loss_scale: loss_scale.map_or(1.0, |l| l.scale),
+            dropout_key: fuserl_model::lora::dropout_key(&[
+                stage.seed,
+                step,
+                stage.name.as_str().bytes().fold(0, |h, b| h * 31 + u64::from(b)),
+            ]),
         };
         let diverged = |what: String| {
             let kept = match checkpoint::latest_checkpoint(&stage.dir) {
