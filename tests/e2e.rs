@@ -164,8 +164,7 @@ fn lora_settings_are_checked_at_their_lines() {
     assert_eq!(code, 2, "{err}");
     let line = line_of(&recipe, "target_modules");
     assert!(err.contains(&format!("broken.toml:{line}:")) && err.contains("unknown module `qkv_proj`"), "{err}");
-    let (code, err, recipe) =
-        check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\n\n[[sources]]", 1));
+    let (code, err, recipe) = check_broken(|r| r.replacen("[[sources]]", "[target.lora]\nr = 0\n\n[[sources]]", 1));
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!("broken.toml:{}:", line_of(&recipe, "r = 0"))) && err.contains("positive rank"),
@@ -782,6 +781,38 @@ fn generate_streams_its_reply() {
     let printed = printed.expect("nothing printed before the pause");
     assert!(!printed.is_empty() && whole.starts_with(&printed), "{printed:?} is not the start of {whole:?}");
     assert!(printed.len() < whole.trim_end().len(), "the whole reply {whole:?} was printed at once");
+}
+
+/// Issue #33: a chat template that builds a string without bound (fuel counts instructions, and
+/// 40 doublings are few) stops at the memory budget: exit status 2, the template named once, no
+/// panic text, within 10 s, instead of asking for a terabyte.
+#[test]
+fn a_template_that_grows_a_string_without_bound_is_stopped_at_its_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).expect("mkdir");
+    for f in std::fs::read_dir(repo().join("checkpoints/tiny-chat")).expect("tiny-chat") {
+        let f = f.expect("entry").path();
+        if f.is_file() {
+            std::fs::copy(&f, model.join(f.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let bomb = "{% set ns = namespace(s='abcdefgh') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\
+                {{ ns.s | length }}";
+    std::fs::write(model.join("chat_template.jinja"), bomb).expect("write");
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").expect("write");
+    let out = dir.path().join("out.jsonl").display().to_string();
+    let t0 = std::time::Instant::now();
+    let args =
+        ["logprobs", "--model", &model.display().to_string(), "--data", &data.display().to_string(), "--out", &out];
+    let run = fuserl(&args, dir.path());
+    let err = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(t0.elapsed().as_secs() < 10, "took {:?}", t0.elapsed());
+    assert!(err.contains("chat_template.jinja: chat template: rendering grew past 512 MiB"), "{err}");
+    assert_eq!(err.matches("rendering grew past").count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

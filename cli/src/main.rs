@@ -200,6 +200,11 @@ enum StageArg {
     Po,
 }
 
+/// The system allocator, counting what a chat template's rendering allocates (a template that
+/// builds strings without bound stops the process with an error naming it: fuserl_io::budget).
+#[global_allocator]
+static ALLOC: fuserl_io::budget::BudgetAlloc = fuserl_io::budget::BudgetAlloc;
+
 fn main() -> ExitCode {
     // Before any other thread starts (see its docs: page faults on every re-allocation).
     fuserl_backends::keep_freed_memory();

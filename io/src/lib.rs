@@ -9,6 +9,7 @@
 //!   [`artifacts`]: the typed files in it that one part writes and another reads.
 
 pub mod artifacts;
+pub mod budget;
 pub mod fs;
 pub mod jsonl;
 pub mod parquet_pages;

@@ -39,6 +39,11 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 /// Template instructions one rendering may run (real templates use a few thousand per message).
 const FUEL: u64 = 50_000_000;
 
+/// The most a chat template's rendering may grow the heap by (live bytes of the rendering
+/// thread): eight times the longest data line fuserl reads (64 MiB), far past any real template's
+/// needs; past it the process stops (fuserl_io::budget).
+const TEMPLATE_BUDGET: usize = 512 << 20;
+
 impl ChatTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` and the chat template from a checkpoint
     /// folder; `template` overrides the folder's template.
@@ -181,9 +186,19 @@ impl ChatTokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         // minijinja's and its regex's panics (a hostile template) come back as errors naming it.
-        fuserl_io::untrusted::catch_panic(|| env.get_template("chat").and_then(|t| t.render(ctx)))
-            .map_err(|m| ModelError::format(&self.template_file, format!("chat template: {m}")))?
-            .map_err(bad)
+        // Fuel counts instructions, not bytes: a template that doubles a string in a loop is
+        // stopped by a memory budget (exit status 2, the file named; fuserl_io::budget).
+        let over = format!(
+            "error: {}: chat template: rendering grew past {} MiB of memory (a template that builds strings without \
+             bound); stopped",
+            fuserl_core::paths::Shown(&self.template_file),
+            TEMPLATE_BUDGET >> 20
+        );
+        fuserl_io::budget::with_budget(TEMPLATE_BUDGET, &over, || {
+            fuserl_io::untrusted::catch_panic(|| env.get_template("chat").and_then(|t| t.render(ctx)))
+        })
+        .map_err(|m| ModelError::format(&self.template_file, format!("chat template: {m}")))?
+        .map_err(bad)
     }
 
     /// Encode text without adding special tokens (special tokens written in the text are still
