@@ -680,6 +680,20 @@ fn lora_export_matches_peft_layout_and_logprobs() {
             }
         }
         assert!(fuserl_model::lora::is_adapter_dir(&hub), "{name}: config.json beside an adapter");
+        // Such a folder naming itself as its base (`.`) is refused, not loaded on top of itself
+        // without end.
+        let itself = tmp.path().join("itself");
+        std::fs::create_dir(&itself).expect("mkdir");
+        for f in ["adapter_model.safetensors", "config.json"] {
+            std::fs::copy(hub.join(f), itself.join(f)).expect("copy");
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(hub.join("adapter_config.json")).expect("config"))
+                .expect("json");
+        config["base_model_name_or_path"] = ".".into();
+        std::fs::write(itself.join("adapter_config.json"), config.to_string()).expect("write");
+        let err = load::<Cpu>(&itself, &Default::default(), DType::F32).expect_err("itself as its base").to_string();
+        assert!(err.contains("base_model_name_or_path `.` is an adapter folder"), "{err}");
         for (folder, key) in [(&adapter, "token_logps"), (&hub, "token_logps"), (&merged, "merged_token_logps")] {
             let loaded = load::<Cpu>(folder, &Default::default(), DType::F32).expect("load the export");
             assert_peft_logps(&loaded, &seqs, &m["export"][key], &format!("{name} ({key}, {})", folder.display()));

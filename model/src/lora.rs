@@ -107,10 +107,15 @@ static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// checkpointing's graph-free forward and its recomputation of a layer draw the same masks, and
 /// so do a rerun and a resumed run.
 pub fn with_dropout<T>(key: u64, f: impl FnOnce() -> T) -> T {
-    let before = DROPOUT_KEY.with(|k| k.replace(Some(key)));
-    let out = f();
-    DROPOUT_KEY.with(|k| k.set(before));
-    out
+    /// Puts the enclosing key back, also when `f` unwinds.
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DROPOUT_KEY.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(DROPOUT_KEY.with(|k| k.replace(Some(key))));
+    f()
 }
 
 /// A dropout key from its parts (a stage's seed, the step, the micro-batch, the shard).
@@ -341,6 +346,15 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         .and_then(Value::as_str)
         .ok_or_else(|| bad("expected `base_model_name_or_path`, the base checkpoint's folder".into()))?;
     let candidates = [dir.join(base_name), PathBuf::from(base_name)];
+    // The base is a whole checkpoint: an adapter folder as the base (the folder itself, `.`, or
+    // another adapter) would be loaded on top of itself without end.
+    if let Some(adapter) = candidates.iter().find(|p| is_adapter_dir(p)) {
+        return Err(bad(format!(
+            "base_model_name_or_path `{base_name}` is an adapter folder ({}): the base must be a whole checkpoint \
+             (fuserl applies one adapter on its base)",
+            fuserl_core::paths::Shown(adapter)
+        )));
+    }
     let base = candidates.into_iter().find(|p| p.join("config.json").is_file()).ok_or_else(|| {
         bad(format!(
             "base_model_name_or_path `{base_name}` is not a checkpoint folder here (looked beside the adapter and in \

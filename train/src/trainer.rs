@@ -447,8 +447,8 @@ pub fn train_stage<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBac
     let device = model.device();
     for step in start..total {
         let t0 = Instant::now();
-        // The backend's random draws (LoRA dropout's masks) seeded per step from the run's seed:
-        // the same masks in a rerun and after a resume.
+        // The backend's generator seeded per step from the run's seed, for any draw a step makes
+        // (LoRA dropout's masks are keyed on their own: `dropout_key` below).
         <B as burn::tensor::backend::Backend>::seed(
             &device,
             stage.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ stage.name.as_str().len() as u64,
