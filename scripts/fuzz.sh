@@ -7,7 +7,9 @@
 #                                        (several targets may run at once, one per core)
 #   scripts/fuzz.sh all SECONDS          every target in turn, SECONDS each (what CI runs)
 #   scripts/fuzz.sh topup MINUTES [JOBS] run each target until fuzz/runs.jsonl gives it MINUTES
-#                                        CPU-minutes in all, least-run first, JOBS at once
+#                                        CPU-minutes on the current harness (fuserl_fuzz::HARNESS),
+#                                        least-run first, JOBS at once (stop it any time: the
+#                                        next topup goes on from what runs.jsonl holds)
 #   scripts/fuzz.sh table                rebuild the table in docs/reliability.md from fuzz/runs.jsonl
 #
 # Each target keeps its queue in $FUSERL_FUZZ_DIR/TARGET (default ~/.cache/fuserl/fuzz), seeded
@@ -127,28 +129,31 @@ run() {
     done
     log "$target: $((execs - before_execs)) executions in $cpu_seconds CPU-seconds; $crashes crashes, $hangs hangs"
     if [ "${FUSERL_FUZZ_RECORD:-1}" != 0 ]; then
-        printf '{"target": "%s", "fuzzer": "AFL++ (cargo-afl %s)", "cpu_seconds": %s, "executions": %s, "crashes": %s, "hangs": %s, "ended": "%s", "commit": "%s", "cpu": "%s", "cpu_accounting": "rusage"}\n' \
+        printf '{"target": "%s", "fuzzer": "AFL++ (cargo-afl %s)", "cpu_seconds": %s, "executions": %s, "crashes": %s, "hangs": %s, "ended": "%s", "commit": "%s", "cpu": "%s", "cpu_accounting": "rusage", "harness": %s}\n' \
             "$target" "$afl_version" "$cpu_seconds" "$((execs - before_execs))" "$crashes" "$hangs" \
             "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD)" \
-            "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" >>fuzz/runs.jsonl
+            "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" "$("$bin" --harness)" >>fuzz/runs.jsonl
     fi
     [ $((crashes + hangs)) -eq 0 ] || { log "$target: fix them; the files stay as regression tests"; return 1; }
 }
 
-# The targets still short of $1 CPU-seconds in fuzz/runs.jsonl, least-run first, with what each lacks.
+# The targets still short of $1 CPU-seconds in fuzz/runs.jsonl on the current harness
+# (fuserl_fuzz::HARNESS; runs recorded without one are of the first), least-run first, with
+# what each lacks.
 short_of() {
     targets | python3 -c '
 import json, sys
-need = int(sys.argv[1])
+need, harness = int(sys.argv[1]), int(sys.argv[2])
 done = {}
 for line in open("fuzz/runs.jsonl"):
     r = json.loads(line)
-    done[r["target"]] = done.get(r["target"], 0) + r["cpu_seconds"]
+    if r.get("harness", 1) == harness:
+        done[r["target"]] = done.get(r["target"], 0) + r["cpu_seconds"]
 rows = [(done.get(t, 0), t) for t in sys.stdin.read().split()]
 for d, t in sorted(rows):
     if d < need:
         print(t, need - d)
-' "$1"
+' "$1" "$("$bin" --harness)"
 }
 
 # One worker of `topup`: takes the least-run target that no other worker holds (a lock folder),

@@ -46,3 +46,16 @@ declarations = {
 }
 for name, data in declarations.items():
     open(os.path.join(here, "plugin-declaration", name), "wb").write(data)
+
+
+# Seeds of the structure-aware targets (fuzz/src/structured.rs): their bytes are choices, so a
+# seed is any bytes. All zeros builds the smallest well-formed input of each grammar (every
+# choice its first option); the others are fixed pseudo-random bytes that pick other branches.
+import random
+
+structured = os.path.join(here, "structured")
+os.makedirs(structured, exist_ok=True)
+open(os.path.join(structured, "zeros.bin"), "wb").write(bytes(64))
+rng = random.Random(33)
+for n in (64, 512, 4096):
+    open(os.path.join(structured, f"random-{n}.bin"), "wb").write(bytes(rng.randrange(256) for _ in range(n)))

@@ -18,6 +18,16 @@ use fuserl_model::checkpoint::TensorStore;
 use fuserl_model::config::LlamaConfig;
 use fuserl_model::gguf::{Gguf, write_tokenizer};
 
+pub mod structured;
+
+/// The harness's generation, recorded with every run in `fuzz/runs.jsonl`: raised when the
+/// targets change so much that earlier hours no longer count towards the goal of 30 CPU-minutes
+/// a target (`scripts/fuzz.sh topup` and the table count the current generation's runs only).
+/// 1: issue #13's byte-level targets (runs recorded without the field). 2 (issue #33): the
+/// structure-aware targets (`structured`), the binary's memory budget allocator in the harness,
+/// and every parser fix of issue #33.
+pub const HARNESS: u32 = 2;
+
 /// A fuzz target.
 #[derive(Debug)]
 pub struct Target {
@@ -87,6 +97,24 @@ pub static TARGETS: &[Target] = &[
         parser: "chat templates (minijinja with fuel), rendered with and without the generation prompt",
         seeds: &["recipes/templates/*.jinja", "fuzz/seeds/template/*.jinja"],
         run: template,
+    },
+    Target {
+        name: "gguf-structured",
+        parser: "GGUF files built from the fuzzer's choices (hyperparameters, vocabulary, nested metadata, tensor table), converted as `fuserl convert gguf` does, with and without --keep-quantized, and the tokenizer it writes used",
+        seeds: &["fuzz/seeds/structured/*.bin"],
+        run: gguf_structured,
+    },
+    Target {
+        name: "tokenizer-structured",
+        parser: "tokenizer folders built from the fuzzer's choices (tokenizer.json's model, normalizers, regex splits, decoders, added tokens, truncation, padding; tokenizer_config.json's special tokens and template), loaded and used",
+        seeds: &["fuzz/seeds/structured/*.bin"],
+        run: tokenizer_structured,
+    },
+    Target {
+        name: "template-structured",
+        parser: "chat templates built from the fuzzer's choices (loops, namespaces that grow strings, recursive macros, filters, slices), rendered under fuel and the memory budget",
+        seeds: &["fuzz/seeds/structured/*.bin"],
+        run: template_structured,
     },
     Target {
         name: "plugin-declaration",
@@ -270,6 +298,46 @@ fn template(data: &[u8]) -> bool {
     let dir = tokenizer_dir("template");
     let file = input_file("template.jinja", data);
     ChatTokenizer::load(&dir, Some(&file)).is_ok_and(|tok| use_tokenizer(&tok))
+}
+
+/// The files a structure-aware target builds from `data` (name, content), for looking at a
+/// finding (`fuserl-fuzz --expand TARGET INPUT DIR`); `None` for the byte-level targets.
+pub fn expand(target: &str, data: &[u8]) -> Option<Vec<(&'static str, Vec<u8>)>> {
+    let mut c = structured::Choices::new(data);
+    Some(match target {
+        "gguf-structured" => vec![("model.gguf", structured::gguf(&mut c))],
+        "tokenizer-structured" => {
+            let (tokenizer, config) = structured::tokenizer(&mut c);
+            vec![("tokenizer.json", tokenizer), ("tokenizer_config.json", config)]
+        }
+        "template-structured" => vec![("template.jinja", structured::template(&mut c).into_bytes())],
+        _ => return None,
+    })
+}
+
+/// A GGUF file from choices, converted into a checkpoint folder; the folder's tokenizer used.
+fn gguf_structured(data: &[u8]) -> bool {
+    let mut c = structured::Choices::new(data);
+    let file = input_file("structured.gguf", &structured::gguf(&mut c));
+    let out = work_dir().join("structured-gguf-out");
+    let _ = std::fs::remove_dir_all(&out);
+    let keep_quantized = c.one_in(2);
+    fuserl_model::gguf::convert_with(&file, &out, keep_quantized).is_ok()
+        && ChatTokenizer::load(&out, None).is_ok_and(|tok| use_tokenizer(&tok))
+}
+
+/// A tokenizer folder from choices (with the tiny chat checkpoint's config.json), loaded and used.
+fn tokenizer_structured(data: &[u8]) -> bool {
+    let dir = tokenizer_dir("tokenizer-structured");
+    let (tokenizer, config) = structured::tokenizer(&mut structured::Choices::new(data));
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("the work folder is writable");
+    std::fs::write(dir.join("tokenizer_config.json"), config).expect("the work folder is writable");
+    ChatTokenizer::load(&dir, None).is_ok_and(|tok| use_tokenizer(&tok))
+}
+
+/// A chat template from choices (with the tiny chat checkpoint's tokenizer).
+fn template_structured(data: &[u8]) -> bool {
+    template(structured::template(&mut structured::Choices::new(data)).as_bytes())
 }
 
 fn plugin_declaration(data: &[u8]) -> bool {

@@ -16,6 +16,89 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+/// What fuserl checks of tokenizer.json before the tokenizers crate reads it (everything else
+/// is skipped unread).
+#[derive(serde::Deserialize)]
+struct TokenizerShape {
+    #[serde(default)]
+    normalizer: Option<Value>,
+    #[serde(default)]
+    added_tokens: Option<Vec<Value>>,
+    #[serde(default)]
+    pre_tokenizer: Option<Value>,
+    #[serde(default)]
+    decoder: Option<Value>,
+}
+
+/// The longest string accepted in a normaliser or decoder (a `Prepend`, a `Replace`'s pattern
+/// and content), in characters: real ones hold one or two (`▁`). A normaliser's strings are
+/// applied to every added token marked `normalized` before the crate builds its automaton of
+/// them: a `Prepend` of 35,000 characters made that take minutes (structure-aware fuzzing).
+const MAX_NORMALIZER_CHARS: usize = 256;
+
+/// The longest string accepted in a pre-tokeniser (a `Split`'s regex), in characters: the
+/// longest real ones (GPT-4o's) have about 500.
+const MAX_PRE_TOKENIZER_CHARS: usize = 4096;
+
+/// The first string in `v` (at any depth) longer than `cap` characters, but for the
+/// `precompiled_charsmap` (checked by [`check_charsmaps`]): its place and length.
+fn long_string(v: &Value, cap: usize, place: &str) -> Option<(String, usize)> {
+    match v {
+        Value::String(s) => Some(s.chars().count()).filter(|&n| n > cap).map(|n| (place.to_owned(), n)),
+        Value::Array(items) => {
+            items.iter().enumerate().find_map(|(i, x)| long_string(x, cap, &format!("{place}[{i}]")))
+        }
+        Value::Object(map) => map
+            .iter()
+            .filter(|(k, _)| k.as_str() != "precompiled_charsmap")
+            .find_map(|(k, x)| long_string(x, cap, &format!("{place}.{k}"))),
+        _ => None,
+    }
+}
+
+/// The longest added token accepted, in characters: real tokenizers' longest have about 30
+/// (`<|reserved_special_token_250|>`); the crate builds one automaton of all of them, whose
+/// construction took minutes for one entry of 35,000 characters (structure-aware fuzzing).
+const MAX_ADDED_TOKEN_CHARS: usize = 1024;
+
+/// The `Precompiled` normalisers in `normalizer` (at any depth of `Sequence`s): a SentencePiece
+/// charsmap begins with the byte size of its trie, which the crate reserves before reading (a
+/// 96-byte charsmap asked for 7.8 GB, found by the structure-aware fuzz target): it must fit in
+/// the charsmap.
+fn check_charsmaps(normalizer: &Value) -> std::result::Result<(), String> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    // As lenient as any decoder the crate could use: whatever it reads, this reads.
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    match normalizer.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            for n in normalizer.get("normalizers").and_then(Value::as_array).into_iter().flatten() {
+                check_charsmaps(n)?;
+            }
+        }
+        Some("Precompiled") => {
+            let charsmap = normalizer.get("precompiled_charsmap").and_then(Value::as_str);
+            let Some(Ok(map)) = charsmap.map(|s| LENIENT.decode(s)) else {
+                return Ok(()); // not base64: the crate's own error says so
+            };
+            let trie = map.get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            if trie > map.len().saturating_sub(4) {
+                return Err(format!(
+                    "Precompiled: precompiled_charsmap declares a trie of {trie} bytes, but holds {} bytes in all",
+                    map.len()
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// A tokenizer with its chat template and special tokens.
 #[derive(Debug)]
 pub struct ChatTokenizer {
@@ -36,13 +119,18 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Template instructions one rendering may run (real templates use a few thousand per message).
-const FUEL: u64 = 50_000_000;
+/// Template instructions one rendering may run (real templates use tens to a few thousand per
+/// message: ten million is thousands of messages; it renders in about a second in the fuzzing
+/// harness's instrumented build, a tenth of that in fuserl's).
+const FUEL: u64 = 10_000_000;
 
-/// The most a chat template's rendering may grow the heap by (live bytes of the rendering
-/// thread): eight times the longest data line fuserl reads (64 MiB), far past any real template's
-/// needs; past it the process stops (fuserl_io::budget).
-const TEMPLATE_BUDGET: usize = 512 << 20;
+/// The most a chat template's rendering may allocate (fuserl_io::budget; past it the process
+/// stops): live, 512 MiB, eight times the longest data line fuserl reads (64 MiB); in all,
+/// 16 GiB, which a real template rendering the longest line (a few copies of it as strings are
+/// joined, the output grown by doubling) stays far below, and which bounds the time of a
+/// template that appends to a string in a loop of its fuel (quadratic: 50 million instructions
+/// would copy terabytes) to a few seconds.
+const TEMPLATE_BUDGET: fuserl_io::budget::Budget = fuserl_io::budget::Budget { live: 512 << 20, total: 16 << 30 };
 
 impl ChatTokenizer {
     /// Load `tokenizer.json`, `tokenizer_config.json` and the chat template from a checkpoint
@@ -63,8 +151,36 @@ impl ChatTokenizer {
         // JSON first: the tokenizers crate panics on some malformed files (issue #13's fuzzing);
         // what is left of its panics is caught and named.
         let bytes = fuserl_core::paths::read_regular(&tj).map_err(|e| ModelError::io(&tj, e))?;
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        let shape = serde_json::from_slice::<TokenizerShape>(&bytes)
             .map_err(|e| ModelError::format(&tj, format!("not valid JSON: {e}")))?;
+        if let Some(normalizer) = &shape.normalizer {
+            check_charsmaps(normalizer).map_err(|m| ModelError::format(&tj, format!("normalizer: {m}")))?;
+        }
+        let parts = [
+            (&shape.normalizer, "normalizer", MAX_NORMALIZER_CHARS),
+            (&shape.decoder, "decoder", MAX_NORMALIZER_CHARS),
+            (&shape.pre_tokenizer, "pre_tokenizer", MAX_PRE_TOKENIZER_CHARS),
+        ];
+        for (part, name, cap) in parts {
+            if let Some((place, n)) = part.as_ref().and_then(|v| long_string(v, cap, name)) {
+                return Err(ModelError::format(
+                    &tj,
+                    format!("{place}: a string of {n} characters; at most {cap} are accepted there"),
+                ));
+            }
+        }
+        for (i, token) in shape.added_tokens.iter().flatten().enumerate() {
+            let chars = token.get("content").and_then(Value::as_str).map_or(0, |c| c.chars().count());
+            if chars > MAX_ADDED_TOKEN_CHARS {
+                return Err(ModelError::format(
+                    &tj,
+                    format!(
+                        "added_tokens[{i}]: a content of {chars} characters; at most {MAX_ADDED_TOKEN_CHARS} are \
+                         accepted (real tokenizers' longest have about 30)"
+                    ),
+                ));
+            }
+        }
         let tokenizer = fuserl_io::untrusted::catch_panic(|| tokenizers::Tokenizer::from_bytes(&bytes))
             .map_err(|m| ModelError::format(&tj, format!("not a valid tokenizer: {m}")))?
             .map_err(|e| ModelError::format(&tj, format!("not a valid tokenizer: {e}")))?;
@@ -186,14 +302,10 @@ impl ChatTokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         // minijinja's and its regex's panics (a hostile template) come back as errors naming it.
-        // Fuel counts instructions, not bytes: a template that doubles a string in a loop is
-        // stopped by a memory budget (exit status 2, the file named; fuserl_io::budget).
-        let over = format!(
-            "error: {}: chat template: rendering grew past {} MiB of memory (a template that builds strings without \
-             bound); stopped",
-            fuserl_core::paths::Shown(&self.template_file),
-            TEMPLATE_BUDGET >> 20
-        );
+        // Fuel counts instructions, not bytes: a template that doubles a string in a loop, or
+        // appends to one in a long loop, is stopped by a memory budget (exit status 2, the file
+        // named; fuserl_io::budget).
+        let over = format!("error: {}: chat template: rendering", fuserl_core::paths::Shown(&self.template_file));
         fuserl_io::budget::with_budget(TEMPLATE_BUDGET, &over, || {
             fuserl_io::untrusted::catch_panic(|| env.get_template("chat").and_then(|t| t.render(ctx)))
         })
