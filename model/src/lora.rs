@@ -336,6 +336,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
     let rslora = v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
     let names: Vec<String> = match v.get("target_modules") {
+        Some(Value::String(s)) if s != "all-linear" && !MODULES.contains(&s.as_str()) => {
+            modules_matching(s).map_err(|m| bad(format!("target_modules: {m}")))?
+        }
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
         _ => DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
@@ -362,6 +365,53 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         ))
     })?;
     Ok(AdapterConfig { spec: LoraSpec { r: r as usize, alpha, dropout, targets, rslora }, base })
+}
+
+/// The module path of a linear layer of kind `module` (one of [`MODULES`]) in layer `layer` of the
+/// text model, as PEFT matches it: `model.layers.0.self_attn.q_proj`; with `multimodal`, Gemma
+/// 3's `model.language_model.layers.0...`.
+fn module_path(module: &str, layer: &str, multimodal: bool) -> String {
+    let model = if multimodal { "model.language_model" } else { "model" };
+    format!("{model}.layers.{layer}.{}.{module}", block_of(module))
+}
+
+/// The block of a layer that holds a module of kind `module`: `self_attn` or `mlp`.
+fn block_of(module: &str) -> &'static str {
+    if matches!(module, "q_proj" | "k_proj" | "v_proj" | "o_proj") { "self_attn" } else { "mlp" }
+}
+
+/// The [`MODULES`] a `target_modules` regular expression selects: PEFT matches a string against
+/// each module's whole path (`re.fullmatch`); fuserl applies adapters to every layer alike, so
+/// the kinds whose path in the first layer matches, in the text model's layout or in Gemma 3's
+/// multimodal one (a pattern that selects some layers only is refused when the adapters are
+/// applied: the others have none).
+fn modules_matching(pattern: &str) -> std::result::Result<Vec<String>, String> {
+    let re = regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| format!("`{pattern}` is neither a module name nor a regular expression fuserl reads: {e}"))?;
+    let found: Vec<String> = MODULES
+        .iter()
+        .filter(|m| [false, true].iter().any(|&mm| re.is_match(&module_path(m, "0", mm))))
+        .map(|m| (*m).to_owned())
+        .collect();
+    if found.is_empty() {
+        return Err(format!(
+            "the regular expression `{pattern}` selects none of the text model's linear layers (e.g. `{}`)",
+            module_path("q_proj", "0", false)
+        ));
+    }
+    Ok(found)
+}
+
+/// The `target_modules` an adapter export writes: PEFT's module names; for a multimodal base, a
+/// regular expression over the text model's paths, which PEFT matches whole, so that it wraps
+/// neither the vision tower's `q_proj`/`k_proj`/`v_proj` (bare names would give them adapters
+/// that the file does not hold: B zero, harmless but not what was trained) nor its projector.
+pub fn exported_target_modules(targets: &[String], multimodal: bool) -> Value {
+    if !multimodal {
+        return serde_json::json!(targets);
+    }
+    let kinds: Vec<String> = targets.iter().map(|m| format!(r"{}\.{m}", block_of(m))).collect();
+    Value::String(format!(r"model\.language_model\.layers\.\d+\.({})", kinds.join("|")))
 }
 
 /// What an adapter file's tensor is.
@@ -534,7 +584,7 @@ pub fn save_adapter_dir<B: Backend>(
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": spec.targets,
+        "target_modules": exported_target_modules(&spec.targets, multimodal),
         "use_rslora": spec.rslora,
         "bias": "none",
         "fan_in_fan_out": false,

@@ -3,6 +3,7 @@
 mod classifier;
 mod errors;
 mod gguf_qwen3;
+mod lora;
 mod oracle;
 mod qlora;
 mod quants;
