@@ -512,7 +512,9 @@ fn formula_adapters<B: burn::tensor::backend::Backend>(weights: &mut fuserl_mode
 
 /// LoRA dropout with gradient checkpointing: the recomputed layers draw the masks of the
 /// graph-free forward, so a step's loss and gradient norm are those of the whole graph with the
-/// same masks (one sequence a micro-batch: one shard either way); the masks are a function of the
+/// same masks (two sequences a micro-batch: on a machine with two cores or more, the checkpointed
+/// path cuts them into two shards and the whole graph runs them at once, and the masks are the
+/// same, being a function of each value's sequence and position); the masks are a function of the
 /// step's key (the same step twice gives the same numbers, another key others) and they change
 /// the gradients (against no dropout).
 #[test]
@@ -525,7 +527,7 @@ fn lora_dropout_with_checkpointing_is_the_whole_graph() {
     let case = all.iter().find(|c| c.kind == "sft").expect("an sft case");
     let lr = fixture["lr"].as_f64().expect("lr");
     let step = |dropout: f64, checkpointing: bool, key: u64| {
-        let config = StageConfig { gradient_checkpointing: checkpointing, batch_size: 1, ..stage_config(&fixture) };
+        let config = StageConfig { gradient_checkpointing: checkpointing, batch_size: 2, ..stage_config(&fixture) };
         let mut model = load::<TrainBackend>(&dir, &Default::default(), DType::F32).expect("model");
         model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
         let spec = fuserl_model::lora::LoraSpec { dropout, ..lora_spec() };

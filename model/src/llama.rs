@@ -106,7 +106,7 @@ impl<B: LogProbBackend> Linear<B> {
             None => x.clone().matmul(in_dtype(self.weight.val(), dtype)),
         };
         let y = match &self.lora {
-            Some(lora) => base + lora.forward(x),
+            Some(lora) => base + lora.forward(x, b),
             None => base,
         };
         let y = match &self.bias {

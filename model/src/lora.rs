@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
 
@@ -93,59 +93,96 @@ pub struct Lora<B: Backend> {
 }
 
 thread_local! {
-    /// The dropout key of the training pass running on this thread ([`with_dropout`]).
-    static DROPOUT_KEY: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// The dropout of the training pass running on this thread ([`with_dropout`]).
+    static DROPOUT: std::cell::Cell<Option<DropoutKey>> = const { std::cell::Cell::new(None) };
 }
 
-/// Serialises seeding the backend's generator and drawing a mask, so that a mask depends on its
-/// key only (the CPU's shards draw on several threads at once).
-static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// What an adapter's dropout mask is a function of, with the adapter's site and the place of
+/// each value: a training pass's key, and the index in its micro-batch of the first sequence the
+/// pass runs (a shard of the micro-batch runs some of its sequences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutKey {
+    /// The pass's key ([`dropout_key`] of a stage's seed, the step, the micro-batch).
+    pub key: u64,
+    /// The micro-batch index of the pass's first sequence.
+    pub first_sequence: u64,
+}
 
 /// Runs `f` (a training pass on this thread) with LoRA dropout keyed by `key`; outside, adapters
-/// run without dropout (inference, reference log-probs, generation). An adapter's mask is a
-/// function of `key`, its site and its input's shape, whether autodiff is on or not: gradient
-/// checkpointing's graph-free forward and its recomputation of a layer draw the same masks, and
-/// so do a rerun and a resumed run.
-pub fn with_dropout<T>(key: u64, f: impl FnOnce() -> T) -> T {
+/// run without dropout (inference, reference log-probs, generation). An adapter's mask is a hash
+/// of the key, the adapter's site, and each value's sequence, position and column (no random
+/// generator is drawn, so the backend is never seeded or synchronised): gradient
+/// checkpointing's graph-free forward and its recomputation of a layer draw the same masks, so do
+/// a rerun and a resumed run, and so does a machine that cuts the micro-batch into another number
+/// of shards (the CPU makes one a core).
+pub fn with_dropout<T>(key: DropoutKey, f: impl FnOnce() -> T) -> T {
     /// Puts the enclosing key back, also when `f` unwinds.
-    struct Restore(Option<u64>);
+    struct Restore(Option<DropoutKey>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            DROPOUT_KEY.with(|k| k.set(self.0));
+            DROPOUT.with(|k| k.set(self.0));
         }
     }
-    let _restore = Restore(DROPOUT_KEY.with(|k| k.replace(Some(key))));
+    let _restore = Restore(DROPOUT.with(|k| k.replace(Some(key))));
     f()
 }
 
-/// A dropout key from its parts (a stage's seed, the step, the micro-batch, the shard).
+/// A dropout key from its parts (a stage's seed, the step, the micro-batch).
 pub fn dropout_key(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x6c6f_7261_6472_6f70u64, |h, &p| {
-        let mut z = (h ^ p).wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
+    parts.iter().fold(0x6c6f_7261_6472_6f70u64, |h, &p| fuserl_core::maths::SplitMix64::new(h ^ p).next_u64())
+}
+
+/// 31 bits: the hash of a mask runs in integer tensor ops, `i32` on GPUs and `i64` on the CPU;
+/// masking every product and sum to 31 bits makes both compute the same bits (the low bits of a
+/// product depend on its factors' low bits only), and keeps every shifted value non-negative.
+const LOW31: i64 = 0x7fff_ffff;
+
+/// The dropout mask (1 keep, 0 drop) of an adapter at `site` for its input `[rows, cols]`: rows
+/// are `batch` sequences of `rows / batch` positions, the first of them the micro-batch's
+/// sequence `key.first_sequence`. Each value's bit is a hash of (key, site, sequence, position)
+/// (a row's seed, on the host) and its column (on the device, in 31-bit integer ops).
+pub fn dropout_mask<B: Backend>(
+    key: DropoutKey,
+    site: usize,
+    [rows, cols]: [usize; 2],
+    batch: usize,
+    keep: f64,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let length = (rows / batch.max(1)).max(1);
+    let seeds: Vec<i64> = (0..rows)
+        .map(|r| {
+            let sequence = key.first_sequence + (r / length) as u64;
+            dropout_key(&[key.key, site as u64, sequence, (r % length) as u64]) as i64 & LOW31
+        })
+        .collect();
+    let row = Tensor::<B, 2, Int>::from_data(TensorData::new(seeds, [rows, 1]), device);
+    let column = Tensor::<B, 1, Int>::arange(0..cols as i64, device).reshape([1, cols]);
+    // A 31-bit integer hash (xor-shift, multiply; the constant of Wellons' hash-prospector).
+    let int = |v: i64| v.elem::<B::IntElem>();
+    let shift = |h: Tensor<B, 2, Int>| h.clone().bitwise_xor(h.bitwise_right_shift_scalar(int(16)));
+    let round = |h: Tensor<B, 2, Int>| shift(h).mul_scalar(0x045d_9f3b).bitwise_and_scalar(int(LOW31));
+    let h = (row + column.mul_scalar(0x2c1b_3c6d).bitwise_and_scalar(int(LOW31))).bitwise_and_scalar(int(LOW31));
+    let h = shift(round(round(h)));
+    let threshold = (keep * f64::from(1 << 24)).round() as i64;
+    h.bitwise_and_scalar(int(0xff_ffff)).lower_elem(threshold).float()
 }
 
 impl<B: Backend> Lora<B> {
     /// `s (dropout(x) A) B` in `x`'s dtype (the adapter's weights are cast to it: f32 master
-    /// weights give f32 gradients).
+    /// weights give f32 gradients); `x`'s rows are `batch` sequences of equal length (the mask is
+    /// a function of each row's sequence and position).
     ///
     /// # Shapes
     /// `x: [rows, in]` -> `[rows, out]`
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, batch: usize) -> Tensor<B, 2> {
         let dtype = x.dtype();
-        let key = DROPOUT_KEY.with(std::cell::Cell::get).filter(|_| self.dropout > 0.0);
+        let key = DROPOUT.with(std::cell::Cell::get).filter(|_| self.dropout > 0.0);
         let x = match key {
             Some(key) => {
                 let keep = 1.0 - self.dropout;
-                let mask = {
-                    let _draw = DRAW.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    B::seed(&x.device(), dropout_key(&[key, self.site as u64]));
-                    x.random_like(Distribution::Bernoulli(keep))
-                };
-                x * mask.mul_scalar(1.0 / keep)
+                let mask = dropout_mask::<B>(key, self.site, x.dims(), batch, keep, &x.device());
+                x * in_dtype(mask, dtype).mul_scalar(1.0 / keep)
             }
             None => x,
         };
@@ -201,26 +238,13 @@ pub fn has_adapters<B: Backend>(weights: &Llama<B>) -> bool {
     linears(weights).iter().any(|(_, _, l)| l.lora.is_some())
 }
 
-/// A uniform draw in [0, 1) per call, from a seeded SplitMix64 (the same values on every machine
-/// and backend: an adapter's start does not depend on where it is made).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Put a new adapter on every linear layer `spec` targets: `A` Kaiming-uniform (seeded), `B`
 /// zero, both in `dtype` (the master weights' type) and trainable. Layers that already have one
 /// keep it.
 pub fn add_adapters<B: Backend>(weights: &mut Llama<B>, spec: &LoraSpec, seed: u64, dtype: DType) {
-    let mut rng = SplitMix(seed ^ 0x4c6f_5241);
+    // (SplitMix64: the same values on every machine and backend, so an adapter's start does not
+    // depend on where it is made.)
+    let mut rng = fuserl_core::maths::SplitMix64::new(seed ^ 0x4c6f_5241);
     let device = weights.embed_tokens.val().device();
     for (site, (_, name, linear)) in linears_mut(weights).into_iter().enumerate() {
         if linear.lora.is_some() || !spec.targets.iter().any(|t| t == name) {

@@ -63,3 +63,43 @@ fn multimodal_adapters_name_the_text_models_modules_only() {
     let bare = wrapped(serde_json::json!(all));
     assert_eq!(bare.iter().filter(|m| m.contains("vision_tower")).count(), 3, "{bare:?}");
 }
+
+/// LoRA dropout's masks: about `keep` of the values kept; a value's bit depends on its sequence's
+/// place in the micro-batch and its position, not on how the rows are cut into shards (the masks
+/// of two sequences at once are those of each alone); another key or site gives others; and
+/// (with the `wgpu` feature) the GPU's 32-bit integer ops give the CPU's 64-bit bits, on the
+/// plain cubecl backend and through Burn's fusion.
+#[test]
+fn dropout_masks_are_a_function_of_each_values_place() {
+    use burn::tensor::Tensor;
+    use fuserl_model::lora::{DropoutKey, dropout_mask};
+    type Cpu = fuserl_model::Cpu;
+    let device = Default::default();
+    let key = DropoutKey { key: 0x5eed, first_sequence: 3 };
+    let host = |t: Tensor<Cpu, 2>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+    // Two sequences of 50 positions, 300 columns each.
+    let both = host(dropout_mask::<Cpu>(key, 11, [100, 300], 2, 0.7, &device));
+    let kept = both.iter().filter(|&&v| v == 1.0).count() as f64 / both.len() as f64;
+    assert!((kept - 0.7).abs() < 0.01, "{kept}");
+    assert!(both.iter().all(|&v| v == 0.0 || v == 1.0));
+    let first = host(dropout_mask::<Cpu>(key, 11, [50, 300], 1, 0.7, &device));
+    let second = host(dropout_mask::<Cpu>(DropoutKey { first_sequence: 4, ..key }, 11, [50, 300], 1, 0.7, &device));
+    assert_eq!(both[..15_000], first[..], "the first sequence alone");
+    assert_eq!(both[15_000..], second[..], "the second sequence alone");
+    assert_ne!(first, second);
+    assert_ne!(first, host(dropout_mask::<Cpu>(key, 12, [50, 300], 1, 0.7, &device)), "another site");
+    assert_ne!(first, host(dropout_mask::<Cpu>(DropoutKey { key: 1, ..key }, 11, [50, 300], 1, 0.7, &device)));
+
+    #[cfg(feature = "wgpu")]
+    {
+        fn on<B: burn::tensor::backend::Backend<Device = burn::backend::wgpu::WgpuDevice>>(
+            key: DropoutKey,
+        ) -> Vec<f32> {
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            dropout_mask::<B>(key, 11, [100, 300], 2, 0.7, &device).into_data().convert::<f32>().iter::<f32>().collect()
+        }
+        assert_eq!(on::<fuserl_kernels::backends::PlainWgpu>(key), both, "plain wgpu");
+        #[cfg(feature = "fusion")]
+        assert_eq!(on::<fuserl_kernels::backends::FusedWgpu>(key), both, "fused wgpu");
+    }
+}

@@ -43,9 +43,10 @@ struct Shard<'a, B: AutodiffBackend> {
     saved: Vec<Tensor<B::InnerBackend, 3>>,
     /// The gradient that reached the output of the layer to be back-propagated next.
     upstream: Option<Tensor<B::InnerBackend, 3>>,
-    /// The key of the shard's LoRA dropout masks: the same in the graph-free forward and in each
-    /// layer's recomputation.
-    dropout_key: u64,
+    /// The key of the shard's LoRA dropout masks (the micro-batch's, and the index of the
+    /// shard's first sequence in it): the same in the graph-free forward and in each layer's
+    /// recomputation, and the same masks whatever the number of shards.
+    dropout: fuserl_model::lora::DropoutKey,
 }
 
 /// Back-propagate `sum_i coef_i * logp_i` for one micro-batch, recomputing each decoder layer in
@@ -62,14 +63,15 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend<InnerBackend: LogProbBackend
     let device = model.device();
     let shards = B::host_shards(&device).clamp(1, seqs.len().max(1));
     let plain = LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype };
-    let states = seqs.chunks(seqs.len().div_ceil(shards).max(1)).enumerate().map(|(i, part)| Shard {
+    let per_shard = seqs.len().div_ceil(shards).max(1);
+    let states = seqs.chunks(per_shard).enumerate().map(|(i, part)| Shard {
         seqs: part,
         layers: (shards > 1).then(|| model.weights.layers.clone().map(&mut FreshLeaves)),
         inputs: padded_batch(part),
         context: None,
         saved: Vec::new(),
         upstream: None,
-        dropout_key: fuserl_model::lora::dropout_key(&[dropout_key, i as u64]),
+        dropout: fuserl_model::lora::DropoutKey { key: dropout_key, first_sequence: (i * per_shard) as u64 },
     });
 
     // Forward without a graph, keeping each layer's input. The rotary tables and the mask are
@@ -80,7 +82,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend<InnerBackend: LogProbBackend
         let mut x = plain.embed(&shard.inputs);
         for layer in &plain.weights.layers {
             shard.saved.push(x.clone());
-            x = fuserl_model::lora::with_dropout(shard.dropout_key, || layer.forward(x, &plain_context, None));
+            x = fuserl_model::lora::with_dropout(shard.dropout, || layer.forward(x, &plain_context, None));
         }
         shard.context = Some(context);
         (shard, x)
@@ -134,7 +136,7 @@ pub(crate) fn layerwise_backward<B: AutodiffBackend<InnerBackend: LogProbBackend
             let upstream = shard.upstream.take().ok_or_else(|| missing("the gradient at a decoder layer's output"))?;
             let x = Tensor::<B, 3>::from_inner(input).require_grad();
             let layer = &layers[shard.saved.len()];
-            let out = fuserl_model::lora::with_dropout(shard.dropout_key, || layer.forward(x.clone(), context, None));
+            let out = fuserl_model::lora::with_dropout(shard.dropout, || layer.forward(x.clone(), context, None));
             let mut grads = (out * Tensor::from_inner(upstream)).sum().backward();
             let params = GradientsParams::from_module(&mut grads, layer);
             shard.upstream = Some(x.grad_remove(&mut grads).ok_or_else(|| missing("the gradient at a layer's input"))?);

@@ -128,17 +128,11 @@ pub fn step_counts(config: &StageConfig, n_examples: usize) -> (u64, u64) {
 
 /// Example indices in the order an epoch visits them (a seeded Fisher-Yates shuffle).
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut state = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
-    let mut next = || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng =
+        fuserl_core::maths::SplitMix64::new(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
     order
@@ -371,9 +365,9 @@ pub fn optimizer_step<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProb
         if c.gradient_checkpointing {
             layerwise_backward(&model, &seqs, s.logprobs, key, &mut accumulator, coefficients)?;
         } else {
-            // One shard (shard 0 of the checkpointed path's keys).
-            let shard_key = fuserl_model::lora::dropout_key(&[key, 0]);
-            let (logps, _) = fuserl_model::lora::with_dropout(shard_key, || sequence_logps(&model, &seqs, s.logprobs));
+            // Every sequence at once: the masks the checkpointed path's shards draw for them.
+            let all = fuserl_model::lora::DropoutKey { key, first_sequence: 0 };
+            let (logps, _) = fuserl_model::lora::with_dropout(all, || sequence_logps(&model, &seqs, s.logprobs));
             let host: Vec<f64> = logps.clone().into_data().iter::<f32>().map(f64::from).collect();
             let coef = coefficients(&host)?;
             let coef = Tensor::<B, 1>::from_data(TensorData::new(coef, [seqs.len()]), (&device, DType::F32));
