@@ -1505,3 +1505,45 @@ fn the_quick_start_on_a_terminal_shows_its_lines_once() {
     assert!(!verbose.iter().any(|l| is_bar(l)), "a bar left drawn:\n{all}");
     assert_eq!(verbose.iter().filter(|l| l.starts_with("sft: 150/150 steps")).count(), 1, "{all}");
 }
+
+/// `fuserl logprobs`, `generate` and `reward` take the `[backend]` GPU settings as options, as
+/// `fuserl bench` does: on wgpu, `--attention tiles` and `--fusion false` give the log-probs of
+/// the kernel on Burn's fusion backend (1e-5), and a value that is neither path is refused by
+/// name.
+#[test]
+#[cfg(feature = "wgpu")]
+fn logprobs_take_the_attention_path_and_fusion_as_options() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Write add.\", \"response\": \"def add(a, b):\\n    return a + b\"}\n")
+        .expect("write");
+    let model = repo().join("checkpoints/tiny-chat").display().to_string();
+    let logps = |extra: &[&str]| -> Vec<f64> {
+        let out = dir.path().join("out.jsonl");
+        let mut args = vec!["logprobs", "--model", &model, "--device", "wgpu", "--data"];
+        let (data, out_s) = (data.display().to_string(), out.display().to_string());
+        args.extend([data.as_str(), "--out", out_s.as_str()]);
+        args.extend(extra);
+        let run = fuserl(&args, dir.path());
+        assert!(run.status.success(), "{extra:?}: {}", text(&run.stderr));
+        let line: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&out).expect("out").trim()).expect("json");
+        serde_json::from_value(line["token_logps"].clone()).expect("token_logps")
+    };
+    let kernel = logps(&[]);
+    for extra in [&["--attention", "tiles"][..], &["--fusion", "false"], &["--attention", "tiles", "--fusion", "false"]]
+    {
+        let other = logps(extra);
+        assert_eq!(other.len(), kernel.len());
+        for (a, b) in kernel.iter().zip(&other) {
+            assert!((a - b).abs() < 1e-5, "{extra:?}: {a} vs {b}");
+        }
+    }
+    let run = fuserl(&["generate", "--model", &model, "--prompt", "Hi", "--attention", "flash"], dir.path());
+    assert_eq!(run.status.code(), Some(2));
+    assert!(
+        text(&run.stderr).contains("'flash'") && text(&run.stderr).contains("kernel, tiles"),
+        "{}",
+        text(&run.stderr)
+    );
+}

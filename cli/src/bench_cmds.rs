@@ -18,7 +18,7 @@ use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_
 use fuserl_train::data::{SeqTokens, TrainExample};
 use fuserl_train::trainer::{StepSettings, inference_model, new_optimizer, optimizer_step, reference_logps};
 
-use crate::model_cmds::{bad_input, model_error, parse_device};
+use crate::model_cmds::{GpuArgs, bad_input, model_error, parse_device};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -63,14 +63,8 @@ pub struct TrainStepArgs {
     /// The log-prob path: fused (the default) or naive (full logits).
     #[arg(long, default_value = "fused")]
     logprobs: String,
-    /// On a GPU device, Burn's fusion backend (the default in a build with the `fusion` feature)
-    /// or, with `false`, the plain cubecl backend (`[backend] fusion`).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    fusion: bool,
-    /// On a GPU device, attention by fuserl's kernel or in tiles of Burn operations
-    /// (`[backend] attention`: kernel or tiles).
-    #[arg(long, default_value = "kernel")]
-    attention: String,
+    #[command(flatten)]
+    gpu: GpuArgs,
 }
 
 #[derive(Debug, Args)]
@@ -92,13 +86,8 @@ pub struct GenerateBenchArgs {
     /// Timed runs after one untimed warm-up (the median is reported).
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     runs: usize,
-    /// On a GPU device, Burn's fusion backend or (`false`) the plain cubecl one.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    fusion: bool,
-    /// On a GPU device, attention by fuserl's kernel or in tiles of Burn operations
-    /// (`[backend] attention`: kernel or tiles).
-    #[arg(long, default_value = "kernel")]
-    attention: String,
+    #[command(flatten)]
+    gpu: GpuArgs,
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -110,21 +99,14 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     }
 }
 
-fn parse_attention(s: &str) -> anyhow::Result<fuserl_core::backend::AttentionPath> {
-    match s {
-        "kernel" => Ok(fuserl_core::backend::AttentionPath::Kernel),
-        "tiles" => Ok(fuserl_core::backend::AttentionPath::Tiles),
-        _ => Err(bad_input(format!("--attention {s}: expected kernel or tiles"))),
-    }
-}
-
 pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
-    let (device, dtype, fusion, attention) = match cmd {
-        BenchCommand::TrainStep(a) => (&a.device, &a.dtype, a.fusion, &a.attention),
-        BenchCommand::Generate(a) => (&a.device, &a.dtype, a.fusion, &a.attention),
+    let (device, dtype, gpu) = match cmd {
+        BenchCommand::TrainStep(a) => (&a.device, &a.dtype, &a.gpu),
+        BenchCommand::Generate(a) => (&a.device, &a.dtype, &a.gpu),
     };
     let (dev, dt) = (parse_device(device)?, parse_dtype(dtype)?);
-    fuserl_backends::set_attention(parse_attention(attention)?);
+    gpu.apply();
+    let fusion = gpu.fusion;
     let line = match cmd {
         BenchCommand::TrainStep(a) => {
             fuserl_backends::on_backend_with(dev, 0, dt, fusion, TrainStep { args: a, dtype: dt })
@@ -264,10 +246,9 @@ impl OnBackend for TrainStep<'_> {
             "objective": objective.name(),
             "device": a.device,
             "dtype": a.dtype,
-            // The fusion backend ran only on a GPU device of a build that has it.
-            "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
+            "fusion": a.gpu.fusion_on(&a.device),
             // The CPU runs the tiles whatever was asked.
-            "attention": if a.device == "cpu" { "tiles" } else { a.attention.as_str() },
+            "attention": a.gpu.attention_on(&a.device),
             "model": a.model.display().to_string(),
             "parameters": parameters,
             "sequences": a.pairs * per_example,
@@ -318,10 +299,9 @@ impl OnBackend for Generate<'_> {
             "bench": "generate",
             "device": a.device,
             "dtype": a.dtype,
-            // The fusion backend ran only on a GPU device of a build that has it.
-            "fusion": a.fusion && cfg!(feature = "fusion") && a.device != "cpu",
+            "fusion": a.gpu.fusion_on(&a.device),
             // The CPU runs the tiles whatever was asked.
-            "attention": if a.device == "cpu" { "tiles" } else { a.attention.as_str() },
+            "attention": a.gpu.attention_on(&a.device),
             "model": a.model.display().to_string(),
             "batch": prompts.len(),
             "new_tokens": tokens,

@@ -100,9 +100,53 @@ pub fn parse_device(device: &str) -> anyhow::Result<Device> {
     })
 }
 
-/// Runs `code` on the device `--device` names (f32), or says why it cannot.
-fn on_device<O: OnBackend<Output = anyhow::Result<T>>, T>(device: &str, code: O) -> anyhow::Result<T> {
-    fuserl_backends::on_backend(parse_device(device)?, 0, DType::F32, code)
+/// How a GPU device runs a command: the `[backend]` settings `fusion` and `attention` as
+/// options (on the CPU they change nothing).
+#[derive(Debug, Clone, Args)]
+pub struct GpuArgs {
+    /// On a GPU device, Burn's fusion backend (the default in a build with the `fusion` feature)
+    /// or, with `false`, the plain cubecl backend (`[backend] fusion`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fusion: bool,
+    /// On a GPU device, attention by fuserl's kernel or in tiles of Burn operations
+    /// (`[backend] attention`).
+    #[arg(long, value_enum, default_value_t = Attention::Kernel)]
+    pub attention: Attention,
+}
+
+/// `--attention`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attention {
+    /// fuserl's cubecl attention kernel (FlashAttention's online softmax).
+    Kernel,
+    /// Tiles of Burn operations (whose matmuls use tensor cores).
+    Tiles,
+}
+
+impl GpuArgs {
+    /// Sets the process's attention path (fuserl_backends::set_attention), as a recipe does.
+    pub fn apply(&self) {
+        fuserl_backends::set_attention(match self.attention {
+            Attention::Kernel => fuserl_core::backend::AttentionPath::Kernel,
+            Attention::Tiles => fuserl_core::backend::AttentionPath::Tiles,
+        });
+    }
+
+    /// The attention path a run on `device` took (the CPU always runs the tiles).
+    pub fn attention_on(&self, device: &str) -> &'static str {
+        if device == "cpu" || self.attention == Attention::Tiles { "tiles" } else { "kernel" }
+    }
+
+    /// Whether a run on `device` ran Burn's fusion backend (a GPU device of a build that has it).
+    pub fn fusion_on(&self, device: &str) -> bool {
+        self.fusion && cfg!(feature = "fusion") && device != "cpu"
+    }
+}
+
+/// Runs `code` on the device `--device` names (f32) as `gpu` says, or says why it cannot.
+fn on_device<O: OnBackend<Output = anyhow::Result<T>>, T>(device: &str, gpu: &GpuArgs, code: O) -> anyhow::Result<T> {
+    gpu.apply();
+    fuserl_backends::on_backend_with(parse_device(device)?, 0, DType::F32, gpu.fusion, code)
         .map_err(|e| bad_input(format!("--device {device}: {e}")))?
 }
 
@@ -119,6 +163,8 @@ pub struct LogprobsArgs {
     out: PathBuf,
     #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Pairs per forward pass.
     #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     batch_size: usize,
@@ -179,6 +225,8 @@ pub struct RewardArgs {
     out: PathBuf,
     #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Conversations per forward pass.
     #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     batch_size: usize,
@@ -226,7 +274,9 @@ pub fn reward(args: &RewardArgs) -> anyhow::Result<()> {
             c
         })
         .collect();
-    let placement = fuserl_run::classifier::Placement { device, device_index: 0, dtype: DType::F32, fusion: true };
+    args.gpu.apply();
+    let placement =
+        fuserl_run::classifier::Placement { device, device_index: 0, dtype: DType::F32, fusion: args.gpu.fusion };
     let mut logits: Vec<Option<Vec<f32>>> = vec![None; records.len()];
     let total = records.len();
     let mut done = 0;
@@ -278,7 +328,7 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
         records.push((v, ids));
     }
     let total = records.len();
-    let out = on_device(&args.device, Score { args, tok: &tok, records: &records })?;
+    let out = on_device(&args.device, &args.gpu, Score { args, tok: &tok, records: &records })?;
     crate::write_atomically(&args.out, out.as_bytes())?;
     eprintln!("{} scored -> {}", fuserl_core::text::counted(total as u64, "pair"), Shown(&args.out));
     Ok(())
@@ -349,6 +399,8 @@ pub struct GenerateArgs {
     stop: Vec<String>,
     #[arg(help = crate::device_help(), long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    gpu: GpuArgs,
 }
 
 pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -359,7 +411,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> anyhow::Result<()> {
         return Err(bad_input(format!("--top-p {}: expected a number in (0, 1]", args.top_p)));
     }
     let started = std::time::Instant::now();
-    let (reply, loaded) = on_device(&args.device, Generate(args))?;
+    let (reply, loaded) = on_device(&args.device, &args.gpu, Generate(args))?;
     writeln!(std::io::stdout().lock())?;
     let seconds = (started.elapsed() - loaded).as_secs_f64();
     if !crate::quiet() {
