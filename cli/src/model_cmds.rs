@@ -137,9 +137,10 @@ impl GpuArgs {
         if device == "cpu" || self.attention == Attention::Tiles { "tiles" } else { "kernel" }
     }
 
-    /// Whether a run on `device` ran Burn's fusion backend (a GPU device of a build that has it).
+    /// Whether a run on `device` ran Burn's fusion backend (a GPU device of a build that has it;
+    /// ROCm runs fused whatever `--fusion` says).
     pub fn fusion_on(&self, device: &str) -> bool {
-        self.fusion && cfg!(feature = "fusion") && device != "cpu"
+        cfg!(feature = "fusion") && device != "cpu" && (self.fusion || device == "rocm")
     }
 }
 

@@ -52,19 +52,22 @@ pub struct Budget {
 }
 
 /// Counts an allocation (`bytes` > 0) or a free (< 0) against this thread's budget.
-fn charge(bytes: isize) {
+/// Counts `live` bytes (negative: freed) and `allocated` bytes in all against this thread's
+/// budget; nothing outside a budget.
+fn charge(live: isize, allocated: usize) {
     // `try_with`: nothing to count while the thread's locals are being destroyed.
     let Ok((live_limit, total_limit)) = LIMIT.try_with(Cell::get) else { return };
     if live_limit == isize::MAX && total_limit == usize::MAX {
         return;
     }
-    let live = LIVE.try_with(|live| {
-        let now = live.get().saturating_add(bytes);
-        live.set(now);
+    let live = LIVE.try_with(|l| {
+        // Not below 0: freeing what was allocated before the budget began gives no headroom.
+        let now = l.get().saturating_add(live).max(0);
+        l.set(now);
         now
     });
     let total = TOTAL.try_with(|total| {
-        let now = total.get().saturating_add(bytes.max(0) as usize);
+        let now = total.get().saturating_add(allocated);
         total.set(now);
         now
     });
@@ -98,8 +101,12 @@ fn stop(what: &str, limit: usize, why: &str) -> ! {
         // (Formatting integers into a locked stderr allocates nothing.)
         let _ = writeln!(err, " {what} {} MiB {why}; stopped", limit >> 20);
         let _ = err.flush();
+        std::process::exit(2)
     }
-    std::process::exit(2)
+    // Another thread is printing the message and ending the process: wait for it.
+    loop {
+        std::thread::park();
+    }
 }
 
 // SAFETY: every call is passed to the system allocator unchanged; the counting reads and writes
@@ -107,19 +114,19 @@ fn stop(what: &str, limit: usize, why: &str) -> ! {
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for BudgetAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        charge(layout.size() as isize);
+        charge(layout.size() as isize, layout.size());
         // SAFETY: the caller's contract, passed on.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        charge(layout.size() as isize);
+        charge(layout.size() as isize, layout.size());
         // SAFETY: the caller's contract, passed on.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        charge(-(layout.size() as isize));
+        charge(-(layout.size() as isize), 0);
         // SAFETY: the caller's contract, passed on.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -127,12 +134,8 @@ unsafe impl GlobalAlloc for BudgetAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // A growth counts what it adds to the live bytes and, in all, the whole new block (a
         // realloc may copy it); a shrink gives its bytes back.
-        if new_size > layout.size() {
-            charge(new_size as isize - layout.size() as isize);
-            let _ = TOTAL.try_with(|t| t.set(t.get().saturating_add(layout.size())));
-        } else {
-            charge(new_size as isize - layout.size() as isize);
-        }
+        let grown = if new_size > layout.size() { new_size } else { 0 };
+        charge(new_size as isize - layout.size() as isize, grown);
         // SAFETY: the caller's contract, passed on.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -207,7 +210,10 @@ mod tests {
 
     #[test]
     fn a_budget_counts_nothing_outside_it() {
-        let v = vec![0u8; 1 << 20];
+        let mut v = vec![0u8; 1 << 20];
+        v.extend_from_slice(&[1u8; 1 << 20]); // a growth: realloc
+        v.truncate(1);
+        v.shrink_to_fit(); // a shrink
         assert_eq!((LIVE.get(), TOTAL.get()), (0, 0));
         drop(v);
     }

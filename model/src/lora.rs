@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, IntDType, Tensor, TensorData};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
 
@@ -132,15 +132,11 @@ pub fn dropout_key(parts: &[u64]) -> u64 {
     parts.iter().fold(0x6c6f_7261_6472_6f70u64, |h, &p| fuserl_core::maths::SplitMix64::new(h ^ p).next_u64())
 }
 
-/// 31 bits: the hash of a mask runs in integer tensor ops, `i32` on GPUs and `i64` on the CPU;
-/// masking every product and sum to 31 bits makes both compute the same bits (the low bits of a
-/// product depend on its factors' low bits only), and keeps every shifted value non-negative.
-const LOW31: i64 = 0x7fff_ffff;
-
 /// The dropout mask (1 keep, 0 drop) of an adapter at `site` for its input `[rows, cols]`: rows
 /// are `batch` sequences of `rows / batch` positions, the first of them the micro-batch's
 /// sequence `key.first_sequence`. Each value's bit is a hash of (key, site, sequence, position)
-/// (a row's seed, on the host) and its column (on the device, in 31-bit integer ops).
+/// (a row's seed, on the host) and its column (on the device, in `u32` tensor ops, whose
+/// products and sums wrap on every backend: the CPU's and the GPUs' bits are the same).
 pub fn dropout_mask<B: Backend>(
     key: DropoutKey,
     site: usize,
@@ -150,22 +146,22 @@ pub fn dropout_mask<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 2> {
     let length = (rows / batch.max(1)).max(1);
-    let seeds: Vec<i64> = (0..rows)
+    let seeds: Vec<u32> = (0..rows)
         .map(|r| {
             let sequence = key.first_sequence + (r / length) as u64;
-            dropout_key(&[key.key, site as u64, sequence, (r % length) as u64]) as i64 & LOW31
+            (dropout_key(&[key.key, site as u64, sequence, (r % length) as u64]) >> 32) as u32
         })
         .collect();
-    let row = Tensor::<B, 2, Int>::from_data(TensorData::new(seeds, [rows, 1]), device);
-    let column = Tensor::<B, 1, Int>::arange(0..cols as i64, device).reshape([1, cols]);
-    // A 31-bit integer hash (xor-shift, multiply; the constant of Wellons' hash-prospector).
+    let row = Tensor::<B, 2, Int>::from_data(TensorData::new(seeds, [rows, 1]), (device, DType::U32));
+    let column = Tensor::<B, 1, Int>::arange(0..cols as i64, device).cast(IntDType::U32).reshape([1, cols]);
+    // A 32-bit integer hash: xor-shifts and multiplies by odd constants (below 2^31, so that they
+    // are the same scalar in a backend's signed integer type).
     let int = |v: i64| v.elem::<B::IntElem>();
-    let shift = |h: Tensor<B, 2, Int>| h.clone().bitwise_xor(h.bitwise_right_shift_scalar(int(16)));
-    let round = |h: Tensor<B, 2, Int>| shift(h).mul_scalar(0x045d_9f3b).bitwise_and_scalar(int(LOW31));
-    let h = (row + column.mul_scalar(0x2c1b_3c6d).bitwise_and_scalar(int(LOW31))).bitwise_and_scalar(int(LOW31));
-    let h = shift(round(round(h)));
+    let shift = |h: Tensor<B, 2, Int>, by: i64| h.clone().bitwise_xor(h.bitwise_right_shift_scalar(int(by)));
+    let h = row + column.mul_scalar(0x2c1b_3c6d);
+    let h = shift(shift(shift(h, 16).mul_scalar(0x297a_2d39), 15).mul_scalar(0x045d_9f3b), 16);
     let threshold = (keep * f64::from(1 << 24)).round() as i64;
-    h.bitwise_and_scalar(int(0xff_ffff)).lower_elem(threshold).float()
+    h.bitwise_right_shift_scalar(int(8)).lower_elem(threshold).float()
 }
 
 impl<B: Backend> Lora<B> {
@@ -410,13 +406,22 @@ fn block_of(module: &str) -> &'static str {
 /// multimodal one (a pattern that selects some layers only is refused when the adapters are
 /// applied: the others have none).
 fn modules_matching(pattern: &str) -> std::result::Result<Vec<String>, String> {
-    let re = regex::Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| format!("`{pattern}` is neither a module name nor a regular expression fuserl reads: {e}"))?;
-    let found: Vec<String> = MODULES
-        .iter()
-        .filter(|m| [false, true].iter().any(|&mm| re.is_match(&module_path(m, "0", mm))))
-        .map(|m| (*m).to_owned())
-        .collect();
+    let unreadable =
+        |e: regex::Error| format!("`{pattern}` is neither a module name nor a regular expression fuserl reads: {e}");
+    // The pattern alone first (an unbalanced one such as `a)|(b` would otherwise compile inside
+    // the anchors), then anchored at both ends, as Python's re.fullmatch; a line break before
+    // the closing parenthesis ends a `(?x)` comment the pattern may end with.
+    regex::Regex::new(pattern).map_err(unreadable)?;
+    let end = if pattern.contains("(?x") { "\n" } else { "" };
+    let re = regex::Regex::new(&format!(r"\A(?:{pattern}{end})\z")).map_err(unreadable)?;
+    // Gemma 3's text model sits at `model.language_model` (transformers 4.52 on) or
+    // `language_model.model` (4.50 and 4.51).
+    let layouts = |m: &str| {
+        let plain = module_path(m, "0", false);
+        [module_path(m, "0", true), plain.replacen("model.", "language_model.model.", 1), plain]
+    };
+    let found: Vec<String> =
+        MODULES.iter().filter(|m| layouts(m).iter().any(|p| re.is_match(p))).map(|m| (*m).to_owned()).collect();
     if found.is_empty() {
         return Err(format!(
             "the regular expression `{pattern}` selects none of the text model's linear layers (e.g. `{}`)",

@@ -30,7 +30,21 @@ fn multimodal_adapters_name_the_text_models_modules_only() {
         write(serde_json::json!(pattern));
         assert_eq!(read_adapter_config(dir.path()).expect(pattern).spec.targets, want, "{pattern}");
     }
-    for (pattern, why) in [(r".*vision_tower.*", "selects none"), (r"(q_proj", "nor a regular expression")] {
+    // The layout of transformers 4.50 and 4.51 (`language_model.model.layers`), and a verbose
+    // pattern whose comment runs to its end.
+    for (pattern, want) in [
+        (r"language_model\.model\.layers\.\d+\.self_attn\.(q|v)_proj", vec!["q_proj", "v_proj"]),
+        ("(?x) .*\\.o_proj  # the output projections", vec!["o_proj"]),
+    ] {
+        write(serde_json::json!(pattern));
+        assert_eq!(read_adapter_config(dir.path()).expect(pattern).spec.targets, want, "{pattern}");
+    }
+    // Unbalanced, it would have compiled inside the anchors (`^(?:a)|(b)$`).
+    for (pattern, why) in [
+        (r".*vision_tower.*", "selects none"),
+        (r"(q_proj", "nor a regular expression"),
+        (r".*q_proj)|(.*v_proj", "nor a regular expression"),
+    ] {
         write(serde_json::json!(pattern));
         let err = read_adapter_config(dir.path()).expect_err(pattern).to_string();
         assert!(err.contains("adapter_config.json") && err.contains(why), "{err}");

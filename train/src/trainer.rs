@@ -225,7 +225,7 @@ pub struct StepSettings<'a> {
     /// pass starts from the loss times this, and the gradients are divided by it before
     /// clipping and the update.
     pub loss_scale: f64,
-    /// The key of this step's LoRA dropout masks (with the micro-batch and shard:
+    /// The key of this step's LoRA dropout masks (with the micro-batch, and each value's place:
     /// [`fuserl_model::lora::with_dropout`]).
     pub dropout_key: u64,
 }
