@@ -28,7 +28,30 @@ struct TokenizerShape {
     pre_tokenizer: Option<Value>,
     #[serde(default)]
     decoder: Option<Value>,
+    #[serde(default)]
+    model: Option<ModelShape>,
 }
+
+/// What fuserl checks of tokenizer.json's model: its vocabulary's entries.
+#[derive(serde::Deserialize)]
+struct ModelShape {
+    #[serde(default)]
+    vocab: Option<VocabShape>,
+}
+
+/// A vocabulary: token to id (BPE, WordPiece, WordLevel) or `[piece, score]` pairs (Unigram).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum VocabShape {
+    Map(std::collections::HashMap<String, serde::de::IgnoredAny>),
+    List(Vec<(String, serde::de::IgnoredAny)>),
+    Other(serde::de::IgnoredAny),
+}
+
+/// The longest vocabulary entry accepted, in characters: real vocabularies' longest have about
+/// 130; the crate builds a trie of a Unigram vocabulary, one node a character, whose drop
+/// recursed once a node (a 40,000-character entry overflowed the stack: structure-aware fuzzing).
+const MAX_VOCAB_CHARS: usize = 1024;
 
 /// The longest string accepted in a normaliser or decoder (a `Prepend`, a `Replace`'s pattern
 /// and content), in characters: real ones hold one or two (`▁`). A normaliser's strings are
@@ -168,6 +191,20 @@ impl ChatTokenizer {
                     format!("{place}: a string of {n} characters; at most {cap} are accepted there"),
                 ));
             }
+        }
+        let longest = match shape.model.and_then(|m| m.vocab) {
+            Some(VocabShape::Map(v)) => v.keys().map(|k| k.chars().count()).max(),
+            Some(VocabShape::List(v)) => v.iter().map(|(k, _)| k.chars().count()).max(),
+            _ => None,
+        };
+        if let Some(n) = longest.filter(|&n| n > MAX_VOCAB_CHARS) {
+            return Err(ModelError::format(
+                &tj,
+                format!(
+                    "model.vocab: an entry of {n} characters; at most {MAX_VOCAB_CHARS} are accepted (real \
+                     vocabularies' longest have about 130)"
+                ),
+            ));
         }
         for (i, token) in shape.added_tokens.iter().flatten().enumerate() {
             let chars = token.get("content").and_then(Value::as_str).map_or(0, |c| c.chars().count());
