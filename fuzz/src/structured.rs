@@ -540,31 +540,15 @@ fn normalizer(c: &mut Choices, depth: usize) -> Value {
                     "strip_accents": c.pick(&[Value::Null, json!(true), json!(false)]), "lowercase": c.one_in(2)}),
         6 => {
             // A SentencePiece charsmap: base64 of bytes from the input.
-            use base64_engine::encode;
-            json!({"type": "Precompiled", "precompiled_charsmap": encode(&c.bytes(96))})
+            use base64::Engine;
+            let charsmap = base64::engine::general_purpose::STANDARD.encode(c.bytes(96));
+            json!({"type": "Precompiled", "precompiled_charsmap": charsmap})
         }
         7 => json!({"type": "ByteLevel"}),
         _ => {
             let n = c.count(0, 3);
             json!({"type": "Sequence", "normalizers": (0..n).map(|_| normalizer(c, depth + 1)).collect::<Vec<_>>()})
         }
-    }
-}
-
-/// Standard base64, for the one field that holds it (no crate needed for eight lines).
-mod base64_engine {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                let c = if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char } else { '=' };
-                out.push(c);
-            }
-        }
-        out
     }
 }
 

@@ -51,7 +51,6 @@ pub struct Budget {
     pub total: usize,
 }
 
-/// Counts an allocation (`bytes` > 0) or a free (< 0) against this thread's budget.
 /// Counts `live` bytes (negative: freed) and `allocated` bytes in all against this thread's
 /// budget; nothing outside a budget.
 fn charge(live: isize, allocated: usize) {
