@@ -72,7 +72,7 @@ fn chat_template_and_token_ids(m: &Real) {
         assert_eq!(rendered, pair["prompt_text"].as_str().expect("text"));
         let want_prompt: Vec<u32> = serde_json::from_value(pair["prompt_ids"].clone()).expect("ids");
         let want_response: Vec<u32> = serde_json::from_value(pair["response_ids"].clone()).expect("ids");
-        assert_eq!(tok.prompt_ids(&messages).expect("ids"), want_prompt, "{rendered}");
+        assert_eq!(tok.prompt_ids(&messages, usize::MAX).expect("ids").0, want_prompt, "{rendered}");
         assert_eq!(tok.response_ids(pair["response"].as_str().expect("response")).expect("ids"), want_response);
     }
 }
@@ -236,7 +236,7 @@ fn batched_generation_with_cache_matches_one_at_a_time_and_full_recompute() {
     let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name one primary colour."]
         .iter()
-        .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)]).expect("ids"))
+        .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)], usize::MAX).expect("ids").0)
         .collect();
     assert_ne!(prompts[0].len(), prompts[1].len(), "different lengths exercise left padding");
     let cfg = GenerateConfig { max_new_tokens: 8, ..GenerateConfig::default() };
@@ -278,7 +278,7 @@ fn continuous_batching_answers_as_alone_and_as_the_static_batch() {
         "Describe a forest in autumn.",
     ]
     .iter()
-    .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)]).expect("ids"))
+    .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)], usize::MAX).expect("ids").0)
     .collect();
     let seeds: Vec<u64> = (10..15).collect();
     let each = |cfg: &GenerateConfig, max_batch: usize| {

@@ -280,7 +280,7 @@ impl OnBackend for Generate<'_> {
         let tok = ChatTokenizer::load(&a.model, None).map_err(model_error)?;
         let cfg = GenerateConfig { max_new_tokens: a.new_tokens, temperature: 0.0, ..GenerateConfig::default() };
         let prompts: Vec<Vec<u32>> = (0..a.batch.max(1))
-            .map(|i| tok.prompt_ids(&[ChatMessage::user(PROMPTS[i % PROMPTS.len()])]))
+            .map(|i| tok.prompt_ids(&[ChatMessage::user(PROMPTS[i % PROMPTS.len()])], usize::MAX).map(|(ids, _)| ids))
             .collect::<Result<_, _>>()
             .map_err(model_error)?;
         let seeds: Vec<u64> = (0..prompts.len() as u64).collect();

@@ -324,8 +324,10 @@ pub fn logprobs(args: &LogprobsArgs) -> anyhow::Result<()> {
     for (v, msgs, response) in read_pairs(&args.data)? {
         // A response longer than the model's positions is refused when scored; cut first, what
         // is tokenized stays bounded (a 60 MB answer took 11 GB in the tokenizer).
-        let response = fuserl_train::data::cut_for_tokens(&response, positions + 1);
-        let ids = (tok.prompt_ids(&msgs).map_err(model_error)?, tok.response_ids(response).map_err(model_error)?);
+        // The same for a prompt (a template can render megabytes): more than the positions
+        // is as refused as much more.
+        let prompt = tok.prompt_ids(&msgs, positions + 1).map_err(model_error)?.0;
+        let ids = (prompt, tok.response_ids_within(&response, positions + 1).map_err(model_error)?.0);
         records.push((v, ids));
     }
     let total = records.len();
@@ -443,7 +445,9 @@ impl OnBackend for Generate<'_> {
         let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
         let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
-        let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())]).map_err(model_error)?;
+        // Past the model's positions the prompt is refused (a longer one the same way, cut first).
+        let keep = model.config.max_position_embeddings.saturating_add(1);
+        let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())], keep).map_err(model_error)?.0;
         let cfg = GenerateConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,

@@ -271,19 +271,13 @@ fn tokenizer_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Render, encode and decode a chat with a loaded tokenizer; `true` when all went through.
+/// Render, encode and decode a chat with a loaded tokenizer, as fuserl does (a prompt's last
+/// 4,096 tokens, a conversation of at most 4,096 positions); `true` when all went through.
 fn use_tokenizer(tok: &ChatTokenizer) -> bool {
-    let mut ok = true;
-    for add_generation_prompt in [false, true] {
-        match tok.render(&messages(), add_generation_prompt) {
-            Ok(text) => match tok.encode(&text) {
-                Ok(ids) => ok &= tok.decode(&ids, false).is_ok(),
-                Err(_) => ok = false,
-            },
-            Err(_) => ok = false,
-        }
-    }
-    ok
+    const POSITIONS: usize = 4096;
+    let prompt = tok.prompt_ids(&messages(), POSITIONS).map(|(ids, _)| ids);
+    let conversation = tok.conversation_ids(&messages(), POSITIONS);
+    [prompt, conversation].into_iter().all(|ids| ids.is_ok_and(|ids| tok.decode(&ids, false).is_ok()))
 }
 
 /// A `tokenizer.json` (with the tiny chat checkpoint's tokenizer_config.json and template).

@@ -176,18 +176,41 @@ impl Compact<'_> {
     }
 
     /// `FileMetaData`: the schema (field 2) checked as a tree, every other field skipped.
+    ///
+    /// The crate reads a struct's known fields by their id with the type its schema gives them,
+    /// whatever type the field header declares (a field 5 declared `false`, which has no value
+    /// bytes, is read as the varint of the bytes after it): so are they read here, for the
+    /// fields that come before the schema and for the schema's elements, or this check would
+    /// read another tree than the crate builds (a fuzzing finding, where the crate then reserved
+    /// 3.2 GB). The fields read by their declared type here (nested unions and lists of
+    /// structs) are where the two could still part: the crate's parse of the footer also runs
+    /// under a memory budget (`crate::prompts::parquet_rows`).
     fn file_metadata(&mut self) -> Result<(), String> {
         let mut last_id = 0i16;
+        let mut schema_seen = false;
         loop {
             let head = self.byte()?;
             if head == 0 {
                 return Ok(());
             }
             match self.field(head, &mut last_id)? {
-                (2, 9) => self.schema()?,
+                // The crate builds the first schema and skips any later one by its type.
+                (2, _) if !schema_seen => {
+                    schema_seen = true;
+                    self.schema()?;
+                }
+                // version (i32), num_rows (i64); created_by (string), footer_signing_key_metadata.
+                (1 | 3, _) => self.zigzag().map(drop)?,
+                (6 | 9, _) => self.binary()?,
                 (_, kind) => self.skip(kind, 1)?,
             }
         }
+    }
+
+    /// A Thrift binary (string): its varint length and bytes.
+    fn binary(&mut self) -> Result<(), String> {
+        let n = self.varint()?;
+        self.advance(n)
     }
 
     /// The schema: a list of `SchemaElement`s, a tree written depth first in which each group
@@ -250,8 +273,13 @@ impl Compact<'_> {
             if head == 0 {
                 return Ok(children);
             }
+            // By id, as the crate reads them ([`Self::file_metadata`]): the i32 fields (type,
+            // type_length, repetition_type, num_children, converted_type, scale, precision,
+            // field_id) and the name.
             match self.field(head, &mut last_id)? {
-                (5, 5) => children = self.zigzag()?,
+                (5, _) => children = i64::from(self.zigzag()? as i32),
+                (1..=3 | 6..=9, _) => self.zigzag().map(drop)?,
+                (4, _) => self.binary()?,
                 (_, kind) => self.skip(kind, 2)?,
             }
         }
@@ -393,10 +421,19 @@ mod tests {
         assert_eq!(check_schema(&[Some(2), Some(2), None, None, None]), Ok(()));
         let err = check_schema(&[Some(2), Some(3), None, None, None]).unwrap_err();
         assert!(err.contains("schema element 1 claims 3 children, but only 2 elements"), "{err}");
+        // num_children declared `false` (no value bytes by its type): the crate reads it as an
+        // i32 whatever it is declared (by its id), and so must the check (a fuzzing finding: the
+        // crate reserved 3.2 GB).
+        let mut b = footer(&[Some(1), None]);
+        let at = b.len() - 2;
+        b.splice(at..at, [0x12, 0x80, 0x80, 0x80, 0x80, 0x02]); // field 5, then the varint of 2^29
+        let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
+        assert!(err.contains("schema element 1 claims 268435456 children"), "{err}");
         // A list of booleans in an element (the crate skips each as 0 bytes; found as a hang).
         let mut b = footer(&[Some(1), None]);
         let at = b.len() - 2; // before the last element's stop and the footer's stop
-        b.splice(at..at, [0x19, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07]);
+        // (field 11, which the crate does not know and skips by its declared type)
+        b.splice(at..at, [0x79, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07]);
         let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
         assert!(err.contains("of booleans"), "{err}");
         // A chain of nested groups deeper than the crate's recursion should go.

@@ -153,6 +153,11 @@ fn jsonl_records(file: &Path) -> Result<Records> {
         .collect())
 }
 
+/// The most the parquet crate may allocate parsing a footer (at most
+/// [`crate::parquet_pages::MAX_FOOTER_BYTES`], 16 MiB; the metadata it decodes into is a few
+/// times that): live and in all.
+const FOOTER_BUDGET: crate::budget::Budget = crate::budget::Budget { live: 512 << 20, total: 2 << 30 };
+
 /// A Parquet file (the format of most Hugging Face datasets), read row by row with the
 /// `parquet` crate's record reader; each row is the JSON object of its columns, with its 1-based
 /// row number.
@@ -166,7 +171,12 @@ pub fn parquet_rows(file: &Path) -> Result<Vec<(u64, Value)>> {
         let mut pages = f.try_clone().map_err(|e| Error::io(file, e))?;
         crate::parquet_pages::check_footer(&mut pages, len)
             .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?;
-        let reader = SerializedFileReader::new(f).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+        // The footer is checked as the crate reads it, but where the two readings could still
+        // part (nested unions), the crate's parse runs under a memory budget: a few megabytes
+        // of footer decode into tens of megabytes, never gigabytes.
+        let over = format!("error: {}: not a readable Parquet file: its footer", Shown(file));
+        let reader = crate::budget::with_budget(FOOTER_BUDGET, &over, || SerializedFileReader::new(f))
+            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
         crate::parquet_pages::check(&mut pages, len, reader.metadata())
             .map_err(|m| bad(format!("not a readable Parquet file: {m}")))?;
         let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read the rows: {e}")))?;

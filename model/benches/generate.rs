@@ -40,7 +40,9 @@ fn main() {
     for (mode, cfg) in [("greedy", &greedy), ("sampled", &sampled)] {
         for &batch in &batches {
             let prompts: Vec<Vec<u32>> = (0..batch)
-                .map(|i| tok.prompt_ids(&[ChatMessage::user(PROMPTS[i % PROMPTS.len()])]).expect("prompt"))
+                .map(|i| {
+                    tok.prompt_ids(&[ChatMessage::user(PROMPTS[i % PROMPTS.len()])], usize::MAX).expect("prompt").0
+                })
                 .collect();
             let seeds: Vec<u64> = (0..batch as u64).collect();
             let run = || {

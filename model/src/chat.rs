@@ -142,6 +142,45 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The bytes a token can span, at most, when a text is cut before it is tokenized (no
+/// vocabulary of a released model has a longer token: the longest are runs of spaces or symbols
+/// of at most 128 bytes).
+pub const MAX_TOKEN_BYTES: usize = 256;
+
+/// Tokens encoded past the kept ones, on the side where a text was cut: the cut changes the
+/// first tokens after it (a word split in two, a prefix space), and these are dropped.
+const CUT_MARGIN: usize = 64;
+
+/// Which end of a text is kept when it is longer than the tokens wanted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    First,
+    Last,
+}
+
+/// `text`'s first or last `bytes` bytes (at most; cut at a character boundary).
+fn part(text: &str, bytes: usize, keep: Keep) -> &str {
+    if text.len() <= bytes {
+        return text;
+    }
+    match keep {
+        Keep::First => {
+            let mut end = bytes;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            &text[..end]
+        }
+        Keep::Last => {
+            let mut start = text.len() - bytes;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            &text[start..]
+        }
+    }
+}
+
 /// Template instructions one rendering may run (real templates use tens to a few thousand per
 /// message: ten million is thousands of messages; it renders in about a second in the fuzzing
 /// harness's instrumented build, a tenth of that in fuserl's).
@@ -370,15 +409,64 @@ impl ChatTokenizer {
             .map_err(|e| ModelError::format(file(), format!("cannot decode: {e}")))
     }
 
-    /// Prompt ids: the rendered conversation with the generation prompt.
-    pub fn prompt_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.encode(&self.render(messages, true)?)
+    /// The first or last `keep` ids of `text`, and whether there were more. Only as much of the
+    /// text is encoded as they need: a part of it, from the kept end, that doubles until it
+    /// gives [`CUT_MARGIN`] tokens more than `keep` (or is the whole text, or spans
+    /// [`MAX_TOKEN_BYTES`] a token): a 60 MB answer took 11 GB in the tokenizers crate, and a
+    /// normaliser can multiply a text's length, so the memory is bounded by tokens, not bytes.
+    fn encode_end(&self, text: &str, keep: usize, end: Keep) -> Result<(Vec<u32>, bool)> {
+        let want = keep.saturating_add(CUT_MARGIN);
+        let most = want.saturating_mul(MAX_TOKEN_BYTES);
+        let mut bytes = want.saturating_mul(8).max(4096);
+        loop {
+            let part = part(text, bytes.min(most), end);
+            let mut ids = self.encode(part)?;
+            let whole = part.len() == text.len();
+            if whole || ids.len() >= want || bytes >= most {
+                let more = !whole || ids.len() > keep;
+                if ids.len() > keep {
+                    match end {
+                        Keep::First => ids.truncate(keep),
+                        Keep::Last => drop(ids.drain(..ids.len() - keep)),
+                    }
+                }
+                return Ok((ids, more));
+            }
+            bytes = bytes.saturating_mul(2);
+        }
+    }
+
+    /// The first `keep` ids of `text`, and whether there were more ([`Self::encode_end`]).
+    pub fn encode_first(&self, text: &str, keep: usize) -> Result<(Vec<u32>, bool)> {
+        self.encode_end(text, keep, Keep::First)
+    }
+
+    /// The last `keep` ids of `text`, and whether there were more ([`Self::encode_end`]).
+    pub fn encode_last(&self, text: &str, keep: usize) -> Result<(Vec<u32>, bool)> {
+        self.encode_end(text, keep, Keep::Last)
+    }
+
+    /// Prompt ids: the rendered conversation with the generation prompt, at most the last
+    /// `keep` of them, and whether its beginning was cut (fuserl's sources and trainers drop a
+    /// long prompt's first tokens). A template can render megabytes: only the end that the
+    /// kept ids need is encoded ([`Self::encode_last`]).
+    pub fn prompt_ids(&self, messages: &[ChatMessage], keep: usize) -> Result<(Vec<u32>, bool)> {
+        self.encode_last(&self.render(messages, true)?, keep)
     }
 
     /// A whole conversation's ids, as transformers' `apply_chat_template(conversation,
-    /// tokenize=True)` gives them (no generation prompt; what a reward model scores).
-    pub fn conversation_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.encode(&self.render(messages, false)?)
+    /// tokenize=True)` gives them (no generation prompt; what a reward model scores); one of
+    /// more than `max_tokens` tokens (the model's positions) is refused, found without
+    /// encoding more than their worth ([`Self::encode_first`]).
+    pub fn conversation_ids(&self, messages: &[ChatMessage], max_tokens: usize) -> Result<Vec<u32>> {
+        let (ids, more) = self.encode_first(&self.render(messages, false)?, max_tokens)?;
+        if more {
+            return Err(ModelError::format(
+                &self.template_file,
+                format!("a rendered conversation of more than {max_tokens} tokens, the model's positions"),
+            ));
+        }
+        Ok(ids)
     }
 
     /// Response ids: the text followed by EOS.
@@ -386,5 +474,15 @@ impl ChatTokenizer {
         let mut ids = self.encode(response)?;
         ids.push(self.eos_id);
         Ok(ids)
+    }
+
+    /// A response's first `keep` ids ([`Self::encode_first`]), followed by EOS when the text
+    /// ends within them (then `false`; `true`: the answer goes on past them, and no EOS).
+    pub fn response_ids_within(&self, response: &str, keep: usize) -> Result<(Vec<u32>, bool)> {
+        let (mut ids, more) = self.encode_first(response, keep)?;
+        if !more {
+            ids.push(self.eos_id);
+        }
+        Ok((ids, more))
     }
 }

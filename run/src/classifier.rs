@@ -201,12 +201,13 @@ pub fn classify(
                 message: e.to_string(),
             };
             let tok = ChatTokenizer::load(self.checkpoint, self.template).map_err(model_error)?;
-            let mut ids = Vec::with_capacity(self.conversations.len());
-            for c in self.conversations {
-                ids.push(tok.conversation_ids(c).map_err(model_error)?);
-            }
             let rm = load_classifier::<B>(self.checkpoint, &device, self.dtype).map_err(model_error)?;
             tok.check_fits(rm.model.config.vocab_size).map_err(model_error)?;
+            let positions = rm.model.config.max_position_embeddings;
+            let mut ids = Vec::with_capacity(self.conversations.len());
+            for c in self.conversations {
+                ids.push(tok.conversation_ids(c, positions).map_err(model_error)?);
+            }
             let mut order: Vec<usize> = (0..ids.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
             // On the CPU a batch is cut into shards, one per thread, each padded on its own: most

@@ -244,11 +244,8 @@ impl OnBackend for Job<'_> {
         let mut prompts = Vec::with_capacity(self.jobs.len());
         let mut cut = 0;
         for j in self.jobs {
-            let mut ids = tok.prompt_ids(&j.prompt.messages).map_err(model_error)?;
-            if ids.len() > max_prompt {
-                ids.drain(..ids.len() - max_prompt);
-                cut += 1;
-            }
+            let (ids, was_cut) = tok.prompt_ids(&j.prompt.messages, max_prompt).map_err(model_error)?;
+            cut += usize::from(was_cut);
             prompts.push(ids);
         }
         if cut > 0 {

@@ -40,7 +40,7 @@ fn check<B: fuserl_kernels::LogProbBackend>(name: &str, rm: &SequenceClassifier<
     let alone: Vec<Vec<f64>> = serde_json::from_value(doc["alone"].clone()).expect("alone");
     let tok = ChatTokenizer::load(&fixture(name), None).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ids: Vec<Vec<u32>> =
-        conversations.iter().map(|c| tok.conversation_ids(c).unwrap_or_else(|e| panic!("{e}"))).collect();
+        conversations.iter().map(|c| tok.conversation_ids(c, usize::MAX).unwrap_or_else(|e| panic!("{e}"))).collect();
     assert_eq!(ids, want_ids, "{name}: token ids differ from apply_chat_template's");
     let one_by_one: Vec<Vec<f32>> =
         ids.iter().map(|s| rm.logits(std::slice::from_ref(s)).expect("logits")[0].clone()).collect();

@@ -408,9 +408,9 @@ fn tokenizer_truncation_and_padding_are_ignored() {
     let message = [ChatMessage::user("What is the capital of France? Tell me in a long sentence.")];
     let plain = ChatTokenizer::load(&fixture("../../checkpoints/tiny-chat"), None).expect("tokenizer");
     let hostile = ChatTokenizer::load(dir.path(), None).expect("tokenizer");
-    let ids = plain.prompt_ids(&message).expect("ids");
+    let ids = plain.prompt_ids(&message, usize::MAX).expect("ids").0;
     assert!(ids.len() > 3);
-    assert_eq!(hostile.prompt_ids(&message).expect("ids"), ids);
+    assert_eq!(hostile.prompt_ids(&message, usize::MAX).expect("ids").0, ids);
 }
 
 /// Issue #33: optional config.json keys of the wrong type are refused with the key named, not

@@ -66,13 +66,10 @@ pub fn tokenize(
         let prompt = match prompt_cache.get(&example.prompt_id) {
             Some(p) => p.clone(),
             None => {
-                let mut p = tok.prompt_ids(messages)?;
                 let cap =
                     max_prompt_length.unwrap_or(max_length.saturating_sub(1)).min(max_length.saturating_sub(1)).max(1);
-                if p.len() > cap {
-                    p.drain(..p.len() - cap);
-                    prompts_cut += 1;
-                }
+                let (p, cut) = tok.prompt_ids(messages, cap)?;
+                prompts_cut += usize::from(cut);
                 prompt_cache.insert(example.prompt_id.clone(), p.clone());
                 p
             }
@@ -82,16 +79,9 @@ pub fn tokenize(
             let text =
                 texts.get(&s.completion).ok_or_else(|| TrainError::Data(format!("no text for {}", s.completion)))?;
             let room = max_length - prompt.len();
-            let cut = cut_for_tokens(text, room);
-            let mut response = tok.response_ids(cut)?;
-            if cut.len() < text.len() {
-                // The answer goes on past the cut: whatever `response_ids` ends every response
-                // with (end of turn, EOS) does not belong here.
-                let ending = tok.response_ids("")?;
-                if !ending.is_empty() && response.ends_with(&ending) {
-                    response.truncate(response.len() - ending.len());
-                }
-            }
+            // Only the first tokens that fit are encoded (a 60 MB answer took 11 GB in the
+            // tokenizer); an answer that goes on past them has no end of turn here.
+            let (mut response, _) = tok.response_ids_within(text, room)?;
             response.truncate(room);
             seqs.push(SeqTokens { prompt: prompt.clone(), response });
         }
@@ -107,25 +97,6 @@ pub fn tokenize(
         );
     }
     Ok(out)
-}
-
-/// The bytes a kept token can span, at most: no vocabulary of a released model has a token
-/// longer (the longest are runs of spaces or symbols of a few dozen bytes).
-const MAX_TOKEN_BYTES: usize = 256;
-
-/// `text` cut (at a character boundary) to what `tokens` tokens can span at most, before it is
-/// tokenized: the tokens past them are dropped anyway, and a 60 MB answer in a data file took
-/// 11 GB inside the tokenizer.
-pub fn cut_for_tokens(text: &str, tokens: usize) -> &str {
-    let budget = tokens.saturating_mul(MAX_TOKEN_BYTES);
-    if text.len() <= budget {
-        return text;
-    }
-    let mut end = budget;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// One right-padded batch of whole sequences (prompt then response).
@@ -151,26 +122,52 @@ pub(crate) fn score_targets<B: Backend>(seqs: &[SeqTokens], inputs: &Inputs, dev
 
 #[cfg(test)]
 mod tests {
-    use super::cut_for_tokens;
+    use fuserl_core::data::ChatMessage;
+    use fuserl_model::chat::ChatTokenizer;
 
-    /// Issue #33: a response far longer than the room for it is cut before it is tokenized, and
-    /// the kept tokens are those of the whole text.
-    #[test]
-    fn long_answers_are_cut_before_tokenizing_to_the_same_tokens() {
+    fn tiny() -> ChatTokenizer {
         let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/tiny-chat");
-        let tok = fuserl_model::chat::ChatTokenizer::load(&tiny, None).expect("tokenizer");
-        let unit = "Paris is the capital of France, and élan vital — 東京 too. ";
-        let text = unit.repeat(200_000); // 12 MB
-        for room in [1, 7, 100, 255] {
-            let cut = cut_for_tokens(&text, room);
-            assert!(cut.len() <= room * 256 && cut.len() < text.len());
-            let mut kept = tok.response_ids(cut).expect("ids");
-            kept.truncate(room);
-            // Sixteen times the bytes: what cutting at the budget must not change.
-            let mut whole = tok.response_ids(cut_for_tokens(&text, room * 16)).expect("ids");
+        ChatTokenizer::load(&tiny, None).expect("tokenizer")
+    }
+
+    const UNIT: &str = "Paris is the capital of France, and élan vital — 東京 too. ";
+
+    /// Issue #33: of a response far longer than the room for it only the first tokens are
+    /// encoded, and they are those of the whole text.
+    #[test]
+    fn long_answers_keep_their_first_tokens_when_cut_before_tokenizing() {
+        let tok = tiny();
+        let text = UNIT.repeat(200_000); // 12 MB
+        for room in [1, 7, 100, 255, 5000] {
+            let (kept, more) = tok.response_ids_within(&text, room).expect("ids");
+            assert!(more && kept.len() == room, "room {room}");
+            // A sixteenth of the text, tokenized whole: what cutting must not change.
+            let mut whole = tok.encode(&text[..text.len() / 16]).expect("ids");
             whole.truncate(room);
             assert_eq!(kept, whole, "room {room}");
         }
-        assert_eq!(cut_for_tokens("short", 10), "short");
+        let (ids, more) = tok.response_ids_within("short", 10).expect("ids");
+        assert!(!more && ids == tok.response_ids("short").expect("ids"));
+    }
+
+    /// Issue #33: a rendered prompt far longer than the room for it is cut from the start before
+    /// it is tokenized (a template rendered megabytes, which the tokenizers crate encoded into
+    /// more than 1 GiB), and the kept last tokens are those of the whole text.
+    #[test]
+    fn long_prompts_keep_their_last_tokens_when_cut_before_tokenizing() {
+        let tok = tiny();
+        let messages = [ChatMessage::user(UNIT.repeat(100_000))]; // 6 MB
+        let whole = tok.render(&messages, true).expect("render");
+        let start = (whole.len() - whole.len() / 16..).find(|&i| whole.is_char_boundary(i)).expect("a boundary");
+        let tail = &whole[start..];
+        let tail_ids = tok.encode(tail).expect("ids");
+        for keep in [1, 7, 100, 255, 5000] {
+            let (ids, cut) = tok.prompt_ids(&messages, keep).expect("ids");
+            assert!(cut && ids.len() == keep, "keep {keep}");
+            assert_eq!(ids, tail_ids[tail_ids.len() - keep..], "keep {keep}");
+        }
+        let short = [ChatMessage::user("short")];
+        let (ids, cut) = tok.prompt_ids(&short, 1000).expect("ids");
+        assert!(!cut && ids == tok.encode(&tok.render(&short, true).expect("render")).expect("ids"));
     }
 }
