@@ -872,6 +872,16 @@ fn logprobs_and_generate_report_bad_input_with_its_place() {
     assert_eq!(lines[0]["token_logps"].as_array().map(Vec::len), lines[0]["n_tokens"].as_u64().map(|n| n as usize));
     let sum: f64 = lines[0]["token_logps"].as_array().expect("arr").iter().map(|x| x.as_f64().expect("f")).sum();
     assert!((sum - lines[0]["logp_sum"].as_f64().expect("sum")).abs() < 1e-4);
+    // A prompt past the model's positions (512): refused as such, after tokenizing only as much
+    // of it as the positions need (issue #33).
+    let long = "word ".repeat(20_000); // 100 KB: an argument may have at most 128 KiB
+    let run = fuserl(&["generate", "--model", &model, "--prompt", &long, "--max-new-tokens", "1"], dir.path());
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("the prompt is longer than the model's 512 positions (max_position_embeddings)"),
+        "{}",
+        text(&run.stderr)
+    );
     // A device this build lacks names its feature; one it has but this machine lacks (CUDA on
     // CI) is a clear error too, not a crash. On a CUDA machine the command simply works.
     #[cfg(not(feature = "rocm"))]

@@ -445,9 +445,16 @@ impl OnBackend for Generate<'_> {
         let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
         let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
-        // Past the model's positions the prompt is refused (a longer one the same way, cut first).
-        let keep = model.config.max_position_embeddings.saturating_add(1);
-        let prompt = tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())], keep).map_err(model_error)?.0;
+        // Past the model's positions the prompt is refused (found without tokenizing all of a
+        // longer one).
+        let positions = model.config.max_position_embeddings;
+        let (prompt, cut) =
+            tok.prompt_ids(&[ChatMessage::user(args.prompt.clone())], positions).map_err(model_error)?;
+        if cut {
+            return Err(bad_input(format!(
+                "the prompt is longer than the model's {positions} positions (max_position_embeddings); shorten it"
+            )));
+        }
         let cfg = GenerateConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,

@@ -182,9 +182,10 @@ impl Compact<'_> {
     /// bytes, is read as the varint of the bytes after it): so are they read here, for the
     /// fields that come before the schema and for the schema's elements, or this check would
     /// read another tree than the crate builds (a fuzzing finding, where the crate then reserved
-    /// 3.2 GB). The fields read by their declared type here (nested unions and lists of
-    /// structs) are where the two could still part: the crate's parse of the footer also runs
-    /// under a memory budget (`crate::prompts::parquet_rows`).
+    /// 3.2 GB). Inside the lists and unions read so (row groups, key-value pairs, column orders,
+    /// a logical type) the fields are skipped by their declared type: there the two readings
+    /// could still part, so the crate's parse of the footer also runs under a memory budget
+    /// (`crate::prompts::parquet_rows`).
     fn file_metadata(&mut self) -> Result<(), String> {
         let mut last_id = 0i16;
         let mut schema_seen = false;
@@ -199,9 +200,13 @@ impl Compact<'_> {
                     schema_seen = true;
                     self.schema()?;
                 }
-                // version (i32), num_rows (i64); created_by (string), footer_signing_key_metadata.
+                // version (i32), num_rows (i64); created_by (string); row_groups,
+                // key_value_metadata, column_orders (lists). Fields 8 and 9 (encryption) the
+                // crate knows only with its `encryption` feature, which fuserl does not enable:
+                // it skips them by their declared type, as below.
                 (1 | 3, _) => self.zigzag().map(drop)?,
-                (6 | 9, _) => self.binary()?,
+                (6, _) => self.binary()?,
+                (4 | 5 | 7, _) => self.skip(9, 1)?,
                 (_, kind) => self.skip(kind, 1)?,
             }
         }
@@ -280,6 +285,8 @@ impl Compact<'_> {
                 (5, _) => children = i64::from(self.zigzag()? as i32),
                 (1..=3 | 6..=9, _) => self.zigzag().map(drop)?,
                 (4, _) => self.binary()?,
+                // logicalType: a union, read as a struct.
+                (10, _) => self.skip(12, 2)?,
                 (_, kind) => self.skip(kind, 2)?,
             }
         }
@@ -429,6 +436,10 @@ mod tests {
         b.splice(at..at, [0x12, 0x80, 0x80, 0x80, 0x80, 0x02]); // field 5, then the varint of 2^29
         let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
         assert!(err.contains("schema element 1 claims 268435456 children"), "{err}");
+        // key_value_metadata declared `true`: the crate reads a list after it all the same.
+        let b = [0x51, 0xfc, 0xff, 0xff, 0xff, 0xff, 0x07, 0x00];
+        let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
+        assert!(err.contains("a list of 2147483647 elements"), "{err}");
         // A list of booleans in an element (the crate skips each as 0 bytes; found as a hang).
         let mut b = footer(&[Some(1), None]);
         let at = b.len() - 2; // before the last element's stop and the footer's stop

@@ -414,6 +414,10 @@ impl ChatTokenizer {
     /// gives [`CUT_MARGIN`] tokens more than `keep` (or is the whole text, or spans
     /// [`MAX_TOKEN_BYTES`] a token): a 60 MB answer took 11 GB in the tokenizers crate, and a
     /// normaliser can multiply a text's length, so the memory is bounded by tokens, not bytes.
+    /// Where a part reaches [`MAX_TOKEN_BYTES`] a token and still gives fewer tokens than
+    /// wanted (tokens longer than that on average, or a normaliser that deletes most of the
+    /// text), the text counts as longer than `keep` and the first kept ids may differ from the
+    /// whole text's: no released tokenizer does that.
     fn encode_end(&self, text: &str, keep: usize, end: Keep) -> Result<(Vec<u32>, bool)> {
         let want = keep.saturating_add(CUT_MARGIN);
         let most = want.saturating_mul(MAX_TOKEN_BYTES);
@@ -456,15 +460,12 @@ impl ChatTokenizer {
 
     /// A whole conversation's ids, as transformers' `apply_chat_template(conversation,
     /// tokenize=True)` gives them (no generation prompt; what a reward model scores); one of
-    /// more than `max_tokens` tokens (the model's positions) is refused, found without
-    /// encoding more than their worth ([`Self::encode_first`]).
+    /// more than `max_tokens` tokens is refused (an input error), found without encoding more
+    /// than their worth ([`Self::encode_first`]).
     pub fn conversation_ids(&self, messages: &[ChatMessage], max_tokens: usize) -> Result<Vec<u32>> {
         let (ids, more) = self.encode_first(&self.render(messages, false)?, max_tokens)?;
         if more {
-            return Err(ModelError::format(
-                &self.template_file,
-                format!("a rendered conversation of more than {max_tokens} tokens, the model's positions"),
-            ));
+            return Err(ModelError::Input(format!("a conversation of more than {max_tokens} tokens")));
         }
         Ok(ids)
     }

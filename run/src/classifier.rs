@@ -203,10 +203,22 @@ pub fn classify(
             let tok = ChatTokenizer::load(self.checkpoint, self.template).map_err(model_error)?;
             let rm = load_classifier::<B>(self.checkpoint, &device, self.dtype).map_err(model_error)?;
             tok.check_fits(rm.model.config.vocab_size).map_err(model_error)?;
-            let positions = rm.model.config.max_position_embeddings;
+            // Conversations are scored whole, past the model's positions too, as transformers
+            // does; the bound is only for what tokenizing may cost (a conversation's text is
+            // not tokenized past it: a hostile template or normaliser can make gigabytes).
+            let most = rm.model.config.max_position_embeddings.saturating_mul(4).max(1 << 17);
             let mut ids = Vec::with_capacity(self.conversations.len());
-            for c in self.conversations {
-                ids.push(tok.conversation_ids(c, positions).map_err(model_error)?);
+            for (i, c) in self.conversations.iter().enumerate() {
+                let one = tok.conversation_ids(c, most).map_err(|e| Error::Component {
+                    point: "reward model",
+                    name: "classifier".into(),
+                    message: format!(
+                        "conversation {} of the batch: {e} (four times the model's positions, at least 131072), \
+                         refused before tokenizing all of it",
+                        i + 1
+                    ),
+                })?;
+                ids.push(one);
             }
             let mut order: Vec<usize> = (0..ids.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
