@@ -167,14 +167,18 @@ topup_worker() {
         mapfile -t rows < <(short_of "$need")
         for row in "${rows[@]}"; do
             read -r t l <<<"$row"
-            if mkdir "$work/locks/$t" 2>/dev/null; then target=$t lacks=$l; break; fi
+            if mkdir "$work/locks/$t" 2>/dev/null; then
+                echo "$BASHPID" >"$work/locks/$t/pid"
+                target=$t lacks=$l
+                break
+            fi
         done
         [ -n "$target" ] || break
         local seconds=$((lacks + 30))
         [ "$seconds" -le 900 ] || seconds=900
         local rc=0
         ( run "$target" "$seconds" ) || rc=$?
-        rmdir "$work/locks/$target"
+        rm -rf "$work/locks/$target"
         # A finding (1) leaves the target to later turns; AFL++ failing (3) would fail every turn.
         [ "$rc" -ne 3 ] || return 1
         [ "$rc" -eq 0 ] || failed=1
@@ -192,8 +196,14 @@ case "${1:-}" in
     topup)
         build
         need=$((${2:?minutes} * 60))
-        rm -rf "$work/locks"
+        # Locks of workers that are gone (a topup killed): another topup's stay, so that two
+        # topups started apart never run one target at once.
         mkdir -p "$work/locks"
+        for lock in "$work/locks"/*; do
+            [ -d "$lock" ] || continue
+            holder=$(cat "$lock/pid" 2>/dev/null || true)
+            if [ -z "$holder" ] || ! kill -0 "$holder" 2>/dev/null; then rm -rf "$lock"; fi
+        done
         pids=()
         for _ in $(seq "${3:-1}"); do
             topup_worker "$need" &
