@@ -209,16 +209,16 @@ pub fn classify(
             let most = rm.model.config.max_position_embeddings.saturating_mul(4).max(1 << 17);
             let mut ids = Vec::with_capacity(self.conversations.len());
             for (i, c) in self.conversations.iter().enumerate() {
-                let one = tok.conversation_ids(c, most).map_err(|e| Error::Component {
-                    point: "reward model",
-                    name: "classifier".into(),
-                    message: format!(
-                        "conversation {} of the batch: {e} (four times the model's positions, at least 131072), \
+                // A template or tokenizer error is the checkpoint's; a conversation too long is
+                // named with the bound.
+                ids.push(tok.conversation_ids(c, most).map_err(|e| match e {
+                    fuserl_model::ModelError::Input(m) => model_error(fuserl_model::ModelError::Input(format!(
+                        "conversation {} of the batch: {m} (four times the model's positions, at least 131072), \
                          refused before tokenizing all of it",
                         i + 1
-                    ),
-                })?;
-                ids.push(one);
+                    ))),
+                    other => model_error(other),
+                })?);
             }
             let mut order: Vec<usize> = (0..ids.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
