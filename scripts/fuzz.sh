@@ -64,6 +64,14 @@ build() {
     log "building the harness (instrumented parsers; $CARGO_TARGET_DIR)"
     RUSTC_WRAPPER="$root/scripts/fuzz-rustc.sh" RUSTFLAGS="--cfg fuzzing" \
         cargo build --quiet -p fuserl-fuzz --features afl --bin fuserl-fuzz
+    # A harness built from another checkout sharing this target folder is fresh to cargo (its
+    # units hash the same) but looks for the fixtures in that checkout: rebuild it here.
+    if [ "$("$bin" --root 2>/dev/null)" != "$root" ]; then
+        log "the harness was built from another checkout; rebuilding it from $root"
+        touch fuzz/src/lib.rs
+        RUSTC_WRAPPER="$root/scripts/fuzz-rustc.sh" RUSTFLAGS="--cfg fuzzing" \
+            cargo build --quiet -p fuserl-fuzz --features afl --bin fuserl-fuzz
+    fi
 }
 
 # The seeds of a target: the files its `seeds` patterns name (fuzz/src/lib.rs), as the harness

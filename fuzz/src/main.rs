@@ -39,6 +39,12 @@ fn main() {
             }
             return;
         }
+        // The checkout the harness was built from (where it finds the fixtures): scripts/fuzz.sh
+        // rebuilds a harness built in another checkout of the same target folder.
+        ["--root"] => {
+            println!("{}", fuserl_fuzz::repo_root().display());
+            return;
+        }
         ["--harness"] => {
             println!("{}", fuserl_fuzz::HARNESS);
             return;
