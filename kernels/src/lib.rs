@@ -38,6 +38,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 pub mod attention;
 mod autodiff;
+pub mod cpu_matmul;
 #[cfg(feature = "cubecl")]
 mod cube;
 #[cfg(feature = "cubecl")]
@@ -271,6 +272,14 @@ pub trait LogProbBackend: Backend {
         tiled_attention_bwd::<Self>((q, k, v), key_bias, out, stats, grad, &mask)
     }
 
+    /// `x [m, k] @ w [k, n]` with `w` cast to `x`'s dtype first: a linear layer's product, or a
+    /// tied head's logits (`w` the embeddings' transposed view). Differentiable on `Autodiff`
+    /// (Burn's cast and matmul). The CPU backend overrides it for f32 inputs ([`cpu_matmul`]):
+    /// few rows, or a bf16 weight, take fuserl's kernel, the rest flex's matmul.
+    fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        plain_linear_matmul::<Self>(x, w)
+    }
+
     /// Whether [`Self::dequantize_blocks`] runs on the device for `layout`'s type (a kernel), not
     /// through the host.
     fn dequantizes_on_device(_layout: QuantLayout) -> bool {
@@ -434,6 +443,36 @@ impl LogProbBackend for burn::backend::Flex {
         rayon::current_num_threads()
     }
 
+    /// fuserl's kernel ([`cpu_matmul`]) for an f32 `x` and a 2-D f32 or bf16 weight laid out as
+    /// `[k, n]` or as the transpose of `[n, k]`, when `x` has at most [`cpu_matmul::F32_ROWS`]
+    /// rows (a batch-1 decoding step: the weights stream from memory) or the weight is bf16
+    /// (widened in chunks rather than cast whole); flex's matmul otherwise.
+    fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        use cpu_matmul::WeightLayout;
+        let (xs, ws) = (x.layout().shape().clone(), w.layout().shape().clone());
+        let two_d = xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0];
+        let layout = match w.layout().strides() {
+            [s, 1] if two_d && *s as usize == ws[1] => Some(WeightLayout::InOut),
+            [1, s] if two_d && *s as usize == ws[0] => Some(WeightLayout::OutIn),
+            _ => None,
+        };
+        let dtypes = x.dtype() == DType::F32 && matches!(w.dtype(), DType::F32 | DType::BF16);
+        let (m, k) = if two_d { (xs[0], xs[1]) } else { (0, 0) };
+        let worth = w.dtype() == DType::BF16 || m <= cpu_matmul::F32_ROWS;
+        let Some(layout) = layout.filter(|_| dtypes && worth) else {
+            return plain_linear_matmul::<Self>(x, w);
+        };
+        let n = ws[1];
+        let x = x.to_contiguous();
+        let xv = &x.storage::<f32>()[x.layout().start_offset()..][..m * k];
+        let start = w.layout().start_offset();
+        let y = match w.dtype() {
+            DType::BF16 => cpu_matmul::matmul(xv, &w.storage::<half::bf16>()[start..start + k * n], (m, k, n), layout),
+            _ => cpu_matmul::matmul(xv, &w.storage::<f32>()[start..start + k * n], (m, k, n), layout),
+        };
+        burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(y, [m, n]))
+    }
+
     /// In place when nothing else holds `tensor` (flex's `select_assign` copies it first: the
     /// whole embeddings' gradient, for a few hundred rows).
     fn add_rows(tensor: FloatTensor<Self>, ids: IntTensor<Self>, rows: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -486,6 +525,19 @@ impl LogProbBackend for burn::backend::Flex {
         out.storage_mut::<f32>()[r0 * h..r0 * h + src.len()].copy_from_slice(src);
         out
     }
+}
+
+/// [`LogProbBackend::linear_matmul`] in Burn's ops.
+fn plain_linear_matmul<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    let (x, w) = (float::<B, 2>(x), float::<B, 2>(w));
+    let w = if w.dtype() == x.dtype() { w } else { w.cast(x.dtype()) };
+    prim(x.matmul(w))
+}
+
+/// `x [m, k] @ w [k, n]` in `x`'s dtype (`w` cast to it): a linear layer's product
+/// ([`LogProbBackend::linear_matmul`]; on the CPU, fuserl's kernel where it pays).
+pub fn linear_matmul<B: LogProbBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::linear_matmul(prim(x), prim(w)))
 }
 
 /// Per-token log-probs of `targets` under `logits` (negative targets: padding, log-prob 0).
@@ -606,5 +658,41 @@ mod tests {
         let out = Flex::write_rows(prim(tensor), 2, prim(rows));
         assert_eq!(float::<Flex, 2>(out).into_data().to_vec::<f32>().unwrap(), expected);
         assert_eq!(held.into_data().to_vec::<f32>().unwrap(), base);
+    }
+
+    /// Flex's `linear_matmul` (fuserl's kernel on one row or a bf16 weight, flex's matmul on the
+    /// rest) against Burn's matmul of the weight cast to f32: a `[k, n]` weight, the transposed
+    /// view of an `[n, k]` one (a tied head), a weight that is a view inside a larger buffer,
+    /// and a strided one (which falls back).
+    #[test]
+    fn flex_linear_matmul_matches_burn_matmul() {
+        use burn::backend::Flex;
+        use burn::tensor::TensorData;
+        let device = Default::default();
+        let (k, n) = (37, 29);
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0).collect()
+        };
+        let in_out = Tensor::<Flex, 2>::from_data(TensorData::new(values(k * n, 1), [k, n]), &device);
+        let out_in = Tensor::<Flex, 2>::from_data(TensorData::new(values(n * k, 2), [n, k]), &device).transpose();
+        let inside =
+            Tensor::<Flex, 2>::from_data(TensorData::new(values((k + 3) * n, 3), [k + 3, n]), &device).narrow(0, 2, k);
+        let strided = Tensor::<Flex, 2>::from_data(TensorData::new(values(k * 2 * n, 4), [k, 2 * n]), &device)
+            .slice([0..k, 0..n]);
+        for (name, w) in [("in-out", in_out), ("out-in", out_in), ("inside", inside), ("strided", strided)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let w = w.clone().cast(dtype);
+                for m in [1, 2, 9] {
+                    let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(m * k, 5 + m), [m, k]), &device);
+                    let want: Vec<f32> = x.clone().matmul(w.clone().cast(DType::F32)).into_data().to_vec().unwrap();
+                    let got = linear_matmul(x, w.clone());
+                    assert_eq!(got.dims(), [m, n]);
+                    let got: Vec<f32> = got.into_data().to_vec().unwrap();
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} {dtype:?} m {m}: [{i}] {g} != {w}");
+                    }
+                }
+            }
+        }
     }
 }

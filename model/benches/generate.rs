@@ -37,7 +37,12 @@ fn main() {
         .collect();
     let greedy = GenerateConfig { max_new_tokens: 128, temperature: 0.0, ..GenerateConfig::default() };
     let sampled = GenerateConfig { temperature: 0.8, ..greedy.clone() };
+    // FUSERL_BENCH_MODES=greedy (or sampled) runs one of the two.
+    let modes = std::env::var("FUSERL_BENCH_MODES").unwrap_or_else(|_| "greedy,sampled".into());
     for (mode, cfg) in [("greedy", &greedy), ("sampled", &sampled)] {
+        if !modes.split(',').any(|m| m.trim() == mode) {
+            continue;
+        }
         for &batch in &batches {
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|i| {

@@ -103,7 +103,7 @@ impl<B: LogProbBackend> Linear<B> {
         let x = x.reshape([b * t, i]);
         let base = match &self.quant {
             Some(q) => fuserl_kernels::quant_matmul(x.clone(), q.words.val(), q.layout),
-            None => x.clone().matmul(in_dtype(self.weight.val(), dtype)),
+            None => fuserl_kernels::linear_matmul(x.clone(), self.weight.val()),
         };
         let y = match &self.lora {
             Some(lora) => base + lora.forward(x, b),
@@ -591,9 +591,9 @@ impl<B: LogProbBackend> LlamaModel<B> {
                     let x = hidden.reshape([b * t, h]);
                     return fuserl_kernels::quant_matmul(x, q.words.val(), q.layout).reshape([b, t, v]);
                 }
-                let w = in_dtype(self.weights.embed_tokens.val(), hidden.dtype());
+                let w = self.weights.embed_tokens.val();
                 let v = w.dims()[0];
-                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+                fuserl_kernels::linear_matmul(hidden.reshape([b * t, h]), w.transpose()).reshape([b, t, v])
             }
         }
     }

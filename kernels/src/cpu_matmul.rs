@@ -1,0 +1,431 @@
+//! The CPU backend's product of a linear layer (issue #35): `y [m, k] = x [m, k] @ w` with `x`
+//! in f32 and the weight in f32 or bf16 (widened to f32 exactly, on the fly), laid out as a
+//! linear layer keeps it (`[k, n]`, fuserl's `[in, out]`) or as a tied head's embeddings (the rows
+//! of `[n, k]`).
+//!
+//! Why not Burn flex's matmul (the gemm crate) alone: while generating, a decoding step multiplies
+//! a few rows by every weight of the model once, so the weights stream from memory and the gemm
+//! crate, which packs neither operand at these shapes and reads a `[k, n]` weight with a row's
+//! stride, runs far below its speed on the same weights in cache (on a 2-core Intel Xeon: 5 to 40
+//! GFLOP/s against 60 to 120). Here the output's columns are cut into chunks whose weights fit in
+//! the core's L2 cache, one chunk per task on flex's thread pool:
+//!
+//! - up to [`STREAM_ROWS`] rows of `x`, the chunk's weights are read once, in order, and every row
+//!   of `x` is multiplied by each weight as it arrives (register accumulators: no packing);
+//! - more rows, the chunk is copied (widened) into a buffer in cache and the gemm crate multiplies
+//!   it there, on one thread.
+//!
+//! A bf16 weight (a checkpoint stored in bf16, kept so for inference: `fuserl_model`'s frozen
+//! models) is read at half the bytes and gives the same products as its f32 widening: bf16 to f32
+//! is exact. The sums' order differs from gemm's (the products agree to f32 rounding).
+
+use half::bf16;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// At most this many rows of `x` take the streaming kernel; more go through the gemm crate on a
+/// chunk held in cache.
+pub const STREAM_ROWS: usize = 8;
+
+/// The CPU backend's `linear_matmul` gives an f32 weight to this kernel for at most this many
+/// rows: one (a batch-1 decoding step) measured faster on a 2-core Intel Xeon (generation 1.29x
+/// the tokens/s of flex's matmul), eight (batch 8) slower (0.92x: streamed weights stall on
+/// memory where gemm's packing prefetches them). A bf16 weight always takes it (flex would
+/// cast the whole weight first).
+pub const F32_ROWS: usize = 1;
+
+/// Bytes of f32 weights one chunk holds (a part of a core's L2 cache).
+const CHUNK_BYTES: usize = 192 * 1024;
+
+/// How a weight's values are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[k, n]`, row-major: row `r` holds input `r`'s weights for every output (a linear layer's
+    /// `[in, out]`).
+    InOut,
+    /// `[n, k]`, row-major: row `j` holds output `j`'s weights (a checkpoint's `[out, in]`, the
+    /// embeddings as a tied head).
+    OutIn,
+}
+
+/// A weight's element type: f32, or bf16 widened exactly.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// The value as f32.
+    fn widen(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+/// `a * b + c`, fused where the CPU has FMA.
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// One rounding (an FMA instruction where it is enabled).
+struct Fused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// Two roundings (CPUs without FMA, where `f32::mul_add` is a library call).
+#[cfg(target_arch = "x86_64")]
+struct Separate;
+
+#[cfg(target_arch = "x86_64")]
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// One product's operands.
+#[derive(Clone, Copy)]
+struct Operands<'a, W> {
+    x: &'a [f32],
+    w: &'a [W],
+    m: usize,
+    k: usize,
+    n: usize,
+    layout: WeightLayout,
+    /// The inner indices (rows of an `InOut` weight) this task sums over: all of `0..k` but for
+    /// the streamed `InOut` product, which splits them between tasks.
+    inner: (usize, usize),
+}
+
+thread_local! {
+    /// A chunk's widened weights (the gemm path).
+    static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `x [m, k] @ w` as `[m, n]`, row-major; `w` has `k * n` values laid out as `layout` says.
+///
+/// # Panics
+/// When the lengths of `x` or `w` do not match the shapes.
+pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize), layout: WeightLayout) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "cpu_matmul: x holds {} values, not {m} x {k}", x.len());
+    assert_eq!(w.len(), k * n, "cpu_matmul: the weight holds {} values, not {k} x {n}", w.len());
+    let mut y = vec![0.0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let ops = Operands { x, w, m, k, n, layout, inner: (0, k) };
+    if m <= STREAM_ROWS && layout == WeightLayout::InOut && k > 0 {
+        // Streamed, each task takes a run of whole rows of `w` (one block of memory, read in
+        // order) and gives its partial sums for every output; they are added up after.
+        let tasks = (2 * rayon::current_num_threads()).min(k);
+        let per = k.div_ceil(tasks);
+        let ranges: Vec<(usize, usize)> = (0..k).step_by(per).map(|r0| (r0, (r0 + per).min(k))).collect();
+        let partials: Vec<Vec<f32>> =
+            ranges.into_par_iter().map(|inner| chunk(Operands { inner, ..ops }, (0, n))).collect();
+        for part in partials {
+            for (s, p) in y.iter_mut().zip(&part) {
+                *s += *p;
+            }
+        }
+        return y;
+    }
+    let width = chunk_width(m, k, n);
+    let starts: Vec<usize> = (0..n).step_by(width).collect();
+    // Each task gives its columns `[m, width]`; they are put in place after (a copy of the
+    // output, small next to the product).
+    let parts: Vec<(usize, Vec<f32>)> =
+        starts.into_par_iter().map(|j0| (j0, chunk(ops, (j0, (j0 + width).min(n))))).collect();
+    for (j0, part) in parts {
+        let width = part.len() / m;
+        for (i, row) in part.chunks_exact(width).enumerate() {
+            y[i * n + j0..i * n + j0 + width].copy_from_slice(row);
+        }
+    }
+    y
+}
+
+/// Output columns per chunk, a multiple of 16 (one AVX-512 vector). Through gemm, the chunk's
+/// f32 weights fit in [`CHUNK_BYTES`]; streamed (an `OutIn` weight: whole rows, one block of
+/// memory per chunk), two chunks per thread.
+fn chunk_width(m: usize, k: usize, n: usize) -> usize {
+    let by_threads = n.div_ceil(2 * rayon::current_num_threads()).div_ceil(16) * 16;
+    if m <= STREAM_ROWS {
+        return by_threads.max(16);
+    }
+    let by_cache = (CHUNK_BYTES / 4 / k.max(1)) / 16 * 16;
+    by_cache.min(by_threads).max(16)
+}
+
+/// Columns `j0..j1` of the output (`[m, j1 - j0]`), with the widest vector unit the CPU has.
+fn chunk<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            #[allow(unsafe_code)]
+            return unsafe { chunk_avx512(ops, cols) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            return unsafe { chunk_avx2(ops, cols) };
+        }
+        chunk_with::<W, Separate>(ops, cols)
+    }
+    // Other CPUs fuserl builds for (aarch64) have FMA in their base instruction set.
+    #[cfg(not(target_arch = "x86_64"))]
+    chunk_with::<W, Fused>(ops, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn chunk_avx512<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> {
+    chunk_with::<W, Fused>(ops, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn chunk_avx2<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> {
+    chunk_with::<W, Fused>(ops, cols)
+}
+
+/// Columns `j0..j1` (`[m, j1 - j0]`): streamed for few rows, through a widened copy and gemm for
+/// more.
+#[inline(always)]
+fn chunk_with<W: WeightElem, F: MulAdd>(ops: Operands<'_, W>, (j0, j1): (usize, usize)) -> Vec<f32> {
+    let Operands { m, k, n, .. } = ops;
+    let width = j1 - j0;
+    let mut y = vec![0.0f32; m * width];
+    if m > STREAM_ROWS {
+        CHUNK.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.reserve(k * width);
+            match ops.layout {
+                // `[k, width]`: the chunk's part of each row.
+                WeightLayout::InOut => {
+                    for r in 0..k {
+                        buf.extend(ops.w[r * n + j0..r * n + j1].iter().map(|v| v.widen()));
+                    }
+                }
+                // `[width, k]`: whole rows, one after the other.
+                WeightLayout::OutIn => buf.extend(ops.w[j0 * k..j1 * k].iter().map(|v| v.widen())),
+            }
+            gemm_f32(ops.x, buf, &mut y, (m, k, width), ops.layout);
+        });
+        return y;
+    }
+    match m {
+        1 => stream::<W, F, 1>(ops, (j0, j1), &mut y),
+        2 => stream::<W, F, 2>(ops, (j0, j1), &mut y),
+        3 => stream::<W, F, 3>(ops, (j0, j1), &mut y),
+        4 => stream::<W, F, 4>(ops, (j0, j1), &mut y),
+        5 => stream::<W, F, 5>(ops, (j0, j1), &mut y),
+        6 => stream::<W, F, 6>(ops, (j0, j1), &mut y),
+        7 => stream::<W, F, 7>(ops, (j0, j1), &mut y),
+        _ => stream::<W, F, STREAM_ROWS>(ops, (j0, j1), &mut y),
+    }
+    y
+}
+
+/// `y [m, width] = x [m, k] @ w` on this thread, `w` being `[k, width]` (`InOut`) or `[width, k]`
+/// (`OutIn`), row-major.
+fn gemm_f32(x: &[f32], w: &[f32], y: &mut [f32], (m, k, width): (usize, usize, usize), layout: WeightLayout) {
+    assert!(x.len() == m * k && w.len() == k * width && y.len() == m * width, "gemm_f32: shapes");
+    let (w_cs, w_rs) = match layout {
+        WeightLayout::InOut => (1, width as isize),
+        WeightLayout::OutIn => (k as isize, 1),
+    };
+    // SAFETY: the lengths are checked above, and every index gemm forms from these sizes and
+    // strides (row-major `x`, `y` and `w` as laid out) stays inside its slice.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            width,
+            k,
+            y.as_mut_ptr(),
+            1,
+            width as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            w_cs,
+            w_rs,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Every row of `x` (`R` of them) times columns `j0..j1`, into `y` (`[R, j1 - j0]`), reading the
+/// chunk's weights once, in order.
+#[inline(always)]
+fn stream<W: WeightElem, F: MulAdd, const R: usize>(ops: Operands<'_, W>, (j0, j1): (usize, usize), y: &mut [f32]) {
+    let Operands { x, w, k, n, .. } = ops;
+    let width = j1 - j0;
+    let xs: [&[f32]; R] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
+    match ops.layout {
+        WeightLayout::InOut => {
+            // Row by row of `w`: its run of the chunk's columns is widened a vector at a time
+            // and added, times each row's `x[i][r]`, into the `R` output rows, which stay in the
+            // L1 cache (at most 8 rows of a chunk's columns).
+            let whole = width / 16 * 16;
+            let acc: [&mut [f32]; R] = {
+                let mut rows = y.chunks_exact_mut(width);
+                std::array::from_fn(|_| rows.next().unwrap_or_default())
+            };
+            for r in ops.inner.0..ops.inner.1 {
+                let run = &w[r * n + j0..r * n + j1];
+                let mut xr = [0.0f32; R];
+                for i in 0..R {
+                    xr[i] = xs[i][r];
+                }
+                for c in (0..whole).step_by(16) {
+                    let wv = widen16(&run[c..c + 16]);
+                    for i in 0..R {
+                        let a = &mut acc[i][c..c + 16];
+                        for l in 0..16 {
+                            a[l] = F::mul_add(xr[i], wv[l], a[l]);
+                        }
+                    }
+                }
+                for c in whole..width {
+                    let wc = run[c].widen();
+                    for i in 0..R {
+                        acc[i][c] = F::mul_add(xr[i], wc, acc[i][c]);
+                    }
+                }
+            }
+        }
+        WeightLayout::OutIn => {
+            // Each output is a dot product of a row of `x` and a row of `w`: 16 partial sums
+            // per row of `x` (one vector), added up at the end.
+            let whole = k / 16 * 16;
+            for j in j0..j1 {
+                let row = &w[j * k..(j + 1) * k];
+                let mut acc = [[0.0f32; 16]; R];
+                for (kk, part) in row[..whole].chunks_exact(16).enumerate() {
+                    let wv = widen16(part);
+                    for i in 0..R {
+                        let xv = &xs[i][kk * 16..kk * 16 + 16];
+                        for l in 0..16 {
+                            acc[i][l] = F::mul_add(xv[l], wv[l], acc[i][l]);
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    let mut sum = a.iter().sum::<f32>();
+                    for r in whole..k {
+                        sum = F::mul_add(xs[i][r], row[r].widen(), sum);
+                    }
+                    y[i * width + j - j0] = sum;
+                }
+            }
+        }
+    }
+}
+
+/// 16 weights as f32 (one AVX-512 vector; a plain loop, which the compiler vectorises where
+/// `std::array::from_fn` stays a call).
+#[inline(always)]
+fn widen16<W: WeightElem>(part: &[W]) -> [f32; 16] {
+    let part = &part[..16];
+    let mut v = [0.0f32; 16];
+    for l in 0..16 {
+        v[l] = part[l].widen();
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reproducible value in [-1, 1).
+    fn value(seed: usize) -> f32 {
+        let h = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) ^ 0x5851_F42D_4C95_7F2D;
+        (h.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// The product in f64, and for each output the sum of |x w| (the scale of its rounding).
+    fn reference(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), layout: WeightLayout) -> (Vec<f64>, Vec<f64>) {
+        let mut y = vec![0.0; m * n];
+        let mut scale = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for r in 0..k {
+                    let wv = match layout {
+                        WeightLayout::InOut => w[r * n + j],
+                        WeightLayout::OutIn => w[j * k + r],
+                    };
+                    let p = f64::from(x[i * k + r]) * f64::from(wv);
+                    y[i * n + j] += p;
+                    scale[i * n + j] += p.abs();
+                }
+            }
+        }
+        (y, scale)
+    }
+
+    fn check(m: usize, k: usize, n: usize) {
+        let x: Vec<f32> = (0..m * k).map(value).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| value(i + 1_000_003)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w_widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            for (name, got, exact) in [
+                ("f32", matmul(&x, &w, (m, k, n), layout), &w),
+                ("bf16", matmul(&x, &wb, (m, k, n), layout), &w_widened),
+            ] {
+                let (want, scale) = reference(&x, exact, (m, k, n), layout);
+                for (idx, ((g, w), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
+                    // f32 sums of k products: within k ulps of the sum of magnitudes.
+                    let tol = 1e-6 * (k as f64).max(1.0) * s.max(1e-30);
+                    assert!(
+                        (f64::from(*g) - w).abs() <= tol,
+                        "{name} {layout:?} m {m} k {k} n {n}: y[{idx}] = {g}, want {w} (within {tol:e})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_f64_reference_on_every_path() {
+        // Rows 1 to 8 (the streaming kernel), 9 and
+        // 33 (gemm); columns in whole and partial blocks of 64 and 16 and single columns; inner
+        // sizes below, at and past a vector, and not a multiple of 16.
+        for &m in &[1, 3, 4, 5, 8, 9, 33] {
+            for &(k, n) in &[(1, 1), (17, 15), (16, 64), (64, 100), (576, 97), (100, 1536)] {
+                check(m, k, n);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_shapes_give_zeros() {
+        assert_eq!(matmul::<f32>(&[], &[], (0, 3, 0), WeightLayout::InOut), Vec::<f32>::new());
+        assert_eq!(matmul::<f32>(&[], &[0.0; 6], (0, 3, 2), WeightLayout::InOut), Vec::<f32>::new());
+        assert_eq!(matmul::<f32>(&[], &[], (2, 0, 0), WeightLayout::OutIn), Vec::<f32>::new());
+        // k = 0: every output is an empty sum.
+        assert_eq!(matmul::<f32>(&[], &[], (2, 0, 3), WeightLayout::InOut), vec![0.0; 6]);
+    }
+}
