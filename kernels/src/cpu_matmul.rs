@@ -1,4 +1,4 @@
-//! The CPU backend's product of a linear layer (issue #35): `y [m, k] = x [m, k] @ w` with `x`
+//! The CPU backend's product of a linear layer (issue #35): `y [m, n] = x [m, k] @ w` with `x`
 //! in f32 and the weight in f32 or bf16 (widened to f32 exactly, on the fly), laid out as a
 //! linear layer keeps it (`[k, n]`, fuserl's `[in, out]`) or as a tied head's embeddings (the rows
 //! of `[n, k]`).
@@ -284,9 +284,11 @@ fn stream<W: WeightElem, F: MulAdd, const R: usize>(ops: Operands<'_, W>, (j0, j
     let xs: [&[f32]; R] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
     match ops.layout {
         WeightLayout::InOut => {
-            // Row by row of `w`: its run of the chunk's columns is widened a vector at a time
-            // and added, times each row's `x[i][r]`, into the `R` output rows, which stay in the
-            // L1 cache (at most 8 rows of a chunk's columns).
+            // Row by row of `w` (this task's rows, `inner`): its run of columns is widened a
+            // vector at a time and added, times each row's `x[i][r]`, into the `R` output rows
+            // (`R x n` sums: in the L1 cache for one row of a 1536-wide layer, past it for 8,
+            // which then go through L2: one cause, not measured apart, of 8 rows being slower
+            // than flex).
             let whole = width / 16 * 16;
             let acc: [&mut [f32]; R] = {
                 let mut rows = y.chunks_exact_mut(width);
@@ -413,9 +415,27 @@ mod tests {
         // Rows 1 to 8 (the streaming kernel), 9 and
         // 33 (gemm); columns in whole and partial blocks of 64 and 16 and single columns; inner
         // sizes below, at and past a vector, and not a multiple of 16.
-        for &m in &[1, 3, 4, 5, 8, 9, 33] {
+        for &m in &[1, 2, 3, 4, 5, 6, 7, 8, 9, 33] {
             for &(k, n) in &[(1, 1), (17, 15), (16, 64), (64, 100), (576, 97), (100, 1536)] {
                 check(m, k, n);
+            }
+        }
+    }
+
+    /// The kernel without FMA (x86 CPUs without it), on the streamed and the gemm path.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn separate_multiply_add_matches_the_reference() {
+        for &(m, k, n) in &[(1, 37, 29), (3, 64, 100), (9, 17, 40)] {
+            let x: Vec<f32> = (0..m * k).map(value).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| value(i + 77)).collect();
+            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+                let ops = Operands { x: &x, w: &w, m, k, n, layout, inner: (0, k) };
+                let got = chunk_with::<f32, Separate>(ops, (0, n));
+                let (want, scale) = reference(&x, &w, (m, k, n), layout);
+                for ((g, w), s) in got.iter().zip(&want).zip(&scale) {
+                    assert!((f64::from(*g) - w).abs() <= 1e-6 * k as f64 * s, "{layout:?} {m} {k} {n}: {g} != {w}");
+                }
             }
         }
     }
@@ -425,7 +445,10 @@ mod tests {
         assert_eq!(matmul::<f32>(&[], &[], (0, 3, 0), WeightLayout::InOut), Vec::<f32>::new());
         assert_eq!(matmul::<f32>(&[], &[0.0; 6], (0, 3, 2), WeightLayout::InOut), Vec::<f32>::new());
         assert_eq!(matmul::<f32>(&[], &[], (2, 0, 0), WeightLayout::OutIn), Vec::<f32>::new());
-        // k = 0: every output is an empty sum.
-        assert_eq!(matmul::<f32>(&[], &[], (2, 0, 3), WeightLayout::InOut), vec![0.0; 6]);
+        // k = 0: every output is an empty sum, streamed or through gemm, in both layouts.
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            assert_eq!(matmul::<f32>(&[], &[], (2, 0, 3), layout), vec![0.0; 6]);
+            assert_eq!(matmul::<f32>(&[], &[], (12, 0, 3), layout), vec![0.0; 36]);
+        }
     }
 }

@@ -275,7 +275,7 @@ pub trait LogProbBackend: Backend {
     /// `x [m, k] @ w [k, n]` with `w` cast to `x`'s dtype first: a linear layer's product, or a
     /// tied head's logits (`w` the embeddings' transposed view). Differentiable on `Autodiff`
     /// (Burn's cast and matmul). The CPU backend overrides it for f32 inputs ([`cpu_matmul`]):
-    /// few rows, or a bf16 weight, take fuserl's kernel, the rest flex's matmul.
+    /// one row, or a bf16 weight, take fuserl's kernel, the rest flex's matmul.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         plain_linear_matmul::<Self>(x, w)
     }
@@ -673,16 +673,20 @@ mod tests {
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0).collect()
         };
-        let in_out = Tensor::<Flex, 2>::from_data(TensorData::new(values(k * n, 1), [k, n]), &device);
-        let out_in = Tensor::<Flex, 2>::from_data(TensorData::new(values(n * k, 2), [n, k]), &device).transpose();
-        let inside =
-            Tensor::<Flex, 2>::from_data(TensorData::new(values((k + 3) * n, 3), [k + 3, n]), &device).narrow(0, 2, k);
-        let strided = Tensor::<Flex, 2>::from_data(TensorData::new(values(k * 2 * n, 4), [k, 2 * n]), &device)
-            .slice([0..k, 0..n]);
-        for (name, w) in [("in-out", in_out), ("out-in", out_in), ("inside", inside), ("strided", strided)] {
-            for dtype in [DType::F32, DType::BF16] {
-                let w = w.clone().cast(dtype);
-                for m in [1, 2, 9] {
+        // Each weight made in its dtype first and then viewed (a cast of a view copies it).
+        let make = |len: usize, seed: usize, shape: [usize; 2], dtype: DType| {
+            Tensor::<Flex, 2>::from_data(TensorData::new(values(len, seed), shape), &device).cast(dtype)
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let weights = [
+                ("in-out", make(k * n, 1, [k, n], dtype)),
+                ("out-in", make(n * k, 2, [n, k], dtype).transpose()),
+                ("inside", make((k + 3) * n, 3, [k + 3, n], dtype).narrow(0, 2, k)),
+                ("out-in inside", make((n + 2) * k, 4, [n + 2, k], dtype).narrow(0, 1, n).transpose()),
+                ("strided", make(k * 2 * n, 5, [k, 2 * n], dtype).slice([0..k, 0..n])),
+            ];
+            for (name, w) in weights {
+                for m in [0, 1, 2, 9] {
                     let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(m * k, 5 + m), [m, k]), &device);
                     let want: Vec<f32> = x.clone().matmul(w.clone().cast(DType::F32)).into_data().to_vec().unwrap();
                     let got = linear_matmul(x, w.clone());
