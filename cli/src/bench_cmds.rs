@@ -13,7 +13,7 @@ use fuserl_core::backend::{DType, LogProbPath};
 use fuserl_core::data::{ChatMessage, CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::load;
+use fuserl_model::checkpoint::{load, load_frozen};
 use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 use fuserl_train::data::{SeqTokens, TrainExample};
 use fuserl_train::trainer::{StepSettings, inference_model, new_optimizer, optimizer_step, reference_logps};
@@ -276,7 +276,8 @@ impl OnBackend for Generate<'_> {
 
     fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
         let a = self.args;
-        let model = load::<B>(&a.model, &device, fuserl_backends::burn_dtype(self.dtype)).map_err(model_error)?;
+        let model =
+            load_frozen::<B>(&a.model, &device, fuserl_backends::burn_dtype(self.dtype)).map_err(model_error)?;
         let tok = ChatTokenizer::load(&a.model, None).map_err(model_error)?;
         let cfg = GenerateConfig { max_new_tokens: a.new_tokens, temperature: 0.0, ..GenerateConfig::default() };
         let prompts: Vec<Vec<u32>> = (0..a.batch.max(1))

@@ -9,7 +9,7 @@ use fuserl_core::backend::{DType, Device};
 use fuserl_core::data::ChatMessage;
 use fuserl_core::paths::Shown;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::load;
+use fuserl_model::checkpoint::{load, load_frozen};
 use fuserl_model::generate::{GenerateConfig, generate_streaming};
 use fuserl_model::logprobs::response_logprobs;
 
@@ -442,7 +442,9 @@ impl OnBackend for Generate<'_> {
     fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
         let args = self.0;
         let t0 = std::time::Instant::now();
-        let model = load::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        let model = load_frozen::<B>(&args.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        // What loading read and converted is given back (glibc would keep it resident).
+        fuserl_backends::release_freed_memory();
         let tok = ChatTokenizer::load(&args.model, None).map_err(model_error)?;
         tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         // Past the model's positions the prompt is refused (found without tokenizing all of a

@@ -272,6 +272,13 @@ pub trait LogProbBackend: Backend {
         tiled_attention_bwd::<Self>((q, k, v), key_bias, out, stats, grad, &mask)
     }
 
+    /// Whether [`Self::linear_matmul`] takes a bf16 weight under f32 activations without casting
+    /// all of it first (the CPU backend widens it as it reads it): then a frozen model loaded in
+    /// f32 keeps a checkpoint's bf16 weights in bf16 (`fuserl_model::checkpoint::load_frozen`).
+    fn mixes_bf16_weights() -> bool {
+        false
+    }
+
     /// `x [m, k] @ w [k, n]` with `w` cast to `x`'s dtype first: a linear layer's product, or a
     /// tied head's logits (`w` the embeddings' transposed view). Differentiable on `Autodiff`
     /// (Burn's cast and matmul). The CPU backend overrides it for f32 inputs ([`cpu_matmul`]):
@@ -441,6 +448,10 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 impl LogProbBackend for burn::backend::Flex {
     fn host_shards(_device: &Self::Device) -> usize {
         rayon::current_num_threads()
+    }
+
+    fn mixes_bf16_weights() -> bool {
+        true
     }
 
     /// fuserl's kernel ([`cpu_matmul`]) for an f32 `x` and a 2-D f32 or bf16 weight laid out as

@@ -273,11 +273,26 @@ struct Builder<'a, B: Backend> {
     dir: &'a Path,
     device: &'a B::Device,
     dtype: DType,
+    /// Keep a matrix whose every value is a bf16 in bf16 (a frozen model for inference on a
+    /// backend whose products widen it on the fly: [`load_frozen`]).
+    exact_bf16: bool,
 }
 
 impl<B: Backend> Builder<'_, B> {
     fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<B, D>> {
         Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (self.device, self.dtype)))
+    }
+
+    /// A weight matrix: in bf16 when [`Self::exact_bf16`] and every value is one (widening it
+    /// back gives the same values), else in the dtype asked for.
+    fn matrix(&self, values: Vec<f32>, shape: [usize; 2]) -> Param<Tensor<B, 2>> {
+        // The low halves OR-ed 64 values at a time (a loop the compiler vectorises).
+        let exact = || values.chunks(64).all(|c| c.iter().fold(0, |acc, v| acc | v.to_bits()) & 0xffff == 0);
+        if self.exact_bf16 && exact() {
+            let t = Tensor::from_data(TensorData::new(values, shape), (self.device, DType::BF16));
+            return Param::from_tensor(t);
+        }
+        self.tensor(values, shape)
     }
 
     fn vector(&mut self, name: &str, n: usize) -> Result<Param<Tensor<B, 1>>> {
@@ -318,7 +333,7 @@ impl<B: Backend> Builder<'_, B> {
                         let blocks = crate::quantize::quantize_parallel(l.ty, &w);
                         (self.empty([0, 0]), Some(QuantWeight::new(l, &blocks, self.device)))
                     }
-                    None => (self.tensor(transpose(&w, out, inp), [inp, out]), None),
+                    None => (self.matrix(transpose(&w, out, inp), [inp, out]), None),
                 }
             }
         };
@@ -346,20 +361,32 @@ pub fn build_model<B: Backend>(
 /// weights quantised to `quantize` (QLoRA's base; [`BaseQuant`]).
 pub fn build_quantized<B: Backend>(
     config: LlamaConfig,
-    (store, blocks): (TensorStore, QuantBlocks),
+    tensors: (TensorStore, QuantBlocks),
     quantize: Option<GgmlType>,
     dir: &Path,
     (device, dtype): (&B::Device, DType),
 ) -> Result<LlamaModel<B>> {
+    build(config, tensors, quantize, dir, (device, dtype), false)
+}
+
+/// [`build_quantized`], with matrices that are exactly bf16 kept so when `exact_bf16`.
+fn build<B: Backend>(
+    config: LlamaConfig,
+    (store, blocks): (TensorStore, QuantBlocks),
+    quantize: Option<GgmlType>,
+    dir: &Path,
+    (device, dtype): (&B::Device, DType),
+    exact_bf16: bool,
+) -> Result<LlamaModel<B>> {
     let c = &config;
-    let mut b = Builder::<B> { store, blocks, quantize, dir, device, dtype };
+    let mut b = Builder::<B> { store, blocks, quantize, dir, device, dtype, exact_bf16 };
     let (h, q_out, kv_out) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let embed_quant = b.blocks("model.embed_tokens.weight", c.vocab_size, h)?;
     let embed_tokens = if embed_quant.is_some() {
         b.empty([0, h])
     } else {
         let embed = b.store.take("model.embed_tokens.weight", &[c.vocab_size, h], dir)?;
-        b.tensor(embed, [c.vocab_size, h])
+        b.matrix(embed, [c.vocab_size, h])
     };
     let mut layers = Vec::with_capacity(c.num_layers);
     for l in 0..c.num_layers {
@@ -455,9 +482,28 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<
 /// [`GGUF_FILE`] and no safetensors is read from it (dequantised, unless `quant` keeps its
 /// blocks).
 pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant: BaseQuant) -> Result<LlamaModel<B>> {
+    load_kept(dir, device, dtype, quant, false)
+}
+
+/// [`load`] for a model that only runs forward (generation, log-probs, evaluation): in f32, on
+/// a backend whose linear products widen bf16 weights as they read them (the CPU's:
+/// [`LogProbBackend::mixes_bf16_weights`]), the weight matrices and embeddings whose values are
+/// all bf16 (a checkpoint stored in bf16) stay bf16: half the memory and the bytes read, the
+/// same products.
+pub fn load_frozen<B: LogProbBackend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
+    load_kept(dir, device, dtype, BaseQuant::None, dtype == DType::F32 && B::mixes_bf16_weights())
+}
+
+fn load_kept<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+    quant: BaseQuant,
+    exact_bf16: bool,
+) -> Result<LlamaModel<B>> {
     if crate::lora::is_adapter_dir(dir) {
         let adapter = crate::lora::read_adapter_config(dir)?;
-        let mut model = load_with::<B>(&adapter.base, device, dtype, quant)?;
+        let mut model = load_kept::<B>(&adapter.base, device, dtype, quant, exact_bf16)?;
         let json = crate::config::read_json(&adapter.base.join("config.json"))?;
         let multimodal = crate::gemma3::is_multimodal(&json);
         crate::lora::apply_adapter_dir(&mut model.weights, dir, &adapter, multimodal, DType::F32)?;
@@ -507,7 +553,7 @@ pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant
         BaseQuant::To(ty) => Some(ty),
         _ => None,
     };
-    let model = build_quantized(config, tensors, quantize, dir, (device, dtype))?;
+    let model = build(config, tensors, quantize, dir, (device, dtype), exact_bf16)?;
     tracing::info!(architecture = %model.config.architecture, layers = model.config.num_layers, "loaded checkpoint");
     Ok(model)
 }

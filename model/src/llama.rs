@@ -525,6 +525,9 @@ impl<B: LogProbBackend> LlamaModel<B> {
             }
             None => self.weights.embed_tokens.val().select(0, ids),
         };
+        // Embeddings kept in bf16 under f32 compute (a frozen model: `checkpoint::load_frozen`)
+        // give an f32 residual stream, as the same weights loaded in f32 do.
+        let x = if x.dtype() == DType::BF16 && self.dtype == DType::F32 { x.cast(DType::F32) } else { x };
         let x = x.reshape([b, t, self.config.hidden_size]);
         if self.config.gemma_norms {
             // Gemma: times sqrt(hidden) rounded to the weights' dtype, as transformers does.

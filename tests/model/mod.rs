@@ -2,6 +2,7 @@
 
 mod classifier;
 mod errors;
+mod frozen;
 mod gguf_qwen3;
 mod lora;
 mod oracle;
