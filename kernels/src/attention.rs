@@ -108,6 +108,17 @@ fn ungrouped<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 4> {
 /// rep, rows, 1]`.
 type RowStats<B> = (Tensor<B, 5>, Tensor<B, 5>);
 
+/// `exp(z)` of scores less their row's maximum, with every `z` below -104 made minus infinity
+/// first. The values are the same (f32's exponential of anything below about -103.97 is +0),
+/// but glibc's `expf`, which the CPU backend calls per element, returns 0 at once for minus
+/// infinity and takes its slow out-of-range path (it sets `errno`) for a finite `z` that far
+/// down, which every masked score is (masks add `f32::MIN`): with a causal mask, about half of
+/// them (docs/benchmarks.md, classifier scoring on the AMD EPYC).
+fn exp_scores<B: Backend>(z: Tensor<B, 5>) -> Tensor<B, 5> {
+    let far = z.clone().lower_elem(-104.0);
+    z.mask_fill(far, f32::NEG_INFINITY).exp()
+}
+
 /// One tile's probabilities `[batch, kv_heads, rep, rows, keys]` (f32): from the scores and the
 /// mask, with the rows' statistics given (backward) or made (forward, returned).
 fn tile_probs<B: Backend>(
@@ -124,10 +135,10 @@ fn tile_probs<B: Backend>(
     let [_, nkv, rep, _, _] = scores.dims();
     let scores = scores + tile_bias(key_bias, rows, mask).repeat_dim(1, nkv).repeat_dim(2, rep);
     match stats {
-        Some((max, log_sum)) => (((scores - max) - log_sum).exp(), None),
+        Some((max, log_sum)) => (exp_scores((scores - max) - log_sum), None),
         None => {
             let max = scores.clone().max_dim(4);
-            let e = (scores - max.clone()).exp();
+            let e = exp_scores(scores - max.clone());
             let sum = e.clone().sum_dim(4);
             (e / sum.clone(), Some((max, sum.log())))
         }
@@ -219,4 +230,41 @@ pub fn attention_bwd<B: Backend>(
         _ => Tensor::cat(dqs, 1),
     };
     (dq, dk.unwrap_or_else(zeros).cast(k_dtype), dv.unwrap_or_else(zeros).cast(v_dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp_scores` gives the exponential's own bits for every exponent: those it turns into
+    /// minus infinity first are the ones whose exponential is +0 anyway.
+    #[test]
+    fn exp_scores_is_the_exponential_bit_for_bit() {
+        type B = burn::backend::Flex;
+        let values: Vec<f32> = vec![
+            0.0,
+            -1.5,
+            -87.0,
+            -88.0,
+            -90.0,
+            -103.9,
+            -103.98,
+            -104.0,
+            -104.5,
+            -1e4,
+            f32::MIN,
+            f32::MIN + 3.0e38,
+            f32::NEG_INFINITY,
+            2.0,
+        ];
+        let n = values.len();
+        let z = || Tensor::<B, 5>::from_data(TensorData::new(values.clone(), [1, 1, 1, 1, n]), &Default::default());
+        let got = exp_scores(z()).into_data().to_vec::<f32>().expect("f32");
+        let want = z().exp().into_data().to_vec::<f32>().expect("f32");
+        for ((g, w), v) in got.iter().zip(&want).zip(&values) {
+            assert_eq!(g.to_bits(), w.to_bits(), "exp({v}): {g:e} against {w:e}");
+        }
+        // The values near the edge are not all zero (-90 is a subnormal): the test sees the edge.
+        assert!(want[4] > 0.0 && want[9] == 0.0);
+    }
 }
