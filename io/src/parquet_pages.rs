@@ -188,9 +188,10 @@ impl Compact<'_> {
         Ok(self.zigzag()? as i32)
     }
 
-    /// A struct field's header as the crate reads one in a page header: `None` at the end of
-    /// the struct (a type of 0, whatever the id bits), else the field's id (the crate refuses
-    /// an id past `i16::MAX`) and compact type.
+    /// A struct field's header as the crate reads one: `None` at the end of the struct (a type
+    /// of 0, whatever the id bits: a check that stopped at a 0 byte only read on where the
+    /// crate had ended a schema element, and the two saw different trees), else the field's id
+    /// (the crate refuses an id past `i16::MAX`) and compact type.
     fn field_begin(&mut self, last_id: &mut i16) -> Result<Option<(i16, u8)>, String> {
         let head = self.byte()?;
         if head & 0x0f == 0 {
@@ -226,14 +227,6 @@ impl Compact<'_> {
         Ok(())
     }
 
-    /// A struct field's header (after its first byte `head`, not 0): its id and compact type.
-    fn field(&mut self, head: u8, last_id: &mut i16) -> Result<(i16, u8), String> {
-        let delta = i16::from(head >> 4);
-        let id = if delta == 0 { self.zigzag()? as i16 } else { last_id.wrapping_add(delta) };
-        *last_id = id;
-        Ok((id, head & 0x0f))
-    }
-
     /// `FileMetaData`: the schema (field 2) checked as a tree, every other field skipped.
     ///
     /// The crate reads a struct's known fields by their id with the type its schema gives them,
@@ -248,12 +241,8 @@ impl Compact<'_> {
     fn file_metadata(&mut self) -> Result<(), String> {
         let mut last_id = 0i16;
         let mut schema_seen = false;
-        loop {
-            let head = self.byte()?;
-            if head == 0 {
-                return Ok(());
-            }
-            match self.field(head, &mut last_id)? {
+        while let Some(field) = self.field_begin(&mut last_id)? {
+            match field {
                 // The crate builds the first schema and skips any later one by its type.
                 (2, _) if !schema_seen => {
                     schema_seen = true;
@@ -269,6 +258,7 @@ impl Compact<'_> {
                 (_, kind) => self.skip(kind, 1)?,
             }
         }
+        Ok(())
     }
 
     /// A Thrift binary (string): its varint length and bytes.
@@ -332,15 +322,11 @@ impl Compact<'_> {
     fn schema_element(&mut self) -> Result<i64, String> {
         let mut last_id = 0i16;
         let mut children = 0;
-        loop {
-            let head = self.byte()?;
-            if head == 0 {
-                return Ok(children);
-            }
+        while let Some(field) = self.field_begin(&mut last_id)? {
             // By id, as the crate reads them ([`Self::file_metadata`]): the i32 fields (type,
             // type_length, repetition_type, num_children, converted_type, scale, precision,
             // field_id) and the name.
-            match self.field(head, &mut last_id)? {
+            match field {
                 (5, _) => children = i64::from(self.zigzag()? as i32),
                 (1..=3 | 6..=9, _) => self.zigzag().map(drop)?,
                 (4, _) => self.binary()?,
@@ -349,6 +335,7 @@ impl Compact<'_> {
                 (_, kind) => self.skip(kind, 2)?,
             }
         }
+        Ok(children)
     }
 
     /// Skip one value of compact type `kind`.
@@ -387,7 +374,8 @@ impl Compact<'_> {
             }
             12 => loop {
                 let head = self.byte()?;
-                if head == 0 {
+                // The crate ends a struct at a field type of 0, whatever the id bits.
+                if head & 0x0f == 0 {
                     return Ok(());
                 }
                 if head >> 4 == 0 {
@@ -524,6 +512,17 @@ mod tests {
         b.splice(at..at, [0x79, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07]);
         let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
         assert!(err.contains("of booleans"), "{err}");
+        // A schema element ended by a field header of type 0 with id bits (0x50): the crate
+        // ends the element there, and so must the check, or it reads the next element's fields
+        // as this one's and never counts the 2^28 children the crate then reserves room for.
+        let mut b = footer(&[Some(1), Some(1 << 28), None]);
+        assert_eq!(b[7], 0x00, "the root element's stop");
+        b[7] = 0x50;
+        let err = Compact { b: &b, pos: 0 }.file_metadata().unwrap_err();
+        assert!(err.contains("schema element 1 claims 268435456 children"), "{err}");
+        let mut b = footer(&[Some(1), None]);
+        b[7] = 0x50;
+        assert_eq!(Compact { b: &b, pos: 0 }.file_metadata(), Ok(()));
         // A chain of nested groups deeper than the crate's recursion should go.
         let mut chain = vec![Some(1); 140];
         chain.push(None);
