@@ -394,7 +394,6 @@ mod wgpu {
 /// The attention kernel against the tiles of Burn operations (`[backend] attention = "tiles"`)
 /// on the same device: forward, statistics and the three gradients, at shapes of several
 /// blocks and tiles, with grouped heads, a window and padding.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn kernel_vs_tiles<B: LogProbBackend>(device: &B::Device) {
     kernel_vs_tiles_at::<B>(device, (2, 6, 2, 90, 100, 32), Some(41), DType::F32);
     // Past the size where lavapipe lost the writes of the kernel's rolled loops (module
@@ -405,7 +404,6 @@ fn kernel_vs_tiles<B: LogProbBackend>(device: &B::Device) {
     kernel_vs_tiles_at::<B>(device, (2, 6, 2, 90, 100, 32), Some(41), DType::F16);
 }
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn kernel_vs_tiles_at<B: LogProbBackend>(
     device: &B::Device,
     (b, nh, nkv, t, tk, d): (usize, usize, usize, usize, usize, usize),
@@ -434,6 +432,33 @@ fn kernel_vs_tiles_at<B: LogProbBackend>(
         // f16: 2^-10 relative is one unit in the last place (the statistics stay f32).
         let tol = if dtype == DType::F32 || what == "stats" { 1e-5 } else { 2e-3 };
         close(&format!("attention kernel vs tiles {what} ({dtype:?})"), &back(got), &want, tol, tol);
+    }
+}
+
+/// The CPU's attention kernel (`fuserl_kernels::cpu_attention`) against the tiles, and on keys and
+/// values that are views of a longer cache (their rows strided, as generation's cache hands them).
+#[test]
+fn cpu_attention_kernel_matches_the_tiles() {
+    let device = Default::default();
+    kernel_vs_tiles::<burn::backend::Flex>(&device);
+    kernel_vs_tiles_at::<burn::backend::Flex>(&device, (3, 9, 3, 1, 47, 64), None, DType::F32);
+    kernel_vs_tiles_at::<burn::backend::Flex>(&device, (2, 4, 4, 33, 33, 16), Some(5), DType::F32);
+    type B = burn::backend::Flex;
+    use fuserl_kernels::{AttentionMask, tiled_attention_fwd};
+    let (b, nh, nkv, t, tk, cap, d) = (2, 6, 2, 3, 20, 32, 8);
+    let q = || tensor::<B, 4>(&values(b * t * nh * d, 51, 0.5), [b, t, nh, d], &device).into_primitive().tensor();
+    let cache = |seed| tensor::<B, 4>(&values(b * nkv * cap * d, seed, 1.0), [b, nkv, cap, d], &device);
+    let (k, v) = (cache(52).slice([0..b, 0..nkv, 0..tk, 0..d]), cache(53).slice([0..b, 0..nkv, 0..tk, 0..d]));
+    let bias: Vec<f32> = (0..b * tk).map(|j| if j == tk + 2 { f32::MIN } else { 0.0 }).collect();
+    let bias = || tensor::<B, 2>(&bias, [b, tk], &device).into_primitive().tensor();
+    let mask = AttentionMask { past: tk - t, window: None, rows: 2 };
+    let back = |x| data(Tensor::<B, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
+    let (prim, kp, vp) = (|x: Tensor<B, 4>| x.into_primitive().tensor(), k.clone(), v.clone());
+    let got = B::causal_attention_fwd(q(), prim(k), prim(v), bias(), mask);
+    let want = tiled_attention_fwd::<B>(q(), prim(kp), prim(vp), bias(), &mask);
+    for (what, got, want) in [("out", got.0, want.0), ("stats", got.1, want.1)] {
+        let want: Vec<f64> = back(want).iter().map(|&x| f64::from(x)).collect();
+        close(&format!("cpu attention on a cache's view: {what}"), &back(got), &want, 1e-5, 1e-5);
     }
 }
 

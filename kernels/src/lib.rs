@@ -38,6 +38,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 pub mod attention;
 mod autodiff;
+pub mod cpu_attention;
 pub mod cpu_matmul;
 #[cfg(feature = "cubecl")]
 mod cube;
@@ -445,6 +446,30 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
+/// The shapes of an attention the CPU kernel takes: f32 `q [batch, seq, heads, dim]`, `k`, `v
+/// [batch, kv_heads, keys, dim]`, `key_bias [batch, keys]`, heads a multiple of kv_heads and at
+/// least `past + seq` keys.
+fn cpu_attention_dims(
+    q: &burn_flex::FlexTensor,
+    k: &burn_flex::FlexTensor,
+    v: &burn_flex::FlexTensor,
+    key_bias: &burn_flex::FlexTensor,
+    mask: &AttentionMask,
+) -> Option<cpu_attention::Dims> {
+    if [q, k, v, key_bias].iter().any(|x| x.dtype() != DType::F32) {
+        return None;
+    }
+    let (qs, ks, vs, bs) = (q.layout().shape(), k.layout().shape(), v.layout().shape(), key_bias.layout().shape());
+    if qs.num_dims() != 4 || ks.num_dims() != 4 || vs.num_dims() != 4 || bs.num_dims() != 2 {
+        return None;
+    }
+    let dims = cpu_attention::Dims { batch: qs[0], seq: qs[1], heads: qs[2], kv_heads: ks[1], keys: ks[2], dim: qs[3] };
+    let agree = ks[0] == dims.batch && ks[3] == dims.dim && (0..4).all(|i| vs[i] == ks[i]);
+    let agree = agree && bs[0] == dims.batch && bs[1] == dims.keys && dims.kv_heads > 0;
+    let agree = agree && dims.heads.is_multiple_of(dims.kv_heads) && dims.keys >= mask.past + dims.seq;
+    agree.then_some(dims)
+}
+
 impl LogProbBackend for burn::backend::Flex {
     fn host_shards(_device: &Self::Device) -> usize {
         rayon::current_num_threads()
@@ -482,6 +507,41 @@ impl LogProbBackend for burn::backend::Flex {
             _ => cpu_matmul::matmul(xv, &w.storage::<f32>()[start..start + k * n], (m, k, n), layout),
         };
         burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(y, [m, n]))
+    }
+
+    /// fuserl's kernel ([`cpu_attention`]) for f32 inputs: one pass per head and tile of query
+    /// rows, with a vectorised softmax and no products for keys the mask hides from a whole
+    /// tile; the tiles of Burn operations otherwise (other dtypes, and shapes that do not agree,
+    /// which those report).
+    fn causal_attention_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(dims) = cpu_attention_dims(&q, &k, &v, &key_bias, &mask) else {
+            return tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask);
+        };
+        // A view gemm can read where it lies (strides of at least 0, the last 1), else a copy.
+        let readable = |x: FloatTensor<Self>| {
+            let s = x.layout().strides();
+            if s.iter().all(|&s| s >= 0) && s[3] == 1 { x } else { x.to_contiguous() }
+        };
+        let (q, k, v, key_bias) = (readable(q), readable(k), readable(v), key_bias.to_contiguous());
+        fn view(x: &burn_flex::FlexTensor) -> cpu_attention::View<'_> {
+            cpu_attention::View {
+                data: &x.storage::<f32>()[x.layout().start_offset()..],
+                strides: std::array::from_fn(|i| x.layout().strides()[i] as usize),
+            }
+        }
+        let bias = &key_bias.storage::<f32>()[key_bias.layout().start_offset()..][..dims.batch * dims.keys];
+        let (out, stats) = cpu_attention::forward((view(&q), view(&k), view(&v)), bias, dims, mask.past, mask.window);
+        let cpu_attention::Dims { batch: b, seq: t, heads: nh, dim: d, .. } = dims;
+        (
+            burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(out, [b, t, nh, d])),
+            burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(stats, [2, b, nh, t])),
+        )
     }
 
     /// In place when nothing else holds `tensor` (flex's `select_assign` copies it first: the
