@@ -363,6 +363,25 @@ pub trait LogProbBackend: Backend {
     fn write_rows(tensor: FloatTensor<Self>, r0: usize, rows: FloatTensor<Self>) -> FloatTensor<Self> {
         slice_write_rows::<Self>(tensor, r0, rows)
     }
+
+    /// `tensor[.., .., c0..c0 + T, ..] = cols` for `tensor [B, H, C, D]` and `cols [B, H, T, D]`:
+    /// Burn's `slice_assign`, in place where the backend can (a KV cache's new columns: a
+    /// decoding step writes its own keys and values, not the whole cache). Not differentiable.
+    fn write_columns(tensor: FloatTensor<Self>, c0: usize, cols: FloatTensor<Self>) -> FloatTensor<Self> {
+        slice_write_columns::<Self>(tensor, c0, cols)
+    }
+}
+
+fn slice_write_columns<B: Backend>(tensor: FloatTensor<B>, c0: usize, cols: FloatTensor<B>) -> FloatTensor<B> {
+    let cols = float::<B, 4>(cols);
+    let [b, h, t, d] = cols.dims();
+    prim(float::<B, 4>(tensor).slice_assign([0..b, 0..h, c0..c0 + t, 0..d], cols))
+}
+
+/// [`LogProbBackend::write_columns`] on tensors: `tensor [B, H, C, D]` with `cols [B, H, T, D]`
+/// written at columns `c0..c0 + T`.
+pub fn write_columns<B: LogProbBackend>(tensor: Tensor<B, 4>, c0: usize, cols: Tensor<B, 4>) -> Tensor<B, 4> {
+    float(B::write_columns(prim(tensor), c0, prim(cols)))
 }
 
 fn slice_write_rows<B: Backend>(tensor: FloatTensor<B>, r0: usize, rows: FloatTensor<B>) -> FloatTensor<B> {
@@ -446,6 +465,22 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
+/// A tensor gemm can read where it lies (strides of at least 0, the last 1), else a copy that can.
+fn readable(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    let s = x.layout().strides();
+    if s.iter().all(|&s| s >= 0) && s.last() == Some(&1) { x } else { x.to_contiguous() }
+}
+
+/// An f32 tensor's values from its first element on, with its strides (4-D).
+fn flex_view(x: &burn_flex::FlexTensor) -> cpu_attention::View<'_> {
+    cpu_attention::View { data: flex_values(x), strides: std::array::from_fn(|i| x.layout().strides()[i] as usize) }
+}
+
+/// An f32 tensor's values from its first element on (all of them, in order, for a contiguous one).
+fn flex_values(x: &burn_flex::FlexTensor) -> &[f32] {
+    &x.storage::<f32>()[x.layout().start_offset()..]
+}
+
 /// The shapes of an attention the CPU kernel takes: f32 `q [batch, seq, heads, dim]`, `k`, `v
 /// [batch, kv_heads, keys, dim]`, `key_bias [batch, keys]`, heads a multiple of kv_heads and at
 /// least `past + seq` keys.
@@ -523,25 +558,49 @@ impl LogProbBackend for burn::backend::Flex {
         let Some(dims) = cpu_attention_dims(&q, &k, &v, &key_bias, &mask) else {
             return tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask);
         };
-        // A view gemm can read where it lies (strides of at least 0, the last 1), else a copy.
-        let readable = |x: FloatTensor<Self>| {
-            let s = x.layout().strides();
-            if s.iter().all(|&s| s >= 0) && s[3] == 1 { x } else { x.to_contiguous() }
-        };
         let (q, k, v, key_bias) = (readable(q), readable(k), readable(v), key_bias.to_contiguous());
-        fn view(x: &burn_flex::FlexTensor) -> cpu_attention::View<'_> {
-            cpu_attention::View {
-                data: &x.storage::<f32>()[x.layout().start_offset()..],
-                strides: std::array::from_fn(|i| x.layout().strides()[i] as usize),
-            }
-        }
-        let bias = &key_bias.storage::<f32>()[key_bias.layout().start_offset()..][..dims.batch * dims.keys];
-        let (out, stats) = cpu_attention::forward((view(&q), view(&k), view(&v)), bias, dims, mask.past, mask.window);
+        let mask = cpu_attention::Mask { past: mask.past, window: mask.window, key_bias: flex_values(&key_bias) };
+        let (out, stats) = cpu_attention::forward((flex_view(&q), flex_view(&k), flex_view(&v)), mask, dims);
         let cpu_attention::Dims { batch: b, seq: t, heads: nh, dim: d, .. } = dims;
         (
             burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(out, [b, t, nh, d])),
             burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(stats, [2, b, nh, t])),
         )
+    }
+
+    /// fuserl's kernel ([`cpu_attention::backward`]) for f32 inputs, as the forward.
+    fn causal_attention_bwd(
+        (q, k, v): (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>),
+        key_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let dims = cpu_attention_dims(&q, &k, &v, &key_bias, &mask);
+        let [t_dims, o_dims, g_dims] = [&q, &out, &grad].map(|x| x.layout().shape().clone());
+        let same =
+            o_dims == t_dims && g_dims == t_dims && [&out, &grad, &stats].iter().all(|x| x.dtype() == DType::F32);
+        let ss = stats.layout().shape();
+        let stats_fit = |d: &cpu_attention::Dims| {
+            ss.num_dims() == 4 && [2, d.batch, d.heads, d.seq] == [ss[0], ss[1], ss[2], ss[3]]
+        };
+        let Some(dims) = dims.filter(|d| same && stats_fit(d)) else {
+            return tiled_attention_bwd::<Self>((q, k, v), key_bias, out, stats, grad, &mask);
+        };
+        let (q, k, v, out, grad) = (readable(q), readable(k), readable(v), readable(out), readable(grad));
+        let (key_bias, stats) = (key_bias.to_contiguous(), stats.to_contiguous());
+        let mask = cpu_attention::Mask { past: mask.past, window: mask.window, key_bias: flex_values(&key_bias) };
+        let (dq, dk, dv) = cpu_attention::backward(
+            (flex_view(&q), flex_view(&k), flex_view(&v)),
+            (flex_view(&out), flex_view(&grad)),
+            flex_values(&stats),
+            mask,
+            dims,
+        );
+        let cpu_attention::Dims { batch: b, seq: t, heads: nh, kv_heads: nkv, keys, dim: d } = dims;
+        let tensor = |x, shape: [usize; 4]| burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(x, shape));
+        (tensor(dq, [b, t, nh, d]), tensor(dk, [b, nkv, keys, d]), tensor(dv, [b, nkv, keys, d]))
     }
 
     /// In place when nothing else holds `tensor` (flex's `select_assign` copies it first: the
@@ -596,6 +655,47 @@ impl LogProbBackend for burn::backend::Flex {
         out.storage_mut::<f32>()[r0 * h..r0 * h + src.len()].copy_from_slice(src);
         out
     }
+
+    /// In place when nothing else holds `tensor` (flex's `slice_assign` copies the whole buffer
+    /// first: the whole KV cache, for one column).
+    fn write_columns(tensor: FloatTensor<Self>, c0: usize, cols: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (dims, cols_dims) = (tensor.layout().shape().clone(), cols.layout().shape().clone());
+        let same = tensor.dtype() == cols.dtype() && matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        let shapes = dims.num_dims() == 4 && cols_dims.num_dims() == 4;
+        let shapes = shapes && (0..4).all(|i| i == 2 || dims[i] == cols_dims[i]) && c0 + cols_dims[2] <= dims[2];
+        // Anything else goes to Burn's op, which checks and reports the shapes.
+        if !same || !shapes {
+            return slice_write_columns::<Self>(tensor, c0, cols);
+        }
+        match tensor.dtype() {
+            DType::F32 => write_columns_of::<f32>(tensor, c0, cols),
+            DType::BF16 => write_columns_of::<half::bf16>(tensor, c0, cols),
+            _ => write_columns_of::<half::f16>(tensor, c0, cols),
+        }
+    }
+}
+
+/// [`LogProbBackend::write_columns`] on the CPU for values of type `E` (shapes checked).
+fn write_columns_of<E: burn::tensor::Element + bytemuck::Pod>(
+    tensor: burn_flex::FlexTensor,
+    c0: usize,
+    cols: burn_flex::FlexTensor,
+) -> burn_flex::FlexTensor {
+    let [_, _, c, d] = std::array::from_fn(|i| tensor.layout().shape()[i]);
+    let t = cols.layout().shape()[2];
+    let cols = cols.to_contiguous();
+    let src = &cols.storage::<E>()[cols.layout().start_offset()..];
+    let mut out = tensor.to_contiguous();
+    drop(tensor); // so that `storage_mut` copies only when the caller still holds the buffer
+    let start = out.layout().start_offset();
+    let dst = &mut out.storage_mut::<E>()[start..];
+    if t * d > 0 {
+        for (i, block) in src.chunks_exact(t * d).enumerate() {
+            let at = (i * c + c0) * d;
+            dst[at..at + t * d].copy_from_slice(block);
+        }
+    }
+    out
 }
 
 /// [`LogProbBackend::linear_matmul`] in Burn's ops.

@@ -368,10 +368,10 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
                 if self.rows.is_empty() {
                     return b;
                 }
-                LayerCache {
-                    k: Tensor::cat(vec![widen(a.k, width - old), widen(b.k, width - new)], 0),
-                    v: Tensor::cat(vec![widen(a.v, width - old), widen(b.v, width - new)], 0),
-                }
+                LayerCache::new(
+                    Tensor::cat(vec![widen(a.keys(), width - old), widen(b.keys(), width - new)], 0),
+                    Tensor::cat(vec![widen(a.values(), width - old), widen(b.values(), width - new)], 0),
+                )
             })
             .collect();
         self.cache = merged;
@@ -512,8 +512,7 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
             self.rows.iter().map(|r| width - r.valid.iter().position(|&v| v).unwrap_or(width)).max().unwrap_or(0);
         let from = width - need;
         for layer in &mut self.cache {
-            layer.k = layer.k.clone().select(0, keep.clone()).narrow(2, from, need);
-            layer.v = layer.v.clone().select(0, keep.clone()).narrow(2, from, need);
+            *layer = layer.select(keep.clone(), from);
         }
         for row in &mut self.rows {
             row.valid.drain(..from);

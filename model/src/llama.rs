@@ -237,13 +237,91 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// Keys and values of earlier positions, for generation.
+/// Keys and values of earlier positions, for generation: buffers `[batch, kv_heads, capacity,
+/// head_dim]` whose columns `start..start + len` hold the cache and whose later columns are room
+/// for the next positions, written in place ([`fuserl_kernels::write_columns`]): a decoding step
+/// copies its own keys and values, not the whole cache (as growing it by concatenation did). A
+/// full buffer is replaced by one twice the cache's length (amortised: each position is copied
+/// a bounded number of times).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
-    /// `[batch, kv_heads, past, head_dim]`.
-    pub k: Tensor<B, 4>,
-    /// `[batch, kv_heads, past, head_dim]`.
-    pub v: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    start: usize,
+    len: usize,
+}
+
+/// The least room a cache grows by (columns).
+const CACHE_GROWTH: usize = 32;
+
+impl<B: LogProbBackend> LayerCache<B> {
+    /// A cache holding `k` and `v` (`[batch, kv_heads, len, head_dim]`), with no room yet.
+    pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let len = k.dims()[2];
+        Self { k, v, start: 0, len }
+    }
+
+    /// The cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cached keys, `[batch, kv_heads, len, head_dim]` (a view of the buffer).
+    pub fn keys(&self) -> Tensor<B, 4> {
+        Self::cached(&self.k, self.start, self.len)
+    }
+
+    /// The cached values, as [`Self::keys`].
+    pub fn values(&self) -> Tensor<B, 4> {
+        Self::cached(&self.v, self.start, self.len)
+    }
+
+    /// Columns `start..start + len` of `buffer` (Burn narrows to at least one column).
+    fn cached(buffer: &Tensor<B, 4>, start: usize, len: usize) -> Tensor<B, 4> {
+        if len == 0 {
+            let [b, h, _, d] = buffer.dims();
+            return Tensor::zeros([b, h, 0, d], (&buffer.device(), buffer.dtype()));
+        }
+        buffer.clone().narrow(2, start, len)
+    }
+
+    /// Append the keys and values of `t` new positions (`[batch, kv_heads, t, head_dim]`);
+    /// returns every cached key and value, the new ones last (views of the buffers).
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let t = k.dims()[2];
+        if self.start + self.len + t > self.k.dims()[2] {
+            let room = (self.len + t) + (self.len + t).max(CACHE_GROWTH);
+            let grown = |old: Tensor<B, 4>| {
+                let [b, h, _, d] = old.dims();
+                let fresh = Tensor::zeros([b, h, room, d], (&old.device(), old.dtype()));
+                if old.dims()[2] == 0 { fresh } else { fuserl_kernels::write_columns(fresh, 0, old) }
+            };
+            (self.k, self.v) = (grown(self.keys()), grown(self.values()));
+            self.start = 0;
+        }
+        let at = self.start + self.len;
+        // Moved out (an empty tensor left behind) so that the buffer has no other holder and
+        // the CPU backend writes it in place.
+        let take = |x: &mut Tensor<B, 4>| std::mem::replace(x, Tensor::empty([0, 0, 0, 0], &x.device()));
+        self.k = fuserl_kernels::write_columns(take(&mut self.k), at, k);
+        self.v = fuserl_kernels::write_columns(take(&mut self.v), at, v);
+        self.len += t;
+        (self.keys(), self.values())
+    }
+
+    /// The cache of rows `keep` (in that order) and positions `from..` only.
+    pub fn select(&self, keep: Tensor<B, 1, Int>, from: usize) -> Self {
+        let n = self.len - from;
+        Self::new(
+            self.keys().select(0, keep.clone()).narrow(2, from, n),
+            self.values().select(0, keep).narrow(2, from, n),
+        )
+    }
 }
 
 /// Grouped-query self-attention.
@@ -292,12 +370,7 @@ impl<B: LogProbBackend> Attention<B> {
             rope.keys(norm(&self.k_norm, self.k_proj.forward(x.clone()).reshape([b, t, nkv, hd]))).swap_dims(1, 2);
         let mut v = self.v_proj.forward(x).reshape([b, t, nkv, hd]).swap_dims(1, 2);
         if let Some(cache) = cache {
-            if cache.k.dims()[2] > 0 {
-                k = Tensor::cat(vec![cache.k.clone(), k], 2);
-                v = Tensor::cat(vec![cache.v.clone(), v], 2);
-            }
-            cache.k = k.clone();
-            cache.v = v.clone();
+            (k, v) = cache.append(k, v);
         }
         // Grouped-query causal attention (q is already scaled by 1 / sqrt(head_dim)), scores and
         // softmax in f32, in tiles of query rows: never the whole `[seq, past + seq]` scores
@@ -500,9 +573,9 @@ impl<B: LogProbBackend> LlamaModel<B> {
         let device = self.device();
         let c = &self.config;
         (0..c.num_layers)
-            .map(|_| LayerCache {
-                k: Tensor::zeros([batch, c.num_kv_heads, 0, c.head_dim], (&device, self.dtype)),
-                v: Tensor::zeros([batch, c.num_kv_heads, 0, c.head_dim], (&device, self.dtype)),
+            .map(|_| {
+                let empty = || Tensor::zeros([batch, c.num_kv_heads, 0, c.head_dim], (&device, self.dtype));
+                LayerCache::new(empty(), empty())
             })
             .collect()
     }
