@@ -882,6 +882,9 @@ fn validate_eval(e: &EvalConfig) -> Result<(), ConfigError> {
     if e.samples == 0 {
         return Err(ConfigError::at("samples", "expected at least 1"));
     }
+    if e.batch_size == 0 {
+        return Err(ConfigError::at("batch_size", "expected at least 1"));
+    }
     if e.samples > 1 && e.temperature == 0.0 {
         return Err(ConfigError::at(
             "samples",

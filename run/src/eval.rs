@@ -25,7 +25,7 @@
 //! Baselines (`[eval] baselines`): `target` (the model before fusion), `sft` (the FuseSFT model),
 //! `source:NAME` (a generative source of the recipe, asked the same prompts), or a checkpoint
 //! folder relative to the recipe. Checkpoints answer through the `local` source with
-//! `[eval] temperature` and `max_new_tokens`.
+//! `[eval] temperature`, `max_new_tokens` and `batch_size`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -133,7 +133,7 @@ fn eval_work(
                 Shown(path)
             )));
         }
-        LocalSource::for_checkpoint(name, path, max_prompt, &ctx)
+        LocalSource::for_checkpoint(name, path, max_prompt, Some(e.batch_size), &ctx)
             .map_err(|err| TrainError::Data(format!("[eval] {name}: {err}")))
     };
     // The fused model first, then the baselines in the recipe's order.

@@ -128,11 +128,13 @@ impl LocalSource {
     }
 
     /// A source named `name` that samples from `checkpoint` (the target's own samples of
-    /// WRPO and on-policy RLOO: the FuseSFT model).
+    /// WRPO and on-policy RLOO: the FuseSFT model; evaluation's models), `batch_size` answers
+    /// together (`None`: the `local` source's default).
     pub fn for_checkpoint(
         name: &str,
         checkpoint: &Path,
         max_prompt_length: u32,
+        batch_size: Option<u32>,
         ctx: &BuildContext,
     ) -> Result<Self, ConfigError> {
         let config = LocalConfig {
@@ -141,7 +143,7 @@ impl LocalSource {
             chat_template: None,
             device: None,
             dtype: None,
-            batch_size: default_batch(),
+            batch_size: batch_size.unwrap_or_else(default_batch),
             max_prompt_length,
             sampling: SourceSampling::default(),
         };
