@@ -443,7 +443,7 @@ vectorised! {
 
 vectorised! {
     /// The mask added to a row of scores: `bias` (the keys' own) to keys `from..to`, `f32::MIN`
-    /// to every score outside them; every sum at least `f32::MIN`.
+    /// to every score outside them; each mask at least `f32::MIN` (as the tiles make it).
     fn add_bias(row: &mut [f32], bias: &[f32], visible: (usize, usize)) = add_bias_with;
 }
 
@@ -565,11 +565,11 @@ pub fn exp(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Units in the last place between `got` and the exact `want` (f64), at the spacing of f32
-    /// values near `want` (subnormal spacing below the normal range).
+    /// Units in the last place between `got` and the exact `want` (f64): the spacing of the f32
+    /// values in `want`'s binade (the subnormals' below the normal range).
     fn ulps(got: f32, want: f64) -> f64 {
-        let spacing = (want.abs().max(f64::from(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON)).max(2f64.powi(-149));
-        (f64::from(got) - want).abs() / spacing
+        let binade = want.abs().max(f64::from(f32::MIN_POSITIVE)).log2().floor();
+        (f64::from(got) - want).abs() / 2f64.powf(binade - 23.0)
     }
 
     #[test]

@@ -502,6 +502,9 @@ fn cpu_attention_dims(
     let agree = ks[0] == dims.batch && ks[3] == dims.dim && (0..4).all(|i| vs[i] == ks[i]);
     let agree = agree && bs[0] == dims.batch && bs[1] == dims.keys && dims.kv_heads > 0;
     let agree = agree && dims.heads.is_multiple_of(dims.kv_heads) && dims.keys >= mask.past + dims.seq;
+    // A window of 0 hides every key (the tiles make such rows uniform; the kernel's tiles would
+    // be empty), and no heads is no work: both to the tiles.
+    let agree = agree && dims.heads > 0 && mask.window != Some(0);
     agree.then_some(dims)
 }
 

@@ -314,13 +314,13 @@ impl<B: LogProbBackend> LayerCache<B> {
         (self.keys(), self.values())
     }
 
-    /// The cache of rows `keep` (in that order) and positions `from..` only.
+    /// The cache of rows `keep` (in that order) and positions `from..` only (at least one).
     pub fn select(&self, keep: Tensor<B, 1, Int>, from: usize) -> Self {
-        let n = self.len - from;
-        Self::new(
-            self.keys().select(0, keep.clone()).narrow(2, from, n),
-            self.values().select(0, keep).narrow(2, from, n),
-        )
+        assert!(from < self.len, "LayerCache::select: positions {from}.. of {}", self.len);
+        // Narrowed first: the selection copies only the columns kept.
+        let (start, n) = (self.start + from, self.len - from);
+        let part = |buffer: &Tensor<B, 4>, keep| buffer.clone().narrow(2, start, n).select(0, keep);
+        Self::new(part(&self.k, keep.clone()), part(&self.v, keep))
     }
 }
 
