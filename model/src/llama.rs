@@ -238,7 +238,7 @@ impl<B: Backend> Rope<B> {
 }
 
 /// Keys and values of earlier positions, for generation: buffers `[batch, kv_heads, capacity,
-/// head_dim]` whose columns `start..start + len` hold the cache and whose later columns are room
+/// head_dim]` whose first `len` columns hold the cache and whose later columns are room
 /// for the next positions, written in place ([`fuserl_kernels::write_columns`]): a decoding step
 /// copies its own keys and values, not the whole cache (as growing it by concatenation did). A
 /// full buffer is replaced by one twice the cache's length (amortised: each position is copied
@@ -247,7 +247,6 @@ impl<B: Backend> Rope<B> {
 pub struct LayerCache<B: Backend> {
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    start: usize,
     len: usize,
 }
 
@@ -258,7 +257,7 @@ impl<B: LogProbBackend> LayerCache<B> {
     /// A cache holding `k` and `v` (`[batch, kv_heads, len, head_dim]`), with no room yet.
     pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
         let len = k.dims()[2];
-        Self { k, v, start: 0, len }
+        Self { k, v, len }
     }
 
     /// The cached positions.
@@ -273,28 +272,28 @@ impl<B: LogProbBackend> LayerCache<B> {
 
     /// The cached keys, `[batch, kv_heads, len, head_dim]` (a view of the buffer).
     pub fn keys(&self) -> Tensor<B, 4> {
-        Self::cached(&self.k, self.start, self.len)
+        Self::cached(&self.k, self.len)
     }
 
     /// The cached values, as [`Self::keys`].
     pub fn values(&self) -> Tensor<B, 4> {
-        Self::cached(&self.v, self.start, self.len)
+        Self::cached(&self.v, self.len)
     }
 
-    /// Columns `start..start + len` of `buffer` (Burn narrows to at least one column).
-    fn cached(buffer: &Tensor<B, 4>, start: usize, len: usize) -> Tensor<B, 4> {
+    /// The first `len` columns of `buffer` (Burn narrows to at least one column).
+    fn cached(buffer: &Tensor<B, 4>, len: usize) -> Tensor<B, 4> {
         if len == 0 {
             let [b, h, _, d] = buffer.dims();
             return Tensor::zeros([b, h, 0, d], (&buffer.device(), buffer.dtype()));
         }
-        buffer.clone().narrow(2, start, len)
+        buffer.clone().narrow(2, 0, len)
     }
 
     /// Append the keys and values of `t` new positions (`[batch, kv_heads, t, head_dim]`);
     /// returns every cached key and value, the new ones last (views of the buffers).
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let t = k.dims()[2];
-        if self.start + self.len + t > self.k.dims()[2] {
+        if self.len + t > self.k.dims()[2] {
             let room = (self.len + t) + (self.len + t).max(CACHE_GROWTH);
             let grown = |old: Tensor<B, 4>| {
                 let [b, h, _, d] = old.dims();
@@ -302,9 +301,8 @@ impl<B: LogProbBackend> LayerCache<B> {
                 if old.dims()[2] == 0 { fresh } else { fuserl_kernels::write_columns(fresh, 0, old) }
             };
             (self.k, self.v) = (grown(self.keys()), grown(self.values()));
-            self.start = 0;
         }
-        let at = self.start + self.len;
+        let at = self.len;
         // Moved out (an empty tensor left behind) so that the buffer has no other holder and
         // the CPU backend writes it in place.
         let take = |x: &mut Tensor<B, 4>| std::mem::replace(x, Tensor::empty([0, 0, 0, 0], &x.device()));
@@ -318,8 +316,8 @@ impl<B: LogProbBackend> LayerCache<B> {
     pub fn select(&self, keep: Tensor<B, 1, Int>, from: usize) -> Self {
         assert!(from < self.len, "LayerCache::select: positions {from}.. of {}", self.len);
         // Narrowed first: the selection copies only the columns kept.
-        let (start, n) = (self.start + from, self.len - from);
-        let part = |buffer: &Tensor<B, 4>, keep| buffer.clone().narrow(2, start, n).select(0, keep);
+        let n = self.len - from;
+        let part = |buffer: &Tensor<B, 4>, keep| buffer.clone().narrow(2, from, n).select(0, keep);
         Self::new(part(&self.k, keep.clone()), part(&self.v, keep))
     }
 }
