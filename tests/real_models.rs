@@ -276,11 +276,15 @@ fn continuous_batching_answers_as_alone_and_as_the_static_batch() {
         "What is the capital of France?",
         "Say yes.",
         "Describe a forest in autumn.",
+        // Longer than the cache when it comes in: the cache is widened to admit it.
+        "Here is a list of fruits: apple, banana, cherry, date, elderberry, fig, grape, honeydew, \
+         kiwi, lemon, mango, nectarine, orange, papaya, quince, raspberry, strawberry, tangerine, \
+         ugli fruit, vanilla bean, watermelon. Which of them are red? Answer in one sentence.",
     ]
     .iter()
     .map(|q| tok.prompt_ids(&[ChatMessage::user(*q)], usize::MAX).expect("ids").0)
     .collect();
-    let seeds: Vec<u64> = (10..15).collect();
+    let seeds: Vec<u64> = (10..16).collect();
     let each = |cfg: &GenerateConfig, max_batch: usize| {
         let mut got: Vec<(usize, Vec<u32>, &'static str)> = Vec::new();
         let prefills = generate_each(&model, &tok, &prompts, cfg, &seeds, max_batch, &mut |i, g| {
@@ -290,13 +294,13 @@ fn continuous_batching_answers_as_alone_and_as_the_static_batch() {
         .expect("generate_each");
         (got, prefills)
     };
-    let greedy = GenerateConfig { max_new_tokens: 24, ..GenerateConfig::default() };
+    let greedy = GenerateConfig { max_new_tokens: 40, ..GenerateConfig::default() };
     let (got, prefills) = each(&greedy, 2);
-    assert!(prefills >= 3, "{prefills} prefills for 5 prompts 2 at a time");
+    assert!(prefills >= 3, "{prefills} prefills for 6 prompts 2 at a time");
     let mut order: Vec<usize> = got.iter().map(|g| g.0).collect();
-    assert_ne!(order, [0, 1, 2, 3, 4], "replies come as they finish, not in order: {got:?}");
+    assert_ne!(order, [0, 1, 2, 3, 4, 5], "replies come as they finish, not in order: {got:?}");
     order.sort_unstable();
-    assert_eq!(order, [0, 1, 2, 3, 4]);
+    assert_eq!(order, [0, 1, 2, 3, 4, 5]);
     assert!(got.iter().any(|g| g.2 == "eos") && got.iter().any(|g| g.2 == "length"), "{got:?}");
     for (i, ids, _) in &got {
         let alone = generate(&model, &tok, std::slice::from_ref(&prompts[*i]), &greedy).expect("alone");
@@ -304,7 +308,7 @@ fn continuous_batching_answers_as_alone_and_as_the_static_batch() {
     }
     let sampled = GenerateConfig { max_new_tokens: 16, temperature: 0.9, top_p: 0.95, ..GenerateConfig::default() };
     let batch = generate_seeded(&model, &tok, &prompts, &sampled, &seeds).expect("static batch");
-    for max_batch in [1, 2, 5] {
+    for max_batch in [1, 2, 6] {
         let (got, _) = each(&sampled, max_batch);
         for (i, ids, _) in &got {
             assert_eq!(&batch[*i].ids, ids, "prompt {i}, {max_batch} at a time");

@@ -187,6 +187,9 @@ struct Ctx<'a> {
     dims: Dims,
     /// Query rows per tile.
     rows: usize,
+    /// Each sequence's leading padding keys (bias `f32::MIN`), which no row sees: left padding,
+    /// and in continuous batching the columns of the rows that came before.
+    padding: Vec<usize>,
 }
 
 impl<'a> Ctx<'a> {
@@ -197,7 +200,10 @@ impl<'a> Ctx<'a> {
         let bias = mask.key_bias.len();
         assert!(bias == b * keys, "attention: key_bias holds {bias} values for [{b}, {keys}]");
         assert!(keys >= mask.past + t, "attention: {keys} keys for {} cached and {t} queries", mask.past);
-        Self { q, k, v, mask, dims, rows: (TILE_SCORES / keys.max(1)).clamp(1, TILE_ROWS) }
+        let padding = (0..b)
+            .map(|bi| mask.key_bias[bi * keys..][..keys].iter().position(|&x| x > f32::MIN).unwrap_or(keys))
+            .collect();
+        Self { q, k, v, mask, dims, rows: (TILE_SCORES / keys.max(1)).clamp(1, TILE_ROWS), padding }
     }
 
     /// The tiles of query rows.
@@ -206,11 +212,13 @@ impl<'a> Ctx<'a> {
         (0..t).step_by(rows).map(move |r0| (r0, (r0 + rows).min(t)))
     }
 
-    /// The keys some row of tile `r0..r1` may see: up to the last row's position, from the first
-    /// row's window on.
-    fn visible(&self, (r0, r1): (usize, usize)) -> (usize, usize) {
+    /// The keys some row of tile `r0..r1` of sequence `bi` may see: up to the last row's
+    /// position, from the first row's window and the end of the leading padding on. (A row that
+    /// sees some key gives the others exactly 0: leaving them out changes nothing.)
+    fn visible(&self, bi: usize, (r0, r1): (usize, usize)) -> (usize, usize) {
         let hi = (self.mask.past + r1).min(self.dims.keys);
-        let lo = self.mask.window.map_or(0, |w| (self.mask.past + r0 + 1).saturating_sub(w)).min(hi);
+        let window = self.mask.window.map_or(0, |w| (self.mask.past + r0 + 1).saturating_sub(w));
+        let lo = window.max(self.padding[bi]).min(hi);
         (lo, hi)
     }
 
@@ -247,7 +255,7 @@ impl<'a> Ctx<'a> {
         let g = h / (nh / nkv);
         let mut scores = Vec::new();
         for (r0, r1) in self.tiles() {
-            let (lo, hi) = self.visible((r0, r1));
+            let (lo, hi) = self.visible(bi, (r0, r1));
             let kl = hi - lo;
             self.masked_scores((bi, h, g), (r0, r1), (lo, hi), &mut scores);
             let mut uniform = Vec::new();
@@ -302,7 +310,7 @@ impl<'a> Ctx<'a> {
                 // A row that sees no key (its maximum `f32::MIN`) is uniform over every key:
                 // then the tile takes them all (the others' masked keys get 0).
                 let none = maxes[r0..r1].iter().any(|&m| m <= f32::MIN);
-                let (lo, hi) = if none { (0, keys) } else { self.visible((r0, r1)) };
+                let (lo, hi) = if none { (0, keys) } else { self.visible(bi, (r0, r1)) };
                 let kl = hi - lo;
                 self.masked_scores((bi, h, g), (r0, r1), (lo, hi), &mut p);
                 for ((row, &m), &l) in p.chunks_exact_mut(kl.max(1)).zip(&maxes[r0..r1]).zip(&logs[r0..r1]) {

@@ -364,24 +364,30 @@ pub trait LogProbBackend: Backend {
         slice_write_rows::<Self>(tensor, r0, rows)
     }
 
-    /// `tensor[.., .., c0..c0 + T, ..] = cols` for `tensor [B, H, C, D]` and `cols [B, H, T, D]`:
-    /// Burn's `slice_assign`, in place where the backend can (a KV cache's new columns: a
-    /// decoding step writes its own keys and values, not the whole cache). Not differentiable.
-    fn write_columns(tensor: FloatTensor<Self>, c0: usize, cols: FloatTensor<Self>) -> FloatTensor<Self> {
-        slice_write_columns::<Self>(tensor, c0, cols)
+    /// `tensor[r0..r0 + R, .., c0..c0 + T, ..] = block` for `tensor [B, H, C, D]` and `block [R,
+    /// H, T, D]`: Burn's `slice_assign`, in place where the backend can (a KV cache's new
+    /// columns: a decoding step writes its own keys and values, not the whole cache; a new
+    /// prompt's prefill, the row it takes). Not differentiable.
+    fn write_block(tensor: FloatTensor<Self>, r0: usize, c0: usize, block: FloatTensor<Self>) -> FloatTensor<Self> {
+        slice_write_block::<Self>(tensor, r0, c0, block)
     }
 }
 
-fn slice_write_columns<B: Backend>(tensor: FloatTensor<B>, c0: usize, cols: FloatTensor<B>) -> FloatTensor<B> {
-    let cols = float::<B, 4>(cols);
-    let [b, h, t, d] = cols.dims();
-    prim(float::<B, 4>(tensor).slice_assign([0..b, 0..h, c0..c0 + t, 0..d], cols))
+fn slice_write_block<B: Backend>(
+    tensor: FloatTensor<B>,
+    r0: usize,
+    c0: usize,
+    block: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let block = float::<B, 4>(block);
+    let [r, h, t, d] = block.dims();
+    prim(float::<B, 4>(tensor).slice_assign([r0..r0 + r, 0..h, c0..c0 + t, 0..d], block))
 }
 
-/// [`LogProbBackend::write_columns`] on tensors: `tensor [B, H, C, D]` with `cols [B, H, T, D]`
-/// written at columns `c0..c0 + T`.
-pub fn write_columns<B: LogProbBackend>(tensor: Tensor<B, 4>, c0: usize, cols: Tensor<B, 4>) -> Tensor<B, 4> {
-    float(B::write_columns(prim(tensor), c0, prim(cols)))
+/// [`LogProbBackend::write_block`] on tensors: `tensor [B, H, C, D]` with `block [R, H, T, D]`
+/// written at rows `r0..r0 + R` and columns `c0..c0 + T`.
+pub fn write_block<B: LogProbBackend>(tensor: Tensor<B, 4>, r0: usize, c0: usize, block: Tensor<B, 4>) -> Tensor<B, 4> {
+    float(B::write_block(prim(tensor), r0, c0, prim(block)))
 }
 
 fn slice_write_rows<B: Backend>(tensor: FloatTensor<B>, r0: usize, rows: FloatTensor<B>) -> FloatTensor<B> {
@@ -661,41 +667,48 @@ impl LogProbBackend for burn::backend::Flex {
 
     /// In place when nothing else holds `tensor` (flex's `slice_assign` copies the whole buffer
     /// first: the whole KV cache, for one column).
-    fn write_columns(tensor: FloatTensor<Self>, c0: usize, cols: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (dims, cols_dims) = (tensor.layout().shape().clone(), cols.layout().shape().clone());
-        let same = tensor.dtype() == cols.dtype() && matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16);
-        let shapes = dims.num_dims() == 4 && cols_dims.num_dims() == 4;
-        let shapes = shapes && (0..4).all(|i| i == 2 || dims[i] == cols_dims[i]) && c0 + cols_dims[2] <= dims[2];
+    fn write_block(tensor: FloatTensor<Self>, r0: usize, c0: usize, block: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (dims, block_dims) = (tensor.layout().shape().clone(), block.layout().shape().clone());
+        let same = tensor.dtype() == block.dtype() && matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        let shapes = dims.num_dims() == 4 && block_dims.num_dims() == 4;
+        let shapes = shapes
+            && dims[1] == block_dims[1]
+            && dims[3] == block_dims[3]
+            && r0 + block_dims[0] <= dims[0]
+            && c0 + block_dims[2] <= dims[2];
         // Anything else goes to Burn's op, which checks and reports the shapes.
         if !same || !shapes {
-            return slice_write_columns::<Self>(tensor, c0, cols);
+            return slice_write_block::<Self>(tensor, r0, c0, block);
         }
         match tensor.dtype() {
-            DType::F32 => write_columns_of::<f32>(tensor, c0, cols),
-            DType::BF16 => write_columns_of::<half::bf16>(tensor, c0, cols),
-            _ => write_columns_of::<half::f16>(tensor, c0, cols),
+            DType::F32 => write_block_of::<f32>(tensor, r0, c0, block),
+            DType::BF16 => write_block_of::<half::bf16>(tensor, r0, c0, block),
+            _ => write_block_of::<half::f16>(tensor, r0, c0, block),
         }
     }
 }
 
-/// [`LogProbBackend::write_columns`] on the CPU for values of type `E` (shapes checked).
-fn write_columns_of<E: burn::tensor::Element + bytemuck::Pod>(
+/// [`LogProbBackend::write_block`] on the CPU for values of type `E` (shapes checked).
+fn write_block_of<E: burn::tensor::Element + bytemuck::Pod>(
     tensor: burn_flex::FlexTensor,
+    r0: usize,
     c0: usize,
-    cols: burn_flex::FlexTensor,
+    block: burn_flex::FlexTensor,
 ) -> burn_flex::FlexTensor {
-    let [_, _, c, d] = std::array::from_fn(|i| tensor.layout().shape()[i]);
-    let t = cols.layout().shape()[2];
-    let cols = cols.to_contiguous();
-    let src = &cols.storage::<E>()[cols.layout().start_offset()..];
+    let [_, h, c, d] = std::array::from_fn(|i| tensor.layout().shape()[i]);
+    let (r, t) = (block.layout().shape()[0], block.layout().shape()[2]);
+    let block = block.to_contiguous();
+    // The block's own values (a contiguous view may lie inside a longer buffer).
+    let src = &block.storage::<E>()[block.layout().start_offset()..][..r * h * t * d];
     let mut out = tensor.to_contiguous();
     drop(tensor); // so that `storage_mut` copies only when the caller still holds the buffer
     let start = out.layout().start_offset();
     let dst = &mut out.storage_mut::<E>()[start..];
     if t * d > 0 {
-        for (i, block) in src.chunks_exact(t * d).enumerate() {
-            let at = (i * c + c0) * d;
-            dst[at..at + t * d].copy_from_slice(block);
+        // Block row i (of `[R * H]`) lands in the buffer's row `r0 * H + i`.
+        for (i, part) in src.chunks_exact(t * d).enumerate() {
+            let at = ((r0 * h + i) * c + c0) * d;
+            dst[at..at + t * d].copy_from_slice(part);
         }
     }
     out

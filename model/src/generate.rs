@@ -238,7 +238,8 @@ pub fn generate_each<B: LogProbBackend>(
     Engine::new(model, tokenizer, cfg, Some(seeds), max_batch.max(1)).run(prompts, on_done)
 }
 
-/// One prompt in the running batch.
+/// One place in the running batch: a prompt being answered, or (`live` false) a finished one's
+/// place, waiting for the next prompt.
 struct Row {
     /// Its index in the caller's prompts.
     index: usize,
@@ -255,6 +256,10 @@ struct Row {
     /// The last token picked, the next step's input.
     last: u32,
     started: std::time::Instant,
+    /// Still answering. A finished row stays in the batch (its output unread, attending only
+    /// to the columns made since) until a prompt takes its place, which then costs no copy of
+    /// the cache: the new prompt's prefill is written into the row.
+    live: bool,
 }
 
 /// The batch: rows, and one KV cache whose columns the rows share (each row's own are the last
@@ -321,67 +326,74 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
         let mut prefills = 0;
         loop {
             // Admit prompts into the free places: one prefill for all of them.
-            let free = self.max_batch.saturating_sub(self.rows.len()).min(prompts.len() - next);
+            let live = self.rows.iter().filter(|r| r.live).count();
+            let places = if live == 0 { self.max_batch } else { self.rows.len() - live };
+            let free = places.min(prompts.len() - next);
             if free > 0 {
-                let first = self.rows.len();
-                let logits = self.admit(prompts, next..next + free);
+                let (slots, logits) = self.admit(prompts, next..next + free);
                 next += free;
                 prefills += 1;
-                if !self.pick_all(first, &logits, on_done)? {
+                if !self.pick_all(&slots, &logits, on_done)? {
                     return Ok(prefills);
                 }
                 continue;
             }
-            if self.rows.is_empty() {
+            if live == 0 {
                 return Ok(prefills);
             }
+            // No prompt waits for a finished row's place: drop such rows once they are a
+            // quarter of the batch (each drop copies the cache; each row kept costs its compute).
+            if next == prompts.len() && (self.rows.len() - live) * 4 >= self.rows.len() {
+                self.shrink();
+            }
             let logits = self.decode();
-            if !self.pick_all(0, &logits, on_done)? {
+            let slots: Vec<usize> = (0..self.rows.len()).collect();
+            if !self.pick_all(&slots, &logits, on_done)? {
                 return Ok(prefills);
             }
         }
     }
 
-    /// Prefill `range` of the prompts (left-padded among themselves) and append them to the
-    /// batch; their last positions' logits.
-    fn admit(&mut self, prompts: &[Vec<u32>], range: std::ops::Range<usize>) -> Vec<f32> {
+    /// Prefill `range` of the prompts (left-padded among themselves) into the finished rows'
+    /// places, or as the whole batch when no row is live; the rows they took and their last
+    /// positions' logits (in that order).
+    fn admit(&mut self, prompts: &[Vec<u32>], range: std::ops::Range<usize>) -> (Vec<usize>, Vec<f32>) {
         let batch = &prompts[range.clone()];
         let inputs = Inputs::left_padded(batch, 0);
-        let mut cache = self.model.empty_cache(batch.len());
-        let hidden = self.model.hidden(&inputs, &inputs.valid, Some(&mut cache));
+        let mut fresh = self.model.empty_cache(batch.len());
+        let hidden = self.model.hidden(&inputs, &inputs.valid, Some(&mut fresh));
         let logits = self.last_logits(hidden);
-        let (old, new) = (self.columns(), inputs.valid.first().map_or(0, Vec::len));
-        let width = old.max(new);
-        // Both caches to the same width (zeros on the left, masked), then one batch.
-        let widen = |t: Tensor<B, 4>, by: usize| {
-            if by == 0 {
-                return t;
-            }
-            let [b, h, _, d] = t.dims();
-            let zeros = Tensor::zeros([b, h, by, d], (&t.device(), t.dtype()));
-            Tensor::cat(vec![zeros, t], 2)
-        };
-        let merged: KvCache<B> = std::mem::take(&mut self.cache)
-            .into_iter()
-            .zip(cache)
-            .map(|(a, b)| {
-                if self.rows.is_empty() {
-                    return b;
+        let new = inputs.valid.first().map_or(0, Vec::len);
+        let slots: Vec<usize> = if self.rows.iter().any(|r| r.live) {
+            // Into the finished rows, their columns ending where the cache ends (widened first
+            // when the new prompts are longer than the cache).
+            let old = self.columns();
+            if new > old {
+                for layer in &mut self.cache {
+                    layer.widen(new - old);
                 }
-                LayerCache::new(
-                    Tensor::cat(vec![widen(a.keys(), width - old), widen(b.keys(), width - new)], 0),
-                    Tensor::cat(vec![widen(a.values(), width - old), widen(b.values(), width - new)], 0),
-                )
-            })
-            .collect();
-        self.cache = merged;
-        for row in &mut self.rows {
-            row.valid.splice(0..0, std::iter::repeat_n(false, width - old));
-        }
-        for (k, (i, valid)) in range.zip(inputs.valid).enumerate() {
+                for row in &mut self.rows {
+                    row.valid.splice(0..0, std::iter::repeat_n(false, new - old));
+                }
+            }
+            let slots: Vec<usize> = (0..self.rows.len()).filter(|&r| !self.rows[r].live).take(batch.len()).collect();
+            assert_eq!(slots.len(), batch.len(), "admitted only into finished rows' places");
+            for (layer, part) in self.cache.iter_mut().zip(&fresh) {
+                for (k, &slot) in slots.iter().enumerate() {
+                    layer.write_row(slot, part.keys().narrow(0, k, 1), part.values().narrow(0, k, 1));
+                }
+            }
+            slots
+        } else {
+            self.cache = fresh;
+            self.rows.clear();
+            (0..batch.len()).collect()
+        };
+        let width = self.columns().max(new);
+        for ((k, i), valid) in range.enumerate().zip(inputs.valid) {
             let mut row_valid = vec![false; width - new];
             row_valid.extend(valid);
-            self.rows.push(Row {
+            let row = Row {
                 index: i,
                 ids: Vec::new(),
                 rng: self.seeds.map(|s| Rng::new(s[i])),
@@ -390,9 +402,14 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
                 picked: 0,
                 last: 0,
                 started: std::time::Instant::now(),
-            });
+                live: true,
+            };
+            match self.rows.get_mut(slots[k]) {
+                Some(place) => *place = row,
+                None => self.rows.push(row),
+            }
         }
-        logits
+        (slots, logits)
     }
 
     /// The cache's columns (the longest row's keys).
@@ -400,8 +417,29 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
         self.rows.first().map_or(0, |r| r.valid.len())
     }
 
-    /// One decoding step of every row: its last token in, its next token's logits out.
+    /// The leading columns no live row attends to.
+    fn unread(&self) -> usize {
+        let width = self.columns();
+        self.rows.iter().filter(|r| r.live).map(|r| r.valid.iter().position(|&v| v).unwrap_or(width)).min().unwrap_or(0)
+    }
+
+    /// One decoding step of every row: its last token in, its next token's logits out. A
+    /// finished row attends only to the columns made since it finished, at its last position.
     fn decode(&mut self) -> Vec<f32> {
+        // A full cache first drops the leading columns no live row reads (in the copy that
+        // growing it would make anyway): continuous batching keeps appending columns while
+        // the oldest rows leave.
+        if self.cache.first().is_some_and(LayerCache::is_full) {
+            let from = self.unread();
+            if from > 0 {
+                for layer in &mut self.cache {
+                    layer.compact(from);
+                }
+                for row in &mut self.rows {
+                    row.valid.drain(..from);
+                }
+            }
+        }
         let inputs = Inputs {
             ids: self.rows.iter().map(|r| vec![r.last]).collect(),
             positions: self.rows.iter().map(|r| vec![r.next_pos]).collect(),
@@ -409,7 +447,9 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
         };
         for row in &mut self.rows {
             row.valid.push(true);
-            row.next_pos += 1;
+            if row.live {
+                row.next_pos += 1;
+            }
         }
         let key_valid: Vec<Vec<bool>> = self.rows.iter().map(|r| r.valid.clone()).collect();
         let hidden = self.model.hidden(&inputs, &key_valid, Some(&mut self.cache));
@@ -422,18 +462,22 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
         self.model.logits(hidden.narrow(1, t - 1, 1)).cast(DType::F32).into_data().iter::<f32>().collect()
     }
 
-    /// Pick the next token of the rows from `first` on (the rest are left as they are), pass
-    /// on the replies that finished and take them out of the batch; `false`: `on_done` said stop.
+    /// Pick the next token of the live rows among `slots` (`logits`: one row each, in that
+    /// order), pass on the replies that finished and free their places; `false`: `on_done`
+    /// said stop.
     fn pick_all(
         &mut self,
-        first: usize,
+        slots: &[usize],
         logits: &[f32],
         on_done: &mut dyn FnMut(usize, Generation) -> bool,
     ) -> Result<bool> {
-        let v = logits.len() / (self.rows.len() - first).max(1);
+        let v = logits.len() / slots.len().max(1);
         let mut finished: Vec<(usize, &'static str)> = Vec::new();
-        for (r, row_logits) in (first..self.rows.len()).zip(logits.chunks(v)) {
+        for (&r, row_logits) in slots.iter().zip(logits.chunks(v)) {
             let row = &mut self.rows[r];
+            if !row.live {
+                continue;
+            }
             let rng = row.rng.as_mut().unwrap_or(&mut self.shared);
             let id = pick(row_logits, self.cfg, rng);
             row.picked += 1;
@@ -462,58 +506,44 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
                 finished.push((r, "length"));
             }
         }
-        if finished.is_empty() {
-            return Ok(true);
-        }
-        // Out of the batch, in order; then the cache keeps the rows left, and only the columns
-        // the longest of them needs.
-        let gone: Vec<usize> = finished.iter().map(|f| f.0).collect();
-        let mut rows = std::mem::take(&mut self.rows).into_iter().enumerate();
-        let mut done = Vec::with_capacity(gone.len());
-        for (r, row) in rows.by_ref() {
-            if gone.contains(&r) {
-                done.push(row);
-            } else {
-                self.rows.push(row);
-            }
-        }
-        self.shrink(&gone);
-        for (row, (_, reason)) in done.into_iter().zip(&finished) {
-            let mut text = self.tokenizer.decode(&row.ids, true)?;
+        for (r, reason) in finished {
+            let row = &mut self.rows[r];
+            row.live = false;
+            row.valid.fill(false);
+            let ids = std::mem::take(&mut row.ids);
+            let (index, seconds) = (row.index, row.started.elapsed().as_secs_f64());
+            let mut text = self.tokenizer.decode(&ids, true)?;
             if let Some(cut) = self.cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                 text.truncate(cut);
             }
-            if row.index == 0
+            if index == 0
                 && let Some(stream) = self.stream.as_mut()
             {
                 stream.show(&text, true);
             }
-            let seconds = row.started.elapsed().as_secs_f64();
-            if !on_done(row.index, Generation { ids: row.ids, text, finish_reason: reason, seconds }) {
+            if !on_done(index, Generation { ids, text, finish_reason: reason, seconds }) {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// The cache without the rows `gone` (indices before removal) and without the leading
-    /// columns no remaining row attends to.
-    fn shrink(&mut self, gone: &[usize]) {
-        let total = self.rows.len() + gone.len();
-        if self.rows.is_empty() {
+    /// The cache of the live rows only, without the leading columns none of them attends to.
+    fn shrink(&mut self) {
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|&r| self.rows[r].live).collect();
+        if keep.is_empty() {
+            self.rows.clear();
             self.cache = self.model.empty_cache(0);
             return;
         }
+        let from = self.unread();
         let device = self.model.device();
-        let keep: Vec<i32> = (0..total).filter(|r| !gone.contains(r)).map(|r| r as i32).collect();
-        let keep = Tensor::<B, 1, Int>::from_data(TensorData::new(keep.clone(), [keep.len()]), &device);
-        let width = self.columns();
-        let need =
-            self.rows.iter().map(|r| width - r.valid.iter().position(|&v| v).unwrap_or(width)).max().unwrap_or(0);
-        let from = width - need;
+        let ids: Vec<i32> = keep.iter().map(|&r| r as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [keep.len()]), &device);
         for layer in &mut self.cache {
-            *layer = layer.select(keep.clone(), from);
+            *layer = layer.select(ids.clone(), from);
         }
+        self.rows.retain(|r| r.live);
         for row in &mut self.rows {
             row.valid.drain(..from);
         }

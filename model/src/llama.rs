@@ -239,10 +239,11 @@ impl<B: Backend> Rope<B> {
 
 /// Keys and values of earlier positions, for generation: buffers `[batch, kv_heads, capacity,
 /// head_dim]` whose first `len` columns hold the cache and whose later columns are room
-/// for the next positions, written in place ([`fuserl_kernels::write_columns`]): a decoding step
+/// for the next positions, written in place ([`fuserl_kernels::write_block`]): a decoding step
 /// copies its own keys and values, not the whole cache (as growing it by concatenation did). A
 /// full buffer is replaced by one twice the cache's length (amortised: each position is copied
-/// a bounded number of times).
+/// a bounded number of times). Continuous batching writes a new prompt's prefill into the row
+/// it takes ([`Self::write_row`]) and drops leading columns no row reads ([`Self::compact`]).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     k: Tensor<B, 4>,
@@ -252,6 +253,12 @@ pub struct LayerCache<B: Backend> {
 
 /// The least room a cache grows by (columns).
 const CACHE_GROWTH: usize = 32;
+
+/// `x` moved out (an empty tensor left behind), so that its buffer has no other holder and the
+/// CPU backend writes it in place.
+fn take<B: Backend>(x: &mut Tensor<B, 4>) -> Tensor<B, 4> {
+    std::mem::replace(x, Tensor::empty([0, 0, 0, 0], &x.device()))
+}
 
 impl<B: LogProbBackend> LayerCache<B> {
     /// A cache holding `k` and `v` (`[batch, kv_heads, len, head_dim]`), with no room yet.
@@ -270,23 +277,46 @@ impl<B: LogProbBackend> LayerCache<B> {
         self.len == 0
     }
 
+    /// Whether the buffers have no room for another position.
+    pub fn is_full(&self) -> bool {
+        self.len == self.k.dims()[2]
+    }
+
     /// The cached keys, `[batch, kv_heads, len, head_dim]` (a view of the buffer).
     pub fn keys(&self) -> Tensor<B, 4> {
-        Self::cached(&self.k, self.len)
+        Self::cached(&self.k, 0, self.len)
     }
 
     /// The cached values, as [`Self::keys`].
     pub fn values(&self) -> Tensor<B, 4> {
-        Self::cached(&self.v, self.len)
+        Self::cached(&self.v, 0, self.len)
     }
 
-    /// The first `len` columns of `buffer` (Burn narrows to at least one column).
-    fn cached(buffer: &Tensor<B, 4>, len: usize) -> Tensor<B, 4> {
-        if len == 0 {
+    /// Columns `from..to` of `buffer` (Burn narrows to at least one column).
+    fn cached(buffer: &Tensor<B, 4>, from: usize, to: usize) -> Tensor<B, 4> {
+        if to == from {
             let [b, h, _, d] = buffer.dims();
             return Tensor::zeros([b, h, 0, d], (&buffer.device(), buffer.dtype()));
         }
-        buffer.clone().narrow(2, 0, len)
+        buffer.clone().narrow(2, from, to - from)
+    }
+
+    /// New buffers holding `zeros` zero columns, then columns `from..` of the cache, with room
+    /// for `extra` more positions and at least as many again (one copy).
+    fn rebuild(&mut self, zeros: usize, from: usize, extra: usize) {
+        let len = zeros + self.len - from;
+        let room = (len + extra) + (len + extra).max(CACHE_GROWTH);
+        let moved = |buffer: &Tensor<B, 4>| {
+            let [b, h, _, d] = buffer.dims();
+            let fresh = Tensor::zeros([b, h, room, d], (&buffer.device(), buffer.dtype()));
+            if from == self.len {
+                fresh
+            } else {
+                fuserl_kernels::write_block(fresh, 0, zeros, Self::cached(buffer, from, self.len))
+            }
+        };
+        (self.k, self.v) = (moved(&self.k), moved(&self.v));
+        self.len = len;
     }
 
     /// Append the keys and values of `t` new positions (`[batch, kv_heads, t, head_dim]`);
@@ -294,22 +324,36 @@ impl<B: LogProbBackend> LayerCache<B> {
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let t = k.dims()[2];
         if self.len + t > self.k.dims()[2] {
-            let room = (self.len + t) + (self.len + t).max(CACHE_GROWTH);
-            let grown = |old: Tensor<B, 4>| {
-                let [b, h, _, d] = old.dims();
-                let fresh = Tensor::zeros([b, h, room, d], (&old.device(), old.dtype()));
-                if old.dims()[2] == 0 { fresh } else { fuserl_kernels::write_columns(fresh, 0, old) }
-            };
-            (self.k, self.v) = (grown(self.keys()), grown(self.values()));
+            self.rebuild(0, 0, t);
         }
         let at = self.len;
-        // Moved out (an empty tensor left behind) so that the buffer has no other holder and
-        // the CPU backend writes it in place.
-        let take = |x: &mut Tensor<B, 4>| std::mem::replace(x, Tensor::empty([0, 0, 0, 0], &x.device()));
-        self.k = fuserl_kernels::write_columns(take(&mut self.k), at, k);
-        self.v = fuserl_kernels::write_columns(take(&mut self.v), at, v);
+        self.k = fuserl_kernels::write_block(take(&mut self.k), 0, at, k);
+        self.v = fuserl_kernels::write_block(take(&mut self.v), 0, at, v);
         self.len += t;
         (self.keys(), self.values())
+    }
+
+    /// Row `row`'s last `t` cached columns set to `k` and `v` (`[1, kv_heads, t, head_dim]`, `t`
+    /// at most the cache's length), in place: a new prompt's prefill in the row it takes.
+    pub fn write_row(&mut self, row: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let t = k.dims()[2];
+        assert!(t <= self.len, "LayerCache::write_row: {t} columns into a cache of {}", self.len);
+        let at = self.len - t;
+        self.k = fuserl_kernels::write_block(take(&mut self.k), row, at, k);
+        self.v = fuserl_kernels::write_block(take(&mut self.v), row, at, v);
+    }
+
+    /// `by` masked (zero) columns before the cached ones (one copy), with room after them.
+    pub fn widen(&mut self, by: usize) {
+        if by > 0 {
+            self.rebuild(by, 0, 0);
+        }
+    }
+
+    /// The cache without its first `from` columns (one copy), with room after them.
+    pub fn compact(&mut self, from: usize) {
+        assert!(from <= self.len, "LayerCache::compact: from {from} of {}", self.len);
+        self.rebuild(0, from, 0);
     }
 
     /// The cache of rows `keep` (in that order) and positions `from..` only (at least one).

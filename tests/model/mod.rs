@@ -1,5 +1,6 @@
 //! fuserl-model: the families against transformers' fixtures, errors on bad files, GGUF and the quants.
 
+mod cache;
 mod classifier;
 mod errors;
 mod frozen;
