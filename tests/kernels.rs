@@ -406,9 +406,21 @@ fn kernel_vs_tiles<B: LogProbBackend>(device: &B::Device) {
 
 fn kernel_vs_tiles_at<B: LogProbBackend>(
     device: &B::Device,
+    shape: (usize, usize, usize, usize, usize, usize),
+    window: Option<usize>,
+    dtype: DType,
+) {
+    kernel_vs_tiles_padded::<B>(device, shape, window, dtype, 3);
+}
+
+/// As [`kernel_vs_tiles_at`], sequence `i` with `pad * i` leading padding keys (and some keys
+/// masked further on).
+fn kernel_vs_tiles_padded<B: LogProbBackend>(
+    device: &B::Device,
     (b, nh, nkv, t, tk, d): (usize, usize, usize, usize, usize, usize),
     window: Option<usize>,
     dtype: DType,
+    pad: usize,
 ) {
     use fuserl_kernels::{AttentionMask, tiled_attention_bwd, tiled_attention_fwd};
     let f = |x: Tensor<B, 4>| x.cast(dtype).into_primitive().tensor();
@@ -417,7 +429,7 @@ fn kernel_vs_tiles_at<B: LogProbBackend>(
     let v = || f(tensor::<B, 4>(&values(b * nkv * tk * d, 43, 1.0), [b, nkv, tk, d], device));
     let g = || f(tensor::<B, 4>(&values(b * t * nh * d, 44, 1.0), [b, t, nh, d], device));
     let bias: Vec<f32> =
-        (0..b * tk).map(|j| if j % tk < 3 * (j / tk) || j % 37 == 5 { f32::MIN } else { 0.0 }).collect();
+        (0..b * tk).map(|j| if j % tk < pad * (j / tk) || j % 37 == 5 { f32::MIN } else { 0.0 }).collect();
     let bias = || tensor::<B, 2>(&bias, [b, tk], device).into_primitive().tensor();
     let mask = AttentionMask { past: tk - t, window, rows: 16 };
     let back = |x| data(Tensor::<B, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(x)));
@@ -443,6 +455,9 @@ fn cpu_attention_kernel_matches_the_tiles() {
     kernel_vs_tiles::<burn::backend::Flex>(&device);
     kernel_vs_tiles_at::<burn::backend::Flex>(&device, (3, 9, 3, 1, 47, 64), None, DType::F32);
     kernel_vs_tiles_at::<burn::backend::Flex>(&device, (2, 4, 4, 33, 33, 16), Some(5), DType::F32);
+    // A left-padded prefill whose second sequence's padding (140 keys) covers whole tiles of
+    // query rows (64 rows a tile at 150 keys): those rows see no key and are uniform.
+    kernel_vs_tiles_padded::<burn::backend::Flex>(&device, (2, 4, 2, 150, 150, 16), None, DType::F32, 140);
     type B = burn::backend::Flex;
     use fuserl_kernels::{AttentionMask, tiled_attention_fwd};
     let (b, nh, nkv, t, tk, cap, d) = (2, 6, 2, 3, 20, 32, 8);

@@ -218,7 +218,10 @@ impl<'a> Ctx<'a> {
     fn visible(&self, bi: usize, (r0, r1): (usize, usize)) -> (usize, usize) {
         let hi = (self.mask.past + r1).min(self.dims.keys);
         let window = self.mask.window.map_or(0, |w| (self.mask.past + r0 + 1).saturating_sub(w));
-        let lo = window.max(self.padding[bi]).min(hi);
+        // The padding only when the tile sees past it: a tile whose rows all lie in it sees no
+        // key, and its rows are uniform over every key (as in the tiles).
+        let padding = if self.padding[bi] < hi { self.padding[bi] } else { 0 };
+        let lo = window.max(padding).min(hi);
         (lo, hi)
     }
 
