@@ -26,11 +26,12 @@ pub enum Error {
         message: String,
     },
     /// A data file has a malformed record.
-    #[error("{}:{line}: {message}", shown(file))]
+    #[error("{}{}: {message}", shown(file), line_suffix(*line))]
     Data {
         /// The data file.
         file: PathBuf,
-        /// 1-based line of the record.
+        /// 1-based line of the record (or row, in a Parquet file); 0 when the whole file is at
+        /// fault (it is then left out of the message).
         line: u64,
         /// What was wrong and what was expected.
         message: String,
@@ -87,6 +88,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn line_suffix(line: u64) -> String {
+    if line == 0 { String::new() } else { format!(":{line}") }
 }
 
 fn path_prefix(path: &str) -> String {

@@ -345,7 +345,7 @@ mod tests {
         let fake = dir.path().join("x.parquet");
         std::fs::write(&fake, "not parquet").expect("write");
         let err = read_prompts(&fake).expect_err("not parquet").to_string();
-        assert!(err.contains("x.parquet") && err.contains("not a readable Parquet file"), "{err}");
+        assert!(err.contains("x.parquet: not a readable Parquet file"), "the whole file, no line 0: {err}");
     }
 
     #[test]
