@@ -19,6 +19,9 @@
 //! `dequantised` on the same file dequantised to an f32 base at load: the peer issue #31 measures
 //! QLoRA's memory against (scripts/bench-dpo-step.sh runs both).
 //!
+//! `bf16` computes in bf16 over the f32 master weights (`[backend] dtype = "bf16"`: mixed
+//! precision), the peer of TRL's default bf16 autocast (issue #35 measures it on CPUs with AMX).
+//!
 //! Besides the process's peak, the peak since the model was loaded (the training's, with the
 //! model resident: loading reads the checkpoint file whole, which a LoRA step's peak is below).
 
@@ -62,9 +65,14 @@ fn bench<
     } else {
         (models.join("SmolLM2-135M-Instruct"), BaseQuant::None, "scripts/fetch-smollm2.sh")
     };
-    let mut model =
-        load_with::<B>(&dir, &Default::default(), DType::F32, quant).unwrap_or_else(|e| panic!("{e} (run {fetch})"));
     let lora = arg("lora") || qlora || dequantised;
+    let compute = if arg("bf16") { DType::BF16 } else { DType::F32 };
+    // As `fuserl train` loads the target: trained weights in f32 (the master copy) computing in
+    // `compute`; with LoRA the frozen base in `compute`, the adapters in f32.
+    let load = if lora { compute } else { DType::F32 };
+    let mut model =
+        load_with::<B>(&dir, &Default::default(), load, quant).unwrap_or_else(|e| panic!("{e} (run {fetch})"));
+    model.dtype = compute;
     if lora {
         let spec = fuserl_model::lora::LoraSpec {
             r: 16,
@@ -135,7 +143,7 @@ fn bench<
         loss_scale: 1.0,
         dropout_key: 0,
     };
-    let (mut model, _) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
+    let (mut model, first) = optimizer_step(model, &mut optim, &picked, settings).expect("warm-up step");
     let steps: usize = std::env::var("FUSERL_BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
     let mut times = Vec::with_capacity(steps);
     let mut out = None;
@@ -156,11 +164,13 @@ fn bench<
         _ => "every weight",
     };
     println!(
-        "fuserl (burn flex autodiff, f32, {what}, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4}, peak RSS {:.0} MiB since the model was loaded ({:.0} MiB loading it)",
+        "fuserl (burn flex autodiff, {}, {what}, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4} at the first step and {:.4} at the last, peak RSS {:.0} MiB since the model was loaded ({:.0} MiB loading it)",
+        if compute == DType::BF16 { "bf16 compute over f32 master weights" } else { "f32" },
         logprobs,
         secs,
         steps,
         each.join(", "),
+        first.loss,
         out.loss,
         peak_rss_mb(),
         process_peak
