@@ -241,8 +241,9 @@ impl<B: Backend> Rope<B> {
 /// head_dim]` whose first `len` columns hold the cache and whose later columns are room
 /// for the next positions, written in place ([`fuserl_kernels::write_block`]): a decoding step
 /// copies its own keys and values, not the whole cache (as growing it by concatenation did). A
-/// full buffer is replaced by one twice the cache's length (amortised: each position is copied
-/// a bounded number of times). Continuous batching writes a new prompt's prefill into the row
+/// full buffer is replaced by one a quarter longer than the cache (at least 32 columns more;
+/// amortised: each position is copied a bounded number of times, and the room costs a quarter
+/// of the cache, not as much again). Continuous batching writes a new prompt's prefill into the row
 /// it takes ([`Self::write_row`]) and drops leading columns no row reads ([`Self::compact`]).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
@@ -302,10 +303,10 @@ impl<B: LogProbBackend> LayerCache<B> {
     }
 
     /// New buffers holding `zeros` zero columns, then columns `from..` of the cache, with room
-    /// for `extra` more positions and at least as many again (one copy).
+    /// for `extra` more positions and a quarter of the total again (one copy).
     fn rebuild(&mut self, zeros: usize, from: usize, extra: usize) {
         let len = zeros + self.len - from;
-        let room = (len + extra) + (len + extra).max(CACHE_GROWTH);
+        let room = (len + extra) + ((len + extra) / 4).max(CACHE_GROWTH);
         let moved = |buffer: &Tensor<B, 4>| {
             let [b, h, _, d] = buffer.dims();
             let fresh = Tensor::zeros([b, h, room, d], (&buffer.device(), buffer.dtype()));
