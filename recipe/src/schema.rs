@@ -389,7 +389,7 @@ fn default_eval_samples() -> u32 {
 /// evaluation of HumanEval's 164 prompts with SmolLM2-135M took 0.78x the time of batches of 8,
 /// with the same answers; docs/benchmarks.md); the KV cache of 32 answers of 1,000 positions is
 /// about 1.5 GB for SmolLM2-135M in f32 and 4.2 GB for an 8B Llama in bf16 (the buffers hold up
-/// to twice that: room to grow).
+/// to a quarter more: room to grow).
 fn default_eval_batch() -> u32 {
     32
 }
