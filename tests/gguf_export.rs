@@ -158,10 +158,10 @@ fn an_f16_export_converts_back_to_the_weights_rounded_to_f16() {
     let names: Vec<String> = original.names().into_iter().cloned().collect();
     assert_eq!(names, read.names().into_iter().cloned().collect::<Vec<_>>());
     for name in names {
-        let (shape, want) = original.get(&name).expect("original tensor");
-        let (got_shape, got) = read.get(&name).expect("converted tensor");
+        let (shape, want) = original.get(&name).expect("readable").expect("original tensor");
+        let (got_shape, got) = read.get(&name).expect("readable").expect("converted tensor");
         assert_eq!(shape, got_shape, "{name}");
-        for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             let rounded = half::f16::from_f32(*w).to_f32();
             assert!(rounded.to_bits() == g.to_bits(), "{name}[{i}]: {g}, expected f16({w}) = {rounded}");
         }

@@ -251,7 +251,10 @@ fn gguf(data: &[u8]) -> bool {
 }
 
 fn safetensors(data: &[u8]) -> bool {
-    TensorStore::default().read_file(&input_file("model.safetensors", data)).is_ok()
+    let mut store = TensorStore::default();
+    // Every tensor converted too (the store converts a tensor when it is taken).
+    store.read_file(&input_file("model.safetensors", data)).is_ok()
+        && store.names().into_iter().cloned().collect::<Vec<_>>().iter().all(|n| store.get(n).is_ok())
 }
 
 fn model_config(data: &[u8]) -> bool {

@@ -41,17 +41,26 @@ pub const SIDE_FILES: [&str; 6] = [
 
 /// The values of a safetensors tensor as f32 (from F32, F16 or BF16), all finite.
 pub(crate) fn values_of(view: &safetensors::tensor::TensorView<'_>, name: &str, file: &Path) -> Result<Vec<f32>> {
-    let data = view.data();
-    let values: Vec<f32> = match view.dtype() {
+    convert(view.dtype(), view.data(), name, file)
+}
+
+/// Whether fuserl reads a safetensors dtype (an error naming the tensor otherwise).
+fn check_dtype(dtype: StDtype, name: &str, file: &Path) -> Result<()> {
+    match dtype {
+        StDtype::F32 | StDtype::F16 | StDtype::BF16 => Ok(()),
+        other => {
+            Err(ModelError::format(file, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16")))
+        }
+    }
+}
+
+/// A tensor's little-endian `data` of `dtype` as f32 values, all finite.
+fn convert(dtype: StDtype, data: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
+    check_dtype(dtype, name, file)?;
+    let values: Vec<f32> = match dtype {
         StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         StDtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => {
-            return Err(ModelError::format(
-                file,
-                format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
-            ));
-        }
+        _ => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
     };
     let bad = values.iter().filter(|v| !v.is_finite()).count();
     if bad > 0 {
@@ -68,10 +77,20 @@ pub(crate) fn values_of(view: &safetensors::tensor::TensorView<'_>, name: &str, 
 /// A named host tensor: shape and f32 values.
 type HostTensor = (Vec<usize>, Vec<f32>);
 
-/// Host copies of a checkpoint's tensors, as f32.
+/// Where a tensor's values are: as f32 already (converters' tensors), or still as the bytes of
+/// its safetensors file, converted when they are taken.
+#[derive(Debug)]
+enum Values {
+    F32(Vec<f32>),
+    File { bytes: std::sync::Arc<Vec<u8>>, range: std::ops::Range<usize>, dtype: StDtype },
+}
+
+/// A checkpoint's tensors, by name, with their shapes and files: converted to f32 one at a time
+/// as they are taken (a file's bytes are let go once all its tensors are taken), so loading
+/// holds the files and the model being built, not an f32 copy of every tensor besides.
 #[derive(Debug, Default)]
 pub struct TensorStore {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
+    tensors: HashMap<String, (Vec<usize>, Values, PathBuf)>,
 }
 
 impl TensorStore {
@@ -127,16 +146,24 @@ impl TensorStore {
         })?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| ModelError::format(file, format!("not a valid safetensors file: {e}")))?;
+        let mut found = Vec::new();
         for (name, view) in st.tensors() {
-            let values = values_of(&view, &name, file)?;
-            self.tensors.insert(name.clone(), (view.shape().to_vec(), values, file.to_path_buf()));
+            check_dtype(view.dtype(), &name, file)?;
+            // The view's bytes as a range of the file's (safetensors checked it lies inside).
+            let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            found.push((name, view.shape().to_vec(), start..start + view.data().len(), view.dtype()));
+        }
+        let bytes = std::sync::Arc::new(bytes);
+        for (name, shape, range, dtype) in found {
+            let values = Values::File { bytes: bytes.clone(), range, dtype };
+            self.tensors.insert(name, (shape, values, file.to_path_buf()));
         }
         Ok(())
     }
 
     /// Add a tensor (used by converters).
     pub fn insert(&mut self, name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>, file: &Path) {
-        self.tensors.insert(name.into(), (shape, values, file.to_path_buf()));
+        self.tensors.insert(name.into(), (shape, Values::F32(values), file.to_path_buf()));
     }
 
     /// Rename every tensor by `f`, dropping those it maps to `None`.
@@ -151,9 +178,12 @@ impl TensorStore {
         n
     }
 
-    /// The shape and values of `name`, if present.
-    pub fn get(&self, name: &str) -> Option<(&[usize], &[f32])> {
-        self.tensors.get(name).map(|(shape, values, _)| (shape.as_slice(), values.as_slice()))
+    /// The shape and values of `name` (a copy, converted to f32), if present.
+    pub fn get(&self, name: &str) -> Result<Option<HostTensor>> {
+        self.tensors
+            .get(name)
+            .map(|(shape, values, file)| Ok((shape.clone(), f32_values(values, name, file)?)))
+            .transpose()
     }
 
     /// Remove and return `name`, which must have `shape`.
@@ -168,12 +198,23 @@ impl TensorStore {
                 format!("tensor `{name}` has shape {got:?}; the config implies {shape:?}"),
             ));
         }
-        Ok(values)
+        match values {
+            Values::F32(values) => Ok(values),
+            file_values => f32_values(&file_values, name, &file),
+        }
     }
 
     /// Remove and return `name` if present.
     pub fn take_optional(&mut self, name: &str, shape: &[usize], dir: &Path) -> Result<Option<Vec<f32>>> {
         if self.tensors.contains_key(name) { self.take(name, shape, dir).map(Some) } else { Ok(None) }
+    }
+}
+
+/// `values` as f32 (a copy).
+fn f32_values(values: &Values, name: &str, file: &Path) -> Result<Vec<f32>> {
+    match values {
+        Values::F32(values) => Ok(values.clone()),
+        Values::File { bytes, range, dtype } => convert(*dtype, &bytes[range.clone()], name, file),
     }
 }
 

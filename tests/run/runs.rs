@@ -360,7 +360,7 @@ fn a_gguf_export_is_written_beside_the_folder_and_kept_on_rerun() {
     let g = fuserl_model::gguf::Gguf::read(&file).expect("the GGUF file");
     assert_eq!(g.meta.get("general.architecture"), Some(&fuserl_model::gguf::Meta::Str("llama".into())));
     let store = fuserl_model::checkpoint::TensorStore::read_dir(&out.join("export")).expect("export");
-    let (_, down) = store.get("model.layers.1.mlp.down_proj.weight").expect("down_proj");
+    let (_, down) = store.get("model.layers.1.mlp.down_proj.weight").expect("readable").expect("down_proj");
     let t = g.tensors.iter().find(|t| t.name == "blk.1.ffn_down.weight").expect("ffn_down");
     assert_eq!(fuserl_model::quant::GgmlType::name_of(t.ggml_type), "Q8_0");
     let back = g.dequantize(t).expect("dequantise");

@@ -28,8 +28,8 @@
 //!   f32 temporaries;
 //! - **reference log-probs** (FusePO with DPO-style objectives): the reference model, loaded as
 //!   the policy is, and one layer's inference activations, before training starts;
-//! - **loading** (on the CPU): the checkpoint file read whole and the f32 host copies its
-//!   tensors are made from, before they are moved into the model;
+//! - **loading** (on the CPU): the checkpoint file read whole and the model built from it, its
+//!   tensors converted to f32 one at a time as the model takes them;
 //! - **LoRA** (`[target.lora]`): the base frozen in the compute type (no gradient, no moments),
 //!   the adapters trained as above, each keeping its `x A` for the backward pass; no gradient
 //!   for the embeddings or the head;
@@ -426,8 +426,8 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     let mut phases = Vec::new();
     if input.backend.device == Device::Cpu {
         // Loading, in the process's memory: a safetensors file is read whole (counted as f32, its
-        // largest), its tensors converted to f32 host copies that are moved into the model one by
-        // one (the model in its types and what is left of the copies: about one f32 copy).
+        // largest) and its tensors converted to f32 one at a time as the model takes them (the
+        // model in its types and the tensor being converted: about one f32 copy).
         phases.push(Phase {
             name: "loading the model",
             parts: vec![
