@@ -275,9 +275,13 @@ fn a_recipe_plugin_that_cannot_be_loaded_points_at_its_line() {
 
 #[test]
 fn plugins_log_through_the_host() {
-    let dir = tempfile::tempdir().expect("tmp");
+    // In a folder of its own: its run folder (runs/plugin-example-mini) is not the one another
+    // test's `examples` on the same recipe holds (a run folder takes one command at a time).
+    let dir = sandbox();
+    let recipe = dir.path().join("recipes/plugin-example.toml");
+    std::fs::copy(repo().join("recipes/plugin-example.toml"), &recipe).expect("copy the recipe");
     let file = dir.path().join("sft.jsonl").display().to_string();
-    let out = fuserl(&["-vv", "examples", "recipes/plugin-example.toml", "--stage", "sft", "--out", &file], &repo());
+    let out = fuserl(&["-vv", "examples", "recipes/plugin-example.toml", "--stage", "sft", "--out", &file], dir.path());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(

@@ -413,13 +413,17 @@ pub fn build_quantized<B: Backend>(
 /// [`build_quantized`], with matrices that are exactly bf16 kept so when `exact_bf16`.
 fn build<B: Backend>(
     config: LlamaConfig,
-    (store, blocks): (TensorStore, QuantBlocks),
+    (mut store, blocks): (TensorStore, QuantBlocks),
     quantize: Option<GgmlType>,
     dir: &Path,
     (device, dtype): (&B::Device, DType),
     exact_bf16: bool,
 ) -> Result<LlamaModel<B>> {
     let c = &config;
+    // The rotary tables some exports carry are not used: dropped first, so that they do not keep
+    // their files' bytes alive while the model is built (every shard of older Llama exports has
+    // some).
+    store.rename(|n| (!n.ends_with("rotary_emb.inv_freq")).then(|| n.to_owned()));
     let mut b = Builder::<B> { store, blocks, quantize, dir, device, dtype, exact_bf16 };
     let (h, q_out, kv_out) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let embed_quant = b.blocks("model.embed_tokens.weight", c.vocab_size, h)?;
@@ -473,8 +477,7 @@ fn build<B: Backend>(
     } else {
         Some(b.linear("lm_head", h, c.vocab_size, false)?)
     };
-    let mut leftover: Vec<String> =
-        b.store.names().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).cloned().collect();
+    let mut leftover: Vec<String> = b.store.names().into_iter().cloned().collect();
     leftover.extend(b.blocks.names().into_iter().cloned());
     if !leftover.is_empty() {
         tracing::warn!(dir = %Shown(dir), unused = %leftover.join(", "), "checkpoint tensors the model does not use");
