@@ -387,6 +387,20 @@ impl<B: Backend> Builder<'_, B> {
     }
 }
 
+/// [`build_model`] for a model that only runs forward, as [`load_frozen`] loads one: in f32 on
+/// a backend whose linear products widen bf16 weights, the weights whose values are all bf16
+/// stay bf16.
+pub(crate) fn build_frozen<B: LogProbBackend>(
+    config: LlamaConfig,
+    store: TensorStore,
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<LlamaModel<B>> {
+    let exact_bf16 = dtype == DType::F32 && B::mixes_bf16_weights();
+    build(config, (store, QuantBlocks::default()), None, dir, (device, dtype), exact_bf16)
+}
+
 /// Build a model from host tensors named as in a Hugging Face checkpoint.
 pub fn build_model<B: Backend>(
     config: LlamaConfig,

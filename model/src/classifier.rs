@@ -24,7 +24,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use fuserl_kernels::LogProbBackend;
 use serde_json::Value;
 
-use crate::checkpoint::{TensorStore, build_model};
+use crate::checkpoint::{TensorStore, build_frozen};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{Inputs, LlamaModel};
@@ -121,7 +121,8 @@ pub fn classifier_config(v: &Value, file: &Path) -> Result<(LlamaConfig, Classif
     Ok((config, ClassifierHead { architecture, labels, pad_token_id }))
 }
 
-/// Load a `*ForSequenceClassification` checkpoint folder into `dtype` on `device`.
+/// Load a `*ForSequenceClassification` checkpoint folder into `dtype` on `device` (frozen: see
+/// [`crate::checkpoint::load_frozen`]).
 pub fn load_classifier<B: LogProbBackend>(
     dir: &Path,
     device: &B::Device,
@@ -137,7 +138,9 @@ pub fn load_classifier<B: LogProbBackend>(
         store.rename(crate::gemma3::text_tensor_name);
     }
     let _span = tracing::info_span!("load", dir = %Shown(dir)).entered();
-    let model = build_model(config, store, dir, device, dtype)?;
+    // Forward only: a checkpoint stored in bf16 keeps bf16 weights on the CPU (half the memory,
+    // the same products), as generation's frozen models do.
+    let model = build_frozen(config, store, dir, device, dtype)?;
     // [labels, hidden] -> [hidden, labels]
     let score = Tensor::<B, 2>::from_data(TensorData::new(score, [n, h]), (device, dtype)).transpose();
     tracing::info!(architecture = %head.architecture, labels = n, layers = model.config.num_layers, "loaded reward model");
