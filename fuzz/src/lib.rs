@@ -254,7 +254,7 @@ fn safetensors(data: &[u8]) -> bool {
     let mut store = TensorStore::default();
     // Every tensor converted too (the store converts a tensor when it is taken).
     store.read_file(&input_file("model.safetensors", data)).is_ok()
-        && store.names().into_iter().cloned().collect::<Vec<_>>().iter().all(|n| store.get(n).is_ok())
+        && store.names().into_iter().all(|n| store.get(n).is_ok())
 }
 
 fn model_config(data: &[u8]) -> bool {

@@ -397,8 +397,13 @@ pub(crate) fn build_frozen<B: LogProbBackend>(
     device: &B::Device,
     dtype: DType,
 ) -> Result<LlamaModel<B>> {
-    let exact_bf16 = dtype == DType::F32 && B::mixes_bf16_weights();
-    build(config, (store, QuantBlocks::default()), None, dir, (device, dtype), exact_bf16)
+    build(config, (store, QuantBlocks::default()), None, dir, (device, dtype), keeps_bf16::<B>(dtype))
+}
+
+/// Whether a frozen model in `dtype` keeps its exactly-bf16 weights in bf16 on backend `B`: in
+/// f32 on a backend whose linear products widen them as they read them.
+fn keeps_bf16<B: LogProbBackend>(dtype: DType) -> bool {
+    dtype == DType::F32 && B::mixes_bf16_weights()
 }
 
 /// Build a model from host tensors named as in a Hugging Face checkpoint.
@@ -549,7 +554,7 @@ pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, dtype: DType, quant
 /// all bf16 (a checkpoint stored in bf16) stay bf16: half the memory and the bytes read, the
 /// same products.
 pub fn load_frozen<B: LogProbBackend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaModel<B>> {
-    load_kept(dir, device, dtype, BaseQuant::None, dtype == DType::F32 && B::mixes_bf16_weights())
+    load_kept(dir, device, dtype, BaseQuant::None, keeps_bf16::<B>(dtype))
 }
 
 fn load_kept<B: Backend>(
