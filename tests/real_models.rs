@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::{fuserl, repo, text};
+use crate::common::{fuserl, python_with, repo, sandbox, text};
 use fuserl_core::data::ChatMessage;
 use fuserl_model::chat::ChatTokenizer;
 
@@ -356,6 +356,65 @@ fn smollm2_recipe_trains_both_stages_and_exports_a_model_that_generates() {
     );
     assert!(reply.status.success(), "{}", text(&reply.stderr));
     assert!(text(&reply.stdout).contains("Paris"), "{}", text(&reply.stdout));
+}
+
+/// LoRA on a real model (recipes/smollm2-lora-dpo.toml: rank-16 adapters on every linear layer of
+/// SmolLM2-135M-Instruct, two FuseSFT and two FusePO steps), exported as a PEFT adapter folder and,
+/// from the same recipe with `lora = "merged"`, as a full checkpoint. Where the environments exist,
+/// the exports are loaded by the libraries users load them with, against `fuserl logprobs` of the
+/// same folders: peft on the base and transformers (scripts/check_lora_export.py, 1e-4 per token)
+/// and vLLM, the adapter through its LoRA support and the merged folder as a model
+/// (scripts/check_vllm_lora.py, vLLM's CPU build from scripts/setup-vllm.sh, 1e-4 per token;
+/// 2.1e-5 seen with the adapter, 1.9e-5 merged).
+#[test]
+fn smollm2_lora_recipe_exports_adapters_that_peft_and_vllm_load() {
+    let _ = model_dir();
+    let dir = sandbox();
+    let recipe = std::fs::read_to_string(repo().join("recipes/smollm2-lora-dpo.toml")).expect("recipe");
+    let merged_recipe = recipe
+        .replace("name = \"smollm2-lora-dpo\"", "name = \"smollm2-lora-merged\"")
+        .replace("lora = \"adapter\"", "lora = \"merged\"");
+    assert!(merged_recipe.contains("smollm2-lora-merged") && merged_recipe.contains("lora = \"merged\""));
+    let mut exports = Vec::new();
+    for (name, body) in [("smollm2-lora-dpo", &recipe), ("smollm2-lora-merged", &merged_recipe)] {
+        let file = dir.path().join(format!("recipes/{name}.toml"));
+        std::fs::write(&file, body).expect("write");
+        let run = fuserl(&["run", &file.display().to_string()], dir.path());
+        assert!(run.status.success(), "{name}: {}", text(&run.stderr));
+        exports.push(dir.path().join(format!("runs/{name}/export")));
+    }
+    let (adapter, merged) = (&exports[0], &exports[1]);
+    assert!(adapter.join("adapter_model.safetensors").is_file() && !adapter.join("config.json").exists());
+    assert!(merged.join("model.safetensors").is_file() && !merged.join("adapter_config.json").exists());
+
+    let pairs = dir.path().join("pairs.jsonl");
+    let rows = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("How many planets are in the Solar System?", "There are eight planets in the Solar System."),
+        ("Write a haiku about rain.", "Soft rain on the roof,\nthe garden drinks in silence,\nclouds walk to the sea."),
+    ];
+    let lines: Vec<String> =
+        rows.iter().map(|(p, r)| serde_json::json!({"prompt": p, "response": r}).to_string()).collect();
+    std::fs::write(&pairs, lines.join("\n") + "\n").expect("write");
+    let scored = |model: &PathBuf, name: &str| {
+        let out = dir.path().join(name);
+        let args = ["logprobs", "--model", &model.display().to_string(), "--data", &pairs.display().to_string()];
+        let run = fuserl(&[&args[..], &["--out", &out.display().to_string()]].concat(), dir.path());
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        out.display().to_string()
+    };
+    let args = [adapter.display().to_string(), scored(adapter, "adapter.jsonl")];
+    let args = [&args[..], &[merged.display().to_string(), scored(merged, "merged.jsonl")]].concat();
+    for (venv, module, script) in [
+        ("fuserl-oracle/venv", "peft", "scripts/check_lora_export.py"),
+        ("fuserl-vllm/venv", "vllm", "scripts/check_vllm_lora.py"),
+    ] {
+        if let Some(python) = python_with(venv, module, &format!("SmolLM2 LoRA exports loaded in {module}")) {
+            let check =
+                std::process::Command::new(&python).arg(repo().join(script)).args(&args).output().expect("python");
+            assert!(check.status.success(), "{script}: {}{}", text(&check.stdout), text(&check.stderr));
+        }
+    }
 }
 
 /// FuseSFT then FusePO with Qwen2.5-Coder-0.5B-Instruct as the target (recipes/qwen-coder-smoke.toml,

@@ -46,6 +46,21 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The Python of a virtual environment under `~/.cache` (`fuserl-oracle/venv`: docs/oracle.md;
+/// `fuserl-vllm/venv`: scripts/setup-vllm.sh) when it imports `module`; `None` otherwise, after
+/// telling whoever runs the test what was skipped (`what`) and why.
+pub fn python_with(venv: &str, module: &str, what: &str) -> Option<PathBuf> {
+    let python = PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache").join(venv).join("bin/python");
+    let ok = Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        #[allow(clippy::print_stderr)] // the skipped part is the test's message to whoever runs it
+        {
+            eprintln!("{what}: skipped, no {module} in ~/.cache/{venv} (docs/oracle.md)");
+        }
+    }
+    ok.then_some(python)
+}
+
 /// A temporary copy of the layout recipes expect: `recipes/` (with its `templates/`) beside
 /// `data/`, `checkpoints/`, `fixtures/` (the tiny reward model) and, once fetched, `models/`.
 pub fn sandbox() -> tempfile::TempDir {
