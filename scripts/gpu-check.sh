@@ -17,7 +17,8 @@
 # gradient norm of sft, dpo and simpo against PyTorch; a FusePO-DPO step of 8 pairs of 512-token
 # sequences at 135M and at SmolLM2-1.7B's shape, f32 and bf16, next to a PyTorch eager step
 # (tokens/s, peak device memory polled by nvidia-smi for both, MFU); generation tokens/s at batch 1
-# and 32 next to transformers' generate.
+# and 32 next to transformers' generate; the bf16 step with attention in tiles; the bf16 step with
+# LoRA (r 16, all-linear) and QLoRA (the base in Q4_K blocks), their peaks beside the full step's.
 #
 # Environment: DEV (cuda, the default, or cpu), PYTHON (a Python with torch and transformers; the
 # PyTorch steps are skipped, and say so, when it has none), FUSERL_BIN and FUSERL_TESTS_BIN (use
@@ -275,6 +276,22 @@ print(json.dumps({"device_peak_bytes": (max(vals) - int(sys.argv[2])) << 20 if v
         [ "$dev" != cpu ] && [ "$name" = tiny ] && continue
         args=(--objective dpo --pairs "$pairs" --tokens "$tokens" --steps "$steps" --dtype bf16 --attention tiles)
         step "dpo-step-$name-bf16-tiles" 240 bash -c "peak '$fuserl' bench train-step --model '${m#*:}' --device ${devices[0]} ${args[*]}"
+    done
+
+    # LoRA and QLoRA (issue #31) on the device: the same DPO step in bf16 with rank-16 adapters on
+    # every linear layer, the base frozen in bf16, then kept in Q4_K blocks; its peak beside the
+    # full step's above (no PyTorch peer: peft's is not in the machine's Python).
+    for m in "${models[@]}"; do
+        name=${m%%:*}
+        [ "$dev" != cpu ] && [ "$name" = tiny ] && continue
+        for quant in none q4_k; do
+            # QLoRA quantises the base on the host at load (about a minute at 1.7B): 135M only.
+            [ "$quant" != none ] && [[ " ${big[*]} " == *" $name:"* ]] && continue
+            args=(--objective dpo --pairs "$pairs" --tokens "$tokens" --steps "$steps" --dtype bf16 --lora 16)
+            label=lora
+            [ "$quant" != none ] && args+=(--quantize-base "$quant") && label=qlora
+            step "$label-step-$name-bf16" 240 bash -c "peak '$fuserl' bench train-step --model '${m#*:}' --device ${devices[0]} ${args[*]}"
+        done
     done
 
     python3 scripts/gpu_check_report.py "$out" "$dev" > "$out/report.md"

@@ -98,6 +98,30 @@ def main():
           f"| {fmt(ratio(fp, tp), '.2f')} | {fmt(mfu(f), '.1%')} | {fmt(mfu(t), '.1%')} | {f['step0_grad_norm']:.4f} / {fmt(t.get('step0_grad_norm'), '.4f')} |")
     w("")
 
+    w("## LoRA and QLoRA: the bf16 DPO step with rank-16 adapters, beside the full step\n")
+    w("| step | trained parameters | tokens/s | peak | the full bf16 step's peak | ratio |")
+    w("|---|---|---|---|---|---|")
+    full = {}
+    for s in steps:
+        if s["step"].startswith("dpo-step-") and s["step"].endswith("-bf16") and s["results"]:
+            peaks = [r.get("device_peak_bytes") for r in s["results"] if "device_peak_bytes" in r]
+            runs = [r for r in s["results"] if "bench" in r]
+            if runs:
+                full[s["step"][len("dpo-step-"):-len("-bf16")]] = peaks[0] if peaks else runs[0].get("peak_resident_bytes")
+    for s in steps:
+        if not (s["step"].startswith("lora-step-") or s["step"].startswith("qlora-step-")) or not s["results"]:
+            continue
+        runs = [r for r in s["results"] if "bench" in r]
+        if not runs:
+            continue
+        f = runs[0]
+        peaks = [r.get("device_peak_bytes") for r in s["results"] if "device_peak_bytes" in r]
+        fp = peaks[0] if peaks else f.get("peak_resident_bytes")
+        name = s["step"].split("-step-", 1)[1][: -len("-bf16")]
+        w(f"| {s['step']} | {f['trained_parameters']} | {f['tokens_per_second']:.0f} | {fmt(fp and fp / 2**30, '.2f')} GiB "
+          f"| {fmt(full.get(name) and full[name] / 2**30, '.2f')} GiB | {fmt(ratio(fp, full.get(name)), '.2f')} |")
+    w("")
+
     w("## Generation (greedy, KV cache) next to transformers' generate\n")
     w("| step | batch | fuserl tokens/s | transformers tokens/s | ratio |")
     w("|---|---|---|---|---|")

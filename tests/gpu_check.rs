@@ -26,7 +26,9 @@ fn the_gpu_check_runs_on_the_cpu() {
     let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
     assert!(run.status.success(), "{log}");
     let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
-    for section in ["## Per-token log-probs", "## Step-0 loss", "## A FusePO-DPO step", "## Generation"] {
+    for section in
+        ["## Per-token log-probs", "## Step-0 loss", "## A FusePO-DPO step", "## Generation", "## LoRA and QLoRA"]
+    {
         assert!(report.contains(section), "{section} missing:\n{report}");
     }
     let step = |name: &str| -> serde_json::Value {
@@ -45,6 +47,8 @@ fn the_gpu_check_runs_on_the_cpu() {
         ("dpo-step-tiny-bf16-tiles", "train-step"),
         ("generate-tiny-b1", "generate"),
         ("generate-tiny-b4", "generate"),
+        ("lora-step-tiny-bf16", "train-step"),
+        ("qlora-step-tiny-bf16", "train-step"),
     ] {
         let s = step(name);
         assert_eq!(s["status"], "ok", "{name}: {s}");
@@ -52,6 +56,14 @@ fn the_gpu_check_runs_on_the_cpu() {
         assert_eq!(first["bench"], bench, "{name}: {s}");
         assert!(first["tokens_per_second"].as_f64().is_some_and(|t| t > 0.0), "{name}: {s}");
     }
+    // Only the adapters train: r (in + out) for each of the 7 linear layers of tiny-chat's 2
+    // layers (hidden 64, 4 heads and 2 key-value heads of 16, intermediate 128).
+    for name in ["lora-step-tiny-bf16", "qlora-step-tiny-bf16"] {
+        let s = step(name);
+        let adapters = 2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128));
+        assert_eq!(s["results"][0]["trained_parameters"], adapters, "{name}: {s}");
+    }
+    assert_eq!(step("qlora-step-tiny-bf16")["results"][0]["quantize_base"], "q4_k");
     let logprobs = step("logprobs-tiny-cpu");
     assert!(["ok", "skipped"].contains(&logprobs["status"].as_str().expect("status")), "{logprobs}");
     let summary: serde_json::Value =

@@ -13,7 +13,7 @@ use fuserl_core::backend::{DType, LogProbPath};
 use fuserl_core::data::{ChatMessage, CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, load_frozen};
+use fuserl_model::checkpoint::{load, load_frozen, load_with};
 use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 use fuserl_train::data::{SeqTokens, TrainExample};
 use fuserl_train::trainer::{StepSettings, inference_model, new_optimizer, optimizer_step, reference_logps};
@@ -63,6 +63,15 @@ pub struct TrainStepArgs {
     /// The log-prob path: fused (the default) or naive (full logits).
     #[arg(long, default_value = "fused")]
     logprobs: String,
+    /// LoRA: train rank-R adapters on every linear layer (PEFT's `LoraConfig(r=R,
+    /// lora_alpha=2R, target_modules="all-linear")`), the base frozen in the compute type; 0
+    /// trains every weight.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    lora: u32,
+    /// QLoRA, with `--lora`: keep the frozen base quantised (`[target.lora] quantize_base`): gguf
+    /// (a folder from `fuserl convert gguf --keep-quantized`), q4_k, q5_k, q6_k or q8_0.
+    #[arg(long)]
+    quantize_base: Option<String>,
     #[command(flatten)]
     gpu: GpuArgs,
 }
@@ -120,6 +129,26 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `[target.lora]` as `--lora` and `--quantize-base` ask (read as a recipe's table is).
+fn lora_config(a: &TrainStepArgs) -> anyhow::Result<Option<fuserl_recipe::LoraConfig>> {
+    if a.lora == 0 {
+        if let Some(q) = &a.quantize_base {
+            return Err(bad_input(format!("--quantize-base {q}: QLoRA needs --lora R (the adapters' rank)")));
+        }
+        return Ok(None);
+    }
+    let mut table = toml::Table::new();
+    table.insert("r".into(), i64::from(a.lora).into());
+    table.insert("alpha".into(), (2.0 * f64::from(a.lora)).into());
+    table.insert("target_modules".into(), "all-linear".into());
+    if let Some(q) = &a.quantize_base {
+        table.insert("quantize_base".into(), q.clone().into());
+    }
+    fuserl_core::config::parse_table(&table)
+        .map(Some)
+        .map_err(|e| bad_input(format!("--lora, --quantize-base (as `[target.lora]`): {e}")))
+}
+
 /// A 64-bit LCG's token ids below `vocab` (the same stream on every machine), the padding id
 /// replaced by the next one: transformers' embeddings give the padding id's row no gradient
 /// (`nn.Embedding(padding_idx)`), fuserl's do, so the PyTorch peer would differ wherever it
@@ -156,8 +185,23 @@ impl OnBackend for TrainStep<'_> {
     fn run<B: LogProbBackend>(self, device: B::Device) -> Self::Output {
         let a = self.args;
         let compute = fuserl_backends::burn_dtype(self.dtype);
-        let mut model = load::<Autodiff<B>>(&a.model, &device, burn::tensor::DType::F32).map_err(model_error)?;
+        let lora = lora_config(a)?;
+        let mut model = match &lora {
+            // As a recipe's stage loads its target: every weight trained in f32 (the master
+            // copy), or with LoRA the base frozen in the compute type (or quantised) and the
+            // adapters trained in f32.
+            None => load::<Autodiff<B>>(&a.model, &device, burn::tensor::DType::F32).map_err(model_error)?,
+            Some(l) => {
+                let quant = fuserl_train::plan::base_quant(l);
+                let mut model = load_with::<Autodiff<B>>(&a.model, &device, compute, quant).map_err(model_error)?;
+                let master = burn::tensor::DType::F32;
+                model.weights = fuserl_model::lora::freeze_base(model.weights, master);
+                fuserl_model::lora::add_adapters(&mut model.weights, &fuserl_train::plan::lora_spec(l), 0, master);
+                model
+            }
+        };
         model.dtype = compute;
+        fuserl_backends::release_freed_memory();
         let vocab = model.config.vocab_size;
         let pad = pad_id(&a.model);
         let registry = fuserl_builtin::registry()?;
@@ -226,6 +270,7 @@ impl OnBackend for TrainStep<'_> {
         let mut times = Vec::with_capacity(a.steps);
         let mut first = None;
         let parameters = fuserl_train::plan::parameters(&model.config);
+        let trained = lora.as_ref().map_or(parameters, |l| fuserl_train::plan::lora_parameters(&model.config, l));
         for step in 0..=a.steps {
             let start = Instant::now();
             let (next, out) = optimizer_step(model, &mut optim, &picked, settings)?;
@@ -251,6 +296,9 @@ impl OnBackend for TrainStep<'_> {
             "attention": a.gpu.attention_on(&a.device),
             "model": a.model.display().to_string(),
             "parameters": parameters,
+            "lora_rank": a.lora,
+            "quantize_base": a.quantize_base,
+            "trained_parameters": trained,
             "sequences": a.pairs * per_example,
             "tokens_per_sequence": a.tokens,
             "gradient_checkpointing": a.checkpointing,

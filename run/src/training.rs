@@ -212,16 +212,4 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
     }
 }
 
-pub(crate) use fuserl_train::plan::base_quant;
-
-/// The model crate's adapter settings from `[target.lora]`.
-pub(crate) fn lora_spec(l: &fuserl_recipe::LoraConfig) -> lora::LoraSpec {
-    lora::LoraSpec {
-        r: l.r as usize,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        // Checked when the recipe was read.
-        targets: lora::LoraSpec::targets_from(&l.target_modules).unwrap_or_default(),
-        rslora: l.use_rslora,
-    }
-}
+pub(crate) use fuserl_train::plan::{base_quant, lora_spec};

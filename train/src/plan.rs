@@ -99,6 +99,18 @@ pub fn base_quant(l: &fuserl_recipe::LoraConfig) -> BaseQuant {
     }
 }
 
+/// The model crate's adapter settings from `[target.lora]`.
+pub fn lora_spec(l: &fuserl_recipe::LoraConfig) -> fuserl_model::lora::LoraSpec {
+    fuserl_model::lora::LoraSpec {
+        r: l.r as usize,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        // Checked when the recipe was read.
+        targets: fuserl_model::lora::LoraSpec::targets_from(&l.target_modules).unwrap_or_default(),
+        rslora: l.use_rslora,
+    }
+}
+
 /// The frozen base's bytes with `[target.lora]` (`all` parameters, `c` bytes each in the
 /// compute type): floats, the GGUF file's blocks, or the linear layers quantised at load.
 fn frozen_base_bytes(input: &PlanInput<'_>, l: &fuserl_recipe::LoraConfig, all: u64, c: u64) -> u64 {
