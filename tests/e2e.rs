@@ -1321,7 +1321,30 @@ fn plan_breaks_each_stage_down_and_names_what_to_change() {
         assert!(
             stages[1]["plan"]["phases"].as_array().expect("phases").iter().any(|x| x["name"] == "reference log-probs")
         );
+        // Evaluation's generation: 32 answers of up to 32 new tokens after prompts of up to 255
+        // (max_length - 1); tiny-chat's KV cache is 2 layers x keys and values x 32 x 2 key-value
+        // heads of 16 x 320 columns (255 positions, grown once by 64: room for the 287) x 4 bytes
+        // in f32, 2 in bf16.
+        let eval = &plan["generation"][0];
+        assert_eq!(eval["what"], "eval: the fused model", "{plan}");
+        assert_eq!(
+            (&eval["batch"], &eval["prompt_tokens"], &eval["new_tokens"]),
+            (&32.into(), &255.into(), &32.into())
+        );
+        let decoding = eval["plan"]["phases"].as_array().expect("phases").iter().find(|x| x["name"] == "decoding");
+        let cache =
+            decoding.expect("decoding")["parts"].as_array().expect("parts").iter().find(|x| x["name"] == "KV cache");
+        assert_eq!(cache.expect("KV cache")["bytes"], 2 * 2 * 32 * 32 * 320 * bytes, "{eval}");
     }
+    let local_recipe = repo().join("recipes/collect-local.toml").display().to_string();
+    let local = fuserl(&["plan", &local_recipe], sandbox.path());
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    let shown = text(&local.stdout);
+    assert!(
+        shown.contains("collect: local source tiny: ")
+            && shown.contains("4 answers at once, prompts of up to 1024 tokens, up to 24 new tokens each"),
+        "{shown}"
+    );
     let tight = fuserl(&["plan", "recipes/quickstart.toml", "--memory-gb", "0.001"], sandbox.path());
     assert!(tight.status.success(), "{}", text(&tight.stderr));
     let shown = text(&tight.stdout);
@@ -1332,6 +1355,8 @@ fn plan_breaks_each_stage_down_and_names_what_to_change() {
         "to fit, try",
         "batch_size",
         "master_weights",
+        "eval: the fused model: ",
+        "a smaller `[eval] batch_size` (32 now) or `[eval] max_new_tokens` (32 now",
     ] {
         assert!(shown.contains(part), "{part:?} missing from:\n{shown}");
     }

@@ -62,7 +62,8 @@ enum Command {
     Recipe(RecipeCommand),
     /// The memory plan of a recipe's training stages: the estimated peak of each stage on its
     /// device, broken down (weights, gradients, AdamW moments, activations, log-probs), and
-    /// whether it fits.
+    /// whether it fits; and of what generates in-process (`local` sources, evaluation's models:
+    /// weights, KV cache, prefill).
     #[command(
         after_help = "Examples:\n  fuserl plan recipes/smollm2-fuserl-dpo.toml\n  fuserl plan recipes/smollm2-fuserl-dpo.toml --memory-gb 24"
     )]
@@ -992,6 +993,7 @@ fn plan(args: &PlanArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
         None => fuserl_backends::memory::device_capacity(b.device, b.device_index),
     };
     let plans = fuserl_run::memory::plan_recipe(&loaded)?;
+    let generation = fuserl_run::memory::plan_recipe_generation(&loaded)?;
     if args.json {
         let stages: Vec<serde_json::Value> = plans
             .iter()
@@ -1008,24 +1010,47 @@ fn plan(args: &PlanArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        let doc = serde_json::json!({"device": b.device, "device_index": b.device_index, "capacity_bytes": capacity, "stages": stages});
+        let generating: Vec<serde_json::Value> = generation
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "what": g.what,
+                    "peak_bytes": g.plan.peak(),
+                    "fits": capacity.map(|c| g.plan.peak() <= c),
+                    "batch": g.batch,
+                    "prompt_tokens": g.prompt,
+                    "new_tokens": g.new_tokens,
+                    "plan": g.plan,
+                    "levers": g.levers,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"device": b.device, "device_index": b.device_index, "capacity_bytes": capacity, "stages": stages, "generation": generating});
         println!("{doc:#}");
         return Ok(ExitCode::SUCCESS);
     }
-    if plans.is_empty() {
-        println!("{}: no training stage is enabled", Shown(&args.recipe));
+    if plans.is_empty() && generation.is_empty() {
+        println!("{}: no training stage is enabled, and nothing generates in-process", Shown(&args.recipe));
     }
+    let fits = |peak: u64| match capacity {
+        Some(c) if peak > c => format!("does not fit in {}", gb(c)),
+        Some(c) => format!("fits in {} ({:.0}%)", gb(c), peak as f64 / c as f64 * 100.0),
+        None => "its memory is unknown here: give it with --memory-gb".to_owned(),
+    };
+    let phases = |plan: &fuserl_run::memory::MemoryPlan| {
+        for phase in &plan.phases {
+            let parts: Vec<String> =
+                phase.parts.iter().filter(|x| x.bytes > 0).map(|x| format!("{} {}", x.name, gb(x.bytes))).collect();
+            println!("  {:<33} {:>8}  {}", phase.name, gb(phase.total() + plan.runtime), parts.join(", "));
+        }
+    };
     let master = match b.master_weights {
         fuserl_core::backend::MasterWeights::F32 => "f32",
         fuserl_core::backend::MasterWeights::Bf16 => "bf16",
     };
     for p in &plans {
         let peak = p.plan.peak();
-        let fits = match capacity {
-            Some(c) if peak > c => format!("does not fit in {}", gb(c)),
-            Some(c) => format!("fits in {} ({:.0}%)", gb(c), peak as f64 / c as f64 * 100.0),
-            None => "its memory is unknown here: give it with --memory-gb".to_owned(),
-        };
+        let fits = fits(peak);
         let basis = match p.basis {
             fuserl_run::memory::Basis::Examples => "the stage's examples",
             fuserl_run::memory::Basis::WorstCase => "worst case: every sequence max_length tokens",
@@ -1039,14 +1064,26 @@ fn plan(args: &PlanArgs, plugins: &[String]) -> anyhow::Result<ExitCode> {
             p.sequences,
             p.length,
         );
-        for phase in &p.plan.phases {
-            let parts: Vec<String> =
-                phase.parts.iter().filter(|x| x.bytes > 0).map(|x| format!("{} {}", x.name, gb(x.bytes))).collect();
-            println!("  {:<33} {:>8}  {}", phase.name, gb(phase.total() + p.plan.runtime), parts.join(", "));
-        }
+        phases(&p.plan);
         println!("  (each phase includes {} held before the stage)", gb(p.plan.runtime));
         if capacity.is_some_and(|c| peak > c) {
             println!("  to fit, try {}", p.levers.join("; or "));
+        }
+    }
+    for g in &generation {
+        let peak = g.plan.peak();
+        println!(
+            "{}: {} at peak on {device}: {}\n  {} answers at once, prompts of up to {} tokens, up to {} new tokens each (worst case: every answer that long)",
+            g.what,
+            gb(peak),
+            fits(peak),
+            g.batch,
+            g.prompt,
+            g.new_tokens
+        );
+        phases(&g.plan);
+        if capacity.is_some_and(|c| peak > c) {
+            println!("  to fit, try {}", g.levers.join("; or "));
         }
     }
     Ok(ExitCode::SUCCESS)

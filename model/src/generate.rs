@@ -360,6 +360,11 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
     fn admit(&mut self, prompts: &[Vec<u32>], range: std::ops::Range<usize>) -> (Vec<usize>, Vec<f32>) {
         let batch = &prompts[range.clone()];
         let inputs = Inputs::left_padded(batch, 0);
+        if !self.rows.iter().any(|r| r.live) {
+            // No row reads the cache any more: free it before the prefill (which makes the next
+            // one), not after.
+            self.cache = self.model.empty_cache(0);
+        }
         let mut fresh = self.model.empty_cache(batch.len());
         let hidden = self.model.hidden(&inputs, &inputs.valid, Some(&mut fresh));
         let logits = self.last_logits(hidden);

@@ -253,7 +253,7 @@ pub struct LayerCache<B: Backend> {
 }
 
 /// The least room a cache grows by (columns).
-const CACHE_GROWTH: usize = 32;
+pub const CACHE_GROWTH: usize = 32;
 
 /// `x` moved out (an empty tensor left behind), so that its buffer has no other holder and the
 /// CPU backend writes it in place.

@@ -133,8 +133,15 @@ fn eval_work(
                 Shown(path)
             )));
         }
-        LocalSource::for_checkpoint(name, path, max_prompt, Some(e.batch_size), &ctx)
-            .map_err(|err| TrainError::Data(format!("[eval] {name}: {err}")))
+        LocalSource::for_checkpoint(
+            name,
+            path,
+            max_prompt,
+            Some(e.batch_size),
+            ["[eval] batch_size", "[eval] max_new_tokens", "[target] max_prompt_length"],
+            &ctx,
+        )
+        .map_err(|err| TrainError::Data(format!("[eval] {name}: {err}")))
     };
     // The fused model first, then the baselines in the recipe's order.
     // The export, else the last stage's model (a recipe may not export).

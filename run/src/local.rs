@@ -32,6 +32,7 @@ use fuserl_core::{Error, Result};
 use fuserl_model::chat::ChatTokenizer;
 use fuserl_model::checkpoint::load_frozen;
 use fuserl_model::generate::{GenerateConfig, generate_each};
+use fuserl_train::plan::gb;
 use serde::{Deserialize, Serialize};
 
 /// `[[sources]] kind = "local"`.
@@ -62,6 +63,9 @@ pub struct LocalConfig {
     pub sampling: SourceSampling,
 }
 
+/// New tokens at most per answer when neither the source nor `[data.sampling]` sets `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
 fn default_batch() -> u32 {
     8
 }
@@ -82,6 +86,9 @@ pub struct LocalSource {
     fusion: bool,
     /// The weights' hash, computed once: it reads every byte of them.
     weights: std::sync::OnceLock<String>,
+    /// The recipe's names of the settings that set the batch, the new tokens and the prompts'
+    /// length (what a memory plan that does not fit tells to change).
+    setting_names: [String; 3],
 }
 
 impl LocalSource {
@@ -124,17 +131,20 @@ impl LocalSource {
             dtype,
             fusion,
             weights: std::sync::OnceLock::new(),
+            setting_names: ["batch_size".into(), "sampling.max_tokens".into(), "max_prompt_length".into()],
         })
     }
 
     /// A source named `name` that samples from `checkpoint` (the target's own samples of
     /// WRPO and on-policy RLOO: the FuseSFT model; evaluation's models), `batch_size` answers
     /// together (`None`: the `local` source's default).
+    /// `settings` names the recipe's settings of the batch, the new tokens and the prompts' length.
     pub fn for_checkpoint(
         name: &str,
         checkpoint: &Path,
         max_prompt_length: u32,
         batch_size: Option<u32>,
+        settings: [&str; 3],
         ctx: &BuildContext,
     ) -> Result<Self, ConfigError> {
         let config = LocalConfig {
@@ -147,17 +157,68 @@ impl LocalSource {
             max_prompt_length,
             sampling: SourceSampling::default(),
         };
-        Self::new(config, &BuildContext { base_dir: PathBuf::from("."), ..ctx.clone() })
+        let mut source = Self::new(config, &BuildContext { base_dir: PathBuf::from("."), ..ctx.clone() })?;
+        source.setting_names = settings.map(str::to_owned);
+        Ok(source)
     }
 
     fn error(&self, message: String) -> Error {
         Error::Component { point: "source", name: self.config.name.clone(), message }
     }
 
+    /// The memory plan of answering `prompts` (their longest, at most `batch_size` at once, each
+    /// up to `new_tokens`), logged; on a GPU whose memory is known, a plan past it is refused
+    /// before the model is loaded, naming the settings that would make it fit (on the CPU, a
+    /// warning).
+    fn memory_plan(&self, prompts: &[Vec<u32>], new_tokens: usize) -> Result<()> {
+        use fuserl_backends::memory;
+        let backend = fuserl_core::backend::BackendConfig {
+            device: self.device,
+            device_index: self.device_index,
+            dtype: self.dtype,
+            ..Default::default()
+        };
+        let host = memory::is_host(self.device);
+        let runtime = if host { memory::resident().unwrap_or(0) } else { crate::memory::GPU_RUNTIME };
+        let batch = (self.config.batch_size as usize).min(prompts.len()).max(1);
+        let prompt = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let [batch_name, new_name, prompt_name] = &self.setting_names;
+        let settings =
+            crate::memory::GenerationSettings { batch: batch_name, new_tokens: new_name, prompt: prompt_name };
+        let planned = crate::memory::plan_generation(
+            format!("source {}", self.config.name),
+            &self.checkpoint,
+            &backend,
+            (batch, prompt, new_tokens),
+            runtime,
+            &settings,
+        )
+        .map_err(|e| self.error(e.to_string()))?;
+        let device = format!("{:?}", self.device).to_lowercase();
+        tracing::info!(source = %self.config.name, device = %device, "memory plan: {}", planned.plan.summary());
+        let capacity = memory::device_capacity(self.device, self.device_index);
+        if let Some(c) = capacity.filter(|&c| planned.plan.peak() > c) {
+            let what = format!(
+                "generating {batch} answers at once of up to {new_tokens} new tokens after prompts of up to {prompt} tokens is planned to need {} on {device} {}, which has {} ({}); to fit, try {}",
+                gb(planned.plan.peak()),
+                self.device_index,
+                gb(c),
+                planned.plan.summary(),
+                planned.levers.join("; or ")
+            );
+            if host {
+                tracing::warn!(source = %self.config.name, "{what} (on the CPU it goes on: the system may swap)");
+            } else {
+                return Err(self.error(what));
+            }
+        }
+        Ok(())
+    }
+
     fn generate_config(&self, sampling: &SamplingParams) -> GenerateConfig {
         let s = self.config.sampling.over(sampling);
         GenerateConfig {
-            max_new_tokens: s.max_new_tokens.map_or(256, |m| m as usize),
+            max_new_tokens: s.max_new_tokens.map_or(DEFAULT_MAX_TOKENS as usize, |m| m as usize),
             temperature: s.temperature.unwrap_or(1.0),
             top_p: s.top_p.unwrap_or(1.0),
             top_k: s.top_k.unwrap_or(0) as usize,
@@ -240,11 +301,6 @@ impl OnBackend for Job<'_> {
         let model_error = |e: fuserl_model::ModelError| s.error(e.to_string());
         let tok = ChatTokenizer::load(&s.checkpoint, s.template.as_deref()).map_err(model_error)?;
         let dtype = fuserl_backends::burn_dtype(s.dtype);
-        // Frozen: a checkpoint stored in bf16 stays bf16 on the CPU (half the memory).
-        let model = load_frozen::<B>(&s.checkpoint, &device, dtype).map_err(model_error)?;
-        // What loading read and converted is given back (glibc would keep it resident).
-        fuserl_backends::release_freed_memory();
-        tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         let max_prompt = s.config.max_prompt_length as usize;
         let mut prompts = Vec::with_capacity(self.jobs.len());
         let mut cut = 0;
@@ -253,6 +309,12 @@ impl OnBackend for Job<'_> {
             cut += usize::from(was_cut);
             prompts.push(ids);
         }
+        s.memory_plan(&prompts, self.cfg.max_new_tokens)?;
+        // Frozen: a checkpoint stored in bf16 stays bf16 on the CPU (half the memory).
+        let model = load_frozen::<B>(&s.checkpoint, &device, dtype).map_err(model_error)?;
+        // What loading read and converted is given back (glibc would keep it resident).
+        fuserl_backends::release_freed_memory();
+        tok.check_fits(model.config.vocab_size).map_err(model_error)?;
         if cut > 0 {
             tracing::warn!(
                 source = %s.config.name,

@@ -125,6 +125,169 @@ pub fn plan_recipe(loaded: &LoadedRecipe) -> Result<Vec<StagePlan>> {
     Ok(plans)
 }
 
+/// The plan of one model generating answers: a `local` source, or one of evaluation's own models.
+#[derive(Clone, Debug)]
+pub struct GenerationPlan {
+    /// What generates (`collect: local source NAME`, `eval: the fused model`, ...).
+    pub what: String,
+    /// Answers at once, the longest prompt and the new tokens, in tokens.
+    pub batch: usize,
+    /// The longest prompt (tokens).
+    pub prompt: usize,
+    /// New tokens at most per answer.
+    pub new_tokens: usize,
+    /// The plan.
+    pub plan: MemoryPlan,
+    /// What to change when it does not fit, most effective first.
+    pub levers: Vec<String>,
+}
+
+/// The settings a generation plan's levers name: the batch's and the new tokens'.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerationSettings<'a> {
+    /// `[[sources]] batch_size`, `[eval] batch_size`.
+    pub batch: &'a str,
+    /// `sampling.max_tokens`, `[eval] max_new_tokens`.
+    pub new_tokens: &'a str,
+    /// `max_prompt_length`, `[target] max_prompt_length`.
+    pub prompt: &'a str,
+}
+
+/// The plan of the checkpoint `dir` (a folder, or a PEFT adapter folder on its base) generating
+/// `batch` answers at once to prompts of up to `prompt` tokens, `new_tokens` each, on
+/// `backend`'s device in its compute type.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_generation(
+    what: String,
+    dir: &std::path::Path,
+    backend: &fuserl_core::backend::BackendConfig,
+    (batch, prompt, new_tokens): (usize, usize, usize),
+    runtime: u64,
+    settings: &GenerationSettings<'_>,
+) -> Result<GenerationPlan> {
+    use fuserl_core::backend::{DType, Device};
+    let model = LlamaConfig::from_file(&fuserl_model::checkpoint::config_file(dir)?)?;
+    let weights_dir = if fuserl_model::lora::is_adapter_dir(dir) {
+        fuserl_model::lora::read_adapter_config(dir)?.base
+    } else {
+        dir.to_path_buf()
+    };
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&weights_dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    let file_bytes = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    // On the CPU in f32 a checkpoint stored in bf16 keeps its weights in bf16
+    // (`checkpoint::load_frozen`); otherwise they are in the compute type.
+    let compute = if backend.dtype == DType::F32 { 4 } else { 2 };
+    let weight_bytes =
+        if backend.device == Device::Cpu && backend.dtype == DType::F32 && stored_bf16(&files) { 2 } else { compute };
+    let input =
+        plan::GenerationInput { model: &model, backend, batch, prompt, new_tokens, weight_bytes, file_bytes, runtime };
+    let planned = plan::generation_plan(&input);
+    let levers = plan::generation_levers(&planned, &input, [settings.batch, settings.new_tokens, settings.prompt]);
+    Ok(GenerationPlan { what, batch, prompt, new_tokens, plan: planned, levers })
+}
+
+/// Whether every floating-point tensor of the folder's safetensors files is stored in bf16 (read
+/// from the files' headers; false when one cannot be read).
+fn stored_bf16(files: &[std::path::PathBuf]) -> bool {
+    use std::io::Read;
+    let header = |f: &std::path::Path| -> Option<serde_json::Map<String, serde_json::Value>> {
+        let mut file = std::fs::File::open(f).ok()?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).ok()?;
+        let len = u64::from_le_bytes(len);
+        // A header past 100 MB is not a checkpoint's (safetensors caps it there too).
+        (len <= 100 << 20).then_some(())?;
+        let mut text = Vec::new();
+        file.take(len).read_to_end(&mut text).ok()?;
+        serde_json::from_slice(&text).ok()
+    };
+    let shards: Vec<&std::path::PathBuf> =
+        files.iter().filter(|f| f.extension().is_some_and(|x| x == "safetensors")).collect();
+    !shards.is_empty()
+        && shards.iter().all(|f| {
+            header(f).is_some_and(|h| {
+                h.iter().filter(|(k, _)| *k != "__metadata__").all(|(_, t)| {
+                    let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+                    dtype == "BF16" || !dtype.starts_with('F')
+                })
+            })
+        })
+}
+
+/// The generation plans of a recipe: each `local` source (collect), and evaluation's own models
+/// (the fused model, shaped as the target, and checkpoint-folder baselines).
+pub fn plan_recipe_generation(loaded: &LoadedRecipe) -> Result<Vec<GenerationPlan>> {
+    let recipe = &loaded.recipe;
+    let runtime = runtime(loaded);
+    let mut plans = Vec::new();
+    for table in &recipe.sources {
+        if table.get("kind").and_then(|k| k.as_str()) != Some("local") {
+            continue;
+        }
+        let mut table = table.clone();
+        table.remove("kind");
+        // Checked when the recipe was read.
+        let Ok(c) = fuserl_core::config::parse_table::<crate::local::LocalConfig>(&table) else { continue };
+        let backend = fuserl_core::backend::BackendConfig {
+            device: c.device.unwrap_or(recipe.backend.device),
+            dtype: c.dtype.unwrap_or(recipe.backend.dtype),
+            ..recipe.backend.clone()
+        };
+        let new_tokens =
+            c.sampling.over(&recipe.data.sampling).max_new_tokens.unwrap_or(crate::local::DEFAULT_MAX_TOKENS);
+        plans.push(plan_generation(
+            format!("collect: local source {}", c.name),
+            &loaded.base_dir.join(&c.checkpoint),
+            &backend,
+            (c.batch_size as usize, c.max_prompt_length as usize, new_tokens as usize),
+            runtime,
+            &GenerationSettings { batch: "batch_size", new_tokens: "sampling.max_tokens", prompt: "max_prompt_length" },
+        )?);
+    }
+    let e = &recipe.eval;
+    if e.enabled {
+        let prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
+        let shape = (e.batch_size as usize, prompt as usize, e.max_new_tokens as usize);
+        let settings = GenerationSettings {
+            batch: "[eval] batch_size",
+            new_tokens: "[eval] max_new_tokens",
+            prompt: "[target] max_prompt_length",
+        };
+        let target = loaded.base_dir.join(&recipe.target.checkpoint);
+        plans.push(plan_generation(
+            "eval: the fused model".into(),
+            &target,
+            &recipe.backend,
+            shape,
+            runtime,
+            &settings,
+        )?);
+        for b in &e.baselines {
+            if b == "target" || b == "sft" || b.starts_with("source:") {
+                // The target's shapes (planned above), or a source's own settings.
+                continue;
+            }
+            let dir = loaded.base_dir.join(b);
+            plans.push(plan_generation(
+                format!("eval: baseline {b}"),
+                &dir,
+                &recipe.backend,
+                shape,
+                runtime,
+                &settings,
+            )?);
+        }
+    }
+    Ok(plans)
+}
+
 /// The largest micro-batch of a stage's kept examples (`examples.jsonl`), if it has them.
 fn from_examples(file: &std::path::Path, config: &StageConfig) -> Option<(usize, usize)> {
     let text = fuserl_core::paths::read_regular_string(file).ok()?;

@@ -183,8 +183,15 @@ fn target_samples(
     prompts.sort_by(|a, b| a.id.cmp(&b.id));
     let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
     let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
-    let source = LocalSource::for_checkpoint("target", start, max_prompt, None, &ctx)
-        .map_err(|e| TrainError::Data(format!("[po] target_samples: {e}")))?;
+    let source = LocalSource::for_checkpoint(
+        "target",
+        start,
+        max_prompt,
+        None,
+        ["", "[data.sampling] max_new_tokens", "[target] max_prompt_length"],
+        &ctx,
+    )
+    .map_err(|e| TrainError::Data(format!("[po] target_samples: {e}")))?;
     let plan = CollectPlan {
         prompts: &prompts,
         samples_per_prompt: n,

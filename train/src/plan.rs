@@ -530,6 +530,148 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
     // (`parameters`: the trained ones, the adapters' with LoRA.)
 }
 
+/// What generating answers is planned for: the `local` source, evaluation's own models, FusePO's
+/// `target_samples`. `batch` answers at once (continuous batching keeps the batch full), prompts
+/// of up to `prompt` tokens, up to `new_tokens` each.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerationInput<'a> {
+    /// The generating model's shapes.
+    pub model: &'a LlamaConfig,
+    /// `[backend]`: the compute type (the activations' and the KV cache's), the device.
+    pub backend: &'a BackendConfig,
+    /// Answers generated together (`batch_size`).
+    pub batch: usize,
+    /// The longest prompt, in tokens (`max_prompt_length`).
+    pub prompt: usize,
+    /// New tokens at most per answer.
+    pub new_tokens: usize,
+    /// Bytes of each weight as the model keeps them: the compute type's, or 2 for a checkpoint
+    /// stored in bf16 that the CPU keeps in bf16 (`checkpoint::load_frozen`).
+    pub weight_bytes: u64,
+    /// Bytes of the checkpoint's weight files, read whole while the model is built (on the CPU
+    /// they count; a GPU's memory holds only the model).
+    pub file_bytes: u64,
+    /// Memory already held: the process's on the CPU, the device runtime's on a GPU.
+    pub runtime: u64,
+}
+
+/// The plan of generating answers (`fuserl_model::generate`), from what it keeps alive:
+///
+/// - **loading** (on the CPU): the weight files read whole and the model built from them;
+/// - **the weights** as the model keeps them;
+/// - **the KV cache**: keys and values of every layer, `[batch, kv_heads, columns, head_dim]` in
+///   the compute type, whose buffers grow by a quarter (at least `CACHE_GROWTH` columns) each
+///   time they are full until they hold the longest answer's span (prompt + new tokens), and one
+///   layer's old buffers while a full one is replaced;
+/// - **the prefill** of a whole batch of prompts, a layer at a time: the residual stream, q, k,
+///   v, the MLP's intermediates, attention's tiles, and the new prompts' keys and values;
+/// - **the logits** of each row's last position (f32, and their copy on the host).
+pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
+    let m = input.model;
+    let c = compute_bytes(input.backend);
+    let all = parameters(m);
+    let weights = all * input.weight_bytes;
+    let (batch, prompt) = (input.batch.max(1) as u64, input.prompt.max(1) as u64);
+    let span = prompt + input.new_tokens as u64;
+    let columns = cache_columns(prompt, span);
+    let (h, i, v) = (m.hidden_size as u64, m.intermediate_size as u64, m.vocab_size as u64);
+    let (q, kv) = ((m.num_heads * m.head_dim) as u64, (m.num_kv_heads * m.head_dim) as u64);
+    let layer_cache = |cols: u64| 2 * batch * kv * cols * c;
+    let layers = m.num_layers as u64;
+    let logits = 2 * batch * v * 4;
+    let tokens = batch * prompt;
+    // One layer of the prefill: the residual and the normalised input, q, k, v and their rotated
+    // copies, attention's output, and the MLP's gate, activation, up and product.
+    // Attention's scores: none kept on the CPU in f32, whose kernel scores a core's tile of rows at
+    // a time (`fuserl_kernels::cpu_attention`), nor on a GPU running the attention kernel; three
+    // tiles of Burn operations otherwise.
+    let kernel = input.backend.device == Device::Cpu && c == 4;
+    let scores = |rows: u64, keys: u64| if kernel { 0 } else { 3 * attention_tile(m, input.backend, rows, keys) * 4 };
+    let working = tokens * (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c + scores(batch, prompt);
+    let mut phases = Vec::new();
+    if input.backend.device == Device::Cpu {
+        phases.push(Phase {
+            name: "loading the model",
+            parts: vec![
+                Part { name: "checkpoint file", bytes: input.file_bytes },
+                Part { name: "weights", bytes: weights },
+            ],
+        });
+    }
+    phases.push(Phase {
+        name: "prefill",
+        parts: vec![
+            Part { name: "weights", bytes: weights },
+            Part { name: "KV cache", bytes: layers * layer_cache(prompt) },
+            Part { name: "activations", bytes: working },
+            Part { name: "logits", bytes: logits },
+        ],
+    });
+    phases.push(Phase {
+        name: "decoding",
+        parts: vec![
+            Part { name: "weights", bytes: weights },
+            Part { name: "KV cache", bytes: layers * layer_cache(columns) },
+            Part { name: "KV cache growing", bytes: layer_cache(columns) },
+            Part {
+                name: "activations",
+                bytes: batch * (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c
+                    + if kernel { 0 } else { 3 * batch * m.num_heads as u64 * columns * 4 },
+            },
+            Part { name: "logits", bytes: logits },
+        ],
+    });
+    MemoryPlan { runtime: input.runtime, phases, parameters: 0 }
+}
+
+/// The columns of a KV cache's buffers once they hold `span` positions, starting from a prefill
+/// of `prompt`: a full buffer is replaced by one a quarter longer than the cache (at least
+/// `CACHE_GROWTH` columns more; `fuserl_model::llama::LayerCache`).
+fn cache_columns(prompt: u64, span: u64) -> u64 {
+    let mut columns = prompt;
+    while columns < span {
+        let len = columns + 1;
+        columns = len + (len / 4).max(fuserl_model::llama::CACHE_GROWTH as u64);
+    }
+    columns
+}
+
+/// What to change when a generation plan does not fit: the settings that shrink its largest
+/// parts, most effective first, named as the recipe names the batch, the new tokens and the
+/// prompts' length (an empty batch name: a batch no setting sets).
+pub fn generation_levers(
+    plan: &MemoryPlan,
+    input: &GenerationInput<'_>,
+    [batch, new_tokens, prompt]: [&str; 3],
+) -> Vec<String> {
+    let phase = plan.peak_phase();
+    let bytes = |name: &str| phase.parts.iter().filter(|p| p.name.starts_with(name)).map(|p| p.bytes).sum::<u64>();
+    let mut levers = vec![
+        (
+            bytes("KV cache") + bytes("activations"),
+            if batch.is_empty() {
+                format!("a smaller `{new_tokens}` ({} now; the KV cache grows with it)", input.new_tokens)
+            } else {
+                format!(
+                    "a smaller `{batch}` ({} now) or `{new_tokens}` ({} now; the KV cache grows with both)",
+                    input.batch, input.new_tokens
+                )
+            },
+        ),
+        (bytes("activations"), format!("a smaller `{prompt}` ({} now)", input.prompt)),
+    ];
+    if compute_bytes(input.backend) == 4 {
+        levers.push((
+            (bytes("weights") + bytes("KV cache")) / 2,
+            "`[backend] dtype = \"bf16\"` (weights and KV cache in half the bytes)".into(),
+        ));
+    }
+    levers.sort_by_key(|(saved, _)| std::cmp::Reverse(*saved));
+    let mut levers: Vec<String> = levers.into_iter().map(|(_, l)| l).collect();
+    levers.push("a smaller model".into());
+    levers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +700,55 @@ mod tests {
     /// Issue #31: LoRA's trained parameters are PEFT's count (Llama-3.1-8B, r 16, all-linear:
     /// `print_trainable_parameters()` says 41,943,040), and an 8B target fits one 80 GB GPU with
     /// LoRA in bf16 (the base frozen, 16 GB) where full fine-tuning does not (128 GB of state).
+    #[test]
+    fn generating_with_an_8b_model_counts_its_kv_cache_and_names_the_batch_first() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");
+        let m = LlamaConfig::from_file(&fixtures.join("llama-3.1-8b/config.json")).expect("config");
+        let backend = BackendConfig {
+            device: Device::Cuda,
+            dtype: fuserl_core::backend::DType::Bf16,
+            ..BackendConfig::default()
+        };
+        let input = GenerationInput {
+            model: &m,
+            backend: &backend,
+            batch: 32,
+            prompt: 500,
+            new_tokens: 500,
+            weight_bytes: 2,
+            file_bytes: 16_060_522_496,
+            runtime: 1 << 30,
+        };
+        let p = generation_plan(&input);
+        // No loading phase on a GPU (the files are read into host memory).
+        assert_eq!(p.phases.iter().map(|x| x.name).collect::<Vec<_>>(), ["prefill", "decoding"]);
+        let part = |phase: &str, name: &str| {
+            let phase = p.phases.iter().find(|x| x.name == phase).expect("phase");
+            phase.parts.iter().find(|x| x.name == name).expect("part").bytes
+        };
+        // 32 layers x keys and values x 32 answers x 8 key-value heads x 128 x bf16, over 1,000
+        // positions and the room of the last growth: 500 -> 626 -> 783 -> 980 -> 1226 columns.
+        assert_eq!(cache_columns(500, 1000), 1226);
+        assert_eq!(cache_columns(500, 500), 500);
+        assert_eq!(part("decoding", "KV cache"), 32 * 2 * 32 * 8 * 128 * 1226 * 2);
+        assert_eq!(part("prefill", "KV cache"), 32 * 2 * 32 * 8 * 128 * 500 * 2);
+        assert_eq!(part("decoding", "weights"), 8_030_261_248 * 2);
+        assert_eq!(p.peak_phase().name, "decoding");
+        assert!(p.peak() > 21_000_000_000 && p.peak() < 24_000_000_000, "{}", p.summary());
+        let levers =
+            generation_levers(&p, &input, ["[eval] batch_size", "[eval] max_new_tokens", "[target] max_length"]);
+        assert!(levers[0].starts_with("a smaller `[eval] batch_size` (32 now)"), "{levers:?}");
+        // In f32 on the CPU, the loading phase holds the file and the model; the attention kernel
+        // keeps no scores.
+        let cpu = BackendConfig::default();
+        let p = generation_plan(&GenerationInput { backend: &cpu, weight_bytes: 4, ..input });
+        assert_eq!(p.phases[0].name, "loading the model");
+        assert_eq!(p.phases[0].total(), 16_060_522_496 + 8_030_261_248 * 4);
+        let levers =
+            generation_levers(&p, &GenerationInput { backend: &cpu, ..input }, ["", "max_tokens", "max_prompt_length"]);
+        assert!(levers.iter().any(|l| l.contains("bf16")) && levers.iter().all(|l| !l.contains("``")), "{levers:?}");
+    }
+
     #[test]
     fn lora_counts_peft_parameters_and_fits_an_8b_target_on_80_gb() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");
