@@ -12,7 +12,10 @@
 # `max_tokens` long. To measure that case, the model is a copy of SmolLM2 whose end-of-sequence
 # token is one it never writes (its config and tokenizer_config name vocabulary id 49151), and
 # every prompt is longer than `max_prompt_length` (it keeps its last tokens). Each case answers
-# twice its batch of prompts, so a second batch is admitted after the first.
+# twice its batch of prompts, so a second batch is prefilled after the first. Every answer then
+# ends at the same step, so prompts are never admitted into finished rows while others still
+# answer: the plan's phase for that (the worst case of continuous batching) is shown beside, and
+# the measured peak is compared with the plan's other phases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fuserl-target}"
@@ -59,7 +62,7 @@ if [[ $# -gt 0 ]]; then
     done
     cases=("${picked[@]}")
 fi
-printf '| case | planned peak | measured peak | planned / measured | answers cut by max_tokens |\n|---|---|---|---|---|\n'
+printf '| case | planned peak (loading, prefill, decoding) | measured peak | planned / measured | answers cut by max_tokens | planned: admitting prompts into finished rows |\n|---|---|---|---|---|---|\n'
 for c in "${cases[@]}"; do
     IFS=: read -r name dtype batch prompt new <<< "$c"
     dir="$work/$name"
@@ -96,14 +99,19 @@ kind = "precomputed"
 kind = "softmax"
 temperature = 0.5
 EOF
-    planned=$("$fuserl" plan "$dir/recipe.toml" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["generation"][0]["peak_bytes"])')
+    "$fuserl" plan "$dir/recipe.toml" --json > "$dir/plan.json"
     /usr/bin/time -f "%M" -o "$dir/peak_kb" "$fuserl" -v collect "$dir/recipe.toml" > "$dir/collect.log" 2>&1
     cut=$(grep -o 'cut_by_max_tokens=[0-9]*' "$dir/collect.log" | tail -1 | cut -d= -f2)
-    python3 - "$name" "$planned" "$(cat "$dir/peak_kb")" "$cut" "$((2 * batch))" <<'PY'
-import sys
-name, planned, peak_kb, cut, n = sys.argv[1:]
+    python3 - "$name" "$dir/plan.json" "$(cat "$dir/peak_kb")" "$cut" "$((2 * batch))" <<'PY'
+import json, sys
+name, plan, peak_kb, cut, n = sys.argv[1:]
+p = json.load(open(plan))["generation"][0]["plan"]
+total = {ph["name"]: p["runtime"] + sum(x["bytes"] for x in ph["parts"]) for ph in p["phases"]}
+admitting = total.pop("admitting prompts into finished rows", None)
+planned = max(total.values())
 measured = int(peak_kb) * 1024
-print(f"| {name} | {int(planned) / 1e9:.3f} GB | {measured / 1e9:.3f} GB | {int(planned) / measured:.2f} | {cut} of {n} |")
+shown = f"{admitting / 1e9:.3f} GB" if admitting else ""
+print(f"| {name} | {planned / 1e9:.3f} GB | {measured / 1e9:.3f} GB | {planned / measured:.2f} | {cut} of {n} | {shown} |")
 PY
     rm -rf "$dir/run"
 done

@@ -17,6 +17,7 @@ differences, the LoRA rank vLLM loaded, vLLM's version) and exits 1 when one is 
 tolerance. The vLLM environment: scripts/setup-vllm.sh (docs/oracle.md).
 """
 import json
+import math
 import os
 import pathlib
 import sys
@@ -55,11 +56,36 @@ def worst_difference(llm, rows, lora=None):
         # several prompts with an adapter (the logits' LoRA indices are per prompt, not per token).
         [out] = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lora, use_tqdm=False)
         theirs = [out.prompt_logprobs[t][ids[t]].logprob for t in range(len(p), len(ids))]
-        worst = max(worst, max(abs(a - b) for a, b in zip(theirs, ours)))
+        for a, b in zip(theirs, ours):
+            d = abs(a - b)
+            # A NaN on either side is kept (and fails the check), not skipped as max() would.
+            if math.isnan(d) or d > worst:
+                worst = d
     return worst
 
 
 def main():
+    # vLLM 0.32's engine processes abort the interpreter's shutdown (SIGABRT), which would replace
+    # the verdict's exit status, and outlive os._exit holding the caller's pipes open: whatever
+    # happens, they are killed and the process exits with the verdict (1 on an error).
+    import psutil
+
+    code = 1
+    try:
+        code = check()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os._exit(code)
+
+
+def check():
     adapter, adapter_scored, merged, merged_scored = sys.argv[1:5]
     import vllm
     from transformers import AutoTokenizer
@@ -81,14 +107,8 @@ def main():
            "vllm_merged_max_abs_difference": full, "base_without_adapter_max_abs_difference": base_gap,
            "tolerance": TOL}
     print(json.dumps(doc), flush=True)
-    sys.stderr.flush()
-    # Not sys.exit: vLLM 0.32's engine processes abort the interpreter's shutdown (SIGABRT), which
-    # would replace the verdict's exit status. Its engine and worker processes (and
-    # multiprocessing's resource tracker) would outlive os._exit, holding the caller's pipes open.
-    import psutil
-    for child in psutil.Process().children(recursive=True):
-        child.kill()
-    os._exit(0 if with_lora <= TOL and full <= TOL and base_gap > 10 * TOL else 1)
+    ok = all(math.isfinite(x) for x in (with_lora, full, base_gap))
+    return 0 if ok and with_lora <= TOL and full <= TOL and base_gap > 10 * TOL else 1
 
 
 if __name__ == "__main__":

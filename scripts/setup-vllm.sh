@@ -11,11 +11,11 @@
 # its dependency list with the same torch version from PyPI (the CUDA build, which runs on the
 # CPU; about 5 GB, as in the oracle environment). The wheel's kernels are built against that torch
 # version's CPU half, which the PyPI build shares. Into the virtual environment
-# ${FUSERL_CACHE:-$HOME/.cache}/fuserl-vllm/venv; idempotent; about 5 minutes the first time.
+# ~/.cache/fuserl-vllm/venv (where the tests look); idempotent; about 5 minutes the first time.
 set -euo pipefail
 
 version=0.32.0
-root="${FUSERL_CACHE:-$HOME/.cache}/fuserl-vllm"
+root="$HOME/.cache/fuserl-vllm"
 venv="$root/venv"
 python="$venv/bin/python"
 

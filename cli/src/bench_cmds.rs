@@ -13,7 +13,7 @@ use fuserl_core::backend::{DType, LogProbPath};
 use fuserl_core::data::{ChatMessage, CompletionId, Example, ExampleSequence, Origin};
 use fuserl_core::registry::BuildContext;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, load_frozen, load_with};
+use fuserl_model::checkpoint::{load, load_frozen};
 use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 use fuserl_train::data::{SeqTokens, TrainExample};
 use fuserl_train::trainer::{StepSettings, inference_model, new_optimizer, optimizer_step, reference_logps};
@@ -191,14 +191,14 @@ impl OnBackend for TrainStep<'_> {
             // copy), or with LoRA the base frozen in the compute type (or quantised) and the
             // adapters trained in f32.
             None => load::<Autodiff<B>>(&a.model, &device, burn::tensor::DType::F32).map_err(model_error)?,
-            Some(l) => {
-                let quant = fuserl_train::plan::base_quant(l);
-                let mut model = load_with::<Autodiff<B>>(&a.model, &device, compute, quant).map_err(model_error)?;
-                let master = burn::tensor::DType::F32;
-                model.weights = fuserl_model::lora::freeze_base(model.weights, master);
-                fuserl_model::lora::add_adapters(&mut model.weights, &fuserl_train::plan::lora_spec(l), 0, master);
-                model
-            }
+            Some(l) => fuserl_train::trainer::load_lora_target::<Autodiff<B>>(
+                &a.model,
+                &device,
+                (compute, burn::tensor::DType::F32),
+                l,
+                0,
+            )
+            .map_err(model_error)?,
         };
         model.dtype = compute;
         fuserl_backends::release_freed_memory();
@@ -270,7 +270,8 @@ impl OnBackend for TrainStep<'_> {
         let mut times = Vec::with_capacity(a.steps);
         let mut first = None;
         let parameters = fuserl_train::plan::parameters(&model.config);
-        let trained = lora.as_ref().map_or(parameters, |l| fuserl_train::plan::lora_parameters(&model.config, l));
+        // Counted on the model, not planned.
+        let trained = fuserl_train::trainer::trained_parameters(&model);
         for step in 0..=a.steps {
             let start = Instant::now();
             let (next, out) = optimizer_step(model, &mut optim, &picked, settings)?;

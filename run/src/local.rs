@@ -84,6 +84,8 @@ pub struct LocalSource {
     dtype: RecipeDType,
     /// Burn's fusion backend on a GPU device (`[backend] fusion`).
     fusion: bool,
+    /// `[backend] attention` (what the memory plan counts on a GPU).
+    attention: fuserl_core::backend::AttentionPath,
     /// The weights' hash, computed once: it reads every byte of them.
     weights: std::sync::OnceLock<String>,
     /// The recipe's names of the settings that set the batch, the new tokens and the prompts'
@@ -130,8 +132,13 @@ impl LocalSource {
             device_index,
             dtype,
             fusion,
+            attention: ctx.backend.attention,
             weights: std::sync::OnceLock::new(),
-            setting_names: ["batch_size".into(), "sampling.max_tokens".into(), "max_prompt_length".into()],
+            setting_names: [
+                "batch_size".into(),
+                "sampling.max_tokens` or `[data.sampling] max_new_tokens".into(),
+                "max_prompt_length".into(),
+            ],
         })
     }
 
@@ -176,6 +183,7 @@ impl LocalSource {
             device: self.device,
             device_index: self.device_index,
             dtype: self.dtype,
+            attention: self.attention,
             ..Default::default()
         };
         let host = memory::is_host(self.device);
@@ -190,6 +198,7 @@ impl LocalSource {
             &self.checkpoint,
             &backend,
             (batch, prompt, new_tokens),
+            prompts.len() > batch,
             runtime,
             &settings,
         )

@@ -155,13 +155,15 @@ pub struct GenerationSettings<'a> {
 
 /// The plan of the checkpoint `dir` (a folder, or a PEFT adapter folder on its base) generating
 /// `batch` answers at once to prompts of up to `prompt` tokens, `new_tokens` each, on
-/// `backend`'s device in its compute type.
+/// `backend`'s device in its compute type; with `admissions`, new prompts are admitted into
+/// finished rows while others still answer (more prompts than the batch).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_generation(
     what: String,
     dir: &std::path::Path,
     backend: &fuserl_core::backend::BackendConfig,
     (batch, prompt, new_tokens): (usize, usize, usize),
+    admissions: bool,
     runtime: u64,
     settings: &GenerationSettings<'_>,
 ) -> Result<GenerationPlan> {
@@ -186,8 +188,17 @@ pub fn plan_generation(
     let compute = if backend.dtype == DType::F32 { 4 } else { 2 };
     let weight_bytes =
         if backend.device == Device::Cpu && backend.dtype == DType::F32 && stored_bf16(&files) { 2 } else { compute };
-    let input =
-        plan::GenerationInput { model: &model, backend, batch, prompt, new_tokens, weight_bytes, file_bytes, runtime };
+    let input = plan::GenerationInput {
+        model: &model,
+        backend,
+        batch,
+        prompt,
+        new_tokens,
+        admissions,
+        weight_bytes,
+        file_bytes,
+        runtime,
+    };
     let planned = plan::generation_plan(&input);
     let levers = plan::generation_levers(&planned, &input, [settings.batch, settings.new_tokens, settings.prompt]);
     Ok(GenerationPlan { what, batch, prompt, new_tokens, plan: planned, levers })
@@ -247,8 +258,13 @@ pub fn plan_recipe_generation(loaded: &LoadedRecipe) -> Result<Vec<GenerationPla
             &loaded.base_dir.join(&c.checkpoint),
             &backend,
             (c.batch_size as usize, c.max_prompt_length as usize, new_tokens as usize),
+            true,
             runtime,
-            &GenerationSettings { batch: "batch_size", new_tokens: "sampling.max_tokens", prompt: "max_prompt_length" },
+            &GenerationSettings {
+                batch: "batch_size",
+                new_tokens: "sampling.max_tokens` or `[data.sampling] max_new_tokens",
+                prompt: "max_prompt_length",
+            },
         )?);
     }
     let e = &recipe.eval;
@@ -266,6 +282,7 @@ pub fn plan_recipe_generation(loaded: &LoadedRecipe) -> Result<Vec<GenerationPla
             &target,
             &recipe.backend,
             shape,
+            true,
             runtime,
             &settings,
         )?);
@@ -280,6 +297,7 @@ pub fn plan_recipe_generation(loaded: &LoadedRecipe) -> Result<Vec<GenerationPla
                 &dir,
                 &recipe.backend,
                 shape,
+                true,
                 runtime,
                 &settings,
             )?);

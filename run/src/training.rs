@@ -12,7 +12,7 @@ use fuserl_io::artifacts::StageExample;
 use fuserl_io::fs::write_atomic;
 use fuserl_io::run_dir::RunDir;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::{load, load_with, save};
+use fuserl_model::checkpoint::{load, save};
 use fuserl_model::lora;
 use fuserl_recipe::{LoadedRecipe, StageConfig};
 use fuserl_train::data::{TrainExample, tokenize};
@@ -182,10 +182,13 @@ impl<'a, B: LogProbBackend> Training<'a, B> {
                 // adapters (as full fine-tuning goes on from FuseSFT's weights); a stage that
                 // starts from the target puts new ones on it.
                 // QLoRA: the base kept quantised (`quantize_base`).
-                let mut model = load_with::<Autodiff<B>>(start, self.device, self.dtype, base_quant(l))?;
-                model.weights = lora::freeze_base(model.weights, master);
-                lora::add_adapters(&mut model.weights, &lora_spec(l), recipe.run.seed, master);
-                model
+                fuserl_train::trainer::load_lora_target::<Autodiff<B>>(
+                    start,
+                    self.device,
+                    (self.dtype, master),
+                    l,
+                    recipe.run.seed,
+                )?
             }
         };
         // What loading read and converted is freed: give it back before the stage's peak.

@@ -69,21 +69,17 @@ fn bench<
     let compute = if arg("bf16") { DType::BF16 } else { DType::F32 };
     // As `fuserl train` loads the target: trained weights in f32 (the master copy) computing in
     // `compute`; with LoRA the frozen base in `compute`, the adapters in f32.
-    let load = if lora { compute } else { DType::F32 };
-    let mut model =
-        load_with::<B>(&dir, &Default::default(), load, quant).unwrap_or_else(|e| panic!("{e} (run {fetch})"));
+    let loaded = if lora {
+        let quant = if quant == BaseQuant::Gguf { "\nquantize_base = \"gguf\"" } else { "" };
+        let table = format!("r = 16\nalpha = 32\ntarget_modules = \"all-linear\"{quant}");
+        let config: fuserl_recipe::LoraConfig =
+            fuserl_core::config::parse_table(&toml::from_str(&table).expect("toml")).expect("lora");
+        fuserl_train::trainer::load_lora_target::<B>(&dir, &Default::default(), (compute, DType::F32), &config, 0)
+    } else {
+        load_with::<B>(&dir, &Default::default(), DType::F32, quant)
+    };
+    let mut model = loaded.unwrap_or_else(|e| panic!("{e} (run {fetch})"));
     model.dtype = compute;
-    if lora {
-        let spec = fuserl_model::lora::LoraSpec {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            targets: fuserl_model::lora::MODULES.iter().map(|m| (*m).to_owned()).collect(),
-            rslora: false,
-        };
-        model.weights = fuserl_model::lora::freeze_base(model.weights, DType::F32);
-        fuserl_model::lora::add_adapters(&mut model.weights, &spec, 0, DType::F32);
-    }
     let process_peak = peak_rss_mb();
     fuserl_backends::release_freed_memory();
     fuserl_backends::memory::reset_peak();

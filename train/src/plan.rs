@@ -545,6 +545,9 @@ pub struct GenerationInput<'a> {
     pub prompt: usize,
     /// New tokens at most per answer.
     pub new_tokens: usize,
+    /// Whether prompts may be admitted into finished rows while others still answer (more
+    /// prompts than the batch holds).
+    pub admissions: bool,
     /// Bytes of each weight as the model keeps them: the compute type's, or 2 for a checkpoint
     /// stored in bf16 that the CPU keeps in bf16 (`checkpoint::load_frozen`).
     pub weight_bytes: u64,
@@ -572,22 +575,30 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
     let all = parameters(m);
     let weights = all * input.weight_bytes;
     let (batch, prompt) = (input.batch.max(1) as u64, input.prompt.max(1) as u64);
-    let span = prompt + input.new_tokens as u64;
-    let columns = cache_columns(prompt, span);
+    let (prefilled, columns) = cache_columns(prompt, input.new_tokens as u64);
     let (h, i, v) = (m.hidden_size as u64, m.intermediate_size as u64, m.vocab_size as u64);
     let (q, kv) = ((m.num_heads * m.head_dim) as u64, (m.num_kv_heads * m.head_dim) as u64);
-    let layer_cache = |cols: u64| 2 * batch * kv * cols * c;
     let layers = m.num_layers as u64;
+    let cache = |rows: u64, cols: u64| layers * 2 * rows * kv * cols * c;
     let logits = 2 * batch * v * 4;
-    let tokens = batch * prompt;
-    // One layer of the prefill: the residual and the normalised input, q, k, v and their rotated
-    // copies, attention's output, and the MLP's gate, activation, up and product.
     // Attention's scores: none kept on the CPU in f32, whose kernel scores a core's tile of rows at
     // a time (`fuserl_kernels::cpu_attention`), nor on a GPU running the attention kernel; three
     // tiles of Burn operations otherwise.
     let kernel = input.backend.device == Device::Cpu && c == 4;
     let scores = |rows: u64, keys: u64| if kernel { 0 } else { 3 * attention_tile(m, input.backend, rows, keys) * 4 };
-    let working = tokens * (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c + scores(batch, prompt);
+    // One layer of a prefill of `rows` prompts: the residual and the normalised input, q, k, v and
+    // their rotated copies, attention's output, and the MLP's gate, activation, up and product.
+    let per_token = (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c;
+    // On the CPU in bf16, flex multiplies in f32: a product's operands and result are widened
+    // for its time (the largest: the MLP's over the prefill's tokens, or the head's weight).
+    let widened = |tokens: u64| {
+        if input.backend.device == Device::Cpu && c == 2 {
+            (tokens * (h + i) * 4 + h * i * 4).max(v * h * 4 + batch * (h + v) * 4)
+        } else {
+            0
+        }
+    };
+    let prefill = |rows: u64| rows * prompt * per_token + scores(rows, prompt) + widened(rows * prompt);
     let mut phases = Vec::new();
     if input.backend.device == Device::Cpu {
         phases.push(Phase {
@@ -602,38 +613,60 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
         name: "prefill",
         parts: vec![
             Part { name: "weights", bytes: weights },
-            Part { name: "KV cache", bytes: layers * layer_cache(prompt) },
-            Part { name: "activations", bytes: working },
+            Part { name: "KV cache", bytes: cache(batch, prefilled) },
+            Part { name: "activations", bytes: prefill(batch) },
             Part { name: "logits", bytes: logits },
         ],
     });
+    let decoding = Part { name: "KV cache", bytes: cache(batch, columns) };
     phases.push(Phase {
         name: "decoding",
         parts: vec![
             Part { name: "weights", bytes: weights },
-            Part { name: "KV cache", bytes: layers * layer_cache(columns) },
-            Part { name: "KV cache growing", bytes: layer_cache(columns) },
+            decoding.clone(),
+            Part { name: "KV cache growing", bytes: cache(batch, columns) / layers },
             Part {
                 name: "activations",
-                bytes: batch * (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c
+                bytes: batch * per_token
+                    + widened(batch)
                     + if kernel { 0 } else { 3 * batch * m.num_heads as u64 * columns * 4 },
             },
             Part { name: "logits", bytes: logits },
         ],
     });
+    if input.admissions && batch > 1 {
+        // Continuous batching: while one row still answers, the others' places take new prompts,
+        // prefilled together into a cache of their own (every layer) and then written into the
+        // rows: the whole cache, the new prompts' cache and their prefill at once.
+        let rows = batch - 1;
+        phases.push(Phase {
+            name: "admitting prompts into finished rows",
+            parts: vec![
+                Part { name: "weights", bytes: weights },
+                decoding,
+                Part { name: "new prompts' KV cache", bytes: cache(rows, prefilled) },
+                Part { name: "activations", bytes: prefill(rows) },
+                Part { name: "logits", bytes: logits },
+            ],
+        });
+    }
     MemoryPlan { runtime: input.runtime, phases, parameters: 0 }
 }
 
-/// The columns of a KV cache's buffers once they hold `span` positions, starting from a prefill
-/// of `prompt`: a full buffer is replaced by one a quarter longer than the cache (at least
-/// `CACHE_GROWTH` columns more; `fuserl_model::llama::LayerCache`).
-fn cache_columns(prompt: u64, span: u64) -> u64 {
-    let mut columns = prompt;
-    while columns < span {
+/// The columns of a KV cache's buffers after a prefill of `prompt` positions and after
+/// `new_tokens` more (`fuserl_model::llama::LayerCache`): the prefill's buffers hold a quarter
+/// more (at least `CACHE_GROWTH` columns); each decoding step but the last answer's token's
+/// appends one position, and a full buffer is replaced by one a quarter longer than the cache
+/// (at least `CACHE_GROWTH` columns more).
+fn cache_columns(prompt: u64, new_tokens: u64) -> (u64, u64) {
+    let growth = fuserl_model::llama::CACHE_GROWTH as u64;
+    let prefilled = prompt + (prompt / 4).max(growth);
+    let mut columns = prefilled;
+    while columns < prompt + new_tokens.saturating_sub(1) {
         let len = columns + 1;
-        columns = len + (len / 4).max(fuserl_model::llama::CACHE_GROWTH as u64);
+        columns = len + (len / 4).max(growth);
     }
-    columns
+    (prefilled, columns)
 }
 
 /// What to change when a generation plan does not fit: the settings that shrink its largest
@@ -697,9 +730,8 @@ mod tests {
         }
     }
 
-    /// Issue #31: LoRA's trained parameters are PEFT's count (Llama-3.1-8B, r 16, all-linear:
-    /// `print_trainable_parameters()` says 41,943,040), and an 8B target fits one 80 GB GPU with
-    /// LoRA in bf16 (the base frozen, 16 GB) where full fine-tuning does not (128 GB of state).
+    /// Generation's plan: an 8B Llama answering 32 prompts at once on a GPU in bf16, and on the
+    /// CPU in f32.
     #[test]
     fn generating_with_an_8b_model_counts_its_kv_cache_and_names_the_batch_first() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");
@@ -715,6 +747,7 @@ mod tests {
             batch: 32,
             prompt: 500,
             new_tokens: 500,
+            admissions: false,
             weight_bytes: 2,
             file_bytes: 16_060_522_496,
             runtime: 1 << 30,
@@ -722,22 +755,32 @@ mod tests {
         let p = generation_plan(&input);
         // No loading phase on a GPU (the files are read into host memory).
         assert_eq!(p.phases.iter().map(|x| x.name).collect::<Vec<_>>(), ["prefill", "decoding"]);
-        let part = |phase: &str, name: &str| {
+        let part = |p: &MemoryPlan, phase: &str, name: &str| {
             let phase = p.phases.iter().find(|x| x.name == phase).expect("phase");
             phase.parts.iter().find(|x| x.name == name).expect("part").bytes
         };
-        // 32 layers x keys and values x 32 answers x 8 key-value heads x 128 x bf16, over 1,000
-        // positions and the room of the last growth: 500 -> 626 -> 783 -> 980 -> 1226 columns.
-        assert_eq!(cache_columns(500, 1000), 1226);
-        assert_eq!(cache_columns(500, 500), 500);
-        assert_eq!(part("decoding", "KV cache"), 32 * 2 * 32 * 8 * 128 * 1226 * 2);
-        assert_eq!(part("prefill", "KV cache"), 32 * 2 * 32 * 8 * 128 * 500 * 2);
-        assert_eq!(part("decoding", "weights"), 8_030_261_248 * 2);
-        assert_eq!(p.peak_phase().name, "decoding");
+        // The prefill's buffers hold 500 + 125 columns; 499 decoding steps grow them 625 -> 782 ->
+        // 978 -> 1223 (each full buffer replaced by a quarter more than it held, plus one).
+        assert_eq!(cache_columns(500, 500), (625, 1223));
+        assert_eq!(cache_columns(500, 1), (625, 625));
+        assert_eq!(cache_columns(10, 100), (42, 141));
+        // 32 layers x keys and values x 32 answers x 8 key-value heads x 128 x bf16.
+        assert_eq!(part(&p, "decoding", "KV cache"), 32 * 2 * 32 * 8 * 128 * 1223 * 2);
+        assert_eq!(part(&p, "prefill", "KV cache"), 32 * 2 * 32 * 8 * 128 * 625 * 2);
+        assert_eq!(part(&p, "decoding", "weights"), 8_030_261_248 * 2);
         assert!(p.peak() > 21_000_000_000 && p.peak() < 24_000_000_000, "{}", p.summary());
         let levers =
             generation_levers(&p, &input, ["[eval] batch_size", "[eval] max_new_tokens", "[target] max_length"]);
         assert!(levers[0].starts_with("a smaller `[eval] batch_size` (32 now)"), "{levers:?}");
+        // With more prompts than the batch, the others' places take new prompts while one row
+        // still answers: the whole cache and 31 new prompts' prefill at once, past 24 GB.
+        let admitting = generation_plan(&GenerationInput { admissions: true, ..input });
+        assert_eq!(admitting.peak_phase().name, "admitting prompts into finished rows");
+        assert_eq!(
+            part(&admitting, "admitting prompts into finished rows", "new prompts' KV cache"),
+            32 * 2 * 31 * 8 * 128 * 625 * 2
+        );
+        assert!(admitting.peak() > 24_000_000_000, "{}", admitting.summary());
         // In f32 on the CPU, the loading phase holds the file and the model; the attention kernel
         // keeps no scores.
         let cpu = BackendConfig::default();
@@ -749,6 +792,9 @@ mod tests {
         assert!(levers.iter().any(|l| l.contains("bf16")) && levers.iter().all(|l| !l.contains("``")), "{levers:?}");
     }
 
+    /// Issue #31: LoRA's trained parameters are PEFT's count (Llama-3.1-8B, r 16, all-linear:
+    /// `print_trainable_parameters()` says 41,943,040), and an 8B target fits one 80 GB GPU with
+    /// LoRA in bf16 (the base frozen, 16 GB) where full fine-tuning does not (128 GB of state).
     #[test]
     fn lora_counts_peft_parameters_and_fits_an_8b_target_on_80_gb() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/configs");

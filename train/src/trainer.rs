@@ -547,6 +547,32 @@ pub fn train_stage<B: AutodiffBackend<InnerBackend: LogProbBackend> + LogProbBac
     Ok(model)
 }
 
+/// A `[target.lora]` target as a stage trains it: the checkpoint `dir`'s base frozen in `compute`
+/// (or kept quantised: `quantize_base`), with new adapters of `lora` in `master` (trainable,
+/// initialised from `seed` as PEFT does: A Kaiming-uniform, B zero).
+pub fn load_lora_target<B: burn::tensor::backend::Backend>(
+    dir: &std::path::Path,
+    device: &B::Device,
+    (compute, master): (DType, DType),
+    lora: &fuserl_recipe::LoraConfig,
+    seed: u64,
+) -> fuserl_model::Result<LlamaModel<B>> {
+    let mut model = fuserl_model::checkpoint::load_with::<B>(dir, device, compute, crate::plan::base_quant(lora))?;
+    model.weights = fuserl_model::lora::freeze_base(model.weights, master);
+    fuserl_model::lora::add_adapters(&mut model.weights, &crate::plan::lora_spec(lora), seed, master);
+    Ok(model)
+}
+
+/// The parameters a model trains: its adapters' with LoRA, else all of them.
+pub fn trained_parameters<B: burn::tensor::backend::Backend>(model: &LlamaModel<B>) -> u64 {
+    let adapters = fuserl_model::lora::adapters(&model.weights);
+    if adapters.is_empty() {
+        return model.weights.num_params() as u64;
+    }
+    let count = |p: &Param<Tensor<B, 2>>| p.val().shape().num_elements() as u64;
+    adapters.iter().map(|l| count(&l.a) + count(&l.b)).sum()
+}
+
 /// The model without autodiff (same weights), for inference and export.
 pub fn inference_model<B: AutodiffBackend>(model: &LlamaModel<B>) -> LlamaModel<B::InnerBackend> {
     LlamaModel { config: model.config.clone(), weights: model.weights.valid(), dtype: model.dtype }
