@@ -218,6 +218,12 @@ fn generate_with<B: LogProbBackend>(
     Ok(out.into_iter().map(|g| g.expect("every prompt is answered")).collect())
 }
 
+/// Prompts prefilled together into finished rows' places while other rows still answer, at
+/// most (a quarter of the batch, at least one).
+pub fn admit_at_once(max_batch: usize) -> usize {
+    (max_batch / 4).max(1)
+}
+
 /// Generate with **continuous batching**: at most `max_batch` prompts are decoded together, and
 /// an answer that finishes (EOS, a stop string, `max_new_tokens`) leaves the batch at once, its
 /// place taken by the next prompt (prefilled, then decoded with the others), as vLLM and TGI do:
@@ -325,9 +331,13 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
         let mut next = 0;
         let mut prefills = 0;
         loop {
-            // Admit prompts into the free places: one prefill for all of them.
+            // Admit prompts into the free places: one prefill for all of them, or, while other
+            // rows still answer, for at most a quarter of the batch at a time (the new prompts'
+            // own cache and prefill sit beside the whole cache until they are written into their
+            // rows; the next prefill follows at once, before any decoding step).
             let live = self.rows.iter().filter(|r| r.live).count();
-            let places = if live == 0 { self.max_batch } else { self.rows.len() - live };
+            let places =
+                if live == 0 { self.max_batch } else { (self.rows.len() - live).min(admit_at_once(self.max_batch)) };
             let free = places.min(prompts.len() - next);
             if free > 0 {
                 let (slots, logits) = self.admit(prompts, next..next + free);
