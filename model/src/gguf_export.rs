@@ -267,12 +267,12 @@ pub struct Exported {
     pub types: BTreeMap<&'static str, usize>,
 }
 
-/// A safetensors file and its tensors' names and shapes.
-type Shard = (PathBuf, Vec<(String, Vec<usize>)>);
+/// A safetensors file and its tensors' names, shapes and stored dtypes (`F32`, `BF16`, ...).
+pub type Shard = (PathBuf, Vec<(String, Vec<usize>, String)>);
 
-/// The safetensors files of a checkpoint folder and the tensors in each (name, shape), read from
-/// their headers only.
-fn shard_headers(dir: &Path) -> Result<Vec<Shard>> {
+/// The safetensors files of a checkpoint folder (its index's, or `model.safetensors`) and the
+/// tensors in each (name, shape, dtype), read from their headers only.
+pub fn shard_headers(dir: &Path) -> Result<Vec<Shard>> {
     let index = dir.join("model.safetensors.index.json");
     let mut files: Vec<PathBuf> = if index.is_file() {
         let v = crate::config::read_json(&index)?;
@@ -316,7 +316,8 @@ fn shard_headers(dir: &Path) -> Result<Vec<Shard>> {
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
                 .ok_or_else(|| ModelError::format(&file, format!("tensor `{name}`: no `shape` list")))?;
-            tensors.push((name.clone(), shape));
+            let dtype = t.get("dtype").and_then(Value::as_str).unwrap_or_default().to_owned();
+            tensors.push((name.clone(), shape, dtype));
         }
         out.push((file, tensors));
     }
@@ -662,12 +663,12 @@ pub fn export(dir: &Path, out: &Path, ty: GgufType) -> Result<Exported> {
     let mut seen = std::collections::HashSet::new();
     // Whether the logits have their own matrix: llama.cpp decides by the tensor's presence.
     let has_output = !c.tie_word_embeddings
-        && shards.iter().flat_map(|(_, t)| t).any(|(name, _)| {
+        && shards.iter().flat_map(|(_, t)| t).any(|(name, _, _)| {
             let hf = if multimodal { crate::gemma3::text_tensor_name(name) } else { Some(name.clone()) };
             hf.as_deref() == Some("lm_head.weight")
         });
     for (file, tensors) in &shards {
-        for (name, shape) in tensors {
+        for (name, shape, _) in tensors {
             let hf = if multimodal {
                 match crate::gemma3::text_tensor_name(name) {
                     Some(n) => n,

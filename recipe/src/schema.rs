@@ -65,6 +65,14 @@ pub struct TargetConfig {
     pub lora: Option<LoraConfig>,
 }
 
+impl TargetConfig {
+    /// The longest prompt the target's own generation takes (evaluation, FusePO's target
+    /// samples): `max_prompt_length`, else `max_length - 1` (room for one new token).
+    pub fn generation_prompt_length(&self) -> u32 {
+        self.max_prompt_length.unwrap_or(self.max_length.saturating_sub(1).max(1))
+    }
+}
+
 /// `[target.lora]`: PEFT's `LoraConfig`, with its defaults (r 8, alpha 8, no dropout, `q_proj`
 /// and `v_proj`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ fn eval_work(
     let dir = eval_dir.root().to_path_buf();
     let target = loaded.base_dir.join(&recipe.target.checkpoint);
     let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
-    let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
+    let max_prompt = recipe.target.generation_prompt_length();
     let checkpoint_source = |name: &str, path: &Path| -> Result<LocalSource> {
         if !fuserl_model::checkpoint::is_checkpoint(path) {
             return Err(TrainError::Data(format!(

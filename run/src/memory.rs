@@ -130,7 +130,7 @@ pub fn plan_recipe(loaded: &LoadedRecipe) -> Result<Vec<StagePlan>> {
 pub struct GenerationPlan {
     /// What generates (`collect: local source NAME`, `eval: the fused model`, ...).
     pub what: String,
-    /// Answers at once, the longest prompt and the new tokens, in tokens.
+    /// Answers generated at once.
     pub batch: usize,
     /// The longest prompt (tokens).
     pub prompt: usize,
@@ -174,20 +174,18 @@ pub fn plan_generation(
     } else {
         dir.to_path_buf()
     };
-    let files: Vec<std::path::PathBuf> = std::fs::read_dir(&weights_dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    let file_bytes = files
-        .iter()
-        .filter(|f| f.extension().is_some_and(|x| x == "safetensors" || x == "gguf"))
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
+    // The weight files loading reads: the folder's GGUF (QLoRA's folders) or its safetensors.
+    let gguf = fuserl_model::checkpoint::gguf_weights(&weights_dir);
+    let shards = if gguf.is_some() { Vec::new() } else { fuserl_model::gguf_export::shard_headers(&weights_dir)? };
+    let size = |f: &std::path::Path| std::fs::metadata(f).map_or(0, |m| m.len());
+    let file_bytes = gguf.as_deref().map_or_else(|| shards.iter().map(|(f, _)| size(f)).sum(), size);
     // On the CPU in f32 a checkpoint stored in bf16 keeps its weights in bf16
     // (`checkpoint::load_frozen`); otherwise they are in the compute type.
+    let stored_bf16 = !shards.is_empty()
+        && shards.iter().flat_map(|(_, t)| t).all(|(_, _, dtype)| dtype == "BF16" || !dtype.starts_with('F'));
     let compute = if backend.dtype == DType::F32 { 4 } else { 2 };
     let weight_bytes =
-        if backend.device == Device::Cpu && backend.dtype == DType::F32 && stored_bf16(&files) { 2 } else { compute };
+        if backend.device == Device::Cpu && backend.dtype == DType::F32 && stored_bf16 { 2 } else { compute };
     let input = plan::GenerationInput {
         model: &model,
         backend,
@@ -202,34 +200,6 @@ pub fn plan_generation(
     let planned = plan::generation_plan(&input);
     let levers = plan::generation_levers(&planned, &input, [settings.batch, settings.new_tokens, settings.prompt]);
     Ok(GenerationPlan { what, batch, prompt, new_tokens, plan: planned, levers })
-}
-
-/// Whether every floating-point tensor of the folder's safetensors files is stored in bf16 (read
-/// from the files' headers; false when one cannot be read).
-fn stored_bf16(files: &[std::path::PathBuf]) -> bool {
-    use std::io::Read;
-    let header = |f: &std::path::Path| -> Option<serde_json::Map<String, serde_json::Value>> {
-        let mut file = std::fs::File::open(f).ok()?;
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len).ok()?;
-        let len = u64::from_le_bytes(len);
-        // A header past 100 MB is not a checkpoint's (safetensors caps it there too).
-        (len <= 100 << 20).then_some(())?;
-        let mut text = Vec::new();
-        file.take(len).read_to_end(&mut text).ok()?;
-        serde_json::from_slice(&text).ok()
-    };
-    let shards: Vec<&std::path::PathBuf> =
-        files.iter().filter(|f| f.extension().is_some_and(|x| x == "safetensors")).collect();
-    !shards.is_empty()
-        && shards.iter().all(|f| {
-            header(f).is_some_and(|h| {
-                h.iter().filter(|(k, _)| *k != "__metadata__").all(|(_, t)| {
-                    let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-                    dtype == "BF16" || !dtype.starts_with('F')
-                })
-            })
-        })
 }
 
 /// The generation plans of a recipe: each `local` source (collect), and evaluation's own models
@@ -269,38 +239,23 @@ pub fn plan_recipe_generation(loaded: &LoadedRecipe) -> Result<Vec<GenerationPla
     }
     let e = &recipe.eval;
     if e.enabled {
-        let prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
-        let shape = (e.batch_size as usize, prompt as usize, e.max_new_tokens as usize);
+        let shape =
+            (e.batch_size as usize, recipe.target.generation_prompt_length() as usize, e.max_new_tokens as usize);
         let settings = GenerationSettings {
             batch: "[eval] batch_size",
             new_tokens: "[eval] max_new_tokens",
             prompt: "[target] max_prompt_length",
         };
-        let target = loaded.base_dir.join(&recipe.target.checkpoint);
-        plans.push(plan_generation(
-            "eval: the fused model".into(),
-            &target,
-            &recipe.backend,
-            shape,
-            true,
-            runtime,
-            &settings,
-        )?);
+        let eval_plan = |what: String, dir: &std::path::Path| {
+            plan_generation(what, dir, &recipe.backend, shape, true, runtime, &settings)
+        };
+        plans.push(eval_plan("eval: the fused model".into(), &loaded.base_dir.join(&recipe.target.checkpoint))?);
         for b in &e.baselines {
             if b == "target" || b == "sft" || b.starts_with("source:") {
                 // The target's shapes (planned above), or a source's own settings.
                 continue;
             }
-            let dir = loaded.base_dir.join(b);
-            plans.push(plan_generation(
-                format!("eval: baseline {b}"),
-                &dir,
-                &recipe.backend,
-                shape,
-                true,
-                runtime,
-                &settings,
-            )?);
+            plans.push(eval_plan(format!("eval: baseline {b}"), &loaded.base_dir.join(b))?);
         }
     }
     Ok(plans)

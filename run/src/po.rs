@@ -182,7 +182,7 @@ fn target_samples(
         .collect();
     prompts.sort_by(|a, b| a.id.cmp(&b.id));
     let ctx = BuildContext::new(loaded.base_dir.clone(), recipe.run.seed, recipe.backend.clone());
-    let max_prompt = recipe.target.max_prompt_length.unwrap_or(recipe.target.max_length.saturating_sub(1).max(1));
+    let max_prompt = recipe.target.generation_prompt_length();
     let source = LocalSource::for_checkpoint(
         "target",
         start,
