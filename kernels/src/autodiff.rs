@@ -54,6 +54,29 @@ impl<B: LogProbBackend> Backward<B, 2> for LinearLogProbsBackward {
 }
 
 #[derive(Debug)]
+struct LinearMatmulBackward;
+
+impl<B: LogProbBackend> Backward<B, 2> for LinearMatmulBackward {
+    /// The input's and the weight's nodes.
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_id, w_id) = ops.state;
+        let x: FloatTensor<B> = checkpointer.retrieve_node_output(x_id);
+        let w: FloatTensor<B> = checkpointer.retrieve_node_output(w_id);
+        let want = Want { hidden: node_x.is_some(), weight: node_w.is_some() };
+        let (dx, dw) = B::linear_matmul_bwd(x, w, grad, want);
+        for (node, g) in [(node_x, dx), (node_w, dw)] {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct AttentionBackward;
 
 impl<B: LogProbBackend> Backward<B, 3> for AttentionBackward {
@@ -198,6 +221,22 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
                 prep.finish((logits_id, targets, stats), logp)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_logprobs_fwd(logits.primitive, targets).0),
+        }
+    }
+
+    /// A tracked operation whose backward is the inner backend's
+    /// [`LogProbBackend::linear_matmul_bwd`] (the same products as Burn's cast and matmul, on
+    /// the CPU fuserl's bf16 kernel where it applies); the weight is kept as it is (f32 master
+    /// weights), not as a cast copy.
+    fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [x.node.clone(), w.node.clone()];
+        match LinearMatmulBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_id = prep.checkpoint(&x);
+                let w_id = prep.checkpoint(&w);
+                prep.finish((x_id, w_id), B::linear_matmul(x.primitive, w.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_matmul(x.primitive, w.primitive)),
         }
     }
 

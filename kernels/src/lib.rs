@@ -39,6 +39,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 pub mod attention;
 mod autodiff;
 pub mod cpu_attention;
+pub mod cpu_bf16;
 pub mod cpu_matmul;
 #[cfg(feature = "cubecl")]
 mod cube;
@@ -288,6 +289,19 @@ pub trait LogProbBackend: Backend {
         plain_linear_matmul::<Self>(x, w)
     }
 
+    /// Backward of [`Self::linear_matmul`] for `grad` (`[m, n]`, in `x`'s dtype): `x`'s gradient
+    /// `grad @ w^T` (`w` cast to `x`'s dtype first, as the forward) in `x`'s dtype and `w`'s
+    /// `x^T @ grad` computed in `x`'s dtype and given in `w`'s: the gradients Burn's autodiff
+    /// gives for the cast and the product. The CPU backend overrides it for bf16 ([`cpu_bf16`]).
+    fn linear_matmul_bwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        want: Want,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        plain_linear_matmul_bwd::<Self>(x, w, grad, want)
+    }
+
     /// Whether [`Self::dequantize_blocks`] runs on the device for `layout`'s type (a kernel), not
     /// through the host.
     fn dequantizes_on_device(_layout: QuantLayout) -> bool {
@@ -477,6 +491,110 @@ fn readable(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
     if s.iter().all(|&s| s >= 0) && s.last() == Some(&1) { x } else { x.to_contiguous() }
 }
 
+/// A 2-D f32 or bf16 tensor as the bf16 kernel's operand (`None`: another rank or dtype, or a
+/// negative stride).
+fn flex_matrix<T: burn::tensor::Element + bytemuck::Pod>(x: &burn_flex::FlexTensor) -> Option<cpu_bf16::View<'_, T>> {
+    let (shape, strides) = (x.layout().shape(), x.layout().strides());
+    if shape.num_dims() != 2 || strides.iter().any(|&s| s < 0) || x.dtype() != T::dtype() {
+        return None;
+    }
+    let view = cpu_bf16::View {
+        data: &x.storage::<T>()[x.layout().start_offset()..],
+        rows: shape[0],
+        cols: shape[1],
+        row_stride: strides[0] as usize,
+        col_stride: strides[1] as usize,
+    };
+    view.fits().then_some(view)
+}
+
+/// `a @ b` through [`cpu_bf16`] (each operand transposed first where its flag says so), as `out`
+/// (bf16, or f32 holding each sum's bf16 rounding); `None` where the operands are not 2-D f32 or
+/// bf16 matrices whose inner sizes agree.
+fn bf16_product(
+    a: (&burn_flex::FlexTensor, bool),
+    b: (&burn_flex::FlexTensor, bool),
+    out: DType,
+) -> Option<burn_flex::FlexTensor> {
+    use half::bf16;
+    fn go<A: cpu_bf16::Elem, B: cpu_bf16::Elem>(
+        a: cpu_bf16::View<'_, A>,
+        b: cpu_bf16::View<'_, B>,
+        out: DType,
+    ) -> Option<burn_flex::FlexTensor> {
+        if a.cols != b.rows {
+            return None;
+        }
+        let shape = [a.rows, b.cols];
+        let data = match out {
+            DType::BF16 => burn::tensor::TensorData::new(cpu_bf16::matmul::<A, B, bf16>(a, b), shape),
+            DType::F32 => {
+                let rounded: Vec<bf16> = cpu_bf16::matmul(a, b);
+                burn::tensor::TensorData::new(rounded.into_iter().map(f32::from).collect::<Vec<f32>>(), shape)
+            }
+            _ => return None,
+        };
+        Some(burn_flex::FlexTensor::from_data(data))
+    }
+    fn with_a<A: cpu_bf16::Elem>(
+        a: cpu_bf16::View<'_, A>,
+        (b, tb): (&burn_flex::FlexTensor, bool),
+        out: DType,
+    ) -> Option<burn_flex::FlexTensor> {
+        match b.dtype() {
+            DType::BF16 => go(a, flex_matrix::<bf16>(b)?.t_if(tb), out),
+            DType::F32 => go(a, flex_matrix::<f32>(b)?.t_if(tb), out),
+            _ => None,
+        }
+    }
+    let (a, ta) = a;
+    match a.dtype() {
+        DType::BF16 => with_a(flex_matrix::<bf16>(a)?.t_if(ta), b, out),
+        DType::F32 => with_a(flex_matrix::<f32>(a)?.t_if(ta), b, out),
+        _ => None,
+    }
+}
+
+/// Elements per task of the conversions below.
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// A bf16 tensor as a contiguous f32 one (exact), on every core; other dtypes as they are.
+fn widen_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    use rayon::prelude::*;
+    if x.dtype() != DType::BF16 {
+        return x;
+    }
+    let x = x.to_contiguous();
+    let shape = x.layout().shape().clone();
+    let src = &x.storage::<half::bf16>()[x.layout().start_offset()..][..shape.num_elements()];
+    let mut values = vec![0.0f32; src.len()];
+    values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| {
+        for (o, s) in out.iter_mut().zip(src) {
+            *o = s.to_f32();
+        }
+    });
+    burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+}
+
+/// An f32 tensor rounded to bf16 (to nearest, ties to even), on every core; other dtypes as
+/// they are.
+fn narrow_to_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    use rayon::prelude::*;
+    if x.dtype() != DType::F32 {
+        return x;
+    }
+    let x = x.to_contiguous();
+    let shape = x.layout().shape().clone();
+    let src = &flex_values(&x)[..shape.num_elements()];
+    let mut values = vec![half::bf16::ZERO; src.len()];
+    values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| {
+        for (o, s) in out.iter_mut().zip(src) {
+            *o = half::bf16::from_f32(*s);
+        }
+    });
+    burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+}
+
 /// An f32 tensor's values from its first element on, with its strides (4-D).
 fn flex_view(x: &burn_flex::FlexTensor) -> cpu_attention::View<'_> {
     cpu_attention::View { data: flex_values(x), strides: std::array::from_fn(|i| x.layout().strides()[i] as usize) }
@@ -529,6 +647,19 @@ impl LogProbBackend for burn::backend::Flex {
     /// (widened in chunks rather than cast whole); flex's matmul otherwise.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         use cpu_matmul::WeightLayout;
+        let few_rows = x.layout().shape().num_dims() == 2 && x.layout().shape()[0] <= cpu_matmul::STREAM_ROWS;
+        if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 && few_rows {
+            // A bf16 decoding step: the few rows widened (exact), the weight streamed as it is
+            // (below), the result rounded to bf16: flex's product of bf16 tensors, without
+            // widening the weight or packing it.
+            return narrow_to_bf16(Self::linear_matmul(widen_bf16(x), w));
+        }
+        if x.dtype() == DType::BF16 && matches!(w.dtype(), DType::F32 | DType::BF16) && cpu_bf16::available() {
+            // bf16 compute: fuserl's AVX512-BF16 product (an f32 weight rounded as it is packed).
+            if let Some(y) = bf16_product((&x, false), (&w, false), DType::BF16) {
+                return y;
+            }
+        }
         let (xs, ws) = (x.layout().shape().clone(), w.layout().shape().clone());
         let two_d = xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0];
         let layout = match w.layout().strides() {
@@ -553,6 +684,28 @@ impl LogProbBackend for burn::backend::Flex {
         burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(y, [m, n]))
     }
 
+    /// fuserl's kernel ([`cpu_bf16`]) for a bf16 `grad` where the CPU has AVX512-BF16, Burn's
+    /// ops otherwise.
+    fn linear_matmul_bwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        want: Want,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let bf16 =
+            [&x, &grad].iter().all(|t| t.dtype() == DType::BF16) && matches!(w.dtype(), DType::F32 | DType::BF16);
+        if bf16 && cpu_bf16::available() {
+            // `grad @ w^T` and `x^T @ grad`, rounded to bf16 as Burn's product of bf16 tensors is
+            // (then widened to `w`'s dtype, as the cast's gradient is).
+            let dx = want.hidden.then(|| bf16_product((&grad, false), (&w, true), DType::BF16));
+            let dw = want.weight.then(|| bf16_product((&x, true), (&grad, false), w.dtype()));
+            if dx.iter().chain(&dw).all(Option::is_some) {
+                return (dx.flatten(), dw.flatten());
+            }
+        }
+        plain_linear_matmul_bwd::<Self>(x, w, grad, want)
+    }
+
     /// fuserl's kernel ([`cpu_attention`]) for f32 inputs: one pass per head and tile of query
     /// rows, with a vectorised softmax and no products for keys the mask hides from a whole
     /// tile; the tiles of Burn operations otherwise (other dtypes, and shapes that do not agree,
@@ -564,6 +717,12 @@ impl LogProbBackend for burn::backend::Flex {
         key_bias: FloatTensor<Self>,
         mask: AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if [&q, &k, &v].iter().all(|x| x.dtype() == DType::BF16) && key_bias.dtype() == DType::F32 {
+            // bf16 compute: the kernel in f32 on the widened inputs (exact), the output rounded
+            // to bf16, as PyTorch's CPU attention does under bf16 autocast (f32 inside).
+            let (out, stats) = Self::causal_attention_fwd(widen_bf16(q), widen_bf16(k), widen_bf16(v), key_bias, mask);
+            return (narrow_to_bf16(out), stats);
+        }
         let Some(dims) = cpu_attention_dims(&q, &k, &v, &key_bias, &mask) else {
             return tiled_attention_fwd::<Self>(q, k, v, key_bias, &mask);
         };
@@ -586,6 +745,13 @@ impl LogProbBackend for burn::backend::Flex {
         grad: FloatTensor<Self>,
         mask: AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if [&q, &k, &v, &out, &grad].iter().all(|x| x.dtype() == DType::BF16) && key_bias.dtype() == DType::F32 {
+            // As the forward: in f32 on the widened values, the gradients rounded to bf16.
+            let qkv = (widen_bf16(q), widen_bf16(k), widen_bf16(v));
+            let (dq, dk, dv) =
+                Self::causal_attention_bwd(qkv, key_bias, widen_bf16(out), stats, widen_bf16(grad), mask);
+            return (narrow_to_bf16(dq), narrow_to_bf16(dk), narrow_to_bf16(dv));
+        }
         let dims = cpu_attention_dims(&q, &k, &v, &key_bias, &mask);
         let [t_dims, o_dims, g_dims] = [&q, &out, &grad].map(|x| x.layout().shape().clone());
         let same =
@@ -719,6 +885,25 @@ fn plain_linear_matmul<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> Floa
     let (x, w) = (float::<B, 2>(x), float::<B, 2>(w));
     let w = if w.dtype() == x.dtype() { w } else { w.cast(x.dtype()) };
     prim(x.matmul(w))
+}
+
+/// [`LogProbBackend::linear_matmul_bwd`] in Burn's ops.
+fn plain_linear_matmul_bwd<B: Backend>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    want: Want,
+) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+    let (x, w, grad) = (float::<B, 2>(x), float::<B, 2>(w), float::<B, 2>(grad));
+    let dx = want.hidden.then(|| {
+        let w = if w.dtype() == x.dtype() { w.clone() } else { w.clone().cast(x.dtype()) };
+        prim(grad.clone().matmul(w.transpose()))
+    });
+    let dw = want.weight.then(|| {
+        let dw = x.transpose().matmul(grad);
+        prim(if dw.dtype() == w.dtype() { dw } else { dw.cast(w.dtype()) })
+    });
+    (dx, dw)
 }
 
 /// `x [m, k] @ w [k, n]` in `x`'s dtype (`w` cast to it): a linear layer's product
@@ -873,14 +1058,77 @@ mod tests {
                 ("strided", make(k * 2 * n, 5, [k, 2 * n], dtype).slice([0..k, 0..n])),
             ];
             for (name, w) in weights {
-                for m in [0, 1, 2, 9] {
+                for m in [0, 1, 2, 9, 40] {
                     let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(m * k, 5 + m), [m, k]), &device);
                     let want: Vec<f32> = x.clone().matmul(w.clone().cast(DType::F32)).into_data().to_vec().unwrap();
-                    let got = linear_matmul(x, w.clone());
+                    let got = linear_matmul(x.clone(), w.clone());
                     assert_eq!(got.dims(), [m, n]);
                     let got: Vec<f32> = got.into_data().to_vec().unwrap();
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} {dtype:?} m {m}: [{i}] {g} != {w}");
+                    }
+                    // bf16 activations (bf16 compute): the product of the bf16 values (the
+                    // weight rounded to bf16), rounded to bf16: within one bf16 rounding of the
+                    // f32 product of the same values.
+                    let xh = x.cast(DType::BF16);
+                    let exact = xh.clone().cast(DType::F32).matmul(w.clone().cast(DType::BF16).cast(DType::F32));
+                    let want: Vec<f32> = exact.into_data().to_vec().unwrap();
+                    let got = linear_matmul(xh, w.clone());
+                    assert_eq!((got.dims(), got.dtype()), ([m, n], DType::BF16));
+                    let got: Vec<f32> = got.cast(DType::F32).into_data().to_vec().unwrap();
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let tol = w.abs() / 256.0 + 1e-5;
+                        assert!((g - w).abs() <= tol, "{name} {dtype:?} weight, bf16 x, m {m}: [{i}] {g} != {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `linear_matmul`'s gradients on `Autodiff<Flex>` (one tracked operation, its backward the
+    /// backend's `linear_matmul_bwd`: fuserl's bf16 kernel for bf16 activations where the CPU
+    /// has AVX512-BF16) against Burn's own cast and matmul on the same values: equal in f32,
+    /// within one bf16 rounding in bf16; the weight's gradient in the weight's dtype.
+    #[test]
+    fn linear_matmul_gradients_match_burns() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::tensor::TensorData;
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0).collect()
+        };
+        let (m, k, n) = (30, 37, 45);
+        for (x_dtype, w_dtype) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::BF16, DType::BF16)] {
+            for transposed in [false, true] {
+                let leaf = |len, seed, shape: [usize; 2], dtype| {
+                    Tensor::<A, 2>::from_data(TensorData::new(values(len, seed), shape), &device)
+                        .cast(dtype)
+                        .require_grad()
+                };
+                let x = leaf(m * k, 1, [m, k], x_dtype);
+                let w = if transposed { leaf(n * k, 2, [n, k], w_dtype) } else { leaf(k * n, 2, [k, n], w_dtype) };
+                let w_used = |w: Tensor<A, 2>| if transposed { w.transpose() } else { w };
+                // A loss whose gradient at the output is a fixed bf16-exact pattern.
+                let weights = Tensor::<A, 2>::from_data(TensorData::new(values(m * n, 3), [m, n]), &device)
+                    .cast(DType::BF16)
+                    .cast(x_dtype);
+                let grads_of = |y: Tensor<A, 2>| (y * weights.clone()).sum().backward();
+                let ours = grads_of(linear_matmul(x.clone(), w_used(w.clone())));
+                let burns = grads_of(x.clone().matmul(w_used(w.clone()).cast(x_dtype)));
+                for (what, got, want, dtype) in
+                    [("x", x.grad(&ours), x.grad(&burns), x_dtype), ("w", w.grad(&ours), w.grad(&burns), w_dtype)]
+                {
+                    let (got, want) = (got.expect("gradient"), want.expect("gradient"));
+                    assert_eq!(got.dtype(), dtype, "{what}'s gradient dtype ({x_dtype:?} x, {w_dtype:?} w)");
+                    let got: Vec<f32> = got.cast(DType::F32).into_data().to_vec().unwrap();
+                    let want: Vec<f32> = want.cast(DType::F32).into_data().to_vec().unwrap();
+                    for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                        let tol = if x_dtype == DType::F32 { 0.0 } else { v.abs() / 128.0 + 1e-5 };
+                        assert!(
+                            (g - v).abs() <= tol,
+                            "{what} ({x_dtype:?} x, {w_dtype:?} w, transposed {transposed}): [{i}] {g} != {v}"
+                        );
                     }
                 }
             }

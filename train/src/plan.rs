@@ -581,24 +581,39 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
     let layers = m.num_layers as u64;
     let cache = |rows: u64, cols: u64| layers * 2 * rows * kv * cols * c;
     let logits = 2 * batch * v * 4;
-    // Attention's scores: none kept on the CPU in f32, whose kernel scores a core's tile of rows at
-    // a time (`fuserl_kernels::cpu_attention`), nor on a GPU running the attention kernel; three
-    // tiles of Burn operations otherwise.
-    let kernel = input.backend.device == Device::Cpu && c == 4;
+    let cpu = input.backend.device == Device::Cpu;
+    let bf16 = input.backend.dtype == fuserl_core::backend::DType::Bf16;
+    // Attention's scores: none kept on the CPU in f32 or bf16, whose kernel scores a core's tile
+    // of rows at a time (`fuserl_kernels::cpu_attention`), nor on a GPU running the attention
+    // kernel; three tiles of Burn operations otherwise.
+    let kernel = cpu && (c == 4 || bf16);
     let scores = |rows: u64, keys: u64| if kernel { 0 } else { 3 * attention_tile(m, input.backend, rows, keys) * 4 };
+    // In bf16 on the CPU, the kernel works on one layer's q, k, v and output widened to f32 (and
+    // the cache's view copied first, in bf16): `tokens` query rows over `keys` columns of `rows`.
+    let widened_attention = |rows: u64, tokens: u64, keys: u64| {
+        if cpu && bf16 { tokens * 2 * q * 4 + rows * 2 * kv * keys * (4 + 2) } else { 0 }
+    };
     // One layer of a prefill of `rows` prompts: the residual and the normalised input, q, k, v and
     // their rotated copies, attention's output, and the MLP's gate, activation, up and product.
     let per_token = (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c;
-    // On the CPU in bf16, flex multiplies in f32: a product's operands and result are widened
-    // for its time (the largest: the MLP's over the prefill's tokens, or the head's weight).
-    let widened = |tokens: u64| {
-        if input.backend.device == Device::Cpu && c == 2 {
-            (tokens * (h + i) * 4 + h * i * 4).max(v * h * 4 + batch * (h + v) * 4)
-        } else {
-            0
-        }
+    // On the CPU in 16 bits, a product of more than a few rows (`cpu_matmul::STREAM_ROWS`; fewer
+    // stream the weight as it is) holds copies of its operands for its time: bf16 on a CPU with
+    // AVX512-BF16 packs both in bf16 (`fuserl_kernels::cpu_bf16`); otherwise flex widens both and
+    // the result to f32. The largest: the MLP's over `tokens`, or the head's weight over `rows`.
+    let packs = fuserl_kernels::cpu_bf16::available() && bf16;
+    let widened = |rows: u64, tokens: u64| {
+        let stream = fuserl_kernels::cpu_matmul::STREAM_ROWS as u64;
+        let product = |m: u64, k: u64, n: u64| match () {
+            () if m <= stream => 0,
+            () if packs => (m * k + k * n) * 2,
+            () => (m * k + k * n + m * n) * 4,
+        };
+        if cpu && c == 2 { product(tokens, i, h).max(product(tokens, h, i)).max(product(rows, h, v)) } else { 0 }
     };
-    let prefill = |rows: u64| rows * prompt * per_token + scores(rows, prompt) + widened(rows * prompt);
+    let prefill = |rows: u64| {
+        let tokens = rows * prompt;
+        tokens * per_token + scores(rows, prompt) + widened(rows, tokens) + widened_attention(rows, tokens, prompt)
+    };
     let mut phases = Vec::new();
     if input.backend.device == Device::Cpu {
         phases.push(Phase {
@@ -628,7 +643,8 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
             Part {
                 name: "activations",
                 bytes: batch * per_token
-                    + widened(batch)
+                    + widened(batch, batch)
+                    + widened_attention(batch, batch, columns)
                     + if kernel { 0 } else { 3 * batch * m.num_heads as u64 * columns * 4 },
             },
             Part { name: "logits", bytes: logits },
