@@ -54,6 +54,22 @@ impl<B: LogProbBackend> Backward<B, 2> for LinearLogProbsBackward {
 }
 
 #[derive(Debug)]
+struct CastBackward;
+
+impl<B: LogProbBackend> Backward<B, 1> for CastBackward {
+    /// The input's dtype.
+    type State = burn::tensor::DType;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, B::cast(grad, ops.state));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct LinearMatmulBackward;
 
 impl<B: LogProbBackend> Backward<B, 2> for LinearMatmulBackward {
@@ -221,6 +237,16 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
                 prep.finish((logits_id, targets, stats), logp)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_logprobs_fwd(logits.primitive, targets).0),
+        }
+    }
+
+    /// A tracked operation whose backward casts the gradient back with the inner backend's cast.
+    fn cast(x: FloatTensor<Self>, dtype: burn::tensor::DType) -> FloatTensor<Self> {
+        use burn::tensor::TensorMetadata;
+        let from = x.primitive.dtype();
+        match CastBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(from, B::cast(x.primitive, dtype)),
+            OpsKind::UnTracked(prep) => prep.finish(B::cast(x.primitive, dtype)),
         }
     }
 

@@ -173,31 +173,49 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
     let pairs = k.div_ceil(2);
     let packed_a = pack(a, pairs, MR);
     let packed_b = pack(b.t(), pairs, NR);
-    let (a_panels, b_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let a_panels = m.div_ceil(MR);
     // Runs of `a` panels per task: four tasks a thread where there are enough rows, at most 16
     // panels (192 rows) each so that a task's `a` stays in a core's L2 cache.
     let per_task = a_panels.div_ceil(4 * rayon::current_num_threads()).clamp(1, 16);
+    let packed = Packed { a: &packed_a, b: &packed_b, pairs, m, n, kernel };
     out.par_chunks_mut(per_task * MR * n).enumerate().for_each(|(task, rows)| {
         let first = task * per_task;
-        let panels = first..(first + per_task).min(a_panels);
-        let mut block = [[0.0f32; NR]; MR];
-        for jp in 0..b_panels {
-            let bp = &packed_b[jp * pairs * NR..][..pairs * NR];
-            let (j0, width) = (jp * NR, NR.min(n - jp * NR));
-            for ip in panels.clone() {
-                let ap = &packed_a[ip * pairs * MR..][..pairs * MR];
-                run(kernel, ap, bp, &mut block);
-                let (r0, height) = ((ip - first) * MR, MR.min(m - ip * MR));
-                for (i, sums) in block.iter().take(height).enumerate() {
-                    let row = &mut rows[(r0 + i) * n + j0..][..width];
-                    for (o, s) in row.iter_mut().zip(sums) {
-                        *o = O::from_sum(*s);
-                    }
+        output_rows(&packed, first..(first + per_task).min(a_panels), rows);
+    });
+    out
+}
+
+/// Both operands packed, and the product's shape.
+struct Packed<'a> {
+    a: &'a [u32],
+    b: &'a [u32],
+    pairs: usize,
+    m: usize,
+    n: usize,
+    kernel: Kernel,
+}
+
+/// The output rows of `a` panels `panels` (`rows`, from the first panel's first row on): every
+/// `b` panel in turn over each of them (a function of its own: profiles name it).
+#[inline(never)]
+fn output_rows<O: OutElem>(p: &Packed<'_>, panels: std::ops::Range<usize>, rows: &mut [O]) {
+    let Packed { pairs, m, n, .. } = *p;
+    let mut block = [[0.0f32; NR]; MR];
+    for jp in 0..n.div_ceil(NR) {
+        let bp = &p.b[jp * pairs * NR..][..pairs * NR];
+        let (j0, width) = (jp * NR, NR.min(n - jp * NR));
+        for ip in panels.clone() {
+            let ap = &p.a[ip * pairs * MR..][..pairs * MR];
+            run(p.kernel, ap, bp, &mut block);
+            let (r0, height) = ((ip - panels.start) * MR, MR.min(m - ip * MR));
+            for (i, sums) in block.iter().take(height).enumerate() {
+                let row = &mut rows[(r0 + i) * n + j0..][..width];
+                for (o, s) in row.iter_mut().zip(sums) {
+                    *o = O::from_sum(*s);
                 }
             }
         }
-    });
-    out
+    }
 }
 
 /// The rows of `x` in panels of `width` rows: panel `q`, pair `p`, row `i` at
@@ -205,44 +223,73 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
 /// the high half; rows and columns past the end are zeros. (`b` is packed as its transpose.)
 fn pack<T: Elem>(x: View<'_, T>, pairs: usize, width: usize) -> Vec<u32> {
     let mut packed = vec![0u32; x.rows.div_ceil(width) * pairs * width];
-    let bits = |v: T| u32::from(v.bf16_bits());
+    #[cfg(target_arch = "x86_64")]
+    let wide = available();
     packed.par_chunks_mut(pairs * width).enumerate().for_each(|(q, panel)| {
-        let (first, rows) = (q * width, width.min(x.rows - q * width));
-        if x.col_stride == 1 {
-            // Rows in memory: read each along its length.
-            for i in 0..rows {
-                let row = &x.data[(first + i) * x.row_stride..][..x.cols];
-                for (p, pair) in row.chunks(2).enumerate() {
-                    let hi = pair.get(1).map_or(0, |&v| bits(v));
-                    panel[p * width + i] = bits(pair[0]) | (hi << 16);
-                }
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `available` checked that the CPU has AVX-512F (and AVX512-BF16).
+            #[allow(unsafe_code)]
+            unsafe {
+                pack_panel_avx512(x, q, panel, width)
+            };
+            return;
+        }
+        pack_panel(x, q, panel, width);
+    });
+    packed
+}
+
+/// [`pack_panel`] compiled for AVX-512 (its conversions and copies in 512-bit vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline(never)]
+fn pack_panel_avx512<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width: usize) {
+    pack_panel(x, q, panel, width);
+}
+
+/// Panel `q` of [`pack`].
+#[inline(always)]
+fn pack_panel<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width: usize) {
+    let pairs = panel.len() / width;
+    let bits = |v: T| u32::from(v.bf16_bits());
+    let (first, rows) = (q * width, width.min(x.rows - q * width));
+    if x.col_stride == 1 {
+        // Rows in memory: read each along its length.
+        for i in 0..rows {
+            let row = &x.data[(first + i) * x.row_stride..][..x.cols];
+            let (whole, last) = row.as_chunks::<2>();
+            for (p, [lo, hi]) in whole.iter().enumerate() {
+                panel[p * width + i] = bits(*lo) | (bits(*hi) << 16);
             }
-        } else if x.row_stride == 1 {
-            // Columns in memory (a transposed view): read the panel's part of each column.
-            for p in 0..pairs {
-                let column = |c: usize| &x.data[c * x.col_stride + first..][..rows];
-                let out = &mut panel[p * width..][..rows];
-                let lo = column(2 * p);
-                if 2 * p + 1 < x.cols {
-                    for ((o, &a), &b) in out.iter_mut().zip(lo).zip(column(2 * p + 1)) {
-                        *o = bits(a) | (bits(b) << 16);
-                    }
-                } else {
-                    for (o, &a) in out.iter_mut().zip(lo) {
-                        *o = bits(a);
-                    }
-                }
+            if let [lo] = last {
+                panel[whole.len() * width + i] = bits(*lo);
             }
-        } else {
-            for i in 0..rows {
-                for p in 0..pairs {
-                    let hi = if 2 * p + 1 < x.cols { bits(x.at(first + i, 2 * p + 1)) } else { 0 };
-                    panel[p * width + i] = bits(x.at(first + i, 2 * p)) | (hi << 16);
+        }
+    } else if x.row_stride == 1 {
+        // Columns in memory (a transposed view): read the panel's part of each column.
+        for p in 0..pairs {
+            let column = |c: usize| &x.data[c * x.col_stride + first..][..rows];
+            let out = &mut panel[p * width..][..rows];
+            let lo = column(2 * p);
+            if 2 * p + 1 < x.cols {
+                for ((o, &a), &b) in out.iter_mut().zip(lo).zip(column(2 * p + 1)) {
+                    *o = bits(a) | (bits(b) << 16);
+                }
+            } else {
+                for (o, &a) in out.iter_mut().zip(lo) {
+                    *o = bits(a);
                 }
             }
         }
-    });
-    packed
+    } else {
+        for i in 0..rows {
+            for p in 0..pairs {
+                let hi = if 2 * p + 1 < x.cols { bits(x.at(first + i, 2 * p + 1)) } else { 0 };
+                panel[p * width + i] = bits(x.at(first + i, 2 * p)) | (hi << 16);
+            }
+        }
+    }
 }
 
 /// One `MR x NR` block of sums over every pair.

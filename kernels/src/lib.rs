@@ -289,6 +289,13 @@ pub trait LogProbBackend: Backend {
         plain_linear_matmul::<Self>(x, w)
     }
 
+    /// `x` in `dtype` (a float dtype): Burn's cast; the CPU backend converts f32 and bf16 on
+    /// every core (flex's cast goes through f64 on one). Differentiable on `Autodiff` (the
+    /// gradient is cast back to `x`'s dtype).
+    fn cast(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+        Self::float_cast(x, dtype.into())
+    }
+
     /// Backward of [`Self::linear_matmul`] for `grad` (`[m, n]`, in `x`'s dtype): `x`'s gradient
     /// `grad @ w^T` (`w` cast to `x`'s dtype first, as the forward) in `x`'s dtype and `w`'s
     /// `x^T @ grad` computed in `x`'s dtype and given in `w`'s: the gradients Burn's autodiff
@@ -568,11 +575,10 @@ fn widen_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
     let shape = x.layout().shape().clone();
     let src = &x.storage::<half::bf16>()[x.layout().start_offset()..][..shape.num_elements()];
     let mut values = vec![0.0f32; src.len()];
-    values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| {
-        for (o, s) in out.iter_mut().zip(src) {
-            *o = s.to_f32();
-        }
-    });
+    values
+        .par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(out, src)| widen_chunk(src, out));
     burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 
@@ -587,12 +593,28 @@ fn narrow_to_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
     let shape = x.layout().shape().clone();
     let src = &flex_values(&x)[..shape.num_elements()];
     let mut values = vec![half::bf16::ZERO; src.len()];
-    values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| {
-        for (o, s) in out.iter_mut().zip(src) {
-            *o = half::bf16::from_f32(*s);
-        }
-    });
+    values
+        .par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(out, src)| narrow_chunk(src, out));
     burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+}
+
+/// bf16 values as f32 (exact; a function of its own: profiles name it).
+#[inline(never)]
+fn widen_chunk(src: &[half::bf16], out: &mut [f32]) {
+    for (o, s) in out.iter_mut().zip(src) {
+        *o = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
+
+/// f32 values rounded to bf16 (`cpu_bf16`'s branch-free rounding, `half`'s results).
+#[inline(never)]
+fn narrow_chunk(src: &[f32], out: &mut [half::bf16]) {
+    use cpu_bf16::Elem;
+    for (o, s) in out.iter_mut().zip(src) {
+        *o = half::bf16::from_bits(s.bf16_bits());
+    }
 }
 
 /// An f32 tensor's values from its first element on, with its strides (4-D).
@@ -682,6 +704,17 @@ impl LogProbBackend for burn::backend::Flex {
             _ => cpu_matmul::matmul(xv, &w.storage::<f32>()[start..start + k * n], (m, k, n), layout),
         };
         burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(y, [m, n]))
+    }
+
+    /// f32 to bf16 and back on every core ([`widen_bf16`], [`narrow_to_bf16`]), flex's cast
+    /// for other dtypes.
+    fn cast(x: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+        match (x.dtype(), dtype) {
+            (DType::F32, DType::BF16) => narrow_to_bf16(x),
+            (DType::BF16, DType::F32) => widen_bf16(x),
+            (from, to) if from == to => x,
+            _ => <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_cast(x, dtype.into()),
+        }
     }
 
     /// fuserl's kernel ([`cpu_bf16`]) for a bf16 `grad` where the CPU has AVX512-BF16, Burn's
@@ -906,6 +939,12 @@ fn plain_linear_matmul_bwd<B: Backend>(
     (dx, dw)
 }
 
+/// `x` in `dtype` (`x` itself when it is in it already): [`LogProbBackend::cast`], a cast on
+/// every core on the CPU, differentiable.
+pub fn cast<B: LogProbBackend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype { x } else { float(B::cast(prim(x), dtype)) }
+}
+
 /// `x [m, k] @ w [k, n]` in `x`'s dtype (`w` cast to it): a linear layer's product
 /// ([`LogProbBackend::linear_matmul`]; on the CPU, fuserl's kernel where it pays).
 pub fn linear_matmul<B: LogProbBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -1083,6 +1122,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The CPU backend's cast: f32 to bf16 rounds as `half` does (ties to even), bf16 to f32 is
+    /// exact, a transposed view is read through its strides, and on `Autodiff` the gradient
+    /// comes back in the input's dtype.
+    #[test]
+    fn flex_cast_rounds_as_half_and_its_gradient_comes_back() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::tensor::TensorData;
+        let device = Default::default();
+        let values: Vec<f32> = (0..1200).map(|i| ((i as f32) * 0.37).sin() * 10f32.powi(i % 9 - 4)).collect();
+        let x =
+            Tensor::<Autodiff<Flex>, 2>::from_data(TensorData::new(values.clone(), [30, 40]), &device).require_grad();
+        let half: Tensor<Autodiff<Flex>, 2> = cast(x.clone(), DType::BF16);
+        assert_eq!(half.dtype(), DType::BF16);
+        let got: Vec<half::bf16> = half.clone().into_data().to_vec().unwrap();
+        for (g, v) in got.iter().zip(&values) {
+            assert_eq!(*g, half::bf16::from_f32(*v), "{v:e}");
+        }
+        let transposed: Vec<f32> = cast(half.clone().transpose(), DType::F32).into_data().to_vec().unwrap();
+        for (i, t) in transposed.iter().enumerate() {
+            let (r, c) = (i % 30, i / 30);
+            assert_eq!(*t, got[r * 40 + c].to_f32(), "({r}, {c})");
+        }
+        let grads = cast(half, DType::F32).mul_scalar(3.0).sum().backward();
+        let dx = x.grad(&grads).expect("gradient");
+        assert_eq!(dx.dtype(), DType::F32);
+        assert!(dx.into_data().iter::<f32>().all(|g| g == 3.0));
     }
 
     /// `linear_matmul`'s gradients on `Autodiff<Flex>` (one tracked operation, its backward the

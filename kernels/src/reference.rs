@@ -190,9 +190,10 @@ impl<B: crate::LogProbBackend> Head<B> {
     }
 }
 
-/// The f32 logits of rows `h` against a chunk `w [C, H]` of the head.
-fn chunk_logits<B: Backend>(h: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    h.clone().matmul(w.clone().transpose()).cast(DType::F32)
+/// The f32 logits of rows `h` against a chunk `w [C, H]` of the head (in `h`'s dtype, then
+/// widened: through the backend's linear product, fuserl's bf16 kernel on the CPU).
+fn chunk_logits<B: crate::LogProbBackend>(h: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    crate::linear_matmul(h.clone(), w.clone().transpose()).cast(DType::F32)
 }
 
 /// Forward of the fused projection + log-prob.
@@ -284,14 +285,14 @@ pub fn head_bwd<B: crate::LogProbBackend>(
         for ((h, st, gr, tg), dh_r) in rows.iter().zip(dh.iter_mut()) {
             let gl = ops.grad(chunk_logits(h, &w), tg, st, gr, c0).cast(hidden.dtype());
             if want.hidden {
-                let part = gl.clone().matmul(w.clone()).cast(DType::F32);
+                let part = crate::linear_matmul(gl.clone(), w.clone()).cast(DType::F32);
                 *dh_r = Some(match dh_r.take() {
                     Some(acc) => acc + part,
                     None => part,
                 });
             }
             if want_weight {
-                let part = gl.transpose().matmul(h.clone()).cast(DType::F32);
+                let part = crate::linear_matmul(gl.transpose(), h.clone()).cast(DType::F32);
                 dw_c = Some(match dw_c {
                     Some(acc) => acc + part,
                     None => part,

@@ -17,8 +17,8 @@ use fuserl_kernels::{LogProbBackend, QuantLayout};
 /// dtypes differ, `t` itself otherwise. How weights kept in f32 (the trainer's master weights,
 /// with `[backend] dtype = "bf16"` or `"f16"`) are used in the compute dtype: the matmuls run in
 /// bf16/f16 and the weights' gradients arrive in f32.
-pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
+pub fn in_dtype<B: LogProbBackend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    fuserl_kernels::cast(t, dtype)
 }
 
 /// A frozen weight kept in ggml's blocks (QLoRA's base: `[target.lora] quantize_base`),
@@ -129,18 +129,18 @@ pub struct RmsNorm<B: Backend> {
     pub unit_offset: bool,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: LogProbBackend> RmsNorm<B> {
     /// # Shapes
     /// `x: [..., hidden]` -> same
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let x32 = x.cast(DType::F32);
+        let x32 = in_dtype(x, DType::F32);
         let rms = x32.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(self.eps).sqrt();
         let w = self.weight.val().unsqueeze::<D>();
         if self.unit_offset {
-            ((x32 / rms) * w.cast(DType::F32).add_scalar(1.0)).cast(dtype)
+            in_dtype((x32 / rms) * in_dtype(w, DType::F32).add_scalar(1.0), dtype)
         } else {
-            (x32 / rms).cast(dtype) * in_dtype(w, dtype)
+            in_dtype(x32 / rms, dtype) * in_dtype(w, dtype)
         }
     }
 }

@@ -164,7 +164,7 @@ pub fn dropout_mask<B: Backend>(
     h.bitwise_right_shift_scalar(int(8)).lower_elem(threshold).float()
 }
 
-impl<B: Backend> Lora<B> {
+impl<B: LogProbBackend> Lora<B> {
     /// `s (dropout(x) A) B` in `x`'s dtype (the adapter's weights are cast to it: f32 master
     /// weights give f32 gradients); `x`'s rows are `batch` sequences of equal length (the mask is
     /// a function of each row's sequence and position).
@@ -182,7 +182,9 @@ impl<B: Backend> Lora<B> {
             }
             None => x,
         };
-        x.matmul(in_dtype(self.a.val(), dtype)).matmul(in_dtype(self.b.val(), dtype)).mul_scalar(self.scale)
+        // `linear_matmul` casts each weight to `x`'s dtype (on the CPU in bf16: fuserl's kernel).
+        let down = fuserl_kernels::linear_matmul(x, self.a.val());
+        fuserl_kernels::linear_matmul(down, self.b.val()).mul_scalar(self.scale)
     }
 }
 
