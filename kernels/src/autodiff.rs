@@ -1,6 +1,7 @@
-//! `Autodiff<B>`: the two entry points become tracked operations whose backward calls the inner
-//! backend's `*_bwd`. The forward keeps only the log-sum-exp `[N]` (and the inputs, which the
-//! graph holds anyway), never a softmax or logits.
+//! `Autodiff<B>`: the log-prob, attention and quantised entry points become tracked operations
+//! whose backward calls the inner backend's `*_bwd` (the log-prob forward keeps only the
+//! log-sum-exp `[N]` and the inputs, which the graph holds anyway, never a softmax or logits);
+//! so do `linear_matmul` (backward: `linear_matmul_bwd`) and `cast` (the gradient cast back).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;

@@ -14,12 +14,12 @@
 //! [`NR`] columns, each with the inner index in pairs (one 32-bit lane holds `x[2p]` in its low
 //! half and `x[2p + 1]` in its high half, as `vdpbf16ps` reads them; an odd `k` is padded with a
 //! zero). The register kernel keeps an `MR x NR` block of sums (24 of the 32 vector registers)
-//! over the whole inner dimension. Tasks (rayon, on flex's pool) own runs of output rows; each
+//! over the whole inner dimension. Tasks (rayon, on the current pool: flex's) own runs of output rows; each
 //! goes over every panel of `b` and, for each, over its panels of `a`, so a `b` panel is read
 //! from cache once per task.
 //!
-//! The sums are in f32 with one rounding per pair added (the products of two bf16 are exact in
-//! f32); `vdpbf16ps` flushes subnormal inputs and results to zero.
+//! The sums are in f32, rounded once for each product added (the products of two bf16 are exact
+//! in f32); `vdpbf16ps` flushes subnormal inputs and results to zero.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -121,12 +121,14 @@ impl OutElem for bf16 {
     }
 }
 
-/// Whether this CPU has the instructions the kernel needs (AVX-512F and AVX512-BF16). Where it
-/// does not, the CPU backend keeps flex's bf16 product.
+/// Whether this CPU has the instructions the kernel and the packing are compiled for (AVX-512F,
+/// BW and VL, and AVX512-BF16: every CPU with the last has the others). Where it does not, the
+/// CPU backend keeps flex's bf16 product.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -140,7 +142,8 @@ enum Kernel {
     /// `vdpbf16ps` (AVX512-BF16).
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
-    /// Scalar f32 arithmetic in the same order (the tests' check of the packing on any CPU).
+    /// Scalar f32 arithmetic (the tests' check of the packing on any CPU: the same sums, each
+    /// pair's even product added first, subnormals kept; within rounding of `vdpbf16ps`).
     #[cfg_attr(not(test), allow(dead_code))]
     Portable,
 }
@@ -228,7 +231,7 @@ fn pack<T: Elem>(x: View<'_, T>, pairs: usize, width: usize) -> Vec<u32> {
     packed.par_chunks_mut(pairs * width).enumerate().for_each(|(q, panel)| {
         #[cfg(target_arch = "x86_64")]
         if wide {
-            // SAFETY: `available` checked that the CPU has AVX-512F (and AVX512-BF16).
+            // SAFETY: `available` checked that the CPU has AVX-512F, BW and VL.
             #[allow(unsafe_code)]
             unsafe {
                 pack_panel_avx512(x, q, panel, width)

@@ -283,8 +283,9 @@ pub trait LogProbBackend: Backend {
 
     /// `x [m, k] @ w [k, n]` with `w` cast to `x`'s dtype first: a linear layer's product, or a
     /// tied head's logits (`w` the embeddings' transposed view). Differentiable on `Autodiff`
-    /// (Burn's cast and matmul). The CPU backend overrides it for f32 inputs ([`cpu_matmul`]):
-    /// one row, or a bf16 weight, take fuserl's kernel, the rest flex's matmul.
+    /// (one tracked operation whose backward is [`Self::linear_matmul_bwd`]). The CPU backend
+    /// overrides it: one row of f32, or a bf16 weight under f32 rows, take [`cpu_matmul`]; bf16
+    /// rows take [`cpu_bf16`] where the CPU has AVX512-BF16.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         plain_linear_matmul::<Self>(x, w)
     }
@@ -666,7 +667,12 @@ impl LogProbBackend for burn::backend::Flex {
     /// fuserl's kernel ([`cpu_matmul`]) for an f32 `x` and a 2-D f32 or bf16 weight laid out as
     /// `[k, n]` or as the transpose of `[n, k]`, when `x` has at most [`cpu_matmul::F32_ROWS`]
     /// rows (a batch-1 decoding step: the weights stream from memory) or the weight is bf16
-    /// (widened in chunks rather than cast whole); flex's matmul otherwise.
+    /// (widened in chunks rather than cast whole); flex's matmul otherwise. A bf16 `x` of at most
+    /// [`cpu_matmul::STREAM_ROWS`] rows under a bf16 weight is widened for that kernel; other
+    /// bf16 `x` take [`cpu_bf16`] where the CPU has AVX512-BF16 (an f32 weight rounded as it is
+    /// packed: a decoding step of bf16 rows under f32 weights packs every weight, which the
+    /// generation plan does not count: frozen models in bf16 keep bf16 weights), flex's bf16
+    /// matmul elsewhere.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         use cpu_matmul::WeightLayout;
         let few_rows = x.layout().shape().num_dims() == 2 && x.layout().shape()[0] <= cpu_matmul::STREAM_ROWS;

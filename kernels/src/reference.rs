@@ -193,7 +193,7 @@ impl<B: crate::LogProbBackend> Head<B> {
 /// The f32 logits of rows `h` against a chunk `w [C, H]` of the head (in `h`'s dtype, then
 /// widened: through the backend's linear product, fuserl's bf16 kernel on the CPU).
 fn chunk_logits<B: crate::LogProbBackend>(h: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    crate::linear_matmul(h.clone(), w.clone().transpose()).cast(DType::F32)
+    crate::cast(crate::linear_matmul(h.clone(), w.clone().transpose()), DType::F32)
 }
 
 /// Forward of the fused projection + log-prob.
@@ -253,7 +253,7 @@ pub fn linear_bwd<B: crate::LogProbBackend>(
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
     let dtype = weight.dtype();
     let (dh, dw) = head_bwd(ops, (hidden, &Head::Dense(weight), targets), stats, grad, chunks, want);
-    (dh, dw.map(|dw| dw.cast(dtype)))
+    (dh, dw.map(|dw| crate::cast(dw, dtype)))
 }
 
 /// [`linear_bwd`] with any [`Head`]; the weight's gradient (f32) only for a dense head.
@@ -283,16 +283,16 @@ pub fn head_bwd<B: crate::LogProbBackend>(
         let w = head.rows(c0, c1, hidden.dtype());
         let mut dw_c: Option<Tensor<B, 2>> = None;
         for ((h, st, gr, tg), dh_r) in rows.iter().zip(dh.iter_mut()) {
-            let gl = ops.grad(chunk_logits(h, &w), tg, st, gr, c0).cast(hidden.dtype());
+            let gl = crate::cast(ops.grad(chunk_logits(h, &w), tg, st, gr, c0), hidden.dtype());
             if want.hidden {
-                let part = crate::linear_matmul(gl.clone(), w.clone()).cast(DType::F32);
+                let part = crate::cast(crate::linear_matmul(gl.clone(), w.clone()), DType::F32);
                 *dh_r = Some(match dh_r.take() {
                     Some(acc) => acc + part,
                     None => part,
                 });
             }
             if want_weight {
-                let part = crate::linear_matmul(gl.transpose(), h.clone()).cast(DType::F32);
+                let part = crate::cast(crate::linear_matmul(gl.transpose(), h.clone()), DType::F32);
                 dw_c = Some(match dw_c {
                     Some(acc) => acc + part,
                     None => part,
@@ -304,6 +304,6 @@ pub fn head_bwd<B: crate::LogProbBackend>(
             dw = Some(Tensor::from_primitive(TensorPrimitive::Float(rows)));
         }
     }
-    let dh = want.hidden.then(|| Tensor::cat(dh.into_iter().flatten().collect(), 0).cast(hidden.dtype()));
+    let dh = want.hidden.then(|| crate::cast(Tensor::cat(dh.into_iter().flatten().collect(), 0), hidden.dtype()));
     (dh, dw)
 }
