@@ -568,36 +568,28 @@ const CONVERT_CHUNK: usize = 1 << 15;
 
 /// A bf16 tensor as a contiguous f32 one (exact), on every core; other dtypes as they are.
 fn widen_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
-    use rayon::prelude::*;
-    if x.dtype() != DType::BF16 {
-        return x;
-    }
-    let x = x.to_contiguous();
-    let shape = x.layout().shape().clone();
-    let src = &x.storage::<half::bf16>()[x.layout().start_offset()..][..shape.num_elements()];
-    let mut values = vec![0.0f32; src.len()];
-    values
-        .par_chunks_mut(CONVERT_CHUNK)
-        .zip(src.par_chunks(CONVERT_CHUNK))
-        .for_each(|(out, src)| widen_chunk(src, out));
-    burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
+    if x.dtype() != DType::BF16 { x } else { convert(x, widen_chunk) }
 }
 
 /// An f32 tensor rounded to bf16 (to nearest, ties to even), on every core; other dtypes as
 /// they are.
 fn narrow_to_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
+    if x.dtype() != DType::F32 { x } else { convert(x, narrow_chunk) }
+}
+
+/// `x`'s values (of type `S`) converted by `chunk` into a contiguous tensor of `D`, a
+/// [`CONVERT_CHUNK`] of them per task.
+fn convert<S, D>(x: burn_flex::FlexTensor, chunk: fn(&[S], &mut [D])) -> burn_flex::FlexTensor
+where
+    S: burn::tensor::Element + bytemuck::Pod + Sync,
+    D: burn::tensor::Element + bytemuck::Pod + Send,
+{
     use rayon::prelude::*;
-    if x.dtype() != DType::F32 {
-        return x;
-    }
     let x = x.to_contiguous();
     let shape = x.layout().shape().clone();
-    let src = &flex_values(&x)[..shape.num_elements()];
-    let mut values = vec![half::bf16::ZERO; src.len()];
-    values
-        .par_chunks_mut(CONVERT_CHUNK)
-        .zip(src.par_chunks(CONVERT_CHUNK))
-        .for_each(|(out, src)| narrow_chunk(src, out));
+    let src = &x.storage::<S>()[x.layout().start_offset()..][..shape.num_elements()];
+    let mut values = vec![D::zeroed(); src.len()];
+    values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| chunk(src, out));
     burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 

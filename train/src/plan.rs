@@ -603,10 +603,14 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
     let packs = fuserl_kernels::cpu_bf16::available() && bf16;
     let widened = |rows: u64, tokens: u64| {
         let stream = fuserl_kernels::cpu_matmul::STREAM_ROWS as u64;
-        let product = |m: u64, k: u64, n: u64| match () {
-            () if m <= stream => 0,
-            () if packs => (m * k + k * n) * 2,
-            () => (m * k + k * n + m * n) * 4,
+        let product = |m: u64, k: u64, n: u64| {
+            if m <= stream {
+                0
+            } else if packs {
+                (m * k + k * n) * 2
+            } else {
+                (m * k + k * n + m * n) * 4
+            }
         };
         if cpu && c == 2 { product(tokens, i, h).max(product(tokens, h, i)).max(product(rows, h, v)) } else { 0 }
     };
