@@ -1,7 +1,8 @@
 //! `Autodiff<B>`: the log-prob, attention and quantised entry points become tracked operations
 //! whose backward calls the inner backend's `*_bwd` (the log-prob forward keeps only the
 //! log-sum-exp `[N]` and the inputs, which the graph holds anyway, never a softmax or logits);
-//! so do `linear_matmul` (backward: `linear_matmul_bwd`) and `cast` (the gradient cast back).
+//! so do `linear_matmul` (backward: `linear_matmul_bwd`), `swiglu` (`swiglu_bwd`) and `cast` (the
+//! gradient cast back).
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -87,6 +88,28 @@ impl<B: LogProbBackend> Backward<B, 2> for LinearMatmulBackward {
         let (dx, dw) = B::linear_matmul_bwd(x, w, grad, want);
         for (node, g) in [(node_x, dx), (node_w, dw)] {
             if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: LogProbBackend> Backward<B, 2> for SwigluBackward {
+    /// The gate's and up's nodes.
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate_id, up_id) = ops.state;
+        let gate: FloatTensor<B> = checkpointer.retrieve_node_output(gate_id);
+        let up: FloatTensor<B> = checkpointer.retrieve_node_output(up_id);
+        let (dgate, dup) = B::swiglu_bwd(gate, up, grad);
+        for (node, g) in [(node_gate, dgate), (node_up, dup)] {
+            if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
         }
@@ -264,6 +287,20 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
                 prep.finish((x_id, w_id), B::linear_matmul(x.primitive, w.primitive))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::linear_matmul(x.primitive, w.primitive)),
+        }
+    }
+
+    /// A tracked operation whose backward is the inner backend's [`LogProbBackend::swiglu_bwd`],
+    /// keeping `gate` and `up` (checkpointed as the graph keeps them).
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [gate.node.clone(), up.node.clone()];
+        match SwigluBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let gate_id = prep.checkpoint(&gate);
+                let up_id = prep.checkpoint(&up);
+                prep.finish((gate_id, up_id), B::swiglu(gate.primitive, up.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, up.primitive)),
         }
     }
 

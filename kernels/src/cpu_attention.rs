@@ -35,7 +35,7 @@ const TILE_SCORES: usize = 32 * 1024;
 const TILE_ROWS: usize = 64;
 
 /// Lanes of the vectorised reductions (one AVX-512 register of f32).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// A tensor's values as the kernel reads them: the buffer from the tensor's first element, and
 /// its strides in elements (the last one 1).
@@ -396,9 +396,9 @@ fn gemm_into(
 /// Defines `$name` as `$with` (an `#[inline(always)]` function whose loops vectorise) compiled
 /// for the widest vector unit the CPU has, chosen at run time.
 macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $with:ident;) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $with:ident;) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -425,10 +425,12 @@ macro_rules! vectorised {
     };
 }
 
+pub(crate) use vectorised;
+
 vectorised! {
     /// The largest value of `row` (minus infinity when empty; NaN is passed over, as `f32::max`
     /// does).
-    fn row_max(row: &[f32]) -> f32 = row_max_with;
+    pub(crate) fn row_max(row: &[f32]) -> f32 = row_max_with;
 }
 
 vectorised! {

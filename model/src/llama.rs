@@ -6,7 +6,6 @@
 //! described in [`crate::gemma3`].
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
@@ -441,8 +440,9 @@ impl<B: LogProbBackend> Mlp<B> {
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone());
-        let gate = if self.gelu_tanh { gelu_tanh(gate) } else { silu(gate) };
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let up = self.up_proj.forward(x);
+        let mixed = if self.gelu_tanh { gelu_tanh(gate) * up } else { fuserl_kernels::swiglu(gate, up) };
+        self.down_proj.forward(mixed)
     }
 }
 

@@ -13,7 +13,7 @@
 //!   gradient checkpointing, every layer's without);
 //! - **activations**: what Burn's autodiff keeps for backward in one decoder layer (the norms'
 //!   f32 intermediates, q/k/v and their rotations, attention's output and each row's max and
-//!   log-sum, the MLP's gate, activation, up and product) per token, for every layer without
+//!   log-sum, the MLP's gate, up and their mix) per token, for every layer without
 //!   checkpointing, and for one recomputed layer plus every layer's input with it; the padding
 //!   bias and rotary tables of the micro-batch;
 //! - **attention tiles**: attention computes its scores in tiles of query rows (at most
@@ -322,6 +322,16 @@ fn master_bytes(b: &BackendConfig) -> u64 {
     }
 }
 
+/// Tensors of the MLP's width a layer holds: `swiglu` for SwiGLU (one operation,
+/// `fuserl_kernels::swiglu`, that keeps only gate and up), `geglu` for GeGLU (Burn's element-wise
+/// operations).
+fn mlp_tensors(m: &LlamaConfig, swiglu: u64, geglu: u64) -> u64 {
+    match m.hidden_act {
+        fuserl_model::config::Activation::Silu => swiglu,
+        fuserl_model::config::Activation::GeluTanh => geglu,
+    }
+}
+
 /// Bytes one decoder layer keeps for its backward pass, per token of a micro-batch whose
 /// sequences are `length` long (the attention part grows with it).
 fn layer_activations_per_token(m: &LlamaConfig, c: u64, r: u64, length: u64) -> (u64, u64) {
@@ -341,9 +351,9 @@ fn layer_activations_per_token(m: &LlamaConfig, c: u64, r: u64, length: u64) -> 
     // The attention's output (heads joined: a copy), o_proj's output in the residual's type
     // and the sum with the residual.
     let attn_out = q * c + 2 * h * r;
-    // The MLP: gate, its activation (and the sigmoid it keeps), up, their product; down's
-    // output and the residual sum.
-    let mlp = 5 * i * c + 2 * h * r;
+    // The MLP: gate, up and their mix (down's input), and for GeGLU (Burn's ops) the activation
+    // and the intermediates its backward keeps; down's output and the residual sum.
+    let mlp = mlp_tensors(m, 3, 5) * i * c + 2 * h * r;
     let dense = norms + qk_norms + qkv + attn_out + mlp;
     // Attention keeps no scores for the backward pass (it computes them again, tile by tile,
     // `fuserl_kernels::causal_attention`): each query row's largest score and log-sum (f32) per
@@ -461,7 +471,7 @@ pub fn plan(input: &PlanInput<'_>) -> MemoryPlan {
         // working set at a time and the log-prob chunks.
         let t = (seqs * input.length) as u64;
         let working = attention_forward.max(3 * attention_tile(m, b, seqs as u64, length) * 4)
-            + t * (4 * m.intermediate_size as u64 + 4 * h) * c;
+            + t * (mlp_tensors(m, 3, 4) * m.intermediate_size as u64 + 4 * h) * c;
         phases.push(Phase {
             name: "reference log-probs",
             parts: vec![
@@ -594,8 +604,9 @@ pub fn generation_plan(input: &GenerationInput<'_>) -> MemoryPlan {
         if cpu && bf16 { tokens * 2 * q * 4 + rows * 2 * kv * keys * (4 + 2) } else { 0 }
     };
     // One layer of a prefill of `rows` prompts: the residual and the normalised input, q, k, v and
-    // their rotated copies, attention's output, and the MLP's gate, activation, up and product.
-    let per_token = (3 * h + 2 * (q + kv) + kv + q + 4 * i) * c;
+    // their rotated copies, attention's output, and the MLP's gate, up and their mix (GeGLU's
+    // activation too).
+    let per_token = (3 * h + 2 * (q + kv) + kv + q + mlp_tensors(m, 3, 4) * i) * c;
     // On the CPU in 16 bits, a product of more than a few rows (`cpu_matmul::STREAM_ROWS`; fewer
     // stream the weight as it is) holds copies of its operands for its time: bf16 on a CPU with
     // AVX512-BF16 packs both in bf16 (`fuserl_kernels::cpu_bf16`); otherwise flex widens both and
