@@ -115,9 +115,10 @@ impl OutElem for f32 {
 
 impl OutElem for bf16 {
     const ZERO: Self = bf16::ZERO;
+    /// `bf16::from_f32`'s result, without its branches (so that the conversion vectorises).
     #[inline(always)]
     fn from_sum(v: f32) -> Self {
-        bf16::from_f32(v)
+        bf16::from_bits(v.bf16_bits())
     }
 }
 
@@ -181,9 +182,20 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
     // panels (192 rows) each so that a task's `a` stays in a core's L2 cache.
     let per_task = a_panels.div_ceil(4 * rayon::current_num_threads()).clamp(1, 16);
     let packed = Packed { a: &packed_a, b: &packed_b, pairs, m, n, kernel };
+    #[cfg(target_arch = "x86_64")]
+    let wide = available();
     out.par_chunks_mut(per_task * MR * n).enumerate().for_each(|(task, rows)| {
-        let first = task * per_task;
-        output_rows(&packed, first..(first + per_task).min(a_panels), rows);
+        let panels = task * per_task..((task + 1) * per_task).min(a_panels);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `available` checked that the CPU has AVX-512F, BW and VL.
+            #[allow(unsafe_code)]
+            unsafe {
+                output_rows_avx512(&packed, panels, rows)
+            };
+            return;
+        }
+        output_rows(&packed, panels, rows);
     });
     out
 }
@@ -198,9 +210,17 @@ struct Packed<'a> {
     kernel: Kernel,
 }
 
-/// The output rows of `a` panels `panels` (`rows`, from the first panel's first row on): every
-/// `b` panel in turn over each of them (a function of its own: profiles name it).
+/// [`output_rows`] compiled for AVX-512 (the sums' conversions and copies in 512-bit vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline(never)]
+fn output_rows_avx512<O: OutElem>(p: &Packed<'_>, panels: std::ops::Range<usize>, rows: &mut [O]) {
+    output_rows(p, panels, rows);
+}
+
+/// The output rows of `a` panels `panels` (`rows`, from the first panel's first row on): every
+/// `b` panel in turn over each of them.
+#[inline(always)]
 fn output_rows<O: OutElem>(p: &Packed<'_>, panels: std::ops::Range<usize>, rows: &mut [O]) {
     let Packed { pairs, m, n, .. } = *p;
     let mut block = [[0.0f32; NR]; MR];
