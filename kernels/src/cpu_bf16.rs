@@ -75,12 +75,22 @@ impl<T: Copy> View<'_, T> {
 pub trait Elem: Copy + Send + Sync + 'static {
     /// The bf16 value's bits.
     fn bf16_bits(self) -> u16;
+
+    /// The bits of bf16 values as they lie (`None` for another type, which must be rounded).
+    fn as_bf16_bits(_values: &[Self]) -> Option<&[u16]> {
+        None
+    }
 }
 
 impl Elem for bf16 {
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
         self.to_bits()
+    }
+
+    fn as_bf16_bits(values: &[Self]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(values.reinterpret_cast())
     }
 }
 
@@ -175,13 +185,19 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
         return out;
     }
     let pairs = k.div_ceil(2);
-    let packed_a = pack(a, pairs, MR);
+    // bf16 rows in memory with an even length are already pairs, as the kernel reads them.
+    let a_rows = A::as_bf16_bits(a.data).filter(|_| a.col_stride == 1 && k % 2 == 0);
+    let packed_a = if a_rows.is_some() { Vec::new() } else { pack(a, pairs, MR) };
+    let a_source = match a_rows {
+        Some(bits) => ASource::Rows { bits, row_stride: a.row_stride },
+        None => ASource::Packed(&packed_a),
+    };
     let packed_b = pack(b.t(), pairs, NR);
     let a_panels = m.div_ceil(MR);
     // Runs of `a` panels per task: four tasks a thread where there are enough rows, at most 16
     // panels (192 rows) each so that a task's `a` stays in a core's L2 cache.
     let per_task = a_panels.div_ceil(4 * rayon::current_num_threads()).clamp(1, 16);
-    let packed = Packed { a: &packed_a, b: &packed_b, pairs, m, n, kernel };
+    let packed = Packed { a: a_source, b: &packed_b, pairs, m, n, kernel };
     #[cfg(target_arch = "x86_64")]
     let wide = available();
     out.par_chunks_mut(per_task * MR * n).enumerate().for_each(|(task, rows)| {
@@ -200,9 +216,64 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
     out
 }
 
-/// Both operands packed, and the product's shape.
+/// Where `a`'s pairs are.
+#[derive(Clone, Copy)]
+enum ASource<'a> {
+    /// In panels ([`pack`]).
+    Packed(&'a [u32]),
+    /// In bf16 rows in memory of an even length: row `r`'s pair `p` is the 32 bits at element
+    /// `r * row_stride + 2p` of `bits`.
+    Rows { bits: &'a [u16], row_stride: usize },
+}
+
+/// One panel of `a` as the kernels read it: row `i`'s pair `p` is the 32 bits at `rows[i] + p *
+/// step` (in u32s; read unaligned).
+#[derive(Clone, Copy)]
+struct APanel {
+    rows: [*const u32; MR],
+    step: usize,
+    pairs: usize,
+}
+
+impl APanel {
+    /// Panel `ip` of `a` for the product's `m` rows (a last panel's rows past `m` read the last
+    /// row again: their sums are not written out).
+    fn new(a: ASource<'_>, ip: usize, pairs: usize, m: usize) -> Self {
+        match a {
+            ASource::Packed(packed) => {
+                let panel = &packed[ip * pairs * MR..][..pairs * MR];
+                Self { rows: std::array::from_fn(|i| panel[i..].as_ptr()), step: MR, pairs }
+            }
+            ASource::Rows { bits, row_stride } => {
+                let row = |i: usize| {
+                    let r = (ip * MR + i).min(m - 1);
+                    bits[r * row_stride..][..2 * pairs].as_ptr().cast::<u32>()
+                };
+                Self { rows: std::array::from_fn(row), step: 1, pairs }
+            }
+        }
+    }
+
+    /// Row `i`'s pair at `offset` (u32s; pair `p` is at `p * step`). Wrapping arithmetic and a
+    /// read of bytes, which the crate's debug checks leave alone: this is the kernel's inner loop.
+    ///
+    /// # Safety
+    /// `i < MR` and `offset = p * self.step` for a `p < self.pairs` (what [`APanel::new`]
+    /// checked the memory of).
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn get(&self, i: usize, offset: usize) -> u32 {
+        // SAFETY: `new` took each row's pointer from a slice of `pairs * step` u32s (a packed
+        // panel from row `i`'s first, or `2 * pairs` bf16 of a row) that lives as long as the
+        // product.
+        // Read as bytes: alignment 1, no check of it (nor `read_unaligned`'s) in the loop.
+        unsafe { u32::from_le_bytes(*self.rows[i].wrapping_add(offset).cast::<[u8; 4]>()) }
+    }
+}
+
+/// `a` and `b`'s panels, and the product's shape.
 struct Packed<'a> {
-    a: &'a [u32],
+    a: ASource<'a>,
     b: &'a [u32],
     pairs: usize,
     m: usize,
@@ -228,8 +299,7 @@ fn output_rows<O: OutElem>(p: &Packed<'_>, panels: std::ops::Range<usize>, rows:
         let bp = &p.b[jp * pairs * NR..][..pairs * NR];
         let (j0, width) = (jp * NR, NR.min(n - jp * NR));
         for ip in panels.clone() {
-            let ap = &p.a[ip * pairs * MR..][..pairs * MR];
-            run(p.kernel, ap, bp, &mut block);
+            run(p.kernel, APanel::new(p.a, ip, pairs, m), bp, &mut block);
             let (r0, height) = ((ip - panels.start) * MR, MR.min(m - ip * MR));
             for (i, sums) in block.iter().take(height).enumerate() {
                 let row = &mut rows[(r0 + i) * n + j0..][..width];
@@ -316,12 +386,13 @@ fn pack_panel<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width: usize
 }
 
 /// One `MR x NR` block of sums over every pair.
-fn run(kernel: Kernel, a: &[u32], b: &[u32], block: &mut [[f32; NR]; MR]) {
-    debug_assert_eq!(a.len() / MR, b.len() / NR);
+#[inline(always)]
+fn run(kernel: Kernel, a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
+    assert_eq!(a.pairs * NR, b.len(), "cpu_bf16: panels of different lengths");
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` chose this kernel after checking that the CPU has the features it is
-        // compiled for; the panels hold the same number of pairs (`pairs * MR`, `pairs * NR`).
+        // compiled for; the panels hold the same number of pairs (checked above).
         #[allow(unsafe_code)]
         Kernel::Avx512Bf16 => unsafe { kernel_avx512_bf16(a, b, block) },
         Kernel::Portable => kernel_portable(a, b, block),
@@ -334,11 +405,13 @@ fn unpair(x: u32) -> (f32, f32) {
     (f32::from_bits(x << 16), f32::from_bits(x & 0xFFFF_0000))
 }
 
-fn kernel_portable(a: &[u32], b: &[u32], block: &mut [[f32; NR]; MR]) {
+fn kernel_portable(a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
     *block = [[0.0; NR]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        for (sums, &x) in block.iter_mut().zip(ap) {
-            let (x0, x1) = unpair(x);
+    for (p, bp) in b.chunks_exact(NR).enumerate().take(a.pairs) {
+        for (i, sums) in block.iter_mut().enumerate() {
+            // SAFETY: i < MR, p < pairs.
+            #[allow(unsafe_code)]
+            let (x0, x1) = unpair(unsafe { a.get(i, p * a.step) });
             for (s, &y) in sums.iter_mut().zip(bp) {
                 let (y0, y1) = unpair(y);
                 *s = x1.mul_add(y1, x0.mul_add(y0, *s));
@@ -350,11 +423,11 @@ fn kernel_portable(a: &[u32], b: &[u32], block: &mut [[f32; NR]; MR]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(unsafe_code)]
-fn kernel_avx512_bf16(a: &[u32], b: &[u32], block: &mut [[f32; NR]; MR]) {
+fn kernel_avx512_bf16(a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::{__m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_set1_epi32};
     use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
-    let pairs = a.len() / MR;
-    assert!(a.len() == pairs * MR && b.len() == pairs * NR, "cpu_bf16: panels of different lengths");
+    let pairs = a.pairs;
+    assert!(b.len() == pairs * NR, "cpu_bf16: panels of different lengths");
     let bh = |x: __m512i| -> __m512bh {
         // SAFETY: both are 512 bits of plain data; `vdpbf16ps` reads the integer vector's lanes
         // as pairs of bf16.
@@ -363,23 +436,24 @@ fn kernel_avx512_bf16(a: &[u32], b: &[u32], block: &mut [[f32; NR]; MR]) {
     // The block's sums, row i in `s[2i]` (columns 0..16) and `s[2i + 1]` (16..32): indexed with
     // constants only (the macro below), so that they live in registers.
     let mut s = [_mm512_setzero_ps(); 2 * MR];
-    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+    let (mut bp, mut offset) = (b.as_ptr(), 0usize);
     for _ in 0..pairs {
-        // SAFETY: each pass reads `MR` values of `a` and `NR` of `b` and moves past them, `pairs`
-        // passes in all: within the slices (their lengths are checked above).
+        // SAFETY: each pass reads the next pair of every row of `a` ([`APanel::get`], at `p *
+        // step`) and `NR` values of `b` and moves past them, `pairs` passes in all: within `b`
+        // (checked above).
         unsafe {
             let b0 = bh(_mm512_loadu_si512(bp.cast()));
             let b1 = bh(_mm512_loadu_si512(bp.add(16).cast()));
             macro_rules! row {
                 ($($i:literal)*) => {$(
-                    let x = bh(_mm512_set1_epi32(*ap.add($i) as i32));
+                    let x = bh(_mm512_set1_epi32(a.get($i, offset) as i32));
                     s[2 * $i] = _mm512_dpbf16_ps(s[2 * $i], x, b0);
                     s[2 * $i + 1] = _mm512_dpbf16_ps(s[2 * $i + 1], x, b1);
                 )*};
             }
             row!(0 1 2 3 4 5 6 7 8 9 10 11);
-            ap = ap.add(MR);
-            bp = bp.add(NR);
+            bp = bp.wrapping_add(NR);
+            offset = offset.wrapping_add(a.step);
         }
     }
     for (i, out) in block.iter_mut().enumerate() {
@@ -428,6 +502,15 @@ mod tests {
         let b: Vec<f32> = (0..k * n).map(|i| value(i + 1_000_003)).collect();
         let b16: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
         let av = View { data: &a[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
+        // `a` in bf16 rows (read in place when `k` is even), also from an odd offset in longer
+        // rows (pairs at odd addresses).
+        let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut padded = vec![bf16::ZERO; 1 + m * (k + 3)];
+        for (i, row) in a16.chunks_exact(k).enumerate() {
+            padded[1 + i * (k + 3)..][..k].copy_from_slice(row);
+        }
+        let av16 = View { data: &a16[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
+        let av_padded = View { data: &padded[1..], row_stride: k + 3, ..av16 };
         for transposed in [false, true] {
             // `b` as `[k, n]`, or its values read as the transpose of `[n, k]`.
             let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
@@ -437,6 +520,8 @@ mod tests {
             let f32_out: Vec<f32> = product(av, bv, kernel);
             let from_bf16: Vec<f32> = product(av, bv16, kernel);
             let bf16_out: Vec<bf16> = product(av, bv, kernel);
+            let from_a16: Vec<f32> = product(av16, bv, kernel);
+            let from_padded: Vec<f32> = product(av_padded, bv, kernel);
             for idx in 0..m * n {
                 // f32 sums of k exact products: within k roundings of the sum of magnitudes.
                 let tol = 6e-8 * (k as f64) * scale[idx].max(1e-30);
@@ -447,6 +532,8 @@ mod tests {
                     want[idx]
                 );
                 assert_eq!(f32_out[idx], from_bf16[idx], "a bf16 operand gives the f32 one's product");
+                assert_eq!(f32_out[idx], from_a16[idx], "bf16 rows of a give the f32 one's product");
+                assert_eq!(f32_out[idx], from_padded[idx], "bf16 rows of a, offset, give the same");
                 assert_eq!(bf16_out[idx], bf16::from_f32(f32_out[idx]), "bf16 output is the sum rounded");
             }
         }
