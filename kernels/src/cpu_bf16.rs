@@ -185,8 +185,10 @@ fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel:
         return out;
     }
     let pairs = k.div_ceil(2);
-    // bf16 rows in memory with an even length are already pairs, as the kernel reads them.
-    let a_rows = A::as_bf16_bits(a.data).filter(|_| a.col_stride == 1 && k % 2 == 0);
+    // bf16 rows in memory with an even length are already pairs, as the kernel reads them (the
+    // first of a pair in the low half: on little-endian CPUs).
+    let in_place = cfg!(target_endian = "little") && a.col_stride == 1 && k % 2 == 0;
+    let a_rows = A::as_bf16_bits(a.data).filter(|_| in_place);
     let packed_a = if a_rows.is_some() { Vec::new() } else { pack(a, pairs, MR) };
     let a_source = match a_rows {
         Some(bits) => ASource::Rows { bits, row_stride: a.row_stride },
@@ -227,29 +229,31 @@ enum ASource<'a> {
 }
 
 /// One panel of `a` as the kernels read it: row `i`'s pair `p` is the 32 bits at `rows[i] + p *
-/// step` (in u32s; read unaligned).
+/// step` (in u32s; read unaligned), in memory that lives for `'a`.
 #[derive(Clone, Copy)]
-struct APanel {
+struct APanel<'a> {
     rows: [*const u32; MR],
     step: usize,
     pairs: usize,
+    memory: std::marker::PhantomData<&'a [u32]>,
 }
 
-impl APanel {
+impl<'a> APanel<'a> {
     /// Panel `ip` of `a` for the product's `m` rows (a last panel's rows past `m` read the last
     /// row again: their sums are not written out).
-    fn new(a: ASource<'_>, ip: usize, pairs: usize, m: usize) -> Self {
+    fn new(a: ASource<'a>, ip: usize, pairs: usize, m: usize) -> Self {
+        let memory = std::marker::PhantomData;
         match a {
             ASource::Packed(packed) => {
                 let panel = &packed[ip * pairs * MR..][..pairs * MR];
-                Self { rows: std::array::from_fn(|i| panel[i..].as_ptr()), step: MR, pairs }
+                Self { rows: std::array::from_fn(|i| panel[i..].as_ptr()), step: MR, pairs, memory }
             }
             ASource::Rows { bits, row_stride } => {
                 let row = |i: usize| {
                     let r = (ip * MR + i).min(m - 1);
                     bits[r * row_stride..][..2 * pairs].as_ptr().cast::<u32>()
                 };
-                Self { rows: std::array::from_fn(row), step: 1, pairs }
+                Self { rows: std::array::from_fn(row), step: 1, pairs, memory }
             }
         }
     }
@@ -263,11 +267,11 @@ impl APanel {
     #[inline(always)]
     #[allow(unsafe_code)]
     unsafe fn get(&self, i: usize, offset: usize) -> u32 {
-        // SAFETY: `new` took each row's pointer from a slice of `pairs * step` u32s (a packed
-        // panel from row `i`'s first, or `2 * pairs` bf16 of a row) that lives as long as the
-        // product.
-        // Read as bytes: alignment 1, no check of it (nor `read_unaligned`'s) in the loop.
-        unsafe { u32::from_le_bytes(*self.rows[i].wrapping_add(offset).cast::<[u8; 4]>()) }
+        // SAFETY: `new` took row `i`'s pointer from a slice that lives for `'a` and holds the
+        // `(pairs - 1) * step + 1` u32s read from it: the packed panel from its `i`th value on
+        // (`pairs * MR - i` of them, `i < MR`), or the `2 * pairs` bf16 of a row. Read as bytes:
+        // alignment 1, no check of it (nor `read_unaligned`'s) in the loop.
+        unsafe { u32::from_ne_bytes(*self.rows[i].wrapping_add(offset).cast::<[u8; 4]>()) }
     }
 }
 
@@ -387,7 +391,7 @@ fn pack_panel<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width: usize
 
 /// One `MR x NR` block of sums over every pair.
 #[inline(always)]
-fn run(kernel: Kernel, a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
+fn run(kernel: Kernel, a: APanel<'_>, b: &[u32], block: &mut [[f32; NR]; MR]) {
     assert_eq!(a.pairs * NR, b.len(), "cpu_bf16: panels of different lengths");
     match kernel {
         #[cfg(target_arch = "x86_64")]
@@ -405,7 +409,7 @@ fn unpair(x: u32) -> (f32, f32) {
     (f32::from_bits(x << 16), f32::from_bits(x & 0xFFFF_0000))
 }
 
-fn kernel_portable(a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
+fn kernel_portable(a: APanel<'_>, b: &[u32], block: &mut [[f32; NR]; MR]) {
     *block = [[0.0; NR]; MR];
     for (p, bp) in b.chunks_exact(NR).enumerate().take(a.pairs) {
         for (i, sums) in block.iter_mut().enumerate() {
@@ -423,7 +427,7 @@ fn kernel_portable(a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(unsafe_code)]
-fn kernel_avx512_bf16(a: APanel, b: &[u32], block: &mut [[f32; NR]; MR]) {
+fn kernel_avx512_bf16(a: APanel<'_>, b: &[u32], block: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::{__m512bh, __m512i, _mm512_dpbf16_ps, _mm512_loadu_si512, _mm512_set1_epi32};
     use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
     let pairs = a.pairs;

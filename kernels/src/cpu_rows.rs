@@ -60,6 +60,13 @@ fn local(t: i64, offset: usize, c: usize) -> Option<usize> {
 /// `offset..offset + C` folded in (what [`LseState::update`] does).
 pub fn fold(logits: &[f32], c: usize, targets: &[i64], offset: usize, state: (&mut [f32], &mut [f32], &mut [f32])) {
     let (max, sum, picked) = state;
+    let rows = targets.len();
+    assert!(
+        logits.len() == rows * c && max.len() == rows && sum.len() == rows && picked.len() == rows,
+        "cpu_rows::fold: {rows} targets, {} logits of {c} words, a state of {} rows",
+        logits.len(),
+        max.len()
+    );
     if c == 0 {
         return;
     }
@@ -84,11 +91,19 @@ pub fn gradient(
     stats: (&[f32], &[f32]),
     g: &[f32],
 ) -> Vec<f32> {
+    let (max, log_sum) = stats;
+    let rows = targets.len();
+    assert!(
+        logits.len() == rows * c && max.len() == rows && log_sum.len() == rows && g.len() == rows,
+        "cpu_rows::gradient: {rows} targets, {} logits of {c} words, {} statistics, {} gradients",
+        logits.len(),
+        max.len(),
+        g.len()
+    );
     let mut out = vec![0.0f32; logits.len()];
     if c == 0 {
         return out;
     }
-    let (max, log_sum) = stats;
     let rows = out.par_chunks_exact_mut(c).zip(logits.par_chunks_exact(c)).zip(targets).zip(max).zip(log_sum).zip(g);
     rows.for_each(|(((((o, row), &t), &m), &l), &g)| {
         scaled_probs(o, row, m, l, -g);
@@ -133,7 +148,8 @@ impl RowOps<Flex> for CpuRows {
         targets: &Tensor<Flex, 1, Int>,
         offset: usize,
     ) -> LseState<Flex> {
-        let Some(t) = ids(targets).filter(|_| logits.dtype() == DType::F32) else {
+        let f32s = [logits.dtype(), state.max.dtype(), state.sum.dtype(), state.target.dtype()];
+        let Some(t) = ids(targets).filter(|_| f32s.iter().all(|&d| d == DType::F32)) else {
             return Plain.update(state, logits, targets, offset);
         };
         let device = logits.device();
@@ -155,7 +171,8 @@ impl RowOps<Flex> for CpuRows {
         g: &Tensor<Flex, 1>,
         offset: usize,
     ) -> Tensor<Flex, 2> {
-        let Some(t) = ids(targets).filter(|_| logits.dtype() == DType::F32) else {
+        let f32s = [logits.dtype(), stats.dtype(), g.dtype()].iter().all(|&d| d == DType::F32);
+        let Some(t) = ids(targets).filter(|_| f32s) else {
             return Plain.grad(logits, targets, stats, g, offset);
         };
         let (device, shape) = (logits.device(), logits.dims());
@@ -190,26 +207,32 @@ mod tests {
         }
     }
 
-    /// Three chunks of 37, 40 and 1 words, 5 rows: targets in each chunk, past the end, and padding.
+    /// Three chunks of 37, 40 and 1 words, 6 rows: targets in each chunk, past the last word, and
+    /// padding.
     #[test]
     fn cpu_rows_match_plain_ops() {
         let device = Default::default();
-        let targets = Tensor::<Flex, 1, Int>::from_ints([3, 40, 77, -1, 60], &device);
+        let targets = Tensor::<Flex, 1, Int>::from_ints([3, 40, 77, -1, 60, 78], &device);
+        rows_match_plain(&targets, &device);
+    }
+
+    fn rows_match_plain(targets: &Tensor<Flex, 1, Int>, device: &burn::tensor::Device<Flex>) {
+        let n = targets.dims()[0];
         let chunks = [(0, 37), (37, 77), (77, 78)];
-        let (mut mine, mut plain) = (LseState::new(5, &device), LseState::new(5, &device));
+        let (mut mine, mut plain) = (LseState::new(n, device), LseState::new(n, device));
         for (k, &(c0, c1)) in chunks.iter().enumerate() {
-            let l = logits(5, c1 - c0, k, &device);
-            mine = CpuRows.update(mine, l.clone(), &targets, c0);
-            plain = Plain.update(plain, l, &targets, c0);
+            let l = logits(n, c1 - c0, k, device);
+            mine = CpuRows.update(mine, l.clone(), targets, c0);
+            plain = Plain.update(plain, l, targets, c0);
         }
-        let ((logp, stats), (want_logp, want_stats)) = (mine.finish(&targets), plain.finish(&targets));
+        let ((logp, stats), (want_logp, want_stats)) = (mine.finish(targets), plain.finish(targets));
         close(&values(logp), &values(want_logp), "logp");
         close(&values(stats.clone()), &values(want_stats), "stats");
-        let g = Tensor::<Flex, 1>::from_floats([0.5, -2.0, 1.0, 0.0, 3.0], &device);
+        let g = Tensor::<Flex, 1>::from_floats([0.5, -2.0, 1.0, 0.0, 3.0, 0.25], device);
         for (k, &(c0, c1)) in chunks.iter().enumerate() {
-            let l = logits(5, c1 - c0, k, &device);
-            let got = values(CpuRows.grad(l.clone(), &targets, &stats, &g, c0));
-            let want = values(Plain.grad(l, &targets, &stats, &g, c0));
+            let l = logits(n, c1 - c0, k, device);
+            let got = values(CpuRows.grad(l.clone(), targets, &stats, &g, c0));
+            let want = values(Plain.grad(l, targets, &stats, &g, c0));
             close(&got, &want, "grad");
         }
     }

@@ -312,8 +312,8 @@ pub trait LogProbBackend: Backend {
         plain_linear_matmul_bwd::<Self>(x, w, grad, want)
     }
 
-    /// SwiGLU's `silu(gate) * up` (entry point; differentiable on `Autodiff`, which keeps `gate`
-    /// and `up` only), in their dtype. The default is Burn's `silu` and product; the CPU backend
+    /// SwiGLU's `silu(gate) * up` for `gate` and `up` of one shape (entry point; differentiable
+    /// on `Autodiff`, which keeps `gate` and `up` only), in their dtype. The default is Burn's `silu` and product; the CPU backend
     /// overrides it ([`cpu_swiglu`]).
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         plain_swiglu::<Self>(gate, up)
@@ -1120,7 +1120,12 @@ pub fn linear_matmul<B: LogProbBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Ten
 
 /// SwiGLU's `silu(gate) * up` ([`LogProbBackend::swiglu`]): differentiable, keeping `gate` and
 /// `up` for the backward rather than the sigmoid and the SiLU too.
+///
+/// # Panics
+/// When `gate` and `up` differ in shape (no broadcasting: the backward gives each gradient in the
+/// output's shape).
 pub fn swiglu<B: LogProbBackend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    assert_eq!(gate.dims(), up.dims(), "swiglu: gate and up differ in shape");
     let (gate, up) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(B::swiglu(gate, up)))
 }
@@ -1384,7 +1389,7 @@ mod tests {
         use burn::backend::{Autodiff, Flex};
         use burn::tensor::TensorData;
         use burn::tensor::activation::silu;
-        fn check<A: burn::tensor::backend::AutodiffBackend + LogProbBackend>(dtype: DType) {
+        fn check<A: burn::tensor::backend::AutodiffBackend + LogProbBackend>(dtype: DType, transposed: bool) {
             let device = Default::default();
             let values = |len: usize, seed: usize, scale: f32| -> Vec<f32> {
                 (0..len).map(|i| ((((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0) * scale).collect()
@@ -1400,8 +1405,11 @@ mod tests {
             let weights = Tensor::<A, 3>::from_data(TensorData::new(values(len, 3, 1.0), shape), &device)
                 .cast(DType::BF16)
                 .cast(dtype);
-            let ours = swiglu(gate.clone(), up.clone());
-            let burns = silu(gate.clone()) * up.clone();
+            // Transposed: views whose values do not lie in order (copied first).
+            let view = |x: Tensor<A, 3>| if transposed { x.swap_dims(1, 2) } else { x };
+            let weights = view(weights);
+            let ours = swiglu(view(gate.clone()), view(up.clone()));
+            let burns = silu(view(gate.clone())) * view(up.clone());
             let f32s = |t: Tensor<A, 3>| -> Vec<f32> { t.cast(DType::F32).into_data().to_vec().unwrap() };
             // bf16: Burn rounds the sigmoid too, so two or three roundings against our two.
             let tol = |v: f32, scale: f32| {
@@ -1423,9 +1431,23 @@ mod tests {
             }
         }
         for dtype in [DType::F32, DType::BF16] {
-            check::<Autodiff<Flex>>(dtype);
-            check::<Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(dtype);
+            for transposed in [false, true] {
+                check::<Autodiff<Flex>>(dtype, transposed);
+            }
+            check::<Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(dtype, false);
+            // The comparisons above would pass through Burn's ops as well: these tensors take
+            // the CPU kernel.
+            let t = || Tensor::<Flex, 3>::ones([2, 3, 4], &Default::default()).cast(dtype).into_primitive().tensor();
+            assert_eq!(swiglu_dtype(&[&t(), &t(), &t()]), Some(dtype));
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "swiglu: gate and up differ in shape")]
+    fn swiglu_does_not_broadcast() {
+        let device = Default::default();
+        let gate = Tensor::<burn::backend::Flex, 2>::ones([3, 4], &device);
+        let _ = swiglu(gate, Tensor::ones([1, 4], &device));
     }
 
     /// The default `swiglu_bwd` (Burn's ops, what GPU backends run) gives Burn's autodiff's

@@ -151,7 +151,7 @@ impl GgmlType {
     /// Dequantise whole blocks `raw` (a multiple of the block size) into `out`.
     pub fn dequantize(self, raw: &[u8], out: &mut Vec<f32>) {
         let (_, bytes) = self.block();
-        debug_assert!(raw.len().is_multiple_of(bytes));
+        assert!(raw.len().is_multiple_of(bytes), "{self:?}: {} bytes are not whole blocks of {bytes}", raw.len());
         let blocks = raw.chunks_exact(bytes);
         match self {
             Self::F32 => out.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),

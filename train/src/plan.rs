@@ -13,7 +13,7 @@
 //!   gradient checkpointing, every layer's without);
 //! - **activations**: what Burn's autodiff keeps for backward in one decoder layer (the norms'
 //!   f32 intermediates, q/k/v and their rotations, attention's output and each row's max and
-//!   log-sum, the MLP's gate, up and their mix) per token, for every layer without
+//!   log-sum, the MLP's gate, up and their mix, and GeGLU's intermediates) per token, for every layer without
 //!   checkpointing, and for one recomputed layer plus every layer's input with it; the padding
 //!   bias and rotary tables of the micro-batch;
 //! - **attention tiles**: attention computes its scores in tiles of query rows (at most
