@@ -585,25 +585,40 @@ fn bf16_product(
 /// Elements per task of the conversions below.
 const CONVERT_CHUNK: usize = 1 << 15;
 
-/// A bf16 tensor as a contiguous f32 one (exact), on every core; other dtypes as they are.
+/// A bf16 tensor as an f32 one (exact), on every core ([`convert`]); other dtypes as they are.
 fn widen_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
     if x.dtype() != DType::BF16 { x } else { convert(x, widen_chunk) }
 }
 
-/// An f32 tensor rounded to bf16 (to nearest, ties to even), on every core; other dtypes as
-/// they are.
+/// An f32 tensor rounded to bf16 (to nearest, ties to even), on every core ([`convert`]); other
+/// dtypes as they are.
 fn narrow_to_bf16(x: burn_flex::FlexTensor) -> burn_flex::FlexTensor {
     if x.dtype() != DType::F32 { x } else { convert(x, narrow_chunk) }
 }
 
-/// `x`'s values (of type `S`) converted by `chunk` into a contiguous tensor of `D`, a
-/// [`CONVERT_CHUNK`] of them per task.
+/// `x`'s values (of type `S`) converted by `chunk` into a tensor of `D`, a [`CONVERT_CHUNK`] of
+/// them per task: contiguous, or where `x` is a view whose values fill the memory it spans (a
+/// permutation of a contiguous tensor: attention's `q`, `k` and `v`), that memory converted in
+/// order and viewed as `x` is (flex's copy of a permuted view goes element by element).
 fn convert<S, D>(x: burn_flex::FlexTensor, chunk: fn(&[S], &mut [D])) -> burn_flex::FlexTensor
 where
     S: burn::tensor::Element + bytemuck::Pod + Sync,
     D: burn::tensor::Element + bytemuck::Pod + Send,
 {
     use rayon::prelude::*;
+    let (shape, strides) = (x.layout().shape().clone(), x.layout().strides().to_vec());
+    let n = shape.num_elements();
+    let span = strides
+        .iter()
+        .zip(shape.iter())
+        .try_fold(1usize, |span, (&s, &d)| span.checked_add(usize::try_from(s).ok()?.checked_mul(d.checked_sub(1)?)?));
+    if n > 0 && span == Some(n) && !x.is_contiguous() {
+        let src = &x.storage::<S>()[x.layout().start_offset()..][..n];
+        let mut values = vec![D::zeroed(); n];
+        values.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(out, src)| chunk(src, out));
+        let block = burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, [n]));
+        return block.with_layout(burn_flex::Layout::new(shape, strides, 0));
+    }
     let x = x.to_contiguous();
     let shape = x.layout().shape().clone();
     let src = &x.storage::<S>()[x.layout().start_offset()..][..shape.num_elements()];
@@ -1439,6 +1454,23 @@ mod tests {
             // the CPU kernel.
             let t = || Tensor::<Flex, 3>::ones([2, 3, 4], &Default::default()).cast(dtype).into_primitive().tensor();
             assert_eq!(swiglu_dtype(&[&t(), &t(), &t()]), Some(dtype));
+        }
+    }
+
+    /// Casts of permuted views (converted where they lie, the layout kept) and of narrowed ones
+    /// (copied first) give the values of the view, in its order.
+    #[test]
+    fn flex_cast_of_views_keeps_their_values() {
+        use burn::backend::Flex;
+        let device = Default::default();
+        let values: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| i as f32 / 7.0).collect();
+        let x = Tensor::<Flex, 4>::from_data(burn::tensor::TensorData::new(values, [2, 3, 4, 5]), &device);
+        for view in [x.clone().swap_dims(1, 2), x.clone().permute([3, 1, 0, 2]), x.clone().narrow(2, 1, 2), x.clone()] {
+            let want: Vec<f32> = view.clone().cast(DType::BF16).cast(DType::F32).into_data().to_vec().unwrap();
+            let bf16 = cast(view.clone(), DType::BF16);
+            assert_eq!(bf16.dims(), view.dims());
+            let got: Vec<f32> = cast(bf16, DType::F32).into_data().to_vec().unwrap();
+            assert_eq!(got, want);
         }
     }
 
