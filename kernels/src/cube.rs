@@ -21,7 +21,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::{CubeCount, CubeDim};
 
 use crate::reference::{LseState, RowOps};
-use crate::{AttentionMask, Chunks, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, QuantLayout, Want, float, prim, with_ops};
+use crate::{AttentionMask, DEFAULT_MAX_CHUNK_ELEMS, LogProbBackend, QuantLayout, float, prim};
 
 /// The kernels, apart from Burn's names (both have a `Tensor`).
 mod gpu {
@@ -260,6 +260,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RowOps<Cub
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBackend for Cube<R, F, I, BT> {
+    fn row_ops() -> impl RowOps<Self> {
+        Kernels
+    }
+
     fn max_chunk_elems(device: &Self::Device) -> usize {
         let binding = R::client(device).properties().memory.max_page_size as usize / 4;
         DEFAULT_MAX_CHUNK_ELEMS.min(binding.max(1 << 16))
@@ -268,13 +272,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
     fn max_attention_elems(device: &Self::Device) -> usize {
         let binding = R::client(device).properties().memory.max_page_size as usize / 4;
         crate::DEFAULT_MAX_ATTENTION_ELEMS.min(binding.max(1 << 16))
-    }
-
-    fn token_logprobs_fwd(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::token_fwd::<Self>(&Kernels, logits, targets)
     }
 
     fn causal_attention_fwd(
@@ -306,36 +303,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         }
     }
 
-    fn token_logprobs_bwd(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        with_ops::token_bwd::<Self>(&Kernels, logits, targets, stats, grad)
-    }
-
-    fn linear_logprobs_fwd(
-        hidden: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        chunks: Chunks,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::linear_fwd::<Self>(&Kernels, hidden, weight, targets, chunks)
-    }
-
-    fn linear_logprobs_bwd(
-        hidden: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunks: Chunks,
-        want: Want,
-    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        with_ops::linear_bwd::<Self>(&Kernels, (hidden, weight, targets), stats, grad, chunks, want)
-    }
-
     fn dequantizes_on_device(layout: QuantLayout) -> bool {
         crate::cube_quant::reads(layout.ty)
     }
@@ -346,27 +313,5 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LogProbBac
         } else {
             crate::qweight::dequantize_on_host::<Self>(words, layout)
         }
-    }
-
-    fn quant_linear_logprobs_fwd(
-        hidden: FloatTensor<Self>,
-        words: IntTensor<Self>,
-        layout: QuantLayout,
-        targets: IntTensor<Self>,
-        chunks: Chunks,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        crate::qweight::logprobs_fwd::<Self>(&Kernels, hidden, (words, layout), targets, chunks)
-    }
-
-    fn quant_linear_logprobs_bwd(
-        hidden: FloatTensor<Self>,
-        words: IntTensor<Self>,
-        layout: QuantLayout,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunks: Chunks,
-    ) -> FloatTensor<Self> {
-        crate::qweight::logprobs_bwd::<Self>(&Kernels, hidden, (words, layout), targets, stats, grad, chunks)
     }
 }

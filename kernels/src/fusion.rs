@@ -270,13 +270,7 @@ impl<B: FusionBackend + LogProbBackend> LogProbBackend for Fusion<B> {
         chunks: Chunks,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !B::dequantizes_on_device(layout) {
-            return crate::qweight::logprobs_fwd::<Self>(
-                &crate::reference::Plain,
-                hidden,
-                (words, layout),
-                targets,
-                chunks,
-            );
+            return crate::qweight::logprobs_fwd::<Self>(&Self::row_ops(), hidden, (words, layout), targets, chunks);
         }
         let n = dims(&hidden)[0];
         let inputs = vec![hidden, words, targets];
@@ -310,7 +304,7 @@ impl<B: FusionBackend + LogProbBackend> LogProbBackend for Fusion<B> {
     ) -> FloatTensor<Self> {
         if !B::dequantizes_on_device(layout) {
             return crate::qweight::logprobs_bwd::<Self>(
-                &crate::reference::Plain,
+                &Self::row_ops(),
                 hidden,
                 (words, layout),
                 targets,

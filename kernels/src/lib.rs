@@ -191,13 +191,21 @@ pub trait LogProbBackend: Backend {
         Self::linear_logprobs_fwd(hidden, weight, targets, chunks).0
     }
 
+    /// The two per-row steps of the log-prob operations below (the online log-sum-exp and the
+    /// logits' gradient), which their provided forwards and backwards run chunk by chunk: the
+    /// reference in plain Burn ops by default; the CPU backend's one vectorised pass per row
+    /// ([`cpu_rows`]), cubecl kernels on cubecl backends.
+    fn row_ops() -> impl reference::RowOps<Self> {
+        reference::Plain
+    }
+
     /// Forward of [`Self::token_logprobs`]: `(logp [N], stats [2, N])`, both f32; `stats` holds
     /// each row's max logit and `ln sum exp(x - max)`.
     fn token_logprobs_fwd(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::token_fwd::<Self>(&reference::Plain, logits, targets)
+        with_ops::token_fwd::<Self>(&Self::row_ops(), logits, targets)
     }
 
     /// Backward of [`Self::token_logprobs`]: the gradient of the logits for the output gradient
@@ -208,7 +216,7 @@ pub trait LogProbBackend: Backend {
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        with_ops::token_bwd::<Self>(&reference::Plain, logits, targets, stats, grad)
+        with_ops::token_bwd::<Self>(&Self::row_ops(), logits, targets, stats, grad)
     }
 
     /// Forward of [`Self::linear_logprobs`]: `(logp [N], stats [2, N])` as in
@@ -219,7 +227,7 @@ pub trait LogProbBackend: Backend {
         targets: IntTensor<Self>,
         chunks: Chunks,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::linear_fwd::<Self>(&reference::Plain, hidden, weight, targets, chunks)
+        with_ops::linear_fwd::<Self>(&Self::row_ops(), hidden, weight, targets, chunks)
     }
 
     /// Backward of [`Self::linear_logprobs`]: the gradients of the hidden states and of the
@@ -234,7 +242,7 @@ pub trait LogProbBackend: Backend {
         chunks: Chunks,
         want: Want,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        with_ops::linear_bwd::<Self>(&reference::Plain, (hidden, weight, targets), stats, grad, chunks, want)
+        with_ops::linear_bwd::<Self>(&Self::row_ops(), (hidden, weight, targets), stats, grad, chunks, want)
     }
 
     /// Causal grouped-query attention (entry point; differentiable on `Autodiff`): `out [batch,
@@ -373,7 +381,7 @@ pub trait LogProbBackend: Backend {
         targets: IntTensor<Self>,
         chunks: Chunks,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        qweight::logprobs_fwd::<Self>(&reference::Plain, hidden, (words, layout), targets, chunks)
+        qweight::logprobs_fwd::<Self>(&Self::row_ops(), hidden, (words, layout), targets, chunks)
     }
 
     /// Backward of [`Self::quant_linear_logprobs`]: the hidden states' gradient.
@@ -387,7 +395,7 @@ pub trait LogProbBackend: Backend {
         grad: FloatTensor<Self>,
         chunks: Chunks,
     ) -> FloatTensor<Self> {
-        qweight::logprobs_bwd::<Self>(&reference::Plain, hidden, (words, layout), targets, stats, grad, chunks)
+        qweight::logprobs_bwd::<Self>(&Self::row_ops(), hidden, (words, layout), targets, stats, grad, chunks)
     }
 
     /// `tensor[ids[i]] += rows[i]` for `tensor [V, H]`, `ids [N]`, `rows [N, H]`, in the order
@@ -686,69 +694,8 @@ impl LogProbBackend for burn::backend::Flex {
         rayon::current_num_threads()
     }
 
-    /// The per-row steps in one vectorised pass per row ([`cpu_rows`]).
-    fn token_logprobs_fwd(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::token_fwd::<Self>(&cpu_rows::CpuRows, logits, targets)
-    }
-
-    /// As [`Self::token_logprobs_fwd`].
-    fn token_logprobs_bwd(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        with_ops::token_bwd::<Self>(&cpu_rows::CpuRows, logits, targets, stats, grad)
-    }
-
-    /// As [`Self::token_logprobs_fwd`].
-    fn linear_logprobs_fwd(
-        hidden: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        chunks: Chunks,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        with_ops::linear_fwd::<Self>(&cpu_rows::CpuRows, hidden, weight, targets, chunks)
-    }
-
-    /// As [`Self::token_logprobs_fwd`].
-    fn linear_logprobs_bwd(
-        hidden: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunks: Chunks,
-        want: Want,
-    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        with_ops::linear_bwd::<Self>(&cpu_rows::CpuRows, (hidden, weight, targets), stats, grad, chunks, want)
-    }
-
-    /// As [`Self::token_logprobs_fwd`].
-    fn quant_linear_logprobs_fwd(
-        hidden: FloatTensor<Self>,
-        words: IntTensor<Self>,
-        layout: QuantLayout,
-        targets: IntTensor<Self>,
-        chunks: Chunks,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        qweight::logprobs_fwd::<Self>(&cpu_rows::CpuRows, hidden, (words, layout), targets, chunks)
-    }
-
-    /// As [`Self::token_logprobs_fwd`].
-    fn quant_linear_logprobs_bwd(
-        hidden: FloatTensor<Self>,
-        words: IntTensor<Self>,
-        layout: QuantLayout,
-        targets: IntTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunks: Chunks,
-    ) -> FloatTensor<Self> {
-        qweight::logprobs_bwd::<Self>(&cpu_rows::CpuRows, hidden, (words, layout), targets, stats, grad, chunks)
+    fn row_ops() -> impl reference::RowOps<Self> {
+        cpu_rows::CpuRows
     }
 
     fn mixes_bf16_weights() -> bool {
