@@ -2,9 +2,10 @@
 # Every CPU benchmark of issue #35 on this machine, one after the other: generation against
 # transformers (batch 1, 8, 32, greedy and sampled), classifier scoring against transformers,
 # one DPO step against TRL (f32, checkpointing, LoRA), fuserl's bf16 compute against TRL's bf16
-# autocast, and HumanEval evaluation against commit f292813. About an hour and a half on a
-# 2-core machine, most of it the evaluation's baseline; needs the oracle environment
-# (docs/oracle.md). Run it on an idle machine, in the background:
+# autocast (with and without the AMX tiles where the CPU has them, after a check of the tiles and
+# a training step's products on them), and HumanEval evaluation against commit f292813. About
+# an hour and a half on a 2-core machine, most of it the evaluation's baseline; needs the oracle
+# environment (docs/oracle.md). Run it on an idle machine, in the background:
 #
 #   nohup scripts/bench-cpu.sh > /tmp/bench-cpu.log 2>&1 &
 #
@@ -46,6 +47,13 @@ step() {
     tail -n 12 "$out/$name.log"
 }
 
+if grep -q -w amx_bf16 /proc/cpuinfo; then
+    # The AMX tiles (kernels/src/cpu_amx.rs, opt-in with FUSERL_AMX=1): first whether they give
+    # the products their emulation gives, then a training step's products on AVX512-BF16 and on
+    # them, side by side.
+    step amx-check cargo test -q -p fuserl-kernels --lib -- amx --nocapture
+    step matmul-train cargo bench -q --profile dev -p fuserl-kernels --bench matmul -- --train
+fi
 step generate scripts/bench-generate.sh
 step reward scripts/bench-reward.sh
 step dpo-step scripts/bench-dpo-step.sh

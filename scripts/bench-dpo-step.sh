@@ -7,6 +7,7 @@
 #   scripts/bench-dpo-step.sh          # the above
 #   scripts/bench-dpo-step.sh bf16     # fuserl's bf16 compute over f32 master weights (checkpointing)
 #                                      # next to TRL's default bf16 autocast: issue #35's goal on AMX
+#                                      # (where the CPU has AMX, also with FUSERL_AMX=1: the tiles)
 #   scripts/bench-dpo-step.sh qlora    # QLoRA (issue #31): the LoRA step on Qwen2.5-Coder-0.5B's
 #                                      # Q4_K_M GGUF kept in its blocks, then on the same file
 #                                      # dequantised to an f32 base
@@ -22,6 +23,10 @@ if [[ "${1:-}" == bf16 ]]; then
         # shellcheck disable=SC2086 # the options are separate words
         cargo bench --quiet --profile dev --workspace --bench dpo_step -- $mode
     done
+    if grep -q -w amx_bf16 /proc/cpuinfo; then
+        # The bf16 products on AMX tiles (kernels/src/cpu_amx.rs; experimental, opt-in).
+        FUSERL_AMX=1 cargo bench --quiet --profile dev --workspace --bench dpo_step -- checkpointing bf16
+    fi
     "$python" scripts/bench_dpo_step_trl.py "$model" 2>/dev/null | tail -n 1
     exit 0
 fi

@@ -15,7 +15,8 @@
 //! `x^T @ g`, with 1024 tokens (the DPO benchmark's 2 pairs of 256), for flex in f32, flex in
 //! bf16 (the f32 weight cast to bf16 first, then both operands widened to f32 by flex) and
 //! fuserl's AVX512-BF16 kernel (`fuserl_kernels::cpu_bf16`, where the CPU has it: the f32 weight
-//! rounded as it is packed).
+//! rounded as it is packed), and the same on AMX tiles (`fuserl_kernels::cpu_amx`, where the CPU
+//! has them).
 
 use std::time::Instant;
 
@@ -156,25 +157,44 @@ fn train_products() {
             // `linear_matmul` did before fuserl's kernel; fuserl's kernel rounds it as it packs.
             let bf16_time =
                 median_time(&|| drop(std::hint::black_box(f(&xh, &w.clone().cast(DType::BF16), &gh).into_primitive())));
-            let ours = cpu_bf16::available().then(|| {
+            type Matmul = for<'a> fn(cpu_bf16::View<'a, half::bf16>, cpu_bf16::View<'a, f32>) -> Vec<half::bf16>;
+            type Gradient =
+                for<'a> fn(cpu_bf16::View<'a, half::bf16>, cpu_bf16::View<'a, half::bf16>) -> Vec<half::bf16>;
+            let timed = |with_w: Matmul, with_g: Gradient| {
                 median_time(&|| {
-                    let c: Vec<half::bf16> = match i {
-                        0 => cpu_bf16::matmul(xs, ws),
-                        1 => cpu_bf16::matmul(gs, ws.t()),
-                        _ => cpu_bf16::matmul(xs.t(), gs),
+                    let c = match i {
+                        0 => with_w(xs, ws),
+                        1 => with_w(gs, ws.t()),
+                        _ => with_g(xs.t(), gs),
                     };
                     drop(std::hint::black_box(c));
                 })
-            });
+            };
+            // `cpu_bf16::matmul` takes the AMX tiles where FUSERL_AMX=1 asks for them; `avx512`
+            // says which it measured.
+            let avx512 = !fuserl_kernels::cpu_amx::enabled();
+            let ours = cpu_bf16::available().then(|| timed(cpu_bf16::matmul, cpu_bf16::matmul));
+            #[cfg(target_arch = "x86_64")]
+            let amx = fuserl_kernels::cpu_amx::available()
+                .then(|| timed(fuserl_kernels::cpu_amx::matmul, fuserl_kernels::cpu_amx::matmul));
+            #[cfg(not(target_arch = "x86_64"))]
+            let amx: Option<f64> = None;
             println!(
-                "{tokens} tokens, k {k:>4} n {n:>4}, {name:<8}: flex f32 {:6.1} GFLOP/s, flex bf16 {:6.1}, fuserl bf16 {}",
+                "{tokens} tokens, k {k:>4} n {n:>4}, {name:<8}: flex f32 {:6.1} GFLOP/s, flex bf16 {:6.1}, fuserl bf16{} {}, on AMX tiles {}",
                 rate(f32_time),
                 rate(bf16_time),
+                if avx512 { "" } else { " (AMX: FUSERL_AMX=1)" },
                 ours.map_or("(no AVX512-BF16 on this CPU)".into(), |t| format!(
                     "{:6.1} ({:.2}x flex f32, {:.2}x flex bf16)",
                     rate(t),
                     f32_time / t,
                     bf16_time / t
+                )),
+                amx.map_or("(none here)".into(), |t| format!(
+                    "{:6.1} ({:.2}x flex f32, {:.2}x fuserl bf16)",
+                    rate(t),
+                    f32_time / t,
+                    ours.map_or(f64::NAN, |o| o / t)
                 ))
             );
         }

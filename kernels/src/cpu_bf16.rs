@@ -149,7 +149,7 @@ pub fn available() -> bool {
 
 /// Which register kernel multiplies the panels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
+pub(crate) enum Kernel {
     /// `vdpbf16ps` (AVX512-BF16).
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
@@ -157,6 +157,13 @@ enum Kernel {
     /// pair's even product added first, subnormals kept; within rounding of `vdpbf16ps`).
     #[cfg_attr(not(test), allow(dead_code))]
     Portable,
+    /// AMX tiles ([`crate::cpu_amx`]; experimental, where `FUSERL_AMX=1` and the CPU has them).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
+    /// [`crate::cpu_amx`]'s blocking and layouts on its emulation of the tiles (the tests' check
+    /// of them on any CPU).
+    #[cfg_attr(not(test), allow(dead_code))]
+    AmxEmulated,
 }
 
 /// `a [m, k] @ b [k, n]` as `[m, n]`, row-major, in `O`.
@@ -168,7 +175,7 @@ pub fn matmul<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>) -> V
     assert!(available(), "cpu_bf16::matmul: this CPU has no AVX512-BF16 (check cpu_bf16::available first)");
     #[cfg(target_arch = "x86_64")]
     {
-        product(a, b, Kernel::Avx512Bf16)
+        product(a, b, if crate::cpu_amx::enabled() { Kernel::Amx } else { Kernel::Avx512Bf16 })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -176,13 +183,19 @@ pub fn matmul<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>) -> V
     }
 }
 
-fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel: Kernel) -> Vec<O> {
+pub(crate) fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, B>, kernel: Kernel) -> Vec<O> {
     assert_eq!(a.cols, b.rows, "cpu_bf16::matmul: a has {} columns, b {} rows", a.cols, b.rows);
     assert!(a.fits() && b.fits(), "cpu_bf16::matmul: a view names values past its data");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let mut out = vec![O::ZERO; m * n];
     if m == 0 || n == 0 || k == 0 {
         return out;
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => return crate::cpu_amx::product(a, b, crate::cpu_amx::hardware_tiles),
+        Kernel::AmxEmulated => return crate::cpu_amx::product(a, b, crate::cpu_amx::Emulated::default),
+        _ => {}
     }
     let pairs = k.div_ceil(2);
     // bf16 rows in memory with an even length are already pairs, as the kernel reads them (the
@@ -317,8 +330,9 @@ fn output_rows<O: OutElem>(p: &Packed<'_>, panels: std::ops::Range<usize>, rows:
 
 /// The rows of `x` in panels of `width` rows: panel `q`, pair `p`, row `i` at
 /// `(q * pairs + p) * width + i`, holding `x[row, 2p]` in the low half and `x[row, 2p + 1]` in
-/// the high half; rows and columns past the end are zeros. (`b` is packed as its transpose.)
-fn pack<T: Elem>(x: View<'_, T>, pairs: usize, width: usize) -> Vec<u32> {
+/// the high half; rows and columns past the end, and pairs past `x`'s, are zeros. (`b` is packed
+/// as its transpose.)
+pub(crate) fn pack<T: Elem>(x: View<'_, T>, pairs: usize, width: usize) -> Vec<u32> {
     let mut packed = vec![0u32; x.rows.div_ceil(width) * pairs * width];
     #[cfg(target_arch = "x86_64")]
     let wide = available();
@@ -348,7 +362,8 @@ fn pack_panel_avx512<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width
 /// Panel `q` of [`pack`].
 #[inline(always)]
 fn pack_panel<T: Elem>(x: View<'_, T>, q: usize, panel: &mut [u32], width: usize) {
-    let pairs = panel.len() / width;
+    let pairs = x.cols.div_ceil(2);
+    assert!(pairs * width <= panel.len(), "cpu_bf16: a panel shorter than its rows' pairs");
     let bits = |v: T| u32::from(v.bf16_bits());
     let (first, rows) = (q * width, width.min(x.rows - q * width));
     if x.col_stride == 1 {
@@ -400,6 +415,9 @@ fn run(kernel: Kernel, a: APanel<'_>, b: &[u32], block: &mut [[f32; NR]; MR]) {
         #[allow(unsafe_code)]
         Kernel::Avx512Bf16 => unsafe { kernel_avx512_bf16(a, b, block) },
         Kernel::Portable => kernel_portable(a, b, block),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => unreachable!("cpu_bf16: the AMX kernel has its own blocks"),
+        Kernel::AmxEmulated => unreachable!("cpu_bf16: the AMX kernel has its own blocks"),
     }
 }
 
@@ -473,11 +491,7 @@ fn kernel_avx512_bf16(a: APanel<'_>, b: &[u32], block: &mut [[f32; NR]; MR]) {
 mod tests {
     use super::*;
 
-    /// A reproducible value in [-1, 1).
-    fn value(seed: usize) -> f32 {
-        let h = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) ^ 0x5851_F42D_4C95_7F2D;
-        (h.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
+    use crate::cpu_amx::value;
 
     fn round(x: f32) -> f64 {
         f64::from(bf16::from_f32(x).to_f32())
@@ -515,6 +529,9 @@ mod tests {
         }
         let av16 = View { data: &a16[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
         let av_padded = View { data: &padded[1..], row_stride: k + 3, ..av16 };
+        // `a` as the transpose of its `[k, m]` transpose (a weight gradient's `x^T`).
+        let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let av_t = View { data: &a_t[..], rows: m, cols: k, row_stride: 1, col_stride: m };
         for transposed in [false, true] {
             // `b` as `[k, n]`, or its values read as the transpose of `[n, k]`.
             let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
@@ -526,6 +543,7 @@ mod tests {
             let bf16_out: Vec<bf16> = product(av, bv, kernel);
             let from_a16: Vec<f32> = product(av16, bv, kernel);
             let from_padded: Vec<f32> = product(av_padded, bv, kernel);
+            let from_a_t: Vec<f32> = product(av_t, bv, kernel);
             for idx in 0..m * n {
                 // f32 sums of k exact products: within k roundings of the sum of magnitudes.
                 let tol = 6e-8 * (k as f64) * scale[idx].max(1e-30);
@@ -538,17 +556,19 @@ mod tests {
                 assert_eq!(f32_out[idx], from_bf16[idx], "a bf16 operand gives the f32 one's product");
                 assert_eq!(f32_out[idx], from_a16[idx], "bf16 rows of a give the f32 one's product");
                 assert_eq!(f32_out[idx], from_padded[idx], "bf16 rows of a, offset, give the same");
+                assert_eq!(f32_out[idx], from_a_t[idx], "a transposed view of a gives the same");
                 assert_eq!(bf16_out[idx], bf16::from_f32(f32_out[idx]), "bf16 output is the sum rounded");
             }
         }
     }
 
     fn shapes() -> Vec<(usize, usize, usize)> {
-        // Rows and columns in whole and partial panels (12, 32), single ones, and more panels
-        // than tasks; inner sizes odd, even, and one.
+        // Rows and columns in whole and partial panels (12 and 32 rows, 32 columns), single ones,
+        // and more panels than tasks; inner sizes odd, even, one, and whole chunks of AMX tiles
+        // (32, 64, 96: `a` read in place there).
         let mut shapes = Vec::new();
         for &m in &[1, 11, 12, 13, 50, 400] {
-            for &(k, n) in &[(1, 1), (2, 31), (17, 32), (64, 33), (129, 70)] {
+            for &(k, n) in &[(1, 1), (2, 31), (17, 32), (32, 16), (64, 33), (96, 45), (129, 70)] {
                 shapes.push((m, k, n));
             }
         }
@@ -583,6 +603,48 @@ mod tests {
             for j in 0..4 {
                 let want: f64 = (0..9).map(|r| round(a.at(i, r)) * round(b.at(r, j))).sum();
                 assert!((f64::from(got[i * 4 + j]) - want).abs() < 1e-5, "({i}, {j}): {} != {want}", got[i * 4 + j]);
+            }
+        }
+    }
+
+    /// The AMX kernel's blocking, layouts and edges, on its emulation of the tiles.
+    #[test]
+    fn amx_emulation_matches_the_f64_reference() {
+        for shape in shapes() {
+            check(Kernel::AmxEmulated, shape);
+        }
+    }
+
+    /// The AMX tiles themselves, where the CPU has them and Linux lets this process use them
+    /// (says so and checks nothing elsewhere: the backend does not use them there), against the
+    /// reference and against their emulation.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_tiles_match_the_f64_reference_and_their_emulation() {
+        if !crate::cpu_amx::available() {
+            eprintln!("this CPU (or this process) has no AMX-BF16 tiles: they are not checked here");
+            return;
+        }
+        for shape in shapes() {
+            check(Kernel::Amx, shape);
+        }
+        for (m, k, n) in [(50, 96, 45), (13, 129, 70)] {
+            let a: Vec<f32> = (0..m * k).map(value).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| value(i + 31)).collect();
+            let av = View { data: &a[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
+            let bv = View { data: &b[..], rows: k, cols: n, row_stride: n, col_stride: 1 };
+            let tiles: Vec<f32> = product(av, bv, Kernel::Amx);
+            let emulated: Vec<f32> = product(av, bv, Kernel::AmxEmulated);
+            let differ = tiles.iter().zip(&emulated).filter(|(t, e)| t != e).count();
+            eprintln!(
+                "m {m} k {k} n {n}: {differ} of {} sums differ in bits between the tiles and their emulation",
+                m * n
+            );
+            for (i, (t, e)) in tiles.iter().zip(&emulated).enumerate() {
+                assert!(
+                    (t - e).abs() <= 1e-5 * (k as f32),
+                    "m {m} k {k} n {n}: sum {i}: {t} on the tiles, {e} emulated"
+                );
             }
         }
     }

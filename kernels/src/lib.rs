@@ -38,6 +38,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 pub mod attention;
 mod autodiff;
+pub mod cpu_amx;
 pub mod cpu_attention;
 pub mod cpu_bf16;
 pub mod cpu_matmul;

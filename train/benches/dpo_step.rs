@@ -161,7 +161,12 @@ fn bench<
     };
     println!(
         "fuserl (burn flex autodiff, {}, {what}, {:?} log-probs, {mode}, {malloc}): one DPO step, 2 pairs x 256 tokens: {:.2} s (median of {}; timed steps: {}), loss {:.4} at the first step and {:.4} at the last, peak RSS {:.0} MiB since the model was loaded ({:.0} MiB loading it)",
-        if compute == DType::BF16 { "bf16 compute over f32 master weights" } else { "f32" },
+        match compute {
+            // Asked after the steps: the first bf16 product decided it.
+            DType::BF16 if fuserl_kernels::cpu_amx::enabled() => "bf16 compute over f32 master weights, on AMX tiles",
+            DType::BF16 => "bf16 compute over f32 master weights",
+            _ => "f32",
+        },
         logprobs,
         secs,
         steps,
