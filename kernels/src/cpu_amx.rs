@@ -65,27 +65,48 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// A tile operand over the chunks: chunk `c`'s tile is `first`'s, `c * step` bytes on, for `c`
+/// below `chunks` (the first and the last checked inside the memory when made: the ones between
+/// lie between them).
+#[derive(Clone, Copy)]
+pub(crate) struct Walk<'a> {
+    first: Operand<'a>,
+    step: usize,
+}
+
+impl<'a> Walk<'a> {
+    /// # Panics
+    /// When the first or the last chunk's tile would end past `bytes` (or `chunks` is 0).
+    #[inline(always)]
+    fn new(bytes: &'a [u8], offset: usize, stride: usize, step: usize, chunks: usize) -> Self {
+        let last =
+            step.checked_mul(chunks.checked_sub(1).expect("cpu_amx: no chunks")).and_then(|s| s.checked_add(offset));
+        Operand::new(bytes, last.expect("cpu_amx: a tile past its operand's memory"), stride);
+        Self { first: Operand::new(bytes, offset, stride), step }
+    }
+
+    /// Chunk `c`'s tile.
+    #[cfg_attr(not(test), allow(dead_code))]
+    fn at(&self, c: usize) -> Operand<'a> {
+        Operand::new(self.first.bytes, self.first.offset + c * self.step, self.first.stride)
+    }
+}
+
 /// What the block loop asks of the tiles: the two implementations are the hardware's (`tmm0`-
 /// `tmm7`) and [`Emulated`].
 pub(crate) trait Tiles {
-    /// The four tiles of sums to zero.
-    fn zero(&mut self);
-    /// One chunk: `a0` and `a1` (16 rows of 16 pairs each: the block's rows 0-15 and 16-31)
-    /// times `b0` and `b1` (16 pairs of 16 columns: the block's columns 0-15 and 16-31), added
-    /// into the sums.
-    fn step(&mut self, a0: Operand<'_>, a1: Operand<'_>, b0: Operand<'_>, b1: Operand<'_>);
-    /// The sums into `block` (row-major, 32 x 32).
-    fn store(&mut self, block: &mut [[f32; NR]; MB]);
+    /// `block` (32 x 32, row-major) := the sums over `chunks` chunks of `a[0]` and `a[1]` (16 rows
+    /// of 16 pairs each: the block's rows 0-15 and 16-31) times `b[0]` and `b[1]` (16 pairs of 16
+    /// columns: its columns 0-15 and 16-31).
+    fn block(&mut self, a: [Walk<'_>; 2], b: [Walk<'_>; 2], chunks: usize, block: &mut [[f32; NR]; MB]);
 }
 
 /// `tdpbf16ps` as Intel's Software Developer's Manual describes it, on arrays: for each row of
-/// the sums, each pair of the chunk and each column, the pair's second product added then its
-/// first, each an f32 fused multiply-add rounded to nearest, subnormal inputs read as zero and
-/// subnormal results flushed to zero.
-#[derive(Default)]
-pub(crate) struct Emulated {
-    sums: [[[f32; KP]; TR]; 4],
-}
+/// the sums, the products of the chunk's pairs summed in two f32 temporaries (the pairs' first
+/// values' products in one, the second values' in the other, one fused multiply-add at a time),
+/// then the two added, then their sum added to the row's; rounded to nearest, subnormal inputs
+/// read as zero and subnormal results flushed to zero.
+pub(crate) struct Emulated;
 
 impl Emulated {
     fn dot(sums: &mut [[f32; KP]; TR], a: &[[u32; KP]; TR], b: &[[u32; KP]; TR]) {
@@ -94,34 +115,35 @@ impl Emulated {
         }
         let unpair = |x: u32| (daz(f32::from_bits(x << 16)), daz(f32::from_bits(x & 0xFFFF_0000)));
         for (row, a_row) in sums.iter_mut().zip(a) {
+            let (mut first, mut second) = ([0.0f32; KP], [0.0f32; KP]);
             for (&a_pair, b_row) in a_row.iter().zip(b) {
                 let (a_lo, a_hi) = unpair(a_pair);
-                for (s, &b_pair) in row.iter_mut().zip(b_row) {
+                for ((f, s), &b_pair) in first.iter_mut().zip(&mut second).zip(b_row) {
                     let (b_lo, b_hi) = unpair(b_pair);
-                    *s = daz(a_lo.mul_add(b_lo, daz(a_hi.mul_add(b_hi, *s))));
+                    *f = daz(a_lo.mul_add(b_lo, *f));
+                    *s = daz(a_hi.mul_add(b_hi, *s));
                 }
+            }
+            for ((sum, f), s) in row.iter_mut().zip(first).zip(second) {
+                *sum = daz(*sum + daz(f + s));
             }
         }
     }
 }
 
 impl Tiles for Emulated {
-    fn zero(&mut self) {
-        self.sums = [[[0.0; KP]; TR]; 4];
-    }
-
-    fn step(&mut self, a0: Operand<'_>, a1: Operand<'_>, b0: Operand<'_>, b1: Operand<'_>) {
+    fn block(&mut self, a: [Walk<'_>; 2], b: [Walk<'_>; 2], chunks: usize, block: &mut [[f32; NR]; MB]) {
         let load = |t: Operand<'_>| -> [[u32; KP]; TR] { std::array::from_fn(|r| t.row(r)) };
-        let (a0, a1, b0, b1) = (load(a0), load(a1), load(b0), load(b1));
-        let [s0, s1, s2, s3] = &mut self.sums;
-        Self::dot(s0, &a0, &b0);
-        Self::dot(s1, &a0, &b1);
-        Self::dot(s2, &a1, &b0);
-        Self::dot(s3, &a1, &b1);
-    }
-
-    fn store(&mut self, block: &mut [[f32; NR]; MB]) {
-        for (t, tile) in self.sums.iter().enumerate() {
+        let mut sums = [[[0.0f32; KP]; TR]; 4];
+        for c in 0..chunks {
+            let (a0, a1, b0, b1) = (load(a[0].at(c)), load(a[1].at(c)), load(b[0].at(c)), load(b[1].at(c)));
+            let [s0, s1, s2, s3] = &mut sums;
+            Self::dot(s0, &a0, &b0);
+            Self::dot(s1, &a0, &b1);
+            Self::dot(s2, &a1, &b0);
+            Self::dot(s3, &a1, &b1);
+        }
+        for (t, tile) in sums.iter().enumerate() {
             let (r0, c0) = ((t / 2) * TR, (t % 2) * KP);
             for (r, row) in tile.iter().enumerate() {
                 block[r0 + r][c0..c0 + KP].copy_from_slice(row);
@@ -134,7 +156,7 @@ impl Tiles for Emulated {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod hardware {
-    use super::{MB, NR, Operand, Tiles};
+    use super::{MB, NR, Tiles, Walk};
     use std::arch::asm;
 
     /// The tile configuration `ldtilecfg` reads: palette 1, tiles 0-7 of 16 rows of 64 bytes
@@ -154,17 +176,28 @@ mod hardware {
         Config(c)
     };
 
-    /// The tiles of this thread, configured until dropped (`tilerelease`).
-    pub(crate) struct Tmm(());
+    thread_local! {
+        /// Whether a [`Tmm`] of this thread is alive (a second `ldtilecfg` would zero the
+        /// first's tiles, its drop release them under the first).
+        static LIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The tiles of this thread, configured until dropped (`tilerelease`); one at a time on a
+    /// thread, and not sent to another (the raw pointer makes it neither `Send` nor `Sync`).
+    pub(crate) struct Tmm(std::marker::PhantomData<*const ()>);
 
     impl Tmm {
         /// # Safety
         /// The CPU has AMX-TILE and AMX-BF16 and this process may use the tile data
         /// ([`super::available`]).
+        ///
+        /// # Panics
+        /// When this thread has a live `Tmm` already.
         pub(crate) unsafe fn new() -> Self {
+            assert!(!LIVE.replace(true), "cpu_amx: the tiles configured twice on one thread");
             // SAFETY: the caller's promise; CONFIG is a valid palette-1 configuration.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
-            Tmm(())
+            Tmm(std::marker::PhantomData)
         }
     }
 
@@ -172,66 +205,67 @@ mod hardware {
         fn drop(&mut self) {
             // SAFETY: `new` configured the tiles (the instructions exist on this CPU).
             unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+            LIVE.set(false);
         }
     }
 
     impl Tiles for Tmm {
+        /// One `asm!` block for the whole block: the sums never leave the tiles between two of
+        /// them (the compiler owes nothing to registers it is not told of). The configuration
+        /// (`new`) does: the compiler never configures or uses the tiles itself.
         #[inline(always)]
-        fn zero(&mut self) {
-            // SAFETY: tiles configured (`new`).
+        fn block(&mut self, a: [Walk<'_>; 2], b: [Walk<'_>; 2], chunks: usize, block: &mut [[f32; NR]; MB]) {
+            let at = |w: Walk<'_>| w.first.bytes[w.first.offset..].as_ptr();
+            assert!(chunks > 0 && b[0].step == b[1].step && b[0].first.stride == NR * 4 && b[1].first.stride == NR * 4);
+            // SAFETY: tiles configured (`new`, this thread). Each load reads chunk `c`'s tile of an
+            // operand, 16 rows of 64 bytes `stride` apart from its first tile plus `c * step`, for
+            // `c < chunks`: inside the operand's bytes (`Walk::new` checked the first and the last
+            // chunk's; the others lie between). The stores write the four quarters of `block`
+            // (32 rows of NR * 4 = 128 bytes: rows 0-15 or 16-31, bytes 0-63 or 64-127).
             unsafe {
                 asm!(
-                    "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                    options(nostack, nomem, preserves_flags),
-                )
-            };
-        }
-
-        #[inline(always)]
-        fn step(&mut self, a0: Operand<'_>, a1: Operand<'_>, b0: Operand<'_>, b1: Operand<'_>) {
-            let at = |t: Operand<'_>| t.bytes[t.offset..].as_ptr();
-            // SAFETY: tiles configured (`new`); each load reads 16 rows of 64 bytes `stride`
-            // apart from `offset` on, inside the operand's bytes (`Operand::new` checked).
-            unsafe {
-                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "2:",
                     "tileloadd tmm4, [{a0} + {sa0}*1]",
                     "tileloadd tmm5, [{a1} + {sa1}*1]",
-                    "tileloadd tmm6, [{b0} + {sb0}*1]",
-                    "tileloadd tmm7, [{b1} + {sb1}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) at(a0), sa0 = in(reg) a0.stride,
-                    a1 = in(reg) at(a1), sa1 = in(reg) a1.stride,
-                    b0 = in(reg) at(b0), sb0 = in(reg) b0.stride,
-                    b1 = in(reg) at(b1), sb1 = in(reg) b1.stride,
+                    "add {a0}, {da0}",
+                    "add {a1}, {da1}",
+                    "add {b0}, {db}",
+                    "add {b1}, {db}",
+                    "dec {n}",
+                    "jnz 2b",
+                    "tilestored [{c} + {sb}*1], tmm0",
+                    "add {c}, 64",
+                    "tilestored [{c} + {sb}*1], tmm1",
+                    "add {c}, {down}",
+                    "tilestored [{c} + {sb}*1], tmm2",
+                    "add {c}, 64",
+                    "tilestored [{c} + {sb}*1], tmm3",
+                    a0 = inout(reg) at(a[0]) => _,
+                    a1 = inout(reg) at(a[1]) => _,
+                    b0 = inout(reg) at(b[0]) => _,
+                    b1 = inout(reg) at(b[1]) => _,
+                    sa0 = in(reg) a[0].first.stride,
+                    sa1 = in(reg) a[1].first.stride,
+                    sb = in(reg) NR * 4,
+                    da0 = in(reg) a[0].step,
+                    da1 = in(reg) a[1].step,
+                    db = in(reg) b[0].step,
+                    n = inout(reg) chunks => _,
+                    c = inout(reg) block.as_mut_ptr().cast::<u8>() => _,
+                    down = in(reg) 16 * NR * 4 - 64,
                     out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
                     out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-                    options(nostack, readonly, preserves_flags),
-                )
-            };
-        }
-
-        #[inline(always)]
-        fn store(&mut self, block: &mut [[f32; NR]; MB]) {
-            let base = block.as_mut_ptr().cast::<u8>();
-            let stride = NR * 4;
-            // SAFETY: tiles configured (`new`); each tile's 16 rows of 64 bytes go to a quarter
-            // of `block` (32 rows of 128 bytes): rows 0-15 or 16-31, bytes 0-63 or 64-127.
-            unsafe {
-                asm!(
-                    "tilestored [{p0} + {s}*1], tmm0",
-                    "tilestored [{p1} + {s}*1], tmm1",
-                    "tilestored [{p2} + {s}*1], tmm2",
-                    "tilestored [{p3} + {s}*1], tmm3",
-                    p0 = in(reg) base,
-                    p1 = in(reg) base.add(64),
-                    p2 = in(reg) base.add(16 * stride),
-                    p3 = in(reg) base.add(16 * stride + 64),
-                    s = in(reg) stride,
-                    options(nostack, preserves_flags),
+                    options(nostack),
                 )
             };
         }
@@ -284,8 +318,9 @@ fn detect() -> bool {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with this request only changes the process's permitted state components.
     let granted = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0;
-    if !granted {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "Linux did not give this process the AMX tile data");
+    if !granted && std::env::var("FUSERL_AMX").is_ok_and(|v| v == "1") {
+        // ENOSPC: a thread's signal stack is too small for the tile state.
+        tracing::warn!(error = %std::io::Error::last_os_error(), "Linux did not give this process the AMX tile data");
     }
     granted
 }
@@ -311,7 +346,19 @@ fn decide() -> bool {
         );
         return false;
     }
-    match self_check() {
+    // On a thread of its own, on a pool of its own: the products' rayon work must not run inside
+    // this `OnceLock`'s initialisation on a worker of the caller's pool, which could take up
+    // another task that asks `enabled` again while it waits (a re-entrant initialisation).
+    let checked = std::thread::scope(|scope| {
+        scope
+            .spawn(|| match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+                Ok(pool) => pool.install(self_check),
+                Err(e) => Err(format!("no thread pool for the check: {e}")),
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the check panicked".into()))
+    });
+    match checked {
         Ok(()) => {
             tracing::info!("bf16 products on AMX tiles (FUSERL_AMX=1; experimental)");
             true
@@ -349,10 +396,10 @@ fn self_check() -> Result<(), String> {
         let b_rows = View { data: &b[..], rows: k, cols: n, row_stride: n, col_stride: 1 };
         let (got, want): (Vec<f32>, Vec<f32>) = if k % 2 == 0 {
             let av = View { data: &a16[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
-            (product(av, b_rows, hardware_tiles), product(av, b_rows, Emulated::default))
+            (product(av, b_rows, hardware_tiles), product(av, b_rows, || Emulated))
         } else {
             let av = View { data: &a[..], rows: m, cols: k, row_stride: k, col_stride: 1 };
-            (product(av, b_t, hardware_tiles), product(av, b_t, Emulated::default))
+            (product(av, b_t, hardware_tiles), product(av, b_t, || Emulated))
         };
         // Sums of at most 96 products of magnitude below 1, in f32: in any order within 96
         // roundings of at most 96, far below 1e-3.
@@ -397,19 +444,19 @@ enum ARows<'a> {
 }
 
 impl ARows<'_> {
-    /// Tile `t` of rows (rows `16t..16t + 16`), chunk `c`.
+    /// Tile `t` of rows (rows `16t..16t + 16`) over the chunks.
     #[inline(always)]
-    fn operand(&self, t: usize, c: usize, chunks: usize) -> Operand<'_> {
+    fn walk(&self, t: usize, chunks: usize) -> Walk<'_> {
         match self {
             Self::InPlace { bytes, stride, whole, tail } => {
                 if t < *whole {
-                    Operand::new(bytes, t * TR * stride + c * 64, *stride)
+                    Walk::new(bytes, t * TR * stride, *stride, 64, chunks)
                 } else {
                     let pairs = chunks * KP;
-                    Operand::new(bytemuck::cast_slice(tail), ((t - whole) * TR * pairs + c * KP) * 4, pairs * 4)
+                    Walk::new(bytemuck::cast_slice(tail), (t - whole) * TR * pairs * 4, pairs * 4, 64, chunks)
                 }
             }
-            Self::Packed(tiles) => Operand::new(bytemuck::cast_slice(tiles), (t * chunks + c) * TILE * 4, 64),
+            Self::Packed(tiles) => Walk::new(bytemuck::cast_slice(tiles), t * chunks * TILE * 4, 64, TILE * 4, chunks),
         }
     }
 }
@@ -496,18 +543,11 @@ pub(crate) fn product<A: Elem, B: Elem, O: OutElem, T: Tiles>(
         for jp in 0..n.div_ceil(NR) {
             let panel = jp * pairs * NR * 4;
             let (j0, width) = (jp * NR, NR.min(n - jp * NR));
+            let b_walk = |offset: usize| Walk::new(b_bytes, offset, NR * 4, KP * NR * 4, chunks);
+            let b = [b_walk(panel), b_walk(panel + 64)];
             for ib in task_blocks.clone() {
-                t.zero();
-                for c in 0..chunks {
-                    let b0 = panel + c * KP * NR * 4;
-                    t.step(
-                        a_rows.operand(2 * ib, c, chunks),
-                        a_rows.operand(2 * ib + 1, c, chunks),
-                        Operand::new(b_bytes, b0, NR * 4),
-                        Operand::new(b_bytes, b0 + 64, NR * 4),
-                    );
-                }
-                t.store(&mut block);
+                let a = [a_rows.walk(2 * ib, chunks), a_rows.walk(2 * ib + 1, chunks)];
+                t.block(a, b, chunks, &mut block);
                 let (r0, height) = ((ib - task_blocks.start) * MB, MB.min(m - ib * MB));
                 for (i, sums) in block.iter().take(height).enumerate() {
                     let row = &mut rows[(r0 + i) * n + j0..][..width];

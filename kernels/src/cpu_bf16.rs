@@ -194,7 +194,7 @@ pub(crate) fn product<A: Elem, B: Elem, O: OutElem>(a: View<'_, A>, b: View<'_, 
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Amx => return crate::cpu_amx::product(a, b, crate::cpu_amx::hardware_tiles),
-        Kernel::AmxEmulated => return crate::cpu_amx::product(a, b, crate::cpu_amx::Emulated::default),
+        Kernel::AmxEmulated => return crate::cpu_amx::product(a, b, || crate::cpu_amx::Emulated),
         _ => {}
     }
     let pairs = k.div_ceil(2);
@@ -565,10 +565,10 @@ mod tests {
     fn shapes() -> Vec<(usize, usize, usize)> {
         // Rows and columns in whole and partial panels (12 and 32 rows, 32 columns), single ones,
         // and more panels than tasks; inner sizes odd, even, one, and whole chunks of AMX tiles
-        // (32, 64, 96: `a` read in place there).
+        // (32, 64, 96: `a` read in place there), and a long one (777: many AMX chunks).
         let mut shapes = Vec::new();
         for &m in &[1, 11, 12, 13, 50, 400] {
-            for &(k, n) in &[(1, 1), (2, 31), (17, 32), (32, 16), (64, 33), (96, 45), (129, 70)] {
+            for &(k, n) in &[(1, 1), (2, 31), (17, 32), (32, 16), (64, 33), (96, 45), (129, 70), (777, 40)] {
                 shapes.push((m, k, n));
             }
         }
