@@ -12,8 +12,10 @@
 //!
 //! - up to [`STREAM_ROWS`] rows of `x`, the chunk's weights are read once, in order, and every row
 //!   of `x` is multiplied by each weight as it arrives (register accumulators: no packing);
-//! - more rows, the chunk is copied (widened) into a buffer in cache and the gemm crate multiplies
-//!   it there, on one thread.
+//! - more rows, the chunk is copied (widened) into a buffer in cache and multiplied there, on one
+//!   thread: on CPUs with AVX-512 an `[in, out]` weight's chunk in panels of [`NR`] columns by
+//!   fuserl's register kernel (8 rows by 48 columns of sums in registers), otherwise by the gemm
+//!   crate.
 //!
 //! A bf16 weight (a checkpoint stored in bf16, kept so for inference: `fuserl_model`'s frozen
 //! models) is read at half the bytes and gives the same products as its f32 widening: bf16 to f32
@@ -23,8 +25,8 @@ use half::bf16;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// At most this many rows of `x` take the streaming kernel; more go through the gemm crate on a
-/// chunk held in cache.
+/// At most this many rows of `x` take the streaming kernel; more go through a chunk held in
+/// cache.
 pub const STREAM_ROWS: usize = 8;
 
 /// The CPU backend's `linear_matmul` gives an f32 weight to this kernel for at most this many
@@ -36,6 +38,18 @@ pub const F32_ROWS: usize = 1;
 
 /// Bytes of f32 weights one chunk holds (a part of a core's L2 cache).
 const CHUNK_BYTES: usize = 192 * 1024;
+
+/// Columns of a panel of the register kernel (more than [`STREAM_ROWS`] rows, an `InOut` weight,
+/// AVX-512): three vectors of 16 sums.
+const NR: usize = 48;
+
+/// Bytes of f32 weights one chunk of the register kernel's path holds (half of a core's L2 cache
+/// on the CPUs measured: 1 MiB on Zen 5, 2 MiB on Sapphire Rapids).
+const PANEL_BYTES: usize = 512 * 1024;
+
+/// Rows of `x` the register kernel multiplies at once (24 of the 32 vector registers hold the
+/// sums).
+const MR: usize = 8;
 
 /// How a weight's values are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,11 +64,14 @@ pub enum WeightLayout {
 
 /// A weight's element type: f32, or bf16 widened exactly.
 pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// Whether this is bf16 (else f32).
+    const BF16: bool;
     /// The value as f32.
     fn widen(self) -> f32;
 }
 
 impl WeightElem for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -62,6 +79,7 @@ impl WeightElem for f32 {
 }
 
 impl WeightElem for bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -141,7 +159,7 @@ pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize
         }
         return y;
     }
-    let width = chunk_width(m, k, n);
+    let width = if panels(m, layout) { panel_chunk_width(k, n) } else { chunk_width(m, k, n) };
     let starts: Vec<usize> = (0..n).step_by(width).collect();
     // Each task gives its columns `[m, width]`; they are put in place after (a copy of the
     // output, small next to the product).
@@ -154,6 +172,34 @@ pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize
         }
     }
     y
+}
+
+/// Whether more than [`STREAM_ROWS`] rows take the register kernel ([`panels_avx512`]: an
+/// `InOut` weight on a CPU with AVX-512 F, BW and VL and FMA) rather than gemm.
+fn panels(m: usize, layout: WeightLayout) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        m > STREAM_ROWS
+            && layout == WeightLayout::InOut
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, layout);
+        false
+    }
+}
+
+/// Output columns per chunk of the register kernel's path, a multiple of [`NR`]: at least two
+/// chunks a thread, and the chunk's f32 weights within [`PANEL_BYTES`].
+fn panel_chunk_width(k: usize, n: usize) -> usize {
+    let by_threads = n.div_ceil(2 * rayon::current_num_threads()).div_ceil(NR) * NR;
+    let by_cache = (PANEL_BYTES / 4 / k.max(1)) / NR * NR;
+    by_threads.min(by_cache).max(NR)
 }
 
 /// Output columns per chunk, a multiple of 16 (one AVX-512 vector). Through gemm, the chunk's
@@ -192,7 +238,124 @@ fn chunk<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 fn chunk_avx512<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> {
+    if panels(ops.m, ops.layout) {
+        // SAFETY: `panels` checked that the CPU has AVX-512F, BW and VL and FMA.
+        #[allow(unsafe_code)]
+        return unsafe { panels_avx512(ops, cols) };
+    }
     chunk_with::<W, Fused>(ops, cols)
+}
+
+/// Columns `j0..j1` (`[m, j1 - j0]`) of an `InOut` weight's product: the chunk's weights widened
+/// into panels of [`NR`] columns (`[k, NR]` each, one after the other, in the L2 cache: the
+/// weight read along its rows, where a panel read in place would cross a page at every row),
+/// then every block of [`MR`] rows of `x` times each panel in registers ([`block_avx512`]). Each
+/// output is summed in order of the inner index, one fused multiply-add at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn panels_avx512<W: WeightElem>(ops: Operands<'_, W>, (j0, j1): (usize, usize)) -> Vec<f32> {
+    let Operands { x, w, m, k, n, .. } = ops;
+    let width = j1 - j0;
+    let mut y = vec![0.0f32; m * width];
+    if k == 0 {
+        return y;
+    }
+    CHUNK.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(width.div_ceil(NR) * k * NR, 0.0);
+        for r in 0..k {
+            for (p, part) in w[r * n + j0..][..width].chunks(NR).enumerate() {
+                for (d, v) in buf[(p * k + r) * NR..].iter_mut().zip(part) {
+                    *d = v.widen();
+                }
+            }
+        }
+        let mut block = [[0.0f32; NR]; MR];
+        for (p, panel) in buf.chunks_exact(k * NR).enumerate() {
+            let (c0, cols) = (p * NR, NR.min(width - p * NR));
+            for i0 in (0..m).step_by(MR) {
+                // A last block's rows past `m` repeat the last row; their sums are dropped.
+                let rows = std::array::from_fn(|i| &x[(i0 + i).min(m - 1) * k..][..k]);
+                block_avx512(rows, Panel { w: panel, stride: NR, cols }, &mut block);
+                for (i, sums) in block.iter().take(m - i0).enumerate() {
+                    y[(i0 + i) * width + c0..][..cols].copy_from_slice(&sums[..cols]);
+                }
+            }
+        }
+    });
+    y
+}
+
+/// `cols` columns (at most [`NR`]) of `k` rows `stride` values apart, from `w`'s first on.
+#[derive(Clone, Copy)]
+struct Panel<'a, W> {
+    w: &'a [W],
+    stride: usize,
+    cols: usize,
+}
+
+/// `block [MR, cols] = rows [MR, k] @ panel [k, cols]`, in registers (columns past `cols` are
+/// zeros: their values are not read).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+#[allow(unsafe_code)]
+fn block_avx512<W: WeightElem>(rows: [&[f32]; MR], panel: Panel<'_, W>, block: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::{__m512, _mm256_maskz_loadu_epi16, _mm512_castsi512_ps, _mm512_cvtepu16_epi32};
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps};
+    use std::arch::x86_64::{_mm512_slli_epi32, _mm512_storeu_ps};
+    let Panel { w, stride, cols } = panel;
+    let k = rows[0].len();
+    assert!(rows.iter().all(|r| r.len() == k) && k > 0, "cpu_matmul: a block's rows");
+    assert!(cols <= NR && cols <= stride && (k - 1) * stride + cols <= w.len(), "cpu_matmul: a panel past its values");
+    // Lanes of each of the three vectors inside the panel.
+    let masks: [u16; 3] = std::array::from_fn(|v| {
+        let lanes = cols.saturating_sub(16 * v).min(16);
+        ((1u32 << lanes) - 1) as u16
+    });
+    // Sixteen weights from `p` on, those whose mask bit is set (others zero, not read), as f32.
+    let load = |p: *const W, mask: u16| -> __m512 {
+        // SAFETY: the caller passes a pointer to the weights of a panel's row and the mask of
+        // its columns there: every lane read is inside `w` (checked above).
+        unsafe {
+            if W::BF16 {
+                let halves = _mm256_maskz_loadu_epi16(mask, p.cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+            } else {
+                _mm512_maskz_loadu_ps(mask, p.cast())
+            }
+        }
+    };
+    let xp = rows.map(<[f32]>::as_ptr);
+    // The sums of row i in `s[3i..3i + 3]`, indexed with constants only (the macro below), so
+    // that they live in registers.
+    let mut s = [_mm512_setzero_ps(); 3 * MR];
+    let mut wp = w.as_ptr();
+    for r in 0..k {
+        // SAFETY: pass `r` reads value `r` of each row of `x` (`k` of them, checked above) and
+        // the panel's row `r` (`wp` = `w`'s value `r * stride`, the masks covering `cols`
+        // values from there: inside `w`, checked above).
+        unsafe {
+            let (b0, b1, b2) = (load(wp, masks[0]), load(wp.add(16), masks[1]), load(wp.add(32), masks[2]));
+            macro_rules! row {
+                ($($i:literal)*) => {$(
+                    let a = _mm512_set1_ps(*xp[$i].add(r));
+                    s[3 * $i] = _mm512_fmadd_ps(a, b0, s[3 * $i]);
+                    s[3 * $i + 1] = _mm512_fmadd_ps(a, b1, s[3 * $i + 1]);
+                    s[3 * $i + 2] = _mm512_fmadd_ps(a, b2, s[3 * $i + 2]);
+                )*};
+            }
+            row!(0 1 2 3 4 5 6 7);
+            wp = wp.wrapping_add(stride);
+        }
+    }
+    for (i, out) in block.iter_mut().enumerate() {
+        // SAFETY: each row of `block` holds NR = 48 f32.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), s[3 * i]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), s[3 * i + 1]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(32), s[3 * i + 2]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

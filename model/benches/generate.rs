@@ -18,7 +18,7 @@ use burn::tensor::DType;
 use fuserl_core::data::ChatMessage;
 use fuserl_model::Cpu;
 use fuserl_model::chat::ChatTokenizer;
-use fuserl_model::checkpoint::load;
+use fuserl_model::checkpoint::{load, load_frozen};
 use fuserl_model::generate::{BENCH_PROMPTS as PROMPTS, GenerateConfig, generate_seeded};
 
 fn main() {
@@ -26,8 +26,16 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl/models"));
     let dir = models.join("SmolLM2-135M-Instruct");
-    let model = load::<Cpu>(&dir, &Default::default(), DType::F32)
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    // As the `local` source loads its model (`load_frozen`: a checkpoint's bf16 weights kept in
+    // bf16, the same products); FUSERL_BENCH_WEIGHTS=f32 widens every weight to f32 at load.
+    let f32_weights = std::env::var("FUSERL_BENCH_WEIGHTS").is_ok_and(|w| w == "f32");
+    let model = if f32_weights {
+        load::<Cpu>(&dir, &Default::default(), DType::F32)
+    } else {
+        load_frozen::<Cpu>(&dir, &Default::default(), DType::F32)
+    }
+    .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-smollm2.sh)"));
+    let weights = if f32_weights { "f32 weights" } else { "weights as the local source keeps them" };
     let tok = ChatTokenizer::load(&dir, None).expect("tokenizer");
     // FUSERL_BENCH_BATCHES=1,8 limits the batch sizes (default 1, 8 and 32).
     let batches: Vec<usize> = std::env::var("FUSERL_BENCH_BATCHES")
@@ -60,7 +68,7 @@ fn main() {
             times.sort_by(|a, b| a.0.total_cmp(&b.0));
             let (secs, tokens) = times[1];
             println!(
-                "fuserl (burn flex, f32): {mode} batch {batch}: {tokens} new tokens in {secs:.2} s, {:.1} tokens/s (runs: {})",
+                "fuserl (burn flex, f32, {weights}): {mode} batch {batch}: {tokens} new tokens in {secs:.2} s, {:.1} tokens/s (runs: {})",
                 tokens as f64 / secs,
                 times.iter().map(|t| format!("{:.2}", t.0)).collect::<Vec<_>>().join(" ")
             );
