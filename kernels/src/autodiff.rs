@@ -241,6 +241,10 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         B::host_shards(device)
     }
 
+    fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        B::in_pool(f)
+    }
+
     fn max_attention_elems(device: &Self::Device) -> usize {
         B::max_attention_elems(device)
     }

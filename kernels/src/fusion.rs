@@ -91,6 +91,10 @@ impl<B: FusionBackend + LogProbBackend> LogProbBackend for Fusion<B> {
         B::host_shards(device)
     }
 
+    fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        B::in_pool(f)
+    }
+
     fn dequantizes_on_device(layout: QuantLayout) -> bool {
         B::dequantizes_on_device(layout)
     }

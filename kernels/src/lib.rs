@@ -175,6 +175,18 @@ pub trait LogProbBackend: Backend {
         1
     }
 
+    /// Runs `f` (a model's forward: many operations, each split between host threads on the CPU)
+    /// where this backend's host work runs best. Here: on this thread. The CPU backend runs it on
+    /// a thread of its rayon pool (at once where this is one), so that each operation inside it
+    /// splits with the pool's other threads by work-stealing, rather than a thread outside the
+    /// pool handing every operation to the pool and sleeping until it is done (two wake-ups an
+    /// operation, and one thread more than the cores runnable). Not for work that holds a lock
+    /// another task of the pool may take (the autodiff graph's): the pool's thread may take up
+    /// such a task while it waits inside `f`.
+    fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// `logp [N]` of `targets` under `logits [N, V]` (entry point; differentiable on
     /// `Autodiff`).
     fn token_logprobs(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
@@ -693,6 +705,11 @@ fn cpu_attention_dims(
 impl LogProbBackend for burn::backend::Flex {
     fn host_shards(_device: &Self::Device) -> usize {
         rayon::current_num_threads()
+    }
+
+    /// On a thread of rayon's global pool (flex's), at once where this is one.
+    fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| f())
     }
 
     fn row_ops() -> impl reference::RowOps<Self> {

@@ -283,6 +283,12 @@ struct Engine<'a, B: LogProbBackend> {
     cache: KvCache<B>,
 }
 
+/// `[rows, vocab]` logits of `hidden`'s last position, on the host, row after row.
+fn last_logits<B: LogProbBackend>(model: &LlamaModel<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
+    let t = hidden.dims()[1];
+    model.logits(hidden.narrow(1, t - 1, 1)).cast(DType::F32).into_data().iter::<f32>().collect()
+}
+
 impl<'a, B: LogProbBackend> Engine<'a, B> {
     fn new(
         model: &'a LlamaModel<B>,
@@ -376,8 +382,8 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
             self.cache = self.model.empty_cache(0);
         }
         let mut fresh = self.model.empty_cache(batch.len());
-        let hidden = self.model.hidden(&inputs, &inputs.valid, Some(&mut fresh));
-        let logits = self.last_logits(hidden);
+        let model = self.model;
+        let logits = B::in_pool(|| last_logits(model, model.hidden(&inputs, &inputs.valid, Some(&mut fresh))));
         let new = inputs.valid.first().map_or(0, Vec::len);
         let slots: Vec<usize> = if self.rows.iter().any(|r| r.live) {
             // Into the finished rows, their columns ending where the cache ends (widened first
@@ -467,14 +473,8 @@ impl<'a, B: LogProbBackend> Engine<'a, B> {
             }
         }
         let key_valid: Vec<Vec<bool>> = self.rows.iter().map(|r| r.valid.clone()).collect();
-        let hidden = self.model.hidden(&inputs, &key_valid, Some(&mut self.cache));
-        self.last_logits(hidden)
-    }
-
-    /// `[rows, vocab]` logits of the last position, on the host, row after row.
-    fn last_logits(&self, hidden: Tensor<B, 3>) -> Vec<f32> {
-        let t = hidden.dims()[1];
-        self.model.logits(hidden.narrow(1, t - 1, 1)).cast(DType::F32).into_data().iter::<f32>().collect()
+        let (model, cache) = (self.model, &mut self.cache);
+        B::in_pool(|| last_logits(model, model.hidden(&inputs, &key_valid, Some(cache))))
     }
 
     /// Pick the next token of the live rows among `slots` (`logits`: one row each, in that

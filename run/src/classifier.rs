@@ -228,12 +228,15 @@ pub fn classify(
             for chunk in order.chunks(self.batch_size.max(1)) {
                 let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
                 let parts: Vec<&[Vec<u32>]> = seqs.chunks(seqs.len().div_ceil(shards).max(1)).collect();
+                // Each shard's forward on a thread of the backend's pool (`in_pool`): the products
+                // inside split by work-stealing instead of waking the pool for each.
                 let logits = if parts.len() <= 1 {
-                    rm.logits(&seqs).map_err(model_error)?
+                    B::in_pool(|| rm.logits(&seqs)).map_err(model_error)?
                 } else {
                     let rm = &rm;
                     let results: Vec<fuserl_model::Result<Vec<Vec<f32>>>> = std::thread::scope(|scope| {
-                        let handles: Vec<_> = parts.iter().map(|part| scope.spawn(move || rm.logits(part))).collect();
+                        let handles: Vec<_> =
+                            parts.iter().map(|part| scope.spawn(move || B::in_pool(|| rm.logits(part)))).collect();
                         handles
                             .into_iter()
                             .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
