@@ -241,8 +241,9 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
         B::host_shards(device)
     }
 
+    /// Here, as the default: under autodiff the graph's lock may be held inside `f`.
     fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        B::in_pool(f)
+        f()
     }
 
     fn max_attention_elems(device: &Self::Device) -> usize {

@@ -64,14 +64,11 @@ pub enum WeightLayout {
 
 /// A weight's element type: f32, or bf16 widened exactly.
 pub trait WeightElem: Copy + Send + Sync + 'static {
-    /// Whether this is bf16 (else f32).
-    const BF16: bool;
     /// The value as f32.
     fn widen(self) -> f32;
 }
 
 impl WeightElem for f32 {
-    const BF16: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -79,7 +76,6 @@ impl WeightElem for f32 {
 }
 
 impl WeightElem for bf16 {
-    const BF16: bool = true;
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -128,7 +124,8 @@ struct Operands<'a, W> {
 }
 
 thread_local! {
-    /// A chunk's widened weights (the gemm path).
+    /// A chunk's widened weights (more than [`STREAM_ROWS`] rows: gemm's operand, or the
+    /// register kernel's panels).
     static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -288,8 +285,8 @@ fn panels_avx512<W: WeightElem>(ops: Operands<'_, W>, (j0, j1): (usize, usize)) 
 
 /// `cols` columns (at most [`NR`]) of `k` rows `stride` values apart, from `w`'s first on.
 #[derive(Clone, Copy)]
-struct Panel<'a, W> {
-    w: &'a [W],
+struct Panel<'a> {
+    w: &'a [f32],
     stride: usize,
     cols: usize,
 }
@@ -299,10 +296,9 @@ struct Panel<'a, W> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[allow(unsafe_code)]
-fn block_avx512<W: WeightElem>(rows: [&[f32]; MR], panel: Panel<'_, W>, block: &mut [[f32; NR]; MR]) {
-    use std::arch::x86_64::{__m512, _mm256_maskz_loadu_epi16, _mm512_castsi512_ps, _mm512_cvtepu16_epi32};
-    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps};
-    use std::arch::x86_64::{_mm512_slli_epi32, _mm512_storeu_ps};
+fn block_avx512(rows: [&[f32]; MR], panel: Panel<'_>, block: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps};
+    use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
     let Panel { w, stride, cols } = panel;
     let k = rows[0].len();
     assert!(rows.iter().all(|r| r.len() == k) && k > 0, "cpu_matmul: a block's rows");
@@ -312,18 +308,11 @@ fn block_avx512<W: WeightElem>(rows: [&[f32]; MR], panel: Panel<'_, W>, block: &
         let lanes = cols.saturating_sub(16 * v).min(16);
         ((1u32 << lanes) - 1) as u16
     });
-    // Sixteen weights from `p` on, those whose mask bit is set (others zero, not read), as f32.
-    let load = |p: *const W, mask: u16| -> __m512 {
-        // SAFETY: the caller passes a pointer to the weights of a panel's row and the mask of
-        // its columns there: every lane read is inside `w` (checked above).
-        unsafe {
-            if W::BF16 {
-                let halves = _mm256_maskz_loadu_epi16(mask, p.cast());
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
-            } else {
-                _mm512_maskz_loadu_ps(mask, p.cast())
-            }
-        }
+    // Sixteen values from `p` on, those whose mask bit is set (others zero, not read).
+    let load = |p: *const f32, mask: u16| -> __m512 {
+        // SAFETY: the caller passes a pointer into a panel's row and the mask of its columns
+        // there: every lane read is inside `w` (checked above).
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
     };
     let xp = rows.map(<[f32]>::as_ptr);
     // The sums of row i in `s[3i..3i + 3]`, indexed with constants only (the macro below), so
@@ -335,7 +324,10 @@ fn block_avx512<W: WeightElem>(rows: [&[f32]; MR], panel: Panel<'_, W>, block: &
         // the panel's row `r` (`wp` = `w`'s value `r * stride`, the masks covering `cols`
         // values from there: inside `w`, checked above).
         unsafe {
-            let (b0, b1, b2) = (load(wp, masks[0]), load(wp.add(16), masks[1]), load(wp.add(32), masks[2]));
+            // (`wrapping_add`: a last partial panel's later vectors may start past `w`'s end, with
+            // masks that read nothing there.)
+            let (b1, b2) = (wp.wrapping_add(16), wp.wrapping_add(32));
+            let (b0, b1, b2) = (load(wp, masks[0]), load(b1, masks[1]), load(b2, masks[2]));
             macro_rules! row {
                 ($($i:literal)*) => {$(
                     let a = _mm512_set1_ps(*xp[$i].add(r));
@@ -576,11 +568,39 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_every_path() {
         // Rows 1 to 8 (the streaming kernel), 9 and
-        // 33 (gemm); columns in whole and partial blocks of 64 and 16 and single columns; inner
+        // 33 (the register kernel on an `InOut` weight where the CPU has AVX-512, gemm
+        // otherwise); columns in whole and partial blocks of 64 and 16 and single columns; inner
         // sizes below, at and past a vector, and not a multiple of 16.
         for &m in &[1, 2, 3, 4, 5, 6, 7, 8, 9, 33] {
             for &(k, n) in &[(1, 1), (17, 15), (16, 64), (64, 100), (576, 97), (100, 1536)] {
                 check(m, k, n);
+            }
+        }
+    }
+
+    /// The register kernel sums each output in order of the inner index, one fused
+    /// multiply-add at a time from zero: the same bits as that scalar chain (where the CPU runs
+    /// it: AVX-512 F, BW, VL and FMA; says so and checks nothing elsewhere).
+    #[test]
+    fn register_kernel_sums_each_output_in_order() {
+        if !panels(9, WeightLayout::InOut) {
+            eprintln!("this CPU has no AVX-512 (F, BW, VL) with FMA: the register kernel is not checked here");
+            return;
+        }
+        for &(m, k, n) in &[(9, 577, 97), (17, 40, 48), (24, 3, 200)] {
+            let x: Vec<f32> = (0..m * k).map(value).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| value(i + 99)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            for (name, got, exact) in [
+                ("f32", matmul(&x, &w, (m, k, n), WeightLayout::InOut), w.clone()),
+                ("bf16", matmul(&x, &wb, (m, k, n), WeightLayout::InOut), wb.iter().map(|v| v.to_f32()).collect()),
+            ] {
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = (0..k).fold(0.0f32, |s, r| x[i * k + r].mul_add(exact[r * n + j], s));
+                        assert_eq!(got[i * n + j].to_bits(), want.to_bits(), "{name} m {m} k {k} n {n}: ({i}, {j})");
+                    }
+                }
             }
         }
     }

@@ -182,7 +182,8 @@ pub trait LogProbBackend: Backend {
     /// pool handing every operation to the pool and sleeping until it is done (two wake-ups an
     /// operation, and one thread more than the cores runnable). Not for work that holds a lock
     /// another task of the pool may take (the autodiff graph's): the pool's thread may take up
-    /// such a task while it waits inside `f`.
+    /// such a task while it waits inside `f`. And `f` does not see the caller's thread-locals
+    /// (`fuserl_model::lora::with_dropout`'s key, a tracing span): set them inside `f`.
     fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         f()
     }
