@@ -9,8 +9,9 @@
 //! product on an emulation of them (below) before any other, and the tiles are left alone if the
 //! two differ by more than rounding. The development machines of the last sessions had no AMX:
 //! the blocking, the layouts and the edges are tested on the emulation on every CPU, the
-//! instructions themselves only where the CPU has them (`amx_tiles_match_their_emulation`), and
-//! the speed is not measured yet (docs/benchmarks.md).
+//! instructions themselves only where the CPU has them
+//! (`amx_tiles_match_the_f64_reference_and_their_emulation`), and the speed is not measured yet
+//! (docs/benchmarks.md).
 //!
 //! Layout: the sums of an output block of 32 rows and [`NR`] (32) columns live in four tiles
 //! (`tmm0`-`tmm3`, 2 x 2 tiles of 16 x 16), over the whole inner dimension in chunks of 16
@@ -58,7 +59,6 @@ impl<'a> Operand<'a> {
     }
 
     /// Row `r` as 16 pairs (the first of a pair in the low half: x86 is little-endian).
-    #[cfg_attr(not(test), allow(dead_code))]
     fn row(&self, r: usize) -> [u32; KP] {
         let row = &self.bytes[self.offset + r * self.stride..][..64];
         std::array::from_fn(|p| u32::from_le_bytes([row[4 * p], row[4 * p + 1], row[4 * p + 2], row[4 * p + 3]]))
@@ -86,7 +86,6 @@ impl<'a> Walk<'a> {
     }
 
     /// Chunk `c`'s tile.
-    #[cfg_attr(not(test), allow(dead_code))]
     fn at(&self, c: usize) -> Operand<'a> {
         Operand::new(self.first.bytes, self.first.offset + c * self.step, self.first.stride)
     }
@@ -377,6 +376,7 @@ fn decide() -> bool {
 }
 
 /// A reproducible value in [-1, 1): the self-check's operands, and the tests'.
+#[cfg_attr(not(any(test, target_arch = "x86_64")), allow(dead_code))]
 pub(crate) fn value(seed: usize) -> f32 {
     let h = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) ^ 0x5851_F42D_4C95_7F2D;
     (h.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0

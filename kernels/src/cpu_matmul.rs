@@ -258,8 +258,13 @@ fn panels_avx512<W: WeightElem>(ops: Operands<'_, W>, (j0, j1): (usize, usize)) 
         return y;
     }
     CHUNK.with_borrow_mut(|buf| {
-        buf.clear();
-        buf.resize(width.div_ceil(NR) * k * NR, 0.0);
+        // Grown, never cleared: every value a panel's masks read is written below (a last
+        // partial panel's columns past `cols` keep an earlier call's values, never read).
+        let len = width.div_ceil(NR) * k * NR;
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        let buf = &mut buf[..len];
         for r in 0..k {
             for (p, part) in w[r * n + j0..][..width].chunks(NR).enumerate() {
                 for (d, v) in buf[(p * k + r) * NR..].iter_mut().zip(part) {
