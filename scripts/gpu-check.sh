@@ -24,7 +24,10 @@
 # PyTorch steps are skipped, and say so, when it has none), FUSERL_BIN and FUSERL_TESTS_BIN (use
 # these binaries instead of the bundle's: the dry-mode test passes the `fuserl` cargo built and
 # FUSERL_TESTS_BIN=none, as it is itself the test binary), STEP_TIMEOUT_SCALE (multiplies every
-# step's time limit).
+# step's time limit), GPU_CHECK_BUDGET (seconds for all the steps together, default 450 on a GPU,
+# so that a device call of 480 s ends with its report; 0: no budget; `environment` always runs, a
+# later step that would start with under 10 s left does not, and one cut short by the budget says
+# so: status "budget").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -77,6 +80,10 @@ run)
     python="${PYTHON:-python3}"
     scale="${STEP_TIMEOUT_SCALE:-1}"
     [[ "$scale" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "STEP_TIMEOUT_SCALE=$scale: expected a number" >&2; exit 2; }
+    budget="${GPU_CHECK_BUDGET:-}"
+    [ -n "$budget" ] || { [ "$dev" = cpu ] && budget=0 || budget=450; }
+    [[ "$budget" =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_BUDGET=$budget: expected whole seconds" >&2; exit 2; }
+    run_start=$(date +%s)
     unpack() { # NAME ENV_OVERRIDE: the binary to run ("none": no such step)
         if [ "$2" = none ]; then return 0; fi
         if [ -n "$2" ]; then echo "$2"; return; fi
@@ -91,24 +98,43 @@ run)
     has_torch=0
     "$python" -c 'import torch, transformers' 2>/dev/null && has_torch=1
 
-    # step NAME SECONDS COMMAND...: runs COMMAND under its time limit; every line it prints that
-    # is a JSON object is a result. STEP.json gets the status, the seconds and the results.
+    # step NAME SECONDS COMMAND...: runs COMMAND under its time limit (cut to what is left of the
+    # budget); every line it prints that is a JSON object is a result. STEP.json gets the status,
+    # the seconds and the results.
     step() {
         local name=$1 limit=$2
         shift 2
-        local log="$out/$name.log" start status rc
+        local log="$out/$name.log" start status rc left cut=0
         start=$(date +%s.%N)
         echo "== $name" >&2
-        set +e
-        timeout --kill-after=10 "$(python3 -c 'import sys; print(max(1, round(float(sys.argv[1]) * float(sys.argv[2]))))' "$limit" "$scale")" "$@" > "$log" 2>&1
-        rc=$?
-        set -e
+        limit=$(python3 -c 'import sys; print(max(1, round(float(sys.argv[1]) * float(sys.argv[2]))))' "$limit" "$scale")
+        left=$((budget - ($(date +%s) - run_start)))
+        if [ "$name" = environment ]; then
+            left=$limit
+        fi
+        if [ "$budget" -gt 0 ] && [ "$left" -lt 10 ]; then
+            echo "not run: the steps' budget of $budget s (GPU_CHECK_BUDGET) is spent" > "$log"
+            rc=budget
+        else
+            if [ "$budget" -gt 0 ] && [ "$left" -lt "$limit" ]; then
+                limit=$left cut=1
+            fi
+            set +e
+            timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+            rc=$?
+            set -e
+        fi
         case $rc in
             0) status=ok ;;
             77) status=skipped ;;
+            budget) status=budget ;;
             124 | 137) status=timeout ;;
             *) status=failed ;;
         esac
+        if [ "$status" = timeout ] && [ "$cut" = 1 ]; then
+            echo "stopped after $limit s: the rest of the steps' budget of $budget s (GPU_CHECK_BUDGET)" >> "$log"
+            status=budget
+        fi
         python3 - "$out" "$name" "$status" "$start" "$log" <<'PY'
 import json, sys, time
 out, name, status, start, log = sys.argv[1:]

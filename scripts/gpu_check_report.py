@@ -44,6 +44,9 @@ def main():
         w("```")
         lines.extend(l for l in env["log_tail"])
         w("```\n")
+    spent = [s["step"] for s in steps if s["status"] == "budget"]
+    if spent:
+        w(f"{len(spent)} steps not run or cut short by the run's budget (GPU_CHECK_BUDGET): {', '.join(spent)}.\n")
     w("| step | status | seconds |")
     w("|---|---|---|")
     for s in steps:

@@ -71,3 +71,46 @@ fn the_gpu_check_runs_on_the_cpu() {
             .expect("json");
     assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
 }
+
+/// `GPU_CHECK_BUDGET`: the device machine is lent for minutes, so the run stops starting steps
+/// when its budget is spent and still writes its report, in which those steps say why they did
+/// not run (status `budget`, not a failure).
+#[test]
+fn the_gpu_check_keeps_to_its_budget() {
+    let out = tempfile::tempdir().expect("tmp");
+    let run = std::process::Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .arg("run")
+        .env("DEV", "cpu")
+        .env("FUSERL_BIN", env!("CARGO_BIN_EXE_fuserl"))
+        .env("GPU_CHECK_OUT", out.path())
+        .env("PYTHON", "python3")
+        .env("FUSERL_TESTS_BIN", "none")
+        .env("GPU_CHECK_BUDGET", "1")
+        .env_remove("OUT")
+        .output()
+        .expect("run gpu-check.sh");
+    let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{log}");
+    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    assert!(report.contains("not run or cut short by the run's budget"), "{report}");
+    let mut steps = 0;
+    for entry in std::fs::read_dir(out.path()).expect("out") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if !name.ends_with(".json") || name == "summary.json" {
+            continue;
+        }
+        let step: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("step")).expect("json");
+        // The environment is always recorded; nothing else fits in one second.
+        let want = if name == "environment.json" { "ok" } else { "budget" };
+        assert_eq!(step["status"], want, "{name}: {step}");
+        steps += 1;
+    }
+    assert!(steps > 10, "{steps} steps written:\n{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary"))
+            .expect("json");
+    assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
+}
