@@ -13,9 +13,9 @@
 //! - up to [`STREAM_ROWS`] rows of `x`, the chunk's weights are read once, in order, and every row
 //!   of `x` is multiplied by each weight as it arrives (register accumulators: no packing);
 //! - more rows, the chunk is copied (widened) into a buffer in cache and multiplied there, on one
-//!   thread: on CPUs with AVX-512 an `[in, out]` weight's chunk in panels of [`NR`] columns by
-//!   fuserl's register kernel (8 rows by 48 columns of sums in registers), otherwise by the gemm
-//!   crate.
+//!   thread: on CPUs with AVX-512 in panels of [`NR`] columns by fuserl's register kernel (8 rows
+//!   by 48 columns of sums in registers; many rows are cut into blocks too, one task each),
+//!   otherwise by the gemm crate.
 //!
 //! A bf16 weight (a checkpoint stored in bf16, kept so for inference: `fuserl_model`'s frozen
 //! models) is read at half the bytes and gives the same products as its f32 widening: bf16 to f32
@@ -36,16 +36,31 @@ pub const STREAM_ROWS: usize = 8;
 /// cast the whole weight first).
 pub const F32_ROWS: usize = 1;
 
+/// The CPU backend's `linear_matmul` (and the input's gradient of its backward) gives an f32
+/// weight to the register kernel ([`panels_apply`]) for at least this many rows (a prompt's
+/// forward, classifier scoring, a training step): there the product is bound by arithmetic, not
+/// by reading the weights, and the kernel's tasks (at least two a thread, over rows and columns)
+/// keep both cores busy where gemm's split waits for its slowest part. Fewer rows keep flex's
+/// matmul (8 to 32 rows: as fast or faster on a 2-core AMD EPYC).
+pub const F32_PANEL_ROWS: usize = 64;
+
+/// Rows of `x` one task of the register kernel's path takes at least (its chunk's weights are
+/// widened once per task: a 64th of the task's arithmetic or less).
+const PANEL_TASK_ROWS: usize = 64;
+
 /// Bytes of f32 weights one chunk holds (a part of a core's L2 cache).
 const CHUNK_BYTES: usize = 192 * 1024;
 
-/// Columns of a panel of the register kernel (more than [`STREAM_ROWS`] rows, an `InOut` weight,
-/// AVX-512): three vectors of 16 sums.
+/// Columns of a panel of the register kernel (more than [`STREAM_ROWS`] rows, AVX-512): three vectors of 16 sums.
 const NR: usize = 48;
 
 /// Bytes of f32 weights one chunk of the register kernel's path holds (half of a core's L2 cache
 /// on the CPUs measured: 1 MiB on Zen 5, 2 MiB on Sapphire Rapids).
 const PANEL_BYTES: usize = 512 * 1024;
+
+/// Values of the inner index the register kernel's panels hold at once (`[KC, NR]` f32, 384 KiB:
+/// in a core's L2 cache while every block of rows is multiplied by it).
+const KC: usize = 2048;
 
 /// Rows of `x` the register kernel multiplies at once (24 of the 32 vector registers hold the
 /// sums).
@@ -156,7 +171,10 @@ pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize
         }
         return y;
     }
-    let width = if panels(m, layout) { panel_chunk_width(k, n) } else { chunk_width(m, k, n) };
+    if panels(m) {
+        return panel_product(ops, y);
+    }
+    let width = chunk_width(m, k, n);
     let starts: Vec<usize> = (0..n).step_by(width).collect();
     // Each task gives its columns `[m, width]`; they are put in place after (a copy of the
     // output, small next to the product).
@@ -171,24 +189,88 @@ pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize
     y
 }
 
-/// Whether more than [`STREAM_ROWS`] rows take the register kernel ([`panels_avx512`]: an
-/// `InOut` weight on a CPU with AVX-512 F, BW and VL and FMA) rather than gemm.
-fn panels(m: usize, layout: WeightLayout) -> bool {
+/// The product on the register kernel's path, into `y` (`[m, n]`, zeros): tasks of a chunk of
+/// columns and a block of rows each (rows in blocks where the columns alone give fewer than two
+/// tasks a thread: many rows under a narrow weight, a prompt, a training step), each writing its
+/// part of `y` in place.
+fn panel_product<W: WeightElem>(ops: Operands<'_, W>, mut y: Vec<f32>) -> Vec<f32> {
+    let Operands { x, m, k, n, .. } = ops;
+    if k == 0 {
+        return y;
+    }
+    let width = panel_chunk_width(k.min(KC), n);
+    let chunks = n.div_ceil(width);
+    let blocks = (2 * rayon::current_num_threads()).div_ceil(chunks);
+    let rows = m.div_ceil(blocks).next_multiple_of(MR).max(PANEL_TASK_ROWS);
+    OutBlock::grid(&mut y, (m, n), (rows, width)).into_par_iter().for_each(|mut out| {
+        let task = Operands { x: &x[out.i0 * k..(out.i0 + out.rows) * k], m: out.rows, ..ops };
+        panel_chunk(task, &mut out);
+    });
+    y
+}
+
+/// A task's rectangle of the output (`rows` rows from `i0`, `cols` columns from `j0`, of a
+/// row-major matrix `n` values wide), written in place; [`OutBlock::grid`] cuts the output into
+/// such rectangles, no two of which share a value.
+struct OutBlock<'a> {
+    ptr: *mut f32,
+    n: usize,
+    i0: usize,
+    j0: usize,
+    rows: usize,
+    cols: usize,
+    _output: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: an `OutBlock` is the only handle to its rectangle of the output (see `grid`), which
+// outlives it; moving it to another thread moves that exclusive access.
+#[allow(unsafe_code)]
+unsafe impl Send for OutBlock<'_> {}
+
+impl<'a> OutBlock<'a> {
+    /// `y` (`[m, n]`, row-major) in blocks of `rows` rows by `cols` columns (smaller at the
+    /// edges), row block by row block.
+    fn grid(y: &'a mut [f32], (m, n): (usize, usize), (rows, cols): (usize, usize)) -> Vec<Self> {
+        assert!(y.len() == m * n && rows > 0 && cols > 0, "cpu_matmul: an output grid");
+        let ptr = y.as_mut_ptr();
+        let mut blocks = Vec::new();
+        for i0 in (0..m).step_by(rows) {
+            for j0 in (0..n).step_by(cols) {
+                let (rows, cols) = (rows.min(m - i0), cols.min(n - j0));
+                blocks.push(OutBlock { ptr, n, i0, j0, rows, cols, _output: std::marker::PhantomData });
+            }
+        }
+        blocks
+    }
+
+    /// Row `i` of the rectangle (`cols` values).
+    fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "cpu_matmul: row {i} of a block of {}", self.rows);
+        // SAFETY: the rectangle lies inside `y` (`grid` cut it from `[m, n]`, and `i` is one of
+        // its rows), no other block shares its values, and `&mut self` lends them once.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add((self.i0 + i) * self.n + self.j0), self.cols)
+        }
+    }
+}
+
+/// Whether this CPU runs the register kernel ([`panels_avx512`]: AVX-512 F, BW and VL and FMA),
+/// which more than [`STREAM_ROWS`] rows take rather than gemm.
+pub fn panels_apply() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        m > STREAM_ROWS
-            && layout == WeightLayout::InOut
-            && has!("avx512f")
-            && has!("avx512bw")
-            && has!("avx512vl")
-            && has!("fma")
+        has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (m, layout);
-        false
-    }
+    false
+}
+
+/// Whether `m` rows take the register kernel (more than [`STREAM_ROWS`], on a CPU that has it)
+/// rather than gemm; both layouts.
+fn panels(m: usize) -> bool {
+    m > STREAM_ROWS && panels_apply()
 }
 
 /// Output columns per chunk of the register kernel's path, a multiple of [`NR`]: at least two
@@ -235,57 +317,93 @@ fn chunk<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 fn chunk_avx512<W: WeightElem>(ops: Operands<'_, W>, cols: (usize, usize)) -> Vec<f32> {
-    if panels(ops.m, ops.layout) {
-        // SAFETY: `panels` checked that the CPU has AVX-512F, BW and VL and FMA.
-        #[allow(unsafe_code)]
-        return unsafe { panels_avx512(ops, cols) };
-    }
     chunk_with::<W, Fused>(ops, cols)
 }
 
-/// Columns `j0..j1` (`[m, j1 - j0]`) of an `InOut` weight's product: the chunk's weights widened
-/// into panels of [`NR`] columns (`[k, NR]` each, one after the other, in the L2 cache: the
-/// weight read along its rows, where a panel read in place would cross a page at every row),
-/// then every block of [`MR`] rows of `x` times each panel in registers ([`block_avx512`]). Each
-/// output is summed in order of the inner index, one fused multiply-add at a time.
+/// `out`'s rectangle of the product by the register kernel ([`panels_avx512`]), `ops` holding
+/// its rows of `x`, whatever their number (a product that takes the kernel takes it for every
+/// block of rows).
+///
+/// # Panics
+/// On a CPU without the kernel's instructions ([`panels_apply`]).
+fn panel_chunk<W: WeightElem>(ops: Operands<'_, W>, out: &mut OutBlock<'_>) {
+    assert!(panels_apply(), "cpu_matmul: the register kernel on a CPU without AVX-512 F, BW and VL and FMA");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F, BW and VL and FMA (checked above).
+    #[allow(unsafe_code)]
+    unsafe {
+        panels_avx512(ops, out)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("cpu_matmul: no register kernel on this architecture")
+}
+
+/// `out`'s rectangle of the product (`ops` holding its rows of `x`), [`KC`] values of the inner
+/// index at a time: the chunk's weights for those widened into panels of [`NR`] columns (`[kc,
+/// NR]` each, one after the other, in the L2 cache: an `InOut` weight read along its rows, where
+/// a panel read in place would cross a page at every row; an `OutIn` one along each output's
+/// row), then every block of [`MR`] rows of `x` times each panel in registers
+/// ([`block_avx512`]), from the sums so far. Each output is summed in order of the inner index,
+/// one fused multiply-add at a time (the partial sums between blocks of the inner index are f32
+/// values kept exactly).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-fn panels_avx512<W: WeightElem>(ops: Operands<'_, W>, (j0, j1): (usize, usize)) -> Vec<f32> {
+fn panels_avx512<W: WeightElem>(ops: Operands<'_, W>, out: &mut OutBlock<'_>) {
     let Operands { x, w, m, k, n, .. } = ops;
-    let width = j1 - j0;
-    let mut y = vec![0.0f32; m * width];
-    if k == 0 {
-        return y;
-    }
+    let (j0, width) = (out.j0, out.cols);
+    assert_eq!(m, out.rows, "cpu_matmul: a block's rows");
     CHUNK.with_borrow_mut(|buf| {
-        // Grown, never cleared: every value a panel's masks read is written below (a last
-        // partial panel's columns past `cols` keep an earlier call's values, never read).
-        let len = width.div_ceil(NR) * k * NR;
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        let buf = &mut buf[..len];
-        for r in 0..k {
-            for (p, part) in w[r * n + j0..][..width].chunks(NR).enumerate() {
-                for (d, v) in buf[(p * k + r) * NR..].iter_mut().zip(part) {
-                    *d = v.widen();
+        let mut block = [[0.0f32; NR]; MR];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            // Grown, never cleared: every value a panel's masks read is written below (a last
+            // partial panel's columns past `cols` keep an earlier call's values, never read).
+            let len = width.div_ceil(NR) * kc * NR;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            let buf = &mut buf[..len];
+            match ops.layout {
+                WeightLayout::InOut => {
+                    for r in 0..kc {
+                        for (p, part) in w[(k0 + r) * n + j0..][..width].chunks(NR).enumerate() {
+                            for (d, v) in buf[(p * kc + r) * NR..].iter_mut().zip(part) {
+                                *d = v.widen();
+                            }
+                        }
+                    }
+                }
+                // Output `j`'s weights are row `j` of `w`: read along it, written down the
+                // panel's column (stores `NR` values apart, inside a panel held in L2).
+                WeightLayout::OutIn => {
+                    for c in 0..width {
+                        let panel = &mut buf[c / NR * kc * NR..][..kc * NR];
+                        let row = &w[(j0 + c) * k + k0..][..kc];
+                        for (d, v) in panel[c % NR..].iter_mut().step_by(NR).zip(row) {
+                            *d = v.widen();
+                        }
+                    }
                 }
             }
-        }
-        let mut block = [[0.0f32; NR]; MR];
-        for (p, panel) in buf.chunks_exact(k * NR).enumerate() {
-            let (c0, cols) = (p * NR, NR.min(width - p * NR));
-            for i0 in (0..m).step_by(MR) {
-                // A last block's rows past `m` repeat the last row; their sums are dropped.
-                let rows = std::array::from_fn(|i| &x[(i0 + i).min(m - 1) * k..][..k]);
-                block_avx512(rows, Panel { w: panel, stride: NR, cols }, &mut block);
-                for (i, sums) in block.iter().take(m - i0).enumerate() {
-                    y[(i0 + i) * width + c0..][..cols].copy_from_slice(&sums[..cols]);
+            for (p, panel) in buf.chunks_exact(kc * NR).enumerate() {
+                let (c0, cols) = (p * NR, NR.min(width - p * NR));
+                for i0 in (0..m).step_by(MR) {
+                    let live = MR.min(m - i0);
+                    if k0 > 0 {
+                        for (i, sums) in block.iter_mut().take(live).enumerate() {
+                            sums[..cols].copy_from_slice(&out.row(i0 + i)[c0..][..cols]);
+                        }
+                    }
+                    // A last block's rows past `m` repeat the last row; their sums are dropped.
+                    let rows = std::array::from_fn(|i| &x[(i0 + i).min(m - 1) * k + k0..][..kc]);
+                    block_avx512(rows, Panel { w: panel, stride: NR, cols }, &mut block, k0 > 0);
+                    for (i, sums) in block.iter().take(live).enumerate() {
+                        out.row(i0 + i)[c0..][..cols].copy_from_slice(&sums[..cols]);
+                    }
                 }
             }
         }
     });
-    y
 }
 
 /// `cols` columns (at most [`NR`]) of `k` rows `stride` values apart, from `w`'s first on.
@@ -296,14 +414,14 @@ struct Panel<'a> {
     cols: usize,
 }
 
-/// `block [MR, cols] = rows [MR, k] @ panel [k, cols]`, in registers (columns past `cols` are
-/// zeros: their values are not read).
+/// `block [MR, cols] = rows [MR, k] @ panel [k, cols]` (plus `block`'s sums where `from_block`
+/// says so), in registers (columns past `cols` are zeros: their values are not read).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[allow(unsafe_code)]
-fn block_avx512(rows: [&[f32]; MR], panel: Panel<'_>, block: &mut [[f32; NR]; MR]) {
+fn block_avx512(rows: [&[f32]; MR], panel: Panel<'_>, block: &mut [[f32; NR]; MR], from_block: bool) {
     use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps};
-    use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
     let Panel { w, stride, cols } = panel;
     let k = rows[0].len();
     assert!(rows.iter().all(|r| r.len() == k) && k > 0, "cpu_matmul: a block's rows");
@@ -323,6 +441,16 @@ fn block_avx512(rows: [&[f32]; MR], panel: Panel<'_>, block: &mut [[f32; NR]; MR
     // The sums of row i in `s[3i..3i + 3]`, indexed with constants only (the macro below), so
     // that they live in registers.
     let mut s = [_mm512_setzero_ps(); 3 * MR];
+    if from_block {
+        for (i, sums) in block.iter().enumerate() {
+            // SAFETY: each row of `block` holds NR = 48 f32.
+            unsafe {
+                s[3 * i] = _mm512_loadu_ps(sums.as_ptr());
+                s[3 * i + 1] = _mm512_loadu_ps(sums.as_ptr().add(16));
+                s[3 * i + 2] = _mm512_loadu_ps(sums.as_ptr().add(32));
+            }
+        }
+    }
     let mut wp = w.as_ptr();
     for r in 0..k {
         // SAFETY: pass `r` reads value `r` of each row of `x` (`k` of them, checked above) and
@@ -572,11 +700,10 @@ mod tests {
 
     #[test]
     fn matches_f64_reference_on_every_path() {
-        // Rows 1 to 8 (the streaming kernel), 9 and
-        // 33 (the register kernel on an `InOut` weight where the CPU has AVX-512, gemm
-        // otherwise); columns in whole and partial blocks of 64 and 16 and single columns; inner
+        // Rows 1 to 8 (the streaming kernel), 9, 33 and 200 (the register kernel where the CPU
+        // has AVX-512, gemm otherwise; 200 rows in blocks of 64, the last one streamed); columns in whole and partial blocks of 64 and 16 and single columns; inner
         // sizes below, at and past a vector, and not a multiple of 16.
-        for &m in &[1, 2, 3, 4, 5, 6, 7, 8, 9, 33] {
+        for &m in &[1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 200] {
             for &(k, n) in &[(1, 1), (17, 15), (16, 64), (64, 100), (576, 97), (100, 1536)] {
                 check(m, k, n);
             }
@@ -588,22 +715,34 @@ mod tests {
     /// it: AVX-512 F, BW, VL and FMA; says so and checks nothing elsewhere).
     #[test]
     fn register_kernel_sums_each_output_in_order() {
-        if !panels(9, WeightLayout::InOut) {
+        if !panels(9) {
             eprintln!("this CPU has no AVX-512 (F, BW, VL) with FMA: the register kernel is not checked here");
             return;
         }
-        for &(m, k, n) in &[(9, 577, 97), (17, 40, 48), (24, 3, 200)] {
+        // (200, 40, 100): rows in two blocks where the pool has two threads or more; k = 4101:
+        // three blocks of the inner index (2048, 2048, 5), the sums carried from one to the next.
+        for &(m, k, n) in &[(9, 577, 97), (17, 40, 48), (24, 3, 200), (200, 40, 100), (11, 4101, 50)] {
             let x: Vec<f32> = (0..m * k).map(value).collect();
             let w: Vec<f32> = (0..k * n).map(|i| value(i + 99)).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            for (name, got, exact) in [
-                ("f32", matmul(&x, &w, (m, k, n), WeightLayout::InOut), w.clone()),
-                ("bf16", matmul(&x, &wb, (m, k, n), WeightLayout::InOut), wb.iter().map(|v| v.to_f32()).collect()),
-            ] {
-                for i in 0..m {
-                    for j in 0..n {
-                        let want = (0..k).fold(0.0f32, |s, r| x[i * k + r].mul_add(exact[r * n + j], s));
-                        assert_eq!(got[i * n + j].to_bits(), want.to_bits(), "{name} m {m} k {k} n {n}: ({i}, {j})");
+            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+                let at = |r: usize, j: usize| match layout {
+                    WeightLayout::InOut => r * n + j,
+                    WeightLayout::OutIn => j * k + r,
+                };
+                for (name, got, exact) in [
+                    ("f32", matmul(&x, &w, (m, k, n), layout), w.clone()),
+                    ("bf16", matmul(&x, &wb, (m, k, n), layout), wb.iter().map(|v| v.to_f32()).collect()),
+                ] {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = (0..k).fold(0.0f32, |s, r| x[i * k + r].mul_add(exact[at(r, j)], s));
+                            assert_eq!(
+                                got[i * n + j].to_bits(),
+                                want.to_bits(),
+                                "{name} {layout:?} m {m} k {k} n {n}: ({i}, {j})"
+                            );
+                        }
                     }
                 }
             }

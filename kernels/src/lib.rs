@@ -723,8 +723,10 @@ impl LogProbBackend for burn::backend::Flex {
 
     /// fuserl's kernel ([`cpu_matmul`]) for an f32 `x` and a 2-D f32 or bf16 weight laid out as
     /// `[k, n]` or as the transpose of `[n, k]`, when `x` has at most [`cpu_matmul::F32_ROWS`]
-    /// rows (a batch-1 decoding step: the weights stream from memory) or the weight is bf16
-    /// (widened in chunks rather than cast whole); flex's matmul otherwise. A bf16 `x` of at most
+    /// rows (a batch-1 decoding step: the weights stream from memory), at least
+    /// [`cpu_matmul::F32_PANEL_ROWS`] on a CPU with its register kernel (a prompt, a training
+    /// step), or the weight is bf16 (widened in chunks rather than cast whole); flex's matmul
+    /// otherwise. A bf16 `x` of at most
     /// [`cpu_matmul::STREAM_ROWS`] rows under a bf16 weight is widened for that kernel; other
     /// bf16 `x` take [`cpu_bf16`] where the CPU has AVX512-BF16 (an f32 weight rounded as it is
     /// packed: a decoding step of bf16 rows under f32 weights packs every weight, which the
@@ -754,7 +756,9 @@ impl LogProbBackend for burn::backend::Flex {
         };
         let dtypes = x.dtype() == DType::F32 && matches!(w.dtype(), DType::F32 | DType::BF16);
         let (m, k) = if two_d { (xs[0], xs[1]) } else { (0, 0) };
-        let worth = w.dtype() == DType::BF16 || m <= cpu_matmul::F32_ROWS;
+        let worth = w.dtype() == DType::BF16
+            || m <= cpu_matmul::F32_ROWS
+            || (m >= cpu_matmul::F32_PANEL_ROWS && cpu_matmul::panels_apply());
         let Some(layout) = layout.filter(|_| dtypes && worth) else {
             return plain_linear_matmul::<Self>(x, w);
         };
@@ -780,8 +784,8 @@ impl LogProbBackend for burn::backend::Flex {
         }
     }
 
-    /// fuserl's kernel ([`cpu_bf16`]) for a bf16 `grad` where the CPU has AVX512-BF16, Burn's
-    /// ops otherwise.
+    /// For f32, the input's gradient through [`Self::linear_matmul`]; for a bf16 `grad`, fuserl's
+    /// kernel ([`cpu_bf16`]) where the CPU has AVX512-BF16; Burn's ops otherwise.
     fn linear_matmul_bwd(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -790,6 +794,16 @@ impl LogProbBackend for burn::backend::Flex {
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
         let bf16 =
             [&x, &grad].iter().all(|t| t.dtype() == DType::BF16) && matches!(w.dtype(), DType::F32 | DType::BF16);
+        if [&x, &w, &grad].iter().all(|t| t.dtype() == DType::F32) {
+            // The input's gradient `grad @ w^T` is a linear layer's product too, of `w`'s
+            // transpose (fuserl's kernel where `linear_matmul` takes it); the weight's,
+            // `x^T @ grad`, flex's matmul.
+            let dx = want.hidden.then(|| {
+                Self::linear_matmul(grad.clone(), float::<Self, 2>(w.clone()).transpose().into_primitive().tensor())
+            });
+            let (_, dw) = plain_linear_matmul_bwd::<Self>(x, w, grad, Want { hidden: false, ..want });
+            return (dx, dw);
+        }
         if bf16 && cpu_bf16::available() {
             // `grad @ w^T` and `x^T @ grad`, rounded to bf16 as Burn's product of bf16 tensors is
             // (then widened to `w`'s dtype, as the cast's gradient is).

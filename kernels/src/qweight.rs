@@ -158,8 +158,10 @@ pub(crate) fn matmul_fwd<B: LogProbBackend>(
         .step_by(step)
         .map(|r0| {
             let r1 = (r0 + step).min(rows);
+            // A linear layer's product (fuserl's kernel where the dense weight's would take it:
+            // the same sums as the dequantised model's).
             let w = dequantize(words.clone().narrow(0, r0, r1 - r0), layout).cast(dtype);
-            x.clone().matmul(w.transpose())
+            crate::linear_matmul(x.clone(), w.transpose())
         })
         .collect();
     prim(if parts.len() == 1 { parts.into_iter().next().expect("one part") } else { Tensor::cat(parts, 1) })
@@ -179,7 +181,7 @@ pub(crate) fn matmul_bwd<B: LogProbBackend>(
         let r1 = (r0 + step).min(rows);
         let w = dequantize(words.clone().narrow(0, r0, r1 - r0), layout).cast(dtype);
         // Summed in f32: a 16-bit sum would round once per chunk (the dense path rounds once).
-        let part = g.clone().narrow(1, r0, r1 - r0).matmul(w).cast(DType::F32);
+        let part = crate::linear_matmul(g.clone().narrow(1, r0, r1 - r0), w).cast(DType::F32);
         acc = Some(match acc {
             Some(a) => a + part,
             None => part,
