@@ -281,7 +281,7 @@ impl<B: LogProbBackend, C: CheckpointStrategy> LogProbBackend for Autodiff<B, C>
 
     /// A tracked operation whose backward is the inner backend's
     /// [`LogProbBackend::linear_matmul_bwd`] (the same products as Burn's cast and matmul, on
-    /// the CPU fuserl's bf16 kernel where it applies); the weight is kept as it is (f32 master
+    /// the CPU fuserl's kernels where they apply); the weight is kept as it is (f32 master
     /// weights), not as a cast copy.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let nodes = [x.node.clone(), w.node.clone()];

@@ -37,12 +37,24 @@ pub const STREAM_ROWS: usize = 8;
 pub const F32_ROWS: usize = 1;
 
 /// The CPU backend's `linear_matmul` (and the input's gradient of its backward) gives an f32
-/// weight to the register kernel ([`panels_apply`]) for at least this many rows (a prompt's
+/// weight to the register kernel for at least this many rows ([`f32_panels`]: a prompt's
 /// forward, classifier scoring, a training step): there the product is bound by arithmetic, not
-/// by reading the weights, and the kernel's tasks (at least two a thread, over rows and columns)
-/// keep both cores busy where gemm's split waits for its slowest part. Fewer rows keep flex's
-/// matmul (8 to 32 rows: as fast or faster on a 2-core AMD EPYC).
+/// by reading the weights, and the kernel's tasks (over rows and columns) keep the cores busy
+/// where gemm's split waits for its slowest part. Fewer rows keep flex's matmul (8 to 32 rows:
+/// as fast or faster on a 2-core AMD EPYC).
 pub const F32_PANEL_ROWS: usize = 64;
+
+/// The smallest inner size and output width an f32 product takes the register kernel with
+/// ([`f32_panels`]): narrower weights (a LoRA adapter's rank, a classifier's few labels) would
+/// waste most of a panel's 48 columns or reload the sums every few steps.
+const F32_PANEL_MIN: usize = 64;
+
+/// Whether an f32 product of `x [m, k]` and a weight `[k, n]` takes the register kernel: at least
+/// [`F32_PANEL_ROWS`] rows, `k` and `n` at least 64, on a CPU that has the kernel
+/// ([`panels_apply`]). Measured on an AMD EPYC (Zen 5) only; the Intel Xeon's numbers are to come.
+pub fn f32_panels(m: usize, k: usize, n: usize) -> bool {
+    m >= F32_PANEL_ROWS && k >= F32_PANEL_MIN && n >= F32_PANEL_MIN && panels_apply()
+}
 
 /// Rows of `x` one task of the register kernel's path takes at least (its chunk's weights are
 /// widened once per task: a 64th of the task's arithmetic or less).
@@ -55,7 +67,7 @@ const CHUNK_BYTES: usize = 192 * 1024;
 const NR: usize = 48;
 
 /// Bytes of f32 weights one chunk of the register kernel's path holds (half of a core's L2 cache
-/// on the CPUs measured: 1 MiB on Zen 5, 2 MiB on Sapphire Rapids).
+/// on Zen 5's 1 MiB, a quarter of Sapphire Rapids' 2 MiB).
 const PANEL_BYTES: usize = 512 * 1024;
 
 /// Values of the inner index the register kernel's panels hold at once (`[KC, NR]` f32, 384 KiB:
@@ -190,9 +202,9 @@ pub fn matmul<W: WeightElem>(x: &[f32], w: &[W], (m, k, n): (usize, usize, usize
 }
 
 /// The product on the register kernel's path, into `y` (`[m, n]`, zeros): tasks of a chunk of
-/// columns and a block of rows each (rows in blocks where the columns alone give fewer than two
-/// tasks a thread: many rows under a narrow weight, a prompt, a training step), each writing its
-/// part of `y` in place.
+/// columns and a block of rows each (rows in blocks of at least [`PANEL_TASK_ROWS`] where the
+/// columns alone give fewer than two tasks a thread: many rows under a narrow weight, a prompt,
+/// a training step), each writing its part of `y` in place.
 fn panel_product<W: WeightElem>(ops: Operands<'_, W>, mut y: Vec<f32>) -> Vec<f32> {
     let Operands { x, m, k, n, .. } = ops;
     if k == 0 {
@@ -244,6 +256,7 @@ impl<'a> OutBlock<'a> {
     }
 
     /// Row `i` of the rectangle (`cols` values).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // The kernel is x86-64's.
     fn row(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows, "cpu_matmul: row {i} of a block of {}", self.rows);
         // SAFETY: the rectangle lies inside `y` (`grid` cut it from `[m, n]`, and `i` is one of
@@ -335,7 +348,10 @@ fn panel_chunk<W: WeightElem>(ops: Operands<'_, W>, out: &mut OutBlock<'_>) {
         panels_avx512(ops, out)
     };
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("cpu_matmul: no register kernel on this architecture")
+    {
+        let _ = (ops, out);
+        unreachable!("cpu_matmul: no register kernel on this architecture")
+    }
 }
 
 /// `out`'s rectangle of the product (`ops` holding its rows of `x`), [`KC`] values of the inner
@@ -415,7 +431,8 @@ struct Panel<'a> {
 }
 
 /// `block [MR, cols] = rows [MR, k] @ panel [k, cols]` (plus `block`'s sums where `from_block`
-/// says so), in registers (columns past `cols` are zeros: their values are not read).
+/// says so), in registers (the panel's columns past `cols` are not read: they count as zeros,
+/// and `block`'s columns past `cols` hold nothing of use).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[allow(unsafe_code)]
@@ -701,7 +718,7 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_every_path() {
         // Rows 1 to 8 (the streaming kernel), 9, 33 and 200 (the register kernel where the CPU
-        // has AVX-512, gemm otherwise; 200 rows in blocks of 64, the last one streamed); columns in whole and partial blocks of 64 and 16 and single columns; inner
+        // has AVX-512, gemm otherwise; 200 rows in blocks where the columns give too few tasks); columns in whole and partial blocks of 64 and 16 and single columns; inner
         // sizes below, at and past a vector, and not a multiple of 16.
         for &m in &[1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 200] {
             for &(k, n) in &[(1, 1), (17, 15), (16, 64), (64, 100), (576, 97), (100, 1536)] {
@@ -719,7 +736,7 @@ mod tests {
             eprintln!("this CPU has no AVX-512 (F, BW, VL) with FMA: the register kernel is not checked here");
             return;
         }
-        // (200, 40, 100): rows in two blocks where the pool has two threads or more; k = 4101:
+        // (200, 40, 100): rows in blocks where the pool has two threads or more; k = 4101:
         // three blocks of the inner index (2048, 2048, 5), the sums carried from one to the next.
         for &(m, k, n) in &[(9, 577, 97), (17, 40, 48), (24, 3, 200), (200, 40, 100), (11, 4101, 50)] {
             let x: Vec<f32> = (0..m * k).map(value).collect();

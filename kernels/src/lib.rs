@@ -308,7 +308,8 @@ pub trait LogProbBackend: Backend {
     /// `x [m, k] @ w [k, n]` with `w` cast to `x`'s dtype first: a linear layer's product, or a
     /// tied head's logits (`w` the embeddings' transposed view). Differentiable on `Autodiff`
     /// (one tracked operation whose backward is [`Self::linear_matmul_bwd`]). The CPU backend
-    /// overrides it: one row of f32, or a bf16 weight under f32 rows, take [`cpu_matmul`]; bf16
+    /// overrides it: one row of f32, many f32 rows on a CPU with AVX-512
+    /// ([`cpu_matmul::f32_panels`]), or a bf16 weight under f32 rows, take [`cpu_matmul`]; bf16
     /// rows take [`cpu_bf16`] where the CPU has AVX512-BF16.
     fn linear_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         plain_linear_matmul::<Self>(x, w)
@@ -324,7 +325,8 @@ pub trait LogProbBackend: Backend {
     /// Backward of [`Self::linear_matmul`] for `grad` (`[m, n]`, in `x`'s dtype): `x`'s gradient
     /// `grad @ w^T` (`w` cast to `x`'s dtype first, as the forward) in `x`'s dtype and `w`'s
     /// `x^T @ grad` computed in `x`'s dtype and given in `w`'s: the gradients Burn's autodiff
-    /// gives for the cast and the product. The CPU backend overrides it for bf16 ([`cpu_bf16`]).
+    /// gives for the cast and the product. The CPU backend overrides it: in f32 the input's
+    /// gradient is [`Self::linear_matmul`] of `w`'s transpose, in bf16 both are [`cpu_bf16`]'s.
     fn linear_matmul_bwd(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -724,8 +726,8 @@ impl LogProbBackend for burn::backend::Flex {
     /// fuserl's kernel ([`cpu_matmul`]) for an f32 `x` and a 2-D f32 or bf16 weight laid out as
     /// `[k, n]` or as the transpose of `[n, k]`, when `x` has at most [`cpu_matmul::F32_ROWS`]
     /// rows (a batch-1 decoding step: the weights stream from memory), at least
-    /// [`cpu_matmul::F32_PANEL_ROWS`] on a CPU with its register kernel (a prompt, a training
-    /// step), or the weight is bf16 (widened in chunks rather than cast whole); flex's matmul
+    /// [`cpu_matmul::F32_PANEL_ROWS`] under a weight of at least 64 by 64 on a CPU with its
+    /// register kernel (a prompt, a training step: [`cpu_matmul::f32_panels`]), or the weight is bf16 (widened in chunks rather than cast whole); flex's matmul
     /// otherwise. A bf16 `x` of at most
     /// [`cpu_matmul::STREAM_ROWS`] rows under a bf16 weight is widened for that kernel; other
     /// bf16 `x` take [`cpu_bf16`] where the CPU has AVX512-BF16 (an f32 weight rounded as it is
@@ -756,9 +758,7 @@ impl LogProbBackend for burn::backend::Flex {
         };
         let dtypes = x.dtype() == DType::F32 && matches!(w.dtype(), DType::F32 | DType::BF16);
         let (m, k) = if two_d { (xs[0], xs[1]) } else { (0, 0) };
-        let worth = w.dtype() == DType::BF16
-            || m <= cpu_matmul::F32_ROWS
-            || (m >= cpu_matmul::F32_PANEL_ROWS && cpu_matmul::panels_apply());
+        let worth = w.dtype() == DType::BF16 || m <= cpu_matmul::F32_ROWS || cpu_matmul::f32_panels(m, k, ws[1]);
         let Some(layout) = layout.filter(|_| dtypes && worth) else {
             return plain_linear_matmul::<Self>(x, w);
         };
@@ -1328,8 +1328,9 @@ mod tests {
 
     /// `linear_matmul`'s gradients on `Autodiff<Flex>` (one tracked operation, its backward the
     /// backend's `linear_matmul_bwd`: fuserl's bf16 kernel for bf16 activations where the CPU
-    /// has AVX512-BF16) against Burn's own cast and matmul on the same values: equal in f32,
-    /// within one bf16 rounding in bf16; the weight's gradient in the weight's dtype.
+    /// has AVX512-BF16) against Burn's own cast and matmul on the same values: equal in f32 (within
+    /// f32 rounding where fuserl's f32 kernel takes the product), within one bf16 rounding in
+    /// bf16; the weight's gradient in the weight's dtype.
     #[test]
     fn linear_matmul_gradients_match_burns() {
         use burn::backend::{Autodiff, Flex};
@@ -1339,37 +1340,50 @@ mod tests {
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0).collect()
         };
-        let (m, k, n) = (30, 37, 45);
-        for (x_dtype, w_dtype) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::BF16, DType::BF16)] {
-            for transposed in [false, true] {
-                let leaf = |len, seed, shape: [usize; 2], dtype| {
-                    Tensor::<A, 2>::from_data(TensorData::new(values(len, seed), shape), &device)
-                        .cast(dtype)
-                        .require_grad()
-                };
-                let x = leaf(m * k, 1, [m, k], x_dtype);
-                let w = if transposed { leaf(n * k, 2, [n, k], w_dtype) } else { leaf(k * n, 2, [k, n], w_dtype) };
-                let w_used = |w: Tensor<A, 2>| if transposed { w.transpose() } else { w };
-                // A loss whose gradient at the output is a fixed bf16-exact pattern.
-                let weights = Tensor::<A, 2>::from_data(TensorData::new(values(m * n, 3), [m, n]), &device)
-                    .cast(DType::BF16)
-                    .cast(x_dtype);
-                let grads_of = |y: Tensor<A, 2>| (y * weights.clone()).sum().backward();
-                let ours = grads_of(linear_matmul(x.clone(), w_used(w.clone())));
-                let burns = grads_of(x.clone().matmul(w_used(w.clone()).cast(x_dtype)));
-                for (what, got, want, dtype) in
-                    [("x", x.grad(&ours), x.grad(&burns), x_dtype), ("w", w.grad(&ours), w.grad(&burns), w_dtype)]
-                {
-                    let (got, want) = (got.expect("gradient"), want.expect("gradient"));
-                    assert_eq!(got.dtype(), dtype, "{what}'s gradient dtype ({x_dtype:?} x, {w_dtype:?} w)");
-                    let got: Vec<f32> = got.cast(DType::F32).into_data().to_vec().unwrap();
-                    let want: Vec<f32> = want.cast(DType::F32).into_data().to_vec().unwrap();
-                    for (i, (g, v)) in got.iter().zip(&want).enumerate() {
-                        let tol = if x_dtype == DType::F32 { 0.0 } else { v.abs() / 128.0 + 1e-5 };
-                        assert!(
-                            (g - v).abs() <= tol,
-                            "{what} ({x_dtype:?} x, {w_dtype:?} w, transposed {transposed}): [{i}] {g} != {v}"
-                        );
+        // (70, 80, 100): f32 through fuserl's register kernel where the CPU has it (both of
+        // the product's operands checked in place; gemm, below its inner block, sums the same
+        // in-order chain, so its bits may well be equal).
+        for (m, k, n) in [(30, 37, 45), (70, 80, 100)] {
+            for (x_dtype, w_dtype) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::BF16, DType::BF16)]
+            {
+                for transposed in [false, true] {
+                    let leaf = |len, seed, shape: [usize; 2], dtype| {
+                        Tensor::<A, 2>::from_data(TensorData::new(values(len, seed), shape), &device)
+                            .cast(dtype)
+                            .require_grad()
+                    };
+                    let x = leaf(m * k, 1, [m, k], x_dtype);
+                    let w = if transposed { leaf(n * k, 2, [n, k], w_dtype) } else { leaf(k * n, 2, [k, n], w_dtype) };
+                    let w_used = |w: Tensor<A, 2>| if transposed { w.transpose() } else { w };
+                    // A loss whose gradient at the output is a fixed bf16-exact pattern.
+                    let weights = Tensor::<A, 2>::from_data(TensorData::new(values(m * n, 3), [m, n]), &device)
+                        .cast(DType::BF16)
+                        .cast(x_dtype);
+                    let grads_of = |y: Tensor<A, 2>| (y * weights.clone()).sum().backward();
+                    let ours = grads_of(linear_matmul(x.clone(), w_used(w.clone())));
+                    let burns = grads_of(x.clone().matmul(w_used(w.clone()).cast(x_dtype)));
+                    for (what, got, want, dtype) in
+                        [("x", x.grad(&ours), x.grad(&burns), x_dtype), ("w", w.grad(&ours), w.grad(&burns), w_dtype)]
+                    {
+                        let (got, want) = (got.expect("gradient"), want.expect("gradient"));
+                        assert_eq!(got.dtype(), dtype, "{what}'s gradient dtype ({x_dtype:?} x, {w_dtype:?} w)");
+                        let got: Vec<f32> = got.cast(DType::F32).into_data().to_vec().unwrap();
+                        let want: Vec<f32> = want.cast(DType::F32).into_data().to_vec().unwrap();
+                        for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                            let tol = match x_dtype {
+                                // The kernel sums in another order than gemm: within f32 rounding of
+                                // k products of values below 1.
+                                DType::F32 if cpu_matmul::f32_panels(m, k, n) => {
+                                    k as f32 * f32::EPSILON * (1.0 + v.abs())
+                                }
+                                DType::F32 => 0.0,
+                                _ => v.abs() / 128.0 + 1e-5,
+                            };
+                            assert!(
+                                (g - v).abs() <= tol,
+                                "{what} ({x_dtype:?} x, {w_dtype:?} w, transposed {transposed}, m {m}): [{i}] {g} != {v}"
+                            );
+                        }
                     }
                 }
             }

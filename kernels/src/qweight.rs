@@ -158,8 +158,9 @@ pub(crate) fn matmul_fwd<B: LogProbBackend>(
         .step_by(step)
         .map(|r0| {
             let r1 = (r0 + step).min(rows);
-            // A linear layer's product (fuserl's kernel where the dense weight's would take it:
-            // the same sums as the dequantised model's).
+            // A linear layer's product (fuserl's kernel where the dense weight's would take it,
+            // and then the same sums as the dequantised model's wherever the register kernel
+            // takes both: many f32 rows on AVX-512).
             let w = dequantize(words.clone().narrow(0, r0, r1 - r0), layout).cast(dtype);
             crate::linear_matmul(x.clone(), w.transpose())
         })
