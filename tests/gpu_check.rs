@@ -5,27 +5,42 @@
 
 use crate::common::{repo, text};
 
+/// `DEV=cpu scripts/gpu-check.sh run` into `out` with `PYTHON` and the extra environment, which
+/// must succeed: its output, and the report it wrote.
+fn dry_run(out: &std::path::Path, python: &str, env: &[(&str, &str)]) -> (String, String) {
+    let run = std::process::Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .arg("run")
+        .env("DEV", "cpu")
+        .env("FUSERL_BIN", env!("CARGO_BIN_EXE_fuserl"))
+        .env("GPU_CHECK_OUT", out)
+        .env("PYTHON", python)
+        // This binary runs the kernel tests itself.
+        .env("FUSERL_TESTS_BIN", "none")
+        .envs(env.iter().copied())
+        .env_remove("OUT")
+        .output()
+        .expect("run gpu-check.sh");
+    let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{log}");
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    (log, report)
+}
+
+/// The run's summary.json says no step failed.
+fn assert_no_failures(out: &std::path::Path, report: &str) {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
+}
+
 #[test]
 fn the_gpu_check_runs_on_the_cpu() {
     let out = tempfile::tempdir().expect("tmp");
     let oracle =
         std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/fuserl-oracle/venv/bin/python");
     let python = if oracle.is_file() { oracle.display().to_string() } else { "python3".to_owned() };
-    let run = std::process::Command::new("bash")
-        .arg(repo().join("scripts/gpu-check.sh"))
-        .arg("run")
-        .env("DEV", "cpu")
-        .env("FUSERL_BIN", env!("CARGO_BIN_EXE_fuserl"))
-        .env("GPU_CHECK_OUT", out.path())
-        .env("PYTHON", &python)
-        // This binary runs the kernel tests itself.
-        .env("FUSERL_TESTS_BIN", "none")
-        .env_remove("OUT")
-        .output()
-        .expect("run gpu-check.sh");
-    let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
-    assert!(run.status.success(), "{log}");
-    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    let (log, report) = dry_run(out.path(), &python, &[]);
     for section in
         ["## Per-token log-probs", "## Step-0 loss", "## A FusePO-DPO step", "## Generation", "## LoRA and QLoRA"]
     {
@@ -66,10 +81,7 @@ fn the_gpu_check_runs_on_the_cpu() {
     assert_eq!(step("qlora-step-tiny-bf16")["results"][0]["quantize_base"], "q4_k");
     let logprobs = step("logprobs-tiny-cpu");
     assert!(["ok", "skipped"].contains(&logprobs["status"].as_str().expect("status")), "{logprobs}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary"))
-            .expect("json");
-    assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
+    assert_no_failures(out.path(), &report);
 }
 
 /// `GPU_CHECK_BUDGET`: the device machine is lent for minutes, so the run stops starting steps
@@ -78,21 +90,7 @@ fn the_gpu_check_runs_on_the_cpu() {
 #[test]
 fn the_gpu_check_keeps_to_its_budget() {
     let out = tempfile::tempdir().expect("tmp");
-    let run = std::process::Command::new("bash")
-        .arg(repo().join("scripts/gpu-check.sh"))
-        .arg("run")
-        .env("DEV", "cpu")
-        .env("FUSERL_BIN", env!("CARGO_BIN_EXE_fuserl"))
-        .env("GPU_CHECK_OUT", out.path())
-        .env("PYTHON", "python3")
-        .env("FUSERL_TESTS_BIN", "none")
-        .env("GPU_CHECK_BUDGET", "1")
-        .env_remove("OUT")
-        .output()
-        .expect("run gpu-check.sh");
-    let log = format!("{}{}", text(&run.stdout), text(&run.stderr));
-    assert!(run.status.success(), "{log}");
-    let report = std::fs::read_to_string(out.path().join("report.md")).expect("report.md");
+    let (log, report) = dry_run(out.path(), "python3", &[("GPU_CHECK_BUDGET", "1")]);
     assert!(report.contains("not run or cut short by the run's budget"), "{report}");
     let mut steps = 0;
     for entry in std::fs::read_dir(out.path()).expect("out") {
@@ -109,8 +107,5 @@ fn the_gpu_check_keeps_to_its_budget() {
         steps += 1;
     }
     assert!(steps > 10, "{steps} steps written:\n{log}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).expect("summary"))
-            .expect("json");
-    assert_eq!(summary["failures"], serde_json::json!([]), "{report}");
+    assert_no_failures(out.path(), &report);
 }

@@ -727,9 +727,9 @@ impl LogProbBackend for burn::backend::Flex {
     /// `[k, n]` or as the transpose of `[n, k]`, when `x` has at most [`cpu_matmul::F32_ROWS`]
     /// rows (a batch-1 decoding step: the weights stream from memory), at least
     /// [`cpu_matmul::F32_PANEL_ROWS`] under a weight of at least 64 by 64 on a CPU with its
-    /// register kernel (a prompt, a training step: [`cpu_matmul::f32_panels`]), or the weight is bf16 (widened in chunks rather than cast whole); flex's matmul
-    /// otherwise. A bf16 `x` of at most
-    /// [`cpu_matmul::STREAM_ROWS`] rows under a bf16 weight is widened for that kernel; other
+    /// register kernel (a prompt, a training step: [`cpu_matmul::f32_panels`]), or the weight is
+    /// bf16 (widened in chunks rather than cast whole); flex's matmul otherwise. A bf16 `x` of at
+    /// most [`cpu_matmul::STREAM_ROWS`] rows under a bf16 weight is widened for that kernel; other
     /// bf16 `x` take [`cpu_bf16`] where the CPU has AVX512-BF16 (an f32 weight rounded as it is
     /// packed: a decoding step of bf16 rows under f32 weights packs every weight, which the
     /// generation plan does not count: frozen models in bf16 keep bf16 weights), flex's bf16
